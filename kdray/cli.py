@@ -1,0 +1,149 @@
+"""The ``kdray`` command line.
+
+    kdray validate SPEC           print the resolved spec, or every error with its field path
+    kdray run SPEC [--address A]  run a job here (local Ray) or on a cluster's Ray
+    kdray toy [--force]           build (or show) the toy world used by the demo and tests
+    kdray bench losses [...]      loss-kernel memory/time benchmark
+
+User errors print one readable message and exit 2 (spec/data) or 1 (job failure); they never
+print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from kdray.errors import KdrayError, SpecError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _err(console: Any, text: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kdray.spec import dump_spec, load_spec
+
+    spec = load_spec(args.spec)
+    sys.stdout.write(dump_spec(spec))
+    return 0
+
+
+def _summary_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"kdray job {report['name']}: held-out evaluation")
+    table.add_column("model")
+    table.add_column("ROUGE-L", justify="right")
+    table.add_column("exact match", justify="right")
+    table.add_column("mean length", justify="right")
+    for label, scores in report["evaluation"].items():
+        table.add_row(
+            label.replace("_", " "),
+            f"{scores['rougeL']:.3f}",
+            f"{scores['exact_match']:.3f}",
+            f"{scores['mean_length']:.1f}",
+        )
+    return table
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kdray.driver import Job
+    from kdray.progress import ConsoleReporter
+    from kdray.spec import load_spec
+
+    spec = load_spec(args.spec)
+    out = Path(spec.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    reporter = ConsoleReporter(out / "events.jsonl", console=console)
+    try:
+        report = Job(spec, reporter=reporter, address=args.address).run()
+    finally:
+        reporter.close()
+    stdout = Console()
+    if report["evaluation"]:
+        stdout.print(_summary_table(report))
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items())
+    stdout.print(f"timings: {timings}")
+    stdout.print(f"student: {report['student_dir']}")
+    stdout.print(f"report:  {out.resolve() / 'report.json'}")
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    import json
+
+    from kdray import toy
+
+    world = toy.build_toy_world(
+        Path(args.cache_dir) if args.cache_dir else None,
+        force=args.force,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps({"root": str(world.root), **world.meta}, indent=2, default=str))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "losses":
+        from kdray import bench_losses
+
+        return bench_losses.run(args.rest)
+    raise KdrayError(f"unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation of LLMs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a job spec and print it with every default resolved")
+    p.add_argument("spec", help="job spec YAML file")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("run", help="run a job (starts a local Ray unless --address is given)")
+    p.add_argument("spec", help="job spec YAML file")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("toy", help="build the toy world (dataset, tokenizer, teacher, student) and print its metadata")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
+    p.set_defaults(fn=cmd_toy)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    p.add_argument("what", choices=["losses"], help="what to benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return args.fn(args)
+    except SpecError as exc:
+        _err(console, str(exc))
+        return EXIT_USAGE
+    except KdrayError as exc:
+        _err(console, str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err(console, "interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

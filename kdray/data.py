@@ -1,0 +1,174 @@
+"""Reading prompt datasets and checking their rows.
+
+Rows come from JSONL, parquet, or a ``datasets.save_to_disk`` directory (read with pyarrow,
+so the ``datasets`` package is not needed). Every row is checked before any work starts:
+rows without the prompt field, with an empty prompt, too long a prompt, or a duplicate id are
+*bad rows*. They are counted and reported; the spec chooses to fail (default) or skip them.
+Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from kdray.errors import DataError
+from kdray.spec import TOY_PREFIX, DataSpec
+
+_SHOW_IDS = 5
+
+
+@dataclass
+class RowReport:
+    """What happened to the rows of one split."""
+
+    split: str
+    total: int = 0
+    kept: int = 0
+    bad: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def n_bad(self) -> int:
+        return sum(len(v) for v in self.bad.values())
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(ids)} {reason} (first ids: {', '.join(ids[:_SHOW_IDS])})"
+            for reason, ids in self.bad.items()
+        ]
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "total": self.total,
+            "kept": self.kept,
+            "bad": {k: {"count": len(v), "first_ids": v[:_SHOW_IDS]} for k, v in self.bad.items()},
+        }
+
+
+def resolve_data(ref: str) -> Path:
+    if ref.startswith(TOY_PREFIX):
+        from kdray import toy
+
+        return Path(toy.resolve(ref))
+    return Path(ref).expanduser()
+
+
+def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); fix or remove it") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno} is a {type(row).__name__}, not a JSON object")
+            yield row
+
+
+def _read_arrow_dir(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    state = path / "state.json"
+    if not state.is_file():
+        raise DataError(f"{path} is a directory but not a datasets save_to_disk directory (no state.json)")
+    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        with pa.memory_map(str(f)) as src:
+            rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
+    return rows
+
+
+def read_rows(ref: str) -> list[dict[str, Any]]:
+    """All rows of a dataset reference, as dicts."""
+    path = resolve_data(ref)
+    if not path.exists():
+        raise DataError(f"dataset {ref!r} does not exist")
+    if path.is_dir():
+        return _read_arrow_dir(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return list(_read_jsonl(path))
+
+
+def check_rows(
+    rows: list[dict[str, Any]],
+    spec: DataSpec,
+    split: str,
+    count_tokens: Callable[[list[str]], list[int]],
+    *,
+    need_response: bool,
+) -> tuple[list[dict[str, Any]], RowReport]:
+    """Normalise rows to ``{"id", "prompt", "response"}`` and sort out the bad ones.
+
+    ``count_tokens`` maps prompts to their token counts (the student's tokenizer), so the
+    length limit is checked in the unit the models see.
+    """
+    report = RowReport(split=split, total=len(rows))
+    seen: set[str] = set()
+    candidates: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        rid = str(row.get(spec.id_field, i)) if spec.id_field else str(i)
+        if spec.id_field and spec.id_field not in row:
+            report.bad[f"rows without id field {spec.id_field!r}"].append(f"#{i}")
+            continue
+        if rid in seen:
+            report.bad["rows with a duplicate id"].append(rid)
+            continue
+        seen.add(rid)
+        prompt = row.get(spec.prompt_field)
+        if prompt is None:
+            report.bad[f"rows without prompt field {spec.prompt_field!r}"].append(rid)
+            continue
+        if not isinstance(prompt, str) or not prompt.strip():
+            report.bad["rows with an empty or non-text prompt"].append(rid)
+            continue
+        response = row.get(spec.response_field) if spec.response_field else None
+        if need_response and not isinstance(response, str):
+            report.bad[f"rows without response field {spec.response_field!r}"].append(rid)
+            continue
+        candidates.append({"id": rid, "prompt": prompt, "response": response})
+    if candidates:
+        lengths = count_tokens([r["prompt"] for r in candidates])
+        kept = []
+        for row, n in zip(candidates, lengths):
+            if n > spec.max_prompt_tokens:
+                report.bad[f"rows with a prompt over data.max_prompt_tokens={spec.max_prompt_tokens}"].append(row["id"])
+            else:
+                kept.append(row)
+        candidates = kept
+    report.kept = len(candidates)
+    if report.n_bad and spec.on_bad_rows == "fail":
+        raise DataError(
+            f"data.{split}: {report.n_bad} of {report.total} rows are bad: {report.summary()}. "
+            "Fix the dataset, point data.prompt_field / data.response_field / data.id_field at the "
+            "right fields, or set data.on_bad_rows: skip to drop them (they are counted in the report)."
+        )
+    return candidates, report
+
+
+def load_split(
+    spec: DataSpec,
+    split: str,
+    count_tokens: Callable[[list[str]], list[int]],
+    *,
+    need_response: bool,
+) -> tuple[list[dict[str, Any]], RowReport]:
+    """Read, check and cut one split ('train' or 'heldout') as the spec says."""
+    ref = getattr(spec, split)
+    limit = spec.max_train_samples if split == "train" else spec.max_heldout_samples
+    rows = read_rows(ref)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"data.{split}: {ref!r} has no rows")
+    return check_rows(rows, spec, split, count_tokens, need_response=need_response)

@@ -1,0 +1,278 @@
+"""The job driver: the only place that knows the order of the stages.
+
+prepare → generate (teacher pool) → train (Ray Train + DeepSpeed) → evaluate → report.
+
+It runs wherever ``kdray run`` runs: on a laptop it starts a local Ray; inside a Ray job (the
+service submits one per kdray job) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from kdray.errors import KdrayError
+from kdray.progress import Reporter
+from kdray.spec import JobSpec, ModelSpec, dump_spec
+
+
+def job_env() -> dict[str, str]:
+    """Environment for every Ray process of a job; values already set in ours win.
+
+    A cheap ``ray.train.report`` (its health check otherwise blocks ~2 s per call), and a
+    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time).
+    """
+    cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
+    defaults = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
+        "KDRAY_CACHE_DIR": cache,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or the job's cluster, or start a local one) with the job env."""
+    import ray
+
+    env = job_env()
+    os.environ.update(env)
+    if ray.is_initialized():
+        return
+    from ray.data import DataContext
+
+    kwargs: dict[str, Any] = dict(
+        runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING
+    )
+    if address:
+        kwargs["address"] = address
+    elif "RAY_ADDRESS" not in os.environ:
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _count_tokens_fn(tokenizer: Any) -> Callable[[list[str]], list[int]]:
+    return lambda prompts: [len(ids) for ids in tokenizer(prompts).input_ids]
+
+
+class Job:
+    """One run of a JobSpec. ``run()`` returns the report dict (also written as report.json)."""
+
+    def __init__(self, spec: JobSpec, reporter: Reporter | None = None, address: str | None = None):
+        self.spec = spec
+        self.out = Path(spec.output_dir).expanduser().resolve()
+        self.address = address
+        self.reporter = reporter or Reporter(None)
+        self.timings: dict[str, float] = {}
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _phase(self, name: str, total: int | None, detail: str = ""):
+        job = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                job.reporter.phase_start(name, total, detail)
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                job.timings[name] = job.timings.get(name, 0.0) + time.perf_counter() - self.t0
+                if exc_type is None:
+                    job.reporter.phase_end(name, f"{detail} done in {job.timings[name]:.0f}s".strip())
+                return False
+
+        return _Phase()
+
+    def prepare(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        from kdray.data import load_split
+        from kdray.models import load_tokenizer
+
+        spec = self.spec
+        with self._phase("prepare", 2, "read and check data"):
+            count = _count_tokens_fn(load_tokenizer(spec.student.model))
+            need_train_response = spec.data.response_source == "dataset"
+            train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
+            self.reporter.advance("prepare")
+            heldout, held_report = load_split(
+                spec.data, "heldout", count, need_response=spec.evaluation.enabled
+            )
+            self.reporter.advance("prepare")
+        return train, heldout, {"train": train_report.as_dict(), "heldout": held_report.as_dict()}
+
+    def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str, sampling: Any) -> list[dict[str, Any]]:
+        from kdray.generation import generate
+
+        self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
+        return generate(
+            rows, model, self.spec.generation, sampling,
+            on_rows=lambda n: self.reporter.advance(phase, n),
+        )
+
+    def train(self, rows: list[dict[str, Any]]) -> Path:
+        import ray.data
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from kdray.progress import make_progress_hub, train_metrics_callback
+        from kdray.training import TokenizeForTraining, WorkerConfig, total_steps, train_loop_per_worker
+
+        spec, t = self.spec, self.spec.training
+        steps_per_epoch = len(rows) // t.global_batch_size
+        if steps_per_epoch == 0:
+            raise KdrayError(
+                f"training.global_batch_size ({t.global_batch_size}) is larger than the "
+                f"{len(rows)} training responses; lower it or add data"
+            )
+        steps = total_steps(spec, steps_per_epoch)
+        columns = ("prompt", "response", "finish_reason")
+        ds = ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in rows])
+        ds = ds.map_batches(
+            TokenizeForTraining,
+            fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len),
+            batch_size=256,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.25,
+        ).materialize()
+        hub = make_progress_hub()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"worker": WorkerConfig(spec=spec, steps_per_epoch=steps_per_epoch)},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+                storage_path=str(self.out / "ray_train"),
+                callbacks=[train_metrics_callback(hub)],
+            ),
+            datasets={"train": ds},
+        )
+        result_box: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                result_box["result"] = trainer.fit()
+            except BaseException as exc:  # re-raised in the driver thread below
+                result_box["error"] = exc
+
+        with self._phase("train", steps, f"{t.num_workers} workers, ZeRO-{t.zero_stage}"):
+            thread = threading.Thread(target=fit, daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                self._drain(hub)
+            self._drain(hub)
+            if "error" in result_box:
+                raise KdrayError(f"training failed: {_root_cause(result_box['error'])}")
+            result = result_box["result"]
+            if result.checkpoint is None:
+                raise KdrayError("training finished without a final checkpoint")
+            dest = self.out / "student"
+            if dest.exists():
+                shutil.rmtree(dest)
+            with result.checkpoint.as_directory() as ckpt:
+                shutil.copytree(Path(ckpt) / "student", dest)
+        return dest
+
+    def _drain(self, hub: Any) -> None:
+        import ray
+
+        for event in ray.get(hub.drain.remote()):
+            self.reporter.train_metrics(event)
+            self.metrics_history.append(event)
+
+    # -- the whole job -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from kdray.evaluate import score_generated
+        from kdray.generation import SamplingConfig
+
+        spec = self.spec
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
+        self.metrics_history: list[dict[str, Any]] = []
+        started = time.time()
+
+        train, heldout, row_reports = self.prepare()
+        init_ray(self.address)
+
+        if spec.data.response_source == "teacher":
+            with self._phase("generate", len(train) * spec.generation.n, "teacher responses"):
+                train_rows = self.generate(
+                    train, spec.teacher, "teacher", "generate", SamplingConfig.from_spec(spec.generation)
+                )
+        else:
+            train_rows = [dict(r, sample_index=0, finish_reason="stop") for r in train]
+
+        student_dir = self.train(train_rows)
+
+        evaluation: dict[str, Any] = {}
+        if spec.evaluation.enabled:
+            greedy = SamplingConfig.greedy(spec.evaluation.max_new_tokens)
+            after = spec.student.model_copy(update={"model": str(student_dir)})
+            with self._phase("evaluate", 3 * len(heldout), "held-out answers"):
+                for label, model in (
+                    ("teacher", spec.teacher),
+                    ("student_before", spec.student),
+                    ("student_after", after),
+                ):
+                    generated = self.generate(heldout, model, label, "evaluate", greedy)
+                    evaluation[label] = score_generated(generated, heldout)
+                    self._write_samples(label, generated, heldout)
+
+        with self._phase("report", 1, "report.json"):
+            report = {
+                "name": spec.name,
+                "status": "succeeded",
+                "started": started,
+                "finished": time.time(),
+                "timings_s": self.timings,
+                "rows": row_reports,
+                "evaluation": evaluation,
+                "train_metrics": self.metrics_history,
+                "student_dir": str(student_dir),
+                "spec": spec.model_dump(mode="json"),
+            }
+            tmp = self.out / "report.json.tmp"
+            tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            os.replace(tmp, self.out / "report.json")
+            self.reporter.advance("report")
+        return report
+
+    def _write_samples(self, label: str, generated: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
+        gold = {r["id"]: r["response"] for r in heldout}
+        path = self.out / "samples" / f"{label}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for r in generated:
+                fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
+                                     "gold": gold.get(r["id"])}) + "\n")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost user-meaningful message of a Ray Train failure."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "worker_failures", None) or {}
+        if inner:
+            seen = next(iter(inner.values()))
+            continue
+        if seen.__cause__ is not None and seen.__cause__ is not seen:
+            seen = seen.__cause__
+            continue
+        break
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__

