@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -197,12 +197,9 @@ class GenerationSpec(_Spec):
         return self
 
 
-class ObjectiveSpec(_Spec):
+class _Objective(_Spec):
     """The distillation loss. kd_ratio weighs KD against the hard-label CE term explicitly."""
 
-    kind: Literal["forward_kl"] = Field(
-        "forward_kl", description="Divergence between teacher and student token distributions."
-    )
     kd_temperature: float = Field(
         1.0, gt=0.0, description="Divides both models' logits inside the divergence."
     )
@@ -212,6 +209,71 @@ class ObjectiveSpec(_Spec):
         le=1.0,
         description="loss = kd_ratio * KD + (1 - kd_ratio) * CE on the training responses.",
     )
+
+    def divergence_params(self) -> dict[str, Any]:
+        """Keyword arguments of the divergence in ``kdray.losses`` beyond the temperature."""
+        return self.model_dump(exclude={"kind", "kd_temperature", "kd_ratio"})
+
+
+class ForwardKLObjective(_Objective):
+    kind: Literal["forward_kl"] = Field(description="KL(p || q): mass-covering (standard KD).")
+
+
+class ReverseKLObjective(_Objective):
+    kind: Literal["reverse_kl"] = Field(description="KL(q || p): mode-seeking (MiniLLM-style).")
+
+
+class TVDObjective(_Objective):
+    kind: Literal["tvd"] = Field(description="Total variation distance.")
+
+
+class SkewForwardKLObjective(_Objective):
+    kind: Literal["skew_forward_kl"] = Field(description="DistiLLM skew KL (SKL).")
+    alpha: float = Field(
+        0.1, ge=0.0, le=1.0, description="Skew α: KL(p || αp + (1-α)q). DistiLLM uses 0.1."
+    )
+
+
+class SkewReverseKLObjective(_Objective):
+    kind: Literal["skew_reverse_kl"] = Field(description="DistiLLM skew reverse KL (SRKL).")
+    alpha: float = Field(
+        0.1, ge=0.0, le=1.0, description="Skew α: KL(q || (1-α)p + αq). DistiLLM uses 0.1."
+    )
+    detach_mixture_student: bool = Field(
+        description="Stop the gradient through the student inside the mixture: true as in "
+        "DistiLLM-2, false as in DistiLLM. Same value, different gradients, so say which."
+    )
+
+
+class JSDObjective(_Objective):
+    kind: Literal["jsd"] = Field(description="Generalised Jensen-Shannon divergence (GKD).")
+    beta: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="β of M = βp + (1-β)q; 0 is forward KL, 1 reverse KL (GKD/TRL convention).",
+    )
+
+
+class AdaptiveKLObjective(_Objective):
+    kind: Literal["adaptive_kl"] = Field(description="AKL: head/tail-gap weighted FKL + RKL.")
+    mu: float = Field(
+        0.5, gt=0.0, le=1.0, description="Head = top tokens holding at most μ teacher mass (AKL: 0.5)."
+    )
+
+
+ObjectiveSpec = Annotated[
+    Union[
+        ForwardKLObjective,
+        ReverseKLObjective,
+        TVDObjective,
+        SkewForwardKLObjective,
+        SkewReverseKLObjective,
+        JSDObjective,
+        AdaptiveKLObjective,
+    ],
+    Field(discriminator="kind"),
+]
 
 
 class TrainingSpec(_Spec):
@@ -278,7 +340,10 @@ class JobSpec(_Spec):
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="Sampling and pool sizing."
     )
-    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="The loss.")
+    objective: ObjectiveSpec = Field(
+        default_factory=lambda: ForwardKLObjective(kind="forward_kl"),
+        description="The loss: a divergence from kdray.losses (field 'kind') and its parameters.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
 
@@ -309,14 +374,36 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(spec)"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _union_member(annotation: Any, tag: Any) -> Any:
+    """The member of a tagged union (``kind`` discriminator) whose tag is ``tag``."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    for member in get_args(annotation):
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is not None and tag in get_args(kind.annotation):
+            return member
+    return None
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+    """Follow ``loc`` from JobSpec: the model reached and the loc without union tags."""
     model: Any = JobSpec
+    path: list[Any] = []
     for item in loc:
+        member = _union_member(model, item)
+        if member is not None:
+            model = member
+            continue
         field = getattr(model, "model_fields", {}).get(item)
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        path.append(item)
+        model = field.annotation if field is not None else None
+    return model, tuple(path)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model, _ = _walk(loc)
+    member = _union_member(model, None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else member
 
 
 def _field_at(loc: tuple[Any, ...]) -> Any:
@@ -326,7 +413,7 @@ def _field_at(loc: tuple[Any, ...]) -> Any:
 
 def _friendly(err: dict[str, Any]) -> tuple[str, str]:
     loc = tuple(err["loc"])
-    path = _loc_to_path(loc)
+    path = _loc_to_path(_walk(loc)[1])
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
@@ -334,6 +421,13 @@ def _friendly(err: dict[str, Any]) -> tuple[str, str]:
         return path, f"unknown key; valid keys here are: {known}"
     if kind == "missing":
         return path, "required field is missing"
+    if kind == "union_tag_not_found":
+        tags = err.get("ctx", {}).get("discriminator", "'kind'")
+        model, _ = _walk(loc)
+        while get_origin(model) is Annotated:
+            model = get_args(model)[0]
+        choices = ", ".join(get_args(m.model_fields["kind"].annotation)[0] for m in get_args(model))
+        return path, f"field {tags} is missing; choose one of: {choices}"
     msg = err["msg"]
     if kind == "string_pattern_mismatch":
         field = _field_at(loc)

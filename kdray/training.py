@@ -107,7 +107,8 @@ def _distillation_loss(spec: JobSpec, student_logits, teacher_logits, labels):
     mask = target != IGNORE_INDEX
     obj = spec.objective
     kd = losses.masked_token_mean(
-        losses.DIVERGENCES[obj.kind](s, t, temperature=obj.kd_temperature), mask
+        losses.DIVERGENCES[obj.kind](s, t, temperature=obj.kd_temperature, **obj.divergence_params()),
+        mask,
     )
     parts = {"kd": kd}
     total = obj.kd_ratio * kd

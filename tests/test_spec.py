@@ -128,3 +128,34 @@ def test_cli_validate_prints_resolved_spec_or_every_error(tmp_path):
     assert "bogus: unknown key" in res.stderr
     assert "training.zero_stage" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_objective_is_a_tagged_union_with_per_kind_parameters():
+    spec = parse_spec(minimal(objective={"kind": "skew_reverse_kl", "alpha": 0.2, "detach_mixture_student": True}))
+    assert spec.objective.divergence_params() == {"alpha": 0.2, "detach_mixture_student": True}
+    assert parse_spec(minimal()).objective.kind == "forward_kl"
+
+    errs = errors_of(minimal(objective={"kind": "skew_reverse_kl", "alpha": 2, "mu": 0.5}))
+    assert errs["objective.detach_mixture_student"] == "required field is missing"
+    assert "less than or equal to 1" in errs["objective.alpha"]
+    assert "unknown key" in errs["objective.mu"] and "detach_mixture_student" in errs["objective.mu"]
+
+    errs = errors_of(minimal(objective={"alpha": 0.1}))
+    assert "field 'kind' is missing" in errs["objective"] and "adaptive_kl" in errs["objective"]
+    errs = errors_of(minimal(objective={"kind": "kl"}))
+    assert "'forward_kl'" in errs["objective"]
+
+
+def test_every_objective_kind_names_a_loss_library_divergence():
+    import inspect
+
+    from kdray import losses
+
+    for kind, params in {
+        "forward_kl": {}, "reverse_kl": {}, "tvd": {}, "skew_forward_kl": {},
+        "skew_reverse_kl": {"detach_mixture_student": False}, "jsd": {}, "adaptive_kl": {},
+    }.items():
+        obj = parse_spec(minimal(objective={"kind": kind, **params})).objective
+        fn = losses.DIVERGENCES[kind]
+        accepted = set(inspect.signature(fn).parameters)
+        assert set(obj.divergence_params()) <= accepted, kind
