@@ -64,6 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = Path(spec.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    # A re-run starts over: its events must not interleave with an earlier run's.
+    (out / "events.jsonl").unlink(missing_ok=True)
     console = Console(stderr=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
     try:
