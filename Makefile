@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean bench-deps
 
 setup: $(STAMP)
 
@@ -36,3 +36,9 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Liger-Kernel for `kdray bench losses` (compared side by side). Installed without its
+# dependencies: its metadata requires triton, which breaks `import vllm` on CPU hosts, and
+# its chunked losses need only torch.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps liger-kernel==0.8.5

@@ -1,0 +1,27 @@
+"""Smoke test of the loss benchmark (kdray bench losses) at toy sizes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from kdray import bench_losses
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_bench_runs_and_reports_ratios(capsys):
+    argv = ["--tokens", "32", "--vocab", "300", "--repeats", "1", "--variants", "naive", "kdray"]
+    assert bench_losses.run(argv) == 0
+    out = capsys.readouterr().out
+    assert "naive/kdray  peak RSS" in out and "unavailable" not in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("naive ", "kdray "))}
+    assert set(rows) == {"naive", "kdray"}
+    # same objective on the same inputs: the loss and gradient norms agree
+    naive, kdray = (list(map(float, rows[k][-3:])) for k in ("naive", "kdray"))
+    assert kdray == pytest.approx(naive, rel=1e-4, abs=2e-6)
+
+
+def test_bench_rejects_endpoint_beta():
+    with pytest.raises(SystemExit):
+        bench_losses.run(["--beta", "0"])
