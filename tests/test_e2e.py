@@ -31,7 +31,7 @@ def reduced_demo(tmp_path: Path, **training) -> Path:
     spec["name"] = "e2e"
     spec["output_dir"] = str(tmp_path / "out")
     spec["data"].update(max_train_samples=256, max_heldout_samples=48)
-    spec["training"].update(epochs=1, **training)
+    spec["training"].update(epochs=2, warmup_steps=2, **training)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -51,8 +51,9 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     assert report["rows"]["train"]["kept"] == 256
 
     steps = [m for m in report["train_metrics"] if "loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 9))  # 256 rows / 32 per step
-    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [m["step"] for m in steps] == list(range(1, 17))  # 2 epochs x 256 rows / 32 per step
+    assert steps[-1]["total_steps"] == 16
+    assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in steps)
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

@@ -1,0 +1,45 @@
+"""The toy world for the demo and the tests: nothing comes from a model hub.
+
+* a synthetic instruction data set with verifiable answers (:mod:`kdray.toy.data`),
+* a byte-level BPE tokenizer trained locally (:mod:`kdray.toy.tokenizer`),
+* a small Llama teacher trained by SFT until it solves most held-out prompts,
+  and a smaller, weak Llama student with the same tokenizer (:mod:`kdray.toy.train`).
+
+It is built on first use into ``<cache>/<WORLD_VERSION>-<fingerprint>/`` (see
+:func:`cache_root`; the fingerprint hashes the code that builds the world, so a
+change to it builds a fresh world) and reused afterwards::
+
+    from kdray.toy import build_toy_world, resolve
+    world = build_toy_world(progress=print)
+    resolve("toy:teacher")  # -> Path of a save_pretrained model directory
+
+Run ``python -m kdray.toy [--force] [--cache-dir DIR]`` to build it and print its meta.
+Importing this package is cheap: torch and transformers are imported only to build.
+"""
+
+from kdray.toy.data import FAMILIES, make_prompt, read_jsonl, solve
+from kdray.toy.world import (
+    TOY_REFS,
+    WORLD_VERSION,
+    ToyWorld,
+    build_toy_world,
+    cache_root,
+    fingerprint,
+    resolve,
+    world_dir_name,
+)
+
+__all__ = [
+    "FAMILIES",
+    "TOY_REFS",
+    "WORLD_VERSION",
+    "ToyWorld",
+    "build_toy_world",
+    "cache_root",
+    "fingerprint",
+    "make_prompt",
+    "read_jsonl",
+    "resolve",
+    "solve",
+    "world_dir_name",
+]

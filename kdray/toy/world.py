@@ -1,0 +1,235 @@
+"""Build, cache and resolve the toy world (data + tokenizer + teacher + student)."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdray.toy import data as _data
+from kdray.toy import tokenizer as _tok
+from kdray.toy import train as _train
+
+# The world directory is ``<root>/<WORLD_VERSION>-<fingerprint>``: the
+# fingerprint hashes the source of the modules that make the world, so any
+# change to the data, tokenizer, models or recipes builds a fresh world next to
+# the old one (installs of different kdray versions never fight over one
+# directory). Bump WORLD_VERSION for a change of layout or meaning.
+WORLD_VERSION = "v1"
+_FINGERPRINTED = ("data.py", "tokenizer.py", "train.py", "world.py")
+SEED = 1234
+N_TRAIN_PER_FAMILY = 1000
+N_HELDOUT_PER_FAMILY = 100
+TEACHER_RECIPE = _train.SFTRecipe(steps=650, batch_size=64, lr=2e-3, warmup=30)
+STUDENT_RECIPE = _train.SFTRecipe(steps=80, batch_size=64, lr=2e-3, warmup=10)
+EVAL_MAX_NEW_TOKENS = 10
+
+TOY_REFS = ("toy:teacher", "toy:student", "toy:train", "toy:heldout")
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    root: Path
+    teacher_dir: Path
+    student_dir: Path
+    train_path: Path
+    heldout_path: Path
+    meta: dict = field(compare=False, hash=False)
+
+    @classmethod
+    def load(cls, root: Path) -> ToyWorld:
+        root = Path(root)
+        meta = json.loads((root / "meta.json").read_text())
+        return cls(
+            root=root,
+            teacher_dir=root / "teacher",
+            student_dir=root / "student",
+            train_path=root / "data" / "train.jsonl",
+            heldout_path=root / "data" / "heldout.jsonl",
+            meta=meta,
+        )
+
+    def rows(self, split: str) -> list[dict]:
+        """The ``"train"`` or ``"heldout"`` rows."""
+        paths = {"train": self.train_path, "heldout": self.heldout_path}
+        if split not in paths:
+            raise ValueError(f"unknown split {split!r}; valid: {sorted(paths)}")
+        return _data.read_jsonl(paths[split])
+
+
+def cache_root() -> Path:
+    """``$KDRAY_CACHE_DIR/toy`` if set, else ``~/.cache/kdray/toy``."""
+    base = os.environ.get("KDRAY_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "kdray") / "toy"
+
+
+@contextmanager
+def _locked(lock_path: Path):
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@functools.cache
+def fingerprint() -> str:
+    """Short hash of the code that builds the world."""
+    h = hashlib.sha256(WORLD_VERSION.encode())
+    for name in _FINGERPRINTED:
+        h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def world_dir_name() -> str:
+    return f"{WORLD_VERSION}-{fingerprint()}"
+
+
+def _is_complete(world_dir: Path) -> bool:
+    return (world_dir / "meta.json").is_file()
+
+
+def build_toy_world(
+    cache_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ToyWorld:
+    """Return the toy world under ``cache_dir`` (default :func:`cache_root`), building it on first use.
+
+    The world lives in ``<cache_dir>/<world_dir_name()>/``. It is built in a
+    temporary sibling directory and renamed into place only when complete,
+    under an exclusive ``flock`` on ``<cache_dir>/<world_dir_name()>.lock`` so
+    concurrent callers (threads, processes, Ray workers on one host) build it
+    once. ``force`` rebuilds it. ``progress`` gets one line per build phase.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    name = world_dir_name()
+    world_dir = root / name
+    if not force and _is_complete(world_dir):
+        return ToyWorld.load(world_dir)
+    with _locked(root / f"{name}.lock"):
+        if not force and _is_complete(world_dir):  # someone else built it meanwhile
+            return ToyWorld.load(world_dir)
+        for stale in root.glob(f".{name}.*"):  # leftovers of killed builds
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _build_into(tmp, progress or (lambda _msg: None))
+            if world_dir.exists():
+                old = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(world_dir, old)
+                os.replace(tmp, world_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, world_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ToyWorld.load(world_dir)
+
+
+def _build_into(out: Path, progress: Callable[[str], None]) -> None:
+    import torch
+    import transformers
+
+    t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase_done(name: str, t0: float, msg: str) -> None:
+        phases[name] = round(time.perf_counter() - t0, 2)
+        progress(f"toy world: {name}: {msg} ({phases[name]:.1f}s)")
+
+    (out / "data").mkdir(parents=True)
+    t0 = time.perf_counter()
+    train_rows, heldout_rows = _data.generate_splits(N_TRAIN_PER_FAMILY, N_HELDOUT_PER_FAMILY, SEED)
+    _data.write_jsonl(out / "data" / "train.jsonl", train_rows)
+    _data.write_jsonl(out / "data" / "heldout.jsonl", heldout_rows)
+    phase_done("data", t0, f"{len(train_rows)} train / {len(heldout_rows)} held-out rows")
+
+    t0 = time.perf_counter()
+    tokenizer = _tok.train_tokenizer(r["prompt"] + r["response"] for r in train_rows)
+    phase_done("tokenizer", t0, f"byte-level BPE, {len(tokenizer)} tokens")
+
+    models = {}
+    # fork_rng: seeding for the build leaves the caller's torch RNG state alone
+    with _train.quiet_build() as threads, torch.random.fork_rng(devices=[]):
+        for name, shape, recipe, seed in (
+            ("teacher", _train.TEACHER_SHAPE, TEACHER_RECIPE, SEED),
+            ("student", _train.STUDENT_SHAPE, STUDENT_RECIPE, SEED + 1),
+        ):
+            t0 = time.perf_counter()
+            model = _train.make_model(shape, tokenizer, seed)
+            loss = _train.sft(model, tokenizer, train_rows, recipe, seed)
+            em = _train.exact_match(model, tokenizer, heldout_rows, EVAL_MAX_NEW_TOKENS)
+            model.save_pretrained(out / name)
+            tokenizer.save_pretrained(out / name)
+            models[name] = {
+                "params": _train.n_params(model),
+                "config": {k: getattr(model.config, k) for k in (
+                    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                    "max_position_embeddings", "tie_word_embeddings")},
+                "sft": {"steps": recipe.steps, "batch_size": recipe.batch_size, "lr": recipe.lr,
+                        "warmup": recipe.warmup, "final_loss": round(loss, 4)},
+                "heldout_exact_match": em["exact_match"],
+                "heldout_exact_match_by_family": em["by_family"],
+            }
+            phase_done(name, t0, f"{models[name]['params']:,} params, SFT {recipe.steps} steps, "
+                                 f"held-out EM {em['exact_match']:.3f}")
+
+    file_mode = (out / "data" / "train.jsonl").stat().st_mode & 0o777
+    for path in out.rglob("*"):  # some writers create 0600 temp files; use the umask's mode
+        if path.is_file():
+            path.chmod(file_mode)
+
+    meta = {
+        "version": WORLD_VERSION,
+        "fingerprint": fingerprint(),
+        "build_id": uuid.uuid4().hex,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.perf_counter() - t_start, 2),
+        "phase_seconds": phases,
+        "seed": SEED,
+        "torch_threads": threads,
+        "families": list(_data.FAMILIES),
+        "n_train": len(train_rows),
+        "n_heldout": len(heldout_rows),
+        "prompt_format": "prompt = 'Q: <question>\\nA:'; response = ' <answer>' (separator space "
+                         "starts the response); exact match = response.strip() equality",
+        "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS,
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tokenizer),
+                      "split_pattern": _tok.SPLIT_PATTERN, "bos": _tok.BOS, "eos": _tok.EOS,
+                      "pad": _tok.PAD, "model_max_length": _tok.MODEL_MAX_LENGTH},
+        "teacher": models["teacher"],
+        "student": models["student"],
+        "teacher_exact_match": models["teacher"]["heldout_exact_match"],
+        "student_exact_match": models["student"]["heldout_exact_match"],
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    progress(f"toy world: built in {meta['build_seconds']:.1f}s")
+
+
+def resolve(ref: str, *, cache_dir: str | Path | None = None) -> Path:
+    """Path for a ``toy:`` reference (see :data:`TOY_REFS`), building the world on first use."""
+    if ref not in TOY_REFS:
+        raise ValueError(f"unknown toy reference {ref!r}; valid references: {', '.join(TOY_REFS)}")
+    world = build_toy_world(cache_dir)
+    return {
+        "toy:teacher": world.teacher_dir,
+        "toy:student": world.student_dir,
+        "toy:train": world.train_path,
+        "toy:heldout": world.heldout_path,
+    }[ref]

@@ -1,0 +1,69 @@
+"""Pieces of the training worker that can be checked without a cluster."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kdray.spec import parse_spec
+from kdray.training import IGNORE_INDEX, TokenizeForTraining, cosine_with_warmup, deepspeed_config, total_steps
+
+
+def spec(**training):
+    return parse_spec({
+        "name": "t", "output_dir": "o",
+        "teacher": {"model": "toy:teacher"}, "student": {"model": "toy:student", "dtype": "float32"},
+        "data": {"train": "toy:train", "heldout": "toy:heldout"},
+        "training": training,
+    })
+
+
+def test_deepspeed_config_derives_accumulation_from_the_global_batch():
+    cfg = deepspeed_config(spec(num_workers=2, global_batch_size=32, micro_batch_size_per_worker=4, zero_stage=3))
+    assert cfg["train_batch_size"] == 32
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 4
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["bf16"]["enabled"] is False and "optimizer" not in cfg
+
+
+def test_cosine_with_warmup_boundaries():
+    assert cosine_with_warmup(0, warmup_steps=10, total_steps=100) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, warmup_steps=10, total_steps=100) == pytest.approx(1.0)
+    assert cosine_with_warmup(10, warmup_steps=10, total_steps=100) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, warmup_steps=10, total_steps=100) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, warmup_steps=10, total_steps=100) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(0, warmup_steps=0, total_steps=1) == pytest.approx(1.0)
+
+
+def test_total_steps_respects_max_steps():
+    assert total_steps(spec(epochs=3), 10) == 30
+    assert total_steps(spec(epochs=3, max_steps=7), 10) == 7
+
+
+def test_tokenize_labels_only_the_response_and_its_eos(toy_world):
+    tok = TokenizeForTraining("toy:student", max_seq_len=24)
+    batch = {
+        "prompt": np.array(["Q: sort 3 1 2\nA:", "Q: sort 9 8 7 6 5 4 3 2 1\nA:"]),
+        "response": np.array([" 1 2 3", " 1 2 3 4 5 6 7 8 9"]),
+        "finish_reason": np.array(["stop", "length"]),
+    }
+    out = tok(batch)
+    ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    assert ids.shape == mask.shape == labels.shape == (2, 24)
+
+    t = tok.tok
+    prompt = t(batch["prompt"][0]).input_ids
+    response = t(batch["response"][0], add_special_tokens=False).input_ids
+    n = len(prompt) + len(response) + 1
+    assert ids[0, :n].tolist() == prompt + response + [t.eos_token_id]
+    assert (labels[0, : len(prompt)] == IGNORE_INDEX).all()
+    assert labels[0, len(prompt) : n].tolist() == response + [t.eos_token_id]
+    assert (labels[0, n:] == IGNORE_INDEX).all() and (ids[0, n:] == t.pad_token_id).all()
+    assert mask[0].sum() == n
+
+    # A response cut by max_new_tokens gets no EOS; too long a sequence is cut at max_seq_len.
+    assert mask[1].sum() == 24 and t.eos_token_id not in ids[1].tolist()
+    assert math.isclose(float((labels[1] != IGNORE_INDEX).sum()), 24 - len(t(batch["prompt"][1]).input_ids))
