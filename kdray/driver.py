@@ -76,6 +76,7 @@ class Job:
         self.address = address
         self.reporter = reporter or Reporter(None)
         self.timings: dict[str, float] = {}
+        self.metrics_history: list[dict[str, Any]] = []
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -203,7 +204,6 @@ class Job:
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
-        self.metrics_history: list[dict[str, Any]] = []
         started = time.time()
 
         train, heldout, row_reports = self.prepare()

@@ -27,14 +27,8 @@ IDS = [f"{k}-{'-'.join(f'{a}={b}' for a, b in kw.items())}" for k, kw in KINDS]
 B, T, HS, HT, V = 4, 9, 16, 24, 50  # N = 36 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add scheduling overhead (a lot of
-    it on a busy 2-core machine), so run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors here are tiny: run single-threaded (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(dtype=torch.float32, seed=0, bias=True):

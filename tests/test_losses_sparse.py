@@ -21,14 +21,8 @@ KINDS = [
 IDS = [f"{k}-{kw}" for k, kw in KINDS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add scheduling overhead (a lot of
-    it on a busy 2-core machine), so run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors here are tiny: run single-threaded (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(b=2, t=3, v=12, k=4, seed=0, dtype=F64):
