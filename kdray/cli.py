@@ -3,6 +3,8 @@
     kdray validate SPEC           print the resolved spec, or every error with its field path
     kdray run SPEC [--address A]  run a job here (local Ray) or on a cluster's Ray
     kdray toy [--force]           build (or show) the toy world used by the demo and tests
+    kdray report DIR              (re-)render report.md and the PNG plots of a finished job
+    kdray compare DIR...          several jobs side by side: one table, one plot
     kdray bench losses [...]      loss-kernel memory/time benchmark
 
 User errors print one readable message and exit 2 (spec/data) or 1 (job failure); they never
@@ -49,7 +51,7 @@ def _summary_table(report: dict[str, Any]) -> Any:
             label.replace("_", " "),
             f"{scores['rougeL']:.3f}",
             f"{scores['exact_match']:.3f}",
-            f"{scores['mean_length']:.1f}",
+            f"{scores['mean_length']:.2f}",
         )
     return table
 
@@ -78,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items())
     stdout.print(f"timings: {timings}")
     stdout.print(f"student: {report['student_dir']}")
-    stdout.print(f"report:  {out.resolve() / 'report.json'}")
+    stdout.print(f"report:  {out.resolve() / 'report.md'} (and report.json, *.png)")
     return 0
 
 
@@ -121,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
     p.set_defaults(fn=cmd_toy)
+
+    from kdray import report
+
+    report.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     p.add_argument("what", choices=["losses"], help="what to benchmark")

@@ -124,7 +124,7 @@ class Job:
 
     def train(self, rows: list[dict[str, Any]]) -> Path:
         import ray.data
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from kdray.progress import make_progress_hub, train_metrics_callback
@@ -158,6 +158,8 @@ class Job:
                 name=f"{spec.name}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(self.out / "ray_train"),
                 callbacks=[train_metrics_callback(hub)],
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
             datasets={"train": ds},
         )
@@ -200,6 +202,7 @@ class Job:
     def run(self) -> dict[str, Any]:
         from kdray.evaluate import score_generated
         from kdray.generation import SamplingConfig
+        from kdray.report import render_report
 
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +236,7 @@ class Job:
                     evaluation[label] = score_generated(generated, heldout)
                     self._write_samples(label, generated, heldout)
 
-        with self._phase("report", 1, "report.json"):
+        with self._phase("report", 1, "report.json, report.md, plots"):
             report = {
                 "name": spec.name,
                 "status": "succeeded",
@@ -249,6 +252,7 @@ class Job:
             tmp = self.out / "report.json.tmp"
             tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             os.replace(tmp, self.out / "report.json")
+            render_report(self.out)
             self.reporter.advance("report")
         return report
 

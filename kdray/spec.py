@@ -297,6 +297,19 @@ class TrainingSpec(_Spec):
         256, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
     )
     seed: int = Field(0, description="Seed of data order and initialisation.")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a DeepSpeed checkpoint (model, optimizer, scheduler, step) every N "
+        "optimizer steps; a restarted worker group resumes from the latest. null: only the "
+        "final model is saved.",
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Worker-group failures Ray Train recovers from (restarting from the latest "
+        "checkpoint) before the job fails; -1 retries forever.",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainingSpec":

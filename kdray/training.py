@@ -8,11 +8,13 @@ demo, the tests and a cluster. Each optimizer step reports its metrics through
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdray.spec import JobSpec
@@ -148,12 +150,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     teacher.to(device)
 
+    step, start_epoch, skip_micro = _restore(engine, ray.train.get_checkpoint())
     shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = wc.steps_per_epoch * t.gradient_accumulation_steps
-    step = 0
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0}
     started = None  # the step's clock starts at its first micro-batch (not at data start-up)
-    for epoch in range(t.epochs):
+    for epoch in range(start_epoch, t.epochs):
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size_per_worker,
             drop_last=True,
@@ -163,6 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for micro, batch in enumerate(batches):
             if micro >= micro_per_epoch or step >= steps:
                 break
+            if epoch == start_epoch and micro < skip_micro:
+                continue  # trained before the checkpoint this run resumed from
             if started is None:
                 started = time.perf_counter()
             ids = batch["input_ids"].to(device)
@@ -194,23 +198,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "round": wc.round_index,
                 "loss": float(sums[0]) / micro_total,
                 "kd": float(sums[1]) / micro_total,
-                "ce": float(sums[2]) / micro_total,
                 "tokens_per_s": float(sums[3]) / max(elapsed, 1e-9),
                 "lr": float(scheduler.get_last_lr()[0]),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "kd_temperature": spec.objective.kd_temperature,
                 "kd_ratio": spec.objective.kd_ratio,
             }
+            if spec.objective.kd_ratio < 1.0:  # the hard-label term exists only then
+                metrics["ce"] = float(sums[2]) / micro_total
             window = dict.fromkeys(window, 0.0)
             started = None
-            if step < steps:
-                ray.train.report(metrics)
-            else:
+            if step >= steps:
                 _report_final(engine, spec, metrics, rank)
+            elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1}
+                _report_checkpoint(engine, metrics, progress, rank)
+            else:
+                ray.train.report(metrics)
         if step >= steps:
             break
     if step < steps:  # fewer batches than planned: still export what was trained
         _report_final(engine, spec, {"step": step, "total_steps": steps, "round": wc.round_index}, rank)
+
+
+def _restore(engine: Any, checkpoint: Any) -> tuple[int, int, int]:
+    """Load the latest checkpoint, if Ray Train restarted us with one: (step, epoch, micro)."""
+    if checkpoint is None:
+        return 0, 0, 0
+    with checkpoint.as_directory() as root:
+        progress = json.loads((Path(root) / "progress.json").read_text())
+        engine.load_checkpoint(os.path.join(root, "deepspeed"), tag=progress["tag"])
+    return progress["step"], progress["epoch"], progress["micro_in_epoch"]
+
+
+def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str, int], rank: int) -> None:
+    """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories."""
+    import ray.train
+
+    tag = f"step{progress['step']}"
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=tag)
+        if rank == 0:
+            (Path(tmp) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
+        ray.train.report({**metrics, "checkpoint": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _report_final(engine: Any, spec: JobSpec, metrics: dict[str, Any], rank: int) -> None:

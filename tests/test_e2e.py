@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,54 @@ def test_spec_with_missing_model_path_is_rejected_by_run(tmp_path):
     assert res.returncode == 2
     assert "teacher.model: model path" in res.stderr and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _train_steps(events_path: Path) -> list[int]:
+    if not events_path.exists():
+        return []
+    steps = []
+    for line in events_path.read_text().splitlines():
+        event = json.loads(line)
+        if event["kind"] == "train_step" and "loss" in event:
+            steps.append(event["step"])
+    return steps
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
+    import psutil
+
+    every = 4
+    spec = reduced_demo(tmp_path, checkpoint_every_steps=every, max_failures=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    events = tmp_path / "out" / "events.jsonl"
+    try:
+        deadline = time.monotonic() + 600
+        while max(_train_steps(events), default=0) <= every:  # past the first checkpoint
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never passed the first checkpoint"
+            time.sleep(0.2)
+        workers = [
+            p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())
+        ]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+
+    steps = [m["step"] for m in json.loads((tmp_path / "out" / "report.json").read_text())["train_metrics"] if "loss" in m]
+    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(restarts) == 1, steps
+    before, after = steps[: restarts[0]], steps[restarts[0]:]
+    resumed_from = after[0] - 1
+    assert before == list(range(1, len(before) + 1))       # nothing lost before the kill
+    assert resumed_from % every == 0 and every <= resumed_from <= before[-1]  # the last checkpoint
+    assert after == list(range(resumed_from + 1, 17))      # every later step exactly once

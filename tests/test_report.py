@@ -1,0 +1,191 @@
+"""report.md + PNG plots per job, and the side-by-side comparison of several jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from kdray import report as rep
+from kdray.errors import KdrayError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def step(i: int, n: int, *, ce: bool = True, curriculum: bool = False) -> dict:
+    m = {"step": i, "total_steps": n, "epoch": 0, "round": 0 if i <= n // 2 else 1,
+         "loss": 2.0 - 0.1 * i, "kd": 1.5 - 0.1 * i, "tokens_per_s": 100.0 * i,
+         "lr": 1e-3 * i / n, "grad_norm": 1.0, "kd_temperature": 1.0, "kd_ratio": 0.75}
+    if ce:
+        m["ce"] = 0.5
+    if curriculum:
+        m.update(alpha_mean=0.1 + 0.01 * i, alpha_min=0.05, alpha_max=0.2, beta=i / n, stage=float(i // 3),
+                 skl=1.0 / i, delta_mean_teacher=0.3)
+    return m
+
+
+def make_job(root: Path, name: str, *, steps: int = 6, rounds: tuple[int, ...] = (), after: float = 0.4841,
+             evaluation: bool = True, **kw) -> Path:
+    ev = {}
+    if evaluation:
+        ev = {"teacher": {"rougeL": 0.9468, "exact_match": 0.935, "mean_length": 2.74, "n": 400},
+              "student_before": {"rougeL": 0.3304, "exact_match": 0.225, "mean_length": 2.07, "n": 400}}
+        for r in rounds:
+            ev[f"student_round_{r}"] = {"rougeL": 0.35 + r / 100, "exact_match": 0.25, "mean_length": 2.5, "n": 400}
+        ev["student_after"] = {"rougeL": after, "exact_match": 0.3175, "mean_length": 2.735, "n": 400}
+    metrics = [step(i, steps, **kw) for i in range(1, steps + 1)]
+    if metrics:
+        metrics[-1]["final"] = True
+    report = {
+        "name": name, "status": "succeeded", "started": 1000.0, "finished": 1135.0,
+        "timings_s": {"prepare": 5.0, "generate": 20.0, "train": 50.0, "evaluate": 45.0},
+        "rows": {"train": {"split": "train", "total": 2050, "kept": 2048,
+                           "bad": {"rows with a duplicate id": {"count": 2, "first_ids": ["a", "b"]}}},
+                 "heldout": {"split": "heldout", "total": 400, "kept": 400, "bad": {}}},
+        "evaluation": ev, "train_metrics": metrics, "student_dir": str(root / name / "student"),
+        "spec": {"name": name, "teacher": {"model": "toy:teacher"}, "student": {"model": "toy:student"},
+                 "objective": {"kind": "forward_kl", "kd_temperature": 1.0, "kd_ratio": 0.75}},
+    }
+    job = root / name
+    job.mkdir(parents=True)
+    (job / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    return job
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])  # width, height
+
+
+def test_render_writes_markdown_and_plots(tmp_path):
+    job = make_job(tmp_path, "fkl", rounds=(2, 1))
+    written = rep.render_report(job)
+    assert [p.name for p in written] == ["report.md", "loss.png", "schedule.png", "evaluation.png"]
+    assert all(p.is_file() and p.parent == job for p in written)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert "# kdray job `fkl`" in md and "succeeded" in md and "2m 15s" in md
+    assert "| student after | 0.484 | 0.318 | 2.73 | 400 |" in md
+    assert "| teacher | 0.947 | 0.935 | 2.74 | 400 |" in md
+    for png in ("loss.png", "schedule.png", "evaluation.png"):
+        assert f"]({png})" in md
+    # Training summary: 6 steps, first loss 1.9, last loss 1.4, mean tokens/s 350.
+    assert "| optimizer steps | 6 of 6 |" in md
+    assert "| first loss | 1.9000 |" in md and "| last loss | 1.4000 |" in md
+    assert "| mean tokens/s | 350.0 |" in md
+    assert "| train | 50.0 | 42% |" in md
+    assert "| train | 2050 | 2048 | 2 |" in md and "2 rows with a duplicate id" in md
+    # Rounds are ordered by number (1 before 2), between student before and student after.
+    order = [md.index(f"| {label} |") for label in
+             ("teacher", "student before", "student round 1", "student round 2", "student after")]
+    assert order == sorted(order)
+    # No temporary files are left behind.
+    assert sorted(p.name for p in job.iterdir()) == sorted(["report.json", *(p.name for p in written)])
+
+
+def test_pngs_are_valid_images_of_sensible_size(tmp_path):
+    job = make_job(tmp_path, "j", curriculum=True)
+    for path in rep.render_report(job)[1:]:
+        width, height = png_size(path)
+        assert 400 <= width <= 2000 and 300 <= height <= 2500, (path.name, width, height)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(job / "loss.png")
+    assert pixels.shape[:2] == png_size(job / "loss.png")[::-1]
+    assert pixels.std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_render_is_deterministic(tmp_path):
+    job = make_job(tmp_path, "j")
+    first = {p.name: p.read_bytes() for p in rep.render_report(job)}
+    second = {p.name: p.read_bytes() for p in rep.render_report(job)}
+    assert first == second
+
+
+def test_series_keys_split_loss_parts_from_schedule_values():
+    metrics = [step(i, 6, curriculum=True) for i in range(1, 7)]
+    loss, schedule = rep._series_keys(metrics)
+    assert loss == ["loss", "ce", "kd", "skl"]
+    assert schedule[:3] == ["lr", "kd_temperature", "kd_ratio"]
+    assert {"alpha_mean", "alpha_min", "alpha_max", "beta", "stage", "round", "delta_mean_teacher"} <= set(schedule)
+    assert not {"step", "total_steps", "epoch", "tokens_per_s", "grad_norm", "final"} & set(schedule + loss)
+    # A counter that never changes (one round, one stage) is not worth a panel.
+    flat = [dict(m, round=0, stage=1.0) for m in metrics]
+    assert not {"round", "stage"} & set(rep._series_keys(flat)[1])
+    # Without ce, the loss plot has no ce line.
+    assert "ce" not in rep._series_keys([step(i, 6, ce=False) for i in range(1, 7)])[0]
+
+
+def test_missing_train_metrics_and_evaluation_are_reported_not_fatal(tmp_path):
+    job = make_job(tmp_path, "bare", steps=0, evaluation=False)
+    (job / "loss.png").write_bytes(b"stale")  # from an earlier render: must not survive
+    written = rep.render_report(job)
+    assert [p.name for p in written] == ["report.md"]
+    assert not (job / "loss.png").exists()
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert "No training metrics" in md and "_No loss.png:" in md and "_No schedule.png:" in md
+    assert "No evaluation results" in md and "_No evaluation.png:" in md
+    assert "](loss.png)" not in md
+
+
+def test_missing_or_broken_report_names_path_and_fix(tmp_path):
+    with pytest.raises(KdrayError) as info:
+        rep.render_report(tmp_path)
+    assert str(tmp_path / "report.json") in str(info.value) and "kdray run SPEC" in str(info.value)
+    (tmp_path / "report.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(KdrayError, match="not a valid report.*kdray run SPEC"):
+        rep.render_report(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KdrayError, match="empty has no report.json"):
+        rep.compare_reports([make_job(tmp_path, "ok"), tmp_path / "empty"], tmp_path)
+    with pytest.raises(KdrayError, match="is not a directory"):
+        rep.render_report(tmp_path / "nowhere")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    job = make_job(tmp_path, "j", steps=0, evaluation=False)
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rep.os, "replace", boom)
+    with pytest.raises(OSError):
+        rep.render_report(job)
+    assert [p.name for p in job.iterdir()] == ["report.json"]
+
+
+def test_compare_keeps_the_given_order_and_writes_png(tmp_path):
+    jobs = [make_job(tmp_path, "zeta", after=0.61), make_job(tmp_path, "alpha", after=0.52, curriculum=True),
+            make_job(tmp_path, "mid", steps=0, evaluation=False)]
+    table, paths = rep.compare_reports(jobs, tmp_path / "cmp")
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + 3
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["zeta", "alpha", "mid"]
+    assert "0.330 → 0.610 (+0.280)" in lines[2] and "0.330 → 0.520 (+0.190)" in lines[3]
+    assert "0.947 / 0.935" in lines[2] and "toy:teacher → toy:student" in lines[2]
+    assert "| 6 |" in lines[2] and "2m 15s" in lines[2]
+    assert "— → —" in lines[4]  # a job without evaluation still gets its row
+    assert paths == [tmp_path / "cmp" / "compare.png"]
+    width, height = png_size(paths[0])
+    assert width >= 500 and height >= 300
+
+
+def test_cli_subcommands(tmp_path, monkeypatch, capsys):
+    parser = argparse.ArgumentParser(prog="kdray")
+    rep.add_parsers(parser.add_subparsers(dest="command", required=True))
+    a, b = make_job(tmp_path, "a"), make_job(tmp_path, "b")
+
+    args = parser.parse_args(["report", str(a)])
+    assert args.fn(args) == 0
+    assert f"wrote {a / 'report.md'}" in capsys.readouterr().out
+
+    monkeypatch.chdir(tmp_path)  # compare.png defaults to the current directory
+    args = parser.parse_args(["compare", str(b), str(a)])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert out.index("| b |") < out.index("| a |")
+    assert (tmp_path / "compare.png").is_file()
