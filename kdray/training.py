@@ -178,6 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss, parts, n_tokens = _distillation_loss(spec, logits.float(), t_logits.float(), labels)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
             engine.step()
             window["loss"] += float(loss.detach())
             window["kd"] += float(parts["kd"].detach())
@@ -199,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "loss": float(sums[0]) / micro_total,
                 "kd": float(sums[1]) / micro_total,
                 "tokens_per_s": float(sums[3]) / max(elapsed, 1e-9),
-                "lr": float(scheduler.get_last_lr()[0]),
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "kd_temperature": spec.objective.kd_temperature,
                 "kd_ratio": spec.objective.kd_ratio,

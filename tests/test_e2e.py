@@ -56,6 +56,7 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     assert steps[-1]["total_steps"] == 16
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in steps)
+    assert steps[0]["lr"] == pytest.approx(3e-3 / 2)  # the rate step 1 applied: warmup 1 of 2
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     phases = [e["phase"] for e in events if e["kind"] == "phase_end"]
