@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kdray import plots
 from kdray import report as rep
 from kdray.errors import KdrayError
 
@@ -152,7 +153,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rep.os, "replace", boom)
+    monkeypatch.setattr(plots.os, "replace", boom)  # the atomic writer used by report.md and PNGs
     with pytest.raises(OSError):
         rep.render_report(job)
     assert [p.name for p in job.iterdir()] == ["report.json"]
