@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from kdray.errors import KdrayError
 from kdray.progress import Reporter
+from kdray.plan import Segment, plan_segments, total_steps
 from kdray.spec import JobSpec, ModelSpec, dump_spec
 
 
@@ -76,6 +77,7 @@ class Job:
         self.address = address
         self.reporter = reporter or Reporter(None)
         self.timings: dict[str, float] = {}
+        self.heldout: list[dict[str, Any]] = []
         self.metrics_history: list[dict[str, Any]] = []
 
     # -- stages -------------------------------------------------------------------------------
@@ -90,9 +92,10 @@ class Job:
                 return self
 
             def __exit__(self, exc_type, exc, tb):
-                job.timings[name] = job.timings.get(name, 0.0) + time.perf_counter() - self.t0
+                elapsed = time.perf_counter() - self.t0
+                job.timings[name] = job.timings.get(name, 0.0) + elapsed  # summed over rounds
                 if exc_type is None:
-                    job.reporter.phase_end(name, f"{detail} done in {job.timings[name]:.0f}s".strip())
+                    job.reporter.phase_end(name, f"{detail} done in {elapsed:.0f}s".strip())
                 return False
 
         return _Phase()
@@ -108,60 +111,122 @@ class Job:
             train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
             self.reporter.advance("prepare")
             heldout, held_report = load_split(
-                spec.data, "heldout", count, need_response=spec.evaluation.enabled
+                spec.data, "heldout", count,
+                need_response=spec.evaluation.enabled or spec.curriculum_of("replay") is not None,
             )
             self.reporter.advance("prepare")
         return train, heldout, {"train": train_report.as_dict(), "heldout": held_report.as_dict()}
 
-    def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str, sampling: Any) -> list[dict[str, Any]]:
+    def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str, sampling: Any,
+                 score_gold: bool = False) -> list[dict[str, Any]]:
         from kdray.generation import generate
 
         self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
         return generate(
-            rows, model, self.spec.generation, sampling,
+            rows, model, self.spec.generation, sampling, score_gold=score_gold,
             on_rows=lambda n: self.reporter.advance(phase, n),
         )
 
-    def train(self, rows: list[dict[str, Any]]) -> Path:
+    def student_responses(self, rows: list[dict[str, Any]], student: ModelSpec, segment: Segment,
+                          plan_length: int) -> list[dict[str, Any]]:
+        """Pair every training row with the current student's response to its prompt
+        (DistiLLM-2's batched on-policy round): one sample per distinct prompt."""
+        from kdray.generation import SamplingConfig
+
+        prompts = list({r["id"]: r for r in rows}.values())
+        label = segment.label(plan_length) or "round 1/1"
+        with self._phase("generate", len(prompts), f"student responses, {label}"):
+            generated = self.generate(prompts, student, "student", "generate",
+                                      SamplingConfig.from_spec(self.spec.generation, n=1,
+                                                               seed=self.spec.generation.seed + segment.index))
+        by_id = {g["id"]: g for g in generated}
+        return [dict(r, student_response=by_id[r["id"]]["response"],
+                     student_finish_reason=by_id[r["id"]]["finish_reason"]) for r in rows]
+
+    def order_by_difficulty(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POCL's difficulty measurer: the rows sorted easy → hard, measured once per job.
+
+        The initial student answers every training prompt greedily and scores each row's
+        response (the one it will be trained on); ROUGE-L of its answer against that response
+        and its mean token cross-entropy on it are fused by reciprocal rank. The measurements
+        and ranks are written to ``curriculum/difficulty.jsonl``; a later run of the same job
+        over the same rows reads them instead of measuring again.
+        """
+        from kdray.curriculum import difficulty_ranks
+        from kdray.evaluate import rouge_l
+        from kdray.generation import SamplingConfig
+
+        pocl = self.spec.curriculum_of("pocl")
+        path = self.out / "curriculum" / "difficulty.jsonl"
+        keys = [f"{r['id']}#{r.get('sample_index', 0)}" for r in rows]
+        saved = _read_difficulty(path, keys, self.spec.student.model)
+        if saved is not None:
+            self.reporter.message(f"score: reusing the difficulty ranks in {path}")
+            return [rows[i] for i in saved]
+        with self._phase("score", len(rows), "difficulty of each training row (POCL)"):
+            measured = self.generate(rows, self.spec.student, "initial student", "score",
+                                     SamplingConfig.greedy(self.spec.generation.max_new_tokens),
+                                     score_gold=True)
+            rouge = [rouge_l(m["response"], r["response"]) for m, r in zip(measured, rows)]
+            ce = [m["gold_ce"] for m in measured]
+            ranks = difficulty_ranks(rouge, ce, k=pocl.rrf_k)
+            order = [int(i) for i in ranks.order]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", encoding="utf-8") as fh:
+                for pos, i in enumerate(order):
+                    fh.write(json.dumps({"key": keys[i], "position": pos, "rouge_l": rouge[i], "ce": ce[i],
+                                         "rank_rouge_l": float(ranks.rouge_rank[i]),
+                                         "rank_ce": float(ranks.ce_rank[i]), "rrf": float(ranks.score[i]),
+                                         "student": self.spec.student.model}) + "\n")
+            os.replace(tmp, path)
+        return [rows[i] for i in order]
+
+    def train(self, rows: list[dict[str, Any]], segment: Segment, plan: list[Segment],
+              init_checkpoint: str | None) -> tuple[Path, str | None]:
+        """Run one segment of the plan on ``rows``: (exported student, state for the next)."""
         import ray.data
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from kdray.progress import make_progress_hub, train_metrics_callback
-        from kdray.training import TokenizeForTraining, WorkerConfig, total_steps, train_loop_per_worker
+        from kdray.training import TokenizeForTraining, WorkerConfig, train_loop_per_worker
 
         spec, t = self.spec, self.spec.training
-        steps_per_epoch = len(rows) // t.global_batch_size
-        if steps_per_epoch == 0:
-            raise KdrayError(
-                f"training.global_batch_size ({t.global_batch_size}) is larger than the "
-                f"{len(rows)} training responses; lower it or add data"
-            )
-        steps = total_steps(spec, steps_per_epoch)
-        columns = ("prompt", "response", "finish_reason")
-        ds = ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in rows])
-        ds = ds.map_batches(
-            TokenizeForTraining,
-            fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len),
-            batch_size=256,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.25,
-        ).materialize()
+        columns = ["prompt", "response", "finish_reason"]
+        if segment.regenerate_student:
+            columns += ["student_response", "student_finish_reason"]
+        def tokenized(items: list[dict[str, Any]]) -> Any:
+            return ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in items]).map_batches(
+                TokenizeForTraining,
+                fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len),
+                batch_size=256,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=1),
+                num_cpus=0.25,
+            ).materialize()
+
+        datasets = {"train": tokenized(rows)}
+        replay = spec.curriculum_of("replay")
+        if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
+            columns = ["prompt", "response"]
+            datasets["validation"] = tokenized(self.heldout[: replay.validation_samples])
         hub = make_progress_hub()
+        worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan),
+                              num_segments=len(plan), init_checkpoint=init_checkpoint)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"worker": WorkerConfig(spec=spec, steps_per_epoch=steps_per_epoch)},
+            train_loop_config={"worker": worker},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=f"{spec.name}-{uuid.uuid4().hex[:8]}",
+                name=f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}",
                 storage_path=str(self.out / "ray_train"),
                 callbacks=[train_metrics_callback(hub)],
                 failure_config=FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
-            datasets={"train": ds},
+            datasets=datasets,
         )
         result_box: dict[str, Any] = {}
 
@@ -171,7 +236,11 @@ class Job:
             except BaseException as exc:  # re-raised in the driver thread below
                 result_box["error"] = exc
 
-        with self._phase("train", steps, f"{t.num_workers} workers, ZeRO-{t.zero_stage}"):
+        label = segment.label(len(plan))
+        detail = f"{t.num_workers} workers, ZeRO-{t.zero_stage}" + (f", {label}" if label else "")
+        with self._phase("train", segment.end_step, detail):
+            if segment.start_step:  # the bar counts the job's optimizer steps
+                self.reporter.advance("train", segment.start_step)
             thread = threading.Thread(target=fit, daemon=True)
             thread.start()
             while thread.is_alive():
@@ -186,9 +255,11 @@ class Job:
             dest = self.out / "student"
             if dest.exists():
                 shutil.rmtree(dest)
-            with result.checkpoint.as_directory() as ckpt:
-                shutil.copytree(Path(ckpt) / "student", dest)
-        return dest
+            # storage_path is a local directory, so the checkpoint's path is readable here (and
+            # by the next segment's workers on this node; multi-node needs shared storage).
+            ckpt = Path(result.checkpoint.path)
+            shutil.copytree(ckpt / "student", dest)
+        return dest, str(ckpt) if (ckpt / "progress.json").exists() else None
 
     def _drain(self, hub: Any) -> None:
         import ray
@@ -210,6 +281,10 @@ class Job:
         started = time.time()
 
         train, heldout, row_reports = self.prepare()
+        self.heldout = heldout
+        n_rows = len(train) * (spec.generation.n if spec.data.response_source == "teacher" else 1)
+        plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
+        self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         init_ray(self.address)
 
         if spec.data.response_source == "teacher":
@@ -220,12 +295,20 @@ class Job:
         else:
             train_rows = [dict(r, sample_index=0, finish_reason="stop") for r in train]
 
-        student_dir = self.train(train_rows)
+        if spec.curriculum_of("pocl") is not None:
+            train_rows = self.order_by_difficulty(train_rows)
+        student, state = spec.student, None
+        for segment in plan:
+            rows = train_rows[: segment.n_rows]
+            if segment.regenerate_student:
+                rows = self.student_responses(rows, student, segment, len(plan))
+            student_dir, state = self.train(rows, segment, plan, state)
+            student = spec.student.model_copy(update={"model": str(student_dir)})
 
         evaluation: dict[str, Any] = {}
         if spec.evaluation.enabled:
             greedy = SamplingConfig.greedy(spec.evaluation.max_new_tokens)
-            after = spec.student.model_copy(update={"model": str(student_dir)})
+            after = student
             with self._phase("evaluate", 3 * len(heldout), "held-out answers"):
                 for label, model in (
                     ("teacher", spec.teacher),
@@ -247,6 +330,7 @@ class Job:
                 "evaluation": evaluation,
                 "train_metrics": self.metrics_history,
                 "student_dir": str(student_dir),
+                "plan": [seg.as_dict() for seg in plan],
                 "spec": spec.model_dump(mode="json"),
             }
             tmp = self.out / "report.json.tmp"
@@ -264,6 +348,22 @@ class Job:
             for r in generated:
                 fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
                                      "gold": gold.get(r["id"])}) + "\n")
+
+
+def _read_difficulty(path: Path, keys: list[str], student: str) -> list[int] | None:
+    """The saved easy → hard order of ``keys``, if ``path`` measured exactly these rows with
+    this student; None otherwise (measure again)."""
+    if not path.exists():
+        return None
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        index = {k: i for i, k in enumerate(keys)}
+        if (len(records) != len(keys) or any(r["student"] != student for r in records)
+                or {r["key"] for r in records} != set(index)):
+            return None
+        return [index[r["key"]] for r in sorted(records, key=lambda r: r["position"])]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ whitespace-normalised strings, for tasks whose answers are verifiable.
 
 from __future__ import annotations
 
+import functools
 from statistics import fmean
 from typing import Any, Iterable
 
@@ -19,18 +20,27 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(_normalise(prediction) == _normalise(gold))
 
 
-def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, float]:
-    """Mean ROUGE-L (F), exact match and predicted length (whitespace tokens) over pairs."""
+@functools.lru_cache(maxsize=1)
+def _scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F-measure of one prediction against its reference."""
+    return _scorer().score(gold, prediction)["rougeL"].fmeasure
+
+
+def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, float]:
+    """Mean ROUGE-L (F), exact match and predicted length (whitespace tokens) over pairs."""
     preds, refs = list(predictions), list(golds)
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
     if not preds:
         return {"rougeL": 0.0, "exact_match": 0.0, "mean_length": 0.0, "n": 0}
     return {
-        "rougeL": fmean(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)),
+        "rougeL": fmean(rouge_l(p, r) for p, r in zip(preds, refs)),
         "exact_match": fmean(exact_match(p, r) for p, r in zip(preds, refs)),
         "mean_length": fmean(len(p.split()) for p in preds),
         "n": len(preds),

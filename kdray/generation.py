@@ -63,7 +63,12 @@ class SamplingConfig:
 class VLLMGenerator:
     """Ray Data callable class holding one vLLM engine.
 
-    Constructed once per actor; ``__call__`` receives a numpy batch with ``id`` and ``prompt``.
+    Constructed once per actor; ``__call__`` receives a numpy batch with ``_row`` and
+    ``prompt`` and returns one row per generated sample. With ``score_gold=True`` the batch
+    also carries ``gold_response`` / ``gold_finish_reason``, and each output row gets
+    ``gold_ce``: the model's mean token cross-entropy (nats) on that response, scored as
+    vLLM prompt log-probs of prompt + response ids, tokenized exactly as the trainer does
+    (:func:`kdray.records.encode_batch`). Generation and scoring share one ``generate`` call.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class VLLMGenerator:
         enforce_eager: bool,
         sampling: SamplingConfig,
         env: dict[str, str],
+        score_gold: bool = False,
     ):
         for key, value in env.items():
             os.environ.setdefault(key, value)
@@ -99,13 +105,37 @@ class VLLMGenerator:
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
         )
+        self.score_gold = score_gold
+        # One token out, and the log-prob of every prompt token (the realized one is always
+        # included, whatever the top-k): what scoring a given response needs.
+        self.score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+    def _score_requests(self, batch: dict[str, np.ndarray]) -> tuple[list[Any], list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        from kdray.records import encode_batch
+
+        pairs = encode_batch(self.llm.get_tokenizer(), list(batch["prompt"]), list(batch["gold_response"]),
+                             list(batch["gold_finish_reason"]))
+        return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = [str(p) for p in batch["prompt"]]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        prompts: list[Any] = [str(p) for p in batch["prompt"]]
+        params = [self.params] * len(prompts)
+        starts: list[int] = []
+        if self.score_gold:
+            scoring, starts = self._score_requests(batch)
+            prompts += scoring
+            params += [self.score_params] * len(scoring)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        n = len(batch["prompt"])
+        ce = [_mean_nll(req.prompt_logprobs, req.prompt_token_ids, start)
+              for req, start in zip(outputs[n:], starts)]
         out: dict[str, list[Any]] = {k: [] for k in batch}
         out.update(response=[], response_token_ids=[], sample_index=[], finish_reason=[])
-        for row, request in enumerate(outputs):
+        if self.score_gold:
+            out["gold_ce"] = []
+        for row, request in enumerate(outputs[:n]):
             for j, completion in enumerate(request.outputs):
                 for k in batch:
                     out[k].append(batch[k][row])
@@ -113,11 +143,19 @@ class VLLMGenerator:
                 out["response_token_ids"].append(np.asarray(completion.token_ids, dtype=np.int32))
                 out["sample_index"].append(j)
                 out["finish_reason"].append(str(completion.finish_reason))
+                if self.score_gold:
+                    out["gold_ce"].append(ce[row])
         result = {k: np.asarray(v) for k, v in out.items() if k != "response_token_ids"}
         ids = np.empty(len(out["response_token_ids"]), dtype=object)
         ids[:] = out["response_token_ids"]
         result["response_token_ids"] = ids
         return result
+
+
+def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> float:
+    """Mean −log p of ``token_ids[start:]`` from vLLM's per-position prompt log-probs."""
+    values = [prompt_logprobs[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
+    return -float(np.mean(values))
 
 
 def generate(
@@ -126,17 +164,28 @@ def generate(
     pool: GenerationSpec,
     sampling: SamplingConfig,
     *,
+    score_gold: bool = False,
     on_rows: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate responses for ``rows`` on a Ray Data actor pool; returns rows sorted by id.
+    """Generate responses for ``rows`` on a Ray Data actor pool.
 
-    ``on_rows(k)`` is called as each batch of k output rows arrives (progress bars).
+    Returns one dict per generated sample, in the order of ``rows`` (then ``sample_index``):
+    ``id``, ``prompt``, ``response``, ``response_token_ids``, ``sample_index``,
+    ``finish_reason``, and with ``score_gold`` the model's mean token cross-entropy on each
+    row's own ``response`` (``gold_ce``; ``rows`` then need ``response``). Ray Data does not
+    keep order, so rows travel with their position. ``on_rows(k)`` is called as each batch
+    of k output rows arrives (progress bars).
     """
     import ray
     import ray.data
 
-    columns = {"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows]}
-    ds = ray.data.from_items([dict(zip(columns, vals)) for vals in zip(*columns.values())])
+    items = []
+    for i, r in enumerate(rows):
+        item = {"_row": i, "id": r["id"], "prompt": r["prompt"]}
+        if score_gold:
+            item.update(gold_response=r["response"], gold_finish_reason=r.get("finish_reason", "stop"))
+        items.append(item)
+    ds = ray.data.from_items(items)
     ds = ds.map_batches(
         VLLMGenerator,
         fn_constructor_kwargs=dict(
@@ -147,6 +196,7 @@ def generate(
             enforce_eager=pool.enforce_eager,
             sampling=sampling,
             env=vllm_env(),
+            score_gold=score_gold,
         ),
         batch_size=pool.batch_size,
         batch_format="numpy",
@@ -154,22 +204,22 @@ def generate(
         num_cpus=pool.num_cpus_per_replica,
         num_gpus=pool.num_gpus_per_replica,
     )
-    results: list[dict[str, Any]] = []
+    results: list[tuple[int, dict[str, Any]]] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["id"])
         for i in range(n):
-            results.append(
-                {
-                    "id": str(batch["id"][i]),
-                    "prompt": str(batch["prompt"][i]),
-                    "response": str(batch["response"][i]),
-                    "response_token_ids": [int(t) for t in batch["response_token_ids"][i]],
-                    "sample_index": int(batch["sample_index"][i]),
-                    "finish_reason": str(batch["finish_reason"][i]),
-                }
-            )
+            row = {
+                "id": str(batch["id"][i]),
+                "prompt": str(batch["prompt"][i]),
+                "response": str(batch["response"][i]),
+                "response_token_ids": [int(t) for t in batch["response_token_ids"][i]],
+                "sample_index": int(batch["sample_index"][i]),
+                "finish_reason": str(batch["finish_reason"][i]),
+            }
+            if score_gold:
+                row["gold_ce"] = float(batch["gold_ce"][i])
+            results.append((int(batch["_row"][i]), row))
         if on_rows:
             on_rows(n)
-    order = {r["id"]: i for i, r in enumerate(rows)}
-    results.sort(key=lambda r: (order[r["id"]], r["sample_index"]))
-    return results
+    results.sort(key=lambda item: (item[0], item[1]["sample_index"]))
+    return [row for _, row in results]

@@ -15,7 +15,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from kdray.spec_base import _Spec
+from kdray.spec_curriculum import CurriculumSpec, as_curriculum_list, check_curriculum
 
 TOY_PREFIX = "toy:"
 TOY_MODELS = ("toy:teacher", "toy:student")
@@ -74,10 +77,6 @@ def check_data_ref(ref: str) -> str:
     if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"dataset {ref!r} has suffix {path.suffix!r}; use .jsonl or .parquet")
     return ref
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
 class ModelSpec(_Spec):
@@ -259,6 +258,25 @@ class AdaptiveKLObjective(_Objective):
     )
 
 
+class DistiLLM2Objective(_Objective):
+    kind: Literal["distillm2"] = Field(
+        description="DistiLLM-2 contrastive loss: (2-β)·SKL on teacher responses + β·SRKL on "
+        "the student's own responses (needs curriculum distillm2, which schedules α and β)."
+    )
+    alpha: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="α₀: the skew of both terms (fixed in mode released_code, the upper clip "
+        "of the adaptive α in mode paper). DistiLLM-2 uses 0.1.",
+    )
+    detach_mixture_student: bool = Field(
+        True,
+        description="Stop the gradient through the student inside SRKL's mixture, as "
+        "DistiLLM-2's code does.",
+    )
+
+
 ObjectiveSpec = Annotated[
     Union[
         ForwardKLObjective,
@@ -268,6 +286,7 @@ ObjectiveSpec = Annotated[
         SkewReverseKLObjective,
         JSDObjective,
         AdaptiveKLObjective,
+        DistiLLM2Objective,
     ],
     Field(discriminator="kind"),
 ]
@@ -294,7 +313,7 @@ class TrainingSpec(_Spec):
         None, ge=1, description="Stop after this many optimizer steps (null: run all epochs)."
     )
     max_seq_len: int = Field(
-        256, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
+        512, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
     )
     seed: int = Field(0, description="Seed of data order and initialisation.")
     checkpoint_every_steps: int | None = Field(
@@ -354,8 +373,27 @@ class JobSpec(_Spec):
         default_factory=lambda: ForwardKLObjective(kind="forward_kl"),
         description="The loss: a divergence from kdray.losses (field 'kind') and its parameters.",
     )
+    curriculum: list[CurriculumSpec] = Field(
+        default_factory=list,
+        description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
+        "rounds. One mapping or a list; empty for plain training.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+
+    @field_validator("curriculum", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return as_curriculum_list(v)
+
+    @model_validator(mode="after")
+    def _curriculum_fits(self) -> "JobSpec":
+        check_curriculum(self)
+        return self
+
+    def curriculum_of(self, kind: str) -> Any:
+        """The curriculum entry of ``kind``, or None."""
+        return next((c for c in self.curriculum if c.kind == kind), None)
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "JobSpec":
@@ -367,6 +405,12 @@ class JobSpec(_Spec):
                     f"{role}.max_model_len ({have}) is shorter than data.max_prompt_tokens + "
                     f"generation.max_new_tokens ({need}); raise it or shorten those"
                 )
+        if self.training.max_seq_len <= self.data.max_prompt_tokens:
+            raise ValueError(
+                f"training.max_seq_len ({self.training.max_seq_len}) leaves no room for a response "
+                f"after a prompt of data.max_prompt_tokens ({self.data.max_prompt_tokens}); raise "
+                "max_seq_len or lower max_prompt_tokens"
+            )
         return self
 
 

@@ -43,6 +43,10 @@ def _walk(loc: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
     model: Any = JobSpec
     path: list[Any] = []
     for item in loc:
+        if isinstance(item, int) and get_origin(model) is list:  # an item of a list field
+            model = get_args(model)[0]
+            path.append(item)
+            continue
         member = _union_member(model, item)
         if member is not None:
             model = member

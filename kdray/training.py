@@ -17,20 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdray.plan import Segment
+from kdray.records import IGNORE_INDEX
 from kdray.spec import JobSpec
 
 #: Columns of the tokenized training dataset (fixed length ``training.max_seq_len``).
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a training worker needs, built by the driver."""
+    """Everything a training worker needs for one segment of the plan, built by the driver."""
 
     spec: JobSpec
-    steps_per_epoch: int
-    round_index: int = 0
+    segment: Segment
+    total_steps: int            # optimizer steps of the whole plan
+    num_segments: int
+    init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
+
+    @property
+    def last(self) -> bool:
+        return self.segment.index == self.num_segments - 1
 
 
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
@@ -59,16 +66,13 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def total_steps(spec: JobSpec, steps_per_epoch: int) -> int:
-    planned = steps_per_epoch * spec.training.epochs
-    return min(planned, spec.training.max_steps) if spec.training.max_steps else planned
-
-
 class TokenizeForTraining:
     """Ray Data callable class: prompt + response text → fixed-length ids, mask and labels.
 
-    Labels are the response tokens (plus EOS when the response ended on its own); the prompt
-    and the padding are ``IGNORE_INDEX``, so losses cover only what the student must learn.
+    Labels are the response tokens (see :func:`kdray.records.encode_batch`); the prompt and
+    the padding are ``IGNORE_INDEX``, so losses cover only what the student must learn. Rows
+    with a ``student_response`` (DistiLLM-2 rounds) also get ``s_input_ids``,
+    ``s_attention_mask`` and ``s_labels`` for it.
     """
 
     def __init__(self, tokenizer_ref: str, max_seq_len: int):
@@ -77,72 +81,43 @@ class TokenizeForTraining:
         self.tok = load_tokenizer(tokenizer_ref)
         self.max_len = max_seq_len
 
+    def _encode(self, prompts: Any, responses: Any, finished: Any) -> dict[str, Any]:
+        from kdray.records import encode_batch, pack_examples
+
+        pairs = encode_batch(self.tok, list(prompts), list(responses), finished)
+        return pack_examples(pairs, self.max_len, self.tok.pad_token_id)
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        n = len(batch["prompt"])
-        ids = np.full((n, self.max_len), self.tok.pad_token_id, dtype=np.int64)
-        mask = np.zeros((n, self.max_len), dtype=np.int64)
-        labels = np.full((n, self.max_len), IGNORE_INDEX, dtype=np.int64)
-        prompts = self.tok([str(p) for p in batch["prompt"]]).input_ids
-        responses = self.tok([str(r) for r in batch["response"]], add_special_tokens=False).input_ids
-        finished = batch.get("finish_reason")
-        for i in range(n):
-            resp = list(responses[i])
-            if finished is None or str(finished[i]) != "length":
-                resp.append(self.tok.eos_token_id)
-            seq = (list(prompts[i]) + resp)[: self.max_len]
-            ids[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
-            start = len(prompts[i])
-            labels[i, start : len(seq)] = seq[start:]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _distillation_loss(spec: JobSpec, student_logits, teacher_logits, labels):
-    """Total loss and its parts for one micro-batch (next-token shift applied here)."""
-    from kdray import losses
-
-    s = student_logits[:, :-1]
-    t = teacher_logits[:, :-1]
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    obj = spec.objective
-    kd = losses.masked_token_mean(
-        losses.DIVERGENCES[obj.kind](s, t, temperature=obj.kd_temperature, **obj.divergence_params()),
-        mask,
-    )
-    parts = {"kd": kd}
-    total = obj.kd_ratio * kd
-    if obj.kd_ratio < 1.0:
-        ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
-        parts["ce"] = ce
-        total = total + (1.0 - obj.kd_ratio) * ce
-    return total, parts, int(mask.sum())
+        out = self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"))
+        if "student_response" in batch:
+            student = self._encode(batch["prompt"], batch["student_response"], batch.get("student_finish_reason"))
+            out.update({f"s_{k}": v for k, v in student.items()})
+        return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: one DeepSpeed rank."""
+    """Ray Train entry point: one DeepSpeed rank training one segment of the plan."""
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
 
     from kdray.models import load_causal_lm
+    from kdray.train_step import make_step_objective
 
     wc: WorkerConfig = config["worker"]
-    spec, t = wc.spec, wc.spec.training
+    spec, t, seg = wc.spec, wc.spec.training, wc.segment
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(t.seed + rank)
 
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
     teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
-    steps = total_steps(spec, wc.steps_per_epoch)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # One cosine over the whole plan, or over this segment when it restarts the optimizer.
+    span = seg.steps if seg.restart_optimizer else wc.total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=steps),
+        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
@@ -150,102 +125,161 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     teacher.to(device)
 
-    step, start_epoch, skip_micro = _restore(engine, ray.train.get_checkpoint())
+    step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
+    objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
+                                    num_segments=wc.num_segments, state=state.get("objective"))
+    replay = _make_replay(spec, rank, state.get("replay"))
+    validation = ray.train.get_dataset_shard("validation") if replay is not None else None
+    validate_every = (spec.curriculum_of("replay").validate_every_steps or seg.steps_per_epoch) if replay else 0
+    if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
+        replay.validate(engine, teacher, objective, validation, device)
     shard = ray.train.get_dataset_shard("train")
-    micro_per_epoch = wc.steps_per_epoch * t.gradient_accumulation_steps
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0}
+    micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
+    window: dict[str, float] = {}
     started = None  # the step's clock starts at its first micro-batch (not at data start-up)
-    for epoch in range(start_epoch, t.epochs):
+    metrics: dict[str, Any] = {}
+    micro_in_step = 0
+    for epoch in range(start_epoch, seg.epochs):
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size_per_worker,
             drop_last=True,
             local_shuffle_buffer_size=4 * t.micro_batch_size_per_worker,
-            local_shuffle_seed=t.seed + 1000 * epoch + rank,
+            local_shuffle_seed=t.seed + 1000 * epoch + 100_000 * seg.index + rank,
         )
         for micro, batch in enumerate(batches):
-            if micro >= micro_per_epoch or step >= steps:
+            if micro >= micro_per_epoch or step >= seg.end_step:
                 break
             if epoch == start_epoch and micro < skip_micro:
                 continue  # trained before the checkpoint this run resumed from
             if started is None:
                 started = time.perf_counter()
-            ids = batch["input_ids"].to(device)
-            attn = batch["attention_mask"].to(device)
-            labels = batch["labels"].to(device)
-            logits = engine(input_ids=ids, attention_mask=attn).logits
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=attn).logits
-            loss, parts, n_tokens = _distillation_loss(spec, logits.float(), t_logits.float(), labels)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if replay is not None:
+                if micro_in_step == 0:
+                    replay.begin_step(step, wc.total_steps)
+                batch = replay.batch(engine, batch)
+            micro_in_step += 1
+            loss, parts, n_tokens = objective(engine, teacher, batch)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
             engine.step()
-            window["loss"] += float(loss.detach())
-            window["kd"] += float(parts["kd"].detach())
-            window["ce"] += float(parts["ce"].detach()) if "ce" in parts else 0.0
-            window["tokens"] += n_tokens
+            for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
+                window[key] = window.get(key, 0.0) + value
             if not boundary:
                 continue
             step += 1
-            sums = torch.tensor([window[k] for k in ("loss", "kd", "ce", "tokens")], dtype=torch.float64)
+            micro_in_step = 0
+            schedule = objective.metrics()  # the values this step used
+            objective.optimizer_step()
+            if replay is not None:
+                schedule.update(replay.metrics())
+                if step % validate_every == 0:
+                    schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
+            keys = sorted(window)
+            sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(sums)
+            totals = dict(zip(keys, sums.tolist()))
             elapsed = time.perf_counter() - started
             micro_total = t.gradient_accumulation_steps * world
             grad_norm = engine.get_global_grad_norm()
             metrics = {
                 "step": step,
-                "total_steps": steps,
+                "total_steps": wc.total_steps,
                 "epoch": epoch,
-                "round": wc.round_index,
-                "loss": float(sums[0]) / micro_total,
-                "kd": float(sums[1]) / micro_total,
-                "tokens_per_s": float(sums[3]) / max(elapsed, 1e-9),
+                "round": seg.round,
+                **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
+                **{k: v / micro_total for k, v in totals.items() if k != "tokens"},
+                "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "kd_temperature": spec.objective.kd_temperature,
-                "kd_ratio": spec.objective.kd_ratio,
+                **schedule,
             }
-            if spec.objective.kd_ratio < 1.0:  # the hard-label term exists only then
-                metrics["ce"] = float(sums[2]) / micro_total
-            window = dict.fromkeys(window, 0.0)
-            started = None
-            if step >= steps:
-                _report_final(engine, spec, metrics, rank)
-            elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1}
-                _report_checkpoint(engine, metrics, progress, rank)
+            window, started = {}, None
+            if step >= seg.end_step:
+                break
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index}
+                _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
             else:
                 ray.train.report(metrics)
-        if step >= steps:
+        if step >= seg.end_step:
             break
-    if step < steps:  # fewer batches than planned: still export what was trained
-        _report_final(engine, spec, {"step": step, "total_steps": steps, "round": wc.round_index}, rank)
+    # The end of the segment (or fewer batches than planned): export what was trained.
+    metrics = metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}
+    _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index},
+                  _state(objective, replay), rank)
 
 
-def _restore(engine: Any, checkpoint: Any) -> tuple[int, int, int]:
-    """Load the latest checkpoint, if Ray Train restarted us with one: (step, epoch, micro)."""
-    if checkpoint is None:
-        return 0, 0, 0
-    with checkpoint.as_directory() as root:
-        progress = json.loads((Path(root) / "progress.json").read_text())
-        engine.load_checkpoint(os.path.join(root, "deepspeed"), tag=progress["tag"])
-    return progress["step"], progress["epoch"], progress["micro_in_epoch"]
+def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
+    if spec.curriculum_of("replay") is None:
+        return None
+    from kdray.models import load_tokenizer
+    from kdray.replay_step import ReplaySource
+
+    tok = load_tokenizer(spec.student.model)
+    return ReplaySource(spec, rank=rank, state=state, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
 
 
-def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str, int], rank: int) -> None:
+def _state(objective: Any, replay: Any) -> dict[str, Any]:
+    """This rank's schedule state: the objective's (DistiLLM-2) and the replay buffer's."""
+    return {"objective": objective.state_dict(), "replay": replay.state_dict() if replay is not None else None}
+
+
+def _load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint directory written by this module: (progress, this rank's schedule state)."""
+    progress = json.loads((root / "progress.json").read_text())
+    engine.load_checkpoint(str(root / "deepspeed"), tag=progress["tag"], load_module_only=module_only,
+                           load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+    schedule = root / f"schedule-rank{rank}.json"
+    return progress, json.loads(schedule.read_text()) if schedule.exists() else {}
+
+
+def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any, rank: int) -> tuple[int, int, int, dict[str, Any]]:
+    """Where this run starts: (step, epoch, micro-batches to skip, schedule state).
+
+    A checkpoint from Ray Train (a restarted worker group) resumes mid-segment with the
+    optimizer; otherwise the previous segment's final state starts this one (weights only
+    when the segment restarts the optimizer); otherwise training starts fresh.
+    """
+    seg = wc.segment
+    if checkpoint is not None:
+        with checkpoint.as_directory() as root:
+            progress, state = _load_state(engine, Path(root), rank)
+        return progress["step"], progress["epoch"], progress["micro_in_epoch"], state
+    if wc.init_checkpoint is not None:
+        progress, state = _load_state(engine, Path(wc.init_checkpoint), rank, module_only=seg.restart_optimizer)
+        if progress["step"] != seg.start_step:
+            raise RuntimeError(f"segment {seg.index} starts at step {seg.start_step}, but its initial "
+                               f"checkpoint {wc.init_checkpoint} is at step {progress['step']}")
+        return seg.start_step, 0, 0, state
+    return 0, 0, 0, {}
+
+
+def _save_state(engine: Any, root: str, progress: dict[str, Any], schedule: dict[str, Any], rank: int) -> None:
+    tag = f"step{progress['step']}"
+    engine.save_checkpoint(os.path.join(root, "deepspeed"), tag=tag)
+    # Per rank: a replay buffer holds that rank's own samples (the rest is equal on all ranks).
+    (Path(root) / f"schedule-rank{rank}.json").write_text(json.dumps(schedule))
+    if rank == 0:
+        (Path(root) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
+
+
+def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str, Any],
+                       schedule: dict[str, Any], rank: int) -> None:
     """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories."""
     import ray.train
 
-    tag = f"step{progress['step']}"
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=tag)
-        if rank == 0:
-            (Path(tmp) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
+        _save_state(engine, tmp, progress, schedule, rank)
         ray.train.report({**metrics, "checkpoint": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _report_final(engine: Any, spec: JobSpec, metrics: dict[str, Any], rank: int) -> None:
-    """Gather the (possibly ZeRO-3 partitioned) student and report it as an HF checkpoint."""
+def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progress: dict[str, Any],
+                  schedule: dict[str, Any], rank: int) -> None:
+    """Report the segment's end: the student as an HF checkpoint (ZeRO-3 gathered) for the
+    next round's student pool and for evaluation, plus, unless this is the last segment, the
+    DeepSpeed state the next segment continues from."""
     import deepspeed
     import ray.train
 
@@ -253,12 +287,14 @@ def _report_final(engine: Any, spec: JobSpec, metrics: dict[str, Any], rank: int
 
     model = engine.module
     params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=spec.training.zero_stage == 3):
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if not wc.last:
+            _save_state(engine, tmp, progress, schedule, rank)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=wc.spec.training.zero_stage == 3):
             if rank == 0:
                 out = os.path.join(tmp, "student")
                 model.save_pretrained(out, safe_serialization=True)
-                load_tokenizer(spec.student.model).save_pretrained(out)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "final": True}, checkpoint=checkpoint)
+                load_tokenizer(wc.spec.student.model).save_pretrained(out)
+        keep = rank == 0 or not wc.last  # the last segment's other ranks have nothing to add
+        ray.train.report({**metrics, "final": True},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if keep else None)

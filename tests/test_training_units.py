@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kdray.spec import parse_spec
-from kdray.training import IGNORE_INDEX, TokenizeForTraining, cosine_with_warmup, deepspeed_config, total_steps
+from kdray.training import IGNORE_INDEX, TokenizeForTraining, cosine_with_warmup, deepspeed_config
 
 
 def spec(**training):
@@ -38,11 +38,6 @@ def test_cosine_with_warmup_boundaries():
     assert cosine_with_warmup(0, warmup_steps=0, total_steps=1) == pytest.approx(1.0)
 
 
-def test_total_steps_respects_max_steps():
-    assert total_steps(spec(epochs=3), 10) == 30
-    assert total_steps(spec(epochs=3, max_steps=7), 10) == 7
-
-
 def test_tokenize_labels_only_the_response_and_its_eos(toy_world):
     tok = TokenizeForTraining("toy:student", max_seq_len=24)
     batch = {
@@ -67,3 +62,23 @@ def test_tokenize_labels_only_the_response_and_its_eos(toy_world):
     # A response cut by max_new_tokens gets no EOS; too long a sequence is cut at max_seq_len.
     assert mask[1].sum() == 24 and t.eos_token_id not in ids[1].tolist()
     assert math.isclose(float((labels[1] != IGNORE_INDEX).sum()), 24 - len(t(batch["prompt"][1]).input_ids))
+
+
+def test_tokenize_adds_the_paired_student_response_columns(toy_world):
+    tok = TokenizeForTraining("toy:student", max_seq_len=24)
+    batch = {
+        "prompt": np.array(["Q: sort 3 1 2\nA:"]),
+        "response": np.array([" 1 2 3"]),
+        "finish_reason": np.array(["stop"]),
+        "student_response": np.array([" 3 3"]),
+        "student_finish_reason": np.array(["length"]),
+    }
+    out = tok(batch)
+    t = tok.tok
+    prompt = t(batch["prompt"][0]).input_ids
+    student = t(" 3 3", add_special_tokens=False).input_ids
+    assert set(out) == {"input_ids", "attention_mask", "labels", "s_input_ids", "s_attention_mask", "s_labels"}
+    assert out["s_input_ids"][0, : len(prompt)].tolist() == prompt  # the same prompt
+    labelled = out["s_labels"][0][out["s_labels"][0] != IGNORE_INDEX].tolist()
+    assert labelled == student  # cut at the length limit: no EOS
+    assert out["labels"][0][out["labels"][0] != IGNORE_INDEX].tolist()[-1] == t.eos_token_id

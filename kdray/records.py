@@ -1,0 +1,53 @@
+"""The rows passed from generation to training, and how one example becomes token ids.
+
+One function, :func:`encode_example`, decides which tokens of prompt + response the student
+is trained and scored on, so the trainer (:class:`kdray.training.TokenizeForTraining`) and
+the scorer (the POCL difficulty measurer in :mod:`kdray.generation`) can never disagree:
+
+* the prompt is tokenized as the tokenizer does by default (special tokens included);
+* the response is tokenized without special tokens, and gets EOS appended unless the
+  generator stopped it at the length limit (``finish_reason == "length"``): a response that
+  ended on its own teaches the student to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finish_reasons: list[str] | None) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_example` over a batch (one tokenizer call per side)."""
+    prompt_ids = tokenizer([str(p) for p in prompts]).input_ids
+    response_ids = tokenizer([str(r) for r in responses], add_special_tokens=False).input_ids
+    out = []
+    for i in range(len(prompt_ids)):
+        resp = list(response_ids[i])
+        if finish_reasons is None or str(finish_reasons[i]) != "length":
+            resp.append(tokenizer.eos_token_id)
+        out.append((list(prompt_ids[i]), resp))
+    return out
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str, finish_reason: str | None = "stop") -> tuple[list[int], list[int]]:
+    """(prompt token ids, response token ids) of one example; see the module docstring."""
+    return encode_batch(tokenizer, [prompt], [response], [finish_reason] if finish_reason else None)[0]
+
+
+def pack_examples(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict[str, Any]:
+    """(prompt ids, response ids) pairs → fixed-length ``input_ids``, ``attention_mask`` and
+    ``labels`` (int64 numpy, right-padded, cut at ``max_len``). Labels are the response tokens;
+    the prompt and the padding are -100, so losses cover only what the student must learn."""
+    import numpy as np
+
+    n = len(pairs)
+    ids = np.full((n, max_len), pad_id, dtype=np.int64)
+    mask = np.zeros((n, max_len), dtype=np.int64)
+    labels = np.full((n, max_len), IGNORE_INDEX, dtype=np.int64)
+    for i, (prompt, response) in enumerate(pairs):
+        seq = (list(prompt) + list(response))[:max_len]
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+        labels[i, len(prompt) : len(seq)] = seq[len(prompt) :]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,109 @@
+"""The per-micro-batch objectives of the training worker, on the toy models without Ray:
+the loss a worker optimises is the loss library's, with the segment's schedule values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdray import losses
+from kdray.curriculum import DistiLLM2Schedule, distillm2_delta
+from kdray.models import load_causal_lm
+from kdray.plan import plan_segments
+from kdray.spec import parse_spec
+from kdray.train_step import DistiLLM2Step, KDStep, make_step_objective
+from kdray.training import TokenizeForTraining
+
+
+def make(objective, curriculum=None):
+    data = {"name": "t", "output_dir": "o", "teacher": {"model": "toy:teacher", "dtype": "float32"},
+            "student": {"model": "toy:student", "dtype": "float32"},
+            "data": {"train": "toy:train", "heldout": "toy:heldout"},
+            "training": {"num_workers": 1, "global_batch_size": 2, "micro_batch_size_per_worker": 2}}
+    data["objective"] = objective
+    if curriculum:
+        data["curriculum"] = curriculum
+    return parse_spec(data)
+
+
+@pytest.fixture(scope="module")
+def models(toy_world):
+    torch.manual_seed(0)
+    return load_causal_lm("toy:student", "float32", trainable=False), load_causal_lm("toy:teacher", "float32", trainable=False)
+
+
+def batch_of(student_responses: bool):
+    tok = TokenizeForTraining("toy:student", max_seq_len=32)
+    raw = {"prompt": np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5\nA:"]),
+           "response": np.array([" 1 2 3", " 5 4"]), "finish_reason": np.array(["stop", "stop"])}
+    if student_responses:
+        raw.update(student_response=np.array([" 1 1", " 4 4 4"]), student_finish_reason=np.array(["stop", "length"]))
+    return {k: torch.as_tensor(v) for k, v in tok(raw).items()}
+
+
+def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models):
+    student, teacher = models
+    spec = make({"kind": "forward_kl"}, {"kind": "pocl", "n_stages": 2, "stage_interval": 1})
+    seg = plan_segments(spec, 8)[0]
+    assert (seg.kd_temperature, seg.kd_ratio) == (1.0, 0.7)
+    step = make_step_objective(spec, seg, total_steps=6, num_segments=2, state=None)
+    assert type(step) is KDStep
+    b = batch_of(False)
+    loss, parts, n_tokens = step(student, teacher, b)
+    s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    target = b["labels"][:, 1:]
+    mask = target != -100
+    kd = losses.masked_token_mean(losses.forward_kl(s, t, temperature=1.0), mask)
+    ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
+    assert float(loss) == pytest.approx(float(0.7 * kd + 0.3 * ce), rel=1e-5)
+    assert parts["kd"] == pytest.approx(float(kd), rel=1e-5) and parts["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert n_tokens == int(mask.sum())
+    assert step.metrics() == {"kd_temperature": 1.0, "kd_ratio": 0.7}
+
+
+@pytest.mark.parametrize("mode", ["paper", "released_code"])
+def test_distillm2_step_is_the_contrastive_loss_with_scheduled_alpha_and_beta(models, mode):
+    student, teacher = models
+    spec = make({"kind": "distillm2", "alpha": 0.1}, {"kind": "distillm2", "rounds": 2, "mode": mode})
+    plan = plan_segments(spec, 4)
+    step = make_step_objective(spec, plan[0], total_steps=4, num_segments=2, state=None)
+    assert isinstance(step, DistiLLM2Step)
+    b = batch_of(True)
+
+    # An independent reference: the same schedule object, driven by hand.
+    ref = DistiLLM2Schedule(num_rounds=2, total_steps=4, mode=mode, alpha0=0.1)
+    ids = torch.cat([b["input_ids"], b["s_input_ids"]])
+    attn = torch.cat([b["attention_mask"], b["s_attention_mask"]])
+    target = torch.cat([b["labels"], b["s_labels"]])[:, 1:]
+    mask = target != -100
+    s = student(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    t = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    flags = torch.tensor([False, False, True, True])
+    gather = lambda x: x.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    delta = distillm2_delta(gather(t), gather(s), mask, flags)
+
+    for call in range(2):  # the second call uses the running means the first one observed
+        alpha = ref.alpha(delta, flags)
+        expected, _ = losses.distillm2_loss(s[:2], t[:2], mask[:2], s[2:], t[2:], mask[2:], beta=ref.beta,
+                                            skl_alpha=alpha[:2], srkl_alpha=alpha[2:])
+        ref.observe(delta, flags)
+        loss, parts, _ = step(student, teacher, b)
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert set(parts) == {"kd", "skl", "srkl"}
+        step.optimizer_step()
+        ref.step()
+    m = step.metrics()
+    assert m["beta"] == (1.0 if mode == "released_code" else 1.5)  # t = 2 of T = 4: the ramp's top
+    assert m["delta_mean_teacher"] == pytest.approx(float(delta[:2].mean()))
+    for key, value in ref.metrics().items():
+        if key != "round":
+            assert m[key] == pytest.approx(value, rel=1e-5), key
+    if mode == "released_code":
+        assert m["alpha_min"] == m["alpha_max"] == pytest.approx(0.1)
+
+    # The state saved at the end of round 1 continues identically in round 2's segment.
+    nxt = make_step_objective(spec, plan[1], total_steps=4, num_segments=2, state=step.state_dict())
+    assert nxt.schedule.round == 1 and nxt.schedule.beta == step.schedule.beta
+    assert nxt.schedule.delta_mean(False) == step.schedule.delta_mean(False)
