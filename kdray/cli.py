@@ -1,7 +1,7 @@
 """The ``kdray`` command line.
 
     kdray validate SPEC           print the resolved spec, or every error with its field path
-    kdray run SPEC [--address A]  run a job here (local Ray) or on a cluster's Ray
+    kdray run SPEC [--address A] [--restart]  run (or resume) a job here or on a cluster's Ray
     kdray toy [--force]           build (or show) the toy world used by the demo and tests
     kdray report DIR              (re-)render report.md and the PNG plots of a finished job
     kdray compare DIR...          several jobs side by side: one table, one plot
@@ -66,12 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = Path(spec.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    # A re-run starts over: its events must not interleave with an earlier run's.
-    (out / "events.jsonl").unlink(missing_ok=True)
     console = Console(stderr=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
     try:
-        report = Job(spec, reporter=reporter, address=args.address).run()
+        report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
     finally:
         reporter.close()
     stdout = Console()
@@ -117,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job (starts a local Ray unless --address is given)")
     p.add_argument("spec", help="job spec YAML file")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard what an earlier run of this job left in output_dir and start over "
+                        "(default: resume it)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("toy", help="build the toy world (dataset, tokenizer, teacher, student) and print its metadata")

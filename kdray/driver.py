@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from kdray.errors import KdrayError
 from kdray.progress import Reporter
+from kdray.job_state import JobState
 from kdray.plan import Segment, plan_segments, total_steps
 from kdray.spec import JobSpec, ModelSpec, dump_spec
 
@@ -71,10 +72,12 @@ def _count_tokens_fn(tokenizer: Any) -> Callable[[list[str]], list[int]]:
 class Job:
     """One run of a JobSpec. ``run()`` returns the report dict (also written as report.json)."""
 
-    def __init__(self, spec: JobSpec, reporter: Reporter | None = None, address: str | None = None):
+    def __init__(self, spec: JobSpec, reporter: Reporter | None = None, address: str | None = None,
+                 restart: bool = False):
         self.spec = spec
         self.out = Path(spec.output_dir).expanduser().resolve()
         self.address = address
+        self.restart = restart
         self.reporter = reporter or Reporter(None)
         self.timings: dict[str, float] = {}
         self.heldout: list[dict[str, Any]] = []
@@ -128,17 +131,22 @@ class Job:
         )
 
     def student_responses(self, rows: list[dict[str, Any]], student: ModelSpec, segment: Segment,
-                          plan_length: int) -> list[dict[str, Any]]:
+                          plan_length: int, state: JobState) -> list[dict[str, Any]]:
         """Pair every training row with the current student's response to its prompt
-        (DistiLLM-2's batched on-policy round): one sample per distinct prompt."""
+        (DistiLLM-2's batched on-policy round): one sample per distinct prompt, saved so a
+        resumed round trains on the same responses."""
         from kdray.generation import SamplingConfig
 
-        prompts = list({r["id"]: r for r in rows}.values())
-        label = segment.label(plan_length) or "round 1/1"
-        with self._phase("generate", len(prompts), f"student responses, {label}"):
-            generated = self.generate(prompts, student, "student", "generate",
-                                      SamplingConfig.from_spec(self.spec.generation, n=1,
-                                                               seed=self.spec.generation.seed + segment.index))
+        name = f"round-{segment.round}-student"
+        generated = state.load_rows(name)
+        if generated is None:
+            prompts = list({r["id"]: r for r in rows}.values())
+            label = segment.label(plan_length) or "round 1/1"
+            with self._phase("generate", len(prompts), f"student responses, {label}"):
+                generated = self.generate(prompts, student, "student", "generate",
+                                          SamplingConfig.from_spec(self.spec.generation, n=1,
+                                                                   seed=self.spec.generation.seed + segment.index))
+            state.save_rows(name, generated)
         by_id = {g["id"]: g for g in generated}
         return [dict(r, student_response=by_id[r["id"]]["response"],
                      student_finish_reason=by_id[r["id"]]["finish_reason"]) for r in rows]
@@ -183,8 +191,11 @@ class Job:
         return [rows[i] for i in order]
 
     def train(self, rows: list[dict[str, Any]], segment: Segment, plan: list[Segment],
-              init_checkpoint: str | None) -> tuple[Path, str | None]:
-        """Run one segment of the plan on ``rows``: (exported student, state for the next)."""
+              init_checkpoint: str | None, run_name: str) -> tuple[Path, str | None]:
+        """Run one segment of the plan on ``rows``: (exported student, state for the next).
+
+        ``run_name`` names the Ray Train run; a name used before (a resumed job) makes Ray
+        Train restore that run's latest checkpoint."""
         import ray.data
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -220,7 +231,7 @@ class Job:
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}",
+                name=run_name,
                 storage_path=str(self.out / "ray_train"),
                 callbacks=[train_metrics_callback(hub)],
                 failure_config=FailureConfig(max_failures=t.max_failures),
@@ -252,20 +263,37 @@ class Job:
             result = result_box["result"]
             if result.checkpoint is None:
                 raise KdrayError("training finished without a final checkpoint")
-            dest = self.out / "student"
-            if dest.exists():
-                shutil.rmtree(dest)
             # storage_path is a local directory, so the checkpoint's path is readable here (and
             # by the next segment's workers on this node; multi-node needs shared storage).
             ckpt = Path(result.checkpoint.path)
-            shutil.copytree(ckpt / "student", dest)
-        return dest, str(ckpt) if (ckpt / "progress.json").exists() else None
+        return ckpt / "student", str(ckpt) if (ckpt / "progress.json").exists() else None
+
+    def _resume_history(self, state: JobState) -> None:
+        """Start the event history over, or, when resuming, keep the earlier run's training
+        steps (the report covers the whole job)."""
+        events = self.out / "events.jsonl"
+        if not state.resumed:
+            events.unlink(missing_ok=True)
+            return
+        self.reporter.message(f"resuming the job in {self.out} (kdray run --restart starts over)")
+        if events.exists():
+            for line in events.read_text(encoding="utf-8").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short when the earlier run was killed
+                if event.get("kind") == "train_step":
+                    event = {k: v for k, v in event.items() if k not in ("time", "kind")}
+                    self.metrics_history = [m for m in self.metrics_history if m["step"] < event["step"]]
+                    self.metrics_history.append(event)
 
     def _drain(self, hub: Any) -> None:
         import ray
 
         for event in ray.get(hub.drain.remote()):
             self.reporter.train_metrics(event)
+            if "step" in event:  # steps redone after a restore replace the lost ones
+                self.metrics_history = [m for m in self.metrics_history if m.get("step", 0) < event["step"]]
             self.metrics_history.append(event)
 
     # -- the whole job -------------------------------------------------------------------------
@@ -277,6 +305,8 @@ class Job:
 
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
+        state = JobState.open(self.out, spec, restart=self.restart)
+        self._resume_history(state)
         (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
         started = time.time()
 
@@ -287,23 +317,40 @@ class Job:
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         init_ray(self.address)
 
-        if spec.data.response_source == "teacher":
+        train_rows = state.load_rows("train_rows")
+        if train_rows is not None:
+            self.reporter.message(f"generate: reusing {len(train_rows)} training responses saved by an earlier run")
+        elif spec.data.response_source == "teacher":
             with self._phase("generate", len(train) * spec.generation.n, "teacher responses"):
                 train_rows = self.generate(
                     train, spec.teacher, "teacher", "generate", SamplingConfig.from_spec(spec.generation)
                 )
         else:
             train_rows = [dict(r, sample_index=0, finish_reason="stop") for r in train]
+        state.save_rows("train_rows", train_rows)
 
         if spec.curriculum_of("pocl") is not None:
             train_rows = self.order_by_difficulty(train_rows)
-        student, state = spec.student, None
+        student_dir: Path | None = None
+        checkpoint: str | None = None
         for segment in plan:
+            done = state.finished(segment.index)
+            if done is not None:
+                self.reporter.message(f"train: segment {segment.index + 1}/{len(plan)} was finished by an earlier run")
+                student_dir, checkpoint = Path(done["student"]), done["checkpoint"]
+                continue
             rows = train_rows[: segment.n_rows]
             if segment.regenerate_student:
-                rows = self.student_responses(rows, student, segment, len(plan))
-            student_dir, state = self.train(rows, segment, plan, state)
-            student = spec.student.model_copy(update={"model": str(student_dir)})
+                student = spec.student.model_copy(update={"model": str(student_dir)}) if student_dir else spec.student
+                rows = self.student_responses(rows, student, segment, len(plan), state)
+            run_name = state.run_name(segment.index, f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}")
+            student_dir, checkpoint = self.train(rows, segment, plan, checkpoint, run_name)
+            state.finish(segment.index, checkpoint, str(student_dir))
+        final = self.out / "student"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(student_dir, final)
+        student_dir = final
+        student = spec.student.model_copy(update={"model": str(final)})
 
         evaluation: dict[str, Any] = {}
         if spec.evaluation.enabled:

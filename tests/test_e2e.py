@@ -112,24 +112,31 @@ def _train_steps(events_path: Path) -> list[int]:
     return steps
 
 
+def _start_job(spec: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def _wait_past_step(proc: subprocess.Popen, events: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while max(_train_steps(events), default=0) <= step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"training never passed step {step}"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
     import psutil
 
     every = 4
     spec = reduced_demo(tmp_path, checkpoint_every_steps=every, max_failures=1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    events = tmp_path / "out" / "events.jsonl"
+    proc = _start_job(spec, tmp_path)
     try:
-        deadline = time.monotonic() + 600
-        while max(_train_steps(events), default=0) <= every:  # past the first checkpoint
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training never passed the first checkpoint"
-            time.sleep(0.2)
+        _wait_past_step(proc, tmp_path / "out" / "events.jsonl", every)  # past the first checkpoint
         workers = [
             p for p in psutil.Process(proc.pid).children(recursive=True)
             if "RayTrainWorker" in " ".join(p.cmdline())
@@ -142,11 +149,59 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
             proc.kill()
     assert proc.returncode == 0, stdout + stderr
 
-    steps = [m["step"] for m in json.loads((tmp_path / "out" / "report.json").read_text())["train_metrics"] if "loss" in m]
+    _assert_resumed_once(tmp_path / "out", every)
+
+
+def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:
+    """The event history shows one restart at a checkpoint, nothing lost before it and every
+    later step exactly once; the report keeps each step once."""
+    steps = _train_steps(out / "events.jsonl")
     restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     assert len(restarts) == 1, steps
     before, after = steps[: restarts[0]], steps[restarts[0]:]
     resumed_from = after[0] - 1
     assert before == list(range(1, len(before) + 1))       # nothing lost before the kill
     assert resumed_from % every == 0 and every <= resumed_from <= before[-1]  # the last checkpoint
-    assert after == list(range(resumed_from + 1, 17))      # every later step exactly once
+    assert after == list(range(resumed_from + 1, total + 1))  # every later step exactly once
+    report = json.loads((out / "report.json").read_text())
+    assert [m["step"] for m in report["train_metrics"] if "loss" in m] == list(range(1, total + 1))
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(tmp_path, toy_world):
+    import psutil
+
+    every = 4
+    spec = reduced_demo(tmp_path, checkpoint_every_steps=every)
+    events = tmp_path / "out" / "events.jsonl"
+    proc = _start_job(spec, tmp_path)
+    try:
+        _wait_past_step(proc, events, every + 1)  # past the first checkpoint
+    finally:  # the driver and everything it started (its local Ray), as a crash would
+        family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs([p for p in family if isinstance(p, psutil.Process)], timeout=30)
+        proc.communicate()
+    assert not (tmp_path / "out" / "report.json").exists()
+
+    res = kdray("run", str(spec), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    messages = [json.loads(line).get("text", "") for line in events.read_text().splitlines()]
+    assert any(m.startswith("resuming the job") for m in messages)
+    assert any(m.startswith("generate: reusing 256 training responses") for m in messages)
+    _assert_resumed_once(tmp_path / "out", every)
+
+    # A different spec in the same output_dir is refused; --restart starts it over.
+    changed = yaml.safe_load(spec.read_text())
+    changed["training"]["lr"] = 1e-3
+    changed["training"]["max_steps"] = 2
+    spec.write_text(yaml.safe_dump(changed))
+    res = kdray("run", str(spec), cwd=tmp_path, timeout=120)
+    assert res.returncode == 1 and "differs in: training.lr, training.max_steps" in res.stderr
+    res = kdray("run", str(spec), "--restart", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _train_steps(events) == [1, 2]

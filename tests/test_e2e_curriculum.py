@@ -84,7 +84,8 @@ def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(t
     student_pools = [e["text"] for e in ev if e["kind"] == "message" and e["text"].startswith("generate: student")]
     assert len(student_pools) == 2
     assert "(toy:student)" in student_pools[0]  # round 1: the initial student
-    assert f"({out / 'student'})" in student_pools[1]  # round 2: round 1's export
+    # Round 2: round 1's export, in round 1's final checkpoint.
+    assert f"({out / 'ray_train'}" in student_pools[1] and student_pools[1].endswith("/student)")
 
     m = steps(out)
     assert [s["step"] for s in m] == list(range(1, 17))

@@ -1,0 +1,118 @@
+"""What a job has finished, kept in its output directory so a re-run resumes instead of
+starting over.
+
+``OUTPUT_DIR/state/`` holds:
+
+* ``job.json``: the resolved spec the work was done for, the Ray Train run name of each
+  segment (a re-run reuses the name, so Ray Train restores that run's latest checkpoint), and
+  each finished segment's final checkpoint (DeepSpeed state and exported student);
+* ``train_rows.jsonl``: the teacher's responses (generated once per job);
+* ``round-N-student.jsonl``: the student's responses of each DistiLLM-2 round.
+
+A re-run with a different spec is refused (the saved work belongs to another job) unless
+``kdray run --restart`` discards it. Every file is written to a temporary name and renamed,
+so an interrupted write never leaves a half file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import KdrayError
+from kdray.spec import JobSpec
+
+#: What ``--restart`` removes: everything a previous run of the job left to resume from.
+RESUMABLE = ("state", "ray_train", "curriculum")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like spec dumps differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if saved == now else [prefix or "(spec)"]
+
+
+class JobState:
+    """The resumable progress of one job in ``out``."""
+
+    def __init__(self, out: Path, spec: JobSpec):
+        self.dir = out / "state"
+        self.spec_dump = spec.model_dump(mode="json")
+        self.data: dict[str, Any] = {"spec": self.spec_dump, "runs": {}, "segments": {}}
+
+    @classmethod
+    def open(cls, out: Path, spec: JobSpec, *, restart: bool) -> "JobState":
+        """The state of ``spec``'s job in ``out``: resumed, or fresh when there is none or
+        ``restart`` (which deletes what an earlier run left). Refuses another job's state."""
+        state = cls(out, spec)
+        if restart:
+            for name in RESUMABLE:
+                shutil.rmtree(out / name, ignore_errors=True)
+        path = state.dir / "job.json"
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
+                                 "start the job over") from None
+            differing = _differences(saved.get("spec"), state.spec_dump)
+            if differing:
+                shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+                raise KdrayError(
+                    f"output_dir {out} holds an earlier run of a job with a different spec "
+                    f"(differs in: {shown}); pass --restart to discard that run, or choose "
+                    "another output_dir"
+                )
+            state.data = saved
+        state.dir.mkdir(parents=True, exist_ok=True)
+        return state
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.data["runs"])
+
+    def _save(self) -> None:
+        _write_atomic(self.dir / "job.json", json.dumps(self.data, indent=2))
+
+    # -- rows ------------------------------------------------------------------------------
+    def load_rows(self, name: str) -> list[dict[str, Any]] | None:
+        path = self.dir / f"{name}.jsonl"
+        if not path.exists():
+            return None
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+    def save_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        _write_atomic(self.dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- segments --------------------------------------------------------------------------
+    def run_name(self, index: int, fresh: str) -> str:
+        """The Ray Train run name of segment ``index``: the recorded one, else ``fresh``."""
+        runs = self.data["runs"]
+        if str(index) not in runs:
+            runs[str(index)] = fresh
+            self._save()
+        return runs[str(index)]
+
+    def finished(self, index: int) -> dict[str, Any] | None:
+        """``{"checkpoint": dir | None, "student": dir}`` of a finished segment, else None."""
+        done = self.data["segments"].get(str(index))
+        if done is None or not Path(done["student"]).is_dir():
+            return None
+        return done
+
+    def finish(self, index: int, checkpoint: str | None, student: str) -> None:
+        self.data["segments"][str(index)] = {"checkpoint": checkpoint, "student": student}
+        self._save()

@@ -1,0 +1,66 @@
+"""What a job keeps in its output directory so that a re-run resumes it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdray.errors import KdrayError
+from kdray.job_state import JobState
+from kdray.spec import parse_spec
+
+
+def spec_of(tmp_path, **training):
+    return parse_spec({"name": "t", "output_dir": str(tmp_path), "teacher": {"model": "toy:teacher"},
+                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"},
+                       "training": training})
+
+
+def test_a_rerun_finds_the_rows_run_names_and_finished_segments(tmp_path):
+    spec = spec_of(tmp_path)
+    first = JobState.open(tmp_path, spec, restart=False)
+    assert not first.resumed and first.load_rows("train_rows") is None
+    first.save_rows("train_rows", [{"id": "a", "response": " 1"}])
+    assert first.run_name(0, "t-0-aaaa") == "t-0-aaaa"
+    student = tmp_path / "ray_train" / "t-0-aaaa" / "checkpoint" / "student"
+    student.mkdir(parents=True)
+    first.finish(0, str(student.parent), str(student))
+
+    again = JobState.open(tmp_path, spec, restart=False)
+    assert again.resumed
+    assert again.load_rows("train_rows") == [{"id": "a", "response": " 1"}]
+    assert again.run_name(0, "t-0-bbbb") == "t-0-aaaa"  # the same Ray Train run: it restores
+    assert again.run_name(1, "t-1-cccc") == "t-1-cccc"
+    assert again.finished(0) == {"checkpoint": str(student.parent), "student": str(student)}
+    assert again.finished(1) is None
+
+
+def test_a_finished_segment_whose_files_are_gone_is_trained_again(tmp_path):
+    state = JobState.open(tmp_path, spec_of(tmp_path), restart=False)
+    state.finish(0, None, str(tmp_path / "missing"))
+    assert state.finished(0) is None
+
+
+def test_another_spec_in_the_same_output_dir_is_refused_with_the_differences(tmp_path):
+    JobState.open(tmp_path, spec_of(tmp_path), restart=False).run_name(0, "x")
+    with pytest.raises(KdrayError, match=r"differs in: training\.lr, training\.seed\); pass --restart"):
+        JobState.open(tmp_path, spec_of(tmp_path, lr=1e-3, seed=3), restart=False)
+
+
+def test_restart_discards_the_earlier_run(tmp_path):
+    state = JobState.open(tmp_path, spec_of(tmp_path), restart=False)
+    state.save_rows("train_rows", [{"id": "a"}])
+    state.run_name(0, "x")
+    (tmp_path / "ray_train" / "x").mkdir(parents=True)
+    (tmp_path / "curriculum").mkdir()
+    (tmp_path / "report.md").write_text("kept")
+    fresh = JobState.open(tmp_path, spec_of(tmp_path, lr=1e-3), restart=True)  # another spec is fine now
+    assert not fresh.resumed and fresh.load_rows("train_rows") is None
+    assert not (tmp_path / "ray_train").exists() and not (tmp_path / "curriculum").exists()
+    assert (tmp_path / "report.md").read_text() == "kept"  # only what resuming would use
+
+
+def test_a_corrupt_state_file_says_how_to_start_over(tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "job.json").write_text("{not json")
+    with pytest.raises(KdrayError, match="--restart"):
+        JobState.open(tmp_path, spec_of(tmp_path), restart=False)
