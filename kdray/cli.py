@@ -6,6 +6,9 @@
     kdray report DIR              (re-)render report.md and the PNG plots of a finished job
     kdray compare DIR...          several jobs side by side: one table, one plot
     kdray bench losses [...]      loss-kernel memory/time benchmark
+    kdray bench service [...]     status latency under 50 clients while a job trains
+    kdray serve [...]             the HTTP service (Ray Serve) that runs jobs as Ray jobs
+    kdray submit|list|status|watch|logs|cancel   its command-line client
 
 User errors print one readable message and exit 2 (spec/data) or 1 (job failure); they never
 print a traceback.
@@ -57,21 +60,52 @@ def _summary_table(report: dict[str, Any]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from rich.console import Console
 
     from kdray.driver import Job
     from kdray.progress import ConsoleReporter
     from kdray.spec import load_spec
 
-    spec = load_spec(args.spec)
-    out = Path(spec.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    store = None
+    if args.store:  # a job the service submitted: its record follows the run
+        from kdray.store import JobStore
+
+        if not args.job_id:
+            raise SpecError([("--job-id", "required with --store")])
+        store = JobStore(args.store)
+    try:
+        spec = load_spec(args.spec)
+        out = Path(spec.output_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+    except (SpecError, OSError) as exc:
+        if store is not None:
+            store.update(args.job_id, state="failed", error=str(exc))
+        raise
     console = Console(stderr=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
+    if store is not None:
+        reporter.sinks.append(lambda event: store.append_event(args.job_id, event))
+        store.update(args.job_id, state="running")
+        # Ray Jobs stops a job with SIGTERM: unwind like Ctrl-C so the record says so.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
+    except KeyboardInterrupt:
+        if store is not None:
+            cancelled = (store.get(args.job_id) or {}).get("state") == "cancelling"
+            store.update(args.job_id, state="cancelled" if cancelled else "failed",
+                         error=None if cancelled else "interrupted")
+        raise
+    except Exception as exc:
+        if store is not None:
+            store.update(args.job_id, state="failed", error=str(exc) or type(exc).__name__)
+        raise
     finally:
         reporter.close()
+    if store is not None:
+        store.update(args.job_id, state="succeeded")
     stdout = Console()
     if report["evaluation"]:
         stdout.print(_summary_table(report))
@@ -101,6 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kdray import bench_losses
 
         return bench_losses.run(args.rest)
+    if args.what == "service":
+        from kdray import bench_service
+
+        return bench_service.run(args.rest)
     raise KdrayError(f"unknown benchmark {args.what!r}")
 
 
@@ -118,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="discard what an earlier run of this job left in output_dir and start over "
                         "(default: resume it)")
+    p.add_argument("--store", default=None, help=argparse.SUPPRESS)  # set by kdray serve
+    p.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("toy", help="build the toy world (dataset, tokenizer, teacher, student) and print its metadata")
@@ -125,12 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
     p.set_defaults(fn=cmd_toy)
 
-    from kdray import report
+    from kdray import client, report
 
     report.add_parsers(sub)
+    client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["losses"], help="what to benchmark")
+    p.add_argument("what", choices=["losses", "service"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
     p.set_defaults(fn=cmd_bench)
     return parser

@@ -9,7 +9,6 @@ service submits one per kdray job) it joins that cluster.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import threading
@@ -19,50 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdray.errors import KdrayError
+from kdray.ray_setup import init_ray
 from kdray.progress import Reporter
 from kdray.job_state import JobState
 from kdray.plan import Segment, plan_segments, total_steps
 from kdray.spec import JobSpec, ModelSpec, dump_spec
-
-
-def job_env() -> dict[str, str]:
-    """Environment for every Ray process of a job; values already set in ours win.
-
-    A cheap ``ray.train.report`` (its health check otherwise blocks ~2 s per call), and a
-    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time).
-    """
-    cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
-    defaults = {
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
-        "KDRAY_CACHE_DIR": cache,
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    return {key: os.environ.get(key, value) for key, value in defaults.items()}
-
-
-def init_ray(address: str | None) -> None:
-    """Connect to ``address`` (or the job's cluster, or start a local one) with the job env."""
-    import ray
-
-    env = job_env()
-    os.environ.update(env)
-    if ray.is_initialized():
-        return
-    from ray.data import DataContext
-
-    kwargs: dict[str, Any] = dict(
-        runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING
-    )
-    if address:
-        kwargs["address"] = address
-    elif "RAY_ADDRESS" not in os.environ:
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def _count_tokens_fn(tokenizer: Any) -> Callable[[list[str]], list[int]]:
@@ -161,13 +121,14 @@ class Job:
         over the same rows reads them instead of measuring again.
         """
         from kdray.curriculum import difficulty_ranks
+        from kdray.difficulty import read_difficulty, write_difficulty
         from kdray.evaluate import rouge_l
         from kdray.generation import SamplingConfig
 
         pocl = self.spec.curriculum_of("pocl")
         path = self.out / "curriculum" / "difficulty.jsonl"
         keys = [f"{r['id']}#{r.get('sample_index', 0)}" for r in rows]
-        saved = _read_difficulty(path, keys, self.spec.student.model)
+        saved = read_difficulty(path, keys, self.spec.student.model)
         if saved is not None:
             self.reporter.message(f"score: reusing the difficulty ranks in {path}")
             return [rows[i] for i in saved]
@@ -179,15 +140,7 @@ class Job:
             ce = [m["gold_ce"] for m in measured]
             ranks = difficulty_ranks(rouge, ce, k=pocl.rrf_k)
             order = [int(i) for i in ranks.order]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                for pos, i in enumerate(order):
-                    fh.write(json.dumps({"key": keys[i], "position": pos, "rouge_l": rouge[i], "ce": ce[i],
-                                         "rank_rouge_l": float(ranks.rouge_rank[i]),
-                                         "rank_ce": float(ranks.ce_rank[i]), "rrf": float(ranks.score[i]),
-                                         "student": self.spec.student.model}) + "\n")
-            os.replace(tmp, path)
+            write_difficulty(path, keys, ranks, self.spec.student.model)
         return [rows[i] for i in order]
 
     def train(self, rows: list[dict[str, Any]], segment: Segment, plan: list[Segment],
@@ -204,10 +157,8 @@ class Job:
         from kdray.training import TokenizeForTraining, WorkerConfig, train_loop_per_worker
 
         spec, t = self.spec, self.spec.training
-        columns = ["prompt", "response", "finish_reason"]
-        if segment.regenerate_student:
-            columns += ["student_response", "student_finish_reason"]
-        def tokenized(items: list[dict[str, Any]]) -> Any:
+
+        def tokenized(items: list[dict[str, Any]], columns: list[str]) -> Any:
             return ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in items]).map_batches(
                 TokenizeForTraining,
                 fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len),
@@ -217,11 +168,13 @@ class Job:
                 num_cpus=0.25,
             ).materialize()
 
-        datasets = {"train": tokenized(rows)}
+        columns = ["prompt", "response", "finish_reason"]
+        if segment.regenerate_student:
+            columns += ["student_response", "student_finish_reason"]
+        datasets = {"train": tokenized(rows, columns)}
         replay = spec.curriculum_of("replay")
         if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
-            columns = ["prompt", "response"]
-            datasets["validation"] = tokenized(self.heldout[: replay.validation_samples])
+            datasets["validation"] = tokenized(self.heldout[: replay.validation_samples], ["prompt", "response"])
         hub = make_progress_hub()
         worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan),
                               num_segments=len(plan), init_checkpoint=init_checkpoint)
@@ -395,22 +348,6 @@ class Job:
             for r in generated:
                 fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
                                      "gold": gold.get(r["id"])}) + "\n")
-
-
-def _read_difficulty(path: Path, keys: list[str], student: str) -> list[int] | None:
-    """The saved easy → hard order of ``keys``, if ``path`` measured exactly these rows with
-    this student; None otherwise (measure again)."""
-    if not path.exists():
-        return None
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        index = {k: i for i, k in enumerate(keys)}
-        if (len(records) != len(keys) or any(r["student"] != student for r in records)
-                or {r["key"] for r in records} != set(index)):
-            return None
-        return [index[r["key"]] for r in sorted(records, key=lambda r: r["position"])]
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _root_cause(exc: BaseException) -> str:

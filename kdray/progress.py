@@ -35,6 +35,8 @@ class Reporter:
         self.events_path = events_path
         self._lock = threading.Lock()
         self.events: list[dict[str, Any]] = []
+        #: Called with every event too (``kdray run --store``: the service's job store).
+        self.sinks: list[Any] = []
 
     def emit(self, kind: str, **fields: Any) -> None:
         event = {"time": time.time(), "kind": kind, **{k: _clean(v) for k, v in fields.items()}}
@@ -43,6 +45,8 @@ class Reporter:
             if self.events_path is not None:
                 with self.events_path.open("a", encoding="utf-8") as fh:
                     fh.write(json.dumps(event) + "\n")
+            for sink in self.sinks:
+                sink(event)
 
     def phase_start(self, phase: str, total: int | None = None, detail: str = "") -> None:
         self.emit("phase_start", phase=phase, total=total, detail=detail)

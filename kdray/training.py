@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kdray.plan import Segment
-from kdray.records import IGNORE_INDEX
 from kdray.spec import JobSpec
 
-#: Columns of the tokenized training dataset (fixed length ``training.max_seq_len``).
-TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class TokenizeForTraining:
     """Ray Data callable class: prompt + response text → fixed-length ids, mask and labels.
 
     Labels are the response tokens (see :func:`kdray.records.encode_batch`); the prompt and
-    the padding are ``IGNORE_INDEX``, so losses cover only what the student must learn. Rows
+    the padding are ``IGNORE_INDEX`` (-100), so losses cover only what the student must learn. Rows
     with a ``student_response`` (DistiLLM-2 rounds) also get ``s_input_ids``,
     ``s_attention_mask`` and ``s_labels`` for it.
     """

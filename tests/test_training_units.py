@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kdray.spec import parse_spec
-from kdray.training import IGNORE_INDEX, TokenizeForTraining, cosine_with_warmup, deepspeed_config
+from kdray.records import IGNORE_INDEX
+from kdray.training import TokenizeForTraining, cosine_with_warmup, deepspeed_config
 
 
 def spec(**training):

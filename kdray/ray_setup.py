@@ -1,0 +1,51 @@
+"""Joining or starting Ray with the environment every kdray process needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def job_env() -> dict[str, str]:
+    """Environment for every Ray process of a job; values already set in ours win.
+
+    A cheap ``ray.train.report`` (its health check otherwise blocks ~2 s per call), and a
+    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time).
+    """
+    cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
+    defaults = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
+        "KDRAY_CACHE_DIR": cache,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
+    """Connect to ``address`` (or the job's cluster, or start a local one) with the job env.
+
+    A local Ray gets a dashboard only when asked (``kdray serve`` needs it: Ray's Job
+    Submission API lives there). Returns Ray's context (None if Ray was already up)."""
+    import ray
+
+    env = job_env()
+    os.environ.update(env)
+    if ray.is_initialized():
+        return None
+    from ray.data import DataContext
+
+    kwargs: dict[str, Any] = dict(
+        runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING
+    )
+    if address:
+        kwargs["address"] = address
+    elif "RAY_ADDRESS" not in os.environ:
+        kwargs["include_dashboard"] = dashboard
+    context = ray.init(**kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return context

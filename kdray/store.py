@@ -1,0 +1,208 @@
+"""The durable job store: job records and their progress events in SQLite.
+
+One database file in the service's state directory (``STATE_DIR/kdray.db``). The running job
+(``kdray run ... --store DB --job-id ID``) appends its progress events and final state; the
+service reads them. SQLite in WAL mode lets one writer and many readers work at once, and
+every write is one transaction, so a killed writer never leaves a half record: killing and
+restarting the service loses nothing.
+
+A record's progress columns (phase, step, metrics, ...) are folded from its events as they
+are appended, so a status read is one row lookup, however long the history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+STATES = ("pending", "running", "cancelling", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    output_dir TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    ray_job_id TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    phase TEXT,
+    phase_detail TEXT,
+    phase_done INTEGER NOT NULL DEFAULT 0,
+    phase_total INTEGER,
+    phase_started REAL,
+    round INTEGER,
+    step INTEGER,
+    total_steps INTEGER,
+    first_step INTEGER,
+    first_step_time REAL,
+    metrics TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class JobStore:
+    """Job records and events in one SQLite file; safe to share between processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            yield db
+        finally:
+            db.close()
+
+    # -- records -------------------------------------------------------------------------
+    def create(self, *, name: str, spec: dict[str, Any], output_dir: str,
+               idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """A new pending record, or the one an earlier request with ``idempotency_key``
+        created: (record, created?)."""
+        now = time.time()
+        job_id = uuid.uuid4().hex[:12]
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            if idempotency_key is not None:
+                row = db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    db.execute("COMMIT")
+                    return self.get(row["id"]), False
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec, output_dir, idempotency_key, created, updated) "
+                "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+                (job_id, name, json.dumps(spec), output_dir, idempotency_key, now, now),
+            )
+            db.execute("COMMIT")
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def list(self, *, state: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Newest first: (records on this page, total matching)."""
+        where, args = ("WHERE state = ?", [state]) if state else ("", [])
+        with self._db() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+            rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created DESC, id LIMIT ? OFFSET ?",
+                              [*args, limit, offset]).fetchall()
+        return [_record(r) for r in rows], total
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set columns of a record (``state``, ``error``, ``ray_job_id``, ...). A terminal state
+        is final: later writes of another state are ignored (a late 'running' from a dying
+        process must not resurrect a cancelled job)."""
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"unknown state {fields['state']!r}; one of {STATES}")
+        now = time.time()
+        if fields.get("state") in TERMINAL:
+            fields.setdefault("finished", now)
+        if fields.get("state") == "running":
+            fields.setdefault("started", now)
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        guard = " AND state NOT IN ('succeeded', 'failed', 'cancelled')" if "state" in fields else ""
+        with self._db() as db:
+            db.execute(f"UPDATE jobs SET {cols}, updated = ? WHERE id = ?{guard}",
+                       [*fields.values(), now, job_id])
+
+    # -- events --------------------------------------------------------------------------
+    def append_event(self, job_id: str, event: dict[str, Any]) -> None:
+        """Append one progress event and fold it into the record's progress columns."""
+        kind = str(event.get("kind", "message"))
+        t = float(event.get("time", time.time()))
+        data = {k: _finite(v) for k, v in event.items() if k not in ("kind", "time")}
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+            db.execute("INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, ?, ?, ?)",
+                       (job_id, seq, t, kind, json.dumps(data)))
+            fold = _fold(kind, data, t)
+            if fold:
+                sets = ", ".join(f"{col} = {expr}" for col, expr, _ in fold)
+                args = [value for _, expr, value in fold if "?" in expr]
+                db.execute(f"UPDATE jobs SET {sets}, updated = ? WHERE id = ?", [*args, t, job_id])
+            db.execute("COMMIT")
+
+    def events(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._db() as db:
+            rows = db.execute("SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? "
+                              "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+        return [{"seq": r["seq"], "time": r["time"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
+
+
+def _fold(kind: str, data: dict[str, Any], t: float) -> list[tuple[str, str, Any]]:
+    """(column, SQL expression, bound value) for each progress column an event changes; the
+    value is bound where the expression has a ``?``."""
+    if kind == "phase_start":
+        return [("phase", "?", data.get("phase")), ("phase_detail", "?", data.get("detail")),
+                ("phase_done", "0", None), ("phase_total", "?", data.get("total")), ("phase_started", "?", t)]
+    if kind == "advance":
+        return [("phase_done", "phase_done + ?", int(data.get("n") or 0))]
+    if kind == "phase_end":
+        return [("phase_detail", "?", data.get("detail")), ("phase_done", "COALESCE(phase_total, phase_done)", None)]
+    if kind == "train_step" and "step" in data:
+        return [("step", "?", data.get("step")), ("total_steps", "?", data.get("total_steps")),
+                ("round", "?", data.get("round")), ("metrics", "?", json.dumps(data)),
+                ("first_step", "COALESCE(first_step, ?)", data.get("step")),
+                ("first_step_time", "COALESCE(first_step_time, ?)", t)]
+    return []
+
+
+def _record(row: sqlite3.Row) -> dict[str, Any]:
+    rec = dict(row)
+    rec["spec"] = json.loads(rec["spec"])
+    rec["metrics"] = json.loads(rec["metrics"]) if rec["metrics"] else None
+    rec.update(progress(rec))
+    return rec
+
+
+def progress(rec: dict[str, Any]) -> dict[str, Any]:
+    """Percent of the current phase and, while training, an ETA from the step rate."""
+    percent = None
+    eta = None
+    if rec.get("phase") == "train" and rec.get("total_steps"):
+        percent = 100.0 * (rec.get("step") or 0) / rec["total_steps"]
+        done = (rec.get("step") or 0) - (rec.get("first_step") or 0)
+        if done > 0 and rec.get("first_step_time") and rec["state"] not in TERMINAL:
+            rate = done / max(rec["updated"] - rec["first_step_time"], 1e-9)
+            eta = (rec["total_steps"] - rec["step"]) / rate
+    elif rec.get("phase_total"):
+        percent = 100.0 * rec["phase_done"] / rec["phase_total"]
+    if rec["state"] == "succeeded":
+        percent = 100.0
+    return {"percent": None if percent is None else round(min(percent, 100.0), 1),
+            "eta_s": None if eta is None else round(eta, 1)}

@@ -1,0 +1,238 @@
+"""The job service against a real `kdray serve` on localhost: Ray Serve, Ray Jobs, the
+SQLite store, the CLI client. Starting Ray and Serve takes ~30 s and the jobs minutes, so
+the module is marked slow (CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-123"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, KDRAY_API_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+        self.log = open(self.state_dir.parent / f"serve-{time.time():.0f}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir)],
+            cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "kdray serve did not come up"
+            time.sleep(1)
+
+    def kill(self) -> None:
+        """The service and everything it started (its local Ray), as a crash would."""
+        family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=30)
+        self.proc.wait()
+
+    def http(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, toy_world):
+    svc = Service(tmp_path_factory.mktemp("svc") / "state")
+    svc.start()
+    yield svc
+    svc.kill()
+
+
+def job_spec(name: str, max_steps: int, **data) -> dict:
+    spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    spec.update(name=name, output_dir=name, evaluation={"enabled": False})
+    spec["data"].update(max_train_samples=64, max_heldout_samples=16, **data)
+    # 64 rows are 2 steps per epoch: enough epochs for max_steps (a long job for the cancel tests).
+    spec["training"].update(epochs=max(1, max_steps // 2), warmup_steps=0, max_steps=max_steps)
+    return spec
+
+
+def wait_for(client: httpx.Client, job_id: str, pred, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if pred(job):
+            return job
+        assert job["state"] not in ("succeeded", "failed", "cancelled"), job  # ended before pred held
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+
+
+def kdray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdray.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, KDRAY_API_TOKEN=TOKEN))
+
+
+def test_tokens_content_types_bad_specs_and_paths_get_clear_4xx(service):
+    spec = job_spec("authz", 2)
+    with service.http(token=None) as anon, service.http(token="wrong") as wrong, service.http() as ok:
+        assert anon.post("/v1/jobs", json=spec).status_code == 401
+        assert wrong.post("/v1/jobs", json=spec).status_code == 401
+        assert anon.post("/v1/jobs/x/cancel").status_code == 401
+        assert anon.get("/v1/jobs").status_code == 200  # reads are open unless --auth-reads
+
+        res = ok.post("/v1/jobs", content=b"name: x", headers={"Content-Type": "text/plain"})
+        assert res.status_code == 415 and "application/yaml" in res.json()["error"]
+        res = ok.post("/v1/jobs", content=b"x" * (1024 * 1024 + 1), headers={"Content-Type": "application/json"})
+        assert res.status_code == 413
+
+        bad = dict(spec, name="Bad Name", training={"lr": "fast", "zero_stage": 7})
+        res = ok.post("/v1/jobs", json=bad)
+        assert res.status_code == 422
+        fields = {e["field"] for e in res.json()["errors"]}
+        assert {"name", "training.lr", "training.zero_stage"} <= fields
+
+        for escape in ("../outside", "/etc/kdray", "a/../../b"):
+            res = ok.post("/v1/jobs", json=dict(spec, output_dir=escape))
+            assert res.status_code == 422 and res.json()["errors"][0]["field"] == "output_dir", escape
+
+        assert ok.get("/v1/jobs/nope").status_code == 404
+        assert ok.post("/v1/jobs/nope/cancel").status_code == 404
+        assert ok.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
+        assert ok.get("/v1/jobs", params={"limit": "many"}).status_code == 422
+        assert ok.get("/docs").status_code == 200 and "/v1/jobs" in ok.get("/openapi.json").text
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                     max_leaves=12)
+
+
+@st.composite
+def mutated_spec(draw):
+    """The tiny job spec with random fields replaced, added or removed (it can never become
+    valid: its training data does not exist, so a fuzz case never starts a job)."""
+    spec = job_spec("fuzz", 1)
+    spec["data"]["train"] = "/nonexistent/train.jsonl"
+    for _ in range(draw(st.integers(0, 4))):
+        section = draw(st.sampled_from(sorted(spec)))
+        if isinstance(spec[section], dict) and spec[section] and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(spec[section])))
+            spec[section][key] = draw(_json)
+        elif draw(st.booleans()):
+            spec[section] = draw(_json)
+        else:
+            spec.pop(section)
+    return spec
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(mutated_spec().map(lambda s: json.dumps(s).encode()), st.binary(max_size=300),
+                      _json.map(lambda v: json.dumps(v).encode())),
+       ctype=st.sampled_from(["application/json", "application/yaml", "text/yaml", "text/plain", ""]),
+       job_id=st.text(max_size=80))
+def test_fuzzed_requests_never_get_a_server_error(service, body, ctype, job_id):
+    with service.http() as client:
+        res = client.post("/v1/jobs", content=body, headers={"Content-Type": ctype} if ctype else {})
+        assert res.status_code < 500, (res.status_code, res.text)
+        assert res.status_code != 201, "a fuzz case must not start a job"
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
+            try:
+                res = client.get(httpx.URL(path))
+            except httpx.InvalidURL:
+                continue
+            assert res.status_code < 500, (path, res.status_code, res.text)
+
+
+def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path):
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(job_spec("watched", 2)))
+    res = kdray("submit", str(spec_path), "--server", service.url, "--idempotency-key", "k-1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    again = kdray("submit", str(spec_path), "--server", service.url, "--idempotency-key", "k-1", cwd=tmp_path)
+    assert again.stdout.strip() == job_id  # a retried submit is the same job
+
+    watch = kdray("watch", job_id, "--server", service.url, cwd=tmp_path)
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    assert f"{job_id}: succeeded" in watch.stdout and "train" in watch.stderr
+
+    with service.http() as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "succeeded" and job["percent"] == 100.0
+        assert job["step"] == job["total_steps"] == 2 and job["metrics"]["loss"] > 0
+        assert job["output_dir"] == str(service.state_dir / "runs" / "watched")
+        events = client.get(f"/v1/jobs/{job_id}/events").json()["events"]
+        phases = [e["phase"] for e in events if e["kind"] == "phase_start"]
+        assert phases == ["prepare", "generate", "train", "report"]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert "timings:" in client.get(f"/v1/jobs/{job_id}/logs").text
+        listed = client.get("/v1/jobs", params={"state": "succeeded"}).json()
+        assert job_id in [j["id"] for j in listed["jobs"]]
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
+
+
+def driver_running(job_id: str) -> bool:
+    return any(f"--job-id {job_id}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+
+
+def test_cancel_stops_the_ray_job(service, tmp_path):
+    with service.http() as client:
+        job_id = client.post("/v1/jobs", json=job_spec("cancelled", 500)).json()["id"]
+        wait_for(client, job_id, lambda j: j["phase"] == "train" and (j["step"] or 0) >= 1)
+        assert driver_running(job_id)
+        res = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert res.status_code == 202 and res.json()["state"] in ("cancelling", "cancelled")
+        job = wait_for(client, job_id, lambda j: j["state"] == "cancelled", timeout=120)
+        assert job["step"] < 500
+    deadline = time.monotonic() + 60
+    while driver_running(job_id):  # Ray Jobs stopped the `kdray run` process
+        assert time.monotonic() < deadline, "the job's driver still runs"
+        time.sleep(1)
+
+
+def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(service):
+    with service.http() as client:
+        before = {j["id"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        running = client.post("/v1/jobs", json=job_spec("orphaned", 500)).json()["id"]
+        wait_for(client, running, lambda j: j["state"] == "running")
+    service.kill()  # the service and its local Ray (with the running job) die
+    service.start()
+    with service.http() as client:
+        after = {j["id"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert set(before) | {running} == set(after)
+        for job_id, job in before.items():
+            assert after[job_id]["state"] == job["state"] and after[job_id]["created"] == job["created"]
+        lost = wait_for(client, running, lambda j: j["state"] == "failed", timeout=60)
+        assert "no longer knows this job" in lost["error"]

@@ -1,0 +1,89 @@
+"""The durable job store: records, idempotency, final states, events folded into progress."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from kdray.service import confine_output_dir
+from kdray.store import JobStore
+
+
+def test_create_is_idempotent_per_key_and_lists_newest_first(tmp_path):
+    store = JobStore(tmp_path / "kdray.db")
+    a, created = store.create(name="a", spec={"x": 1}, output_dir="/o/a", idempotency_key="k")
+    again, created_again = store.create(name="other", spec={}, output_dir="/o/b", idempotency_key="k")
+    assert created and not created_again and again["id"] == a["id"] and again["name"] == "a"
+    b, _ = store.create(name="b", spec={}, output_dir="/o/b")
+    records, total = store.list()
+    assert total == 2 and [r["id"] for r in records] == [b["id"], a["id"]]
+    assert store.list(limit=1, offset=1)[0][0]["id"] == a["id"]
+    assert a["state"] == "pending" and a["spec"] == {"x": 1}
+    assert JobStore(tmp_path / "kdray.db").get(a["id"])["spec"] == {"x": 1}  # durable across opens
+
+
+def test_a_final_state_is_never_overwritten(tmp_path):
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    store.update(job["id"], state="running")
+    assert store.get(job["id"])["started"] is not None
+    store.update(job["id"], state="cancelled")
+    store.update(job["id"], state="running")  # a dying process's late write
+    rec = store.get(job["id"])
+    assert rec["state"] == "cancelled" and rec["finished"] is not None
+    with pytest.raises(ValueError, match="unknown state"):
+        store.update(job["id"], state="exploded")
+
+
+def test_events_fold_into_phase_step_percent_and_eta(tmp_path):
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    store.update(job["id"], state="running")
+    emit = lambda **e: store.append_event(job["id"], e)
+    emit(kind="phase_start", phase="generate", total=10, detail="teacher", time=100.0)
+    emit(kind="advance", phase="generate", n=4, time=101.0)
+    rec = store.get(job["id"])
+    assert (rec["phase"], rec["phase_done"], rec["percent"]) == ("generate", 4, 40.0)
+    emit(kind="phase_end", phase="generate", detail="done", time=102.0)
+    emit(kind="phase_start", phase="train", total=20, time=103.0)
+    emit(kind="train_step", step=1, total_steps=20, round=0, loss=float("nan"), time=110.0)
+    emit(kind="train_step", step=5, total_steps=20, round=0, loss=2.5, time=118.0)
+    rec = store.get(job["id"])
+    assert (rec["phase"], rec["step"], rec["total_steps"], rec["percent"]) == ("train", 5, 20, 25.0)
+    assert rec["eta_s"] == pytest.approx(15 / (4 / 8.0))  # 4 steps in 8 s, 15 to go
+    assert rec["metrics"]["loss"] == 2.5
+    events = store.events(job["id"])
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert events[4]["loss"] is None  # NaN is stored as null (valid JSON)
+    assert [e["seq"] for e in store.events(job["id"], after=4, limit=1)] == [5]
+
+
+def _writer(path, job_id, n):
+    store = JobStore(path)
+    for i in range(n):
+        store.append_event(job_id, {"kind": "advance", "phase": "generate", "n": 1})
+
+
+def test_concurrent_writers_lose_no_event(tmp_path):
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(tmp_path / "kdray.db", job["id"], 50))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [e["seq"] for e in store.events(job["id"], limit=1000)] == list(range(1, 151))
+    assert store.get(job["id"])["phase_done"] == 150
+
+
+def test_output_dirs_are_confined_under_the_root(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    assert confine_output_dir("demo", str(root)) == root / "demo"
+    assert confine_output_dir(str(root / "a" / "b"), str(root)) == root / "a" / "b"
+    for escape in ("../x", "/etc", "a/../../x", str(tmp_path)):
+        assert confine_output_dir(escape, str(root)) is None, escape
+    (root / "link").symlink_to(tmp_path)
+    assert confine_output_dir("link/x", str(root)) is None  # a symlink out of the root
