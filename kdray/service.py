@@ -8,7 +8,7 @@ watched (a killed process, a restarted cluster) shows its true state.
 
 API under ``/v1`` (OpenAPI at ``/docs``): ``POST /jobs`` (JSON or YAML JobSpec,
 ``Idempotency-Key``), ``GET /jobs`` (filter, pages), ``GET /jobs/{id}``,
-``GET /jobs/{id}/events``, ``GET /jobs/{id}/logs``, ``POST /jobs/{id}/cancel``, and
+``GET /jobs/{id}/events`` (``?stream=true``: server-sent events), ``GET /jobs/{id}/logs``, ``POST /jobs/{id}/cancel``, and
 ``GET /healthz``. Submit and cancel need the bearer token; reads too with ``auth_reads``.
 Anything a client sends gets a 4xx with the reason, never a 500.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray.store import STATES, TERMINAL, JobStore
@@ -213,13 +213,19 @@ def build_app(config: ServiceConfig) -> Any:
         rec, refused = lookup(request, job_id, write=False)
         return refused or _status(rec)
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], summary="A job's progress history")
-    def events(request: Request, job_id: str, after: int = 0, limit: int = 1000) -> Any:
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
+             summary="A job's progress history (JSON page, or a server-sent event stream with stream=true)")
+    def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False) -> Any:
         _, refused = lookup(request, job_id, write=False)
         if refused:
             return refused
         if after < 0 or not 1 <= limit <= 10000:
             return _error(422, "invalid query", errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
+        if stream:  # EventSource clients resume with Last-Event-ID
+            last = request.headers.get("last-event-id", "")
+            start = int(last) if last.isdigit() else after
+            return StreamingResponse(_event_stream(store, job_id, start), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         return {"events": store.events(job_id, after=after, limit=limit)}
 
     @app.get("/v1/jobs/{job_id}/logs", tags=["jobs"], summary="The job's driver log (from Ray Jobs)")
@@ -251,6 +257,23 @@ def build_app(config: ServiceConfig) -> Any:
 
     app.state.reconcile = lambda: reconcile(store, jobs_client)
     return app
+
+
+def _event_stream(store: JobStore, job_id: str, after: int, poll_s: float = 0.5) -> Any:
+    """Server-sent events: every event after ``after`` as it is stored (``id`` = its seq,
+    ``event`` = its kind), then one ``end`` event with the final state once the job ended."""
+    seen = after
+    while True:
+        batch = store.events(job_id, after=seen, limit=500)
+        for event in batch:
+            seen = event["seq"]
+            yield f"id: {seen}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+        if not batch:
+            rec = store.get(job_id)
+            if rec is None or rec["state"] in TERMINAL:
+                yield f"event: end\ndata: {json.dumps({'state': rec['state'] if rec else None})}\n\n"
+                return
+            time.sleep(poll_s)
 
 
 def reconcile(store: JobStore, jobs_client: Any) -> None:
@@ -311,3 +334,34 @@ def read_token(token_file: str | None) -> str | None:
     else:
         token = os.environ.get("KDRAY_API_TOKEN", "").strip()
     return token or None
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """A Ray Serve application builder, for ``serve run kdray.service:app_builder key=value ...``
+    or a KubeRay RayService (``serveConfigV2``: ``import_path: kdray.service:app_builder`` and
+    ``args``). Keys: ``state_dir`` (required), ``output_root`` (default STATE_DIR/runs),
+    ``dashboard_url`` (default http://127.0.0.1:8265, the head node's), ``auth_reads``
+    ("true"/"false"), ``max_body_kb``, ``workdir``, ``token_file``; the token otherwise
+    comes from ``KDRAY_API_TOKEN``. Unknown keys are refused, so a typo cannot pass unseen."""
+    known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
+    if not args.get("state_dir"):
+        raise ValueError("kdray service arg state_dir is required (where the job store lives)")
+    token = read_token(args.get("token_file"))
+    if token is None:
+        raise ValueError("no API token: set KDRAY_API_TOKEN in the Serve runtime env, or pass token_file")
+    state_dir = Path(str(args["state_dir"])).expanduser()
+    output_root = Path(str(args.get("output_root") or state_dir / "runs")).expanduser()
+    output_root.mkdir(parents=True, exist_ok=True)
+    flag = str(args.get("auth_reads", "false")).strip().lower()
+    if flag not in ("true", "false"):
+        raise ValueError(f"kdray service arg auth_reads must be true or false; got {args['auth_reads']!r}")
+    config = ServiceConfig(
+        state_dir=str(state_dir), output_root=str(output_root), token=token,
+        dashboard_url=str(args.get("dashboard_url") or "http://127.0.0.1:8265"),
+        auth_reads=flag == "true", max_body_bytes=int(args.get("max_body_kb", 1024)) * 1024,
+        workdir=str(args.get("workdir") or os.getcwd()),
+    )
+    return deployment(config)

@@ -1,7 +1,7 @@
 """JSON Schemas (draft 7) for the cluster configs under ``cluster/``, and the checks a schema
 cannot express.
 
-Three formats live there:
+Four formats live there:
 
 * the Ray cluster launcher's YAML (what ``ray up`` takes), written from the Ray docs page
   "Cluster YAML Configuration Options" and the field list of ``ray/autoscaler/ray-schema.json``
@@ -10,11 +10,18 @@ Three formats live there:
   API reference and the Go types it is generated from (``ray-operator/apis/ray/v1/
   raycluster_types.go``), plus the few Kubernetes core fields (pod template, container,
   resources) the configs rely on;
-* a Kubernetes ``PersistentVolumeClaim`` (the volume the RayCluster mounts at ``/shared``).
+* a Kubernetes ``PersistentVolumeClaim`` (the volume the RayCluster mounts at ``/shared``);
+* KubeRay's ``RayService`` (``ray.io/v1``): the same cluster spec under ``rayClusterConfig``, plus
+  ``serveConfigV2``, a Ray Serve config file as a YAML string, which deploys kdray's HTTP service
+  (``kdray.service:app_builder``). The Serve config gets its own schema, written from the Ray
+  Serve docs and the pydantic models of ``ray/serve/schema.py`` in Ray 2.60.
 
 Each schema describes the upstream format, then adds kdray's *GPU cluster profile*, marked as
 such: GPU nodes say how many GPUs they have, and what every kdray cluster needs (a GPU worker
-group, a ReadWriteMany shared volume). Sources are cited next to each required field:
+group, a ReadWriteMany shared volume). The RayService adds a *kdray service profile*: the Serve
+config deploys kdray's service with its files on ``/shared``, its API token reaches the app
+builder, its replica fits a node, and the cluster is never replaced under running jobs. Sources
+are cited next to each required field:
 
 ``RAY_DOCS``
     https://docs.ray.io/en/latest/cluster/vms/references/ray-cluster-configuration.html
@@ -31,16 +38,35 @@ group, a ReadWriteMany shared volume). Sources are cited next to each required f
     https://kubernetes.io/docs/tasks/manage-gpus/scheduling-gpus/
 ``K8S_PVC``
     https://kubernetes.io/docs/reference/kubernetes-api/config-and-storage-resources/persistent-volume-claim-v1/
+``K8S_SECRET_VOLUME``
+    https://kubernetes.io/docs/concepts/configuration/secret/#using-secrets-as-files-from-a-pod
+``KUBERAY_SERVICE_TYPES``
+    https://github.com/ray-project/kuberay/blob/master/ray-operator/apis/ray/v1/rayservice_types.go
+    (RayServiceSpec; with KUBERAY_API's RayServiceSpec table, KubeRay v1.7)
+``KUBERAY_RAYSERVICE``
+    https://docs.ray.io/en/latest/cluster/kubernetes/user-guides/rayservice.html
+``RAY_RESOURCES``
+    https://docs.ray.io/en/latest/ray-core/scheduling/resources.html (custom resources; on KubeRay
+    ``rayStartParams.resources`` holds a JSON object inside a quoted string)
+``SERVE_CONFIG``
+    https://docs.ray.io/en/latest/serve/production-guide/config.html (Serve config files)
+``SERVE_SCHEMA``
+    ray/serve/schema.py in the installed Ray 2.60 (ServeDeploySchema, ServeApplicationSchema,
+    DeploymentSchema, RayActorOptionsSchema): field names, which fields are required
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
 import re
+import shlex
 from typing import Any
 
 LAUNCHER = "launcher"
 RAYCLUSTER = "raycluster"
 PVC = "pvc"
+RAYSERVICE = "rayservice"
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -346,6 +372,53 @@ _GPU_WORKER_GROUP: dict[str, Any] = {
     },
 }
 
+# RayClusterSpec: the `spec` of a RayCluster, and the `rayClusterConfig` of a RayService
+# (KUBERAY_SERVICE_TYPES: RayClusterSpec RayClusterSpec `json:"rayClusterConfig"`).
+_RAYCLUSTER_SPEC: dict[str, Any] = {
+    "type": "object",
+    # KUBERAY_TYPES RayClusterSpec: HeadGroupSpec `json:"headGroupSpec"` (no omitempty).
+    # kdray profile: workerGroupSpecs too (a head without workers has no GPU).
+    "required": ["headGroupSpec", "workerGroupSpecs"],
+    # The CRD's structural schema prunes unknown fields silently: a misspelt
+    # `workerGroupSpec` would vanish on `kubectl apply`. Here it is an error.
+    "additionalProperties": False,
+    "properties": {
+        "suspend": {"type": "boolean"},
+        "managedBy": {"type": "string"},
+        "rayVersion": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "resources": {"type": "object"},
+                "image": {"type": "string"},
+                "imagePullPolicy": {"type": "string"},
+                "securityContext": {"type": "object"},
+                "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                "version": {"enum": ["v1", "v2"]},
+                "env": {"type": "array"},
+                "envFrom": {"type": "array"},
+                "volumeMounts": {"type": "array"},
+            },
+        },
+        "headServiceAnnotations": _STRING_MAP,
+        "gcsFaultToleranceOptions": {"type": "object"},
+        "authOptions": {"type": "object"},
+        "headGroupSpec": _HEAD_GROUP,
+        "workerGroupSpecs": {
+            "type": "array",
+            "minItems": 1,
+            "items": _WORKER_GROUP,
+            "contains": _GPU_WORKER_GROUP,  # kdray GPU profile
+        },
+    },
+}
+
+# A DNS-1123 label: KubeRay derives pod and service names from a RayCluster's or RayService's name.
+_K8S_NAME: dict[str, Any] = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"}
+
 RAYCLUSTER_SCHEMA: dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "title": "KubeRay RayCluster, ray.io/v1 (kdray GPU profile)",
@@ -356,53 +429,8 @@ RAYCLUSTER_SCHEMA: dict[str, Any] = {
     "properties": {
         "apiVersion": {"const": "ray.io/v1"},  # KUBERAY_API: ray.io/v1 (v1alpha1 is deprecated)
         "kind": {"const": "RayCluster"},
-        "metadata": {
-            "type": "object",
-            "required": ["name"],
-            # A DNS-1123 label: KubeRay derives pod and service names from it.
-            "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"}},
-        },
-        "spec": {
-            "type": "object",
-            # KUBERAY_TYPES RayClusterSpec: HeadGroupSpec `json:"headGroupSpec"` (no omitempty).
-            # kdray profile: workerGroupSpecs too (a head without workers has no GPU).
-            "required": ["headGroupSpec", "workerGroupSpecs"],
-            # The CRD's structural schema prunes unknown fields silently: a misspelt
-            # `workerGroupSpec` would vanish on `kubectl apply`. Here it is an error.
-            "additionalProperties": False,
-            "properties": {
-                "suspend": {"type": "boolean"},
-                "managedBy": {"type": "string"},
-                "rayVersion": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+"},
-                "enableInTreeAutoscaling": {"type": "boolean"},
-                "autoscalerOptions": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "resources": {"type": "object"},
-                        "image": {"type": "string"},
-                        "imagePullPolicy": {"type": "string"},
-                        "securityContext": {"type": "object"},
-                        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-                        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                        "version": {"enum": ["v1", "v2"]},
-                        "env": {"type": "array"},
-                        "envFrom": {"type": "array"},
-                        "volumeMounts": {"type": "array"},
-                    },
-                },
-                "headServiceAnnotations": _STRING_MAP,
-                "gcsFaultToleranceOptions": {"type": "object"},
-                "authOptions": {"type": "object"},
-                "headGroupSpec": _HEAD_GROUP,
-                "workerGroupSpecs": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": _WORKER_GROUP,
-                    "contains": _GPU_WORKER_GROUP,  # kdray GPU profile
-                },
-            },
-        },
+        "metadata": {"type": "object", "required": ["name"], "properties": {"name": _K8S_NAME}},
+        "spec": _RAYCLUSTER_SPEC,
     },
 }
 
@@ -448,7 +476,174 @@ PVC_SCHEMA: dict[str, Any] = {
     },
 }
 
-SCHEMAS: dict[str, dict[str, Any]] = {LAUNCHER: LAUNCHER_SCHEMA, RAYCLUSTER: RAYCLUSTER_SCHEMA, PVC: PVC_SCHEMA}
+# ---------------------------------------------------------------------------------------------
+# Ray Serve config (the YAML string in a RayService's serveConfigV2)
+# ---------------------------------------------------------------------------------------------
+
+# The application kdray's service is: an application builder taking the service's args.
+KDRAY_IMPORT_PATH = "kdray.service:app_builder"
+
+_NON_NEGATIVE: dict[str, Any] = {"type": "number", "minimum": 0}
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = rf"{_IDENT}(\.{_IDENT})*"
+
+# Ray's pydantic models ignore unknown keys (SERVE_SCHEMA: no `extra="forbid"`): a misspelt
+# `num_cpu` is dropped without a word and the replica reserves the default CPU. Every level below
+# is closed, so a misspelling is an error here. Field names: SERVE_CONFIG and SERVE_SCHEMA.
+_RAY_ACTOR_OPTIONS: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "runtime_env": {"type": "object"},
+        "num_cpus": _NON_NEGATIVE,  # SERVE_SCHEMA: ge=0; Serve reserves 1 when unset
+        "num_gpus": _NON_NEGATIVE,
+        "memory": _NON_NEGATIVE,
+        "resources": {"type": "object", "additionalProperties": _NON_NEGATIVE},  # custom resources
+        "accelerator_type": {"type": "string"},
+        "label_selector": _STRING_MAP,
+    },
+}
+
+_SERVE_DEPLOYMENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],  # SERVE_SCHEMA DeploymentSchema: name is the only required field
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "num_replicas": {"anyOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}]},
+        "max_ongoing_requests": {"type": "integer", "minimum": 1},
+        "max_queued_requests": {"type": "integer"},
+        "user_config": {"type": "object"},
+        "autoscaling_config": {"type": "object"},
+        "graceful_shutdown_wait_loop_s": _NON_NEGATIVE,
+        "graceful_shutdown_timeout_s": _NON_NEGATIVE,
+        "health_check_period_s": _NON_NEGATIVE,
+        "health_check_timeout_s": _NON_NEGATIVE,
+        "ray_actor_options": _RAY_ACTOR_OPTIONS,
+        "placement_group_bundles": {"type": "array", "items": {"type": "object"}},
+        "placement_group_strategy": {"type": "string"},
+        "max_replicas_per_node": {"type": "integer", "minimum": 1},
+        "logging_config": {"type": "object"},
+    },
+}
+
+_SERVE_APPLICATION: dict[str, Any] = {
+    "type": "object",
+    # SERVE_SCHEMA ServeApplicationSchema: import_path is required. kdray profile: name too
+    # (KubeRay reports each application's status under its name).
+    "required": ["import_path", "name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        # SERVE_SCHEMA: starts with "/", no trailing "/" (but "/" itself), no wildcards.
+        "route_prefix": {"type": "string", "pattern": r"^/([^{}]*[^/{}])?$"},
+        # SERVE_SCHEMA import_path: "module.sub:attr", or "module.attr" (at least one dot).
+        "import_path": {"type": "string", "pattern": rf"^({_DOTTED}:{_DOTTED}|{_IDENT}(\.{_IDENT})+)$"},
+        "runtime_env": {"type": "object"},
+        # An application builder's keyword arguments (SERVE_CONFIG "args").
+        "args": {"type": "object"},
+        "deployments": {"type": "array", "items": _SERVE_DEPLOYMENT},
+        "logging_config": {"type": "object"},
+    },
+}
+
+SERVE_CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "Ray Serve config file (serveConfigV2 of a RayService)",
+    "type": "object",
+    "required": ["applications"],  # SERVE_SCHEMA ServeDeploySchema: applications is required
+    "additionalProperties": False,
+    "properties": {
+        "proxy_location": {"enum": ["Disabled", "HeadOnly", "EveryNode"]},  # SERVE_CONFIG
+        "http_options": {
+            "type": "object",
+            "properties": {
+                "host": {"type": "string"},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "request_timeout_s": _NON_NEGATIVE,
+                "keep_alive_timeout_s": _NON_NEGATIVE,
+            },
+        },
+        "grpc_options": {"type": "object"},
+        "logging_config": {"type": "object"},
+        "target_capacity": {"type": "number", "minimum": 0, "maximum": 100},
+        "applications": {"type": "array", "minItems": 1, "items": _SERVE_APPLICATION},
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay RayService
+# ---------------------------------------------------------------------------------------------
+
+RAYSERVICE_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "KubeRay RayService, ray.io/v1 (kdray service profile)",
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],  # KUBERAY_API RayService
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayService"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {"name": _K8S_NAME}},
+        "spec": {
+            "type": "object",
+            "required": [
+                # KUBERAY_SERVICE_TYPES: RayClusterSpec `json:"rayClusterConfig"` (no omitempty in
+                # current KubeRay; older CRDs had omitempty, but a RayService without a cluster
+                # has nowhere to run).
+                "rayClusterConfig",
+                # `json:"serveConfigV2,omitempty"` (+optional) upstream; kdray profile: the
+                # service is the point of this RayService.
+                "serveConfigV2",
+                # KUBERAY_API RayServiceUpgradeStrategy; kdray profile, see the allOf below.
+                "upgradeStrategy",
+            ],
+            "additionalProperties": False,  # as for RayClusterSpec: pruned silently otherwise
+            "properties": {
+                # KUBERAY_SERVICE_TYPES: "a YAML multi-line scalar string"; its content is checked
+                # against SERVE_CONFIG_SCHEMA by serve_config_errors().
+                "serveConfigV2": {"type": "string", "minLength": 1},
+                "rayClusterConfig": _RAYCLUSTER_SPEC,
+                "upgradeStrategy": {
+                    "type": "object",
+                    "required": ["type"],
+                    "additionalProperties": False,
+                    "properties": {
+                        # KUBERAY_API RayServiceUpgradeType.
+                        "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                        "clusterUpgradeOptions": {"type": "object"},
+                    },
+                },
+                "serveService": {"type": "object"},  # a corev1 Service (KUBERAY_API)
+                "excludeHeadPodFromServeSvc": {"type": "boolean"},
+                "rayClusterDeletionDelaySeconds": {"type": "integer", "minimum": 0},  # KUBERAY_API
+                "managedBy": {"type": "string"},
+                "suspend": {"type": "boolean"},
+                # KUBERAY_API: "Deprecated: This field is not used anymore" (kuberay issue 1685);
+                # still accepted by the CRD, so allowed, and a no-op.
+                "serviceUnhealthySecondThreshold": {"type": "integer", "minimum": 0},
+                "deploymentUnhealthySecondThreshold": {"type": "integer", "minimum": 0},
+            },
+        },
+    },
+    # kdray service profile: kdray's jobs are Ray jobs of this one cluster. An upgrade that moves
+    # the service to a new RayCluster (NewCluster, the default, and the incremental variant)
+    # deletes the old cluster with its running jobs (KUBERAY_RAYSERVICE, zero-downtime upgrade),
+    # so the cluster is never replaced behind the jobs' back.
+    "allOf": [
+        {
+            "properties": {
+                "spec": {"properties": {"upgradeStrategy": {"properties": {"type": {"const": "None"}}}}}
+            }
+        }
+    ],
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    LAUNCHER: LAUNCHER_SCHEMA,
+    RAYCLUSTER: RAYCLUSTER_SCHEMA,
+    PVC: PVC_SCHEMA,
+    RAYSERVICE: RAYSERVICE_SCHEMA,
+}
 
 # ---------------------------------------------------------------------------------------------
 # Recognising a document, validating it, and the checks JSON Schema cannot express
@@ -458,7 +653,7 @@ SHARED_MOUNT = "/shared"
 
 
 def config_format(doc: Any) -> str | None:
-    """Which format a parsed YAML document is in: LAUNCHER, RAYCLUSTER, PVC, or None.
+    """Which format a parsed YAML document is in: LAUNCHER, RAYCLUSTER, PVC, RAYSERVICE, or None.
 
     Kubernetes objects say what they are (``apiVersion`` + ``kind``); a launcher config has
     neither and carries ``provider`` / ``cluster_name`` instead.
@@ -468,6 +663,8 @@ def config_format(doc: Any) -> str | None:
     kind, api = doc.get("kind"), doc.get("apiVersion")
     if kind == "RayCluster" and isinstance(api, str) and api.startswith("ray.io/"):
         return RAYCLUSTER
+    if kind == "RayService" and isinstance(api, str) and api.startswith("ray.io/"):
+        return RAYSERVICE
     if kind == "PersistentVolumeClaim" and api == "v1":
         return PVC
     if kind is None and api is None and ("provider" in doc or "cluster_name" in doc):
@@ -499,8 +696,16 @@ def launcher_consistency_errors(doc: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayClusterSpec of a RayCluster (its ``spec``) or of a RayService (``rayClusterConfig``)."""
     spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayService":
+        return spec.get("rayClusterConfig") or {}
+    return spec
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = _cluster_spec(doc)
     pods = [("headGroupSpec", (spec.get("headGroupSpec") or {}).get("template") or {})]
     for group in spec.get("workerGroupSpecs") or []:
         pods.append((f"workerGroupSpecs[{group.get('groupName')}]", group.get("template") or {}))
@@ -508,12 +713,13 @@ def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def raycluster_consistency_errors(doc: dict[str, Any]) -> list[str]:
-    """Rules between fields of a RayCluster that the API server or KubeRay enforce."""
+    """Rules between fields of a RayCluster (or a RayService's cluster) that the API server or
+    KubeRay enforce."""
     errors: list[str] = []
-    names = [g.get("groupName") for g in (doc.get("spec") or {}).get("workerGroupSpecs") or []]
+    names = [g.get("groupName") for g in _cluster_spec(doc).get("workerGroupSpecs") or []]
     for name in {n for n in names if names.count(n) > 1}:
         errors.append(f"worker group name {name!r} is used twice")
-    for group in (doc.get("spec") or {}).get("workerGroupSpecs") or []:
+    for group in _cluster_spec(doc).get("workerGroupSpecs") or []:
         lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2147483647)
         if lo > hi:
             errors.append(f"worker group {group.get('groupName')!r}: minReplicas {lo} > maxReplicas {hi}")
@@ -535,7 +741,8 @@ def shared_storage_errors(doc: dict[str, Any], fmt: str) -> list[str]:
     """kdray profile: every node sees the same /shared (output_dir, data, specs).
 
     Launcher: a command mounts storage at /shared on the host and Docker binds it into the
-    container. RayCluster: every pod template mounts a persistentVolumeClaim at /shared.
+    container. RayCluster and RayService: every pod template mounts a persistentVolumeClaim at
+    /shared.
     """
     errors: list[str] = []
     if fmt == LAUNCHER:
@@ -549,7 +756,7 @@ def shared_storage_errors(doc: dict[str, Any], fmt: str) -> list[str]:
         mount = re.compile(rf"(^|\s)(sudo\s+)?mount\s+.*\s{SHARED_MOUNT}\s*$")
         if not any(mount.search(c) for c in doc.get("initialization_commands") or []):
             errors.append(f"initialization_commands do not mount shared storage at {SHARED_MOUNT}")
-    elif fmt == RAYCLUSTER:
+    elif fmt in (RAYCLUSTER, RAYSERVICE):
         for where, template in _pod_templates(doc):
             pod = template.get("spec") or {}
             claims = {
@@ -566,7 +773,8 @@ def shared_storage_errors(doc: dict[str, Any], fmt: str) -> list[str]:
 
 
 def shared_claims(doc: dict[str, Any]) -> set[str]:
-    """The claimNames of the persistentVolumeClaim volumes a RayCluster's pods use."""
+    """The claimNames of the persistentVolumeClaim volumes a RayCluster's (or RayService's) pods
+    use."""
     return {
         v["persistentVolumeClaim"].get("claimName")
         for _, template in _pod_templates(doc)
@@ -575,14 +783,191 @@ def shared_claims(doc: dict[str, Any]) -> set[str]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# RayService: the Serve config inside it, and how it fits the cluster it deploys on
+# ---------------------------------------------------------------------------------------------
+
+
+def serve_config(doc: dict[str, Any]) -> Any:
+    """The parsed ``serveConfigV2`` of a RayService (raises yaml.YAMLError when it does not parse)."""
+    import yaml
+
+    return yaml.safe_load((doc.get("spec") or {}).get("serveConfigV2") or "")
+
+
+def serve_config_errors(doc: dict[str, Any]) -> list[str]:
+    """serveConfigV2 parses as YAML into a Serve config that SERVE_CONFIG_SCHEMA accepts.
+
+    KubeRay only checks that the field is a string; a Serve config that does not parse or does
+    not validate surfaces later, as a failed deploy on the running cluster."""
+    import jsonschema
+    import yaml
+
+    try:
+        config = serve_config(doc)
+    except yaml.YAMLError as exc:
+        return [f"spec.serveConfigV2 does not parse as YAML: {exc}"]
+    validator = jsonschema.Draft7Validator(SERVE_CONFIG_SCHEMA)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    return [f"spec.serveConfigV2.{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+def kdray_application(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The Serve application of a RayService that runs kdray's service, or None."""
+    import yaml
+
+    try:
+        config = serve_config(doc)
+    except yaml.YAMLError:
+        return None
+    apps = config.get("applications") if isinstance(config, dict) else None
+    for app in apps if isinstance(apps, list) else []:
+        if isinstance(app, dict) and app.get("import_path") == KDRAY_IMPORT_PATH:
+            return app
+    return None
+
+
+def _quantity(value: Any) -> float | None:
+    """A CPU or GPU count from a Kubernetes quantity ("8", 4, "500m"); None if it is not one."""
+    text = str(value).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def group_resources(group: dict[str, Any]) -> dict[str, float | None]:
+    """The Ray resources one pod of a head or worker group offers: CPU and GPU (from
+    rayStartParams, else from the Ray container's limits, as KubeRay does; None when unknown)
+    and the custom resources of rayStartParams.resources (RAY_RESOURCES).
+
+    Raises ValueError when rayStartParams.resources is not a JSON object once the shell that
+    runs `ray start` has unquoted it."""
+    params = group.get("rayStartParams") or {}
+    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    limits = (containers[0].get("resources") or {}).get("limits") or {}
+    offered: dict[str, float | None] = {
+        "CPU": _quantity(params["num-cpus"]) if "num-cpus" in params else _quantity(limits.get("cpu", "")),
+        "GPU": _quantity(params["num-gpus"]) if "num-gpus" in params else _quantity(limits.get(GPU_RESOURCE, 0)),
+    }
+    if "resources" in params:
+        try:  # KubeRay passes the value to a shell: `ray start ... --resources=VALUE`
+            words = shlex.split(str(params["resources"]))
+            custom = json.loads(words[0]) if len(words) == 1 else None
+        except ValueError:  # unbalanced quotes, or not JSON
+            custom = None
+        if not isinstance(custom, dict):
+            raise ValueError(f"rayStartParams.resources {params['resources']!r} is not a quoted JSON object")
+        offered.update({str(k): float(v) for k, v in custom.items()})
+    return offered
+
+
+def _node_groups(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = _cluster_spec(doc)
+    groups = [("headGroupSpec", spec.get("headGroupSpec") or {})]
+    groups += [(f"workerGroupSpecs[{g.get('groupName')}]", g) for g in spec.get("workerGroupSpecs") or []]
+    return groups
+
+
+def fitting_groups(doc: dict[str, Any], actor_options: dict[str, Any]) -> list[str]:
+    """The node groups one of whose pods can host a Serve replica with these ray_actor_options.
+
+    Serve reserves 1 CPU for a replica whose options leave num_cpus unset (SERVE_SCHEMA)."""
+    num_cpus, num_gpus = actor_options.get("num_cpus"), actor_options.get("num_gpus")
+    wanted = {"CPU": 1.0 if num_cpus is None else float(num_cpus), "GPU": float(num_gpus or 0)}
+    wanted.update({str(k): float(v) for k, v in (actor_options.get("resources") or {}).items()})
+
+    def offers(offered: dict[str, float | None], name: str, amount: float) -> bool:
+        if amount <= 0:
+            return True
+        if name in ("CPU", "GPU") and offered[name] is None:
+            return True  # a count this file does not state: give the benefit of the doubt
+        return (offered.get(name) or 0) >= amount
+
+    fits = []
+    for where, group in _node_groups(doc):
+        offered = group_resources(group)
+        if all(offers(offered, name, amount) for name, amount in wanted.items()):
+            fits.append(where)
+    return fits
+
+
+def api_token_mounts(doc: dict[str, Any], token_file: str) -> dict[str, str | None]:
+    """For each pod template, the Secret that puts ``token_file`` into its Ray container
+    (a secret volume mounted at the file's directory that provides the file's name), or None."""
+    directory, name = posixpath.split(token_file)
+    found: dict[str, str | None] = {}
+    for where, template in _pod_templates(doc):
+        pod = template.get("spec") or {}
+        volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+        container = (pod.get("containers") or [{}])[0]  # KubeRay's Ray container is the first
+        found[where] = None
+        for mount in container.get("volumeMounts") or []:
+            secret = (volumes.get(mount.get("name")) or {}).get("secret")
+            if mount.get("mountPath", "").rstrip("/") != directory or not isinstance(secret, dict):
+                continue
+            items = secret.get("items")
+            # K8S_SECRET_VOLUME: without items every key becomes a file of its name; with items,
+            # only the listed keys, each at its `path`.
+            if items is None or any(i.get("path") == name for i in items):
+                found[where] = secret.get("secretName")
+    return found
+
+
+def kdray_service_errors(doc: dict[str, Any]) -> list[str]:
+    """kdray service profile of a RayService: the Serve config deploys kdray's service, its
+    files are on /shared, its API token reaches the app builder, and its replicas fit a node."""
+    errors: list[str] = []
+    app = kdray_application(doc)
+    if app is None:
+        return [f"spec.serveConfigV2 has no application with import_path {KDRAY_IMPORT_PATH!r}"]
+    args = app.get("args") or {}
+    # The job store and the jobs' outputs: the drivers on the head and the trainers on the GPU
+    # workers must see the same files. (output_root defaults to STATE_DIR/runs.)
+    for key in ("state_dir", "output_root"):
+        if key == "output_root" and not args.get(key):
+            continue
+        path = str(args.get(key) or "")
+        if not (path == SHARED_MOUNT or path.startswith(SHARED_MOUNT + "/")):
+            errors.append(f"application {app.get('name')!r}: args.{key} {path!r} is not under {SHARED_MOUNT}")
+    # kdray's app_builder refuses to build without a token: token_file, else KDRAY_API_TOKEN.
+    token_file = args.get("token_file")
+    if token_file:
+        for where, secret in api_token_mounts(doc, str(token_file)).items():
+            if secret is None:
+                errors.append(f"{where}: no secret volume provides token_file {token_file}")
+    elif "KDRAY_API_TOKEN" not in ((app.get("runtime_env") or {}).get("env_vars") or {}):
+        # Else the build task, which may run on any pod, must inherit it from its Ray container.
+        for where, template in _pod_templates(doc):
+            container = ((template.get("spec") or {}).get("containers") or [{}])[0]
+            if "KDRAY_API_TOKEN" not in {e.get("name") for e in container.get("env") or []}:
+                errors.append(f"{where}: no API token for application {app.get('name')!r} "
+                              "(args.token_file, or KDRAY_API_TOKEN)")
+    # A replica whose resources no node group offers can never be scheduled.
+    for deployment in app.get("deployments") or []:
+        options = deployment.get("ray_actor_options")
+        if not isinstance(options, dict):
+            continue  # the options in kdray's code apply
+        try:
+            fits = fitting_groups(doc, options)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        if not fits:
+            errors.append(f"deployment {deployment.get('name')!r}: ray_actor_options {options} fit no node group")
+    return errors
+
+
 def all_errors(doc: Any) -> list[str]:
     """Schema errors, consistency errors and kdray-profile errors of one document."""
     fmt = config_format(doc)
     if fmt is None:
-        return ["not a recognised cluster config (Ray launcher YAML, RayCluster, PersistentVolumeClaim)"]
+        return ["not a recognised cluster config (Ray launcher YAML, RayCluster, RayService, PersistentVolumeClaim)"]
     errors = schema_errors(doc, fmt)
     if fmt == LAUNCHER:
         errors += launcher_consistency_errors(doc)
     elif fmt == RAYCLUSTER:
         errors += raycluster_consistency_errors(doc)
+    elif fmt == RAYSERVICE:
+        errors += raycluster_consistency_errors(doc) + serve_config_errors(doc) + kdray_service_errors(doc)
     return errors + shared_storage_errors(doc, fmt)

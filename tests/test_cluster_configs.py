@@ -1,15 +1,18 @@
 """The cluster configs under cluster/: every YAML parses, is recognised as a Ray launcher config,
-a KubeRay RayCluster or a PersistentVolumeClaim, and validates against its schema
-(tests/cluster_schemas.py); the schemas catch the mistakes they exist for; the commands and
-the example job spec in cluster/README.md are real.
+a KubeRay RayCluster, a KubeRay RayService or a PersistentVolumeClaim, and validates against its
+schema (tests/cluster_schemas.py); the schemas catch the mistakes they exist for; the RayService's
+Serve config deploys the kdray service that exists (kdray.service:app_builder, with arguments it
+accepts); the commands and the example job spec in cluster/README.md are real.
 
-Nothing here needs a cluster, a cloud account or the network.
+Nothing here needs a cluster, a cloud account, a running Ray or the network.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import posixpath
 import re
 import shlex
 from pathlib import Path
@@ -20,15 +23,24 @@ import pytest
 import yaml
 from cluster_schemas import (  # tests/ has no __init__.py: pytest puts it on sys.path
     GPU_RESOURCE,
+    KDRAY_IMPORT_PATH,
     LAUNCHER,
     PVC,
     RAYCLUSTER,
+    RAYSERVICE,
     SCHEMAS,
+    SERVE_CONFIG_SCHEMA,
     all_errors,
+    api_token_mounts,
     config_format,
+    fitting_groups,
+    kdray_application,
+    kdray_service_errors,
     launcher_consistency_errors,
     raycluster_consistency_errors,
     schema_errors,
+    serve_config,
+    serve_config_errors,
     shared_claims,
     shared_storage_errors,
 )
@@ -38,6 +50,7 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER_FILE = CLUSTER / "ray-cluster-gpu.yaml"
 RAYCLUSTER_FILE = CLUSTER / "kuberay" / "raycluster.yaml"
 PVC_FILE = CLUSTER / "kuberay" / "shared-pvc.yaml"
+RAYSERVICE_FILE = CLUSTER / "kuberay" / "rayservice.yaml"
 README = CLUSTER / "README.md"
 
 
@@ -70,6 +83,11 @@ def pvc() -> dict[str, Any]:
     return _one(PVC_FILE)
 
 
+@pytest.fixture
+def rayservice() -> dict[str, Any]:
+    return _one(RAYSERVICE_FILE)
+
+
 def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
     def has_gpu(group: dict[str, Any]) -> bool:
         containers = group["template"]["spec"]["containers"]
@@ -93,7 +111,7 @@ def _gpu_node_type(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_expected_files_exist():
     found = set(_yaml_files())
-    assert {LAUNCHER_FILE, RAYCLUSTER_FILE, PVC_FILE} <= found
+    assert {LAUNCHER_FILE, RAYCLUSTER_FILE, PVC_FILE, RAYSERVICE_FILE} <= found
     assert README.is_file()
 
 
@@ -102,14 +120,15 @@ def test_every_cluster_yaml_parses_is_recognised_and_validates(path: Path):
     docs = _docs(path)
     assert docs, f"{path} is empty"
     for doc in docs:
-        assert config_format(doc) is not None, f"{path}: not a launcher config, RayCluster or PVC"
+        assert config_format(doc) is not None, f"{path}: not a launcher config, RayCluster, RayService or PVC"
         assert all_errors(doc) == [], f"{path}: " + "; ".join(all_errors(doc))
 
 
-def test_formats_are_told_apart(launcher, raycluster, pvc):
+def test_formats_are_told_apart(launcher, raycluster, pvc, rayservice):
     assert config_format(launcher) == LAUNCHER
     assert config_format(raycluster) == RAYCLUSTER
     assert config_format(pvc) == PVC
+    assert config_format(rayservice) == RAYSERVICE
     assert config_format({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {}}) is None
     assert config_format({"setup_commands": ["true"]}) is None  # neither provider nor cluster_name
     assert config_format(["cluster_name"]) is None
@@ -119,6 +138,10 @@ def test_formats_are_told_apart(launcher, raycluster, pvc):
 @pytest.mark.parametrize("fmt", sorted(SCHEMAS))
 def test_schemas_are_valid_draft7(fmt):
     jsonschema.Draft7Validator.check_schema(SCHEMAS[fmt])
+
+
+def test_serve_config_schema_is_valid_draft7():
+    jsonschema.Draft7Validator.check_schema(SERVE_CONFIG_SCHEMA)
 
 
 def test_launcher_also_passes_the_schema_ray_ships(launcher):
@@ -152,6 +175,177 @@ def test_launcher_and_raycluster_agree_with_kdray_on_ray_version(launcher, raycl
 def test_launcher_installs_kdray_with_the_gpu_extra(launcher):
     pip = [c for c in launcher["setup_commands"] if "pip install" in c]
     assert any(re.search(r"kdray\[gpu\]", c) for c in pip), pip
+
+
+# ------------------------------------------------------------------------------------------
+# The RayService: its Serve config deploys the kdray service that exists, on the cluster it
+# brings up, with the API token where the app builder reads it
+# ------------------------------------------------------------------------------------------
+
+
+def _import_attr(import_path: str) -> Any:
+    """What Serve does with an application's import_path: 'module:attr' or 'module.attr'."""
+    module, _, attr = import_path.partition(":") if ":" in import_path else import_path.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _kdray_app(doc: dict[str, Any]) -> dict[str, Any]:
+    app = kdray_application(doc)
+    assert app is not None, f"no Serve application with import_path {KDRAY_IMPORT_PATH}"
+    return app
+
+
+def _set_serve_config(doc: dict[str, Any], config: Any) -> None:
+    doc["spec"]["serveConfigV2"] = yaml.safe_dump(config, sort_keys=False)
+
+
+def _cluster(doc: dict[str, Any]) -> dict[str, Any]:
+    """A RayService's cluster, shaped as a RayCluster (for the RayCluster helpers above)."""
+    return {"kind": "RayCluster", "spec": doc["spec"]["rayClusterConfig"]}
+
+
+def _head_container(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _pod_templates_of(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = doc["spec"]["rayClusterConfig"]
+    return [("headGroupSpec", spec["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]
+    ]
+
+
+def test_rayservice_cluster_is_the_raycluster_one(rayservice, raycluster, pvc):
+    """rayClusterConfig mirrors raycluster.yaml: the same Ray, image, GPU workers, autoscaling and
+    shared volume; only what the service needs is added."""
+    import ray
+
+    service, cluster = rayservice["spec"]["rayClusterConfig"], raycluster["spec"]
+    assert service["rayVersion"] == cluster["rayVersion"] == ray.__version__
+    assert service["enableInTreeAutoscaling"] is cluster["enableInTreeAutoscaling"] is True
+    assert service["autoscalerOptions"] == cluster["autoscalerOptions"]
+    assert shared_claims(rayservice) == shared_claims(raycluster) == {pvc["metadata"]["name"]}
+    head_params = service["headGroupSpec"]["rayStartParams"]
+    for key, value in cluster["headGroupSpec"]["rayStartParams"].items():
+        assert head_params[key] == value, key
+    assert _head_container(rayservice)["image"] == cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    ours, theirs = _gpu_group(_cluster(rayservice)), _gpu_group(raycluster)
+    for key in ("groupName", "minReplicas", "maxReplicas"):
+        assert ours[key] == theirs[key], key
+    ours_c, theirs_c = ours["template"]["spec"]["containers"][0], theirs["template"]["spec"]["containers"][0]
+    assert (ours_c["image"], ours_c["resources"]) == (theirs_c["image"], theirs_c["resources"])
+    # KubeRay names the head service NAME-head-svc: the two files may share a namespace.
+    assert rayservice["metadata"]["name"] != raycluster["metadata"]["name"]
+
+
+def test_rayservice_serve_config_passes_rays_own_schema(rayservice):
+    """Cross-check against the pydantic models Ray Serve validates a config with."""
+    from ray.serve.schema import ServeDeploySchema
+
+    assert serve_config_errors(rayservice) == []
+    ServeDeploySchema.model_validate(serve_config(rayservice))  # raises what Serve would refuse
+
+
+def test_serve_config_schema_names_only_fields_ray_knows():
+    """Every field our Serve schema allows is a field of Ray 2.60's own models (none invented)."""
+    from ray.serve.schema import (
+        DeploymentSchema,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
+
+    application = SERVE_CONFIG_SCHEMA["properties"]["applications"]["items"]
+    deployment = application["properties"]["deployments"]["items"]
+    actor = deployment["properties"]["ray_actor_options"]
+    for ours, ray_model in ((SERVE_CONFIG_SCHEMA, ServeDeploySchema), (application, ServeApplicationSchema),
+                            (deployment, DeploymentSchema), (actor, RayActorOptionsSchema)):
+        assert set(ours["properties"]) <= set(ray_model.model_fields), ray_model.__name__
+        required = {n for n, f in ray_model.model_fields.items() if f.is_required()}
+        assert required <= set(ours.get("required", [])), ray_model.__name__
+
+
+def test_kdray_application_imports_and_serves_at_the_root(rayservice):
+    app = _kdray_app(rayservice)
+    module, _, attr = app["import_path"].partition(":")
+    assert module == "kdray.service"
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert callable(_import_attr(app["import_path"]))
+    assert app["route_prefix"] == "/"  # the client calls SERVER/v1/jobs..., SERVER/healthz
+
+
+def test_kdray_application_args_are_accepted_by_app_builder(rayservice, tmp_path, monkeypatch):
+    """Build the application as Serve will, from the file's args (tmp paths standing in for the
+    pod's /shared and /etc/kdray): a Serve Application, with no running Ray."""
+    from ray import serve
+
+    app = _kdray_app(rayservice)
+    builder = _import_attr(app["import_path"])
+    args = dict(app["args"])
+    assert {"state_dir", "output_root", "token_file"} <= set(args)
+    token = tmp_path / posixpath.basename(args["token_file"])
+    token.write_text("s3cret\n", encoding="utf-8")
+    args.update(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token_file=str(token))
+    monkeypatch.delenv("KDRAY_API_TOKEN", raising=False)  # the token comes from token_file alone
+    built = builder(args)
+    assert isinstance(built, serve.Application)
+    # The same args minus token_file, with the token in KDRAY_API_TOKEN, build too.
+    monkeypatch.setenv("KDRAY_API_TOKEN", "s3cret")
+    assert isinstance(builder({k: v for k, v in args.items() if k != "token_file"}), serve.Application)
+    # Serve refuses options for a deployment the application lacks ("does not exist"), and the
+    # config's ray_actor_options replace the code's: they must keep its num_cpus.
+    ingress = built._bound_deployment
+    for deployment in app.get("deployments") or []:
+        assert deployment["name"] == ingress.name
+        assert deployment["ray_actor_options"]["num_cpus"] == ingress.ray_actor_options["num_cpus"] == 0
+
+
+def test_api_token_secret_is_mounted_where_token_file_points(rayservice):
+    token_file = _kdray_app(rayservice)["args"]["token_file"]
+    mounts = api_token_mounts(rayservice, token_file)
+    # Every pod: Serve's build task, which reads the file, is not pinned to a node.
+    assert set(mounts) == {"headGroupSpec", "workerGroupSpecs[gpu]"}
+    (secret,) = set(mounts.values())
+    assert secret is not None
+    # The Secret the file's own commands create, under the key the volumes map to the file.
+    created = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", RAYSERVICE_FILE.read_text())
+    assert created and created.group(1) == secret
+    for _, template in _pod_templates_of(rayservice):
+        pod = template["spec"]
+        (volume,) = [v for v in pod["volumes"] if (v.get("secret") or {}).get("secretName") == secret]
+        assert volume["secret"]["items"] == [{"key": created.group(2), "path": posixpath.basename(token_file)}]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == posixpath.dirname(token_file) and mount["readOnly"] is True
+
+
+def test_service_replica_is_pinned_to_the_head(rayservice):
+    """Only the head offers what the replica asks for: it runs next to the dashboard (the default
+    dashboard_url) and the jobs' drivers, and never holds a GPU worker up."""
+    config = serve_config(rayservice)
+    (deployment,) = _kdray_app(rayservice)["deployments"]
+    assert deployment["num_replicas"] == 1
+    assert fitting_groups(rayservice, deployment["ray_actor_options"]) == ["headGroupSpec"]
+    assert config["proxy_location"] == "HeadOnly"  # the one proxy is where the replica is
+    assert "dashboard_url" not in _kdray_app(rayservice)["args"]  # http://127.0.0.1:8265 on the head
+    assert rayservice["spec"]["upgradeStrategy"] == {"type": "None"}
+
+
+def test_rayservice_commands_reach_the_serve_port(rayservice):
+    name = rayservice["metadata"]["name"]
+    ports = {p["name"]: p["containerPort"] for p in _head_container(rayservice)["ports"]}
+    assert ports["dashboard"] == 8265
+    assert ports["serve"] == (serve_config(rayservice).get("http_options") or {}).get("port", 8000)
+    text = RAYSERVICE_FILE.read_text(encoding="utf-8")
+    forward = re.search(r"kubectl port-forward svc/(\S+) (\d+):(\d+)", text)
+    assert forward and forward.group(1) == f"{name}-serve-svc" and int(forward.group(3)) == ports["serve"]
+    local = f"http://127.0.0.1:{forward.group(2)}"
+    servers = re.findall(r"(?:--server |KDRAY_SERVER=)(\S+)", text)
+    assert servers and set(servers) == {local}
+    assert f"kubectl wait --for=condition=Ready rayservice/{name} " in text
+    assert f"kubectl get rayservice {name} " in text
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,6 +504,121 @@ def test_pvc_read_write_once_is_rejected(pvc):
 def test_pvc_without_storage_request_is_rejected(pvc):
     del pvc["spec"]["resources"]["requests"]["storage"]
     _assert_caught(schema_errors(pvc, PVC), "'storage' is a required property")
+
+
+def test_rayservice_without_serve_config_is_rejected(rayservice):
+    del rayservice["spec"]["serveConfigV2"]
+    _assert_caught(schema_errors(rayservice, RAYSERVICE), "'serveConfigV2' is a required property")
+    _assert_caught(kdray_service_errors(rayservice), "no application with import_path")
+
+
+def test_rayservice_without_head_group_is_rejected(rayservice):
+    del rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    _assert_caught(
+        schema_errors(rayservice, RAYSERVICE), "spec.rayClusterConfig", "'headGroupSpec' is a required property"
+    )
+
+
+def test_rayservice_without_cluster_config_is_rejected(rayservice):
+    # `rayClusterSpec` is the Go field's name; the JSON key is rayClusterConfig.
+    rayservice["spec"]["rayClusterSpec"] = rayservice["spec"].pop("rayClusterConfig")
+    _assert_caught(
+        schema_errors(rayservice, RAYSERVICE),
+        "'rayClusterConfig' is a required property",
+        "'rayClusterSpec' was unexpected",
+    )
+
+
+def test_rayservice_cluster_replacing_upgrade_is_rejected(rayservice):
+    rayservice["spec"]["upgradeStrategy"]["type"] = "NewCluster"
+    _assert_caught(schema_errors(rayservice, RAYSERVICE), "'None' was expected")
+    rayservice["spec"]["upgradeStrategy"]["type"] = "Recreate"  # no such strategy at all
+    _assert_caught(schema_errors(rayservice, RAYSERVICE), "is not one of")
+
+
+def test_serve_config_that_does_not_parse_is_rejected(rayservice):
+    rayservice["spec"]["serveConfigV2"] = "applications:\n  - name: kdray\n   import_path: [\n"
+    _assert_caught(serve_config_errors(rayservice), "does not parse as YAML")
+
+
+def test_unknown_service_arg_is_refused_by_app_builder(rayservice, tmp_path, monkeypatch):
+    from kdray.service import app_builder
+
+    args = dict(_kdray_app(rayservice)["args"])
+    args.update(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), outputs_root="/shared/x")
+    del args["token_file"]
+    monkeypatch.setenv("KDRAY_API_TOKEN", "s3cret")
+    with pytest.raises(ValueError, match="unknown kdray service args.*outputs_root"):
+        app_builder(args)
+
+
+def test_import_path_that_does_not_exist_is_caught(rayservice):
+    for bad in ("kdray.service:no_such_builder", "kdray.no_such_module:app_builder"):
+        with pytest.raises((ImportError, AttributeError)):
+            _import_attr(bad)
+        config = serve_config(rayservice)
+        config["applications"][0]["import_path"] = bad
+        _set_serve_config(rayservice, config)
+        _assert_caught(kdray_service_errors(rayservice), "no application with import_path 'kdray.service:app_builder'")
+    config["applications"][0]["import_path"] = "kdray/service.py"  # not an import path at all
+    _set_serve_config(rayservice, config)
+    _assert_caught(serve_config_errors(rayservice), "import_path", "does not match")
+
+
+def test_misspelt_actor_option_is_rejected_though_ray_ignores_it(rayservice):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(rayservice)
+    options = config["applications"][0]["deployments"][0]["ray_actor_options"]
+    options["num_cpu"] = options.pop("num_cpus")
+    _set_serve_config(rayservice, config)
+    ServeDeploySchema.model_validate(config)  # Ray drops the key silently ...
+    _assert_caught(serve_config_errors(rayservice), "'num_cpu' was unexpected")  # ... we do not
+    # ... and the replica would reserve Serve's default CPU, which no node that offers
+    # kdray_service has: it would stay pending forever.
+    _assert_caught(kdray_service_errors(rayservice), "deployment 'kdray'", "fit no node group")
+
+
+def test_replica_without_the_head_resource_is_not_pinned(rayservice):
+    config = serve_config(rayservice)
+    del config["applications"][0]["deployments"][0]["ray_actor_options"]["resources"]
+    _set_serve_config(rayservice, config)
+    options = config["applications"][0]["deployments"][0]["ray_actor_options"]
+    assert fitting_groups(rayservice, options) == ["headGroupSpec", "workerGroupSpecs[gpu]"]
+
+
+def test_head_resource_string_that_is_not_quoted_json_is_rejected(rayservice):
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"] = "{kdray_service: 1}"
+    _assert_caught(kdray_service_errors(rayservice), "is not a quoted JSON object")
+
+
+def test_token_file_without_a_secret_mount_is_rejected(rayservice):
+    group = _gpu_group(_cluster(rayservice))
+    for mount in group["template"]["spec"]["containers"][0]["volumeMounts"]:
+        if mount["name"] == "kdray-api-token":
+            mount["mountPath"] = "/etc/secrets"
+    _assert_caught(kdray_service_errors(rayservice), "workerGroupSpecs[gpu]: no secret volume provides token_file")
+    assert "headGroupSpec: no secret" not in "\n".join(kdray_service_errors(rayservice))
+
+
+def test_service_without_any_api_token_is_rejected(rayservice):
+    config = serve_config(rayservice)
+    del config["applications"][0]["args"]["token_file"]
+    _set_serve_config(rayservice, config)
+    _assert_caught(kdray_service_errors(rayservice), "no API token")
+
+
+def test_service_files_off_the_shared_volume_are_rejected(rayservice):
+    config = serve_config(rayservice)
+    config["applications"][0]["args"]["output_root"] = "/tmp/runs"  # the trainers' pods never see it
+    _set_serve_config(rayservice, config)
+    _assert_caught(kdray_service_errors(rayservice), "args.output_root '/tmp/runs' is not under /shared")
+
+
+def test_rayservice_pod_without_shared_volume_is_rejected(rayservice):
+    container = _head_container(rayservice)
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/shared"]
+    _assert_caught(shared_storage_errors(rayservice, RAYSERVICE), "headGroupSpec", "/shared")
 
 
 # ------------------------------------------------------------------------------------------

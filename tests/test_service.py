@@ -196,6 +196,9 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         phases = [e["phase"] for e in events if e["kind"] == "phase_start"]
         assert phases == ["prepare", "generate", "train", "report"]
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        streamed = client.get(f"/v1/jobs/{job_id}/events", params={"stream": "true"}).text  # SSE through Serve
+        assert streamed.count("\nid: ") + streamed.startswith("id: ") == len(events)
+        assert streamed.rstrip().endswith('data: {"state": "succeeded"}')
         assert "timings:" in client.get(f"/v1/jobs/{job_id}/logs").text
         listed = client.get("/v1/jobs", params={"state": "succeeded"}).json()
         assert job_id in [j["id"] for j in listed["jobs"]]

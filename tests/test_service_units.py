@@ -1,0 +1,49 @@
+"""The service app without Ray: the server-sent event stream and the Serve application
+builder's arguments (the HTTP surface is tested against a real `kdray serve` in
+test_service.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kdray.service import ServiceConfig, app_builder, build_app
+from kdray.store import JobStore
+
+
+def test_event_stream_replays_history_then_ends_with_the_final_state(tmp_path):
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    store = JobStore(config.db_path)
+    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    for i in range(3):
+        store.append_event(job["id"], {"kind": "message", "text": f"m{i}"})
+    store.update(job["id"], state="succeeded")
+    with TestClient(build_app(config)) as client:
+        res = client.get(f"/v1/jobs/{job['id']}/events", params={"stream": "true"}, headers={"Last-Event-ID": "1"})
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
+        frames = [f for f in res.text.split("\n\n") if f]
+        ids = [line.split(": ", 1)[1] for f in frames for line in f.splitlines() if line.startswith("id: ")]
+        assert ids == ["2", "3"]  # resumed after the Last-Event-ID
+        assert frames[-1].startswith("event: end") and json.loads(frames[-1].split("data: ", 1)[1]) == {"state": "succeeded"}
+        assert client.get("/v1/jobs/nope/events", params={"stream": "true"}).status_code == 404
+
+
+def test_app_builder_checks_its_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDRAY_API_TOKEN", "secret")
+    assert type(app_builder({"state_dir": str(tmp_path)})).__name__ == "Application"
+    assert (tmp_path / "runs").is_dir() and (tmp_path / "kdray.db").exists()
+    with pytest.raises(ValueError, match="unknown kdray service args"):
+        app_builder({"state_dir": str(tmp_path), "stat_dir": "x"})
+    with pytest.raises(ValueError, match="state_dir is required"):
+        app_builder({})
+    with pytest.raises(ValueError, match="auth_reads must be true or false"):
+        app_builder({"state_dir": str(tmp_path), "auth_reads": "yes"})
+    monkeypatch.delenv("KDRAY_API_TOKEN")
+    with pytest.raises(ValueError, match="no API token"):
+        app_builder({"state_dir": str(tmp_path)})
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    assert type(app_builder({"state_dir": str(tmp_path), "token_file": str(token)})).__name__ == "Application"
