@@ -240,6 +240,24 @@ class Job:
                     self.metrics_history = [m for m in self.metrics_history if m["step"] < event["step"]]
                     self.metrics_history.append(event)
 
+    def _recover_metrics(self, run_dir: Path) -> None:
+        """Steps an earlier, killed run trained and checkpointed but never recorded (it died
+        before draining their metrics): take them from that run's latest checkpoint."""
+        latest: dict[str, Any] | None = None
+        for path in run_dir.glob("checkpoint_*/progress.json"):
+            try:
+                progress = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if latest is None or progress.get("step", 0) > latest.get("step", 0):
+                latest = progress
+        known = {m.get("step") for m in self.metrics_history}
+        for metrics in (latest or {}).get("metrics", []):
+            if metrics.get("step") not in known:
+                self.reporter.train_metrics(metrics)
+                self.metrics_history.append(metrics)
+        self.metrics_history.sort(key=lambda m: m.get("step", 0))
+
     def _drain(self, hub: Any) -> None:
         import ray
 
@@ -297,6 +315,7 @@ class Job:
                 student = spec.student.model_copy(update={"model": str(student_dir)}) if student_dir else spec.student
                 rows = self.student_responses(rows, student, segment, len(plan), state)
             run_name = state.run_name(segment.index, f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}")
+            self._recover_metrics(self.out / "ray_train" / run_name)
             student_dir, checkpoint = self.train(rows, segment, plan, checkpoint, run_name)
             state.finish(segment.index, checkpoint, str(student_dir))
         final = self.out / "student"

@@ -32,10 +32,6 @@ class WorkerConfig:
     num_segments: int
     init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
 
-    @property
-    def last(self) -> bool:
-        return self.segment.index == self.num_segments - 1
-
 
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
     """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately."""
@@ -136,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     started = None  # the step's clock starts at its first micro-batch (not at data start-up)
     metrics: dict[str, Any] = {}
     micro_in_step = 0
+    since_checkpoint: list[dict[str, Any]] = []
     for epoch in range(start_epoch, seg.epochs):
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size_per_worker,
@@ -193,19 +190,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 **schedule,
             }
             window, started = {}, None
+            since_checkpoint.append(metrics)
             if step >= seg.end_step:
                 break
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index}
+                # The steps since the last checkpoint travel with it: a driver killed before it
+                # drained their metrics recovers them from here when the job is run again.
+                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
+                            "metrics": since_checkpoint}
                 _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
+                since_checkpoint = []
             else:
                 ray.train.report(metrics)
         if step >= seg.end_step:
             break
     # The end of the segment (or fewer batches than planned): export what was trained.
     metrics = metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}
-    _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index},
-                  _state(objective, replay), rank)
+    _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
+                                        "metrics": since_checkpoint}, _state(objective, replay), rank)
 
 
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
@@ -275,8 +277,9 @@ def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str,
 def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progress: dict[str, Any],
                   schedule: dict[str, Any], rank: int) -> None:
     """Report the segment's end: the student as an HF checkpoint (ZeRO-3 gathered) for the
-    next round's student pool and for evaluation, plus, unless this is the last segment, the
-    DeepSpeed state the next segment continues from."""
+    next round's student pool and for evaluation, plus the DeepSpeed state that the next
+    segment continues from (or that a re-run restores if the driver died before recording the
+    segment as finished)."""
     import deepspeed
     import ray.train
 
@@ -285,13 +288,10 @@ def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progre
     model = engine.module
     params = list(model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        if not wc.last:
-            _save_state(engine, tmp, progress, schedule, rank)
+        _save_state(engine, tmp, progress, schedule, rank)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=wc.spec.training.zero_stage == 3):
             if rank == 0:
                 out = os.path.join(tmp, "student")
                 model.save_pretrained(out, safe_serialization=True)
                 load_tokenizer(wc.spec.student.model).save_pretrained(out)
-        keep = rank == 0 or not wc.last  # the last segment's other ranks have nothing to add
-        ray.train.report({**metrics, "final": True},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if keep else None)
+        ray.train.report({**metrics, "final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

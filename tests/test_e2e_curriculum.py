@@ -100,7 +100,8 @@ def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(t
     assert all({"skl", "srkl", "delta_mean_teacher", "delta_mean_student"} <= set(s) for s in m)
     # Round 1's end state (which round 2 loads) holds the schedule: all 256 Δ of each kind
     # observed on both ranks (all-gathered), the round counter and the step count.
-    (saved,) = [json.loads(p.read_text())["objective"] for p in (out / "ray_train").rglob("schedule-rank0.json")]
+    (saved,) = [json.loads(p.read_text())["objective"] for p in (out / "ray_train").rglob("schedule-rank0.json")
+                if p.parent.parent.name.startswith("distillm2-0-")]
     assert saved["kind"] == "distillm2" and saved["state"]["global_step"] == 8
     assert saved["state"]["means"]["teacher"]["count"] == saved["state"]["means"]["student"]["count"] == 256
     assert (out / "student" / "config.json").exists()
