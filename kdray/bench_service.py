@@ -43,10 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range and above Ray's worker ports
+    (10002-19999), so Ray's own start-up cannot take it before the service listens."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, min(low, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free port between 20000 and the ephemeral range")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -103,7 +113,7 @@ def _load(url: str, job_id: str, token: str | None, clients: int, seconds: float
 def _start_service(state: Path, token: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     log = open(state.parent / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "serve", "--port", str(port), "--state-dir", str(state)],
                             env=dict(os.environ, KDRAY_API_TOKEN=token), stdout=log, stderr=subprocess.STDOUT)

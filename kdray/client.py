@@ -45,7 +45,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
                            dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
                            auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+    except Exception as exc:  # most often: the port is taken
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise KdrayError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
+                         "another --port") from None
     serve.run(deployment(config), name="kdray", route_prefix="/")
     print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs); state in {state_dir}; "
           f"job outputs under {output_root}", flush=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kdray.bench_service import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PortTaken(Exception):
+    pass
 
 
 class Service:
@@ -37,7 +36,16 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        for attempt in range(attempts):  # a port taken meanwhile: try another one
+            try:
+                return self._start()
+            except PortTaken:
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError(f"kdray serve could not bind a port in {attempts} attempts")
+
+    def _start(self) -> None:
         env = dict(os.environ, KDRAY_API_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
         self.log = open(self.state_dir.parent / f"serve-{time.time():.0f}.log", "w")
         self.proc = subprocess.Popen(
@@ -45,7 +53,11 @@ class Service:
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:
-            assert self.proc.poll() is None, Path(self.log.name).read_text()
+            if self.proc.poll() is not None:
+                log = Path(self.log.name).read_text()
+                if "could not listen on" in log:
+                    raise PortTaken(log)
+                raise AssertionError(log)
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return
