@@ -1,6 +1,6 @@
 """The rows passed from generation to training, and how one example becomes token ids.
 
-One function, :func:`encode_example`, decides which tokens of prompt + response the student
+One function, :func:`encode_batch`, decides which tokens of prompt + response the student
 is trained and scored on, so the trainer (:class:`kdray.training.TokenizeForTraining`) and
 the scorer (the POCL difficulty measurer in :mod:`kdray.generation`) can never disagree:
 
@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 
 
 def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finish_reasons: list[str] | None) -> list[tuple[list[int], list[int]]]:
-    """:func:`encode_example` over a batch (one tokenizer call per side)."""
+    """(prompt ids, response ids) per example; one tokenizer call per side."""
     prompt_ids = tokenizer([str(p) for p in prompts]).input_ids
     response_ids = tokenizer([str(r) for r in responses], add_special_tokens=False).input_ids
     out = []
@@ -28,11 +28,6 @@ def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finis
             resp.append(tokenizer.eos_token_id)
         out.append((list(prompt_ids[i]), resp))
     return out
-
-
-def encode_example(tokenizer: Any, prompt: str, response: str, finish_reason: str | None = "stop") -> tuple[list[int], list[int]]:
-    """(prompt token ids, response token ids) of one example; see the module docstring."""
-    return encode_batch(tokenizer, [prompt], [response], [finish_reason] if finish_reason else None)[0]
 
 
 def pack_examples(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict[str, Any]:
