@@ -7,6 +7,9 @@
     kdray compare DIR...          several jobs side by side: one table, one plot
     kdray bench losses [...]      loss-kernel memory/time benchmark
     kdray bench service [...]     status latency under 50 clients while a job trains
+    kdray bench train [...]       tokens/s of Ray Train + DeepSpeed vs a bare torch loop; memory per mode
+    kdray bench generation [...]  tokens/s of the vLLM pool vs bare vLLM and HF generate
+    kdray repro [--quick] [...]   a grid of methods x seeds: the POCL and DistiLLM-2 orderings
     kdray serve [...]             the HTTP service (Ray Serve) that runs jobs as Ray jobs
     kdray submit|list|status|watch|logs|cancel   its command-line client
 
@@ -37,8 +40,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kdray.spec import dump_spec, load_spec
 
     spec = load_spec(args.spec)
+    _check_vocabularies(spec)
     sys.stdout.write(dump_spec(spec))
     return 0
+
+
+def _check_vocabularies(spec: Any) -> None:
+    """Teacher and student must share a tokenizer; checked here when both are on this machine
+    (toy models or local directories). A hub id is checked by the job when it loads it."""
+    from kdray.models import shared_vocab_size
+    from kdray.spec import TOY_PREFIX
+
+    if all(m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir() for m in (spec.teacher, spec.student)):
+        try:
+            shared_vocab_size(spec.teacher.model, spec.student.model)
+        except KdrayError as exc:
+            raise SpecError([("teacher.model / student.model", str(exc))]) from None
 
 
 def _summary_table(report: dict[str, Any]) -> Any:
@@ -109,6 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stdout = Console()
     if report["evaluation"]:
         stdout.print(_summary_table(report))
+    if judge := report.get("judge"):
+        def rate(key: str) -> str:
+            return "n/a" if judge.get(key) is None else f"{judge[key]:.3f}"
+
+        stdout.print(f"judge {judge['model']}: student after vs {judge['reference']}: win rate "
+                     f"{rate('win_rate')} over {judge['comparisons']} comparisons, position "
+                     f"consistency {rate('position_consistency')}")
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items())
     stdout.print(f"timings: {timings}")
     stdout.print(f"student: {report['student_dir']}")
@@ -139,6 +163,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kdray import bench_service
 
         return bench_service.run(args.rest)
+    if args.what == "train":
+        from kdray import bench_train
+
+        return bench_train.run(args.rest)
+    if args.what == "generation":
+        from kdray import bench_generation
+
+        return bench_generation.run(args.rest)
     raise KdrayError(f"unknown benchmark {args.what!r}")
 
 
@@ -165,13 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
     p.set_defaults(fn=cmd_toy)
 
-    from kdray import client, report
+    from kdray import client, report, repro
 
     report.add_parsers(sub)
+    repro.add_parsers(sub)
     client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["losses", "service"], help="what to benchmark")
+    p.add_argument("what", choices=["losses", "service", "train", "generation"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
     p.set_defaults(fn=cmd_bench)
     return parser

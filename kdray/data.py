@@ -1,10 +1,11 @@
 """Reading prompt datasets and checking their rows.
 
 Rows come from JSONL, parquet, or a ``datasets.save_to_disk`` directory (read with pyarrow,
-so the ``datasets`` package is not needed). Every row is checked before any work starts:
-rows without the prompt field, with an empty prompt, too long a prompt, or a duplicate id are
-*bad rows*. They are counted and reported; the spec chooses to fail (default) or skip them.
-Nothing is dropped silently.
+so the ``datasets`` package is not needed), or from a hub dataset ``hub:ORG/NAME[:SPLIT]``
+(read with ``datasets.load_dataset``: the optional extra ``kdray[hub]``). Every row is
+checked before any work starts: rows without the prompt field, with an empty prompt, too long
+a prompt, or a duplicate id are *bad rows*. They are counted and reported; the spec chooses
+to fail (default) or skip them. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kdray.errors import DataError
-from kdray.spec import TOY_PREFIX, DataSpec
+from kdray.spec import HUB_PREFIX, TOY_PREFIX, DataSpec, parse_hub_ref
 
 _SHOW_IDS = 5
 
@@ -86,8 +87,34 @@ def _read_arrow_dir(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_hub(ref: str) -> list[dict[str, Any]]:
+    """Rows of a hub dataset ``hub:ORG/NAME[:SPLIT]``, read with ``datasets.load_dataset``
+    (the optional extra ``kdray[hub]``) on the host that runs the job."""
+    name, split = parse_hub_ref(ref)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"dataset {ref!r} is on the Hugging Face hub, which needs the datasets package: "
+            "pip install 'kdray[hub]' (or download the split and point data.train / data.heldout "
+            "at a .jsonl or .parquet file)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 -- no network, unknown dataset, gated, bad split: all end here
+        text = str(exc).strip().splitlines()
+        raise DataError(
+            f"cannot load hub dataset {name!r} split {split!r} ({type(exc).__name__}: "
+            f"{text[0] if text else exc!r}); check the name and split, the network and HF_TOKEN "
+            "for gated datasets, or download it and give a local .jsonl / .parquet file"
+        ) from None
+    return ds.to_list()
+
+
 def read_rows(ref: str) -> list[dict[str, Any]]:
     """All rows of a dataset reference, as dicts."""
+    if ref.startswith(HUB_PREFIX):
+        return _read_hub(ref)
     path = resolve_data(ref)
     if not path.exists():
         raise DataError(f"dataset {ref!r} does not exist")

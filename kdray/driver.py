@@ -45,6 +45,12 @@ class Job:
         self.timings: dict[str, float] = {}
         self.heldout: list[dict[str, Any]] = []
         self.metrics_history: list[dict[str, Any]] = []
+        self.vocab_size: int | None = None
+        # teacher_signal topk / hidden: the records file's layout and its rows by key, and its size
+        self.signal: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
+        self.signal_stats: dict[str, Any] | None = None
+        self.round_scores: dict[str, dict[str, Any]] = {}  # student_round_N -> held-out scores
+        self.answers: dict[str, dict[str, str]] = {}        # evaluated model -> {row id: answer}
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -72,6 +78,9 @@ class Job:
 
         spec = self.spec
         with self._phase("prepare", 2, "read and check data"):
+            from kdray.models import shared_vocab_size
+
+            self.vocab_size = shared_vocab_size(spec.teacher.model, spec.student.model)  # or a clear error, now
             count = _count_tokens_fn(load_tokenizer(spec.student.model), spec.data.chat_template)
             need_train_response = spec.data.response_source == "dataset"
             train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
@@ -146,6 +155,40 @@ class Job:
             write_difficulty(path, keys, ranks, self.spec.student.model)
         return [rows[i] for i in order]
 
+    def score_signal(self, rows: list[dict[str, Any]]) -> None:
+        """teacher_signal ``topk`` / ``hidden``: score every training response with the teacher
+        pool once, into ``records/teacher-<mode>.parquet``; a re-run of the job reuses the file."""
+        from kdray.models import vocab_size
+        from kdray.records import read_signal_records, signal_key, topk_id_dtype, write_signal_records
+        from kdray.scoring import score_teacher
+
+        sig, teacher = self.spec.teacher_signal, self.spec.teacher
+        path = self.out / "records" / f"teacher-{sig.mode}.parquet"
+        keys = [signal_key(r) for r in rows]
+        if path.exists():
+            meta, stored = read_signal_records(path)
+            if set(keys) <= stored.keys():
+                self.reporter.message(f"score: reusing the teacher records in {path}")
+                tokens = sum(r["n_tokens"] for r in stored.values())
+                size = path.stat().st_size
+                self.signal = meta, stored
+                self.signal_stats = {"rows": len(stored), "tokens": tokens, "bytes": size,
+                                     "bytes_per_token": size / max(tokens, 1), "file": str(path)}
+                return
+        with self._phase("score", len(rows), f"teacher {sig.mode} records"):
+            records = score_teacher(rows, self.spec, on_rows=lambda n: self.reporter.advance("score", n))
+            teacher_vocab = vocab_size(teacher.model)
+            meta: dict[str, Any] = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
+            if sig.mode == "topk":
+                meta.update(k=sig.k, id_dtype=topk_id_dtype(teacher_vocab))
+            else:
+                meta.update(hidden_dtype=sig.hidden_dtype, hidden_size=int(records[0]["hidden"].shape[1]))
+            stats = write_signal_records(path, keys, records, meta)
+            self.reporter.message(f"score: {stats['tokens']} response tokens, {stats['bytes_per_token']:.1f} bytes/token "
+                                  f"({stats['bytes'] / 2**20:.2f} MiB) in {path.name}")
+        meta, stored = read_signal_records(path)
+        self.signal, self.signal_stats = (meta, stored), {**stats, "file": str(path)}
+
     def train(self, rows: list[dict[str, Any]], segment: Segment, plan: list[Segment],
               init_checkpoint: str | None, run_name: str) -> tuple[Path, str | None]:
         """Run one segment of the plan on ``rows``: (exported student, state for the next).
@@ -161,11 +204,18 @@ class Job:
 
         spec, t = self.spec, self.spec.training
 
-        def tokenized(items: list[dict[str, Any]], columns: list[str]) -> Any:
-            return ray.data.from_items([{c: r.get(c, "stop") for c in columns} for r in items]).map_batches(
+        def tokenized(items: list[dict[str, Any]], columns: list[str], signal: Any = None) -> Any:
+            from kdray.records import signal_key
+
+            table = [{c: r.get(c, "stop") for c in columns} for r in items]
+            if signal is not None:  # each row carries its stored teacher record
+                for row, item in zip(table, items):
+                    row.update(signal[1][signal_key(item)])
+            return ray.data.from_items(table).map_batches(
                 TokenizeForTraining,
                 fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=t.max_seq_len,
-                                           chat_template=spec.data.chat_template),
+                                           chat_template=spec.data.chat_template,
+                                           signal_meta=signal[0] if signal is not None else None),
                 batch_size=256,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=1),
@@ -175,7 +225,7 @@ class Job:
         columns = ["prompt", "response", "finish_reason"]
         if segment.regenerate_student:
             columns += ["student_response", "student_finish_reason"]
-        datasets = {"train": tokenized(rows, columns)}
+        datasets = {"train": tokenized(rows, columns, self.signal)}
         replay = spec.curriculum_of("replay")
         if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
             datasets["validation"] = tokenized(self.heldout[: replay.validation_samples], ["prompt", "response"])
@@ -274,9 +324,9 @@ class Job:
     # -- the whole job -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from kdray.evaluate import score_generated
         from kdray.generation import SamplingConfig
         from kdray.report import render_report
+        from kdray.training import check_lora_targets
 
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +339,7 @@ class Job:
         self.heldout = heldout
         n_rows = len(train) * (spec.generation.n if spec.data.response_source == "teacher" else 1)
         plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
+        check_lora_targets(spec)  # training.lora names modules the student has
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         init_ray(self.address)
 
@@ -304,6 +355,8 @@ class Job:
             train_rows = [dict(r, sample_index=0, finish_reason="stop") for r in train]
         state.save_rows("train_rows", train_rows)
 
+        if spec.teacher_signal.mode != "online":
+            self.score_signal(train_rows)
         if spec.curriculum_of("pocl") is not None:
             train_rows = self.order_by_difficulty(train_rows)
         student_dir: Path | None = None
@@ -313,6 +366,7 @@ class Job:
             if done is not None:
                 self.reporter.message(f"train: segment {segment.index + 1}/{len(plan)} was finished by an earlier run")
                 student_dir, checkpoint = Path(done["student"]), done["checkpoint"]
+                self.score_round(segment, plan, student_dir, state)
                 continue
             rows = train_rows[: segment.n_rows]
             if segment.regenerate_student:
@@ -322,6 +376,7 @@ class Job:
             self._recover_metrics(self.out / "ray_train" / run_name)
             student_dir, checkpoint = self.train(rows, segment, plan, checkpoint, run_name)
             state.finish(segment.index, checkpoint, str(student_dir))
+            self.score_round(segment, plan, student_dir, state)
         final = self.out / "student"
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(student_dir, final)
@@ -329,8 +384,8 @@ class Job:
         student = spec.student.model_copy(update={"model": str(final)})
 
         evaluation: dict[str, Any] = {}
+        judge: dict[str, Any] | None = None
         if spec.evaluation.enabled:
-            greedy = SamplingConfig.greedy(spec.evaluation.max_new_tokens)
             after = student
             with self._phase("evaluate", 3 * len(heldout), "held-out answers"):
                 for label, model in (
@@ -338,9 +393,12 @@ class Job:
                     ("student_before", spec.student),
                     ("student_after", after),
                 ):
-                    generated = self.generate(heldout, model, label, "evaluate", greedy)
-                    evaluation[label] = score_generated(generated, heldout)
-                    self._write_samples(label, generated, heldout)
+                    evaluation[label] = self.evaluate_model(label, model)
+            # teacher, student_before, student_round_1..N-1, student_after: the order of tables
+            evaluation = {**{k: v for k, v in evaluation.items() if k != "student_after"}, **self.round_scores,
+                          "student_after": evaluation["student_after"]}
+            if spec.evaluation.judge is not None:
+                judge = self.judge()
 
         with self._phase("report", 1, "report.json, report.md, plots"):
             report = {
@@ -351,7 +409,9 @@ class Job:
                 "timings_s": self.timings,
                 "rows": row_reports,
                 "evaluation": evaluation,
+                "judge": judge,
                 "train_metrics": self.metrics_history,
+                "teacher_signal": {"mode": spec.teacher_signal.mode, **(self.signal_stats or {})},
                 "student_dir": str(student_dir),
                 "plan": [seg.as_dict() for seg in plan],
                 "spec": spec.model_dump(mode="json"),
@@ -362,6 +422,86 @@ class Job:
             render_report(self.out)
             self.reporter.advance("report")
         return report
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate_model(self, label: str, model: ModelSpec) -> dict[str, Any]:
+        """Greedy answers of ``model`` to the held-out prompts through the generation pool,
+        scored (ROUGE-L, exact match, length), written to ``samples/LABEL.jsonl`` and kept for
+        the judge."""
+        from kdray.evaluate import score_generated
+        from kdray.generation import SamplingConfig
+
+        generated = self.generate(self.heldout, model, label, "evaluate",
+                                  SamplingConfig.greedy(self.spec.evaluation.max_new_tokens))
+        self._write_samples(label, generated, self.heldout)
+        self.answers[label] = {g["id"]: g["response"] for g in generated if g.get("sample_index", 0) == 0}
+        return score_generated(generated, self.heldout)
+
+    def score_round(self, segment: Segment, plan: list[Segment], student_dir: Path, state: JobState) -> None:
+        """``evaluation.per_round``: score the student segment ``segment`` exported, unless it
+        is the plan's last (that one is ``student_after``). Scores are kept in the job state,
+        so a resumed job keeps the rounds an earlier run scored."""
+        ev = self.spec.evaluation
+        if not (ev.enabled and ev.per_round and len(plan) > 1) or segment.index == len(plan) - 1:
+            return
+        label = f"student_round_{segment.index + 1}"
+        scores = state.round_score(segment.index)
+        if scores is not None:
+            self.reporter.message(f"evaluate: reusing the scores of {label} recorded by an earlier run")
+        else:
+            model = self.spec.student.model_copy(update={"model": str(student_dir)})
+            detail = f"held-out answers, student after {segment.label(len(plan))}"
+            with self._phase("evaluate", len(self.heldout), detail):
+                scores = self.evaluate_model(label, model)
+            state.save_round_score(segment.index, scores)
+        self.round_scores[label] = scores
+
+    def judge(self) -> dict[str, Any]:
+        """``evaluation.judge``: the judge model (served by the generation pool, greedy) compares
+        the distilled student's held-out answers with the reference's, in both orders. Prompts
+        whose judge prompt does not fit the judge's ``max_model_len`` are skipped and counted.
+        Each verdict is written to ``samples/judge.jsonl``."""
+        from transformers import AutoTokenizer
+
+        from kdray.evaluate import judge_requests, judge_summary, parse_verdict
+        from kdray.generation import SamplingConfig
+        from kdray.models import resolve_model
+
+        cfg = self.spec.evaluation.judge
+        student, reference = self.answers["student_after"], self.answers[cfg.reference]
+        rows = self.heldout[: cfg.max_prompts] if cfg.max_prompts else self.heldout
+        requests = judge_requests([{"id": r["id"], "prompt": r["prompt"], "student": student[r["id"]],
+                                    "reference": reference[r["id"]]} for r in rows], cfg.template)
+        count = _count_tokens_fn(AutoTokenizer.from_pretrained(resolve_model(cfg.model.model)),
+                                 self.spec.data.chat_template)
+        room = cfg.model.max_model_len - cfg.max_new_tokens
+        too_long = {q["item"] for q, n in zip(requests, count([q["prompt"] for q in requests])) if n > room}
+        requests = [q for q in requests if q["item"] not in too_long]
+        verdicts: dict[str, list[str | None]] = {}
+        outputs: dict[str, str] = {}
+        if requests:
+            with self._phase("evaluate", len(requests), f"LLM judge, student_after vs {cfg.reference}"):
+                generated = self.generate(requests, cfg.model, "judge", "evaluate",
+                                          SamplingConfig.greedy(cfg.max_new_tokens))
+            outputs = {g["id"]: g["response"] for g in generated}
+            for q in requests:  # [verdict with the student as A, verdict with the student as B]
+                verdicts.setdefault(q["item"], [None, None])[0 if q["order"] == "ab" else 1] = \
+                    parse_verdict(outputs[q["id"]])
+        summary = judge_summary({k: (ab, ba) for k, (ab, ba) in verdicts.items()})
+        summary.update(model=cfg.model.model, reference=cfg.reference, skipped_too_long=len(too_long))
+        path = self.out / "samples" / "judge.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for q in requests:
+                fh.write(json.dumps({"id": q["item"], "order": "student_first" if q["order"] == "ab" else
+                                     "student_second", "judge_prompt": q["prompt"], "output": outputs[q["id"]],
+                                     "verdict": parse_verdict(outputs[q["id"]])}) + "\n")
+        self.reporter.message(
+            f"evaluate: judge win rate of student_after vs {cfg.reference}: "
+            + (f"{summary['win_rate']:.3f} over {summary['comparisons']} comparisons" if summary["comparisons"]
+               else f"no comparisons ({len(too_long)} prompts too long for the judge)"))
+        return summary
 
     def _write_samples(self, label: str, generated: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
         gold = {r["id"]: r["response"] for r in heldout}

@@ -42,6 +42,8 @@ class SamplingConfig:
     max_new_tokens: int
     n: int
     seed: int
+    #: Generate exactly ``max_new_tokens`` tokens, past EOS (benchmarks; not a spec field).
+    ignore_eos: bool = False
 
     @classmethod
     def from_spec(cls, gen: GenerationSpec, **overrides: Any) -> "SamplingConfig":
@@ -106,6 +108,7 @@ class VLLMGenerator:
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
         )
         self.score_gold = score_gold
         self.chat_template = uses_chat_template(self.llm.get_tokenizer(), chat_template)

@@ -5,7 +5,8 @@ starting over.
 
 * ``job.json``: the resolved spec the work was done for, the Ray Train run name of each
   segment (a re-run reuses the name, so Ray Train restores that run's latest checkpoint), and
-  each finished segment's final checkpoint (DeepSpeed state and exported student);
+  each finished segment's final checkpoint (DeepSpeed state and exported student), and the
+  held-out scores of each segment's student (``evaluation.per_round``);
 * ``train_rows.jsonl``: the teacher's responses (generated once per job);
 * ``round-N-student.jsonl``: the student's responses of each DistiLLM-2 round.
 
@@ -26,7 +27,7 @@ from kdray.errors import KdrayError
 from kdray.spec import JobSpec
 
 #: What ``--restart`` removes: everything a previous run of the job left to resume from.
-RESUMABLE = ("state", "ray_train", "curriculum")
+RESUMABLE = ("state", "ray_train", "curriculum", "records")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -115,4 +116,13 @@ class JobState:
 
     def finish(self, index: int, checkpoint: str | None, student: str) -> None:
         self.data["segments"][str(index)] = {"checkpoint": checkpoint, "student": student}
+        self._save()
+
+    # -- per-round evaluation --------------------------------------------------------------
+    def round_score(self, index: int) -> dict[str, Any] | None:
+        """The held-out scores of segment ``index``'s student, if an earlier run recorded them."""
+        return self.data.get("round_scores", {}).get(str(index))
+
+    def save_round_score(self, index: int, scores: dict[str, Any]) -> None:
+        self.data.setdefault("round_scores", {})[str(index)] = scores
         self._save()

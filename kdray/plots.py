@@ -185,6 +185,40 @@ def plot_evaluation(entries: list[tuple[str, dict[str, Any]]], path: Path, title
         return _save(fig, path)
 
 
+def plot_evaluation_rounds(rounds: list[tuple[str, dict[str, Any]]], references: dict[str, dict[str, Any]],
+                           path: Path, title: str, unit: str = "round") -> Path:
+    """Held-out scores of the student after each round (``rounds``: label and scores, in order,
+    the last one the final student), one panel per metric, with the teacher's and the initial
+    student's scores (``references``) as horizontal lines."""
+    import matplotlib
+
+    metrics = (*_SCORES, ("mean_length", "mean length (words)"))
+    x = list(range(1, len(rounds) + 1))
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(figsize=(11, 3.6))
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+        for ax, (key, name) in zip(axes, metrics):
+            ys = [_num(s.get(key)) for _, s in rounds]
+            ax.plot(x, ys, marker="o", linewidth=1.8, color="tab:blue", label="student")
+            for i, y in zip(x, ys):
+                if not math.isnan(y):
+                    ax.annotate(f"{y:.3f}" if key != "mean_length" else f"{y:.2f}", (i, y),
+                                textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+            for ref, style, color in (("teacher", "--", "tab:green"), ("student_before", ":", "black")):
+                value = _num(references.get(ref, {}).get(key))
+                if not math.isnan(value):
+                    ax.axhline(value, linestyle=style, color=color, linewidth=1.4,
+                               label=f"{ref.replace('_', ' ')} ({value:.3f})")
+            ax.set_xticks(x, [f"{i}" if i < len(x) else f"{i}\n(final)" for i in x])
+            ax.set(title=name, xlabel=unit)
+            if key != "mean_length":
+                ax.set_ylim(0, 1.05)
+            ax.legend(loc="best")
+        axes[0].set_ylabel("score on held-out set")
+        fig.suptitle(f"{title}: held-out evaluation of the student after each {unit}")
+        return _save(fig, path)
+
+
 def plot_compare(labels: list[str], evs: list[dict[str, Any]], path: Path) -> Path:
     """``evs[i]`` is job i's evaluation: ``{"student_before": {...}, "student_after": {...}}``."""
     import matplotlib

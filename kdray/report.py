@@ -2,7 +2,9 @@
 
 :func:`render_report` turns ``DIR/report.json`` into ``report.md``, ``loss.png`` (loss and its
 parts per step), ``schedule.png`` (lr, temperature, kd_ratio, α, β, stage, round: one panel per
-quantity) and ``evaluation.png`` (held-out scores per model and round); :func:`compare_reports`
+quantity), ``evaluation.png`` (held-out scores per model and round) and, for a job scored after
+each round (``evaluation.per_round``), ``evaluation_rounds.png`` (scores vs round, with the
+teacher and the initial student as reference lines); :func:`compare_reports`
 puts jobs side by side in one markdown table and ``compare.png``. Plots use matplotlib's Agg
 canvas directly (no display, no pyplot state) under fixed rc settings, so a report renders to
 the same bytes every time; every file is written under a temporary name and moved into place.
@@ -27,6 +29,7 @@ from kdray.plots import (
     _write_atomic,
     plot_compare,
     plot_evaluation,
+    plot_evaluation_rounds,
     plot_loss,
     plot_schedule,
 )
@@ -74,6 +77,37 @@ def _evaluation(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return fixed.get(label) or ((2, int(match.group(1))) if match else (4, 0))
 
     return [(k, ev[k]) for k in sorted(ev, key=rank) if isinstance(ev[k], dict)]  # stable sort
+
+
+def _rounds(entries: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The student after each round: student_round_1..N-1, then student_after (round N); empty
+    when the job recorded no per-round scores."""
+    rounds = [(k, s) for k, s in entries if re.fullmatch(r"student_round_\d+", k)]
+    final = [(k, s) for k, s in entries if k == "student_after"]
+    return rounds + final if rounds and final else []
+
+
+def _round_unit(report: dict[str, Any]) -> str:
+    plan = report.get("plan")
+    staged = isinstance(plan, list) and any(_dict(p).get("stage") is not None for p in plan)
+    return "stage" if staged else "round"
+
+
+def _judge_lines(judge: dict[str, Any]) -> list[str]:
+    reference = str(judge.get("reference", "?")).replace("_", " ")
+    intro = (f"Judge `{judge.get('model', '?')}` compared the distilled student (student after) with "
+             f"**{reference}** on {_fmt(judge.get('items'), '.0f')} held-out prompts, once in each answer "
+             "order. A verdict other than A or B counts as a tie; the win rate counts ties as half a win.")
+    out = ["", "## LLM judge", "", intro, ""]
+    out += _table(["quantity", "value"], [
+        ["win rate of the student", _fmt(judge.get("win_rate"))],
+        ["comparisons (both orders)", _fmt(judge.get("comparisons"), ".0f")],
+        ["wins / ties / losses", " / ".join(_fmt(judge.get(k), ".0f") for k in ("wins", "ties", "losses"))],
+        ["position consistency", _fmt(judge.get("position_consistency"))],
+        ["judged A in both orders", _fmt(judge.get("first_position_bias"))],
+        ["judged B in both orders", _fmt(judge.get("second_position_bias"))],
+        ["prompts skipped (judge prompt too long)", _fmt(judge.get("skipped_too_long"), ".0f")]])
+    return out
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -157,6 +191,10 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     else:
         out.append("No evaluation results in report.json (evaluation disabled or not reached).")
     out += plot("evaluation.png", "held-out evaluation per model and round")
+    if plots.get("evaluation_rounds.png", "") is None:
+        out += plot("evaluation_rounds.png", "held-out evaluation of the student after each round")
+    if judge := _dict(report.get("judge")):
+        out += _judge_lines(judge)
 
     out += ["", "## Training", ""]
     if metrics := _metrics(report):
@@ -210,10 +248,13 @@ def render_report(out_dir: Path) -> list[Path]:
         "loss.png": None if loss_keys else "no per-step training metrics in report.json",
         "schedule.png": None if schedule_keys else "no per-step schedule values in report.json",
         "evaluation.png": None if entries else "no evaluation results in report.json",
+        "evaluation_rounds.png": None if (rounds := _rounds(entries)) else "no per-round evaluation in report.json",
     }
     draw = {"loss.png": lambda p: plot_loss(metrics, loss_keys, p, title),
             "schedule.png": lambda p: plot_schedule(metrics, schedule_keys, p, title),
-            "evaluation.png": lambda p: plot_evaluation(entries, p, title)}
+            "evaluation.png": lambda p: plot_evaluation(entries, p, title),
+            "evaluation_rounds.png": lambda p: plot_evaluation_rounds(rounds, dict(entries), p, title,
+                                                                      _round_unit(report))}
     written = [draw[name](out_dir / name) for name, reason in plots.items() if reason is None]
     for name in (n for n, reason in plots.items() if reason is not None):
         (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier render would mislead

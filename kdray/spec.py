@@ -63,8 +63,40 @@ def check_model_ref(ref: str) -> str:
     )
 
 
+HUB_PREFIX = "hub:"
+# A datasets split expression: NAME, NAME[start:end] with ints or percentages, joined by '+'.
+_SPLIT_PART = r"[A-Za-z_][\w.-]*(?:\[\s*-?\d*%?\s*:\s*-?\d*%?\s*\])?"
+_HUB_SPLIT = re.compile(rf"^{_SPLIT_PART}(?:\+{_SPLIT_PART})*$")
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str]:
+    """``hub:ORG/NAME[:SPLIT]`` → (``ORG/NAME``, split); the split defaults to ``train``.
+
+    SPLIT is the ``datasets`` slice syntax (``train``, ``train[:14000]``, ``train[90%:]``,
+    ``train+validation``). Checked here without network access; the dataset itself is read
+    by the host that runs the job (:func:`kdray.data.read_rows`)."""
+    body = ref.removeprefix(HUB_PREFIX)
+    name, sep, split = body.partition(":")
+    if not _HUB_ID.match(name):
+        raise ValueError(
+            f"hub dataset {ref!r}: {name!r} is not a hub id; write hub:ORG/NAME or "
+            "hub:ORG/NAME:SPLIT, e.g. hub:databricks/databricks-dolly-15k:train[:14000]"
+        )
+    split = split.replace(" ", "") if sep else "train"
+    if not _HUB_SPLIT.match(split):
+        raise ValueError(
+            f"hub dataset {ref!r}: split {split!r} is not a datasets split expression; use a split "
+            "name with an optional slice, e.g. train, train[:14000], train[14000:], train[90%:]"
+        )
+    return name, split
+
+
 def check_data_ref(ref: str) -> str:
-    """Accept a toy split or an existing JSONL / parquet file or ``save_to_disk`` directory."""
+    """Accept a toy split, a hub dataset ``hub:ORG/NAME[:SPLIT]``, or an existing JSONL /
+    parquet file or ``save_to_disk`` directory."""
+    if ref.startswith(HUB_PREFIX):
+        parse_hub_ref(ref)
+        return ref
     if ref.startswith(TOY_PREFIX):
         if ref not in TOY_DATA:
             raise ValueError(f"unknown toy dataset {ref!r}; use one of {', '.join(TOY_DATA)}")
@@ -73,7 +105,8 @@ def check_data_ref(ref: str) -> str:
     if not path.exists():
         raise ValueError(
             f"dataset {ref!r} does not exist; give a .jsonl or .parquet file, a directory "
-            "written by datasets' save_to_disk, or 'toy:train' / 'toy:heldout'"
+            "written by datasets' save_to_disk, a hub dataset 'hub:ORG/NAME[:SPLIT]', or "
+            "'toy:train' / 'toy:heldout'"
         )
     if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"dataset {ref!r} has suffix {path.suffix!r}; use .jsonl or .parquet")
@@ -113,7 +146,8 @@ class DataSpec(_Spec):
 
     train: str = Field(
         description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
-        "or 'toy:train'.",
+        "a hub dataset 'hub:ORG/NAME[:SPLIT]' (SPLIT in datasets' slice syntax, e.g. "
+        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train'.",
     )
     heldout: str = Field(
         description="Held-out prompts for evaluation, same formats, or 'toy:heldout'.",
@@ -224,6 +258,35 @@ class TeacherSignalSpec(_Spec):
     )
 
 
+# The attention and MLP projections of Llama, Qwen2, Mistral and their kin.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(_Spec):
+    """LoRA adapters (peft) on the student: only the adapters train; the export merges them
+    into the base weights, so the exported student is a plain model."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Names of the linear modules that get adapters (the last part of the "
+        "module path); default: the attention and MLP projections of Llama / Qwen2.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z_][\w.]*", name)]
+        if bad:
+            raise ValueError(f"{bad} are not module names; give names such as 'q_proj' or 'mlp.down_proj'")
+        if len(set(v)) != len(v):
+            raise ValueError("target_modules lists a module twice; list each once")
+        return v
+
+
 class TrainingSpec(_Spec):
     """Ray Train + DeepSpeed ZeRO settings. Batch sizes say their scope in their names."""
 
@@ -261,6 +324,35 @@ class TrainingSpec(_Spec):
         description="Worker-group failures Ray Train recovers from (restarting from the latest "
         "checkpoint) before the job fails; -1 retries forever.",
     )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train LoRA adapters (peft) instead of every weight: null (full fine-tuning) "
+        "or a mapping {r, alpha, dropout, target_modules}. The exported student has the adapters "
+        "merged in.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep the optimizer state (AdamW moments, fp32 master weights) in CPU memory "
+        "(ZeRO-Offload); needs zero_stage 1, 2 or 3. Saves GPU memory, costs step time.",
+    )
+    offload_param: bool = Field(
+        False,
+        description="Keep the partitioned parameters in CPU memory between uses (ZeRO-Infinity); "
+        "needs zero_stage 3.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "TrainingSpec":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "offload_optimizer needs ZeRO: set zero_stage to 1, 2 or 3, or offload_optimizer to false"
+            )
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_param needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions the "
+                "parameters; set zero_stage to 3, or offload_param to false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainingSpec":
@@ -278,11 +370,85 @@ class TrainingSpec(_Spec):
         return self.global_batch_size // (self.micro_batch_size_per_worker * self.num_workers)
 
 
+DEFAULT_JUDGE_TEMPLATE = (
+    "Which response follows the instruction better?\n\n"
+    "Instruction: {prompt}\n\n"
+    "Response A: {a}\n\n"
+    "Response B: {b}\n\n"
+    "Answer with one letter, A or B.\nBetter response:"
+)
+
+
+class JudgeSpec(_Spec):
+    """An LLM judge: pairwise comparison of the distilled student against an opponent on
+    held-out prompts, asked in both answer orders."""
+
+    model: ModelSpec = Field(
+        description="The judge model (a model ref, or a mapping like teacher/student with dtype "
+        "and max_model_len), served by the job's generation pool, greedy.",
+    )
+    reference: Literal["teacher", "student_before"] = Field(
+        "teacher", description="The opponent of the distilled student: the teacher or the initial student."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Judge only the first N held-out prompts (null: all). Each costs two judge calls."
+    )
+    max_new_tokens: int = Field(
+        2, ge=1, le=4, description="Tokens the judge may write; its verdict is the first letter, A or B."
+    )
+    template: str = Field(
+        DEFAULT_JUDGE_TEMPLATE,
+        description="The judge's prompt, with the fields {prompt}, {a} and {b} (the two answers); "
+        "literal braces are written {{ and }}.",
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"template is not a format string ({exc}); write literal braces as {{{{ and }}}}")
+        unknown, missing = fields - {"prompt", "a", "b"}, {"prompt", "a", "b"} - fields
+        if unknown or missing:
+            raise ValueError(
+                "template must use exactly the fields {prompt}, {a} and {b}"
+                + (f"; unknown: {', '.join(repr(f) for f in sorted(unknown))}" if unknown else "")
+                + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
+            )
+        return v
+
+
 class EvaluationSpec(_Spec):
-    """Held-out scoring of the student before and after, and of the teacher."""
+    """Held-out scoring of the student before, after each round and after, and of the teacher."""
 
     enabled: bool = Field(True, description="Score student-before, student-after and teacher.")
     max_new_tokens: int = Field(64, ge=1, description="Longest answer generated for scoring.")
+    per_round: bool = Field(
+        True,
+        description="When the plan has more than one segment (POCL stages, DistiLLM-2 rounds), "
+        "also score the student each segment exported, right after it (student_round_N; the "
+        "last segment's student is student_after). No effect on a one-segment plan.",
+    )
+    judge: JudgeSpec | None = Field(
+        None,
+        description="LLM judge of the distilled student against a reference (null: none): win "
+        "rate over both answer orders and position consistency.",
+    )
+
+    @model_validator(mode="after")
+    def _judge_needs_answers(self) -> "EvaluationSpec":
+        if self.judge is not None and not self.enabled:
+            raise ValueError("evaluation.judge compares the held-out answers that evaluation "
+                             "generates; set evaluation.enabled: true or remove the judge")
+        return self
 
 
 class JobSpec(_Spec):
@@ -328,9 +494,48 @@ class JobSpec(_Spec):
         check_curriculum(self)
         return self
 
+    @model_validator(mode="after")
+    def _signal_fits(self) -> "JobSpec":
+        mode = self.teacher_signal.mode
+        if mode == "online":
+            return self
+        if self.objective.kind == "distillm2":
+            raise ValueError(
+                f"teacher_signal.mode '{mode}' cannot serve objective 'distillm2': its SRKL term needs the "
+                "teacher on the student's responses, which change every round; use teacher_signal.mode: online"
+            )
+        if self.curriculum_of("replay") is not None:
+            raise ValueError(
+                f"teacher_signal.mode '{mode}' cannot serve the replay curriculum: it trains on fresh student "
+                "samples the records never saw; use teacher_signal.mode: online"
+            )
+        if mode == "topk":
+            pocl = self.curriculum_of("pocl")
+            temps = {self.objective.kd_temperature} | ({pocl.t_start, pocl.t_end} if pocl is not None else set())
+            if temps != {1.0}:
+                raise ValueError(
+                    "teacher_signal.mode 'topk' stores the teacher's log-probs at temperature 1, and a top-k "
+                    "record cannot be re-tempered (the tail's shape is unknown); set objective.kd_temperature "
+                    "(and POCL's t_start/t_end) to 1.0, or use teacher_signal.mode: hidden, which is exact at "
+                    "any temperature"
+                )
+        return self
+
     def curriculum_of(self, kind: str) -> Any:
         """The curriculum entry of ``kind``, or None."""
         return next((c for c in self.curriculum if c.kind == kind), None)
+
+    @model_validator(mode="after")
+    def _hf_backend_one_device(self) -> "JobSpec":
+        hf = [role for role in ("teacher", "student") if getattr(self, role).backend == "hf"]
+        if hf and self.generation.tensor_parallel_size > 1:
+            raise ValueError(
+                f"{' and '.join(f'{r}.backend' for r in hf)} {'is' if len(hf) == 1 else 'are'} 'hf', which runs "
+                "one device per replica, but "
+                f"generation.tensor_parallel_size is {self.generation.tensor_parallel_size}; set "
+                "tensor_parallel_size to 1 (scale out with generation.replicas) or use backend: vllm"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "JobSpec":
@@ -356,5 +561,6 @@ from kdray.spec_loading import dump_spec, load_spec, parse_spec, parse_spec_text
 
 __all__ = [
     "JobSpec", "ModelSpec", "DataSpec", "GenerationSpec", "ObjectiveSpec", "TeacherSignalSpec", "TrainingSpec",
-    "EvaluationSpec", "dump_spec", "load_spec", "parse_spec", "parse_spec_text", "spec_errors",
+    "LoraSpec",
+    "EvaluationSpec", "JudgeSpec", "dump_spec", "load_spec", "parse_spec", "parse_spec_text", "spec_errors",
 ]

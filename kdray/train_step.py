@@ -30,28 +30,124 @@ def _shifted(logits: Any, labels: Any) -> tuple[Any, Any, Any]:
     return logits[:, :-1], target, target != IGNORE_INDEX
 
 
+class TeacherHead:
+    """The teacher's lm_head alone (``teacher_signal.mode: hidden``): stored hidden states
+    times this weight are the teacher's exact logits, with no teacher model in the worker."""
+
+    def __init__(self, weight: Any, bias: Any, vocab: int):
+        self.weight = weight[:vocab]
+        self.bias = None if bias is None else bias[:vocab]
+
+    def to(self, device: Any) -> "TeacherHead":
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+    def logits(self, hidden: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
+def load_teacher(spec: JobSpec) -> Any:
+    """What a worker holds of the teacher: the frozen model (``online``), its lm_head
+    (``hidden``), or nothing (``topk``: the records hold all it says)."""
+    from kdray.models import load_causal_lm, load_output_head, shared_vocab_size
+
+    mode = spec.teacher_signal.mode
+    if mode == "online":
+        return load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
+    if mode == "hidden":
+        weight, bias = load_output_head(spec.teacher.model, spec.teacher.dtype)
+        return TeacherHead(weight, bias, shared_vocab_size(spec.teacher.model, spec.student.model))
+    return None
+
+
+def _unwrapped(module: Any) -> Any:
+    """The transformers model under a peft wrapper (LoRA), if any."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 class KDStep:
-    """``kd_ratio · divergence + (1 − kd_ratio) · CE`` on the training responses."""
+    """``kd_ratio · divergence + (1 − kd_ratio) · CE`` on the training responses.
+
+    The teacher's distribution comes from the spec's ``teacher_signal``: the frozen teacher's
+    logits (``online``), the stored top-k log-probs and ids (``topk``: the divergence on the
+    top-k + tail buckets, :func:`kdray.losses.sparse_divergence`), or the stored hidden states
+    times the teacher's lm_head (``hidden``). In ``hidden`` mode under ZeRO 0–2 the student's
+    final hidden states go straight into :func:`kdray.losses.fused_linear_divergence`, so
+    neither model's ``[tokens, V]`` logits are ever materialised; under ZeRO-3, whose
+    partitioned lm_head is only whole inside the module's own forward, both sides take
+    logits. Logits are compared over the vocabulary both models share (padding rows of a
+    larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
+    """
 
     def __init__(self, spec: JobSpec, segment: Segment):
+        from kdray.models import shared_vocab_size
+
         self.spec, self.segment = spec, segment
+        self.mode = spec.teacher_signal.mode
+        self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
+        self.fused = self.mode == "hidden" and spec.training.zero_stage < 3
 
     def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
         import torch
 
         from kdray import losses
 
+        if self.fused:
+            return self._fused(engine, teacher, batch)
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         logits = engine(input_ids=ids, attention_mask=attn).logits
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, attention_mask=attn).logits
-        s, target, mask = _shifted(logits.float(), labels)
+        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
         seg, obj = self.segment, self.spec.objective
-        loss, parts = losses.kd_objective(
-            s, t_logits[:, :-1].float(), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
-            kd_temperature=seg.kd_temperature, labels=target if seg.kd_ratio < 1.0 else None,
-            divergence_kwargs=obj.divergence_params(),
+        ce_labels = target if seg.kd_ratio < 1.0 else None
+        if self.mode == "topk":
+            t_ids, t_lps = batch["t_topk_ids"][:, 1:], batch["t_topk_logprobs"][:, 1:]
+            outside = t_ids >= self.vocab  # a padding row of a larger teacher vocabulary: not a token
+            t_ids, t_lps = t_ids.masked_fill(outside, 0), t_lps.masked_fill(outside, float("-inf"))
+            kd_tokens = losses.sparse_divergence(
+                obj.kind, s, t_ids, t_lps,
+                temperature=seg.kd_temperature, **obj.divergence_params(),
+            )
+            ce = None
+            if ce_labels is not None:
+                ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
+            loss, parts = losses.mix_kd_and_ce(losses.masked_token_mean(kd_tokens, mask), ce, seg.kd_ratio)
+        else:
+            with torch.no_grad():
+                if self.mode == "hidden":
+                    t_logits = teacher.logits(batch["t_hidden"][:, 1:])
+                else:
+                    t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            loss, parts = losses.kd_objective(
+                s, t_logits[..., : self.vocab].float(), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
+                kd_temperature=seg.kd_temperature, labels=ce_labels, divergence_kwargs=obj.divergence_params(),
+            )
+        return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
+
+    def _fused(self, engine: Any, teacher: TeacherHead, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        """``hidden`` mode, ZeRO 0–2: the decoder's hidden states into the fused lm-head loss."""
+        from kdray import losses
+
+        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        model = _unwrapped(engine.module)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        weight = head.weight[: self.vocab]
+        bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab]
+        target = labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        seg, obj = self.segment, self.spec.objective
+        kd = losses.fused_linear_divergence(
+            hidden, weight, batch["t_hidden"][:, 1:].to(teacher.weight.dtype), teacher.weight,
+            divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
+            student_bias=bias, teacher_bias=teacher.bias, **obj.divergence_params(),
         )
+        ce = None
+        if seg.kd_ratio < 1.0:
+            ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias)
+        loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
     def optimizer_step(self) -> None:
@@ -107,8 +203,8 @@ class DistiLLM2Step(KDStep):
         logits = engine(input_ids=ids, attention_mask=attn).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=attn).logits
-        s, target, mask = _shifted(logits.float(), labels)
-        t = t_logits[:, :-1].float()
+        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
+        t = t_logits[:, :-1, : self.vocab].float()
         flags = torch.arange(2 * n, device=s.device) >= n  # second half: student responses
         safe = target.clamp(min=0).unsqueeze(-1)
         with torch.no_grad():

@@ -36,18 +36,107 @@ class WorkerConfig:
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
     """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately."""
     t = spec.training
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    # Offload targets host memory; page-locked (pinned) buffers only speed up GPU copies.
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size_per_worker,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": t.gradient_clipping,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": spec.student.dtype == "bfloat16"},
         "fp16": {"enabled": spec.student.dtype == "float16"},
         "zero_allow_untested_optimizer": True,
+        # With offload DeepSpeed insists on its own DeepSpeedCPUAdam unless this is false; the
+        # optimizer here is torch's AdamW (deepspeed.initialize(optimizer=...)), stepped on the
+        # offloaded fp32 state on the CPU.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def load_student(spec: JobSpec) -> Any:
+    """The student to train: the model itself, or with ``training.lora`` the model wrapped in
+    peft LoRA adapters (only they train; the base weights are frozen)."""
+    from kdray.models import load_causal_lm
+
+    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
+    lora = spec.training.lora
+    if lora is None:
+        return student
+    from peft import LoraConfig, get_peft_model
+
+    _check_lora_targets(spec, student)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(student, config)
+
+
+def _check_lora_targets(spec: JobSpec, model: Any) -> None:
+    import torch
+
+    from kdray.errors import KdrayError
+
+    linear = sorted({name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    targets = spec.training.lora.target_modules
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise KdrayError(
+            f"training.lora.target_modules: {missing} match no linear layer of student.model "
+            f"{spec.student.model!r}; its linear layers are named {leaves}"
+        )
+
+
+def check_lora_targets(spec: JobSpec) -> None:
+    """Fail before any work when ``training.lora.target_modules`` names a module the student
+    lacks (checked on a weightless skeleton of the student: no memory, no download of weights)."""
+    if spec.training.lora is None:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdray.models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec.student.model))
+    except OSError:
+        return  # not reachable from here (a hub id offline): the workers check when they load it
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_lora_targets(spec, skeleton)
+
+
+def save_student(model: Any, spec: JobSpec, out: str) -> None:
+    """Write the trained student as a plain HF checkpoint (``from_pretrained`` and vLLM load it).
+
+    ``model`` is the engine's module with full weights (under ZeRO-3, inside
+    ``GatheredParameters``). LoRA adapters are merged into the base weights of a fresh copy,
+    so the training model keeps its adapters."""
+    if spec.training.lora is None:
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    copy = load_student(spec)
+    copy.load_state_dict(state, strict=True)
+    copy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -65,16 +154,20 @@ class TokenizeForTraining:
     Labels are the response tokens (see :func:`kdray.records.encode_batch`); the prompt and
     the padding are ``IGNORE_INDEX`` (-100), so losses cover only what the student must learn. Rows
     with a ``student_response`` (DistiLLM-2 rounds) also get ``s_input_ids``,
-    ``s_attention_mask`` and ``s_labels`` for it.
+    ``s_attention_mask`` and ``s_labels`` for it. With ``signal_meta`` (teacher_signal modes
+    ``topk`` / ``hidden``) the rows carry their stored teacher records, which are decoded and
+    placed at the label positions (:func:`kdray.records.align_signal`).
     """
 
-    def __init__(self, tokenizer_ref: str, max_seq_len: int, chat_template: str = "auto"):
+    def __init__(self, tokenizer_ref: str, max_seq_len: int, chat_template: str = "auto",
+                 signal_meta: dict[str, Any] | None = None):
         from kdray.models import load_tokenizer
         from kdray.records import uses_chat_template
 
         self.tok = load_tokenizer(tokenizer_ref)
         self.max_len = max_seq_len
         self.chat_template = uses_chat_template(self.tok, chat_template)
+        self.signal_meta = signal_meta  # teacher records travel in the rows (topk / hidden modes)
 
     def _encode(self, prompts: Any, responses: Any, finished: Any) -> dict[str, Any]:
         from kdray.records import encode_batch, pack_examples
@@ -84,6 +177,12 @@ class TokenizeForTraining:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"))
+        if self.signal_meta is not None:
+            from kdray.records import align_signal, decode_signal
+
+            names = [c for c in ("n_tokens", "topk_ids", "topk_logprobs", "hidden") if c in batch]
+            rows = [decode_signal({c: batch[c][i] for c in names}, self.signal_meta) for i in range(len(batch["prompt"]))]
+            out.update(align_signal(rows, out["labels"], self.signal_meta))
         if "student_response" in batch:
             student = self._encode(batch["prompt"], batch["student_response"], batch.get("student_finish_reason"))
             out.update({f"s_{k}": v for k, v in student.items()})
@@ -97,8 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from kdray.models import load_causal_lm
-    from kdray.train_step import make_step_objective
+    from kdray.train_step import load_teacher, make_step_objective
 
     wc: WorkerConfig = config["worker"]
     spec, t, seg = wc.spec, wc.spec.training, wc.segment
@@ -106,9 +204,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(t.seed + rank)
 
-    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
-    teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    student = load_student(spec)  # with training.lora: peft adapters, base frozen
+    teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
+                                  lr=t.lr, weight_decay=t.weight_decay)
     # One cosine over the whole plan, or over this segment when it restarts the optimizer.
     span = seg.steps if seg.restart_optimizer else wc.total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -118,7 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
     device = engine.device
-    teacher.to(device)
+    if teacher is not None:
+        teacher.to(device)
 
     step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
     objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
@@ -189,6 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "peak_rss_mb": peak_rss_mb(),
                 **schedule,
             }
             window, started = {}, None
@@ -294,6 +395,6 @@ def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progre
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=wc.spec.training.zero_stage == 3):
             if rank == 0:
                 out = os.path.join(tmp, "student")
-                model.save_pretrained(out, safe_serialization=True)
+                save_student(model, wc.spec, out)  # LoRA merged into the base weights
                 load_tokenizer(wc.spec.student.model).save_pretrained(out)
         ray.train.report({**metrics, "final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -129,12 +129,11 @@ def _wait_past_step(proc: subprocess.Popen, events: Path, step: int, timeout: fl
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
+def run_killing_a_worker(spec: Path, tmp_path: Path, every: int) -> None:
+    """Run the job, kill one Ray Train worker once training is past step ``every`` (the
+    first checkpoint), and check the job still finishes."""
     import psutil
 
-    every = 4
-    spec = reduced_demo(tmp_path, checkpoint_every_steps=every, max_failures=1)
     proc = _start_job(spec, tmp_path)
     try:
         _wait_past_step(proc, tmp_path / "out" / "events.jsonl", every)  # past the first checkpoint
@@ -150,6 +149,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
             proc.kill()
     assert proc.returncode == 0, stdout + stderr
 
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, toy_world):
+    every = 4
+    run_killing_a_worker(reduced_demo(tmp_path, checkpoint_every_steps=every, max_failures=1), tmp_path, every)
     _assert_resumed_once(tmp_path / "out", every)
 
 

@@ -66,7 +66,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_render_writes_markdown_and_plots(tmp_path):
     job = make_job(tmp_path, "fkl", rounds=(2, 1))
     written = rep.render_report(job)
-    assert [p.name for p in written] == ["report.md", "loss.png", "schedule.png", "evaluation.png"]
+    assert [p.name for p in written] == ["report.md", "loss.png", "schedule.png", "evaluation.png",
+                                         "evaluation_rounds.png"]
     assert all(p.is_file() and p.parent == job for p in written)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert "# kdray job `fkl`" in md and "succeeded" in md and "2m 15s" in md
@@ -190,3 +191,45 @@ def test_cli_subcommands(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.index("| b |") < out.index("| a |")
     assert (tmp_path / "compare.png").is_file()
+
+
+def test_rounds_plot_only_for_jobs_scored_per_round(tmp_path):
+    one = make_job(tmp_path, "one")  # a one-segment job: no rounds, no rounds plot, no mention
+    (one / "evaluation_rounds.png").write_bytes(b"stale")
+    assert "evaluation_rounds.png" not in [p.name for p in rep.render_report(one)]
+    assert not (one / "evaluation_rounds.png").exists()
+    assert "evaluation_rounds" not in (one / "report.md").read_text(encoding="utf-8")
+
+    staged = make_job(tmp_path, "staged", rounds=(1, 2, 3))
+    report = json.loads((staged / "report.json").read_text())
+    report["plan"] = [{"index": i, "stage": i + 1} for i in range(4)]
+    (staged / "report.json").write_text(json.dumps(report))
+    assert rep._round_unit(report) == "stage" and rep._round_unit({"plan": [{"stage": None}]}) == "round"
+    entries = rep._evaluation(report)
+    assert [k for k, _ in rep._rounds(entries)] == ["student_round_1", "student_round_2", "student_round_3",
+                                                    "student_after"]
+    rep.render_report(staged)
+    width, height = png_size(staged / "evaluation_rounds.png")
+    assert 800 <= width <= 2000 and 250 <= height <= 1000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(staged / "evaluation_rounds.png").std() > 0.05
+    assert "](evaluation_rounds.png)" in (staged / "report.md").read_text(encoding="utf-8")
+
+
+def test_judge_section_in_report_md(tmp_path):
+    job = make_job(tmp_path, "judged")
+    report = json.loads((job / "report.json").read_text())
+    report["judge"] = {"model": "toy:teacher", "reference": "teacher", "items": 5, "comparisons": 10,
+                       "wins": 3, "losses": 5, "ties": 2, "win_rate": 0.4, "position_consistency": 0.6,
+                       "first_position_bias": 0.2, "second_position_bias": 0.2, "skipped_too_long": 1}
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert "## LLM judge" in md and "`toy:teacher`" in md and "**teacher** on 5 held-out prompts" in md
+    assert "| win rate of the student | 0.400 |" in md and "| wins / ties / losses | 3 / 2 / 5 |" in md
+    assert "| position consistency | 0.600 |" in md
+    assert "| prompts skipped (judge prompt too long) | 1 |" in md
+    # A job without a judge has no judge section.
+    rep.render_report(make_job(tmp_path, "plain"))
+    assert "LLM judge" not in (tmp_path / "plain" / "report.md").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ Pure PyTorch: importing this package needs only ``torch`` (no Ray, vLLM or DeepS
   :func:`token_cross_entropy`, :func:`kd_objective`, :func:`distillm2_loss`.
 * Sparse teacher: :func:`sparse_forward_kl`, :func:`sparse_divergence`,
   :func:`sparse_bucket_logprobs`.
-* Fused chunked path: :func:`fused_linear_divergence`.
+* Fused chunked path: :func:`fused_linear_divergence`, :func:`fused_linear_cross_entropy`.
 """
 
 from kdray.losses.divergences import (
@@ -25,12 +25,13 @@ from kdray.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
-from kdray.losses.fused import fused_linear_divergence
+from kdray.losses.fused import fused_linear_cross_entropy, fused_linear_divergence
 from kdray.losses.objectives import (
     IGNORE_INDEX,
     distillm2_loss,
     kd_objective,
     masked_token_mean,
+    mix_kd_and_ce,
     reduce_per_token,
     sequence_then_batch_mean,
     token_cross_entropy,
@@ -43,10 +44,12 @@ __all__ = [
     "adaptive_kl",
     "distillm2_loss",
     "forward_kl",
+    "fused_linear_cross_entropy",
     "fused_linear_divergence",
     "jsd",
     "kd_objective",
     "masked_token_mean",
+    "mix_kd_and_ce",
     "reduce_per_token",
     "reverse_kl",
     "sequence_then_batch_mean",

@@ -275,3 +275,46 @@ def fused_linear_divergence(
         nonempty = (counts > 0).sum().clamp_min(1)
         weight = (per_seq / counts.clamp_min(1.0) / nonempty).reshape(n)
     return _FusedReduced.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, weight, plan)
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Token-mean hard-label cross-entropy of ``hidden @ weight^T (+ bias)`` without full logits.
+
+    ``hidden [N, H]`` / ``[B, T, H]``, ``labels`` with the leading shape (-100 = ignore), ``mask``
+    likewise (nonzero = use). Each chunk of tokens is recomputed in backward
+    (``torch.utils.checkpoint``), so only one ``[chunk, V]`` block of logits exists at a time,
+    as in :func:`fused_linear_divergence` (the same default chunk sizing). Equals
+    :func:`kdray.losses.token_cross_entropy` reduced by :func:`masked_token_mean`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(labels.shape)}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    keep = y != -100
+    if mask is not None:
+        keep &= mask.reshape(-1).to(y.device) != 0
+    rows = keep.nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return (h.sum() + weight.sum()) * 0.0  # no token: a zero that keeps the graph
+    step = _chunk_rows(rows.numel(), weight.shape[0], chunk_size)
+
+    def chunk_nll(hc: Tensor, yc: Tensor) -> Tensor:
+        logits = compute_dtype(_project(hc, weight, bias))
+        return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, yc.unsqueeze(-1)).squeeze(-1)).sum()
+
+    total = None
+    for start in range(0, rows.numel(), step):
+        idx = rows[start: start + step]
+        part = checkpoint(chunk_nll, h.index_select(0, idx), y.index_select(0, idx), use_reentrant=False)
+        total = part if total is None else total + part
+    return total / rows.numel()

@@ -4,7 +4,8 @@
 * :func:`sequence_then_batch_mean` -- mean per sequence, then over sequences
   (DistiLLM-2's reduction: every response counts equally, whatever its length).
 * :func:`token_cross_entropy` -- hard-label CE per token (ignore index -100).
-* :func:`kd_objective` -- ``kd_ratio · KD + (1 - kd_ratio) · CE`` with its parts.
+* :func:`kd_objective` -- ``kd_ratio · KD + (1 - kd_ratio) · CE`` with its parts
+  (:func:`mix_kd_and_ce` when the KD term is computed elsewhere).
 * :func:`distillm2_loss` -- DistiLLM-2's contrastive objective (CALD).
 
 Masks are boolean ``[B, T]`` (any nonzero value counts as "keep"). Masked positions
@@ -141,12 +142,22 @@ def kd_objective(
     fn = _resolve_divergence(divergence, divergence_kwargs or {})
     kd_tokens = fn(student_logits, teacher_logits, temperature=temperature, **(divergence_kwargs or {}))
     kd = reduce_per_token(kd_tokens, mask, reduction)
+    ce = None
+    if labels is not None:
+        ce_mask = (mask.to(labels.device) != 0) & (labels != IGNORE_INDEX)
+        ce = reduce_per_token(token_cross_entropy(student_logits, labels), ce_mask, reduction)
+    return mix_kd_and_ce(kd, ce, kd_ratio)
+
+
+def mix_kd_and_ce(kd: Tensor, ce: Tensor | None, kd_ratio: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``kd_ratio · kd + (1 - kd_ratio) · ce`` from reduced scalars -> ``(loss, parts)``, as
+    :func:`kd_objective` combines them; for callers that compute the KD term another way
+    (a sparse or fused teacher signal). ``ce`` may be None only when ``kd_ratio == 1``."""
+    if kd_ratio < 1.0 and ce is None:
+        raise ValueError("the CE term is required when kd_ratio < 1 (it has weight 1 - kd_ratio)")
     parts = {"kd": kd.detach()}
     loss = kd
-    if labels is not None:
-        ce_tokens = token_cross_entropy(student_logits, labels)
-        ce_mask = (mask.to(labels.device) != 0) & (labels != IGNORE_INDEX)
-        ce = reduce_per_token(ce_tokens, ce_mask, reduction)
+    if ce is not None:
         parts["ce"] = ce.detach()
         if kd_ratio == 0.0:
             loss = ce  # not 0 * kd: an infinite KD term would turn the gradient into NaN

@@ -113,6 +113,9 @@ def sparse_bucket_logprobs(
         lp_tail = torch.log(-torch.expm1(head))
     else:
         lp_tail = torch.log(compute_dtype(teacher_tail_mass).to(lq.dtype))
+    # When the top-k ids cover the whole vocabulary the tail bucket holds no token: its mass is
+    # 0 for both models, whatever rounding left in 1 - Σ exp(top-k) (float16 records).
+    lp_tail = lp_tail.masked_fill(in_topk.all(-1), NEG_INF)
     student_lq = torch.cat([lq_top, lq_tail.unsqueeze(-1)], dim=-1)
     teacher_lp = torch.cat([lp_top, lp_tail.unsqueeze(-1)], dim=-1)
     return student_lq, teacher_lp
