@@ -35,6 +35,7 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
         topk_id_dtype,
         write_signal_records,
     )
+    from kdray.train_step import topk_tail_mass
     from kdray.training import TokenizeForTraining
 
     rows = read_rows("toy:train")[:n_rows]
@@ -73,7 +74,9 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
             aligned = align_signal([decode_signal(stored[str(i)], meta) for i in range(len(rows))], labels.numpy(), meta)
             t_ids = torch.as_tensor(aligned["t_topk_ids"])[:, 1:]
             t_lps = torch.as_tensor(aligned["t_topk_logprobs"])[:, 1:]
-            sparse = gradient(lambda s: losses.masked_token_mean(losses.sparse_forward_kl(s, t_ids, t_lps), mask))
+            tail = topk_tail_mass(t_lps)  # as the trainer computes it
+            sparse = gradient(lambda s: losses.masked_token_mean(
+                losses.sparse_forward_kl(s, t_ids, t_lps, teacher_tail_mass=tail), mask))
             cosine = float(torch.nn.functional.cosine_similarity(sparse, dense, dim=0))
             out.append({"k": k, "vocab": vocab, "tokens": stats["tokens"], "bytes_per_token": stats["bytes_per_token"],
                         "raw_bytes_per_token": k * (2 if meta["id_dtype"] == "<u2" else 4) + 2 * k,

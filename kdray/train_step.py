@@ -49,6 +49,23 @@ class TeacherHead:
         return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
 
 
+#: Smallest teacher tail mass a top-k record is taken to have. The records keep log-probs in
+#: float16 (about 1e-3 relative error per stored probability), so a tail recomputed as
+#: 1 − Σ exp(top-k) below about 1e-6 is rounding noise, and 0 would be a claim the record cannot
+#: make: it would give reverse-KL-type terms (reverse KL, AKL's tail part) an infinite value
+#: and NaN gradients wherever the student keeps any mass outside the teacher's top k.
+TOPK_TAIL_FLOOR = 1e-6
+
+
+def topk_tail_mass(topk_logprobs: Any) -> Any:
+    """The teacher's mass outside its recorded top-k, ``[B, T]``, floored at
+    :data:`TOPK_TAIL_FLOOR` (computed as ``-expm1(logsumexp(top-k))``, stable near 1)."""
+    import torch
+
+    head = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp_max(0.0)
+    return (-torch.expm1(head)).clamp_min(TOPK_TAIL_FLOOR)
+
+
 def load_teacher(spec: JobSpec) -> Any:
     """What a worker holds of the teacher: the frozen model (``online``), its lm_head
     (``hidden``), or nothing (``topk``: the records hold all it says)."""
@@ -107,7 +124,7 @@ class KDStep:
             outside = t_ids >= self.vocab  # a padding row of a larger teacher vocabulary: not a token
             t_ids, t_lps = t_ids.masked_fill(outside, 0), t_lps.masked_fill(outside, float("-inf"))
             kd_tokens = losses.sparse_divergence(
-                obj.kind, s, t_ids, t_lps,
+                obj.kind, s, t_ids, t_lps, teacher_tail_mass=topk_tail_mass(t_lps),
                 temperature=seg.kd_temperature, **obj.divergence_params(),
             )
             ce = None

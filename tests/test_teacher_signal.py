@@ -24,7 +24,7 @@ from kdray.records import (
 )
 from kdray.errors import SpecError
 from kdray.spec import parse_spec
-from kdray.train_step import KDStep, TeacherHead, load_teacher
+from kdray.train_step import TOPK_TAIL_FLOOR, KDStep, TeacherHead, load_teacher, topk_tail_mass
 from kdray.training import TokenizeForTraining
 
 PROMPTS = np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5 6 7\nA:", "Q: sum 9 9\nA:"])
@@ -216,10 +216,30 @@ def test_topk_mode_is_the_bucket_divergence_and_exact_at_full_k(models, tmp_path
     loss_k, _, _ = step(Engine(student), None, sparse)
     s = student(input_ids=sparse["input_ids"], attention_mask=sparse["attention_mask"]).logits[:, :-1]
     mask = sparse["labels"][:, 1:] != IGNORE_INDEX
+    lps = sparse["t_topk_logprobs"][:, 1:]
     ref = losses.masked_token_mean(losses.sparse_forward_kl(
-        s, sparse["t_topk_ids"][:, 1:], sparse["t_topk_logprobs"][:, 1:]), mask)
+        s, sparse["t_topk_ids"][:, 1:], lps, teacher_tail_mass=topk_tail_mass(lps)), mask)
     assert float(loss_k.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     assert float(loss_k.detach()) <= float(loss_online.detach()) + 1e-6  # the bucket KL is a lower bound of the dense one
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("forward_kl", {}), ("reverse_kl", {}), ("adaptive_kl", {"mu": 0.5}), ("jsd", {"beta": 0.5}), ("tvd", {}),
+    ("skew_forward_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1, "detach_mixture_student": True}),
+])
+def test_every_divergence_trains_from_topk_records_with_finite_gradients(models, tmp_path, kind, params):
+    """A peaked teacher's top-k can hold all its mass once rounded to float16; the tail is then
+    floored, not zero, so reverse-KL-type terms stay finite (a zero tail gave AKL NaN gradients)."""
+    student, teacher = models
+    spec = make("topk", {"kind": kind, **params})
+    batch = stored_batch(teacher, "topk", 20, tmp_path)
+    tail = topk_tail_mass(batch["t_topk_logprobs"])
+    assert float(tail.min()) == pytest.approx(TOPK_TAIL_FLOOR)  # the toy teacher does saturate its top 20
+    student.zero_grad()
+    loss, _, _ = KDStep(spec, plan_segments(spec, 3)[0])(Engine(student), None, batch)
+    loss.backward()
+    grads = _grads(student)
+    assert torch.isfinite(loss) and torch.isfinite(grads).all() and float(grads.norm()) > 0
 
 
 def test_fused_cross_entropy_matches_a_float64_reference():
@@ -330,3 +350,21 @@ def test_kdray_validate_rejects_a_student_with_another_tokenizer(tmp_path, toy_w
     assert res.returncode == 2, res.stdout + res.stderr
     assert "teacher.model / student.model" in res.stdout + res.stderr
     assert "different tokenizers" in res.stdout + res.stderr and "Traceback" not in res.stderr
+
+
+def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one(toy_world):
+    from kdray.records import encode_batch, prompt_token_ids, uses_chat_template
+
+    tok = load_tokenizer("toy:student")
+    assert not uses_chat_template(tok, "auto")  # the toy tokenizer has no template: raw prompts
+    plain = prompt_token_ids(tok, ["Q: sum 1 2\nA:"], False)
+    assert plain == [tok("Q: sum 1 2\nA:").input_ids]
+    tok.chat_template = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert uses_chat_template(tok, "auto") and not uses_chat_template(tok, "never")
+    wrapped = prompt_token_ids(tok, ["Q: sum 1 2\nA:"], True)[0]
+    assert tok.decode(wrapped) == "<s>[user] Q: sum 1 2\nA:\n[assistant]"
+    assert wrapped.count(tok.bos_token_id) == 1  # the template's BOS, not a second one
+    # the trainer's and the scorer's encoding use the same ids, then the response and EOS
+    (prompt, response), = encode_batch(tok, ["Q: sum 1 2\nA:"], [" 3"], ["stop"], True)
+    assert prompt == wrapped and response[-1] == tok.eos_token_id
