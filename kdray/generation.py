@@ -163,15 +163,25 @@ class VLLMGenerator:
         return result
 
 
-def generator_class(backend: str) -> type:
-    """The Ray Data callable class of a pool backend (``ModelSpec.backend``)."""
-    if backend == "vllm":
-        return VLLMGenerator
+def pool_class(backend: str, role: str = "generator") -> type:
+    """The Ray Data callable class of a pool backend (``ModelSpec.backend``): the generator,
+    or (``role="scorer"``) the teacher scorer of :mod:`kdray.scoring`."""
+    if backend not in ("vllm", "hf"):
+        raise ValueError(f"unknown generation backend {backend!r}; use 'vllm' or 'hf'")
     if backend == "hf":
-        from kdray.generation_hf import HFGenerator
+        from kdray import generation_hf
 
-        return HFGenerator
-    raise ValueError(f"unknown generation backend {backend!r}; use 'vllm' or 'hf'")
+        return generation_hf.HFScorer if role == "scorer" else generation_hf.HFGenerator
+    if role == "scorer":
+        from kdray.scoring import VLLMScorer
+
+        return VLLMScorer
+    return VLLMGenerator
+
+
+def generator_class(backend: str) -> type:
+    """The generator class of a pool backend (what :func:`generate` maps the rows with)."""
+    return pool_class(backend)
 
 
 def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> float:

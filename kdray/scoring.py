@@ -105,17 +105,6 @@ def _topk_rows(prompt_logprobs: list[Any], n_prompt: int, n_response: int, k: in
     return ids, lps
 
 
-def scorer_class(backend: str) -> type:
-    """The scoring class of a pool backend (``teacher.backend``)."""
-    if backend == "vllm":
-        return VLLMScorer
-    if backend == "hf":
-        from kdray.generation_hf import HFScorer
-
-        return HFScorer
-    raise ValueError(f"unknown generation backend {backend!r}; use 'vllm' or 'hf'")
-
-
 def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *,
                   on_rows: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Score every training row's response with the teacher pool, in the order of ``rows``.
@@ -124,7 +113,7 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *,
     "hidden"}`` (numpy arrays, one entry per response token as the trainer encodes it)."""
     import ray.data
 
-    from kdray.generation import vllm_env
+    from kdray.generation import pool_class, vllm_env
     from kdray.models import load_tokenizer
     from kdray.records import encode_batch, uses_chat_template
 
@@ -140,7 +129,7 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *,
         items.append({"_row": i, "prompt_ids": np.asarray(p, dtype=np.int32),
                       "response_ids": np.asarray(r, dtype=np.int32)})
     ds = ray.data.from_items(items).map_batches(
-        scorer_class(teacher.backend),
+        pool_class(teacher.backend, "scorer"),
         fn_constructor_kwargs=dict(model=teacher.model, mode=signal.mode, k=signal.k, dtype=teacher.dtype,
                                    max_model_len=teacher.max_model_len,
                                    tensor_parallel_size=pool.tensor_parallel_size,
