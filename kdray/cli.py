@@ -81,13 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from kdray.driver import Job
-    from kdray.progress import ConsoleReporter
+    from kdray.pipeline.job import Job
+    from kdray.pipeline.progress import ConsoleReporter
     from kdray.spec import load_spec
 
     store = None
     if args.store:  # a job the service submitted: its record follows the run
-        from kdray.store import JobStore
+        from kdray.service.store import JobStore
 
         if not args.job_id:
             raise SpecError([("--job-id", "required with --store")])
@@ -156,19 +156,19 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "losses":
-        from kdray import bench_losses
+        from kdray.bench import losses as bench_losses
 
         return bench_losses.run(args.rest)
     if args.what == "service":
-        from kdray import bench_service
+        from kdray.bench import service as bench_service
 
         return bench_service.run(args.rest)
     if args.what == "train":
-        from kdray import bench_train
+        from kdray.bench import train as bench_train
 
         return bench_train.run(args.rest)
     if args.what == "generation":
-        from kdray import bench_generation
+        from kdray.bench import generation as bench_generation
 
         return bench_generation.run(args.rest)
     raise KdrayError(f"unknown benchmark {args.what!r}")
@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
     p.set_defaults(fn=cmd_toy)
 
-    from kdray import client, report, repro
+    from kdray.service import client
+    from kdray.report import render as report
+    from kdray.repro import harness as repro
 
     report.add_parsers(sub)
     repro.add_parsers(sub)

@@ -542,7 +542,7 @@ def test_serve_config_that_does_not_parse_is_rejected(rayservice):
 
 
 def test_unknown_service_arg_is_refused_by_app_builder(rayservice, tmp_path, monkeypatch):
-    from kdray.service import app_builder
+    from kdray.service.app import app_builder
 
     args = dict(_kdray_app(rayservice)["args"])
     args.update(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), outputs_root="/shared/x")

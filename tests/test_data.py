@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdray.data import load_split, read_rows
+from kdray.data.datasets import load_split, read_rows
 from kdray.errors import DataError
 from kdray.spec import DataSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdray.difficulty import read_difficulty as _read_difficulty
+from kdray.data.difficulty import read_difficulty as _read_difficulty
 
 
 def write(path, keys_in_order, student="toy:student"):

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from kdray.evaluate import parse_verdict
+from kdray.stages.evaluate import parse_verdict
 from tests.test_e2e import REPO, kdray
 from tests.test_report import png_size
 

@@ -17,11 +17,12 @@ from tests.test_e2e import kdray, reduced_demo
 
 SCORE_SCRIPT = r"""
 import sys, numpy as np
-from kdray.data import read_rows
-from kdray.generation import vllm_env
+from kdray.data.datasets import read_rows
+from kdray.pools.base import pool_env
+from kdray.spec import GenerationSpec
 from kdray.models import load_tokenizer
-from kdray.records import encode_batch
-from kdray.scoring import VLLMScorer
+from kdray.data.tokenize import encode_batch
+from kdray.pools.vllm import VLLMScorer
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
@@ -33,7 +34,7 @@ if __name__ == "__main__":
     for i, (p, r) in enumerate(pairs):
         batch["prompt_ids"][i], batch["response_ids"][i] = np.asarray(p), np.asarray(r)
     scorer = VLLMScorer("toy:teacher", mode=mode, k=8, dtype="float32", max_model_len=128,
-                        tensor_parallel_size=1, enforce_eager=True, env=vllm_env())
+                        tensor_parallel_size=1, enforce_eager=True, env=pool_env(GenerationSpec()))
     result = scorer(batch)
     keys = ["topk_ids", "topk_logprobs"] if mode == "topk" else ["hidden"]
     np.savez(out, **{f"{k}_{i}": result[k][i] for k in keys for i in range(len(pairs))},

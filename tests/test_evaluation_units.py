@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from kdray.driver import Job
+from kdray.pipeline.job import Job
 from kdray.errors import SpecError
-from kdray.evaluate import judge_requests, judge_summary, parse_verdict
-from kdray.job_state import JobState
-from kdray.plan import Segment
+from kdray.stages.evaluate import judge_requests, judge_summary, parse_verdict
+from kdray.pipeline.state import JobState
+from kdray.curriculum.plan import Segment
 from kdray.spec import DEFAULT_JUDGE_TEMPLATE, parse_spec
 
 
@@ -126,11 +126,12 @@ def test_a_resumed_job_reuses_recorded_round_scores_and_skips_the_last_segment(t
     state.save_round_score(0, recorded)
     job = Job(spec)
     plan = segments(3)
-    job.score_round(plan[0], plan, tmp_path / "student-0", state)  # no generation: recorded
-    job.score_round(plan[2], plan, tmp_path / "student-2", state)  # the last one is student_after
-    assert job.round_scores == {"student_round_1": recorded}
+    scores: dict = {}
+    job.score_round(plan[0], plan, tmp_path / "student-0", state, [], scores)  # no generation: recorded
+    job.score_round(plan[2], plan, tmp_path / "student-2", state, [], scores)  # the last one is student_after
+    assert scores == {"student_round_1": recorded}
     # One segment, or per_round off: nothing to score per round.
     for spec_, plan_ in ((spec, segments(1)), (spec_of(tmp_path, per_round=False), plan)):
-        other = Job(spec_)
-        other.score_round(plan_[0], plan_, tmp_path / "student-0", state)
-        assert other.round_scores == {}
+        other: dict = {}
+        Job(spec_).score_round(plan_[0], plan_, tmp_path / "student-0", state, [], other)
+        assert other == {}

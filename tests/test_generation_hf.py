@@ -2,7 +2,7 @@
 
 The vLLM side runs in a subprocess (vLLM binds threads process-wide and wants a ``__main__``
 guard); the HF side runs here. Both see the same held-out prompts, tokenized by the one
-function that turns prompts into ids (:func:`kdray.records.prompt_token_ids`).
+function that turns prompts into ids (:func:`kdray.data.tokenize.prompt_token_ids`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from kdray.errors import KdrayError, SpecError
-from kdray.generation import SamplingConfig, vllm_env
-from kdray.generation_hf import HFGenerator, HFScorer
+from kdray.pools.base import SamplingConfig, pool_env
+from kdray.spec import GenerationSpec
+from kdray.pools.hf import HFGenerator, HFScorer
 
 REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 24
@@ -29,12 +30,14 @@ N_PROMPTS = 24
 VLLM_REFERENCE = """
 import json, sys
 import numpy as np
-from kdray.generation import SamplingConfig, VLLMGenerator, vllm_env
+from kdray.pools.base import SamplingConfig, pool_env
+from kdray.spec import GenerationSpec
+from kdray.pools.vllm import VLLMGenerator
 
 if __name__ == "__main__":
     batch = {k: np.asarray(v) for k, v in json.loads(open(sys.argv[1]).read()).items()}
     gen = VLLMGenerator("toy:teacher", dtype="float32", max_model_len=128, tensor_parallel_size=1,
-                        enforce_eager=True, sampling=SamplingConfig.greedy(12), env=vllm_env(), score_gold=True)
+                        enforce_eager=True, sampling=SamplingConfig.greedy(12), env=pool_env(GenerationSpec()), score_gold=True)
     out = gen(batch)
     json.dump({"response": [str(x) for x in out["response"]],
                "response_token_ids": [[int(t) for t in ids] for ids in out["response_token_ids"]],
@@ -56,7 +59,7 @@ def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
 def _generator(model: str = "toy:teacher", sampling: SamplingConfig | None = None, **kw) -> HFGenerator:
     kw.setdefault("tensor_parallel_size", 1)
     return HFGenerator(model, dtype="float32", max_model_len=128, enforce_eager=True,
-                       sampling=sampling or SamplingConfig.greedy(12), env=vllm_env(), **kw)
+                       sampling=sampling or SamplingConfig.greedy(12), env=pool_env(GenerationSpec()), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +144,7 @@ def test_samples_per_prompt_and_seeds(heldout):
 
 
 def _pairs(heldout, tokenizer) -> dict[str, np.ndarray]:
-    from kdray.records import encode_batch
+    from kdray.data.tokenize import encode_batch
 
     pairs = encode_batch(tokenizer, [r["prompt"] for r in heldout[:8]], [r["response"] for r in heldout[:8]], None)
     prompt_ids, response_ids = np.empty(len(pairs), object), np.empty(len(pairs), object)
@@ -159,7 +162,7 @@ def _direct_logits(scorer: HFScorer, p: np.ndarray, r: np.ndarray) -> torch.Tens
 
 def test_scorer_topk_matches_a_direct_forward(heldout):
     scorer = HFScorer("toy:teacher", mode="topk", k=5, dtype="float32", max_model_len=128,
-                      tensor_parallel_size=1, enforce_eager=True, env=vllm_env())
+                      tensor_parallel_size=1, enforce_eager=True, env=pool_env(GenerationSpec()))
     batch = _pairs(heldout, scorer.hf.tokenizer)
     out = scorer(batch)
     assert list(out["_row"]) == list(batch["_row"])
@@ -176,7 +179,7 @@ def test_scorer_topk_matches_a_direct_forward(heldout):
 
 def test_scorer_hidden_through_lm_head_gives_the_logits(heldout):
     scorer = HFScorer("toy:teacher", mode="hidden", k=5, dtype="float32", max_model_len=128,
-                      tensor_parallel_size=1, enforce_eager=True, env=vllm_env())
+                      tensor_parallel_size=1, enforce_eager=True, env=pool_env(GenerationSpec()))
     batch = _pairs(heldout, scorer.hf.tokenizer)
     out = scorer(batch)
     head = scorer.hf.model.get_output_embeddings()
@@ -212,11 +215,11 @@ def test_spec_rejects_hf_backend_with_tensor_parallelism():
 @pytest.mark.slow
 def test_hf_pools_generate_through_ray_data_in_order(heldout):
     """A job's teacher and student pools with ``backend: hf``, through the real
-    :func:`kdray.generation.generate` (Ray Data actor pool): every row back, in order, equal to
+    :func:`kdray.pools.generate` (Ray Data actor pool): every row back, in order, equal to
     what the class gives when called directly."""
     import ray
 
-    from kdray.generation import generate
+    from kdray.pools.run import generate
     from kdray.ray_setup import job_env
     from kdray.spec import GenerationSpec, ModelSpec
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kdray.data import read_rows
+from kdray.data.datasets import read_rows
 from kdray.errors import DataError, SpecError
 from kdray.spec import check_data_ref, parse_hub_ref, parse_spec
 

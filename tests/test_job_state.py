@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdray.errors import KdrayError
-from kdray.job_state import JobState
+from kdray.pipeline.state import JobState
 from kdray.spec import parse_spec
 
 

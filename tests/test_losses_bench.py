@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kdray import bench_losses
+from kdray.bench import losses as bench_losses
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

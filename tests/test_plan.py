@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kdray.errors import KdrayError, SpecError
-from kdray.plan import plan_segments, total_steps
+from kdray.curriculum.plan import plan_segments, total_steps
 from kdray.spec import parse_spec
 
 

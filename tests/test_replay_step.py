@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from kdray.models import load_causal_lm, load_tokenizer
-from kdray.plan import plan_segments
-from kdray.records import IGNORE_INDEX, pack_examples
-from kdray.replay_step import FIXED, FRESH, REPLAY, ReplaySource, split_prompt_response
+from kdray.curriculum.plan import plan_segments
+from kdray.data.tokenize import IGNORE_INDEX, pack_examples
+from kdray.train.replay import FIXED, FRESH, REPLAY, ReplaySource, split_prompt_response
 from kdray.spec import parse_spec
-from kdray.train_step import make_step_objective
-from kdray.training import TokenizeForTraining
+from kdray.train.objectives import make_step_objective
+from kdray.data.examples import TokenizeForTraining
 
 
 def make(**replay):

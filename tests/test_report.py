@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kdray import plots
-from kdray import report as rep
+from kdray.report import plots
+from kdray.report import render as rep
 from kdray.errors import KdrayError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

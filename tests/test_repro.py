@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from kdray.errors import KdrayError
-from kdray.repro import EXTRA_METHODS, METHODS, ReproSize, method_spec, write_outputs
-from kdray.repro_tables import (BASE_LOSSES, Comparison, Stat, chain_verdict, markdown, method_stats,
-                                pocl_rows, pocl_verdict, summarize, verdicts)
+from kdray.repro.harness import EXTRA_METHODS, METHODS, ReproSize, method_spec, write_outputs
+from kdray.repro.tables import (BASE_LOSSES, Comparison, Stat, chain_verdict, markdown, method_stats, pocl_rows, pocl_verdict, summarize, verdicts)
 
 
 def runs_for(scores: dict[str, list[float]]) -> list[dict]:
@@ -160,7 +159,7 @@ def test_write_outputs_writes_json_and_markdown_and_fails_on_a_failed_run(tmp_pa
 
 @pytest.mark.parametrize("size", [ReproSize.quick(), ReproSize.default()], ids=["quick", "default"])
 def test_every_method_is_a_valid_spec_with_the_same_optimizer_steps(size, tmp_path):
-    from kdray.plan import plan_segments, total_steps
+    from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.spec import parse_spec
 
     steps = {}

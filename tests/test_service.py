@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdray.bench_service import free_port
+from kdray.bench.service import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"

@@ -9,8 +9,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from kdray.service import ServiceConfig, app_builder, build_app
-from kdray.store import JobStore
+from kdray.service.app import ServiceConfig, app_builder, build_app
+from kdray.service.store import JobStore
 
 
 def test_event_stream_replays_history_then_ends_with_the_final_state(tmp_path):

@@ -6,8 +6,8 @@ import multiprocessing
 
 import pytest
 
-from kdray.service import confine_output_dir
-from kdray.store import JobStore
+from kdray.service.app import confine_output_dir
+from kdray.service.store import JobStore
 
 
 def test_create_is_idempotent_per_key_and_lists_newest_first(tmp_path):

@@ -13,19 +13,13 @@ import torch
 from kdray import losses
 from kdray.errors import KdrayError
 from kdray.models import load_causal_lm, load_output_head, load_tokenizer, resolve_model, shared_vocab_size
-from kdray.plan import plan_segments
-from kdray.records import (
-    IGNORE_INDEX,
-    align_signal,
-    decode_signal,
-    read_signal_records,
-    topk_id_dtype,
-    write_signal_records,
-)
+from kdray.curriculum.plan import plan_segments
+from kdray.data.tokenize import IGNORE_INDEX
+from kdray.data.records import (align_signal, decode_signal, read_signal_records, topk_id_dtype, write_signal_records)
 from kdray.errors import SpecError
 from kdray.spec import parse_spec
-from kdray.train_step import TOPK_TAIL_FLOOR, KDStep, TeacherHead, load_teacher, topk_tail_mass
-from kdray.training import TokenizeForTraining
+from kdray.train.objectives import TOPK_TAIL_FLOOR, KDStep, TeacherHead, load_teacher, topk_tail_mass
+from kdray.data.examples import TokenizeForTraining
 
 PROMPTS = np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5 6 7\nA:", "Q: sum 9 9\nA:"])
 RESPONSES = np.array([" 1 2 3", " 7 6 5 4", " 18"])
@@ -353,7 +347,7 @@ def test_kdray_validate_rejects_a_student_with_another_tokenizer(tmp_path, toy_w
 
 
 def test_prompts_go_through_the_chat_template_when_the_tokenizer_has_one(toy_world):
-    from kdray.records import encode_batch, prompt_token_ids, uses_chat_template
+    from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
 
     tok = load_tokenizer("toy:student")
     assert not uses_chat_template(tok, "auto")  # the toy tokenizer has no template: raw prompts

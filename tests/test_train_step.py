@@ -10,10 +10,10 @@ import torch
 from kdray import losses
 from kdray.curriculum import DistiLLM2Schedule, distillm2_delta
 from kdray.models import load_causal_lm
-from kdray.plan import plan_segments
+from kdray.curriculum.plan import plan_segments
 from kdray.spec import parse_spec
-from kdray.train_step import DistiLLM2Step, KDStep, make_step_objective
-from kdray.training import TokenizeForTraining
+from kdray.train.objectives import DistiLLM2Step, KDStep, make_step_objective
+from kdray.data.examples import TokenizeForTraining
 
 
 def make(objective, curriculum=None):

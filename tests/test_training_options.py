@@ -8,7 +8,7 @@ import torch
 
 from kdray.errors import KdrayError, SpecError
 from kdray.spec import parse_spec
-from kdray.training import check_lora_targets, deepspeed_config, load_student, peak_rss_mb, save_student
+from kdray.train.setup import check_lora_targets, deepspeed_config, load_student, peak_rss_mb, save_student
 
 
 def spec(student_dtype: str = "float32", **training):

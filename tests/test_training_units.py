@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from kdray.spec import parse_spec
-from kdray.records import IGNORE_INDEX
-from kdray.training import TokenizeForTraining, cosine_with_warmup, deepspeed_config
+from kdray.data.tokenize import IGNORE_INDEX
+from kdray.data.examples import TokenizeForTraining
+from kdray.train.setup import cosine_with_warmup, deepspeed_config
 
 
 def spec(**training):

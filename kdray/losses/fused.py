@@ -43,6 +43,7 @@ from torch import Tensor
 
 from kdray.losses._core import Spec, check_temperature, compute_dtype, make_spec
 from kdray.losses._kernels import value_and_grad
+from kdray.losses.objectives import IGNORE_INDEX
 
 DEFAULT_CHUNK_ELEMENTS = 6 << 20
 FUSED_REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
@@ -300,7 +301,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(labels.shape)}")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
-    keep = y != -100
+    keep = y != IGNORE_INDEX
     if mask is not None:
         keep &= mask.reshape(-1).to(y.device) != 0
     rows = keep.nonzero().squeeze(-1)

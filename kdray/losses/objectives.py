@@ -24,6 +24,8 @@ from torch import Tensor
 from kdray.losses._core import check_logits_pair, check_params, check_temperature
 from kdray.losses.divergences import DIVERGENCES, skew_forward_kl, skew_reverse_kl
 
+#: Label of the positions no loss covers (prompt, padding): PyTorch's ``cross_entropy`` default
+#: ``ignore_index``, which Hugging Face models use for the same purpose.
 IGNORE_INDEX = -100
 
 REDUCTIONS = ("token_mean", "sequence_mean")

@@ -95,14 +95,16 @@ def encode_sft(tokenizer, rows):
     """(input_ids, labels) tensors, right padded; loss on response + EOS only."""
     import torch
 
+    from kdray.losses import IGNORE_INDEX
+
     seqs = []
     for row in rows:
         p = tokenizer(row["prompt"])["input_ids"]
         r = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append((p + r, [-100] * len(p) + r))
+        seqs.append((p + r, [IGNORE_INDEX] * len(p) + r))
     width = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
     for i, (x, y) in enumerate(seqs):
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdray.toy import data as _data
-from kdray.toy import tokenizer as _tok
-from kdray.toy import train as _train
+import kdray.toy.data as _data
+import kdray.toy.tokenizer as _tok
+import kdray.toy.train as _train
 
 # The world directory is ``<root>/<WORLD_VERSION>-<fingerprint>``: the
 # fingerprint hashes the source of the modules that make the world, so any

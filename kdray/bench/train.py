@@ -1,0 +1,361 @@
+"""Benchmark: distillation throughput through Ray Train + DeepSpeed against a bare torch loop,
+and the peak memory of a training worker per teacher-signal mode.
+
+Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, forward KL):
+
+* **Ray Train + DeepSpeed ZeRO-2** (``--workers``, default 2): a real job (``kdray run`` in a
+  subprocess, its own local Ray) trains on the toy dataset's responses
+  (``data.response_source: dataset``, so no generation phase) with evaluation off. Tokens/s
+  is read from the job's per-step metrics (``tokens_per_s``: response tokens of all workers
+  over the step's time, from its first micro-batch to the optimizer step), the median over
+  the steady-state steps (the first ``--skip-steps`` are start-up and left out).
+* **bare torch loop**: one process (its own subprocess) doing the same work on the same
+  sequences: the same student and teacher, micro-batches of the same size, the same
+  tokenization (:class:`kdray.data.examples.TokenizeForTraining`), the same loss
+  (:func:`kdray.losses.kd_objective`), torch AdamW with the same cosine schedule, gradient
+  clipping and gradient accumulation up to the same global batch. Timed the same way. It
+  runs with 1 torch thread and with as many as the job has workers (the job's CPU budget: Ray
+  gives each worker one CPU and one thread), each in its own process; the faster is the
+  baseline (on tiny models extra intra-op threads mostly add synchronisation); ``--quick``
+  runs 1 thread only.
+
+The overhead is bare tokens/s over Ray's (target <= 1.3x). Start-up is reported apart: for
+the job, from the start of its train phase to its first step's metrics at the driver
+(Ray Train workers, dataset tokenization, model loads, DeepSpeed initialisation, step 1);
+for the bare loop, from loading the data and models to the end of step 1.
+
+Then every teacher-signal mode (``online``, ``topk``, ``hidden``) runs as its own job of the
+same shape (the throughput job is the ``online`` one) and reports the peak resident memory of
+a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process; the
+ranks are symmetric). A mode whose job fails is reported as failed with its error.
+
+Usage: ``kdray bench train [--quick] [--steps 40] [--modes online topk hidden] [--json PATH]``.
+Linux only (``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_OVERHEAD = 1.3
+MODES = ("online", "topk", "hidden")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdray bench train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, 3 skipped, one bare run")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 40; --quick 10)")
+    p.add_argument("--skip-steps", type=int, default=None,
+                   help="start-up steps left out of the tokens/s median (default 5; --quick 3)")
+    p.add_argument("--global-batch", type=int, default=32, help="sequences per optimizer step (default 32)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch and worker (default 8)")
+    p.add_argument("--bare-threads", type=int, nargs="+", default=None,
+                   help="torch threads of the bare loop, each its own run; the fastest is the baseline "
+                        "(default: 1 and --workers, the job's CPU budget; --quick: 1)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="teacher-signal modes for the memory table (default: all three)")
+    p.add_argument("--out", default=None, help="keep the jobs' output here (default: a temporary directory)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--check", action="store_true", help="exit 1 if the overhead target does not hold")
+    p.add_argument("--bare", default=None, help=argparse.SUPPRESS)  # internal: run the bare loop on SPEC
+    p.add_argument("--bare-out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------- the jobs
+
+
+def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: int, micro_batch: int) -> dict[str, Any]:
+    """A small toy job: ``steps`` optimizer steps over two epochs, ZeRO-2, evaluation off."""
+    rows = max(global_batch, (steps + 1) // 2 * global_batch)
+    return {
+        "name": f"bench-train-{mode}",
+        "output_dir": str(out),
+        "teacher": {"model": "toy:teacher", "dtype": "float32", "max_model_len": 128},
+        "student": {"model": "toy:student", "dtype": "float32", "max_model_len": 128},
+        "data": {"train": "toy:train", "heldout": "toy:heldout", "max_train_samples": rows,
+                 "max_heldout_samples": 8, "max_prompt_tokens": 64, "response_source": "dataset"},
+        "generation": {"sampling_temperature": 0.0, "max_new_tokens": 32, "num_cpus_per_replica": 0.5,
+                       "batch_size": 256, "enforce_eager": True},
+        "objective": {"kind": "forward_kl", "kd_temperature": 1.0, "kd_ratio": 1.0},
+        "teacher_signal": {"mode": mode},
+        "training": {"num_workers": workers, "zero_stage": 2, "lr": 3e-3, "warmup_steps": 2,
+                     "global_batch_size": global_batch, "micro_batch_size_per_worker": micro_batch,
+                     "epochs": 2, "max_steps": steps, "max_seq_len": 96},
+        "evaluation": {"enabled": False},
+    }
+
+
+def _error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    return lines[-1] if lines else "no output"
+
+
+def run_job(root: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one mode's job with ``kdray run``; its steps' metrics, start-up and peak memory."""
+    import yaml
+
+    out = root / mode
+    out.mkdir(parents=True, exist_ok=True)
+    spec = job_spec(out / "job", mode, steps=args.steps, workers=args.workers,
+                    global_batch=args.global_batch, micro_batch=args.micro_batch)
+    path = out / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    with open(out / "run.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "kdray.cli", "run", str(path), "--restart"], cwd=out,
+                              stdout=log, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wall = time.perf_counter() - t0
+    (out / "stderr.log").write_text(proc.stderr)
+    result: dict[str, Any] = {"mode": mode, "spec": str(path), "wall_s": wall}
+    if proc.returncode != 0:
+        return {**result, "status": "failed", "error": _error_line(proc.stderr)}
+    report = json.loads((out / "job" / "report.json").read_text())
+    steps = [m for m in report["train_metrics"] if "loss" in m]
+    events = [json.loads(line) for line in (out / "job" / "events.jsonl").read_text().splitlines()]
+    train_start = next(e["time"] for e in events if e["kind"] == "phase_start" and e["phase"] == "train")
+    first_step = next(e["time"] for e in events if e["kind"] == "train_step" and "loss" in e)
+    steady = [m["tokens_per_s"] for m in steps[args.skip_steps:]]
+    peaks = [m["peak_rss_mb"] for m in steps if "peak_rss_mb" in m]
+    return {
+        **result,
+        "status": "ok",
+        "steps": len(steps),
+        "steady_steps": len(steady),
+        "tokens_per_s": statistics.median(steady) if steady else float("nan"),
+        "startup_s": first_step - train_start,
+        "train_phase_s": report["timings_s"].get("train"),
+        "score_phase_s": report["timings_s"].get("score"),
+        "peak_rss_mb": max(peaks) if peaks else float("nan"),
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the bare loop
+
+
+def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
+    """The job's training, without Ray or DeepSpeed: one process, plain torch, ``threads``
+    intra-op threads."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+
+    from kdray import losses
+    from kdray.data.datasets import load_split
+    from kdray.models import load_causal_lm, load_tokenizer
+    from kdray.data.tokenize import IGNORE_INDEX, prompt_token_ids, uses_chat_template
+    from kdray.spec import load_spec
+    from kdray.data.examples import TokenizeForTraining
+    from kdray.train.setup import cosine_with_warmup, peak_rss_mb
+
+    t0 = time.perf_counter()
+    spec = load_spec(spec_path)
+    t, obj = spec.training, spec.objective
+    torch.manual_seed(t.seed)
+    tok = load_tokenizer(spec.student.model)
+    use_template = uses_chat_template(tok, spec.data.chat_template)
+    rows, _ = load_split(spec.data, "train", lambda ps: [len(i) for i in prompt_token_ids(tok, ps, use_template)],
+                         need_response=True)
+    enc = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)({
+        "prompt": np.array([r["prompt"] for r in rows], dtype=object),
+        "response": np.array([r["response"] for r in rows], dtype=object),
+        "finish_reason": np.array(["stop"] * len(rows), dtype=object),
+    })
+    data = {k: torch.from_numpy(np.asarray(enc[k])) for k in ("input_ids", "attention_mask", "labels")}
+    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
+    teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    total = t.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=total))
+    micro, accumulate = t.micro_batch_size_per_worker, t.global_batch_size // t.micro_batch_size_per_worker
+    n = data["input_ids"].shape[0]
+    gen = torch.Generator().manual_seed(t.seed)
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    rates, step_losses = [], []
+    startup = None
+    for step in range(total):
+        tokens, started, step_loss = 0, None, 0.0
+        for _ in range(accumulate):
+            if cursor + micro > n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor:cursor + micro]
+            cursor += micro
+            ids, attn, labels = (data[k][idx] for k in ("input_ids", "attention_mask", "labels"))
+            if started is None:
+                started = time.perf_counter()
+            logits = student(input_ids=ids, attention_mask=attn).logits
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, attention_mask=attn).logits
+            target = labels[:, 1:]
+            mask = target != IGNORE_INDEX
+            loss, _ = losses.kd_objective(
+                logits[:, :-1].float(), t_logits[:, :-1].float(), mask=mask, divergence=obj.kind,
+                kd_ratio=obj.kd_ratio, kd_temperature=obj.kd_temperature,
+                labels=target if obj.kd_ratio < 1.0 else None, divergence_kwargs=obj.divergence_params(),
+            )
+            (loss / accumulate).backward()
+            tokens += int(mask.sum())
+            step_loss += float(loss.detach()) / accumulate
+        if t.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), t.gradient_clipping)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        rates.append(tokens / (now - started))
+        step_losses.append(step_loss)
+        if startup is None:
+            startup = now - t0
+    steady = rates[skip_steps:]
+    return {
+        "status": "ok",
+        "steps": total,
+        "steady_steps": len(steady),
+        "tokens_per_s": statistics.median(steady) if steady else float("nan"),
+        "startup_s": startup,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+        "first_loss": step_losses[0],
+        "last_loss": step_losses[-1],
+    }
+
+
+def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too)."""
+    out = spec_path.parent / f"bare-{threads}.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "kdray.bench.train", "--bare", str(spec_path), "--bare-out", str(out),
+                           "--skip-steps", str(args.skip_steps), "--bare-threads", str(threads)],
+                          env=env, capture_output=True, text=True)
+    (spec_path.parent / f"bare-{threads}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"status": "failed", "threads": threads, "error": _error_line(proc.stderr)}
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec)
+
+
+def render(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    ray_run, bare = results["ray"], results["bare"]
+    table = Table(title=f"kdray bench train: distillation tokens/s (toy student ← toy teacher, "
+                        f"global batch {results['global_batch']}, micro-batch {results['micro_batch']})")
+    for col in ("run", "status", "tokens/s (steady median)", "steps (steady)", "start-up s", "loss first → last"):
+        table.add_column(col, justify="left" if col in ("run", "status") else "right")
+    rows = [(f"Ray Train + DeepSpeed ZeRO-2 ({results['workers']} workers)", ray_run)]
+    rows += [(f"bare torch loop ({r.get('threads', '?')} thread{'s' if r.get('threads') != 1 else ''})"
+              + (" (baseline)" if r is bare and len(results["bare_runs"]) > 1 else ""), r) for r in results["bare_runs"]]
+    for label, r in rows:
+        ok = r.get("status") == "ok"
+        table.add_row(label, "ok" if ok else f"failed: {r.get('error', '')}",
+                      _fmt(r.get("tokens_per_s")), f"{r.get('steps', '-')} ({r.get('steady_steps', '-')})",
+                      _fmt(r.get("startup_s"), ".1f"),
+                      f"{_fmt(r.get('first_loss'), '.3f')} → {_fmt(r.get('last_loss'), '.3f')}" if ok else "-")
+    console.print(table)
+    overhead = results.get("overhead")
+    if overhead is not None:
+        verdict = "[green]meets[/]" if overhead <= TARGET_OVERHEAD else "[red]misses[/]"
+        console.print(f"overhead: bare / Ray = {overhead:.2f}x (tokens/s of the fastest bare loop over the job's); "
+                      f"{verdict} the target <= {TARGET_OVERHEAD}x")
+    else:
+        console.print("overhead: not measured (a run failed)")
+
+    mem = Table(title="peak memory of a training worker by teacher signal (VmHWM of rank 0)")
+    for col in ("teacher_signal.mode", "status", "peak RSS MiB", "vs online", "tokens/s", "score phase s",
+                "train phase s"):
+        mem.add_column(col, justify="left" if col in ("teacher_signal.mode", "status") else "right")
+    online = results["modes"].get("online", {}).get("peak_rss_mb")
+    for mode, r in results["modes"].items():
+        ok = r.get("status") == "ok"
+        ratio = r["peak_rss_mb"] / online if ok and online and online == online else None
+        mem.add_row(mode, "ok" if ok else f"[red]failed[/]: {r.get('error', '')}", _fmt(r.get("peak_rss_mb")),
+                    _fmt(ratio, ".2f") + ("x" if ratio else ""), _fmt(r.get("tokens_per_s")),
+                    _fmt(r.get("score_phase_s"), ".1f"), _fmt(r.get("train_phase_s"), ".1f"))
+    mem.add_row("bare loop (1 process)", bare.get("status", "-"), _fmt(bare.get("peak_rss_mb")), "", "", "", "")
+    console.print(mem)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point of ``kdray bench train``; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.steps is None:
+        args.steps = 10 if args.quick else 40
+    if args.skip_steps is None:
+        args.skip_steps = 3 if args.quick else 5
+    if args.bare_threads is None:
+        args.bare_threads = [1] if args.quick else sorted({1, args.workers})
+    if args.bare:
+        result = bare_loop(args.bare, args.skip_steps, (args.bare_threads or [1])[0])
+        Path(args.bare_out).write_text(json.dumps(result))
+        return 0
+    if args.steps <= args.skip_steps:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --skip-steps ({args.skip_steps})")
+    per_step = args.micro_batch * args.workers
+    if args.global_batch % per_step:
+        raise SystemExit(f"--global-batch ({args.global_batch}) must be a multiple of --micro-batch x --workers ({per_step})")
+    if not os.path.exists("/proc/self/status"):
+        print("kdray bench train needs Linux /proc (VmHWM) to measure peak memory", file=sys.stderr)
+        return 2
+    from kdray.toy import build_toy_world
+
+    build_toy_world(progress=lambda line: print(line, file=sys.stderr))
+    with tempfile.TemporaryDirectory(prefix="kdray-bench-train-") as tmp:
+        root = Path(args.out).expanduser().resolve() if args.out else Path(tmp)
+        modes = ["online"] + [m for m in args.modes if m != "online"]  # online: throughput and reference
+        results: dict[str, Any] = {"workers": args.workers, "global_batch": args.global_batch,
+                                   "micro_batch": args.micro_batch, "steps": args.steps,
+                                   "skip_steps": args.skip_steps, "modes": {}}
+        for mode in modes:
+            print(f"running the {mode} job ({args.steps} steps, {args.workers} workers) ...", file=sys.stderr, flush=True)
+            results["modes"][mode] = run_job(root, mode, args)
+            if mode == "online":
+                results["bare_runs"] = []
+                for threads in args.bare_threads:
+                    print(f"running the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
+                    results["bare_runs"].append(run_bare(root / "online" / "spec.yaml", args, threads))
+                ran = [r for r in results["bare_runs"] if r.get("status") == "ok"]
+                results["bare"] = max(ran, key=lambda r: r["tokens_per_s"]) if ran else results["bare_runs"][0]
+        results["ray"] = ray_run = results["modes"]["online"]  # the throughput job is the online one
+        bare = results["bare"]
+        ok = ray_run.get("status") == "ok" and bare.get("status") == "ok" and ray_run["tokens_per_s"] > 0
+        results["overhead"] = bare["tokens_per_s"] / ray_run["tokens_per_s"] if ok else None
+    render(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.check and not (results["overhead"] is not None and results["overhead"] <= TARGET_OVERHEAD):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

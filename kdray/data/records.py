@@ -1,0 +1,157 @@
+"""Teacher-signal records: the teacher's per-token top-k log-probs or hidden states of every
+training row.
+
+One parquet file per job (``OUTPUT_DIR/records/teacher-<mode>.parquet``), one row per training
+row (``key`` = "id#sample_index"), written once by the scoring pass and read by the trainer:
+
+* ``topk``: ``topk_ids`` holds n_tokens·k token ids as little-endian uint16 (vocabularies up to
+  65,536) or uint32, ``topk_logprobs`` n_tokens·k float16 log-probs, descending per token (a
+  -inf slot is padding). The tail mass is not stored: it is 1 − Σ exp(top-k), recomputed
+  from the stored values. Raw bytes in a binary column cost 4 bytes of offsets per row, not
+  per token; parquet compresses the pages with zstd.
+* ``hidden``: ``hidden`` holds n_tokens·H values of the teacher's final hidden state in
+  ``hidden_dtype``.
+
+The file's schema metadata (``kdray.signal``) records the mode, k, dtypes, sizes and the teacher,
+so a reader never guesses the layout.
+"""
+
+from __future__ import annotations
+
+from kdray.data.tokenize import IGNORE_INDEX
+
+SIGNAL_META_KEY = b"kdray.signal"
+SIGNAL_FORMAT = 1
+_HIDDEN_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
+
+
+def topk_id_dtype(vocab_size: int) -> str:
+    """The narrowest id type that holds every token id of the vocabulary."""
+    return "<u2" if vocab_size <= 1 << 16 else "<u4"
+
+
+def signal_key(row: dict[str, Any]) -> str:
+    return f"{row['id']}#{int(row.get('sample_index', 0))}"
+
+
+def encode_signal(record: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """One scored row (numpy arrays) → the bytes stored in its parquet row."""
+    import numpy as np
+
+    if meta["mode"] == "topk":
+        ids, lps = np.asarray(record["topk_ids"]), np.asarray(record["topk_logprobs"])
+        if ids.shape != lps.shape or ids.ndim != 2 or ids.shape[1] != meta["k"]:
+            raise ValueError(f"top-k record has ids {ids.shape} and log-probs {lps.shape}; expected [n, {meta['k']}]")
+        if ids.size and (ids.min() < 0 or ids.max() >= meta["vocab_size"]):
+            raise ValueError(f"top-k ids must lie in [0, {meta['vocab_size']}), got [{ids.min()}, {ids.max()}]")
+        return {"n_tokens": int(ids.shape[0]), "topk_ids": ids.astype(meta["id_dtype"]).tobytes(),
+                "topk_logprobs": lps.astype("<f2").tobytes()}
+    hidden = np.asarray(record["hidden"], dtype=np.float32)
+    if hidden.ndim != 2 or hidden.shape[1] != meta["hidden_size"]:
+        raise ValueError(f"hidden record has shape {hidden.shape}; expected [n, {meta['hidden_size']}]")
+    return {"n_tokens": int(hidden.shape[0]), "hidden": _hidden_bytes(hidden, meta["hidden_dtype"])}
+
+
+def _hidden_bytes(hidden: Any, dtype: str) -> bytes:
+    if dtype == "bfloat16":  # numpy has no bfloat16: round through torch, keep the raw 2 bytes
+        import torch
+
+        return torch.from_numpy(hidden).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    return hidden.astype(_HIDDEN_DTYPES[dtype]).tobytes()
+
+
+def decode_signal(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A stored parquet row → numpy arrays: ``topk_ids`` int64 / ``topk_logprobs`` float32
+    ``[n, k]``, or ``hidden`` float32 ``[n, H]``."""
+    import numpy as np
+
+    n = int(row["n_tokens"])
+    if meta["mode"] == "topk":
+        k = meta["k"]
+        ids = np.frombuffer(row["topk_ids"], dtype=meta["id_dtype"]).reshape(n, k).astype(np.int64)
+        lps = np.frombuffer(row["topk_logprobs"], dtype="<f2").reshape(n, k).astype(np.float32)
+        return {"n_tokens": n, "topk_ids": ids, "topk_logprobs": lps}
+    dtype = meta["hidden_dtype"]
+    if dtype == "bfloat16":
+        import torch
+
+        raw = np.frombuffer(row["hidden"], dtype="<i2").reshape(n, meta["hidden_size"]).copy()
+        hidden = torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
+    else:
+        hidden = np.frombuffer(row["hidden"], dtype=_HIDDEN_DTYPES[dtype]).reshape(n, meta["hidden_size"])
+    return {"n_tokens": n, "hidden": hidden.astype(np.float32)}
+
+
+def write_signal_records(path: Any, keys: list[str], records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the scored rows to ``path`` (atomically) → stats: rows, tokens, bytes, bytes/token."""
+    import json
+    import os
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    meta = {**meta, "format": SIGNAL_FORMAT}
+    encoded = [encode_signal(r, meta) for r in records]
+    columns: dict[str, Any] = {"key": pa.array(keys, pa.string()),
+                               "n_tokens": pa.array([e["n_tokens"] for e in encoded], pa.int32())}
+    for name in (("topk_ids", "topk_logprobs") if meta["mode"] == "topk" else ("hidden",)):
+        columns[name] = pa.array([e[name] for e in encoded], pa.binary())
+    table = pa.table(columns).replace_schema_metadata({SIGNAL_META_KEY: json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    tokens = sum(e["n_tokens"] for e in encoded)
+    size = path.stat().st_size
+    return {"rows": len(keys), "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1)}
+
+
+def read_signal_records(path: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(meta, key → stored row with raw bytes) of a records file; decode rows with
+    :func:`decode_signal`."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(SIGNAL_META_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a kdray teacher-signal file (no {SIGNAL_META_KEY.decode()} metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != SIGNAL_FORMAT:
+        raise ValueError(f"{path} has record format {meta.get('format')}; this kdray reads format {SIGNAL_FORMAT}")
+    rows = table.to_pylist()
+    return meta, {r.pop("key"): r for r in rows}
+
+
+def align_signal(rows: list[dict[str, Any]], labels: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Place each row's decoded signal at its label positions: ``t_topk_ids`` /
+    ``t_topk_logprobs`` ``[B, L, k]`` or ``t_hidden`` ``[B, L, H]``, where position ``p`` holds
+    the teacher's signal for predicting the token at ``p`` (the trainer shifts it with the labels).
+
+    Other positions get a harmless filler (one certain token; zeros), never read by a loss
+    because the label mask excludes them. A row whose record covers a different number of
+    tokens than its labels was scored from other data, and is an error."""
+    import numpy as np
+
+    n, length = labels.shape
+    label_pos = [np.nonzero(labels[i] != IGNORE_INDEX)[0] for i in range(n)]
+    for i, (row, pos) in enumerate(zip(rows, label_pos)):
+        if row["n_tokens"] != len(pos):
+            raise ValueError(f"teacher record of row {i} covers {row['n_tokens']} response tokens but the trainer "
+                             f"labels {len(pos)}: the records were scored from different data or settings; "
+                             "rerun the job with --restart")
+    if meta["mode"] == "topk":
+        k = meta["k"]
+        ids = np.zeros((n, length, k), dtype=np.int64)
+        lps = np.full((n, length, k), -np.inf, dtype=np.float32)
+        lps[..., 0] = 0.0
+        for i, (row, pos) in enumerate(zip(rows, label_pos)):
+            ids[i, pos], lps[i, pos] = row["topk_ids"], row["topk_logprobs"]
+        return {"t_topk_ids": ids, "t_topk_logprobs": lps}
+    hidden = np.zeros((n, length, meta["hidden_size"]), dtype=np.float32)
+    for i, (row, pos) in enumerate(zip(rows, label_pos)):
+        hidden[i, pos] = row["hidden"]
+    return {"t_hidden": hidden}

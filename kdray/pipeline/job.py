@@ -1,0 +1,225 @@
+"""The job driver: the only place that knows the order of the stages and what a re-run reuses.
+
+prepare → generate (teacher pool) → [teacher signal] → [difficulty] → for each segment of the
+plan: [student responses] → train → [evaluate the round] → evaluate → report.
+
+It runs wherever ``kdray run`` runs: on a laptop it starts a local Ray; inside a Ray job (the
+service submits one per kdray job) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from kdray.curriculum.plan import Segment, plan_segments, total_steps
+from kdray.pipeline.progress import Reporter
+from kdray.pipeline.state import JobState
+from kdray.ray_setup import init_ray
+from kdray.report import render_report
+from kdray.spec import JobSpec, dump_spec
+from kdray.stages import difficulty, evaluate, generate, prepare, teacher_signal, train
+from kdray.stages.context import StageContext
+from kdray.train.setup import check_lora_targets
+
+
+class Job:
+    """One run of a JobSpec. ``run()`` returns the report dict (also written as report.json).
+
+    Args:
+        spec: the validated job.
+        reporter: where events go (default: nowhere but this object).
+        address: the Ray cluster to join (default: the job's cluster, or a local one).
+        restart: discard what an earlier run of the job left and start over.
+    """
+
+    def __init__(self, spec: JobSpec, reporter: Reporter | None = None, address: str | None = None,
+                 restart: bool = False):
+        self.spec = spec
+        self.out = Path(spec.output_dir).expanduser().resolve()
+        self.address = address
+        self.restart = restart
+        self.reporter = reporter or Reporter(None)
+        self.ctx = StageContext(spec, self.out, self.reporter)
+        self.metrics_history: list[dict[str, Any]] = []
+
+    # -- training metrics ----------------------------------------------------------------------
+
+    def _record_metrics(self, event: dict[str, Any]) -> None:
+        self.reporter.train_metrics(event)
+        if "step" in event:  # steps redone after a restore replace the lost ones
+            self.metrics_history = [m for m in self.metrics_history if m.get("step", 0) < event["step"]]
+        self.metrics_history.append(event)
+
+    def _resume_history(self, state: JobState) -> None:
+        """Start the event history over, or, when resuming, keep the earlier run's training
+        steps (the report covers the whole job)."""
+        events = self.out / "events.jsonl"
+        if not state.resumed:
+            events.unlink(missing_ok=True)
+            return
+        self.reporter.message(f"resuming the job in {self.out} (kdray run --restart starts over)")
+        if events.exists():
+            for line in events.read_text(encoding="utf-8").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short when the earlier run was killed
+                if event.get("kind") == "train_step":
+                    event = {k: v for k, v in event.items() if k not in ("time", "kind")}
+                    self.metrics_history = [m for m in self.metrics_history if m["step"] < event["step"]]
+                    self.metrics_history.append(event)
+
+    def _recover_metrics(self, run_dir: Path) -> None:
+        """Steps an earlier, killed run trained and checkpointed but never recorded (it died
+        before draining their metrics): take them from that run's latest checkpoint."""
+        latest: dict[str, Any] | None = None
+        for path in run_dir.glob("checkpoint_*/progress.json"):
+            try:
+                progress = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if latest is None or progress.get("step", 0) > latest.get("step", 0):
+                latest = progress
+        known = {m.get("step") for m in self.metrics_history}
+        for metrics in (latest or {}).get("metrics", []):
+            if metrics.get("step") not in known:
+                self.reporter.train_metrics(metrics)
+                self.metrics_history.append(metrics)
+        self.metrics_history.sort(key=lambda m: m.get("step", 0))
+
+    # -- stages a re-run reuses ----------------------------------------------------------------
+
+    def _training_rows(self, train_split: list[dict[str, Any]], state: JobState) -> list[dict[str, Any]]:
+        rows = state.load_rows("train_rows")
+        if rows is not None:
+            self.reporter.message(f"generate: reusing {len(rows)} training responses saved by an earlier run")
+            return rows
+        rows = generate.training_responses(self.ctx, train_split)
+        state.save_rows("train_rows", rows)
+        return rows
+
+    def _student_responses(self, rows: list[dict[str, Any]], student_dir: Path | None, segment: Segment,
+                           plan: list[Segment], state: JobState) -> list[dict[str, Any]]:
+        """Pair every row with the current student's response (saved, so a resumed round
+        trains on the same responses)."""
+        name = f"round-{segment.round}-student"
+        samples = state.load_rows(name)
+        if samples is None:
+            student = (self.spec.student.model_copy(update={"model": str(student_dir)}) if student_dir
+                       else self.spec.student)
+            samples = generate.student_samples(self.ctx, rows, student, segment, len(plan))
+            state.save_rows(name, samples)
+        return generate.pair_student_responses(rows, samples)
+
+    def score_round(self, segment: Segment, plan: list[Segment], student_dir: Path, state: JobState,
+                     heldout: list[dict[str, Any]], round_scores: dict[str, Any]) -> None:
+        """``evaluation.per_round``: score the student segment ``segment`` exported, unless it
+        is the plan's last (that one is ``student_after``); kept in the job state."""
+        ev = self.spec.evaluation
+        if not (ev.enabled and ev.per_round and len(plan) > 1) or segment.index == len(plan) - 1:
+            return
+        label = f"student_round_{segment.index + 1}"
+        scores = state.round_score(segment.index)
+        if scores is not None:
+            self.reporter.message(f"evaluate: reusing the scores of {label} recorded by an earlier run")
+        else:
+            model = self.spec.student.model_copy(update={"model": str(student_dir)})
+            with self.ctx.phase("evaluate", len(heldout), f"held-out answers, student after {segment.label(len(plan))}"):
+                scores, _ = evaluate.evaluate_model(self.ctx, label, model, heldout)
+            state.save_round_score(segment.index, scores)
+        round_scores[label] = scores
+
+    # -- the whole job -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        spec, ctx = self.spec, self.ctx
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = JobState.open(self.out, spec, restart=self.restart)
+        self._resume_history(state)
+        (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
+        started = time.time()
+
+        data = prepare.prepare(ctx)
+        n_rows = len(data.train) * (spec.generation.n if spec.data.response_source == "teacher" else 1)
+        plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
+        check_lora_targets(spec)  # training.lora names modules the student has
+        self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
+        init_ray(self.address)
+
+        train_rows = self._training_rows(data.train, state)
+        signal, signal_stats = None, None
+        if spec.teacher_signal.mode != "online":
+            signal, signal_stats = teacher_signal.score_signal(ctx, train_rows)
+        if spec.curriculum_of("pocl") is not None:
+            train_rows = difficulty.order_by_difficulty(ctx, train_rows)
+
+        student_dir: Path | None = None
+        checkpoint: str | None = None
+        round_scores: dict[str, Any] = {}
+        for segment in plan:
+            done = state.finished(segment.index)
+            if done is not None:
+                self.reporter.message(f"train: segment {segment.index + 1}/{len(plan)} was finished by an earlier run")
+                student_dir, checkpoint = Path(done["student"]), done["checkpoint"]
+            else:
+                rows = train_rows[: segment.n_rows]
+                if segment.regenerate_student:
+                    rows = self._student_responses(rows, student_dir, segment, plan, state)
+                run_name = state.run_name(segment.index, f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}")
+                self._recover_metrics(self.out / "ray_train" / run_name)
+                student_dir, checkpoint = train.train_segment(
+                    ctx, rows, segment, plan, init_checkpoint=checkpoint, run_name=run_name, signal=signal,
+                    heldout=data.heldout, on_metrics=self._record_metrics)
+                state.finish(segment.index, checkpoint, str(student_dir))
+            self.score_round(segment, plan, student_dir, state, data.heldout, round_scores)
+        final = self.out / "student"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(student_dir, final)
+        evaluation, judge = self._evaluate(final, data.heldout, round_scores)
+
+        with ctx.phase("report", 1, "report.json, report.md, plots"):
+            report = {
+                "name": spec.name,
+                "status": "succeeded",
+                "started": started,
+                "finished": time.time(),
+                "timings_s": ctx.timings,
+                "rows": data.row_reports,
+                "evaluation": evaluation,
+                "judge": judge,
+                "train_metrics": self.metrics_history,
+                "teacher_signal": {"mode": spec.teacher_signal.mode, **(signal_stats or {})},
+                "student_dir": str(final),
+                "plan": [seg.as_dict() for seg in plan],
+                "spec": spec.model_dump(mode="json"),
+            }
+            tmp = self.out / "report.json.tmp"
+            tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            os.replace(tmp, self.out / "report.json")
+            render_report(self.out)
+            self.reporter.advance("report")
+        return report
+
+    def _evaluate(self, final: Path, heldout: list[dict[str, Any]],
+                  round_scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Held-out scores of teacher, student before, each round and student after (the order
+        of the report's tables), and the judge's verdicts."""
+        spec = self.spec
+        if not spec.evaluation.enabled:
+            return {}, None
+        scores: dict[str, Any] = {}
+        answers: dict[str, dict[str, str]] = {}
+        with self.ctx.phase("evaluate", 3 * len(heldout), "held-out answers"):
+            for label, model in (("teacher", spec.teacher), ("student_before", spec.student),
+                                 ("student_after", spec.student.model_copy(update={"model": str(final)}))):
+                scores[label], answers[label] = evaluate.evaluate_model(self.ctx, label, model, heldout)
+        evaluation = {**{k: v for k, v in scores.items() if k != "student_after"}, **round_scores,
+                      "student_after": scores["student_after"]}
+        judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
+        return evaluation, judge

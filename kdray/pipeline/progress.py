@@ -1,0 +1,113 @@
+"""Progress of a job: phases, counts and training metrics, as durable events.
+
+The driver tells a :class:`Reporter` what happens (a phase starts, advances, ends; a training
+step's metrics arrive). Every event is appended to ``events.jsonl`` in the job's output
+directory, so anything that reads the job later (the CLI, the service) sees the same history.
+:class:`ConsoleReporter` also draws one progress bar per phase.
+
+Training metrics reach the reporter from the Ray Train workers through the train stage
+(:mod:`kdray.stages.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Reporter:
+    """Records job events to ``events_path`` (JSON lines, appended and flushed per event)."""
+
+    def __init__(self, events_path: Path | None = None):
+        self.events_path = events_path
+        self._lock = threading.Lock()
+        #: Called with every event too (``kdray run --store``: the service's job store).
+        self.sinks: list[Any] = []
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        event = {"time": time.time(), "kind": kind, **{k: _clean(v) for k, v in fields.items()}}
+        with self._lock:
+            if self.events_path is not None:
+                with self.events_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            for sink in self.sinks:
+                sink(event)
+
+    def phase_start(self, phase: str, total: int | None = None, detail: str = "") -> None:
+        self.emit("phase_start", phase=phase, total=total, detail=detail)
+
+    def advance(self, phase: str, n: int = 1) -> None:
+        self.emit("advance", phase=phase, n=n)
+
+    def phase_end(self, phase: str, detail: str = "") -> None:
+        self.emit("phase_end", phase=phase, detail=detail)
+
+    def train_metrics(self, metrics: dict[str, Any]) -> None:
+        self.emit("train_step", **metrics)
+
+    def message(self, text: str) -> None:
+        self.emit("message", text=text)
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleReporter(Reporter):
+    """A :class:`Reporter` that also shows one rich progress bar per phase."""
+
+    def __init__(self, events_path: Path | None = None, console: Any = None):
+        super().__init__(events_path)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[phase]:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.progress.start()
+
+    def phase_start(self, phase: str, total: int | None = None, detail: str = "") -> None:
+        super().phase_start(phase, total, detail)
+        self.tasks[phase] = self.progress.add_task(detail, total=total, phase=phase)
+
+    def advance(self, phase: str, n: int = 1) -> None:
+        super().advance(phase, n)
+        if phase in self.tasks:
+            self.progress.advance(self.tasks[phase], n)
+
+    def phase_end(self, phase: str, detail: str = "") -> None:
+        super().phase_end(phase, detail)
+        task = self.tasks.get(phase)
+        if task is not None:
+            total = self.progress.tasks[task].total
+            self.progress.update(task, completed=total if total is not None else 1,
+                                 total=total if total is not None else 1, description=detail)
+
+    def train_metrics(self, metrics: dict[str, Any]) -> None:
+        super().train_metrics(metrics)
+        task = self.tasks.get("train")
+        if task is not None and "step" in metrics:
+            desc = f"loss {metrics.get('loss', float('nan')):.4f}" if "loss" in metrics else ""
+            self.progress.update(task, completed=metrics["step"], description=desc)
+
+    def message(self, text: str) -> None:
+        super().message(text)
+        self.progress.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,244 @@
+"""The HF-transformers backend of the generation and scoring pools (``backend: hf``).
+
+For hosts without vLLM. Two Ray Data callable classes with the same constructor arguments and
+the same batch contract as their vLLM counterparts, so :func:`kdray.pools.run.generate` and
+:func:`kdray.pools.run.score_teacher` run either on the same actor pool:
+
+* :class:`HFGenerator` (≙ :class:`kdray.pools.vllm.VLLMGenerator`): batched, left-padded
+  ``model.generate`` on the prompt ids of :func:`kdray.data.tokenize.prompt_token_ids`; rows out carry
+  ``response``, ``response_token_ids``, ``sample_index``, ``finish_reason`` (``'stop'`` or
+  ``'length'``, as vLLM says) and, with ``score_gold``, ``gold_ce``.
+* :class:`HFScorer` (≙ :class:`kdray.pools.vllm.VLLMScorer`): one forward pass over prompt +
+  response ids; per response token the top-k log-probs or the final hidden state.
+
+Both share :class:`_HFModel`: loading (one device per replica: a GPU when one is visible,
+else the CPU) and right-padded forward passes that return the model's view of each response
+position. The sampling semantics follow vLLM's, not ``transformers``' defaults: the model's own
+``generation_config`` (top-k 50, repetition penalties, ...) is replaced by a neutral one,
+temperature 0 is greedy, ``top_k`` is off, and generation stops at the tokenizer's EOS or any
+EOS id of the model's generation config; the stop token is kept in ``response_token_ids`` and
+dropped from the decoded text (``skip_special_tokens``), as vLLM does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
+from kdray.errors import KdrayError
+from kdray.models import load_causal_lm, resolve_model
+from kdray.pools.base import PoolCallable, SamplingConfig, check_score_mode, objects
+
+#: Tokens (batch x padded length) per forward pass when scoring; bounds the [tokens, vocab]
+#: logits a pass materialises (8192 x 128k float32 = 4 GiB).
+TOKENS_PER_FORWARD = 8192
+
+
+class _HFModel:
+    """A frozen causal LM and its tokenizer on this replica's device, with the forward passes
+    both backends' classes need."""
+
+    def __init__(self, model: str, *, dtype: str, max_model_len: int, tensor_parallel_size: int):
+        if tensor_parallel_size != 1:
+            raise KdrayError(
+                f"the hf backend runs one device per replica, but generation.tensor_parallel_size is "
+                f"{tensor_parallel_size}; set it to 1 (scale out with generation.replicas) or use backend: vllm"
+            )
+        import torch
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self.model = load_causal_lm(model, dtype, trainable=False).to(self.device)
+        self.max_model_len = max_model_len
+        tok = self.tokenizer
+        # Padding is masked out, so any id will do when the tokenizer has no pad token.
+        self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+        # Stop ids as vLLM gathers them: the tokenizer's EOS plus the generation config's.
+        stops = [tok.eos_token_id]
+        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        stops += config_eos if isinstance(config_eos, list) else [config_eos]
+        self.stop_ids = sorted({int(i) for i in stops if i is not None})
+        # transformers fills every unset generation field from the model's own config; a neutral
+        # one keeps hub defaults (top_k=50, repetition_penalty, ...) out, as vLLM ignores them.
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
+
+    def check_lengths(self, lengths: list[int], what: str) -> None:
+        longest = max(lengths, default=0)
+        if longest > self.max_model_len:
+            raise KdrayError(
+                f"a {what} of {longest} tokens exceeds max_model_len ({self.max_model_len}); raise "
+                "teacher/student.max_model_len or lower data.max_prompt_tokens"
+            )
+
+    def _micro_batches(self, lengths: list[int]) -> Iterator[list[int]]:
+        """Consecutive index groups whose padded size stays within :data:`TOKENS_PER_FORWARD`."""
+        group: list[int] = []
+        width = 0
+        for i, n in enumerate(lengths):
+            if group and (len(group) + 1) * max(width, n) > TOKENS_PER_FORWARD:
+                yield group
+                group, width = [], 0
+            group.append(i)
+            width = max(width, n)
+        if group:
+            yield group
+
+    def response_states(self, pairs: list[tuple[list[int], list[int]]], what: str) -> Iterator[Any]:
+        """Per (prompt ids, response ids) pair, the model at positions ``len(prompt) + j - 1``
+        (the ones predicting response token ``j``), float32 on the CPU: ``what="logprobs"``
+        gives log-softmax of the raw logits ``[R, V]``, ``what="hidden"`` the final hidden
+        state after the final norm ``[R, H]`` (what the lm_head multiplies)."""
+        torch = self.torch
+        seqs = [list(p) + list(r) for p, r in pairs]
+        self.check_lengths([len(s) for s in seqs], "prompt + response")
+        for group in self._micro_batches([len(s) for s in seqs]):
+            width = max(len(seqs[i]) for i in group)
+            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                if what == "hidden":
+                    states = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                else:
+                    states = self.model(input_ids=ids, attention_mask=mask).logits
+                for row, i in enumerate(group):
+                    start = len(pairs[i][0])
+                    part = states[row, start - 1: start + len(pairs[i][1]) - 1].float()
+                    if what != "hidden":
+                        part = torch.log_softmax(part, dim=-1)
+                    yield part.cpu()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 seed: int) -> list[list[tuple[list[int], str]]]:
+        """``sampling.n`` (response ids, finish reason) per prompt."""
+        torch = self.torch
+        from transformers import GenerationConfig
+
+        self.check_lengths([len(p) for p in prompts], "prompt")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        greedy = sampling.temperature == 0.0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=1 if greedy else sampling.n,
+            eos_token_id=None if sampling.ignore_eos else self.stop_ids,
+            pad_token_id=self.pad_id,
+            **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}),
+        )
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=config)
+        new = out[:, width:].cpu().tolist()
+        stops = set(self.stop_ids) if config.eos_token_id is not None else set()
+        results: list[list[tuple[list[int], str]]] = []
+        for row, p in enumerate(prompts):
+            room = self.max_model_len - len(p)  # vLLM never runs past max_model_len
+            samples = []
+            for seq in (new[row: row + 1] * sampling.n if greedy else new[row * sampling.n: (row + 1) * sampling.n]):
+                end = next((j + 1 for j, t in enumerate(seq) if t in stops), None)
+                if end is not None and end <= room:
+                    samples.append((seq[:end], "stop"))
+                else:
+                    samples.append((seq[: min(room, sampling.max_new_tokens)], "length"))
+            results.append(samples)
+        return results
+
+
+class HFGenerator(PoolCallable):
+    """Ray Data callable class holding one ``transformers`` model: the ``backend: hf`` twin of
+    :class:`kdray.pools.vllm.VLLMGenerator`, with the same constructor arguments and batch
+    contract (``enforce_eager`` has no meaning here and is accepted for that reason).
+
+    Responses are seeded per batch (``sampling.seed`` and the batch's first ``_row``), so the
+    same rows in the same batches give the same responses.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str,
+        max_model_len: int,
+        tensor_parallel_size: int,
+        enforce_eager: bool,
+        sampling: SamplingConfig,
+        env: dict[str, str],
+        score_gold: bool = False,
+        chat_template: str = "auto",
+    ):
+        super().__init__(env)
+        self.hf = _HFModel(model, dtype=dtype, max_model_len=max_model_len,
+                           tensor_parallel_size=tensor_parallel_size)
+        self.sampling = sampling
+        self.score_gold = score_gold
+        self.chat_template = uses_chat_template(self.hf.tokenizer, chat_template)
+
+    def _gold_ce(self, batch: dict[str, np.ndarray]) -> list[float]:
+        pairs = encode_batch(self.hf.tokenizer, list(batch["prompt"]), list(batch["gold_response"]),
+                             list(batch["gold_finish_reason"]), self.chat_template)
+        torch = self.hf.torch
+        ce = []
+        for (_, response), logprobs in zip(pairs, self.hf.response_states(pairs, "logprobs")):
+            target = torch.tensor(response, dtype=torch.long).unsqueeze(1)
+            ce.append(-float(logprobs.gather(1, target).double().mean()))
+        return ce
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tok = self.hf.tokenizer
+        ids = prompt_token_ids(tok, [str(p) for p in batch["prompt"]], self.chat_template)
+        rows = [int(r) for r in batch["_row"]] if "_row" in batch else [0]
+        generated = self.hf.generate(ids, self.sampling, seed=self.sampling.seed * 1_000_003 + rows[0])
+        ce = self._gold_ce(batch) if self.score_gold else []
+        samples = [[(tok.decode(token_ids, skip_special_tokens=True), token_ids, finish)
+                    for token_ids, finish in row_samples] for row_samples in generated]
+        return self.sample_rows(batch, samples, ce if self.score_gold else None)
+
+
+class HFScorer(PoolCallable):
+    """Ray Data callable class: the ``backend: hf`` twin of :class:`kdray.pools.vllm.VLLMScorer`.
+
+    ``__call__`` takes a numpy batch with ``_row``, ``prompt_ids`` and ``response_ids``
+    (object arrays of int arrays) and returns it with, per row of ``R`` response tokens,
+    ``topk_ids`` (int32 ``[R, k]``) and ``topk_logprobs`` (float32 ``[R, k]``, descending;
+    log-softmax of the raw logits), or ``hidden`` (float32 ``[R, H]``, after the final norm).
+    Row ``j`` is the teacher at position ``len(prompt) + j - 1`` of prompt + response.
+    """
+
+    def __init__(self, model: str, *, mode: str, k: int, dtype: str, max_model_len: int,
+                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str]):
+        check_score_mode(mode)
+        super().__init__(env)
+        self.mode, self.k = mode, k
+        self.hf = _HFModel(model, dtype=dtype, max_model_len=max_model_len,
+                           tensor_parallel_size=tensor_parallel_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = [([int(t) for t in p], [int(t) for t in r])
+                 for p, r in zip(batch["prompt_ids"], batch["response_ids"])]
+        out = dict(batch)
+        if self.mode == "hidden":
+            out["hidden"] = objects([h.numpy().astype(np.float32, copy=False)
+                                      for h in self.hf.response_states(pairs, "hidden")])
+            return out
+        ids, lps = [], []
+        for logprobs in self.hf.response_states(pairs, "logprobs"):
+            k = min(self.k, logprobs.shape[-1])
+            top = logprobs.topk(k, dim=-1, sorted=True)
+            ids.append(top.indices.numpy().astype(np.int32))
+            lps.append(top.values.numpy().astype(np.float32))
+        out["topk_ids"], out["topk_logprobs"] = objects(ids), objects(lps)
+        return out

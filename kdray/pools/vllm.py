@@ -1,0 +1,176 @@
+"""The vLLM backend of the pools (``backend: vllm``, the default).
+
+:class:`VLLMGenerator` answers prompts (teacher responses, student samples, held-out answers,
+the judge) and can score given responses in the same ``generate`` call (POCL's difficulty);
+:class:`VLLMScorer` records the teacher's signal on the training responses (``teacher_signal``
+``topk`` or ``hidden``). Both take token ids from :mod:`kdray.data.tokenize`, never raw text,
+so a prompt means the same tokens in every pool and in the trainer.
+
+Scoring, for every response token ``j``, reads the teacher at the position that predicts it
+(position ``len(prompt) + j - 1``):
+
+* ``topk``: the k most likely token ids and their log-probs (log-softmax of the raw logits,
+  temperature 1), from vLLM's ``prompt_logprobs`` with ``max_logprobs`` raised to k;
+* ``hidden``: the teacher's final hidden state (after the final norm: what its lm_head
+  multiplies), from vLLM's pooling runner with per-token output and no activation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
+from kdray.models import resolve_model
+from kdray.pools.base import PoolCallable, SamplingConfig, check_score_mode, objects
+
+
+class VLLMGenerator(PoolCallable):
+    """Ray Data callable class holding one vLLM engine.
+
+    Constructed once per actor; ``__call__`` receives a numpy batch with ``_row`` and
+    ``prompt`` and returns one row per generated sample. With ``score_gold=True`` the batch
+    also carries ``gold_response`` / ``gold_finish_reason``, and each output row gets
+    ``gold_ce``: the model's mean token cross-entropy (nats) on that response, scored as
+    vLLM prompt log-probs of prompt + response ids, tokenized exactly as the trainer does
+    (:func:`kdray.data.tokenize.encode_batch`). Generation and scoring share one ``generate`` call.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str,
+        max_model_len: int,
+        tensor_parallel_size: int,
+        enforce_eager: bool,
+        sampling: SamplingConfig,
+        env: dict[str, str],
+        score_gold: bool = False,
+        chat_template: str = "auto",
+    ):
+        super().__init__(env)
+        from vllm import LLM, SamplingParams
+
+        path = resolve_model(model)
+        self.llm = LLM(
+            model=path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            seed=sampling.seed,
+        )
+        self.params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+        )
+        self.score_gold = score_gold
+        self.chat_template = uses_chat_template(self.llm.get_tokenizer(), chat_template)
+        # One token out, and the log-prob of every prompt token (the realized one is always
+        # included, whatever the top-k): what scoring a given response needs.
+        self.score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+    def _score_requests(self, batch: dict[str, np.ndarray]) -> tuple[list[Any], list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        pairs = encode_batch(self.llm.get_tokenizer(), list(batch["prompt"]), list(batch["gold_response"]),
+                             list(batch["gold_finish_reason"]), self.chat_template)
+        return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        ids = prompt_token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]], self.chat_template)
+        prompts: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in ids]
+        params = [self.params] * len(prompts)
+        starts: list[int] = []
+        if self.score_gold:
+            scoring, starts = self._score_requests(batch)
+            prompts += scoring
+            params += [self.score_params] * len(scoring)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        n = len(batch["prompt"])
+        ce = [_mean_nll(req.prompt_logprobs, req.prompt_token_ids, start)
+              for req, start in zip(outputs[n:], starts)]
+        samples = [[(c.text, list(c.token_ids), str(c.finish_reason)) for c in request.outputs]
+                   for request in outputs[:n]]
+        return self.sample_rows(batch, samples, ce if self.score_gold else None)
+
+
+def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> float:
+    """Mean −log p of ``token_ids[start:]`` from vLLM's per-position prompt log-probs."""
+    values = [prompt_logprobs[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
+    return -float(np.mean(values))
+
+
+class VLLMScorer(PoolCallable):
+    """Ray Data callable class holding one vLLM engine that scores prompt + response ids.
+
+    ``__call__`` takes a numpy batch with ``_row``, ``prompt_ids`` and ``response_ids``
+    (object arrays of int arrays) and returns it with, per row of ``R`` response tokens,
+    ``topk_ids`` (int32 ``[R, k]``) and ``topk_logprobs`` (float32 ``[R, k]``, descending),
+    or ``hidden`` (float32 ``[R, H]``).
+    """
+
+    def __init__(self, model: str, *, mode: str, k: int, dtype: str, max_model_len: int,
+                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str]):
+        check_score_mode(mode)
+        super().__init__(env)
+        from vllm import LLM, SamplingParams
+
+        self.mode, self.k = mode, k
+        common = dict(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len,
+                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+        if mode == "topk":
+            self.llm = LLM(**common, max_logprobs=k)
+            # One token out (vLLM must generate one); the prompt's top-k log-probs are the point.
+            self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+        else:
+            from vllm.config import PoolerConfig
+
+            self.llm = LLM(**common, runner="pooling", pooler_config=PoolerConfig(
+                task="token_embed", tok_pooling_type="ALL", use_activation=False))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
+        responses = [list(map(int, r)) for r in batch["response_ids"]]
+        requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
+        out = dict(batch)
+        if self.mode == "topk":
+            results = self.llm.generate(requests, self.params, use_tqdm=False)
+            pairs = [_topk_rows(res.prompt_logprobs, len(p), len(r), self.k)
+                     for res, p, r in zip(results, prompts, responses)]
+            out["topk_ids"] = objects([ids for ids, _ in pairs])
+            out["topk_logprobs"] = objects([lps for _, lps in pairs])
+        else:
+            results = self.llm.encode(requests, pooling_task="token_embed", use_tqdm=False)
+            hidden = []
+            for res, p, r in zip(results, prompts, responses):
+                states = res.outputs.data.float().cpu().numpy()  # [len(p) + len(r), H]
+                hidden.append(np.ascontiguousarray(states[len(p) - 1: len(p) + len(r) - 1], dtype=np.float32))
+            out["hidden"] = objects(hidden)
+        return out
+
+
+def _topk_rows(prompt_logprobs: list[Any], n_prompt: int, n_response: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k (ids, log-probs) at each response position from vLLM's prompt log-probs.
+
+    vLLM adds the realised token to each position's dict when it is not in the top k; its
+    ``rank`` says so, and it is dropped here (a record holds exactly the k best)."""
+    ids = np.zeros((n_response, k), dtype=np.int32)
+    lps = np.full((n_response, k), -np.inf, dtype=np.float32)
+    for j in range(n_response):
+        entries = prompt_logprobs[n_prompt + j]
+        best = sorted(((lp.logprob, tok) for tok, lp in entries.items() if lp.rank is None or lp.rank <= k),
+                      reverse=True)[:k]
+        for slot, (value, tok) in enumerate(best):
+            ids[j, slot], lps[j, slot] = tok, value
+    return ids, lps

@@ -1,0 +1,311 @@
+"""Reports of finished jobs: ``kdray report DIR`` and ``kdray compare DIR...``.
+
+:func:`render_report` turns ``DIR/report.json`` into ``report.md``, ``loss.png`` (loss and its
+parts per step), ``schedule.png`` (lr, temperature, kd_ratio, α, β, stage, round: one panel per
+quantity), ``evaluation.png`` (held-out scores per model and round) and, for a job scored after
+each round (``evaluation.per_round``), ``evaluation_rounds.png`` (scores vs round, with the
+teacher and the initial student as reference lines); :func:`compare_reports`
+puts jobs side by side in one markdown table and ``compare.png``. Plots use matplotlib's Agg
+canvas directly (no display, no pyplot state) under fixed rc settings, so a report renders to
+the same bytes every time; every file is written under a temporary name and moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import KdrayError
+# Plotting lives in kdray.report.plots; these names are shared with it.
+from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds, plot_loss, plot_schedule)
+
+# Per-step keys that are neither a loss part nor a schedule value.
+_NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm"}
+_LOSS_KEYS = {"loss", "kd", "ce", "skl", "srkl", "fkl", "rkl", "tvd", "jsd", "akl", "cald"}
+_SCHEDULE_FIRST = ("lr", "kd_temperature", "temperature", "kd_ratio", "alpha", "beta", "stage", "round")
+_FIX = "run the job first: kdray run SPEC"
+
+
+def load_report(job_dir: Path) -> dict[str, Any]:
+    """The parsed ``report.json`` of a job directory, or a KdrayError naming the path and fix."""
+    job_dir = Path(job_dir)
+    path = job_dir if job_dir.name == "report.json" and job_dir.is_file() else job_dir / "report.json"
+    if not path.is_file():
+        what = "has no report.json" if path.parent.is_dir() else "is not a directory"
+        raise KdrayError(f"{path.parent} {what} ({path} not found); {_FIX}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdrayError(f"{path} is not a valid report ({exc}); {_FIX}") from exc
+    if not isinstance(report, dict):
+        raise KdrayError(f"{path} is not a valid report (expected a JSON object); {_FIX}")
+    return report
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = report.get("train_metrics")
+    return [m for m in rows if isinstance(m, dict)] if isinstance(rows, list) else []
+
+
+def _evaluation(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Evaluation entries ordered teacher, student_before, student_round_N (by N), student_after,
+    then anything else in its stored order."""
+    ev = _dict(report.get("evaluation"))
+    fixed = {"teacher": (0, 0), "student_before": (1, 0), "student_after": (3, 0)}
+
+    def rank(label: str) -> tuple[int, int]:
+        match = re.fullmatch(r"student_round_(\d+)", label)
+        return fixed.get(label) or ((2, int(match.group(1))) if match else (4, 0))
+
+    return [(k, ev[k]) for k in sorted(ev, key=rank) if isinstance(ev[k], dict)]  # stable sort
+
+
+def _rounds(entries: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The student after each round: student_round_1..N-1, then student_after (round N); empty
+    when the job recorded no per-round scores."""
+    rounds = [(k, s) for k, s in entries if re.fullmatch(r"student_round_\d+", k)]
+    final = [(k, s) for k, s in entries if k == "student_after"]
+    return rounds + final if rounds and final else []
+
+
+def _round_unit(report: dict[str, Any]) -> str:
+    plan = report.get("plan")
+    staged = isinstance(plan, list) and any(_dict(p).get("stage") is not None for p in plan)
+    return "stage" if staged else "round"
+
+
+def _judge_lines(judge: dict[str, Any]) -> list[str]:
+    reference = str(judge.get("reference", "?")).replace("_", " ")
+    intro = (f"Judge `{judge.get('model', '?')}` compared the distilled student (student after) with "
+             f"**{reference}** on {_fmt(judge.get('items'), '.0f')} held-out prompts, once in each answer "
+             "order. A verdict other than A or B counts as a tie; the win rate counts ties as half a win.")
+    out = ["", "## LLM judge", "", intro, ""]
+    out += _table(["quantity", "value"], [
+        ["win rate of the student", _fmt(judge.get("win_rate"))],
+        ["comparisons (both orders)", _fmt(judge.get("comparisons"), ".0f")],
+        ["wins / ties / losses", " / ".join(_fmt(judge.get(k), ".0f") for k in ("wins", "ties", "losses"))],
+        ["position consistency", _fmt(judge.get("position_consistency"))],
+        ["judged A in both orders", _fmt(judge.get("first_position_bias"))],
+        ["judged B in both orders", _fmt(judge.get("second_position_bias"))],
+        ["prompts skipped (judge prompt too long)", _fmt(judge.get("skipped_too_long"), ".0f")]])
+    return out
+
+
+def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(loss keys, schedule keys) among the numeric per-step keys, in a stable order."""
+    keys: dict[str, None] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k not in _NOT_PLOTTED and not math.isnan(_num(v)):
+                keys.setdefault(k, None)
+    loss, schedule = [], []
+    for k in keys:
+        lossy = k in _LOSS_KEYS or k.endswith(("_loss", "kl")) or k.startswith("loss_")
+        (loss if lossy else schedule).append(k)
+    loss.sort(key=lambda k: (k != "loss", k))
+
+    def first(k: str) -> tuple[int, str]:
+        hits = [i for i, p in enumerate(_SCHEDULE_FIRST) if k == p or k.startswith(p + "_")]
+        return (hits[0] if hits else len(_SCHEDULE_FIRST), k)
+
+    schedule.sort(key=first)
+
+    def changes(k: str) -> bool:
+        return len({v for v in (_num(m.get(k)) for m in metrics) if not math.isnan(v)}) > 1
+
+    return loss, [k for k in schedule if k not in _COUNTERS or changes(k)]
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: Iterable[list[Any]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "—" if math.isnan(v := _num(value)) else format(v, spec)
+
+
+def _duration(seconds: Any) -> str:
+    if math.isnan(s := _num(seconds)):
+        return "—"
+    minutes, sec = divmod(round(s), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {sec:02d}s" if hours else f"{minutes}m {sec:02d}s" if minutes else f"{s:.1f}s"
+
+
+def _wall(report: dict[str, Any]) -> float:
+    """Wall time from started/finished, else the sum of the phase timings."""
+    wall = _num(report.get("finished")) - _num(report.get("started"))
+    timings = _dict(report.get("timings_s"))
+    return sum(_num(v) for v in timings.values()) if math.isnan(wall) and timings else wall
+
+
+def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
+    def plot(name: str, what: str) -> list[str]:
+        return ["", f"![{what}]({name})" if plots[name] is None else f"_No {name}: {plots[name]}._"]
+
+    spec = _dict(report.get("spec"))
+    name = report.get("name") or spec.get("name") or "?"
+    out = [f"# kdray job `{name}`", "", f"- **status:** {report.get('status', 'unknown')}",
+           f"- **duration:** {_duration(_wall(report))}"]
+    if report.get("error"):
+        out.append(f"- **error:** {_cell(report['error'])}")
+    if obj := _dict(spec.get("objective")):
+        params = ", ".join(f"{k}={v}" for k, v in obj.items() if k != "kind")
+        out.append(f"- **objective:** {obj.get('kind', '?')} ({params})")
+    out += [f"- **{role}:** `{spec[role].get('model', '?')}`" for role in ("teacher", "student")
+            if isinstance(spec.get(role), dict)]
+    if report.get("student_dir"):
+        out.append(f"- **distilled student:** `{report['student_dir']}`")
+
+    out += ["", "## Held-out evaluation", ""]
+    if entries := _evaluation(report):
+        out += _table(["model", "ROUGE-L", "exact match", "mean length", "n"],
+                      [[label.replace("_", " "), _fmt(s.get("rougeL")), _fmt(s.get("exact_match")),
+                        _fmt(s.get("mean_length"), ".2f"), _fmt(s.get("n"), ".0f")] for label, s in entries])
+    else:
+        out.append("No evaluation results in report.json (evaluation disabled or not reached).")
+    out += plot("evaluation.png", "held-out evaluation per model and round")
+    if plots.get("evaluation_rounds.png", "") is None:
+        out += plot("evaluation_rounds.png", "held-out evaluation of the student after each round")
+    if judge := _dict(report.get("judge")):
+        out += _judge_lines(judge)
+
+    out += ["", "## Training", ""]
+    if metrics := _metrics(report):
+        tps = [v for v in (_num(m.get("tokens_per_s")) for m in metrics) if not math.isnan(v)]
+        last = metrics[-1]
+        out += _table(["quantity", "value"], [
+            ["optimizer steps", f"{_fmt(last.get('step'), '.0f')} of {_fmt(last.get('total_steps'), '.0f')}"],
+            ["first loss", _fmt(metrics[0].get("loss"), ".4f")], ["last loss", _fmt(last.get("loss"), ".4f")],
+            ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"]])
+    else:
+        out.append("No training metrics in report.json (training did not log any step).")
+    out += plot("loss.png", "loss and its parts per step")
+    out += plot("schedule.png", "schedule values per step")
+
+    out += ["", "## Timings", ""]
+    if timings := _dict(report.get("timings_s")):
+        total = sum(_num(v) for v in timings.values())
+        out += _table(["phase", "seconds", "share"], [
+            [k, _fmt(v, ".1f"), f"{100 * _num(v) / total:.0f}%" if total > 0 else "—"] for k, v in timings.items()])
+    else:
+        out.append("No timings in report.json.")
+
+    out += ["", "## Data rows", ""]
+    if rows := _dict(report.get("rows")):
+        table, reasons = [], []  # bad: {reason: {"count": n, "first_ids": [...]}}
+        for split, r in ((k, v) for k, v in rows.items() if isinstance(v, dict)):
+            counts = {k: _dict(v).get("count", len(v) if isinstance(v, list) else v)
+                      for k, v in _dict(r.get("bad")).items()}
+            table.append([split, _fmt(r.get("total"), ".0f"), _fmt(r.get("kept"), ".0f"),
+                          _fmt(sum(_num(c) for c in counts.values()), ".0f")])
+            reasons += [f"- {split}: {count} {reason}" for reason, count in counts.items()]
+        out += _table(["split", "total", "kept", "bad"], table)
+        if reasons:
+            out += ["", "Bad rows:", *reasons]
+    else:
+        out.append("No row counts in report.json.")
+    out += ["", "The resolved spec, every metric and the per-step history are in `report.json`.", ""]
+    return "\n".join(out)
+
+
+def render_report(out_dir: Path) -> list[Path]:
+    """Write ``report.md`` and the PNG plots next to ``out_dir/report.json``; return the paths
+    written. A plot without data is skipped (a stale copy removed) and report.md says why."""
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    if out_dir.name == "report.json":
+        out_dir = out_dir.parent
+    title, metrics, entries = str(report.get("name") or "job"), _metrics(report), _evaluation(report)
+    loss_keys, schedule_keys = _series_keys(metrics)
+    plots: dict[str, str | None] = {
+        "loss.png": None if loss_keys else "no per-step training metrics in report.json",
+        "schedule.png": None if schedule_keys else "no per-step schedule values in report.json",
+        "evaluation.png": None if entries else "no evaluation results in report.json",
+        "evaluation_rounds.png": None if (rounds := _rounds(entries)) else "no per-round evaluation in report.json",
+    }
+    draw = {"loss.png": lambda p: plot_loss(metrics, loss_keys, p, title),
+            "schedule.png": lambda p: plot_schedule(metrics, schedule_keys, p, title),
+            "evaluation.png": lambda p: plot_evaluation(entries, p, title),
+            "evaluation_rounds.png": lambda p: plot_evaluation_rounds(rounds, dict(entries), p, title,
+                                                                      _round_unit(report))}
+    written = [draw[name](out_dir / name) for name, reason in plots.items() if reason is None]
+    for name in (n for n, reason in plots.items() if reason is not None):
+        (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier render would mislead
+    md = _write_atomic(out_dir / "report.md", _markdown(report, plots).encode("utf-8"))
+    return [md, *written]
+
+
+def _change(before: dict[str, Any], after: dict[str, Any], key: str) -> str:
+    b, a = _num(before.get(key)), _num(after.get(key))
+    return f"{_fmt(b)} → {_fmt(a)}" + (f" ({a - b:+.3f})" if not math.isnan(a - b) else "")
+
+
+def compare_reports(dirs: list[Path], out: Path | None = None) -> tuple[str, list[Path]]:
+    """A markdown table with one row per job (in the given order) and ``out/compare.png``."""
+    if not dirs:
+        raise KdrayError("compare needs at least one job directory")
+    reports = [load_report(Path(d)) for d in dirs]
+    names = [str(r.get("name") or Path(d).name) for r, d in zip(reports, dirs)]
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(d).resolve().name})" for n, d in zip(names, dirs)]
+    rows = []
+    for label, report in zip(labels, reports):
+        spec, ev = _dict(report.get("spec")), dict(_evaluation(report))
+        before, after, teacher = ev.get("student_before", {}), ev.get("student_after", {}), ev.get("teacher", {})
+        kind = _dict(spec.get("objective")).get("kind", "?")
+        if curriculum := _dict(spec.get("curriculum")).get("kind"):
+            kind += f" + {curriculum}"
+        models = " → ".join(str(_dict(spec.get(r)).get("model", "?")) for r in ("teacher", "student"))
+        steps = _fmt(metrics[-1].get("step"), ".0f") if (metrics := _metrics(report)) else "—"
+        rows.append([label, kind, models, _change(before, after, "rougeL"), _change(before, after, "exact_match"),
+                     f"{_fmt(teacher.get('rougeL'))} / {_fmt(teacher.get('exact_match'))}",
+                     steps, _duration(_wall(report))])
+    header = ["job", "objective", "teacher → student", "ROUGE-L before → after", "EM before → after",
+              "teacher ROUGE-L / EM", "steps", "wall time"]
+    table = "\n".join(_table(header, rows, right_from=3)) + "\n"
+    out_dir = Path(out) if out is not None else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_compare(labels, [dict(_evaluation(r)) for r in reports], out_dir / "compare.png")
+    return table, [png]
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    for path in render_report(Path(args.dir)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    table, paths = compare_reports([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    sys.stdout.write(table)
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    p = subparsers.add_parser("report", help="(re-)render report.md and PNG plots from a job's report.json")
+    p.add_argument("dir", help="job output directory (holds report.json)")
+    p.set_defaults(fn=cmd_report)
+
+    p = subparsers.add_parser("compare", help="put several jobs side by side: a markdown table and compare.png")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="job output directories, in table order")
+    p.add_argument("--out", default=None, help="directory for compare.png (default: current directory)")
+    p.set_defaults(fn=cmd_compare)

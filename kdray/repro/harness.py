@@ -1,0 +1,338 @@
+"""``kdray repro``: run a grid of distillation methods over several seeds and check the
+orderings that POCL (arXiv:2506.05695) and DistiLLM-2 (arXiv:2503.07067) report.
+
+The grid: FKL, RKL, JSD, TVD, SKL, SRKL and AKL, each without and with POCL, and DistiLLM-2
+in its ``paper`` and ``released_code`` modes, each over ``seeds`` seeds. A full ``kdray run``
+job per cell would spend most of its time starting pools and workers, so the harness shares
+what does not depend on the method and runs the rest as Ray tasks:
+
+1. once, with the job driver's own code (:mod:`kdray.stages`) in one Ray session: read
+   and check the data; the teacher's responses to the training prompts from the vLLM pool on
+   Ray Data; POCL's difficulty order (the initial student through the pool, ROUGE-L and CE
+   fused by reciprocal rank); the initial student's held-out answers from the pool;
+2. per method and seed, a Ray task (1 CPU, 1 torch thread; as many at a time as Ray has
+   CPUs): train the student in one process with the plan, objectives, schedules and
+   tokenization the Ray Train workers use, and score its greedy held-out answers
+   (:mod:`kdray.repro.run` says exactly what differs from a job);
+3. the teacher and the initial student scored the same way, as references, and the initial
+   student's HF answers compared with the pool's (a check that the two generators agree).
+
+Every method gets the same number of optimizer steps: ``epochs`` passes over the training
+rows. POCL runs its ``pocl_stages`` cumulative stages as equal shares of those steps
+(``interval_unit: steps``) with its KD temperature 1 → 2 and ``kd_ratio`` 0.7 → 1.0;
+DistiLLM-2 runs ``distillm2_rounds`` rounds of ``epochs / distillm2_rounds`` epochs, sampling
+fresh student responses (temperature ``on_policy_temperature``) before each.
+
+Outputs in ``--out``: ``repro.json`` (every run's scores, timings, per-step metrics and
+spec; the shared phases' timings; the size), ``repro.md`` (the two tables and the verdict
+lines of :mod:`kdray.repro.tables`), ``events.jsonl`` and ``shared/`` (POCL's difficulty file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import KdrayError, SpecError
+from kdray.repro.tables import BASE_LOSSES, DISTILLM2_MODES, POCL_SUFFIX
+
+#: Objective of each base loss (DistiLLM's α = 0.1; SRKL as DistiLLM, without the detach).
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "fkl": {"kind": "forward_kl"},
+    "rkl": {"kind": "reverse_kl"},
+    "jsd": {"kind": "jsd", "beta": 0.5},
+    "tvd": {"kind": "tvd"},
+    "skl": {"kind": "skew_forward_kl", "alpha": 0.1},
+    "srkl": {"kind": "skew_reverse_kl", "alpha": 0.1, "detach_mixture_student": False},
+    "akl": {"kind": "adaptive_kl", "mu": 0.5},
+}
+METHODS: tuple[str, ...] = (
+    *[m for base in BASE_LOSSES for m in (base, base + POCL_SUFFIX)],
+    *[f"distillm2-{mode}" for mode in DISTILLM2_MODES],
+)
+#: Runnable with --methods, not in the default grid: DistiLLM-2 with POCL (each stage a round).
+EXTRA_METHODS: tuple[str, ...] = tuple(f"distillm2-{mode}{POCL_SUFFIX}" for mode in DISTILLM2_MODES)
+
+
+@dataclass(frozen=True)
+class ReproSize:
+    """How big the grid is. ``default``: under 45 minutes on 2 CPU cores; ``quick``: CI."""
+
+    train_rows: int = 2048
+    heldout_rows: int = 400
+    epochs: int = 4                  # passes over the training rows (base methods); sets every method's steps
+    global_batch_size: int = 32
+    lr: float = 1e-3                 # 3e-3 (the demo's) first knocks the toy student below its start
+    warmup_steps: int = 10
+    pocl_stages: int = 4
+    distillm2_rounds: int = 4
+    seeds: int = 3
+    max_new_tokens: int = 32         # teacher responses and on-policy student responses
+    eval_max_new_tokens: int = 32
+    max_seq_len: int = 96
+    on_policy_temperature: float = 1.0
+
+    @classmethod
+    def default(cls) -> "ReproSize":
+        return cls()
+
+    @classmethod
+    def quick(cls) -> "ReproSize":
+        return cls(train_rows=512, heldout_rows=400, epochs=2, global_batch_size=16, warmup_steps=4,
+                   pocl_stages=2, distillm2_rounds=2, seeds=2)
+
+    def check(self) -> None:
+        errors = []
+        if self.epochs % self.distillm2_rounds:
+            errors.append(("distillm2_rounds", f"epochs ({self.epochs}) must be a multiple of distillm2_rounds "
+                                               f"({self.distillm2_rounds}) so DistiLLM-2 gets the same steps"))
+        if self.seeds < 1:
+            errors.append(("--seeds", f"must be at least 1; got {self.seeds}"))
+        if errors:
+            raise SpecError(errors, "kdray repro size")
+
+
+def method_spec(method: str, size: ReproSize, train: str, heldout: str, out: Path,
+                n_rows: int | None = None) -> dict[str, Any]:
+    """The JobSpec (as a dict) that describes ``method`` at ``size`` over ``n_rows`` training
+    rows (default ``size.train_rows``; a dataset may hold fewer)."""
+    if method not in METHODS + EXTRA_METHODS:
+        raise SpecError([("--methods", f"unknown method {method!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")])
+    pocl = method.endswith(POCL_SUFFIX)
+    base = method.removesuffix(POCL_SUFFIX)
+    epochs, curriculum = size.epochs, []
+    total = None
+    if base.startswith("distillm2-"):
+        objective = {"kind": "distillm2", "alpha": 0.1}
+        d2 = {"kind": "distillm2", "mode": base.removeprefix("distillm2-")}
+        if not pocl:
+            d2["rounds"] = size.distillm2_rounds
+            epochs = size.epochs // size.distillm2_rounds
+        curriculum.append(d2)
+    else:
+        objective = dict(OBJECTIVES[base])
+    if pocl:
+        total = size.epochs * ((n_rows or size.train_rows) // size.global_batch_size)
+        curriculum.append({"kind": "pocl", "n_stages": size.pocl_stages, "interval_unit": "steps",
+                           "stage_interval": math.ceil(total / size.pocl_stages)})
+        epochs = 1
+    return {
+        "name": "repro-" + method.replace("+", "-").replace("_", "-"),
+        "output_dir": str(out / "shared"),
+        "teacher": {"model": "toy:teacher", "dtype": "float32", "max_model_len": 128},
+        "student": {"model": "toy:student", "dtype": "float32", "max_model_len": 128},
+        "data": {"train": train, "heldout": heldout, "max_train_samples": size.train_rows,
+                 "max_heldout_samples": size.heldout_rows, "max_prompt_tokens": 64, "response_source": "teacher"},
+        "generation": {"sampling_temperature": 0.0, "max_new_tokens": size.max_new_tokens, "batch_size": 256,
+                       "enforce_eager": True, "replicas": 1, "num_cpus_per_replica": 0.5},
+        "objective": objective,
+        "curriculum": curriculum,
+        "training": {"num_workers": 1, "zero_stage": 0, "lr": size.lr, "warmup_steps": size.warmup_steps,
+                     "global_batch_size": size.global_batch_size,
+                     "micro_batch_size_per_worker": size.global_batch_size, "epochs": epochs,
+                     "max_steps": total, "max_seq_len": size.max_seq_len},
+        "evaluation": {"enabled": True, "max_new_tokens": size.eval_max_new_tokens},
+    }
+
+
+def _runs_order(methods: list[str], seeds: int) -> list[tuple[str, int]]:
+    """Longest runs first (DistiLLM-2 trains on twice the sequences), so the tail is short."""
+    heavy = [m for m in methods if m.startswith("distillm2")]
+    light = [m for m in methods if m not in heavy]
+    return [(m, s) for s in range(seeds) for m in heavy] + [(m, s) for s in range(seeds) for m in light]
+
+
+def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "toy:train",
+              heldout: str = "toy:heldout", address: str | None = None, console: Any = None) -> dict[str, Any]:
+    """Run the grid; write ``repro.json`` and ``repro.md`` into ``out``; return the result."""
+    import ray
+    from rich.console import Console
+
+    from kdray.pipeline.job import Job
+    from kdray.stages.evaluate import score_generated
+    from kdray.pools.base import SamplingConfig
+    from kdray.curriculum.plan import plan_segments
+    from kdray.pipeline.progress import ConsoleReporter
+    from kdray.ray_setup import init_ray
+    from kdray.repro.run import evaluate_reference, train_and_evaluate
+    from kdray.spec import parse_spec
+
+    console = console or Console(stderr=True)
+    size.check()
+    out = out.expanduser().resolve()
+    shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out), "kdray repro")
+    specs = {m: parse_spec(method_spec(m, size, train, heldout, out), f"kdray repro, method {m}") for m in methods}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "events.jsonl").unlink(missing_ok=True)
+    reporter = ConsoleReporter(out / "events.jsonl", console=console)
+    timings: dict[str, float] = {}
+    started = time.time()
+    try:
+        ctx = StageContext(shared, Path(shared.output_dir).expanduser().resolve(), reporter)
+        data = prepare(ctx)
+        train_rows, held_rows, row_reports = data.train, data.heldout, data.row_reports
+        specs = {m: parse_spec(method_spec(m, size, train, heldout, out, len(train_rows)), f"kdray repro, method {m}")
+                 for m in methods}
+        for m, spec in specs.items():  # a plan that cannot run fails before any work
+            plan_segments(spec, len(train_rows))
+        t0 = time.perf_counter()
+        init_ray(address)
+        timings["ray_init"] = time.perf_counter() - t0
+        reporter.phase_start("generate", len(train_rows), "teacher responses (vLLM pool)")
+        t0 = time.perf_counter()
+        teacher_rows = ctx.generate(train_rows, shared.teacher, "teacher", "generate",
+                                    SamplingConfig.from_spec(shared.generation))
+        timings["teacher_generate"] = time.perf_counter() - t0
+        reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")
+        t0 = time.perf_counter()
+        ordered = order_by_difficulty(ctx, teacher_rows)
+        timings["pocl_difficulty"] = time.perf_counter() - t0
+        reporter.phase_start("evaluate", len(held_rows), "initial student, held-out (vLLM pool)")
+        t0 = time.perf_counter()
+        pool_answers = ctx.generate(held_rows, shared.student, "student_before", "evaluate",
+                                    SamplingConfig.greedy(shared.evaluation.max_new_tokens))
+        timings["pool_evaluate_initial_student"] = time.perf_counter() - t0
+        reporter.phase_end("evaluate", f"initial student done in {timings['pool_evaluate_initial_student']:.0f}s")
+    finally:
+        reporter.close()
+
+    t_grid = time.perf_counter()
+    ordered_ref, plain_ref, held_ref = ray.put(ordered), ray.put(teacher_rows), ray.put(held_rows)
+    task = ray.remote(num_cpus=1)(train_and_evaluate)
+    ref_task = ray.remote(num_cpus=1)(evaluate_reference)
+    refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=shared.evaluation.max_new_tokens,
+                                   chat_template=shared.data.chat_template)
+            for label, model in (("teacher", shared.teacher), ("student_before", shared.student))}
+    order = _runs_order(methods, size.seeds)
+    pending = {task.remote(specs[m].model_dump(mode="json"), m, s, ordered_ref, plain_ref, held_ref,
+                           on_policy_temperature=size.on_policy_temperature): (m, s) for m, s in order}
+    runs: list[dict[str, Any]] = []
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        method, seed = pending.pop(done)
+        try:
+            run = ray.get(done)
+        except Exception as exc:  # one broken cell must not cost the grid; it is reported below
+            run = {"method": method, "seed": seed, "error": str(exc).strip().splitlines()[-1][:500]}
+        runs.append(run)
+        if run.get("error"):
+            line = f"[red]failed[/]: {run['error']}"
+        else:
+            line = (f"ROUGE-L {run['rougeL']:.3f}  EM {run['exact_match']:.3f}  "
+                    f"(train {run['train_s']:.0f}s, eval {run['eval_s']:.1f}s, {run['steps']} steps)")
+        console.print(f"[{len(runs):>3}/{len(order)}] {method:<28} seed {seed}: {line}", highlight=False,
+                      soft_wrap=True)
+    timings["grid"] = time.perf_counter() - t_grid
+    references = {label: ray.get(r) for label, r in refs.items()}
+    pool_scores = score_generated(pool_answers, held_rows)
+    by_id = {g["id"]: g["response"] for g in pool_answers}
+    hf_answers = references["student_before"]["answers"]
+    agree = sum(by_id[r["id"]].strip() == a.strip() for r, a in zip(held_rows, hf_answers)) / max(1, len(held_rows))
+    timings["total"] = time.time() - started
+
+    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
+    result = {
+        "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)),
+                   "data": {"train": train, "heldout": heldout}, "rows": row_reports,
+                   "specs": {m: s.model_dump(mode="json") for m, s in specs.items()},
+                   "ray_cpus": ray.cluster_resources().get("CPU")},
+        "timings_s": timings,
+        "references": {label: ref["scores"] for label, ref in references.items()},
+        "generator_check": {"student_before_pool": pool_scores,
+                            "student_before_hf": references["student_before"]["scores"],
+                            "answer_agreement": agree},
+        "runs": runs,
+    }
+    return write_outputs(result, out, console)
+
+
+def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, Any]:
+    """Add the summary and verdicts to ``result``; write repro.json and repro.md; print the tables."""
+    from kdray.repro.tables import Stat, markdown, method_stats, rich_tables, verdicts
+
+    stats, em = method_stats(result["runs"]), method_stats(result["runs"], "exact_match")
+    refs = {label.replace("_", " "): Stat(s["rougeL"], None, 1) for label, s in result["references"].items()}
+    ref_em = {label.replace("_", " "): Stat(s["exact_match"], None, 1) for label, s in result["references"].items()}
+    found = verdicts(stats)
+    result["summary"] = {m: {"rougeL": stats[m].as_dict(), "exact_match": em[m].as_dict()} for m in stats}
+    result["verdicts"] = found
+    failed = [f"{r['method']} seed {r['seed']}" for r in result["runs"] if r.get("error")]
+    tmp = out / "repro.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, out / "repro.json")
+    size, t = result["config"]["size"], result["timings_s"]
+    check = result["generator_check"]
+    head = [
+        "# kdray repro", "",
+        f"{len(result['config']['methods'])} methods x {size['seeds']} seeds on {result['config']['data']['train']} "
+        f"({size['train_rows']} training rows, {size['heldout_rows']} held-out rows, {size['epochs']} epochs of "
+        f"{size['train_rows'] // size['global_batch_size']} steps at batch {size['global_batch_size']}; POCL "
+        f"{size['pocl_stages']} stages, DistiLLM-2 {size['distillm2_rounds']} rounds; AdamW lr {size['lr']}, cosine, "
+        f"{size['warmup_steps']} warmup steps). Teacher responses (greedy, vLLM pool) and POCL's difficulty order "
+        "are shared by every run; each run trains in one process with kdray's plans, objectives and schedules "
+        "(no DeepSpeed). Scores: greedy held-out answers (HF generate), ROUGE-L F. Teacher and initial student "
+        "are references (one value each).",
+        "",
+        f"Timings: total {t['total']:.0f}s; teacher responses {t.get('teacher_generate', 0):.0f}s, POCL difficulty "
+        f"{t.get('pocl_difficulty', 0):.0f}s, initial student through the pool "
+        f"{t.get('pool_evaluate_initial_student', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
+        "",
+        f"Generator check (initial student, held-out): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
+        f"HF generate {check['student_before_hf']['rougeL']:.3f}, identical answers {check['answer_agreement']:.1%}.",
+        "",
+    ]
+    if failed:
+        head += [f"**Failed runs** (left out of the tables): {', '.join(failed)}", ""]
+    body = markdown(stats, refs, {**em, **ref_em}, found)
+    (out / "repro.md").write_text("\n".join(head) + "\n" + body, encoding="utf-8")
+    for table in rich_tables(stats, refs, {**em, **ref_em}):
+        console.print(table)
+    for v in found:
+        tag = {True: "[green]holds[/]", False: "[red]does not hold[/]", None: "[yellow]not checked[/]"}[v["holds"]]
+        console.print(f"{tag}: {v['text']}", highlight=False, soft_wrap=True)
+    console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {t['total']:.0f}s)")
+    if failed:
+        raise KdrayError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see the errors in {out / 'repro.json'}")
+    return result
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    size = ReproSize.quick() if args.quick else ReproSize.default()
+    if args.seeds is not None:
+        size = replace(size, seeds=args.seeds)
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
+    if unknown:
+        raise SpecError([("--methods", f"unknown method(s) {', '.join(unknown)}; choose from "
+                                       f"{', '.join(METHODS + EXTRA_METHODS)}")])
+    if (args.data is None) != (args.heldout is None):
+        raise SpecError([("--data/--heldout", "give both the training and the held-out dataset, or neither "
+                                              "(the toy world's toy:train / toy:heldout)")])
+    methods = list(dict.fromkeys(methods))
+    run_repro(size, methods, Path(args.out), train=args.data or "toy:train", heldout=args.heldout or "toy:heldout",
+              address=args.address, console=Console())
+    return 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    p = subparsers.add_parser("repro", help="run a grid of KD methods over seeds and check the POCL and "
+                                            "DistiLLM-2 papers' orderings")
+    p.add_argument("--quick", action="store_true", help="the small CI size (a few minutes on 2 cores)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3, --quick: 2)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"methods to run (default: all of {', '.join(METHODS)}; also {', '.join(EXTRA_METHODS)})")
+    p.add_argument("--data", default=None, help="training prompts with gold responses (.jsonl, .parquet; "
+                                                "default toy:train); fields id, prompt, response; the teacher "
+                                                "and student stay the toy models (prompts up to 64 tokens)")
+    p.add_argument("--heldout", default=None, help="held-out prompts with gold responses (default toy:heldout)")
+    p.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.set_defaults(fn=cmd_repro)

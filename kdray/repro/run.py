@@ -1,0 +1,198 @@
+"""One run of the ``kdray repro`` grid: train a student by one method and score it.
+
+:func:`train_and_evaluate` is the body of a Ray task (one CPU, one torch thread): it gets
+everything through its arguments (a validated JobSpec as JSON, the seed, the shared teacher
+responses in their POCL easy → hard order and in their original order, the held-out rows).
+
+It trains with the code a job's Ray Train workers run, in one process and without DeepSpeed:
+the plan of segments (:func:`kdray.curriculum.plan.plan_segments`: POCL stages, DistiLLM-2 rounds), the
+per-batch objective (:func:`kdray.train.objectives.make_step_objective`, whose DistiLLM-2 schedule
+state is handed from segment to segment as the workers hand it through checkpoints), the
+tokenization (:class:`kdray.data.examples.TokenizeForTraining`), AdamW with the same cosine
+schedule (:func:`kdray.train.setup.cosine_with_warmup`) and gradient clipping. What differs from
+a job: one process instead of Ray Train workers (micro-batch = global batch, so no gradient
+accumulation and no all-reduce), a full random permutation of the rows per epoch instead of
+Ray Data's local shuffle buffer, and generation by batched HF ``generate`` instead of a vLLM
+pool: DistiLLM-2's on-policy student responses (sampled) before every round and the held-out
+answers (greedy) after training.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int, chat_template: bool,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                batch_size: int = 256) -> list[tuple[str, str]]:
+    """(response text, finish reason) per prompt with HF ``generate``: greedy when
+    ``temperature`` is 0, else sampled over the whole vocabulary (no top-k, as vLLM's default).
+
+    Prompts become ids through :func:`kdray.data.tokenize.prompt_token_ids`, as in the vLLM pool;
+    a response ends at the first EOS ("stop") or at ``max_new_tokens`` ("length"), and is
+    decoded without special tokens, as vLLM does."""
+    import torch
+
+    from kdray.data.tokenize import prompt_token_ids
+
+    ids = prompt_token_ids(tok, prompts, chat_template)
+    sample = temperature > 0
+    extra = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
+    torch.manual_seed(seed)
+    out: list[tuple[str, str]] = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            width = max(len(x) for x in chunk)
+            inp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, x in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                inp[j, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                att[j, width - len(x):] = 1
+            gen = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
+            for row in gen[:, width:].tolist():
+                if tok.eos_token_id in row:
+                    out.append((tok.decode(row[: row.index(tok.eos_token_id)], skip_special_tokens=True), "stop"))
+                else:
+                    out.append((tok.decode(row, skip_special_tokens=True), "length"))
+    return out
+
+
+def evaluate_model(model: Any, tok: Any, heldout: list[dict[str, Any]], *, max_new_tokens: int,
+                   chat_template: bool) -> tuple[dict[str, float], list[str]]:
+    """Greedy answers to the held-out prompts, scored by :func:`kdray.stages.evaluate.score_responses`."""
+    from kdray.stages.evaluate import score_responses
+
+    was_training = model.training
+    model.eval()
+    answers = [text for text, _ in hf_generate(model, tok, [r["prompt"] for r in heldout],
+                                                max_new_tokens=max_new_tokens, chat_template=chat_template)]
+    model.train(was_training)
+    return score_responses(answers, [r["response"] for r in heldout]), answers
+
+
+def evaluate_reference(model_ref: str, dtype: str, heldout: list[dict[str, Any]], *, max_new_tokens: int,
+                       chat_template: str, threads: int = 1) -> dict[str, Any]:
+    """Score an untrained model (the teacher, the initial student) as every run is scored."""
+    import torch
+
+    from kdray.models import load_causal_lm, load_tokenizer
+    from kdray.data.tokenize import uses_chat_template
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model_ref)
+    model = load_causal_lm(model_ref, dtype, trainable=False)
+    scores, answers = evaluate_model(model, tok, heldout, max_new_tokens=max_new_tokens,
+                                     chat_template=uses_chat_template(tok, chat_template))
+    return {"scores": scores, "answers": answers}
+
+
+def _encode(encoder: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
+             "finish_reason": [r.get("finish_reason", "stop") for r in rows]}
+    if "student_response" in rows[0]:
+        batch["student_response"] = [r["student_response"] for r in rows]
+        batch["student_finish_reason"] = [r["student_finish_reason"] for r in rows]
+    return encoder(batch)
+
+
+def _trimmed(arrays: dict[str, Any], index: Any) -> dict[str, Any]:
+    """The rows ``index`` as tensors, cut after the longest sequence of the batch (right
+    padding under a causal mask: the cut columns change no loss)."""
+    import torch
+
+    batch = {k: torch.from_numpy(v[index]) for k, v in arrays.items()}
+    masks = [batch[k] for k in ("attention_mask", "s_attention_mask") if k in batch]
+    width = max(int(m.sum(1).max()) for m in masks)
+    return {k: v[:, :width].contiguous() for k, v in batch.items()}
+
+
+def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordered_rows: list[dict[str, Any]],
+                       plain_rows: list[dict[str, Any]], heldout: list[dict[str, Any]], *,
+                       on_policy_temperature: float, threads: int = 1) -> dict[str, Any]:
+    """Train the student of ``spec_json`` (POCL methods on ``ordered_rows``, easy → hard;
+    others on ``plain_rows``) with seed ``seed``, then score it on ``heldout``.
+
+    The seed sets the data order of every epoch and the sampling of DistiLLM-2's student
+    responses (the student's initial weights are the spec's model, the same for every seed).
+    Returns the scores, timings and per-step metrics."""
+    import numpy as np
+    import torch
+
+    from kdray.models import load_causal_lm, load_tokenizer
+    from kdray.curriculum.plan import plan_segments, total_steps
+    from kdray.data.tokenize import uses_chat_template
+    from kdray.spec import JobSpec
+    from kdray.train.objectives import make_step_objective
+    from kdray.data.examples import TokenizeForTraining
+    from kdray.train.setup import cosine_with_warmup
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    spec = JobSpec.model_validate(spec_json)
+    t = spec.training
+    rows_all = ordered_rows if spec.curriculum_of("pocl") is not None else plain_rows
+    plan = plan_segments(spec, len(rows_all))
+    n_steps = total_steps(plan)
+    tok = load_tokenizer(spec.student.model)
+    chat = uses_chat_template(tok, spec.data.chat_template)
+    torch.manual_seed(seed)
+    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
+    student.train()
+    teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
+    encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)
+    rng = np.random.default_rng([seed, 7])
+    optimizer = scheduler = None
+    state: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    generate_s = 0.0
+    for seg in plan:
+        if optimizer is None or seg.restart_optimizer:
+            optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            span = seg.steps if seg.restart_optimizer else n_steps
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s, span=span: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span))
+        rows = rows_all[: seg.n_rows]
+        if seg.regenerate_student:  # DistiLLM-2's batched on-policy round: the current student answers
+            t0 = time.perf_counter()
+            student.eval()
+            answers = hf_generate(student, tok, [r["prompt"] for r in rows],
+                                  max_new_tokens=spec.generation.max_new_tokens, chat_template=chat,
+                                  temperature=on_policy_temperature, seed=seed * 1000 + seg.index)
+            student.train()
+            rows = [dict(r, student_response=a, student_finish_reason=f) for r, (a, f) in zip(rows, answers)]
+            generate_s += time.perf_counter() - t0
+        arrays = _encode(encoder, rows)
+        objective = make_step_objective(spec, seg, total_steps=n_steps, num_segments=len(plan), state=state)
+        step = seg.start_step
+        while step < seg.end_step:
+            perm = rng.permutation(len(rows))
+            for i in range(seg.steps_per_epoch):
+                batch = _trimmed(arrays, perm[i * t.global_batch_size:(i + 1) * t.global_batch_size])
+                loss, parts, _ = objective(student, teacher, batch)
+                loss.backward()
+                if t.gradient_clipping:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), t.gradient_clipping)
+                lr = float(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule = objective.metrics()
+                objective.optimizer_step()
+                step += 1
+                history.append({"step": step, "loss": float(loss.detach()), **parts, "lr": lr, **schedule,
+                                **({"stage": seg.stage} if seg.stage is not None else {}), "round": seg.round})
+                if step >= seg.end_step:
+                    break
+        state = objective.state_dict()
+    train_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    scores, _ = evaluate_model(student, tok, heldout, max_new_tokens=spec.evaluation.max_new_tokens,
+                               chat_template=chat)
+    return {"method": method, "seed": seed, **scores, "steps": n_steps, "segments": len(plan),
+            "first_loss": history[0]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "train_s": train_s, "on_policy_generate_s": generate_s, "eval_s": time.perf_counter() - t0,
+            "train_metrics": history}

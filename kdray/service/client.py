@@ -1,0 +1,229 @@
+"""``kdray serve`` and its command-line client (``submit``, ``list``, ``status``, ``watch``,
+``logs``, ``cancel``).
+
+The client talks to the service over HTTP (``--server``, or ``KDRAY_SERVER``, default
+http://127.0.0.1:8000) with the bearer token from ``--token`` or ``KDRAY_API_TOKEN``. Every
+failure is one readable line: the service is unreachable, the token was refused, the spec
+has these field errors, there is no such job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import KdrayError, SpecError
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+# -- the service --------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from kdray.ray_setup import init_ray
+    from kdray.service.app import ServiceConfig, deployment, read_token
+
+    state_dir = Path(args.state_dir).expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    output_root = Path(args.output_root or state_dir / "runs").expanduser().resolve()
+    output_root.mkdir(parents=True, exist_ok=True)
+    token = read_token(args.token_file)
+    if token is None:
+        raise KdrayError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
+                         "require it)")
+    context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True)
+    dashboard = getattr(context, "dashboard_url", None)
+    if not dashboard:
+        raise KdrayError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
+                         "Submission API lives there): start Ray with the dashboard enabled")
+    config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
+                           dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
+                           auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+    except Exception as exc:  # most often: the port is taken
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise KdrayError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
+                         "another --port") from None
+    serve.run(deployment(config), name="kdray", route_prefix="/")
+    print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs); state in {state_dir}; "
+          f"job outputs under {output_root}", flush=True)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    if args.address in (None, "local"):
+        import ray
+
+        ray.shutdown()  # our own local Ray: Serve goes with it
+    else:
+        serve.delete("kdray")  # a shared cluster keeps running; only our app leaves
+    return 0
+
+
+# -- the client ---------------------------------------------------------------------------
+class Client:
+    def __init__(self, server: str | None, token: str | None):
+        import httpx
+
+        self.server = (server or os.environ.get("KDRAY_SERVER") or DEFAULT_SERVER).rstrip("/")
+        token = token or os.environ.get("KDRAY_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            res = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise KdrayError(f"cannot reach the kdray service at {self.server} ({exc}); is `kdray serve` "
+                             "running there? (--server URL or KDRAY_SERVER)") from None
+        if res.status_code == 401:
+            raise KdrayError("the service refused the token: pass --token TOKEN or set KDRAY_API_TOKEN")
+        if res.status_code == 422:
+            body = res.json()
+            raise SpecError([(e.get("field", "?"), e.get("message", "")) for e in body.get("errors", [])]
+                            or [("(request)", body.get("error", "invalid"))])
+        if res.status_code >= 400:
+            try:
+                message = res.json().get("error", res.text)
+            except ValueError:
+                message = res.text
+            raise KdrayError(f"{message} (HTTP {res.status_code})")
+        return res.json() if res.headers.get("content-type", "").startswith("application/json") else res.text
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    path = Path(args.spec)
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        raise SpecError([("(file)", f"cannot read {path}: {exc.strerror}")], str(path)) from None
+    headers = {"Content-Type": "application/yaml"}
+    if args.idempotency_key:
+        headers["Idempotency-Key"] = args.idempotency_key
+    job = Client(args.server, args.token).call("POST", "/v1/jobs", content=body, headers=headers)
+    print(job["id"])
+    print(f"submitted {job['name']}: kdray watch {job['id']}", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    params = {"limit": args.limit, **({"state": args.state} if args.state else {})}
+    page = Client(args.server, args.token).call("GET", "/v1/jobs", params=params)
+    table = Table(title=f"kdray jobs ({page['total']} in all)")
+    for col in ("id", "name", "state", "phase", "step", "created"):
+        table.add_column(col)
+    for job in page["jobs"]:
+        step = f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else ""
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["created"]))
+        table.add_row(job["id"], job["name"], job["state"], job.get("phase") or "", step, created)
+    Console().print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    job = Client(args.server, args.token).call("GET", f"/v1/jobs/{args.id}")
+    job.pop("spec", None)
+    print(json.dumps(job, indent=2))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    sys.stdout.write(Client(args.server, args.token).call("GET", f"/v1/jobs/{args.id}/logs"))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = Client(args.server, args.token).call("POST", f"/v1/jobs/{args.id}/cancel")
+    print(f"{job['id']}: {job['state']}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Replay the job's events into the same progress bars ``kdray run`` draws, until it ends."""
+    from kdray.pipeline.progress import ConsoleReporter
+
+    client = Client(args.server, args.token)
+    reporter = ConsoleReporter(None)
+    seen = 0
+    try:
+        while True:
+            job = client.call("GET", f"/v1/jobs/{args.id}")
+            for event in client.call("GET", f"/v1/jobs/{args.id}/events", params={"after": seen})["events"]:
+                seen = event["seq"]
+                _replay(reporter, event)
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(args.interval)
+    finally:
+        reporter.close()
+    print(f"{job['id']}: {job['state']}" + (f" ({job['error']})" if job.get("error") else ""))
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def _replay(reporter: Any, event: dict[str, Any]) -> None:
+    kind = event.get("kind")
+    if kind == "phase_start":
+        reporter.phase_start(event.get("phase", "?"), event.get("total"), event.get("detail") or "")
+    elif kind == "advance":
+        reporter.advance(event.get("phase", "?"), event.get("n") or 0)
+    elif kind == "phase_end":
+        reporter.phase_end(event.get("phase", "?"), event.get("detail") or "")
+    elif kind == "train_step":
+        reporter.train_metrics({k: v for k, v in event.items() if k not in ("seq", "time", "kind")})
+    elif kind == "message":
+        reporter.message(event.get("text", ""))
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (Ray Serve) that runs jobs as Ray jobs")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster node; default: a local Ray)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--state-dir", default="kdray-state", help="job store and submitted specs (default ./kdray-state)")
+    p.add_argument("--output-root", default=None, help="every job's output_dir must lie inside it (default STATE_DIR/runs)")
+    p.add_argument("--token-file", default=None, help="file holding the API token (default: $KDRAY_API_TOKEN)")
+    p.add_argument("--auth-reads", action="store_true", help="require the token for reads too")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB (default 1024)")
+    p.set_defaults(fn=cmd_serve)
+
+    def client_parser(name: str, help: str) -> Any:
+        q = sub.add_parser(name, help=help)
+        q.add_argument("--server", default=None, help=f"service URL (default $KDRAY_SERVER or {DEFAULT_SERVER})")
+        q.add_argument("--token", default=None, help="API token (default $KDRAY_API_TOKEN)")
+        return q
+
+    q = client_parser("submit", "submit a job spec to the service; prints the job id")
+    q.add_argument("spec", help="job spec YAML file")
+    q.add_argument("--idempotency-key", default=None, help="retrying with the same key never submits twice")
+    q.set_defaults(fn=cmd_submit)
+    q = client_parser("list", "list the service's jobs, newest first")
+    q.add_argument("--state", default=None, help="only jobs in this state")
+    q.add_argument("--limit", type=int, default=50)
+    q.set_defaults(fn=cmd_list)
+    for name, fn, help in (("status", cmd_status, "a job's state, phase, progress and metrics (JSON)"),
+                           ("logs", cmd_logs, "a job's driver log"),
+                           ("cancel", cmd_cancel, "stop a job")):
+        q = client_parser(name, help)
+        q.add_argument("id", help="job id")
+        q.set_defaults(fn=fn)
+    q = client_parser("watch", "live progress bars of a job until it ends")
+    q.add_argument("id", help="job id")
+    q.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    q.set_defaults(fn=cmd_watch)

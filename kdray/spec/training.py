@@ -1,0 +1,146 @@
+"""The training parts of a job spec: the teacher signal, LoRA and the Ray Train + DeepSpeed
+settings. Re-exported by :mod:`kdray.spec`, the one entry point."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kdray.spec.base import _Spec
+
+class TeacherSignalSpec(_Spec):
+    """What the student learns from: the teacher's distribution over the vocabulary at every
+    response token, and where it comes from."""
+
+    mode: Literal["online", "topk", "hidden"] = Field(
+        "online",
+        description="'online': the frozen teacher runs inside every training worker (exact; "
+        "costs worker memory). 'topk': the teacher pool scores every response once and stores "
+        "its top-k log-probs and ids per token (compact parquet records); the losses use the "
+        "top-k + tail buckets. 'hidden': the teacher pool stores the teacher's final hidden "
+        "state per token; workers hold only the teacher's lm_head and compute exact logits.",
+    )
+    k: int = Field(
+        20, ge=1, le=1024,
+        description="Top-k log-probs kept per token in 'topk' mode (vLLM's max_logprobs is "
+        "raised to fit).",
+    )
+    hidden_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Storage dtype of the teacher hidden states in 'hidden' mode (float32 "
+        "reproduces the teacher's logits to float rounding; 16-bit halves the records).",
+    )
+
+
+# The attention and MLP projections of Llama, Qwen2, Mistral and their kin.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(_Spec):
+    """LoRA adapters (peft) on the student: only the adapters train; the export merges them
+    into the base weights, so the exported student is a plain model."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Names of the linear modules that get adapters (the last part of the "
+        "module path); default: the attention and MLP projections of Llama / Qwen2.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z_][\w.]*", name)]
+        if bad:
+            raise ValueError(f"{bad} are not module names; give names such as 'q_proj' or 'mlp.down_proj'")
+        if len(set(v)) != len(v):
+            raise ValueError("target_modules lists a module twice; list each once")
+        return v
+
+
+class TrainingSpec(_Spec):
+    """Ray Train + DeepSpeed ZeRO settings. Batch sizes say their scope in their names."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false uses gloo on CPU.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="Max grad norm (0 disables).")
+    global_batch_size: int = Field(
+        32, ge=1, description="Sequences per optimizer step, summed over all workers."
+    )
+    micro_batch_size_per_worker: int = Field(
+        4, ge=1, description="Sequences per forward/backward on one worker."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the training responses.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (null: run all epochs)."
+    )
+    max_seq_len: int = Field(
+        512, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
+    )
+    seed: int = Field(0, description="Seed of data order and initialisation.")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a DeepSpeed checkpoint (model, optimizer, scheduler, step) every N "
+        "optimizer steps; a restarted worker group resumes from the latest. null: only the "
+        "final model is saved.",
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Worker-group failures Ray Train recovers from (restarting from the latest "
+        "checkpoint) before the job fails; -1 retries forever.",
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train LoRA adapters (peft) instead of every weight: null (full fine-tuning) "
+        "or a mapping {r, alpha, dropout, target_modules}. The exported student has the adapters "
+        "merged in.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep the optimizer state (AdamW moments, fp32 master weights) in CPU memory "
+        "(ZeRO-Offload); needs zero_stage 1, 2 or 3. Saves GPU memory, costs step time.",
+    )
+    offload_param: bool = Field(
+        False,
+        description="Keep the partitioned parameters in CPU memory between uses (ZeRO-Infinity); "
+        "needs zero_stage 3.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "TrainingSpec":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "offload_optimizer needs ZeRO: set zero_stage to 1, 2 or 3, or offload_optimizer to false"
+            )
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_param needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions the "
+                "parameters; set zero_stage to 3, or offload_param to false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainingSpec":
+        per_step = self.micro_batch_size_per_worker * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size_per_worker * num_workers ({per_step}); e.g. set "
+                f"global_batch_size to {max(per_step, self.global_batch_size // per_step * per_step)}"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size_per_worker * self.num_workers)

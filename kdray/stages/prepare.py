@@ -1,0 +1,52 @@
+"""Stage 1, prepare: read and check the training and held-out data before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kdray.data.datasets import load_split
+from kdray.data.tokenize import prompt_token_counter
+from kdray.models import load_tokenizer, shared_vocab_size
+from kdray.stages.context import StageContext
+
+
+@dataclass
+class Prepared:
+    """The checked data of a job.
+
+    Attributes:
+        train: training rows (``id``, ``prompt``, and ``response`` when ``data.response_source``
+            is ``dataset``).
+        heldout: held-out rows (with ``response`` when evaluation or replay needs it).
+        row_reports: per split, how many rows were read, kept and dropped, and why.
+        vocab_size: the vocabulary the teacher and student share (logits are cut to it).
+    """
+
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    row_reports: dict[str, Any]
+    vocab_size: int
+
+
+def prepare(ctx: StageContext) -> Prepared:
+    """Check that teacher and student share a tokenizer, then read both splits.
+
+    Raises:
+        KdrayError: the tokenizers differ (naming the first differing tokens), or a split
+            cannot be read or has unusable rows (:class:`kdray.errors.DataError`, naming them).
+    """
+    spec = ctx.spec
+    with ctx.phase("prepare", 2, "read and check data"):
+        vocab_size = shared_vocab_size(spec.teacher.model, spec.student.model)  # or a clear error, now
+        count = prompt_token_counter(load_tokenizer(spec.student.model), spec.data.chat_template)
+        need_train_response = spec.data.response_source == "dataset"
+        train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
+        ctx.reporter.advance("prepare")
+        heldout, held_report = load_split(
+            spec.data, "heldout", count,
+            need_response=spec.evaluation.enabled or spec.curriculum_of("replay") is not None,
+        )
+        ctx.reporter.advance("prepare")
+    return Prepared(train, heldout, {"train": train_report.as_dict(), "heldout": held_report.as_dict()},
+                    vocab_size)

@@ -1,0 +1,270 @@
+"""What one training micro-batch computes, per objective: the loss, its parts, the schedule.
+
+:func:`make_step_objective` picks the objective for a segment of the plan
+(:mod:`kdray.curriculum.plan`):
+
+* :class:`KDStep`: any divergence of the loss library through
+  :func:`kdray.losses.kd_objective`, ``kd_ratio · KD + (1 − kd_ratio) · CE``, with the
+  segment's KD temperature and ``kd_ratio`` (POCL's stage values, or the objective's).
+* :class:`DistiLLM2Step`: DistiLLM-2's contrastive loss on paired teacher and student
+  responses of the same prompts, with β and per-sample α from
+  :class:`kdray.curriculum.DistiLLM2Schedule`, whose state travels in every checkpoint.
+
+Both run the student (the DeepSpeed engine) and the frozen teacher on the micro-batch, and
+return detached float parts for the step's metrics. The next-token shift happens here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdray.curriculum.plan import Segment
+from kdray.data.tokenize import IGNORE_INDEX
+from kdray.spec import JobSpec
+
+
+
+def _shifted(logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """Logits at positions that predict a label, the labels, and the label mask."""
+    target = labels[:, 1:]
+    return logits[:, :-1], target, target != IGNORE_INDEX
+
+
+class TeacherHead:
+    """The teacher's lm_head alone (``teacher_signal.mode: hidden``): stored hidden states
+    times this weight are the teacher's exact logits, with no teacher model in the worker."""
+
+    def __init__(self, weight: Any, bias: Any, vocab: int):
+        self.weight = weight[:vocab]
+        self.bias = None if bias is None else bias[:vocab]
+
+    def to(self, device: Any) -> "TeacherHead":
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+    def logits(self, hidden: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
+#: Smallest teacher tail mass a top-k record is taken to have. The records keep log-probs in
+#: float16 (about 1e-3 relative error per stored probability), so a tail recomputed as
+#: 1 − Σ exp(top-k) below about 1e-6 is rounding noise, and 0 would be a claim the record cannot
+#: make: it would give reverse-KL-type terms (reverse KL, AKL's tail part) an infinite value
+#: and NaN gradients wherever the student keeps any mass outside the teacher's top k.
+TOPK_TAIL_FLOOR = 1e-6
+
+
+def topk_tail_mass(topk_logprobs: Any) -> Any:
+    """The teacher's mass outside its recorded top-k, ``[B, T]``, floored at
+    :data:`TOPK_TAIL_FLOOR` (computed as ``-expm1(logsumexp(top-k))``, stable near 1)."""
+    import torch
+
+    head = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp_max(0.0)
+    return (-torch.expm1(head)).clamp_min(TOPK_TAIL_FLOOR)
+
+
+def load_teacher(spec: JobSpec) -> Any:
+    """What a worker holds of the teacher: the frozen model (``online``), its lm_head
+    (``hidden``), or nothing (``topk``: the records hold all it says)."""
+    from kdray.models import load_causal_lm, load_output_head, shared_vocab_size
+
+    mode = spec.teacher_signal.mode
+    if mode == "online":
+        return load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
+    if mode == "hidden":
+        weight, bias = load_output_head(spec.teacher.model, spec.teacher.dtype)
+        return TeacherHead(weight, bias, shared_vocab_size(spec.teacher.model, spec.student.model))
+    return None
+
+
+def _unwrapped(module: Any) -> Any:
+    """The transformers model under a peft wrapper (LoRA), if any."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+class KDStep:
+    """``kd_ratio · divergence + (1 − kd_ratio) · CE`` on the training responses.
+
+    The teacher's distribution comes from the spec's ``teacher_signal``: the frozen teacher's
+    logits (``online``), the stored top-k log-probs and ids (``topk``: the divergence on the
+    top-k + tail buckets, :func:`kdray.losses.sparse_divergence`), or the stored hidden states
+    times the teacher's lm_head (``hidden``). In ``hidden`` mode under ZeRO 0–2 the student's
+    final hidden states go straight into :func:`kdray.losses.fused_linear_divergence`, so
+    neither model's ``[tokens, V]`` logits are ever materialised; under ZeRO-3, whose
+    partitioned lm_head is only whole inside the module's own forward, both sides take
+    logits. Logits are compared over the vocabulary both models share (padding rows of a
+    larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
+    """
+
+    def __init__(self, spec: JobSpec, segment: Segment):
+        from kdray.models import shared_vocab_size
+
+        self.spec, self.segment = spec, segment
+        self.mode = spec.teacher_signal.mode
+        self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
+        self.fused = self.mode == "hidden" and spec.training.zero_stage < 3
+
+    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        import torch
+
+        from kdray import losses
+
+        if self.fused:
+            return self._fused(engine, teacher, batch)
+        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        logits = engine(input_ids=ids, attention_mask=attn).logits
+        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
+        seg, obj = self.segment, self.spec.objective
+        ce_labels = target if seg.kd_ratio < 1.0 else None
+        if self.mode == "topk":
+            t_ids, t_lps = batch["t_topk_ids"][:, 1:], batch["t_topk_logprobs"][:, 1:]
+            outside = t_ids >= self.vocab  # a padding row of a larger teacher vocabulary: not a token
+            t_ids, t_lps = t_ids.masked_fill(outside, 0), t_lps.masked_fill(outside, float("-inf"))
+            kd_tokens = losses.sparse_divergence(
+                obj.kind, s, t_ids, t_lps, teacher_tail_mass=topk_tail_mass(t_lps),
+                temperature=seg.kd_temperature, **obj.divergence_params(),
+            )
+            ce = None
+            if ce_labels is not None:
+                ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
+            loss, parts = losses.mix_kd_and_ce(losses.masked_token_mean(kd_tokens, mask), ce, seg.kd_ratio)
+        else:
+            with torch.no_grad():
+                if self.mode == "hidden":
+                    t_logits = teacher.logits(batch["t_hidden"][:, 1:])
+                else:
+                    t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            loss, parts = losses.kd_objective(
+                s, t_logits[..., : self.vocab].float(), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
+                kd_temperature=seg.kd_temperature, labels=ce_labels, divergence_kwargs=obj.divergence_params(),
+            )
+        return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
+
+    def _fused(self, engine: Any, teacher: TeacherHead, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        """``hidden`` mode, ZeRO 0–2: the decoder's hidden states into the fused lm-head loss."""
+        from kdray import losses
+
+        ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        model = _unwrapped(engine.module)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        weight = head.weight[: self.vocab]
+        bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab]
+        target = labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        seg, obj = self.segment, self.spec.objective
+        kd = losses.fused_linear_divergence(
+            hidden, weight, batch["t_hidden"][:, 1:].to(teacher.weight.dtype), teacher.weight,
+            divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
+            student_bias=bias, teacher_bias=teacher.bias, **obj.divergence_params(),
+        )
+        ce = None
+        if seg.kd_ratio < 1.0:
+            ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias)
+        loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
+        return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
+
+    def optimizer_step(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {"kd_temperature": self.segment.kd_temperature, "kd_ratio": self.segment.kd_ratio}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+
+class DistiLLM2Step(KDStep):
+    """DistiLLM-2: ``(2 − β)·SKL_α`` on teacher responses + ``β·SRKL_α`` on the student's own
+    responses of the same prompts, α per sample (mode ``paper``) or fixed (``released_code``).
+
+    With ``kd_ratio < 1`` (POCL's early stages) the CE on the teacher responses is mixed in
+    as for every objective: ``kd_ratio · CALD + (1 − kd_ratio) · CE``. Δ is all-gathered
+    across ranks before it updates the running means, so every rank keeps the same α.
+    """
+
+    def __init__(self, spec: JobSpec, segment: Segment, total_steps: int, num_rounds: int,
+                 state: dict[str, Any] | None):
+        from kdray.curriculum import DistiLLM2Schedule
+
+        super().__init__(spec, segment)
+        cfg = spec.curriculum_of("distillm2")
+        self.schedule = DistiLLM2Schedule(
+            num_rounds=num_rounds,
+            total_steps=total_steps if cfg.beta_scope == "job" else segment.steps,
+            mode=cfg.mode, alpha0=spec.objective.alpha, alpha_min=cfg.alpha_min, eps=cfg.eps,
+            running_mean=cfg.running_mean, ema_decay=cfg.ema_decay, beta_scope=cfg.beta_scope,
+        )
+        if state is not None:
+            # With beta_scope "round" T is this round's length, which differs between POCL
+            # stages; every other setting must match the saved one (load_state_dict checks).
+            self.schedule.load_state_dict({**state, "config": {**state["config"],
+                                                               "total_steps": self.schedule.total_steps}})
+        while self.schedule.round < segment.round:  # the previous segment's round has ended
+            self.schedule.end_round()
+
+    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        import torch
+        import torch.distributed as dist
+
+        from kdray import losses
+        from kdray.curriculum import distillm2_delta
+
+        n = batch["input_ids"].shape[0]
+        ids = torch.cat([batch["input_ids"], batch["s_input_ids"]])
+        attn = torch.cat([batch["attention_mask"], batch["s_attention_mask"]])
+        labels = torch.cat([batch["labels"], batch["s_labels"]])
+        logits = engine(input_ids=ids, attention_mask=attn).logits
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=attn).logits
+        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
+        t = t_logits[:, :-1, : self.vocab].float()
+        flags = torch.arange(2 * n, device=s.device) >= n  # second half: student responses
+        safe = target.clamp(min=0).unsqueeze(-1)
+        with torch.no_grad():
+            delta = distillm2_delta(t.log_softmax(-1).gather(-1, safe).squeeze(-1),
+                                    s.detach().log_softmax(-1).gather(-1, safe).squeeze(-1), mask, flags)
+        alpha = self.schedule.alpha(delta, flags)
+        seg = self.segment
+        cald, parts = losses.distillm2_loss(
+            s[:n], t[:n], mask[:n], s[n:], t[n:], mask[n:], beta=self.schedule.beta,
+            skl_alpha=alpha[:n], srkl_alpha=alpha[n:], temperature=seg.kd_temperature,
+            detach_mixture_student=self.spec.objective.detach_mixture_student,
+        )
+        out = {"kd": float(parts["loss"]), "skl": float(parts["skl"]), "srkl": float(parts["srkl"])}
+        loss = cald
+        if seg.kd_ratio < 1.0:
+            ce = losses.masked_token_mean(losses.token_cross_entropy(s[:n], target[:n]), mask[:n])
+            out["ce"] = float(ce.detach())
+            loss = seg.kd_ratio * cald + (1.0 - seg.kd_ratio) * ce
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(delta) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, delta.contiguous())
+            delta = torch.cat(gathered)
+            flags = flags.repeat(dist.get_world_size())
+        self.schedule.observe(delta, flags)
+        return loss, out, int(mask.sum())
+
+    def optimizer_step(self) -> None:
+        self.schedule.step()
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        out.update({k: v for k, v in self.schedule.metrics().items() if k != "round"})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
+
+def make_step_objective(spec: JobSpec, segment: Segment, *, total_steps: int, num_segments: int,
+                        state: dict[str, Any] | None) -> KDStep:
+    """The objective for ``segment`` of a plan of ``num_segments`` (``total_steps`` optimizer
+    steps); ``state`` is the schedule state saved by the previous segment or checkpoint
+    (None at the start of a job)."""
+    if spec.objective.kind == "distillm2":
+        return DistiLLM2Step(spec, segment, total_steps, num_segments, state)
+    return KDStep(spec, segment)

@@ -1,0 +1,138 @@
+"""DistiLLM's adaptive off-policy replay inside the training worker.
+
+:class:`ReplaySource` sits between the worker's data iterator and the objective. At the first
+micro-batch of every optimizer step it asks :class:`kdray.curriculum.ReplayScheduler` where
+this step's data comes from:
+
+* ``fixed``: the data set's micro-batches, unchanged;
+* ``fresh``: the current student samples a response to each prompt of the data set's
+  micro-batch (HF ``generate`` on the DeepSpeed module; ``synced_gpus`` under ZeRO-3 so
+  ranks stay in step); the samples are trained on and pushed into the replay buffer;
+* ``replay``: micro-batches drawn from the buffer.
+
+Every rank holds the same decision RNG (same seed), so all ranks take the same branch; each
+keeps its own buffer of its own samples, saved per rank with the checkpoint. The validation
+loss (the objective on held-out prompts with their reference responses, averaged over all
+ranks) drives the threshold φ: measured once before training and every
+``validate_every_steps`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdray.data.tokenize import IGNORE_INDEX, pack_examples
+from kdray.spec import JobSpec
+
+FIXED, FRESH, REPLAY = "fixed", "fresh", "replay"
+
+
+def split_prompt_response(input_ids: Any, attention_mask: Any, labels: Any) -> list[tuple[list[int], list[int]]]:
+    """Undo :func:`kdray.data.tokenize.pack_examples` for a batch: (prompt ids, response ids) per row."""
+    pairs = []
+    for ids, mask, lab in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
+        length = sum(mask)
+        start = next((j for j, v in enumerate(lab) if v != IGNORE_INDEX), length)
+        pairs.append((ids[:start], ids[start:length]))
+    return pairs
+
+
+class ReplaySource:
+    """Decides, per optimizer step, which micro-batches the objective sees (module docstring)."""
+
+    def __init__(self, spec: JobSpec, *, rank: int, state: dict[str, Any] | None, pad_id: int, eos_id: int):
+        from kdray.curriculum import ReplayScheduler
+
+        cfg = spec.curriculum_of("replay")
+        self.spec, self.cfg, self.rank = spec, cfg, rank
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.scheduler = ReplayScheduler(capacity=cfg.capacity, init_threshold=cfg.init_threshold,
+                                         threshold_step=cfg.threshold_step, loss_eps=cfg.loss_eps,
+                                         reference=cfg.reference, seed=spec.training.seed)
+        if state is not None:
+            self.scheduler.load_state_dict(state)
+        self.decision = FIXED
+
+    @property
+    def needs_initial_validation(self) -> bool:
+        return self.scheduler.reference_loss is None
+
+    def begin_step(self, step: int, total_steps: int) -> str:
+        """Decide the source of optimizer step ``step`` (0-based: steps done so far)."""
+        self.decision = self.scheduler.decide(step, total_steps)
+        return self.decision
+
+    def batch(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """The micro-batch to train on instead of ``batch`` (from the data set)."""
+        import torch
+
+        if self.decision == FIXED:
+            return batch
+        if self.decision == REPLAY:
+            picked = self.scheduler.sample(batch["input_ids"].shape[0])
+            pairs = [(s["prompt"], s["response"]) for s in picked]
+        else:
+            prompts = [p for p, _ in split_prompt_response(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+            pairs = list(zip(prompts, self._sample(engine, prompts)))
+            self.scheduler.push([{"prompt": p, "response": r} for p, r in pairs])
+        packed = pack_examples(pairs, batch["input_ids"].shape[1], self.pad_id)
+        device = batch["input_ids"].device
+        return {k: torch.as_tensor(v, device=device) for k, v in packed.items()}
+
+    def _sample(self, engine: Any, prompts: list[list[int]]) -> list[list[int]]:
+        """One sampled response per prompt from the current student, EOS kept when it stopped."""
+        import torch
+
+        model = engine.module
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(engine.device), attention_mask=attn.to(engine.device), do_sample=True,
+                    temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p, top_k=0,
+                    max_new_tokens=self.spec.generation.max_new_tokens, pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id, synced_gpus=self.spec.training.zero_stage == 3,
+                )
+        finally:
+            model.train(was_training)
+        responses = []
+        for row in out[:, width:].tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            responses.append(row[:cut])
+        return responses
+
+    def validate(self, engine: Any, teacher: Any, objective: Any, rows: Any, device: Any) -> float:
+        """Token-weighted mean objective loss over every rank's validation rows; feeds φ."""
+        import torch
+        import torch.distributed as dist
+
+        total = torch.zeros(2, dtype=torch.float64)
+        mb = self.spec.training.micro_batch_size_per_worker
+        was_training = engine.module.training
+        engine.module.eval()
+        try:
+            with torch.no_grad():
+                for batch in rows.iter_torch_batches(batch_size=mb):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss, _, n_tokens = objective(engine, teacher, batch)
+                    total += torch.tensor([float(loss) * n_tokens, n_tokens], dtype=torch.float64)
+        finally:
+            engine.module.train(was_training)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        value = float(total[0] / total[1].clamp(min=1))
+        self.scheduler.on_validation(value)
+        return value
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.scheduler.metrics(), "replay_decision": self.decision}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()

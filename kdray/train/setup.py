@@ -1,0 +1,124 @@
+"""Building what a training worker trains: the student (with LoRA), its DeepSpeed config, its
+LR schedule, and the export of the trained student.
+
+Shared by the Ray Train worker (:mod:`kdray.train.worker`) and the local loop
+(:mod:`kdray.train.loop`), so a bench or the repro harness trains the same model the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kdray.errors import KdrayError
+from kdray.models import load_causal_lm, resolve_model
+from kdray.spec import JobSpec
+
+
+def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
+    """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately."""
+    t = spec.training
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    # Offload targets host memory; page-locked (pinned) buffers only speed up GPU copies.
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size_per_worker,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.student.dtype == "bfloat16"},
+        "fp16": {"enabled": spec.student.dtype == "float16"},
+        "zero_allow_untested_optimizer": True,
+        # With offload DeepSpeed insists on its own DeepSpeedCPUAdam unless this is false; the
+        # optimizer here is torch's AdamW (deepspeed.initialize(optimizer=...)), stepped on the
+        # offloaded fp32 state on the CPU.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_student(spec: JobSpec) -> Any:
+    """The student to train: the model itself, or with ``training.lora`` the model wrapped in
+    peft LoRA adapters (only they train; the base weights are frozen)."""
+    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
+    lora = spec.training.lora
+    if lora is None:
+        return student
+    from peft import LoraConfig, get_peft_model
+
+    _check_lora_targets(spec, student)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(student, config)
+
+
+def _check_lora_targets(spec: JobSpec, model: Any) -> None:
+    import torch
+
+    linear = sorted({name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    targets = spec.training.lora.target_modules
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise KdrayError(
+            f"training.lora.target_modules: {missing} match no linear layer of student.model "
+            f"{spec.student.model!r}; its linear layers are named {leaves}"
+        )
+
+
+def check_lora_targets(spec: JobSpec) -> None:
+    """Fail before any work when ``training.lora.target_modules`` names a module the student
+    lacks (checked on a weightless skeleton of the student: no memory, no download of weights)."""
+    if spec.training.lora is None:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec.student.model))
+    except OSError:
+        return  # not reachable from here (a hub id offline): the workers check when they load it
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_lora_targets(spec, skeleton)
+
+
+def save_student(model: Any, spec: JobSpec, out: str) -> None:
+    """Write the trained student as a plain HF checkpoint (``from_pretrained`` and vLLM load it).
+
+    ``model`` is the engine's module with full weights (under ZeRO-3, inside
+    ``GatheredParameters``). LoRA adapters are merged into the base weights of a fresh copy,
+    so the training model keeps its adapters."""
+    if spec.training.lora is None:
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    copy = load_student(spec)
+    copy.load_state_dict(state, strict=True)
+    copy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

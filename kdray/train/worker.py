@@ -1,0 +1,244 @@
+"""The Ray Train worker loop: DeepSpeed ZeRO distillation of the student.
+
+``train_loop_per_worker`` runs on every Ray Train worker. It receives everything through its
+config (a :class:`WorkerConfig`), never from module globals, so the same function serves the
+demo, the tests and a cluster. Each optimizer step reports its metrics through
+``ray.train.report``; the driver's callback forwards them to the job's progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdray.curriculum.plan import Segment
+from kdray.spec import JobSpec
+
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a training worker needs for one segment of the plan, built by the driver."""
+
+    spec: JobSpec
+    segment: Segment
+    total_steps: int            # optimizer steps of the whole plan
+    num_segments: int
+    init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: one DeepSpeed rank training one segment of the plan."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from kdray.train.objectives import load_teacher, make_step_objective
+
+    wc: WorkerConfig = config["worker"]
+    spec, t, seg = wc.spec, wc.spec.training, wc.segment
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed + rank)
+
+    student = load_student(spec)  # with training.lora: peft adapters, base frozen
+    teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
+                                  lr=t.lr, weight_decay=t.weight_decay)
+    # One cosine over the whole plan, or over this segment when it restarts the optimizer.
+    span = seg.steps if seg.restart_optimizer else wc.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
+    )
+    device = engine.device
+    if teacher is not None:
+        teacher.to(device)
+
+    step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
+    objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
+                                    num_segments=wc.num_segments, state=state.get("objective"))
+    replay = _make_replay(spec, rank, state.get("replay"))
+    validation = ray.train.get_dataset_shard("validation") if replay is not None else None
+    validate_every = (spec.curriculum_of("replay").validate_every_steps or seg.steps_per_epoch) if replay else 0
+    if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
+        replay.validate(engine, teacher, objective, validation, device)
+    shard = ray.train.get_dataset_shard("train")
+    micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
+    window: dict[str, float] = {}
+    started = None  # the step's clock starts at its first micro-batch (not at data start-up)
+    metrics: dict[str, Any] = {}
+    micro_in_step = 0
+    since_checkpoint: list[dict[str, Any]] = []
+    for epoch in range(start_epoch, seg.epochs):
+        batches = shard.iter_torch_batches(
+            batch_size=t.micro_batch_size_per_worker,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * t.micro_batch_size_per_worker,
+            local_shuffle_seed=t.seed + 1000 * epoch + 100_000 * seg.index + rank,
+        )
+        for micro, batch in enumerate(batches):
+            if micro >= micro_per_epoch or step >= seg.end_step:
+                break
+            if epoch == start_epoch and micro < skip_micro:
+                continue  # trained before the checkpoint this run resumed from
+            if started is None:
+                started = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if replay is not None:
+                if micro_in_step == 0:
+                    replay.begin_step(step, wc.total_steps)
+                batch = replay.batch(engine, batch)
+            micro_in_step += 1
+            loss, parts, n_tokens = objective(engine, teacher, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
+            engine.step()
+            for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
+                window[key] = window.get(key, 0.0) + value
+            if not boundary:
+                continue
+            step += 1
+            micro_in_step = 0
+            schedule = objective.metrics()  # the values this step used
+            objective.optimizer_step()
+            if replay is not None:
+                schedule.update(replay.metrics())
+                if step % validate_every == 0:
+                    schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
+            keys = sorted(window)
+            sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(sums)
+            totals = dict(zip(keys, sums.tolist()))
+            elapsed = time.perf_counter() - started
+            micro_total = t.gradient_accumulation_steps * world
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "step": step,
+                "total_steps": wc.total_steps,
+                "epoch": epoch,
+                "round": seg.round,
+                **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
+                **{k: v / micro_total for k, v in totals.items() if k != "tokens"},
+                "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "peak_rss_mb": peak_rss_mb(),
+                **schedule,
+            }
+            window, started = {}, None
+            since_checkpoint.append(metrics)
+            if step >= seg.end_step:
+                break
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                # The steps since the last checkpoint travel with it: a driver killed before it
+                # drained their metrics recovers them from here when the job is run again.
+                progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
+                            "metrics": since_checkpoint}
+                _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
+                since_checkpoint = []
+            else:
+                ray.train.report(metrics)
+        if step >= seg.end_step:
+            break
+    # The end of the segment (or fewer batches than planned): export what was trained.
+    metrics = metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}
+    _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
+                                        "metrics": since_checkpoint}, _state(objective, replay), rank)
+
+
+def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
+    if spec.curriculum_of("replay") is None:
+        return None
+    from kdray.models import load_tokenizer
+    from kdray.train.replay import ReplaySource
+
+    tok = load_tokenizer(spec.student.model)
+    return ReplaySource(spec, rank=rank, state=state, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+
+
+def _state(objective: Any, replay: Any) -> dict[str, Any]:
+    """This rank's schedule state: the objective's (DistiLLM-2) and the replay buffer's."""
+    return {"objective": objective.state_dict(), "replay": replay.state_dict() if replay is not None else None}
+
+
+def _load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint directory written by this module: (progress, this rank's schedule state)."""
+    progress = json.loads((root / "progress.json").read_text())
+    engine.load_checkpoint(str(root / "deepspeed"), tag=progress["tag"], load_module_only=module_only,
+                           load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+    schedule = root / f"schedule-rank{rank}.json"
+    return progress, json.loads(schedule.read_text()) if schedule.exists() else {}
+
+
+def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any, rank: int) -> tuple[int, int, int, dict[str, Any]]:
+    """Where this run starts: (step, epoch, micro-batches to skip, schedule state).
+
+    A checkpoint from Ray Train (a restarted worker group) resumes mid-segment with the
+    optimizer; otherwise the previous segment's final state starts this one (weights only
+    when the segment restarts the optimizer); otherwise training starts fresh.
+    """
+    seg = wc.segment
+    if checkpoint is not None:
+        with checkpoint.as_directory() as root:
+            progress, state = _load_state(engine, Path(root), rank)
+        return progress["step"], progress["epoch"], progress["micro_in_epoch"], state
+    if wc.init_checkpoint is not None:
+        progress, state = _load_state(engine, Path(wc.init_checkpoint), rank, module_only=seg.restart_optimizer)
+        if progress["step"] != seg.start_step:
+            raise RuntimeError(f"segment {seg.index} starts at step {seg.start_step}, but its initial "
+                               f"checkpoint {wc.init_checkpoint} is at step {progress['step']}")
+        return seg.start_step, 0, 0, state
+    return 0, 0, 0, {}
+
+
+def _save_state(engine: Any, root: str, progress: dict[str, Any], schedule: dict[str, Any], rank: int) -> None:
+    tag = f"step{progress['step']}"
+    engine.save_checkpoint(os.path.join(root, "deepspeed"), tag=tag)
+    # Per rank: a replay buffer holds that rank's own samples (the rest is equal on all ranks).
+    (Path(root) / f"schedule-rank{rank}.json").write_text(json.dumps(schedule))
+    if rank == 0:
+        (Path(root) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
+
+
+def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str, Any],
+                       schedule: dict[str, Any], rank: int) -> None:
+    """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_state(engine, tmp, progress, schedule, rank)
+        ray.train.report({**metrics, "checkpoint": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progress: dict[str, Any],
+                  schedule: dict[str, Any], rank: int) -> None:
+    """Report the segment's end: the student as an HF checkpoint (ZeRO-3 gathered) for the
+    next round's student pool and for evaluation, plus the DeepSpeed state that the next
+    segment continues from (or that a re-run restores if the driver died before recording the
+    segment as finished)."""
+    import deepspeed
+    import ray.train
+
+    from kdray.models import load_tokenizer
+
+    model = engine.module
+    params = list(model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_state(engine, tmp, progress, schedule, rank)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=wc.spec.training.zero_stage == 3):
+            if rank == 0:
+                out = os.path.join(tmp, "student")
+                save_student(model, wc.spec, out)  # LoRA merged into the base weights
+                load_tokenizer(wc.spec.student.model).save_pretrained(out)
+        ray.train.report({**metrics, "final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
