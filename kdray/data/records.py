@@ -18,6 +18,8 @@ so a reader never guesses the layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kdray.data.tokenize import IGNORE_INDEX
 
 SIGNAL_META_KEY = b"kdray.signal"

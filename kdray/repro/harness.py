@@ -154,7 +154,9 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     import ray
     from rich.console import Console
 
-    from kdray.pipeline.job import Job
+    from kdray.stages.context import StageContext
+    from kdray.stages.difficulty import order_by_difficulty
+    from kdray.stages.prepare import prepare
     from kdray.stages.evaluate import score_generated
     from kdray.pools.base import SamplingConfig
     from kdray.curriculum.plan import plan_segments

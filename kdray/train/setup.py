@@ -122,3 +122,22 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int) -> flo
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(spec: JobSpec, model: Any, *, total_steps: int, segment: Any) -> tuple[Any, Any]:
+    """AdamW over ``model``'s trainable parameters (``training.lr``, ``weight_decay``) and its LR
+    schedule: :func:`cosine_with_warmup` over the whole plan (``total_steps``), or over
+    ``segment.steps`` when the segment restarts the optimizer (POCL's separate runs).
+
+    Returns:
+        (optimizer, ``torch.optim.lr_scheduler.LambdaLR``), stepped once per optimizer step.
+    """
+    import torch
+
+    t = spec.training
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=t.lr, weight_decay=t.weight_decay)
+    span = segment.steps if segment.restart_optimizer else total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span))
+    return optimizer, scheduler

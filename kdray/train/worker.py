@@ -9,7 +9,6 @@ demo, the tests and a cluster. Each optimizer step reports its metrics through
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from kdray.curriculum.plan import Segment
 from kdray.spec import JobSpec
+from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
 
 
 
@@ -50,13 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     student = load_student(spec)  # with training.lora: peft adapters, base frozen
     teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                                  lr=t.lr, weight_decay=t.weight_decay)
-    # One cosine over the whole plan, or over this segment when it restarts the optimizer.
-    span = seg.steps if seg.restart_optimizer else wc.total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span)
-    )
+    optimizer, scheduler = make_optimizer(spec, student, total_steps=wc.total_steps, segment=seg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
