@@ -11,9 +11,10 @@ Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, for
   the steady-state steps (the first ``--skip-steps`` are start-up and left out).
 * **bare torch loop**: one process (its own subprocess) doing the same work on the same
   sequences: the same student and teacher, micro-batches of the same size, the same
-  tokenization (:class:`kdray.data.examples.TokenizeForTraining`), the same loss
-  (:func:`kdray.losses.kd_objective`), torch AdamW with the same cosine schedule, gradient
-  clipping and gradient accumulation up to the same global batch. Timed the same way. It
+  tokenization (:class:`kdray.data.examples.TokenizeForTraining`), and the one local loop
+  (:class:`kdray.train.loop.LocalLoop`: the workers' step objective, AdamW with the same cosine
+  schedule, gradient clipping, gradient accumulation up to the same global batch). It is timed
+  from a step's first micro-batch to its optimizer step, as the job's workers time theirs. It
   runs with 1 torch thread and with as many as the job has workers (the job's CPU budget: Ray
   gives each worker one CPU and one thread), each in its own process; the faster is the
   baseline (on tiny models extra intra-op threads mostly add synchronisation); ``--quick``
@@ -157,17 +158,19 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
 
-    from kdray import losses
+    from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.data.datasets import load_split
-    from kdray.models import load_causal_lm, load_tokenizer
-    from kdray.data.tokenize import IGNORE_INDEX, prompt_token_ids, uses_chat_template
-    from kdray.spec import load_spec
     from kdray.data.examples import TokenizeForTraining
-    from kdray.train.setup import cosine_with_warmup, peak_rss_mb
+    from kdray.data.tokenize import prompt_token_ids, uses_chat_template
+    from kdray.models import load_causal_lm, load_tokenizer
+    from kdray.spec import load_spec
+    from kdray.train.loop import LocalLoop
+    from kdray.train.objectives import load_teacher
+    from kdray.train.setup import peak_rss_mb
 
     t0 = time.perf_counter()
     spec = load_spec(spec_path)
-    t, obj = spec.training, spec.objective
+    t = spec.training
     torch.manual_seed(t.seed)
     tok = load_tokenizer(spec.student.model)
     use_template = uses_chat_template(tok, spec.data.chat_template)
@@ -180,12 +183,11 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     })
     data = {k: torch.from_numpy(np.asarray(enc[k])) for k in ("input_ids", "attention_mask", "labels")}
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
-    teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    total = t.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=total))
+    plan = plan_segments(spec, data["input_ids"].shape[0])
+    total = total_steps(plan)
+    loop = LocalLoop(spec, student, load_teacher(spec), total_steps=total, num_segments=len(plan))
+    loop.begin_segment(plan[0])
     micro, accumulate = t.micro_batch_size_per_worker, t.global_batch_size // t.micro_batch_size_per_worker
     n = data["input_ids"].shape[0]
     gen = torch.Generator().manual_seed(t.seed)
@@ -193,37 +195,19 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     cursor = 0
     rates, step_losses = [], []
     startup = None
-    for step in range(total):
-        tokens, started, step_loss = 0, None, 0.0
+    for _ in range(total):
+        micro_batches = []
         for _ in range(accumulate):
             if cursor + micro > n:
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + micro]
             cursor += micro
-            ids, attn, labels = (data[k][idx] for k in ("input_ids", "attention_mask", "labels"))
-            if started is None:
-                started = time.perf_counter()
-            logits = student(input_ids=ids, attention_mask=attn).logits
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=attn).logits
-            target = labels[:, 1:]
-            mask = target != IGNORE_INDEX
-            loss, _ = losses.kd_objective(
-                logits[:, :-1].float(), t_logits[:, :-1].float(), mask=mask, divergence=obj.kind,
-                kd_ratio=obj.kd_ratio, kd_temperature=obj.kd_temperature,
-                labels=target if obj.kd_ratio < 1.0 else None, divergence_kwargs=obj.divergence_params(),
-            )
-            (loss / accumulate).backward()
-            tokens += int(mask.sum())
-            step_loss += float(loss.detach()) / accumulate
-        if t.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), t.gradient_clipping)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            micro_batches.append({k: v[idx] for k, v in data.items()})
+        started = time.perf_counter()
+        metrics = loop.step(micro_batches)
         now = time.perf_counter()
-        rates.append(tokens / (now - started))
-        step_losses.append(step_loss)
+        rates.append(metrics["tokens"] / (now - started))
+        step_losses.append(metrics["loss"])
         if startup is None:
             startup = now - t0
     steady = rates[skip_steps:]

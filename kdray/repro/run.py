@@ -5,11 +5,11 @@ everything through its arguments (a validated JobSpec as JSON, the seed, the sha
 responses in their POCL easy → hard order and in their original order, the held-out rows).
 
 It trains with the code a job's Ray Train workers run, in one process and without DeepSpeed:
-the plan of segments (:func:`kdray.curriculum.plan.plan_segments`: POCL stages, DistiLLM-2 rounds), the
-per-batch objective (:func:`kdray.train.objectives.make_step_objective`, whose DistiLLM-2 schedule
-state is handed from segment to segment as the workers hand it through checkpoints), the
-tokenization (:class:`kdray.data.examples.TokenizeForTraining`), AdamW with the same cosine
-schedule (:func:`kdray.train.setup.cosine_with_warmup`) and gradient clipping. What differs from
+the plan of segments (:func:`kdray.curriculum.plan.plan_segments`: POCL stages, DistiLLM-2 rounds),
+the tokenization (:class:`kdray.data.examples.TokenizeForTraining`), and the one local loop
+(:class:`kdray.train.loop.LocalLoop`: the workers' step objective, optimizer, LR schedule and
+gradient clipping; DistiLLM-2's schedule state goes from segment to segment as the workers hand
+it through checkpoints). What differs from
 a job: one process instead of Ray Train workers (micro-batch = global batch, so no gradient
 accumulation and no all-reduce), a full random permutation of the rows per epoch instead of
 Ray Data's local shuffle buffer, and generation by batched HF ``generate`` instead of a vLLM
@@ -91,7 +91,7 @@ def evaluate_reference(model_ref: str, dtype: str, heldout: list[dict[str, Any]]
 
 def _encode(encoder: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
-             "finish_reason": [r.get("finish_reason", "stop") for r in rows]}
+             "finish_reason": [r["finish_reason"] for r in rows]}
     if "student_response" in rows[0]:
         batch["student_response"] = [r["student_response"] for r in rows]
         batch["student_finish_reason"] = [r["student_finish_reason"] for r in rows]
@@ -125,9 +125,8 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.data.tokenize import uses_chat_template
     from kdray.spec import JobSpec
-    from kdray.train.objectives import make_step_objective
     from kdray.data.examples import TokenizeForTraining
-    from kdray.train.setup import cosine_with_warmup
+    from kdray.train.loop import LocalLoop
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -144,16 +143,10 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
     encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)
     rng = np.random.default_rng([seed, 7])
-    optimizer = scheduler = None
-    state: dict[str, Any] | None = None
+    loop = LocalLoop(spec, student, teacher, total_steps=n_steps, num_segments=len(plan))
     history: list[dict[str, Any]] = []
     generate_s = 0.0
     for seg in plan:
-        if optimizer is None or seg.restart_optimizer:
-            optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-            span = seg.steps if seg.restart_optimizer else n_steps
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s, span=span: cosine_with_warmup(s, warmup_steps=t.warmup_steps, total_steps=span))
         rows = rows_all[: seg.n_rows]
         if seg.regenerate_student:  # DistiLLM-2's batched on-policy round: the current student answers
             t0 = time.perf_counter()
@@ -165,28 +158,15 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
             rows = [dict(r, student_response=a, student_finish_reason=f) for r, (a, f) in zip(rows, answers)]
             generate_s += time.perf_counter() - t0
         arrays = _encode(encoder, rows)
-        objective = make_step_objective(spec, seg, total_steps=n_steps, num_segments=len(plan), state=state)
-        step = seg.start_step
-        while step < seg.end_step:
+        loop.begin_segment(seg)
+        while loop.global_step < seg.end_step:
             perm = rng.permutation(len(rows))
             for i in range(seg.steps_per_epoch):
                 batch = _trimmed(arrays, perm[i * t.global_batch_size:(i + 1) * t.global_batch_size])
-                loss, parts, _ = objective(student, teacher, batch)
-                loss.backward()
-                if t.gradient_clipping:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), t.gradient_clipping)
-                lr = float(scheduler.get_last_lr()[0])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule = objective.metrics()
-                objective.optimizer_step()
-                step += 1
-                history.append({"step": step, "loss": float(loss.detach()), **parts, "lr": lr, **schedule,
-                                **({"stage": seg.stage} if seg.stage is not None else {}), "round": seg.round})
-                if step >= seg.end_step:
+                history.append(loop.step([batch]))
+                if loop.global_step >= seg.end_step:
                     break
-        state = objective.state_dict()
+        loop.end_segment()
     train_s = time.perf_counter() - started
     t0 = time.perf_counter()
     scores, _ = evaluate_model(student, tok, heldout, max_new_tokens=spec.evaluation.max_new_tokens,

@@ -148,7 +148,7 @@ class KDStep:
         from kdray import losses
 
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        model = _unwrapped(engine.module)
+        model = _unwrapped(getattr(engine, "module", engine))  # a DeepSpeed engine, or the model itself
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
         head = model.get_output_embeddings()
         weight = head.weight[: self.vocab]
