@@ -35,28 +35,16 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int
     import torch
 
     from kdray.data.tokenize import prompt_token_ids
+    from kdray.pools.left_padded import generate_left_padded
 
     ids = prompt_token_ids(tok, prompts, chat_template)
-    sample = temperature > 0
-    extra = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
     torch.manual_seed(seed)
     out: list[tuple[str, str]] = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            width = max(len(x) for x in chunk)
-            inp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, x in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                inp[j, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                att[j, width - len(x):] = 1
-            gen = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
-            for row in gen[:, width:].tolist():
-                if tok.eos_token_id in row:
-                    out.append((tok.decode(row[: row.index(tok.eos_token_id)], skip_special_tokens=True), "stop"))
-                else:
-                    out.append((tok.decode(row, skip_special_tokens=True), "length"))
+    for start in range(0, len(ids), batch_size):
+        for (response, finish), in generate_left_padded(
+                model, ids[start:start + batch_size], pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id],
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p):
+            out.append((tok.decode(response, skip_special_tokens=True), finish))
     return out
 
 

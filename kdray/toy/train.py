@@ -157,23 +157,15 @@ def sft(model, tokenizer, rows, recipe: SFTRecipe, seed: int) -> float:
 
 def greedy_answers(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 256) -> list[str]:
     """HF ``generate`` greedy, batched with left padding; decoded completions."""
-    import torch
+    from kdray.pools.left_padded import generate_left_padded
 
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    ids = tokenizer([str(p) for p in prompts])["input_ids"]
     outs: list[str] = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                )
-                new = gen[:, enc["input_ids"].shape[1] :]
-                outs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = old_side
+    for i in range(0, len(ids), batch_size):
+        for (response, _), in generate_left_padded(
+                model, ids[i: i + batch_size], pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id],
+                max_new_tokens=max_new_tokens):
+            outs.append(tokenizer.decode(response, skip_special_tokens=True))
     return outs
 
 

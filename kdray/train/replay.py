@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdray.data.tokenize import IGNORE_INDEX, pack_examples
+from kdray.pools.left_padded import generate_left_padded
 from kdray.spec import JobSpec
 
 FIXED, FRESH, REPLAY = "fixed", "fresh", "replay"
@@ -81,32 +82,18 @@ class ReplaySource:
 
     def _sample(self, engine: Any, prompts: list[list[int]]) -> list[list[int]]:
         """One sampled response per prompt from the current student, EOS kept when it stopped."""
-        import torch
 
         model = engine.module
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids.to(engine.device), attention_mask=attn.to(engine.device), do_sample=True,
-                    temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p, top_k=0,
-                    max_new_tokens=self.spec.generation.max_new_tokens, pad_token_id=self.pad_id,
-                    eos_token_id=self.eos_id, synced_gpus=self.spec.training.zero_stage == 3,
-                )
+            samples = generate_left_padded(
+                model, prompts, pad_id=self.pad_id, stop_ids=[self.eos_id],
+                max_new_tokens=self.spec.generation.max_new_tokens, temperature=self.cfg.sampling_temperature,
+                top_p=self.cfg.top_p, synced_gpus=self.spec.training.zero_stage == 3, device=engine.device)
         finally:
             model.train(was_training)
-        responses = []
-        for row in out[:, width:].tolist():
-            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
-            responses.append(row[:cut])
-        return responses
+        return [row[0][0] for row in samples]
 
     def validate(self, engine: Any, teacher: Any, objective: Any, rows: Any, device: Any) -> float:
         """Token-weighted mean objective loss over every rank's validation rows; feeds φ."""
