@@ -201,18 +201,16 @@ def test_pocl_scheduler_step_interval():
     assert sched.end_epoch() is False
 
 
-def test_pocl_scheduler_needs_difficulty_until_order_set():
+def test_pocl_scheduler_needs_an_order_before_stepping():
     sched = POCLScheduler()
-    assert sched.needs_difficulty()
-    assert not sched.needs_student_responses(0) and sched.num_rounds == 1
+    assert sched.num_rounds == 1
     with pytest.raises(RuntimeError, match="set_order"):
         sched.step()
     with pytest.raises(ValueError, match="permutation"):
         sched.set_order([0, 0, 1])
     sched.set_order(_order(5))
-    assert not sched.needs_difficulty()
     restored = POCLScheduler.from_state_dict(json_roundtrip(sched.state_dict()))
-    assert not restored.needs_difficulty()                # a resumed job does not re-measure
+    assert restored.n_active == sched.n_active            # a resumed job keeps the order: no re-measure
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -337,10 +335,7 @@ def test_distillm2_schedule_running_means_and_alpha():
 def test_distillm2_schedule_rounds_and_beta_scope():
     job = DistiLLM2Schedule(num_rounds=2, total_steps=8, beta_scope="job")
     per_round = DistiLLM2Schedule(num_rounds=2, total_steps=4, beta_scope="round")
-    assert job.num_rounds == 2 and all(job.needs_student_responses(r) for r in range(2))
-    with pytest.raises(ValueError, match="round_index"):
-        job.needs_student_responses(2)
-    assert not job.needs_difficulty()
+    assert job.num_rounds == 2
     for s in (job, per_round):
         for _ in range(4):
             s.step()
@@ -502,10 +497,7 @@ def test_replay_save_restore_continues_identically(cut):
     assert {FRESH, REPLAY, FIXED, "val"} <= kinds     # every branch was exercised
 
 
-def test_replay_protocol_answers():
-    sched = ReplayScheduler()
-    assert sched.needs_step_generation()
-    assert not sched.needs_difficulty() and not sched.needs_student_responses(0)
+def test_replay_rejects_a_zero_capacity():
     with pytest.raises(ValueError, match="capacity"):
         ReplayScheduler(capacity=0)
     with pytest.raises(ValueError, match="reference"):

@@ -1,4 +1,4 @@
-"""The protocol every curriculum follows, and the argument checks they share.
+"""The base every curriculum follows (state, resume, metrics), and the argument checks they share.
 
 A curriculum is a small, deterministic state machine that sits beside the loss: it
 says which samples are active, which schedule values (temperature, ``kd_ratio``,
@@ -68,34 +68,17 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 class Curriculum(abc.ABC):
-    """What the driver and trainer may ask any curriculum.
+    """What the trainer may ask any curriculum.
 
-    The driver owns the loop (rounds → optional generation → one pass of training);
-    it asks:
-
-    * :meth:`needs_difficulty` — must the initial student be measured (POCL) before
-      training? False once the ranks are known, including after a restore, so a
-      resumed job does not measure again.
-    * :meth:`needs_student_responses` — must responses be regenerated with the
-      current student before round ``round_index`` (DistiLLM-2 batched on-policy)?
-    * :meth:`needs_step_generation` — may a training step ask for fresh student samples
-      (DistiLLM adaptive replay, decided per step by ``decide``)?
     * :attr:`num_rounds` — how many rounds the job runs (1 unless the method has rounds).
     * :meth:`metrics` — the schedule values to report with each training step.
     * :meth:`state_dict` / :meth:`load_state_dict` / :meth:`from_state_dict` — resume.
+
+    Which stages a job runs for its curricula (difficulty, on-policy rounds) is decided once,
+    from the spec, by :func:`kdray.curriculum.plan.plan_segments`.
     """
 
     kind: ClassVar[str]
-
-    def needs_difficulty(self) -> bool:
-        return False
-
-    def needs_student_responses(self, round_index: int) -> bool:
-        check_int("round_index", round_index, minimum=0, maximum=self.num_rounds - 1)
-        return False
-
-    def needs_step_generation(self) -> bool:
-        return False
 
     @property
     def num_rounds(self) -> int:

@@ -141,7 +141,7 @@ class DistiLLM2Schedule(Curriculum):
     only), builds the loss, then ``observe(delta, is_student)`` (updates the running means,
     so a batch never anchors its own α); after each optimizer step :meth:`step`. The driver
     calls :meth:`end_round` after each round's epoch; every round needs fresh student
-    responses (:meth:`needs_student_responses`).
+    responses (the plan's segments say so: ``regenerate_student``).
 
     Args:
         num_rounds: R, the number of generate-then-train rounds (>= 1).
@@ -184,14 +184,10 @@ class DistiLLM2Schedule(Curriculum):
         self._means: dict[str, dict[str, Any]] = {k: {"value": None, "count": 0} for k in _KINDS}
         self._last_alpha: dict[str, float] | None = None
 
-    # -- driver protocol ---------------------------------------------------------------
+    # -- rounds ------------------------------------------------------------------------
     @property
     def num_rounds(self) -> int:
         return self._num_rounds
-
-    def needs_student_responses(self, round_index: int) -> bool:
-        check_int("round_index", round_index, minimum=0, maximum=self._num_rounds - 1)
-        return True
 
     @property
     def round(self) -> int:

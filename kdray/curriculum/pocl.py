@@ -224,7 +224,7 @@ class POCLScheduler(Curriculum):
     and ``kd_ratio``.
 
     Use: build it from the spec, give it the easy → hard order (``order=`` or
-    :meth:`set_order`; :meth:`needs_difficulty` is True until then), then per step read
+    :meth:`set_order`; stepping before it raises), then per step read
     :meth:`active_indices`, :attr:`temperature`, :attr:`kd_ratio`; call :meth:`step`
     after each optimizer step and :meth:`end_epoch` after each pass over the active
     samples. Both return True when the stage changed (rebuild the sampler). After the
@@ -261,10 +261,7 @@ class POCLScheduler(Curriculum):
         if order is not None:
             self.set_order(order)
 
-    # -- driver protocol -------------------------------------------------------------
-    def needs_difficulty(self) -> bool:
-        return self._order is None
-
+    # -- difficulty order ------------------------------------------------------------
     def set_order(self, order: Any) -> None:
         """Set the easy → hard order (a permutation of 0..N-1, or DifficultyRanks).
         Only before training starts: changing it mid-job would change the subsets."""

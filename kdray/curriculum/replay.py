@@ -101,9 +101,6 @@ class ReplayScheduler(Curriculum):
         self._last_decision: str | None = None
         self._validations = 0
 
-    def needs_step_generation(self) -> bool:
-        return True
-
     # -- threshold ---------------------------------------------------------------------
     @property
     def threshold(self) -> float:
