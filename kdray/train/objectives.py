@@ -108,6 +108,24 @@ class KDStep:
         self.fused = self.mode == "hidden" and spec.training.zero_stage < 3
 
     def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        """The loss of one micro-batch.
+
+        Args:
+            engine: the student: a DeepSpeed engine or the model itself (called with
+                ``input_ids`` and ``attention_mask``; ``.module`` is used when present).
+            teacher: what :func:`load_teacher` gives for the spec's ``teacher_signal``.
+            batch: tensors of one micro-batch of ``B`` rows padded to length ``L``, as
+                :class:`kdray.data.examples.TokenizeForTraining` makes them:
+                ``input_ids [B, L]``, ``attention_mask [B, L]``, ``labels [B, L]`` (response
+                tokens, ``IGNORE_INDEX`` elsewhere); ``topk`` mode adds ``t_topk_ids [B, L, k]``
+                and ``t_topk_logprobs [B, L, k]``, ``hidden`` mode ``t_hidden [B, L, H]`` (the
+                teacher at the position predicting each label).
+
+        Returns:
+            (loss: scalar tensor with grad, the token mean over the micro-batch's labels;
+            its parts as floats (``kd``, and ``ce`` when ``kd_ratio < 1``); the number of
+            label tokens).
+        """
         import torch
 
         from kdray import losses
@@ -207,6 +225,19 @@ class DistiLLM2Step(KDStep):
             self.schedule.end_round()
 
     def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+        """The loss of one micro-batch of paired responses.
+
+        Args:
+            engine, teacher: as for :meth:`KDStep.__call__` (the teacher is the model: online).
+            batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, L]`` of the teacher
+                responses and ``s_input_ids``, ``s_attention_mask``, ``s_labels`` ``[B, L]`` of
+                the student's responses to the same ``B`` prompts (row ``i`` pairs with row ``i``).
+
+        Returns:
+            (loss: ``(2 − β)·SKL_α + β·SRKL_α``, mixed with CE when ``kd_ratio < 1``; parts
+            ``kd``, ``skl``, ``srkl`` (and ``ce``) as floats; label tokens of both halves).
+            Δ of every row is observed by the schedule (all-gathered across ranks).
+        """
         import torch
         import torch.distributed as dist
 

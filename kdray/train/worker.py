@@ -22,6 +22,18 @@ from kdray.train.setup import deepspeed_config, load_student, make_optimizer, pe
 
 
 
+#: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
+#: buffer as it streams the shard (a full shuffle would materialise the shard per epoch).
+SHUFFLE_BUFFER_MICRO_BATCHES = 4
+
+
+def shuffle_seed(seed: int, *, epoch: int, segment: int, rank: int) -> int:
+    """The local-shuffle seed of one worker's pass over its shard: ``training.seed`` plus a
+    distinct offset per (epoch, segment, rank), so no two passes share an order while a
+    re-run (or a restored run) repeats every order exactly. Epochs < 100, ranks < 1000."""
+    return seed + 1000 * epoch + 100_000 * segment + rank
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a training worker needs for one segment of the plan, built by the driver."""
@@ -77,8 +89,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size_per_worker,
             drop_last=True,
-            local_shuffle_buffer_size=4 * t.micro_batch_size_per_worker,
-            local_shuffle_seed=t.seed + 1000 * epoch + 100_000 * seg.index + rank,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_MICRO_BATCHES * t.micro_batch_size_per_worker,
+            local_shuffle_seed=shuffle_seed(t.seed, epoch=epoch, segment=seg.index, rank=rank),
         )
         for micro, batch in enumerate(batches):
             if micro >= micro_per_epoch or step >= seg.end_step:
