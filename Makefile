@@ -42,3 +42,9 @@ clean:
 # its chunked losses need only torch.
 bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps liger-kernel==0.8.5
+
+# Regenerate docs/spec-reference.md from the JobSpec's pydantic models (tests/test_docs.py
+# fails when it is stale).
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m kdray.spec.reference

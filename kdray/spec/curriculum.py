@@ -31,9 +31,13 @@ class POCLCurriculum(_Spec):
     (github.com/liuliuyuan6/POCL, scripts/gpt2/pocl/*: 4 stages of 8 epochs, temperature
     1 → 2, kd_ratio 0.7 → 1.0)."""
 
-    kind: Literal["pocl"] = Field(description="Progressive-overload curriculum (POCL).")
+    kind: Literal["pocl"] = Field(
+        description="POCL, progressive-overload curriculum (Liu & Zhang 2025, arXiv:2506.05695)."
+    )
     n_stages: int = Field(4, ge=1, description="Cumulative subsets: stage i trains on the easiest i/n_stages.")
-    stage_interval: int = Field(8, ge=1, description="Length of each stage, in interval_unit.")
+    stage_interval: int = Field(
+        8, ge=1, description="Length of each stage, in interval_unit (POCL's scripts: 8 epochs)."
+    )
     interval_unit: Literal["epochs", "steps"] = Field(
         "epochs", description="'epochs': passes over the stage's subset; 'steps': optimizer steps."
     )
@@ -41,7 +45,10 @@ class POCLCurriculum(_Spec):
     t_end: float = Field(2.0, gt=0.0, description="KD temperature of the last stage.")
     kd_ratio_start: float = Field(0.7, ge=0.0, le=1.0, description="kd_ratio of stage 1 (rises linearly).")
     kd_ratio_end: float = Field(1.0, ge=0.0, le=1.0, description="kd_ratio of the last stage.")
-    rrf_k: float = Field(60.0, gt=0.0, description="k of reciprocal rank fusion 1/(k + r1) + 1/(k + r2).")
+    rrf_k: float = Field(
+        60.0, gt=0.0, description="k of reciprocal rank fusion, score 1/(k + r1) + 1/(k + r2) over "
+        "the ROUGE-L and cross-entropy ranks (60 as in Cormack et al. 2009)."
+    )
     restart_optimizer_each_stage: bool = Field(
         False,
         description="Fresh AdamW state and LR schedule (warmup, cosine over the stage) at each "
@@ -55,7 +62,10 @@ class DistiLLM2Curriculum(_Spec):
     the current student, train ``training.epochs`` epochs), with β and per-sample α
     scheduled for the contrastive objective (``objective.kind: distillm2``)."""
 
-    kind: Literal["distillm2"] = Field(description="DistiLLM-2 batched on-policy rounds and α/β schedules.")
+    kind: Literal["distillm2"] = Field(
+        description="DistiLLM-2's batched on-policy rounds and α/β schedules (Ko et al. 2025, "
+        "arXiv:2503.07067)."
+    )
     rounds: int | None = Field(
         None,
         ge=1,
@@ -91,11 +101,19 @@ class ReplayCurriculum(_Spec):
     replayed buffer batch, with a probability φ that rises when the validation loss does.
     Defaults are DistiLLM's training scripts' (github.com/jongwooko/distillm)."""
 
-    kind: Literal["replay"] = Field(description="DistiLLM adaptive off-policy replay.")
-    capacity: int = Field(1000, ge=1, description="Replay buffer size, in samples per worker (FIFO).")
-    init_threshold: float = Field(0.0, ge=0.0, le=1.0, description="φ at the start.")
-    threshold_step: float = Field(0.1, ge=0.0, le=1.0, description="Rise of φ per triggering validation.")
-    loss_eps: float = Field(0.1, ge=0.0, description="Validation-loss rise that raises φ.")
+    kind: Literal["replay"] = Field(
+        description="DistiLLM's adaptive off-policy replay (Ko et al. 2024, arXiv:2402.03898)."
+    )
+    capacity: int = Field(
+        1000, ge=1, description="Replay buffer size, in samples per worker (FIFO; DistiLLM: 1000)."
+    )
+    init_threshold: float = Field(0.0, ge=0.0, le=1.0, description="φ at the start (DistiLLM: 0).")
+    threshold_step: float = Field(
+        0.1, ge=0.0, le=1.0, description="Rise of φ per triggering validation (DistiLLM: 0.1)."
+    )
+    loss_eps: float = Field(
+        0.1, ge=0.0, description="Validation-loss rise that raises φ (DistiLLM: 0.1)."
+    )
     reference: Literal["last_raise", "previous"] = Field(
         "last_raise",
         description="What a rise is measured against: the validation loss at φ's last raise "

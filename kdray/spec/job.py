@@ -43,7 +43,8 @@ class ModelSpec(_Spec):
         "want float32; GPUs want bfloat16.",
     )
     max_model_len: int = Field(
-        512, ge=16, description="Longest prompt + response, in tokens, the generation pool serves."
+        512, ge=16, description="Longest prompt + response, in tokens, the generation pool serves; at "
+        "least data.max_prompt_tokens + generation.max_new_tokens."
     )
 
     @field_validator("model")
@@ -79,7 +80,8 @@ class DataSpec(_Spec):
         None, ge=1, description="Use only the first N held-out rows (null: all)."
     )
     max_prompt_tokens: int = Field(
-        256, ge=1, description="Rows whose prompt is longer than this, in tokens, are bad rows."
+        256, ge=1, description="Rows whose prompt (after the chat template) is longer than this, in "
+        "tokens, are bad rows (see on_bad_rows)."
     )
     on_bad_rows: Literal["fail", "skip"] = Field(
         "fail",
@@ -113,22 +115,32 @@ class GenerationSpec(_Spec):
         description="Sampling temperature of generated responses (0 = greedy). Distinct from "
         "objective.kd_temperature, which softens logits inside the loss.",
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Nucleus sampling: sample from the smallest set of tokens whose probability "
+        "reaches top_p (1: off).",
+    )
     max_new_tokens: int = Field(128, ge=1, description="Longest generated response, in tokens.")
     n: int = Field(1, ge=1, description="Responses generated per prompt.")
     seed: int = Field(0, description="Sampling seed: the same seed gives the same responses.")
     replicas: int = Field(1, ge=1, description="Generation actors (model replicas) in the pool.")
     num_gpus_per_replica: float = Field(
-        0.0, ge=0.0, description="GPUs each replica reserves (tensor_parallel_size on GPU hosts)."
+        0.0, ge=0.0, description="GPUs each replica reserves from Ray: 0 on CPU hosts; otherwise at "
+        "least tensor_parallel_size."
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per replica.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallelism: GPUs one replica's model is sharded over. "
+        "backend: hf needs 1."
+    )
     num_cpus_per_replica: float = Field(
         0.5,
         gt=0.0,
         description="CPUs each replica reserves. Keep it fractional on small CPU hosts: a whole "
         "CPU per actor can starve Ray Data's read tasks.",
     )
-    batch_size: int = Field(64, ge=1, description="Prompts handed to a replica per call.")
+    batch_size: int = Field(
+        64, ge=1, description="Prompts per batch handed to a replica (Ray Data map_batches batch_size)."
+    )
     enforce_eager: bool = Field(
         False,
         description="Skip vLLM's torch.compile and CUDA graphs: quicker start-up, slower "
@@ -204,8 +216,13 @@ class JudgeSpec(_Spec):
 class EvaluationSpec(_Spec):
     """Held-out scoring of the student before, after each round and after, and of the teacher."""
 
-    enabled: bool = Field(True, description="Score student-before, student-after and teacher.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated for scoring.")
+    enabled: bool = Field(
+        True, description="Score the teacher, the initial student (student_before) and the distilled "
+        "one (student_after) on the held-out prompts, greedy."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="Longest held-out answer generated for scoring, in tokens."
+    )
     per_round: bool = Field(
         True,
         description="When the plan has more than one segment (POCL stages, DistiLLM-2 rounds), "
@@ -231,16 +248,21 @@ class JobSpec(_Spec):
 
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
-        description="Job name: lowercase letters, digits, '-' and '_'.",
+        description="Job name: 1 to 63 lowercase letters, digits, '-' and '_', starting with a "
+        "letter or digit.",
     )
     output_dir: str = Field(
-        description="Directory for the student, checkpoints, events and report.json."
+        description="Directory for everything the job writes: student/, checkpoints, state/ (what a "
+        "re-run resumes from), records/, events.jsonl, report.json, report.md and the plots. A "
+        "relative path is taken from the directory kdray run starts in (under kdray serve, from "
+        "its --output-root). On a multi-node cluster, use storage every node can reach."
     )
     teacher: ModelSpec = Field(description="The teacher model and its generation pool.")
     student: ModelSpec = Field(description="The student model that is trained.")
     data: DataSpec = Field(description="Training and held-out prompts.")
     generation: GenerationSpec = Field(
-        default_factory=GenerationSpec, description="Sampling and pool sizing."
+        default_factory=GenerationSpec,
+        description="Sampling settings and sizing of the generation pools (teacher, student and judge).",
     )
     objective: ObjectiveSpec = Field(
         default_factory=lambda: ForwardKLObjective(kind="forward_kl"),
@@ -249,15 +271,23 @@ class JobSpec(_Spec):
     curriculum: list[CurriculumSpec] = Field(
         default_factory=list,
         description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
-        "rounds. One mapping or a list; empty for plain training.",
+        "rounds, DistiLLM's replay. One mapping or a list; empty for plain training.",
     )
     teacher_signal: TeacherSignalSpec = Field(
         default_factory=TeacherSignalSpec,
         description="Where the teacher's per-token distribution comes from: online in the "
         "workers, top-k records, or hidden-state records.",
     )
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Ray Train + DeepSpeed ZeRO settings: workers, batch sizes, optimizer, length, "
+        "checkpoints, LoRA and offload.",
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        description="Held-out scoring (ROUGE-L, exact match, length) of the teacher and of the "
+        "student before, per round and after; an optional LLM judge.",
+    )
 
     @field_validator("curriculum", mode="before")
     @classmethod

@@ -15,13 +15,17 @@ class _Objective(_Spec):
     """The distillation loss. kd_ratio weighs KD against the hard-label CE term explicitly."""
 
     kd_temperature: float = Field(
-        1.0, gt=0.0, description="Divides both models' logits inside the divergence."
+        1.0, gt=0.0, description="Divides both models' logits inside the divergence (Hinton et al. "
+        "2015, arXiv:1503.02531). Not the sampling temperature. With POCL leave it at 1: the "
+        "curriculum schedules it."
     )
     kd_ratio: float = Field(
         1.0,
         ge=0.0,
         le=1.0,
-        description="loss = kd_ratio * KD + (1 - kd_ratio) * CE on the training responses.",
+        description="loss = kd_ratio · KD + (1 − kd_ratio) · CE, CE being the hard-label "
+        "cross-entropy on the training responses. With POCL leave it at 1: the curriculum "
+        "schedules it.",
     )
 
     def divergence_params(self) -> dict[str, Any]:
@@ -30,26 +34,35 @@ class _Objective(_Spec):
 
 
 class ForwardKLObjective(_Objective):
-    kind: Literal["forward_kl"] = Field(description="KL(p || q): mass-covering (standard KD).")
+    kind: Literal["forward_kl"] = Field(
+        description="Forward KL(p || q), p the teacher's and q the student's distribution: "
+        "mass-covering; standard KD (Hinton et al. 2015, arXiv:1503.02531)."
+    )
 
 
 class ReverseKLObjective(_Objective):
-    kind: Literal["reverse_kl"] = Field(description="KL(q || p): mode-seeking (MiniLLM-style).")
+    kind: Literal["reverse_kl"] = Field(
+        description="Reverse KL(q || p): mode-seeking, as in MiniLLM (Gu et al. 2023, arXiv:2306.08543)."
+    )
 
 
 class TVDObjective(_Objective):
-    kind: Literal["tvd"] = Field(description="Total variation distance.")
+    kind: Literal["tvd"] = Field(description="Total variation distance ½ Σ_v |p − q| per token, in [0, 1].")
 
 
 class SkewForwardKLObjective(_Objective):
-    kind: Literal["skew_forward_kl"] = Field(description="DistiLLM skew KL (SKL).")
+    kind: Literal["skew_forward_kl"] = Field(
+        description="DistiLLM's skew KL (SKL) (Ko et al. 2024, arXiv:2402.03898)."
+    )
     alpha: float = Field(
         0.1, ge=0.0, le=1.0, description="Skew α: KL(p || αp + (1-α)q). DistiLLM uses 0.1."
     )
 
 
 class SkewReverseKLObjective(_Objective):
-    kind: Literal["skew_reverse_kl"] = Field(description="DistiLLM skew reverse KL (SRKL).")
+    kind: Literal["skew_reverse_kl"] = Field(
+        description="DistiLLM's skew reverse KL (SRKL) (Ko et al. 2024, arXiv:2402.03898)."
+    )
     alpha: float = Field(
         0.1, ge=0.0, le=1.0, description="Skew α: KL(q || (1-α)p + αq). DistiLLM uses 0.1."
     )
@@ -60,7 +73,10 @@ class SkewReverseKLObjective(_Objective):
 
 
 class JSDObjective(_Objective):
-    kind: Literal["jsd"] = Field(description="Generalised Jensen-Shannon divergence (GKD).")
+    kind: Literal["jsd"] = Field(
+        description="Generalised Jensen-Shannon divergence JSD(β), as in GKD (Agarwal et al. 2024, "
+        "arXiv:2306.13649) and TRL."
+    )
     beta: float = Field(
         0.5,
         ge=0.0,
@@ -70,16 +86,21 @@ class JSDObjective(_Objective):
 
 
 class AdaptiveKLObjective(_Objective):
-    kind: Literal["adaptive_kl"] = Field(description="AKL: head/tail-gap weighted FKL + RKL.")
+    kind: Literal["adaptive_kl"] = Field(
+        description="AKL (Wu et al. 2024, arXiv:2404.02657): per token, forward and reverse KL "
+        "weighted by the teacher-student gaps on the head and on the tail of the teacher's distribution."
+    )
     mu: float = Field(
-        0.5, gt=0.0, le=1.0, description="Head = top tokens holding at most μ teacher mass (AKL: 0.5)."
+        0.5, gt=0.0, le=1.0, description="Head = the top tokens whose cumulative teacher mass is at most "
+        "μ (always the top-1 token); AKL uses 0.5."
     )
 
 
 class DistiLLM2Objective(_Objective):
     kind: Literal["distillm2"] = Field(
-        description="DistiLLM-2 contrastive loss: (2-β)·SKL on teacher responses + β·SRKL on "
-        "the student's own responses (needs curriculum distillm2, which schedules α and β)."
+        description="DistiLLM-2's contrastive loss (Ko et al. 2025, arXiv:2503.07067): (2-β)·SKL on "
+        "teacher responses + β·SRKL on the student's own responses (needs curriculum distillm2, "
+        "which schedules α and β)."
     )
     alpha: float = Field(
         0.1,

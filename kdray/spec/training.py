@@ -42,7 +42,7 @@ class LoraSpec(_Spec):
     """LoRA adapters (peft) on the student: only the adapters train; the export merges them
     into the base weights, so the exported student is a plain model."""
 
-    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    r: int = Field(16, ge=1, description="Rank of each adapter (peft's r).")
     alpha: float = Field(32.0, gt=0.0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
     target_modules: list[str] = Field(
@@ -68,11 +68,20 @@ class TrainingSpec(_Spec):
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false uses gloo on CPU.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 0 plain data parallelism; 1 shards the optimizer "
+        "state over the workers, 2 also the gradients, 3 also the parameters."
+    )
+    lr: float = Field(
+        1e-4, gt=0.0, description="Peak learning rate of AdamW: linear warmup to it, then cosine "
+        "decay to 0 at the job's last step (at each stage's, with POCL's restart_optimizer_each_stage)."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
-    gradient_clipping: float = Field(1.0, ge=0.0, description="Max grad norm (0 disables).")
+    gradient_clipping: float = Field(
+        1.0, ge=0.0, description="Largest global L2 norm of the gradient; larger ones are scaled "
+        "down to it (DeepSpeed gradient_clipping; 0 disables)."
+    )
     global_batch_size: int = Field(
         32, ge=1, description="Sequences per optimizer step, summed over all workers."
     )
@@ -86,7 +95,9 @@ class TrainingSpec(_Spec):
     max_seq_len: int = Field(
         512, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
     )
-    seed: int = Field(0, description="Seed of data order and initialisation.")
+    seed: int = Field(
+        0, description="Seed of the training data order and of each worker's torch RNG (seed + rank)."
+    )
     checkpoint_every_steps: int | None = Field(
         None,
         ge=1,
