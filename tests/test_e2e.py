@@ -177,6 +177,9 @@ def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(tmp_path, t
 
     every = 4
     spec = reduced_demo(tmp_path, checkpoint_every_steps=every)
+    config = yaml.safe_load(spec.read_text())
+    config["evaluation"] = {"enabled": False}  # resuming is about training: no held-out pools to start
+    spec.write_text(yaml.safe_dump(config))
     events = tmp_path / "out" / "events.jsonl"
     proc = _start_job(spec, tmp_path)
     try:

@@ -154,31 +154,65 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     import ray
     from rich.console import Console
 
-    from kdray.stages.context import StageContext
-    from kdray.stages.difficulty import order_by_difficulty
-    from kdray.stages.prepare import prepare
-    from kdray.stages.evaluate import score_generated
-    from kdray.pools.base import SamplingConfig
-    from kdray.curriculum.plan import plan_segments
-    from kdray.pipeline.progress import ConsoleReporter
-    from kdray.ray_setup import init_ray
-    from kdray.repro.run import evaluate_reference, train_and_evaluate
     from kdray.spec import parse_spec
+    from kdray.stages.evaluate import score_generated
 
     console = console or Console(stderr=True)
     size.check()
     out = out.expanduser().resolve()
+    for m in methods:  # every method's spec is valid before any work
+        parse_spec(method_spec(m, size, train, heldout, out), f"kdray repro, method {m}")
+    started = time.time()
+    shared = _shared_stages(size, methods, out, train=train, heldout=heldout, address=address, console=console)
+    held_rows, pool_answers, timings = shared["heldout"], shared["pool_answers"], shared["timings"]
+    t_grid = time.perf_counter()
+    runs, references = _run_grid(size, methods, shared, console)
+    timings["grid"] = time.perf_counter() - t_grid
+    pool_scores = score_generated(pool_answers, held_rows)
+    by_id = {g["id"]: g["response"] for g in pool_answers}
+    hf_answers = references["student_before"]["answers"]
+    agree = sum(by_id[r["id"]].strip() == a.strip() for r, a in zip(held_rows, hf_answers)) / max(1, len(held_rows))
+    timings["total"] = time.time() - started
+
+    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
+    result = {
+        "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)),
+                   "data": {"train": train, "heldout": heldout}, "rows": shared["row_reports"],
+                   "specs": {m: s.model_dump(mode="json") for m, s in shared["specs"].items()},
+                   "ray_cpus": ray.cluster_resources().get("CPU")},
+        "timings_s": timings,
+        "references": {label: ref["scores"] for label, ref in references.items()},
+        "generator_check": {"student_before_pool": pool_scores,
+                            "student_before_hf": references["student_before"]["scores"],
+                            "answer_agreement": agree},
+        "runs": runs,
+    }
+    return write_outputs(result, out, console)
+
+
+def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str, heldout: str,
+                   address: str | None, console: Any) -> dict[str, Any]:
+    """What every run shares, made once with the job's own stages through the vLLM pool: the
+    checked data, the teacher's responses, POCL's difficulty order, the initial student's
+    held-out answers; plus each method's spec, sized to the rows that were kept."""
+    from kdray.curriculum.plan import plan_segments
+    from kdray.pipeline.progress import ConsoleReporter
+    from kdray.pools.base import SamplingConfig
+    from kdray.ray_setup import init_ray
+    from kdray.spec import parse_spec
+    from kdray.stages.context import StageContext
+    from kdray.stages.difficulty import order_by_difficulty
+    from kdray.stages.prepare import prepare
+
     shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out), "kdray repro")
-    specs = {m: parse_spec(method_spec(m, size, train, heldout, out), f"kdray repro, method {m}") for m in methods}
     out.mkdir(parents=True, exist_ok=True)
     (out / "events.jsonl").unlink(missing_ok=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
     timings: dict[str, float] = {}
-    started = time.time()
     try:
         ctx = StageContext(shared, Path(shared.output_dir).expanduser().resolve(), reporter)
         data = prepare(ctx)
-        train_rows, held_rows, row_reports = data.train, data.heldout, data.row_reports
+        train_rows, held_rows = data.train, data.heldout
         specs = {m: parse_spec(method_spec(m, size, train, heldout, out, len(train_rows)), f"kdray repro, method {m}")
                  for m in methods}
         for m, spec in specs.items():  # a plan that cannot run fails before any work
@@ -203,14 +237,26 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
         reporter.phase_end("evaluate", f"initial student done in {timings['pool_evaluate_initial_student']:.0f}s")
     finally:
         reporter.close()
+    return {"spec": shared, "specs": specs, "row_reports": data.row_reports, "teacher_rows": teacher_rows,
+            "ordered": ordered, "heldout": held_rows, "pool_answers": pool_answers, "timings": timings}
 
-    t_grid = time.perf_counter()
-    ordered_ref, plain_ref, held_ref = ray.put(ordered), ray.put(teacher_rows), ray.put(held_rows)
+
+def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
+              console: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every method × seed as one Ray task (:func:`kdray.repro.run.train_and_evaluate`), and
+    the two references scored the same way; a failed cell is reported, not raised."""
+    import ray
+
+    from kdray.repro.run import evaluate_reference, train_and_evaluate
+
+    spec, specs = shared["spec"], shared["specs"]
+    ordered_ref, plain_ref = ray.put(shared["ordered"]), ray.put(shared["teacher_rows"])
+    held_ref = ray.put(shared["heldout"])
     task = ray.remote(num_cpus=1)(train_and_evaluate)
     ref_task = ray.remote(num_cpus=1)(evaluate_reference)
-    refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=shared.evaluation.max_new_tokens,
-                                   chat_template=shared.data.chat_template)
-            for label, model in (("teacher", shared.teacher), ("student_before", shared.student))}
+    refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=spec.evaluation.max_new_tokens,
+                                   chat_template=spec.data.chat_template)
+            for label, model in (("teacher", spec.teacher), ("student_before", spec.student))}
     order = _runs_order(methods, size.seeds)
     pending = {task.remote(specs[m].model_dump(mode="json"), m, s, ordered_ref, plain_ref, held_ref,
                            on_policy_temperature=size.on_policy_temperature): (m, s) for m, s in order}
@@ -230,28 +276,7 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
                     f"(train {run['train_s']:.0f}s, eval {run['eval_s']:.1f}s, {run['steps']} steps)")
         console.print(f"[{len(runs):>3}/{len(order)}] {method:<28} seed {seed}: {line}", highlight=False,
                       soft_wrap=True)
-    timings["grid"] = time.perf_counter() - t_grid
-    references = {label: ray.get(r) for label, r in refs.items()}
-    pool_scores = score_generated(pool_answers, held_rows)
-    by_id = {g["id"]: g["response"] for g in pool_answers}
-    hf_answers = references["student_before"]["answers"]
-    agree = sum(by_id[r["id"]].strip() == a.strip() for r, a in zip(held_rows, hf_answers)) / max(1, len(held_rows))
-    timings["total"] = time.time() - started
-
-    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
-    result = {
-        "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)),
-                   "data": {"train": train, "heldout": heldout}, "rows": row_reports,
-                   "specs": {m: s.model_dump(mode="json") for m, s in specs.items()},
-                   "ray_cpus": ray.cluster_resources().get("CPU")},
-        "timings_s": timings,
-        "references": {label: ref["scores"] for label, ref in references.items()},
-        "generator_check": {"student_before_pool": pool_scores,
-                            "student_before_hf": references["student_before"]["scores"],
-                            "answer_agreement": agree},
-        "runs": runs,
-    }
-    return write_outputs(result, out, console)
+    return runs, {label: ray.get(r) for label, r in refs.items()}
 
 
 def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, Any]:

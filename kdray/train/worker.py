@@ -46,31 +46,24 @@ class WorkerConfig:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: one DeepSpeed rank training one segment of the plan."""
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
+    """Ray Train entry point: one DeepSpeed rank training one segment of the plan.
 
-    from kdray.train.objectives import load_teacher, make_step_objective
+    ``config["worker"]`` is the :class:`WorkerConfig`; the datasets are Ray Train's shards
+    ``train`` (and ``validation`` with the replay curriculum). Each optimizer step's metrics go
+    to ``ray.train.report``, with a checkpoint every ``training.checkpoint_every_steps`` and at
+    the end of the segment (the exported student, :func:`_report_final`)."""
+    import ray.train
 
     wc: WorkerConfig = config["worker"]
     spec, t, seg = wc.spec, wc.spec.training, wc.segment
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(t.seed + rank)
-
-    student = load_student(spec)  # with training.lora: peft adapters, base frozen
-    teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
-    optimizer, scheduler = make_optimizer(spec, student, total_steps=wc.total_steps, segment=seg)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
-    )
+    engine, scheduler, teacher = _setup_engine(wc, rank)
     device = engine.device
-    if teacher is not None:
-        teacher.to(device)
 
     step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
+    from kdray.train.objectives import make_step_objective
+
     objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
                                     num_segments=wc.num_segments, state=state.get("objective"))
     replay = _make_replay(spec, rank, state.get("replay"))
@@ -122,26 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 schedule.update(replay.metrics())
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
-            keys = sorted(window)
-            sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(sums)
-            totals = dict(zip(keys, sums.tolist()))
-            elapsed = time.perf_counter() - started
-            micro_total = t.gradient_accumulation_steps * world
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "step": step,
-                "total_steps": wc.total_steps,
-                "epoch": epoch,
-                "round": seg.round,
-                **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
-                **{k: v / micro_total for k, v in totals.items() if k != "tokens"},
-                "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "peak_rss_mb": peak_rss_mb(),
-                **schedule,
-            }
+            metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule,
+                       **_step_metrics(engine, wc, window, time.perf_counter() - started, world)}
             window, started = {}, None
             since_checkpoint.append(metrics)
             if step >= seg.end_step:
@@ -161,6 +136,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}
     _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
                                         "metrics": since_checkpoint}, _state(objective, replay), rank)
+
+
+def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
+    """(DeepSpeed engine, its LR scheduler, the teacher on the engine's device) for one rank."""
+    import deepspeed
+    import torch
+
+    from kdray.train.objectives import load_teacher
+
+    spec = wc.spec
+    torch.manual_seed(spec.training.seed + rank)
+    student = load_student(spec)  # with training.lora: peft adapters, base frozen
+    teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
+    optimizer, scheduler = make_optimizer(spec, student, total_steps=wc.total_steps, segment=wc.segment)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
+    )
+    if teacher is not None:
+        teacher.to(engine.device)
+    return engine, scheduler, teacher
+
+
+def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float,
+                  world: int) -> dict[str, Any]:
+    """An optimizer step's metrics over every rank: the loss and its parts as the mean over the
+    step's micro-batches (all-reduced), label tokens per second, the grad norm before clipping,
+    this rank's peak memory, and where in the plan the step is."""
+    import torch
+    import torch.distributed as dist
+
+    seg = wc.segment
+    keys = sorted(window)
+    sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(sums)
+    totals = dict(zip(keys, sums.tolist()))
+    micro_total = wc.spec.training.gradient_accumulation_steps * world
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "total_steps": wc.total_steps,
+        "round": seg.round,
+        **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
+        **{k: v / micro_total for k, v in totals.items() if k != "tokens"},
+        "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
