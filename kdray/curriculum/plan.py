@@ -44,6 +44,7 @@ class Segment:
 
     @property
     def end_step(self) -> int:
+        """The job's optimizer step this segment ends at (exclusive of the next segment's)."""
         return self.start_step + self.steps
 
     @property
@@ -52,11 +53,13 @@ class Segment:
         return math.ceil(self.steps / self.steps_per_epoch)
 
     def label(self, plan_length: int) -> str:
+        """``"stage i/n"``, ``"round i/n"`` or ``""`` (a one-segment plan), for progress lines."""
         if self.stage is not None:
             return f"stage {self.stage}/{plan_length}"
         return f"round {self.round + 1}/{plan_length}" if plan_length > 1 else ""
 
     def as_dict(self) -> dict[str, Any]:
+        """The segment as JSON types (report.json's ``plan``)."""
         return asdict(self)
 
 
@@ -116,4 +119,5 @@ def plan_segments(spec: JobSpec, n_rows: int) -> list[Segment]:
 
 
 def total_steps(segments: list[Segment]) -> int:
+    """Optimizer steps of the whole plan (the LR schedule's length)."""
     return segments[-1].end_step if segments else 0

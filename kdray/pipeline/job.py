@@ -138,6 +138,12 @@ class Job:
     # -- the whole job -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Run (or resume) the job; return the report, also written to ``report.json``.
+
+        Raises:
+            KdrayError: a user's mistake (data, models, spec vs saved state, cluster) or a
+                failed training run, with what to fix.
+        """
         spec, ctx = self.spec, self.ctx
         self.out.mkdir(parents=True, exist_ok=True)
         state = JobState.open(self.out, spec, restart=self.restart)

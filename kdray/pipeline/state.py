@@ -83,6 +83,7 @@ class JobState:
 
     @property
     def resumed(self) -> bool:
+        """Whether an earlier run of this job recorded any work (a Ray Train run name)."""
         return bool(self.data["runs"])
 
     def _save(self) -> None:
@@ -90,12 +91,14 @@ class JobState:
 
     # -- rows ------------------------------------------------------------------------------
     def load_rows(self, name: str) -> list[dict[str, Any]] | None:
+        """The rows saved as ``name`` (``state/NAME.jsonl``) by an earlier run, else None."""
         path = self.dir / f"{name}.jsonl"
         if not path.exists():
             return None
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     def save_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Save ``rows`` (JSON-serialisable dicts) as ``state/NAME.jsonl``, atomically."""
         _write_atomic(self.dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- segments --------------------------------------------------------------------------
@@ -115,6 +118,8 @@ class JobState:
         return done
 
     def finish(self, index: int, checkpoint: str | None, student: str) -> None:
+        """Record segment ``index`` as finished: its final checkpoint directory (None when the
+        plan has no next segment to continue from it) and its exported student directory."""
         self.data["segments"][str(index)] = {"checkpoint": checkpoint, "student": student}
         self._save()
 
@@ -124,5 +129,6 @@ class JobState:
         return self.data.get("round_scores", {}).get(str(index))
 
     def save_round_score(self, index: int, scores: dict[str, Any]) -> None:
+        """Record the held-out scores of segment ``index``'s student (``evaluation.per_round``)."""
         self.data.setdefault("round_scores", {})[str(index)] = scores
         self._save()

@@ -44,6 +44,7 @@ class TeacherHead:
         return self
 
     def logits(self, hidden: Any) -> Any:
+        """The teacher's logits ``[..., V]`` from its stored hidden states ``[..., H]``."""
         import torch.nn.functional as F
 
         return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
@@ -186,12 +187,14 @@ class KDStep:
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
     def optimizer_step(self) -> None:
-        pass
+        """Called after every optimizer step (schedules advance here; this one has none)."""
 
     def metrics(self) -> dict[str, float]:
+        """The schedule values the current step uses, for its metrics."""
         return {"kd_temperature": self.segment.kd_temperature, "kd_ratio": self.segment.kd_ratio}
 
     def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must keep to continue identically (None: nothing)."""
         return None
 
 
