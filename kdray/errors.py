@@ -1,11 +1,22 @@
-"""Errors that kdray reports to users.
+"""Errors that kdray reports to users, and how to tell them from kdray's bugs.
 
-A :class:`KdrayError` carries a message written for the person who ran the job: it names
-what was wrong (a spec field, a dataset row, a model path) and how to fix it. The CLI and
-the HTTP service print it as-is, without a traceback; every other exception is a bug.
+There is one way to fail. Everything a user can cause (a bad spec, a dataset row, a teacher
+records file, a model that does not load, a cluster or disk that is not there, a bad HTTP
+body) raises a :class:`KdrayError` whose message names the file, row, field or node and says
+how to fix it. The CLI prints that message without a traceback and exits 2; the HTTP service
+answers 4xx with it. Every other exception is a kdray bug: a traceback and exit 1, or a 500.
+
+:func:`user_error` finds the user's error behind an exception that crossed Ray (which keeps
+only the text of an error raised on a worker) or came from the disk or the cluster.
+
+This module imports nothing of kdray, so every package may raise these errors.
 """
 
 from __future__ import annotations
+
+import errno
+import re
+import socket
 
 
 class KdrayError(Exception):
@@ -26,3 +37,128 @@ class SpecError(KdrayError):
 
 class DataError(KdrayError):
     """A dataset could not be read, or some of its rows are unusable."""
+
+
+class RecordsError(KdrayError, ValueError):
+    """A teacher-signal records file (``OUTPUT_DIR/records/teacher-<mode>.parquet``) is missing,
+    unreadable, or was written for other data or settings. Also a ``ValueError``, which its
+    readers raised before."""
+
+
+class ModelError(KdrayError):
+    """A model or tokenizer does not load, or the teacher's and student's vocabularies differ."""
+
+
+class ClusterError(KdrayError):
+    """The Ray cluster, one of its nodes, or the storage a job writes to failed: unreachable,
+    out of memory or disk, read-only. Running again once it is fixed can help."""
+
+
+class ConfigError(KdrayError, ValueError):
+    """kdray's own settings are wrong: the service's arguments (``kdray serve`` options, the
+    Ray Serve application's args). Also a ``ValueError``, which the app builder raised before."""
+
+
+def node() -> str:
+    """This host's name, for messages that must say where something failed."""
+    return socket.gethostname()
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: enough of a library's error for a one-line message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# -- the user's error behind an exception ----------------------------------------------------
+
+#: Disk errors a user fixes (space, quota, permissions, a read-only mount).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+#: Ray's errors for a worker, object or node the cluster lost (by class name: no Ray import).
+RAY_LOST = {"OutOfMemoryError", "NodeDiedError", "ObjectLostError"}
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REMOTE = re.compile(r"^kdray\.errors\.(\w+): (.*)$")
+_RAY_NODE = re.compile(r"\bip=([\w.:-]+?)[,)]")
+
+
+def user_error(exc: BaseException) -> KdrayError | None:
+    """The user's error behind ``exc``, or None when ``exc`` is a kdray bug.
+
+    Looks at ``exc`` and its causes (``raise ... from``, Ray's ``cause``, Ray Train's
+    ``worker_failures``; not an exception raised while handling another, which may be a bug of
+    its own) for, in this order:
+
+    * a :class:`KdrayError` object;
+    * in one of Ray's errors, the traceback text of a ``KdrayError`` raised on a Ray worker (Ray
+      Data passes only the text on): rebuilt with its class and message, plus the node it was
+      raised on;
+    * a disk error (no space, quota, read-only, permission denied): :class:`ClusterError`
+      naming the file and the node;
+    * Ray's out-of-memory, lost-node and lost-object errors: :class:`ClusterError`.
+    """
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, KdrayError) and not _from_ray(e):  # Ray's copy of one is found by its cause
+            return e
+    for e in chain:
+        remote = _remote_error(str(e)) if _from_ray(e) else None
+        if remote is not None:
+            return remote
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            where = f"{e.filename}" if e.filename else "a file"
+            return ClusterError(
+                f"cannot write or read {where} on node {node()}: {e.strerror}; free disk space, fix the "
+                "permissions, or point output_dir (and KDRAY_CACHE_DIR) at a writable disk with room, "
+                "then run the job again (it resumes)")
+        if _from_ray(e) and any(cls.__name__ in RAY_LOST for cls in type(e).__mro__):
+            return ClusterError(
+                f"Ray lost a worker of this job ({first_line(e)}); most often a node ran out of memory "
+                "or left the cluster: give the job more memory (fewer generation.replicas, a smaller "
+                "generation.batch_size or training.micro_batch_size), check the nodes with `ray status`, "
+                "then run the job again (it resumes)")
+    return None
+
+
+def _from_ray(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it wraps, outermost first."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is seen for seen in out) or len(out) > 50:
+            continue
+        out.append(e)
+        inner = [getattr(e, "cause", None), e.__cause__]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            inner += list(failures.values())
+        todo += [i for i in inner if isinstance(i, BaseException)]
+    return out
+
+
+def _remote_error(text: str) -> KdrayError | None:
+    """The last ``kdray.errors.X: message`` of a worker's traceback text, rebuilt."""
+    lines = _ANSI.sub("", text).splitlines()
+    hits = [i for i, line in enumerate(lines) if _REMOTE.match(line)]
+    if not hits:
+        return None
+    start = hits[-1]
+    name, first = _REMOTE.match(lines[start]).groups()  # type: ignore[union-attr]
+    message = [first]
+    rest = lines[start + 1:]
+    while rest and rest[0].strip() and not rest[0].startswith(("The above exception", "During handling")):
+        message.append(rest.pop(0))
+    if any(line.startswith("During handling") for line in rest[:3]):
+        return None  # another exception was raised while handling it: that one is a bug
+    nodes = [m.group(1) for line in lines[:start] for m in _RAY_NODE.finditer(line)]
+    text = "\n".join(message) + (f" (raised on the Ray worker at {nodes[-1]})" if nodes else "")
+    cls = globals().get(name)
+    if cls in (DataError, RecordsError, ModelError, ClusterError, ConfigError):
+        return cls(text)
+    return KdrayError(text)
