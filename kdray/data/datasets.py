@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from kdray.errors import DataError
+from kdray.errors import DataError, first_line
 from kdray.spec import HUB_PREFIX, TOY_PREFIX, DataSpec, parse_hub_ref
 
 _SHOW_IDS = 5
@@ -60,16 +60,30 @@ def resolve_data(ref: str) -> Path:
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """One JSON object per line; a line that is not one is a :class:`DataError` naming it."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}; check the path and its permissions") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: line {lineno} is not UTF-8 text (byte {exc.start + 1} of the line); "
+                                "save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); fix or remove it") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({why}); fix or remove it") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno} is a {type(row).__name__}, not a JSON object")
+                raise DataError(f"{path}: line {lineno} is a {type(row).__name__}, not a JSON object; write "
+                                'one object per line (JSONL), e.g. {"id": "1", "prompt": "...", "response": "..."}')
             yield row
 
 
@@ -78,13 +92,33 @@ def _read_arrow_dir(path: Path) -> list[dict[str, Any]]:
 
     state = path / "state.json"
     if not state.is_file():
-        raise DataError(f"{path} is a directory but not a datasets save_to_disk directory (no state.json)")
-    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        raise DataError(f"{path} is a directory but not a datasets save_to_disk directory (no state.json); give "
+                        "the directory save_to_disk wrote, or a .jsonl / .parquet file")
+    try:
+        files = [path / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{state} is not a datasets state file ({first_line(exc)}); save the dataset again "
+                        "with save_to_disk") from None
     rows: list[dict[str, Any]] = []
     for f in files:
-        with pa.memory_map(str(f)) as src:
-            rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
+        try:
+            with pa.memory_map(str(f)) as src:
+                rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"cannot read {f}, a data file of the saved dataset {path} ({first_line(exc)}); "
+                            "save the dataset again with save_to_disk") from None
     return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path} is not a readable parquet file ({first_line(exc)}); it may be cut short or "
+                        "another format: write it again (e.g. pandas.DataFrame.to_parquet)") from None
 
 
 def _read_hub(ref: str) -> list[dict[str, Any]]:
@@ -117,13 +151,12 @@ def read_rows(ref: str) -> list[dict[str, Any]]:
         return _read_hub(ref)
     path = resolve_data(ref)
     if not path.exists():
-        raise DataError(f"dataset {ref!r} does not exist")
+        raise DataError(f"dataset {ref!r} does not exist ({path}); give an existing .jsonl or .parquet file or "
+                        "save_to_disk directory")
     if path.is_dir():
         return _read_arrow_dir(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return _read_parquet(path)
     return list(_read_jsonl(path))
 
 
@@ -176,11 +209,23 @@ def check_rows(
     report.kept = len(candidates)
     if report.n_bad and spec.on_bad_rows == "fail":
         raise DataError(
-            f"data.{split}: {report.n_bad} of {report.total} rows are bad: {report.summary()}. "
+            f"data.{split}: {report.n_bad} of {report.total} rows are bad: {report.summary()}"
+            f"{_fields_hint(rows, report)}. "
             "Fix the dataset, point data.prompt_field / data.response_field / data.id_field at the "
             "right fields, or set data.on_bad_rows: skip to drop them (they are counted in the report)."
         )
+    if not candidates:
+        raise DataError(f"data.{split}: none of its {report.total} rows is usable: {report.summary()}"
+                        f"{_fields_hint(rows, report)}. Fix the dataset or point data.prompt_field / "
+                        "data.response_field / data.id_field at the right fields")
     return candidates, report
+
+
+def _fields_hint(rows: list[dict[str, Any]], report: RowReport) -> str:
+    """When no row has a field the spec names (a misnamed column), say which fields they have."""
+    if not any(reason.startswith("rows without") and len(ids) == report.total for reason, ids in report.bad.items()):
+        return ""
+    return f" (the rows have the fields {', '.join(sorted(map(str, rows[0]))) or 'none'})"
 
 
 def load_split(
@@ -193,7 +238,10 @@ def load_split(
     """Read, check and cut one split ('train' or 'heldout') as the spec says."""
     ref = getattr(spec, split)
     limit = spec.max_train_samples if split == "train" else spec.max_heldout_samples
-    rows = read_rows(ref)
+    try:
+        rows = read_rows(ref)
+    except DataError as exc:
+        raise DataError(f"data.{split}: {exc}") from None
     if limit is not None:
         rows = rows[:limit]
     if not rows:

@@ -13,7 +13,9 @@ row (``key`` = "id#sample_index"), written once by the scoring pass and read by 
   ``hidden_dtype``.
 
 The file's schema metadata (``kdray.signal``) records the mode, k, dtypes, sizes and the teacher,
-so a reader never guesses the layout.
+so a reader never guesses the layout. A file that is missing, unreadable, of another layout or
+scored from other data is a :class:`~kdray.errors.RecordsError` naming it; the fix is always to
+score again (``kdray run --restart``, or delete the file).
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from __future__ import annotations
 from typing import Any
 
 from kdray.data.tokenize import IGNORE_INDEX
+from kdray.errors import RecordsError, first_line
 
 SIGNAL_META_KEY = b"kdray.signal"
 SIGNAL_FORMAT = 1
 _HIDDEN_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
+#: Metadata each mode's layout needs, and the columns that hold its rows.
+_META_KEYS = {"topk": ("k", "vocab_size", "id_dtype"), "hidden": ("hidden_size", "hidden_dtype")}
+_COLUMNS = {"topk": ("topk_ids", "topk_logprobs"), "hidden": ("hidden",)}
+#: Layout fields a job compares with what it asks for before reusing a file.
+LAYOUT_FIELDS = ("mode", "teacher", "vocab_size", "k", "hidden_dtype")
+_RESCORE = "run the job with --restart (or delete the file) and kdray scores the teacher again"
 
 
 def topk_id_dtype(vocab_size: int) -> str:
@@ -68,6 +77,7 @@ def decode_signal(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     n = int(row["n_tokens"])
+    _check_sizes(row, meta, n)
     if meta["mode"] == "topk":
         k = meta["k"]
         ids = np.frombuffer(row["topk_ids"], dtype=meta["id_dtype"]).reshape(n, k).astype(np.int64)
@@ -82,6 +92,24 @@ def decode_signal(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     else:
         hidden = np.frombuffer(row["hidden"], dtype=_HIDDEN_DTYPES[dtype]).reshape(n, meta["hidden_size"])
     return {"n_tokens": n, "hidden": hidden.astype(np.float32)}
+
+
+def _check_sizes(row: dict[str, Any], meta: dict[str, Any], n: int) -> None:
+    """Each column of a stored row holds n_tokens x width values, or the file is corrupt."""
+    import numpy as np
+
+    if meta["mode"] == "topk":
+        k = meta["k"]
+        sizes = {"topk_ids": n * k * np.dtype(meta["id_dtype"]).itemsize, "topk_logprobs": n * k * 2}
+    else:
+        dtype = meta["hidden_dtype"]
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(_HIDDEN_DTYPES[dtype]).itemsize
+        sizes = {"hidden": n * meta["hidden_size"] * itemsize}
+    for column, size in sizes.items():
+        got = len(row[column]) if row.get(column) is not None else 0
+        if got != size:
+            raise RecordsError(f"{meta.get('file', 'the teacher records file')}: a record of {n} tokens holds {got} "
+                               f"bytes of {column}, not {size}; the file is corrupt: {_RESCORE}")
 
 
 def write_signal_records(path: Any, keys: list[str], records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
@@ -115,17 +143,48 @@ def read_signal_records(path: Any) -> tuple[dict[str, Any], dict[str, dict[str, 
     :func:`decode_signal`."""
     import json
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise RecordsError(f"teacher records file {path} does not exist; {_RESCORE}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise RecordsError(f"{path} is not a readable parquet file ({first_line(exc)}): it was cut short or "
+                           f"overwritten; {_RESCORE}") from None
     raw = (table.schema.metadata or {}).get(SIGNAL_META_KEY)
     if raw is None:
-        raise ValueError(f"{path} is not a kdray teacher-signal file (no {SIGNAL_META_KEY.decode()} metadata)")
-    meta = json.loads(raw)
+        raise RecordsError(f"{path} is not a kdray teacher-signal file (no {SIGNAL_META_KEY.decode()} metadata); "
+                           f"{_RESCORE}")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise RecordsError(f"{path}: its {SIGNAL_META_KEY.decode()} metadata is not a JSON object; {_RESCORE}")
     if meta.get("format") != SIGNAL_FORMAT:
-        raise ValueError(f"{path} has record format {meta.get('format')}; this kdray reads format {SIGNAL_FORMAT}")
+        raise RecordsError(f"{path} has record format {meta.get('format')}; this kdray reads format "
+                           f"{SIGNAL_FORMAT}: {_RESCORE}")
+    mode = meta.get("mode")
+    missing = [k for k in ("mode", *_META_KEYS.get(mode, ())) if k not in meta]
+    missing += [c for c in ("key", "n_tokens", *_COLUMNS.get(mode, ())) if c not in table.column_names]
+    if mode not in _META_KEYS or missing:
+        raise RecordsError(f"{path} is not a complete teacher-signal file (mode {mode!r}, missing "
+                           f"{', '.join(missing) or 'a known mode'}); {_RESCORE}")
     rows = table.to_pylist()
-    return meta, {r.pop("key"): r for r in rows}
+    return {**meta, "file": str(path)}, {r.pop("key"): r for r in rows}
+
+
+def check_layout(meta: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise :class:`RecordsError` when a records file's layout (:data:`LAYOUT_FIELDS`) differs
+    from what the job asks for, naming each field that differs."""
+    differ = [f"{k} {meta.get(k)!r} (this job: {expected[k]!r})" for k in LAYOUT_FIELDS
+              if k in expected and meta.get(k) != expected[k]]
+    if differ:
+        raise RecordsError(f"{meta.get('file', 'the teacher records file')} was written with another layout: "
+                           f"{', '.join(differ)}; it comes from another job or another version of this one: "
+                           f"{_RESCORE}")
 
 
 def align_signal(rows: list[dict[str, Any]], labels: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -142,9 +201,9 @@ def align_signal(rows: list[dict[str, Any]], labels: Any, meta: dict[str, Any]) 
     label_pos = [np.nonzero(labels[i] != IGNORE_INDEX)[0] for i in range(n)]
     for i, (row, pos) in enumerate(zip(rows, label_pos)):
         if row["n_tokens"] != len(pos):
-            raise ValueError(f"teacher record of row {i} covers {row['n_tokens']} response tokens but the trainer "
-                             f"labels {len(pos)}: the records were scored from different data or settings; "
-                             "rerun the job with --restart")
+            raise RecordsError(f"{meta.get('file', 'the teacher records file')}: the teacher record of row {i} covers "
+                               f"{row['n_tokens']} response tokens but the trainer labels {len(pos)}: the records "
+                               f"were scored from different data or settings; {_RESCORE}")
     if meta["mode"] == "topk":
         k = meta["k"]
         ids = np.zeros((n, length, k), dtype=np.int64)

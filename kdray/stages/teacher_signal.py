@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdray.data.records import read_signal_records, signal_key, topk_id_dtype, write_signal_records
+from kdray.data.records import check_layout, read_signal_records, signal_key, topk_id_dtype, write_signal_records
 from kdray.models import vocab_size
 from kdray.pools import score_teacher
 from kdray.stages.context import StageContext
@@ -20,13 +20,21 @@ def score_signal(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[Signal,
         ``((meta, records by key), stats)``: the file's layout (:mod:`kdray.data.records`), each
         row's record by :func:`~kdray.data.records.signal_key`, and ``rows``, ``tokens``,
         ``bytes``, ``bytes_per_token``, ``file`` of the records file.
+
+    Raises:
+        RecordsError: the job's records file is unreadable, or covers these rows with another
+            layout (mode, teacher, vocabulary, k, hidden dtype) than this job asks for.
     """
     sig, teacher = ctx.spec.teacher_signal, ctx.spec.teacher
     path = ctx.out / "records" / f"teacher-{sig.mode}.parquet"
     keys = [signal_key(r) for r in rows]
+    teacher_vocab = vocab_size(teacher.model)
     if path.exists():
         meta, stored = read_signal_records(path)
-        if set(keys) <= stored.keys():
+        if set(keys) <= stored.keys():  # reused only when it is this job's layout; else scored again
+            layout = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
+            layout.update({"k": sig.k} if sig.mode == "topk" else {"hidden_dtype": sig.hidden_dtype})
+            check_layout(meta, layout)
             ctx.reporter.message(f"score: reusing the teacher records in {path}")
             tokens = sum(r["n_tokens"] for r in stored.values())
             size = path.stat().st_size
@@ -34,7 +42,6 @@ def score_signal(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[Signal,
                                     "bytes_per_token": size / max(tokens, 1), "file": str(path)}
     with ctx.phase("score", len(rows), f"teacher {sig.mode} records"):
         records = score_teacher(rows, ctx.spec, on_rows=lambda n: ctx.reporter.advance("score", n))
-        teacher_vocab = vocab_size(teacher.model)
         meta = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
         if sig.mode == "topk":
             meta.update(k=sig.k, id_dtype=topk_id_dtype(teacher_vocab))
