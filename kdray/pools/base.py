@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from kdray.errors import DataError
 from kdray.spec import GenerationSpec
 
 #: Environment of vLLM actors on CPU-only replicas (``generation.num_gpus_per_replica: 0``):
@@ -113,6 +114,19 @@ class PoolCallable:
         result = {k: np.asarray(v) for k, v in out.items() if k != "response_token_ids"}
         result["response_token_ids"] = objects(out["response_token_ids"])
         return result
+
+
+def check_lengths(lengths: list[int], max_model_len: int, model: str, what: str) -> None:
+    """Every sequence must fit the model's context (``ModelSpec.max_model_len``): a longer one is
+    the data's or the spec's doing, and a :class:`DataError` that says which limit to change."""
+    longest = max(lengths, default=0)
+    if longest > max_model_len:
+        over = sum(1 for n in lengths if n > max_model_len)
+        raise DataError(
+            f"{over} {what}(s) in a batch for model {model!r} exceed its max_model_len {max_model_len} (the "
+            f"longest has {longest} tokens); raise teacher/student.max_model_len, or lower "
+            "data.max_prompt_tokens, generation.max_new_tokens or training.max_seq_len"
+        )
 
 
 def check_score_mode(mode: str) -> None:

@@ -29,8 +29,8 @@ import numpy as np
 
 from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
 from kdray.errors import KdrayError
-from kdray.models import load_causal_lm, resolve_model
-from kdray.pools.base import PoolCallable, SamplingConfig, check_score_mode, objects
+from kdray.models import load_causal_lm, load_tokenizer
+from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
 
 #: Tokens (batch x padded length) per forward pass when scoring; bounds the [tokens, vocab]
 #: logits a pass materialises (8192 x 128k float32 = 4 GiB).
@@ -48,11 +48,12 @@ class _HFModel:
                 f"{tensor_parallel_size}; set it to 1 (scale out with generation.replicas) or use backend: vllm"
             )
         import torch
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self.model_ref = model
+        self.tokenizer = load_tokenizer(model, need_pad=False)
         self.model = load_causal_lm(model, dtype, trainable=False).to(self.device)
         self.max_model_len = max_model_len
         tok = self.tokenizer
@@ -68,12 +69,7 @@ class _HFModel:
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
 
     def check_lengths(self, lengths: list[int], what: str) -> None:
-        longest = max(lengths, default=0)
-        if longest > self.max_model_len:
-            raise KdrayError(
-                f"a {what} of {longest} tokens exceeds max_model_len ({self.max_model_len}); raise "
-                "teacher/student.max_model_len or lower data.max_prompt_tokens"
-            )
+        check_lengths(lengths, self.max_model_len, self.model_ref, what)
 
     def _micro_batches(self, lengths: list[int]) -> Iterator[list[int]]:
         """Consecutive index groups whose padded size stays within :data:`TOKENS_PER_FORWARD`."""

@@ -22,8 +22,24 @@ from typing import Any
 import numpy as np
 
 from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
+from kdray.errors import ModelError, first_line, node
 from kdray.models import resolve_model
-from kdray.pools.base import PoolCallable, SamplingConfig, check_score_mode, objects
+from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
+
+
+def start_engine(model: str, **kwargs: Any) -> Any:
+    """A vLLM engine for ``model``, or a :class:`ModelError` naming the model, the node and what
+    vLLM said: its start fails on the model's files, its architecture, or the memory it needs."""
+    from vllm import LLM
+
+    try:
+        return LLM(model=resolve_model(model), **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError) as exc:
+        raise ModelError(
+            f"vLLM could not start model {model!r} on node {node()} ({first_line(exc)}); check that vLLM supports "
+            "its architecture, that its max_model_len fits the model and this node's GPU memory (lower it, or "
+            "generation.batch_size), or use backend: hf"
+        ) from None
 
 
 class VLLMGenerator(PoolCallable):
@@ -51,11 +67,11 @@ class VLLMGenerator(PoolCallable):
         chat_template: str = "auto",
     ):
         super().__init__(env)
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        path = resolve_model(model)
-        self.llm = LLM(
-            model=path,
+        self.model, self.max_model_len = model, max_model_len
+        self.llm = start_engine(
+            model,
             dtype=dtype,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
@@ -87,11 +103,14 @@ class VLLMGenerator(PoolCallable):
         from vllm.inputs import TokensPrompt
 
         ids = prompt_token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]], self.chat_template)
+        check_lengths([len(p) for p in ids], self.max_model_len, self.model, "prompt")
         prompts: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in ids]
         params = [self.params] * len(prompts)
         starts: list[int] = []
         if self.score_gold:
             scoring, starts = self._score_requests(batch)
+            check_lengths([len(q["prompt_token_ids"]) for q in scoring], self.max_model_len, self.model,
+                          "prompt + response")
             prompts += scoring
             params += [self.score_params] * len(scoring)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -122,19 +141,19 @@ class VLLMScorer(PoolCallable):
                  tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str]):
         check_score_mode(mode)
         super().__init__(env)
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        self.mode, self.k = mode, k
-        common = dict(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len,
-                      tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+        self.mode, self.k, self.model, self.max_model_len = mode, k, model, max_model_len
+        common = dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                      enforce_eager=enforce_eager)
         if mode == "topk":
-            self.llm = LLM(**common, max_logprobs=k)
+            self.llm = start_engine(model, **common, max_logprobs=k)
             # One token out (vLLM must generate one); the prompt's top-k log-probs are the point.
             self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
         else:
             from vllm.config import PoolerConfig
 
-            self.llm = LLM(**common, runner="pooling", pooler_config=PoolerConfig(
+            self.llm = start_engine(model, **common, runner="pooling", pooler_config=PoolerConfig(
                 task="token_embed", tok_pooling_type="ALL", use_activation=False))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,6 +161,8 @@ class VLLMScorer(PoolCallable):
 
         prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
         responses = [list(map(int, r)) for r in batch["response_ids"]]
+        check_lengths([len(p) + len(r) for p, r in zip(prompts, responses)], self.max_model_len, self.model,
+                      "prompt + response")
         requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
         out = dict(batch)
         if self.mode == "topk":

@@ -20,7 +20,7 @@ from statistics import fmean
 from typing import Any, Iterable
 
 from kdray.data.tokenize import prompt_token_counter
-from kdray.models import resolve_model
+from kdray.models import load_tokenizer
 from kdray.pools import SamplingConfig
 from kdray.spec import ModelSpec
 from kdray.stages.context import StageContext
@@ -167,10 +167,8 @@ def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, d
     rows = heldout[: cfg.max_prompts] if cfg.max_prompts else heldout
     requests = judge_requests([{"id": r["id"], "prompt": r["prompt"], "student": student[r["id"]],
                                 "reference": reference[r["id"]]} for r in rows], cfg.template)
-    from transformers import AutoTokenizer  # the judge needs no pad token: load_tokenizer would insist
-
-    count = prompt_token_counter(AutoTokenizer.from_pretrained(resolve_model(cfg.model.model)),
-                                 ctx.spec.data.chat_template)
+    # The judge only generates: it needs no pad token.
+    count = prompt_token_counter(load_tokenizer(cfg.model.model, need_pad=False), ctx.spec.data.chat_template)
     room = cfg.model.max_model_len - cfg.max_new_tokens
     too_long = {q["item"] for q, n in zip(requests, count([q["prompt"] for q in requests])) if n > room}
     requests = [q for q in requests if q["item"] not in too_long]

@@ -7,7 +7,7 @@ from typing import Any
 
 from kdray.data.datasets import load_split
 from kdray.data.tokenize import prompt_token_counter
-from kdray.models import load_tokenizer, shared_vocab_size
+from kdray.models import check_model_files, load_tokenizer, shared_vocab_size
 from kdray.stages.context import StageContext
 
 
@@ -33,11 +33,15 @@ def prepare(ctx: StageContext) -> Prepared:
     """Check that teacher and student share a tokenizer, then read both splits.
 
     Raises:
-        KdrayError: the tokenizers differ (naming the first differing tokens), or a split
-            cannot be read or has unusable rows (:class:`kdray.errors.DataError`, naming them).
+        ModelError: a local model directory has no weights, a tokenizer does not load, or the
+            tokenizers differ (naming the first differing tokens).
+        DataError: a split cannot be read or has unusable rows (naming the file, line or rows).
     """
     spec = ctx.spec
     with ctx.phase("prepare", 2, "read and check data"):
+        judge = spec.evaluation.judge
+        for model in (spec.teacher, spec.student, *((judge.model,) if judge is not None else ())):
+            check_model_files(model.model)  # before any pool or worker tries to load it
         vocab_size = shared_vocab_size(spec.teacher.model, spec.student.model)  # or a clear error, now
         count = prompt_token_counter(load_tokenizer(spec.student.model), spec.data.chat_template)
         need_train_response = spec.data.response_source == "dataset"
