@@ -1,6 +1,6 @@
-"""The service app without Ray: the server-sent event stream and the Serve application
-builder's arguments (the HTTP surface is tested against a real `kdray serve` in
-test_service.py)."""
+"""The service app without Ray: the server-sent event stream, the Serve application
+builder's arguments, and reconciling records with Ray's view (the HTTP surface is tested
+against a real `kdray serve` in test_service.py; its error answers in test_errors.py)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,36 @@ def test_app_builder_checks_its_arguments(tmp_path, monkeypatch):
     token = tmp_path / "token"
     token.write_text("from-file\n")
     assert type(app_builder({"state_dir": str(tmp_path), "token_file": str(token)})).__name__ == "Application"
+
+
+class _FakeRay:
+    """RayJobs as reconcile sees it: a status per Ray job id (None: Ray no longer knows it)."""
+
+    def __init__(self, statuses, down=False):
+        self.statuses, self.down = statuses, down
+
+    def status(self, ray_id):
+        from kdray.errors import ClusterError
+
+        if self.down:
+            raise ClusterError("Ray's job API is unavailable")
+        return self.statuses.get(ray_id)
+
+
+def test_reconcile_takes_rays_word_and_waits_while_ray_is_down(tmp_path):
+    from kdray.errors import ClusterError
+    from kdray.service.app import reconcile
+
+    store = JobStore(tmp_path / "kdray.db")
+    ids = {}
+    for name, ray_id in (("done", "r1"), ("lost", "r2"), ("stopped", "r3"), ("running", "r4")):
+        job, _ = store.create(name=name, spec={}, output_dir="/o")
+        store.update(job["id"], state="running", ray_job_id=ray_id)
+        ids[name] = job["id"]
+    with pytest.raises(ClusterError):  # Ray down: nothing is marked failed for it
+        reconcile(store, _FakeRay({}, down=True))
+    assert {store.get(i)["state"] for i in ids.values()} == {"running"}
+    reconcile(store, _FakeRay({"r1": "SUCCEEDED", "r3": "STOPPED", "r4": "RUNNING"}))
+    states = {name: store.get(i)["state"] for name, i in ids.items()}
+    assert states == {"done": "succeeded", "lost": "failed", "stopped": "cancelled", "running": "running"}
+    assert "no longer knows this job" in store.get(ids["lost"])["error"]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.errors import KdrayError, SpecError
+from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -30,18 +30,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kdray.service.app import ServiceConfig, deployment, read_token
 
     state_dir = Path(args.state_dir).expanduser().resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
     output_root = Path(args.output_root or state_dir / "runs").expanduser().resolve()
-    output_root.mkdir(parents=True, exist_ok=True)
+    for option, path in (("--state-dir", state_dir), ("--output-root", output_root)):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
     token = read_token(args.token_file)
     if token is None:
-        raise KdrayError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
-                         "require it)")
+        raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
+                          "require it)")
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True)
     dashboard = getattr(context, "dashboard_url", None)
     if not dashboard:
-        raise KdrayError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
-                         "Submission API lives there): start Ray with the dashboard enabled")
+        raise ClusterError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
+                           "Submission API lives there): start Ray with the dashboard enabled")
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
                            dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
                            auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024)
@@ -49,8 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
     except Exception as exc:  # most often: the port is taken
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise KdrayError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
-                         "another --port") from None
+        raise ConfigError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
+                          "another --port") from None
     serve.run(deployment(config), name="kdray", route_prefix="/")
     print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs); state in {state_dir}; "
           f"job outputs under {output_root}", flush=True)
@@ -86,21 +89,23 @@ class Client:
         try:
             res = self.http.request(method, path, **kw)
         except httpx.TransportError as exc:
-            raise KdrayError(f"cannot reach the kdray service at {self.server} ({exc}); is `kdray serve` "
-                             "running there? (--server URL or KDRAY_SERVER)") from None
+            raise ClusterError(f"cannot reach the kdray service at {self.server} ({exc}); is `kdray serve` "
+                               "running there? (--server URL or KDRAY_SERVER)") from None
         if res.status_code == 401:
             raise KdrayError("the service refused the token: pass --token TOKEN or set KDRAY_API_TOKEN")
-        if res.status_code == 422:
+        if res.status_code < 400:
+            return res.json() if res.headers.get("content-type", "").startswith("application/json") else res.text
+        try:
             body = res.json()
-            raise SpecError([(e.get("field", "?"), e.get("message", "")) for e in body.get("errors", [])]
-                            or [("(request)", body.get("error", "invalid"))])
-        if res.status_code >= 400:
-            try:
-                message = res.json().get("error", res.text)
-            except ValueError:
-                message = res.text
-            raise KdrayError(f"{message} (HTTP {res.status_code})")
-        return res.json() if res.headers.get("content-type", "").startswith("application/json") else res.text
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        if res.status_code == 422:
+            errors = [e for e in body.get("errors") or [] if isinstance(e, dict)]
+            raise SpecError([(str(e.get("field", "?")), str(e.get("message", ""))) for e in errors]
+                            or [("(request)", str(body.get("error", res.text or "invalid")))])
+        message = f"{body.get('error', res.text)} (HTTP {res.status_code} from {self.server})"
+        raise ClusterError(message) if res.status_code == 503 else KdrayError(message)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

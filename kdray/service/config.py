@@ -1,0 +1,49 @@
+"""The service's settings, and where it lets a job write."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    state_dir: str                 # the store (kdray.db) and each job's submitted spec
+    output_root: str               # every job's output_dir must resolve inside it
+    token: str | None              # bearer token for submit and cancel (None: no token accepted)
+    dashboard_url: str             # Ray's dashboard, where the Job Submission API lives
+    auth_reads: bool = False       # reads need the token too
+    max_body_bytes: int = 1 << 20
+    python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
+    workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "kdray.db"
+
+
+def confine_output_dir(output_dir: str, root: str) -> Path | None:
+    """``output_dir`` resolved under ``root`` (relative paths are relative to it), or None
+    when it escapes ``root`` (``..``, another absolute path, a symlink out)."""
+    base = Path(root).resolve()
+    raw = Path(output_dir).expanduser()
+    path = (raw if raw.is_absolute() else base / raw).resolve()
+    return path if path == base or base in path.parents else None
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: ``KDRAY_API_TOKEN`` or the first line of ``token_file``."""
+    if token_file:
+        try:
+            token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"cannot read the API token file {token_file}: {why}; give a readable file "
+                              "whose first line is the token") from None
+    else:
+        token = os.environ.get("KDRAY_API_TOKEN", "").strip()
+    return token or None

@@ -1,0 +1,65 @@
+"""Ray's Job Submission API as the service uses it, with Ray's failures sorted out.
+
+* Ray's dashboard cannot be reached, answers 5xx, or refuses the service's credentials: a
+  :class:`~kdray.errors.ClusterError` (the service answers 503: a retry can help);
+* Ray no longer knows the job (its cluster restarted): ``None`` (the job's logs are gone, it
+  cannot be running);
+* anything else Ray refuses is a request kdray built wrongly: the exception goes on (a 500).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from kdray.errors import ClusterError, first_line
+
+_STATUS = re.compile(r"status code (\d{3})")
+
+
+class RayJobs:
+    """A lazily connected ``JobSubmissionClient`` for the dashboard at ``dashboard_url``."""
+
+    def __init__(self, dashboard_url: str):
+        self.dashboard_url = dashboard_url
+        self._client: Any = None
+
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(client)``, or None when Ray answers 404 (it does not know the job)."""
+        try:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                self._client = JobSubmissionClient(self.dashboard_url)
+            return fn(self._client)
+        except (OSError, RuntimeError) as exc:
+            code = _STATUS.search(str(exc)) if isinstance(exc, RuntimeError) else None
+            if code is not None and code.group(1) == "404":
+                return None
+            unavailable = isinstance(exc, OSError) or (code is not None and code.group(1).startswith("5"))
+            if not (unavailable or type(exc).__name__ == "AuthenticationError"):
+                raise
+            raise ClusterError(f"{what}: Ray's job API at {self.dashboard_url} is unavailable "
+                               f"({first_line(exc)}); retry once the Ray cluster is up") from None
+
+    def submit(self, entrypoint: str, submission_id: str) -> str:
+        ray_id = self._call("Ray did not accept the job",
+                            lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id))
+        if ray_id is None:
+            raise ClusterError(f"Ray did not accept the job: its job API at {self.dashboard_url} answered 404; "
+                               "retry once the Ray cluster is up")
+        return ray_id
+
+    def logs(self, ray_id: str) -> str | None:
+        """The job's driver log, or None when Ray no longer has the job."""
+        return self._call("Ray has no logs for this job now", lambda c: c.get_job_logs(ray_id))
+
+    def stop(self, ray_id: str) -> bool | None:
+        """Ask Ray to stop the job: whether it was running, or None when Ray no longer has it."""
+        return self._call("Ray could not stop the job", lambda c: c.stop_job(ray_id))
+
+    def status(self, ray_id: str) -> str | None:
+        """``PENDING``, ``RUNNING``, ``STOPPED``, ``SUCCEEDED``, ``FAILED``, or None when Ray no
+        longer knows the job."""
+        status = self._call("Ray did not report the job's status", lambda c: c.get_job_status(ray_id))
+        return None if status is None else str(status).rsplit(".", 1)[-1]

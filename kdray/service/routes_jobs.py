@@ -1,0 +1,149 @@
+"""``/v1/jobs``: submit a JobSpec, list jobs, a job's status, its driver log, cancel it.
+
+A body that is not a JobSpec is a :class:`~kdray.errors.SpecError` (422, every field's
+problem); the other refusals are :class:`~kdray.service.common.RequestError` with their status.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from kdray.errors import ClusterError, SpecError
+from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
+                                  status, summary, write_access)
+from kdray.service.config import ServiceConfig, confine_output_dir
+from kdray.service.ray_jobs import RayJobs
+from kdray.service.store import STATES, TERMINAL, JobStore
+
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+# -- submit ----------------------------------------------------------------------------------
+async def _read_body(request: Request, limit: int) -> tuple[bytes, str]:
+    """(the body, its content type), or a 415 / 413 refusal."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in JSON_TYPES + YAML_TYPES:
+        raise RequestError(415, f"content type {ctype or '(none)'!r} is not accepted; send the JobSpec as "
+                                "application/json or application/yaml")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body over the {limit}-byte limit")
+    body = await request.body()
+    if len(body) > limit:
+        raise RequestError(413, f"request body over the {limit}-byte limit")
+    return body, ctype
+
+
+def parse_body(body: bytes, ctype: str, output_root: str) -> Any:
+    """The JobSpec in a request body, its output_dir confined to ``output_root``, or a
+    :class:`SpecError` naming each problem (the body counts as the field ``(body)``)."""
+    from kdray.spec import parse_spec, parse_spec_text
+
+    try:
+        text = body.decode("utf-8")
+        spec = parse_spec(json.loads(text)) if ctype in JSON_TYPES else parse_spec_text(text)
+    except UnicodeDecodeError:
+        raise SpecError([("(body)", "the body is not UTF-8 text")]) from None
+    except RecursionError:
+        raise SpecError([("(body)", "the body nests too deeply")]) from None
+    except SpecError:
+        raise
+    except ValueError as exc:  # json.JSONDecodeError
+        raise SpecError([("(body)", f"not valid JSON: {exc}")]) from None
+    out = confine_output_dir(spec.output_dir, output_root)
+    if out is None:
+        raise SpecError([("output_dir", f"{spec.output_dir!r} is outside the service's output root "
+                                        f"{output_root}; give a path relative to it")])
+    return spec.model_copy(update={"output_dir": str(out)})
+
+
+def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, ray: RayJobs) -> Any:
+    """Record the job and hand it to Ray as ``kdray run`` (or replay an idempotent retry)."""
+    from kdray.spec import dump_spec
+
+    rec, created = store.create(name=spec.name, spec=spec.model_dump(mode="json"), output_dir=spec.output_dir,
+                                idempotency_key=key)
+    if not created:
+        return JSONResponse(status(rec), status_code=200, headers={"Idempotent-Replayed": "true"})
+    job_dir = Path(config.state_dir) / "jobs" / rec["id"]
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = job_dir / "spec.yaml"
+    spec_path.write_text(dump_spec(spec), encoding="utf-8")
+    # In the service's working directory: relative data paths mean what validation saw.
+    entrypoint = (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
+                  f"{shlex.quote(str(spec_path))} --store {shlex.quote(str(config.db_path))} --job-id {rec['id']}")
+    try:
+        ray_id = ray.submit(entrypoint, submission_id=f"kdray-{rec['id']}")
+    except ClusterError as exc:  # Ray is down: the record says why; a new submit can succeed
+        store.update(rec["id"], state="failed", error=str(exc))
+        raise RequestError(503, f"{exc} (job {rec['id']} is recorded as failed; submit again"
+                                f"{' with a new Idempotency-Key' if key else ''})", id=rec["id"]) from None
+    store.update(rec["id"], ray_job_id=ray_id)
+    return JSONResponse(status(store.get(rec["id"])), status_code=201)
+
+
+@router.post("", status_code=201, summary="Submit a JobSpec (JSON or YAML)", dependencies=[Depends(write_access)])
+async def submit(request: Request, config: ServiceConfig = Depends(get_config), store: JobStore = Depends(get_store),
+                 ray: RayJobs = Depends(get_ray)) -> Any:
+    body, ctype = await _read_body(request, config.max_body_bytes)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 200:
+        raise RequestError(422, "Idempotency-Key must be 1 to 200 characters")
+    spec = parse_body(body, ctype, config.output_root)
+    return await run_in_threadpool(_start, spec, key, config, store, ray)
+
+
+# -- read ------------------------------------------------------------------------------------
+@router.get("", summary="List jobs, newest first", dependencies=[Depends(read_access)])
+def list_jobs(state: str | None = None, limit: int = 50, offset: int = 0,
+              store: JobStore = Depends(get_store)) -> Any:
+    errors = []
+    if state is not None and state not in STATES:
+        errors.append({"field": "state", "message": f"one of {', '.join(STATES)}"})
+    if not 1 <= limit <= 500:
+        errors.append({"field": "limit", "message": "between 1 and 500"})
+    if offset < 0:
+        errors.append({"field": "offset", "message": "0 or more"})
+    if errors:
+        raise RequestError(422, "invalid query", errors=errors)
+    records, total = store.list(state=state, limit=limit, offset=offset)
+    return {"jobs": [summary(r) for r in records], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/{job_id}", summary="A job's state, phase, progress and latest metrics",
+            dependencies=[Depends(read_access)])
+def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
+    return status(find_job(store, job_id))
+
+
+@router.get("/{job_id}/logs", summary="The job's driver log (from Ray Jobs)", dependencies=[Depends(read_access)])
+def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depends(get_ray)) -> Any:
+    rec = find_job(store, job_id)
+    if not rec.get("ray_job_id"):
+        return PlainTextResponse("")
+    text = ray.logs(rec["ray_job_id"])  # a ClusterError (Ray unavailable) is a 503
+    if text is None:
+        raise RequestError(404, f"Ray no longer has the log of job {job_id} (its cluster restarted since it ran)")
+    return PlainTextResponse(text)
+
+
+# -- cancel ----------------------------------------------------------------------------------
+@router.post("/{job_id}/cancel", status_code=202, summary="Stop a job", dependencies=[Depends(write_access)])
+def cancel(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depends(get_ray)) -> Any:
+    rec = find_job(store, job_id)
+    if rec["state"] in TERMINAL:
+        raise RequestError(409, f"job {job_id} already ended ({rec['state']})", state=rec["state"])
+    store.update(job_id, state="cancelling")
+    if rec.get("ray_job_id") and ray.stop(rec["ray_job_id"]) is None:
+        store.update(job_id, state="cancelled")  # Ray no longer has it: nothing runs
+    return status(store.get(job_id))
