@@ -13,8 +13,10 @@
     kdray serve [...]             the HTTP service (Ray Serve) that runs jobs as Ray jobs
     kdray submit|list|status|watch|logs|cancel   its command-line client
 
-User errors print one readable message and exit 2 (spec/data) or 1 (job failure); they never
-print a traceback.
+One way to fail: an error the user can fix (the spec, the data, a model, the cluster, the
+disk; :class:`kdray.errors.KdrayError`, also when it was raised on a Ray worker) prints one
+readable message and exits 2, never a traceback; any other exception is a kdray bug and
+Python prints its traceback (exit 1). Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdray.errors import KdrayError, SpecError
+from kdray.errors import KdrayError, SpecError, user_error
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+#: Exit status of an error the user can fix (a kdray bug exits 1, with its traceback).
+EXIT_USER = 2
+EXIT_INTERRUPTED = 130
 
 
 def _err(console: Any, text: str) -> None:
@@ -40,22 +43,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kdray.spec import dump_spec, load_spec
 
     spec = load_spec(args.spec)
-    _check_vocabularies(spec)
+    _check_local_models(spec, args.spec)
     sys.stdout.write(dump_spec(spec))
     return 0
 
 
-def _check_vocabularies(spec: Any) -> None:
-    """Teacher and student must share a tokenizer; checked here when both are on this machine
-    (toy models or local directories). A hub id is checked by the job when it loads it."""
-    from kdray.models import shared_vocab_size
+def _check_local_models(spec: Any, source: str) -> None:
+    """Models on this machine (toy models, local directories) must hold their weights, and
+    teacher and student must share a tokenizer. A hub id is checked by the job that loads it."""
+    from kdray.models import check_model_files, shared_vocab_size
     from kdray.spec import TOY_PREFIX
 
-    if all(m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir() for m in (spec.teacher, spec.student)):
+    local = {role: m.model for role, m in (("teacher", spec.teacher), ("student", spec.student))
+             if m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir()}
+    errors = []
+    for role, ref in local.items():
+        try:
+            check_model_files(ref)
+        except KdrayError as exc:
+            errors.append((f"{role}.model", str(exc)))
+    if len(local) == 2 and not errors:
         try:
             shared_vocab_size(spec.teacher.model, spec.student.model)
         except KdrayError as exc:
-            raise SpecError([("teacher.model / student.model", str(exc))]) from None
+            errors.append(("teacher.model / student.model", str(exc)))
+    if errors:
+        raise SpecError(errors, source)
 
 
 def _summary_table(report: dict[str, Any]) -> Any:
@@ -77,52 +90,35 @@ def _summary_table(report: dict[str, Any]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import signal
-
     from rich.console import Console
 
     from kdray.pipeline.job import Job
     from kdray.pipeline.progress import ConsoleReporter
+    from kdray.service.tracking import Tracker
     from kdray.spec import load_spec
 
-    store = None
-    if args.store:  # a job the service submitted: its record follows the run
-        from kdray.service.store import JobStore
-
-        if not args.job_id:
-            raise SpecError([("--job-id", "required with --store")])
-        store = JobStore(args.store)
-    try:
+    tracker = Tracker(args.store, args.job_id)  # a job the service submitted: its record follows the run
+    with tracker.following():
         spec = load_spec(args.spec)
         out = Path(spec.output_dir).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-    except (SpecError, OSError) as exc:
-        if store is not None:
-            store.update(args.job_id, state="failed", error=str(exc))
-        raise
-    console = Console(stderr=True)
-    reporter = ConsoleReporter(out / "events.jsonl", console=console)
-    if store is not None:
-        reporter.sinks.append(lambda event: store.append_event(args.job_id, event))
-        store.update(args.job_id, state="running")
-        # Ray Jobs stops a job with SIGTERM: unwind like Ctrl-C so the record says so.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
-    except KeyboardInterrupt:
-        if store is not None:
-            cancelled = (store.get(args.job_id) or {}).get("state") == "cancelling"
-            store.update(args.job_id, state="cancelled" if cancelled else "failed",
-                         error=None if cancelled else "interrupted")
-        raise
-    except Exception as exc:
-        if store is not None:
-            store.update(args.job_id, state="failed", error=str(exc) or type(exc).__name__)
-        raise
-    finally:
-        reporter.close()
-    if store is not None:
-        store.update(args.job_id, state="succeeded")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpecError([("output_dir", f"cannot create {out}: {exc.strerror}; choose a writable directory")],
+                            args.spec) from None
+        reporter = ConsoleReporter(out / "events.jsonl", console=Console(stderr=True))
+        tracker.attach(reporter)
+        try:
+            report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
+        finally:
+            reporter.close()
+    _print_result(report, out)
+    return 0
+
+
+def _print_result(report: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+
     stdout = Console()
     if report["evaluation"]:
         stdout.print(_summary_table(report))
@@ -137,7 +133,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     stdout.print(f"timings: {timings}")
     stdout.print(f"student: {report['student_dir']}")
     stdout.print(f"report:  {out.resolve() / 'report.md'} (and report.json, *.png)")
-    return 0
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -213,21 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: its exit status, 2 with one message for the user's error, or the
+    exception itself (a kdray bug: its traceback, exit 1)."""
     from rich.console import Console
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
         return args.fn(args)
-    except SpecError as exc:
-        _err(console, str(exc))
-        return EXIT_USAGE
-    except KdrayError as exc:
-        _err(console, str(exc))
-        return EXIT_FAILED
     except KeyboardInterrupt:
         _err(console, "interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        user = user_error(exc)  # also behind a Ray worker's failure, a full disk, a lost node
+        if user is None:
+            raise
+        _err(console, str(user))
+        return EXIT_USER
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Any
 
+from kdray.errors import ClusterError, first_line
+
 
 def job_env() -> dict[str, str]:
     """Environment for every Ray process of a job; values already set in ours win.
@@ -43,7 +45,15 @@ def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
         kwargs["address"] = address
     elif "RAY_ADDRESS" not in os.environ:
         kwargs["include_dashboard"] = dashboard
-    context = ray.init(**kwargs)
+    try:
+        context = ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        target = address or os.environ.get("RAY_ADDRESS")
+        where = f"join the Ray cluster at {target!r}" if target else "start a local Ray"
+        raise ClusterError(
+            f"cannot {where} ({first_line(exc)}); check the address (kdray run --address, RAY_ADDRESS), "
+            f"that the cluster is up (`ray status` on its head node) and runs Ray {ray.__version__}"
+        ) from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False

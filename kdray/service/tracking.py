@@ -1,0 +1,57 @@
+"""A job the service submitted follows its record: ``kdray run SPEC --store DB --job-id ID``
+appends its progress events to the job store and sets the record's state (running, then
+succeeded, failed with the user's message, or cancelled)."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from kdray.errors import SpecError, user_error
+
+
+class Tracker:
+    """The record of job ``job_id`` in the store at ``store_path``; without a store (a job run
+    by hand) every method does nothing."""
+
+    def __init__(self, store_path: str | None, job_id: str | None):
+        if store_path and not job_id:
+            raise SpecError([("--job-id", "required with --store")])
+        self.job_id = job_id
+        self.store = None
+        if store_path:
+            from kdray.service.store import JobStore
+
+            self.store = JobStore(store_path)
+
+    def attach(self, reporter: Any) -> None:
+        """The run starts: its events go to the record, which says running. Ray Jobs stops a
+        job with SIGTERM: it unwinds like Ctrl-C, so the record says so."""
+        if self.store is None:
+            return
+        store, job_id = self.store, self.job_id
+        reporter.sinks.append(lambda event: store.append_event(job_id, event))
+        store.update(job_id, state="running")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    @contextmanager
+    def following(self) -> Iterator["Tracker"]:
+        """Around the whole run: the record ends succeeded, cancelled (stopped while
+        cancelling), or failed with the user's error message (or the bug's)."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            if self.store is not None:
+                cancelled = (self.store.get(self.job_id) or {}).get("state") == "cancelling"
+                self.store.update(self.job_id, state="cancelled" if cancelled else "failed",
+                                  error=None if cancelled else "interrupted")
+            raise
+        except Exception as exc:
+            if self.store is not None:
+                user = user_error(exc)
+                error = str(user) if user is not None else f"kdray bug: {type(exc).__name__}: {exc}"
+                self.store.update(self.job_id, state="failed", error=error)
+            raise
+        if self.store is not None:
+            self.store.update(self.job_id, state="succeeded")
