@@ -39,10 +39,9 @@ class DataError(KdrayError):
     """A dataset could not be read, or some of its rows are unusable."""
 
 
-class RecordsError(KdrayError, ValueError):
+class RecordsError(KdrayError):
     """A teacher-signal records file (``OUTPUT_DIR/records/teacher-<mode>.parquet``) is missing,
-    unreadable, or was written for other data or settings. Also a ``ValueError``, which its
-    readers raised before."""
+    unreadable, or was written for other data or settings."""
 
 
 class ModelError(KdrayError):
@@ -54,9 +53,9 @@ class ClusterError(KdrayError):
     out of memory or disk, read-only. Running again once it is fixed can help."""
 
 
-class ConfigError(KdrayError, ValueError):
+class ConfigError(KdrayError):
     """kdray's own settings are wrong: the service's arguments (``kdray serve`` options, the
-    Ray Serve application's args). Also a ``ValueError``, which the app builder raised before."""
+    Ray Serve application's args)."""
 
 
 def node() -> str:

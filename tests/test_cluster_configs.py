@@ -542,13 +542,14 @@ def test_serve_config_that_does_not_parse_is_rejected(rayservice):
 
 
 def test_unknown_service_arg_is_refused_by_app_builder(rayservice, tmp_path, monkeypatch):
+    from kdray.errors import ConfigError
     from kdray.service.app import app_builder
 
     args = dict(_kdray_app(rayservice)["args"])
     args.update(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), outputs_root="/shared/x")
     del args["token_file"]
     monkeypatch.setenv("KDRAY_API_TOKEN", "s3cret")
-    with pytest.raises(ValueError, match="unknown kdray service args.*outputs_root"):
+    with pytest.raises(ConfigError, match="unknown kdray service args.*outputs_root"):
         app_builder(args)
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def test_bad_dataset_row_fails_before_any_work_with_a_clear_message(tmp_path, to
     path.write_text(yaml.safe_dump(spec))
 
     res = kdray("run", str(path), cwd=tmp_path, timeout=300)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "data.train: 1 of 2 rows are bad" in res.stderr
     assert "rows without prompt field 'prompt' (first ids: r2)" in res.stderr
     assert "Traceback" not in res.stderr
@@ -208,7 +207,7 @@ def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(tmp_path, t
     changed["training"]["max_steps"] = 2
     spec.write_text(yaml.safe_dump(changed))
     res = kdray("run", str(spec), cwd=tmp_path, timeout=120)
-    assert res.returncode == 1 and "differs in: training.lr, training.max_steps" in res.stderr
+    assert res.returncode == 2 and "differs in: training.lr, training.max_steps" in res.stderr
     res = kdray("run", str(spec), "--restart", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert _train_steps(events) == [1, 2]

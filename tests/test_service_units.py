@@ -9,6 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from kdray.errors import ConfigError
 from kdray.service.app import ServiceConfig, app_builder, build_app
 from kdray.service.store import JobStore
 
@@ -35,14 +36,14 @@ def test_app_builder_checks_its_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("KDRAY_API_TOKEN", "secret")
     assert type(app_builder({"state_dir": str(tmp_path)})).__name__ == "Application"
     assert (tmp_path / "runs").is_dir() and (tmp_path / "kdray.db").exists()
-    with pytest.raises(ValueError, match="unknown kdray service args"):
+    with pytest.raises(ConfigError, match="unknown kdray service args"):
         app_builder({"state_dir": str(tmp_path), "stat_dir": "x"})
-    with pytest.raises(ValueError, match="state_dir is required"):
+    with pytest.raises(ConfigError, match="state_dir is required"):
         app_builder({})
-    with pytest.raises(ValueError, match="auth_reads must be true or false"):
+    with pytest.raises(ConfigError, match="auth_reads must be true or false"):
         app_builder({"state_dir": str(tmp_path), "auth_reads": "yes"})
     monkeypatch.delenv("KDRAY_API_TOKEN")
-    with pytest.raises(ValueError, match="no API token"):
+    with pytest.raises(ConfigError, match="no API token"):
         app_builder({"state_dir": str(tmp_path)})
     token = tmp_path / "token"
     token.write_text("from-file\n")

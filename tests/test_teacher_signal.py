@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdray import losses
-from kdray.errors import KdrayError
+from kdray.errors import KdrayError, RecordsError
 from kdray.models import load_causal_lm, load_output_head, load_tokenizer, resolve_model, shared_vocab_size
 from kdray.curriculum.plan import plan_segments
 from kdray.data.tokenize import IGNORE_INDEX
@@ -145,7 +145,7 @@ def test_bad_records_are_refused(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"key": ["a"]}), tmp_path / "plain.parquet")
-    with pytest.raises(ValueError, match="not a kdray teacher-signal file"):
+    with pytest.raises(RecordsError, match="not a kdray teacher-signal file"):
         read_signal_records(tmp_path / "plain.parquet")
 
 
@@ -157,7 +157,7 @@ def test_align_places_records_at_the_label_positions_and_checks_their_length():
     out = align_signal(rows, labels, {"mode": "hidden", "hidden_size": 2})["t_hidden"]
     assert np.array_equal(out[0, 2:5], rows[0]["hidden"]) and np.array_equal(out[1, 3:6], rows[1]["hidden"])
     assert not out[0, :2].any() and not out[1, :3].any()
-    with pytest.raises(ValueError, match="covers 2 response tokens but the trainer labels 3"):
+    with pytest.raises(RecordsError, match="covers 2 response tokens but the trainer labels 3"):
         align_signal([{"n_tokens": 2, "hidden": np.zeros((2, 2))}] * 2, labels, {"mode": "hidden", "hidden_size": 2})
 
 

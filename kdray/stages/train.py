@@ -16,7 +16,7 @@ from typing import Any, Callable
 from kdray.curriculum.plan import Segment, total_steps
 from kdray.data.records import signal_key
 from kdray.data.examples import TokenizeForTraining
-from kdray.errors import KdrayError
+from kdray.errors import KdrayError, user_error
 from kdray.stages.context import StageContext
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
 
@@ -117,8 +117,8 @@ def train_segment(ctx: StageContext, rows: list[dict[str, Any]], segment: Segmen
         (exported student directory, checkpoint directory to continue from or None).
 
     Raises:
-        KdrayError: training failed (the innermost worker error's message), or ended without
-            a final checkpoint.
+        KdrayError: training failed through a user's error (:func:`kdray.errors.user_error`:
+            the worker's message), or ended without a final checkpoint. Any other failure is re-raised as is.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -175,7 +175,11 @@ def train_segment(ctx: StageContext, rows: list[dict[str, Any]], segment: Segmen
             drain()
         drain()
         if "error" in result_box:
-            raise KdrayError(f"training failed: {root_cause(result_box['error'])}")
+            error = result_box["error"]
+            user = user_error(error)
+            if user is None:
+                raise error  # a kdray bug: its traceback says where
+            raise KdrayError(f"training failed: {user}") from None
         result = result_box["result"]
         if result.checkpoint is None:
             raise KdrayError("training finished without a final checkpoint")
@@ -183,19 +187,3 @@ def train_segment(ctx: StageContext, rows: list[dict[str, Any]], segment: Segmen
         # by the next segment's workers on this node; multi-node needs shared storage).
         ckpt = Path(result.checkpoint.path)
     return ckpt / "student", str(ckpt) if (ckpt / "progress.json").exists() else None
-
-
-def root_cause(exc: BaseException) -> str:
-    """The innermost user-meaningful message of a Ray Train failure."""
-    seen = exc
-    while True:
-        inner = getattr(seen, "worker_failures", None) or {}
-        if inner:
-            seen = next(iter(inner.values()))
-            continue
-        if seen.__cause__ is not None and seen.__cause__ is not seen:
-            seen = seen.__cause__
-            continue
-        break
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
