@@ -31,6 +31,7 @@ from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_templa
 from kdray.errors import KdrayError
 from kdray.models import load_causal_lm, load_tokenizer
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
+from kdray.pools.left_padded import generate_left_padded
 
 #: Tokens (batch x padded length) per forward pass when scoring; bounds the [tokens, vocab]
 #: logits a pass materialises (8192 x 128k float32 = 4 GiB).
@@ -114,44 +115,14 @@ class _HFModel:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
                  seed: int) -> list[list[tuple[list[int], str]]]:
-        """``sampling.n`` (response ids, finish reason) per prompt."""
-        torch = self.torch
-        from transformers import GenerationConfig
-
+        """``sampling.n`` (response ids, finish reason) per prompt
+        (:func:`kdray.pools.left_padded.generate_left_padded`, seeded with ``seed``)."""
         self.check_lengths([len(p) for p in prompts], "prompt")
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        greedy = sampling.temperature == 0.0
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            num_return_sequences=1 if greedy else sampling.n,
-            eos_token_id=None if sampling.ignore_eos else self.stop_ids,
-            pad_token_id=self.pad_id,
-            **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}),
-        )
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=config)
-        new = out[:, width:].cpu().tolist()
-        stops = set(self.stop_ids) if config.eos_token_id is not None else set()
-        results: list[list[tuple[list[int], str]]] = []
-        for row, p in enumerate(prompts):
-            room = self.max_model_len - len(p)  # vLLM never runs past max_model_len
-            samples = []
-            for seq in (new[row: row + 1] * sampling.n if greedy else new[row * sampling.n: (row + 1) * sampling.n]):
-                end = next((j + 1 for j, t in enumerate(seq) if t in stops), None)
-                if end is not None and end <= room:
-                    samples.append((seq[:end], "stop"))
-                else:
-                    samples.append((seq[: min(room, sampling.max_new_tokens)], "length"))
-            results.append(samples)
-        return results
+        self.torch.manual_seed(seed)
+        return generate_left_padded(
+            self.model, prompts, pad_id=self.pad_id, stop_ids=self.stop_ids, max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, n=sampling.n, max_model_len=self.max_model_len,
+            ignore_eos=sampling.ignore_eos, device=self.device)
 
 
 class HFGenerator(PoolCallable):
