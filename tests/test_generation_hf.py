@@ -223,7 +223,8 @@ def test_hf_pools_generate_through_ray_data_in_order(heldout):
     from kdray.ray_setup import job_env
     from kdray.spec import GenerationSpec, ModelSpec
 
-    rows = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"]} for r in heldout[:20]]
+    rows = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "finish_reason": "stop"}
+            for r in heldout[:20]]
     pool = GenerationSpec(replicas=1, batch_size=6, num_cpus_per_replica=0.5)
     greedy = SamplingConfig.greedy(12)
     ray_tmp = tempfile.mkdtemp(prefix="kdray-hf-")  # short: Ray's socket paths must stay under 108 bytes
