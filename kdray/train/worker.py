@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment
+from kdray.errors import KdrayError
 from kdray.spec import JobSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
 
@@ -223,8 +224,9 @@ def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any, rank: int) -> tuple
     if wc.init_checkpoint is not None:
         progress, state = _load_state(engine, Path(wc.init_checkpoint), rank, module_only=seg.restart_optimizer)
         if progress["step"] != seg.start_step:
-            raise RuntimeError(f"segment {seg.index} starts at step {seg.start_step}, but its initial "
-                               f"checkpoint {wc.init_checkpoint} is at step {progress['step']}")
+            raise KdrayError(f"segment {seg.index} starts at step {seg.start_step}, but its initial checkpoint "
+                             f"{wc.init_checkpoint} is at step {progress['step']}: the output directory holds "
+                             "another run's state; run the job again with --restart")
         return seg.start_step, 0, 0, state
     return 0, 0, 0, {}
 
