@@ -79,7 +79,8 @@ def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except (json.JSONDecodeError, RecursionError) as exc:
-                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                why = (f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+                       else "nested too deeply")
                 raise DataError(f"{path}: line {lineno} is not valid JSON ({why}); fix or remove it") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno} is a {type(row).__name__}, not a JSON object; write "
