@@ -31,7 +31,7 @@ def score_signal(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[Signal,
     teacher_vocab = vocab_size(teacher.model)
     if path.exists():
         meta, stored = read_signal_records(path)
-        if set(keys) <= stored.keys():  # reused only when it is this job's layout; else scored again
+        if set(keys) <= stored.keys():  # reused only when written with this job's layout (else RecordsError)
             layout = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
             layout.update({"k": sig.k} if sig.mode == "topk" else {"hidden_dtype": sig.hidden_dtype})
             check_layout(meta, layout)
