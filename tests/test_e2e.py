@@ -142,6 +142,7 @@ def run_killing_a_worker(spec: Path, tmp_path: Path, every: int) -> None:
         ]
         assert workers, "no Ray Train worker process found"
         workers[-1].kill()
+        workers[-1].wait(timeout=30)  # gone: the group must be restored for the job to finish
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -149,14 +150,16 @@ def run_killing_a_worker(spec: Path, tmp_path: Path, every: int) -> None:
     assert proc.returncode == 0, stdout + stderr
 
 
-def _assert_resumed_once(out: Path, every: int, total: int = 16, *, driver_killed: bool = False) -> None:
+def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:
     """Nothing lost, nothing repeated beyond the last checkpoint, and the report keeps each
-    step once. The event history shows one restart at a checkpoint; when the driver itself
-    was killed, steps it trained but had not yet recorded are recovered from the checkpoint
-    instead, so the history may also just continue."""
+    step once. The event history shows one restart at a checkpoint, or just continues: when the
+    kill lands after a checkpoint and before the next step is reported (the toy steps take a
+    fraction of a second, so a worker kill often does), the restored run's first step is the
+    next one; when the driver itself was killed, steps it trained but had not yet recorded are
+    recovered from the checkpoint."""
     steps = _train_steps(out / "events.jsonl")
     restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(restarts) == 1 or (driver_killed and not restarts), steps
+    assert len(restarts) <= 1, steps
     assert set(steps) == set(range(1, total + 1)), steps  # every step's metrics are recorded
     if restarts:
         before, after = steps[: restarts[0]], steps[restarts[0]:]
@@ -199,7 +202,7 @@ def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(tmp_path, t
     messages = [json.loads(line).get("text", "") for line in events.read_text().splitlines()]
     assert any(m.startswith("resuming the job") for m in messages)
     assert any(m.startswith("generate: reusing 256 training responses") for m in messages)
-    _assert_resumed_once(tmp_path / "out", every, driver_killed=True)
+    _assert_resumed_once(tmp_path / "out", every)
 
     # A different spec in the same output_dir is refused; --restart starts it over.
     changed = yaml.safe_load(spec.read_text())
