@@ -7,9 +7,15 @@ Pure PyTorch: importing this package needs only ``torch`` (no Ray, vLLM or DeepS
   :func:`forward_kl`, :func:`reverse_kl`, :func:`skew_forward_kl`,
   :func:`skew_reverse_kl`, :func:`jsd`, :func:`tvd`, :func:`adaptive_kl`, and the
   name -> function map :data:`DIVERGENCES`.
-* Reductions and objectives: :func:`masked_token_mean`,
-  :func:`sequence_then_batch_mean`, :func:`reduce_per_token`,
-  :func:`token_cross_entropy`, :func:`kd_objective`, :func:`distillm2_loss`.
+* Reductions: :func:`masked_token_mean`, :func:`sequence_then_batch_mean`,
+  :func:`reduce_per_token`, and :func:`num_items` (the items a mask contributes, summed
+  over an optimizer step into the reductions' ``num_items_in_batch``).
+* Objectives: :func:`token_cross_entropy`, :func:`kd_objective`, :func:`distillm2_loss`.
+
+Masked positions: every entry point that takes a mask (the reductions' callers
+:func:`kd_objective`, :func:`distillm2_loss`, :func:`token_cross_entropy`, the sparse and
+fused paths) guarantees that masked positions contribute exactly 0 to the value and the
+gradient, whatever they hold (NaN, ±inf, garbage). The bare divergences take no mask.
 * Sparse teacher: :func:`sparse_forward_kl`, :func:`sparse_divergence`,
   :func:`sparse_bucket_logprobs`.
 * Fused chunked path: :func:`fused_linear_divergence`, :func:`fused_linear_cross_entropy`.
@@ -26,16 +32,8 @@ from kdray.losses.divergences import (
     tvd,
 )
 from kdray.losses.fused import fused_linear_cross_entropy, fused_linear_divergence
-from kdray.losses.objectives import (
-    IGNORE_INDEX,
-    distillm2_loss,
-    kd_objective,
-    masked_token_mean,
-    mix_kd_and_ce,
-    reduce_per_token,
-    sequence_then_batch_mean,
-    token_cross_entropy,
-)
+from kdray.losses.objectives import IGNORE_INDEX, distillm2_loss, kd_objective, mix_kd_and_ce, token_cross_entropy
+from kdray.losses.reductions import masked_token_mean, num_items, reduce_per_token, sequence_then_batch_mean
 from kdray.losses.sparse import sparse_bucket_logprobs, sparse_divergence, sparse_forward_kl
 
 __all__ = [
@@ -50,6 +48,7 @@ __all__ = [
     "kd_objective",
     "masked_token_mean",
     "mix_kd_and_ce",
+    "num_items",
     "reduce_per_token",
     "reverse_kl",
     "sequence_then_batch_mean",

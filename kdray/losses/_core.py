@@ -72,6 +72,26 @@ def check_logits_pair(student_logits: object, teacher_logits: object) -> None:
         )
 
 
+def keep_mask(mask: object, lead: tuple[int, ...], device: torch.device, name: str = "mask") -> Tensor:
+    """``mask != 0`` as a bool tensor of shape ``lead`` on ``device``; ValueError if the shape differs."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a tensor of shape {tuple(lead)} (one entry per position), got {shape}")
+    return mask.to(device=device) != 0
+
+
+def neutralise(x: Tensor, keep: Tensor, fill: float | Tensor = 0.0) -> Tensor:
+    """``x [..., K]`` with the rows of masked positions (``keep [...]`` False) set to ``fill``.
+
+    This is how every mask-taking entry point keeps masked positions out of the gradient:
+    selecting the *output* with ``torch.where`` zeroes the upstream gradient there, but a
+    divergence's own backward at that position still computes ``0 · NaN = NaN`` when the
+    position holds NaN or ±inf (a teacher's padding). Replacing the *input* by a constant
+    first leaves no path from the garbage to anything: ``where``'s backward passes 0 to it.
+    """
+    return torch.where(keep.unsqueeze(-1), x, fill)
+
+
 def compute_dtype(x: Tensor) -> Tensor:
     """Upcast half-precision tensors to float32 (divergences are summed over V entries)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

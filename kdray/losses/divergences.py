@@ -19,6 +19,16 @@ vocabularies); mixtures are formed in log space. A divergence that is genuinely
 infinite (the teacher puts mass where the student logit is ``-inf``, under forward
 KL) is returned as ``inf``, not hidden.
 
+Masked positions: these functions take no mask, and a NaN or ±inf logit at a position
+gives NaN there -- in the value and, even when a later reduction drops that position
+with ``torch.where``, in the gradient (the divergence's own backward computes
+``0 · NaN``). The guarantee that masked positions (a teacher's padding) contribute
+exactly 0 to the value and the gradient comes from the entry points that take the mask
+and replace masked inputs by constants first: :func:`kdray.losses.kd_objective`,
+:func:`kdray.losses.distillm2_loss`, ``sparse_divergence(..., mask=)`` and the fused
+path. Call those, or neutralise the inputs yourself, before
+:func:`kdray.losses.reduce_per_token`.
+
 ``alpha`` (skew divergences) is a Python float in ``[0, 1]`` or a tensor of shape
 ``[B]`` (one value per sample, as DistiLLM-2's adaptive α) or ``[B, T]`` (per token).
 It is a hyper-parameter: no gradient flows into it.
@@ -44,6 +54,8 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     """Forward KL ``KL(p || q) = Σ_v p (log p - log q)`` per token, ``[B, T]``.
 
     Mass-covering: the student is penalised wherever the teacher has mass it lacks.
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("forward_kl", student_logits, teacher_logits, temperature)
 
@@ -52,6 +64,8 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     """Reverse KL ``KL(q || p) = Σ_v q (log q - log p)`` per token, ``[B, T]``.
 
     Mode-seeking: the student is penalised for mass where the teacher has little.
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("reverse_kl", student_logits, teacher_logits, temperature)
 
@@ -65,6 +79,8 @@ def skew_forward_kl(
     teacher bounds the log-ratio by ``-log α`` and so the gradient norm (DistiLLM,
     Ko et al. 2024, uses α = 0.1). The mixture is formed in log space.
     ``alpha``: float, ``[B]`` per sample or ``[B, T]`` per token, each in ``[0, 1]``.
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("skew_forward_kl", student_logits, teacher_logits, temperature, alpha=alpha)
 
@@ -84,6 +100,8 @@ def skew_reverse_kl(
     target); ``False`` lets the gradient also flow through the mixture as in DistiLLM v1.
     The two give identical values and different gradients, so the choice is required.
     ``α = 0`` is reverse KL.
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense(
         "skew_reverse_kl",
@@ -109,6 +127,8 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float, temperat
     The end points are the limits of ``JSD(β)/β`` (β → 0) and ``JSD(β)/(1-β)``
     (β → 1), not of ``JSD(β)`` itself (which tends to 0); this follows GKD/TRL/Liger.
     ``β = 0.5`` is the symmetric JSD used by MiniLLM-style comparisons.
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("jsd", student_logits, teacher_logits, temperature, beta=beta)
 
@@ -117,6 +137,8 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     """Total variation distance ``½ Σ_v |p - q|`` per token, ``[B, T]``, in ``[0, 1]``.
 
     Bounded, symmetric; its gradient is ``½ sign(q - p)`` through ``q`` (0 at ties).
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("tvd", student_logits, teacher_logits, temperature)
 
@@ -134,6 +156,8 @@ def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, *, mu: float = 0
     The weights carry no gradient (``sg`` = stop-gradient); a large head gap favours
     forward KL, a large tail gap reverse KL. If ``g_head + g_tail = 0`` the value is
     forward KL (which is then 0).
+    Takes no mask: that masked positions give 0 value and gradient is guaranteed by
+    ``kd_objective`` / ``distillm2_loss`` (see "Masked positions" in the module docstring).
     """
     return _dense("adaptive_kl", student_logits, teacher_logits, temperature, mu=mu)
 

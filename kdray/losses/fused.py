@@ -44,6 +44,7 @@ from torch import Tensor
 from kdray.losses._core import Spec, check_temperature, compute_dtype, make_spec
 from kdray.losses._kernels import value_and_grad
 from kdray.losses.objectives import IGNORE_INDEX
+from kdray.losses.reductions import items_divisor
 
 DEFAULT_CHUNK_ELEMENTS = 6 << 20
 FUSED_REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
@@ -207,6 +208,7 @@ def fused_linear_divergence(
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     chunk_size: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
     **divergence_kwargs,
 ) -> Tensor:
     """Divergence between ``h_s @ W_s^T (+ b_s)`` and ``h_t @ W_t^T (+ b_t)`` without full logits.
@@ -225,12 +227,21 @@ def fused_linear_divergence(
             unmasked tokens; ``"sequence_mean"`` (needs ``[B, T, H]``) as
             :func:`sequence_then_batch_mean`.
         temperature: divides both models' logits.
-        mask: ``[N]`` / ``[B, T]``, nonzero = use this token. None = all tokens.
+        mask: ``[N]`` / ``[B, T]``, nonzero = use this token. None = all tokens. The
+            rows of masked tokens are never read: they may hold anything (NaN, ±inf)
+            and contribute exactly 0 to the value and to every gradient.
         chunk_size: tokens per chunk; None sizes one ``[chunk, V]`` float32 buffer at
             24 MiB (see the module docstring). Does not change the result beyond float
             rounding.
+        num_items_in_batch: for ``"token_mean"`` / ``"sequence_mean"``, the whole
+            optimizer step's items (unmasked tokens / non-empty sequences,
+            :func:`kdray.losses.num_items` summed over micro-batches and ranks) to divide
+            by instead of this call's own, so that micro-batches add up to the step's mean
+            (Hugging Face's ``num_items_in_batch``; :mod:`kdray.losses.reductions`).
 
     Returns a scalar, or per-token values (float32; float64 for float64 inputs).
+    Raises ValueError for bad shapes or arguments, ``num_items_in_batch`` with
+    ``reduction`` ``"none"`` or ``"sum"`` included.
     """
     _check_fused(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, mask)
     if reduction not in FUSED_REDUCTIONS:
@@ -240,6 +251,8 @@ def fused_linear_divergence(
     lead = tuple(student_hidden.shape[:-1])
     if reduction == "sequence_mean" and len(lead) != 2:
         raise ValueError("reduction='sequence_mean' needs [B, T, H] hidden states (it averages per sequence)")
+    if num_items_in_batch is not None and reduction not in ("token_mean", "sequence_mean"):
+        raise ValueError(f"num_items_in_batch applies to token_mean and sequence_mean, not reduction={reduction!r}")
     t = check_temperature(temperature)
     n = 1
     for d in lead:
@@ -269,12 +282,12 @@ def fused_linear_divergence(
     if reduction == "sum":
         weight = keep_f
     elif reduction == "token_mean":
-        weight = keep_f / keep_f.sum().clamp_min(1.0)
+        weight = keep_f / items_divisor(num_items_in_batch, keep_f.sum(), wdtype)
     else:
         per_seq = keep_f.reshape(lead)
         counts = per_seq.sum(-1, keepdim=True)
-        nonempty = (counts > 0).sum().clamp_min(1)
-        weight = (per_seq / counts.clamp_min(1.0) / nonempty).reshape(n)
+        items = items_divisor(num_items_in_batch, (counts > 0).sum(), wdtype)
+        weight = (per_seq / counts.clamp_min(1.0) / items).reshape(n)
     return _FusedReduced.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, weight, plan)
 
 
@@ -286,6 +299,7 @@ def fused_linear_cross_entropy(
     mask: Tensor | None = None,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
 ) -> Tensor:
     """Token-mean hard-label cross-entropy of ``hidden @ weight^T (+ bias)`` without full logits.
 
@@ -294,6 +308,10 @@ def fused_linear_cross_entropy(
     (``torch.utils.checkpoint``), so only one ``[chunk, V]`` block of logits exists at a time,
     as in :func:`fused_linear_divergence` (the same default chunk sizing). Equals
     :func:`kdray.losses.token_cross_entropy` reduced by :func:`masked_token_mean`.
+    Dropped rows are never read: NaN hidden states or garbage labels there contribute
+    exactly 0 to the value and the gradients. ``num_items_in_batch``: the whole optimizer
+    step's kept tokens to divide by instead of this call's own (see
+    :func:`fused_linear_divergence`). Returns a scalar; raises ValueError for bad shapes.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -306,7 +324,8 @@ def fused_linear_cross_entropy(
         keep &= mask.reshape(-1).to(y.device) != 0
     rows = keep.nonzero().squeeze(-1)
     if rows.numel() == 0:
-        return (h.sum() + weight.sum()) * 0.0  # no token: a zero that keeps the graph
+        # no token: a zero that keeps the graph; empty slices, so no NaN row is read
+        return h[:0].sum() + weight[:0].sum()
     step = _chunk_rows(rows.numel(), weight.shape[0], chunk_size)
 
     def chunk_nll(hc: Tensor, yc: Tensor) -> Tensor:
@@ -318,4 +337,4 @@ def fused_linear_cross_entropy(
         idx = rows[start: start + step]
         part = checkpoint(chunk_nll, h.index_select(0, idx), y.index_select(0, idx), use_reentrant=False)
         total = part if total is None else total + part
-    return total / rows.numel()
+    return total / items_divisor(num_items_in_batch, torch.tensor(rows.numel(), device=total.device), total.dtype)

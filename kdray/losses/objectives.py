@@ -1,16 +1,19 @@
-"""Reductions of per-token losses and the composite training objectives.
+"""Composite training objectives, and the hard-label cross-entropy they use.
 
-* :func:`masked_token_mean` -- mean over all unmasked tokens of the batch.
-* :func:`sequence_then_batch_mean` -- mean per sequence, then over sequences
-  (DistiLLM-2's reduction: every response counts equally, whatever its length).
 * :func:`token_cross_entropy` -- hard-label CE per token (ignore index -100).
 * :func:`kd_objective` -- ``kd_ratio · KD + (1 - kd_ratio) · CE`` with its parts
   (:func:`mix_kd_and_ce` when the KD term is computed elsewhere).
 * :func:`distillm2_loss` -- DistiLLM-2's contrastive objective (CALD).
+* The reductions (:func:`masked_token_mean`, :func:`sequence_then_batch_mean`,
+  :func:`reduce_per_token`, :func:`num_items`) live in :mod:`kdray.losses.reductions`.
 
 Masks are boolean ``[B, T]`` (any nonzero value counts as "keep"). Masked positions
-are selected with ``torch.where``, so whatever the per-token value is there (even
-``inf``/``NaN`` from padding rows) it affects neither the value nor the gradient.
+contribute exactly 0 to the value *and* to the gradient, whatever they hold (NaN, ±inf,
+garbage, on the student's side, the teacher's or both): each entry point here replaces
+the logits (and labels) of masked positions by constants before computing anything
+(:func:`kdray.losses._core.neutralise`), so no gradient path leads to them.
+Each objective takes ``num_items_in_batch``, the whole optimizer step's items, so that
+micro-batches add up to the step's mean (see :mod:`kdray.losses.reductions`).
 """
 
 from __future__ import annotations
@@ -21,65 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdray.losses._core import check_logits_pair, check_params, check_temperature
+from kdray.losses._core import check_logits_pair, check_params, check_temperature, keep_mask, neutralise
 from kdray.losses.divergences import DIVERGENCES, skew_forward_kl, skew_reverse_kl
+from kdray.losses.reductions import REDUCTIONS, reduce_per_token
 
 #: Label of the positions no loss covers (prompt, padding): PyTorch's ``cross_entropy`` default
 #: ``ignore_index``, which Hugging Face models use for the same purpose.
 IGNORE_INDEX = -100
 
-REDUCTIONS = ("token_mean", "sequence_mean")
 
-
-def _check_mask(per_token: object, mask: object) -> Tensor:
-    if not isinstance(per_token, Tensor) or per_token.dim() != 2:
-        shape = tuple(per_token.shape) if isinstance(per_token, Tensor) else type(per_token).__name__
-        raise ValueError(f"per_token must be a [B, T] tensor, got {shape}")
-    if not isinstance(mask, Tensor) or mask.shape != per_token.shape:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a [B, T] tensor matching per_token {tuple(per_token.shape)}, got {shape}")
-    return mask.to(device=per_token.device) != 0
-
-
-def masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``per_token [B, T]`` over positions where ``mask [B, T]`` is set -> scalar.
-
-    Returns 0 (with a zero gradient, not NaN) when no position is set.
-    """
-    keep = _check_mask(per_token, mask)
-    total = torch.where(keep, per_token, 0.0).sum()
-    return total / keep.sum().clamp_min(1).to(total.dtype)
-
-
-def sequence_then_batch_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Per-sequence masked mean, then the mean over sequences -> scalar.
-
-    Sequences with no unmasked token are left out of the batch mean (they have no
-    mean); if every sequence is empty the result is 0 with a zero gradient.
-    """
-    keep = _check_mask(per_token, mask)
-    sums = torch.where(keep, per_token, 0.0).sum(-1)
-    counts = keep.sum(-1)
-    per_seq = sums / counts.clamp_min(1).to(sums.dtype)
-    nonempty = counts > 0
-    return torch.where(nonempty, per_seq, 0.0).sum() / nonempty.sum().clamp_min(1).to(sums.dtype)
-
-
-def reduce_per_token(per_token: Tensor, mask: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` (``"token_mean"`` or ``"sequence_mean"``) to ``per_token``."""
-    if reduction == "token_mean":
-        return masked_token_mean(per_token, mask)
-    if reduction == "sequence_mean":
-        return sequence_then_batch_mean(per_token, mask)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def token_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """Hard-label cross-entropy per token, ``[B, T]``; 0 where ``labels == -100``.
+def token_cross_entropy(student_logits: Tensor, labels: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Hard-label cross-entropy per token, ``[B, T]``; 0 where ``labels == -100`` or ``mask`` is 0.
 
     ``student_logits [B, T, V]`` and ``labels [B, T]`` must already be aligned (the
     caller shifts labels for next-token prediction). No temperature: CE is always on
-    the raw logits. Computed in float32 for half-precision logits.
+    the raw logits. Computed in float32 for half-precision logits. ``mask [B, T]``
+    (optional, nonzero = use) drops more positions. Dropped positions give exactly 0
+    in the value and the gradient whatever their logits or labels hold (NaN, ±inf, an
+    out-of-range id): they are replaced by constants before the softmax.
+    Raises ValueError for bad shapes or dtypes.
     """
     if not isinstance(student_logits, Tensor) or student_logits.dim() < 2:
         raise ValueError("student_logits must be a [B, T, V] tensor")
@@ -90,14 +53,16 @@ def token_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be an integer (long) tensor, got {labels.dtype}")
+    labels = labels.to(student_logits.device)
+    keep = labels != IGNORE_INDEX
+    if mask is not None:
+        keep &= keep_mask(mask, tuple(labels.shape), labels.device)
     logits = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
+    logits = neutralise(logits, keep)
     flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        labels.reshape(-1).long(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
+        logits.reshape(-1, logits.shape[-1]), torch.where(keep, labels, 0).reshape(-1).long(), reduction="none"
     )
-    return flat.reshape(labels.shape)
+    return torch.where(keep, flat.reshape(labels.shape), 0.0)
 
 
 def _resolve_divergence(divergence: str | Callable[..., Tensor], kwargs: dict) -> Callable[..., Tensor]:
@@ -120,6 +85,8 @@ def kd_objective(
     labels: Tensor | None = None,
     reduction: str = "token_mean",
     divergence_kwargs: dict | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    ce_num_items_in_batch: int | float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``loss = kd_ratio · KD + (1 - kd_ratio) · CE`` -> ``(loss, parts)``.
 
@@ -129,8 +96,19 @@ def kd_objective(
     * ``CE`` = ``reduction`` of :func:`token_cross_entropy` over
       ``mask & (labels != -100)``, on the raw logits. Needed when ``kd_ratio < 1``;
       when ``kd_ratio == 1`` it is still computed for reporting if ``labels`` is given.
+    * Masked positions of ``student_logits [B, T, V]`` / ``teacher_logits [B, T, V]``
+      (and ``labels``) may hold anything (NaN, ±inf, padding): they are replaced by
+      constants first, so they contribute exactly 0 to the value and the gradient.
+    * ``num_items_in_batch``: the whole optimizer step's items of the KD term under
+      ``reduction`` (``num_items`` of ``mask``, summed over micro-batches and ranks);
+      ``ce_num_items_in_batch`` those of the CE term (``num_items`` of
+      ``mask & (labels != -100)``; defaults to ``num_items_in_batch``). None = this
+      batch's own items. See :mod:`kdray.losses.reductions` (Hugging Face's
+      ``num_items_in_batch``): with them the micro-batches' losses add up to the step's.
     * ``parts`` holds detached scalars ``"loss"``, ``"kd"`` and, when ``labels`` is
       given, ``"ce"`` for logging.
+
+    Raises ValueError for bad shapes, parameters, or ``labels`` missing when ``kd_ratio < 1``.
     """
     check_logits_pair(student_logits, teacher_logits)
     if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not 0.0 <= float(kd_ratio) <= 1.0:
@@ -142,12 +120,16 @@ def kd_objective(
     if kd_ratio < 1.0 and labels is None:
         raise ValueError("labels are required when kd_ratio < 1 (the CE term has weight 1 - kd_ratio)")
     fn = _resolve_divergence(divergence, divergence_kwargs or {})
-    kd_tokens = fn(student_logits, teacher_logits, temperature=temperature, **(divergence_kwargs or {}))
-    kd = reduce_per_token(kd_tokens, mask, reduction)
+    keep = keep_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device)
+    student_logits = neutralise(student_logits, keep)
+    kd_tokens = fn(student_logits, neutralise(teacher_logits, keep), temperature=temperature, **(divergence_kwargs or {}))
+    kd = reduce_per_token(kd_tokens, keep, reduction, num_items_in_batch)
     ce = None
     if labels is not None:
-        ce_mask = (mask.to(labels.device) != 0) & (labels != IGNORE_INDEX)
-        ce = reduce_per_token(token_cross_entropy(student_logits, labels), ce_mask, reduction)
+        ce_tokens = token_cross_entropy(student_logits, labels, mask=keep)
+        ce_keep = keep & (labels.to(keep.device) != IGNORE_INDEX)
+        ce_items = num_items_in_batch if ce_num_items_in_batch is None else ce_num_items_in_batch
+        ce = reduce_per_token(ce_tokens, ce_keep, reduction, ce_items)
     return mix_kd_and_ce(kd, ce, kd_ratio)
 
 
@@ -183,6 +165,7 @@ def distillm2_loss(
     temperature: float = 1.0,
     detach_mixture_student: bool = True,
     reduction: str = "sequence_mean",
+    num_items_in_batch: tuple[int | float | Tensor, int | float | Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DistiLLM-2 contrastive objective (CALD, Ko et al. 2025) -> ``(loss, parts)``::
 
@@ -194,34 +177,53 @@ def distillm2_loss(
 
     * ``teacher_resp_*``: logits ``[B1, T1, V]`` of both models on the teacher-response
       batch and its ``[B1, T1]`` response mask; ``student_resp_*`` likewise ``[B2, T2]``.
+      Masked positions may hold anything (NaN, ±inf): they are replaced by constants
+      first and contribute exactly 0 to the value and the gradient.
     * ``beta`` in ``[0, 2]`` balances the two terms (β = 1 weighs them equally).
     * ``skl_alpha`` / ``srkl_alpha``: float or per-sample ``[B1]`` / ``[B2]`` tensors
       (DistiLLM-2's adaptive α) or per-token tensors.
     * ``detach_mixture_student=True`` is DistiLLM-2's SRKL (student detached inside the
       mixture); ``reduction="sequence_mean"`` is DistiLLM-2's (per response, then batch).
+    * ``num_items_in_batch``: None (each term divides by its own batch's items) or the
+      pair ``(teacher_response_items, student_response_items)``: the whole optimizer
+      step's items of the SKL and SRKL terms under ``reduction`` (``num_items`` of
+      each mask, summed over micro-batches and ranks; see :mod:`kdray.losses.reductions`).
     * ``parts``: detached ``"loss"``, ``"skl"``, ``"srkl"``.
+
+    Raises ValueError for bad shapes or parameters.
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 2.0:
         raise ValueError(f"beta must be a float in [0, 2] (weights (2 - beta)·SKL + beta·SRKL), got {beta!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is None:
+        items_t = items_s = None
+    elif isinstance(num_items_in_batch, (tuple, list)) and len(num_items_in_batch) == 2:
+        items_t, items_s = num_items_in_batch
+    else:
+        raise ValueError(
+            "num_items_in_batch must be None or a pair (teacher_response_items, student_response_items), "
+            f"got {num_items_in_batch!r}"
+        )
+    terms = []
+    for s, t, mask in (
+        (teacher_resp_student_logits, teacher_resp_teacher_logits, teacher_resp_mask),
+        (student_resp_student_logits, student_resp_teacher_logits, student_resp_mask),
+    ):
+        check_logits_pair(s, t)
+        keep = keep_mask(mask, tuple(s.shape[:-1]), s.device)
+        terms.append((neutralise(s, keep), neutralise(t, keep), keep))
+    (s1, t1, keep1), (s2, t2, keep2) = terms
     skl = reduce_per_token(
-        skew_forward_kl(
-            teacher_resp_student_logits, teacher_resp_teacher_logits, alpha=skl_alpha, temperature=temperature
-        ),
-        teacher_resp_mask,
-        reduction,
+        skew_forward_kl(s1, t1, alpha=skl_alpha, temperature=temperature), keep1, reduction, items_t
     )
     srkl = reduce_per_token(
         skew_reverse_kl(
-            student_resp_student_logits,
-            student_resp_teacher_logits,
-            alpha=srkl_alpha,
-            detach_mixture_student=detach_mixture_student,
-            temperature=temperature,
+            s2, t2, alpha=srkl_alpha, detach_mixture_student=detach_mixture_student, temperature=temperature
         ),
-        student_resp_mask,
+        keep2,
         reduction,
+        items_s,
     )
     loss = (2.0 - float(beta)) * skl + float(beta) * srkl
     return loss, {"loss": loss.detach(), "skl": skl.detach(), "srkl": srkl.detach()}
