@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdray.data.records import align_signal, decode_signal
-from kdray.data.tokenize import encode_batch, pack_examples, uses_chat_template
+from kdray.data.tokenize import PromptEncoding, encode_batch, pack_examples
 from kdray.models import load_tokenizer
 
 
@@ -20,17 +20,23 @@ class TokenizeForTraining:
     ``s_attention_mask`` and ``s_labels`` for it. With ``signal_meta`` (teacher_signal modes
     ``topk`` / ``hidden``) the rows carry their stored teacher records, which are decoded and
     placed at the label positions (:func:`kdray.data.records.align_signal`).
+
+    Prompts are encoded with ``encoding``: the job's :class:`~kdray.data.tokenize.PromptEncoding`
+    (what every pool uses), or a ``data.chat_template`` setting resolved against this
+    tokenizer, the student's (:meth:`~kdray.data.tokenize.PromptEncoding.resolve`: the same
+    encoding, for callers outside a job).
     """
 
-    def __init__(self, tokenizer_ref: str, max_seq_len: int, chat_template: str = "auto",
+    def __init__(self, tokenizer_ref: str, max_seq_len: int, encoding: PromptEncoding | str = "auto",
                  signal_meta: dict[str, Any] | None = None):
         self.tok = load_tokenizer(tokenizer_ref)
         self.max_len = max_seq_len
-        self.chat_template = uses_chat_template(self.tok, chat_template)
+        self.encoding = (encoding if isinstance(encoding, PromptEncoding)
+                         else PromptEncoding.resolve(encoding, self.tok))
         self.signal_meta = signal_meta  # teacher records travel in the rows (topk / hidden modes)
 
     def _encode(self, prompts: Any, responses: Any, finished: Any) -> dict[str, Any]:
-        pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.chat_template)
+        pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.encoding)
         return pack_examples(pairs, self.max_len, self.tok.pad_token_id)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ the same batch contract as their vLLM counterparts, so :func:`kdray.pools.run.ge
 :func:`kdray.pools.run.score_teacher` run either on the same actor pool:
 
 * :class:`HFGenerator` (≙ :class:`kdray.pools.vllm.VLLMGenerator`): batched, left-padded
-  ``model.generate`` on the prompt ids of :func:`kdray.data.tokenize.prompt_token_ids`; rows out carry
+  ``model.generate`` on the prompt ids of the job's :class:`kdray.data.tokenize.PromptEncoding`; rows out carry
   ``response``, ``response_token_ids``, ``sample_index``, ``finish_reason`` (``'stop'`` or
   ``'length'``, as vLLM says) and, with ``score_gold``, ``gold_ce``.
 * :class:`HFScorer` (≙ :class:`kdray.pools.vllm.VLLMScorer`): one forward pass over prompt +
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
+from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.errors import KdrayError
 from kdray.models import load_causal_lm, load_tokenizer
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
@@ -131,7 +131,9 @@ class HFGenerator(PoolCallable):
     contract (``enforce_eager`` has no meaning here and is accepted for that reason).
 
     Responses are seeded per batch (``sampling.seed`` and the batch's first ``_row``), so the
-    same rows in the same batches give the same responses.
+    same rows in the same batches give the same responses. Prompts are encoded with ``encoding``,
+    the job's :class:`~kdray.data.tokenize.PromptEncoding` (None: this model's own chat
+    template, for direct use outside a job).
     """
 
     def __init__(
@@ -145,18 +147,19 @@ class HFGenerator(PoolCallable):
         sampling: SamplingConfig,
         env: dict[str, str],
         score_gold: bool = False,
-        chat_template: str = "auto",
+        encoding: PromptEncoding | None = None,
     ):
         super().__init__(env)
         self.hf = _HFModel(model, dtype=dtype, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size)
         self.sampling = sampling
         self.score_gold = score_gold
-        self.chat_template = uses_chat_template(self.hf.tokenizer, chat_template)
+        self.encoding = encoding if encoding is not None else PromptEncoding.resolve("auto", self.hf.tokenizer,
+                                                                                      f"{model}'s")
 
     def _gold_ce(self, batch: dict[str, np.ndarray]) -> list[float]:
         pairs = encode_batch(self.hf.tokenizer, list(batch["prompt"]), list(batch["gold_response"]),
-                             list(batch["gold_finish_reason"]), self.chat_template)
+                             list(batch["gold_finish_reason"]), self.encoding)
         torch = self.hf.torch
         ce = []
         for (_, response), logprobs in zip(pairs, self.hf.response_states(pairs, "logprobs")):
@@ -166,7 +169,7 @@ class HFGenerator(PoolCallable):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tok = self.hf.tokenizer
-        ids = prompt_token_ids(tok, [str(p) for p in batch["prompt"]], self.chat_template)
+        ids = self.encoding.token_ids(tok, [str(p) for p in batch["prompt"]])
         rows = [int(r) for r in batch["_row"]] if "_row" in batch else [0]
         generated = self.hf.generate(ids, self.sampling, seed=self.sampling.seed * 1_000_003 + rows[0])
         ce = self._gold_ce(batch) if self.score_gold else []

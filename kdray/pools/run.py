@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kdray.data.tokenize import PromptEncoding, encode_batch, job_encoding
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.pools import hf, vllm
@@ -63,7 +64,7 @@ def generate(
     sampling: SamplingConfig,
     *,
     score_gold: bool = False,
-    chat_template: str = "auto",
+    encoding: PromptEncoding | None = None,
     on_rows: Callable[[int], None] | None = None,
     pool_cls: type | None = None,
 ) -> list[dict[str, Any]]:
@@ -76,6 +77,10 @@ def generate(
         on each row's own ``response`` (``gold_ce``; ``rows`` then need ``response`` and
         ``finish_reason``). ``on_rows(k)`` is called as each batch of k output rows arrives;
         ``pool_cls`` replaces the backend's generator class (:func:`map_pool`).
+
+    Prompts are encoded with ``encoding``: a job passes its own
+    (:meth:`kdray.stages.context.StageContext.prompt_encoding`) for every model it runs; None
+    lets the model use its own chat template (benchmarks, direct use).
     """
     items = []
     for i, r in enumerate(rows):
@@ -84,7 +89,7 @@ def generate(
             item.update(gold_response=r["response"], gold_finish_reason=r["finish_reason"])
         items.append(item)
     ds = map_pool(items, model, pool, "generator", pool_cls=pool_cls, sampling=sampling, score_gold=score_gold,
-                  chat_template=chat_template)
+                  encoding=encoding)
     results: list[tuple[int, dict[str, Any]]] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["id"])
@@ -106,11 +111,12 @@ def generate(
     return [row for _, row in results]
 
 
-def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *,
-                  on_rows: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, on_rows: Callable[[int], None] | None = None,
+                  encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
     """Score every training row's response with the teacher's scorer pool, in row order.
 
-    The ids are those of :func:`kdray.data.tokenize.encode_batch`, cut at
+    The ids are those of :func:`kdray.data.tokenize.encode_batch` under the job's prompt encoding
+    (``encoding``, or :func:`kdray.data.tokenize.job_encoding` of ``spec``: the same), cut at
     ``training.max_seq_len`` as the trainer cuts them, so the records line up with its labels.
 
     Args:
@@ -124,12 +130,12 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *,
     Raises:
         KdrayError: the pool returned no score for some rows.
     """
-    from kdray.data.tokenize import encode_batch, uses_chat_template
-
     signal = spec.teacher_signal
     tok = load_tokenizer(spec.student.model)
+    if encoding is None:
+        encoding = job_encoding(spec, check_teacher=False)
     pairs = encode_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                         [r["finish_reason"] for r in rows], uses_chat_template(tok, spec.data.chat_template))
+                         [r["finish_reason"] for r in rows], encoding)
     limit = spec.training.max_seq_len
     items = []
     for i, (p, r) in enumerate(pairs):

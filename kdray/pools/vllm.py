@@ -3,8 +3,10 @@
 :class:`VLLMGenerator` answers prompts (teacher responses, student samples, held-out answers,
 the judge) and can score given responses in the same ``generate`` call (POCL's difficulty);
 :class:`VLLMScorer` records the teacher's signal on the training responses (``teacher_signal``
-``topk`` or ``hidden``). Both take token ids from :mod:`kdray.data.tokenize`, never raw text,
-so a prompt means the same tokens in every pool and in the trainer.
+``topk`` or ``hidden``). Both take token ids from :mod:`kdray.data.tokenize`, never raw text:
+the generator encodes prompts with the job's :class:`~kdray.data.tokenize.PromptEncoding`, the
+scorer receives the trainer's ids, so a prompt means the same tokens in every pool and in the
+trainer.
 
 Scoring, for every response token ``j``, reads the teacher at the position that predicts it
 (position ``len(prompt) + j - 1``):
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kdray.data.tokenize import encode_batch, prompt_token_ids, uses_chat_template
+from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.errors import ModelError, first_line, node
 from kdray.models import resolve_model
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
@@ -51,6 +53,9 @@ class VLLMGenerator(PoolCallable):
     ``gold_ce``: the model's mean token cross-entropy (nats) on that response, scored as
     vLLM prompt log-probs of prompt + response ids, tokenized exactly as the trainer does
     (:func:`kdray.data.tokenize.encode_batch`). Generation and scoring share one ``generate`` call.
+
+    Prompts are encoded with ``encoding``, the job's :class:`~kdray.data.tokenize.PromptEncoding`
+    (None: this model's own chat template, for direct use outside a job).
     """
 
     def __init__(
@@ -64,7 +69,7 @@ class VLLMGenerator(PoolCallable):
         sampling: SamplingConfig,
         env: dict[str, str],
         score_gold: bool = False,
-        chat_template: str = "auto",
+        encoding: PromptEncoding | None = None,
     ):
         super().__init__(env)
         from vllm import SamplingParams
@@ -87,7 +92,8 @@ class VLLMGenerator(PoolCallable):
             ignore_eos=sampling.ignore_eos,
         )
         self.score_gold = score_gold
-        self.chat_template = uses_chat_template(self.llm.get_tokenizer(), chat_template)
+        self.encoding = encoding if encoding is not None else PromptEncoding.resolve("auto", self.llm.get_tokenizer(),
+                                                                                      f"{model}'s")
         # One token out, and the log-prob of every prompt token (the realized one is always
         # included, whatever the top-k): what scoring a given response needs.
         self.score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -96,13 +102,13 @@ class VLLMGenerator(PoolCallable):
         from vllm.inputs import TokensPrompt
 
         pairs = encode_batch(self.llm.get_tokenizer(), list(batch["prompt"]), list(batch["gold_response"]),
-                             list(batch["gold_finish_reason"]), self.chat_template)
+                             list(batch["gold_finish_reason"]), self.encoding)
         return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vllm.inputs import TokensPrompt
 
-        ids = prompt_token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]], self.chat_template)
+        ids = self.encoding.token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]])
         check_lengths([len(p) for p in ids], self.max_model_len, self.model, "prompt")
         prompts: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in ids]
         params = [self.params] * len(prompts)

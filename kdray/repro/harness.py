@@ -247,6 +247,7 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
     the two references scored the same way; a failed cell is reported, not raised."""
     import ray
 
+    from kdray.data.tokenize import job_encoding
     from kdray.repro.run import evaluate_reference, train_and_evaluate
 
     spec, specs = shared["spec"], shared["specs"]
@@ -254,8 +255,9 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
     held_ref = ray.put(shared["heldout"])
     task = ray.remote(num_cpus=1)(train_and_evaluate)
     ref_task = ray.remote(num_cpus=1)(evaluate_reference)
+    encoding = job_encoding(spec)  # one prompt encoding: the teacher is scored on the student's prompts
     refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=spec.evaluation.max_new_tokens,
-                                   chat_template=spec.data.chat_template)
+                                   encoding=encoding)
             for label, model in (("teacher", spec.teacher), ("student_before", spec.student))}
     order = _runs_order(methods, size.seeds)
     pending = {task.remote(specs[m].model_dump(mode="json"), m, s, ordered_ref, plain_ref, held_ref,

@@ -23,21 +23,21 @@ import time
 from typing import Any
 
 
-def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int, chat_template: bool,
+def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int, encoding: Any,
                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                 batch_size: int = 256) -> list[tuple[str, str]]:
     """(response text, finish reason) per prompt with HF ``generate``: greedy when
     ``temperature`` is 0, else sampled over the whole vocabulary (no top-k, as vLLM's default).
 
-    Prompts become ids through :func:`kdray.data.tokenize.prompt_token_ids`, as in the vLLM pool;
+    Prompts become ids under ``encoding`` (the job's :class:`kdray.data.tokenize.PromptEncoding`),
+    as in the pools;
     a response ends at the first EOS ("stop") or at ``max_new_tokens`` ("length"), and is
     decoded without special tokens, as vLLM does."""
     import torch
 
-    from kdray.data.tokenize import prompt_token_ids
     from kdray.pools.left_padded import generate_left_padded
 
-    ids = prompt_token_ids(tok, prompts, chat_template)
+    ids = encoding.token_ids(tok, prompts)
     torch.manual_seed(seed)
     out: list[tuple[str, str]] = []
     for start in range(0, len(ids), batch_size):
@@ -49,31 +49,30 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int
 
 
 def evaluate_model(model: Any, tok: Any, heldout: list[dict[str, Any]], *, max_new_tokens: int,
-                   chat_template: bool) -> tuple[dict[str, float], list[str]]:
+                   encoding: Any) -> tuple[dict[str, float], list[str]]:
     """Greedy answers to the held-out prompts, scored by :func:`kdray.stages.evaluate.score_responses`."""
     from kdray.stages.evaluate import score_responses
 
     was_training = model.training
     model.eval()
     answers = [text for text, _ in hf_generate(model, tok, [r["prompt"] for r in heldout],
-                                                max_new_tokens=max_new_tokens, chat_template=chat_template)]
+                                                max_new_tokens=max_new_tokens, encoding=encoding)]
     model.train(was_training)
     return score_responses(answers, [r["response"] for r in heldout]), answers
 
 
 def evaluate_reference(model_ref: str, dtype: str, heldout: list[dict[str, Any]], *, max_new_tokens: int,
-                       chat_template: str, threads: int = 1) -> dict[str, Any]:
-    """Score an untrained model (the teacher, the initial student) as every run is scored."""
+                       encoding: Any, threads: int = 1) -> dict[str, Any]:
+    """Score an untrained model (the teacher, the initial student) as every run is scored: with
+    the job's prompt encoding (``encoding``), the teacher's own template or not."""
     import torch
 
     from kdray.models import load_causal_lm, load_tokenizer
-    from kdray.data.tokenize import uses_chat_template
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(model_ref)
     model = load_causal_lm(model_ref, dtype, trainable=False)
-    scores, answers = evaluate_model(model, tok, heldout, max_new_tokens=max_new_tokens,
-                                     chat_template=uses_chat_template(tok, chat_template))
+    scores, answers = evaluate_model(model, tok, heldout, max_new_tokens=max_new_tokens, encoding=encoding)
     return {"scores": scores, "answers": answers}
 
 
@@ -111,7 +110,7 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
 
     from kdray.models import load_causal_lm, load_tokenizer
     from kdray.curriculum.plan import plan_segments, total_steps
-    from kdray.data.tokenize import uses_chat_template
+    from kdray.data.tokenize import job_encoding
     from kdray.spec import JobSpec
     from kdray.data.examples import TokenizeForTraining
     from kdray.train.loop import LocalLoop
@@ -124,12 +123,12 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     plan = plan_segments(spec, len(rows_all))
     n_steps = total_steps(plan)
     tok = load_tokenizer(spec.student.model)
-    chat = uses_chat_template(tok, spec.data.chat_template)
+    encoding = job_encoding(spec, check_teacher=False)  # the job's, as its pools and trainer use it
     torch.manual_seed(seed)
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
     student.train()
     teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
-    encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)
+    encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, encoding)
     rng = np.random.default_rng([seed, 7])
     loop = LocalLoop(spec, student, teacher, total_steps=n_steps, num_segments=len(plan))
     history: list[dict[str, Any]] = []
@@ -140,7 +139,7 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
             t0 = time.perf_counter()
             student.eval()
             answers = hf_generate(student, tok, [r["prompt"] for r in rows],
-                                  max_new_tokens=spec.generation.max_new_tokens, chat_template=chat,
+                                  max_new_tokens=spec.generation.max_new_tokens, encoding=encoding,
                                   temperature=on_policy_temperature, seed=seed * 1000 + seg.index)
             student.train()
             rows = [dict(r, student_response=a, student_finish_reason=f) for r, (a, f) in zip(rows, answers)]
@@ -158,7 +157,7 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     train_s = time.perf_counter() - started
     t0 = time.perf_counter()
     scores, _ = evaluate_model(student, tok, heldout, max_new_tokens=spec.evaluation.max_new_tokens,
-                               chat_template=chat)
+                               encoding=encoding)
     return {"method": method, "seed": seed, **scores, "steps": n_steps, "segments": len(plan),
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,

@@ -1,4 +1,5 @@
-"""What every stage is given: the spec, the job's output directory, and where progress goes."""
+"""What every stage is given: the spec, the job's output directory, where progress goes, and
+the job's one prompt encoding."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.pools import SamplingConfig, generate
 from kdray.spec import JobSpec, ModelSpec
 
@@ -27,6 +29,20 @@ class StageContext:
     out: Path
     reporter: Any
     timings: dict[str, float] = field(default_factory=dict)
+    _encoding: PromptEncoding | None = field(default=None, init=False, repr=False)
+
+    def prompt_encoding(self) -> PromptEncoding:
+        """The job's prompt encoding (:func:`kdray.data.tokenize.job_encoding`), resolved and
+        checked against the teacher on first use (the prepare stage), then the same object for
+        every pool and the trainer.
+
+        Raises:
+            ModelError: the teacher and the student render a prompt differently, or a tokenizer
+                does not load.
+        """
+        if self._encoding is None:
+            self._encoding = job_encoding(self.spec)
+        return self._encoding
 
     @contextmanager
     def phase(self, name: str, total: int | None, detail: str = "") -> Iterator[None]:
@@ -41,11 +57,15 @@ class StageContext:
         self.reporter.phase_end(name, f"{detail} done in {elapsed:.0f}s".strip())
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
-                 sampling: SamplingConfig, score_gold: bool = False) -> list[dict[str, Any]]:
+                 sampling: SamplingConfig, score_gold: bool = False,
+                 encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
         """``model``'s answers to ``rows`` through its pool (:func:`kdray.pools.generate`),
-        advancing ``phase``'s progress as rows come back."""
+        advancing ``phase``'s progress as rows come back. Prompts are encoded with the job's
+        encoding (:meth:`prompt_encoding`), whichever model answers, unless ``encoding`` is
+        given (the LLM judge's own)."""
         self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
         return generate(
             rows, model, self.spec.generation, sampling, score_gold=score_gold,
-            chat_template=self.spec.data.chat_template, on_rows=lambda n: self.reporter.advance(phase, n),
+            encoding=self.prompt_encoding() if encoding is None else encoding,
+            on_rows=lambda n: self.reporter.advance(phase, n),
         )

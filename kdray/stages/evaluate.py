@@ -19,7 +19,7 @@ import re
 from statistics import fmean
 from typing import Any, Iterable
 
-from kdray.data.tokenize import prompt_token_counter
+from kdray.data.tokenize import judge_encoding, prompt_token_counter
 from kdray.models import load_tokenizer
 from kdray.pools import SamplingConfig
 from kdray.spec import ModelSpec
@@ -130,7 +130,8 @@ def judge_summary(verdicts: dict[str, tuple[str | None, str | None]]) -> dict[st
 def evaluate_model(ctx: StageContext, label: str, model: ModelSpec,
                    heldout: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
     """Greedy answers of ``model`` to the held-out prompts through its pool, scored, and written
-    to ``samples/LABEL.jsonl``.
+    to ``samples/LABEL.jsonl``. Every model (the teacher too) sees the job's prompt encoding
+    (:meth:`StageContext.prompt_encoding`), the one it was distilled on.
 
     Returns:
         (scores as :func:`score_generated` gives them, the first answer per row id for the judge).
@@ -153,7 +154,8 @@ def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, d
     student's held-out answers with the reference's, in both orders.
 
     Prompts whose judge prompt does not fit the judge's ``max_model_len`` are skipped and
-    counted. Each verdict is written to ``samples/judge.jsonl``.
+    counted. The judge, maybe of another model family, reads them through its own chat template
+    (:func:`kdray.data.tokenize.judge_encoding`). Each verdict is written to ``samples/judge.jsonl``.
 
     Args:
         heldout: the held-out rows.
@@ -168,7 +170,9 @@ def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, d
     requests = judge_requests([{"id": r["id"], "prompt": r["prompt"], "student": student[r["id"]],
                                 "reference": reference[r["id"]]} for r in rows], cfg.template)
     # The judge only generates: it needs no pad token.
-    count = prompt_token_counter(load_tokenizer(cfg.model.model, need_pad=False), ctx.spec.data.chat_template)
+    judge_tok = load_tokenizer(cfg.model.model, need_pad=False)
+    encoding = judge_encoding(ctx.spec.data.chat_template, judge_tok)
+    count = prompt_token_counter(judge_tok, encoding)
     room = cfg.model.max_model_len - cfg.max_new_tokens
     too_long = {q["item"] for q, n in zip(requests, count([q["prompt"] for q in requests])) if n > room}
     requests = [q for q in requests if q["item"] not in too_long]
@@ -176,7 +180,8 @@ def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, d
     outputs: dict[str, str] = {}
     if requests:
         with ctx.phase("evaluate", len(requests), f"LLM judge, student_after vs {cfg.reference}"):
-            generated = ctx.generate(requests, cfg.model, "judge", "evaluate", SamplingConfig.greedy(cfg.max_new_tokens))
+            generated = ctx.generate(requests, cfg.model, "judge", "evaluate", SamplingConfig.greedy(cfg.max_new_tokens),
+                                     encoding=encoding)
         outputs = {g["id"]: g["response"] for g in generated}
         for q in requests:  # [verdict with the student as A, verdict with the student as B]
             verdicts.setdefault(q["item"], [None, None])[0 if q["order"] == "ab" else 1] = \

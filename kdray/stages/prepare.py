@@ -30,11 +30,14 @@ class Prepared:
 
 
 def prepare(ctx: StageContext) -> Prepared:
-    """Check that teacher and student share a tokenizer, then read both splits.
+    """Check that teacher and student share a tokenizer and render prompts alike, then read
+    both splits. The job's prompt encoding is decided here (:meth:`StageContext.prompt_encoding`),
+    and the prompt lengths are counted with it.
 
     Raises:
-        ModelError: a local model directory has no weights, a tokenizer does not load, or the
-            tokenizers differ (naming the first differing tokens).
+        ModelError: a local model directory has no weights, a tokenizer does not load, the
+            tokenizers differ (naming the first differing tokens), or the teacher and student
+            render a prompt differently (showing both renderings and the fix).
         DataError: a split cannot be read or has unusable rows (naming the file, line or rows).
     """
     spec = ctx.spec
@@ -43,7 +46,8 @@ def prepare(ctx: StageContext) -> Prepared:
         for model in (spec.teacher, spec.student, *((judge.model,) if judge is not None else ())):
             check_model_files(model.model)  # before any pool or worker tries to load it
         vocab_size = shared_vocab_size(spec.teacher.model, spec.student.model)  # or a clear error, now
-        count = prompt_token_counter(load_tokenizer(spec.student.model), spec.data.chat_template)
+        encoding = ctx.prompt_encoding()  # one for the whole job, or a clear error, now
+        count = prompt_token_counter(load_tokenizer(spec.student.model), encoding)
         need_train_response = spec.data.response_source == "dataset"
         train, train_report = load_split(spec.data, "train", count, need_response=need_train_response)
         ctx.reporter.advance("prepare")

@@ -88,7 +88,7 @@ def tokenized_dataset(ctx: StageContext, rows: list[dict[str, Any]], columns: li
     return ray.data.from_items(table).map_batches(
         TokenizeForTraining,
         fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=spec.training.max_seq_len,
-                                   chat_template=spec.data.chat_template,
+                                   encoding=ctx.prompt_encoding(),  # the pools' encoding
                                    signal_meta=signal[0] if signal is not None else None),
         batch_size=TOKENIZE_BATCH_ROWS,
         batch_format="numpy",
