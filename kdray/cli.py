@@ -49,14 +49,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _check_local_models(spec: Any, source: str) -> None:
-    """Models on this machine (toy models, local directories) must hold their weights, and
-    teacher and student must share a tokenizer. A hub id is checked by the job that loads it."""
+    """Models on this machine (toy models, local directories) must hold their weights, teacher
+    and student must share a tokenizer and render a prompt alike (the job's prompt encoding,
+    :func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job that loads
+    it; a template given in ``data.chat_template`` must parse in any case."""
+    from kdray.data.tokenize import job_encoding, template_syntax_error
     from kdray.models import check_model_files, shared_vocab_size
     from kdray.spec import TOY_PREFIX
 
     local = {role: m.model for role, m in (("teacher", spec.teacher), ("student", spec.student))
              if m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir()}
     errors = []
+    syntax = template_syntax_error(spec.data.chat_template)
+    if syntax:
+        errors.append(("data.chat_template", syntax))
     for role, ref in local.items():
         try:
             check_model_files(ref)
@@ -67,6 +73,11 @@ def _check_local_models(spec: Any, source: str) -> None:
             shared_vocab_size(spec.teacher.model, spec.student.model)
         except KdrayError as exc:
             errors.append(("teacher.model / student.model", str(exc)))
+        else:
+            try:
+                job_encoding(spec)
+            except KdrayError as exc:
+                errors.append(("data.chat_template", str(exc)))
     if errors:
         raise SpecError(errors, source)
 

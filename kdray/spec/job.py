@@ -89,10 +89,15 @@ class DataSpec(_Spec):
         "long: 'fail' stops before any work with the first offending ids; 'skip' drops them "
         "and reports the count.",
     )
-    chat_template: Literal["auto", "never"] = Field(
+    chat_template: str = Field(
         "auto",
-        description="'auto' wraps each prompt as a user turn with the tokenizer's chat template "
-        "(generation prompt added) when the tokenizer has one; 'never' feeds the raw prompt text.",
+        description="How every prompt becomes the models' input, one encoding for the whole job (teacher and "
+        "student generation, scoring, evaluation, training): 'auto' wraps it as one user turn, generation "
+        "prompt added, with the student's chat template (the raw text when it has none), and refuses a teacher "
+        "that would render it differently (another template, or none); 'never' feeds the raw prompt text; or "
+        "the text of a Jinja chat template (a YAML block scalar '|'; the variables of transformers' "
+        "apply_chat_template: messages, add_generation_prompt, bos_token, eos_token) that teacher and student "
+        "both use. The LLM judge uses its own template (none under 'never').",
     )
     response_source: Literal["teacher", "dataset"] = Field(
         "teacher",
@@ -104,6 +109,17 @@ class DataSpec(_Spec):
     @classmethod
     def _data_ref(cls, v: str) -> str:
         return check_data_ref(v)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str) -> str:
+        if v in ("auto", "never") or "{{" in v or "{%" in v:
+            return v
+        if v.strip().endswith(".jinja"):
+            raise ValueError("give the template's text, not a file (a YAML block scalar: 'chat_template: |' and the "
+                             "template indented below): the spec travels to the cluster without the file")
+        raise ValueError(f"{v[:60]!r} is neither 'auto', 'never' nor a Jinja chat template (text with {{{{ ... }}}} "
+                         "or {% ... %})")
 
 
 class GenerationSpec(_Spec):
