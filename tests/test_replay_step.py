@@ -86,7 +86,7 @@ def test_threshold_zero_keeps_the_data_set_batch(world):
     assert src.begin_step(0, 10) == FIXED and src.batch(engine, batch) is batch
 
 
-def test_validation_loss_is_the_token_weighted_objective_and_raises_the_threshold(world):
+def test_validation_loss_is_the_objective_over_all_rows_and_raises_the_threshold(world):
     tok, engine, teacher, batch = world
     spec = make(loss_eps=0.0, threshold_step=0.25)
     objective = make_step_objective(spec, plan_segments(spec, 2)[0], total_steps=1, num_segments=1, state=None)

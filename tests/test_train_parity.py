@@ -1,11 +1,12 @@
 """One training step, two runners: the local loop equals the Ray Train worker, under ZeRO-3.
 
 A real job (2 Ray Train workers, DeepSpeed ZeRO-3 over gloo, which partitions every parameter)
-trains 6 optimizer steps on 8 rows with micro-batches of one row, so every step sees every row
-once whatever order Ray Data's shuffle gives: the step's loss is the mean of the 8 rows' losses
-and its gradient their mean gradient. :class:`kdray.train.loop.LocalLoop` then trains the same
-student on the same 8 micro-batches, and each step's loss and gradient norm (before clipping)
-must agree. The same job checks that ZeRO-3's export gathers a full, trained checkpoint.
+trains 6 optimizer steps on 8 rows with micro-batches of one row (4 accumulated per rank), so
+every step sees every row once whatever order Ray Data's shuffle gives: the step's loss is the
+mean over the 8 rows' label tokens and its gradient that mean's gradient, whatever the split.
+:class:`kdray.train.loop.LocalLoop` then trains the same student on the same 8 micro-batches,
+and on one micro-batch of all 8 rows, and each step's loss and gradient norm (before clipping)
+must agree with the workers'. The same job checks that ZeRO-3's export gathers a full, trained checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parity_spec(tmp_path):
     return path
 
 
-def local_steps(spec_path):
+def local_steps(spec_path, rows_per_micro_batch: int = 1):
     import torch
 
     from kdray.curriculum.plan import plan_segments, total_steps
@@ -50,7 +51,8 @@ def local_steps(spec_path):
     encoded = TokenizeForTraining(spec.student.model, spec.training.max_seq_len, spec.data.chat_template)(
         {"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
          "finish_reason": ["stop"] * len(rows)})
-    micro_batches = [{k: torch.from_numpy(v[i:i + 1]) for k, v in encoded.items()} for i in range(N_ROWS)]
+    r = rows_per_micro_batch
+    micro_batches = [{k: torch.from_numpy(v[i:i + r]) for k, v in encoded.items()} for i in range(0, N_ROWS, r)]
     torch.manual_seed(spec.training.seed)
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
     student.train()
@@ -68,11 +70,16 @@ def test_local_loop_and_zero3_workers_give_the_same_steps_and_a_full_export(tmp_
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     worker = [m for m in report["train_metrics"] if "loss" in m]
     local = local_steps(spec_path)
+    # The step's objective is the mean over all its label tokens, however it is split: the workers'
+    # 2 ranks × 4 accumulated micro-batches, 8 local micro-batches, and one micro-batch of 8 rows.
+    whole = local_steps(spec_path, rows_per_micro_batch=N_ROWS)
     assert [m["step"] for m in worker] == [m["step"] for m in local] == list(range(1, STEPS + 1))
-    for w, loc in zip(worker, local):
-        assert loc["loss"] == pytest.approx(w["loss"], rel=1e-4), (w, loc)
-        assert loc["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), (w, loc)
-        assert loc["lr"] == pytest.approx(w["lr"], rel=1e-9)
+    for w, loc, one in zip(worker, local, whole):
+        for ref in (loc, one):
+            assert ref["loss"] == pytest.approx(w["loss"], rel=1e-4), (w, ref)
+            assert ref["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), (w, ref)
+            assert ref["lr"] == pytest.approx(w["lr"], rel=1e-9)
+        assert loc["tokens"] == one["tokens"]
     assert all(0 < m["grad_norm"] < float("inf") for m in local)
     assert sum(m["loss"] for m in worker[-2:]) < sum(m["loss"] for m in worker[:2])
 

@@ -3,10 +3,10 @@
 :class:`LocalLoop` runs exactly the objective a Ray Train worker runs
 (:func:`kdray.train.objectives.make_step_objective`) with the same optimizer and LR schedule
 (:func:`kdray.train.setup.make_optimizer`) and the same gradient clipping, and reports the same
-metrics. What the worker gets from DeepSpeed and Ray Train, it does by hand: the loss of each
-micro-batch is divided by the step's number of micro-batches before ``backward`` (DeepSpeed
-divides by ``gradient_accumulation_steps`` and averages over the workers), and the gradient norm
-is taken before clipping (as ``engine.get_global_grad_norm()``). Given the same micro-batches a
+metrics, through the same step (:func:`kdray.train.step.accumulate_step`: every micro-batch's
+loss is normalised by the whole step's items, so the gradients simply add up). What the worker
+gets from DeepSpeed, it does by hand: the gradient norm is taken before clipping (as
+``engine.get_global_grad_norm()``), then clipping and the optimizer update. Given the same micro-batches a
 step's loss and gradient norm equal the worker's (``tests/test_train_parity.py``).
 
 Its users: ``kdray bench train`` (the bare loop a job's throughput is compared with) and
@@ -22,6 +22,7 @@ from kdray.curriculum.plan import Segment
 from kdray.spec import JobSpec
 from kdray.train.objectives import make_step_objective
 from kdray.train.setup import make_optimizer
+from kdray.train.step import accumulate_step
 
 
 class LocalLoop:
@@ -61,23 +62,16 @@ class LocalLoop:
         as :class:`kdray.data.examples.TokenizeForTraining` makes them, as torch tensors).
 
         Returns:
-            ``step`` (the job's optimizer step, from 1), ``loss`` and the objective's parts (means
-            over the micro-batches), ``tokens`` (label tokens), ``lr`` (the rate this step
-            applied), ``grad_norm`` (before clipping) and the objective's schedule values.
+            ``step`` (the job's optimizer step, from 1), ``loss`` and the objective's parts (the
+            step's objective, whatever the split into micro-batches), ``tokens`` (label tokens),
+            ``lr`` (the rate this step applied), ``grad_norm`` (before clipping) and the
+            objective's schedule values.
         """
         import torch
 
         if self.objective is None:
             raise RuntimeError("LocalLoop.step before begin_segment")
-        n = len(micro_batches)
-        sums: dict[str, float] = {}
-        tokens = 0
-        for batch in micro_batches:
-            loss, parts, n_tokens = self.objective(self.student, self.teacher, batch)
-            (loss / n).backward()
-            tokens += n_tokens
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
+        sums = accumulate_step(self.objective, self.student, self.teacher, micro_batches, lambda loss: loss.backward())
         clip = self.spec.training.gradient_clipping or math.inf
         params = [p for p in self.student.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -89,7 +83,7 @@ class LocalLoop:
         self.objective.optimizer_step()
         self.global_step += 1
         seg = self.segment
-        return {"step": self.global_step, **{k: v / n for k, v in sums.items()}, "tokens": tokens, "lr": lr,
+        return {"step": self.global_step, **sums, "tokens": int(sums.get("tokens", 0)), "lr": lr,
                 "grad_norm": grad_norm, "round": seg.round,
                 **({"stage": seg.stage} if seg.stage is not None else {}), **schedule}
 

@@ -23,6 +23,12 @@ from kdray.data.tokenize import IGNORE_INDEX
 from kdray.spec import JobSpec
 
 
+def _upcast(logits: Any) -> Any:
+    """Half-precision logits in float32 for the loss; float32 and float64 as they are."""
+    import torch
+
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
 
 def _shifted(logits: Any, labels: Any) -> tuple[Any, Any, Any]:
     """Logits at positions that predict a label, the labels, and the label mask."""
@@ -81,6 +87,13 @@ def load_teacher(spec: JobSpec) -> Any:
     return None
 
 
+def _term_items(num_items_in_batch: dict[str, float] | None, *terms: str) -> tuple[float | None, ...]:
+    """The step's item count of each of ``terms`` (None everywhere: each micro-batch its own)."""
+    if num_items_in_batch is None:
+        return (None,) * len(terms)
+    return tuple(num_items_in_batch[t] for t in terms)
+
+
 def _unwrapped(module: Any) -> Any:
     """The transformers model under a peft wrapper (LoRA), if any."""
     return module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -108,7 +121,14 @@ class KDStep:
         self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
         self.fused = self.mode == "hidden" and spec.training.zero_stage < 3
 
-    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+    def items(self, batch: dict[str, Any]) -> dict[str, int]:
+        """What each term of this objective averages over in ``batch``: its label tokens (the KD
+        and the CE term share them). :func:`kdray.train.step.step_items` sums these over a step."""
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return {"kd": n, "ce": n}
+
+    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any],
+                 num_items_in_batch: dict[str, float] | None = None) -> tuple[Any, dict[str, float], int]:
         """The loss of one micro-batch.
 
         Args:
@@ -121,21 +141,24 @@ class KDStep:
                 tokens, ``IGNORE_INDEX`` elsewhere); ``topk`` mode adds ``t_topk_ids [B, L, k]``
                 and ``t_topk_logprobs [B, L, k]``, ``hidden`` mode ``t_hidden [B, L, H]`` (the
                 teacher at the position predicting each label).
+            num_items_in_batch: the step's items per term (:meth:`items` summed over the step,
+                :func:`kdray.train.step.step_items`); None: this micro-batch's own.
 
         Returns:
-            (loss: scalar tensor with grad, the token mean over the micro-batch's labels;
-            its parts as floats (``kd``, and ``ce`` when ``kd_ratio < 1``); the number of
-            label tokens).
+            (loss: scalar tensor with grad, the sum over the micro-batch's label tokens divided
+            by the step's; its parts as floats, likewise (``kd``, and ``ce`` when
+            ``kd_ratio < 1``); the number of label tokens).
         """
         import torch
 
         from kdray import losses
 
+        n_kd, n_ce = _term_items(num_items_in_batch, "kd", "ce")
         if self.fused:
-            return self._fused(engine, teacher, batch)
+            return self._fused(engine, teacher, batch, n_kd, n_ce)
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         logits = engine(input_ids=ids, attention_mask=attn).logits
-        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
+        s, target, mask = _shifted(_upcast(logits[..., : self.vocab]), labels)
         seg, obj = self.segment, self.spec.objective
         ce_labels = target if seg.kd_ratio < 1.0 else None
         if self.mode == "topk":
@@ -144,12 +167,14 @@ class KDStep:
             t_ids, t_lps = t_ids.masked_fill(outside, 0), t_lps.masked_fill(outside, float("-inf"))
             kd_tokens = losses.sparse_divergence(
                 obj.kind, s, t_ids, t_lps, teacher_tail_mass=topk_tail_mass(t_lps),
-                temperature=seg.kd_temperature, **obj.divergence_params(),
+                temperature=seg.kd_temperature, mask=mask, **obj.divergence_params(),
             )
             ce = None
             if ce_labels is not None:
-                ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
-            loss, parts = losses.mix_kd_and_ce(losses.masked_token_mean(kd_tokens, mask), ce, seg.kd_ratio)
+                ce = losses.masked_token_mean(losses.token_cross_entropy(s, target, mask=mask), mask,
+                                              num_items_in_batch=n_ce)
+            kd = losses.masked_token_mean(kd_tokens, mask, num_items_in_batch=n_kd)
+            loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
         else:
             with torch.no_grad():
                 if self.mode == "hidden":
@@ -157,12 +182,14 @@ class KDStep:
                 else:
                     t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
             loss, parts = losses.kd_objective(
-                s, t_logits[..., : self.vocab].float(), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
+                s, _upcast(t_logits[..., : self.vocab]), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
                 kd_temperature=seg.kd_temperature, labels=ce_labels, divergence_kwargs=obj.divergence_params(),
+                num_items_in_batch=n_kd, ce_num_items_in_batch=n_ce,
             )
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
-    def _fused(self, engine: Any, teacher: TeacherHead, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+    def _fused(self, engine: Any, teacher: TeacherHead, batch: dict[str, Any], n_kd: float | None,
+               n_ce: float | None) -> tuple[Any, dict[str, float], int]:
         """``hidden`` mode, ZeRO 0–2: the decoder's hidden states into the fused lm-head loss."""
         from kdray import losses
 
@@ -178,11 +205,12 @@ class KDStep:
         kd = losses.fused_linear_divergence(
             hidden, weight, batch["t_hidden"][:, 1:].to(teacher.weight.dtype), teacher.weight,
             divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
-            student_bias=bias, teacher_bias=teacher.bias, **obj.divergence_params(),
+            student_bias=bias, teacher_bias=teacher.bias, num_items_in_batch=n_kd, **obj.divergence_params(),
         )
         ce = None
         if seg.kd_ratio < 1.0:
-            ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias)
+            ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias,
+                                                   num_items_in_batch=n_ce)
         loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
@@ -204,7 +232,8 @@ class DistiLLM2Step(KDStep):
 
     With ``kd_ratio < 1`` (POCL's early stages) the CE on the teacher responses is mixed in
     as for every objective: ``kd_ratio · CALD + (1 − kd_ratio) · CE``. Δ is all-gathered
-    across ranks before it updates the running means, so every rank keeps the same α.
+    across ranks and folded into the running means once per optimizer step, so every rank keeps
+    the same α and a step's α does not depend on how the step is split into micro-batches.
     """
 
     def __init__(self, spec: JobSpec, segment: Segment, total_steps: int, num_rounds: int,
@@ -226,8 +255,19 @@ class DistiLLM2Step(KDStep):
                                                                "total_steps": self.schedule.total_steps}})
         while self.schedule.round < segment.round:  # the previous segment's round has ended
             self.schedule.end_round()
+        self._pending: list[tuple[Any, Any]] = []  # (Δ, is-student flags) of this step's micro-batches
 
-    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, float], int]:
+    def items(self, batch: dict[str, Any]) -> dict[str, int]:
+        """What each term averages over in ``batch``: SKL the teacher responses and SRKL the
+        student responses that have a label token (DistiLLM-2 averages per response, then over
+        responses), CE the teacher responses' label tokens."""
+        teacher_mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        student_mask = batch["s_labels"][:, 1:] != IGNORE_INDEX
+        return {"skl": int(teacher_mask.any(-1).sum()), "srkl": int(student_mask.any(-1).sum()),
+                "ce": int(teacher_mask.sum())}
+
+    def __call__(self, engine: Any, teacher: Any, batch: dict[str, Any],
+                 num_items_in_batch: dict[str, float] | None = None) -> tuple[Any, dict[str, float], int]:
         """The loss of one micro-batch of paired responses.
 
         Args:
@@ -235,11 +275,14 @@ class DistiLLM2Step(KDStep):
             batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, L]`` of the teacher
                 responses and ``s_input_ids``, ``s_attention_mask``, ``s_labels`` ``[B, L]`` of
                 the student's responses to the same ``B`` prompts (row ``i`` pairs with row ``i``).
+            num_items_in_batch: the step's items per term (:meth:`items` summed over the step);
+                None: this micro-batch's own.
 
         Returns:
             (loss: ``(2 − β)·SKL_α + β·SRKL_α``, mixed with CE when ``kd_ratio < 1``; parts
             ``kd``, ``skl``, ``srkl`` (and ``ce``) as floats; label tokens of both halves).
-            Δ of every row is observed by the schedule (all-gathered across ranks).
+            Δ of every row (all-gathered across ranks) is kept for the schedule, which observes
+            the step's Δ at :meth:`optimizer_step`; α comes from the means before the step.
         """
         import torch
         import torch.distributed as dist
@@ -254,8 +297,8 @@ class DistiLLM2Step(KDStep):
         logits = engine(input_ids=ids, attention_mask=attn).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=attn).logits
-        s, target, mask = _shifted(logits[..., : self.vocab].float(), labels)
-        t = t_logits[:, :-1, : self.vocab].float()
+        s, target, mask = _shifted(_upcast(logits[..., : self.vocab]), labels)
+        t = _upcast(t_logits[:, :-1, : self.vocab])
         flags = torch.arange(2 * n, device=s.device) >= n  # second half: student responses
         safe = target.clamp(min=0).unsqueeze(-1)
         with torch.no_grad():
@@ -263,15 +306,18 @@ class DistiLLM2Step(KDStep):
                                     s.detach().log_softmax(-1).gather(-1, safe).squeeze(-1), mask, flags)
         alpha = self.schedule.alpha(delta, flags)
         seg = self.segment
+        n_skl, n_srkl, n_ce = _term_items(num_items_in_batch, "skl", "srkl", "ce")
         cald, parts = losses.distillm2_loss(
             s[:n], t[:n], mask[:n], s[n:], t[n:], mask[n:], beta=self.schedule.beta,
             skl_alpha=alpha[:n], srkl_alpha=alpha[n:], temperature=seg.kd_temperature,
             detach_mixture_student=self.spec.objective.detach_mixture_student,
+            num_items_in_batch=None if num_items_in_batch is None else (n_skl, n_srkl),
         )
         out = {"kd": float(parts["loss"]), "skl": float(parts["skl"]), "srkl": float(parts["srkl"])}
         loss = cald
         if seg.kd_ratio < 1.0:
-            ce = losses.masked_token_mean(losses.token_cross_entropy(s[:n], target[:n]), mask[:n])
+            ce = losses.masked_token_mean(losses.token_cross_entropy(s[:n], target[:n], mask=mask[:n]), mask[:n],
+                                          num_items_in_batch=n_ce)
             out["ce"] = float(ce.detach())
             loss = seg.kd_ratio * cald + (1.0 - seg.kd_ratio) * ce
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -279,10 +325,18 @@ class DistiLLM2Step(KDStep):
             dist.all_gather(gathered, delta.contiguous())
             delta = torch.cat(gathered)
             flags = flags.repeat(dist.get_world_size())
-        self.schedule.observe(delta, flags)
+        if torch.is_grad_enabled():  # a training micro-batch (not validation): Δ counts at the step's end
+            self._pending.append((delta, flags))
         return loss, out, int(mask.sum())
 
     def optimizer_step(self) -> None:
+        """Fold the step's Δ (every micro-batch of every rank) into the running means, then
+        advance β: α stays the same within a step, so the step does not depend on its split."""
+        import torch
+
+        if self._pending:
+            self.schedule.observe(torch.cat([d for d, _ in self._pending]), torch.cat([f for _, f in self._pending]))
+            self._pending = []
         self.schedule.step()
 
     def metrics(self) -> dict[str, float]:

@@ -96,25 +96,30 @@ class ReplaySource:
         return [row[0][0] for row in samples]
 
     def validate(self, engine: Any, teacher: Any, objective: Any, rows: Any, device: Any) -> float:
-        """Token-weighted mean objective loss over every rank's validation rows; feeds φ."""
+        """The objective over every rank's validation rows, as one step over them would weigh
+        them (each term normalised by all the rows' items, :func:`kdray.train.step.step_items`);
+        feeds φ. Two passes over the rows: the first counts labels only."""
         import torch
         import torch.distributed as dist
 
-        total = torch.zeros(2, dtype=torch.float64)
+        from kdray.train.step import step_items
+
         mb = self.spec.training.micro_batch_size_per_worker
+        items = step_items(objective, rows.iter_torch_batches(batch_size=mb))
+        total = torch.zeros(1, dtype=torch.float64)
         was_training = engine.module.training
         engine.module.eval()
         try:
             with torch.no_grad():
                 for batch in rows.iter_torch_batches(batch_size=mb):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    loss, _, n_tokens = objective(engine, teacher, batch)
-                    total += torch.tensor([float(loss) * n_tokens, n_tokens], dtype=torch.float64)
+                    loss, _, _ = objective(engine, teacher, batch, num_items_in_batch=items)
+                    total += float(loss)
         finally:
             engine.module.train(was_training)
         if dist.is_initialized():
             dist.all_reduce(total)
-        value = float(total[0] / total[1].clamp(min=1))
+        value = float(total[0])
         self.scheduler.on_validation(value)
         return value
 

@@ -20,7 +20,7 @@ from kdray.curriculum.plan import Segment
 from kdray.errors import KdrayError
 from kdray.spec import JobSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
-
+from kdray.train.step import accumulate_step
 
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
@@ -74,11 +74,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         replay.validate(engine, teacher, objective, validation, device)
     shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
-    window: dict[str, float] = {}
     started = None  # the step's clock starts at its first micro-batch (not at data start-up)
     metrics: dict[str, Any] = {}
-    micro_in_step = 0
+    group: list[dict[str, Any]] = []  # the micro-batches of the step being gathered
     since_checkpoint: list[dict[str, Any]] = []
+
+    boundaries: list[bool] = []
+
+    def backward(loss: Any) -> None:
+        # The loss is already normalised by the whole step's items: DeepSpeed must neither divide
+        # it by the accumulation steps nor, in effect, by the ranks (it averages their gradients).
+        engine.backward(loss * world, scale_wrt_gas=False)
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        engine.step()  # an optimizer step only at the accumulation boundary
+
     for epoch in range(start_epoch, seg.epochs):
         batches = shard.iter_torch_batches(
             batch_size=t.micro_batch_size_per_worker,
@@ -95,21 +104,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 started = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             if replay is not None:
-                if micro_in_step == 0:
+                if not group:
                     replay.begin_step(step, wc.total_steps)
                 batch = replay.batch(engine, batch)
-            micro_in_step += 1
-            loss, parts, n_tokens = objective(engine, teacher, batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
-            engine.step()
-            for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
-                window[key] = window.get(key, 0.0) + value
-            if not boundary:
+            group.append(batch)
+            if len(group) < t.gradient_accumulation_steps:
                 continue
+            lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
+            window = accumulate_step(objective, engine, teacher, group, backward)
+            if boundaries != [False] * (len(group) - 1) + [True]:
+                raise RuntimeError(f"rank {rank}: DeepSpeed's accumulation boundaries {boundaries} do not match "
+                                   f"the step's {len(group)} micro-batches (step {step + 1})")
+            group, boundaries[:] = [], []
             step += 1
-            micro_in_step = 0
             schedule = objective.metrics()  # the values this step used
             objective.optimizer_step()
             if replay is not None:
@@ -117,8 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
             metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule,
-                       **_step_metrics(engine, wc, window, time.perf_counter() - started, world)}
-            window, started = {}, None
+                       **_step_metrics(engine, wc, window, time.perf_counter() - started)}
+            started = None
             since_checkpoint.append(metrics)
             if step >= seg.end_step:
                 break
@@ -159,11 +166,11 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, teacher
 
 
-def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float,
-                  world: int) -> dict[str, Any]:
-    """An optimizer step's metrics over every rank: the loss and its parts as the mean over the
-    step's micro-batches (all-reduced), label tokens per second, the grad norm before clipping,
-    this rank's peak memory, and where in the plan the step is."""
+def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float) -> dict[str, Any]:
+    """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
+    from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), label tokens
+    per second, the grad norm before clipping, this rank's peak memory, and where in the plan
+    the step is."""
     import torch
     import torch.distributed as dist
 
@@ -172,13 +179,12 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
     sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(sums)
     totals = dict(zip(keys, sums.tolist()))
-    micro_total = wc.spec.training.gradient_accumulation_steps * world
     grad_norm = engine.get_global_grad_norm()
     return {
         "total_steps": wc.total_steps,
         "round": seg.round,
         **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
-        **{k: v / micro_total for k, v in totals.items() if k != "tokens"},
+        **{k: v for k, v in totals.items() if k != "tokens"},
         "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "peak_rss_mb": peak_rss_mb(),

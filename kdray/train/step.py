@@ -1,0 +1,75 @@
+"""One optimizer step's forward and backward passes: the one training step of kdray.
+
+The Ray Train worker (:mod:`kdray.train.worker`, under DeepSpeed) and the local loop
+(:class:`kdray.train.loop.LocalLoop`: ``kdray bench train``, ``kdray repro``) both run
+:func:`accumulate_step` over the micro-batches of a step; they differ only in what
+``backward`` does with each micro-batch's loss.
+
+Why the step counts first. A step's objective is a mean over the whole step: every label token
+(or, for DistiLLM-2's per-response reduction, every response) of every micro-batch on every
+rank weighs the same, however the step is split into micro-batches and ranks. Normalising each
+micro-batch by its own count and then averaging micro-batches (as gradient accumulation does)
+over-weights short responses: with 36, 30, 2 and 3 label tokens, one micro-batch of four gives
+each token a weight of 1/71, two micro-batches of two give the short pair's tokens 1/10. So the
+step's items are counted over all its micro-batches and all-reduced over the ranks first
+(:func:`step_items`), and every micro-batch's loss is its *sum* divided by that count, the
+``num_items_in_batch`` of Hugging Face transformers' gradient-accumulation fix (Oct 2024). The
+micro-batch losses of the step then add up, over micro-batches and ranks, to the step's
+objective, and so do their gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def step_items(objective: Any, micro_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Items of each term of ``objective`` in one optimizer step, over all of this step's
+    ``micro_batches`` on every rank (summed with ``all_reduce`` when ``torch.distributed`` is
+    initialised with more than one rank; every rank must call this once per step).
+
+    Returns:
+        ``{term: count}`` as ``objective.items(batch)`` names them (e.g. ``kd``, ``ce``; for
+        DistiLLM-2 ``skl``, ``srkl``, ``ce``), as floats.
+    """
+    import torch
+    import torch.distributed as dist
+
+    totals: dict[str, float] = {}
+    for batch in micro_batches:
+        for key, value in objective.items(batch).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        keys = sorted(totals)
+        counts = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(counts)
+        totals = dict(zip(keys, counts.tolist()))
+    return totals
+
+
+def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: list[dict[str, Any]],
+                    backward: Callable[[Any], None]) -> dict[str, float]:
+    """Forward and backward every micro-batch of one optimizer step (not the update itself).
+
+    Args:
+        objective: a step objective (:func:`kdray.train.objectives.make_step_objective`).
+        model: the student (a DeepSpeed engine or the model).
+        teacher: what the objective needs of the teacher.
+        micro_batches: this rank's micro-batches of the step, tensors on the model's device.
+        backward: called with each micro-batch's loss, which is already normalised by the whole
+            step's items (:func:`step_items`): the runner adds the gradients up (undoing any
+            averaging its gradient reduction does over micro-batches or ranks).
+
+    Returns:
+        This rank's share of the step's metrics: ``loss`` and the objective's parts (summing
+        them over the ranks gives the step's values) and ``tokens`` (this rank's label tokens).
+    """
+    items = step_items(objective, micro_batches)
+    sums: dict[str, float] = {}
+    for batch in micro_batches:
+        loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
+        backward(loss)
+        for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
