@@ -41,7 +41,8 @@ def score_signal(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[Signal,
             return (meta, stored), {"rows": len(stored), "tokens": tokens, "bytes": size,
                                     "bytes_per_token": size / max(tokens, 1), "file": str(path)}
     with ctx.phase("score", len(rows), f"teacher {sig.mode} records"):
-        records = score_teacher(rows, ctx.spec, on_rows=lambda n: ctx.reporter.advance("score", n))
+        records = score_teacher(rows, ctx.spec, on_rows=lambda n: ctx.reporter.advance("score", n),
+                                encoding=ctx.prompt_encoding())
         meta = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
         if sig.mode == "topk":
             meta.update(k=sig.k, id_dtype=topk_id_dtype(teacher_vocab))
