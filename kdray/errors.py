@@ -6,6 +6,9 @@ body) raises a :class:`KdrayError` whose message names the file, row, field or n
 how to fix it. The CLI prints that message without a traceback and exits 2; the HTTP service
 answers 4xx with it. Every other exception is a kdray bug: a traceback and exit 1, or a 500.
 
+:func:`utf8_fault` and :func:`bad_char` say where a user's file holds bytes that are not UTF-8
+or characters that are not text (lone surrogates, NUL), for the readers' messages.
+
 :func:`user_error` finds the user's error behind an exception that crossed Ray (which keeps
 only the text of an error raised on a worker) or came from the disk or the cluster.
 
@@ -67,6 +70,44 @@ def first_line(exc: BaseException) -> str:
     """``Type: first line of the message``: enough of a library's error for a one-line message."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# -- where a user's file holds bytes or characters that are not text ------------------------
+
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
+
+
+def utf8_fault(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """Where the first byte of ``raw`` that is not UTF-8 is, for a message: ``line L, column C
+    (byte offset B): byte 0xE9 is not UTF-8``, plus a hint when ``raw`` is UTF-16 or cut short.
+
+    ``exc`` is the error of ``raw.decode("utf-8")``; lines and columns count from 1 (columns in
+    characters), the byte offset from 0 at the start of ``raw``."""
+    start = exc.start
+    line = raw.count(b"\n", 0, start) + 1
+    line_start = raw.rfind(b"\n", 0, start) + 1
+    column = len(raw[line_start:start].decode("utf-8", "replace")) + 1
+    text = f"line {line}, column {column} (byte offset {start}): byte 0x{raw[start]:02X} is not UTF-8"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text += " (the file is UTF-16)"
+    elif exc.reason == "unexpected end of data" and exc.end >= len(raw):
+        text += " (the file ends inside a character: it may be cut short)"
+    return text
+
+
+def bad_char(text: str) -> tuple[int, str] | None:
+    """The first character of ``text`` that is not usable text, as (0-based index, what it is),
+    or None: a lone surrogate U+D800–U+DFFF (a ``\\uXXXX`` escape without its pair, or a
+    byte that was not UTF-8 decoded with ``surrogateescape``) or a NUL (U+0000)."""
+    m = _BAD_CHAR.search(text)
+    if m is None:
+        return None
+    code = ord(m.group())
+    if code == 0:
+        return m.start(), "a NUL character (U+0000)"
+    if 0xDC80 <= code <= 0xDCFF:  # what surrogateescape makes of a byte that is not UTF-8
+        return m.start(), f"the byte 0x{code - 0xDC00:02X}, which is not UTF-8 (or a lone surrogate U+{code:04X})"
+    return m.start(), f"a lone surrogate U+{code:04X} (half of a UTF-16 pair: invalid unicode)"
 
 
 # -- the user's error behind an exception ----------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Annotated, Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdray.errors import SpecError
+from kdray.errors import SpecError, bad_char, utf8_fault
 from kdray.spec.job import JobSpec
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
@@ -102,36 +102,121 @@ def spec_errors(exc: ValidationError) -> list[tuple[str, str]]:
     return [_friendly(e) for e in exc.errors()]
 
 
+def _join_pairs(text: str) -> str:
+    """``text`` with each UTF-16 surrogate pair joined into its character (PyYAML leaves the
+    escapes ``"\\ud83d\\ude00"`` as two halves; JSON joins them); lone halves stay."""
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if "\ud800" <= c <= "\udbff" and i + 1 < len(text) and "\udc00" <= text[i + 1] <= "\udfff":
+            out.append(chr(0x10000 + ((ord(c) - 0xD800) << 10) + ord(text[i + 1]) - 0xDC00))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each lone surrogate and NUL written as its ``\\uXXXX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" if bad_char(c) else c for c in text)
+
+
+def _clean_text(data: Any, loc: tuple[Any, ...], errors: list[tuple[str, str]], what: str = "text") -> Any:
+    """``data`` with surrogate pairs joined. A key or value that still holds a lone surrogate or a
+    NUL (no field takes one: not a path, not a tokenizer) goes to ``errors`` and is validated
+    with those characters escaped, so the other fields' errors are reported with it."""
+    if isinstance(data, str):
+        data = _join_pairs(data)
+        bad = bad_char(data)
+        if bad is None:
+            return data
+        shown = f"'{_escaped(data)}' " if len(data) <= 40 else ""
+        escaped = _escaped(data)
+        errors.append((_loc_to_path(loc[:-1] + (escaped,) if what == "key" else loc),
+                       f"the {what} {shown}holds {bad[1]} at character {bad[0] + 1}; remove it, or write the "
+                       "character itself (the file as UTF-8) or a \\uXXXX escape of a whole character (a pair "
+                       "\\uD8xx\\uDCxx above U+FFFF)"))
+        return escaped
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            key = _clean_text(k, loc + (k,), errors, "key")
+            out[key] = _clean_text(v, loc + (key,), errors)
+        return out
+    if isinstance(data, list):
+        return [_clean_text(v, loc + (i,), errors) for i, v in enumerate(data)]
+    return data
+
+
 def parse_spec(data: Any, source: str | None = None) -> JobSpec:
-    """Validate a decoded spec (dict) and return a JobSpec, or raise SpecError with all errors."""
+    """Validate a decoded spec (dict) and return a JobSpec, or raise SpecError with all errors.
+
+    A string with a lone surrogate or a NUL character, anywhere in ``data``, is an error of its
+    field (its other errors, and those of the fields under it, are not repeated)."""
+    if data is None:
+        raise SpecError([("(spec)", "the spec is empty; write its fields (see docs/guide.md)")], source)
     if not isinstance(data, dict):
         raise SpecError([("(spec)", f"expected a mapping of fields, got {type(data).__name__}")], source)
+    text_errors: list[tuple[str, str]] = []
+    data = _clean_text(data, (), text_errors)
+    flagged = tuple(path for path, _ in text_errors)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(spec_errors(exc), source) from None
+        others = [e for e in spec_errors(exc)
+                  if not any(e[0] == f or e[0].startswith((f + ".", f + "[")) for f in flagged)]
+        raise SpecError(text_errors + others, source) from None
+    if text_errors:
+        raise SpecError(text_errors, source)
+    return spec
+
+
+def _line_column(text: str, index: int) -> str:
+    """``line L, column C`` of character ``index`` of ``text``, counting lines as editors do (at
+    ``\\n`` only; PyYAML also breaks lines at U+0085, U+2028 and U+2029)."""
+    index = max(0, min(index, len(text)))
+    line = text.count("\n", 0, index) + 1
+    return f"line {line}, column {index - text.rfind(chr(10), 0, index)}"
 
 
 def parse_spec_text(text: str, source: str | None = None) -> JobSpec:
-    """Parse YAML (JSON is YAML) text into a JobSpec."""
+    """Parse YAML (JSON is YAML) text into a JobSpec; a YAML error names its line and column."""
     try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL or U+0001
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise SpecError([(_line_column(text, exc.position),
+                          f"not valid YAML: the character U+{ord(char):04X} is not allowed in a YAML file; "
+                          "remove it (a file full of NULs is UTF-16 or not text: save it as UTF-8)")],
+                         source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(spec)"
+        where = _line_column(text, mark.index) if mark else "(spec)"
         raise SpecError([(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source) from None
     return parse_spec(data, source)
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a spec file."""
+    """Read and validate a spec file (UTF-8 YAML or JSON).
+
+    Raises :class:`SpecError` naming the file for a missing or unreadable file, a byte that is
+    not UTF-8 (its line, column and byte offset), YAML that does not parse, and every invalid
+    field."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise SpecError([("(file)", f"{p} does not exist")], str(p)) from None
     except OSError as exc:
         raise SpecError([("(file)", f"cannot read {p}: {exc.strerror}")], str(p)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([("(file)", f"{p} is not UTF-8 text: {utf8_fault(raw, exc)}; save the file as "
+                          "UTF-8")], str(p)) from None
     return parse_spec_text(text, str(p))
 
 
