@@ -6,23 +6,31 @@ driver and its workers agree on what a reference means.
 
 Every way a model can fail to load (a missing or corrupt file, a hub id this node cannot
 download, a tokenizer without a pad token, two vocabularies) is a :class:`ModelError` that
-names the model, the file and the node.
+names the model, the file and the node. A local directory's files are checked by
+:func:`model_files_problem`: its JSON and text files must be UTF-8 (and JSON), its weight files
+complete (a safetensors file as long as its header says, a ``.bin`` a whole zip archive).
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from kdray.errors import ModelError, first_line, node
+from kdray.errors import ModelError, first_line, node, utf8_fault
 from kdray.spec import TOY_PREFIX
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 #: Files of a checkpoint's weights; a local model directory needs one of them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+#: Text files of a model directory that the libraries read (the ``.json`` ones are JSON).
+TEXT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+              "chat_template.jinja", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_REFETCH = "copy or download the model again, or write it again with save_pretrained"
 _FIX = ("give a directory written by save_pretrained (config.json, the tokenizer files, the weights) or a "
         "hub id this node can download (network, HF_TOKEN for gated models)")
 
@@ -37,12 +45,107 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 @contextmanager
 def loading(what: str, ref: str) -> Iterator[None]:
     """Turn a library's load failure of ``what`` (e.g. "the tokenizer") of model ``ref`` into a
-    :class:`ModelError` naming the model, the node and the fix."""
+    :class:`ModelError` naming the model, the node and the fix; for a local directory, also the
+    file that is corrupt or cut short (:func:`model_files_problem`), whatever the library raised."""
     try:
         yield
-    except _load_errors() as exc:
-        raise ModelError(f"cannot load {what} of model {ref!r} on node {node()} ({first_line(exc)}); "
-                         f"{_FIX}") from None
+    except Exception as exc:
+        path = Path(ref if ref.startswith(TOY_PREFIX) else resolve_model(ref))  # a toy model is kdray's
+        problem = model_files_problem(path) if path.is_dir() else None
+        if problem is None and not isinstance(exc, _load_errors()):
+            raise  # no file is at fault: a kdray bug
+        fix = f"{problem}; {_REFETCH}" if problem else _FIX
+        raise ModelError(f"cannot load {what} of model {ref!r} on node {node()} ({first_line(exc)}); {fix}") from None
+
+
+def _json_or_text_problem(file: Path) -> tuple[Any, str | None]:
+    """(the decoded JSON or None, what is wrong with ``file`` or None)."""
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read {file}: {exc.strerror}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"{file} is not UTF-8 text: {utf8_fault(raw, exc)}"
+    if file.suffix != ".json":
+        return None, None
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")  # open at the end
+        cut = " (the file ends there: it is cut short)" if ends else ""
+        return None, f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{cut}"
+    except RecursionError:
+        return None, f"{file} is not valid JSON: nested too deeply"
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header,
+    then the tensors' bytes up to the largest ``data_offsets`` end the header lists
+    (https://github.com/huggingface/safetensors#format): a shorter file is cut short."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{file} is cut short: {size} bytes, fewer than the 8 of a safetensors header length"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return (f"{file} is cut short or not a safetensors file ({size} bytes; its first 8 bytes "
+                        f"say {n} bytes of header follow)")
+            header = json.loads(fh.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except OSError as exc:
+        return f"cannot read {file}: {exc.strerror}"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return f"{file} is not a safetensors file (its header is not a JSON table of tensors)"
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"{file} is cut short: {size} bytes, its header needs {need} ({need - size} missing)"
+    return None
+
+
+def _bin_problem(file: Path) -> str | None:
+    """A ``torch.save`` file (a zip archive; an old pickle-only file is not checked)."""
+    try:
+        with file.open("rb") as fh:
+            if fh.read(2) != b"PK":
+                return None
+        zipfile.ZipFile(file).close()
+    except OSError as exc:
+        return f"cannot read {file}: {exc.strerror}"
+    except zipfile.BadZipFile as exc:
+        return f"{file} is cut short or corrupt (not a whole zip archive: {exc})"
+    return None
+
+
+def model_files_problem(path: Path) -> str | None:
+    """What is wrong with the files of the local model directory ``path``, or None: the first of
+    its :data:`TEXT_FILES` that is not UTF-8 (line, column, byte offset) or not JSON (line,
+    column), or a weight file that is missing from its index, cut short or corrupt. Reads only
+    the text files and the weights' headers."""
+    decoded: dict[str, Any] = {}
+    for name in TEXT_FILES:
+        if (path / name).is_file():
+            decoded[name], problem = _json_or_text_problem(path / name)
+            if problem:
+                return problem
+    weights = [name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index in decoded:
+            weight_map = decoded[index].get("weight_map") if isinstance(decoded[index], dict) else None
+            if not isinstance(weight_map, dict):
+                return f"{path / index} has no weight_map (the table of which file holds which tensor)"
+            for shard in sorted(set(map(str, weight_map.values()))):
+                if not (path / shard).is_file():
+                    return f"{path / index} lists {shard}, which is missing from {path}"
+                weights.append(shard)
+    for name in weights:
+        problem = _safetensors_problem(path / name) if name.endswith(".safetensors") else _bin_problem(path / name)
+        if problem:
+            return problem
+    return None
 
 
 def resolve_model(ref: str) -> str:
@@ -58,14 +161,21 @@ def resolve_model(ref: str) -> str:
 
 
 def check_model_files(ref: str) -> None:
-    """A local model directory must hold its weights (a hub id and a toy model are not checked):
-    checked on the driver before any pool or worker tries to load them."""
+    """A local model directory must hold its weights, whole, and readable config and tokenizer
+    files (:func:`model_files_problem`; a hub id and a toy model are not checked): checked on the
+    driver before any pool or worker tries to load them. Raises :class:`ModelError` naming the
+    file and the fix."""
     if ref.startswith(TOY_PREFIX):
         return
     path = Path(ref).expanduser()
-    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+    if not path.is_dir():
+        return
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(f"model directory {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)}); "
                          "save the model there with save_pretrained, or finish copying it")
+    problem = model_files_problem(path)
+    if problem:
+        raise ModelError(f"model directory {str(path)!r}: {problem}; {_REFETCH}")
 
 
 def load_tokenizer(ref: str, *, need_pad: bool = True) -> Any:
