@@ -222,7 +222,8 @@ def test_distillm2_loss_masked_positions_are_inert(detach):
         return x
 
     want = grad_of(ref, s1, s2)
-    clean = run(keep_others(s1, MASK, 1), keep_others(t1, MASK, 2), keep_others(s2, mask2, 3), keep_others(t2, mask2, 4))
+    clean = run(keep_others(s1, MASK, 1), keep_others(t1, MASK, 2),
+                keep_others(s2, mask2, 3), keep_others(t2, mask2, 4))
     for name, value in POISONS.items():
         for side in SIDES:
             st = side != "teacher"
@@ -269,12 +270,14 @@ def test_sparse_masked_positions_are_inert(kind, kw):
     fns = [lambda x, i, lp, tm: L.sparse_divergence(
         kind, x, i, lp, temperature=temp, teacher_tail_mass=tm, mask=MASK, **kw)]
     if kind == "forward_kl":
-        fns.append(lambda x, i, lp, tm: L.sparse_forward_kl(x, i, lp, temperature=temp, teacher_tail_mass=tm, mask=MASK))
+        fns.append(lambda x, i, lp, tm: L.sparse_forward_kl(
+            x, i, lp, temperature=temp, teacher_tail_mass=tm, mask=MASK))
     for fn in fns:
         for with_tail in (False, True):
             for reduction in ("token_mean", "sequence_mean"):
                 def run(x, i, lp, tm):
-                    return grad_of(lambda u: L.reduce_per_token(fn(u, i, lp, tm if with_tail else None), MASK, reduction), x)
+                    tm = tm if with_tail else None
+                    return grad_of(lambda u: L.reduce_per_token(fn(u, i, lp, tm), MASK, reduction), x)
 
                 want = grad_of(lambda u: ref_reduce(ref(u), MASK, reduction), s)
                 clean = run(other_numbers(s, 1), ids, other_numbers(lps, 2), tail)
@@ -286,6 +289,27 @@ def test_sparse_masked_positions_are_inert(kind, kw):
                         check_inert(got, clean, want, what=f"tail={with_tail} {reduction} {name} {side}")
                         per_token = fn(poisoned(s, value), poisoned_ids(ids, name), poisoned(lps, value), None)
                         assert bool((per_token[~MASK] == 0).all())
+
+
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_sparse_masked_buckets_are_equal_for_both_models_in_bf16(with_tail):
+    """The neutral input is exact in any dtype: a masked position's buckets are the same for
+    student and teacher (so every divergence is 0 before any output selection), even for
+    bf16 records with k = V - 1, where a uniform stand-in would round its tail to 0."""
+    vocab, k = 1000, 999
+    s = torch.randn(1, 2, vocab, generator=_g(40))
+    ids = torch.stack([torch.randperm(vocab, generator=_g(41 + i))[:k] for i in range(2)]).reshape(1, 2, k)
+    lps = torch.log_softmax(torch.randn(1, 2, vocab, generator=_g(43)), -1).gather(-1, ids).bfloat16()
+    mask = torch.tensor([[True, False]])
+    lps[~mask] = math.nan
+    tail = torch.tensor([[1e-3, math.nan]]) if with_tail else None
+    lq, lp = L.sparse_bucket_logprobs(s, ids, lps, teacher_tail_mass=tail, mask=mask)
+    assert torch.equal(lq[~mask], lp[~mask].to(lq.dtype))
+    assert not torch.isnan(lq).any() and not torch.isnan(lp).any()
+    for kind in ("reverse_kl", "adaptive_kl"):
+        x = s.clone().requires_grad_(True)
+        L.masked_token_mean(L.sparse_divergence(kind, x, ids, lps, teacher_tail_mass=tail, mask=mask), mask).backward()
+        assert torch.isfinite(x.grad).all() and bool((x.grad[~mask] == 0).all())
 
 
 # ------------------------------------------------------------------ fused
@@ -342,5 +366,6 @@ def test_fused_cross_entropy_masked_rows_are_inert():
         check_inert(run(poisoned(hs, value)), clean, want, what=name)
     # nothing kept: the zero must not read the NaN rows either
     empty = torch.zeros_like(MASK)
-    v, (gh, gw) = grad_of(lambda x, w: L.fused_linear_cross_entropy(x, w, labels, mask=empty), poisoned(hs, math.nan), ws)
+    v, (gh, gw) = grad_of(
+        lambda x, w: L.fused_linear_cross_entropy(x, w, labels, mask=empty), poisoned(hs, math.nan), ws)
     assert float(v) == 0.0 and bool((gh == 0).all()) and bool((gw == 0).all())

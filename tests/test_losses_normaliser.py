@@ -130,7 +130,8 @@ def test_kd_objective_adds_up_over_micro_batches(reduction, kd_ratio):
             out, parts = L.kd_objective(
                 ls[0][idx], t[idx], mask=MASK[idx], divergence="jsd", divergence_kwargs={"beta": 0.4},
                 kd_ratio=kd_ratio, kd_temperature=2.0, labels=labels[idx], reduction=reduction,
-                num_items_in_batch=None if items is None else n_kd, ce_num_items_in_batch=None if items is None else n_ce)
+                num_items_in_batch=None if items is None else n_kd,
+                ce_num_items_in_batch=None if items is None else n_ce)
             return out if part == "loss" else parts[part]
         return fn
 
@@ -182,7 +183,8 @@ def test_sparse_path_adds_up_over_micro_batches(reduction, kind, kw):
     check_splits(loss, [s], n)
 
 
-@pytest.mark.parametrize("kind,kw", [("forward_kl", {}), ("skew_reverse_kl", {"alpha": 0.2, "detach_mixture_student": False})])
+@pytest.mark.parametrize(
+    "kind,kw", [("forward_kl", {}), ("skew_reverse_kl", {"alpha": 0.2, "detach_mixture_student": False})])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fused_path_adds_up_over_micro_batches(reduction, kind, kw):
     g = _g(30)

@@ -122,7 +122,8 @@ def kd_objective(
     fn = _resolve_divergence(divergence, divergence_kwargs or {})
     keep = keep_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device)
     student_logits = neutralise(student_logits, keep)
-    kd_tokens = fn(student_logits, neutralise(teacher_logits, keep), temperature=temperature, **(divergence_kwargs or {}))
+    teacher_logits = neutralise(teacher_logits, keep)
+    kd_tokens = fn(student_logits, teacher_logits, temperature=temperature, **(divergence_kwargs or {}))
     kd = reduce_per_token(kd_tokens, keep, reduction, num_items_in_batch)
     ce = None
     if labels is not None:

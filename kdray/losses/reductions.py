@@ -68,7 +68,9 @@ def items_divisor(num_items_in_batch: object, own_items: Tensor, dtype: torch.dt
             )
         n = num_items_in_batch.detach().to(device=own_items.device)
     elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
-        raise ValueError(f"num_items_in_batch must be None, an int, a float or a 0-dim tensor, got {num_items_in_batch!r}")
+        raise ValueError(
+            f"num_items_in_batch must be None, an int, a float or a 0-dim tensor, got {num_items_in_batch!r}"
+        )
     elif not math.isfinite(num_items_in_batch):
         raise ValueError(f"num_items_in_batch must be finite, got {num_items_in_batch!r}")
     else:
@@ -76,7 +78,9 @@ def items_divisor(num_items_in_batch: object, own_items: Tensor, dtype: torch.dt
     return n.to(dtype).clamp_min(1.0)
 
 
-def masked_token_mean(per_token: Tensor, mask: Tensor, num_items_in_batch: int | float | Tensor | None = None) -> Tensor:
+def masked_token_mean(
+    per_token: Tensor, mask: Tensor, num_items_in_batch: int | float | Tensor | None = None
+) -> Tensor:
     """``Σ_{mask} per_token / num_items_in_batch`` for ``per_token, mask [B, T]`` -> scalar.
 
     The items are the unmasked tokens. ``num_items_in_batch=None`` divides by this call's
@@ -142,6 +146,8 @@ def num_items(mask: Tensor, reduction: str) -> int:
         return int(keep.sum())
     if reduction == "sequence_mean":
         if keep.dim() != 2:
-            raise ValueError(f"reduction='sequence_mean' counts the rows of a [B, T] mask, got shape {tuple(mask.shape)}")
+            raise ValueError(
+                f"reduction='sequence_mean' counts the rows of a [B, T] mask, got shape {tuple(mask.shape)}"
+            )
         return int(keep.any(-1).sum())
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

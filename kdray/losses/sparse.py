@@ -34,9 +34,9 @@ sparse representation cannot be re-tempered: the tail's shape is unknown).
 Masked positions: every function here takes an optional ``mask [B, T]`` (nonzero =
 use). Masked positions may hold anything -- NaN or ``-inf`` log-probs, out-of-range
 ids, a NaN tail mass, NaN student logits: they are not validated, and before computing
-they are replaced by a neutral position (student logits 0, teacher uniform over the
-vocabulary as ids ``0..k-1`` with log-prob ``-log V``), so they contribute exactly 0 to
-the value and to the gradient; :func:`sparse_divergence` returns 0 there. Without a
+they are replaced by a neutral position (both models a point mass on token 0, so the
+two bucket distributions are identical), so they contribute exactly 0 to the value and
+to the gradient; :func:`sparse_divergence` returns 0 there. Without a
 mask every position must be valid, and a NaN anywhere reaches the gradient even if a
 later reduction drops that position.
 
@@ -46,8 +46,6 @@ treated as not recorded, so the student's mass on it stays in the tail bucket.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -101,14 +99,20 @@ def _check_sparse_inputs(student_logits, teacher_topk_ids, teacher_topk_logprobs
 
 
 def _neutral_inputs(keep, student_logits, ids, logprobs, tail_mass):
-    """Masked positions -> student logits 0 and a uniform teacher (ids 0..k-1 at -log V),
-    constants that give every divergence a finite value and gradient (both 0)."""
+    """Masked positions -> both models a point mass on token 0: student logits ``[0, -inf, ...]``,
+    teacher ids ``0..k-1`` with log-probs ``[0, -inf, ...]`` (padding slots) and tail mass 0.
+    The two bucket distributions are then identical in any dtype, so every divergence is
+    exactly 0 there with a finite gradient (entries ``-inf`` in both drop out)."""
     vocab, k = student_logits.shape[-1], ids.shape[-1]
-    student_logits = neutralise(student_logits, keep)
+    point = torch.full((vocab,), NEG_INF, dtype=student_logits.dtype, device=student_logits.device)
+    point[0] = 0.0
+    slots = torch.full((k,), NEG_INF, dtype=logprobs.dtype, device=logprobs.device)
+    slots[0] = 0.0
+    student_logits = neutralise(student_logits, keep, point)
     ids = neutralise(ids, keep.to(ids.device), torch.arange(k, device=ids.device))
-    logprobs = neutralise(logprobs, keep.to(logprobs.device), -math.log(vocab))
+    logprobs = neutralise(logprobs, keep.to(logprobs.device), slots)
     if tail_mass is not None:
-        tail_mass = torch.where(keep.to(tail_mass.device), tail_mass, (vocab - k) / vocab)
+        tail_mass = torch.where(keep.to(tail_mass.device), tail_mass, 0.0)
     return student_logits, ids, logprobs, tail_mass
 
 
