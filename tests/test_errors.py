@@ -298,7 +298,7 @@ def test_bad_http_bodies_get_422_with_the_field(service):
     assert res.status_code == 422 and res.json()["errors"][0]["field"] == "(body)"
     assert "not valid JSON" in res.json()["errors"][0]["message"]
     res = service.post("/v1/jobs", content=b"name: \xff", headers={"Content-Type": "application/yaml"})
-    assert res.status_code == 422 and res.json()["errors"] == [{"field": "(body)", "message": "the body is not UTF-8 text"}]
+    assert res.status_code == 422 and res.json()["errors"] == [{"field": "(body)", "message": "the body is not UTF-8 text: line 1, column 7 (byte offset 6): byte 0xFF is not UTF-8"}]
     res = service.post("/v1/jobs", content=b"name: Bad Name\n", headers={"Content-Type": "application/yaml"})
     assert res.status_code == 422 and {"name", "teacher", "student", "data"} <= {e["field"] for e in res.json()["errors"]}
     assert service.post("/v1/jobs", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415

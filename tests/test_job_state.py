@@ -64,3 +64,14 @@ def test_a_corrupt_state_file_says_how_to_start_over(tmp_path):
     (tmp_path / "state" / "job.json").write_text("{not json")
     with pytest.raises(KdrayError, match="--restart"):
         JobState.open(tmp_path, spec_of(tmp_path), restart=False)
+
+
+@pytest.mark.parametrize("damage", [b'{"id": "b", "resp', b'{"id": "\xff"}'], ids=["cut-short", "not-utf8"])
+def test_saved_rows_damaged_on_disk_name_the_file_line_and_restart(tmp_path, damage):
+    state = JobState.open(tmp_path, spec_of(tmp_path), restart=False)
+    state.save_rows("train_rows", [{"id": "a"}])
+    path = tmp_path / "state" / "train_rows.jsonl"
+    assert path.exists()
+    path.write_bytes(path.read_bytes() + damage + b"\n")
+    with pytest.raises(KdrayError, match=rf"{path}, line 2: not a JSON row; .*--restart"):
+        state.load_rows("train_rows")

@@ -65,7 +65,8 @@ class Job:
             return
         self.reporter.message(f"resuming the job in {self.out} (kdray run --restart starts over)")
         if events.exists():
-            for line in events.read_text(encoding="utf-8").splitlines():
+            # errors="replace": a character cut short when the earlier run was killed spoils its line only
+            for line in events.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     event = json.loads(line)
                 except ValueError:

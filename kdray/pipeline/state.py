@@ -95,7 +95,16 @@ class JobState:
         path = self.dir / f"{name}.jsonl"
         if not path.exists():
             return None
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        rows = []
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # also a line that is not UTF-8: the file was damaged after it was written
+                raise KdrayError(f"{path}, line {number}: not a JSON row; the job's saved state is damaged. "
+                                 "Run the job again with --restart (kdray run --restart SPEC)") from None
+        return rows
 
     def save_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Save ``rows`` (JSON-serialisable dicts) as ``state/NAME.jsonl``, atomically."""

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from kdray.errors import ClusterError, SpecError
+from kdray.errors import ClusterError, SpecError, utf8_fault
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
@@ -52,8 +52,8 @@ def parse_body(body: bytes, ctype: str, output_root: str) -> Any:
     try:
         text = body.decode("utf-8")
         spec = parse_spec(json.loads(text)) if ctype in JSON_TYPES else parse_spec_text(text)
-    except UnicodeDecodeError:
-        raise SpecError([("(body)", "the body is not UTF-8 text")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([("(body)", f"the body is not UTF-8 text: {utf8_fault(body, exc)}")]) from None
     except RecursionError:
         raise SpecError([("(body)", "the body nests too deeply")]) from None
     except SpecError:
