@@ -92,6 +92,7 @@ def test_distillm2_step_is_the_contrastive_loss_with_scheduled_alpha_and_beta(mo
         loss, parts, _ = step(student, teacher, b)
         assert float(loss) == pytest.approx(float(expected), rel=1e-5)
         assert set(parts) == {"kd", "skl", "srkl"}
+        step.end_micro_batches()  # as accumulate_step does at the end of every step
         step.optimizer_step()
         ref.step()
     m = step.metrics()

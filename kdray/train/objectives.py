@@ -214,6 +214,10 @@ class KDStep:
         loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
+    def end_micro_batches(self) -> None:
+        """Called once the step's micro-batches are done, before its metrics are read (a schedule
+        folds in what the step observed; this one has none)."""
+
     def optimizer_step(self) -> None:
         """Called after every optimizer step (schedules advance here; this one has none)."""
 
@@ -282,7 +286,7 @@ class DistiLLM2Step(KDStep):
             (loss: ``(2 − β)·SKL_α + β·SRKL_α``, mixed with CE when ``kd_ratio < 1``; parts
             ``kd``, ``skl``, ``srkl`` (and ``ce``) as floats; label tokens of both halves).
             Δ of every row (all-gathered across ranks) is kept for the schedule, which observes
-            the step's Δ at :meth:`optimizer_step`; α comes from the means before the step.
+            the step's Δ at :meth:`end_micro_batches`; α comes from the means before the step.
         """
         import torch
         import torch.distributed as dist
@@ -329,14 +333,16 @@ class DistiLLM2Step(KDStep):
             self._pending.append((delta, flags))
         return loss, out, int(mask.sum())
 
-    def optimizer_step(self) -> None:
-        """Fold the step's Δ (every micro-batch of every rank) into the running means, then
-        advance β: α stays the same within a step, so the step does not depend on its split."""
+    def end_micro_batches(self) -> None:
+        """Fold the step's Δ (every micro-batch of every rank) into the running means: α stayed
+        the same within the step, so the step does not depend on its split."""
         import torch
 
         if self._pending:
             self.schedule.observe(torch.cat([d for d, _ in self._pending]), torch.cat([f for _, f in self._pending]))
             self._pending = []
+
+    def optimizer_step(self) -> None:
         self.schedule.step()
 
     def metrics(self) -> dict[str, float]:

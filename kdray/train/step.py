@@ -72,4 +72,5 @@ def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: lis
         backward(loss)
         for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
             sums[key] = sums.get(key, 0.0) + value
+    objective.end_micro_batches()
     return sums
