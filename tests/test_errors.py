@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from kdray.data.datasets import load_split, read_rows
-from kdray.data.records import (align_signal, check_layout, decode_signal, read_signal_records,
-                                write_signal_records)
-from kdray.data.tokenize import IGNORE_INDEX
+from kdray.data.records import (check_layout, check_record_lengths, decode_signal, read_signal_records,
+                                signal_tensors, write_signal_records)
 from kdray.errors import (ClusterError, DataError, KdrayError, ModelError, RecordsError, SpecError,
                           user_error)
 from kdray.spec import DataSpec
@@ -129,10 +128,10 @@ def test_records_of_another_layout_or_other_data_are_refused(tmp_path):
     row = dict(stored["a#0"], topk_ids=stored["a#0"]["topk_ids"][:-2])  # a record cut short
     with pytest.raises(RecordsError, match=r"r.parquet: a record of 3 tokens holds 22 bytes of topk_ids, not 24"):
         decode_signal(row, meta)
-    labels = np.full((1, 6), IGNORE_INDEX)
-    labels[0, 1:5] = 1
+    with pytest.raises(RecordsError, match=r"r.parquet: a record of 3 tokens holds 22 bytes of topk_ids, not 24"):
+        signal_tensors([row], [1], 6, meta)  # as a worker's collate reads it
     with pytest.raises(RecordsError, match=r"r.parquet: the teacher record of row 0 covers 3 .* labels 4"):
-        align_signal([decode_signal(stored["a#0"], meta)], labels, meta)
+        check_record_lengths([stored["a#0"]["n_tokens"]], [4], meta)
     # a file without the layout a mode needs
     broken = tmp_path / "broken.parquet"
     table = pq.read_table(path)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from kdray.cli import main
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import TokenizeForTraining, training_batch
 from kdray.data.tokenize import (PROBE, PromptEncoding, check_renderings, encode_batch, job_encoding, judge_encoding,
                                  prompt_token_counter, prompt_token_ids)
 from kdray.errors import ModelError, SpecError
@@ -204,17 +204,17 @@ def test_a_shared_template_gives_the_same_ids_at_every_call_site(tmp_path, model
     assert own != expected  # the teacher's own template would have given other ids
 
     # The trainer (student side), the length check and the teacher-signal scorer's pairs.
-    batch = TokenizeForTraining(models["student"], 32, encoding)(
-        {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": ["stop"] * 3})
+    batch = training_batch(TokenizeForTraining(models["student"], 32, encoding),
+                           {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": ["stop"] * 3})
     for row, ids in enumerate(expected):
         assert batch["input_ids"][row, : len(ids)].tolist() == ids
         assert (batch["labels"][row, : len(ids)] == -100).all() and batch["labels"][row, len(ids)] != -100
     student_tok = make_tokenizer(STUDENT_T)
     assert prompt_token_counter(student_tok, encoding)(PROMPTS) == [len(ids) for ids in expected]
     assert [p for p, _ in encode_batch(student_tok, PROMPTS, RESPONSES, None, encoding)] == expected
-    assert TokenizeForTraining(models["student"], 32, SHARED_T)(  # the setting itself resolves the same
-        {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": ["stop"] * 3})["input_ids"].tolist() == \
-        batch["input_ids"].tolist()
+    assert training_batch(TokenizeForTraining(models["student"], 32, SHARED_T),  # the setting resolves the same
+                          {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": ["stop"] * 3})["input_ids"].tolist() \
+        == batch["input_ids"].tolist()
 
     # The teacher's pool (hf backend): it encodes with the job's encoding, not its own template.
     gen = HFGenerator(models["teacher"], dtype="float32", max_model_len=64, tensor_parallel_size=1,

@@ -13,7 +13,7 @@ from kdray.data.tokenize import IGNORE_INDEX, pack_examples
 from kdray.train.replay import FIXED, FRESH, REPLAY, ReplaySource, split_prompt_response
 from kdray.spec import parse_spec
 from kdray.train.objectives import make_step_objective
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import TokenizeForTraining, training_batch
 
 
 def make(**replay):
@@ -43,9 +43,9 @@ def world(toy_world):
     student = load_causal_lm("toy:student", "float32", trainable=False)
     teacher = load_causal_lm("toy:teacher", "float32", trainable=False)
     enc = TokenizeForTraining("toy:student", max_seq_len=48)
-    batch = enc({"prompt": np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5\nA:"]),
-                 "response": np.array([" 1 2 3", " 5 4"]), "finish_reason": np.array(["stop", "stop"])})
-    return tok, Engine(student), teacher, {k: torch.as_tensor(v) for k, v in batch.items()}
+    batch = training_batch(enc, {"prompt": np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5\nA:"]),
+                                 "response": np.array([" 1 2 3", " 5 4"]), "finish_reason": np.array(["stop", "stop"])})
+    return tok, Engine(student), teacher, batch
 
 
 def test_split_prompt_response_inverts_packing():
@@ -91,10 +91,14 @@ def test_validation_loss_is_the_objective_over_all_rows_and_raises_the_threshold
     spec = make(loss_eps=0.0, threshold_step=0.25)
     objective = make_step_objective(spec, plan_segments(spec, 2)[0], total_steps=1, num_segments=1, state=None)
 
-    class Rows:  # the part of a Ray Data shard that validate() uses
-        def iter_torch_batches(self, batch_size):
-            yield {k: v[:1] for k, v in batch.items()}
-            yield {k: v[1:] for k, v in batch.items()}
+    compact = TokenizeForTraining("toy:student", max_seq_len=48)(
+        {"prompt": np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5\nA:"]), "response": np.array([" 1 2 3", " 5 4"]),
+         "finish_reason": np.array(["stop", "stop"])})
+
+    class Rows:  # the part of a Ray Data shard that validate() uses: two batches of one row
+        def iter_torch_batches(self, batch_size, collate_fn):
+            yield collate_fn({k: v[:1] for k, v in compact.items()})
+            yield collate_fn({k: v[1:] for k, v in compact.items()})
 
     src = ReplaySource(spec, rank=0, state=None, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     assert src.needs_initial_validation

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kdray.curriculum.plan import plan_segments
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import TokenizeForTraining, training_batch
 from kdray.models import load_causal_lm, shared_vocab_size
 from kdray.spec import parse_spec
 from kdray.train.objectives import TeacherHead, make_step_objective
@@ -69,7 +69,7 @@ def make_batch(teacher) -> dict[str, torch.Tensor]:
     """The 8 rows as one batch, with both responses and the teacher's stored signals."""
     raw = {"prompt": np.array(PROMPTS), "response": np.array(RESPONSES), "finish_reason": np.array(["stop"] * 8),
            "student_response": np.array(STUDENT_RESPONSES), "student_finish_reason": np.array(["stop"] * 8)}
-    batch = {k: torch.as_tensor(v) for k, v in TokenizeForTraining("toy:student", max_seq_len=40)(raw).items()}
+    batch = training_batch(TokenizeForTraining("toy:student", max_seq_len=40), raw)
     with torch.no_grad():
         out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     # Stored signals sit at the label they predict: position j holds the teacher at position j - 1.

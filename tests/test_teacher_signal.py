@@ -15,11 +15,12 @@ from kdray.errors import KdrayError, RecordsError
 from kdray.models import load_causal_lm, load_output_head, load_tokenizer, resolve_model, shared_vocab_size
 from kdray.curriculum.plan import plan_segments
 from kdray.data.tokenize import IGNORE_INDEX
-from kdray.data.records import (align_signal, decode_signal, read_signal_records, topk_id_dtype, write_signal_records)
+from kdray.data.records import (check_record_lengths, decode_signal, encode_signal, read_signal_records,
+                                signal_tensors, topk_id_dtype, write_signal_records)
 from kdray.errors import SpecError
 from kdray.spec import parse_spec
 from kdray.train.objectives import TOPK_TAIL_FLOOR, KDStep, TeacherHead, load_teacher, topk_tail_mass
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import TokenizeForTraining, training_batch
 
 PROMPTS = np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5 6 7\nA:", "Q: sum 9 9\nA:"])
 RESPONSES = np.array([" 1 2 3", " 7 6 5 4", " 18"])
@@ -71,8 +72,8 @@ def hf_records(teacher, batch, k):
 def stored_batch(teacher, mode, k, tmp_path, max_seq_len=32):
     """A training micro-batch exactly as the trainer gets it in ``mode``: scored, written to a
     records file, read back, and aligned by TokenizeForTraining."""
-    plain = TokenizeForTraining("toy:student", max_seq_len=max_seq_len)(
-        {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": FINISH})
+    plain = training_batch(TokenizeForTraining("toy:student", max_seq_len=max_seq_len),
+                           {"prompt": PROMPTS, "response": RESPONSES, "finish_reason": FINISH})
     records = hf_records(teacher, plain, k)
     vocab = teacher.config.vocab_size
     meta = {"mode": mode, "vocab_size": vocab, "teacher": "toy:teacher"}
@@ -85,7 +86,7 @@ def stored_batch(teacher, mode, k, tmp_path, max_seq_len=32):
     for column in stored[keys[0]]:
         raw[column] = np.array([stored[key][column] for key in keys], dtype=object)
     tok = TokenizeForTraining("toy:student", max_seq_len=max_seq_len, signal_meta=meta)
-    return {c: torch.as_tensor(v) for c, v in tok(raw).items()}
+    return training_batch(tok, raw)
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -149,16 +150,24 @@ def test_bad_records_are_refused(tmp_path):
         read_signal_records(tmp_path / "plain.parquet")
 
 
-def test_align_places_records_at_the_label_positions_and_checks_their_length():
-    labels = np.full((2, 6), IGNORE_INDEX)
-    labels[0, 2:5] = [7, 8, 9]
-    labels[1, 3:6] = [1, 2, 3]
-    rows = [{"n_tokens": 3, "hidden": np.arange(6, dtype=np.float32).reshape(3, 2) + 10 * i} for i in range(2)]
-    out = align_signal(rows, labels, {"mode": "hidden", "hidden_size": 2})["t_hidden"]
-    assert np.array_equal(out[0, 2:5], rows[0]["hidden"]) and np.array_equal(out[1, 3:6], rows[1]["hidden"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_records_are_placed_at_the_label_positions_in_their_stored_dtype(dtype):
+    meta = {"mode": "hidden", "hidden_size": 2, "hidden_dtype": dtype}
+    values = [np.arange(6, dtype=np.float32).reshape(3, 2) + 10 * i for i in range(2)]
+    stored = [encode_signal({"hidden": v}, meta) for v in values]
+    out = signal_tensors(stored, [2, 3], 6, meta)["t_hidden"]  # labels at 2:5 and 3:6
+    assert out.shape == (2, 6, 2) and out.dtype == getattr(torch, dtype)  # not copied to float32
+    assert torch.equal(out[0, 2:5].float(), torch.from_numpy(values[0]))  # small integers: exact in every dtype
+    assert torch.equal(out[1, 3:6].float(), torch.from_numpy(values[1]))
     assert not out[0, :2].any() and not out[1, :3].any()
+    topk = {"mode": "topk", "k": 2, "vocab_size": 10, "id_dtype": "<u2"}
+    rec = encode_signal({"topk_ids": np.array([[3, 1]]), "topk_logprobs": np.array([[-0.5, -1.5]])}, topk)
+    out = signal_tensors([rec], [4], 5, topk)
+    assert out["t_topk_ids"].dtype == torch.int64 and out["t_topk_logprobs"].dtype == torch.float16
+    assert out["t_topk_ids"][0, 4].tolist() == [3, 1] and out["t_topk_logprobs"][0, 4].tolist() == [-0.5, -1.5]
+    assert out["t_topk_logprobs"][0, 0].tolist() == [0.0, float("-inf")]  # the filler: one certain token
     with pytest.raises(RecordsError, match="covers 2 response tokens but the trainer labels 3"):
-        align_signal([{"n_tokens": 2, "hidden": np.zeros((2, 2))}] * 2, labels, {"mode": "hidden", "hidden_size": 2})
+        check_record_lengths([3, 2], [3, 3], meta)
 
 
 # -- the objective in each mode ------------------------------------------------------------------

@@ -39,7 +39,7 @@ def local_steps(spec_path, rows_per_micro_batch: int = 1):
 
     from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.data.datasets import load_split
-    from kdray.data.examples import TokenizeForTraining
+    from kdray.data.examples import CollateExamples, TokenizeForTraining
     from kdray.models import load_causal_lm
     from kdray.spec import load_spec
     from kdray.train.loop import LocalLoop
@@ -48,11 +48,13 @@ def local_steps(spec_path, rows_per_micro_batch: int = 1):
     spec = load_spec(spec_path)
     rows, _ = load_split(spec.data, "train", lambda prompts: [1] * len(prompts), need_response=True)
     assert len(rows) == N_ROWS
-    encoded = TokenizeForTraining(spec.student.model, spec.training.max_seq_len, spec.data.chat_template)(
+    encoder = TokenizeForTraining(spec.student.model, spec.training.max_seq_len, spec.data.chat_template)
+    encoded = encoder(
         {"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
          "finish_reason": ["stop"] * len(rows)})
     r = rows_per_micro_batch
-    micro_batches = [{k: torch.from_numpy(v[i:i + r]) for k, v in encoded.items()} for i in range(0, N_ROWS, r)]
+    collate = CollateExamples(encoder.pad_id)  # as a worker pads each micro-batch
+    micro_batches = [collate({k: v[i:i + r] for k, v in encoded.items()}) for i in range(0, N_ROWS, r)]
     torch.manual_seed(spec.training.seed)
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
     student.train()

@@ -13,7 +13,7 @@ from kdray.models import load_causal_lm
 from kdray.curriculum.plan import plan_segments
 from kdray.spec import parse_spec
 from kdray.train.objectives import DistiLLM2Step, KDStep, make_step_objective
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import TokenizeForTraining, training_batch
 
 
 def make(objective, curriculum=None):
@@ -39,7 +39,7 @@ def batch_of(student_responses: bool):
            "response": np.array([" 1 2 3", " 5 4"]), "finish_reason": np.array(["stop", "stop"])}
     if student_responses:
         raw.update(student_response=np.array([" 1 1", " 4 4 4"]), student_finish_reason=np.array(["stop", "length"]))
-    return {k: torch.as_tensor(v) for k, v in tok(raw).items()}
+    return training_batch(tok, raw)
 
 
 def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models):

@@ -9,7 +9,7 @@ import pytest
 
 from kdray.spec import parse_spec
 from kdray.data.tokenize import IGNORE_INDEX
-from kdray.data.examples import TokenizeForTraining
+from kdray.data.examples import CollateExamples, TokenizeForTraining, training_batch
 from kdray.train.setup import cosine_with_warmup, deepspeed_config
 
 
@@ -47,9 +47,10 @@ def test_tokenize_labels_only_the_response_and_its_eos(toy_world):
         "response": np.array([" 1 2 3", " 1 2 3 4 5 6 7 8 9"]),
         "finish_reason": np.array(["stop", "length"]),
     }
-    out = tok(batch)
+    compact = tok(batch)  # unpadded int32 ids per row, and where the labels start
+    out = training_batch(tok, batch)
     ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
-    assert ids.shape == mask.shape == labels.shape == (2, 24)
+    assert ids.shape == mask.shape == labels.shape == (2, 24)  # the longest row: cut at max_seq_len
 
     t = tok.tok
     prompt = t(batch["prompt"][0]).input_ids
@@ -60,6 +61,8 @@ def test_tokenize_labels_only_the_response_and_its_eos(toy_world):
     assert labels[0, len(prompt) : n].tolist() == response + [t.eos_token_id]
     assert (labels[0, n:] == IGNORE_INDEX).all() and (ids[0, n:] == t.pad_token_id).all()
     assert mask[0].sum() == n
+    assert compact["input_ids"][0].dtype == np.int32 and len(compact["input_ids"][0]) == n
+    assert compact["prompt_len"].tolist() == [len(prompt), len(t(batch["prompt"][1]).input_ids)]
 
     # A response cut by max_new_tokens gets no EOS; too long a sequence is cut at max_seq_len.
     assert mask[1].sum() == 24 and t.eos_token_id not in ids[1].tolist()
@@ -75,7 +78,7 @@ def test_tokenize_adds_the_paired_student_response_columns(toy_world):
         "student_response": np.array([" 3 3"]),
         "student_finish_reason": np.array(["length"]),
     }
-    out = tok(batch)
+    out = training_batch(tok, batch)
     t = tok.tok
     prompt = t(batch["prompt"][0]).input_ids
     student = t(" 3 3", add_special_tokens=False).input_ids
@@ -84,3 +87,24 @@ def test_tokenize_adds_the_paired_student_response_columns(toy_world):
     labelled = out["s_labels"][0][out["s_labels"][0] != IGNORE_INDEX].tolist()
     assert labelled == student  # cut at the length limit: no EOS
     assert out["labels"][0][out["labels"][0] != IGNORE_INDEX].tolist()[-1] == t.eos_token_id
+
+
+def test_micro_batches_are_padded_to_their_own_longest_row(toy_world):
+    """Compact examples are padded per micro-batch, not to max_seq_len; a DistiLLM-2 row's two
+    responses share the width (the objective concatenates them)."""
+    tok = TokenizeForTraining("toy:student", max_seq_len=64)
+    raw = {"prompt": np.array(["Q: sort 3 1 2\nA:", "Q: sort 9\nA:", "Q: reverse 1 2 3 4 5 6\nA:"]),
+           "response": np.array([" 1 2 3", " 9", " 6 5 4 3 2 1"]), "finish_reason": np.array(["stop"] * 3)}
+    compact = tok(raw)
+    lengths = [len(ids) for ids in compact["input_ids"]]
+    assert len(set(lengths)) == 3 and max(lengths) < 64
+    collate = CollateExamples(tok.pad_id)
+    for rows in ([0, 1], [1], [0, 1, 2]):
+        batch = collate({k: v[rows] for k, v in compact.items()})
+        assert batch["input_ids"].shape == (len(rows), max(lengths[i] for i in rows))
+        assert batch["attention_mask"].sum(1).tolist() == [lengths[i] for i in rows]
+    paired = tok({**{k: v[:2] for k, v in raw.items()}, "student_response": np.array([" 1 1 1 1 1 1 1 1", " 9"]),
+                  "student_finish_reason": np.array(["stop", "stop"])})
+    batch = collate(paired)
+    width = max(len(ids) for ids in [*paired["input_ids"], *paired["s_input_ids"]])
+    assert batch["input_ids"].shape == batch["s_input_ids"].shape == (2, width) and width > max(lengths[:2])

@@ -29,15 +29,15 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
     from kdray.data.datasets import read_rows
     from kdray.models import load_causal_lm
     from kdray.data.tokenize import IGNORE_INDEX
-    from kdray.data.records import (align_signal, decode_signal, read_signal_records, topk_id_dtype, write_signal_records)
+    from kdray.data.records import read_signal_records, signal_tensors, topk_id_dtype, write_signal_records
     from kdray.train.objectives import topk_tail_mass
-    from kdray.data.examples import TokenizeForTraining
+    from kdray.data.examples import TokenizeForTraining, training_batch
 
     rows = read_rows("toy:train")[:n_rows]
-    batch = TokenizeForTraining("toy:student", max_seq_len=max_seq_len)(
-        {"prompt": np.array([r["prompt"] for r in rows]), "response": np.array([r["response"] for r in rows]),
-         "finish_reason": np.array(["stop"] * len(rows))})
-    ids, attn, labels = (torch.as_tensor(batch[c]) for c in ("input_ids", "attention_mask", "labels"))
+    batch = training_batch(TokenizeForTraining("toy:student", max_seq_len=max_seq_len), {
+        "prompt": np.array([r["prompt"] for r in rows]), "response": np.array([r["response"] for r in rows]),
+        "finish_reason": np.array(["stop"] * len(rows))})
+    ids, attn, labels = (batch[c] for c in ("input_ids", "attention_mask", "labels"))
     teacher = load_causal_lm("toy:teacher", "float32", trainable=False)
     student = load_causal_lm("toy:student", "float32")
     vocab = teacher.config.vocab_size
@@ -66,9 +66,9 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
             path = Path(tmp) / f"k{k}.parquet"
             stats = write_signal_records(path, [str(i) for i in range(len(rows))], records, meta)
             meta, stored = read_signal_records(path)
-            aligned = align_signal([decode_signal(stored[str(i)], meta) for i in range(len(rows))], labels.numpy(), meta)
-            t_ids = torch.as_tensor(aligned["t_topk_ids"])[:, 1:]
-            t_lps = torch.as_tensor(aligned["t_topk_logprobs"])[:, 1:]
+            aligned = signal_tensors([stored[str(i)] for i in range(len(rows))], [int(p[0]) for p in positions],
+                                     labels.shape[1], meta)  # as a worker's micro-batch holds them
+            t_ids, t_lps = aligned["t_topk_ids"][:, 1:], aligned["t_topk_logprobs"][:, 1:]
             tail = topk_tail_mass(t_lps)  # as the trainer computes it
             sparse = gradient(lambda s: losses.masked_token_mean(
                 losses.sparse_forward_kl(s, t_ids, t_lps, teacher_tail_mass=tail), mask))

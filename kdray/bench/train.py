@@ -160,7 +160,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
 
     from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.data.datasets import load_split
-    from kdray.data.examples import TokenizeForTraining
+    from kdray.data.examples import CollateExamples, TokenizeForTraining
     from kdray.data.tokenize import prompt_token_ids, uses_chat_template
     from kdray.models import load_causal_lm, load_tokenizer
     from kdray.spec import load_spec
@@ -176,12 +176,13 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     use_template = uses_chat_template(tok, spec.data.chat_template)
     rows, _ = load_split(spec.data, "train", lambda ps: [len(i) for i in prompt_token_ids(tok, ps, use_template)],
                          need_response=True)
-    enc = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)({
+    encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)
+    data = encoder({  # compact examples; each micro-batch is padded to its own longest row, as in a job
         "prompt": np.array([r["prompt"] for r in rows], dtype=object),
         "response": np.array([r["response"] for r in rows], dtype=object),
         "finish_reason": np.array(["stop"] * len(rows), dtype=object),
     })
-    data = {k: torch.from_numpy(np.asarray(enc[k])) for k in ("input_ids", "attention_mask", "labels")}
+    collate = CollateExamples(encoder.pad_id)
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
     student.train()
     plan = plan_segments(spec, data["input_ids"].shape[0])
@@ -202,7 +203,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + micro]
             cursor += micro
-            micro_batches.append({k: v[idx] for k, v in data.items()})
+            micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
         started = time.perf_counter()
         metrics = loop.step(micro_batches)
         now = time.perf_counter()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdray.data.tokenize import IGNORE_INDEX
 from kdray.errors import RecordsError, first_line
 
 SIGNAL_META_KEY = b"kdray.signal"
@@ -30,7 +29,7 @@ SIGNAL_FORMAT = 1
 _HIDDEN_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
 #: Metadata each mode's layout needs, and the columns that hold its rows.
 _META_KEYS = {"topk": ("k", "vocab_size", "id_dtype"), "hidden": ("hidden_size", "hidden_dtype")}
-_COLUMNS = {"topk": ("topk_ids", "topk_logprobs"), "hidden": ("hidden",)}
+SIGNAL_COLUMNS = {"topk": ("topk_ids", "topk_logprobs"), "hidden": ("hidden",)}
 #: Layout fields a job compares with what it asks for before reusing a file.
 LAYOUT_FIELDS = ("mode", "teacher", "vocab_size", "k", "hidden_dtype")
 _RESCORE = "run the job with --restart (or delete the file) and kdray scores the teacher again"
@@ -71,27 +70,37 @@ def _hidden_bytes(hidden: Any, dtype: str) -> bytes:
     return hidden.astype(_HIDDEN_DTYPES[dtype]).tobytes()
 
 
-def decode_signal(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """A stored parquet row → numpy arrays: ``topk_ids`` int64 / ``topk_logprobs`` float32
-    ``[n, k]``, or ``hidden`` float32 ``[n, H]``."""
+def _stored_arrays(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A stored parquet row → zero-copy numpy views in the stored dtypes, ``[n, k]`` / ``[n, H]``
+    (bfloat16 hidden states as their raw int16 bits: numpy has no bfloat16)."""
     import numpy as np
 
     n = int(row["n_tokens"])
     _check_sizes(row, meta, n)
     if meta["mode"] == "topk":
         k = meta["k"]
-        ids = np.frombuffer(row["topk_ids"], dtype=meta["id_dtype"]).reshape(n, k).astype(np.int64)
-        lps = np.frombuffer(row["topk_logprobs"], dtype="<f2").reshape(n, k).astype(np.float32)
-        return {"n_tokens": n, "topk_ids": ids, "topk_logprobs": lps}
-    dtype = meta["hidden_dtype"]
-    if dtype == "bfloat16":
+        return {"n_tokens": n, "topk_ids": np.frombuffer(row["topk_ids"], dtype=meta["id_dtype"]).reshape(n, k),
+                "topk_logprobs": np.frombuffer(row["topk_logprobs"], dtype="<f2").reshape(n, k)}
+    dtype = "<i2" if meta["hidden_dtype"] == "bfloat16" else _HIDDEN_DTYPES[meta["hidden_dtype"]]
+    return {"n_tokens": n, "hidden": np.frombuffer(row["hidden"], dtype=dtype).reshape(n, meta["hidden_size"])}
+
+
+def decode_signal(row: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A stored parquet row → numpy arrays for inspection: ``topk_ids`` int64 / ``topk_logprobs``
+    float32 ``[n, k]``, or ``hidden`` float32 ``[n, H]``. (The trainer keeps the stored dtypes:
+    :func:`signal_tensors`.)"""
+    import numpy as np
+
+    arrays = _stored_arrays(row, meta)
+    if meta["mode"] == "topk":
+        return {"n_tokens": arrays["n_tokens"], "topk_ids": arrays["topk_ids"].astype(np.int64),
+                "topk_logprobs": arrays["topk_logprobs"].astype(np.float32)}
+    hidden = arrays["hidden"]
+    if meta["hidden_dtype"] == "bfloat16":
         import torch
 
-        raw = np.frombuffer(row["hidden"], dtype="<i2").reshape(n, meta["hidden_size"]).copy()
-        hidden = torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
-    else:
-        hidden = np.frombuffer(row["hidden"], dtype=_HIDDEN_DTYPES[dtype]).reshape(n, meta["hidden_size"])
-    return {"n_tokens": n, "hidden": hidden.astype(np.float32)}
+        hidden = torch.from_numpy(hidden.copy()).view(torch.bfloat16).float().numpy()
+    return {"n_tokens": arrays["n_tokens"], "hidden": hidden.astype(np.float32)}
 
 
 def _check_sizes(row: dict[str, Any], meta: dict[str, Any], n: int) -> None:
@@ -168,7 +177,7 @@ def read_signal_records(path: Any) -> tuple[dict[str, Any], dict[str, dict[str, 
                            f"{SIGNAL_FORMAT}: {_RESCORE}")
     mode = meta.get("mode")
     missing = [k for k in ("mode", *_META_KEYS.get(mode, ())) if k not in meta]
-    missing += [c for c in ("key", "n_tokens", *_COLUMNS.get(mode, ())) if c not in table.column_names]
+    missing += [c for c in ("key", "n_tokens", *SIGNAL_COLUMNS.get(mode, ())) if c not in table.column_names]
     if mode not in _META_KEYS or missing:
         raise RecordsError(f"{path} is not a complete teacher-signal file (mode {mode!r}, missing "
                            f"{', '.join(missing) or 'a known mode'}); {_RESCORE}")
@@ -187,32 +196,47 @@ def check_layout(meta: dict[str, Any], expected: dict[str, Any]) -> None:
                            f"{_RESCORE}")
 
 
-def align_signal(rows: list[dict[str, Any]], labels: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """Place each row's decoded signal at its label positions: ``t_topk_ids`` /
-    ``t_topk_logprobs`` ``[B, L, k]`` or ``t_hidden`` ``[B, L, H]``, where position ``p`` holds
-    the teacher's signal for predicting the token at ``p`` (the trainer shifts it with the labels).
+def check_record_lengths(n_tokens: Any, n_labels: Any, meta: dict[str, Any]) -> None:
+    """Each row's record must cover exactly its label tokens, else it was scored from other data."""
+    for i, (n, m) in enumerate(zip(n_tokens, n_labels)):
+        if int(n) != int(m):
+            raise RecordsError(f"{meta.get('file', 'the teacher records file')}: the teacher record of row {i} covers "
+                               f"{int(n)} response tokens but the trainer labels {int(m)}: the records were scored "
+                               f"from different data or settings; {_RESCORE}")
+
+
+def signal_tensors(rows: list[dict[str, Any]], label_starts: list[int], length: int,
+                   meta: dict[str, Any]) -> dict[str, Any]:
+    """Place each stored row's signal at its label positions, in the stored dtypes, as torch
+    tensors of one micro-batch padded to ``length``: ``t_topk_ids`` (int64, for ``gather``) and
+    ``t_topk_logprobs`` (float16) ``[B, L, k]``, or ``t_hidden [B, L, H]`` in ``hidden_dtype``.
+    Position ``p`` holds the teacher's signal for predicting the token at ``p`` (the trainer
+    shifts it with the labels); row ``i``'s labels are the ``n_tokens`` positions from
+    ``label_starts[i]``.
 
     Other positions get a harmless filler (one certain token; zeros), never read by a loss
-    because the label mask excludes them. A row whose record covers a different number of
-    tokens than its labels was scored from other data, and is an error."""
-    import numpy as np
+    because the label mask excludes them.
 
-    n, length = labels.shape
-    label_pos = [np.nonzero(labels[i] != IGNORE_INDEX)[0] for i in range(n)]
-    for i, (row, pos) in enumerate(zip(rows, label_pos)):
-        if row["n_tokens"] != len(pos):
-            raise RecordsError(f"{meta.get('file', 'the teacher records file')}: the teacher record of row {i} covers "
-                               f"{row['n_tokens']} response tokens but the trainer labels {len(pos)}: the records "
-                               f"were scored from different data or settings; {_RESCORE}")
+    Raises:
+        RecordsError: a stored row's bytes do not match its token count (a corrupt file).
+    """
+    import torch
+
+    arrays = [_stored_arrays(r, meta) for r in rows]
+    n_rows = len(rows)
     if meta["mode"] == "topk":
         k = meta["k"]
-        ids = np.zeros((n, length, k), dtype=np.int64)
-        lps = np.full((n, length, k), -np.inf, dtype=np.float32)
+        ids = torch.zeros((n_rows, length, k), dtype=torch.int64)
+        lps = torch.full((n_rows, length, k), float("-inf"), dtype=torch.float16)
         lps[..., 0] = 0.0
-        for i, (row, pos) in enumerate(zip(rows, label_pos)):
-            ids[i, pos], lps[i, pos] = row["topk_ids"], row["topk_logprobs"]
+        for i, (a, start) in enumerate(zip(arrays, label_starts)):
+            stop = start + a["n_tokens"]
+            ids[i, start:stop] = torch.from_numpy(a["topk_ids"].astype("int64"))
+            lps[i, start:stop] = torch.from_numpy(a["topk_logprobs"].copy())
         return {"t_topk_ids": ids, "t_topk_logprobs": lps}
-    hidden = np.zeros((n, length, meta["hidden_size"]), dtype=np.float32)
-    for i, (row, pos) in enumerate(zip(rows, label_pos)):
-        hidden[i, pos] = row["hidden"]
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[meta["hidden_dtype"]]
+    hidden = torch.zeros((n_rows, length, meta["hidden_size"]), dtype=dtype)
+    for i, (a, start) in enumerate(zip(arrays, label_starts)):
+        values = torch.from_numpy(a["hidden"].copy())
+        hidden[i, start:start + a["n_tokens"]] = values.view(torch.bfloat16) if dtype == torch.bfloat16 else values
     return {"t_hidden": hidden}

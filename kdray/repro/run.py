@@ -85,17 +85,6 @@ def _encode(encoder: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return encoder(batch)
 
 
-def _trimmed(arrays: dict[str, Any], index: Any) -> dict[str, Any]:
-    """The rows ``index`` as tensors, cut after the longest sequence of the batch (right
-    padding under a causal mask: the cut columns change no loss)."""
-    import torch
-
-    batch = {k: torch.from_numpy(v[index]) for k, v in arrays.items()}
-    masks = [batch[k] for k in ("attention_mask", "s_attention_mask") if k in batch]
-    width = max(int(m.sum(1).max()) for m in masks)
-    return {k: v[:, :width].contiguous() for k, v in batch.items()}
-
-
 def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordered_rows: list[dict[str, Any]],
                        plain_rows: list[dict[str, Any]], heldout: list[dict[str, Any]], *,
                        on_policy_temperature: float, threads: int = 1) -> dict[str, Any]:
@@ -112,7 +101,7 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     from kdray.curriculum.plan import plan_segments, total_steps
     from kdray.data.tokenize import job_encoding
     from kdray.spec import JobSpec
-    from kdray.data.examples import TokenizeForTraining
+    from kdray.data.examples import CollateExamples, TokenizeForTraining
     from kdray.train.loop import LocalLoop
 
     torch.set_num_threads(threads)
@@ -129,6 +118,7 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     student.train()
     teacher = load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
     encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, encoding)
+    collate = CollateExamples(encoder.pad_id)
     rng = np.random.default_rng([seed, 7])
     loop = LocalLoop(spec, student, teacher, total_steps=n_steps, num_segments=len(plan))
     history: list[dict[str, Any]] = []
@@ -144,12 +134,13 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
             student.train()
             rows = [dict(r, student_response=a, student_finish_reason=f) for r, (a, f) in zip(rows, answers)]
             generate_s += time.perf_counter() - t0
-        arrays = _encode(encoder, rows)
+        arrays = _encode(encoder, rows)  # compact examples
         loop.begin_segment(seg)
         while loop.global_step < seg.end_step:
             perm = rng.permutation(len(rows))
             for i in range(seg.steps_per_epoch):
-                batch = _trimmed(arrays, perm[i * t.global_batch_size:(i + 1) * t.global_batch_size])
+                index = perm[i * t.global_batch_size:(i + 1) * t.global_batch_size]
+                batch = collate({k: v[index] for k, v in arrays.items()})  # padded to its longest row
                 history.append(loop.step([batch]))
                 if loop.global_step >= seg.end_step:
                     break

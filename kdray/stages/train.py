@@ -62,7 +62,9 @@ def train_metrics_callback(hub: Any) -> Any:
 
 
 def tokenized_dataset(ctx: StageContext, rows: list[dict[str, Any]], columns: list[str], signal: Any = None) -> Any:
-    """A materialised Ray dataset of ``rows`` tokenized for training.
+    """A materialised Ray dataset of ``rows`` as compact training examples (unpadded token ids,
+    teacher records in their stored bytes: :class:`kdray.data.examples.TokenizeForTraining`); each
+    worker pads its micro-batches (:class:`kdray.data.examples.CollateExamples`).
 
     Args:
         rows: rows holding every name in ``columns``.
@@ -133,8 +135,8 @@ def train_segment(ctx: StageContext, rows: list[dict[str, Any]], segment: Segmen
         validation = [dict(r, finish_reason="stop") for r in heldout[: replay.validation_samples]]
         datasets["validation"] = tokenized_dataset(ctx, validation, columns[:3])
     hub = progress_hub()
-    worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan),
-                          num_segments=len(plan), init_checkpoint=init_checkpoint)
+    worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
+                          init_checkpoint=init_checkpoint, signal_meta=signal[0] if signal is not None else None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": worker},

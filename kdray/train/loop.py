@@ -22,7 +22,7 @@ from kdray.curriculum.plan import Segment
 from kdray.spec import JobSpec
 from kdray.train.objectives import make_step_objective
 from kdray.train.setup import make_optimizer
-from kdray.train.step import accumulate_step
+from kdray.train.step import accumulate_step, step_metrics
 
 
 class LocalLoop:
@@ -83,7 +83,7 @@ class LocalLoop:
         self.objective.optimizer_step()
         self.global_step += 1
         seg = self.segment
-        return {"step": self.global_step, **sums, "tokens": int(sums.get("tokens", 0)), "lr": lr,
+        return {"step": self.global_step, **step_metrics(sums), "lr": lr,
                 "grad_norm": grad_norm, "round": seg.round,
                 **({"stage": seg.stage} if seg.stage is not None else {}), **schedule}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdray.data.examples import CollateExamples
 from kdray.data.tokenize import IGNORE_INDEX, pack_examples
 from kdray.pools.left_padded import generate_left_padded
 from kdray.spec import JobSpec
@@ -76,7 +77,9 @@ class ReplaySource:
             prompts = [p for p, _ in split_prompt_response(batch["input_ids"], batch["attention_mask"], batch["labels"])]
             pairs = list(zip(prompts, self._sample(engine, prompts)))
             self.scheduler.push([{"prompt": p, "response": r} for p, r in pairs])
-        packed = pack_examples(pairs, batch["input_ids"].shape[1], self.pad_id)
+        # Padded to the longest pair (within max_seq_len), as the data set's micro-batches are.
+        longest = max(len(p) + len(r) for p, r in pairs)
+        packed = pack_examples(pairs, min(longest, self.spec.training.max_seq_len), self.pad_id)
         device = batch["input_ids"].device
         return {k: torch.as_tensor(v, device=device) for k, v in packed.items()}
 
@@ -105,13 +108,14 @@ class ReplaySource:
         from kdray.train.step import step_items
 
         mb = self.spec.training.micro_batch_size_per_worker
-        items = step_items(objective, rows.iter_torch_batches(batch_size=mb))
+        collate = CollateExamples(self.pad_id)
+        items = step_items(objective, rows.iter_torch_batches(batch_size=mb, collate_fn=collate))
         total = torch.zeros(1, dtype=torch.float64)
         was_training = engine.module.training
         engine.module.eval()
         try:
             with torch.no_grad():
-                for batch in rows.iter_torch_batches(batch_size=mb):
+                for batch in rows.iter_torch_batches(batch_size=mb, collate_fn=collate):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss, _, _ = objective(engine, teacher, batch, num_items_in_batch=items)
                     total += float(loss)

@@ -62,15 +62,33 @@ def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: lis
             averaging its gradient reduction does over micro-batches or ranks).
 
     Returns:
-        This rank's share of the step's metrics: ``loss`` and the objective's parts (summing
-        them over the ranks gives the step's values) and ``tokens`` (this rank's label tokens).
+        This rank's sums: ``loss`` and the objective's parts (summing them over the ranks gives
+        the step's values), ``tokens`` (label tokens), ``positions`` and ``attended`` (padded
+        and real positions); :func:`step_metrics` turns them into the step's metrics.
     """
     items = step_items(objective, micro_batches)
     sums: dict[str, float] = {}
     for batch in micro_batches:
         loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
         backward(loss)
-        for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens}.items():
+        for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens, **_positions(batch)}.items():
             sums[key] = sums.get(key, 0.0) + value
     objective.end_micro_batches()
     return sums
+
+
+def _positions(batch: dict[str, Any]) -> dict[str, int]:
+    """A micro-batch's positions (rows × padded length, both response sides) and how many of
+    them are real tokens: their ratio is what padding costs."""
+    masks = [batch[k] for k in ("attention_mask", "s_attention_mask") if k in batch]
+    return {"positions": sum(m.numel() for m in masks), "attended": sum(int(m.sum()) for m in masks)}
+
+
+def step_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The step's metrics from :func:`accumulate_step`'s sums over every rank: ``loss`` and the
+    objective's parts, ``tokens`` (label tokens) and ``pad_fraction`` (the share of the step's
+    micro-batch positions that are padding)."""
+    out = {k: v for k, v in sums.items() if k not in ("tokens", "positions", "attended")}
+    out["tokens"] = int(sums.get("tokens", 0))
+    out["pad_fraction"] = 1.0 - sums.get("attended", 0.0) / max(sums.get("positions", 0.0), 1.0)
+    return out

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment
+from kdray.data.examples import CollateExamples
 from kdray.errors import KdrayError
+from kdray.models import load_tokenizer
 from kdray.spec import JobSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
-from kdray.train.step import accumulate_step
+from kdray.train.step import accumulate_step, step_metrics
 
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
@@ -44,6 +46,7 @@ class WorkerConfig:
     total_steps: int            # optimizer steps of the whole plan
     num_segments: int
     init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
+    signal_meta: dict[str, Any] | None = None  # the teacher records' layout (topk / hidden modes)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -73,6 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
         replay.validate(engine, teacher, objective, validation, device)
     shard = ray.train.get_dataset_shard("train")
+    collate = CollateExamples(load_tokenizer(spec.student.model).pad_token_id, wc.signal_meta)
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
     started = None  # the step's clock starts at its first micro-batch (not at data start-up)
     metrics: dict[str, Any] = {}
@@ -94,6 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_MICRO_BATCHES * t.micro_batch_size_per_worker,
             local_shuffle_seed=shuffle_seed(t.seed, epoch=epoch, segment=seg.index, rank=rank),
+            collate_fn=collate,  # pads each micro-batch to its own longest row
         )
         for micro, batch in enumerate(batches):
             if micro >= micro_per_epoch or step >= seg.end_step:
@@ -169,7 +174,7 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
 def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float) -> dict[str, Any]:
     """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
     from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), label tokens
-    per second, the grad norm before clipping, this rank's peak memory, and where in the plan
+    per second, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
     the step is."""
     import torch
     import torch.distributed as dist
@@ -178,7 +183,7 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
     keys = sorted(window)
     sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(sums)
-    totals = dict(zip(keys, sums.tolist()))
+    totals = step_metrics(dict(zip(keys, sums.tolist())))
     grad_norm = engine.get_global_grad_norm()
     return {
         "total_steps": wc.total_steps,
@@ -194,7 +199,6 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
     if spec.curriculum_of("replay") is None:
         return None
-    from kdray.models import load_tokenizer
     from kdray.train.replay import ReplaySource
 
     tok = load_tokenizer(spec.student.model)
@@ -264,8 +268,6 @@ def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progre
     segment as finished)."""
     import deepspeed
     import ray.train
-
-    from kdray.models import load_tokenizer
 
     model = engine.module
     params = list(model.parameters())
