@@ -108,3 +108,26 @@ def test_micro_batches_are_padded_to_their_own_longest_row(toy_world):
     batch = collate(paired)
     width = max(len(ids) for ids in [*paired["input_ids"], *paired["s_input_ids"]])
     assert batch["input_ids"].shape == batch["s_input_ids"].shape == (2, width) and width > max(lengths[:2])
+
+
+def test_a_generated_response_trains_on_the_pools_ids_not_its_re_encoded_text(toy_world):
+    """A reply whose text holds the literal text of the EOS token: re-encoding the text would put
+    an EOS inside the labels (teaching the student to stop there); the pool's ids do not."""
+    tok = TokenizeForTraining("toy:student", max_seq_len=64)
+    t = tok.tok
+    eos = t.eos_token_id
+    words = t(" 1 2", add_special_tokens=False).input_ids + t(" 3", add_special_tokens=False).input_ids
+    text = f" 1 2{t.eos_token} 3"
+    assert eos in t(text, add_special_tokens=False).input_ids  # the text alone would stop mid-reply
+    raw = {"prompt": np.array(["Q: sort 3 1 2\nA:"] * 2), "response": np.array([text, text]),
+           "finish_reason": np.array(["stop", "length"]),
+           "response_token_ids": np.array([np.array(words + [eos]), np.array(words)], dtype=object),
+           "student_response": np.array([" 9 9", " 8"]), "student_finish_reason": np.array(["stop", "stop"]),
+           "student_response_token_ids": np.array([np.array([words[0]]), np.array(words[:2])], dtype=object)}
+    batch = training_batch(tok, raw)
+    labelled = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
+    assert labelled == [words + [eos], words]  # the generator's stop token stays the one EOS; cut: none
+    s_labelled = [row[row != IGNORE_INDEX].tolist() for row in batch["s_labels"]]
+    assert s_labelled == [[words[0], eos], words[:2] + [eos]]  # the student's ids, not " 9 9" / " 8"
+    text_only = training_batch(tok, {k: raw[k][:1] for k in ("prompt", "response", "finish_reason")})
+    assert text_only["labels"][0][text_only["labels"][0] != IGNORE_INDEX].tolist().count(eos) == 2

@@ -32,7 +32,8 @@ class TokenizeForTraining:
     Output columns: ``input_ids`` (per row an int32 array, prompt + response cut at
     ``max_seq_len``) and ``prompt_len`` (int32: the response, the labels, starts there; see
     :func:`kdray.data.tokenize.encode_batch`); rows with a ``student_response`` (DistiLLM-2
-    rounds) also get ``s_input_ids`` and ``s_prompt_len`` for it. With ``signal_meta``
+    rounds) also get ``s_input_ids`` and ``s_prompt_len`` for it. A response a pool generated
+    is trained on its ``response_token_ids`` (``student_response_token_ids``), not re-encoded. With ``signal_meta``
     (teacher_signal modes ``topk`` / ``hidden``) the rows' stored teacher records pass through
     as they are (``n_tokens`` and the record's bytes columns).
 
@@ -57,10 +58,11 @@ class TokenizeForTraining:
     def pad_id(self) -> int:
         return self.tok.pad_token_id
 
-    def _encode(self, prompts: Any, responses: Any, finished: Any) -> dict[str, Any]:
+    def _encode(self, prompts: Any, responses: Any, finished: Any, response_ids: Any = None) -> dict[str, Any]:
         import numpy as np
 
-        pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.encoding)
+        pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.encoding,
+                             None if response_ids is None else list(response_ids))
         seqs = [(list(p) + list(r))[: self.max_len] for p, r in pairs]
         ids = np.empty(len(seqs), dtype=object)  # ragged: Ray Data stores variable-shaped tensors
         ids[:] = [np.asarray(s, dtype=np.int32) for s in seqs]
@@ -68,13 +70,15 @@ class TokenizeForTraining:
         return {"input_ids": ids, "prompt_len": starts}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"))
+        out = self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"),
+                           batch.get("response_token_ids"))
         if self.signal_meta is not None:
             n_labels = [len(ids) - start for ids, start in zip(out["input_ids"], out["prompt_len"])]
             check_record_lengths(batch["n_tokens"], n_labels, self.signal_meta)
             out.update({c: batch[c] for c in ("n_tokens", *SIGNAL_COLUMNS[self.signal_meta["mode"]])})
         if "student_response" in batch:
-            student = self._encode(batch["prompt"], batch["student_response"], batch.get("student_finish_reason"))
+            student = self._encode(batch["prompt"], batch["student_response"], batch.get("student_finish_reason"),
+                                   batch.get("student_response_token_ids"))
             out.update({f"s_{k}": v for k, v in student.items()})
         return out
 

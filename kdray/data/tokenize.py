@@ -19,9 +19,10 @@ the scorer (the POCL difficulty measurer in :mod:`kdray.pools`) can never disagr
   then tokenized without added special tokens, as transformers does), or, with no template,
   tokenized as the tokenizer does by default (special tokens included). Generation pools
   receive these ids, never the raw text;
-* the response is tokenized without special tokens, and gets EOS appended unless the
-  generator stopped it at the length limit (``finish_reason == "length"``): a response that
-  ended on its own teaches the student to stop.
+* the response is the generator's own token ids when a pool made it (``response_token_ids``:
+  never decoded and re-encoded), else its text tokenized without special tokens, and ends in one
+  EOS unless the generator stopped it at the length limit (``finish_reason == "length"``): a
+  response that ended on its own teaches the student to stop.
 """
 
 from __future__ import annotations
@@ -235,17 +236,34 @@ def job_encoding(spec: Any, *, check_teacher: bool = True) -> PromptEncoding:
 
 
 def encode_batch(tokenizer: Any, prompts: list[str], responses: list[str], finish_reasons: list[str] | None,
-                 encoding: "PromptEncoding | bool" = False) -> list[tuple[list[int], list[int]]]:
+                 encoding: "PromptEncoding | bool" = False,
+                 response_ids: list[Any] | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per example: the prompt under ``encoding``
-    (:func:`prompt_token_ids`), the response without special tokens plus EOS unless its
-    ``finish_reason`` is ``"length"``."""
+    (:func:`prompt_token_ids`), then the response, ending in exactly one EOS unless its
+    ``finish_reason`` is ``"length"`` (cut at the limit: no EOS).
+
+    The response is the generator's own token ids where ``response_ids`` gives them (a pool's
+    ``response_token_ids``; None, or None for a row, means text only): decoding and re-encoding
+    can change ids, and would turn a reply's literal text of a special token (``</s>``) into
+    that special token, teaching the student to stop there. The stop token a finished
+    generation ends with (EOS or another special token) is replaced by the tokenizer's EOS, as
+    the text path, which decodes without special tokens, does. Text responses (a dataset's) are tokenized without special tokens.
+    """
     prompt_ids = prompt_token_ids(tokenizer, prompts, encoding)
-    response_ids = tokenizer([str(r) for r in responses], add_special_tokens=False).input_ids
+    given = response_ids if response_ids is not None else [None] * len(prompt_ids)
+    todo = [i for i, ids in enumerate(given) if ids is None]
+    texts = tokenizer([str(responses[i]) for i in todo], add_special_tokens=False).input_ids if todo else []
+    from_text = dict(zip(todo, texts))
+    eos = tokenizer.eos_token_id
+    special = set(getattr(tokenizer, "all_special_ids", ())) | {eos}
     out = []
     for i in range(len(prompt_ids)):
-        resp = list(response_ids[i])
-        if finish_reasons is None or str(finish_reasons[i]) != "length":
-            resp.append(tokenizer.eos_token_id)
+        resp = [int(t) for t in (from_text[i] if given[i] is None else given[i])]
+        finished = finish_reasons is None or str(finish_reasons[i]) != "length"
+        if finished and given[i] is not None and resp and resp[-1] in special:
+            resp.pop()  # the generator's stop token (EOS or another): the tokenizer's EOS ends it below
+        if finished:
+            resp.append(eos)
         out.append((list(prompt_ids[i]), resp))
     return out
 

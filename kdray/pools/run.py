@@ -120,7 +120,8 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, on_rows: Callabl
     ``training.max_seq_len`` as the trainer cuts them, so the records line up with its labels.
 
     Args:
-        rows: training rows with ``prompt``, ``response`` and ``finish_reason``.
+        rows: training rows with ``prompt``, ``response`` and ``finish_reason`` (and
+            ``response_token_ids`` where a pool generated the response).
         spec: the job; ``teacher_signal`` says what to record.
 
     Returns:
@@ -135,7 +136,8 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, on_rows: Callabl
     if encoding is None:
         encoding = job_encoding(spec, check_teacher=False)
     pairs = encode_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                         [r["finish_reason"] for r in rows], encoding)
+                         [r["finish_reason"] for r in rows], encoding,
+                         [r.get("response_token_ids") for r in rows])  # the trainer's ids (encode_batch)
     limit = spec.training.max_seq_len
     items = []
     for i, (p, r) in enumerate(pairs):

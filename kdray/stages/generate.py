@@ -41,7 +41,9 @@ def student_samples(ctx: StageContext, rows: list[dict[str, Any]], student: Mode
 
 
 def pair_student_responses(rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with ``student_response`` / ``student_finish_reason`` from ``samples`` (by ``id``)."""
+    """``rows`` with ``student_response``, ``student_response_token_ids`` and
+    ``student_finish_reason`` from ``samples`` (by ``id``)."""
     by_id = {g["id"]: g for g in samples}
     return [dict(r, student_response=by_id[r["id"]]["response"],
+                 student_response_token_ids=by_id[r["id"]]["response_token_ids"],
                  student_finish_reason=by_id[r["id"]]["finish_reason"]) for r in rows]

@@ -127,8 +127,10 @@ def train_segment(ctx: StageContext, rows: list[dict[str, Any]], segment: Segmen
 
     spec, t = ctx.spec, ctx.spec.training
     columns = ["prompt", "response", "finish_reason"]
+    if rows and "response_token_ids" in rows[0]:  # a pool's responses train on its own ids
+        columns.append("response_token_ids")
     if segment.regenerate_student:
-        columns += ["student_response", "student_finish_reason"]
+        columns += ["student_response", "student_finish_reason", "student_response_token_ids"]
     datasets = {"train": tokenized_dataset(ctx, rows, columns, signal)}
     replay = spec.curriculum_of("replay")
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
