@@ -18,6 +18,7 @@ import json
 
 import pytest
 import torch
+from rouge_score import rouge_scorer
 import yaml
 
 from kdray.cli import main
@@ -230,6 +231,9 @@ def test_a_shared_template_gives_the_same_ids_at_every_call_site(tmp_path, model
             logp = torch.log_softmax(model(torch.tensor([ids + gold])).logits[0], -1)
         nll = -logp[len(ids) - 1: len(ids) + len(gold) - 1].gather(1, torch.tensor(gold)[:, None]).mean()
         assert out["gold_ce"][row] == pytest.approx(float(nll), rel=1e-4)
+        # POCL's other measurement, made in the actor: ROUGE-L of this answer against the row's gold
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        assert out["gold_rouge_l"][row] == scorer.score(str(response), str(out["response"][row]))["rougeL"].fmeasure
         seq = list(ids)  # greedy by hand from the job's prompt ids
         for _ in range(3):
             with torch.no_grad():

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from kdray.data.text_scores import rouge_l
 from kdray.errors import DataError
 from kdray.spec import GenerationSpec
 
@@ -91,7 +92,9 @@ class PoolCallable:
             batch: the input batch (every column is carried over, ``_row`` and ``id`` included).
             samples: per input row, its samples as (text, token ids, finish reason).
             gold_ce: per input row, the model's mean token cross-entropy (nats) on the row's
-                ``gold_response``; adds the column ``gold_ce``.
+                ``gold_response``; adds the columns ``gold_ce`` and ``gold_rouge_l`` (ROUGE-L of
+                each sample against the row's ``gold_response``, POCL's other measurement: made
+                here, in the actor, not in the driver).
 
         Returns:
             The input columns plus ``response`` (str), ``response_token_ids`` (object array of
@@ -100,7 +103,7 @@ class PoolCallable:
         out: dict[str, list[Any]] = {k: [] for k in batch}
         out.update(response=[], response_token_ids=[], sample_index=[], finish_reason=[])
         if gold_ce is not None:
-            out["gold_ce"] = []
+            out["gold_ce"], out["gold_rouge_l"] = [], []
         for row, row_samples in enumerate(samples):
             for j, (text, token_ids, finish) in enumerate(row_samples):
                 for k in batch:
@@ -111,6 +114,7 @@ class PoolCallable:
                 out["finish_reason"].append(str(finish))
                 if gold_ce is not None:
                     out["gold_ce"].append(gold_ce[row])
+                    out["gold_rouge_l"].append(rouge_l(text, str(batch["gold_response"][row])))
         result = {k: np.asarray(v) for k, v in out.items() if k != "response_token_ids"}
         result["response_token_ids"] = objects(out["response_token_ids"])
         return result

@@ -74,7 +74,8 @@ def generate(
         One dict per generated sample, in the order of ``rows`` (then ``sample_index``):
         ``id``, ``prompt``, ``response``, ``response_token_ids``, ``sample_index``,
         ``finish_reason``, and with ``score_gold`` the model's mean token cross-entropy (nats)
-        on each row's own ``response`` (``gold_ce``; ``rows`` then need ``response`` and
+        on each row's own ``response`` (``gold_ce``) and the ROUGE-L of each sample against it
+        (``gold_rouge_l``; ``rows`` then need ``response`` and
         ``finish_reason``). ``on_rows(k)`` is called as each batch of k output rows arrives;
         ``pool_cls`` replaces the backend's generator class (:func:`map_pool`).
 
@@ -104,6 +105,7 @@ def generate(
             }
             if score_gold:
                 row["gold_ce"] = float(batch["gold_ce"][i])
+                row["gold_rouge_l"] = float(batch["gold_rouge_l"][i])
             results.append((int(batch["_row"][i]), row))
         if on_rows:
             on_rows(n)

@@ -8,7 +8,6 @@ from kdray.curriculum import difficulty_ranks
 from kdray.data.difficulty import read_difficulty, write_difficulty
 from kdray.pools import SamplingConfig
 from kdray.stages.context import StageContext
-from kdray.stages.evaluate import rouge_l
 
 
 def order_by_difficulty(ctx: StageContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,7 +33,7 @@ def order_by_difficulty(ctx: StageContext, rows: list[dict[str, Any]]) -> list[d
     with ctx.phase("score", len(rows), "difficulty of each training row (POCL)"):
         measured = ctx.generate(rows, spec.student, "initial student", "score",
                                 SamplingConfig.greedy(spec.generation.max_new_tokens), score_gold=True)
-        rouge = [rouge_l(m["response"], r["response"]) for m, r in zip(measured, rows)]
+        rouge = [m["gold_rouge_l"] for m in measured]  # computed in the pool's actors
         ce = [m["gold_ce"] for m in measured]
         ranks = difficulty_ranks(rouge, ce, k=pocl.rrf_k)
         order = [int(i) for i in ranks.order]

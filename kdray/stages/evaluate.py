@@ -13,37 +13,17 @@ A or B; anything else counts as a tie. The win rate counts a tie as half a win.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from statistics import fmean
 from typing import Any, Iterable
 
+from kdray.data.text_scores import exact_match, rouge_l
 from kdray.data.tokenize import judge_encoding, prompt_token_counter
 from kdray.models import load_tokenizer
 from kdray.pools import SamplingConfig
 from kdray.spec import ModelSpec
 from kdray.stages.context import StageContext
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(_normalise(prediction) == _normalise(gold))
-
-
-@functools.lru_cache(maxsize=1)
-def _scorer() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-def rouge_l(prediction: str, gold: str) -> float:
-    """ROUGE-L F-measure of one prediction against its reference."""
-    return _scorer().score(gold, prediction)["rougeL"].fmeasure
 
 
 def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, float]:
