@@ -245,13 +245,22 @@ def load_output_head(ref: str, dtype: str) -> tuple[Any, Any]:
     return out["weight"], out.get("bias")
 
 
-def vocab_size(ref: str) -> int:
-    """Rows of the model's output embedding (``config.vocab_size``; may exceed the tokenizer)."""
+def _config_value(ref: str, name: str) -> int:
     from transformers import AutoConfig
 
     with loading("the config", ref):
         config = AutoConfig.from_pretrained(resolve_model(ref))
-    return int(getattr(config, "vocab_size", None) or config.get_text_config().vocab_size)
+    return int(getattr(config, name, None) or getattr(config.get_text_config(), name))
+
+
+def vocab_size(ref: str) -> int:
+    """Rows of the model's output embedding (``config.vocab_size``; may exceed the tokenizer)."""
+    return _config_value(ref, "vocab_size")
+
+
+def hidden_size(ref: str) -> int:
+    """Width of the model's final hidden state (``config.hidden_size``)."""
+    return _config_value(ref, "hidden_size")
 
 
 def shared_vocab_size(teacher_ref: str, student_ref: str) -> int:

@@ -29,7 +29,8 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
     from kdray.data.datasets import read_rows
     from kdray.models import load_causal_lm
     from kdray.data.tokenize import IGNORE_INDEX
-    from kdray.data.records import read_signal_records, signal_tensors, topk_id_dtype, write_signal_records
+    from kdray.data.records import (read_signal_records, record_bytes_per_token, signal_tensors, topk_id_dtype,
+                                    write_signal_records)
     from kdray.train.objectives import topk_tail_mass
     from kdray.data.examples import TokenizeForTraining, training_batch
 
@@ -74,7 +75,7 @@ def topk_fidelity(ks: tuple[int, ...] = (4, 8, 16, 20, 32), n_rows: int = 64, ma
                 losses.sparse_forward_kl(s, t_ids, t_lps, teacher_tail_mass=tail), mask))
             cosine = float(torch.nn.functional.cosine_similarity(sparse, dense, dim=0))
             out.append({"k": k, "vocab": vocab, "tokens": stats["tokens"], "bytes_per_token": stats["bytes_per_token"],
-                        "raw_bytes_per_token": k * (2 if meta["id_dtype"] == "<u2" else 4) + 2 * k,
+                        "raw_bytes_per_token": record_bytes_per_token("topk", k=k, vocab_size=vocab),
                         "grad_cosine": cosine})
     return out
 

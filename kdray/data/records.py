@@ -40,6 +40,19 @@ def topk_id_dtype(vocab_size: int) -> str:
     return "<u2" if vocab_size <= 1 << 16 else "<u4"
 
 
+def record_bytes_per_token(mode: str, *, k: int = 0, vocab_size: int = 0, hidden_size: int = 0,
+                           hidden_dtype: str = "float32") -> int:
+    """Bytes one response token's record takes before compression: ``k`` ids
+    (:func:`topk_id_dtype` of ``vocab_size``) + ``k`` float16 log-probs, or ``hidden_size`` values
+    of ``hidden_dtype``. zstd shrinks top-k records little (log-probs are noisy); hidden states
+    hardly at all."""
+    import numpy as np
+
+    if mode == "topk":
+        return k * (np.dtype(topk_id_dtype(vocab_size)).itemsize + 2)
+    return hidden_size * (4 if hidden_dtype == "float32" else 2)
+
+
 def signal_key(row: dict[str, Any]) -> str:
     return f"{row['id']}#{int(row.get('sample_index', 0))}"
 

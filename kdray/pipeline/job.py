@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
+from kdray.models import hidden_size, vocab_size
+from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter
 from kdray.pipeline.state import JobState
 from kdray.ray_setup import init_ray
@@ -157,6 +159,11 @@ class Job:
         plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
         check_lora_targets(spec)  # training.lora names modules the student has
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
+        vocab, hidden = vocab_size(spec.teacher.model), hidden_size(spec.teacher.model)
+        sizes = budget.storage_plan(spec, len(data.train), teacher_vocab=vocab, teacher_hidden=hidden)
+        if sizes:
+            self.reporter.message("plan: writes at most " + "; ".join(s.describe() for s in sizes))
+        budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any work
         init_ray(self.address)
 
         train_rows = self._training_rows(data.train, state)

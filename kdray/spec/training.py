@@ -32,6 +32,13 @@ class TeacherSignalSpec(_Spec):
         description="Storage dtype of the teacher hidden states in 'hidden' mode (float32 "
         "reproduces the teacher's logits to float rounding; 16-bit halves the records).",
     )
+    max_records_gb: float | None = Field(
+        None, gt=0,
+        description="Storage budget for the teacher records (topk / hidden modes), in GB (10^9 "
+        "bytes). Before any work the job states the records' size at most (rows × response "
+        "tokens × bytes per token, before compression) and refuses to start when it exceeds "
+        "this budget. null: no budget (the size is still stated).",
+    )
 
 
 # The attention and MLP projections of Llama, Qwen2, Mistral and their kin.
