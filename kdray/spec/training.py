@@ -100,7 +100,15 @@ class TrainingSpec(_Spec):
         None, ge=1, description="Stop after this many optimizer steps (null: run all epochs)."
     )
     max_seq_len: int = Field(
-        512, ge=8, description="Prompt + response tokens per training sequence (longer is cut)."
+        512, ge=8, description="Prompt + response tokens per training sequence (longer is cut); "
+        "each micro-batch is padded to its own longest sequence, not to this."
+    )
+    tokenize_actors: int | None = Field(
+        None, ge=1, description="Ray Data actors that tokenize the training rows before the "
+        "workers start (null: one per training worker)."
+    )
+    tokenize_batch_rows: int = Field(
+        256, ge=1, description="Rows per batch of each tokenizing actor."
     )
     seed: int = Field(
         0, description="Seed of the training data order and of each worker's torch RNG (seed + rank)."

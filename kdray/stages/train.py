@@ -23,8 +23,7 @@ from kdray.train.worker import WorkerConfig, train_loop_per_worker
 #: Ray Train checkpoints kept per run: the latest (to resume from) and the one before it (in
 #: case the latest was being written when a worker died).
 CHECKPOINTS_TO_KEEP = 2
-#: Rows per batch of the tokenizing actor, and its CPU share (it is light next to the workers).
-TOKENIZE_BATCH_ROWS = 256
+#: The CPU share of each tokenizing actor (it is light next to the workers).
 TOKENIZE_NUM_CPUS = 0.25
 #: Seconds between two drains of the training metrics while the run goes on.
 DRAIN_INTERVAL_S = 0.5
@@ -87,14 +86,19 @@ def tokenized_dataset(ctx: StageContext, rows: list[dict[str, Any]], columns: li
         if signal is not None:
             item.update(signal[1][signal_key(r)])
         table.append(item)
-    return ray.data.from_items(table).map_batches(
+    ds = ray.data.from_items(table)
+    # Several tokenizing actors finish batches in any order; the blocks keep the rows' order, so
+    # every run of the job (a resumed one too) sees the same data order and skips exactly the
+    # micro-batches an earlier run trained.
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(
         TokenizeForTraining,
         fn_constructor_kwargs=dict(tokenizer_ref=spec.student.model, max_seq_len=spec.training.max_seq_len,
                                    encoding=ctx.prompt_encoding(),  # the pools' encoding
                                    signal_meta=signal[0] if signal is not None else None),
-        batch_size=TOKENIZE_BATCH_ROWS,
+        batch_size=spec.training.tokenize_batch_rows,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=ray.data.ActorPoolStrategy(size=spec.training.tokenize_actors or spec.training.num_workers),
         num_cpus=TOKENIZE_NUM_CPUS,
     ).materialize()
 
