@@ -56,6 +56,11 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     assert steps[-1]["total_steps"] == 16
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in steps)
+    # Micro-batches are padded to their own longest row: rows of ~16 tokens waste little of the
+    # positions (padded to max_seq_len 96, 0.84 of them were padding).
+    assert all(0.0 <= m["pad_fraction"] < 0.5 for m in steps)
+    plan = next(line for line in res.stderr.splitlines() + res.stdout.splitlines() if "plan: writes at most" in line)
+    assert "teacher responses: 256 rows" in plan
     assert steps[0]["lr"] == pytest.approx(3e-3 / 2)  # the rate step 1 applied: warmup 1 of 2
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
