@@ -37,9 +37,11 @@ _FIX = ("give a directory written by save_pretrained (config.json, the tokenizer
 
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What ``from_pretrained`` and ``safe_open`` raise for missing, corrupt or foreign files."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, ImportError, KeyError, SafetensorError)
+    # StrictDataclassError: a config field of the wrong type (transformers validates configs)
+    return (OSError, ValueError, ImportError, KeyError, SafetensorError, StrictDataclassError)
 
 
 @contextmanager
@@ -54,7 +56,12 @@ def loading(what: str, ref: str) -> Iterator[None]:
         problem = model_files_problem(path) if path.is_dir() else None
         if problem is None and not isinstance(exc, _load_errors()):
             raise  # no file is at fault: a kdray bug
-        fix = f"{problem}; {_REFETCH}" if problem else _FIX
+        if problem:
+            fix = f"{problem}; {_REFETCH}"
+        elif path.is_dir():  # a local model: not a download problem
+            fix = f"the files in {path} are not a model the library can read; {_REFETCH}"
+        else:
+            fix = _FIX
         raise ModelError(f"cannot load {what} of model {ref!r} on node {node()} ({first_line(exc)}); {fix}") from None
 
 
@@ -71,11 +78,15 @@ def _json_or_text_problem(file: Path) -> tuple[Any, str | None]:
     if file.suffix != ".json":
         return None, None
     try:
-        return json.loads(text), None
+        decoded = json.loads(text)
+        if not isinstance(decoded, dict):  # every JSON file of a checkpoint is an object
+            return None, f"{file} holds a JSON {type(decoded).__name__}, not an object of fields"
+        return decoded, None
     except json.JSONDecodeError as exc:
         ends = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")  # open at the end
         cut = " (the file ends there: it is cut short)" if ends else ""
-        return None, f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{cut}"
+        msg = exc.msg.removesuffix(" at")  # "Invalid control character at", "Unterminated string starting at"
+        return None, f"{file} is not valid JSON: {msg} at line {exc.lineno}, column {exc.colno}{cut}"
     except RecursionError:
         return None, f"{file} is not valid JSON: nested too deeply"
 

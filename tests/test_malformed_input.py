@@ -355,3 +355,41 @@ def test_a_torch_bin_cut_short_is_a_model_error_naming_it(model_copy):
         check_model_files(str(binary))
     with pytest.raises(ModelError, match=r"cannot load the weights of model .*pytorch_model.bin is cut short"):
         load_causal_lm(str(binary), "float32")
+
+
+def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
+    spec = tmp_path / "twice.yaml"
+    spec.write_text("name: demo\noutput_dir: runs/x\ndata:\n  train: toy:train\n  heldout: toy:heldout\n"
+                    "teacher: {model: toy:teacher}\nstudent: {model: toy:student}\ndata:\n  train: toy:train\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert "line 8" in str(info.value) and "'data' is written twice" in str(info.value)
+    assert "first on line 3" in str(info.value)
+    merged = tmp_path / "merged.yaml"  # a merge key may still be overridden
+    merged.write_text("base: &b {model: toy:teacher, dtype: float32}\nname: demo\noutput_dir: runs/x\n"
+                      "data: {train: toy:train, heldout: toy:heldout}\nteacher: {<<: *b, dtype: bfloat16}\n"
+                      "student: {model: toy:student}\n")
+    with pytest.raises(SpecError, match="base"):  # an unknown top-level field, not a duplicate
+        load_spec(merged)
+
+
+def test_a_config_that_is_not_an_object_or_has_a_field_of_the_wrong_type_is_a_model_error(model_copy, tmp_path):
+    from kdray.models import check_model_files, load_tokenizer, vocab_size
+
+    listed = model_copy("listed")
+    (listed / "config.json").write_text("[]")
+    with pytest.raises(ModelError, match=rf"{listed / 'config.json'} holds a JSON list, not an object of fields"):
+        check_model_files(str(listed))
+    with pytest.raises(ModelError, match="holds a JSON list"):
+        load_tokenizer(str(listed))
+    typed = model_copy("typed")
+    config = json.loads((typed / "config.json").read_text())
+    (typed / "config.json").write_text(json.dumps({**config, "vocab_size": str(config["vocab_size"])}))
+    with pytest.raises(ModelError, match=r"vocab_size.*the files in .*typed are not a model the library can read") as info:
+        vocab_size(str(typed))
+    assert "HF_TOKEN" not in str(info.value)  # a local directory: no download advice
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "out"), "teacher": {"model": "toy:teacher"},
+                                    "student": {"model": str(listed)},
+                                    "data": {"train": "toy:train", "heldout": "toy:heldout"}}))
+    assert cli.main(["validate", str(spec)]) == 2

@@ -250,3 +250,13 @@ def test_the_judge_reads_prompts_through_its_own_template():
     assert judge_encoding("auto", judge_tok).template == TEACHER_T
     assert not judge_encoding("never", judge_tok)
     assert judge_encoding("never", judge_tok).token_ids(judge_tok, ["w1 w2"]) == [by_hand("w1 w2")]
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['contnet'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",  # a misspelt key renders as ''
+    "{{ '' }}"])
+def test_a_template_that_drops_the_prompt_is_refused(template):
+    tok = make_tokenizer(STUDENT_T)
+    with pytest.raises(ModelError, match="drops the prompt: the user turn .* renders as"):
+        check_renderings(template, tok, tok)

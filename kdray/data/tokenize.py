@@ -142,15 +142,22 @@ def prompt_token_ids(tokenizer: Any, prompts: list[str], encoding: "PromptEncodi
 
 def _rendering(encoding: PromptEncoding, tokenizer: Any, role: str) -> tuple[str, list[int]]:
     """(text, ids) of :data:`PROBE` under ``encoding``, or a :class:`ModelError` when the
-    template does not render a user turn."""
+    template does not render a user turn, or renders one without the prompt in it (Jinja renders
+    an undefined name, e.g. a misspelt ``message['content']``, as empty text)."""
     from jinja2 import TemplateError
 
     try:
-        return encoding.render(tokenizer, [PROBE])[0], encoding.token_ids(tokenizer, [PROBE])[0]
+        text, ids = encoding.render(tokenizer, [PROBE])[0], encoding.token_ids(tokenizer, [PROBE])[0]
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise ModelError(f"{encoding.origin} does not render a user turn for the {role} "
                          f"({type(exc).__name__}: {exc}); fix the template in data.chat_template, or set "
                          "data.chat_template: never") from None
+    if encoding and any(line not in text for line in PROBE.splitlines()):
+        raise ModelError(f"{encoding.origin} drops the prompt: the user turn {PROBE!r} renders as {text!r} for the "
+                         f"{role}, so every prompt would look the same; the template must write each message's "
+                         "content (message['content']): fix it in data.chat_template, or set data.chat_template: "
+                         "never")
+    return text, ids
 
 
 def template_syntax_error(setting: str) -> str | None:

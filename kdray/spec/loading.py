@@ -182,10 +182,31 @@ def _line_column(text: str, index: int) -> str:
     return f"line {line}, column {index - text.rfind(chr(10), 0, index)}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML
+    keeps the last one silently: a spec with two ``data:`` sections would lose the first).
+    Keys a merge (``<<: *anchor``) brings in may still be overridden."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is written twice in this mapping (first on line "
+                        f"{seen[key] + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_spec_text(text: str, source: str | None = None) -> JobSpec:
-    """Parse YAML (JSON is YAML) text into a JobSpec; a YAML error names its line and column."""
+    """Parse YAML (JSON is YAML) text into a JobSpec; a YAML error names its line and column,
+    and a key written twice in one mapping is an error."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL or U+0001
         char = exc.character if isinstance(exc.character, str) else chr(exc.character)
         raise SpecError([(_line_column(text, exc.position),
