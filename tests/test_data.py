@@ -65,6 +65,9 @@ def test_missing_response_is_bad_only_when_needed(tmp_path):
     assert kept == [{"id": "1", "prompt": "p", "response": None}]
     with pytest.raises(DataError, match="without response field 'response'"):
         load_split(spec_for(path), "train", words, need_response=True)
+    typed = write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "prompt": "p", "response": 3}])
+    with pytest.raises(DataError, match=r"rows whose response field 'response' is not text \(first ids: 1\)"):
+        load_split(spec_for(typed), "train", words, need_response=True)
 
 
 def test_custom_fields_and_row_numbers_as_ids(tmp_path):

@@ -142,14 +142,20 @@ def test_kd_objective_adds_up_over_micro_batches(reduction, kd_ratio):
             torch.testing.assert_close(sum(loss(part)([s], idx, True) for idx in split), whole, rtol=1e-12, atol=0)
 
 
-def test_kd_objective_ce_items_default_to_num_items_in_batch():
+def test_kd_objective_needs_the_ce_items_with_the_kd_items():
+    """The CE term's items (mask & labels != -100) differ from the KD term's where a label is
+    -100 inside the mask: one count for both would silently divide CE by the wrong number."""
     s = torch.randn(B, T, V, generator=_g(5), dtype=F64)
     t = torch.randn(B, T, V, generator=_g(6), dtype=F64)
     labels = torch.randint(0, V, (B, T), generator=_g(7))
+    labels[0, :3] = -100
+    with pytest.raises(ValueError, match="pass ce_num_items_in_batch too"):
+        L.kd_objective(s, t, mask=MASK, divergence="forward_kl", kd_ratio=0.5, labels=labels, num_items_in_batch=200)
+    ce_keep = MASK & (labels != -100)
     _, parts = L.kd_objective(s, t, mask=MASK, divergence="forward_kl", kd_ratio=0.5, labels=labels,
-                              num_items_in_batch=200)
-    ce_sum = -torch.log_softmax(s, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[MASK].sum()
-    torch.testing.assert_close(parts["ce"], ce_sum / 200, rtol=1e-12, atol=0)
+                              num_items_in_batch=200, ce_num_items_in_batch=150)
+    ce_sum = -torch.log_softmax(s, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[ce_keep].sum()
+    torch.testing.assert_close(parts["ce"], ce_sum / 150, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -253,8 +253,11 @@ def check_rows(
         if bad_text(rid, spec.prompt_field, prompt):
             continue
         response = row.get(spec.response_field) if spec.response_field else None
-        if need_response and not isinstance(response, str):
+        if need_response and response is None:
             report.bad[f"rows without response field {spec.response_field!r}"].append(rid)
+            continue
+        if need_response and not isinstance(response, str):
+            report.bad[f"rows whose response field {spec.response_field!r} is not text"].append(rid)
             continue
         if spec.response_field and bad_text(rid, spec.response_field, response):
             continue

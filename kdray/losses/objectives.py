@@ -102,13 +102,15 @@ def kd_objective(
     * ``num_items_in_batch``: the whole optimizer step's items of the KD term under
       ``reduction`` (``num_items`` of ``mask``, summed over micro-batches and ranks);
       ``ce_num_items_in_batch`` those of the CE term (``num_items`` of
-      ``mask & (labels != -100)``; defaults to ``num_items_in_batch``). None = this
-      batch's own items. See :mod:`kdray.losses.reductions` (Hugging Face's
+      ``mask & (labels != -100)``, which differ from the KD term's wherever a label is -100
+      inside ``mask``: so with ``labels`` and ``num_items_in_batch`` it must be given too).
+      None = this batch's own items. See :mod:`kdray.losses.reductions` (Hugging Face's
       ``num_items_in_batch``): with them the micro-batches' losses add up to the step's.
     * ``parts`` holds detached scalars ``"loss"``, ``"kd"`` and, when ``labels`` is
       given, ``"ce"`` for logging.
 
-    Raises ValueError for bad shapes, parameters, or ``labels`` missing when ``kd_ratio < 1``.
+    Raises ValueError for bad shapes, parameters, ``labels`` missing when ``kd_ratio < 1``, or
+    ``num_items_in_batch`` given with ``labels`` but without ``ce_num_items_in_batch``.
     """
     check_logits_pair(student_logits, teacher_logits)
     if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not 0.0 <= float(kd_ratio) <= 1.0:
@@ -119,6 +121,9 @@ def kd_objective(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if kd_ratio < 1.0 and labels is None:
         raise ValueError("labels are required when kd_ratio < 1 (the CE term has weight 1 - kd_ratio)")
+    if labels is not None and num_items_in_batch is not None and ce_num_items_in_batch is None:
+        raise ValueError("with labels, pass ce_num_items_in_batch too: the CE term's items are the step's "
+                         "mask & (labels != -100) positions, not the KD term's num_items_in_batch")
     fn = _resolve_divergence(divergence, divergence_kwargs or {})
     keep = keep_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device)
     student_logits = neutralise(student_logits, keep)
@@ -129,8 +134,7 @@ def kd_objective(
     if labels is not None:
         ce_tokens = token_cross_entropy(student_logits, labels, mask=keep)
         ce_keep = keep & (labels.to(keep.device) != IGNORE_INDEX)
-        ce_items = num_items_in_batch if ce_num_items_in_batch is None else ce_num_items_in_batch
-        ce = reduce_per_token(ce_tokens, ce_keep, reduction, ce_items)
+        ce = reduce_per_token(ce_tokens, ce_keep, reduction, ce_num_items_in_batch)
     return mix_kd_and_ce(kd, ce, kd_ratio)
 
 
