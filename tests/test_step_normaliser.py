@@ -160,14 +160,20 @@ def test_gradient_accumulation_gives_the_one_micro_batch_step(world, objective, 
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
-def _two_ranks(rank: int, port: int, results) -> None:
+def _two_ranks(rank: int, store: str, results) -> None:
     """One of two gloo ranks: its half of the rows, as 1 or 2 micro-batches; the gradient summed
     over micro-batches and averaged over the ranks, as DeepSpeed reduces it (the worker scales
     each loss by the number of ranks to undo that average)."""
     import torch.distributed as dist
 
+    import traceback
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+        raise
     try:
         student, teacher = load_models()
         batch = make_batch(teacher)
@@ -183,26 +189,27 @@ def _two_ranks(rank: int, port: int, results) -> None:
                 out[(objective["kind"], mode, zero_stage, "kd_ratio" in objective, n_micro)] = (
                     float(loss), (grad / 2).numpy())
         if rank == 0:
-            results.put(out)
+            results.put((rank, out))
+    except Exception:
+        results.put((rank, traceback.format_exc()))  # the parent shows why, instead of waiting
+        raise
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_one_micro_batch_step(world):
-    import socket
-
+def test_two_ranks_give_the_one_micro_batch_step(world, tmp_path):
     import torch.multiprocessing as mp
 
     student, teacher, batch = world
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_two_ranks, args=(rank, port, results)) for rank in range(2)]
+    # A file rendezvous: no TCP port to race for on a busy machine.
+    procs = [ctx.Process(target=_two_ranks, args=(rank, str(tmp_path / "store"), results)) for rank in range(2)]
     for p in procs:
         p.start()
-    got = results.get(timeout=300)
+    rank, got = results.get(timeout=300)
+    if isinstance(got, str):
+        pytest.fail(f"rank {rank} failed:\n{got}")
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
