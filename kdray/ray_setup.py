@@ -25,6 +25,11 @@ def job_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
+#: Logical CPUs a local Ray declares beyond the machine's cores, for the reads that stream
+#: the training data while the workers hold their CPUs (:func:`init_ray`).
+INGEST_CPUS = 1
+
+
 def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
     """Connect to ``address`` (or the job's cluster, or start a local one) with the job env.
 
@@ -45,6 +50,9 @@ def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
         kwargs["address"] = address
     elif "RAY_ADDRESS" not in os.environ:
         kwargs["include_dashboard"] = dashboard
+        # One logical CPU more than the machine has: Ray Data's reads feeding the training
+        # workers need a CPU to be scheduled while each worker holds one.
+        kwargs["num_cpus"] = (os.cpu_count() or 1) + INGEST_CPUS
     try:
         context = ray.init(**kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:

@@ -1,25 +1,22 @@
-"""Driver pieces that need no cluster: reusing a stored POCL difficulty measurement."""
+"""Driver pieces that need no cluster: POCL's ranks file as people read it."""
 
 from __future__ import annotations
 
-import json
+import numpy as np
+import pyarrow.parquet as pq
 
-from kdray.data.difficulty import read_difficulty as _read_difficulty
-
-
-def write(path, keys_in_order, student="toy:student"):
-    path.write_text("".join(json.dumps({"key": k, "position": i, "student": student}) + "\n"
-                            for i, k in enumerate(keys_in_order)))
+from kdray.curriculum import difficulty_ranks
+from kdray.data.difficulty import write_difficulty
 
 
-def test_a_stored_order_is_reused_only_for_the_same_rows_and_student(tmp_path):
-    path = tmp_path / "difficulty.jsonl"
-    keys = ["a#0", "b#0", "c#0"]
-    assert _read_difficulty(path, keys, "toy:student") is None  # nothing stored yet
-    write(path, ["c#0", "a#0", "b#0"])
-    assert _read_difficulty(path, keys, "toy:student") == [2, 0, 1]  # indices of keys, easy -> hard
-    assert _read_difficulty(path, keys, "other/student") is None  # measured with another student
-    assert _read_difficulty(path, keys + ["d#0"], "toy:student") is None  # other rows
-    assert _read_difficulty(path, ["a#0", "b#0", "x#0"], "toy:student") is None
-    path.write_text("not json\n")
-    assert _read_difficulty(path, keys, "toy:student") is None  # unreadable: measure again
+def test_the_ranks_file_lists_every_row_easiest_first_with_its_measurements(tmp_path):
+    keys = np.asarray(["a#0", "b#0", "c#0"], dtype=object)
+    ranks = difficulty_ranks([0.1, 0.5, 0.9], [3.0, 2.0, 1.0])
+    path = tmp_path / "curriculum" / "difficulty.parquet"
+    write_difficulty(path, keys, ranks, "toy:student")
+    rows = pq.read_table(path).to_pylist()
+    assert [r["key"] for r in rows] == ["c#0", "b#0", "a#0"]
+    assert [r["position"] for r in rows] == [0, 1, 2]
+    assert rows[0]["rouge_l"] == 0.9 and rows[0]["ce"] == 1.0 and rows[0]["student"] == "toy:student"
+    assert rows[0]["rrf"] == 1 / 61 + 1 / 61
+    assert not list(path.parent.glob(".*.tmp"))  # written under another name, then renamed

@@ -67,7 +67,9 @@ def test_pocl_job_measures_difficulty_trains_cumulative_stages_scores_each_round
     assert phases == ["prepare", "generate", "score", "train", "evaluate", "train", "evaluate", "evaluate", "report"]
 
     # The measurement is stored with the data: every row once, easy -> hard by fused rank.
-    records = [json.loads(line) for line in (out / "curriculum" / "difficulty.jsonl").read_text().splitlines()]
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(out / "curriculum" / "difficulty.parquet").to_pylist()
     assert [r["position"] for r in records] == list(range(256))
     assert len({r["key"] for r in records}) == 256
     rrf = [r["rrf"] for r in records]

@@ -30,9 +30,11 @@ if __name__ == "__main__":
     rows = read_rows("toy:heldout")[:8]
     pairs = encode_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], None)
     batch = {"_row": np.arange(len(pairs)), "prompt_ids": np.empty(len(pairs), object),
-             "response_ids": np.empty(len(pairs), object)}
+             "response_ids": np.empty(len(pairs), object), "input_ids": np.empty(len(pairs), object),
+             "prompt_len": np.asarray([len(p) for p, _ in pairs], np.int32)}
     for i, (p, r) in enumerate(pairs):
         batch["prompt_ids"][i], batch["response_ids"][i] = np.asarray(p), np.asarray(r)
+        batch["input_ids"][i] = np.asarray(p + r, np.int32)  # the scorer's input: a compact example
     scorer = VLLMScorer("toy:teacher", mode=mode, k=8, dtype="float32", max_model_len=128,
                         tensor_parallel_size=1, enforce_eager=True, env=pool_env(GenerationSpec()))
     result = scorer(batch)
@@ -105,8 +107,25 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     assert phases[:4] == ["prepare", "generate", "score", "train"]
     stats = report["teacher_signal"]
     assert stats["mode"] == signal["mode"] and stats["rows"] == 256 and stats["tokens"] > 256
-    records = out / "records" / f"teacher-{signal['mode']}.parquet"
-    assert records.exists() and stats["bytes"] == records.stat().st_size
+    records = out / "records" / f"teacher-{signal['mode']}"
+    marker = json.loads((records / "_kdray_dataset.json").read_text())  # committed by the scorer's writes
+    assert marker["rows"] == 256 and stats["bytes"] == sum((records / f).stat().st_size for f in marker["files"])
+    assert not list((out / "records").glob(".*partial*"))
+    # The records are the training examples: their labels are the teacher pool's own ids.
+    import pyarrow.parquet as pq
+
+    examples = {r["key"]: r for f in marker["files"] for r in pq.read_table(records / f).to_pylist()}
+    responses = out / "datasets" / "responses"
+    generated = [r for f in json.loads((responses / "_kdray_dataset.json").read_text())["files"]
+                 for r in pq.read_table(responses / f, columns=["key", "response_token_ids"]).to_pylist()]
+    assert len(generated) == len(examples) == 256
+    def ids(cell):  # ragged ids are stored as Ray Data's variable-shaped tensors: {data, shape}
+        return cell["data"] if isinstance(cell, dict) else cell
+
+    for row in generated:
+        example = examples[row["key"]]
+        labels = ids(example["input_ids"])[example["prompt_len"]:]
+        assert labels == ids(row["response_token_ids"])[: len(labels)] and example["n_tokens"] == len(labels)
     if signal["mode"] == "topk":
         assert stats["bytes_per_token"] <= 100  # the budget at k = 20
     steps = [m for m in report["train_metrics"] if "loss" in m]

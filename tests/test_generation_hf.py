@@ -148,9 +148,13 @@ def _pairs(heldout, tokenizer) -> dict[str, np.ndarray]:
 
     pairs = encode_batch(tokenizer, [r["prompt"] for r in heldout[:8]], [r["response"] for r in heldout[:8]], None)
     prompt_ids, response_ids = np.empty(len(pairs), object), np.empty(len(pairs), object)
+    input_ids = np.empty(len(pairs), object)
     for i, (p, r) in enumerate(pairs):
         prompt_ids[i], response_ids[i] = np.asarray(p, np.int64), np.asarray(r, np.int64)
-    return {"_row": np.arange(len(pairs)), "prompt_ids": prompt_ids, "response_ids": response_ids}
+        input_ids[i] = np.asarray(p + r, np.int32)  # the scorer's input: a compact training example
+    return {"_row": np.arange(len(pairs)), "input_ids": input_ids,
+            "prompt_len": np.asarray([len(p) for p, _ in pairs], np.int32),
+            "prompt_ids": prompt_ids, "response_ids": response_ids}
 
 
 def _direct_logits(scorer: HFScorer, p: np.ndarray, r: np.ndarray) -> torch.Tensor:
@@ -188,6 +192,29 @@ def test_scorer_hidden_through_lm_head_gives_the_logits(heldout):
         with torch.inference_mode():
             logits = head(torch.from_numpy(hidden))
         torch.testing.assert_close(logits, _direct_logits(scorer, p, r), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["topk", "hidden"])
+def test_a_scorer_given_the_records_layout_writes_the_stored_bytes_in_the_actor(heldout, mode):
+    from kdray.data.records import decode_signal, topk_id_dtype
+
+    kwargs = dict(k=5, dtype="float32", max_model_len=128, tensor_parallel_size=1, enforce_eager=True,
+                  env=pool_env(GenerationSpec()))
+    plain = HFScorer("toy:teacher", mode=mode, **kwargs)
+    batch = _pairs(heldout, plain.hf.tokenizer)
+    vocab, hidden = plain.hf.model.config.vocab_size, plain.hf.model.config.hidden_size
+    meta = ({"mode": "topk", "k": 5, "vocab_size": vocab, "id_dtype": topk_id_dtype(vocab)} if mode == "topk"
+            else {"mode": "hidden", "hidden_size": hidden, "hidden_dtype": "bfloat16"})
+    stored = HFScorer("toy:teacher", mode=mode, signal_meta=meta, **kwargs)(batch)
+    arrays = plain(batch)
+    for i, r in enumerate(batch["response_ids"]):
+        assert stored["n_tokens"][i] == len(r) and isinstance(stored[meta["mode"] if mode == "hidden" else "topk_ids"][i], bytes)
+        decoded = decode_signal({c: stored[c][i] for c in stored}, meta)
+        if mode == "topk":
+            np.testing.assert_array_equal(decoded["topk_ids"], arrays["topk_ids"][i])
+            np.testing.assert_allclose(decoded["topk_logprobs"], arrays["topk_logprobs"][i], rtol=1e-3)  # float16
+        else:  # bfloat16 keeps 8 bits of mantissa
+            np.testing.assert_allclose(decoded["hidden"], arrays["hidden"][i], rtol=1e-2, atol=1e-2)
 
 
 def test_hf_backend_rejects_tensor_parallelism():

@@ -15,11 +15,10 @@ def spec_of(tmp_path, **training):
                        "training": training})
 
 
-def test_a_rerun_finds_the_rows_run_names_and_finished_segments(tmp_path):
+def test_a_rerun_finds_the_run_names_and_finished_segments(tmp_path):
     spec = spec_of(tmp_path)
     first = JobState.open(tmp_path, spec, restart=False)
-    assert not first.resumed and first.load_rows("train_rows") is None
-    first.save_rows("train_rows", [{"id": "a", "response": " 1"}])
+    assert not first.resumed
     assert first.run_name(0, "t-0-aaaa") == "t-0-aaaa"
     student = tmp_path / "ray_train" / "t-0-aaaa" / "checkpoint" / "student"
     student.mkdir(parents=True)
@@ -27,7 +26,6 @@ def test_a_rerun_finds_the_rows_run_names_and_finished_segments(tmp_path):
 
     again = JobState.open(tmp_path, spec, restart=False)
     assert again.resumed
-    assert again.load_rows("train_rows") == [{"id": "a", "response": " 1"}]
     assert again.run_name(0, "t-0-bbbb") == "t-0-aaaa"  # the same Ray Train run: it restores
     assert again.run_name(1, "t-1-cccc") == "t-1-cccc"
     assert again.finished(0) == {"checkpoint": str(student.parent), "student": str(student)}
@@ -48,14 +46,15 @@ def test_another_spec_in_the_same_output_dir_is_refused_with_the_differences(tmp
 
 def test_restart_discards_the_earlier_run(tmp_path):
     state = JobState.open(tmp_path, spec_of(tmp_path), restart=False)
-    state.save_rows("train_rows", [{"id": "a"}])
     state.run_name(0, "x")
     (tmp_path / "ray_train" / "x").mkdir(parents=True)
     (tmp_path / "curriculum").mkdir()
+    (tmp_path / "datasets" / "responses").mkdir(parents=True)
     (tmp_path / "report.md").write_text("kept")
     fresh = JobState.open(tmp_path, spec_of(tmp_path, lr=1e-3), restart=True)  # another spec is fine now
-    assert not fresh.resumed and fresh.load_rows("train_rows") is None
+    assert not fresh.resumed
     assert not (tmp_path / "ray_train").exists() and not (tmp_path / "curriculum").exists()
+    assert not (tmp_path / "datasets").exists()
     assert (tmp_path / "report.md").read_text() == "kept"  # only what resuming would use
 
 
@@ -64,14 +63,3 @@ def test_a_corrupt_state_file_says_how_to_start_over(tmp_path):
     (tmp_path / "state" / "job.json").write_text("{not json")
     with pytest.raises(KdrayError, match="--restart"):
         JobState.open(tmp_path, spec_of(tmp_path), restart=False)
-
-
-@pytest.mark.parametrize("damage", [b'{"id": "b", "resp', b'{"id": "\xff"}'], ids=["cut-short", "not-utf8"])
-def test_saved_rows_damaged_on_disk_name_the_file_line_and_restart(tmp_path, damage):
-    state = JobState.open(tmp_path, spec_of(tmp_path), restart=False)
-    state.save_rows("train_rows", [{"id": "a"}])
-    path = tmp_path / "state" / "train_rows.jsonl"
-    assert path.exists()
-    path.write_bytes(path.read_bytes() + damage + b"\n")
-    with pytest.raises(KdrayError, match=rf"{path}, line 2: not a JSON row; .*--restart"):
-        state.load_rows("train_rows")

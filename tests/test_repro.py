@@ -213,7 +213,7 @@ def test_repro_quick_runs_every_method_and_seed_and_states_the_verdicts(tmp_path
     paper = next(r for r in report["runs"] if r["method"] == "distillm2-paper")
     assert paper["on_policy_generate_s"] > 0 and paper["train_metrics"][-1]["beta"] == 1.5
     # POCL's difficulty measured once, through the pool.
-    assert (out / "shared" / "curriculum" / "difficulty.jsonl").is_file()
+    assert (out / "shared" / "curriculum" / "difficulty.parquet").is_file()
     md = (out / "repro.md").read_text()
     assert "## POCL: average ROUGE-L" in md and "## DistiLLM-2 Table 2 order" in md
     verdict_lines = [line for line in md.splitlines() if line.startswith("- **")]

@@ -1,43 +1,31 @@
-"""POCL's difficulty measurement as stored with a job (``OUTPUT_DIR/curriculum/difficulty.jsonl``).
-
-One JSON line per training row, easiest first: its key (``id#sample_index``), position,
-ROUGE-L and cross-entropy, their ranks, the fused RRF score, and the student that was
-measured. A later run over exactly the same rows with the same student reads the order back
-instead of measuring again.
+"""POCL's difficulty ranks as stored with a job (``OUTPUT_DIR/curriculum/difficulty.parquet``),
+for people to read: one row per training row, easiest first, with its key (``id#sample_index``),
+position, ROUGE-L and cross-entropy, their ranks, the fused RRF score, and the student that was
+measured. The job itself reuses the measurements (``curriculum/difficulty/``), not this file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 
-def write_difficulty(path: Path, keys: list[str], ranks: Any, student: str) -> None:
+def write_difficulty(path: Path, keys: Any, ranks: Any, student: str) -> None:
     """Write ``ranks`` (a :class:`kdray.curriculum.DifficultyRanks` over ``keys``) atomically."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    order = ranks.order
+    table = pa.table({
+        "key": pa.array(np.asarray(keys, dtype=object)[order], pa.string()),
+        "position": pa.array(np.arange(order.size), pa.int64()),
+        "rouge_l": ranks.rouge[order], "ce": ranks.ce[order],
+        "rank_rouge_l": ranks.rouge_rank[order], "rank_ce": ranks.ce_rank[order], "rrf": ranks.score[order],
+        "student": pa.array([student] * order.size, pa.string()),
+    })
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for pos, i in enumerate(int(i) for i in ranks.order):
-            fh.write(json.dumps({"key": keys[i], "position": pos, "rouge_l": float(ranks.rouge[i]),
-                                 "ce": float(ranks.ce[i]), "rank_rouge_l": float(ranks.rouge_rank[i]),
-                                 "rank_ce": float(ranks.ce_rank[i]), "rrf": float(ranks.score[i]),
-                                 "student": student}) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
-
-
-def read_difficulty(path: Path, keys: list[str], student: str) -> list[int] | None:
-    """The saved easy → hard order of ``keys``, if ``path`` measured exactly these rows with
-    this student; None otherwise (measure again)."""
-    if not path.exists():
-        return None
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        index = {k: i for i, k in enumerate(keys)}
-        if (len(records) != len(keys) or any(r["student"] != student for r in records)
-                or {r["key"] for r in records} != set(index)):
-            return None
-        return [index[r["key"]] for r in sorted(records, key=lambda r: r["position"])]
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -40,14 +40,16 @@ class TokenizeForTraining:
     Prompts are encoded with ``encoding``: the job's :class:`~kdray.data.tokenize.PromptEncoding`
     (what every pool uses), or a ``data.chat_template`` setting resolved against this
     tokenizer, the student's (:meth:`~kdray.data.tokenize.PromptEncoding.resolve`: the same
-    encoding, for callers outside a job).
+    encoding, for callers outside a job). With ``keep_columns`` the input columns stay in the
+    output beside the examples (a job's stored datasets: :mod:`kdray.stages.generate`).
 
     Raises:
         RecordsError: a row's teacher record covers another number of tokens than its labels.
     """
 
     def __init__(self, tokenizer_ref: str, max_seq_len: int, encoding: PromptEncoding | str = "auto",
-                 signal_meta: dict[str, Any] | None = None):
+                 signal_meta: dict[str, Any] | None = None, keep_columns: bool = False):
+        self.keep_columns = keep_columns
         self.tok = load_tokenizer(tokenizer_ref)
         self.max_len = max_seq_len
         self.encoding = (encoding if isinstance(encoding, PromptEncoding)
@@ -70,8 +72,11 @@ class TokenizeForTraining:
         return {"input_ids": ids, "prompt_len": starts}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"),
-                           batch.get("response_token_ids"))
+        out = dict(batch) if self.keep_columns else {}
+        out.update(self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"),
+                                batch.get("response_token_ids")))
+        if "key" in batch:  # the row's identity travels with it (POCL's stage selection)
+            out["key"] = batch["key"]
         if self.signal_meta is not None:
             n_labels = [len(ids) - start for ids, start in zip(out["input_ids"], out["prompt_len"])]
             check_record_lengths(batch["n_tokens"], n_labels, self.signal_meta)
@@ -107,6 +112,8 @@ class CollateExamples:
             packed = pack_examples(pairs, length, self.pad_id)
             out.update({f"{p}{k}": torch.from_numpy(v) for k, v in packed.items()})
         if self.signal_meta is not None:
+            n_labels = [len(ids) - int(start) for ids, start in zip(batch["input_ids"], batch["prompt_len"])]
+            check_record_lengths(batch["n_tokens"], n_labels, self.signal_meta)
             columns = ("n_tokens", *SIGNAL_COLUMNS[self.signal_meta["mode"]])
             rows = [{c: batch[c][i] for c in columns} for i in range(len(batch["prompt_len"]))]
             out.update(signal_tensors(rows, [int(s) for s in batch["prompt_len"]], length, self.signal_meta))

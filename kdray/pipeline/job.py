@@ -98,27 +98,16 @@ class Job:
 
     # -- stages a re-run reuses ----------------------------------------------------------------
 
-    def _training_rows(self, train_split: list[dict[str, Any]], state: JobState) -> list[dict[str, Any]]:
-        rows = state.load_rows("train_rows")
-        if rows is not None:
-            self.reporter.message(f"generate: reusing {len(rows)} training responses saved by an earlier run")
-            return rows
-        rows = generate.training_responses(self.ctx, train_split)
-        state.save_rows("train_rows", rows)
-        return rows
-
-    def _student_responses(self, rows: list[dict[str, Any]], student_dir: Path | None, segment: Segment,
-                           plan: list[Segment], state: JobState) -> list[dict[str, Any]]:
-        """Pair every row with the current student's response (saved, so a resumed round
-        trains on the same responses)."""
-        name = f"round-{segment.round}-student"
-        samples = state.load_rows(name)
-        if samples is None:
-            student = (self.spec.student.model_copy(update={"model": str(student_dir)}) if student_dir
-                       else self.spec.student)
-            samples = generate.student_samples(self.ctx, rows, student, segment, len(plan))
-            state.save_rows(name, samples)
-        return generate.pair_student_responses(rows, samples)
+    def _segment_data(self, segment: Segment, plan: list[Segment], base: Any, keys: Any,
+                      student_dir: Path | None) -> Any:
+        """The committed dataset a segment trains on: ``base`` (teacher responses or records),
+        or in a DistiLLM-2 round those rows paired with the current student's responses (made
+        once per round and saved, so a resumed round trains on the same responses)."""
+        if not segment.regenerate_student:
+            return base
+        student = (self.spec.student.model_copy(update={"model": str(student_dir)}) if student_dir
+                   else self.spec.student)
+        return generate.student_responses(self.ctx, train.rows_of(base, keys), segment.n_rows, student, segment, len(plan))
 
     def score_round(self, segment: Segment, plan: list[Segment], student_dir: Path, state: JobState,
                      heldout: list[dict[str, Any]], round_scores: dict[str, Any]) -> None:
@@ -166,12 +155,11 @@ class Job:
         budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any work
         init_ray(self.address)
 
-        train_rows = self._training_rows(data.train, state)
-        signal, signal_stats = None, None
+        responses = generate.training_responses(ctx, data.train)
+        base, signal_meta, signal_stats = responses, None, None
         if spec.teacher_signal.mode != "online":
-            signal, signal_stats = teacher_signal.score_signal(ctx, train_rows)
-        if spec.curriculum_of("pocl") is not None:
-            train_rows = difficulty.order_by_difficulty(ctx, train_rows)
+            base, signal_meta, signal_stats = teacher_signal.score_signal(ctx, responses)
+        order = difficulty.order_by_difficulty(ctx, responses) if spec.curriculum_of("pocl") is not None else None
 
         student_dir: Path | None = None
         checkpoint: str | None = None
@@ -182,14 +170,16 @@ class Job:
                 self.reporter.message(f"train: segment {segment.index + 1}/{len(plan)} was finished by an earlier run")
                 student_dir, checkpoint = Path(done["student"]), done["checkpoint"]
             else:
-                rows = train_rows[: segment.n_rows]
+                # a POCL stage trains on the easiest rows; others on all of them
+                keys = order[: segment.n_rows] if order is not None and segment.n_rows < base.rows else None
+                data_for_segment = self._segment_data(segment, plan, base, keys, student_dir)
                 if segment.regenerate_student:
-                    rows = self._student_responses(rows, student_dir, segment, plan, state)
+                    keys = None  # the round's dataset holds exactly the segment's rows
                 run_name = state.run_name(segment.index, f"{spec.name}-{segment.index}-{uuid.uuid4().hex[:8]}")
                 self._recover_metrics(self.out / "ray_train" / run_name)
                 student_dir, checkpoint = train.train_segment(
-                    ctx, rows, segment, plan, init_checkpoint=checkpoint, run_name=run_name, signal=signal,
-                    heldout=data.heldout, on_metrics=self._record_metrics)
+                    ctx, data_for_segment, segment, plan, keys=keys, init_checkpoint=checkpoint, run_name=run_name,
+                    signal_meta=signal_meta, heldout=data.heldout, on_metrics=self._record_metrics)
                 state.finish(segment.index, checkpoint, str(student_dir))
             self.score_round(segment, plan, student_dir, state, data.heldout, round_scores)
         final = self.out / "student"

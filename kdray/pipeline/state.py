@@ -7,8 +7,10 @@ starting over.
   segment (a re-run reuses the name, so Ray Train restores that run's latest checkpoint), and
   each finished segment's final checkpoint (DeepSpeed state and exported student), and the
   held-out scores of each segment's student (``evaluation.per_round``);
-* ``train_rows.jsonl``: the teacher's responses (generated once per job);
-* ``round-N-student.jsonl``: the student's responses of each DistiLLM-2 round.
+
+The rows a job makes (teacher and student responses, teacher records, POCL's measurements)
+are committed datasets beside it (``datasets/``, ``records/``, ``curriculum/``:
+:mod:`kdray.data.artifacts`); a re-run reuses each one that was committed.
 
 A re-run with a different spec is refused (the saved work belongs to another job) unless
 ``kdray run --restart`` discards it. Every file is written to a temporary name and renamed,
@@ -27,7 +29,7 @@ from kdray.errors import KdrayError
 from kdray.spec import JobSpec
 
 #: What ``--restart`` removes: everything a previous run of the job left to resume from.
-RESUMABLE = ("state", "ray_train", "curriculum", "records")
+RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -88,27 +90,6 @@ class JobState:
 
     def _save(self) -> None:
         _write_atomic(self.dir / "job.json", json.dumps(self.data, indent=2))
-
-    # -- rows ------------------------------------------------------------------------------
-    def load_rows(self, name: str) -> list[dict[str, Any]] | None:
-        """The rows saved as ``name`` (``state/NAME.jsonl``) by an earlier run, else None."""
-        path = self.dir / f"{name}.jsonl"
-        if not path.exists():
-            return None
-        rows = []
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # also a line that is not UTF-8: the file was damaged after it was written
-                raise KdrayError(f"{path}, line {number}: not a JSON row; the job's saved state is damaged. "
-                                 "Run the job again with --restart (kdray run --restart SPEC)") from None
-        return rows
-
-    def save_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """Save ``rows`` (JSON-serialisable dicts) as ``state/NAME.jsonl``, atomically."""
-        _write_atomic(self.dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- segments --------------------------------------------------------------------------
     def run_name(self, index: int, fresh: str) -> str:

@@ -77,14 +77,32 @@ class SamplingConfig:
 
 class PoolCallable:
     """Base of the pools' Ray Data callable classes: applies the actor environment before the
-    backend imports its engine (vLLM reads it at import), and assembles output rows."""
+    backend imports its engine (vLLM reads it at import), assembles output rows, and reports
+    each batch's output rows to the driver's progress hub (``progress``: an actor with a
+    ``record`` method, or None). Subclasses implement :meth:`process`.
 
-    def __init__(self, env: dict[str, str]):
+    Args:
+        env: environment variables for the actor (values already set win).
+        progress: the stage's progress hub (:func:`kdray.stages.context.progress_hub`).
+        output_prefix: a prefix for a generator's output columns (``student_``: a DistiLLM-2
+            round's student responses sit beside the teacher's in the same rows).
+    """
+
+    def __init__(self, env: dict[str, str], progress: Any = None, output_prefix: str = ""):
         for key, value in env.items():
             os.environ.setdefault(key, value)
+        self.progress, self.output_prefix = progress, output_prefix
 
-    @staticmethod
-    def sample_rows(batch: dict[str, np.ndarray], samples: list[list[tuple[str, list[int], str]]],
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.process(batch)
+        if self.progress is not None:
+            self.progress.record.remote({"rows": len(next(iter(out.values()))) if out else 0})
+        return out
+
+    def sample_rows(self, batch: dict[str, np.ndarray], samples: list[list[tuple[str, list[int], str]]],
                     gold_ce: list[float] | None = None) -> dict[str, np.ndarray]:
         """A generator's output batch: one row per sample of each input row.
 
@@ -98,26 +116,58 @@ class PoolCallable:
 
         Returns:
             The input columns plus ``response`` (str), ``response_token_ids`` (object array of
-            int32 arrays), ``sample_index`` (0..n-1) and ``finish_reason`` (``stop``/``length``).
+            int32 arrays), ``sample_index`` (0..n-1) and ``finish_reason`` (``stop``/``length``),
+            each name with :attr:`output_prefix` in front.
         """
-        out: dict[str, list[Any]] = {k: [] for k in batch}
-        out.update(response=[], response_token_ids=[], sample_index=[], finish_reason=[])
+        p = self.output_prefix
+        made = [f"{p}response", f"{p}response_token_ids", f"{p}sample_index", f"{p}finish_reason"]
+        out: dict[str, list[Any]] = {k: [] for k in batch if k not in made}
+        out.update({name: [] for name in made})
         if gold_ce is not None:
             out["gold_ce"], out["gold_rouge_l"] = [], []
+        carried = [k for k in batch if k not in made]
         for row, row_samples in enumerate(samples):
             for j, (text, token_ids, finish) in enumerate(row_samples):
-                for k in batch:
+                for k in carried:
                     out[k].append(batch[k][row])
-                out["response"].append(text)
-                out["response_token_ids"].append(np.asarray(token_ids, dtype=np.int32))
-                out["sample_index"].append(j)
-                out["finish_reason"].append(str(finish))
+                out[made[0]].append(text)
+                out[made[1]].append(np.asarray(token_ids, dtype=np.int32))
+                out[made[2]].append(j)
+                out[made[3]].append(str(finish))
                 if gold_ce is not None:
                     out["gold_ce"].append(gold_ce[row])
                     out["gold_rouge_l"].append(rouge_l(text, str(batch["gold_response"][row])))
-        result = {k: np.asarray(v) for k, v in out.items() if k != "response_token_ids"}
-        result["response_token_ids"] = objects(out["response_token_ids"])
+        result = {k: (objects(v) if isinstance(batch.get(k), np.ndarray) and batch[k].dtype == object
+                      else np.asarray(v)) for k, v in out.items() if k != made[1]}
+        result[made[1]] = objects(out[made[1]])
         return result
+
+    @staticmethod
+    def example_pairs(batch: dict[str, np.ndarray]) -> list[tuple[list[int], list[int]]]:
+        """A scorer's input: per row (prompt ids, response ids) of the compact training example
+        (``input_ids``, ``prompt_len``: :class:`kdray.data.examples.TokenizeForTraining`)."""
+        return [([int(t) for t in ids[:start]], [int(t) for t in ids[start:]])
+                for ids, start in zip(batch["input_ids"], batch["prompt_len"])]
+
+    def scored_rows(self, batch: dict[str, np.ndarray], records: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """A scorer's output batch: the input columns plus, per row, its record. With the
+        scorer's ``signal_meta`` (a job's records layout, :mod:`kdray.data.records`) the record
+        is encoded here, in the actor, into the stored bytes (``n_tokens`` and the layout's
+        columns); without, the arrays as computed (``topk_ids`` / ``topk_logprobs`` /
+        ``hidden``, float32)."""
+        out = dict(batch)
+        meta = getattr(self, "signal_meta", None)
+        if meta is None:
+            out.update({k: objects(v) for k, v in records.items()})
+            return out
+        from kdray.data.records import encode_signal
+
+        n = len(next(iter(records.values())))
+        encoded = [encode_signal({k: v[i] for k, v in records.items()}, meta) for i in range(n)]
+        out["n_tokens"] = np.asarray([e["n_tokens"] for e in encoded], dtype=np.int32)
+        for column in records:
+            out[column] = objects([e[column] for e in encoded])
+        return out
 
 
 def check_lengths(lengths: list[int], max_model_len: int, model: str, what: str) -> None:

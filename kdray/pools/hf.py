@@ -30,7 +30,7 @@ import numpy as np
 from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.errors import KdrayError
 from kdray.models import load_causal_lm, load_tokenizer
-from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
+from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode
 from kdray.pools.left_padded import generate_left_padded
 
 #: Tokens (batch x padded length) per forward pass when scoring; bounds the [tokens, vocab]
@@ -148,8 +148,10 @@ class HFGenerator(PoolCallable):
         env: dict[str, str],
         score_gold: bool = False,
         encoding: PromptEncoding | None = None,
+        progress: Any = None,
+        output_prefix: str = "",
     ):
-        super().__init__(env)
+        super().__init__(env, progress, output_prefix)
         self.hf = _HFModel(model, dtype=dtype, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size)
         self.sampling = sampling
@@ -167,7 +169,7 @@ class HFGenerator(PoolCallable):
             ce.append(-float(logprobs.gather(1, target).double().mean()))
         return ce
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tok = self.hf.tokenizer
         ids = self.encoding.token_ids(tok, [str(p) for p in batch["prompt"]])
         rows = [int(r) for r in batch["_row"]] if "_row" in batch else [0]
@@ -181,34 +183,33 @@ class HFGenerator(PoolCallable):
 class HFScorer(PoolCallable):
     """Ray Data callable class: the ``backend: hf`` twin of :class:`kdray.pools.vllm.VLLMScorer`.
 
-    ``__call__`` takes a numpy batch with ``_row``, ``prompt_ids`` and ``response_ids``
-    (object arrays of int arrays) and returns it with, per row of ``R`` response tokens,
-    ``topk_ids`` (int32 ``[R, k]``) and ``topk_logprobs`` (float32 ``[R, k]``, descending;
-    log-softmax of the raw logits), or ``hidden`` (float32 ``[R, H]``, after the final norm).
+    ``__call__`` takes a numpy batch of compact examples (``input_ids``, ``prompt_len``) and
+    returns it with, per row of ``R`` response tokens, ``topk_ids`` (int32 ``[R, k]``) and
+    ``topk_logprobs`` (float32 ``[R, k]``, descending; log-softmax of the raw logits), or
+    ``hidden`` (float32 ``[R, H]``, after the final norm); stored bytes with ``signal_meta``
+    (:meth:`~kdray.pools.base.PoolCallable.scored_rows`).
     Row ``j`` is the teacher at position ``len(prompt) + j - 1`` of prompt + response.
     """
 
     def __init__(self, model: str, *, mode: str, k: int, dtype: str, max_model_len: int,
-                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str]):
+                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str],
+                 signal_meta: dict[str, Any] | None = None, progress: Any = None):
         check_score_mode(mode)
-        super().__init__(env)
+        super().__init__(env, progress)
+        self.signal_meta = signal_meta
         self.mode, self.k = mode, k
         self.hf = _HFModel(model, dtype=dtype, max_model_len=max_model_len,
                            tensor_parallel_size=tensor_parallel_size)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = [([int(t) for t in p], [int(t) for t in r])
-                 for p, r in zip(batch["prompt_ids"], batch["response_ids"])]
-        out = dict(batch)
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = self.example_pairs(batch)
         if self.mode == "hidden":
-            out["hidden"] = objects([h.numpy().astype(np.float32, copy=False)
-                                      for h in self.hf.response_states(pairs, "hidden")])
-            return out
+            return self.scored_rows(batch, {"hidden": [h.numpy().astype(np.float32, copy=False)
+                                                       for h in self.hf.response_states(pairs, "hidden")]})
         ids, lps = [], []
         for logprobs in self.hf.response_states(pairs, "logprobs"):
             k = min(self.k, logprobs.shape[-1])
             top = logprobs.topk(k, dim=-1, sorted=True)
             ids.append(top.indices.numpy().astype(np.int32))
             lps.append(top.values.numpy().astype(np.float32))
-        out["topk_ids"], out["topk_logprobs"] = objects(ids), objects(lps)
-        return out
+        return self.scored_rows(batch, {"topk_ids": ids, "topk_logprobs": lps})

@@ -1,10 +1,12 @@
-"""Running a pool over rows: Ray Data ``map_batches`` on an actor pool sized by the spec.
+"""Running a pool over a Ray dataset: ``map_batches`` on an actor pool sized by the spec.
 
-:func:`generate` answers prompts with a model's generator; :func:`score_teacher` records the
-teacher's signal on the training responses with its scorer. Both size the actor pool from
-``generation`` (replicas, GPUs and CPUs per replica, batch size) through :func:`map_pool`, and
-return rows in the order they were given: Ray Data does not keep order, so every row travels
-with its position ``_row``.
+:func:`generate_dataset` answers prompts with a model's generator; :func:`score_dataset` records
+the teacher's signal on compact training examples with its scorer. Both size the actor pool
+from ``generation`` (replicas, GPUs and CPUs per replica, batch size) through :func:`map_pool`
+and return lazy datasets, which a stage writes under the job's output directory. For a few
+rows held in the driver (held-out answers, the judge, benchmarks) :func:`generate` and
+:func:`score_teacher` take and return lists, in the order given: Ray Data does not keep
+order, so every row travels with its position ``_row``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kdray.data.tokenize import PromptEncoding, encode_batch, job_encoding
+from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.errors import KdrayError
-from kdray.models import load_tokenizer
 from kdray.pools import hf, vllm
 from kdray.pools.base import BACKENDS, ROLES, SamplingConfig, pool_env
 from kdray.spec import GenerationSpec, JobSpec, ModelSpec
@@ -30,15 +31,15 @@ def pool_class(backend: str, role: str = "generator") -> type:
     return vllm.VLLMScorer if role == "scorer" else vllm.VLLMGenerator
 
 
-def map_pool(items: list[dict[str, Any]], model: ModelSpec, pool: GenerationSpec, role: str, *,
+def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *,
              pool_cls: type | None = None, **kwargs: Any) -> Any:
-    """A Ray Data dataset of ``items`` mapped by ``model``'s pool class for ``role``
-    (:func:`pool_class`, or ``pool_cls``: a subclass of it, as the generation
-    bench passes to time start-up) on ``pool.replicas`` actors; ``kwargs`` go to the class's
-    constructor with the model, dtype, lengths, parallelism and environment."""
+    """The Ray dataset ``ds`` mapped by ``model``'s pool class for ``role`` (:func:`pool_class`,
+    or ``pool_cls``: a subclass of it, as the generation bench passes to time start-up) on
+    ``pool.replicas`` actors; ``kwargs`` go to the class's constructor with the model, dtype,
+    lengths, parallelism and environment. Lazy: nothing runs until the dataset is consumed."""
     import ray.data
 
-    return ray.data.from_items(items).map_batches(
+    return ds.map_batches(
         pool_cls or pool_class(model.backend, role),
         fn_constructor_kwargs=dict(
             model=model.model,
@@ -57,6 +58,25 @@ def map_pool(items: list[dict[str, Any]], model: ModelSpec, pool: GenerationSpec
     )
 
 
+def generate_dataset(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling: SamplingConfig, *,
+                     score_gold: bool = False, encoding: PromptEncoding | None = None, progress: Any = None,
+                     output_prefix: str = "", pool_cls: type | None = None) -> Any:
+    """``model``'s answers to the rows of the Ray dataset ``ds`` (each with ``id`` and
+    ``prompt``; every column is carried over), as a lazy dataset: one row per sample with
+    ``response``, ``response_token_ids`` (int32), ``sample_index`` and ``finish_reason``, each
+    name with ``output_prefix`` in front; with ``score_gold`` also ``gold_ce`` (the model's mean
+    token cross-entropy in nats on the row's ``gold_response``, which the rows then carry with
+    ``gold_finish_reason``) and ``gold_rouge_l`` (each sample against it). Progress goes to the
+    hub ``progress`` as output rows are made.
+
+    Prompts are encoded with ``encoding``: a job passes its own
+    (:meth:`kdray.stages.context.StageContext.prompt_encoding`) for every model it runs; None
+    lets the model use its own chat template (benchmarks, direct use).
+    """
+    return map_pool(ds, model, pool, "generator", pool_cls=pool_cls, sampling=sampling, score_gold=score_gold,
+                    encoding=encoding, progress=progress, output_prefix=output_prefix)
+
+
 def generate(
     rows: list[dict[str, Any]],
     model: ModelSpec,
@@ -68,29 +88,26 @@ def generate(
     on_rows: Callable[[int], None] | None = None,
     pool_cls: type | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate responses for ``rows`` (each with ``id`` and ``prompt``) on a Ray Data actor pool.
+    """:func:`generate_dataset` for a few rows held in the driver (held-out answers, the
+    judge's verdicts, benchmarks): the rows go in as a list and come back as one, in the order
+    of ``rows`` (then ``sample_index``). A job's training rows never take this path.
 
     Returns:
-        One dict per generated sample, in the order of ``rows`` (then ``sample_index``):
-        ``id``, ``prompt``, ``response``, ``response_token_ids``, ``sample_index``,
-        ``finish_reason``, and with ``score_gold`` the model's mean token cross-entropy (nats)
-        on each row's own ``response`` (``gold_ce``) and the ROUGE-L of each sample against it
-        (``gold_rouge_l``; ``rows`` then need ``response`` and
-        ``finish_reason``). ``on_rows(k)`` is called as each batch of k output rows arrives;
-        ``pool_cls`` replaces the backend's generator class (:func:`map_pool`).
-
-    Prompts are encoded with ``encoding``: a job passes its own
-    (:meth:`kdray.stages.context.StageContext.prompt_encoding`) for every model it runs; None
-    lets the model use its own chat template (benchmarks, direct use).
+        One dict per sample: ``id``, ``prompt``, ``response``, ``response_token_ids``,
+        ``sample_index``, ``finish_reason``, and with ``score_gold`` ``gold_ce`` and
+        ``gold_rouge_l`` (``rows`` then need ``response`` and ``finish_reason``). ``on_rows(k)``
+        is called as each batch of k output rows arrives.
     """
+    import ray.data
+
     items = []
     for i, r in enumerate(rows):
         item = {"_row": i, "id": r["id"], "prompt": r["prompt"]}
         if score_gold:
             item.update(gold_response=r["response"], gold_finish_reason=r["finish_reason"])
         items.append(item)
-    ds = map_pool(items, model, pool, "generator", pool_cls=pool_cls, sampling=sampling, score_gold=score_gold,
-                  encoding=encoding)
+    ds = generate_dataset(ray.data.from_items(items), model, pool, sampling, score_gold=score_gold,
+                          encoding=encoding, pool_cls=pool_cls)
     results: list[tuple[int, dict[str, Any]]] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["id"])
@@ -113,18 +130,28 @@ def generate(
     return [row for _, row in results]
 
 
-def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, on_rows: Callable[[int], None] | None = None,
-                  encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
-    """Score every training row's response with the teacher's scorer pool, in row order.
+def score_dataset(ds: Any, spec: JobSpec, signal_meta: dict[str, Any] | None = None, *,
+                  progress: Any = None) -> Any:
+    """The teacher's records of the compact training examples in the Ray dataset ``ds``
+    (``input_ids``, ``prompt_len``: :class:`kdray.data.examples.TokenizeForTraining`, the trainer's
+    own ids, so records line up with its labels), from the teacher's scorer pool, as a lazy
+    dataset: the input columns plus each row's record (``teacher_signal`` says what), encoded
+    into the stored bytes of ``signal_meta`` when given (:mod:`kdray.data.records`), else as
+    float32 arrays."""
+    signal = spec.teacher_signal
+    return map_pool(ds, spec.teacher, spec.generation, "scorer", mode=signal.mode, k=signal.k,
+                    signal_meta=signal_meta, progress=progress)
 
-    The ids are those of :func:`kdray.data.tokenize.encode_batch` under the job's prompt encoding
-    (``encoding``, or :func:`kdray.data.tokenize.job_encoding` of ``spec``: the same), cut at
-    ``training.max_seq_len`` as the trainer cuts them, so the records line up with its labels.
+
+def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
+    """:func:`score_dataset` for a few rows held in the driver (benchmarks, tests): each row's
+    record as arrays, in row order.
 
     Args:
-        rows: training rows with ``prompt``, ``response`` and ``finish_reason`` (and
+        rows: rows with ``prompt``, ``response`` and ``finish_reason`` (and
             ``response_token_ids`` where a pool generated the response).
-        spec: the job; ``teacher_signal`` says what to record.
+        spec: the job; ``teacher_signal`` says what to record; ids are encoded as the trainer
+            encodes them (``encoding``, or :func:`kdray.data.tokenize.job_encoding` of ``spec``).
 
     Returns:
         Per row ``{"n_tokens", "topk_ids" [R, k] int32, "topk_logprobs" [R, k] float32}`` or
@@ -133,30 +160,28 @@ def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, on_rows: Callabl
     Raises:
         KdrayError: the pool returned no score for some rows.
     """
-    signal = spec.teacher_signal
-    tok = load_tokenizer(spec.student.model)
+    import ray.data
+
+    from kdray.data.examples import TokenizeForTraining
+
     if encoding is None:
         encoding = job_encoding(spec, check_teacher=False)
-    pairs = encode_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                         [r["finish_reason"] for r in rows], encoding,
-                         [r.get("response_token_ids") for r in rows])  # the trainer's ids (encode_batch)
-    limit = spec.training.max_seq_len
-    items = []
-    for i, (p, r) in enumerate(pairs):
-        r = r[: max(0, limit - len(p))]  # the trainer cuts sequences at max_seq_len too
-        items.append({"_row": i, "prompt_ids": np.asarray(p, dtype=np.int32),
-                      "response_ids": np.asarray(r, dtype=np.int32)})
-    ds = map_pool(items, spec.teacher, spec.generation, "scorer", mode=signal.mode, k=signal.k)
-    keys = ("topk_ids", "topk_logprobs") if signal.mode == "topk" else ("hidden",)
+    encoder = TokenizeForTraining(spec.student.model, spec.training.max_seq_len, encoding)
+    batch = {k: np.asarray([r.get(k) for r in rows], dtype=object)
+             for k in ("prompt", "response", "finish_reason", "response_token_ids")}
+    if any(r.get("response_token_ids") is None for r in rows):
+        del batch["response_token_ids"]
+    examples = encoder(batch)
+    items = [{"_row": i, "input_ids": examples["input_ids"][i], "prompt_len": int(examples["prompt_len"][i])}
+             for i in range(len(rows))]
+    keys = ("topk_ids", "topk_logprobs") if spec.teacher_signal.mode == "topk" else ("hidden",)
     results: list[dict[str, Any] | None] = [None] * len(items)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["_row"])):
-            record = {key: np.asarray(batch[key][i]) for key in keys}
-            record["n_tokens"] = len(batch["response_ids"][i])
-            results[int(batch["_row"][i])] = record
-        if on_rows:
-            on_rows(len(batch["_row"]))
-    missing = [rows[i]["id"] for i, r in enumerate(results) if r is None]
+    for out in score_dataset(ray.data.from_items(items), spec).iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(out["_row"])):
+            record = {key: np.asarray(out[key][i]) for key in keys}
+            record["n_tokens"] = len(out["input_ids"][i]) - int(out["prompt_len"][i])
+            results[int(out["_row"][i])] = record
+    missing = [rows[i].get("id") for i, r in enumerate(results) if r is None]
     if missing:
         raise KdrayError(f"the teacher pool ({spec.teacher.model}) returned no score for {len(missing)} rows "
                          f"(first ids: {missing[:5]}); see the Ray Data actor logs for why, then run the job again")

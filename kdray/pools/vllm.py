@@ -26,7 +26,7 @@ import numpy as np
 from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.errors import ModelError, first_line, node
 from kdray.models import resolve_model
-from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode, objects
+from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode
 
 
 def start_engine(model: str, **kwargs: Any) -> Any:
@@ -70,8 +70,10 @@ class VLLMGenerator(PoolCallable):
         env: dict[str, str],
         score_gold: bool = False,
         encoding: PromptEncoding | None = None,
+        progress: Any = None,
+        output_prefix: str = "",
     ):
-        super().__init__(env)
+        super().__init__(env, progress, output_prefix)
         from vllm import SamplingParams
 
         self.model, self.max_model_len = model, max_model_len
@@ -105,7 +107,7 @@ class VLLMGenerator(PoolCallable):
                              list(batch["gold_finish_reason"]), self.encoding)
         return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vllm.inputs import TokensPrompt
 
         ids = self.encoding.token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]])
@@ -137,16 +139,18 @@ def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> f
 class VLLMScorer(PoolCallable):
     """Ray Data callable class holding one vLLM engine that scores prompt + response ids.
 
-    ``__call__`` takes a numpy batch with ``_row``, ``prompt_ids`` and ``response_ids``
-    (object arrays of int arrays) and returns it with, per row of ``R`` response tokens,
-    ``topk_ids`` (int32 ``[R, k]``) and ``topk_logprobs`` (float32 ``[R, k]``, descending),
-    or ``hidden`` (float32 ``[R, H]``).
+    ``__call__`` takes a numpy batch of compact examples (``input_ids``, ``prompt_len``) and
+    returns it with, per row of ``R`` response tokens, ``topk_ids`` (int32 ``[R, k]``) and
+    ``topk_logprobs`` (float32 ``[R, k]``, descending), or ``hidden`` (float32 ``[R, H]``);
+    stored bytes with ``signal_meta`` (:meth:`~kdray.pools.base.PoolCallable.scored_rows`).
     """
 
     def __init__(self, model: str, *, mode: str, k: int, dtype: str, max_model_len: int,
-                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str]):
+                 tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str],
+                 signal_meta: dict[str, Any] | None = None, progress: Any = None):
         check_score_mode(mode)
-        super().__init__(env)
+        super().__init__(env, progress)
+        self.signal_meta = signal_meta
         from vllm import SamplingParams
 
         self.mode, self.k, self.model, self.max_model_len = mode, k, model, max_model_len
@@ -162,29 +166,25 @@ class VLLMScorer(PoolCallable):
             self.llm = start_engine(model, **common, runner="pooling", pooler_config=PoolerConfig(
                 task="token_embed", tok_pooling_type="ALL", use_activation=False))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vllm.inputs import TokensPrompt
 
-        prompts = [list(map(int, p)) for p in batch["prompt_ids"]]
-        responses = [list(map(int, r)) for r in batch["response_ids"]]
-        check_lengths([len(p) + len(r) for p, r in zip(prompts, responses)], self.max_model_len, self.model,
-                      "prompt + response")
-        requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
-        out = dict(batch)
+        pairs = self.example_pairs(batch)
+        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        check_lengths([len(p) + len(r) for p, r in pairs], self.max_model_len, self.model, "prompt + response")
+        requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs]
         if self.mode == "topk":
             results = self.llm.generate(requests, self.params, use_tqdm=False)
-            pairs = [_topk_rows(res.prompt_logprobs, len(p), len(r), self.k)
-                     for res, p, r in zip(results, prompts, responses)]
-            out["topk_ids"] = objects([ids for ids, _ in pairs])
-            out["topk_logprobs"] = objects([lps for _, lps in pairs])
-        else:
-            results = self.llm.encode(requests, pooling_task="token_embed", use_tqdm=False)
-            hidden = []
-            for res, p, r in zip(results, prompts, responses):
-                states = res.outputs.data.float().cpu().numpy()  # [len(p) + len(r), H]
-                hidden.append(np.ascontiguousarray(states[len(p) - 1: len(p) + len(r) - 1], dtype=np.float32))
-            out["hidden"] = objects(hidden)
-        return out
+            tops = [_topk_rows(res.prompt_logprobs, len(p), len(r), self.k)
+                    for res, p, r in zip(results, prompts, responses)]
+            return self.scored_rows(batch, {"topk_ids": [ids for ids, _ in tops],
+                                            "topk_logprobs": [lps for _, lps in tops]})
+        results = self.llm.encode(requests, pooling_task="token_embed", use_tqdm=False)
+        hidden = []
+        for res, p, r in zip(results, prompts, responses):
+            states = res.outputs.data.float().cpu().numpy()  # [len(p) + len(r), H]
+            hidden.append(np.ascontiguousarray(states[len(p) - 1: len(p) + len(r) - 1], dtype=np.float32))
+        return self.scored_rows(batch, {"hidden": hidden})
 
 
 def _topk_rows(prompt_logprobs: list[Any], n_prompt: int, n_response: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -190,6 +190,16 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     return write_outputs(result, out, console)
 
 
+def _small_rows(responses: Any) -> list[dict[str, Any]]:
+    """The repro grid's few hundred teacher responses, in prompt order, as dicts: its cells
+    train in plain Ray tasks that take the rows, not datasets (a job never does this)."""
+    import pyarrow.parquet as pq
+
+    columns = ["_row", "key", "id", "prompt", "response", "finish_reason", "sample_index", "response_token_ids"]
+    rows = [r for f in responses.info["files"] for r in pq.read_table(responses.path / f, columns=columns).to_pylist()]
+    return sorted(rows, key=lambda r: (r["_row"], r["sample_index"]))
+
+
 def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str, heldout: str,
                    address: str | None, console: Any) -> dict[str, Any]:
     """What every run shares, made once with the job's own stages through the vLLM pool: the
@@ -202,6 +212,7 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
     from kdray.spec import parse_spec
     from kdray.stages.context import StageContext
     from kdray.stages.difficulty import order_by_difficulty
+    from kdray.stages.generate import training_responses
     from kdray.stages.prepare import prepare
 
     shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out), "kdray repro")
@@ -222,12 +233,13 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
         timings["ray_init"] = time.perf_counter() - t0
         reporter.phase_start("generate", len(train_rows), "teacher responses (vLLM pool)")
         t0 = time.perf_counter()
-        teacher_rows = ctx.generate(train_rows, shared.teacher, "teacher", "generate",
-                                    SamplingConfig.from_spec(shared.generation))
+        responses = training_responses(ctx, train_rows)
+        teacher_rows = _small_rows(responses)
         timings["teacher_generate"] = time.perf_counter() - t0
         reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")
         t0 = time.perf_counter()
-        ordered = order_by_difficulty(ctx, teacher_rows)
+        by_key = {r["key"]: r for r in teacher_rows}
+        ordered = [by_key[k] for k in order_by_difficulty(ctx, responses)]
         timings["pocl_difficulty"] = time.perf_counter() - t0
         reporter.phase_start("evaluate", len(held_rows), "initial student, held-out (vLLM pool)")
         t0 = time.perf_counter()

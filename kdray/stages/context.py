@@ -3,15 +3,69 @@ the job's one prompt encoding."""
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from kdray.data.artifacts import Artifact, write_dataset
 from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.pools import SamplingConfig, generate
 from kdray.spec import JobSpec, ModelSpec
+
+
+#: Seconds between two drains of a progress hub while a run goes on.
+DRAIN_INTERVAL_S = 0.5
+
+
+def progress_hub() -> Any:
+    """A Ray actor (no CPU) that buffers events (pool batches done, training steps) for the
+    driver: ``record.remote(event)`` from anywhere in the cluster, ``drain`` from the driver."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressHub:
+        def __init__(self) -> None:
+            self.events: list[dict[str, Any]] = []
+
+        def record(self, event: dict[str, Any]) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict[str, Any]]:
+            out, self.events = self.events, []
+            return out
+
+    return ProgressHub.remote()
+
+
+def run_draining(fn: Callable[[], Any], hub: Any, on_event: Callable[[dict[str, Any]], None]) -> Any:
+    """Run the blocking ``fn`` in a thread while passing ``hub``'s events to ``on_event`` in
+    this one; return its result or re-raise its error here."""
+    import ray
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the calling thread below
+            box["error"] = exc
+
+    def drain() -> None:
+        for event in ray.get(hub.drain.remote()):
+            on_event(event)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=DRAIN_INTERVAL_S)
+        drain()
+    drain()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 @dataclass
@@ -55,6 +109,17 @@ class StageContext:
             elapsed = time.perf_counter() - t0
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
         self.reporter.phase_end(name, f"{detail} done in {elapsed:.0f}s".strip())
+
+    def write(self, phase: str, build: Callable[[Any], Any], path: Path, kind: str,
+              meta: dict[str, Any] | None = None,
+              summarise: Callable[[list[Path]], dict[str, Any]] | None = None) -> Artifact:
+        """Write the dataset ``build(hub)`` makes into the committed dataset ``path``
+        (:func:`kdray.data.artifacts.write_dataset`); its pools report rows to ``hub``, which
+        advance ``phase``'s progress as the actors write."""
+        hub = progress_hub()
+        ds = build(hub)
+        return write_dataset(ds, path, kind, meta, summarise=summarise, run=lambda fn: run_draining(
+            fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
                  sampling: SamplingConfig, score_gold: bool = False,

@@ -1,41 +1,55 @@
-"""Stage 4, difficulty (POCL): the training rows sorted easy → hard, measured once per job."""
+"""Stage 4, difficulty (POCL): the training rows' keys sorted easy → hard, measured once per job."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from kdray.curriculum import difficulty_ranks
-from kdray.data.difficulty import read_difficulty, write_difficulty
+from kdray.data.artifacts import Artifact, open_artifact
+from kdray.data.difficulty import write_difficulty
 from kdray.pools import SamplingConfig
+from kdray.pools.run import generate_dataset
 from kdray.stages.context import StageContext
 
+#: What the difficulty pool reads of each training row.
+_INPUT = ["_row", "key", "id", "prompt", "response", "finish_reason"]
 
-def order_by_difficulty(ctx: StageContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+
+def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
     """POCL's difficulty measurer (Liu & Zhang 2025, arXiv:2506.05695).
 
     The initial student answers every training prompt greedily and scores each row's response
-    (the one it will be trained on); ROUGE-L of its answer against that response and its mean
-    token cross-entropy on it are fused by reciprocal rank (``curriculum[pocl].rrf_k``). The
-    measurements and ranks are written to ``curriculum/difficulty.jsonl``; a later run of the
-    same job over the same rows reads them instead of measuring again.
+    (the one it will be trained on), in the pool's actors: ROUGE-L of its answer against that
+    response and its mean token cross-entropy on it, written with each row's key to the dataset
+    ``curriculum/difficulty/`` (reused by a later run of the job). The driver reads those two
+    numbers per row, fuses them by reciprocal rank (``curriculum[pocl].rrf_k``) and writes the
+    ranks to ``curriculum/difficulty.parquet`` for people to read.
 
     Returns:
-        ``rows``, easiest first.
+        The rows' keys (numpy array of str), easiest first.
     """
     spec = ctx.spec
     pocl = spec.curriculum_of("pocl")
-    path = ctx.out / "curriculum" / "difficulty.jsonl"
-    keys = [f"{r['id']}#{r['sample_index']}" for r in rows]
-    saved = read_difficulty(path, keys, spec.student.model)
-    if saved is not None:
-        ctx.reporter.message(f"score: reusing the difficulty ranks in {path}")
-        return [rows[i] for i in saved]
-    with ctx.phase("score", len(rows), "difficulty of each training row (POCL)"):
-        measured = ctx.generate(rows, spec.student, "initial student", "score",
-                                SamplingConfig.greedy(spec.generation.max_new_tokens), score_gold=True)
-        rouge = [m["gold_rouge_l"] for m in measured]  # computed in the pool's actors
-        ce = [m["gold_ce"] for m in measured]
-        ranks = difficulty_ranks(rouge, ce, k=pocl.rrf_k)
-        order = [int(i) for i in ranks.order]
-        write_difficulty(path, keys, ranks, spec.student.model)
-    return [rows[i] for i in order]
+    path = ctx.out / "curriculum" / "difficulty"
+    measured = open_artifact(path, "difficulty")
+    if measured is not None and (measured.meta.get("student") != spec.student.model or measured.rows != responses.rows):
+        measured = None  # measured for other rows or another student: measure again
+    if measured is not None:
+        ctx.reporter.message(f"score: reusing the difficulty measurements in {path}")
+    else:
+        with ctx.phase("score", responses.rows, "difficulty of each training row (POCL)"):
+            ctx.reporter.message(f"score: initial student answers {responses.rows} prompts ({spec.student.model})")
+
+            def build(hub: Any) -> Any:
+                rows = responses.read(_INPUT).rename_columns(
+                    {"response": "gold_response", "finish_reason": "gold_finish_reason"})
+                answered = generate_dataset(rows, spec.student, spec.generation,
+                                            SamplingConfig.greedy(spec.generation.max_new_tokens), score_gold=True,
+                                            encoding=ctx.prompt_encoding(), progress=hub, output_prefix="student_")
+                return answered.select_columns(["key", "gold_rouge_l", "gold_ce"])
+
+            measured = ctx.write("score", build, path, "difficulty", {"student": spec.student.model})
+    keys = measured.column("key")
+    ranks = difficulty_ranks(measured.column("gold_rouge_l"), measured.column("gold_ce"), k=pocl.rrf_k)
+    write_difficulty(ctx.out / "curriculum" / "difficulty.parquet", keys, ranks, spec.student.model)
+    return keys[ranks.order]

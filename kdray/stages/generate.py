@@ -1,49 +1,104 @@
-"""Stage 2, generate: the responses the student trains on.
+"""Stage 2, generate: the responses the student trains on, as datasets under ``OUTPUT_DIR``.
 
 The teacher answers every training prompt once per job (``data.response_source: teacher``);
-DistiLLM-2's on-policy rounds add the current student's response to each prompt.
+DistiLLM-2's on-policy rounds add the current student's response to each row. The pool actors
+make the rows and the tokenizing actors turn them into compact training examples
+(:class:`kdray.data.examples.TokenizeForTraining`) before they are written, so the trainer reads
+them as they are; the driver sees counts only.
+
+* ``datasets/responses/``: per row ``key`` (``id#sample_index``), ``id``, ``prompt``,
+  ``response``, ``finish_reason``, ``sample_index``, ``response_token_ids`` (the pool's ids),
+  and the example ``input_ids`` / ``prompt_len``.
+* ``datasets/round-N-student/``: the rows a round trains on, plus ``student_response``,
+  ``student_response_token_ids``, ``student_finish_reason`` and ``s_input_ids`` /
+  ``s_prompt_len``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from kdray.curriculum.plan import Segment
+from kdray.data.artifacts import Artifact, open_artifact
+from kdray.data.examples import TokenizeForTraining
 from kdray.pools import SamplingConfig
+from kdray.pools.run import generate_dataset
 from kdray.spec import ModelSpec
 from kdray.stages.context import StageContext
 
 #: ``finish_reason`` of a response taken from the dataset: it is complete, so the trainer
 #: appends EOS to it (only a response cut at the length limit, ``"length"``, gets none).
 DATASET_FINISH_REASON = "stop"
+#: The CPU share of each tokenizing actor (it is light next to the pools).
+TOKENIZE_NUM_CPUS = 0.25
 
 
-def training_responses(ctx: StageContext, train: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows the student trains on: ``generation.n`` teacher samples per prompt, or the
-    dataset's own responses (``sample_index`` 0, ``finish_reason`` :data:`DATASET_FINISH_REASON`)."""
+def with_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add each row's ``key``, ``id#sample_index`` (:func:`kdray.data.records.signal_key`)."""
+    batch["key"] = np.asarray([f"{i}#{int(s)}" for i, s in zip(batch["id"], batch["sample_index"])], dtype=object)
+    return batch
+
+
+def tokenized(ctx: StageContext, ds: Any) -> Any:
+    """``ds`` with each row's compact training example(s) added (the input columns stay), made by
+    ``training.tokenize_actors`` actors (:class:`kdray.data.examples.TokenizeForTraining`)."""
+    import ray.data
+
+    t = ctx.spec.training
+    return ds.map_batches(
+        TokenizeForTraining,
+        fn_constructor_kwargs=dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=t.max_seq_len,
+                                   encoding=ctx.prompt_encoding(), keep_columns=True),
+        batch_size=t.tokenize_batch_rows, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=t.tokenize_actors or t.num_workers), num_cpus=TOKENIZE_NUM_CPUS,
+    )
+
+
+def training_responses(ctx: StageContext, train: list[dict[str, Any]]) -> Artifact:
+    """The rows the student trains on, written to ``datasets/responses/``: ``generation.n``
+    teacher samples per prompt, or the dataset's own responses (``sample_index`` 0,
+    ``finish_reason`` :data:`DATASET_FINISH_REASON`). A run that finds the dataset committed by
+    an earlier run of the job reuses it."""
+    import ray.data
+
     spec = ctx.spec
+    path = ctx.out / "datasets" / "responses"
+    done = open_artifact(path, "responses")
+    if done is not None:
+        ctx.reporter.message(f"generate: reusing {done.rows} training responses saved by an earlier run")
+        return done
+    items = [{"_row": i, "id": r["id"], "prompt": r["prompt"]} for i, r in enumerate(train)]
     if spec.data.response_source != "teacher":
-        return [dict(r, sample_index=0, finish_reason=DATASET_FINISH_REASON) for r in train]
+        items = [dict(item, response=r["response"], sample_index=0, finish_reason=DATASET_FINISH_REASON)
+                 for item, r in zip(items, train)]
+        with ctx.phase("generate", None, "training examples from the dataset's responses"):
+            return ctx.write("generate", lambda hub: tokenized(ctx, ray.data.from_items(items).map_batches(
+                with_keys, batch_format="numpy")), path, "responses", {"source": "dataset"})
+    sampling = SamplingConfig.from_spec(spec.generation)
     with ctx.phase("generate", len(train) * spec.generation.n, "teacher responses"):
-        return ctx.generate(train, spec.teacher, "teacher", "generate", SamplingConfig.from_spec(spec.generation))
+        ctx.reporter.message(f"generate: teacher answers {len(train)} prompts ({spec.teacher.model})")
+        return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
+            ray.data.from_items(items), spec.teacher, spec.generation, sampling, encoding=ctx.prompt_encoding(),
+            progress=hub).map_batches(with_keys, batch_format="numpy")),
+            path, "responses", {"source": "teacher", "teacher": spec.teacher.model})
 
 
-def student_samples(ctx: StageContext, rows: list[dict[str, Any]], student: ModelSpec, segment: Segment,
-                    plan_length: int) -> list[dict[str, Any]]:
-    """DistiLLM-2's batched on-policy round: one sample of ``student`` per distinct prompt of
-    ``rows``, seeded by ``generation.seed`` plus the segment's index."""
-    prompts = list({r["id"]: r for r in rows}.values())
+def student_responses(ctx: StageContext, rows: Any, n_rows: int, student: ModelSpec, segment: Segment,
+                      plan_length: int) -> Artifact:
+    """DistiLLM-2's batched on-policy round: one sample of ``student`` for each row of the Ray
+    dataset ``rows`` (the round's training rows), seeded by ``generation.seed`` plus the
+    segment's index, written with the rows to ``datasets/round-N-student/`` (reused when an
+    earlier run of the job committed it)."""
+    path = ctx.out / "datasets" / f"round-{segment.round}-student"
+    done = open_artifact(path, "student_responses")
+    if done is not None:
+        return done
     label = segment.label(plan_length) or "round 1/1"
-    with ctx.phase("generate", len(prompts), f"student responses, {label}"):
-        return ctx.generate(prompts, student, "student", "generate",
-                            SamplingConfig.from_spec(ctx.spec.generation, n=1,
-                                                     seed=ctx.spec.generation.seed + segment.index))
-
-
-def pair_student_responses(rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with ``student_response``, ``student_response_token_ids`` and
-    ``student_finish_reason`` from ``samples`` (by ``id``)."""
-    by_id = {g["id"]: g for g in samples}
-    return [dict(r, student_response=by_id[r["id"]]["response"],
-                 student_response_token_ids=by_id[r["id"]]["response_token_ids"],
-                 student_finish_reason=by_id[r["id"]]["finish_reason"]) for r in rows]
+    sampling = SamplingConfig.from_spec(ctx.spec.generation, n=1, seed=ctx.spec.generation.seed + segment.index)
+    with ctx.phase("generate", n_rows, f"student responses, {label}"):
+        ctx.reporter.message(f"generate: student answers {n_rows} prompts ({student.model})")
+        return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
+            rows, student, ctx.spec.generation, sampling, encoding=ctx.prompt_encoding(), progress=hub,
+            output_prefix="student_")), path, "student_responses", {"student": student.model})

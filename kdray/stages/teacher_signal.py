@@ -1,54 +1,79 @@
 """Stage 3, teacher signal (``teacher_signal.mode`` ``topk`` / ``hidden``): score every training
-response with the teacher's scorer pool once, into ``records/teacher-<mode>.parquet``."""
+response with the teacher's scorer pool once, into the dataset ``records/teacher-<mode>/``.
+
+Its rows are the training examples themselves (``key``, ``input_ids``, ``prompt_len``, as the
+trainer encodes them) with each row's record in its stored bytes (:mod:`kdray.data.records`),
+written by the scorer actors; the trainer reads them with no tokenizer pass and no join.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kdray.data.records import check_layout, read_signal_records, signal_key, topk_id_dtype, write_signal_records
-from kdray.models import vocab_size
-from kdray.pools import score_teacher
+from kdray.data.artifacts import Artifact, open_artifact
+from kdray.data.records import SIGNAL_FORMAT, check_layout, topk_id_dtype
+from kdray.errors import RecordsError
+from kdray.models import hidden_size, vocab_size
+from kdray.pools.run import score_dataset
 from kdray.stages.context import StageContext
 
-Signal = tuple[dict[str, Any], dict[str, dict[str, Any]]]
+#: The columns of a records dataset the trainer reads besides the record's own.
+EXAMPLE_COLUMNS = ["key", "input_ids", "prompt_len"]
 
 
-def score_signal(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[Signal, dict[str, Any]]:
-    """The teacher records of ``rows``, reusing the job's records file when it covers them.
+def records_layout(ctx: StageContext) -> dict[str, Any]:
+    """The layout the job's records are written in (:mod:`kdray.data.records`)."""
+    sig, teacher = ctx.spec.teacher_signal, ctx.spec.teacher
+    teacher_vocab = vocab_size(teacher.model)
+    meta: dict[str, Any] = {"format": SIGNAL_FORMAT, "mode": sig.mode, "teacher": teacher.model,
+                            "vocab_size": teacher_vocab}
+    if sig.mode == "topk":
+        meta.update(k=sig.k, id_dtype=topk_id_dtype(teacher_vocab))
+    else:
+        meta.update(hidden_dtype=sig.hidden_dtype, hidden_size=hidden_size(teacher.model))
+    return meta
+
+
+def _tokens(files: list[Path]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    tokens = sum(int(pq.read_table(p, columns=["n_tokens"]).column("n_tokens").to_numpy().sum()) for p in files)
+    return {"tokens": tokens}
+
+
+def score_signal(ctx: StageContext, responses: Artifact) -> tuple[Artifact, dict[str, Any], dict[str, Any]]:
+    """The teacher records of the training rows ``responses``, reusing the job's records when
+    an earlier run committed them for the same rows.
 
     Returns:
-        ``((meta, records by key), stats)``: the file's layout (:mod:`kdray.data.records`), each
-        row's record by :func:`~kdray.data.records.signal_key`, and ``rows``, ``tokens``,
-        ``bytes``, ``bytes_per_token``, ``file`` of the records file.
+        (the records dataset, its layout with ``file`` (the directory, for error messages),
+        stats: ``rows``, ``tokens``, ``bytes``, ``bytes_per_token``, ``file``).
 
     Raises:
-        RecordsError: the job's records file is unreadable, or covers these rows with another
-            layout (mode, teacher, vocabulary, k, hidden dtype) than this job asks for.
+        RecordsError: the job's records were written with another layout (mode, teacher,
+            vocabulary, k, hidden dtype) than this job asks for, or cover other rows.
     """
-    sig, teacher = ctx.spec.teacher_signal, ctx.spec.teacher
-    path = ctx.out / "records" / f"teacher-{sig.mode}.parquet"
-    keys = [signal_key(r) for r in rows]
-    teacher_vocab = vocab_size(teacher.model)
-    if path.exists():
-        meta, stored = read_signal_records(path)
-        if set(keys) <= stored.keys():  # reused only when written with this job's layout (else RecordsError)
-            layout = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
-            layout.update({"k": sig.k} if sig.mode == "topk" else {"hidden_dtype": sig.hidden_dtype})
-            check_layout(meta, layout)
-            ctx.reporter.message(f"score: reusing the teacher records in {path}")
-            tokens = sum(r["n_tokens"] for r in stored.values())
-            size = path.stat().st_size
-            return (meta, stored), {"rows": len(stored), "tokens": tokens, "bytes": size,
-                                    "bytes_per_token": size / max(tokens, 1), "file": str(path)}
-    with ctx.phase("score", len(rows), f"teacher {sig.mode} records"):
-        records = score_teacher(rows, ctx.spec, on_rows=lambda n: ctx.reporter.advance("score", n),
-                                encoding=ctx.prompt_encoding())
-        meta = {"mode": sig.mode, "teacher": teacher.model, "vocab_size": teacher_vocab}
-        if sig.mode == "topk":
-            meta.update(k=sig.k, id_dtype=topk_id_dtype(teacher_vocab))
-        else:
-            meta.update(hidden_dtype=sig.hidden_dtype, hidden_size=int(records[0]["hidden"].shape[1]))
-        stats = write_signal_records(path, keys, records, meta)
-        ctx.reporter.message(f"score: {stats['tokens']} response tokens, {stats['bytes_per_token']:.1f} bytes/token "
-                             f"({stats['bytes'] / 2**20:.2f} MiB) in {path.name}")
-    return read_signal_records(path), {**stats, "file": str(path)}
+    sig = ctx.spec.teacher_signal
+    path = ctx.out / "records" / f"teacher-{sig.mode}"
+    layout = records_layout(ctx)
+    done = open_artifact(path, "records")
+    if done is not None:
+        check_layout({**done.meta, "file": str(path)}, layout)
+        if done.rows != responses.rows:
+            raise RecordsError(f"{path} holds the records of {done.rows} rows, but the job trains on {responses.rows}: "
+                               "they were scored from other data; delete it (or run the job with --restart)")
+        ctx.reporter.message(f"score: reusing the teacher records in {path}")
+        records = done
+    else:
+        with ctx.phase("score", responses.rows, f"teacher {sig.mode} records"):
+            records = ctx.write("score", lambda hub: score_dataset(
+                responses.read(EXAMPLE_COLUMNS), ctx.spec, layout, progress=hub),
+                path, "records", layout, summarise=_tokens)
+    tokens, size = int(records.info["tokens"]), int(records.info["bytes"])
+    stats = {"rows": records.rows, "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1),
+             "file": str(path)}
+    if done is None:
+        ctx.reporter.message(f"score: {tokens} response tokens, {stats['bytes_per_token']:.1f} bytes/token "
+                             f"({size / 2**20:.2f} MiB) in {path.name}")
+    return records, {**layout, "file": str(path)}, stats

@@ -1,0 +1,376 @@
+"""``kdray bench scale``: the data plane of a job at N and 8N rows, side by side.
+
+For each teacher-signal mode (``topk``: k = 20 uint32 ids at Qwen2.5's vocabulary of 152,064;
+``hidden``: H = 3584 in bfloat16, at fewer rows) and each size, one subprocess with its own
+local Ray runs the real data plane: a responses dataset (synthetic token ids of realistic
+length, made by Ray Data tasks) → the teacher's records, made by a scorer actor pool and
+encoded in the actors with the job's encoder (:func:`kdray.data.records.encode_signal`), written
+with the job's writer (:func:`kdray.data.artifacts.write_dataset`) → Ray Train workers that
+stream the job's training dataset (:func:`kdray.stages.train.training_dataset`) through the
+job's collate function (:class:`kdray.data.examples.CollateExamples`). The records' values are
+random (no teacher model runs) and the workers take no optimizer step: what is measured is what
+the data costs, not what a model does with it (``kdray bench train`` measures training steps).
+
+Printed per variant: the driver's peak RSS (``VmHWM`` after ``clear_refs``, with
+``MALLOC_MMAP_THRESHOLD_=131072`` so freed buffers go back to the OS), the object store's peak
+use (polled) and the bytes it spilled, bytes per response token on disk, and rows/s through the
+workers' ingest; per mode, the driver's slope in bytes per row between N and 8N and the object
+store's peak at 8N over its peak at N.
+
+``--compare-with DIR`` runs the same variants on another kdray checkout (e.g. ``git worktree add
+/tmp/kdray-old <commit>``) with that checkout's data flow (records gathered in the driver, one
+parquet file, ``from_items``, a materialised tokenized dataset), so a change to the data plane is
+measured against the code before it in one invocation.
+
+Targets (issue 15): driver slope <= 2 KB per row in every mode; object-store peak that does not
+grow with N (8N / N <= 1.5); nothing spilled at 8N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+VOCAB = 152_064  # Qwen2.5's (uint32 ids)
+K = 20
+HIDDEN = 3584  # Qwen2.5-7B's hidden size
+PROMPT_TOKENS = (16, 64)
+TARGET_SLOPE_B = 2048
+TARGET_STORE_GROWTH = 1.5
+MICRO_BATCH = 8
+WORKERS = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdray bench scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1000, help="N, top-k rows (default 1000)")
+    p.add_argument("--factor", type=int, default=8, help="the larger size is factor x N (default 8)")
+    p.add_argument("--hidden-divisor", type=int, default=16, help="hidden mode runs N / this many rows (default 16)")
+    p.add_argument("--response-tokens", type=int, default=512, help="longest response (default 512; lengths vary "
+                   "from half of it)")
+    p.add_argument("--modes", default="topk,hidden", help="teacher-signal modes (default topk,hidden)")
+    p.add_argument("--compare-with", default=None, help="another kdray checkout to measure the same way")
+    p.add_argument("--out", default=None, help="keep the variants' files here (default: a temporary directory)")
+    p.add_argument("--variant", nargs=3, metavar=("MODE", "ROWS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--tokens", type=int, default=512, help=argparse.SUPPRESS)
+    return p
+
+
+# -- what runs in a variant's subprocess (with either checkout on the path) -------------------
+
+def _lengths(i: int, response_tokens: int) -> tuple[int, int]:
+    import numpy as np
+
+    rng = np.random.default_rng(i)
+    return int(rng.integers(*PROMPT_TOKENS)), int(rng.integers(response_tokens // 2, response_tokens + 1))
+
+
+def synthetic_examples(batch: dict[str, Any], response_tokens: int) -> dict[str, Any]:
+    """Ray Data task: row numbers → compact examples of random ids (``key``, ``input_ids``,
+    ``prompt_len``), and the text columns an older kdray tokenizes (``prompt``,
+    ``response_token_ids``, ``finish_reason`` ``length``: no EOS is added)."""
+    import numpy as np
+
+    keys, ids, starts, prompts, responses = [], [], [], [], []
+    for i in batch["id"]:
+        n_prompt, n_response = _lengths(int(i), response_tokens)
+        rng = np.random.default_rng(10_000_000 + int(i))
+        seq = rng.integers(5, VOCAB, n_prompt + n_response).astype(np.int32)
+        keys.append(f"row-{int(i)}#0")
+        ids.append(seq)
+        starts.append(n_prompt)
+        prompts.append(f"question {int(i)}")
+        responses.append(seq[n_prompt:])
+    obj = lambda xs: np.array(xs + [None], dtype=object)[:-1]  # noqa: E731  (ragged rows)
+    n = len(keys)
+    return {"key": obj(keys), "id": obj([k.split("#")[0] for k in keys]), "sample_index": np.zeros(n, np.int64),
+            "input_ids": obj(ids), "prompt_len": np.asarray(starts, np.int32), "prompt": obj(prompts),
+            "response": obj([""] * n), "response_token_ids": obj(responses), "finish_reason": obj(["length"] * n)}
+
+
+class SyntheticScorer:
+    """Ray Data actor standing in for the teacher's scorer pool: random records of the real
+    size per row (``n`` response tokens); with ``meta`` encoded in the actor as a job's scorer
+    does (:func:`kdray.data.records.encode_signal`), without as float arrays (an older kdray
+    gathered those in the driver)."""
+
+    def __init__(self, mode: str, meta: dict[str, Any] | None):
+        self.mode, self.meta = mode, meta
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from kdray.data.records import encode_signal
+
+        records = []
+        for key, ids, start in zip(batch["key"], batch["input_ids"], batch["prompt_len"]):
+            n = len(ids) - int(start)
+            rng = np.random.default_rng(abs(hash(str(key))) % 2**32)
+            if self.mode == "topk":
+                lps = np.sort(np.log(rng.dirichlet(np.ones(K), n).astype(np.float32) + 1e-9), axis=1)[:, ::-1]
+                records.append({"topk_ids": rng.integers(0, VOCAB, (n, K)).astype(np.int32),
+                                "topk_logprobs": np.ascontiguousarray(lps)})
+            else:
+                records.append({"hidden": rng.standard_normal((n, HIDDEN), dtype=np.float32)})
+        out = {k: v for k, v in batch.items() if k in ("key", "input_ids", "prompt_len")}
+        if self.meta is None:
+            for column in records[0]:
+                out[column] = np.array([r[column] for r in records] + [None], dtype=object)[:-1]
+            return out
+        encoded = [encode_signal(r, self.meta) for r in records]
+        out["n_tokens"] = np.asarray([e["n_tokens"] for e in encoded], np.int32)
+        for column in records[0]:
+            out[column] = np.array([e[column] for e in encoded] + [None], dtype=object)[:-1]
+        return out
+
+
+def ingest_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: stream the shard through the collate function, count what arrives."""
+    import ray.train
+    import torch
+
+    from kdray.data.examples import CollateExamples
+
+    shard = ray.train.get_dataset_shard("train")
+    collate = CollateExamples(0, config["meta"])
+    rows = tokens = 0
+    t0 = time.perf_counter()
+    for batch in shard.iter_torch_batches(batch_size=MICRO_BATCH, collate_fn=collate):
+        rows += int(batch["input_ids"].shape[0])
+        tokens += int(torch.count_nonzero(batch["attention_mask"]))
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
+        {"rows": rows, "tokens": tokens, "seconds": time.perf_counter() - t0}))
+
+
+def _store_stats() -> tuple[int, int]:
+    """(object store bytes in use, bytes spilled so far), summed over the cluster (what ``ray
+    memory --stats-only`` reads)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    stats = get_memory_info_reply(get_state_from_address()).store_stats
+    return int(stats.object_store_bytes_used), int(stats.spilled_bytes_total)
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _meta(mode: str) -> dict[str, Any]:
+    if mode == "topk":
+        return {"format": 1, "mode": "topk", "teacher": "synthetic", "vocab_size": VOCAB, "k": K, "id_dtype": "<u4"}
+    return {"format": 1, "mode": "hidden", "teacher": "synthetic", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+            "hidden_dtype": "bfloat16"}
+
+
+def _records_after(mode: str, n: int, out: Path, response_tokens: int) -> tuple[Any, dict[str, Any], int, int]:
+    """This checkout's data flow: datasets written by actors, streamed to the workers."""
+    import ray.data
+
+    from kdray.data.artifacts import write_dataset
+    from kdray.stages.train import training_dataset
+
+    meta = _meta(mode)
+    responses = write_dataset(ray.data.range(n).map_batches(synthetic_examples, fn_kwargs={
+        "response_tokens": response_tokens}, batch_format="numpy", num_cpus=0.5), out / "responses", "responses")
+
+    def tokens(files: list[Path]) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        return {"tokens": sum(int(pq.read_table(f, columns=["n_tokens"]).column(0).to_numpy().sum()) for f in files)}
+
+    records = write_dataset(responses.read(["key", "input_ids", "prompt_len"]).map_batches(
+        SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": meta}, batch_size=32, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5), out / "records", "records", meta, summarise=tokens)
+    from kdray.stages.train import ordered_ingest
+
+    return training_dataset(records, None, meta), {"train": ordered_ingest()}, int(records.info["bytes"]), \
+        int(records.info["tokens"])
+
+
+def _records_before(mode: str, n: int, out: Path, response_tokens: int) -> tuple[Any, dict[str, Any], int, int]:
+    """An older checkout's data flow (before the datasets): the pool's rows and records come
+    back to the driver, one parquet file is written and read back whole, ``from_items`` and a
+    materialised tokenized dataset feed the workers."""
+    import numpy as np
+    import ray.data
+
+    from kdray.data.records import read_signal_records, write_signal_records
+    from kdray.pipeline.progress import Reporter
+    from kdray.spec import parse_spec
+    from kdray.stages.context import StageContext
+    from kdray.stages.train import tokenized_dataset
+
+    meta = _meta(mode)
+    meta.pop("format")
+    rows = []  # the teacher's responses, held by the driver as the older generate stage did
+    for batch in ray.data.range(n).map_batches(synthetic_examples, fn_kwargs={"response_tokens": response_tokens},
+                                               batch_format="numpy", num_cpus=0.5).iter_batches(batch_format="numpy"):
+        for i in range(len(batch["key"])):
+            rows.append({"id": str(batch["id"][i]), "sample_index": 0, "prompt": str(batch["prompt"][i]),
+                         "response": "", "finish_reason": "length",
+                         "response_token_ids": [int(t) for t in batch["response_token_ids"][i]]})
+    records = [None] * n  # score_teacher: every record back in the driver, in row order
+    ds = ray.data.from_items([{"_row": i, "key": f"{r['id']}#0", "input_ids": np.concatenate(
+        [np.zeros(_lengths(i, response_tokens)[0], np.int32), np.asarray(r["response_token_ids"], np.int32)]),
+        "prompt_len": _lengths(i, response_tokens)[0]} for i, r in enumerate(rows)])
+    ds = ds.map_batches(SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": None}, batch_size=32,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5)
+    columns = ("topk_ids", "topk_logprobs") if mode == "topk" else ("hidden",)
+    for batch in ds.iter_batches(batch_format="numpy"):
+        for i in range(len(batch["key"])):
+            records[int(str(batch["key"][i]).split("-")[1].split("#")[0])] = {c: batch[c][i] for c in columns}
+    path = out / "records.parquet"
+    stats = write_signal_records(path, [f"{r['id']}#0" for r in rows], records, meta)
+    del records
+    signal = read_signal_records(path)
+    spec = parse_spec({"name": "scale", "output_dir": str(out), "teacher": {"model": "toy:teacher"},
+                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout",
+                                                                      "chat_template": "never"},
+                       "training": {"num_workers": WORKERS, "max_seq_len": PROMPT_TOKENS[1] + response_tokens + 8}})
+    ctx = StageContext(spec, out, Reporter(None))
+    ds = tokenized_dataset(ctx, rows, ["prompt", "response", "finish_reason", "response_token_ids"], signal)
+    return ds, {}, int(stats["bytes"]), int(stats["tokens"])
+
+
+def run_variant(mode: str, n: int, out: Path, response_tokens: int) -> dict[str, Any]:
+    """One variant in this process: the driver's peak RSS from here on, the object store's
+    peak (polled), spilled bytes, bytes/token on disk and ingest rows/s."""
+    import ray
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, _temp_dir=str(out / "ray"), include_dashboard=False,
+             log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    Path("/proc/self/clear_refs").write_text("5")
+    base_rss = _peak_rss()
+    peak = {"store": 0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak["store"] = max(peak["store"], _store_stats()[0])
+            stop.wait(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t0 = time.perf_counter()
+    try:
+        import kdray.data.artifacts  # noqa: F401  (this checkout has the datasets)
+        flow = "datasets"
+    except ImportError:
+        flow = "driver"
+    build = _records_after if flow == "datasets" else _records_before
+    ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens)
+    meta = _meta(mode)
+    TorchTrainer(ingest_loop, train_loop_config={"meta": meta, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=WORKERS), torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(name=f"scale-{mode}-{n}", storage_path=str(out / "ray_train")),
+                 datasets={"train": ds}, dataset_config=DataConfig(execution_options=options or None)).fit()
+    stop.set()
+    poller.join()
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    return {"mode": mode, "rows": n, "flow": flow, "driver_peak_bytes": _peak_rss(), "driver_base_bytes": base_rss,
+            "store_peak_bytes": peak["store"], "spilled_bytes": _store_stats()[1], "disk_bytes": disk_bytes,
+            "tokens": tokens, "bytes_per_token": disk_bytes / max(tokens, 1),
+            "ingest_rows": sum(r["rows"] for r in ranks),
+            "ingest_rows_per_s": sum(r["rows"] for r in ranks) / max(max(r["seconds"] for r in ranks), 1e-9),
+            "seconds": time.perf_counter() - t0}
+
+
+# -- the parent: variants side by side ---------------------------------------------------------
+
+def _spawn(checkout: Path | None, mode: str, n: int, out: Path, response_tokens: int) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
+               TOKENIZERS_PARALLELISM="false")
+    script = Path(__file__)
+    if checkout is not None:  # the other checkout's kdray, this file's measurements
+        env["PYTHONPATH"] = str(checkout)
+        copy = out / "scale_bench.py"
+        copy.write_text(script.read_text(encoding="utf-8"), encoding="utf-8")
+        script = copy
+    res = subprocess.run([sys.executable, str(script), "--variant", mode, str(n), str(out),
+                          "--tokens", str(response_tokens)], env=env, capture_output=True, text=True)
+    result = out / "result.json"
+    if res.returncode != 0 or not result.exists():
+        return {"mode": mode, "rows": n, "error": (res.stderr or res.stdout)[-1500:]}
+    return json.loads(result.read_text())
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:,.1f}"
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.variant:
+        mode, n, out = args.variant[0], int(args.variant[1]), Path(args.variant[2])
+        result = run_variant(mode, n, out, args.tokens)
+        (out / "result.json").write_text(json.dumps(result))
+        return 0
+    if not Path("/proc/self/clear_refs").exists():
+        print("kdray bench scale needs Linux /proc (VmHWM, clear_refs)", file=sys.stderr)
+        return 2
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kdray-bench-scale-"))
+    checkouts: list[tuple[str, Path | None]] = [("this", None)]
+    if args.compare_with:
+        checkouts.insert(0, ("compared", Path(args.compare_with).resolve()))
+    results = []
+    for label, checkout in checkouts:
+        for mode in args.modes.split(","):
+            base = args.rows if mode == "topk" else max(args.rows // args.hidden_divisor, 4)
+            for n in (base, base * args.factor):
+                r = _spawn(checkout, mode, n, root / label / f"{mode}-{n}", args.response_tokens)
+                r["checkout"] = label
+                results.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "error"}) if "error" not in r
+                      else f"{label} {mode} {n}: failed: {r['error'][-400:]}", flush=True)
+    _print(results, args.factor)
+    (root / "scale.json").write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {root / 'scale.json'}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def _print(results: list[dict[str, Any]], factor: int) -> None:
+    print(f"\n{'checkout':9} {'flow':8} {'mode':6} {'rows':>6} {'driver MiB':>10} {'store MiB':>9} {'spilled':>8} "
+          f"{'B/token':>8} {'rows/s':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['checkout']:9} {'':8} {r['mode']:6} {r['rows']:>6} failed")
+            continue
+        print(f"{r['checkout']:9} {r['flow']:8} {r['mode']:6} {r['rows']:>6} {_mb(r['driver_peak_bytes']):>10} "
+              f"{_mb(r['store_peak_bytes']):>9} {_mb(r['spilled_bytes']):>8} {r['bytes_per_token']:>8.1f} "
+              f"{r['ingest_rows_per_s']:>8.1f}")
+    print()
+    for label in dict.fromkeys(r["checkout"] for r in results):
+        for mode in dict.fromkeys(r["mode"] for r in results):
+            pair = [r for r in results if r["checkout"] == label and r["mode"] == mode and "error" not in r]
+            if len(pair) != 2:
+                continue
+            small, large = sorted(pair, key=lambda r: r["rows"])
+            slope = (large["driver_peak_bytes"] - small["driver_peak_bytes"]) / (large["rows"] - small["rows"])
+            growth = large["store_peak_bytes"] / max(small["store_peak_bytes"], 1)
+            print(f"{label:9} {mode:6} driver slope {slope:,.0f} B/row (target <= {TARGET_SLOPE_B}): "
+                  f"{'ok' if slope <= TARGET_SLOPE_B else 'MISSED'}; object store {factor}N/N {growth:.2f} "
+                  f"(target <= {TARGET_STORE_GROWTH}): {'ok' if growth <= TARGET_STORE_GROWTH else 'MISSED'}; "
+                  f"spilled at {factor}N {_mb(large['spilled_bytes'])} MiB: "
+                  f"{'ok' if large['spilled_bytes'] == 0 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

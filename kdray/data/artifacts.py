@@ -1,0 +1,173 @@
+"""A job's per-row artifacts as committed parquet datasets under ``OUTPUT_DIR``.
+
+Every stage that makes rows (teacher responses, student responses, teacher records, POCL's
+measurements) writes them from the Ray Data actors that make them (``Dataset.write_parquet``)
+into a directory, and the next stage reads that directory with ``ray.data.read_parquet``. The
+driver handles paths, counts and small summaries, never the rows.
+
+A dataset directory is *committed* when it holds :data:`MARKER`, a JSON file written last:
+
+    {"format": 1, "kind": str, "files": [names, in the dataset's order], "rows": int,
+     "columns": [names], "bytes": int, "meta": {...what the writer says about the rows...}}
+
+The rows are written into a sibling ``.NAME.partial-<id>`` directory first, the marker is
+written there last, and the directory is renamed into place, so a reader sees a whole dataset
+or none: a stage killed half-way leaves only a partial directory, which the next run removes
+before it writes the dataset again (no duplicated or lost rows). ``files`` fixes the order in
+which :func:`read_dataset` reads the rows, so every run of a job (a resumed one too) sees the
+same order.
+
+All paths must be on storage every node of the cluster reaches (``output_dir``): the actors
+write the shards, the driver writes the marker and renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kdray.errors import KdrayError, first_line
+
+MARKER = "_kdray_dataset.json"
+FORMAT = 1
+
+
+#: CPU share of each read task feeding a stage or the training workers (reads are I/O bound).
+READ_NUM_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed dataset: where it is and its marker (see the module docstring)."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return int(self.info["rows"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.info.get("meta", {})
+
+    def read(self, columns: list[str] | None = None) -> Any:
+        """The rows as a lazy Ray dataset, files in the stored order (:func:`read_dataset`)."""
+        return read_dataset(self.path, self.info, columns)
+
+    def column(self, name: str) -> Any:
+        """One column, whole, in the driver (:func:`read_column`)."""
+        return read_column(self.path, self.info, name)
+
+
+def open_artifact(path: Path, kind: str) -> Artifact | None:
+    """The committed dataset at ``path`` (:func:`committed`), or None."""
+    info = committed(path, kind)
+    return None if info is None else Artifact(path, info)
+
+
+def committed(path: Path, kind: str) -> dict[str, Any] | None:
+    """The marker of the committed dataset at ``path`` written as ``kind``, or None when there
+    is none (never written, or its writer died before committing it).
+
+    Raises:
+        KdrayError: ``path`` holds a marker that is damaged, of another kind or format, or
+            lists files that are gone, naming the directory and the fix.
+    """
+    marker = path / MARKER
+    if not marker.is_file():
+        return None
+    fix = f"delete {path} (or run the job with --restart) and kdray writes it again"
+    try:
+        info = json.loads(marker.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KdrayError(f"{marker} is not a readable JSON file ({first_line(exc)}); {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("files"), list):
+        raise KdrayError(f"{marker} is not a kdray dataset marker of format {FORMAT}; {fix}")
+    if info.get("kind") != kind:
+        raise KdrayError(f"{path} holds a {info.get('kind')!r} dataset, not {kind!r}; {fix}")
+    gone = [name for name in info["files"] if not (path / name).is_file()]
+    if gone:
+        raise KdrayError(f"{path}: {len(gone)} of its {len(info['files'])} files are missing (first: {gone[0]}); "
+                         f"{fix}")
+    return info
+
+
+def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = None, *,
+                  run: Callable[[Callable[[], None]], None] | None = None,
+                  summarise: Callable[[list[Path]], dict[str, Any]] | None = None) -> Artifact:
+    """Execute the Ray dataset ``ds`` into the committed dataset ``path``; return it.
+
+    Args:
+        ds: the lazy dataset; its actors write the parquet shards (zstd).
+        kind: what the rows are (``responses``, ``records``, ...), checked by readers.
+        meta: what the rows need to be read correctly (layout, models, settings), stored in the
+            marker.
+        run: calls the blocking write (default: directly); a stage passes one that reports
+            progress while the write goes on.
+        summarise: more marker fields computed from the written files (token counts, ...).
+
+    Raises:
+        KdrayError: the dataset wrote no file (an empty input).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):  # what a killed writer left
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    write = lambda: ds.write_parquet(str(tmp), compression="zstd")  # noqa: E731
+    (run or (lambda fn: fn()))(write)
+    files = sorted(p for p in tmp.glob("*.parquet")) if tmp.is_dir() else []
+    if not files:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KdrayError(f"no rows to write into {path}: the stage's input was empty")
+    import pyarrow.parquet as pq
+
+    info = {"format": FORMAT, "kind": kind, "files": [p.name for p in files], "rows": parquet_rows(files),
+            "columns": pq.read_schema(files[0]).names,
+            "bytes": sum(p.stat().st_size for p in files), "meta": meta or {}}
+    if summarise is not None:
+        info.update(summarise(files))
+    (tmp / MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return Artifact(path, info)
+
+
+def parquet_rows(files: list[Path]) -> int:
+    """The number of rows in parquet ``files``, from their footers (no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+
+
+def files_of(path: Path, info: dict[str, Any]) -> list[str]:
+    """The committed dataset's files, in its order."""
+    return [str(path / name) for name in info["files"]]
+
+
+def read_dataset(path: Path, info: dict[str, Any], columns: list[str] | None = None) -> Any:
+    """The committed dataset at ``path`` (``info``: its :func:`committed` marker) as a lazy
+    Ray dataset reading its files in the stored order; ``columns`` reads only those."""
+    import ray.data
+
+    ds = ray.data.read_parquet(files_of(path, info), columns=columns, shuffle=None, num_cpus=READ_NUM_CPUS)
+    ds.context.execution_options.preserve_order = True  # this dataset's context, not the driver's
+    return ds
+
+
+def read_column(path: Path, info: dict[str, Any], column: str) -> Any:
+    """One column of a committed dataset as one numpy array in the stored order, read in the
+    driver file by file: for per-row scalars the driver needs whole (keys, POCL's two
+    measurements), a few bytes per row."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(p, columns=[column]).column(column).to_numpy(zero_copy_only=False)
+             for p in files_of(path, info)]
+    return np.concatenate(parts) if parts else np.empty(0)

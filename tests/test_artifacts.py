@@ -1,0 +1,65 @@
+"""Committed datasets under a job's output directory (kdray.data.artifacts): whole or absent,
+read back in their stored order, and a damaged one named with the fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kdray.data.artifacts import MARKER, committed, open_artifact, write_dataset
+from kdray.errors import KdrayError
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_dataset_is_committed_whole_and_read_back_in_its_stored_order(ray_local, tmp_path):
+    import ray.data
+
+    path = tmp_path / "datasets" / "rows"
+    (tmp_path / "datasets" / ".rows.partial-dead").mkdir(parents=True)  # what a killed writer left
+    assert open_artifact(path, "rows") is None
+    ds = ray.data.range(1000, override_num_blocks=7).map_batches(lambda b: {"key": b["id"] * 3}, batch_format="numpy")
+    done = write_dataset(ds, path, "rows", {"what": "test"})
+    assert not list((tmp_path / "datasets").glob(".rows.partial-*"))
+    assert done.rows == 1000 and done.meta == {"what": "test"} and done.info["columns"] == ["key"]
+    assert len(done.info["files"]) > 1 and done.info["bytes"] > 0
+    again = open_artifact(path, "rows")
+    first = done.column("key")
+    assert sorted(first.tolist()) == list(range(0, 3000, 3))
+    assert np.array_equal(again.column("key"), first)  # the same order every time it is read
+    read = [int(v) for batch in again.read().iter_batches(batch_format="numpy") for v in batch["key"]]
+    assert read == first.tolist()
+
+
+def test_a_damaged_dataset_names_the_directory_and_the_fix(tmp_path):
+    path = tmp_path / "rows"
+    path.mkdir()
+    (path / MARKER).write_text("{cut")
+    with pytest.raises(KdrayError, match=rf"{MARKER} is not a readable JSON file .*delete {path}"):
+        committed(path, "rows")
+    (path / MARKER).write_text(json.dumps({"format": 1, "kind": "rows", "files": ["a.parquet"], "rows": 1}))
+    with pytest.raises(KdrayError, match=r"1 of its 1 files are missing \(first: a.parquet\).*--restart"):
+        committed(path, "rows")
+    (path / "a.parquet").write_bytes(b"")
+    with pytest.raises(KdrayError, match=r"holds a 'rows' dataset, not 'records'"):
+        committed(path, "records")
+    assert committed(path, "rows")["rows"] == 1
+
+
+def test_reading_in_order_leaves_the_drivers_data_context_alone(ray_local, tmp_path):
+    import ray.data
+    from ray.data import DataContext
+
+    done = write_dataset(ray.data.range(10), tmp_path / "r", "rows")
+    assert done.read().context.execution_options.preserve_order
+    assert not DataContext.get_current().execution_options.preserve_order
