@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["losses", "service", "train", "generation"], help="what to benchmark")
+    p.add_argument("what", choices=["losses", "service", "train", "generation", "scale"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
     p.set_defaults(fn=cmd_bench)
     return parser

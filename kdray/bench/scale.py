@@ -269,11 +269,9 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int) -> dict[str,
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     t0 = time.perf_counter()
-    try:
-        import kdray.data.artifacts  # noqa: F401  (this checkout has the datasets)
-        flow = "datasets"
-    except ImportError:
-        flow = "driver"
+    import importlib.util
+
+    flow = "datasets" if importlib.util.find_spec("kdray.data.artifacts") else "driver"  # which checkout
     build = _records_after if flow == "datasets" else _records_before
     ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens)
     meta = _meta(mode)
