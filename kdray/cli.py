@@ -177,6 +177,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kdray.bench import generation as bench_generation
 
         return bench_generation.run(args.rest)
+    if args.what == "scale":
+        from kdray.bench import scale as bench_scale
+
+        return bench_scale.run(args.rest)
     raise KdrayError(f"unknown benchmark {args.what!r}")
 
 

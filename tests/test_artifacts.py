@@ -63,3 +63,22 @@ def test_reading_in_order_leaves_the_drivers_data_context_alone(ray_local, tmp_p
     done = write_dataset(ray.data.range(10), tmp_path / "r", "rows")
     assert done.read().context.execution_options.preserve_order
     assert not DataContext.get_current().execution_options.preserve_order
+
+
+def test_reading_leaves_the_drivers_parquet_reader_setting_alone(ray_local, tmp_path):
+    import ray.data
+    from ray.data import DataContext
+
+    done = write_dataset(ray.data.range(10), tmp_path / "r", "rows")
+    before = DataContext.get_current().use_datasource_v2
+    assert done.read().count() == 10
+    assert DataContext.get_current().use_datasource_v2 == before
+
+
+def test_a_run_whose_workers_take_every_cpu_is_refused_before_it_would_hang(ray_local):
+    from kdray.errors import ClusterError
+    from kdray.stages.train import check_ingest_cpus
+
+    check_ingest_cpus(1)  # one CPU left for the reads that stream the data
+    with pytest.raises(ClusterError, match=r"num_workers is 2 and the Ray cluster has 2 CPUs.*Lower training.num_workers"):
+        check_ingest_cpus(2)

@@ -67,6 +67,22 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     phases = [e["phase"] for e in events if e["kind"] == "phase_end"]
     assert phases == ["prepare", "generate", "train", "evaluate", "report"]
 
+    # The rows live in a committed dataset the pool's actors wrote; the examples the workers
+    # stream are the pool's own ids: every row's labels are its response_token_ids.
+    import pyarrow.parquet as pq
+
+    responses = out / "datasets" / "responses"
+    marker = json.loads((responses / "_kdray_dataset.json").read_text())
+    rows = [r for f in marker["files"] for r in pq.read_table(responses / f).to_pylist()]
+    assert marker["rows"] == len(rows) == 256 and len({r["key"] for r in rows}) == 256
+
+    def ids(cell):  # ragged ids are stored as Ray Data's variable-shaped tensors: {data, shape}
+        return cell["data"] if isinstance(cell, dict) else cell
+
+    for r in rows:
+        labels = ids(r["input_ids"])[r["prompt_len"]:]
+        assert labels and labels == ids(r["response_token_ids"])[: len(labels)]
+
     # The exported student reloads and generates with plain transformers.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,10 +20,9 @@ store's peak at 8N over its peak at N.
 ``--compare-with DIR`` runs the same variants on another kdray checkout (e.g. ``git worktree add
 /tmp/kdray-old <commit>``) with that checkout's data flow (records gathered in the driver, one
 parquet file, ``from_items``, a materialised tokenized dataset), so a change to the data plane is
-measured against the code before it in one invocation.
-
-Targets (issue 15): driver slope <= 2 KB per row in every mode; object-store peak that does not
-grow with N (8N / N <= 1.5); nothing spilled at 8N.
+measured against the code before it in one invocation. Targets: a driver slope <= 2 KB per
+row in every mode; an object-store peak that does not grow with N (8N / N <= 1.5); nothing
+spilled at 8N.
 """
 
 from __future__ import annotations
@@ -39,27 +38,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-VOCAB = 152_064  # Qwen2.5's (uint32 ids)
-K = 20
-HIDDEN = 3584  # Qwen2.5-7B's hidden size
+VOCAB, K, HIDDEN = 152_064, 20, 3584  # Qwen2.5's vocabulary (uint32 ids); Qwen2.5-7B's hidden size
 PROMPT_TOKENS = (16, 64)
-TARGET_SLOPE_B = 2048
-TARGET_STORE_GROWTH = 1.5
-MICRO_BATCH = 8
-WORKERS = 2
+TARGET_SLOPE_B, TARGET_STORE_GROWTH = 2048, 1.5
+MICRO_BATCH, WORKERS = 8, 2
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray bench scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=1000, help="N, top-k rows (default 1000)")
+    p.add_argument("--rows", type=int, default=4000, help="N, top-k rows (default 4000)")
     p.add_argument("--factor", type=int, default=8, help="the larger size is factor x N (default 8)")
-    p.add_argument("--hidden-divisor", type=int, default=16, help="hidden mode runs N / this many rows (default 16)")
+    p.add_argument("--hidden-divisor", type=int, default=64, help="hidden mode runs N / this many rows (default 64)")
     p.add_argument("--response-tokens", type=int, default=512, help="longest response (default 512; lengths vary "
                    "from half of it)")
     p.add_argument("--modes", default="topk,hidden", help="teacher-signal modes (default topk,hidden)")
+    p.add_argument("--object-store-mb", type=int, default=1024, help="each variant's object store (default 1024 MiB: "
+                   "smaller than the data at 8N, as a cluster's store is smaller than a real job's data)")
+    p.add_argument("--check", action="store_true", help="exit 1 when this checkout misses a target")
     p.add_argument("--compare-with", default=None, help="another kdray checkout to measure the same way")
     p.add_argument("--out", default=None, help="keep the variants' files here (default: a temporary directory)")
-    p.add_argument("--variant", nargs=3, metavar=("MODE", "ROWS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", nargs=4, metavar=("MODE", "ROWS", "OUT", "STORE_MB"), help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=512, help=argparse.SUPPRESS)
     return p
 
@@ -174,16 +172,20 @@ def _meta(mode: str) -> dict[str, Any]:
             "hidden_dtype": "bfloat16"}
 
 
-def _records_after(mode: str, n: int, out: Path, response_tokens: int) -> tuple[Any, dict[str, Any], int, int]:
+def _records_after(mode: str, n: int, out: Path, response_tokens: int,
+                   mark: Any) -> tuple[Any, dict[str, Any], int, int]:
     """This checkout's data flow: datasets written by actors, streamed to the workers."""
     import ray.data
-
     from kdray.data.artifacts import write_dataset
+    from kdray.data.records import record_bytes_per_token
     from kdray.stages.train import training_dataset
 
     meta = _meta(mode)
+    longest = PROMPT_TOKENS[1] + response_tokens
     responses = write_dataset(ray.data.range(n).map_batches(synthetic_examples, fn_kwargs={
-        "response_tokens": response_tokens}, batch_format="numpy", num_cpus=0.5), out / "responses", "responses")
+        "response_tokens": response_tokens}, batch_format="numpy", num_cpus=0.5), out / "responses", "responses",
+        row_bytes=16 * longest)  # as the job sizes them (kdray.stages.generate.row_bytes)
+    mark("responses")
 
     def tokens(files: list[Path]) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -192,17 +194,19 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int) -> tuple[
 
     records = write_dataset(responses.read(["key", "input_ids", "prompt_len"]).map_batches(
         SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": meta}, batch_size=32, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5), out / "records", "records", meta, summarise=tokens)
+        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5), out / "records", "records", meta, summarise=tokens,
+        row_bytes=(record_bytes_per_token(mode, k=K, vocab_size=VOCAB, hidden_size=HIDDEN, hidden_dtype="bfloat16")
+                   + 4) * longest)
+    mark("records")
     from kdray.stages.train import ordered_ingest
-
     return training_dataset(records, None, meta), {"train": ordered_ingest()}, int(records.info["bytes"]), \
         int(records.info["tokens"])
 
 
-def _records_before(mode: str, n: int, out: Path, response_tokens: int) -> tuple[Any, dict[str, Any], int, int]:
-    """An older checkout's data flow (before the datasets): the pool's rows and records come
-    back to the driver, one parquet file is written and read back whole, ``from_items`` and a
-    materialised tokenized dataset feed the workers."""
+def _records_before(mode: str, n: int, out: Path, response_tokens: int,
+                    mark: Any) -> tuple[Any, dict[str, Any], int, int]:
+    """An older checkout's data flow: rows and records back in the driver, one parquet file
+    written and read back whole, ``from_items`` and a materialised tokenized dataset."""
     import numpy as np
     import ray.data
 
@@ -231,6 +235,7 @@ def _records_before(mode: str, n: int, out: Path, response_tokens: int) -> tuple
     for batch in ds.iter_batches(batch_format="numpy"):
         for i in range(len(batch["key"])):
             records[int(str(batch["key"][i]).split("-")[1].split("#")[0])] = {c: batch[c][i] for c in columns}
+    mark("responses and records in the driver")
     path = out / "records.parquet"
     stats = write_signal_records(path, [f"{r['id']}#0" for r in rows], records, meta)
     del records
@@ -241,20 +246,23 @@ def _records_before(mode: str, n: int, out: Path, response_tokens: int) -> tuple
                        "training": {"num_workers": WORKERS, "max_seq_len": PROMPT_TOKENS[1] + response_tokens + 8}})
     ctx = StageContext(spec, out, Reporter(None))
     ds = tokenized_dataset(ctx, rows, ["prompt", "response", "finish_reason", "response_token_ids"], signal)
+    mark("records file, tokenized dataset")
     return ds, {}, int(stats["bytes"]), int(stats["tokens"])
 
 
-def run_variant(mode: str, n: int, out: Path, response_tokens: int) -> dict[str, Any]:
+def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: int) -> dict[str, Any]:
     """One variant in this process: the driver's peak RSS from here on, the object store's
     peak (polled), spilled bytes, bytes/token on disk and ingest rows/s."""
+    import importlib.util
+
     import ray
+    from ray.data import DataContext
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, _temp_dir=str(out / "ray"), include_dashboard=False,
-             log_to_driver=False)
-    from ray.data import DataContext
-
+    # Ray's temp dir under /tmp: its socket paths must stay within 107 bytes
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, _temp_dir=tempfile.mkdtemp(prefix="kdray-scale-"),
+             include_dashboard=False, log_to_driver=False, object_store_memory=store_mb * 2**20)
     DataContext.get_current().enable_progress_bars = False
     Path("/proc/self/clear_refs").write_text("5")
     base_rss = _peak_rss()
@@ -263,17 +271,25 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int) -> dict[str,
 
     def poll() -> None:
         while not stop.is_set():
-            peak["store"] = max(peak["store"], _store_stats()[0])
+            try:
+                peak["store"] = max(peak["store"], _store_stats()[0])
+            except Exception:  # Ray went down (the variant failed): its own error says why
+                return
             stop.wait(0.2)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     t0 = time.perf_counter()
-    import importlib.util
-
     flow = "datasets" if importlib.util.find_spec("kdray.data.artifacts") else "driver"  # which checkout
     build = _records_after if flow == "datasets" else _records_before
-    ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens)
+    phases: list[dict[str, Any]] = []
+
+    def mark(name: str) -> None:
+        used, spilled = _store_stats()
+        phases.append({"phase": name, "store_peak_bytes": peak["store"], "store_used_bytes": used,
+                       "spilled_bytes": spilled, "driver_peak_bytes": _peak_rss()})
+
+    ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens, mark)
     meta = _meta(mode)
     TorchTrainer(ingest_loop, train_loop_config={"meta": meta, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=WORKERS), torch_config=TorchConfig(backend="gloo"),
@@ -281,32 +297,35 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int) -> dict[str,
                  datasets={"train": ds}, dataset_config=DataConfig(execution_options=options or None)).fit()
     stop.set()
     poller.join()
+    mark("training ingest")
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     return {"mode": mode, "rows": n, "flow": flow, "driver_peak_bytes": _peak_rss(), "driver_base_bytes": base_rss,
             "store_peak_bytes": peak["store"], "spilled_bytes": _store_stats()[1], "disk_bytes": disk_bytes,
             "tokens": tokens, "bytes_per_token": disk_bytes / max(tokens, 1),
             "ingest_rows": sum(r["rows"] for r in ranks),
             "ingest_rows_per_s": sum(r["rows"] for r in ranks) / max(max(r["seconds"] for r in ranks), 1e-9),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "phases": phases}
 
 
 # -- the parent: variants side by side ---------------------------------------------------------
 
-def _spawn(checkout: Path | None, mode: str, n: int, out: Path, response_tokens: int) -> dict[str, Any]:
+def _spawn(checkout: Path | None, mode: str, n: int, out: Path, response_tokens: int, store_mb: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
                TOKENIZERS_PARALLELISM="false")
-    script = Path(__file__)
+    command = [sys.executable, "-m", "kdray.bench.scale"]
     if checkout is not None:  # the other checkout's kdray, this file's measurements
         env["PYTHONPATH"] = str(checkout)
         copy = out / "scale_bench.py"
-        copy.write_text(script.read_text(encoding="utf-8"), encoding="utf-8")
-        script = copy
-    res = subprocess.run([sys.executable, str(script), "--variant", mode, str(n), str(out),
-                          "--tokens", str(response_tokens)], env=env, capture_output=True, text=True)
+        copy.write_text(Path(__file__).read_text(encoding="utf-8"), encoding="utf-8")
+        command = [sys.executable, str(copy)]
+    res = subprocess.run([*command, "--variant", mode, str(n), str(out), str(store_mb), "--tokens", str(response_tokens)],
+                         env=env, capture_output=True, text=True)
+    (out / "stderr.log").write_text(res.stderr, encoding="utf-8")
     result = out / "result.json"
     if res.returncode != 0 or not result.exists():
-        return {"mode": mode, "rows": n, "error": (res.stderr or res.stdout)[-1500:]}
+        errors = [line for line in res.stderr.splitlines() if "Error" in line and "Warning" not in line]
+        return {"mode": mode, "rows": n, "error": "\n".join(errors[:3])[-1500:] + f" (all of it: {out / 'stderr.log'})"}
     return json.loads(result.read_text())
 
 
@@ -318,7 +337,7 @@ def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.variant:
         mode, n, out = args.variant[0], int(args.variant[1]), Path(args.variant[2])
-        result = run_variant(mode, n, out, args.tokens)
+        result = run_variant(mode, n, out, args.tokens, int(args.variant[3]))
         (out / "result.json").write_text(json.dumps(result))
         return 0
     if not Path("/proc/self/clear_refs").exists():
@@ -333,18 +352,21 @@ def run(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             base = args.rows if mode == "topk" else max(args.rows // args.hidden_divisor, 4)
             for n in (base, base * args.factor):
-                r = _spawn(checkout, mode, n, root / label / f"{mode}-{n}", args.response_tokens)
+                r = _spawn(checkout, mode, n, root / label / f"{mode}-{n}", args.response_tokens, args.object_store_mb)
                 r["checkout"] = label
                 results.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "error"}) if "error" not in r
                       else f"{label} {mode} {n}: failed: {r['error'][-400:]}", flush=True)
-    _print(results, args.factor)
+    missed = _print(results, args.factor)
     (root / "scale.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults: {root / 'scale.json'}")
-    return 0 if all("error" not in r for r in results) else 1
+    if any("error" in r for r in results if r["checkout"] == "this"):
+        return 1
+    return 1 if args.check and "this" in missed else 0
 
 
-def _print(results: list[dict[str, Any]], factor: int) -> None:
+def _print(results: list[dict[str, Any]], factor: int) -> set[str]:
+    """Print the table and the targets; return the checkouts that missed one."""
     print(f"\n{'checkout':9} {'flow':8} {'mode':6} {'rows':>6} {'driver MiB':>10} {'store MiB':>9} {'spilled':>8} "
           f"{'B/token':>8} {'rows/s':>8}")
     for r in results:
@@ -355,6 +377,7 @@ def _print(results: list[dict[str, Any]], factor: int) -> None:
               f"{_mb(r['store_peak_bytes']):>9} {_mb(r['spilled_bytes']):>8} {r['bytes_per_token']:>8.1f} "
               f"{r['ingest_rows_per_s']:>8.1f}")
     print()
+    missed: set[str] = set()
     for label in dict.fromkeys(r["checkout"] for r in results):
         for mode in dict.fromkeys(r["mode"] for r in results):
             pair = [r for r in results if r["checkout"] == label and r["mode"] == mode and "error" not in r]
@@ -363,11 +386,14 @@ def _print(results: list[dict[str, Any]], factor: int) -> None:
             small, large = sorted(pair, key=lambda r: r["rows"])
             slope = (large["driver_peak_bytes"] - small["driver_peak_bytes"]) / (large["rows"] - small["rows"])
             growth = large["store_peak_bytes"] / max(small["store_peak_bytes"], 1)
+            if slope > TARGET_SLOPE_B or growth > TARGET_STORE_GROWTH or large["spilled_bytes"]:
+                missed.add(label)
             print(f"{label:9} {mode:6} driver slope {slope:,.0f} B/row (target <= {TARGET_SLOPE_B}): "
                   f"{'ok' if slope <= TARGET_SLOPE_B else 'MISSED'}; object store {factor}N/N {growth:.2f} "
                   f"(target <= {TARGET_STORE_GROWTH}): {'ok' if growth <= TARGET_STORE_GROWTH else 'MISSED'}; "
                   f"spilled at {factor}N {_mb(large['spilled_bytes'])} MiB: "
                   f"{'ok' if large['spilled_bytes'] == 0 else 'MISSED'}")
+    return missed
 
 
 if __name__ == "__main__":

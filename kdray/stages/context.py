@@ -112,13 +112,14 @@ class StageContext:
 
     def write(self, phase: str, build: Callable[[Any], Any], path: Path, kind: str,
               meta: dict[str, Any] | None = None,
-              summarise: Callable[[list[Path]], dict[str, Any]] | None = None) -> Artifact:
+              summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
+              row_bytes: int | None = None) -> Artifact:
         """Write the dataset ``build(hub)`` makes into the committed dataset ``path``
         (:func:`kdray.data.artifacts.write_dataset`); its pools report rows to ``hub``, which
         advance ``phase``'s progress as the actors write."""
         hub = progress_hub()
         ds = build(hub)
-        return write_dataset(ds, path, kind, meta, summarise=summarise, run=lambda fn: run_draining(
+        return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes, run=lambda fn: run_draining(
             fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,

@@ -33,6 +33,14 @@ from kdray.stages.context import StageContext
 DATASET_FINISH_REASON = "stop"
 #: The CPU share of each tokenizing actor (it is light next to the pools).
 TOKENIZE_NUM_CPUS = 0.25
+#: A response row's bytes per token, at most: int32 example ids, int32 pool ids, ~4 B of text
+#: each for prompt and response (sizes the dataset's files: :data:`kdray.data.artifacts.FILE_BYTES`).
+ROW_BYTES_PER_TOKEN = 16
+
+
+def row_bytes(ctx: StageContext, sides: int = 1) -> int:
+    """An upper bound of one response row's size (``sides`` 2: a DistiLLM-2 pair)."""
+    return sides * ROW_BYTES_PER_TOKEN * ctx.spec.training.max_seq_len
 
 
 def with_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,14 +83,15 @@ def training_responses(ctx: StageContext, train: list[dict[str, Any]]) -> Artifa
                  for item, r in zip(items, train)]
         with ctx.phase("generate", None, "training examples from the dataset's responses"):
             return ctx.write("generate", lambda hub: tokenized(ctx, ray.data.from_items(items).map_batches(
-                with_keys, batch_format="numpy")), path, "responses", {"source": "dataset"})
+                with_keys, batch_format="numpy")), path, "responses", {"source": "dataset"},
+                row_bytes=row_bytes(ctx))
     sampling = SamplingConfig.from_spec(spec.generation)
     with ctx.phase("generate", len(train) * spec.generation.n, "teacher responses"):
         ctx.reporter.message(f"generate: teacher answers {len(train)} prompts ({spec.teacher.model})")
         return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
             ray.data.from_items(items), spec.teacher, spec.generation, sampling, encoding=ctx.prompt_encoding(),
             progress=hub).map_batches(with_keys, batch_format="numpy")),
-            path, "responses", {"source": "teacher", "teacher": spec.teacher.model})
+            path, "responses", {"source": "teacher", "teacher": spec.teacher.model}, row_bytes=row_bytes(ctx))
 
 
 def student_responses(ctx: StageContext, rows: Any, n_rows: int, student: ModelSpec, segment: Segment,
@@ -101,4 +110,5 @@ def student_responses(ctx: StageContext, rows: Any, n_rows: int, student: ModelS
         ctx.reporter.message(f"generate: student answers {n_rows} prompts ({student.model})")
         return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
             rows, student, ctx.spec.generation, sampling, encoding=ctx.prompt_encoding(), progress=hub,
-            output_prefix="student_")), path, "student_responses", {"student": student.model})
+            output_prefix="student_")), path, "student_responses", {"student": student.model},
+            row_bytes=row_bytes(ctx, sides=2))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.data.artifacts import Artifact, open_artifact
-from kdray.data.records import SIGNAL_FORMAT, check_layout, topk_id_dtype
+from kdray.data.records import SIGNAL_FORMAT, check_layout, record_bytes_per_token, topk_id_dtype
 from kdray.errors import RecordsError
 from kdray.models import hidden_size, vocab_size
 from kdray.pools.run import score_dataset
@@ -33,6 +33,14 @@ def records_layout(ctx: StageContext) -> dict[str, Any]:
     else:
         meta.update(hidden_dtype=sig.hidden_dtype, hidden_size=hidden_size(teacher.model))
     return meta
+
+
+def _row_bytes(ctx: StageContext, layout: dict[str, Any]) -> int:
+    """An upper bound of one records row's size: ``max_seq_len`` tokens of ids and record."""
+    per_token = record_bytes_per_token(layout["mode"], k=layout.get("k", 0), vocab_size=layout["vocab_size"],
+                                       hidden_size=layout.get("hidden_size", 0),
+                                       hidden_dtype=layout.get("hidden_dtype", "float32"))
+    return (per_token + 4) * ctx.spec.training.max_seq_len
 
 
 def _tokens(files: list[Path]) -> dict[str, Any]:
@@ -69,7 +77,7 @@ def score_signal(ctx: StageContext, responses: Artifact) -> tuple[Artifact, dict
         with ctx.phase("score", responses.rows, f"teacher {sig.mode} records"):
             records = ctx.write("score", lambda hub: score_dataset(
                 responses.read(EXAMPLE_COLUMNS), ctx.spec, layout, progress=hub),
-                path, "records", layout, summarise=_tokens)
+                path, "records", layout, summarise=_tokens, row_bytes=_row_bytes(ctx, layout))
     tokens, size = int(records.info["tokens"]), int(records.info["bytes"])
     stats = {"rows": records.rows, "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1),
              "file": str(path)}

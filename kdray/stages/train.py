@@ -18,7 +18,7 @@ from kdray.curriculum.plan import Segment, total_steps
 from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
 from kdray.data.records import SIGNAL_COLUMNS
-from kdray.errors import KdrayError, user_error
+from kdray.errors import ClusterError, KdrayError, user_error
 from kdray.stages.context import StageContext, progress_hub, run_draining
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
 
@@ -87,6 +87,24 @@ def validation_dataset(ctx: StageContext, rows: list[dict[str, Any]]) -> Any:
                                 for ids, start in zip(examples["input_ids"], examples["prompt_len"])])
 
 
+def check_ingest_cpus(num_workers: int) -> None:
+    """Refuse a run whose training workers (one CPU each, Ray Train's default) would take every
+    CPU of the cluster: the read tasks that stream the data to them could never be scheduled,
+    and the run would wait forever.
+
+    Raises:
+        ClusterError: with the cluster's CPUs, what the run needs and the fixes.
+    """
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus - num_workers < READ_NUM_CPUS:
+        raise ClusterError(
+            f"training.num_workers is {num_workers} and the Ray cluster has {cpus:g} CPUs: the workers would hold "
+            f"all of them, and the reads that stream the training data to them need {READ_NUM_CPUS:g} CPU more. "
+            "Lower training.num_workers, or add a CPU to the cluster (ray start --num-cpus on a node)")
+
+
 def ordered_ingest() -> Any:
     """Ray Data options for a dataset the workers stream: Ray Train's defaults, with the rows in
     their stored order (every run of the job, a resumed one too, sees the same data order)."""
@@ -129,6 +147,7 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
     from ray.train import DataConfig
 
     spec, t = ctx.spec, ctx.spec.training
+    check_ingest_cpus(t.num_workers)
     datasets = {"train": training_dataset(data, keys, signal_meta)}
     replay = spec.curriculum_of("replay")
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
