@@ -108,11 +108,11 @@ def check_ingest_cpus(num_workers: int) -> None:
 def ordered_ingest() -> Any:
     """Ray Data options for a dataset the workers stream: Ray Train's defaults, with the rows in
     their stored order (every run of the job, a resumed one too, sees the same data order)."""
-    from ray.train import DataConfig
+    from ray.data import DataContext, ExecutionOptions
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    current = DataContext.get_current().execution_options  # what Ray Train's defaults copy, less the
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,  # deprecated
+                            verbose_progress=current.verbose_progress)  # exclude_resources
 
 
 def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: list[Segment], *,
