@@ -76,8 +76,9 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     rows = [r for f in marker["files"] for r in pq.read_table(responses / f).to_pylist()]
     assert marker["rows"] == len(rows) == 256 and len({r["key"] for r in rows}) == 256
 
-    def ids(cell):  # ragged ids are stored as Ray Data's variable-shaped tensors: {data, shape}
-        return cell["data"] if isinstance(cell, dict) else cell
+    def ids(cell):  # ragged ids are Ray Data's variable-shaped tensors: {data, shape} structs, or
+        # numpy arrays once ray.data has registered its Arrow extension types in this process
+        return [int(t) for t in (cell["data"] if isinstance(cell, dict) else cell)]
 
     for r in rows:
         labels = ids(r["input_ids"])[r["prompt_len"]:]

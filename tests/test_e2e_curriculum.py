@@ -181,7 +181,14 @@ def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path,
     for i, s in enumerate(m, start=1):  # the counters add up to the steps taken
         assert s["replay_fresh_steps"] + s["replay_replay_steps"] + s["replay_fixed_steps"] == i
         assert s["replay_fresh_steps"] == decisions[:i].count("fresh")
-    assert all(s["replay_threshold"] == pytest.approx(0.6) for s in m)  # no rise of >= 0.1 here
+    # The threshold starts at init_threshold and only rises, by 0.1, right after a validation
+    # (DistiLLM's rule: a worse validation loss asks for more on-policy data); whether it rises in
+    # this tiny run depends on the data order.
+    thresholds = [s["replay_threshold"] for s in m]
+    assert thresholds[0] == pytest.approx(0.6)
+    for prev, now in zip(m, m[1:]):
+        rise = now["replay_threshold"] - prev["replay_threshold"]
+        assert rise == pytest.approx(0.0) or (rise == pytest.approx(0.1) and "val_loss" in prev)
     # Each fresh step adds 2 micro-batches of 8 samples per worker, up to the capacity of 32.
     sizes = [s["replay_buffer_size"] for s in m]
     assert sizes == [min(32, 16 * decisions[:i].count("fresh")) for i in range(1, 9)]

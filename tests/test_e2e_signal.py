@@ -119,8 +119,9 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     generated = [r for f in json.loads((responses / "_kdray_dataset.json").read_text())["files"]
                  for r in pq.read_table(responses / f, columns=["key", "response_token_ids"]).to_pylist()]
     assert len(generated) == len(examples) == 256
-    def ids(cell):  # ragged ids are stored as Ray Data's variable-shaped tensors: {data, shape}
-        return cell["data"] if isinstance(cell, dict) else cell
+    def ids(cell):  # ragged ids are Ray Data's variable-shaped tensors: {data, shape} structs, or
+        # numpy arrays once ray.data has registered its Arrow extension types in this process
+        return [int(t) for t in (cell["data"] if isinstance(cell, dict) else cell)]
 
     for row in generated:
         example = examples[row["key"]]
