@@ -199,7 +199,7 @@ def test_spec_form_of_chat_template(tmp_path, models, capsys):
 def test_a_shared_template_gives_the_same_ids_at_every_call_site(tmp_path, models):
     spec = parse_spec(spec_dict(tmp_path, models["teacher"], models["student"], SHARED_T))
     encoding = job_encoding(spec)
-    assert job_encoding(spec, check_teacher=False) == encoding  # what score_teacher and repro resolve
+    assert job_encoding(spec, check_teacher=False) == encoding  # what a driver-side caller (repro) resolves
     expected = [by_hand(RENDERED[SHARED_T].format(p)) for p in PROMPTS]
     own = PromptEncoding.resolve("auto", make_tokenizer(TEACHER_T)).token_ids(make_tokenizer(TEACHER_T), PROMPTS)
     assert own != expected  # the teacher's own template would have given other ids

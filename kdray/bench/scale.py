@@ -225,7 +225,7 @@ def _records_before(mode: str, n: int, out: Path, response_tokens: int,
             rows.append({"id": str(batch["id"][i]), "sample_index": 0, "prompt": str(batch["prompt"][i]),
                          "response": "", "finish_reason": "length",
                          "response_token_ids": [int(t) for t in batch["response_token_ids"][i]]})
-    records = [None] * n  # score_teacher: every record back in the driver, in row order
+    records = [None] * n  # the older score_teacher: every record back in the driver, in row order
     ds = ray.data.from_items([{"_row": i, "key": f"{r['id']}#0", "input_ids": np.concatenate(
         [np.zeros(_lengths(i, response_tokens)[0], np.int32), np.asarray(r["response_token_ids"], np.int32)]),
         "prompt_len": _lengths(i, response_tokens)[0]} for i, r in enumerate(rows)])

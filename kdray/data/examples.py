@@ -75,8 +75,6 @@ class TokenizeForTraining:
         out = dict(batch) if self.keep_columns else {}
         out.update(self._encode(batch["prompt"], batch["response"], batch.get("finish_reason"),
                                 batch.get("response_token_ids")))
-        if "key" in batch:  # the row's identity travels with it (POCL's stage selection)
-            out["key"] = batch["key"]
         if self.signal_meta is not None:
             n_labels = [len(ids) - start for ids, start in zip(out["input_ids"], out["prompt_len"])]
             check_record_lengths(batch["n_tokens"], n_labels, self.signal_meta)

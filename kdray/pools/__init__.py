@@ -5,6 +5,6 @@
 """
 
 from kdray.pools.base import SamplingConfig, pool_env
-from kdray.pools.run import generate, map_pool, pool_class, score_teacher
+from kdray.pools.run import generate, generate_dataset, map_pool, pool_class, score_dataset
 
-__all__ = ["SamplingConfig", "generate", "map_pool", "pool_class", "pool_env", "score_teacher"]
+__all__ = ["SamplingConfig", "generate", "generate_dataset", "map_pool", "pool_class", "pool_env", "score_dataset"]

@@ -2,7 +2,7 @@
 
 For hosts without vLLM. Two Ray Data callable classes with the same constructor arguments and
 the same batch contract as their vLLM counterparts, so :func:`kdray.pools.run.generate` and
-:func:`kdray.pools.run.score_teacher` run either on the same actor pool:
+:func:`kdray.pools.run.score_dataset` run either on the same actor pool:
 
 * :class:`HFGenerator` (≙ :class:`kdray.pools.vllm.VLLMGenerator`): batched, left-padded
   ``model.generate`` on the prompt ids of the job's :class:`kdray.data.tokenize.PromptEncoding`; rows out carry

@@ -4,19 +4,17 @@
 the teacher's signal on compact training examples with its scorer. Both size the actor pool
 from ``generation`` (replicas, GPUs and CPUs per replica, batch size) through :func:`map_pool`
 and return lazy datasets, which a stage writes under the job's output directory. For a few
-rows held in the driver (held-out answers, the judge, benchmarks) :func:`generate` and
-:func:`score_teacher` take and return lists, in the order given: Ray Data does not keep
-order, so every row travels with its position ``_row``.
+rows held in the driver (held-out answers, the judge, benchmarks) :func:`generate` takes and
+returns lists, in the order given: Ray Data does not keep order, so every row travels with its
+position ``_row``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 
-from kdray.data.tokenize import PromptEncoding, job_encoding
-from kdray.errors import KdrayError
+from kdray.data.tokenize import PromptEncoding
 from kdray.pools import hf, vllm
 from kdray.pools.base import BACKENDS, ROLES, SamplingConfig, pool_env
 from kdray.spec import GenerationSpec, JobSpec, ModelSpec
@@ -141,48 +139,3 @@ def score_dataset(ds: Any, spec: JobSpec, signal_meta: dict[str, Any] | None = N
     signal = spec.teacher_signal
     return map_pool(ds, spec.teacher, spec.generation, "scorer", mode=signal.mode, k=signal.k,
                     signal_meta=signal_meta, progress=progress)
-
-
-def score_teacher(rows: list[dict[str, Any]], spec: JobSpec, *, encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
-    """:func:`score_dataset` for a few rows held in the driver (benchmarks, tests): each row's
-    record as arrays, in row order.
-
-    Args:
-        rows: rows with ``prompt``, ``response`` and ``finish_reason`` (and
-            ``response_token_ids`` where a pool generated the response).
-        spec: the job; ``teacher_signal`` says what to record; ids are encoded as the trainer
-            encodes them (``encoding``, or :func:`kdray.data.tokenize.job_encoding` of ``spec``).
-
-    Returns:
-        Per row ``{"n_tokens", "topk_ids" [R, k] int32, "topk_logprobs" [R, k] float32}`` or
-        ``{"n_tokens", "hidden" [R, H] float32}``, with ``R`` the row's response tokens.
-
-    Raises:
-        KdrayError: the pool returned no score for some rows.
-    """
-    import ray.data
-
-    from kdray.data.examples import TokenizeForTraining
-
-    if encoding is None:
-        encoding = job_encoding(spec, check_teacher=False)
-    encoder = TokenizeForTraining(spec.student.model, spec.training.max_seq_len, encoding)
-    batch = {k: np.asarray([r.get(k) for r in rows], dtype=object)
-             for k in ("prompt", "response", "finish_reason", "response_token_ids")}
-    if any(r.get("response_token_ids") is None for r in rows):
-        del batch["response_token_ids"]
-    examples = encoder(batch)
-    items = [{"_row": i, "input_ids": examples["input_ids"][i], "prompt_len": int(examples["prompt_len"][i])}
-             for i in range(len(rows))]
-    keys = ("topk_ids", "topk_logprobs") if spec.teacher_signal.mode == "topk" else ("hidden",)
-    results: list[dict[str, Any] | None] = [None] * len(items)
-    for out in score_dataset(ray.data.from_items(items), spec).iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(out["_row"])):
-            record = {key: np.asarray(out[key][i]) for key in keys}
-            record["n_tokens"] = len(out["input_ids"][i]) - int(out["prompt_len"][i])
-            results[int(out["_row"][i])] = record
-    missing = [rows[i].get("id") for i, r in enumerate(results) if r is None]
-    if missing:
-        raise KdrayError(f"the teacher pool ({spec.teacher.model}) returned no score for {len(missing)} rows "
-                         f"(first ids: {missing[:5]}); see the Ray Data actor logs for why, then run the job again")
-    return results  # type: ignore[return-value]
