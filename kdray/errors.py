@@ -120,6 +120,9 @@ RAY_LOST = {"OutOfMemoryError", "NodeDiedError", "ObjectLostError"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REMOTE = re.compile(r"^kdray\.errors\.(\w+): (.*)$")
 _RAY_NODE = re.compile(r"\bip=([\w.:-]+?)[,)]")
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): (.*)$")
+#: Where Ray's batch LLM processor starts its vLLM engine (``ray.llm``'s engine stage).
+_ENGINE_STAGE = "vllm_engine_stage.py"
 
 
 def user_error(exc: BaseException) -> KdrayError | None:
@@ -132,7 +135,8 @@ def user_error(exc: BaseException) -> KdrayError | None:
     * a :class:`KdrayError` object;
     * in one of Ray's errors, the traceback text of a ``KdrayError`` raised on a Ray worker (Ray
       Data passes only the text on): rebuilt with its class and message, plus the node it was
-      raised on;
+      raised on; or of a vLLM engine of Ray's batch LLM processor that did not start (the
+      model, its ``max_model_len`` or the node's memory): :class:`ModelError`;
     * a disk error (no space, quota, read-only, permission denied): :class:`ClusterError`
       naming the file and the node;
     * Ray's out-of-memory, lost-node and lost-object errors: :class:`ClusterError`.
@@ -142,7 +146,7 @@ def user_error(exc: BaseException) -> KdrayError | None:
         if isinstance(e, KdrayError) and not _from_ray(e):  # Ray's copy of one is found by its cause
             return e
     for e in chain:
-        remote = _remote_error(str(e)) if _from_ray(e) else None
+        remote = (_remote_error(str(e)) or _engine_start_error(str(e))) if _from_ray(e) else None
         if remote is not None:
             return remote
     for e in chain:
@@ -202,3 +206,24 @@ def _remote_error(text: str) -> KdrayError | None:
     if cls in (DataError, RecordsError, ModelError, ClusterError, ConfigError):
         return cls(text)
     return KdrayError(text)
+
+
+def _engine_start_error(text: str) -> ModelError | None:
+    """A vLLM engine of Ray's batch LLM processor that failed in its constructor, from the Ray
+    worker's traceback text: the engine's own last error and the node, as a :class:`ModelError`."""
+    lines = _ANSI.sub("", text).splitlines()
+    if not any(_ENGINE_STAGE in line and "in __init__" in line for line in lines):
+        return None
+    hits = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not hits:
+        return None
+    name, first = _EXCEPTION_LINE.match(lines[hits[-1]]).groups()  # type: ignore[union-attr]
+    detail = [first] + [line.strip() for line in lines[hits[-1] + 1:hits[-1] + 3] if line.startswith(" ")]
+    said = " ".join(part for part in detail if part)
+    said = said if len(said) <= 400 else said[:400] + "…"
+    nodes = [m.group(1) for line in lines for m in _RAY_NODE.finditer(line)]
+    where = f" on the Ray worker at {nodes[-1]}" if nodes else ""
+    return ModelError(
+        f"vLLM could not start a generation pool's model{where} ({name.rsplit('.', 1)[-1]}: {said}); check "
+        "that vLLM supports its architecture, that its max_model_len fits the model and the node's GPU memory "
+        "(lower it, or generation.batch_size), or use backend: hf")

@@ -204,6 +204,22 @@ def load_tokenizer(ref: str, *, need_pad: bool = True) -> Any:
     return tok
 
 
+def stop_token_ids(tokenizer: Any, ref: str) -> list[int]:
+    """The ids generation stops at, as vLLM gathers them: ``tokenizer``'s EOS plus every EOS id of
+    the model's generation config (``generation_config.json``, else the one ``transformers``
+    derives from ``config.json``; read without loading weights)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    stops: list[Any] = [tokenizer.eos_token_id]
+    path = resolve_model(ref)
+    try:
+        config_eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        config_eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path)).eos_token_id
+    stops += config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({int(i) for i in stops if i is not None})
+
+
 def load_causal_lm(ref: str, dtype: str, *, trainable: bool = True) -> Any:
     """Load a causal LM in ``dtype``; a frozen model (``trainable=False``) is put in eval mode."""
     import torch

@@ -41,6 +41,19 @@ def test_a_dataset_is_committed_whole_and_read_back_in_its_stored_order(ray_loca
     assert read == first.tolist()
 
 
+def test_a_dataset_without_the_planned_row_count_is_not_committed(ray_local, tmp_path):
+    """A pool that lost (or repeated) rows would leave the plan's steps wrong: nothing is
+    committed, the partial directory goes, and the message says what to do."""
+    import ray.data
+
+    path = tmp_path / "records"
+    ds = ray.data.range(10).filter(lambda row: row["id"] != 3)  # a row lost on the way
+    with pytest.raises(KdrayError, match=r"made 9 rows where the job planned 10, so nothing was committed.*again"):
+        write_dataset(ds, path, "records", expect_rows=10)
+    assert not path.exists() and not list(tmp_path.glob(".records.partial-*"))
+    assert write_dataset(ray.data.range(10), path, "records", expect_rows=10).rows == 10
+
+
 def test_a_damaged_dataset_names_the_directory_and_the_fix(tmp_path):
     path = tmp_path / "rows"
     path.mkdir()

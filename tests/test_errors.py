@@ -217,6 +217,32 @@ def test_user_error_rebuilds_a_kdray_error_from_a_ray_workers_traceback():
     assert user_error(FakeRayError(handled_badly)) is None
 
 
+ENGINE_TEXT = """The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker(MapBatches(vLLMEngineStageUDF)).__init__()\x1b[39m (pid=7, ip=10.0.0.9, actor_id=cd, repr=MapWorker(MapBatches(vLLMEngineStageUDF)))
+  File "/v/ray/llm/_internal/batch/stages/vllm_engine_stage.py", line 657, in __init__
+    self.llm = vLLMEngineWrapper(
+  File "/v/vllm/engine/arg_utils.py", line 1955, in create_model_config
+    return ModelConfig(
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, User-specified max_model_len (100000) is greater than the derived max_model_len
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error"""
+
+
+def test_user_error_names_a_vllm_engine_of_rays_processor_that_did_not_start():
+    """Ray's batch LLM processor starts vLLM in Ray's own actor: the engine's error and the node
+    become a ModelError (the text is a real one, shortened)."""
+    class FakeRayError(Exception):
+        __module__ = "ray.exceptions"
+
+    found = user_error(FakeRayError(ENGINE_TEXT))
+    assert type(found) is ModelError
+    msg = str(found)
+    assert msg.startswith("vLLM could not start a generation pool's model on the Ray worker at 10.0.0.9 "
+                          "(ValidationError: 1 validation error for ModelConfig Value error, User-specified "
+                          "max_model_len (100000) is greater than the derived max_model_len")
+    assert "max_model_len fits" in msg and "backend: hf" in msg
+    assert user_error(FakeRayError(ENGINE_TEXT.replace("in __init__", "in generate_async"))) is None  # a bug
+
+
 def test_user_error_turns_a_full_disk_into_a_cluster_error_naming_the_file():
     full = OSError(errno.ENOSPC, "No space left on device", "/runs/job/events.jsonl")
     found = user_error(full)

@@ -1,7 +1,8 @@
 """The HF-transformers backend (``backend: hf``) against the vLLM pool, on the real toy models.
 
-The vLLM side runs in a subprocess (vLLM binds threads process-wide and wants a ``__main__``
-guard); the HF side runs here. Both see the same held-out prompts, tokenized by the one
+The vLLM side (Ray's batch LLM processor, through :func:`kdray.pools.generate`) runs in a
+subprocess (vLLM binds threads process-wide and wants a ``__main__`` guard); the HF side runs
+here. Both see the same held-out prompts, tokenized by the one
 function that turns prompts into ids (:func:`kdray.data.tokenize.prompt_token_ids`).
 """
 
@@ -28,21 +29,27 @@ REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 24
 
 VLLM_REFERENCE = """
-import json, sys
-import numpy as np
-from kdray.pools.base import SamplingConfig, pool_env
-from kdray.spec import GenerationSpec
-from kdray.pools.vllm import VLLMGenerator
+import json, sys, tempfile
+import ray
+from kdray.pools.base import SamplingConfig
+from kdray.pools.run import generate
+from kdray.ray_setup import job_env
+from kdray.spec import GenerationSpec, ModelSpec
 
 if __name__ == "__main__":
-    batch = {k: np.asarray(v) for k, v in json.loads(open(sys.argv[1]).read()).items()}
-    gen = VLLMGenerator("toy:teacher", dtype="float32", max_model_len=128, tensor_parallel_size=1,
-                        enforce_eager=True, sampling=SamplingConfig.greedy(12), env=pool_env(GenerationSpec()), score_gold=True)
-    out = gen(batch)
-    json.dump({"response": [str(x) for x in out["response"]],
-               "response_token_ids": [[int(t) for t in ids] for ids in out["response_token_ids"]],
-               "finish_reason": [str(x) for x in out["finish_reason"]],
-               "gold_ce": [float(x) for x in out["gold_ce"]]}, open(sys.argv[2], "w"))
+    rows = json.loads(open(sys.argv[1]).read())
+    ray.init(num_cpus=3, _temp_dir=tempfile.mkdtemp(prefix="kdray-ref-"), include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": job_env()})
+    model = ModelSpec(model="toy:teacher", dtype="float32", max_model_len=128)
+    pool = GenerationSpec(replicas=1, batch_size=8, num_cpus_per_replica=0.5, enforce_eager=True)
+    out = generate(rows, model, pool, SamplingConfig.greedy(12), score_gold=True)
+    sampled = generate(rows[:4], model, pool, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2, n=3,
+                                                             seed=5))
+    ray.shutdown()
+    json.dump({"id": [r["id"] for r in out], "response": [r["response"] for r in out],
+               "response_token_ids": [r["response_token_ids"] for r in out],
+               "finish_reason": [r["finish_reason"] for r in out],
+               "gold_ce": [r["gold_ce"] for r in out], "sampled": sampled}, open(sys.argv[2], "w"))
 """
 
 
@@ -71,8 +78,9 @@ def heldout(toy_world) -> list[dict]:
 @pytest.fixture(scope="module")
 def vllm_reference(heldout, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_ref")
-    batch = {k: v.tolist() for k, v in _batch(heldout).items()}
-    (tmp / "batch.json").write_text(json.dumps(batch))
+    rows = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "finish_reason": "stop"}
+            for r in heldout]
+    (tmp / "batch.json").write_text(json.dumps(rows))
     res = subprocess.run([sys.executable, "-c", VLLM_REFERENCE, str(tmp / "batch.json"), str(tmp / "out.json")],
                          capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -97,6 +105,21 @@ def test_greedy_responses_equal_vllm(hf_greedy, vllm_reference, heldout):
     # The teacher solves most of these; a wrong backend would not.
     hits = sum(r.strip() == row["response"].strip() for r, row in zip(hf_greedy["response"], heldout))
     assert hits >= 0.7 * len(heldout)
+
+
+@pytest.mark.slow
+def test_vllm_samples_per_prompt_are_requests_of_their_own(vllm_reference, heldout):
+    """n samples per prompt on Ray's processor: n rows per prompt in order, each seeded apart,
+    with the finish reason the engine stage does not return (2 tokens and no EOS: cut)."""
+    sampled = vllm_reference["sampled"]
+    assert [(r["id"], r["sample_index"]) for r in sampled] == [(row["id"], j) for row in heldout[:4] for j in range(3)]
+    for r in sampled:
+        ids = r["response_token_ids"]
+        assert 1 <= len(ids) <= 2
+        assert r["finish_reason"] == ("stop" if len(ids) < 2 or ids[-1] == 2 else "length")
+    assert any(r["finish_reason"] == "length" for r in sampled)
+    by_prompt = [{tuple(r["response_token_ids"]) for r in sampled if r["id"] == row["id"]} for row in heldout[:4]]
+    assert any(len(samples) > 1 for samples in by_prompt)  # the samples of a prompt are not one seed's
 
 
 @pytest.mark.slow

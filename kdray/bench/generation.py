@@ -6,7 +6,8 @@ variants answer the same toy prompts with the same sampling (temperature 1, top-
 seed) and *fixed-length* responses (``ignore_eos``: every response is ``--new-tokens`` long,
 so every variant generates the same number of tokens):
 
-* ``vllm pool`` -- :func:`kdray.pools.generate` on Ray Data, one replica (``backend: vllm``);
+* ``vllm pool`` -- :func:`kdray.pools.generate` on Ray Data, one replica (``backend: vllm``:
+  Ray's batch LLM processor, with kdray's request encoding around it);
 * ``bare vllm`` -- ``vllm.LLM.generate`` in a plain process, the same prompts in the same
   batches, the same ``SamplingParams``;
 * ``hf pool``   -- :func:`kdray.pools.generate` with ``backend: hf``
@@ -16,8 +17,8 @@ so every variant generates the same number of tokens):
 Each variant runs in its own subprocess (``python -m kdray.bench.generation --worker V``), with
 the same intra-op threads (``--threads``; a pool replica reserves as many CPUs). Two figures
 per variant, labelled apart: *generating* -- all tokens over the time from the model being
-loaded to the last token received (every batch, Ray Data's hand-offs included for a pool; a
-pool's replica stamps the moment its model is loaded, see :class:`_ReadyStamp`) -- and *end to
+loaded to the last token received (every batch, Ray Data's hand-offs included for a pool,
+whose start-up is timed by a run of the same pool answering one prompt with one token) -- and *end to
 end* -- all tokens over the whole wall time, start-up included (for a pool: Ray Data, the actor
 and the model load; for a bare engine: the model load). Targets (issue 5): vLLM pool / HF
 generate >= 2x, and the pool's overhead over bare vLLM while generating, ``bare / pool - 1``
@@ -163,28 +164,8 @@ def _bare_hf(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     return _result(timing, load_s, lengths)
 
 
-class _ReadyStamp:
-    """Mixin for a pool's callable class: appends the wall-clock time at which the replica's
-    model is loaded to the file named by ``KDRAY_BENCH_READY_FILE``, so the benchmark can tell
-    the pool's start-up from its generation."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        with open(os.environ["KDRAY_BENCH_READY_FILE"], "a") as f:
-            f.write(f"{time.time()}\n")
-
-
-def _stamped_class(backend: str) -> type:
-    from kdray.pools.vllm import VLLMGenerator
-    from kdray.pools.hf import HFGenerator
-
-    base = {"vllm": VLLMGenerator, "hf": HFGenerator}[backend]
-    return type(f"ReadyStamped{base.__name__}", (_ReadyStamp, base), {"__module__": __name__})
-
-
-def _pool(args: argparse.Namespace, prompts: list[str], backend: str) -> dict[str, Any]:
-    """The real :func:`kdray.pools.generate`, given the backend's own class with
-    :class:`_ReadyStamp` mixed in as its pool class."""
+def _pool_run(args: argparse.Namespace, rows: list[dict[str, Any]], backend: str, sampling: Any) -> tuple[float, list]:
+    """One :func:`kdray.pools.generate` call on a Ray of its own: (wall seconds, output rows)."""
     import ray
 
     from kdray.pools import generate
@@ -194,26 +175,33 @@ def _pool(args: argparse.Namespace, prompts: list[str], backend: str) -> dict[st
     env = job_env()
     os.environ.update(env)
     with tempfile.TemporaryDirectory(prefix="kdray-bench-ray-") as ray_tmp:
-        ready_file = os.path.join(ray_tmp, "ready")
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), _temp_dir=ray_tmp, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {
-                     **env, "OMP_NUM_THREADS": str(args.threads), "KDRAY_BENCH_READY_FILE": ready_file}})
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), _temp_dir=ray_tmp, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": str(args.threads)}})
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         model = ModelSpec(model=args.model_dir, backend=backend, dtype="float32", max_model_len=MAX_MODEL_LEN)
         pool = GenerationSpec(replicas=1, batch_size=args.batch_size, num_cpus_per_replica=args.threads,
                               enforce_eager=args.enforce_eager)
-        rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
-        wall0, t0 = time.time(), time.perf_counter()
-        out = generate(rows, model, pool, _sampling(args), pool_cls=_stamped_class(backend))
-        total_s, wall1 = time.perf_counter() - t0, time.time()
-        ready = [float(x) for x in Path(ready_file).read_text().split()]
+        t0 = time.perf_counter()
+        out = generate(rows, model, pool, sampling)
+        wall = time.perf_counter() - t0
         ray.shutdown()
+    return wall, out
+
+
+def _pool(args: argparse.Namespace, prompts: list[str], backend: str) -> dict[str, Any]:
+    """The real :func:`kdray.pools.generate`. Its start-up (Ray Data, the replica, the model
+    load) is the wall time of a run of the same pool that answers one prompt with one token;
+    the rest of the full run's wall time is generating."""
+    import dataclasses
+
+    rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
+    startup_s, _ = _pool_run(args, rows[:1], backend, dataclasses.replace(_sampling(args), max_new_tokens=1))
+    total_s, out = _pool_run(args, rows, backend, _sampling(args))
     lengths = [len(r["response_token_ids"]) for r in out]
-    result = _result((wall1 - ready[0], len(prompts) * args.new_tokens), ready[0] - wall0, lengths)
-    result.update(total_s=total_s, replicas_started=len(ready),
-                  in_order=[r["id"] for r in out] == [r["id"] for r in rows])
+    result = _result((max(total_s - startup_s, 1e-9), len(prompts) * args.new_tokens), startup_s, lengths)
+    result.update(total_s=total_s, in_order=[r["id"] for r in out] == [r["id"] for r in rows])
     return result
 
 
@@ -270,7 +258,7 @@ def _spawn(args: argparse.Namespace, variant: str, model_dir: str) -> dict[str, 
 
 
 def _tps(r: dict[str, Any], generating: bool) -> float | None:
-    """Tokens/s while generating (model ready → last token), or end to end (start-up included)."""
+    """Tokens/s while generating (start-up excluded), or end to end (start-up included)."""
     if "error" in r:
         return None
     seconds = r["gen_s"] if generating else r["total_s"]

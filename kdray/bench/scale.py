@@ -152,9 +152,11 @@ def ingest_loop(config: dict[str, Any]) -> None:
 def _store_stats() -> tuple[int, int]:
     """(object store bytes in use, bytes spilled so far), summed over the cluster (what ``ray
     memory --stats-only`` reads)."""
+    import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    stats = get_memory_info_reply(get_state_from_address()).store_stats
+    # this variant's own Ray (another may run on the host)
+    stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
     return int(stats.object_store_bytes_used), int(stats.spilled_bytes_total)
 
 
@@ -260,9 +262,10 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: in
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Ray's temp dir under /tmp: its socket paths must stay within 107 bytes
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, _temp_dir=tempfile.mkdtemp(prefix="kdray-scale-"),
-             include_dashboard=False, log_to_driver=False, object_store_memory=store_mb * 2**20)
+    # A Ray of its own (address "local": not another one running on this host), its temp dir
+    # under /tmp: its socket paths must stay within 107 bytes
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, object_store_memory=store_mb * 2**20,
+             _temp_dir=tempfile.mkdtemp(prefix="kdray-scale-"), include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     Path("/proc/self/clear_refs").write_text("5")
     base_rss = _peak_rss()

@@ -105,7 +105,7 @@ def committed(path: Path, kind: str) -> dict[str, Any] | None:
 def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = None, *,
                   run: Callable[[Callable[[], None]], None] | None = None,
                   summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
-                  row_bytes: int | None = None) -> Artifact:
+                  row_bytes: int | None = None, expect_rows: int | None = None) -> Artifact:
     """Execute the Ray dataset ``ds`` into the committed dataset ``path``; return it.
 
     Args:
@@ -118,9 +118,11 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
         summarise: more marker fields computed from the written files (token counts, ...).
         row_bytes: an upper bound of one row's size in memory; files then hold at most
             :data:`FILE_BYTES` of rows each.
+        expect_rows: the rows the job planned for (its steps and schedules are sized by them);
+            another count is not committed.
 
     Raises:
-        KdrayError: the dataset wrote no file (an empty input).
+        KdrayError: the dataset wrote no file (an empty input), or not ``expect_rows`` rows.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.partial-*"):  # what a killed writer left
@@ -135,7 +137,14 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
         raise KdrayError(f"no rows to write into {path}: the stage's input was empty")
     import pyarrow.parquet as pq
 
-    info = {"format": FORMAT, "kind": kind, "files": [p.name for p in files], "rows": parquet_rows(files),
+    rows = parquet_rows(files)
+    if expect_rows is not None and rows != expect_rows:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KdrayError(
+            f"the stage writing {path} made {rows} rows where the job planned {expect_rows}, so nothing was "
+            "committed: a pool or Ray lost or repeated rows. Run the job again (it resumes from the last "
+            "committed dataset); if the count is off again, report it as a kdray bug with the job's events.jsonl")
+    info = {"format": FORMAT, "kind": kind, "files": [p.name for p in files], "rows": rows,
             "columns": pq.read_schema(files[0]).names,
             "bytes": sum(p.stat().st_size for p in files), "meta": meta or {}}
     if summarise is not None:

@@ -27,6 +27,10 @@ VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
 
+#: The CPU share of a light per-row actor or task (tokenizing, encoding requests, converting
+#: an engine's output): light next to the pools.
+LIGHT_NUM_CPUS = 0.25
+
 #: The pool backends (``ModelSpec.backend``) and the roles a pool plays.
 BACKENDS = ("vllm", "hf")
 ROLES = ("generator", "scorer")

@@ -1,10 +1,10 @@
 """The HF-transformers backend of the generation and scoring pools (``backend: hf``).
 
-For hosts without vLLM. Two Ray Data callable classes with the same constructor arguments and
-the same batch contract as their vLLM counterparts, so :func:`kdray.pools.run.generate` and
-:func:`kdray.pools.run.score_dataset` run either on the same actor pool:
+For hosts without vLLM. Two Ray Data callable classes whose rows are those of their vLLM
+counterparts, so :func:`kdray.pools.run.generate_dataset` and :func:`kdray.pools.run.score_dataset`
+run either:
 
-* :class:`HFGenerator` (≙ :class:`kdray.pools.vllm.VLLMGenerator`): batched, left-padded
+* :class:`HFGenerator` (≙ :func:`kdray.pools.vllm.generate_requests`): batched, left-padded
   ``model.generate`` on the prompt ids of the job's :class:`kdray.data.tokenize.PromptEncoding`; rows out carry
   ``response``, ``response_token_ids``, ``sample_index``, ``finish_reason`` (``'stop'`` or
   ``'length'``, as vLLM says) and, with ``score_gold``, ``gold_ce``.
@@ -29,7 +29,7 @@ import numpy as np
 
 from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.errors import KdrayError
-from kdray.models import load_causal_lm, load_tokenizer
+from kdray.models import load_causal_lm, load_tokenizer, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode
 from kdray.pools.left_padded import generate_left_padded
 
@@ -60,11 +60,7 @@ class _HFModel:
         tok = self.tokenizer
         # Padding is masked out, so any id will do when the tokenizer has no pad token.
         self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
-        # Stop ids as vLLM gathers them: the tokenizer's EOS plus the generation config's.
-        stops = [tok.eos_token_id]
-        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        stops += config_eos if isinstance(config_eos, list) else [config_eos]
-        self.stop_ids = sorted({int(i) for i in stops if i is not None})
+        self.stop_ids = stop_token_ids(tok, model)
         # transformers fills every unset generation field from the model's own config; a neutral
         # one keeps hub defaults (top_k=50, repetition_penalty, ...) out, as vLLM ignores them.
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
@@ -127,8 +123,9 @@ class _HFModel:
 
 class HFGenerator(PoolCallable):
     """Ray Data callable class holding one ``transformers`` model: the ``backend: hf`` twin of
-    :class:`kdray.pools.vllm.VLLMGenerator`, with the same constructor arguments and batch
-    contract (``enforce_eager`` has no meaning here and is accepted for that reason).
+    vLLM's generation (:func:`kdray.pools.vllm.generate_requests`), with the same output rows,
+    except that ``gold_ce`` sits in the answer's row (``enforce_eager`` has no meaning here and
+    is accepted as :func:`kdray.pools.run.map_pool` passes it).
 
     Responses are seeded per batch (``sampling.seed`` and the batch's first ``_row``), so the
     same rows in the same batches give the same responses. Prompts are encoded with ``encoding``,

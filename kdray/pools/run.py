@@ -1,10 +1,11 @@
-"""Running a pool over a Ray dataset: ``map_batches`` on an actor pool sized by the spec.
+"""Running a pool over a Ray dataset, sized by the spec's ``generation`` (replicas, GPUs and
+CPUs per replica, batch size).
 
-:func:`generate_dataset` answers prompts with a model's generator; :func:`score_dataset` records
-the teacher's signal on compact training examples with its scorer. Both size the actor pool
-from ``generation`` (replicas, GPUs and CPUs per replica, batch size) through :func:`map_pool`
-and return lazy datasets, which a stage writes under the job's output directory. For a few
-rows held in the driver (held-out answers, the judge, benchmarks) :func:`generate` takes and
+:func:`generate_dataset` answers prompts with a model's generator (vLLM: Ray's batch LLM
+processor; hf: an actor pool, :func:`map_pool`); :func:`score_dataset` records the teacher's
+signal on compact training examples with its scorer (an actor pool). Both return lazy
+datasets, which a stage writes under the job's output directory. For a few rows held in the
+driver (held-out answers, the judge, benchmarks) :func:`generate` takes and
 returns lists, in the order given: Ray Data does not keep order, so every row travels with its
 position ``_row``.
 """
@@ -21,24 +22,23 @@ from kdray.spec import GenerationSpec, JobSpec, ModelSpec
 
 
 def pool_class(backend: str, role: str = "generator") -> type:
-    """The Ray Data callable class of a pool backend (``ModelSpec.backend``) and role."""
-    if backend not in BACKENDS or role not in ROLES:
-        raise ValueError(f"unknown pool {backend!r}/{role!r}; backends {BACKENDS}, roles {ROLES}")
+    """The Ray Data callable class of a pool backend (``ModelSpec.backend``) and role; vLLM's
+    generator is Ray's own processor (:func:`kdray.pools.vllm.generate_requests`), not a class."""
+    if backend not in BACKENDS or role not in ROLES or (backend, role) == ("vllm", "generator"):
+        raise ValueError(f"no pool class for {backend!r}/{role!r}; backends {BACKENDS}, roles {ROLES}")
     if backend == "hf":
         return hf.HFScorer if role == "scorer" else hf.HFGenerator
-    return vllm.VLLMScorer if role == "scorer" else vllm.VLLMGenerator
+    return vllm.VLLMScorer
 
 
-def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *,
-             pool_cls: type | None = None, **kwargs: Any) -> Any:
-    """The Ray dataset ``ds`` mapped by ``model``'s pool class for ``role`` (:func:`pool_class`,
-    or ``pool_cls``: a subclass of it, as the generation bench passes to time start-up) on
+def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, **kwargs: Any) -> Any:
+    """The Ray dataset ``ds`` mapped by ``model``'s pool class for ``role`` (:func:`pool_class`) on
     ``pool.replicas`` actors; ``kwargs`` go to the class's constructor with the model, dtype,
     lengths, parallelism and environment. Lazy: nothing runs until the dataset is consumed."""
     import ray.data
 
     return ds.map_batches(
-        pool_cls or pool_class(model.backend, role),
+        pool_class(model.backend, role),
         fn_constructor_kwargs=dict(
             model=model.model,
             dtype=model.dtype,
@@ -58,20 +58,31 @@ def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *,
 
 def generate_dataset(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling: SamplingConfig, *,
                      score_gold: bool = False, encoding: PromptEncoding | None = None, progress: Any = None,
-                     output_prefix: str = "", pool_cls: type | None = None) -> Any:
+                     output_prefix: str = "") -> Any:
     """``model``'s answers to the rows of the Ray dataset ``ds`` (each with ``id`` and
     ``prompt``; every column is carried over), as a lazy dataset: one row per sample with
     ``response``, ``response_token_ids`` (int32), ``sample_index`` and ``finish_reason``, each
-    name with ``output_prefix`` in front; with ``score_gold`` also ``gold_ce`` (the model's mean
-    token cross-entropy in nats on the row's ``gold_response``, which the rows then carry with
-    ``gold_finish_reason``) and ``gold_rouge_l`` (each sample against it). Progress goes to the
-    hub ``progress`` as output rows are made.
+    name with ``output_prefix`` in front. Progress goes to the hub ``progress`` as output rows
+    are made.
+
+    With ``score_gold`` the rows also carry ``gold_response`` / ``gold_finish_reason``, and the
+    model measures, per row, ROUGE-L of its answer against the gold response
+    (``gold_rouge_l``) and its mean token cross-entropy in nats on it (``gold_ce``). The ``hf``
+    backend puts both in the answer's row; ``vllm`` scores the gold response as a request of
+    its own, whose row (``sample_index`` -1, ``gold_rouge_l`` NaN) carries ``gold_ce`` while
+    the answer's carries NaN: join them by a row key (:func:`generate` does, by position).
+
+    Backends: ``vllm`` runs on Ray's batch LLM processor (:func:`kdray.pools.vllm.generate_requests`);
+    ``hf`` on an actor pool of :class:`kdray.pools.hf.HFGenerator` (:func:`map_pool`).
 
     Prompts are encoded with ``encoding``: a job passes its own
     (:meth:`kdray.stages.context.StageContext.prompt_encoding`) for every model it runs; None
     lets the model use its own chat template (benchmarks, direct use).
     """
-    return map_pool(ds, model, pool, "generator", pool_cls=pool_cls, sampling=sampling, score_gold=score_gold,
+    if model.backend == "vllm":
+        return vllm.generate_requests(ds, model, pool, sampling, score_gold=score_gold, encoding=encoding,
+                                      progress=progress, output_prefix=output_prefix)
+    return map_pool(ds, model, pool, "generator", sampling=sampling, score_gold=score_gold,
                     encoding=encoding, progress=progress, output_prefix=output_prefix)
 
 
@@ -84,7 +95,6 @@ def generate(
     score_gold: bool = False,
     encoding: PromptEncoding | None = None,
     on_rows: Callable[[int], None] | None = None,
-    pool_cls: type | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`generate_dataset` for a few rows held in the driver (held-out answers, the
     judge's verdicts, benchmarks): the rows go in as a list and come back as one, in the order
@@ -105,11 +115,15 @@ def generate(
             item.update(gold_response=r["response"], gold_finish_reason=r["finish_reason"])
         items.append(item)
     ds = generate_dataset(ray.data.from_items(items), model, pool, sampling, score_gold=score_gold,
-                          encoding=encoding, pool_cls=pool_cls)
+                          encoding=encoding)
     results: list[tuple[int, dict[str, Any]]] = []
+    gold_ce: dict[int, float] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch["id"])
-        for i in range(n):
+        n = 0
+        for i in range(len(batch["id"])):
+            if int(batch["sample_index"][i]) < 0:  # a gold response's score (vllm)
+                gold_ce[int(batch["_row"][i])] = float(batch["gold_ce"][i])
+                continue
             row = {
                 "id": str(batch["id"][i]),
                 "prompt": str(batch["prompt"][i]),
@@ -122,9 +136,13 @@ def generate(
                 row["gold_ce"] = float(batch["gold_ce"][i])
                 row["gold_rouge_l"] = float(batch["gold_rouge_l"][i])
             results.append((int(batch["_row"][i]), row))
+            n += 1
         if on_rows:
             on_rows(n)
     results.sort(key=lambda item: (item[0], item[1]["sample_index"]))
+    for position, row in results:
+        if position in gold_ce:
+            row["gold_ce"] = gold_ce[position]
     return [row for _, row in results]
 
 

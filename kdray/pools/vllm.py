@@ -1,20 +1,27 @@
 """The vLLM backend of the pools (``backend: vllm``, the default).
 
-:class:`VLLMGenerator` answers prompts (teacher responses, student samples, held-out answers,
-the judge) and can score given responses in the same ``generate`` call (POCL's difficulty);
-:class:`VLLMScorer` records the teacher's signal on the training responses (``teacher_signal``
-``topk`` or ``hidden``). Both take token ids from :mod:`kdray.data.tokenize`, never raw text:
-the generator encodes prompts with the job's :class:`~kdray.data.tokenize.PromptEncoding`, the
-scorer receives the trainer's ids, so a prompt means the same tokens in every pool and in the
-trainer.
+Generation (teacher responses, student samples, held-out answers, the judge, POCL's difficulty)
+runs on Ray's batch LLM processor (``ray.data.llm``, :func:`generate_requests`): its vLLM
+engine stage batches continuously across Ray Data batches and places tensor-parallel workers
+in placement groups. kdray adds what the processor has no stage for: the job's own prompt
+ids (:class:`EncodeRequests`; the processor's tokenize stage would add special tokens to a
+rendered template a second time), ``n`` samples per prompt as requests of their own (the
+engine stage keeps one output per request), the finish reason (the stage returns none), and
+POCL's scores of a gold response (:func:`response_rows`).
 
-Scoring, for every response token ``j``, reads the teacher at the position that predicts it
-(position ``len(prompt) + j - 1``):
+Teacher scoring (``teacher_signal`` ``topk`` or ``hidden``) stays a kdray actor,
+:class:`VLLMScorer`, which reads the teacher at the position that predicts each response
+token ``j`` (position ``len(prompt) + j - 1``) and keeps only the compact record:
 
 * ``topk``: the k most likely token ids and their log-probs (log-softmax of the raw logits,
   temperature 1), from vLLM's ``prompt_logprobs`` with ``max_logprobs`` raised to k;
 * ``hidden``: the teacher's final hidden state (after the final norm: what its lm_head
   multiplies), from vLLM's pooling runner with per-token output and no activation.
+
+Ray's engine stage would hand both on in bulkier forms: every prompt position's log-probs as
+Python dicts (with each token's decoded text), pickled between stages; hidden states as
+float32 copies of every position, prompt included; and its pooling tasks (embed, classify,
+score) have no per-token one.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from kdray.data.tokenize import PromptEncoding, encode_batch
+from kdray.data.text_scores import rouge_l
 from kdray.errors import ModelError, first_line, node
-from kdray.models import resolve_model
-from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, check_score_mode
+from kdray.models import load_tokenizer, resolve_model, stop_token_ids
+from kdray.pools.base import PoolCallable, SamplingConfig, LIGHT_NUM_CPUS, check_lengths, check_score_mode, objects, pool_env
+from kdray.spec import GenerationSpec, ModelSpec
 
 
 def start_engine(model: str, **kwargs: Any) -> Any:
@@ -44,95 +53,157 @@ def start_engine(model: str, **kwargs: Any) -> Any:
         ) from None
 
 
-class VLLMGenerator(PoolCallable):
-    """Ray Data callable class holding one vLLM engine.
+#: Prefixes of the request rows' own columns: every input column travels through Ray's engine
+#: stage as ``kdray_in.NAME`` (the stage takes ``prompt`` and other names for itself), and
+#: ``kdray_req.*`` says what a request is.
+IN, REQ = "kdray_in.", "kdray_req."
+#: A request's kind: an answer to the prompt, or a score of the row's gold response.
+ANSWER, GOLD = "answer", "gold"
 
-    Constructed once per actor; ``__call__`` receives a numpy batch with ``_row`` and
-    ``prompt`` and returns one row per generated sample. With ``score_gold=True`` the batch
-    also carries ``gold_response`` / ``gold_finish_reason``, and each output row gets
-    ``gold_ce``: the model's mean token cross-entropy (nats) on that response, scored as
-    vLLM prompt log-probs of prompt + response ids, tokenized exactly as the trainer does
-    (:func:`kdray.data.tokenize.encode_batch`). Generation and scoring share one ``generate`` call.
 
-    Prompts are encoded with ``encoding``, the job's :class:`~kdray.data.tokenize.PromptEncoding`
-    (None: this model's own chat template, for direct use outside a job).
+class EncodeRequests:
+    """Ray Data callable class (CPU actors): prompt rows → requests for vLLM on Ray's batch LLM
+    processor (:func:`generate_requests`).
+
+    Each input row (``prompt`` and any other columns) becomes ``sampling.n`` *answer* requests:
+    ``tokenized_prompt`` (the prompt under the job's :class:`~kdray.data.tokenize.PromptEncoding`,
+    int32) and ``sampling_params`` with a per-request seed (``sampling.seed`` + the sample's
+    index, so a row's samples differ and every run gives the same ones, however the rows are
+    batched). With ``score_gold`` each row also becomes one *gold* request: prompt + the row's
+    ``gold_response`` ids (:func:`~kdray.data.tokenize.encode_batch`), one token out and the
+    prompt's log-probs, from which :func:`response_rows` takes the model's cross-entropy.
+
+    Raises:
+        DataError: a prompt (or prompt + gold response) longer than ``max_model_len``.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str,
-        max_model_len: int,
-        tensor_parallel_size: int,
-        enforce_eager: bool,
-        sampling: SamplingConfig,
-        env: dict[str, str],
-        score_gold: bool = False,
-        encoding: PromptEncoding | None = None,
-        progress: Any = None,
-        output_prefix: str = "",
-    ):
-        super().__init__(env, progress, output_prefix)
-        from vllm import SamplingParams
-
-        self.model, self.max_model_len = model, max_model_len
-        self.llm = start_engine(
-            model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager,
-            seed=sampling.seed,
-        )
-        self.params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-            ignore_eos=sampling.ignore_eos,
-        )
-        self.score_gold = score_gold
-        self.encoding = encoding if encoding is not None else PromptEncoding.resolve("auto", self.llm.get_tokenizer(),
+    def __init__(self, model: str, *, max_model_len: int, sampling: SamplingConfig, score_gold: bool = False,
+                 encoding: PromptEncoding | None = None):
+        self.tokenizer = load_tokenizer(model, need_pad=False)
+        self.model, self.max_model_len, self.sampling, self.score_gold = model, max_model_len, sampling, score_gold
+        self.encoding = encoding if encoding is not None else PromptEncoding.resolve("auto", self.tokenizer,
                                                                                       f"{model}'s")
-        # One token out, and the log-prob of every prompt token (the realized one is always
-        # included, whatever the top-k): what scoring a given response needs.
-        self.score_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
-    def _score_requests(self, batch: dict[str, np.ndarray]) -> tuple[list[Any], list[int]]:
-        from vllm.inputs import TokensPrompt
+    def _params(self, sample_index: int) -> dict[str, Any]:
+        s = self.sampling
+        return dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                    seed=s.seed + sample_index, ignore_eos=s.ignore_eos, prompt_logprobs=None)
 
-        pairs = encode_batch(self.llm.get_tokenizer(), list(batch["prompt"]), list(batch["gold_response"]),
-                             list(batch["gold_finish_reason"]), self.encoding)
-        return [TokensPrompt(prompt_token_ids=p + r) for p, r in pairs], [len(p) for p, _ in pairs]
-
-    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vllm.inputs import TokensPrompt
-
-        ids = self.encoding.token_ids(self.llm.get_tokenizer(), [str(p) for p in batch["prompt"]])
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        ids = self.encoding.token_ids(self.tokenizer, prompts)
         check_lengths([len(p) for p in ids], self.max_model_len, self.model, "prompt")
-        prompts: list[Any] = [TokensPrompt(prompt_token_ids=p) for p in ids]
-        params = [self.params] * len(prompts)
-        starts: list[int] = []
+        # (input row, kind, sample index, token ids, sampling params, where the gold response starts)
+        requests = [(r, ANSWER, j, ids[r], self._params(j), 0)
+                    for r in range(len(prompts)) for j in range(self.sampling.n)]
         if self.score_gold:
-            scoring, starts = self._score_requests(batch)
-            check_lengths([len(q["prompt_token_ids"]) for q in scoring], self.max_model_len, self.model,
-                          "prompt + response")
-            prompts += scoring
-            params += [self.score_params] * len(scoring)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        n = len(batch["prompt"])
-        ce = [_mean_nll(req.prompt_logprobs, req.prompt_token_ids, start)
-              for req, start in zip(outputs[n:], starts)]
-        samples = [[(c.text, list(c.token_ids), str(c.finish_reason)) for c in request.outputs]
-                   for request in outputs[:n]]
-        return self.sample_rows(batch, samples, ce if self.score_gold else None)
+            pairs = encode_batch(self.tokenizer, prompts, list(batch["gold_response"]),
+                                 list(batch["gold_finish_reason"]), self.encoding)
+            check_lengths([len(p) + len(q) for p, q in pairs], self.max_model_len, self.model, "prompt + response")
+            gold = dict(temperature=0.0, top_p=1.0, max_tokens=1, seed=0, ignore_eos=False, prompt_logprobs=0)
+            requests += [(r, GOLD, -1, p + q, gold, len(p)) for r, (p, q) in enumerate(pairs)]
+        out = {IN + k: objects([v[r] for r, *_ in requests]) if v.dtype == object else v[[r for r, *_ in requests]]
+               for k, v in batch.items()}
+        out[REQ + "kind"] = np.asarray([kind for _, kind, *_ in requests])
+        out[REQ + "sample_index"] = np.asarray([j for _, _, j, *_ in requests], dtype=np.int64)
+        out[REQ + "gold_start"] = np.asarray([start for *_, start in requests], dtype=np.int64)
+        out["tokenized_prompt"] = objects([np.asarray(t, dtype=np.int32) for _, _, _, t, _, _ in requests])
+        out["sampling_params"] = objects([params for *_, params, _ in requests])
+        return out
 
 
-def _mean_nll(prompt_logprobs: list[Any], token_ids: list[int], start: int) -> float:
-    """Mean −log p of ``token_ids[start:]`` from vLLM's per-position prompt log-probs."""
-    values = [prompt_logprobs[i][token_ids[i]].logprob for i in range(start, len(token_ids))]
+def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> Any:
+    """Ray's batch LLM processor (``ray.data.llm``) running ``model`` on vLLM for ``pool``:
+    ``pool.replicas`` engines, ``pool.batch_size`` requests per Ray Data batch (vLLM batches
+    continuously across them), each replica reserving ``num_cpus_per_replica`` /
+    ``num_gpus_per_replica`` split over its ``tensor_parallel_size`` workers, with the pool's
+    actor environment (:func:`~kdray.pools.base.pool_env`). Its chat-template, tokenize and
+    detokenize stages are off: requests come from :class:`EncodeRequests` with the job's own
+    prompt ids, and vLLM returns the text."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    tp = pool.tensor_parallel_size
+    bundle = {"CPU": pool.num_cpus_per_replica / tp}
+    if pool.num_gpus_per_replica:
+        bundle["GPU"] = pool.num_gpus_per_replica / tp
+    config = vLLMEngineProcessorConfig(
+        model_source=resolve_model(model.model),
+        engine_kwargs=dict(dtype=model.dtype, max_model_len=model.max_model_len, tensor_parallel_size=tp,
+                           enforce_eager=pool.enforce_eager, seed=seed),
+        batch_size=pool.batch_size, concurrency=pool.replicas,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        placement_group_config={"bundles": [dict(bundle) for _ in range(tp)]},
+        runtime_env={"env_vars": pool_env(pool)},
+    )
+    return build_processor(config)
+
+
+def response_rows(batch: dict[str, np.ndarray], *, stop_ids: list[int], sampling: SamplingConfig,
+                  score_gold: bool, output_prefix: str, progress: Any) -> dict[str, np.ndarray]:
+    """The engine's answers as the pools' rows (the contract of
+    :meth:`~kdray.pools.base.PoolCallable.sample_rows`): the input row's columns plus
+    ``response``, ``response_token_ids`` (int32), ``sample_index`` and ``finish_reason``, each with
+    ``output_prefix``. Ray's engine stage returns no finish reason: an answer shorter than
+    ``max_new_tokens``, or ending in one of ``stop_ids`` without ``ignore_eos``, stopped;
+    any other was cut at the length limit.
+
+    With ``score_gold`` an answer row also gets ``gold_rouge_l`` (against the row's
+    ``gold_response``) and a gold request's row ``gold_ce`` (the mean −log p of the gold
+    response's tokens, nats), each NaN in the other kind of row, whose ``sample_index`` is -1."""
+    kinds = batch[REQ + "kind"]
+    n = len(kinds)
+    out = {k[len(IN):]: v for k, v in batch.items() if k.startswith(IN)}
+    p = output_prefix
+    texts, ids, reasons = [], [], []
+    rouge, ce = np.full(n, np.nan), np.full(n, np.nan)
+    for i in range(n):
+        if kinds[i] == GOLD:
+            texts.append(""), ids.append(np.zeros(0, dtype=np.int32)), reasons.append("")
+            ce[i] = _mean_nll(batch["prompt_logprobs"][i], batch["prompt_token_ids"][i], int(batch[REQ + "gold_start"][i]))
+            continue
+        tokens = np.asarray(batch["generated_tokens"][i], dtype=np.int32)
+        stopped = len(tokens) < sampling.max_new_tokens or (
+            not sampling.ignore_eos and len(tokens) > 0 and int(tokens[-1]) in stop_ids)
+        texts.append(str(batch["generated_text"][i])), ids.append(tokens), reasons.append("stop" if stopped else "length")
+        if score_gold:
+            rouge[i] = rouge_l(texts[-1], str(out["gold_response"][i]))
+    out.update({f"{p}response": np.asarray(texts, dtype=object), f"{p}response_token_ids": objects(ids),
+                f"{p}sample_index": batch[REQ + "sample_index"], f"{p}finish_reason": np.asarray(reasons, dtype=object)})
+    if score_gold:
+        out["gold_rouge_l"], out["gold_ce"] = rouge, ce
+    if progress is not None:
+        progress.record.remote({"rows": int(np.sum(kinds == ANSWER))})
+    return out
+
+
+def generate_requests(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling: SamplingConfig, *,
+                      score_gold: bool = False, encoding: PromptEncoding | None = None, progress: Any = None,
+                      output_prefix: str = "") -> Any:
+    """``model``'s answers to the rows of the Ray dataset ``ds`` on vLLM, as a lazy dataset:
+    :class:`EncodeRequests` (actors, one per replica) → Ray's vLLM processor
+    (:func:`generation_processor`) → :func:`response_rows` (tasks). See
+    :func:`kdray.pools.run.generate_dataset` for the contract."""
+    import ray.data
+
+    requests = ds.map_batches(
+        EncodeRequests, fn_constructor_kwargs=dict(model=model.model, max_model_len=model.max_model_len,
+                                                   sampling=sampling, score_gold=score_gold, encoding=encoding),
+        batch_size=pool.batch_size, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=pool.replicas))
+    answered = generation_processor(model, pool, sampling.seed)(requests)
+    stops = stop_token_ids(load_tokenizer(model.model, need_pad=False), model.model)
+    return answered.map_batches(response_rows, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS, fn_kwargs=dict(
+        stop_ids=stops, sampling=sampling, score_gold=score_gold, output_prefix=output_prefix, progress=progress))
+
+
+def _mean_nll(prompt_logprobs: Any, token_ids: Any, start: int) -> float:
+    """Mean −log p of ``token_ids[start:]`` from the engine's per-position prompt log-probs (one
+    ``{token id: {"logprob": …}}`` per position; the realised token is always there)."""
+    values = []
+    for i in range(start, len(token_ids)):
+        entries = prompt_logprobs[i]
+        entry = entries.get(int(token_ids[i]), entries.get(str(int(token_ids[i]))))
+        values.append(entry["logprob"])
     return -float(np.mean(values))
 
 

@@ -113,14 +113,16 @@ class StageContext:
     def write(self, phase: str, build: Callable[[Any], Any], path: Path, kind: str,
               meta: dict[str, Any] | None = None,
               summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
-              row_bytes: int | None = None) -> Artifact:
+              row_bytes: int | None = None, expect_rows: int | None = None) -> Artifact:
         """Write the dataset ``build(hub)`` makes into the committed dataset ``path``
-        (:func:`kdray.data.artifacts.write_dataset`); its pools report rows to ``hub``, which
-        advance ``phase``'s progress as the actors write."""
+        (:func:`kdray.data.artifacts.write_dataset`, which commits it only with ``expect_rows``
+        rows when given); its pools report rows to ``hub``, which advance ``phase``'s progress
+        as the actors write."""
         hub = progress_hub()
         ds = build(hub)
-        return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes, run=lambda fn: run_draining(
-            fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
+        return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes, expect_rows=expect_rows,
+                             run=lambda fn: run_draining(
+                                 fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
                  sampling: SamplingConfig, score_gold: bool = False,

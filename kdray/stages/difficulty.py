@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from kdray.curriculum import difficulty_ranks
 from kdray.data.artifacts import Artifact, open_artifact
 from kdray.data.difficulty import write_difficulty
+from kdray.errors import DataError
 from kdray.pools import SamplingConfig
 from kdray.pools.run import generate_dataset
 from kdray.stages.context import StageContext
@@ -32,7 +35,8 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
     pocl = spec.curriculum_of("pocl")
     path = ctx.out / "curriculum" / "difficulty"
     measured = open_artifact(path, "difficulty")
-    if measured is not None and (measured.meta.get("student") != spec.student.model or measured.rows != responses.rows):
+    if measured is not None and (measured.meta.get("student") != spec.student.model
+                                 or measured.meta.get("training_rows") != responses.rows):
         measured = None  # measured for other rows or another student: measure again
     if measured is not None:
         ctx.reporter.message(f"score: reusing the difficulty measurements in {path}")
@@ -48,8 +52,34 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
                                             encoding=ctx.prompt_encoding(), progress=hub, output_prefix="student_")
                 return answered.select_columns(["key", "gold_rouge_l", "gold_ce"])
 
-            measured = ctx.write("score", build, path, "difficulty", {"student": spec.student.model})
-    keys = measured.column("key")
-    ranks = difficulty_ranks(measured.column("gold_rouge_l"), measured.column("gold_ce"), k=pocl.rrf_k)
+            # vLLM answers and scores each row as two requests, hence two rows (generate_dataset)
+            per_row = 2 if spec.student.backend == "vllm" else 1
+            measured = ctx.write("score", build, path, "difficulty",
+                                 {"student": spec.student.model, "training_rows": responses.rows},
+                                 expect_rows=per_row * responses.rows)
+    keys, rouge, ce = per_key(measured.column("key"), measured.column("gold_rouge_l"), measured.column("gold_ce"),
+                              where=str(measured.path))
+    ranks = difficulty_ranks(rouge, ce, k=pocl.rrf_k)
     write_difficulty(ctx.out / "curriculum" / "difficulty.parquet", keys, ranks, spec.student.model)
     return keys[ranks.order]
+
+
+def per_key(keys: Any, rouge: Any, ce: Any, *, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each training row's key (sorted) with its ROUGE-L and cross-entropy, from the measured
+    rows (1-d arrays): one row per key (``hf``), or an answer row and a gold-score row per key
+    (``vllm``, the other measure NaN in each; :func:`kdray.pools.run.generate_dataset`).
+
+    Raises:
+        DataError: a key lacks a measure (a damaged dataset ``where``): names it and the fix.
+    """
+    unique, inverse = np.unique(np.asarray(keys).astype(str), return_inverse=True)
+    out = []
+    for name, column in (("gold_rouge_l", rouge), ("gold_ce", ce)):
+        values = np.full(len(unique), np.nan)
+        np.fmax.at(values, inverse, np.asarray(column, dtype=np.float64))
+        missing = unique[np.isnan(values)]
+        if missing.size:
+            raise DataError(f"{where} has no {name} for {missing.size} training rows (first: "
+                            f"{', '.join(missing[:3])}); run the job with --restart to measure them again")
+        out.append(values)
+    return unique, out[0], out[1]

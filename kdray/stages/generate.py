@@ -24,6 +24,7 @@ from kdray.curriculum.plan import Segment
 from kdray.data.artifacts import Artifact, open_artifact
 from kdray.data.examples import TokenizeForTraining
 from kdray.pools import SamplingConfig
+from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.pools.run import generate_dataset
 from kdray.spec import ModelSpec
 from kdray.stages.context import StageContext
@@ -31,8 +32,6 @@ from kdray.stages.context import StageContext
 #: ``finish_reason`` of a response taken from the dataset: it is complete, so the trainer
 #: appends EOS to it (only a response cut at the length limit, ``"length"``, gets none).
 DATASET_FINISH_REASON = "stop"
-#: The CPU share of each tokenizing actor (it is light next to the pools).
-TOKENIZE_NUM_CPUS = 0.25
 #: A response row's bytes per token, at most: int32 example ids, int32 pool ids, ~4 B of text
 #: each for prompt and response (sizes the dataset's files: :data:`kdray.data.artifacts.FILE_BYTES`).
 ROW_BYTES_PER_TOKEN = 16
@@ -60,7 +59,7 @@ def tokenized(ctx: StageContext, ds: Any) -> Any:
         fn_constructor_kwargs=dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=t.max_seq_len,
                                    encoding=ctx.prompt_encoding(), keep_columns=True),
         batch_size=t.tokenize_batch_rows, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=t.tokenize_actors or t.num_workers), num_cpus=TOKENIZE_NUM_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=t.tokenize_actors or t.num_workers), num_cpus=LIGHT_NUM_CPUS,
     )
 
 
@@ -111,4 +110,4 @@ def student_responses(ctx: StageContext, rows: Any, n_rows: int, student: ModelS
         return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
             rows, student, ctx.spec.generation, sampling, encoding=ctx.prompt_encoding(), progress=hub,
             output_prefix="student_")), path, "student_responses", {"student": student.model},
-            row_bytes=row_bytes(ctx, sides=2))
+            row_bytes=row_bytes(ctx, sides=2), expect_rows=n_rows)
