@@ -7,9 +7,8 @@ length, made by Ray Data tasks) → the teacher's records, made by a scorer acto
 encoded in the actors with the job's encoder (:func:`kdray.data.records.encode_signal`), written
 with the job's writer (:func:`kdray.data.artifacts.write_dataset`) → Ray Train workers that
 stream the job's training dataset (:func:`kdray.stages.train.training_dataset`) through the
-job's collate function (:class:`kdray.data.examples.CollateExamples`). The records' values are
-random (no teacher model runs) and the workers take no optimizer step: what is measured is what
-the data costs, not what a model does with it (``kdray bench train`` measures training steps).
+job's collate function (:class:`kdray.data.examples.CollateExamples`). Records are random and
+no optimizer step runs: this measures what the data costs (``kdray bench train``: the steps).
 
 Printed per variant: the driver's peak RSS (``VmHWM`` after ``clear_refs``, with
 ``MALLOC_MMAP_THRESHOLD_=131072`` so freed buffers go back to the OS), the object store's peak
@@ -180,7 +179,10 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
     import ray.data
     from kdray.data.artifacts import write_dataset
     from kdray.data.records import record_bytes_per_token
-    from kdray.stages.train import training_dataset
+    from kdray.pools.run import pool_options
+    from kdray.spec import GenerationSpec as Pool
+    from kdray.stages.teacher_signal import record_tokens
+    from kdray.stages.train import ordered_ingest, training_dataset
 
     meta = _meta(mode)
     longest = PROMPT_TOKENS[1] + response_tokens
@@ -189,18 +191,13 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
         row_bytes=16 * longest)  # as the job sizes them (kdray.stages.generate.row_bytes)
     mark("responses")
 
-    def tokens(files: list[Path]) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
-        return {"tokens": sum(int(pq.read_table(f, columns=["n_tokens"]).column(0).to_numpy().sum()) for f in files)}
-
-    records = write_dataset(responses.read(["key", "input_ids", "prompt_len"]).map_batches(
-        SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": meta}, batch_size=32, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5), out / "records", "records", meta, summarise=tokens,
+    records = write_dataset(responses.read(["key", "input_ids", "prompt_len"]).map_batches(  # the job's pool options
+        SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": meta}, **pool_options(Pool(
+            replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer")), out / "records", "records", meta,
+        summarise=record_tokens,
         row_bytes=(record_bytes_per_token(mode, k=K, vocab_size=VOCAB, hidden_size=HIDDEN, hidden_dtype="bfloat16")
                    + 4) * longest)
     mark("records")
-    from kdray.stages.train import ordered_ingest
     return training_dataset(records, None, meta), {"train": ordered_ingest()}, int(records.info["bytes"]), \
         int(records.info["tokens"])
 

@@ -43,7 +43,8 @@ def _row_bytes(ctx: StageContext, layout: dict[str, Any]) -> int:
     return (per_token + 4) * ctx.spec.training.max_seq_len
 
 
-def _tokens(files: list[Path]) -> dict[str, Any]:
+def record_tokens(files: list[Path]) -> dict[str, Any]:
+    """``tokens``: the response tokens the records files hold (the marker's summary)."""
     import pyarrow.parquet as pq
 
     tokens = sum(int(pq.read_table(p, columns=["n_tokens"]).column("n_tokens").to_numpy().sum()) for p in files)
@@ -77,7 +78,8 @@ def score_signal(ctx: StageContext, responses: Artifact) -> tuple[Artifact, dict
         with ctx.phase("score", responses.rows, f"teacher {sig.mode} records"):
             records = ctx.write("score", lambda hub: score_dataset(
                 responses.read(EXAMPLE_COLUMNS), ctx.spec, layout, progress=hub),
-                path, "records", layout, summarise=_tokens, row_bytes=_row_bytes(ctx, layout), expect_rows=responses.rows)
+                path, "records", layout, summarise=record_tokens, row_bytes=_row_bytes(ctx, layout),
+                expect_rows=responses.rows)
     tokens, size = int(records.info["tokens"]), int(records.info["bytes"])
     stats = {"rows": records.rows, "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1),
              "file": str(path)}
