@@ -53,6 +53,12 @@ def test_score_gold_adds_one_gold_request_per_row_and_long_prompts_are_refused(t
     assert [t.tolist() for t in out["tokenized_prompt"][2:]] == [p + q for p, q in pairs]
     assert list(out[REQ + "gold_start"][2:]) == [len(p) for p, _ in pairs]
     assert out["sampling_params"][2]["prompt_logprobs"] == 0 and out["sampling_params"][2]["max_tokens"] == 1
+    # no field mixes ints and nulls (Arrow → numpy would make them floats, which vLLM refuses)
+    assert [p["prompt_logprobs"] for p in out["sampling_params"]] == [0, 0, 0, 0]
+    import pyarrow as pa
+
+    struct = pa.array(list(out["sampling_params"]))
+    assert struct.field("prompt_logprobs").null_count == 0 and pa.types.is_integer(struct.type.field("prompt_logprobs").type)
     short = EncodeRequests("toy:teacher", max_model_len=4, sampling=SamplingConfig.greedy(4), encoding=encoding)
     with pytest.raises(DataError, match="max_model_len 4"):
         short(batch())

@@ -86,8 +86,12 @@ class EncodeRequests:
 
     def _params(self, sample_index: int) -> dict[str, Any]:
         s = self.sampling
+        # With gold requests in the same blocks, answers also ask for their prompt's log-prob
+        # (unused): a field holding ints and nulls reaches the engine as floats (Arrow → numpy),
+        # which vLLM's request decoder refuses, and the engine then waits forever.
         return dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                    seed=s.seed + sample_index, ignore_eos=s.ignore_eos, prompt_logprobs=None)
+                    seed=s.seed + sample_index, ignore_eos=s.ignore_eos,
+                    prompt_logprobs=0 if self.score_gold else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -135,7 +139,8 @@ def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> A
         placement_group_config={"bundles": [dict(bundle) for _ in range(tp)]},
         runtime_env={"env_vars": pool_env(pool)},
     )
-    return build_processor(config)
+    light = {"num_cpus": LIGHT_NUM_CPUS}  # the processor's row wrapping: a map each side of the engine
+    return build_processor(config, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
 def response_rows(batch: dict[str, np.ndarray], *, stop_ids: list[int], sampling: SamplingConfig,
