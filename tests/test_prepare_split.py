@@ -89,6 +89,25 @@ def cases(tmp_path):
     return {"jsonl": jsonl, "saved": saved, "parquet": parquet}
 
 
+def test_units_read_every_row_once_in_file_order_whatever_the_cut(tmp_path, monkeypatch):
+    from kdray.data import sources
+
+    rows = [{"id": str(i), "prompt": "p" * (i % 7)} for i in range(23)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for chunk in (1, 17, 64, 10**6):
+        parts = [part for unit in sources.source_units(str(data), chunk) for part in sources.count_unit(unit)]
+        assert [r for unit, _, _ in parts for r in sources.unit_rows(unit)] == rows
+        assert sum(n for _, n, _ in parts) == 23
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 4)
+    table = pa.table({"id": [str(i) for i in range(10)], "prompt": ["p"] * 10})
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=3)
+    saved = write_saved(tmp_path / "saved", [pa.Table.from_batches(table.to_batches(max_chunksize=2)), table])
+    for ref, cuts in ((tmp_path / "rows.parquet", [6, 4]), (saved, [4, 4, 2, 10])):
+        parts = [part for unit in sources.source_units(str(ref)) for part in sources.count_unit(unit)]
+        assert [n for _, n, _ in parts] == cuts and [f for _, _, f in parts][0] == ["id", "prompt"]
+        assert [r for unit, _, _ in parts for r in sources.unit_rows(unit)] == sources.read_rows(str(ref))
+
+
 @pytest.mark.parametrize("source", ["jsonl", "saved", "parquet"])
 def test_fail_and_skip_match_the_driver_path_word_for_word_across_read_units(tmp_path, ray_cpus, student, count,
                                                                             source):

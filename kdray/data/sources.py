@@ -26,9 +26,10 @@ from kdray.errors import DataError, first_line, utf8_fault
 from kdray.spec import HUB_PREFIX, TOY_PREFIX, parse_hub_ref
 
 #: Bytes of a JSONL file one read task reads (the lines that start in its range).
-JSONL_CHUNK_BYTES = 32 * 2**20
-#: Rows of a hub dataset one read task reads.
-HUB_CHUNK_ROWS = 50_000
+JSONL_CHUNK_BYTES = 16 * 2**20
+#: Rows one read task reads, about, of a parquet file (whole row groups), a saved dataset's
+#: arrow file (whole record batches) or a hub dataset.
+CHUNK_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class Unit:
     Attributes:
         kind: ``jsonl``, ``parquet``, ``arrow`` (a file of a save_to_disk directory) or ``hub``.
         source: the file's absolute path, or the hub reference.
-        start, stop: JSONL: byte range (lines starting in it); parquet: row groups; hub: rows;
-            ``stop`` None: to the end.
+        start, stop: JSONL: byte range (lines starting in it); parquet: row groups; arrow:
+            record batches; hub: rows; ``stop`` None: to the end.
         saved: for ``arrow``, the save_to_disk directory (named in errors).
     """
 
@@ -84,27 +85,41 @@ def source_units(ref: str, jsonl_chunk_bytes: int | None = None) -> list[Unit]:
 
 def count_unit(unit: Unit) -> list[tuple[Unit, int, list[str]]]:
     """Read ``unit`` (in a task) and cut it further where its format says where (a parquet
-    file's row groups, a hub dataset's rows): ``(unit, rows, fields of its first row)`` each.
-    Reading every row here is what makes an unreadable line anywhere fail the split.
+    file's row groups, an arrow file's record batches, a hub dataset's rows; about
+    :data:`CHUNK_ROWS` each): ``(unit, rows, fields of its first row)`` each. A JSONL unit is
+    parsed whole here, which is what makes an unreadable line anywhere fail the split.
 
     Raises:
         DataError: as :func:`unit_rows`.
     """
     if unit.kind == "parquet":
-        groups = _parquet_file(unit.source).metadata
-        counts = [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
-        fields = groups.schema.to_arrow_schema().names
-        return [(replace(unit, start=i, stop=i + 1), n, fields) for i, n in enumerate(counts)] or [(unit, 0, fields)]
+        meta = _parquet_file(unit.source).metadata
+        counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return _cut(unit, counts, meta.schema.to_arrow_schema().names)
+    if unit.kind == "arrow":
+        counts, fields = _arrow_batches(Path(unit.source), Path(unit.saved))
+        return _cut(unit, counts, fields)
     if unit.kind == "hub":
         ds = _load_hub(unit.source)
         n = ds.num_rows
-        return [(replace(unit, start=a, stop=min(a + HUB_CHUNK_ROWS, n)), min(HUB_CHUNK_ROWS, n - a), ds.column_names)
-                for a in range(0, n, HUB_CHUNK_ROWS)] or [(unit, 0, ds.column_names)]
+        return [(replace(unit, start=a, stop=min(a + CHUNK_ROWS, n)), min(CHUNK_ROWS, n - a), ds.column_names)
+                for a in range(0, n, CHUNK_ROWS)] or [(unit, 0, ds.column_names)]
     n, fields = 0, []
     for row in unit_rows(unit):
         fields = fields if n else [str(k) for k in row]
         n += 1
     return [(unit, n, fields)]
+
+
+def _cut(unit: Unit, counts: list[int], fields: list[str]) -> list[tuple[Unit, int, list[str]]]:
+    """``unit`` as runs of its parts (``counts``: rows per part) of about :data:`CHUNK_ROWS` rows."""
+    out, start, rows = [], 0, 0
+    for i, n in enumerate(counts):
+        rows += n
+        if rows >= CHUNK_ROWS or i == len(counts) - 1:
+            out.append((replace(unit, start=start, stop=i + 1), rows, fields))
+            start, rows = i + 1, 0
+    return out or [(unit, 0, fields)]
 
 
 def unit_rows(unit: Unit) -> Iterator[dict[str, Any]]:
@@ -119,7 +134,7 @@ def unit_rows(unit: Unit) -> Iterator[dict[str, Any]]:
     elif unit.kind == "parquet":
         yield from _read_parquet(Path(unit.source), unit.start, unit.stop)
     elif unit.kind == "arrow":
-        yield from _read_arrow_file(Path(unit.source), Path(unit.saved))
+        yield from _read_arrow_file(Path(unit.source), Path(unit.saved), unit.start, unit.stop)
     else:
         yield from _read_hub(unit.source, unit.start, unit.stop)
 
@@ -200,15 +215,34 @@ def _saved_files(path: Path) -> list[Path]:
                         "with save_to_disk") from None
 
 
-def _read_arrow_file(f: Path, saved: Path) -> list[dict[str, Any]]:
+def _arrow_error(f: Path, saved: Path, exc: BaseException) -> DataError:
+    return DataError(f"cannot read {f}, a data file of the saved dataset {saved} ({first_line(exc)}); "
+                     "save the dataset again with save_to_disk")
+
+
+def _arrow_batches(f: Path, saved: Path) -> tuple[list[int], list[str]]:
+    """The rows of each record batch of a saved dataset's arrow file, and its columns."""
     import pyarrow as pa
 
     try:
         with pa.memory_map(str(f)) as src:
-            return arrow_rows(pa.ipc.open_stream(src).read_all(), f)
+            reader = pa.ipc.open_stream(src)
+            return [batch.num_rows for batch in reader], reader.schema.names
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"cannot read {f}, a data file of the saved dataset {saved} ({first_line(exc)}); "
-                        "save the dataset again with save_to_disk") from None
+        raise _arrow_error(f, saved, exc) from None
+
+
+def _read_arrow_file(f: Path, saved: Path, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+    """The rows of record batches ``[start, stop)`` of a saved dataset's arrow file."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(f)) as src:
+            reader = pa.ipc.open_stream(src)
+            batches = [b for i, b in enumerate(reader) if i >= start and (stop is None or i < stop)]
+            return arrow_rows(pa.Table.from_batches(batches, schema=reader.schema), f)
+    except (OSError, pa.ArrowException) as exc:
+        raise _arrow_error(f, saved, exc) from None
 
 
 def arrow_rows(table: Any, source: Any) -> list[dict[str, Any]]:
