@@ -118,7 +118,7 @@ def _counted_units(ref: str, split: str, limit: int | None,
         units = source_units(ref, chunk)
     except DataError as exc:
         raise DataError(f"data.{split}: {exc}") from None
-    count = ray.remote(num_cpus=0.5)(count_unit)
+    count = ray.remote(count_unit)
     refs = [count.remote(u) for u in units]
     out: list[tuple[Unit, int, int]] = []
     first, fields = 0, None
