@@ -162,7 +162,7 @@ def test_a_teacher_that_adds_bos_to_the_same_text_is_refused_too():
 # -- accepted ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting", ["never", SHARED_T])
-def test_never_and_a_template_in_the_spec_are_accepted(tmp_path, models, capsys, setting):
+def test_never_and_a_template_in_the_spec_are_accepted(tmp_path, models, capsys, setting, ray_cpus):
     from kdray.pipeline.progress import Reporter
 
     spec = spec_dict(tmp_path, models["teacher"], models["student"], setting)
@@ -171,7 +171,7 @@ def test_never_and_a_template_in_the_spec_are_accepted(tmp_path, models, capsys,
     ctx = StageContext(parse_spec(spec), tmp_path / "out", Reporter(None))
     prepared = prepare(ctx)
     assert ctx.prompt_encoding().template == (None if setting == "never" else SHARED_T)
-    assert [r["prompt"] for r in prepared.train] == PROMPTS
+    assert prepared.train.column("prompt").tolist() == PROMPTS
 
 
 def test_same_templates_are_accepted_and_auto_uses_the_students(tmp_path, models, capsys):

@@ -105,8 +105,10 @@ def committed(path: Path, kind: str) -> dict[str, Any] | None:
 def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = None, *,
                   run: Callable[[Callable[[], None]], None] | None = None,
                   summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
-                  row_bytes: int | None = None, expect_rows: int | None = None) -> Artifact:
-    """Execute the Ray dataset ``ds`` into the committed dataset ``path``; return it.
+                  row_bytes: int | None = None, expect_rows: int | None = None,
+                  verify: Callable[[list[Path]], None] | None = None) -> Artifact:
+    """Execute the Ray dataset ``ds`` into the committed dataset ``path``; return it. On any
+    error the partial directory is removed: nothing half-written is left behind.
 
     Args:
         ds: the lazy dataset; its actors write the parquet shards (zstd).
@@ -120,9 +122,12 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
             :data:`FILE_BYTES` of rows each.
         expect_rows: the rows the job planned for (its steps and schedules are sized by them);
             another count is not committed.
+        verify: called with the written files (maybe none) before anything is committed; what
+            it raises is raised (the prepare stage refuses bad rows this way).
 
     Raises:
-        KdrayError: the dataset wrote no file (an empty input), or not ``expect_rows`` rows.
+        KdrayError: the dataset wrote no file (an empty input), not ``expect_rows`` rows, or
+            what ``verify`` raised.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.partial-*"):  # what a killed writer left
@@ -130,26 +135,30 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     per_file = max(1, FILE_BYTES // row_bytes) if row_bytes else None
     write = lambda: ds.write_parquet(str(tmp), compression="zstd", max_rows_per_file=per_file)  # noqa: E731
-    (run or (lambda fn: fn()))(write)
-    files = sorted(p for p in tmp.glob("*.parquet")) if tmp.is_dir() else []
-    if not files:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KdrayError(f"no rows to write into {path}: the stage's input was empty")
-    import pyarrow.parquet as pq
+    try:
+        (run or (lambda fn: fn()))(write)
+        files = sorted(p for p in tmp.glob("*.parquet")) if tmp.is_dir() else []
+        if verify is not None:
+            verify(files)
+        if not files:
+            raise KdrayError(f"no rows to write into {path}: the stage's input was empty")
+        import pyarrow.parquet as pq
 
-    rows = parquet_rows(files)
-    if expect_rows is not None and rows != expect_rows:
+        rows = parquet_rows(files)
+        if expect_rows is not None and rows != expect_rows:
+            raise KdrayError(
+                f"the stage writing {path} made {rows} rows where the job planned {expect_rows}, so nothing was "
+                "committed: a pool or Ray lost or repeated rows. Run the job again (it resumes from the last "
+                "committed dataset); if the count is off again, report it as a kdray bug with the job's events.jsonl")
+        info = {"format": FORMAT, "kind": kind, "files": [p.name for p in files], "rows": rows,
+                "columns": pq.read_schema(files[0]).names,
+                "bytes": sum(p.stat().st_size for p in files), "meta": meta or {}}
+        if summarise is not None:
+            info.update(summarise(files))
+        (tmp / MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise KdrayError(
-            f"the stage writing {path} made {rows} rows where the job planned {expect_rows}, so nothing was "
-            "committed: a pool or Ray lost or repeated rows. Run the job again (it resumes from the last "
-            "committed dataset); if the count is off again, report it as a kdray bug with the job's events.jsonl")
-    info = {"format": FORMAT, "kind": kind, "files": [p.name for p in files], "rows": rows,
-            "columns": pq.read_schema(files[0]).names,
-            "bytes": sum(p.stat().st_size for p in files), "meta": meta or {}}
-    if summarise is not None:
-        info.update(summarise(files))
-    (tmp / MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        raise
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

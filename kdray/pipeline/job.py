@@ -143,17 +143,17 @@ class Job:
         (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
         started = time.time()
 
+        init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
         data = prepare.prepare(ctx)
-        n_rows = len(data.train) * (spec.generation.n if spec.data.response_source == "teacher" else 1)
+        n_rows = data.train.rows * (spec.generation.n if spec.data.response_source == "teacher" else 1)
         plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
         check_lora_targets(spec)  # training.lora names modules the student has
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         vocab, hidden = vocab_size(spec.teacher.model), hidden_size(spec.teacher.model)
-        sizes = budget.storage_plan(spec, len(data.train), teacher_vocab=vocab, teacher_hidden=hidden)
+        sizes = budget.storage_plan(spec, data.train.rows, teacher_vocab=vocab, teacher_hidden=hidden)
         if sizes:
             self.reporter.message("plan: writes at most " + "; ".join(s.describe() for s in sizes))
-        budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any work
-        init_ray(self.address)
+        budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any generation
 
         responses = generate.training_responses(ctx, data.train)
         base, signal_meta, signal_stats = responses, None, None

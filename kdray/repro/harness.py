@@ -222,18 +222,18 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
     timings: dict[str, float] = {}
     try:
         ctx = StageContext(shared, Path(shared.output_dir).expanduser().resolve(), reporter)
-        data = prepare(ctx)
-        train_rows, held_rows = data.train, data.heldout
-        specs = {m: parse_spec(method_spec(m, size, train, heldout, out, len(train_rows)), f"kdray repro, method {m}")
-                 for m in methods}
-        for m, spec in specs.items():  # a plan that cannot run fails before any work
-            plan_segments(spec, len(train_rows))
         t0 = time.perf_counter()
-        init_ray(address)
+        init_ray(address)  # prepare checks the training rows in Ray Data tasks
         timings["ray_init"] = time.perf_counter() - t0
-        reporter.phase_start("generate", len(train_rows), "teacher responses (vLLM pool)")
+        data = prepare(ctx)
+        n_train, held_rows = data.train.rows, data.heldout
+        specs = {m: parse_spec(method_spec(m, size, train, heldout, out, n_train), f"kdray repro, method {m}")
+                 for m in methods}
+        for m, spec in specs.items():  # a plan that cannot run fails before any generation
+            plan_segments(spec, n_train)
+        reporter.phase_start("generate", n_train, "teacher responses (vLLM pool)")
         t0 = time.perf_counter()
-        responses = training_responses(ctx, train_rows)
+        responses = training_responses(ctx, data.train)
         teacher_rows = _small_rows(responses)
         timings["teacher_generate"] = time.perf_counter() - t0
         reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")

@@ -63,7 +63,7 @@ def parse_hub_ref(ref: str) -> tuple[str, str]:
 
     SPLIT is the ``datasets`` slice syntax (``train``, ``train[:14000]``, ``train[90%:]``,
     ``train+validation``). Checked here without network access; the dataset itself is read
-    by the host that runs the job (:func:`kdray.data.datasets.read_rows`)."""
+    by the host that runs the job (:func:`kdray.data.sources.read_rows`)."""
     body = ref.removeprefix(HUB_PREFIX)
     name, sep, split = body.partition(":")
     if not _HUB_ID.match(name):

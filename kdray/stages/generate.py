@@ -63,34 +63,41 @@ def tokenized(ctx: StageContext, ds: Any) -> Any:
     )
 
 
-def training_responses(ctx: StageContext, train: list[dict[str, Any]]) -> Artifact:
+def with_dataset_responses(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mark the dataset's own responses as sample 0, complete (:data:`DATASET_FINISH_REASON`)."""
+    n = len(batch["id"])
+    batch["sample_index"] = np.zeros(n, dtype=np.int64)
+    batch["finish_reason"] = np.full(n, DATASET_FINISH_REASON, dtype=object)
+    return batch
+
+
+def training_responses(ctx: StageContext, train: Artifact) -> Artifact:
     """The rows the student trains on, written to ``datasets/responses/``: ``generation.n``
-    teacher samples per prompt, or the dataset's own responses (``sample_index`` 0,
+    teacher samples per prompt of ``train`` (the committed ``datasets/prompts/`` of the
+    prepare stage, read with Ray Data), or the dataset's own responses (``sample_index`` 0,
     ``finish_reason`` :data:`DATASET_FINISH_REASON`). A run that finds the dataset committed by
     an earlier run of the job reuses it."""
-    import ray.data
-
     spec = ctx.spec
     path = ctx.out / "datasets" / "responses"
     done = open_artifact(path, "responses")
     if done is not None:
         ctx.reporter.message(f"generate: reusing {done.rows} training responses saved by an earlier run")
         return done
-    items = [{"_row": i, "id": r["id"], "prompt": r["prompt"]} for i, r in enumerate(train)]
     if spec.data.response_source != "teacher":
-        items = [dict(item, response=r["response"], sample_index=0, finish_reason=DATASET_FINISH_REASON)
-                 for item, r in zip(items, train)]
         with ctx.phase("generate", None, "training examples from the dataset's responses"):
-            return ctx.write("generate", lambda hub: tokenized(ctx, ray.data.from_items(items).map_batches(
-                with_keys, batch_format="numpy")), path, "responses", {"source": "dataset"},
-                row_bytes=row_bytes(ctx))
+            return ctx.write("generate", lambda hub: tokenized(ctx, train.read(["_row", "id", "prompt", "response"])
+                                                               .map_batches(with_dataset_responses, batch_format="numpy")
+                                                               .map_batches(with_keys, batch_format="numpy")),
+                             path, "responses", {"source": "dataset"}, row_bytes=row_bytes(ctx),
+                             expect_rows=train.rows)
     sampling = SamplingConfig.from_spec(spec.generation)
-    with ctx.phase("generate", len(train) * spec.generation.n, "teacher responses"):
-        ctx.reporter.message(f"generate: teacher answers {len(train)} prompts ({spec.teacher.model})")
+    with ctx.phase("generate", train.rows * spec.generation.n, "teacher responses"):
+        ctx.reporter.message(f"generate: teacher answers {train.rows} prompts ({spec.teacher.model})")
         return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
-            ray.data.from_items(items), spec.teacher, spec.generation, sampling, encoding=ctx.prompt_encoding(),
-            progress=hub).map_batches(with_keys, batch_format="numpy")),
-            path, "responses", {"source": "teacher", "teacher": spec.teacher.model}, row_bytes=row_bytes(ctx))
+            train.read(["_row", "id", "prompt"]), spec.teacher, spec.generation, sampling,
+            encoding=ctx.prompt_encoding(), progress=hub).map_batches(with_keys, batch_format="numpy")),
+            path, "responses", {"source": "teacher", "teacher": spec.teacher.model}, row_bytes=row_bytes(ctx),
+            expect_rows=train.rows * spec.generation.n)
 
 
 def student_responses(ctx: StageContext, rows: Any, n_rows: int, student: ModelSpec, segment: Segment,
