@@ -13,16 +13,31 @@ def job_env() -> dict[str, str]:
     """Environment for every Ray process of a job; values already set in ours win.
 
     A cheap ``ray.train.report`` (its health check otherwise blocks ~2 s per call), and a
-    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time).
+    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time),
+    one per Python environment: the build embeds the environment's include paths, so two
+    environments sharing one directory rebuild it on every run (:func:`extensions_dir`).
     """
     cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
     defaults = {
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
+        "TORCH_EXTENSIONS_DIR": extensions_dir(cache),
         "KDRAY_CACHE_DIR": cache,
         "TOKENIZERS_PARALLELISM": "false",
     }
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def extensions_dir(cache: str) -> str:
+    """``<cache>/torch_extensions/py<major><minor>-<8 hex of sys.prefix>``.
+
+    torch keys its extension cache by Python and CUDA version only, and rebuilds an extension
+    whenever its ``build.ninja`` changes; DeepSpeed's include paths point into the environment,
+    so a demo's ``.venv`` and a CI clone's would otherwise rebuild shm_comm (~40 s) in turn."""
+    import hashlib
+    import sys
+
+    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    return os.path.join(cache, "torch_extensions", f"py{sys.version_info[0]}{sys.version_info[1]}-{tag}")
 
 
 #: Logical CPUs a local Ray declares beyond the machine's cores, for the reads that stream
