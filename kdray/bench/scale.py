@@ -179,7 +179,7 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
     import ray.data
     from kdray.data.artifacts import write_dataset
     from kdray.data.records import record_bytes_per_token
-    from kdray.pools.run import pool_options
+    from kdray.pools.run import pool_map
     from kdray.spec import GenerationSpec as Pool
     from kdray.stages.teacher_signal import record_tokens
     from kdray.stages.train import ordered_ingest, training_dataset
@@ -191,10 +191,10 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
         row_bytes=16 * longest)  # as the job sizes them (kdray.stages.generate.row_bytes)
     mark("responses")
 
-    records = write_dataset(responses.read(["key", "input_ids", "prompt_len"]).map_batches(  # the job's pool options
-        SyntheticScorer, fn_constructor_kwargs={"mode": mode, "meta": meta}, **pool_options(Pool(
-            replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer")), out / "records", "records", meta,
-        summarise=record_tokens,
+    records = write_dataset(pool_map(  # as the job's scorer pool runs
+        responses.read(["key", "input_ids", "prompt_len"]), SyntheticScorer, Pool(
+            replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer", mode=mode, meta=meta),
+        out / "records", "records", meta, summarise=record_tokens,
         row_bytes=(record_bytes_per_token(mode, k=K, vocab_size=VOCAB, hidden_size=HIDDEN, hidden_dtype="bfloat16")
                    + 4) * longest)
     mark("records")
