@@ -98,14 +98,15 @@ def test_a_run_whose_workers_take_every_cpu_is_refused_before_it_would_hang(ray_
         check_ingest_cpus(2)
 
 
-def test_a_pool_task_takes_at_most_one_batch_of_a_stored_files_rows(ray_local, tmp_path):
+def test_a_pool_task_holds_a_bounded_share_of_large_outputs_however_many_rows(ray_local, tmp_path):
     """A pool's actor task takes a whole input block, and a committed dataset's read blocks
-    grow with its rows (Ray Data splits a read into a few blocks per CPU), so without the cut
-    one task would hold ever more batches' outputs in the object store (kdray bench scale:
-    510 MiB spilled at 1,000 hidden rows, none at 125)."""
+    grow with its rows (Ray Data splits a read into a few blocks per CPU), so one scorer task
+    would hold ever more batches of records in the object store (kdray bench scale: 510 MiB
+    spilled at 1,000 hidden rows, none at 125). With ``row_bytes`` the input is cut so a task's
+    outputs fit TASK_OUTPUT_BYTES, in whole batches."""
     import ray.data
 
-    from kdray.pools.run import pool_map
+    from kdray.pools.run import TASK_OUTPUT_BYTES, pool_map
     from kdray.spec import GenerationSpec
 
     class TaskRows:  # a pool stand-in
@@ -115,9 +116,16 @@ def test_a_pool_task_takes_at_most_one_batch_of_a_stored_files_rows(ray_local, t
     stored = write_dataset(ray.data.range(2000, override_num_blocks=1), tmp_path / "rows", "rows")
     assert len(stored.info["files"]) == 1  # read as a few blocks of hundreds of rows
     pool = GenerationSpec(replicas=1, num_cpus_per_replica=0.5, batch_size=32)
-    done = pool_map(stored.read(), TaskRows, pool, "scorer").materialize()
-    assert sorted(int(r["id"]) for r in done.take_all()) == list(range(2000))  # every row once
-    tasks = re.search(r"MapBatches\(TaskRows\): (\d+) tasks executed", done.stats())
-    # At most about two batches per task (the cut blocks hold <= 32 rows; Ray Data bundles
-    # small ones up to a batch), not hundreds of rows.
-    assert tasks and int(tasks.group(1)) >= 2000 // 64
+
+    def tasks(row_bytes):
+        done = pool_map(stored.read(), TaskRows, pool, "scorer", row_bytes=row_bytes).materialize()
+        assert sorted(int(r["id"]) for r in done.take_all()) == list(range(2000))  # every row once
+        return int(re.search(r"MapBatches\(TaskRows\): (\d+) tasks executed", done.stats()).group(1))
+
+    # Rows of 1/32 of the bound: a batch per task (blocks of <= 32 rows; Ray Data bundles small
+    # ones up to a batch, so at most about two batches each), not hundreds of rows.
+    assert tasks(TASK_OUTPUT_BYTES // 32) >= 2000 // 64
+    # Rows 4x smaller: blocks of four batches.
+    assert 2000 // (2 * 128) <= tasks(TASK_OUTPUT_BYTES // 128) < 2000 // 64
+    # Small outputs (a generator's): the blocks as read.
+    assert tasks(None) < 2000 // 256

@@ -191,12 +191,11 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
         row_bytes=16 * longest)  # as the job sizes them (kdray.stages.generate.row_bytes)
     mark("responses")
 
-    records = write_dataset(pool_map(  # as the job's scorer pool runs
-        responses.read(["key", "input_ids", "prompt_len"]), SyntheticScorer, Pool(
-            replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer", mode=mode, meta=meta),
-        out / "records", "records", meta, summarise=record_tokens,
-        row_bytes=(record_bytes_per_token(mode, k=K, vocab_size=VOCAB, hidden_size=HIDDEN, hidden_dtype="bfloat16")
-                   + 4) * longest)
+    row_bytes = (record_bytes_per_token(mode, k=K, vocab_size=VOCAB, hidden_size=HIDDEN, hidden_dtype="bfloat16")
+                 + 4) * longest  # as the job's scorer pool runs and its writer sizes files
+    records = write_dataset(pool_map(responses.read(["key", "input_ids", "prompt_len"]), SyntheticScorer, Pool(
+        replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer", row_bytes=row_bytes, mode=mode, meta=meta),
+        out / "records", "records", meta, summarise=record_tokens, row_bytes=row_bytes)
     mark("records")
     return training_dataset(records, None, meta), {"train": ordered_ingest()}, int(records.info["bytes"]), \
         int(records.info["tokens"])

@@ -45,26 +45,38 @@ def pool_options(pool: GenerationSpec, role: str) -> dict[str, Any]:
                 num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica)
 
 
-def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, **constructor_kwargs: Any) -> Any:
-    """``ds`` mapped by the callable class ``fn`` on a pool's actors (:func:`pool_options`),
-    its input first cut into blocks of at most ``pool.batch_size`` rows (Ray Data's streaming
-    ``repartition(target_num_rows_per_block=…)``, no shuffle).
-
-    Why the cut: an actor task takes one input block and yields an output per batch of it, all
-    held in the object store until the writer takes them. Ray Data reads a stored dataset as a
-    few blocks per CPU, so its blocks, and what one task holds, grow with the rows: the store's
-    peak grew with N (``kdray bench scale``, hidden, 1,000 rows, 512 MiB store: a peak
-    of 511 MiB with 510 MiB spilled; with it, 195 MiB and nothing spilled). Lazy."""
-    return ds.repartition(target_num_rows_per_block=pool.batch_size).map_batches(
-        fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
+#: What one pool task's outputs may hold in the object store before the writer takes them
+#: (:func:`pool_map`): two parquet files' worth (:data:`kdray.data.artifacts.FILE_BYTES`).
+TASK_OUTPUT_BYTES = 32 * 2**20
 
 
-def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, **kwargs: Any) -> Any:
+def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: int | None = None,
+             **constructor_kwargs: Any) -> Any:
+    """``ds`` mapped by the callable class ``fn`` on a pool's actors (:func:`pool_options`).
+
+    With ``row_bytes`` (an upper bound of one output row's size, as a scorer's records have),
+    the input is first cut into blocks whose outputs fit :data:`TASK_OUTPUT_BYTES`, in whole
+    batches and at least one (Ray Data's streaming ``repartition(target_num_rows_per_block=…)``,
+    no shuffle). Why: an actor task takes one input block and yields an output per batch of it,
+    all held in the object store until the writer takes them, and Ray Data reads a stored
+    dataset as a few blocks per CPU, so what one task held grew with the rows (``kdray bench
+    scale``, hidden, 1,000 rows, 512 MiB store: a 511 MiB peak, 510 MiB spilled; with the cut,
+    171 MiB, none). Cutting to one batch per task for small rows instead cost top-k scoring
+    twice the time and the driver 60 MiB more at 32,000 rows (one task and block per batch).
+    Lazy."""
+    if row_bytes:
+        per_block = max(1, TASK_OUTPUT_BYTES // (row_bytes * pool.batch_size)) * pool.batch_size
+        ds = ds.repartition(target_num_rows_per_block=per_block)
+    return ds.map_batches(fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
+
+
+def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_bytes: int | None = None,
+             **kwargs: Any) -> Any:
     """The Ray dataset ``ds`` mapped by ``model``'s pool class for ``role`` (:func:`pool_class`) with
-    :func:`pool_map`; ``kwargs`` go to the class's constructor with the model, dtype,
+    :func:`pool_map` (``row_bytes``: its outputs' size per row, when large); ``kwargs`` go to the class's constructor with the model, dtype,
     lengths, parallelism and environment. Lazy: nothing runs until the dataset is consumed."""
     return pool_map(
-        ds, pool_class(model.backend, role), pool, role,
+        ds, pool_class(model.backend, role), pool, role, row_bytes=row_bytes,
         model=model.model,
         dtype=model.dtype,
         max_model_len=model.max_model_len,
@@ -166,13 +178,13 @@ def generate(
 
 
 def score_dataset(ds: Any, spec: JobSpec, signal_meta: dict[str, Any] | None = None, *,
-                  progress: Any = None) -> Any:
+                  progress: Any = None, row_bytes: int | None = None) -> Any:
     """The teacher's records of the compact training examples in the Ray dataset ``ds``
     (``input_ids``, ``prompt_len``: :class:`kdray.data.examples.TokenizeForTraining`, the trainer's
     own ids, so records line up with its labels), from the teacher's scorer pool, as a lazy
     dataset: the input columns plus each row's record (``teacher_signal`` says what), encoded
     into the stored bytes of ``signal_meta`` when given (:mod:`kdray.data.records`), else as
-    float32 arrays."""
+    float32 arrays. ``row_bytes``: an upper bound of a records row's size (:func:`pool_map`)."""
     signal = spec.teacher_signal
-    return map_pool(ds, spec.teacher, spec.generation, "scorer", mode=signal.mode, k=signal.k,
-                    signal_meta=signal_meta, progress=progress)
+    return map_pool(ds, spec.teacher, spec.generation, "scorer", row_bytes=row_bytes, mode=signal.mode,
+                    k=signal.k, signal_meta=signal_meta, progress=progress)

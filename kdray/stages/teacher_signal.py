@@ -76,10 +76,10 @@ def score_signal(ctx: StageContext, responses: Artifact) -> tuple[Artifact, dict
         records = done
     else:
         with ctx.phase("score", responses.rows, f"teacher {sig.mode} records"):
+            row_bytes = _row_bytes(ctx, layout)
             records = ctx.write("score", lambda hub: score_dataset(
-                responses.read(EXAMPLE_COLUMNS), ctx.spec, layout, progress=hub),
-                path, "records", layout, summarise=record_tokens, row_bytes=_row_bytes(ctx, layout),
-                expect_rows=responses.rows)
+                responses.read(EXAMPLE_COLUMNS), ctx.spec, layout, progress=hub, row_bytes=row_bytes),
+                path, "records", layout, summarise=record_tokens, row_bytes=row_bytes, expect_rows=responses.rows)
     tokens, size = int(records.info["tokens"]), int(records.info["bytes"])
     stats = {"rows": records.rows, "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1),
              "file": str(path)}
