@@ -103,7 +103,7 @@ def test_kdray_run_fails_at_once_before_generating(cluster, storage, toy_world):
     assert "Traceback" not in res.stderr
     stderr = " ".join(res.stderr.split())  # rich wraps long lines
     assert f"node {cluster.node_id('node_a')} (" in stderr and str(out) in stderr and FIX in stderr
-    print(res.stderr)
+    print(f"kdray run exited {res.returncode} after {elapsed:.1f} s; stderr:\n{res.stderr}")  # shown with -s
     log = out / "events.jsonl"  # written from the first event on
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     assert not [e for e in events if e["kind"] == "train_step"]
