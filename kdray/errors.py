@@ -56,6 +56,11 @@ class ClusterError(KdrayError):
     out of memory or disk, read-only. Running again once it is fixed can help."""
 
 
+class SharedStorageError(ClusterError):
+    """A node of the Ray cluster does not see the job's ``output_dir`` as the driver does (not
+    mounted there, another filesystem, read-only), or did not answer the check in time."""
+
+
 class ConfigError(KdrayError):
     """kdray's own settings are wrong: the service's arguments (``kdray serve`` options, the
     Ray Serve application's args)."""
@@ -203,7 +208,7 @@ def _remote_error(text: str) -> KdrayError | None:
     nodes = [m.group(1) for line in lines[:start] for m in _RAY_NODE.finditer(line)]
     text = "\n".join(message) + (f" (raised on the Ray worker at {nodes[-1]})" if nodes else "")
     cls = globals().get(name)
-    if cls in (DataError, RecordsError, ModelError, ClusterError, ConfigError):
+    if cls in (DataError, RecordsError, ModelError, ClusterError, SharedStorageError, ConfigError):
         return cls(text)
     return KdrayError(text)
 

@@ -22,6 +22,7 @@ from kdray.models import hidden_size, vocab_size
 from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter
 from kdray.pipeline.state import JobState
+from kdray.pipeline.storage import check_shared_storage
 from kdray.ray_setup import init_ray
 from kdray.report import render_report
 from kdray.spec import JobSpec, dump_spec
@@ -133,6 +134,8 @@ class Job:
         """Run (or resume) the job; return the report, also written to ``report.json``.
 
         Raises:
+            SharedStorageError: a node of the Ray cluster does not share ``output_dir``; raised
+                before any stage runs (:func:`~kdray.pipeline.storage.check_shared_storage`).
             KdrayError: a user's mistake (data, models, spec vs saved state, cluster) or a
                 failed training run, with what to fix.
         """
@@ -144,6 +147,9 @@ class Job:
         started = time.time()
 
         init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
+        nodes = check_shared_storage(self.out)  # before any stage writes what another node reads
+        if len(nodes) > 1:
+            self.reporter.message(f"storage: all {len(nodes)} nodes of the Ray cluster share {self.out}")
         data = prepare.prepare(ctx)
         n_rows = data.train.rows * (spec.generation.n if spec.data.response_source == "teacher" else 1)
         plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
