@@ -1,0 +1,124 @@
+"""``training.group_by_length``: micro-batches of rows of similar length
+(:mod:`kdray.data.length_groups`)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from kdray.data.length_groups import group_by_length, pad_fraction, row_lengths
+
+B = 4  # rows per micro-batch
+
+
+def rows_of(lengths, s_lengths=None):
+    """Compact examples: row i's ids start with its id ``1000 + i``, then ``length - 1`` ones."""
+    out = {"input_ids": _ragged([[1000 + i] + [1] * (n - 1) for i, n in enumerate(lengths)]),
+           "prompt_len": np.ones(len(lengths), dtype=np.int32)}
+    if s_lengths is not None:
+        out["s_input_ids"] = _ragged([[2000 + i] + [1] * (n - 1) for i, n in enumerate(s_lengths)])
+        out["s_prompt_len"] = np.ones(len(lengths), dtype=np.int32)
+    return out
+
+
+def _ragged(seqs):
+    out = np.empty(len(seqs), dtype=object)
+    out[:] = [np.asarray(s, dtype=np.int32) for s in seqs]
+    return out
+
+
+def windows(rows, size):
+    """The stream cut into windows of ``size`` rows, as ``iter_batches(batch_size=size)`` does."""
+    n = len(rows["input_ids"])
+    return [{k: v[i:i + size] for k, v in rows.items()} for i in range(0, n, size)]
+
+
+def ids(batch):
+    return [int(x[0]) - 1000 for x in batch["input_ids"]]
+
+
+def mixed_lengths(n, seed=0):
+    return np.random.default_rng(seed).integers(8, 97, size=n).tolist()
+
+
+def grouped(rows, *, window=8 * B, seed=0):
+    return list(group_by_length(windows(rows, window), B, seed=seed))
+
+
+def test_every_row_once_in_micro_batches_of_the_configured_size():
+    rows = rows_of(mixed_lengths(64))
+    out = grouped(rows)
+    assert [len(b["input_ids"]) for b in out] == [B] * 16
+    assert sorted(i for b in out for i in ids(b)) == list(range(64))
+    assert all(len(b["prompt_len"]) == B for b in out)  # every column follows its rows
+
+
+def test_a_short_last_window_drops_only_the_stream_last_partial_micro_batch():
+    n = 8 * B + 2 * B + 3  # a full window, then 11 rows
+    out = grouped(rows_of(mixed_lengths(n)))
+    assert len(out) == n // B  # as many micro-batches as drop_last gives without grouping
+    assert sorted(i for b in out for i in ids(b)) == list(range(n - 3))  # the stream's last 3 rows dropped
+
+
+def test_micro_batches_hold_neighbouring_lengths():
+    rows = rows_of(mixed_lengths(32))
+    out = grouped(rows, window=32)
+    spans = sorted((min(row_lengths(b)), max(row_lengths(b))) for b in out)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # no two micro-batches overlap
+
+
+def test_grouping_cuts_padding():
+    rows = rows_of(mixed_lengths(256))
+    plain = [{k: v[i:i + B] for k, v in rows.items()} for i in range(0, 256, B)]  # the stream's order
+    without, with_groups = pad_fraction(plain), pad_fraction(grouped(rows))
+    assert with_groups < without
+    assert with_groups < 0.5 * without  # lengths 8..96 at random: most of the padding goes
+
+
+def test_pad_fraction_counts_padded_positions():
+    batch = rows_of([2, 4])
+    assert pad_fraction([batch]) == pytest.approx(1 - 6 / 8)
+    two_sided = rows_of([2, 4], s_lengths=[8, 2])  # both sides padded to 8
+    assert pad_fraction([two_sided]) == pytest.approx(1 - 16 / 32)
+
+
+def test_the_order_comes_from_the_seed():
+    rows = rows_of(mixed_lengths(128))
+    first, again, other = grouped(rows, seed=3), grouped(rows, seed=3), grouped(rows, seed=4)
+    assert [ids(b) for b in first] == [ids(b) for b in again]
+    assert [ids(b) for b in first] != [ids(b) for b in other]
+    # another seed orders the same micro-batches differently (the groups are the window's)
+    assert sorted(map(sorted, map(ids, first))) == sorted(map(sorted, map(ids, other)))
+
+
+def test_resume_skipping_k_micro_batches_gives_the_same_rest():
+    rows = rows_of(mixed_lengths(96))
+    full = [ids(b) for b in grouped(rows, seed=11)]
+    k = 5  # a checkpoint after 5 micro-batches, inside the first window
+    resumed = [ids(b) for b in itertools.islice(group_by_length(windows(rows, 8 * B), B, seed=11), k, None)]
+    assert resumed == full[k:] and len(resumed) == len(full) - k
+
+
+def test_distillm2_rows_group_by_their_longer_side():
+    teacher = [10] * 16                                  # alone, no grouping to do
+    student = mixed_lengths(16, seed=5)                  # the student's responses decide
+    rows = rows_of(teacher, s_lengths=student)
+    assert row_lengths(rows).tolist() == [max(a, b) for a, b in zip(teacher, student)]
+    out = list(group_by_length([rows], B, seed=0))
+    longer = np.maximum(teacher, student)
+    expected = sorted(sorted(chunk) for chunk in np.argsort(-longer, kind="stable").reshape(-1, B).tolist())
+    assert sorted(sorted(ids(b)) for b in out) == expected
+    assert all((b["s_input_ids"][j][0] - 2000) == i for b in out for j, i in enumerate(ids(b)))  # sides stay paired
+    plain = [{k: v[i:i + B] for k, v in rows.items()} for i in range(0, 16, B)]
+    assert pad_fraction(out) < pad_fraction(plain)
+
+
+def test_list_columns_and_a_bad_size():
+    rows = {"input_ids": [[1] * n for n in (3, 9, 4, 8)], "prompt_len": [1, 1, 1, 1]}
+    out = list(group_by_length([rows], 2, seed=0))
+    assert sorted(len(b["input_ids"][0]) for b in out) == [4, 9]  # (9, 8) and (4, 3)
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
+        list(group_by_length([rows], 0, seed=0))
+
