@@ -1,5 +1,5 @@
 """``training.group_by_length``: micro-batches of rows of similar length
-(:mod:`kdray.data.length_groups`)."""
+(:mod:`kdray.data.length_groups`), and the worker's pass over a real Ray Data iterator with it."""
 
 from __future__ import annotations
 
@@ -122,3 +122,36 @@ def test_list_columns_and_a_bad_size():
     with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
         list(group_by_length([rows], 0, seed=0))
 
+
+# ----------------------------------------------------------------------------- the worker's pass
+
+
+def test_the_worker_pass_over_a_ray_data_iterator_groups_by_length(ray_cpus):
+    import ray
+
+    from kdray.data.examples import CollateExamples
+    from kdray.spec import TrainingSpec
+    from kdray.train.worker import micro_batches
+
+    n, mb = 120, 4
+    lengths = mixed_lengths(n, seed=1)
+    items = [{"input_ids": np.asarray([1000 + i] + [1] * (m - 1), dtype=np.int32), "prompt_len": 1}
+             for i, m in enumerate(lengths)]
+    shard = ray.data.from_items(items).iterator()
+    collate = CollateExamples(pad_id=0)
+
+    def run(group: bool, seed: int = 7):
+        t = TrainingSpec(num_workers=1, global_batch_size=mb, micro_batch_size_per_worker=mb,
+                         group_by_length=group, length_group_size=8)
+        out = []
+        for batch in micro_batches(shard, t, seed, collate):
+            mask = batch["attention_mask"]
+            out.append(([int(x) - 1000 for x in batch["input_ids"][:, 0]], mask.numel(), int(mask.sum())))
+        return out
+
+    plain, on, again = run(False), run(True), run(True)
+    assert len(on) == len(plain) == n // mb
+    assert sorted(i for rows, _, _ in on for i in rows) == list(range(n))
+    pad = [1 - sum(real for *_, real in r) / sum(pos for _, pos, _ in r) for r in (plain, on)]
+    assert pad[1] < 0.5 * pad[0]
+    assert on == again  # the same seed, the same micro-batches: what a resumed worker skips through
