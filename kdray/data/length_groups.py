@@ -7,7 +7,7 @@ same micro-batch cuts that padding further. The idea is Hugging Face transformer
 batch size, each sorted by length). kdray applies it to a stream, one window of rows at a time,
 since a worker reads its shard of the data set as it goes and never holds all of it.
 
-:func:`group_by_length` is pure (numpy only): the Ray Train worker feeds it the windows its
+:func:`group_by_length` is pure (numpy only): the Ray Train worker feeds it the batches its
 shard's iterator yields (:func:`kdray.train.worker.micro_batches`), the tests feed it lists.
 """
 
@@ -41,19 +41,21 @@ def row_lengths(window: dict[str, Any]) -> np.ndarray:
     return np.asarray([max(len(side[i]) for side in sides) for i in range(len(sides[0]))], dtype=np.int64)
 
 
-def group_by_length(windows: Iterable[dict[str, Any]], micro_batch_size: int, *, seed: int) -> Iterator[dict[str, Any]]:
+def group_by_length(batches: Iterable[dict[str, Any]], micro_batch_size: int, group_size: int, *,
+                    seed: int) -> Iterator[dict[str, Any]]:
     """Micro-batches of rows of similar length, one window of the stream at a time.
 
-    For every window (typically ``training.length_group_size × micro_batch_size`` rows of the
-    shuffled stream): keep its first ``micro_batch_size × ⌊n / micro_batch_size⌋`` rows in stream
-    order (the rest is dropped, as ``drop_last`` drops the stream's last partial micro-batch: only
-    the stream's last window is short, so a pass yields ⌊rows / micro_batch_size⌋ micro-batches, as
-    many as without grouping); sort them by :func:`row_lengths`, longest first (ties keep stream
-    order); cut them into micro-batches of ``micro_batch_size`` rows; yield those in a random
-    order. The order comes from ``seed`` alone, so the same windows with the same seed give the same
-    micro-batches in the same order: a resumed worker that skips the micro-batches it trained
-    before its checkpoint lands on the same rows. Every row of the kept windows is in exactly one
-    micro-batch.
+    The rows of ``batches`` (chunks of the stream of any sizes) are gathered into windows of
+    ``group_size × micro_batch_size`` rows in stream order. Each window's rows are sorted by
+    :func:`row_lengths`, longest first (ties keep stream order), cut into micro-batches of
+    ``micro_batch_size`` rows, and those are yielded in a random order. The stream's last window
+    may be short: its first ``micro_batch_size × ⌊n / micro_batch_size⌋`` rows are grouped and the
+    rest is dropped, as ``drop_last`` drops the stream's last partial micro-batch; so a pass yields
+    ⌊rows / micro_batch_size⌋ micro-batches from the same rows as without grouping, each row in
+    exactly one of them. The windows and their order depend only on the rows' order and ``seed``,
+    not on how the stream is chunked: the same rows with the same seed give the same micro-batches
+    in the same order, so a resumed worker that skips the micro-batches it trained before its
+    checkpoint lands on the same rows.
 
     Unlike Hugging Face's ``LengthGroupedSampler``, which yields a megabatch's batches from the
     longest to the shortest, the micro-batches of a window are shuffled, so an optimizer step
@@ -62,31 +64,67 @@ def group_by_length(windows: Iterable[dict[str, Any]], micro_batch_size: int, *,
     the whole step's items (:func:`kdray.train.step.step_items`), not by each micro-batch's own.
 
     Args:
-        windows: dicts of columns (numpy arrays of equal length ``n``, ragged columns as object
-            arrays of 1-D arrays, as Ray Data's ``iter_batches(batch_format="numpy")`` gives them).
+        batches: dicts of columns, one item per row: numpy arrays (ragged columns as object
+            arrays of 1-D arrays, or a 2-D array when a chunk's rows have one length) or lists,
+            as Ray Data's ``iter_batches(batch_format="numpy")`` gives them.
         micro_batch_size: rows per micro-batch (``training.micro_batch_size_per_worker``).
+        group_size: micro-batches per window (``training.length_group_size``); 1 groups nothing.
         seed: seed of the micro-batches' order (any int; the worker passes the pass's
             :func:`kdray.train.worker.shuffle_seed`).
 
     Yields:
-        Dicts of the same columns with ``micro_batch_size`` rows each (numpy, uncollated: the
-        worker collates them with :class:`kdray.data.examples.CollateExamples`).
+        Dicts of the same columns with ``micro_batch_size`` rows each, uncollated (numeric
+        scalar columns as numpy arrays, the others as object arrays of the rows' items): the worker
+        collates them with :class:`kdray.data.examples.CollateExamples`.
 
     Raises:
-        ValueError: ``micro_batch_size`` is below 1.
+        ValueError: ``micro_batch_size`` or ``group_size`` is below 1.
     """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+    if micro_batch_size < 1 or group_size < 1:
+        raise ValueError(f"micro_batch_size and group_size must be at least 1, got {micro_batch_size} and {group_size}")
     rng = np.random.default_rng(seed % 2**64)
-    for window in windows:
-        lengths = row_lengths(window)
-        kept = len(lengths) - len(lengths) % micro_batch_size
-        if kept == 0:
-            continue
-        order = np.argsort(-lengths[:kept], kind="stable")  # longest first
-        chunks = order.reshape(-1, micro_batch_size)
-        for c in rng.permutation(len(chunks)):
-            yield {k: _take(v, chunks[c]) for k, v in window.items()}
+    window = micro_batch_size * group_size
+    pending: dict[str, list[Any]] = {}  # the rows not yet in a window, per column
+    for batch in batches:
+        for column, values in batch.items():
+            pending.setdefault(column, []).extend(values)  # a 2-D array extends by its rows
+        while _n_rows(pending) >= window:
+            yield from _grouped(_cut(pending, window), micro_batch_size, rng)
+    n = _n_rows(pending)
+    yield from _grouped(_cut(pending, n - n % micro_batch_size), micro_batch_size, rng)
+
+
+def _n_rows(columns: dict[str, list[Any]]) -> int:
+    return len(next(iter(columns.values()))) if columns else 0
+
+
+def _cut(pending: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    """The first ``n`` pending rows, taken out of ``pending``."""
+    out = {column: values[:n] for column, values in pending.items()}
+    for values in pending.values():
+        del values[:n]
+    return out
+
+
+def _grouped(rows: dict[str, list[Any]], micro_batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """One window (a multiple of ``micro_batch_size`` rows) → its micro-batches, in ``rng``'s order."""
+    if _n_rows(rows) == 0:
+        return
+    order = np.argsort(-row_lengths(rows), kind="stable")  # longest first
+    chunks = order.reshape(-1, micro_batch_size)
+    for c in rng.permutation(len(chunks)):
+        yield {column: _stack([values[i] for i in chunks[c]]) for column, values in rows.items()}
+
+
+def _stack(items: list[Any]) -> np.ndarray:
+    """A micro-batch's column: numeric scalars as a numpy array, anything else (a row's token
+    ids, a teacher record's bytes, a string) as an object array of the items."""
+    if all(isinstance(x, (int, float, np.number, np.bool_)) for x in items):
+        return np.asarray(items)
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):  # one item per slot, whatever its shape
+        out[i] = item
+    return out
 
 
 def pad_fraction(micro_batches: Iterable[dict[str, Any]]) -> float:
@@ -102,8 +140,3 @@ def pad_fraction(micro_batches: Iterable[dict[str, Any]]) -> float:
         real += sum(len(ids) for side in sides for ids in side)
     return 1.0 - real / max(positions, 1)
 
-
-def _take(column: Any, index: np.ndarray) -> Any:
-    if isinstance(column, np.ndarray):
-        return column[index]
-    return [column[i] for i in index]

@@ -104,8 +104,8 @@ class TrainingSpec(_Spec):
     )
     length_group_size: int = Field(
         50, ge=1, description="With group_by_length: micro-batches per window sorted by length (50, as "
-        "Hugging Face's megabatches). Larger windows cut more padding; a worker holds about two windows "
-        "of rows, teacher records included (Ray Data's shuffle buffer grows to one window)."
+        "Hugging Face's megabatches). Larger windows cut more padding; a worker holds a window of rows in "
+        "memory, teacher records included."
     )
     epochs: int = Field(1, ge=1, description="Passes over the training responses.")
     max_steps: int | None = Field(

@@ -43,17 +43,19 @@ def micro_batches(shard: Any, t: TrainingSpec, seed: int, collate: CollateExampl
     """One pass over a worker's shard (a Ray ``DataIterator``): micro-batches of
     ``t.micro_batch_size_per_worker`` rows, shuffled by Ray Data's local shuffle buffer with
     ``seed``, each collated (padded to its own longest row) by ``collate``; the last partial
-    micro-batch is dropped. With ``t.group_by_length`` the shard is read in windows of
-    ``t.length_group_size`` micro-batches with the same shuffle seed (Ray Data grows the shuffle
-    buffer to a window), and each window's rows are grouped by length
-    (:func:`kdray.data.length_groups.group_by_length`): the same number of micro-batches, less
-    padding."""
+    micro-batch is dropped. With ``t.group_by_length`` the same rows in the same order are
+    gathered into windows of ``t.length_group_size`` micro-batches and grouped by length
+    (:func:`kdray.data.length_groups.group_by_length`): as many micro-batches, less padding.
+
+    The rows are read in micro-batch-sized batches either way, and windows are built from them:
+    asked for batches over half its buffer, Ray Data's local shuffle yields short ones mid-stream
+    (Ray 2.60 takes at most the rows left in its shuffled generation)."""
     mb = t.micro_batch_size_per_worker
     shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_MICRO_BATCHES * mb, "local_shuffle_seed": seed}
     if not t.group_by_length:
         return shard.iter_torch_batches(batch_size=mb, drop_last=True, collate_fn=collate, **shuffle)
-    windows = shard.iter_batches(batch_size=t.length_group_size * mb, batch_format="numpy", **shuffle)
-    return map(collate, group_by_length(windows, mb, seed=seed))
+    rows = shard.iter_batches(batch_size=mb, batch_format="numpy", **shuffle)
+    return map(collate, group_by_length(rows, mb, t.length_group_size, seed=seed))
 
 
 @dataclass(frozen=True)
