@@ -90,6 +90,17 @@ def test_gradient_accumulation_is_derived():
     assert spec.training.gradient_accumulation_steps == 4
 
 
+def test_group_by_length_is_off_by_default_and_its_window_names_itself_when_bad():
+    training = parse_spec(minimal()).training
+    assert training.group_by_length is False and training.length_group_size == 50
+    training = parse_spec(minimal(training={"group_by_length": True, "length_group_size": 8})).training
+    assert training.group_by_length is True and training.length_group_size == 8
+    errs = errors_of(minimal(training={"group_by_length": "sometimes", "length_group_size": 0}))
+    assert set(errs) == {"training.group_by_length", "training.length_group_size"}
+    assert "greater than or equal to 1" in errs["training.length_group_size"]
+    assert "valid boolean" in errs["training.group_by_length"]
+
+
 def test_lengths_must_fit_the_model_window():
     errs = errors_of(minimal(teacher={"model": "toy:teacher", "max_model_len": 64}))
     assert "teacher.max_model_len (64)" in errs["(spec)"]

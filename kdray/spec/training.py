@@ -95,6 +95,18 @@ class TrainingSpec(_Spec):
     micro_batch_size_per_worker: int = Field(
         4, ge=1, description="Sequences per forward/backward on one worker."
     )
+    group_by_length: bool = Field(
+        False, description="Put rows of similar length in the same micro-batch to cut padding (Hugging Face's "
+        "group_by_length): each worker sorts windows of length_group_size micro-batches of its shuffled "
+        "rows by length, cuts them into micro-batches and trains those in a seeded random order. The "
+        "step's loss is normalised over the whole step, so grouping changes which rows share a "
+        "micro-batch, not how much each weighs."
+    )
+    length_group_size: int = Field(
+        50, ge=1, description="With group_by_length: micro-batches per window sorted by length (50, as "
+        "Hugging Face's megabatches). Larger windows cut more padding; a worker holds a window of rows in "
+        "memory, teacher records included."
+    )
     epochs: int = Field(1, ge=1, description="Passes over the training responses.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (null: run all epochs)."

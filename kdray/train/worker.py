@@ -12,15 +12,17 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment
 from kdray.data.examples import CollateExamples
+from kdray.data.length_groups import group_by_length
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
-from kdray.spec import JobSpec
+from kdray.spec import JobSpec, TrainingSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
 from kdray.train.step import accumulate_step, step_metrics
 
@@ -35,6 +37,25 @@ def shuffle_seed(seed: int, *, epoch: int, segment: int, rank: int) -> int:
     distinct offset per (epoch, segment, rank), so no two passes share an order while a
     re-run (or a restored run) repeats every order exactly. Epochs < 100, ranks < 1000."""
     return seed + 1000 * epoch + 100_000 * segment + rank
+
+
+def micro_batches(shard: Any, t: TrainingSpec, seed: int, collate: CollateExamples) -> Iterable[dict[str, Any]]:
+    """One pass over a worker's shard (a Ray ``DataIterator``): micro-batches of
+    ``t.micro_batch_size_per_worker`` rows, shuffled by Ray Data's local shuffle buffer with
+    ``seed``, each collated (padded to its own longest row) by ``collate``; the last partial
+    micro-batch is dropped. With ``t.group_by_length`` the same rows in the same order are
+    gathered into windows of ``t.length_group_size`` micro-batches and grouped by length
+    (:func:`kdray.data.length_groups.group_by_length`): as many micro-batches, less padding.
+
+    The rows are read in micro-batch-sized batches either way, and windows are built from them:
+    asked for batches over half its buffer, Ray Data's local shuffle yields short ones mid-stream
+    (Ray 2.60 takes at most the rows left in its shuffled generation)."""
+    mb = t.micro_batch_size_per_worker
+    shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_MICRO_BATCHES * mb, "local_shuffle_seed": seed}
+    if not t.group_by_length:
+        return shard.iter_torch_batches(batch_size=mb, drop_last=True, collate_fn=collate, **shuffle)
+    rows = shard.iter_batches(batch_size=mb, batch_format="numpy", **shuffle)
+    return map(collate, group_by_length(rows, mb, t.length_group_size, seed=seed))
 
 
 @dataclass(frozen=True)
@@ -93,13 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.step()  # an optimizer step only at the accumulation boundary
 
     for epoch in range(start_epoch, seg.epochs):
-        batches = shard.iter_torch_batches(
-            batch_size=t.micro_batch_size_per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_MICRO_BATCHES * t.micro_batch_size_per_worker,
-            local_shuffle_seed=shuffle_seed(t.seed, epoch=epoch, segment=seg.index, rank=rank),
-            collate_fn=collate,  # pads each micro-batch to its own longest row
-        )
+        batches = micro_batches(shard, t, shuffle_seed(t.seed, epoch=epoch, segment=seg.index, rank=rank), collate)
         for micro, batch in enumerate(batches):
             if micro >= micro_per_epoch or step >= seg.end_step:
                 break
