@@ -63,3 +63,22 @@ def test_a_corrupt_state_file_says_how_to_start_over(tmp_path):
     (tmp_path / "state" / "job.json").write_text("{not json")
     with pytest.raises(KdrayError, match="--restart"):
         JobState.open(tmp_path, spec_of(tmp_path), restart=False)
+
+
+def test_a_job_saved_before_a_field_was_added_resumes_when_it_keeps_the_default(tmp_path):
+    """Upgrading kdray adds spec fields (their defaults keep the old behaviour): a job saved
+    before must resume, unless the new field is set to something else now."""
+    import json
+
+    JobState.open(tmp_path, spec_of(tmp_path), restart=False).run_name(0, "x")
+    saved = json.loads((tmp_path / "state" / "job.json").read_text())
+    for field in ("group_by_length", "length_group_size"):  # as a kdray from before them saved it
+        del saved["spec"]["training"][field]
+    (tmp_path / "state" / "job.json").write_text(json.dumps(saved))
+    assert JobState.open(tmp_path, spec_of(tmp_path), restart=False).run_name(0, "y") == "x"
+    with pytest.raises(KdrayError, match=r"differs in: training\.group_by_length\)"):
+        JobState.open(tmp_path, spec_of(tmp_path, group_by_length=True), restart=False)
+    saved["spec"]["training"]["renamed_field"] = 1  # a field this kdray no longer has
+    (tmp_path / "state" / "job.json").write_text(json.dumps(saved))
+    with pytest.raises(KdrayError, match=r"differs in: .*training\.renamed_field"):
+        JobState.open(tmp_path, spec_of(tmp_path), restart=False)

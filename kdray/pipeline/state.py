@@ -48,6 +48,16 @@ def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [prefix or "(spec)"]
 
 
+def _with_defaults(saved: Any) -> Any:
+    """A saved spec dump with the fields added since it was saved at their defaults (a new
+    field's default keeps the old behaviour, so a job saved before the upgrade still resumes);
+    as saved when it no longer validates (a field renamed or removed is a difference)."""
+    try:
+        return JobSpec.model_validate(saved).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - pydantic's ValidationError, or not a dict at all
+        return saved
+
+
 class JobState:
     """The resumable progress of one job in ``out``."""
 
@@ -71,7 +81,7 @@ class JobState:
             except ValueError as exc:
                 raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
                                  "start the job over") from None
-            differing = _differences(saved.get("spec"), state.spec_dump)
+            differing = _differences(_with_defaults(saved.get("spec")), state.spec_dump)
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
                 raise KdrayError(
