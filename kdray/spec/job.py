@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from kdray.spec.base import _Spec
 from kdray.spec.curriculum import CurriculumSpec, as_curriculum_list, check_curriculum
 from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
-from kdray.spec.refs import check_data_ref, check_model_ref
+from kdray.spec.refs import check_data_ref, check_model_ref, check_output_dir
 from kdray.spec.training import TeacherSignalSpec, TrainingSpec
 
 
@@ -28,8 +28,11 @@ class ModelSpec(_Spec):
     """A model that kdray loads: the teacher or the student."""
 
     model: str = Field(
-        description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~), "
-        "a hub id 'org/name', or a built-in toy model: 'toy:teacher', 'toy:student'.",
+        description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~; a "
+        "relative path of another form than org/name also counts), a hub id 'org/name', or a built-in toy "
+        "model: 'toy:teacher', 'toy:student'. A local directory must exist on every node that loads the "
+        "model (a missing one is an error naming the node, never a hub lookup); an org/name that is also a "
+        "directory here is refused as ambiguous (write ./org/name). URIs (s3://...) are refused.",
     )
     backend: Literal["vllm", "hf"] = Field(
         "vllm",
@@ -59,7 +62,8 @@ class DataSpec(_Spec):
     train: str = Field(
         description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
         "a hub dataset 'hub:ORG/NAME[:SPLIT]' (SPLIT in datasets' slice syntax, e.g. "
-        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train'.",
+        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train'. "
+        "URIs (s3://...) are refused: mount the bucket and give the path.",
     )
     heldout: str = Field(
         description="Held-out prompts for evaluation, same formats, or 'toy:heldout'.",
@@ -272,7 +276,9 @@ class JobSpec(_Spec):
         "re-run resumes from), datasets/, records/ and curriculum/ (parquet datasets of the rows), "
         "events.jsonl, report.json, report.md and the plots. A "
         "relative path is taken from the directory kdray run starts in (under kdray serve, from "
-        "its --output-root). On a multi-node cluster, use storage every node can reach."
+        "its --output-root). On a multi-node cluster, use storage every node mounts at the same path. "
+        "A URI (s3://, gs://, any scheme://) is refused: mount the bucket at one path on every node "
+        "(mountpoint-s3, s3fs, gcsfuse; or EFS, NFS) and give that path; for file:///x write /x."
     )
     teacher: ModelSpec = Field(description="The teacher model and its generation pool.")
     student: ModelSpec = Field(description="The student model that is trained.")
@@ -305,6 +311,11 @@ class JobSpec(_Spec):
         description="Held-out scoring (ROUGE-L, exact match, length) of the teacher and of the "
         "student before, per round and after; an optional LLM judge.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir(v)
 
     @field_validator("curriculum", mode="before")
     @classmethod

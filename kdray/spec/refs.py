@@ -1,8 +1,20 @@
-"""References in a job spec: toy models and data sets, local paths, hub ids.
+"""References in a job spec: toy models and data sets, local paths, hub ids; ``output_dir``.
 
 Checked at validation, offline: a local path must exist now (a typo should fail at
 validation, not twenty minutes into a job); a hub id is resolved by the host that loads it.
 Imports only the standard library.
+
+Model references follow one rule (:func:`is_local_model_path`): ``toy:...`` is a toy model; a
+reference that is absolute or starts with ``./``, ``../`` or ``~``, or that no hub id could be
+(a hub id is ``org/name``: one ``/``, no ``\\``), is a local directory, which every node that
+loads it must have (a missing one is an error naming the node, never a hub lookup); the rest,
+``org/name``, is a hub id. An ``org/name`` that is also a directory where the spec is validated
+is refused as ambiguous: write ``./org/name`` for the directory.
+
+URIs (``s3://``, ``gs://``, ``file://``, any ``scheme://``) are refused in ``output_dir`` and
+in model and data references (:func:`uri_problem`): kdray reads and writes them as local paths
+on every node (Ray Train's storage, the datasets, the checkpoints), and a URI there would become
+a directory called ``s3:`` under the working directory. Mount the bucket on every node instead.
 """
 
 from __future__ import annotations
@@ -16,22 +28,78 @@ TOY_DATA = ("toy:train", "toy:heldout")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _looks_like_local_path(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: What a reference is, for the message of a URI refused in it.
+_URI_USE = {
+    "output_dir": "kdray writes output_dir as a local path on every node (Ray Train's storage_path, the "
+                  "datasets, the checkpoints and the exported student, read back by the driver)",
+    "model": "kdray loads a model from a local directory or a hub id 'org/name'",
+    "data": "kdray reads a dataset from a local file or directory, or a hub dataset 'hub:ORG/NAME'",
+}
+
+
+def uri_problem(value: str, what: str) -> str | None:
+    """Why ``value``, given for ``what`` (``output_dir``, ``model`` or ``data``), is refused as a
+    URI (``scheme://...``), with the fix; None when it is not one. ``file://`` names the local
+    path to write instead; any other scheme (``s3``, ``gs``, ``hdfs``, ``http``...) says to mount
+    the storage at one path on every node and give that path."""
+    m = _URI.match(value)
+    if m is None:
+        return None
+    scheme = m.group(1).lower()
+    if scheme == "file":
+        local = value[m.end():]
+        local = local if local.startswith("/") else "/" + local.split("/", 1)[-1]
+        return f"{value!r} is a file:// URI; write the local path itself: {local!r}"
+    return (f"{value!r} is a {scheme}:// URI, which kdray does not support: {_URI_USE[what]}. Mount the "
+            "bucket at the same path on every node (e.g. mountpoint-s3 or s3fs for S3, gcsfuse for GCS, or a "
+            "shared file system such as EFS, Filestore or NFS) and give that path, e.g. /shared/...")
+
+
+def check_output_dir(value: str) -> str:
+    """Accept a local path; refuse a URI (:func:`uri_problem`) or an empty value."""
+    problem = uri_problem(value, "output_dir")
+    if problem:
+        raise ValueError(problem)
+    if not value.strip():
+        raise ValueError("output_dir is empty; give a directory, e.g. runs/NAME or /shared/runs/NAME")
+    return value
+
+
+def is_local_model_path(ref: str) -> bool:
+    """Whether model reference ``ref`` names a local directory (the module's rule): absolute,
+    starting with ``./``, ``../`` or ``~``, or not of a hub id's form ``org/name``; a ``toy:``
+    reference is not."""
+    if ref.startswith(TOY_PREFIX):
+        return False
+    return ref.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(ref)
 
 
 def check_model_ref(ref: str) -> str:
-    """Accept a toy model, an existing local model directory, or a hub id ``org/name``.
+    """Accept a toy model, an existing local model directory, or a hub id ``org/name``
+    (:func:`is_local_model_path` tells them apart).
 
-    A local path (absolute, or starting with ``./``, ``../`` or ``~``) must exist now and hold
-    a ``config.json``: a typo should fail at validation, not twenty minutes into a job.
-    A hub id is resolved by the host that loads it.
+    A local path must exist now and hold a ``config.json``: a typo should fail at validation,
+    not twenty minutes into a job. A hub id is resolved by the host that loads it.
+
+    Raises:
+        ValueError: a URI, an unknown toy model, a missing local directory or one without
+            config.json, an ``org/name`` that is also a directory here (ambiguous), or a
+            reference that is none of these.
     """
     if ref.startswith(TOY_PREFIX):
         if ref not in TOY_MODELS:
             raise ValueError(f"unknown toy model {ref!r}; use one of {', '.join(TOY_MODELS)}")
         return ref
-    if _looks_like_local_path(ref):
+    problem = uri_problem(ref, "model")
+    if problem:
+        raise ValueError(problem)
+    if _HUB_ID.match(ref) and Path(ref).exists():
+        raise ValueError(
+            f"{ref!r} is both a hub id and a directory here ({Path(ref).resolve()}); write './{ref}' or the "
+            "absolute path for the directory, or run from a directory without it to mean the hub model"
+        )
+    if ref.startswith(("/", "./", "../", "~")) or Path(ref).exists():
         path = Path(ref).expanduser()
         if not path.is_dir():
             raise ValueError(
@@ -82,7 +150,11 @@ def parse_hub_ref(ref: str) -> tuple[str, str]:
 
 def check_data_ref(ref: str) -> str:
     """Accept a toy split, a hub dataset ``hub:ORG/NAME[:SPLIT]``, or an existing JSONL /
-    parquet file or ``save_to_disk`` directory."""
+    parquet file or ``save_to_disk`` directory.
+
+    Raises:
+        ValueError: a URI, a bad hub reference, an unknown toy split, a missing path or a file
+            of another suffix."""
     if ref.startswith(HUB_PREFIX):
         parse_hub_ref(ref)
         return ref
@@ -90,6 +162,9 @@ def check_data_ref(ref: str) -> str:
         if ref not in TOY_DATA:
             raise ValueError(f"unknown toy dataset {ref!r}; use one of {', '.join(TOY_DATA)}")
         return ref
+    problem = uri_problem(ref, "data")
+    if problem:
+        raise ValueError(problem)
     path = Path(ref).expanduser()
     if not path.exists():
         raise ValueError(

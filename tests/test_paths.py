@@ -1,0 +1,95 @@
+"""Paths in a job spec and on the nodes: URIs refused everywhere a spec arrives, the rule that
+tells a local model directory from a hub id (a missing directory names the node, never a hub
+lookup), the toy world's build id checked where it is loaded, and node-local compile caches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from kdray.errors import ModelError, SpecError
+from kdray.spec import parse_spec
+from kdray.spec.refs import is_local_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+MOUNT_FIX = "Mount the bucket at the same path on every node"
+
+
+def minimal(**overrides):
+    spec = {"name": "t", "output_dir": "runs/t", "teacher": {"model": "toy:teacher"},
+            "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"}}
+    spec.update(overrides)
+    return spec
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return dict(info.value.errors)
+
+
+# -- URIs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs/x", "gs://b/x", "hdfs://nn:8020/x", "S3://bucket/x"])
+def test_a_uri_output_dir_is_refused_naming_the_field_the_value_and_the_fix(uri):
+    errs = errors_of(minimal(output_dir=uri))
+    assert set(errs) == {"output_dir"}
+    assert repr(uri) in errs["output_dir"] and "does not support" in errs["output_dir"]
+    assert MOUNT_FIX in errs["output_dir"] and "Ray Train's storage_path" in errs["output_dir"]
+
+
+def test_a_file_uri_output_dir_is_refused_with_its_local_path_and_a_path_is_kept_as_written():
+    errs = errors_of(minimal(output_dir="file:///shared/runs/x"))
+    assert "write the local path itself: '/shared/runs/x'" in errs["output_dir"]
+    # a colon inside a path is no URI
+    assert parse_spec(minimal(output_dir="runs/a:b")).output_dir == "runs/a:b"
+    assert "is empty" in errors_of(minimal(output_dir=" "))["output_dir"]
+
+
+def test_uri_model_and_data_references_are_refused_as_uris(tmp_path):
+    errs = errors_of(minimal(teacher={"model": "s3://bucket/qwen"}, data={"train": "gs://b/train.jsonl",
+                                                                        "heldout": "toy:heldout"}))
+    assert "'s3://bucket/qwen' is a s3:// URI" in errs["teacher.model"] and MOUNT_FIX in errs["teacher.model"]
+    assert "'gs://b/train.jsonl' is a gs:// URI" in errs["data.train"] and MOUNT_FIX in errs["data.train"]
+    assert parse_spec(minimal(data={"train": "hub:org/name:train[:10]", "heldout": "toy:heldout"}))
+
+
+def _spec_file(tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "uri.yaml"
+    path.write_text(yaml.safe_dump(minimal(**overrides)))
+    return path
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_kdray_validate_and_run_refuse_a_uri_output_dir_without_a_traceback(tmp_path, command):
+    spec = _spec_file(tmp_path, output_dir="s3://bucket/runs/t")
+    res = subprocess.run([sys.executable, "-m", "kdray.cli", command, str(spec)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    text = " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr
+    assert "output_dir: 's3://bucket/runs/t' is a s3:// URI" in text and MOUNT_FIX in text
+    assert not (tmp_path / "s3:").exists()  # the old trap: <cwd>/s3:/bucket/runs/t
+
+
+def test_the_service_answers_a_uri_output_dir_with_422_naming_the_field(tmp_path):
+    from kdray.service.app import ServiceConfig, build_app
+
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    with TestClient(build_app(config)) as client:
+        auth = {"Authorization": "Bearer t"}
+        for uri in ("s3://bucket/runs/t", "file:///etc/x"):
+            res = client.post("/v1/jobs", json=minimal(output_dir=uri), headers=auth)
+            assert res.status_code == 422, res.text
+            errors = res.json()["errors"]
+            assert [e["field"] for e in errors] == ["output_dir"] and "URI" in errors[0]["message"]
+        res = client.post("/v1/jobs", content=yaml.safe_dump(minimal(output_dir="gs://b/x")),
+                          headers={**auth, "Content-Type": "application/yaml"})
+        assert res.status_code == 422 and MOUNT_FIX in res.json()["errors"][0]["message"]
+    assert not (tmp_path / "runs" / "s3:").exists() and not (tmp_path / "runs" / "gs:").exists()
