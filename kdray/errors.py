@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import re
 import socket
+import sys
 
 
 class KdrayError(Exception):
@@ -67,8 +68,18 @@ class ConfigError(KdrayError):
 
 
 def node() -> str:
-    """This host's name, for messages that must say where something failed."""
-    return socket.gethostname()
+    """Where this process runs, for messages that must say where something failed: the host's
+    name, and inside Ray (a Ray worker, or a connected driver) the Ray node's id and IP address,
+    ``host (Ray node 5f3a..., 10.0.0.7)``: on a cluster several nodes may share a host name."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")  # never imported here: a process without Ray names its host
+    try:
+        if ray is not None and ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return f"{host} (Ray node {ctx.get_node_id()}, {ray.util.get_node_ip_address()})"
+    except Exception:  # noqa: BLE001 - a message's detail; the host name is still true
+        pass
+    return host
 
 
 def first_line(exc: BaseException) -> str:

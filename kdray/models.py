@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from kdray.errors import ModelError, first_line, node, utf8_fault
+from kdray.errors import KdrayError, ModelError, first_line, node, utf8_fault
 from kdray.spec import TOY_PREFIX
+from kdray.spec.refs import is_local_model_path
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 #: Files of a checkpoint's weights; a local model directory needs one of them.
@@ -51,6 +52,8 @@ def loading(what: str, ref: str) -> Iterator[None]:
     file that is corrupt or cut short (:func:`model_files_problem`), whatever the library raised."""
     try:
         yield
+    except KdrayError:  # resolve_model's own: the path missing on this node, another toy world
+        raise
     except Exception as exc:
         path = Path(ref if ref.startswith(TOY_PREFIX) else resolve_model(ref))  # a toy model is kdray's
         problem = model_files_problem(path) if path.is_dir() else None
@@ -160,27 +163,49 @@ def model_files_problem(path: Path) -> str | None:
 
 
 def resolve_model(ref: str) -> str:
-    """Return a path (or hub id) that ``from_pretrained`` and vLLM accept."""
+    """Return a path (or hub id) that ``from_pretrained`` and vLLM accept, on this node.
+
+    A local path (:func:`~kdray.spec.refs.is_local_model_path`: absolute, ``./``, ``../``, ``~``,
+    or not of the form ``org/name``) is this node's absolute path; a hub id is returned as is.
+
+    Raises:
+        ModelError: a local path that does not exist on this node, naming the path, the node
+            (host, Ray node id and IP) and the fix, before any library can take it for a hub id.
+        ToyWorldError: a toy model whose world on this node is not the driver's
+            (:func:`kdray.toy.resolve`).
+    """
     if ref.startswith(TOY_PREFIX):
         from kdray import toy
 
         return str(toy.resolve(ref))
+    if not is_local_model_path(ref):
+        return ref
     path = Path(ref).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    return ref
+    if not path.exists():
+        raise ModelError(missing_model_message(ref, path))
+    return str(path.resolve())
+
+
+def missing_model_message(ref: str, path: Path) -> str:
+    """The message for local model path ``ref`` (``path`` expanded) missing on this node."""
+    rel = "" if path.is_absolute() else f", relative to this process's directory {Path.cwd()}"
+    return (f"model {ref!r} is a local path, and {path.absolute()} does not exist on node {node()}{rel}; every node "
+            "that loads a model (the generation pool's replicas, every trainer) reads it at the same path: put it "
+            "on storage every node mounts at the same path (e.g. /shared, see cluster/README.md), or copy the "
+            "directory save_pretrained wrote to that path on every node; a hub id is written org/name")
 
 
 def check_model_files(ref: str) -> None:
     """A local model directory must hold its weights, whole, and readable config and tokenizer
     files (:func:`model_files_problem`; a hub id and a toy model are not checked): checked on the
     driver before any pool or worker tries to load them. Raises :class:`ModelError` naming the
-    file and the fix."""
-    if ref.startswith(TOY_PREFIX):
+    file and the fix, or the node where a local path does not exist."""
+    if ref.startswith(TOY_PREFIX) or not is_local_model_path(ref):
         return
-    path = Path(ref).expanduser()
+    path = Path(resolve_model(ref))  # a ModelError naming this node when it is missing here
     if not path.is_dir():
-        return
+        raise ModelError(f"model {ref!r} is {path}, which is a file on node {node()}; give the directory that "
+                         "save_pretrained wrote")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(f"model directory {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)}); "
                          "save the model there with save_pretrained, or finish copying it")

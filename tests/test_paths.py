@@ -4,6 +4,7 @@ lookup), the toy world's build id checked where it is loaded, and node-local com
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,40 @@ def test_the_service_answers_a_uri_output_dir_with_422_naming_the_field(tmp_path
                           headers={**auth, "Content-Type": "application/yaml"})
         assert res.status_code == 422 and MOUNT_FIX in res.json()["errors"][0]["message"]
     assert not (tmp_path / "runs" / "s3:").exists() and not (tmp_path / "runs" / "gs:").exists()
+
+
+# -- local model paths vs hub ids ----------------------------------------------------------------
+
+def test_the_rule_that_tells_a_local_model_path_from_a_hub_id():
+    local = ["/models/qwen", "./qwen", "../qwen", "~/qwen", "models/qwen/v2", "qwen", "a\\b"]
+    hub = ["Qwen/Qwen2.5-0.5B", "org/name", "org/name.v1"]
+    assert [r for r in local if not is_local_model_path(r)] == []
+    assert [r for r in hub + ["toy:student"] if is_local_model_path(r)] == []
+
+
+def test_an_org_name_that_is_also_a_directory_here_is_refused_as_ambiguous(tmp_path, monkeypatch):
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "models" / "student" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    errs = errors_of(minimal(student={"model": "models/student"}))
+    assert "both a hub id and a directory here" in errs["student.model"]
+    assert "'./models/student'" in errs["student.model"]
+    assert parse_spec(minimal(student={"model": "./models/student"})).student.model == "./models/student"
+
+
+def test_a_local_model_path_missing_on_this_node_names_the_node_never_the_hub(tmp_path):
+    from kdray.errors import node
+    from kdray.models import check_model_files, load_tokenizer, resolve_model, vocab_size
+
+    assert resolve_model("org/name") == "org/name"  # a hub id is left to the library
+    missing = tmp_path / "gone" / "student"
+    for call in (resolve_model, check_model_files, load_tokenizer, vocab_size):
+        with pytest.raises(ModelError) as info:
+            call(str(missing))
+        msg = str(info.value)
+        assert f"{missing} does not exist on node {node()}" in msg, call
+        assert "storage every node mounts" in msg and "repo" not in msg.lower(), msg
+        assert info.value.__context__ is None or not isinstance(info.value.__context__, OSError)
+    with pytest.raises(ModelError, match="relative to this process's directory"):
+        resolve_model("./no-such-model-dir")
+
