@@ -62,6 +62,11 @@ class SharedStorageError(ClusterError):
     mounted there, another filesystem, read-only), or did not answer the check in time."""
 
 
+class ToyWorldError(ClusterError):
+    """A node's toy world (``KDRAY_CACHE_DIR/toy``) is not the one the job's driver resolved:
+    another build, or none (which the node would otherwise build, training other models)."""
+
+
 class ConfigError(KdrayError):
     """kdray's own settings are wrong: the service's arguments (``kdray serve`` options, the
     Ray Serve application's args)."""
@@ -219,7 +224,7 @@ def _remote_error(text: str) -> KdrayError | None:
     nodes = [m.group(1) for line in lines[:start] for m in _RAY_NODE.finditer(line)]
     text = "\n".join(message) + (f" (raised on the Ray worker at {nodes[-1]})" if nodes else "")
     cls = globals().get(name)
-    if cls in (DataError, RecordsError, ModelError, ClusterError, SharedStorageError, ConfigError):
+    if cls in (DataError, RecordsError, ModelError, ClusterError, SharedStorageError, ToyWorldError, ConfigError):
         return cls(text)
     return KdrayError(text)
 

@@ -131,3 +131,59 @@ def test_a_local_model_path_missing_on_this_node_names_the_node_never_the_hub(tm
     with pytest.raises(ModelError, match="relative to this process's directory"):
         resolve_model("./no-such-model-dir")
 
+
+# -- the toy world's build id ----------------------------------------------------------------
+
+@pytest.fixture
+def two_worlds(toy_world, tmp_path):
+    """The real toy world's cache, and a copy of it (hard links) as another build would leave
+    it: the same files under another build id."""
+    import json
+    import os
+    import shutil
+
+    from kdray import toy
+
+    other = tmp_path / "other-cache"
+    copy = other / toy_world.root.name
+    shutil.copytree(toy_world.root, copy, copy_function=os.link)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").unlink()  # a link to the real world's file: write a new one
+    (copy / "meta.json").write_text(json.dumps({**meta, "build_id": "0" * 32}))
+    return toy.cache_root(), other
+
+
+def test_a_node_with_another_toy_build_or_none_fails_naming_the_node_and_the_fix(two_worlds, tmp_path, monkeypatch):
+    from kdray import toy
+    from kdray.errors import ToyWorldError, node
+
+    driver, other = two_worlds
+    expected = toy.build_toy_world(driver).meta["build_id"]
+    assert expected != "0" * 32
+    monkeypatch.setenv(toy.BUILD_ID_ENV, expected)
+    assert toy.resolve("toy:teacher", cache_dir=driver) == driver / toy.world_dir_name() / "teacher"
+    with pytest.raises(ToyWorldError) as info:
+        toy.resolve("toy:student", cache_dir=other)
+    msg = str(info.value)
+    assert f"node {node()} has the toy world" in msg and f"of build {'0' * 32}" in msg and expected in msg
+    assert "put KDRAY_CACHE_DIR on storage every node mounts" in msg
+    empty = tmp_path / "empty-cache"
+    with pytest.raises(ToyWorldError, match=f"node .* has no toy world at {empty}"):
+        toy.resolve("toy:train", cache_dir=empty)
+    assert not empty.exists() or not any(empty.iterdir()), "a node inside a job must not build its own world"
+    # Through the model loader, the same error (not a hub lookup, not a load failure).
+    monkeypatch.setenv(toy.BUILD_ID_ENV, "f" * 32)
+    from kdray.models import load_tokenizer
+
+    with pytest.raises(ToyWorldError, match=f"resolved the build {'f' * 32}"):
+        load_tokenizer("toy:student")
+
+
+def test_the_driver_pins_its_toy_world_for_a_toy_job_only(toy_world, monkeypatch):
+    from kdray import toy
+
+    monkeypatch.setenv(toy.BUILD_ID_ENV, "stale")
+    assert toy.pin_for_job(["org/name", "/data/train.jsonl"]) is None
+    assert toy.BUILD_ID_ENV not in os.environ
+    assert toy.pin_for_job(["org/name", "toy:heldout"]) == toy_world.meta["build_id"]
+    assert os.environ[toy.BUILD_ID_ENV] == toy_world.meta["build_id"]

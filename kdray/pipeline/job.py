@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.models import hidden_size, vocab_size
 from kdray.pipeline import budget
@@ -146,6 +147,10 @@ class Job:
         (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
         started = time.time()
 
+        # Every node that loads a toy:... checks it loads this driver's toy world (its build id).
+        toy.pin_for_job([spec.teacher.model, spec.student.model, spec.data.train, spec.data.heldout]
+                        + ([spec.evaluation.judge.model.model] if spec.evaluation.judge else []),
+                        progress=self.reporter.message)
         init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
         nodes = check_shared_storage(self.out)  # before any stage writes what another node reads
         if len(nodes) > 1:

@@ -13,11 +13,15 @@ change to it builds a fresh world) and reused afterwards::
     world = build_toy_world(progress=print)
     resolve("toy:teacher")  # -> Path of a save_pretrained model directory
 
+Inside a job, :func:`resolve` loads only the build the job's driver pinned
+(:mod:`kdray.toy.pinning`), on every node.
+
 Run ``python -m kdray.toy [--force] [--cache-dir DIR]`` to build it and print its meta.
 Importing this package is cheap: torch and transformers are imported only to build.
 """
 
 from kdray.toy.data import FAMILIES, make_prompt, read_jsonl, solve
+from kdray.toy.pinning import BUILD_ID_ENV, pin_for_job, resolve
 from kdray.toy.world import (
     TOY_REFS,
     WORLD_VERSION,
@@ -25,11 +29,11 @@ from kdray.toy.world import (
     build_toy_world,
     cache_root,
     fingerprint,
-    resolve,
     world_dir_name,
 )
 
 __all__ = [
+    "BUILD_ID_ENV",
     "FAMILIES",
     "TOY_REFS",
     "WORLD_VERSION",
@@ -38,6 +42,7 @@ __all__ = [
     "cache_root",
     "fingerprint",
     "make_prompt",
+    "pin_for_job",
     "read_jsonl",
     "resolve",
     "solve",
