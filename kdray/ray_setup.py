@@ -16,15 +16,36 @@ def job_env() -> dict[str, str]:
     cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time),
     one per Python environment: the build embeds the environment's include paths, so two
     environments sharing one directory rebuild it on every run (:func:`extensions_dir`).
+
+    Two caches, two variables: ``KDRAY_CACHE_DIR`` (the toy world; on a cluster it may, and
+    for toy jobs must, be shared storage) and ``KDRAY_LOCAL_CACHE_DIR`` (:func:`local_cache_dir`:
+    compile caches, which must stay on each node's own disk: nodes that build into one shared
+    directory at once race on its lock files and half-written objects). Both default to
+    ``~/.cache/kdray``. The job's toy world build id (``KDRAY_TOY_BUILD_ID``, set by the driver,
+    :func:`kdray.toy.pin_for_job`) travels too, when set.
     """
+    from kdray.toy.pinning import BUILD_ID_ENV
+
     cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
+    local = local_cache_dir()
     defaults = {
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "TORCH_EXTENSIONS_DIR": extensions_dir(cache),
+        "TORCH_EXTENSIONS_DIR": extensions_dir(local),
         "KDRAY_CACHE_DIR": cache,
+        "KDRAY_LOCAL_CACHE_DIR": local,
         "TOKENIZERS_PARALLELISM": "false",
     }
-    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+    env = {key: os.environ.get(key, value) for key, value in defaults.items()}
+    if os.environ.get(BUILD_ID_ENV):
+        env[BUILD_ID_ENV] = os.environ[BUILD_ID_ENV]
+    return env
+
+
+def local_cache_dir() -> str:
+    """``$KDRAY_LOCAL_CACHE_DIR``, else ``~/.cache/kdray``: the node-local root of compile caches
+    (torch extensions, vLLM's ``VLLM_CACHE_ROOT``), never ``KDRAY_CACHE_DIR``, which a cluster
+    may put on shared storage. Set it to a local disk where the home directory is shared (NFS)."""
+    return os.environ.get("KDRAY_LOCAL_CACHE_DIR") or os.path.expanduser("~/.cache/kdray")
 
 
 def extensions_dir(cache: str) -> str:

@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from kdray.ray_setup import extensions_dir, job_env
 
 
+def test_compile_caches_are_node_local_whatever_kdray_cache_dir_is(tmp_path, monkeypatch):
+    from kdray.pools.base import pool_env
+    from kdray.spec import GenerationSpec
+
+    for name in ("TORCH_EXTENSIONS_DIR", "KDRAY_LOCAL_CACHE_DIR", "VLLM_CACHE_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    shared = tmp_path / "shared-cache"  # a KDRAY_CACHE_DIR on NFS, for the toy world
+    monkeypatch.setenv("KDRAY_CACHE_DIR", str(shared))
+    env = job_env()
+    assert env["KDRAY_CACHE_DIR"] == str(shared)
+    home = os.path.expanduser("~/.cache/kdray")
+    assert env["KDRAY_LOCAL_CACHE_DIR"] == home
+    assert env["TORCH_EXTENSIONS_DIR"] == extensions_dir(home)
+    assert pool_env(GenerationSpec())["VLLM_CACHE_ROOT"] == os.path.join(home, "vllm")
+    for value in (env["TORCH_EXTENSIONS_DIR"], pool_env(GenerationSpec())["VLLM_CACHE_ROOT"]):
+        assert not value.startswith(str(shared))
+    monkeypatch.setenv("KDRAY_LOCAL_CACHE_DIR", str(tmp_path / "local"))
+    assert job_env()["TORCH_EXTENSIONS_DIR"].startswith(str(tmp_path / "local" / "torch_extensions") + "/py")
+    assert pool_env(GenerationSpec())["VLLM_CACHE_ROOT"] == str(tmp_path / "local" / "vllm")
+
+
+def test_the_drivers_toy_build_id_travels_with_the_job_env(monkeypatch):
+    from kdray.toy import BUILD_ID_ENV
+
+    monkeypatch.delenv(BUILD_ID_ENV, raising=False)
+    assert BUILD_ID_ENV not in job_env()
+    monkeypatch.setenv(BUILD_ID_ENV, "abc123")
+    assert job_env()[BUILD_ID_ENV] == "abc123"
+
+
 def test_each_python_environment_gets_its_own_extension_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    monkeypatch.setenv("KDRAY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KDRAY_LOCAL_CACHE_DIR", str(tmp_path))
     here = job_env()["TORCH_EXTENSIONS_DIR"]
     assert here == extensions_dir(str(tmp_path))
     assert here.startswith(str(tmp_path / "torch_extensions") + "/py")

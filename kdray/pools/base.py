@@ -17,6 +17,7 @@ import numpy as np
 
 from kdray.data.text_scores import rouge_l
 from kdray.errors import DataError
+from kdray.ray_setup import local_cache_dir
 from kdray.spec import GenerationSpec
 
 #: Environment of vLLM actors on CPU-only replicas (``generation.num_gpus_per_replica: 0``):
@@ -40,13 +41,12 @@ SCORE_MODES = ("topk", "hidden")
 
 
 def pool_env(pool: GenerationSpec, cache_root: str | None = None) -> dict[str, str]:
-    """Environment for the pool's actors: a private vLLM compile cache everywhere, plus
+    """Environment for the pool's actors: a private vLLM compile cache everywhere (under the
+    node-local :func:`~kdray.ray_setup.local_cache_dir`, never the shareable KDRAY_CACHE_DIR), plus
     :data:`VLLM_CPU_ENV` when the replicas reserve no GPU. Values already set in the actor's
     environment win (:meth:`PoolCallable.__init__`)."""
     env = {} if pool.num_gpus_per_replica > 0 else dict(VLLM_CPU_ENV)
-    env["VLLM_CACHE_ROOT"] = cache_root or os.path.join(
-        os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray")), "vllm"
-    )
+    env["VLLM_CACHE_ROOT"] = cache_root or os.path.join(local_cache_dir(), "vllm")  # node-local: compiled graphs
     return env
 
 
