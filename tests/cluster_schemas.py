@@ -772,6 +772,24 @@ def shared_storage_errors(doc: dict[str, Any], fmt: str) -> list[str]:
     return errors
 
 
+def shm_errors(doc: dict[str, Any]) -> list[str]:
+    """kdray profile: every pod (head and workers) of a RayCluster or RayService mounts a
+    memory-backed emptyDir at /dev/shm. A container's /dev/shm is 64 MiB by default: Ray then
+    puts its object store in /tmp (disk) instead, and vLLM and NCCL run short of shared memory
+    (https://docs.ray.io/en/latest/cluster/kubernetes/user-guides/config.html)."""
+    errors: list[str] = []
+    for where, template in _pod_templates(doc):
+        pod = template.get("spec") or {}
+        memory = {v.get("name") for v in pod.get("volumes") or []
+                  if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+        for container in pod.get("containers") or []:
+            if not any(m.get("mountPath") == "/dev/shm" and m.get("name") in memory
+                       for m in container.get("volumeMounts") or []):
+                errors.append(f"{where}: container {container.get('name')!r} mounts no emptyDir with medium: Memory "
+                              "at /dev/shm (Ray would put its object store in /tmp)")
+    return errors
+
+
 def shared_claims(doc: dict[str, Any]) -> set[str]:
     """The claimNames of the persistentVolumeClaim volumes a RayCluster's (or RayService's) pods
     use."""
@@ -967,7 +985,8 @@ def all_errors(doc: Any) -> list[str]:
     if fmt == LAUNCHER:
         errors += launcher_consistency_errors(doc)
     elif fmt == RAYCLUSTER:
-        errors += raycluster_consistency_errors(doc)
+        errors += raycluster_consistency_errors(doc) + shm_errors(doc)
     elif fmt == RAYSERVICE:
-        errors += raycluster_consistency_errors(doc) + serve_config_errors(doc) + kdray_service_errors(doc)
+        errors += (raycluster_consistency_errors(doc) + shm_errors(doc) + serve_config_errors(doc)
+                   + kdray_service_errors(doc))
     return errors + shared_storage_errors(doc, fmt)

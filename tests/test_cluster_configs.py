@@ -43,6 +43,7 @@ from cluster_schemas import (  # tests/ has no __init__.py: pytest puts it on sy
     serve_config_errors,
     shared_claims,
     shared_storage_errors,
+    shm_errors,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -494,6 +495,22 @@ def test_raycluster_pod_without_shared_volume_is_rejected(raycluster):
     container = _gpu_group(raycluster)["template"]["spec"]["containers"][0]
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/shared"]
     _assert_caught(shared_storage_errors(raycluster, RAYCLUSTER), "workerGroupSpecs[gpu]", "/shared")
+
+
+@pytest.mark.parametrize("which", ["raycluster", "rayservice"])
+def test_every_pod_has_a_memory_backed_dev_shm_and_a_head_without_one_is_rejected(which, request):
+    doc = request.getfixturevalue(which)
+    assert shm_errors(doc) == []
+    spec = doc["spec"]["rayClusterConfig"] if which == "rayservice" else doc["spec"]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    head["containers"][0]["volumeMounts"] = [m for m in head["containers"][0]["volumeMounts"]
+                                             if m["mountPath"] != "/dev/shm"]
+    _assert_caught(shm_errors(doc), "headGroupSpec: container 'ray-head'", "/dev/shm")
+    assert all("headGroupSpec" in e for e in shm_errors(doc))
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]
+    for volume in worker["volumes"]:
+        volume.get("emptyDir", {}).pop("medium", None)  # a disk-backed emptyDir is no fix
+    _assert_caught(shm_errors(doc), "workerGroupSpecs[gpu]: container 'ray-worker'")
 
 
 def test_pvc_read_write_once_is_rejected(pvc):
