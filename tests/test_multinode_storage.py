@@ -3,7 +3,9 @@
 The cluster's worker node ``node_a`` has ``STORAGE/private`` covered by an empty tmpfs of its
 own: an output_dir under it is what a node without the shared mount sees. The check must name
 that node, the path and the fix, before any stage runs, in the Python API and through
-``kdray run`` (also when Ray Train would retry forever, ``training.max_failures: -1``).
+``kdray run`` (also when Ray Train would retry forever, ``training.max_failures: -1``). A model
+directory under it, loaded on ``node_a``, fails there with an error naming that node, not as a
+hub id.
 """
 
 from __future__ import annotations
@@ -110,3 +112,31 @@ def test_kdray_run_fails_at_once_before_generating(cluster, storage, toy_world):
     assert not [e for e in events if e["kind"] == "phase_start"], "the check runs before any stage"
     assert (out / "spec.yaml").exists() and not (out / "datasets").exists() and not (out / "ray_train").exists()
     assert elapsed < 60, f"kdray run took {elapsed:.0f} s to fail"
+
+
+def test_a_model_directory_missing_on_one_node_fails_there_naming_it_not_as_a_hub_id(cluster, storage, toy_world):
+    import shutil
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kdray.errors import ModelError
+
+    model = storage / "private" / "student"  # node_a's tmpfs hides it; head and node_b see it
+    shutil.copytree(toy_world.student_dir, model)
+
+    def on(name: str, fn, *args):
+        task = ray.remote(num_cpus=0, max_retries=0)(fn)
+        strategy = NodeAffinitySchedulingStrategy(cluster.node_id(name), soft=False)
+        return ray.get(task.options(scheduling_strategy=strategy).remote(*args), timeout=120)
+
+    from kdray.models import load_tokenizer, resolve_model
+
+    assert on("node_b", resolve_model, str(model)) == str(model.resolve())
+    started = time.monotonic()
+    with pytest.raises(ModelError) as err:
+        on("node_a", lambda ref: len(load_tokenizer(ref)), str(model))
+    text = str(err.value)
+    assert f"{model} does not exist on node " in text and f"Ray node {cluster.node_id('node_a')}" in text
+    assert "storage every node mounts at the same path" in text and "repo" not in text.lower()
+    assert time.monotonic() - started < 60
