@@ -140,6 +140,12 @@ class Job:
             KdrayError: a user's mistake (data, models, spec vs saved state, cluster) or a
                 failed training run, with what to fix.
         """
+        try:
+            return self._run()
+        finally:  # the toy build id pinned for this job's processes (a later job pins its own)
+            os.environ.pop(toy.BUILD_ID_ENV, None)
+
+    def _run(self) -> dict[str, Any]:
         spec, ctx = self.spec, self.ctx
         self.out.mkdir(parents=True, exist_ok=True)
         state = JobState.open(self.out, spec, restart=self.restart)
