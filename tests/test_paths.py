@@ -13,25 +13,13 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from kdray.errors import ModelError, SpecError
+from kdray.errors import ModelError
 from kdray.spec import parse_spec
 from kdray.spec.refs import is_local_model_path
+from specs import errors_of, minimal
 
 REPO = Path(__file__).resolve().parents[1]
 MOUNT_FIX = "Mount the bucket at the same path on every node"
-
-
-def minimal(**overrides):
-    spec = {"name": "t", "output_dir": "runs/t", "teacher": {"model": "toy:teacher"},
-            "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"}}
-    spec.update(overrides)
-    return spec
-
-
-def errors_of(data) -> dict[str, str]:
-    with pytest.raises(SpecError) as info:
-        parse_spec(data)
-    return dict(info.value.errors)
 
 
 # -- URIs ----------------------------------------------------------------------------------------

@@ -11,26 +11,9 @@ import yaml
 
 from kdray.errors import SpecError
 from kdray.spec import JobSpec, dump_spec, load_spec, parse_spec, parse_spec_text
+from specs import errors_of, minimal
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def minimal(**overrides):
-    spec = {
-        "name": "t",
-        "output_dir": "runs/t",
-        "teacher": {"model": "toy:teacher"},
-        "student": {"model": "toy:student"},
-        "data": {"train": "toy:train", "heldout": "toy:heldout"},
-    }
-    spec.update(overrides)
-    return spec
-
-
-def errors_of(data) -> dict[str, str]:
-    with pytest.raises(SpecError) as info:
-        parse_spec(data)
-    return dict(info.value.errors)
 
 
 def test_minimal_spec_fills_every_default():
