@@ -118,8 +118,8 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
         run: calls the blocking write (default: directly); a stage passes one that reports
             progress while the write goes on.
         summarise: more marker fields computed from the written files (token counts, ...).
-        row_bytes: an upper bound of one row's size in memory; files then hold
-            :data:`FILE_BYTES` of rows each (the last fewer), however small the blocks.
+        row_bytes: an upper bound of one row's size in memory; files then hold at most
+            :data:`FILE_BYTES` of rows each.
         expect_rows: the rows the job planned for (its steps and schedules are sized by them);
             another count is not committed.
         verify: called with the written files (maybe none) before anything is committed; what
@@ -133,11 +133,11 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
     for stale in path.parent.glob(f".{path.name}.partial-*"):  # what a killed writer left
         shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    # With a row size, each write task gathers a file's rows (pools hand over a batch per block:
-    # one file per block made ~1 MiB files, and the driver's bookkeeping grew with their count).
+    # Not min_rows_per_file: a write task would then merge blocks, and Arrow refuses to merge a
+    # block whose ragged column Ray typed as fixed-shape tensors (all rows one length) with one
+    # typed variable-shaped ("Unable to merge: Field input_ids has incompatible types").
     per_file = max(1, FILE_BYTES // row_bytes) if row_bytes else None
-    write = lambda: ds.write_parquet(str(tmp), compression="zstd", min_rows_per_file=per_file,  # noqa: E731
-                                     max_rows_per_file=per_file)
+    write = lambda: ds.write_parquet(str(tmp), compression="zstd", max_rows_per_file=per_file)  # noqa: E731
     try:
         (run or (lambda fn: fn()))(write)
         files = sorted(p for p in tmp.glob("*.parquet")) if tmp.is_dir() else []
