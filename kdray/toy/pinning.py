@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdray.toy.world import TOY_REFS, ToyWorld, _is_complete, build_toy_world, cache_root, world_dir_name
+from kdray.toy.world import resolve as world_resolve
 
 #: The build id of the toy world a job's driver resolved, set by the driver for every Ray
 #: process of the job (:func:`kdray.ray_setup.job_env`); unset outside a job.
@@ -36,16 +37,10 @@ def resolve(ref: str, *, cache_dir: str | Path | None = None) -> Path:
         ToyWorldError: inside a job, this node has no toy world there, or another build; the
             message names the node, both build ids and the fix.
     """
-    if ref not in TOY_REFS:
-        raise ValueError(f"unknown toy reference {ref!r}; valid references: {', '.join(TOY_REFS)}")
     expected = os.environ.get(BUILD_ID_ENV)
-    world = _the_drivers_world(expected, cache_dir) if expected else build_toy_world(cache_dir)
-    return {
-        "toy:teacher": world.teacher_dir,
-        "toy:student": world.student_dir,
-        "toy:train": world.train_path,
-        "toy:heldout": world.heldout_path,
-    }[ref]
+    if expected:
+        _the_drivers_world(expected, cache_dir)  # complete and the driver's: resolving builds nothing
+    return world_resolve(ref, cache_dir=cache_dir)
 
 
 def pin_for_job(refs: list[str], *, progress: Callable[[str], None] | None = None) -> str | None:
