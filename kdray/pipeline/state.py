@@ -13,7 +13,8 @@ are committed datasets beside it (``datasets/``, ``records/``, ``curriculum/``:
 :mod:`kdray.data.artifacts`); a re-run reuses each one that was committed.
 
 A re-run with a different spec is refused (the saved work belongs to another job) unless
-``kdray run --restart`` discards it. Every file is written to a temporary name and renamed,
+``kdray run --restart`` discards it; only the failure policy may change
+(:data:`MAY_CHANGE_ON_RESUME`). Every file is written to a temporary name and renamed,
 so an interrupted write never leaves a half file behind.
 """
 
@@ -30,6 +31,10 @@ from kdray.spec import JobSpec
 
 #: What ``--restart`` removes: everything a previous run of the job left to resume from.
 RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets")
+#: Spec fields a re-run may change: how the job survives failures, not what it computes (a job
+#: that failed too often resumes with a higher ``max_failures``; one saved under an older
+#: kdray's failure-policy defaults resumes under today's).
+MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,7 +86,8 @@ class JobState:
             except ValueError as exc:
                 raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
                                  "start the job over") from None
-            differing = _differences(_with_defaults(saved.get("spec")), state.spec_dump)
+            differing = [d for d in _differences(_with_defaults(saved.get("spec")), state.spec_dump)
+                         if d not in MAY_CHANGE_ON_RESUME]
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
                 raise KdrayError(
