@@ -148,11 +148,28 @@ def test_a_model_directory_missing_on_one_node_fails_there_naming_it_not_as_a_hu
     assert time.monotonic() - started < 60
 
 
+
+def test_the_progress_hub_lives_on_the_drivers_node(cluster):
+    """The actor through which workers report steps sits on the driver's node (whose loss ends
+    the job anyway), never on a worker node whose loss would end a job Ray Train can restart."""
+    import ray
+
+    from kdray.stages.context import progress_hub
+
+    driver = ray.get_runtime_context().get_node_id()
+    hubs = [progress_hub() for _ in range(4)]
+    where = ray.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in hubs],
+                    timeout=60)
+    assert where == [driver] * 4
+    for hub in hubs:
+        ray.kill(hub)
+
 # -- a job across nodes, and a node lost mid-segment -------------------------------------------
 
 HELDOUT, JUDGED = 32, 12
-#: The POCL job's checkpoint interval: stage 1 ends at step 4, stage 2 checkpoints at 6, 8, 10.
-EVERY = 2
+#: The POCL job's checkpoint interval: every step, so the node can be lost right after stage 2's
+#: first step (5) with seven steps of stage 2 still to train.
+EVERY = 1
 
 
 def _pocl_spec(work: Path) -> Path:
@@ -173,8 +190,8 @@ def _pocl_spec(work: Path) -> Path:
                      })
     config = yaml.safe_load(spec.read_text())
     config["data"]["max_heldout_samples"] = HELDOUT
-    # One row a micro-batch: 16 gloo collectives a step make stage 2 last long enough (seconds)
-    # to lose the node between its first checkpoint and its end.
+    # One row a micro-batch: 16 gloo collectives a step, and a checkpoint each step, make stage 2
+    # last long enough (seconds) to lose the node between its first checkpoint and its end.
     config["training"].update(checkpoint_every_steps=EVERY, micro_batch_size_per_worker=1)
     assert "max_failures" not in config["training"]
     spec.write_text(yaml.safe_dump(config))
@@ -278,8 +295,8 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
         stage1_nodes = _train_worker_nodes(cluster, proc)
         _wait_for("stage 2's training", lambda: _phase_started(out, "stage 2/2"), proc)
         stage2_nodes = _train_worker_nodes(cluster, proc)
-        # Node loss, right after the job recorded stage 2's first checkpoint (step 6).
-        _wait_for("stage 2's first checkpoint", lambda: _checkpointed(out, 6), proc, poll=0.05)
+        # Node loss, right after the job recorded stage 2's first checkpoint (step 5).
+        _wait_for("stage 2's first checkpoint", lambda: _checkpointed(out, 5), proc, poll=0.05)
         steps_before = _train_steps(out / "events.jsonl")
         victim = stage2_nodes[0]
         killed_at = time.time()
@@ -294,7 +311,7 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     output = (work / "stdout.txt").read_text() + (work / "stderr.txt").read_text()
     assert rc == 0, output
     assert len(set(stage1_nodes)) == len(set(stage2_nodes)) == 2 and set(stage1_nodes + stage2_nodes) <= set(WORKERS)
-    assert 6 <= max(steps_before) < 12, f"the node was not lost mid-stage 2: {steps_before}"
+    assert 5 <= max(steps_before) < 12, f"the node was not lost mid-stage 2: {steps_before}"
     report = json.loads((out / "report.json").read_text())
 
     # Every step recorded once: a restart at a checkpoint at most, none lost, the report whole.
