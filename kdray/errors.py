@@ -150,8 +150,8 @@ def user_error(exc: BaseException) -> KdrayError | None:
     """The user's error behind ``exc``, or None when ``exc`` is a kdray bug.
 
     Looks at ``exc`` and its causes (``raise ... from``, Ray's ``cause``, Ray Train's
-    ``worker_failures``; not an exception raised while handling another, which may be a bug of
-    its own) for, in this order:
+    ``worker_failures`` and ``controller_failure``; not an exception raised while handling
+    another, which may be a bug of its own) for, in this order:
 
     * a :class:`KdrayError` object;
     * in one of Ray's errors, the traceback text of a ``KdrayError`` raised on a Ray worker (Ray
@@ -199,7 +199,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
         if e is None or any(e is seen for seen in out) or len(out) > 50:
             continue
         out.append(e)
-        inner = [getattr(e, "cause", None), e.__cause__]
+        inner = [getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)]
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             inner += list(failures.values())

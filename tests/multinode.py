@@ -1,13 +1,21 @@
-"""A Ray cluster of three nodes on one machine, for tests of what only a real cluster gets wrong.
+"""A Ray cluster of four nodes on one machine, for tests of what only a real cluster gets wrong.
 
-:class:`LocalCluster` starts a head node with no CPUs for tasks (as KubeRay's head) and two
-worker nodes, each with ``ray start --block`` in its own process group, its own ``--temp-dir``,
-a small object store, its own ports and a custom resource naming it (``node_a``, ``node_b``).
+:class:`LocalCluster` starts a head node with no CPUs for tasks (as KubeRay's head) and three
+worker nodes of one CPU each, each with ``ray start --block`` in its own process group, its own
+``--temp-dir``, a small object store, its own ports and a custom resource naming it (``node_a``,
+``node_b``, ``node_c``). One CPU a node is one training slot, as one GPU would be: Ray Train's
+default placement (PACK) cannot put two training workers on one node, so a job's two workers
+train across nodes (gloo over TCP), and the third node's CPU is left for the reads that stream
+the data to them (:func:`kdray.stages.train.check_ingest_cpus`).
 Every worker node runs in its own mount namespace (``unshare --mount --propagation private``,
 which needs root): the paths listed for it are covered there by an empty tmpfs, so that node,
 its raylet and every Ray worker process it starts see an empty directory where the others see
 the shared one. That is what a node without the shared mount looks like, which
 ``ray.cluster_utils.Cluster`` (all nodes share one filesystem) cannot show.
+
+:meth:`LocalCluster.kill_node` kills one worker node's whole session at once (its raylet, its
+object store and every Ray worker on it: a machine lost, as a reclaimed spot instance is) and
+:meth:`LocalCluster.add_node` starts a replacement that offers the same resources.
 
 :meth:`LocalCluster.stop` kills the processes of the sessions it started, one per node (never
 ``ray stop``, which would stop every Ray on the machine), and returns any process still in
@@ -39,7 +47,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 #: Each worker node's name, which is also the custom resource it offers (one unit).
-WORKERS = ("node_a", "node_b")
+WORKERS = ("node_a", "node_b", "node_c")
+#: Logical CPUs of each worker node: one training worker's slot.
+WORKER_CPUS = 1
 #: Object store of each node: small, three nodes share the machine's /dev/shm.
 OBJECT_STORE_BYTES = 200 * 1024**2
 #: TCP ports the cluster may take: above the usual services, below the kernel's ephemeral range.
@@ -107,10 +117,11 @@ class Node:
     temp_dir: Path
     private: list[Path] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    killed: bool = False  # by kill_node: its exit is expected
 
 
 class LocalCluster:
-    """A head and two worker nodes on this machine; see the module's docstring.
+    """A head and three worker nodes on this machine; see the module's docstring.
 
     Args:
         root: a new, empty directory of the cluster's own (temp dirs, logs); keep it short:
@@ -196,21 +207,54 @@ class LocalCluster:
             self._check_alive(deadline)
             time.sleep(0.2)
         for name in WORKERS:
-            node = Node(name, self.root / name[-1], self.private.get(name, []))
-            self.nodes.append(node)
-            self._spawn(node, self._common_args(node, 1, {name: 1}) + [f"--address={self.address}"],
-                        namespace=True)
+            self._spawn_worker(name, self.root / name[-1])
         import ray
 
         ray.init(address=self.address, log_to_driver=False, logging_level="WARNING")
-        while len(self.alive_nodes()) < len(self.nodes):
+        while len(self.alive_nodes()) < len(self.nodes):  # (no node killed yet)
             self._check_alive(deadline)
             time.sleep(0.2)
         return self.address
 
+    def _spawn_worker(self, name: str, temp_dir: Path) -> Node:
+        node = Node(name, temp_dir, self.private.get(name, []))
+        self.nodes.append(node)
+        self._spawn(node, self._common_args(node, WORKER_CPUS, {name: 1}) + [f"--address={self.address}"],
+                    namespace=True)
+        return node
+
+    def kill_node(self, name: str) -> str:
+        """Kill the alive worker node ``name`` as a lost machine: SIGKILL to every process of its
+        session at once, with no drain and no notice to the GCS (which finds the node dead by
+        its health checks). Returns the Ray node id it had."""
+        node_id = self.node_id(name)
+        (node,) = [n for n in self.nodes if n.name == name and not n.killed]
+        node.killed = True
+        _kill_sessions({node.proc.pid})
+        node.proc.wait()
+        return node_id
+
+    def add_node(self, name: str) -> None:
+        """Start a worker node offering what the worker node ``name`` offers (its CPU, its
+        custom resource, its private paths), with a temp dir of its own, as an autoscaler
+        replaces a lost machine; it joins in seconds (:meth:`node_id` finds it once alive)."""
+        if name not in WORKERS:
+            raise ValueError(f"unknown worker node {name!r}; nodes are {WORKERS}")
+        count = sum(n.name == name for n in self.nodes)
+        self._spawn_worker(name, self.root / f"{name[-1]}{count}")
+
+    def node_of(self, pid: int) -> str | None:
+        """The name of the node whose session the process ``pid`` is in (a Ray worker process
+        belongs to the node whose raylet started it), or None."""
+        sessions = {node.proc.pid: node.name for node in self.nodes if node.proc is not None}
+        try:
+            return sessions.get(os.getsid(pid))
+        except ProcessLookupError:
+            return None
+
     def _check_alive(self, deadline: float) -> None:
         for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is not None:
+            if node.proc is not None and not node.killed and node.proc.poll() is not None:
                 log = (self.root / f"{node.name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"Ray node {node.name} exited with {node.proc.returncode}:\n{log}")
         if time.monotonic() > deadline:
@@ -243,11 +287,7 @@ class LocalCluster:
 
         ray.shutdown()
         sessions = {node.proc.pid for node in self.nodes if node.proc is not None}
-        deadline = time.monotonic() + 10
-        while (members := session_members(sessions)) and time.monotonic() < deadline:
-            for pid in members:  # again while a dying node still forked
-                _kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        _kill_sessions(sessions)
         for node in self.nodes:
             if node.proc is not None:
                 node.proc.wait()
@@ -256,6 +296,16 @@ class LocalCluster:
         for pid in left:
             _kill(pid, signal.SIGKILL)
         return [f"{pid} {cmd[:160]}" for pid, cmd in sorted(left.items())]
+
+
+def _kill_sessions(sessions: set[int], timeout: float = 10) -> None:
+    """SIGKILL every process of ``sessions`` until none is left (a dying node may still fork),
+    for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (members := session_members(sessions)) and time.monotonic() < deadline:
+        for pid in members:
+            _kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def _kill(pid: int, sig: int) -> None:

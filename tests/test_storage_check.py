@@ -1,7 +1,7 @@
 """The shared-storage check (kdray.pipeline.storage) on a plain local Ray: one node, one task.
 
 The cases only a cluster has (a node that does not see output_dir) are in
-tests/test_multinode_storage.py.
+tests/test_multinode_cluster.py.
 """
 
 from __future__ import annotations

@@ -70,6 +70,12 @@ class LoraSpec(_Spec):
         return v
 
 
+#: Failure policy defaults (docs/guide.md, "Checkpoints and failures"): a lost node costs at most
+#: the steps since the latest checkpoint, and the job goes on by itself up to twice a segment.
+CHECKPOINT_EVERY_STEPS = 200
+MAX_FAILURES = 2
+
+
 class TrainingSpec(_Spec):
     """Ray Train + DeepSpeed ZeRO settings. Batch sizes say their scope in their names."""
 
@@ -126,17 +132,23 @@ class TrainingSpec(_Spec):
         0, description="Seed of the training data order and of each worker's torch RNG (seed + rank)."
     )
     checkpoint_every_steps: int | None = Field(
-        None,
+        CHECKPOINT_EVERY_STEPS,
         ge=1,
         description="Save a DeepSpeed checkpoint (model, optimizer, scheduler, step) every N "
-        "optimizer steps; a restarted worker group resumes from the latest. null: only the "
-        "final model is saved.",
+        "optimizer steps; a restarted worker group (max_failures) or a re-run of the job resumes "
+        "from the latest, so a lost node costs at most the steps since it. Each save writes every "
+        "rank's ZeRO state to output_dir: lower N where steps are slow or nodes unreliable (spot), "
+        "raise it where the state is large. null: only each segment's final state is saved (a "
+        "failure restarts the segment).",
     )
     max_failures: int = Field(
-        0,
+        MAX_FAILURES,
         ge=-1,
-        description="Worker-group failures Ray Train recovers from (restarting from the latest "
-        "checkpoint) before the job fails; -1 retries forever.",
+        description="Worker-group failures (a lost node, a killed or crashed worker) Ray Train "
+        "recovers from in each segment by restarting the workers from the latest checkpoint "
+        "before the job fails; -1 retries forever, 0 fails at once. A KdrayError a worker raises "
+        "(bad data, a model that does not load) is never retried; a drained (preempted) node is "
+        "retried without counting here.",
     )
     lora: LoraSpec | None = Field(
         None,

@@ -28,7 +28,10 @@ CHECKPOINTS_TO_KEEP = 2
 
 
 def train_metrics_callback(hub: Any) -> Any:
-    """A ``ray.train.UserCallback`` forwarding rank 0's reported metrics to ``hub``."""
+    """A ``ray.train.UserCallback`` forwarding rank 0's reported metrics to ``hub``, and ending
+    the run at once on an error a worker raised that a retry would raise again
+    (:func:`worker_user_error`) instead of retrying it ``training.max_failures`` times: Ray
+    Train takes an error in a callback for the controller's own, which it does not retry."""
     from ray.train import UserCallback
 
     class TrainMetricsCallback(UserCallback):
@@ -36,7 +39,24 @@ def train_metrics_callback(hub: Any) -> Any:
             if metrics:
                 hub.record.remote(dict(metrics[0]))
 
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for error in worker_exceptions.values():
+                user = worker_user_error(error)
+                if user is not None:
+                    raise user
+
     return TrainMetricsCallback()
+
+
+def worker_user_error(error: BaseException) -> KdrayError | None:
+    """The :class:`KdrayError` a training worker raised (bad data, a model that does not load:
+    the same on every retry), as the controller receives it (the object) or in a traceback's
+    text (raised in a Ray task the worker ran), else None: a lost node, a killed process, a
+    collective broken by either, or a kdray bug, which Ray Train retries from the latest
+    checkpoint."""
+    if isinstance(error, KdrayError):
+        return error
+    return user_error(error) if "kdray.errors." in str(error) else None
 
 
 def select_keys(batch: dict[str, Any], keys: list[Any]) -> dict[str, Any]:
