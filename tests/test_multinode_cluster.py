@@ -149,6 +149,35 @@ def test_a_model_directory_missing_on_one_node_fails_there_naming_it_not_as_a_hu
 
 
 
+def test_a_node_without_the_drivers_toy_world_fails_there_naming_it(cluster, storage, toy_world):
+    """A job's toy world is the driver's build on every node: with KDRAY_CACHE_DIR on storage
+    that node_a does not see, node_a refuses (naming itself, both sides of the fix) instead of
+    training a world of its own; node_b, which sees the copy, resolves the driver's build."""
+    import shutil
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kdray import toy
+    from kdray.errors import ToyWorldError
+
+    cache = storage / "private" / "kdcache"  # node_a's tmpfs hides it
+    shutil.copytree(toy_world.root, cache / "toy" / toy.world_dir_name())
+    env = {"KDRAY_CACHE_DIR": str(cache), toy.BUILD_ID_ENV: toy_world.meta["build_id"]}
+
+    def on(name: str, ref: str) -> str:
+        task = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env})(lambda r: str(toy.resolve(r)))
+        strategy = NodeAffinitySchedulingStrategy(cluster.node_id(name), soft=False)
+        return ray.get(task.options(scheduling_strategy=strategy).remote(ref), timeout=120)
+
+    assert on("node_b", "toy:teacher") == str(cache / "toy" / toy.world_dir_name() / "teacher")
+    with pytest.raises(ToyWorldError) as err:
+        on("node_a", "toy:teacher")
+    text = str(err.value)
+    assert f"Ray node {cluster.node_id('node_a')}" in text and "has no toy world at" in text
+    assert toy_world.meta["build_id"] in text and "put KDRAY_CACHE_DIR on storage every node mounts" in text
+
+
 def test_the_progress_hub_lives_on_the_drivers_node(cluster):
     """The actor through which workers report steps sits on the driver's node (whose loss ends
     the job anyway), never on a worker node whose loss would end a job Ray Train can restart."""
