@@ -250,8 +250,11 @@ def merge_reports(reports: dict[int, dict[str, Any]], split: str, spec: DataSpec
 
 
 def _report_box() -> Any:
-    """An actor (no CPU) holding the per-batch reports until the driver takes them."""
+    """An actor (no CPU) holding the per-batch reports until the driver takes them, on the
+    driver's node (:func:`kdray.ray_setup.on_this_node`)."""
     import ray
+
+    from kdray.ray_setup import on_this_node
 
     @ray.remote(num_cpus=0)
     class ReportBox:
@@ -264,4 +267,4 @@ def _report_box() -> Any:
         def take(self) -> dict[int, dict[str, Any]]:
             return self.reports
 
-    return ReportBox.remote()
+    return ReportBox.options(scheduling_strategy=on_this_node()).remote()
