@@ -24,6 +24,15 @@ def test_the_failure_settings_can_be_turned_off_and_are_checked():
     assert parse_spec(minimal(training={"max_failures": -1})).training.max_failures == -1
     errors = errors_of(minimal(training={"checkpoint_every_steps": 0, "max_failures": -2}))
     assert set(errors) == {"training.checkpoint_every_steps", "training.max_failures"}
+    # The message says how to get what a user trying 0 or -2 wants.
+    assert "0 is not an interval" in errors["training.checkpoint_every_steps"]
+    assert "or null to save only each segment's final state" in errors["training.checkpoint_every_steps"]
+    assert "-2 is not a number of restarts" in errors["training.max_failures"]
+    assert "or -1 to retry forever" in errors["training.max_failures"]
+    # YAML's true and false are not numbers (pydantic would take them for 1 and 0).
+    errors = errors_of(minimal(training={"checkpoint_every_steps": True, "max_failures": False}))
+    assert errors["training.checkpoint_every_steps"].startswith("true is not an interval")
+    assert errors["training.max_failures"].startswith("false is not a number of restarts")
 
 
 def test_only_an_error_kdray_raised_in_a_worker_stops_the_retries():

@@ -4,7 +4,7 @@ settings. Re-exported by :mod:`kdray.spec`, the one entry point."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -74,6 +74,11 @@ class LoraSpec(_Spec):
 #: the steps since the latest checkpoint, and the job goes on by itself up to twice a segment.
 CHECKPOINT_EVERY_STEPS = 200
 MAX_FAILURES = 2
+
+
+def _yaml(v: Any) -> str:
+    """A value as the spec's YAML or JSON writes it (``true``, not ``True``)."""
+    return str(v).lower() if isinstance(v, bool) else repr(v)
 
 
 class TrainingSpec(_Spec):
@@ -166,6 +171,22 @@ class TrainingSpec(_Spec):
         description="Keep the partitioned parameters in CPU memory between uses (ZeRO-Infinity); "
         "needs zero_stage 3.",
     )
+
+    @field_validator("checkpoint_every_steps", mode="before")
+    @classmethod
+    def _checkpoint_interval(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1):
+            raise ValueError(f"{_yaml(v)} is not an interval: give a number of optimizer steps (1 or more), or "
+                             "null to save only each segment's final state")
+        return v
+
+    @field_validator("max_failures", mode="before")
+    @classmethod
+    def _failure_count(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, int) and v < -1):
+            raise ValueError(f"{_yaml(v)} is not a number of restarts: give 0 or more (0: fail at the first "
+                             "failure), or -1 to retry forever")
+        return v
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "TrainingSpec":
