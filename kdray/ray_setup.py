@@ -103,15 +103,3 @@ def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return context
-
-
-def on_this_node() -> Any:
-    """Ray's scheduling strategy for an actor this process's stage relies on while it runs (the
-    progress hub, the prepare stage's report box): on this process's node, hard affinity. The
-    driver's node is lost with the job anyway; placed on a worker node, a small actor of the
-    driver's would turn that node's loss (a reclaimed spot instance), which Ray Data and Ray
-    Train recover from, into a failed job."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

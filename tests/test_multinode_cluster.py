@@ -178,20 +178,18 @@ def test_a_node_without_the_drivers_toy_world_fails_there_naming_it(cluster, sto
     assert toy_world.meta["build_id"] in text and "put KDRAY_CACHE_DIR on storage every node mounts" in text
 
 
-def test_the_drivers_actors_live_on_the_drivers_node(cluster):
-    """The actors a stage's driver relies on (the progress hub through which workers report
-    steps, the prepare stage's report box) sit on the driver's node, whose loss ends the job
-    anyway, never on a worker node whose loss Ray Train and Ray Data would otherwise recover from."""
+def test_the_progress_hub_lives_on_the_drivers_node(cluster):
+    """The actor through which workers report steps sits on the driver's node (whose loss ends
+    the job anyway), never on a worker node whose loss would end a job Ray Train can restart."""
     import ray
 
-    from kdray.data.split import _report_box
     from kdray.stages.context import progress_hub
 
     driver = ray.get_runtime_context().get_node_id()
-    hubs = [progress_hub() for _ in range(3)] + [_report_box() for _ in range(3)]
+    hubs = [progress_hub() for _ in range(4)]
     where = ray.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in hubs],
                     timeout=60)
-    assert where == [driver] * 6
+    assert where == [driver] * 4
     for hub in hubs:
         ray.kill(hub)
 

@@ -250,11 +250,8 @@ def merge_reports(reports: dict[int, dict[str, Any]], split: str, spec: DataSpec
 
 
 def _report_box() -> Any:
-    """An actor (no CPU) holding the per-batch reports until the driver takes them, on the
-    driver's node (:func:`kdray.ray_setup.on_this_node`)."""
+    """An actor (no CPU) holding the per-batch reports until the driver takes them."""
     import ray
-
-    from kdray.ray_setup import on_this_node
 
     @ray.remote(num_cpus=0)
     class ReportBox:
@@ -267,4 +264,4 @@ def _report_box() -> Any:
         def take(self) -> dict[int, dict[str, Any]]:
             return self.reports
 
-    return ReportBox.options(scheduling_strategy=on_this_node()).remote()
+    return ReportBox.remote()

@@ -23,11 +23,11 @@ DRAIN_INTERVAL_S = 0.5
 def progress_hub() -> Any:
     """A Ray actor (no CPU) that buffers events (pool batches done, training steps) for the
     driver: ``record.remote(event)`` from anywhere in the cluster, ``drain`` from the driver.
-    It lives on the driver's node (:func:`kdray.ray_setup.on_this_node`): on a worker node, that
-    node's loss would take it, and with it a job Ray Train would restart from its checkpoint."""
+    It lives on the driver's node, whose loss ends the job anyway: anywhere else, losing a
+    worker node (a reclaimed spot instance) could take it and with it a job Ray Train would
+    otherwise restart from its latest checkpoint."""
     import ray
-
-    from kdray.ray_setup import on_this_node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class ProgressHub:
@@ -41,7 +41,8 @@ def progress_hub() -> Any:
             out, self.events = self.events, []
             return out
 
-    return ProgressHub.options(scheduling_strategy=on_this_node()).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressHub.options(scheduling_strategy=here).remote()
 
 
 def run_draining(fn: Callable[[], Any], hub: Any, on_event: Callable[[dict[str, Any]], None]) -> Any:
