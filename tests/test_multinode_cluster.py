@@ -178,29 +178,6 @@ def test_a_node_without_the_drivers_toy_world_fails_there_naming_it(cluster, sto
     assert toy_world.meta["build_id"] in text and "put KDRAY_CACHE_DIR on storage every node mounts" in text
 
 
-def test_the_progress_hub_lives_on_the_drivers_node(cluster):
-    """The actor through which workers report steps sits on the driver's node (whose loss ends
-    the job anyway), never on a worker node whose loss would end a job Ray Train can restart."""
-    import ray
-
-    from kdray.stages.context import progress_hub
-
-    driver = ray.get_runtime_context().get_node_id()
-    hubs = [progress_hub() for _ in range(4)]
-    where = ray.get([h.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for h in hubs],
-                    timeout=60)
-    assert where == [driver] * 4
-    for hub in hubs:
-        ray.kill(hub)
-
-# -- a job across nodes, and a node lost mid-segment -------------------------------------------
-
-HELDOUT, JUDGED = 32, 12
-#: The POCL job's checkpoint interval: every step, so the node can be lost right after stage 2's
-#: first step (5) with seven steps of stage 2 still to train.
-EVERY = 1
-
-
 def _pocl_spec(work: Path) -> Path:
     """Two-stage POCL on the toy world with per-round evaluation and the toy teacher as judge;
     checkpoints every EVERY steps and the failure policy's defaults (no max_failures)."""
