@@ -177,6 +177,13 @@ def test_a_node_without_the_drivers_toy_world_fails_there_naming_it(cluster, sto
     assert f"Ray node {cluster.node_id('node_a')}" in text and "has no toy world at" in text
     assert toy_world.meta["build_id"] in text and "put KDRAY_CACHE_DIR on storage every node mounts" in text
 
+# -- a job across nodes, and a node lost mid-segment -------------------------------------------
+
+HELDOUT, JUDGED = 32, 12
+#: The POCL job's checkpoint interval: every step, so the node can be lost right after stage 2's
+#: first step (5) with seven steps of stage 2 still to train.
+EVERY = 1
+
 
 def _pocl_spec(work: Path) -> Path:
     """Two-stage POCL on the toy world with per-round evaluation and the toy teacher as judge;
