@@ -210,6 +210,11 @@ class LocalCluster:
             self._spawn_worker(name, self.root / name[-1])
         import ray
 
+        # As the nodes: a local Ray started earlier in this process leaves RAY_AUTH_MODE=token in
+        # os.environ, and a driver sending tokens to nodes without auth sees its own objects'
+        # owner "died" (OwnerDiedError) and its actors cancelled.
+        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = self.env["RAY_AUTH_MODE"]
         ray.init(address=self.address, log_to_driver=False, logging_level="WARNING")
         while len(self.alive_nodes()) < len(self.nodes):  # (no node killed yet)
             self._check_alive(deadline)
@@ -286,6 +291,11 @@ class LocalCluster:
         import ray
 
         ray.shutdown()
+        if hasattr(self, "_auth_mode"):  # this process's own setting back
+            if self._auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._auth_mode
         sessions = {node.proc.pid for node in self.nodes if node.proc is not None}
         _kill_sessions(sessions)
         for node in self.nodes:
