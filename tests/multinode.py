@@ -213,7 +213,6 @@ class LocalCluster:
         # As the nodes: a local Ray started earlier in this process leaves RAY_AUTH_MODE=token in
         # os.environ, and a driver sending tokens to nodes without auth sees its own objects'
         # owner "died" (OwnerDiedError) and its actors cancelled.
-        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
         os.environ["RAY_AUTH_MODE"] = self.env["RAY_AUTH_MODE"]
         ray.init(address=self.address, log_to_driver=False, logging_level="WARNING")
         while len(self.alive_nodes()) < len(self.nodes):  # (no node killed yet)
@@ -291,11 +290,9 @@ class LocalCluster:
         import ray
 
         ray.shutdown()
-        if hasattr(self, "_auth_mode"):  # this process's own setting back
-            if self._auth_mode is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = self._auth_mode
+        # RAY_AUTH_MODE stays as start() set it: Ray caches the mode in this process, so a local
+        # Ray started later here with the old value in the environment would refuse its own
+        # driver ("Missing authorization header").
         sessions = {node.proc.pid for node in self.nodes if node.proc is not None}
         _kill_sessions(sessions)
         for node in self.nodes:
