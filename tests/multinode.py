@@ -138,9 +138,13 @@ class LocalCluster:
         unknown = set(self.private) - set(WORKERS)
         if unknown:
             raise ValueError(f"private paths for unknown nodes {sorted(unknown)}; nodes are {WORKERS}")
-        # No token authentication: a driver joining with RAY_AUTH_MODE unset sends no token,
-        # and a head would turn it on by itself when ~/.ray/auth_token exists.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        # One auth mode for this process's drivers and every node: Ray 2.60 caches the mode in a
+        # process, and a driver whose mode differs from the nodes' loses its own objects
+        # (OwnerDiedError) or is refused ("Missing authorization header"). A local ray.init()
+        # turns token auth on (RAY_AUTH_MODE=token in os.environ) unless the mode is set, so the
+        # cluster takes the mode already set, else token, as that local Ray would.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        self.env = {**os.environ, **(env or {})}
         self.ray = ray_command()
         self.ports = Ports()
         self.nodes: list[Node] = []
@@ -195,6 +199,9 @@ class LocalCluster:
 
     def _start(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
+        if self.env["RAY_AUTH_MODE"].lower() == "token":  # every node reads ~/.ray/auth_token
+            subprocess.run([self.ray, "get-auth-token", "--generate"], env=self.env, check=True,
+                           capture_output=True)
         gcs = self.ports.one()
         head = Node("head", self.root / "h")
         self.nodes.append(head)
@@ -210,10 +217,6 @@ class LocalCluster:
             self._spawn_worker(name, self.root / name[-1])
         import ray
 
-        # As the nodes: a local Ray started earlier in this process leaves RAY_AUTH_MODE=token in
-        # os.environ, and a driver sending tokens to nodes without auth sees its own objects'
-        # owner "died" (OwnerDiedError) and its actors cancelled.
-        os.environ["RAY_AUTH_MODE"] = self.env["RAY_AUTH_MODE"]
         ray.init(address=self.address, log_to_driver=False, logging_level="WARNING")
         while len(self.alive_nodes()) < len(self.nodes):  # (no node killed yet)
             self._check_alive(deadline)
@@ -290,9 +293,6 @@ class LocalCluster:
         import ray
 
         ray.shutdown()
-        # RAY_AUTH_MODE stays as start() set it: Ray caches the mode in this process, so a local
-        # Ray started later here with the old value in the environment would refuse its own
-        # driver ("Missing authorization header").
         sessions = {node.proc.pid for node in self.nodes if node.proc is not None}
         _kill_sessions(sessions)
         for node in self.nodes:
