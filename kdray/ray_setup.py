@@ -103,3 +103,42 @@ def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return context
+
+
+#: How long the trainers wait for GPUs that are still held when a segment starts (a finished
+#: pool's actors exiting, its placement groups going away) before the job fails.
+GPU_WAIT_S = 300.0
+
+
+def wait_for_free_gpus(needed: float, timeout: float = GPU_WAIT_S, poll_s: float = 0.5) -> float:
+    """Return once ``needed`` GPUs are free in Ray's resource view (what training workers
+    reserve); returns the seconds waited. A cluster with fewer GPUs than ``needed`` in all
+    returns at once: an autoscaler adds them when Ray Train asks.
+
+    Raises:
+        ClusterError: still not free after ``timeout`` s, with the free and total counts, the
+            placement groups holding GPUs, and the fixes.
+    """
+    import time
+
+    import ray
+
+    t0 = time.monotonic()
+    while True:
+        total = ray.cluster_resources().get("GPU", 0.0)
+        free = ray.available_resources().get("GPU", 0.0)
+        if free >= needed or total < needed:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            break
+        time.sleep(poll_s)
+    from ray.util import placement_group_table
+
+    holders = [f"{gid} ({sum(b.get('GPU', 0.0) for b in info['bundles'].values()):g} GPUs, {info['state']})"
+               for gid, info in placement_group_table().items()
+               if info["state"] != "REMOVED" and any(b.get("GPU") for b in info["bundles"].values())]
+    raise ClusterError(
+        f"training needs {needed:g} free GPUs, and {free:g} of the cluster's {total:g} were still free after "
+        f"{timeout:.0f} s; placement groups holding GPUs: {', '.join(holders) or 'none'} (another job's, or "
+        "actors that did not exit). Wait for them to end (ray list placement-groups / ray list actors show "
+        "them) and run the job again (it resumes), or lower training.num_workers")

@@ -12,12 +12,15 @@ position ``_row``.
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
 from typing import Any, Callable
 
 
 from kdray.data.tokenize import PromptEncoding
 from kdray.pools import hf, vllm
 from kdray.pools.base import BACKENDS, ROLES, SamplingConfig, pool_env
+from kdray.pools.placement import engine_placement, in_placement_group, uses_ray_executor
 from kdray.spec import GenerationSpec, JobSpec, ModelSpec
 
 
@@ -40,9 +43,14 @@ def pool_options(pool: GenerationSpec, role: str) -> dict[str, Any]:
     import ray.data
 
     in_flight = 1 if role == "scorer" else None
-    return dict(batch_size=pool.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=pool.replicas, max_tasks_in_flight_per_actor=in_flight),
-                num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica)
+    options = dict(batch_size=pool.batch_size, batch_format="numpy",
+                   compute=ray.data.ActorPoolStrategy(size=pool.replicas, max_tasks_in_flight_per_actor=in_flight),
+                   num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica)
+    if uses_ray_executor(pool):  # a placement group per actor; vLLM's workers take its GPUs
+        placement = engine_placement(pool)
+        options.update(num_cpus=placement["bundles"][0]["CPU"], num_gpus=0,
+                       ray_remote_args_fn=partial(in_placement_group, placement))
+    return options
 
 
 #: What one pool task's outputs may hold in the object store before the writer takes them
@@ -67,7 +75,11 @@ def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: i
     if row_bytes:
         per_block = max(1, TASK_OUTPUT_BYTES // (row_bytes * pool.batch_size)) * pool.batch_size
         ds = ds.repartition(target_num_rows_per_block=per_block)
-    return ds.map_batches(fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn (removal: Ray 2.64) with no replacement yet; its
+        # own LLM engine stage places tensor-parallel engines through it too (kdray pins Ray).
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        return ds.map_batches(fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
 
 
 def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_bytes: int | None = None,
@@ -83,6 +95,7 @@ def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_
         tensor_parallel_size=pool.tensor_parallel_size,
         enforce_eager=pool.enforce_eager,
         env=pool_env(pool),
+        **(vllm.engine_options(pool) if model.backend == "vllm" else {}),
         **kwargs,
     )
 

@@ -35,6 +35,7 @@ from kdray.data.text_scores import rouge_l
 from kdray.errors import ModelError, first_line, node
 from kdray.models import load_tokenizer, resolve_model, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, LIGHT_NUM_CPUS, check_lengths, check_score_mode, objects, pool_env
+from kdray.pools.placement import engine_placement, uses_ray_executor
 from kdray.spec import GenerationSpec, ModelSpec
 
 
@@ -116,27 +117,37 @@ class EncodeRequests:
         return out
 
 
+def engine_options(pool: GenerationSpec) -> dict[str, Any]:
+    """vLLM engine arguments that only GPU replicas of ``pool`` get, the same for the generator
+    and the scorer: the memory share (:meth:`~kdray.spec.GenerationSpec.vllm_gpu_memory_utilization`)
+    and, with tensor parallelism, vLLM's Ray executor, whose workers take the GPUs of the
+    replica's placement group (:mod:`kdray.pools.placement`). None on CPU replicas."""
+    options: dict[str, Any] = {}
+    if pool.vllm_gpu_memory_utilization() is not None:
+        options["gpu_memory_utilization"] = pool.vllm_gpu_memory_utilization()
+    if uses_ray_executor(pool):
+        options["distributed_executor_backend"] = "ray"
+    return options
+
+
 def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> Any:
     """Ray's batch LLM processor (``ray.data.llm``) running ``model`` on vLLM for ``pool``:
     ``pool.replicas`` engines, ``pool.batch_size`` requests per Ray Data batch (vLLM batches
-    continuously across them), each replica reserving ``num_cpus_per_replica`` /
-    ``num_gpus_per_replica`` split over its ``tensor_parallel_size`` workers, with the pool's
+    continuously across them), each replica in a placement group of ``tensor_parallel_size``
+    bundles on one node (:func:`~kdray.pools.placement.engine_placement`), with the pool's
     actor environment (:func:`~kdray.pools.base.pool_env`). Its chat-template, tokenize and
     detokenize stages are off: requests come from :class:`EncodeRequests` with the job's own
     prompt ids, and vLLM returns the text."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     tp = pool.tensor_parallel_size
-    bundle = {"CPU": pool.num_cpus_per_replica / tp}
-    if pool.num_gpus_per_replica:
-        bundle["GPU"] = pool.num_gpus_per_replica / tp
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model(model.model),
         engine_kwargs=dict(dtype=model.dtype, max_model_len=model.max_model_len, tensor_parallel_size=tp,
-                           enforce_eager=pool.enforce_eager, seed=seed),
+                           enforce_eager=pool.enforce_eager, seed=seed, **engine_options(pool)),
         batch_size=pool.batch_size, concurrency=pool.replicas,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        placement_group_config={"bundles": [dict(bundle) for _ in range(tp)]},
+        placement_group_config=engine_placement(pool),
         runtime_env={"env_vars": pool_env(pool)},
     )
     light = {"num_cpus": LIGHT_NUM_CPUS}  # the processor's row wrapping: a map each side of the engine
@@ -223,15 +234,16 @@ class VLLMScorer(PoolCallable):
 
     def __init__(self, model: str, *, mode: str, k: int, dtype: str, max_model_len: int,
                  tensor_parallel_size: int, enforce_eager: bool, env: dict[str, str],
-                 signal_meta: dict[str, Any] | None = None, progress: Any = None):
+                 signal_meta: dict[str, Any] | None = None, progress: Any = None, **engine: Any):
         check_score_mode(mode)
         super().__init__(env, progress)
         self.signal_meta = signal_meta
         from vllm import SamplingParams
 
         self.mode, self.k, self.model, self.max_model_len = mode, k, model, max_model_len
+        # engine: what GPU replicas add (engine_options), through kdray.pools.run.map_pool
         common = dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=enforce_eager)
+                      enforce_eager=enforce_eager, **engine)
         if mode == "topk":
             self.llm = start_engine(model, **common, max_logprobs=k)
             # One token out (vLLM must generate one); the prompt's top-k log-probs are the point.

@@ -23,6 +23,10 @@ from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
 from kdray.spec.refs import check_data_ref, check_model_ref, check_output_dir
 from kdray.spec.training import TeacherSignalSpec, TrainingSpec
 
+#: vLLM's own default ``gpu_memory_utilization`` (``vllm.config.CacheConfig``): what a replica
+#: that reserves a whole GPU per engine worker gets.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+
 
 class ModelSpec(_Spec):
     """A model that kdray loads: the teacher or the student."""
@@ -145,8 +149,9 @@ class GenerationSpec(_Spec):
     seed: int = Field(0, description="Sampling seed: the same seed gives the same responses.")
     replicas: int = Field(1, ge=1, description="Generation actors (model replicas) in the pool.")
     num_gpus_per_replica: float = Field(
-        0.0, ge=0.0, description="GPUs each replica reserves from Ray: 0 on CPU hosts; otherwise at "
-        "least tensor_parallel_size."
+        0.0, ge=0.0, description="GPUs each replica reserves from Ray: 0 on CPU hosts. With "
+        "tensor_parallel_size 1 a fraction shares a GPU between replicas (see gpu_memory_utilization); "
+        "otherwise at least tensor_parallel_size (a whole GPU per shard)."
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM tensor parallelism: GPUs one replica's model is sharded over. "
@@ -166,14 +171,59 @@ class GenerationSpec(_Spec):
         description="Skip vLLM's torch.compile and CUDA graphs: quicker start-up, slower "
         "steady state. Worth it for tiny models and short jobs (the CPU demo).",
     )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="vLLM's gpu_memory_utilization: the fraction of each GPU's memory one replica's "
+        "engine may take (weights, activations, KV cache). Default: 0.9 × the replica's share of a GPU "
+        "(num_gpus_per_replica / tensor_parallel_size, at most 1), so replicas that Ray places on one "
+        "GPU fit together (two replicas of 0.5 GPU: 0.45 each). At most that share. GPU replicas of "
+        "backend vllm only (CPU replicas size their KV cache with VLLM_CPU_KVCACHE_SPACE).",
+    )
+
+    @property
+    def gpu_share(self) -> float:
+        """The fraction of one GPU each of a replica's engine workers reserves (0 on CPU)."""
+        return min(1.0, self.num_gpus_per_replica / self.tensor_parallel_size)
+
+    def vllm_gpu_memory_utilization(self) -> float | None:
+        """What the replicas' vLLM engines get as ``gpu_memory_utilization``: the spec's value,
+        else :data:`VLLM_GPU_MEMORY_UTILIZATION` × :attr:`gpu_share`; None on CPU replicas."""
+        if not self.num_gpus_per_replica:
+            return None
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return round(VLLM_GPU_MEMORY_UTILIZATION * self.gpu_share, 4)
 
     @model_validator(mode="after")
     def _gpus_cover_tp(self) -> "GenerationSpec":
-        if self.num_gpus_per_replica and self.num_gpus_per_replica < self.tensor_parallel_size:
+        # A fraction of a GPU is fine for one engine worker (small models sharing a GPU), but
+        # vLLM's Ray executor asks a whole GPU for each tensor-parallel worker.
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.num_gpus_per_replica and self.num_gpus_per_replica < tp:
             raise ValueError(
                 f"num_gpus_per_replica ({self.num_gpus_per_replica}) is smaller than "
-                f"tensor_parallel_size ({self.tensor_parallel_size}); reserve one GPU per shard"
+                f"tensor_parallel_size ({tp}); reserve one whole GPU per shard"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_sharing_a_gpu_fit(self) -> "GenerationSpec":
+        util = self.gpu_memory_utilization
+        if util is None:
+            return self
+        if not self.num_gpus_per_replica:
+            raise ValueError(
+                f"gpu_memory_utilization ({util}) is set but num_gpus_per_replica is 0 (CPU replicas, whose "
+                "vLLM sizes its KV cache with VLLM_CPU_KVCACHE_SPACE); remove it, or give the replicas GPUs")
+        share = self.gpu_share
+        if util > share + 1e-9:
+            together = int(1 / share + 1e-9)
+            raise ValueError(
+                f"gpu_memory_utilization ({util}) is more than each replica's share of a GPU "
+                f"(num_gpus_per_replica / tensor_parallel_size = {share:g}): Ray may place {together} replicas "
+                f"on one GPU, which would claim {together * util:.0%} of its memory and the later ones would "
+                f"fail to start. Set it to at most {share:g} (or leave it out: {VLLM_GPU_MEMORY_UTILIZATION} × "
+                "the share), or reserve more of a GPU per replica")
         return self
 
 
@@ -361,6 +411,10 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _hf_backend_one_device(self) -> "JobSpec":
         hf = [role for role in ("teacher", "student") if getattr(self, role).backend == "hf"]
+        if len(hf) == 2 and self.generation.gpu_memory_utilization is not None:
+            raise ValueError(
+                "teacher.backend and student.backend are 'hf', but generation.gpu_memory_utilization is set: it "
+                "is vLLM's setting (transformers takes what it needs); remove it or use backend: vllm")
         if hf and self.generation.tensor_parallel_size > 1:
             raise ValueError(
                 f"{' and '.join(f'{r}.backend' for r in hf)} {'is' if len(hf) == 1 else 'are'} 'hf', which runs "

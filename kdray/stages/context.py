@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from kdray.data.artifacts import Artifact, write_dataset
 from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.pools import SamplingConfig, generate
+from kdray.pools.placement import releasing_placement_groups
 from kdray.spec import JobSpec, ModelSpec
 
 
@@ -125,9 +126,10 @@ class StageContext:
         as the actors write."""
         hub = progress_hub()
         ds = build(hub)
-        return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes, expect_rows=expect_rows,
-                             run=lambda fn: run_draining(
-                                 fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
+        with releasing_placement_groups():  # the pools' GPUs back to Ray once the rows are written
+            return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes,
+                                 expect_rows=expect_rows, run=lambda fn: run_draining(
+                                     fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
                  sampling: SamplingConfig, score_gold: bool = False,
@@ -137,8 +139,9 @@ class StageContext:
         encoding (:meth:`prompt_encoding`), whichever model answers, unless ``encoding`` is
         given (the LLM judge's own)."""
         self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
-        return generate(
-            rows, model, self.spec.generation, sampling, score_gold=score_gold,
-            encoding=self.prompt_encoding() if encoding is None else encoding,
-            on_rows=lambda n: self.reporter.advance(phase, n),
-        )
+        with releasing_placement_groups():
+            return generate(
+                rows, model, self.spec.generation, sampling, score_gold=score_gold,
+                encoding=self.prompt_encoding() if encoding is None else encoding,
+                on_rows=lambda n: self.reporter.advance(phase, n),
+            )

@@ -19,6 +19,7 @@ from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
 from kdray.data.records import SIGNAL_COLUMNS
 from kdray.errors import ClusterError, KdrayError, user_error
+from kdray.ray_setup import wait_for_free_gpus
 from kdray.stages.context import StageContext, progress_hub, run_draining
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
 
@@ -168,6 +169,10 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
 
     spec, t = ctx.spec, ctx.spec.training
     check_ingest_cpus(t.num_workers)
+    if t.use_gpu:  # one GPU per worker; a pool that just ended may still be handing its GPUs back
+        waited = wait_for_free_gpus(t.num_workers)
+        if waited >= 1:
+            ctx.reporter.message(f"train: waited {waited:.0f}s for {t.num_workers} free GPUs")
     datasets = {"train": training_dataset(data, keys, signal_meta)}
     replay = spec.curriculum_of("replay")
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
