@@ -275,13 +275,14 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: in
     DataContext.get_current().enable_progress_bars = False
     Path("/proc/self/clear_refs").write_text("5")
     base_rss = _peak_rss()
-    peak = {"store": 0}
+    peak = {"store": 0, "phase": 0}  # the whole variant's, the current phase's
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.is_set():
             try:
-                peak["store"] = max(peak["store"], _store_stats()[0])
+                used = _store_stats()[0]
+                peak["store"], peak["phase"] = max(peak["store"], used), max(peak["phase"], used)
             except Exception:  # Ray went down (the variant failed): its own error says why
                 return
             stop.wait(0.2)
@@ -295,8 +296,9 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: in
 
     def mark(name: str) -> None:
         used, spilled = _store_stats()
-        phases.append({"phase": name, "store_peak_bytes": peak["store"], "store_used_bytes": used,
-                       "spilled_bytes": spilled, "driver_peak_bytes": _peak_rss()})
+        phases.append({"phase": name, "store_peak_bytes": peak["store"], "phase_store_peak_bytes": peak["phase"],
+                       "store_used_bytes": used, "spilled_bytes": spilled, "driver_peak_bytes": _peak_rss()})
+        peak["phase"] = used
 
     ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens, mark)
     meta = _meta(mode)

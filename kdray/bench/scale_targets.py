@@ -44,6 +44,13 @@ def print_results(results: list[dict[str, Any]], factor: int) -> set[str]:
                   f"(target <= {TARGET_STORE_GROWTH}): {'ok' if growth <= TARGET_STORE_GROWTH else 'MISSED'}; "
                   f"spilled at {factor}N {_mb(large['spilled_bytes'])} MiB: "
                   f"{'ok' if large['spilled_bytes'] == 0 else 'MISSED'}")
+            phases = [p["phase"] for p in large.get("phases", []) if "phase_store_peak_bytes" in p]
+            if phases:  # where the peak is: each phase's own, at N and 8N
+                per = {r["rows"]: {p["phase"]: p["phase_store_peak_bytes"] for p in r.get("phases", [])}
+                       for r in (small, large)}
+                print(f"{'':9} {mode:6} object store peak per phase, N / {factor}N (MiB): " + "; ".join(
+                    f"{name} {_mb(per[small['rows']].get(name, 0))} / {_mb(per[large['rows']][name])}"
+                    for name in phases))
             if large.get("data_budget_bytes"):  # what bounds the peak at any N (an older bench: none)
                 print(f"{'':9} {mode:6} object store peak at {factor}N {_mb(large['store_peak_bytes'])} MiB: "
                       f"{large['store_peak_bytes'] / large['data_budget_bytes']:.0%} of Ray Data's budget of "
