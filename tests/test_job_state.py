@@ -84,7 +84,7 @@ def test_a_job_saved_before_a_field_was_added_resumes_when_it_keeps_the_default(
         JobState.open(tmp_path, spec_of(tmp_path), restart=False)
 
 
-def test_a_resumed_job_may_change_its_failure_policy_and_nothing_else(tmp_path):
+def test_a_resumed_job_may_change_its_failure_policy_and_memory_savings_and_nothing_else(tmp_path):
     """A job that failed too often resumes with more retries or checkpoints; one saved under an
     older kdray's failure defaults (max_failures 0, no periodic checkpoints) resumes under today's."""
     import json
@@ -92,7 +92,8 @@ def test_a_resumed_job_may_change_its_failure_policy_and_nothing_else(tmp_path):
     JobState.open(tmp_path, spec_of(tmp_path, max_failures=0, checkpoint_every_steps=None),
                   restart=False).run_name(0, "x")
     assert JobState.open(tmp_path, spec_of(tmp_path), restart=False).run_name(0, "y") == "x"
-    resumed = JobState.open(tmp_path, spec_of(tmp_path, max_failures=-1, checkpoint_every_steps=5), restart=False)
+    resumed = JobState.open(tmp_path, spec_of(tmp_path, max_failures=-1, checkpoint_every_steps=5,
+                                              gradient_checkpointing=True), restart=False)
     assert resumed.run_name(0, "y") == "x"
     saved = json.loads((tmp_path / "state" / "job.json").read_text())
     assert saved["spec"]["training"]["max_failures"] == 0  # the saved work's own spec is kept

@@ -116,3 +116,25 @@ def test_peak_rss_mb_reads_this_process_high_water_mark():
     after = peak_rss_mb()
     assert 0 < before and after >= before + 60
     del block
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": ["q_proj", "v_proj"]}])
+def test_gradient_checkpointing_recomputes_each_layer_in_backward_and_gives_the_same_gradients(toy_world, lora):
+    ids = torch.tensor([[5, 20, 30, 40, 7, 9, 11]])
+
+    def grads(**training):
+        torch.manual_seed(0)  # the same LoRA init both times
+        model = load_student(spec(lora=lora, **training))
+        model.train()
+        (mlp,) = [m for n, m in model.named_modules() if n.endswith("layers.0.mlp")]
+        calls, forward = [], mlp.forward  # (a recompute runs no module hooks: wrap forward)
+        mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    plain, plain_calls = grads()
+    checkpointed, recomputed_calls = grads(gradient_checkpointing=True)
+    assert plain_calls == 1 and recomputed_calls == 2  # the layer ran again in the backward pass
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

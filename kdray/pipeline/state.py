@@ -31,10 +31,12 @@ from kdray.spec import JobSpec
 
 #: What ``--restart`` removes: everything a previous run of the job left to resume from.
 RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets")
-#: Spec fields a re-run may change: how the job survives failures, not what it computes (a job
-#: that failed too often resumes with a higher ``max_failures``; one saved under an older
-#: kdray's failure-policy defaults resumes under today's).
-MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps")
+#: Spec fields a re-run may change: how the job survives failures or fits in memory, not what
+#: it computes (a job that failed too often resumes with a higher ``max_failures``; one saved
+#: under an older kdray's failure-policy defaults resumes under today's; one that ran out of
+#: memory resumes with ``gradient_checkpointing``, which gives the same gradients).
+MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps",
+                        "training.gradient_checkpointing")
 
 
 def _write_atomic(path: Path, text: str) -> None:

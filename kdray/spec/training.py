@@ -171,6 +171,13 @@ class TrainingSpec(_Spec):
         description="Keep the partitioned parameters in CPU memory between uses (ZeRO-Infinity); "
         "needs zero_stage 3.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the student's activations in the backward pass instead of keeping "
+        "them (transformers' gradient_checkpointing_enable, non-reentrant): activation memory "
+        "of about one layer instead of all of them, at the cost of a second forward pass. The same "
+        "gradients either way.",
+    )
 
     @field_validator("checkpoint_every_steps", mode="before")
     @classmethod

@@ -44,8 +44,13 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
 
 def load_student(spec: JobSpec) -> Any:
     """The student to train: the model itself, or with ``training.lora`` the model wrapped in
-    peft LoRA adapters (only they train; the base weights are frozen)."""
+    peft LoRA adapters (only they train; the base weights are frozen); with
+    ``training.gradient_checkpointing`` its activations are recomputed in the backward pass
+    (non-reentrant checkpoints, which need no input that requires grad, so LoRA works too)."""
     student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
+    if spec.training.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False  # a KV cache is useless in training and clashes with recompute
     lora = spec.training.lora
     if lora is None:
         return student
