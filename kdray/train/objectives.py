@@ -99,17 +99,25 @@ def _unwrapped(module: Any) -> Any:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
+def _head(model: Any, vocab: int) -> tuple[Any, Any]:
+    """A transformers model's lm_head (weight ``[V, H]``, bias ``[V]`` or None) over the first
+    ``vocab`` rows (the vocabulary both models share)."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return head.weight[:vocab], None if bias is None else bias[:vocab]
+
+
 class KDStep:
     """``kd_ratio · divergence + (1 − kd_ratio) · CE`` on the training responses.
 
     The teacher's distribution comes from the spec's ``teacher_signal``: the frozen teacher's
     logits (``online``), the stored top-k log-probs and ids (``topk``: the divergence on the
     top-k + tail buckets, :func:`kdray.losses.sparse_divergence`), or the stored hidden states
-    times the teacher's lm_head (``hidden``). In ``hidden`` mode under ZeRO 0–2 the student's
-    final hidden states go straight into :func:`kdray.losses.fused_linear_divergence`, so
-    neither model's ``[tokens, V]`` logits are ever materialised; under ZeRO-3, whose
-    partitioned lm_head is only whole inside the module's own forward, both sides take
-    logits. Logits are compared over the vocabulary both models share (padding rows of a
+    times the teacher's lm_head (``hidden``). In ``hidden`` and ``online`` modes under ZeRO 0–2
+    both models' final hidden states go straight into
+    :func:`kdray.losses.fused_linear_divergence`, so neither model's ``[tokens, V]`` logits are
+    ever materialised; under ZeRO-3, whose partitioned lm_head is only whole inside the
+    module's own forward, both sides take logits. Logits are compared over the vocabulary both models share (padding rows of a
     larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
     """
 
@@ -119,7 +127,7 @@ class KDStep:
         self.spec, self.segment = spec, segment
         self.mode = spec.teacher_signal.mode
         self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
-        self.fused = self.mode == "hidden" and spec.training.zero_stage < 3
+        self.fused = self.mode in ("hidden", "online") and spec.training.zero_stage < 3
 
     def items(self, batch: dict[str, Any]) -> dict[str, int]:
         """What each term of this objective averages over in ``batch``: its label tokens (the KD
@@ -188,24 +196,33 @@ class KDStep:
             )
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
-    def _fused(self, engine: Any, teacher: TeacherHead, batch: dict[str, Any], n_kd: float | None,
+    def _fused(self, engine: Any, teacher: Any, batch: dict[str, Any], n_kd: float | None,
                n_ce: float | None) -> tuple[Any, dict[str, float], int]:
-        """``hidden`` mode, ZeRO 0–2: the decoder's hidden states into the fused lm-head loss."""
+        """``hidden`` and ``online`` modes, ZeRO 0–2: both models' final hidden states (the
+        teacher's stored, or from its decoder under no_grad) into the fused lm-head loss, so
+        neither model's ``[tokens, V]`` logits exist."""
+        import torch
+
         from kdray import losses
 
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         model = _unwrapped(getattr(engine, "module", engine))  # a DeepSpeed engine, or the model itself
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-        head = model.get_output_embeddings()
-        weight = head.weight[: self.vocab]
-        bias = None if getattr(head, "bias", None) is None else head.bias[: self.vocab]
+        weight, bias = _head(model, self.vocab)
+        if self.mode == "hidden":
+            t_weight, t_bias = teacher.weight, teacher.bias
+            t_hidden = batch["t_hidden"][:, 1:].to(t_weight.dtype)
+        else:  # online: the teacher model itself
+            t_weight, t_bias = _head(teacher, self.vocab)
+            with torch.no_grad():
+                t_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
         target = labels[:, 1:]
         mask = target != IGNORE_INDEX
         seg, obj = self.segment, self.spec.objective
         kd = losses.fused_linear_divergence(
-            hidden, weight, batch["t_hidden"][:, 1:].to(teacher.weight.dtype), teacher.weight,
+            hidden, weight, t_hidden, t_weight,
             divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
-            student_bias=bias, teacher_bias=teacher.bias, num_items_in_batch=n_kd, **obj.divergence_params(),
+            student_bias=bias, teacher_bias=t_bias, num_items_in_batch=n_kd, **obj.divergence_params(),
         )
         ce = None
         if seg.kd_ratio < 1.0:
