@@ -129,3 +129,27 @@ def test_a_pool_task_holds_a_bounded_share_of_large_outputs_however_many_rows(ra
     assert 2000 // (2 * 128) <= tasks(TASK_OUTPUT_BYTES // 128) < 2000 // 64
     # Small outputs (a generator's): the blocks as read.
     assert tasks(None) < 2000 // 256
+
+
+def test_the_training_ingest_reads_blocks_of_bounded_bytes_however_large_the_files(ray_local, tmp_path):
+    """The blocks streamed to the training workers are held in the object store while queued
+    and prefetched; Ray Data's default reads a file as blocks of up to 128 MiB."""
+    import ray.data
+
+    from kdray.stages.train import INGEST_BLOCK_BYTES, training_dataset
+
+    row = 2**20  # a hidden record's size (H = 3584 bf16 at ~150 tokens)
+
+    def rows(batch):
+        n = len(batch["id"])
+        return {"key": batch["id"].astype(str), "input_ids": np.zeros((n, row // 4), np.int32),
+                "prompt_len": batch["id"].astype(np.int32)}  # the row number, to check the order
+
+    stored = write_dataset(ray.data.range(48, override_num_blocks=1).map_batches(rows, batch_format="numpy"),
+                           tmp_path / "big", "responses")
+    assert len(stored.info["files"]) == 1  # 48 MiB in one file, one read task
+    ds = training_dataset(stored)
+    sizes = [bundle.size_bytes() for bundle in ds.iter_internal_ref_bundles()]
+    assert sum(sizes) >= 48 * row and len(sizes) >= 48 * row // INGEST_BLOCK_BYTES
+    assert max(sizes) <= 2 * INGEST_BLOCK_BYTES
+    assert [int(k) for b in ds.iter_batches(batch_format="numpy") for k in b["prompt_len"]] == list(range(48))

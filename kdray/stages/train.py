@@ -83,16 +83,27 @@ def rows_of(data: Artifact, keys: Any = None, columns: list[str] | None = None) 
     return ds if columns is None else ds.select_columns(columns)
 
 
+#: Largest block the training ingest reads (Ray Data's ``target_max_block_size``, 128 MiB by
+#: default): the blocks queued for the workers and prefetched by their iterators are held in
+#: the object store, and smaller ones hold less at once. ``kdray bench scale`` (512 MiB store,
+#: the ingest phase's own peak at 8N): hidden, 1,000 rows, 299-352 MiB with 128 MiB blocks and
+#: 248-262 MiB with 8 MiB blocks (three runs each); top-k, 64,000 rows, 308-322 -> 174-186 MiB
+#: (two runs each); ingest rows/s within the runs' noise.
+INGEST_BLOCK_BYTES = 8 * 2**20
+
+
 def training_dataset(data: Artifact, keys: Any = None, signal_meta: dict[str, Any] | None = None) -> Any:
     """The lazy Ray dataset a segment streams into its workers: the compact examples of the
     committed dataset ``data`` (teacher responses, a round's student responses, or teacher
     records), only the rows whose key is in ``keys`` when given (a POCL stage), and only the
-    columns the workers read. Nothing is materialised: each epoch reads the files again, in
-    their stored order."""
+    columns the workers read, in blocks of at most :data:`INGEST_BLOCK_BYTES`. Nothing is
+    materialised: each epoch reads the files again, in their stored order."""
     columns = [c for c in (*EXAMPLE_COLUMNS, *(f"s_{c}" for c in EXAMPLE_COLUMNS)) if c in data.info["columns"]]
     if signal_meta is not None:
         columns += ["n_tokens", *SIGNAL_COLUMNS[signal_meta["mode"]]]
-    return rows_of(data, keys, columns)
+    ds = rows_of(data, keys, columns)
+    ds.context.target_max_block_size = INGEST_BLOCK_BYTES  # this dataset's context, not the driver's
+    return ds
 
 
 def validation_dataset(ctx: StageContext, rows: list[dict[str, Any]]) -> Any:
