@@ -51,15 +51,20 @@ def test_gpu_memory_utilization_defaults_to_the_share_of_a_gpu_and_replicas_shar
     assert GenerationSpec().vllm_gpu_memory_utilization() is None  # CPU replicas
     assert GenerationSpec(num_gpus_per_replica=1).vllm_gpu_memory_utilization() == 0.9
     assert GenerationSpec(num_gpus_per_replica=0.5).vllm_gpu_memory_utilization() == 0.45
-    assert GenerationSpec(num_gpus_per_replica=4, tensor_parallel_size=2).vllm_gpu_memory_utilization() == 0.9
+    assert GenerationSpec(num_gpus_per_replica=2, tensor_parallel_size=2).vllm_gpu_memory_utilization() == 0.9
     assert GenerationSpec(num_gpus_per_replica=0.25, gpu_memory_utilization=0.25).vllm_gpu_memory_utilization() == 0.25
-    with pytest.raises(ValueError, match=r"more than each replica's share of a GPU .*= 0.5\).*2 replicas on one GPU"
-                                         r".*120%.*at most 0.5"):
+    # 0.4 GPU each: two fit on a GPU, at 0.45 each (90%)
+    assert GenerationSpec(num_gpus_per_replica=0.4, gpu_memory_utilization=0.45).vllm_gpu_memory_utilization() == 0.45
+    with pytest.raises(ValueError, match=r"too much for replicas of 0.5 GPU: Ray may place 2 of them on one GPU"
+                                         r".*120%.*at most 0.5 "):
         GenerationSpec(num_gpus_per_replica=0.5, gpu_memory_utilization=0.6)
     with pytest.raises(ValueError, match="num_gpus_per_replica is 0"):
         GenerationSpec(gpu_memory_utilization=0.5)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\); reserve one whole GPU per shard"):
-        GenerationSpec(num_gpus_per_replica=1.5, tensor_parallel_size=2)
+    for gpus, tp in ((1.5, 2), (3, 2), (4, 2), (1.5, 1), (2, 1)):  # Ray takes no fraction above 1; unused GPUs
+        with pytest.raises(ValueError, match=rf"set num_gpus_per_replica to {tp}\b"):
+            GenerationSpec(num_gpus_per_replica=gpus, tensor_parallel_size=tp)
+    with pytest.raises(ValueError, match="too small a share of a GPU"):
+        GenerationSpec(num_gpus_per_replica=1e-5)
 
 
 def test_a_job_names_the_field_and_refuses_gpu_memory_utilization_for_hf_pools(toy_world):

@@ -26,6 +26,9 @@ from kdray.spec.training import TeacherSignalSpec, TrainingSpec
 #: vLLM's own default ``gpu_memory_utilization`` (``vllm.config.CacheConfig``): what a replica
 #: that reserves a whole GPU per engine worker gets.
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
+#: The smallest share of a GPU a replica may reserve (Ray counts resources in 1e-4 units; a
+#: model needs more than that of a GPU's memory).
+MIN_GPU_SHARE = 0.01
 
 
 class ModelSpec(_Spec):
@@ -149,9 +152,9 @@ class GenerationSpec(_Spec):
     seed: int = Field(0, description="Sampling seed: the same seed gives the same responses.")
     replicas: int = Field(1, ge=1, description="Generation actors (model replicas) in the pool.")
     num_gpus_per_replica: float = Field(
-        0.0, ge=0.0, description="GPUs each replica reserves from Ray: 0 on CPU hosts. With "
-        "tensor_parallel_size 1 a fraction shares a GPU between replicas (see gpu_memory_utilization); "
-        "otherwise at least tensor_parallel_size (a whole GPU per shard)."
+        0.0, ge=0.0, description="GPUs each replica reserves from Ray: 0 on CPU hosts; otherwise "
+        "tensor_parallel_size (a whole GPU per shard), or with tensor_parallel_size 1 a fraction of "
+        "one GPU (0.5: two replicas share a GPU; see gpu_memory_utilization)."
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM tensor parallelism: GPUs one replica's model is sharded over. "
@@ -183,7 +186,7 @@ class GenerationSpec(_Spec):
     @property
     def gpu_share(self) -> float:
         """The fraction of one GPU each of a replica's engine workers reserves (0 on CPU)."""
-        return min(1.0, self.num_gpus_per_replica / self.tensor_parallel_size)
+        return self.num_gpus_per_replica / self.tensor_parallel_size
 
     def vllm_gpu_memory_utilization(self) -> float | None:
         """What the replicas' vLLM engines get as ``gpu_memory_utilization``: the spec's value,
@@ -196,15 +199,19 @@ class GenerationSpec(_Spec):
 
     @model_validator(mode="after")
     def _gpus_cover_tp(self) -> "GenerationSpec":
-        # A fraction of a GPU is fine for one engine worker (small models sharing a GPU), but
-        # vLLM's Ray executor asks a whole GPU for each tensor-parallel worker.
-        tp = self.tensor_parallel_size
-        if tp > 1 and self.num_gpus_per_replica and self.num_gpus_per_replica < tp:
-            raise ValueError(
-                f"num_gpus_per_replica ({self.num_gpus_per_replica}) is smaller than "
-                f"tensor_parallel_size ({tp}); reserve one whole GPU per shard"
-            )
-        return self
+        # An engine worker uses one GPU or a fraction of one (small models sharing a GPU); vLLM's
+        # Ray executor asks a whole GPU for each tensor-parallel worker, and Ray takes no
+        # fraction above 1. More GPUs than shards would be reserved and never used.
+        tp, gpus = self.tensor_parallel_size, self.num_gpus_per_replica
+        if not gpus or gpus == tp or (tp == 1 and MIN_GPU_SHARE <= gpus < 1):
+            return self
+        if gpus < MIN_GPU_SHARE:
+            raise ValueError(f"num_gpus_per_replica ({gpus:g}) is too small a share of a GPU to hold a model; "
+                             f"give at least {MIN_GPU_SHARE}, or 0 for CPU replicas")
+        fraction = " (or, with tensor_parallel_size 1, a fraction of one GPU)" if tp == 1 else ""
+        raise ValueError(
+            f"num_gpus_per_replica ({gpus:g}) does not match tensor_parallel_size ({tp}): each shard of a "
+            f"replica runs on one whole GPU, so set num_gpus_per_replica to {tp}{fraction}")
 
     @model_validator(mode="after")
     def _replicas_sharing_a_gpu_fit(self) -> "GenerationSpec":
@@ -215,15 +222,13 @@ class GenerationSpec(_Spec):
             raise ValueError(
                 f"gpu_memory_utilization ({util}) is set but num_gpus_per_replica is 0 (CPU replicas, whose "
                 "vLLM sizes its KV cache with VLLM_CPU_KVCACHE_SPACE); remove it, or give the replicas GPUs")
-        share = self.gpu_share
-        if util > share + 1e-9:
-            together = int(1 / share + 1e-9)
+        together = int(1 / self.gpu_share + 1e-9)  # engines Ray may place on one GPU
+        if together * util > 1 + 1e-9:
             raise ValueError(
-                f"gpu_memory_utilization ({util}) is more than each replica's share of a GPU "
-                f"(num_gpus_per_replica / tensor_parallel_size = {share:g}): Ray may place {together} replicas "
-                f"on one GPU, which would claim {together * util:.0%} of its memory and the later ones would "
-                f"fail to start. Set it to at most {share:g} (or leave it out: {VLLM_GPU_MEMORY_UTILIZATION} × "
-                "the share), or reserve more of a GPU per replica")
+                f"gpu_memory_utilization ({util}) is too much for replicas of {self.gpu_share:g} GPU: Ray may place "
+                f"{together} of them on one GPU, which would claim {together * util:.0%} of its memory, and the "
+                f"later ones would fail to start. Set it to at most {1 / together:.4g} (or leave it out: "
+                f"{VLLM_GPU_MEMORY_UTILIZATION} × the share), or reserve more of a GPU per replica")
         return self
 
 

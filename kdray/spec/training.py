@@ -174,8 +174,8 @@ class TrainingSpec(_Spec):
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute the student's activations in the backward pass instead of keeping "
-        "them (transformers' gradient_checkpointing_enable, non-reentrant): activation memory "
-        "of about one layer instead of all of them, at the cost of a second forward pass. The same "
+        "them (transformers' gradient_checkpointing_enable, non-reentrant): of each layer's "
+        "activations only its input is kept, at the cost of a second forward pass. The same "
         "gradients either way.",
     )
 
