@@ -258,7 +258,7 @@ def test_spec_rejects_hf_backend_with_tensor_parallelism():
         parse_spec(spec)
     message = " ".join(msg for _, msg in info.value.errors)
     assert "teacher.backend" in message and "generation.tensor_parallel_size" in message
-    spec["generation"]["tensor_parallel_size"] = 1
+    spec["generation"].update(tensor_parallel_size=1, num_gpus_per_replica=1)
     assert parse_spec(spec).teacher.backend == "hf"
 
 
