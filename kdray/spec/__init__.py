@@ -1,6 +1,6 @@
 """The JobSpec and everything about reading one: the one entry point for specs.
 
-:mod:`.job` (the JobSpec and its model, data, generation and evaluation sections),
+:mod:`.job` (the JobSpec and its model, data and evaluation sections), :mod:`.generation` (the pools),
 :mod:`.training` (training, LoRA, teacher signal), :mod:`.objective` and :mod:`.curriculum`
 (losses and curricula, discriminated by ``kind``), :mod:`.refs` (model and data references),
 :mod:`.loading` (YAML/JSON in, every error at once out), :mod:`.base` (the strict base model).
