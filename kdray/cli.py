@@ -43,16 +43,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kdray.spec import dump_spec, load_spec
 
     spec = load_spec(args.spec)
-    _check_local_models(spec, args.spec)
+    local = _check_local_models(spec, args.spec)
+    if local:  # both configs at hand: what a training worker will hold, and its budget
+        from kdray.pipeline.budget import check_memory_budget
+        from kdray.train.memory import job_estimate
+
+        estimate = job_estimate(spec)
+        sys.stderr.write(f"memory per training worker (estimate, {spec.training.num_workers} workers, ZeRO-"
+                         f"{spec.training.zero_stage}):\n{estimate.table()}\n")
+        check_memory_budget(spec, estimate)
     sys.stdout.write(dump_spec(spec))
     return 0
 
 
-def _check_local_models(spec: Any, source: str) -> None:
+def _check_local_models(spec: Any, source: str) -> bool:
     """Models on this machine (toy models, local directories) must hold their weights, teacher
     and student must share a tokenizer and render a prompt alike (the job's prompt encoding,
     :func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job that loads
-    it; a template given in ``data.chat_template`` must parse in any case."""
+    it; a template given in ``data.chat_template`` must parse in any case. True when both
+    models are on this machine (and checked)."""
     from kdray.data.tokenize import job_encoding, template_syntax_error
     from kdray.models import check_model_files, shared_vocab_size
     from kdray.spec import TOY_PREFIX
@@ -80,6 +89,7 @@ def _check_local_models(spec: Any, source: str) -> None:
                 errors.append(("data.chat_template", str(exc)))
     if errors:
         raise SpecError(errors, source)
+    return len(local) == 2
 
 
 def _summary_table(report: dict[str, Any]) -> Any:

@@ -1,5 +1,6 @@
 """What a job will write under its output directory, stated before any work, and the storage
-budget its teacher records must fit (``teacher_signal.max_records_gb``).
+budget its teacher records must fit (``teacher_signal.max_records_gb``), and the GPU memory its
+training workers must fit (``training.gpu_memory_gb``, :func:`check_memory_budget`).
 
 Every per-row dataset is sized as rows × response tokens × bytes per token, an upper bound:
 responses are counted at ``generation.max_new_tokens`` + 1 (the EOS) tokens, at most
@@ -12,6 +13,7 @@ teacher (vocabulary 152,064, so uint32 ids; hidden size 3,584): top-k records at
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from kdray.data.records import record_bytes_per_token
 from kdray.errors import SpecError
@@ -97,3 +99,49 @@ def check_records_budget(spec: JobSpec, sizes: list[DatasetSize], *, teacher_voc
     raise SpecError([("teacher_signal.max_records_gb",
                       f"the {records.describe()} may exceed the budget of {_size(sig.max_records_gb * GB)}; use "
                       f"{', '.join(fixes)}, or raise the budget")])
+
+
+def memory_fixes(spec: JobSpec, estimate: Any) -> list[str]:
+    """What would shrink the largest parts of ``estimate`` (a
+    :class:`kdray.train.memory.MemoryEstimate` of ``spec``), largest part first."""
+    t, parts = spec.training, dict(estimate.device)
+    fixes: list[tuple[int, str]] = []
+    for name, size in parts.items():
+        if name.startswith("activations") or name.startswith("loss"):
+            if not t.gradient_checkpointing and name.startswith("activations"):
+                fixes.append((size, "training.gradient_checkpointing: true"))
+            if t.micro_batch_size_per_worker > 1:
+                fixes.append((size, "a smaller training.micro_batch_size_per_worker (more gradient accumulation)"))
+        elif name.startswith("optimizer") or name.startswith("gradients") or name.startswith("student weights"):
+            if t.zero_stage < 3:
+                fixes.append((size, "training.zero_stage: 3"))
+            if name.startswith("optimizer") and not t.offload_optimizer:
+                fixes.append((size, "training.offload_optimizer: true"))
+            if t.lora is None:
+                fixes.append((size, "training.lora (train adapters only)"))
+        elif name == "teacher (replicated)":
+            fixes.append((size, "teacher_signal.mode: topk or hidden (the teacher pool scores once; workers hold no teacher)"))
+            if spec.teacher.dtype == "float32":
+                fixes.append((size, "teacher.dtype: bfloat16"))
+    seen: list[str] = []
+    for _, fix in sorted(fixes, key=lambda f: -f[0]):
+        if fix not in seen:
+            seen.append(fix)
+    return seen
+
+
+def check_memory_budget(spec: JobSpec, estimate: Any) -> None:
+    """Refuse a job whose training workers may not fit ``training.gpu_memory_gb``.
+
+    Raises:
+        SpecError: on ``training.gpu_memory_gb``, with each part of the estimate and what to change.
+    """
+    budget = spec.training.gpu_memory_gb
+    if budget is None or estimate.total <= budget * GB:
+        return
+    parts = ", ".join(f"{name} {_size(size)}" for name, size in estimate.device if size)
+    fixes = memory_fixes(spec, estimate)
+    raise SpecError([("training.gpu_memory_gb",
+                      f"a training worker may need {_size(estimate.total)} of GPU memory, more than the "
+                      f"{_size(budget * GB)} given ({parts}); use {', '.join(fixes[:4]) or 'more workers'}, "
+                      "or raise the budget if the GPUs have more")])

@@ -29,6 +29,7 @@ from kdray.report import render_report
 from kdray.spec import JobSpec, dump_spec
 from kdray.stages import difficulty, evaluate, generate, prepare, teacher_signal, train
 from kdray.stages.context import StageContext
+from kdray.train.memory import job_estimate
 from kdray.train.setup import check_lora_targets
 
 
@@ -171,6 +172,10 @@ class Job:
         if sizes:
             self.reporter.message("plan: writes at most " + "; ".join(s.describe() for s in sizes))
         budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any generation
+        memory = job_estimate(spec)
+        self.reporter.message(f"plan: a training worker holds about {memory.total / 2**30:.2f} GiB "
+                              f"({'GPU' if memory.on == 'gpu' else 'RAM'}; kdray validate lists the parts)")
+        budget.check_memory_budget(spec, memory)
 
         responses = generate.training_responses(ctx, data.train)
         base, signal_meta, signal_stats = responses, None, None

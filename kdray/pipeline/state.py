@@ -36,7 +36,7 @@ RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets")
 #: under an older kdray's failure-policy defaults resumes under today's; one that ran out of
 #: memory resumes with ``gradient_checkpointing``, which gives the same gradients).
 MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps",
-                        "training.gradient_checkpointing")
+                        "training.gradient_checkpointing", "training.gpu_memory_gb")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -179,6 +179,15 @@ class TrainingSpec(_Spec):
         "gradients either way.",
     )
 
+    gpu_memory_gb: float | None = Field(
+        None, gt=0,
+        description="GPU memory of one training worker, in GB (10^9 bytes). Before any work the job "
+        "estimates what a worker holds (student weights, gradients and optimizer state under the ZeRO "
+        "stage and offload, the teacher's share, activations of one micro-batch, the loss) and refuses "
+        "to start above it, naming each part. Needs use_gpu. null: no check (kdray validate prints the "
+        "estimate either way).",
+    )
+
     @field_validator("checkpoint_every_steps", mode="before")
     @classmethod
     def _checkpoint_interval(cls, v: Any) -> Any:
@@ -206,6 +215,13 @@ class TrainingSpec(_Spec):
                 f"offload_param needs zero_stage 3 (got {self.zero_stage}): only ZeRO-3 partitions the "
                 "parameters; set zero_stage to 3, or offload_param to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_budget_needs_gpu(self) -> "TrainingSpec":
+        if self.gpu_memory_gb is not None and not self.use_gpu:
+            raise ValueError("gpu_memory_gb is the memory of a worker's GPU; set use_gpu: true, or remove "
+                             "gpu_memory_gb (kdray validate prints the estimate for CPU workers too)")
         return self
 
     @model_validator(mode="after")
