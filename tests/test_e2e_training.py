@@ -17,6 +17,8 @@ from tests.test_e2e import _assert_resumed_once, kdray, reduced_demo, run_killin
 def _spec(tmp_path: Path, *, student_dtype: str = "float32", evaluation: bool = False, **training) -> Path:
     path = reduced_demo(tmp_path, **training)
     spec = yaml.safe_load(path.read_text())
+    # The toy dataset's own responses: these jobs are about training (tests/test_e2e.py generates).
+    spec["data"]["response_source"] = "dataset"
     spec["student"]["dtype"] = student_dtype
     spec["evaluation"] = {"enabled": evaluation, "max_new_tokens": 16}
     path.write_text(yaml.safe_dump(spec))
@@ -114,3 +116,11 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert data["modes"]["online"]["peak_rss_mb"] > 100
     topk = data["modes"]["topk"]  # a mode either ran, or is reported failed with its error
     assert (topk["status"] == "ok" and topk["peak_rss_mb"] > 0) or (topk["status"] == "failed" and topk["error"])
+    # The memory section (--quick: on the toy jobs): each mode's measured peak beside its estimate.
+    assert data["memory_teacher"] == "toy:teacher" and set(data["memory"]) == {"online", "topk"}
+    online = data["memory"]["online"]
+    assert online["peak_rss_mb"] == data["modes"]["online"]["peak_rss_mb"]
+    assert online["estimate_ratio"] == pytest.approx(online["estimate_mb"] / online["peak_rss_mb"])
+    assert online["estimate_parts"]["teacher (replicated)"] > 0 and "teacher (replicated)" not in \
+        data["memory"]["topk"]["estimate_parts"]
+    assert "estimate / measured" in res.stdout and "estimate vs measured: worst" in res.stdout

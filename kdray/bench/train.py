@@ -30,7 +30,13 @@ same shape (the throughput job is the ``online`` one) and reports the peak resid
 a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process; the
 ranks are symmetric). A mode whose job fails is reported as failed with its error.
 
-Usage: ``kdray bench train [--quick] [--steps 40] [--modes online topk hidden] [--json PATH]``.
+The memory section (:mod:`kdray.bench.train_memory`) puts each mode's measured peak beside
+kdray's estimate for the same job: on a randomly initialised 0.5B teacher in jobs of
+``--memory-steps`` steps (``--memory-teacher 0.5b``, the default), or on the toy jobs above
+(``toy``, the default with ``--quick``).
+
+Usage: ``kdray bench train [--quick] [--steps 40] [--modes online topk hidden]
+[--memory-teacher 0.5b|toy] [--json PATH]``.
 Linux only (``/proc``).
 """
 
@@ -46,6 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from kdray.bench.train_memory import add_estimate, random_teacher, render_memory
 
 TARGET_OVERHEAD = 1.3
 MODES = ("online", "topk", "hidden")
@@ -65,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 1 and --workers, the job's CPU budget; --quick: 1)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="teacher-signal modes for the memory table (default: all three)")
+    p.add_argument("--memory-teacher", choices=("0.5b", "toy"), default=None,
+                   help="the memory section's teacher: a random 0.5B Llama (default) or the toy jobs' (--quick)")
+    p.add_argument("--memory-steps", type=int, default=4, help="optimizer steps of each 0.5B memory job (default 4)")
     p.add_argument("--out", default=None, help="keep the jobs' output here (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 if the overhead target does not hold")
@@ -76,13 +87,14 @@ def _parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- the jobs
 
 
-def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: int, micro_batch: int) -> dict[str, Any]:
+def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: int, micro_batch: int,
+             teacher: str = "toy:teacher") -> dict[str, Any]:
     """A small toy job: ``steps`` optimizer steps over two epochs, ZeRO-2, evaluation off."""
     rows = max(global_batch, (steps + 1) // 2 * global_batch)
     return {
         "name": f"bench-train-{mode}",
         "output_dir": str(out),
-        "teacher": {"model": "toy:teacher", "dtype": "float32", "max_model_len": 128},
+        "teacher": {"model": teacher, "dtype": "float32", "max_model_len": 128},
         "student": {"model": "toy:student", "dtype": "float32", "max_model_len": 128},
         "data": {"train": "toy:train", "heldout": "toy:heldout", "max_train_samples": rows,
                  "max_heldout_samples": 8, "max_prompt_tokens": 64, "response_source": "dataset"},
@@ -105,14 +117,16 @@ def _error_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def run_job(root: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one mode's job with ``kdray run``; its steps' metrics, start-up and peak memory."""
+def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
+            steps: int | None = None, label: str | None = None) -> dict[str, Any]:
+    """Run one mode's job with ``kdray run`` (under ``root / label``, default the mode); its
+    steps' metrics, start-up and peak memory."""
     import yaml
 
-    out = root / mode
+    out = root / (label or mode)
     out.mkdir(parents=True, exist_ok=True)
-    spec = job_spec(out / "job", mode, steps=args.steps, workers=args.workers,
-                    global_batch=args.global_batch, micro_batch=args.micro_batch)
+    spec = job_spec(out / "job", mode, steps=steps or args.steps, workers=args.workers,
+                    global_batch=args.global_batch, micro_batch=args.micro_batch, teacher=teacher)
     path = out / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
@@ -145,6 +159,24 @@ def run_job(root: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
     }
+
+
+def memory_section(root: Path, modes: list[str], args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Each mode's measured peak beside its estimate: the toy jobs' (``--memory-teacher toy``),
+    or jobs of ``--memory-steps`` steps on the random 0.5B teacher."""
+    if args.memory_teacher == "toy":
+        results["memory_teacher"] = "toy:teacher"
+        return {mode: add_estimate(results["modes"][mode], root / mode / "spec.yaml") for mode in modes}
+    print("building the memory section's random 0.5B teacher ...", file=sys.stderr, flush=True)
+    teacher = random_teacher(root)
+    results["memory_teacher"] = "random Llama, 0.48B parameters"
+    out = {}
+    for mode in modes:
+        print(f"running the {mode} memory job (0.5B teacher, {args.memory_steps} steps) ...", file=sys.stderr, flush=True)
+        label = f"memory-{mode}"
+        out[mode] = add_estimate(run_job(root, mode, args, teacher=teacher, steps=args.memory_steps, label=label),
+                                 root / label / "spec.yaml")
+    return out
 
 
 # ----------------------------------------------------------------------------- the bare loop
@@ -275,7 +307,7 @@ def render(results: dict[str, Any]) -> None:
     else:
         console.print("overhead: not measured (a run failed)")
 
-    mem = Table(title="peak memory of a training worker by teacher signal (VmHWM of rank 0)")
+    mem = Table(title="teacher-signal modes on the toy teacher (peak memory: VmHWM of rank 0)")
     for col in ("teacher_signal.mode", "status", "peak RSS MiB", "vs online", "tokens/s", "score phase s",
                 "train phase s"):
         mem.add_column(col, justify="left" if col in ("teacher_signal.mode", "status") else "right")
@@ -288,6 +320,7 @@ def render(results: dict[str, Any]) -> None:
                     _fmt(r.get("score_phase_s"), ".1f"), _fmt(r.get("train_phase_s"), ".1f"))
     mem.add_row("bare loop (1 process)", bare.get("status", "-"), _fmt(bare.get("peak_rss_mb")), "", "", "", "")
     console.print(mem)
+    render_memory(results, console, _fmt)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -297,6 +330,8 @@ def run(argv: list[str] | None = None) -> int:
         args.steps = 10 if args.quick else 40
     if args.skip_steps is None:
         args.skip_steps = 3 if args.quick else 5
+    if args.memory_teacher is None:
+        args.memory_teacher = "toy" if args.quick else "0.5b"
     if args.bare_threads is None:
         args.bare_threads = [1] if args.quick else sorted({1, args.workers})
     if args.bare:
@@ -330,6 +365,7 @@ def run(argv: list[str] | None = None) -> int:
                     results["bare_runs"].append(run_bare(root / "online" / "spec.yaml", args, threads))
                 ran = [r for r in results["bare_runs"] if r.get("status") == "ok"]
                 results["bare"] = max(ran, key=lambda r: r["tokens_per_s"]) if ran else results["bare_runs"][0]
+        results["memory"] = memory_section(root, modes, args, results)
         results["ray"] = ray_run = results["modes"]["online"]  # the throughput job is the online one
         bare = results["bare"]
         ok = ray_run.get("status") == "ok" and bare.get("status") == "ok" and ray_run["tokens_per_s"] > 0
