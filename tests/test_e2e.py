@@ -38,9 +38,42 @@ def reduced_demo(tmp_path: Path, **training) -> Path:
     return path
 
 
+#: Checkpoint interval of the module's job (its first checkpoint is where the kill lands past).
+EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def resumed_job(tmp_path_factory, toy_world):
+    """The module's one job, as a user lives it: the reduced demo (every real layer, held-out
+    evaluation included) is killed with its whole process family (its local Ray) past its first
+    checkpoint, as a crash would, and run again, which resumes it. The tests below read the
+    finished run: what every layer made, and how the resume went (that one runs last: it then
+    restarts the job over)."""
+    import psutil
+
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    spec = reduced_demo(tmp_path, checkpoint_every_steps=EVERY)
+    events = tmp_path / "out" / "events.jsonl"
+    proc = _start_job(spec, tmp_path)
+    try:
+        _wait_past_step(proc, events, EVERY + 1)  # past the first checkpoint
+    finally:  # the driver and everything it started (its local Ray), as a crash would
+        family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs([p for p in family if isinstance(p, psutil.Process)], timeout=30)
+        proc.communicate()
+    killed_without_report = not (tmp_path / "out" / "report.json").exists()
+    res = kdray("run", str(spec), cwd=tmp_path)
+    return tmp_path, spec, res, killed_without_report
+
+
 @pytest.mark.slow
-def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
-    res = kdray("run", str(reduced_demo(tmp_path)), cwd=tmp_path)
+def test_reduced_demo_runs_every_real_layer(resumed_job):
+    tmp_path, _, res, _ = resumed_job
     assert res.returncode == 0, res.stdout + res.stderr
     assert "student after" in res.stdout and "exact match" in res.stdout
 
@@ -64,8 +97,9 @@ def test_reduced_demo_runs_every_real_layer(tmp_path, toy_world):
     assert steps[0]["lr"] == pytest.approx(3e-3 / 2)  # the rate step 1 applied: warmup 1 of 2
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    # The killed run prepared and generated; the resumed one reused both and went on.
     phases = [e["phase"] for e in events if e["kind"] == "phase_end"]
-    assert phases == ["prepare", "generate", "train", "evaluate", "report"]
+    assert phases == ["prepare", "generate", "prepare", "train", "evaluate", "report"]
 
     # The rows live in a committed dataset the pool's actors wrote; the examples the workers
     # stream are the pool's own ids: every row's labels are its response_token_ids.
@@ -196,43 +230,26 @@ def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(tmp_path, toy_world):
-    import psutil
-
-    every = 4
-    spec = reduced_demo(tmp_path, checkpoint_every_steps=every)
-    config = yaml.safe_load(spec.read_text())
-    config["evaluation"] = {"enabled": False}  # resuming is about training: no held-out pools to start
-    spec.write_text(yaml.safe_dump(config))
+def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(resumed_job):
+    tmp_path, spec, res, killed_without_report = resumed_job
     events = tmp_path / "out" / "events.jsonl"
-    proc = _start_job(spec, tmp_path)
-    try:
-        _wait_past_step(proc, events, every + 1)  # past the first checkpoint
-    finally:  # the driver and everything it started (its local Ray), as a crash would
-        family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs([p for p in family if isinstance(p, psutil.Process)], timeout=30)
-        proc.communicate()
-    assert not (tmp_path / "out" / "report.json").exists()
-
-    res = kdray("run", str(spec), cwd=tmp_path)
+    assert killed_without_report
     assert res.returncode == 0, res.stdout + res.stderr
     messages = [json.loads(line).get("text", "") for line in events.read_text().splitlines()]
     assert any(m.startswith("resuming the job") for m in messages)
     assert any(m.startswith("generate: reusing 256 training responses") for m in messages)
-    _assert_resumed_once(tmp_path / "out", every)
+    _assert_resumed_once(tmp_path / "out", EVERY)
 
     # A different spec in the same output_dir is refused; --restart starts it over.
     changed = yaml.safe_load(spec.read_text())
     changed["training"]["lr"] = 1e-3
     changed["training"]["max_steps"] = 2
+    changed["evaluation"]["enabled"] = False  # restarting is about training: no held-out pools
+    spec = spec.with_name("changed.yaml")
     spec.write_text(yaml.safe_dump(changed))
     res = kdray("run", str(spec), cwd=tmp_path, timeout=120)
-    assert res.returncode == 2 and "differs in: training.lr, training.max_steps" in res.stderr
+    assert res.returncode == 2
+    assert "differs in: evaluation.enabled, training.lr, training.max_steps" in res.stderr
     res = kdray("run", str(spec), "--restart", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert _train_steps(events) == [1, 2]
