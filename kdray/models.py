@@ -258,25 +258,34 @@ def load_causal_lm(ref: str, dtype: str, *, trainable: bool = True) -> Any:
     return model
 
 
+def skeleton(ref: str) -> Any:
+    """Model ``ref`` built from its config on the meta device (shapes and names, no weights, no
+    memory), tied weights tied. Raises :class:`ModelError` when the config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with loading("the config", ref):
+        config = AutoConfig.from_pretrained(resolve_model(ref))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    return model
+
+
 def load_output_head(ref: str, dtype: str) -> tuple[Any, Any]:
     """The lm_head ``(weight [V, H], bias [V] or None)`` of a causal LM, read from its
     safetensors files without building the model (``hidden`` teacher signal: the workers hold
     only this). A tied head is the input embedding, as the model itself would use."""
     import torch
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(resolve_model(ref))
     if not path.is_dir():
         raise ModelError(f"teacher_signal.mode 'hidden' needs the teacher's weights on local disk; {ref!r} is not "
                          "a local directory (download it with save_pretrained first)")
-    with loading("the config", ref):
-        config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    skeleton.tie_weights()
-    head = skeleton.get_output_embeddings()
-    names = {id(p): n for n, p in skeleton.named_parameters()}  # a tied weight keeps the embedding's name
+    model = skeleton(ref)
+    head = model.get_output_embeddings()
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight keeps the embedding's name
     wanted = {"weight": names[id(head.weight)]}
     if getattr(head, "bias", None) is not None:
         wanted["bias"] = names[id(head.bias)]

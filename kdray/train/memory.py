@@ -47,7 +47,6 @@ from typing import Any
 from kdray.spec import JobSpec
 
 GiB = 2**30
-GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: DeepSpeed's default ``reduce_bucket_size`` (elements), which kdray's config leaves as is.
 REDUCE_BUCKET_ELEMENTS = 500_000_000
@@ -83,23 +82,18 @@ def model_shape(ref: str, lora_targets: list[str] | None = None, lora_rank: int 
         ModelError: the config cannot be read (:func:`kdray.models.loading` names the model).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kdray.models import loading, resolve_model
+    from kdray.models import skeleton as build_skeleton
+    from kdray.train.setup import lora_target
 
-    with loading("the config", ref):
-        config = AutoConfig.from_pretrained(resolve_model(ref))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    skeleton.tie_weights()
-    text = config.get_text_config()
+    skeleton = build_skeleton(ref)
+    text = skeleton.config.get_text_config()
     head = skeleton.get_output_embeddings()
     h, heads = int(text.hidden_size), int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or h // heads)
     lora = 0
     for name, module in skeleton.named_modules():
-        if lora_targets and isinstance(module, torch.nn.Linear) and any(
-                name == t or name.endswith("." + t) for t in lora_targets):
+        if lora_targets and isinstance(module, torch.nn.Linear) and lora_target(name, lora_targets):
             lora += lora_rank * (module.in_features + module.out_features)
     return ModelShape(
         parameters=sum(p.numel() for p in skeleton.parameters()),

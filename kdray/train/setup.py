@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kdray.errors import KdrayError
-from kdray.models import load_causal_lm, resolve_model
+from kdray.errors import KdrayError, ModelError
+from kdray.models import load_causal_lm
 from kdray.spec import JobSpec
 
 
@@ -62,12 +62,17 @@ def load_student(spec: JobSpec) -> Any:
     return get_peft_model(student, config)
 
 
+def lora_target(name: str, targets: list[str]) -> bool:
+    """Whether the module path ``name`` is one of ``targets`` (its last parts), as peft matches them."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def _check_lora_targets(spec: JobSpec, model: Any) -> None:
     import torch
 
     linear = sorted({name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
     targets = spec.training.lora.target_modules
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    missing = [t for t in targets if not any(lora_target(n, [t]) for n in linear)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise KdrayError(
@@ -81,16 +86,13 @@ def check_lora_targets(spec: JobSpec) -> None:
     lacks (checked on a weightless skeleton of the student: no memory, no download of weights)."""
     if spec.training.lora is None:
         return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from kdray.models import skeleton
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model(spec.student.model))
-    except OSError:
+        model = skeleton(spec.student.model)
+    except ModelError:
         return  # not reachable from here (a hub id offline): the workers check when they load it
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    _check_lora_targets(spec, skeleton)
+    _check_lora_targets(spec, model)
 
 
 def save_student(model: Any, spec: JobSpec, out: str) -> None:
