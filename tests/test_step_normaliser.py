@@ -18,7 +18,8 @@ from kdray.curriculum.plan import plan_segments
 from kdray.data.examples import TokenizeForTraining, training_batch
 from kdray.models import load_causal_lm, shared_vocab_size
 from kdray.spec import parse_spec
-from kdray.train.objectives import TeacherHead, make_step_objective
+from kdray.train.objectives import make_step_objective
+from kdray.train.teacher import TeacherHead
 from kdray.train.step import accumulate_step
 
 # Responses of very different lengths, longest first, so a split by position puts the long
@@ -30,7 +31,7 @@ RESPONSES = [" 1 2 3 4 5 6 7 8 9 1 2 3", " 5 4 3 2 1 9 8 7", " 8 9 1 2 3 4", " 3
 STUDENT_RESPONSES = [" 1", " 5 4 4 4 4 4 4 4 4 4", " 8", " 3 3 3 3 3 3", " 1", " 7 7 7", " 2 2", ""]
 TOPK = 4
 
-CASES = [  # (objective, teacher_signal mode, ZeRO stage (3: logits, not the fused path))
+CASES = [  # (objective, teacher_signal mode, ZeRO stage: a plain model takes the fused path at any)
     ({"kind": "forward_kl"}, "online", 2),
     ({"kind": "reverse_kl", "kd_ratio": 0.6}, "online", 2),
     ({"kind": "jsd", "beta": 0.3}, "online", 2),

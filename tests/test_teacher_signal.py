@@ -19,7 +19,8 @@ from kdray.data.records import (check_record_lengths, decode_signal, encode_sign
                                 signal_tensors, topk_id_dtype, write_signal_records)
 from kdray.errors import SpecError
 from kdray.spec import parse_spec
-from kdray.train.objectives import TOPK_TAIL_FLOOR, KDStep, TeacherHead, load_teacher, topk_tail_mass
+from kdray.train.objectives import TOPK_TAIL_FLOOR, KDStep, topk_tail_mass
+from kdray.train.teacher import TeacherHead, load_teacher
 from kdray.data.examples import TokenizeForTraining, training_batch
 
 PROMPTS = np.array(["Q: sort 3 1 2\nA:", "Q: reverse 4 5 6 7\nA:", "Q: sum 9 9\nA:"])
@@ -185,19 +186,20 @@ def test_hidden_and_fused_online_modes_match_the_online_teachers_logits_in_value
     student, teacher = models
     objective = {"kind": kind, **params, "kd_ratio": kd_ratio}
     results = {}
-    for mode, zero in (("online", 3), ("online", 2), ("hidden", 2), ("hidden", 3)):
+    for mode, zero, fused in (("online", 2, False), ("online", 2, True), ("online", 3, True), ("hidden", 2, True),
+                              ("hidden", 3, True)):
         spec = make(mode, objective, zero_stage=zero)
         step = KDStep(spec, plan_segments(spec, 3)[0])
-        assert step.fused == (zero < 3)  # the online teacher's logits only under ZeRO-3
+        assert step.fused  # at every ZeRO stage (a ZeRO-3 engine computes it in its lm_head: test_zero3_teacher)
+        step.fused = fused  # off: the reference, both models' full logits
         held = load_teacher(spec)
         batch = stored_batch(teacher, mode, 8, tmp_path) if mode == "hidden" else stored_batch(teacher, "topk", 8, tmp_path)
         student.zero_grad()
         loss, parts, n = step(Engine(student), held, batch)
         loss.backward()
-        results[(mode, zero)] = (float(loss.detach()), _grads(student).clone(), parts, n)
-    ref_loss, ref_grad, ref_parts, ref_n = results[("online", 3)]  # both models' full logits
-    for key in (("online", 2), ("hidden", 2), ("hidden", 3)):
-        got_loss, got_grad, parts, n = results[key]
+        results[(mode, zero, fused)] = (float(loss.detach()), _grads(student).clone(), parts, n)
+    ref_loss, ref_grad, ref_parts, ref_n = results.pop(("online", 2, False))
+    for key, (got_loss, got_grad, parts, n) in results.items():
         assert n == ref_n and set(parts) == set(ref_parts)
         assert got_loss == pytest.approx(ref_loss, rel=1e-5), key
         assert torch.allclose(got_grad, ref_grad, rtol=1e-4, atol=1e-7), key

@@ -43,7 +43,7 @@ def local_steps(spec_path, rows_per_micro_batch: int = 1):
     from kdray.models import load_causal_lm
     from kdray.spec import load_spec
     from kdray.train.loop import LocalLoop
-    from kdray.train.objectives import load_teacher
+    from kdray.train.teacher import load_teacher
 
     spec = load_spec(spec_path)
     rows, _ = load_split(spec.data, "train", lambda prompts: [1] * len(prompts), need_response=True)

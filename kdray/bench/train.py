@@ -32,7 +32,8 @@ ranks are symmetric). A mode whose job fails is reported as failed with its erro
 
 The memory section (:mod:`kdray.bench.train_memory`) puts each mode's measured peak beside
 kdray's estimate for the same job: on a randomly initialised 0.5B teacher in jobs of
-``--memory-steps`` steps (``--memory-teacher 0.5b``, the default), or on the toy jobs above
+``--memory-steps`` steps (``--memory-teacher 0.5b``, the default), with the ``online`` job
+also run under ZeRO-3 (the teacher partitioned over the workers), or on the toy jobs above
 (``toy``, the default with ``--quick``).
 
 Usage: ``kdray bench train [--quick] [--steps 40] [--modes online topk hidden]
@@ -57,6 +58,8 @@ from kdray.bench.train_memory import add_estimate, random_teacher, render_memory
 
 TARGET_OVERHEAD = 1.3
 MODES = ("online", "topk", "hidden")
+#: The memory section's row of the online job under ZeRO-3, whose teacher is partitioned.
+PARTITIONED = "online, ZeRO-3"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: int, micro_batch: int,
-             teacher: str = "toy:teacher") -> dict[str, Any]:
-    """A small toy job: ``steps`` optimizer steps over two epochs, ZeRO-2, evaluation off."""
+             teacher: str = "toy:teacher", zero_stage: int = 2) -> dict[str, Any]:
+    """A small toy job: ``steps`` optimizer steps over two epochs, ZeRO-2 (or ``zero_stage``),
+    evaluation off."""
     rows = max(global_batch, (steps + 1) // 2 * global_batch)
     return {
         "name": f"bench-train-{mode}",
@@ -102,7 +106,7 @@ def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: in
                        "batch_size": 256, "enforce_eager": True},
         "objective": {"kind": "forward_kl", "kd_temperature": 1.0, "kd_ratio": 1.0},
         "teacher_signal": {"mode": mode},
-        "training": {"num_workers": workers, "zero_stage": 2, "lr": 3e-3, "warmup_steps": 2,
+        "training": {"num_workers": workers, "zero_stage": zero_stage, "lr": 3e-3, "warmup_steps": 2,
                      "global_batch_size": global_batch, "micro_batch_size_per_worker": micro_batch,
                      "epochs": 2, "max_steps": steps, "max_seq_len": 96},
         "evaluation": {"enabled": False},
@@ -118,7 +122,7 @@ def _error_line(text: str) -> str:
 
 
 def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
-            steps: int | None = None, label: str | None = None) -> dict[str, Any]:
+            steps: int | None = None, label: str | None = None, zero_stage: int = 2) -> dict[str, Any]:
     """Run one mode's job with ``kdray run`` (under ``root / label``, default the mode); its
     steps' metrics, start-up and peak memory."""
     import yaml
@@ -126,7 +130,8 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     out = root / (label or mode)
     out.mkdir(parents=True, exist_ok=True)
     spec = job_spec(out / "job", mode, steps=steps or args.steps, workers=args.workers,
-                    global_batch=args.global_batch, micro_batch=args.micro_batch, teacher=teacher)
+                    global_batch=args.global_batch, micro_batch=args.micro_batch, teacher=teacher,
+                    zero_stage=zero_stage)
     path = out / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
@@ -163,7 +168,8 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
 
 def memory_section(root: Path, modes: list[str], args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     """Each mode's measured peak beside its estimate: the toy jobs' (``--memory-teacher toy``),
-    or jobs of ``--memory-steps`` steps on the random 0.5B teacher."""
+    or jobs of ``--memory-steps`` steps on the random 0.5B teacher, where ``online`` also runs
+    under ZeRO-3 (:data:`PARTITIONED`: the teacher partitioned over the workers)."""
     if args.memory_teacher == "toy":
         results["memory_teacher"] = "toy:teacher"
         return {mode: add_estimate(results["modes"][mode], root / mode / "spec.yaml") for mode in modes}
@@ -171,11 +177,12 @@ def memory_section(root: Path, modes: list[str], args: argparse.Namespace, resul
     teacher = random_teacher(root)
     results["memory_teacher"] = "random Llama, 0.48B parameters"
     out = {}
-    for mode in modes:
-        print(f"running the {mode} memory job (0.5B teacher, {args.memory_steps} steps) ...", file=sys.stderr, flush=True)
-        label = f"memory-{mode}"
-        out[mode] = add_estimate(run_job(root, mode, args, teacher=teacher, steps=args.memory_steps, label=label),
-                                 root / label / "spec.yaml")
+    variants = [(mode, mode, 2) for mode in modes] + ([(PARTITIONED, "online", 3)] if "online" in modes else [])
+    for name, mode, zero_stage in variants:
+        print(f"running the {name} memory job (0.5B teacher, {args.memory_steps} steps) ...", file=sys.stderr, flush=True)
+        label = f"memory-{mode}-zero{zero_stage}"
+        out[name] = add_estimate(run_job(root, mode, args, teacher=teacher, steps=args.memory_steps, label=label,
+                                         zero_stage=zero_stage), root / label / "spec.yaml")
     return out
 
 
@@ -197,7 +204,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     from kdray.models import load_causal_lm, load_tokenizer
     from kdray.spec import load_spec
     from kdray.train.loop import LocalLoop
-    from kdray.train.objectives import load_teacher
+    from kdray.train.teacher import load_teacher
     from kdray.train.setup import peak_rss_mb
 
     t0 = time.perf_counter()

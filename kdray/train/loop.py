@@ -31,7 +31,7 @@ class LocalLoop:
     Args:
         spec: the job.
         student: the model to train (``torch.nn.Module``, in train mode).
-        teacher: what the objective needs of the teacher (:func:`kdray.train.objectives.load_teacher`).
+        teacher: what the objective needs of the teacher (:func:`kdray.train.teacher.load_teacher`).
         total_steps: optimizer steps of the whole plan (the LR schedule's length).
         num_segments: segments in the plan (DistiLLM-2's rounds).
     """

@@ -15,8 +15,10 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
   ``offload_optimizer`` (and a GPU). These three follow the ZeRO paper's accounting
   (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
   Models", arXiv:1910.02054, §3.1 and Figure 1: 2Ψ + 2Ψ + KΨ with K = 12).
-* **Teacher**: the whole model in ``teacher.dtype`` (``online``), its lm_head (``hidden``)
-  or nothing (``topk``).
+* **Teacher**: the whole model in ``teacher.dtype`` (``online``; under ZeRO-3 partitioned as
+  the student's weights are, ``1/N`` plus its largest module twice, and a copy of its lm_head
+  for the fused loss, :mod:`kdray.train.teacher`), its lm_head (``hidden``) or nothing
+  (``topk``).
 * **Activations** of the student's decoder for one micro-batch of ``b ×`` ``max_seq_len``
   tokens (twice the rows with DistiLLM-2: teacher and student responses). Counted as in
   Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
@@ -29,8 +31,8 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
   keeps its input (``e·h``) and one layer's activations are live again in the backward pass.
   :func:`saved_activation_bytes` measures the same quantity on a model, so the tests hold the
   formula to it.
-* **Loss**: on the fused lm-head path (``online``/``hidden`` at ZeRO 0–2,
-  :func:`kdray.losses.fused_linear_divergence`) one chunk's working set (8 float32 buffers of
+* **Loss**: on the fused lm-head path (``online``/``hidden``, unless DistiLLM-2 or a LoRA
+  adapter on the lm_head: :func:`kdray.losses.fused_linear_divergence`) one chunk's working set (8 float32 buffers of
   :data:`kdray.losses.fused.DEFAULT_CHUNK_ELEMENTS`) plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
@@ -176,6 +178,7 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
             LoRA adapters counted).
     """
     from kdray.losses.fused import DEFAULT_CHUNK_ELEMENTS
+    from kdray.train.setup import lora_target
 
     t, mode = spec.training, spec.teacher_signal.mode
     on = "gpu" if t.use_gpu else "cpu"
@@ -208,7 +211,16 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
     optimizer = (12 if e < 4 else 8) * trainable // (n if z >= 1 else 1)
     (host if t.offload_optimizer and offload_host else device).append(
         ("optimizer state" + (" (1/N)" if z >= 1 else ""), optimizer))
-    if mode == "online":
+    vocab = min(student.vocab_size, teacher.vocab_size)
+    if mode == "online" and z == 3:
+        t_gathered, t_partition = 2 * e_t * teacher.largest_module, e_t * teacher.parameters // n
+        if t.offload_param and offload_host:
+            device.append(("teacher (gathered, ZeRO-3)", t_gathered))
+            host.append(("teacher (partition)", t_partition))
+        else:
+            device.append(("teacher (1/N + gathered, ZeRO-3)", t_partition + t_gathered))
+        device.append(("teacher lm_head (copy for the loss)", e_t * vocab * teacher.hidden_size))
+    elif mode == "online":
         device.append(("teacher (replicated)", e_t * teacher.parameters))
     elif mode == "hidden":
         device.append(("teacher lm_head", e_t * teacher.head_parameters))
@@ -216,8 +228,8 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
                    activation_bytes(student, tokens, e, checkpointing=t.gradient_checkpointing)))
     if mode == "online":  # under no_grad: one layer at a time, and the final hidden states
         device.append(("teacher forward", tokens * e_t * (5 * teacher.hidden_size + 3 * teacher.intermediate_size)))
-    vocab = min(student.vocab_size, teacher.vocab_size)
-    if mode in ("online", "hidden") and z < 3 and not distillm2:
+    adapted_head = t.lora is not None and lora_target("lm_head", list(t.lora.target_modules))
+    if mode in ("online", "hidden") and not distillm2 and not adapted_head:
         chunk = min(tokens, max(1, DEFAULT_CHUNK_ELEMENTS // vocab)) * vocab
         loss = 8 * 4 * chunk + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size
         if mode == "hidden":  # the stored hidden states, cast to the head's dtype

@@ -21,6 +21,8 @@ from typing import Any
 from kdray.curriculum.plan import Segment
 from kdray.data.tokenize import IGNORE_INDEX
 from kdray.spec import JobSpec
+from kdray.train.setup import lora_target
+from kdray.train.teacher import head_computing, head_weights, partitioned, teacher_final_states, unwrapped
 
 
 def _upcast(logits: Any) -> Any:
@@ -34,26 +36,6 @@ def _shifted(logits: Any, labels: Any) -> tuple[Any, Any, Any]:
     """Logits at positions that predict a label, the labels, and the label mask."""
     target = labels[:, 1:]
     return logits[:, :-1], target, target != IGNORE_INDEX
-
-
-class TeacherHead:
-    """The teacher's lm_head alone (``teacher_signal.mode: hidden``): stored hidden states
-    times this weight are the teacher's exact logits, with no teacher model in the worker."""
-
-    def __init__(self, weight: Any, bias: Any, vocab: int):
-        self.weight = weight[:vocab]
-        self.bias = None if bias is None else bias[:vocab]
-
-    def to(self, device: Any) -> "TeacherHead":
-        self.weight = self.weight.to(device)
-        self.bias = None if self.bias is None else self.bias.to(device)
-        return self
-
-    def logits(self, hidden: Any) -> Any:
-        """The teacher's logits ``[..., V]`` from its stored hidden states ``[..., H]``."""
-        import torch.nn.functional as F
-
-        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
 
 
 #: Smallest teacher tail mass a top-k record is taken to have. The records keep log-probs in
@@ -73,38 +55,11 @@ def topk_tail_mass(topk_logprobs: Any) -> Any:
     return (-torch.expm1(head)).clamp_min(TOPK_TAIL_FLOOR)
 
 
-def load_teacher(spec: JobSpec) -> Any:
-    """What a worker holds of the teacher: the frozen model (``online``), its lm_head
-    (``hidden``), or nothing (``topk``: the records hold all it says)."""
-    from kdray.models import load_causal_lm, load_output_head, shared_vocab_size
-
-    mode = spec.teacher_signal.mode
-    if mode == "online":
-        return load_causal_lm(spec.teacher.model, spec.teacher.dtype, trainable=False)
-    if mode == "hidden":
-        weight, bias = load_output_head(spec.teacher.model, spec.teacher.dtype)
-        return TeacherHead(weight, bias, shared_vocab_size(spec.teacher.model, spec.student.model))
-    return None
-
-
 def _term_items(num_items_in_batch: dict[str, float] | None, *terms: str) -> tuple[float | None, ...]:
     """The step's item count of each of ``terms`` (None everywhere: each micro-batch its own)."""
     if num_items_in_batch is None:
         return (None,) * len(terms)
     return tuple(num_items_in_batch[t] for t in terms)
-
-
-def _unwrapped(module: Any) -> Any:
-    """The transformers model under a peft wrapper (LoRA), if any."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
-
-
-def _head(model: Any, vocab: int) -> tuple[Any, Any]:
-    """A transformers model's lm_head (weight ``[V, H]``, bias ``[V]`` or None) over the first
-    ``vocab`` rows (the vocabulary both models share)."""
-    head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return head.weight[:vocab], None if bias is None else bias[:vocab]
 
 
 class KDStep:
@@ -113,12 +68,14 @@ class KDStep:
     The teacher's distribution comes from the spec's ``teacher_signal``: the frozen teacher's
     logits (``online``), the stored top-k log-probs and ids (``topk``: the divergence on the
     top-k + tail buckets, :func:`kdray.losses.sparse_divergence`), or the stored hidden states
-    times the teacher's lm_head (``hidden``). In ``hidden`` and ``online`` modes under ZeRO 0–2
-    both models' final hidden states go straight into
-    :func:`kdray.losses.fused_linear_divergence`, so neither model's ``[tokens, V]`` logits are
-    ever materialised; under ZeRO-3, whose partitioned lm_head is only whole inside the
-    module's own forward, both sides take logits. Logits are compared over the vocabulary both models share (padding rows of a
-    larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
+    times the teacher's lm_head (``hidden``). In ``hidden`` and ``online`` modes both models'
+    final hidden states go straight into :func:`kdray.losses.fused_linear_divergence`, so
+    neither model's ``[tokens, V]`` logits are ever materialised; under ZeRO-3 the loss is
+    computed inside the student's lm_head forward, where the partitioned weight is whole
+    (:func:`kdray.train.teacher.head_computing`). A LoRA adapter on the lm_head
+    (``training.lora.target_modules`` naming ``lm_head``) takes the logits path: the fused loss
+    reads the head's base weight. Logits are compared over the vocabulary both models share
+    (padding rows of a larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
     """
 
     def __init__(self, spec: JobSpec, segment: Segment):
@@ -127,7 +84,9 @@ class KDStep:
         self.spec, self.segment = spec, segment
         self.mode = spec.teacher_signal.mode
         self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
-        self.fused = self.mode in ("hidden", "online") and spec.training.zero_stage < 3
+        lora = spec.training.lora
+        adapted_head = lora is not None and lora_target("lm_head", list(lora.target_modules))
+        self.fused = self.mode in ("hidden", "online") and not adapted_head
 
     def items(self, batch: dict[str, Any]) -> dict[str, int]:
         """What each term of this objective averages over in ``batch``: its label tokens (the KD
@@ -142,7 +101,8 @@ class KDStep:
         Args:
             engine: the student: a DeepSpeed engine or the model itself (called with
                 ``input_ids`` and ``attention_mask``; ``.module`` is used when present).
-            teacher: what :func:`load_teacher` gives for the spec's ``teacher_signal``.
+            teacher: what :func:`kdray.train.teacher.worker_teacher` gives for the spec's
+                ``teacher_signal`` (the model, partitioned or whole; its lm_head; None).
             batch: tensors of one micro-batch of ``B`` rows padded to length ``L``, as
                 :class:`kdray.data.examples.TokenizeForTraining` makes them:
                 ``input_ids [B, L]``, ``attention_mask [B, L]``, ``labels [B, L]`` (response
@@ -198,37 +158,50 @@ class KDStep:
 
     def _fused(self, engine: Any, teacher: Any, batch: dict[str, Any], n_kd: float | None,
                n_ce: float | None) -> tuple[Any, dict[str, float], int]:
-        """``hidden`` and ``online`` modes, ZeRO 0–2: both models' final hidden states (the
-        teacher's stored, or from its decoder under no_grad) into the fused lm-head loss, so
-        neither model's ``[tokens, V]`` logits exist."""
+        """``hidden`` and ``online`` modes: both models' final hidden states (the teacher's
+        stored, or from its forward under no_grad) into the fused lm-head loss, so neither
+        model's ``[tokens, V]`` logits exist. A ZeRO-3 student computes it in its lm_head's
+        forward (:func:`kdray.train.teacher.head_computing`); any other runs its decoder."""
         import torch
 
         from kdray import losses
 
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        model = _unwrapped(getattr(engine, "module", engine))  # a DeepSpeed engine, or the model itself
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-        weight, bias = _head(model, self.vocab)
         if self.mode == "hidden":
             t_weight, t_bias = teacher.weight, teacher.bias
             t_hidden = batch["t_hidden"][:, 1:].to(t_weight.dtype)
-        else:  # online: the teacher model itself
-            t_weight, t_bias = _head(teacher, self.vocab)
+        else:  # online: the teacher model itself, whole or partitioned
             with torch.no_grad():
-                t_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+                t_hidden, t_weight, t_bias = teacher_final_states(teacher, ids, attn, self.vocab)
         target = labels[:, 1:]
         mask = target != IGNORE_INDEX
         seg, obj = self.segment, self.spec.objective
-        kd = losses.fused_linear_divergence(
-            hidden, weight, t_hidden, t_weight,
-            divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
-            student_bias=bias, teacher_bias=t_bias, num_items_in_batch=n_kd, **obj.divergence_params(),
-        )
-        ce = None
-        if seg.kd_ratio < 1.0:
-            ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias,
-                                                   num_items_in_batch=n_ce)
-        loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
+        parts: dict[str, Any] = {}
+
+        def loss_on(hidden: Any, weight: Any, bias: Any) -> Any:
+            kd = losses.fused_linear_divergence(
+                hidden, weight, t_hidden, t_weight,
+                divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
+                student_bias=bias, teacher_bias=t_bias, num_items_in_batch=n_kd, **obj.divergence_params(),
+            )
+            ce = None
+            if seg.kd_ratio < 1.0:
+                ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias,
+                                                       num_items_in_batch=n_ce)
+            loss, mixed = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
+            parts.update(mixed)
+            return loss
+
+        model = unwrapped(engine)  # a DeepSpeed engine (peft inside with LoRA), or the model itself
+        if partitioned(engine):
+            def head_loss(head: Any, hidden: Any) -> Any:  # runs while ZeRO-3 holds the head whole
+                return loss_on(hidden[:, :-1], *head_weights(model, self.vocab))
+
+            with head_computing(model, head_loss):
+                loss = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        else:
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+            loss = loss_on(hidden, *head_weights(model, self.vocab))
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
     def end_micro_batches(self) -> None:

@@ -171,17 +171,18 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     import deepspeed
     import torch
 
-    from kdray.train.objectives import load_teacher
+    from kdray.train.teacher import partitioned, worker_teacher
 
     spec = wc.spec
     torch.manual_seed(spec.training.seed + rank)
     student = load_student(spec)  # with training.lora: peft adapters, base frozen
-    teacher = load_teacher(spec)  # the model (online), its lm_head (hidden), or None (topk)
+    # The model (online; a ZeRO-3 engine of its own under ZeRO-3), its lm_head (hidden), or None (topk)
+    teacher = worker_teacher(spec)
     optimizer, scheduler = make_optimizer(spec, student, total_steps=wc.total_steps, segment=wc.segment)
     engine, _, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
-    if teacher is not None:
+    if teacher is not None and not partitioned(teacher):
         teacher.to(engine.device)
     return engine, scheduler, teacher
 
