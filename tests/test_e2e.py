@@ -100,6 +100,12 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     # The killed run prepared and generated; the resumed one reused both and went on.
     phases = [e["phase"] for e in events if e["kind"] == "phase_end"]
     assert phases == ["prepare", "generate", "prepare", "train", "evaluate", "report"]
+    # The three held-out pools fit the local cluster together, so they ran at once; each scored its answers.
+    messages = [e.get("text", "") for e in events if e["kind"] == "message"]
+    assert "evaluate: teacher, student_before, student_after answer at once (the cluster has room for all their pools)" \
+        in messages
+    assert all((out / "samples" / f"{label}.jsonl").read_text().count("\n") == 48
+               for label in ("teacher", "student_before", "student_after"))
 
     # The rows live in a committed dataset the pool's actors wrote; the examples the workers
     # stream are the pool's own ids: every row's labels are its response_token_ids.

@@ -206,3 +206,26 @@ def test_the_trainers_wait_for_gpus_a_pool_still_holds_and_fail_naming_what_hold
     message = str(caught.value)
     assert "training needs 2 free GPUs, and 1 of the cluster's 2" in message
     assert f"{stuck.id.hex()} (1 GPUs, CREATED)" in message and "training.num_workers" in message
+
+
+def test_pools_start_together_only_where_the_cluster_holds_all_of_them(ray_gpus):
+    """Held-out evaluation starts its pools at once only when the free resources hold every
+    pool together (StageContext.generate_each): pools that each got some of their replicas
+    could wait for the rest forever."""
+    from kdray.pools.run import generator_footprint
+    from kdray.spec import ModelSpec
+    from kdray.stages.context import fit_together
+
+    vllm, hf = ModelSpec(model="toy:teacher"), ModelSpec(model="toy:teacher", backend="hf")
+    cpu = generator_footprint(vllm, GenerationSpec(num_cpus_per_replica=0.5))
+    assert cpu == {"CPU": 0.5 + 0.25, "GPU": 0.0}  # the engine and the request encoder (its tasks come and go)
+    gpu = generator_footprint(vllm, GenerationSpec(num_gpus_per_replica=1, num_cpus_per_replica=1, replicas=1))
+    assert gpu == {"CPU": 1 + 0.25, "GPU": 1.0}
+    tp = generator_footprint(vllm, GenerationSpec(num_gpus_per_replica=2, tensor_parallel_size=2,
+                                                  num_cpus_per_replica=0.5, replicas=2))
+    assert tp == {"CPU": 2 * (1.0 + 0.25 + 0.25), "GPU": 4.0}
+    assert generator_footprint(hf, GenerationSpec(replicas=2, num_cpus_per_replica=1)) == {"CPU": 2.0, "GPU": 0.0}
+    # this cluster: 4 CPUs, 2 GPUs, all free
+    assert fit_together([cpu] * 5)  # 3.75 CPUs
+    assert not fit_together([cpu] * 6)  # 4.5 CPUs
+    assert fit_together([gpu]) and not fit_together([gpu] * 3)  # 3 GPUs of 2

@@ -192,3 +192,19 @@ def test_validate_prints_the_estimate_and_refuses_a_job_over_budget(tmp_path, to
     err = capsys.readouterr().err
     assert "training.gpu_memory_gb" in err and "Traceback" not in err
     assert load_spec(path).training.gpu_memory_gb == 0.2
+
+
+def test_the_bench_reads_the_partitioned_teachers_share_against_one_nth_of_the_replicated():
+    from kdray.bench.train_memory import PARTITIONED, partitioned_share
+
+    memory = {"online": {"status": "ok", "peak_rss_mb": 2500.0, "estimate_parts": {"teacher (replicated)": 1800.0}},
+              "hidden": {"status": "ok", "peak_rss_mb": 600.0},
+              PARTITIONED: {"status": "ok", "peak_rss_mb": 1600.0, "estimate_parts": {
+                  "teacher forward": 63.0, "teacher (1/N + gathered, ZeRO-3)": 945.0,
+                  "teacher lm_head (copy for the loss)": 2.0}}}
+    share = partitioned_share(memory, 2)
+    # allowed: half the measured replicated share, plus forward, gathered modules (945 - 1800 / 2) and head copy
+    assert share == {"workers": 2, "replicated_mb": 1900.0, "partitioned_mb": 1000.0,
+                     "allowed_mb": 1900.0 / 2 + 63.0 + 45.0 + 2.0}
+    assert partitioned_share({**memory, "hidden": {"status": "failed", "error": "x"}}, 2) is None
+    assert partitioned_share({k: v for k, v in memory.items() if k != PARTITIONED}, 2) is None

@@ -21,6 +21,7 @@ from kdray.spec import parse_spec
 from kdray.train.objectives import make_step_objective
 from kdray.train.teacher import TeacherHead
 from kdray.train.step import accumulate_step
+from tests.ranks import run_ranks
 
 # Responses of very different lengths, longest first, so a split by position puts the long
 # responses in one micro-batch and the short ones in another (the issue's worst case).
@@ -161,59 +162,31 @@ def test_gradient_accumulation_gives_the_one_micro_batch_step(world, objective, 
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
-def _two_ranks(rank: int, store: str, results) -> None:
+def _two_ranks(rank: int) -> dict:
     """One of two gloo ranks: its half of the rows, as 1 or 2 micro-batches; the gradient summed
     over micro-batches and averaged over the ranks, as DeepSpeed reduces it (the worker scales
     each loss by the number of ranks to undo that average)."""
     import torch.distributed as dist
 
-    import traceback
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    except Exception:
-        results.put((rank, traceback.format_exc()))
-        raise
-    try:
-        student, teacher = load_models()
-        batch = make_batch(teacher)
-        out = {}
-        for objective, mode, zero_stage in CASES:
-            spec = make_spec(objective, mode, zero_stage)
-            for n_micro in (1, 2):
-                micro = split(batch, keys_for(spec), range(4 * rank, 4 * rank + 4), n_micro)
-                sums, grad = run_step(spec, student, teacher, micro, scale=2.0)
-                dist.all_reduce(grad)
-                loss = torch.tensor([sums["loss"]], dtype=torch.float64)
-                dist.all_reduce(loss)
-                out[(objective["kind"], mode, zero_stage, "kd_ratio" in objective, n_micro)] = (
-                    float(loss), (grad / 2).numpy())
-        if rank == 0:
-            results.put((rank, out))
-    except Exception:
-        results.put((rank, traceback.format_exc()))  # the parent shows why, instead of waiting
-        raise
-    finally:
-        dist.destroy_process_group()
+    student, teacher = load_models()
+    batch = make_batch(teacher)
+    out = {}
+    for objective, mode, zero_stage in CASES:
+        spec = make_spec(objective, mode, zero_stage)
+        for n_micro in (1, 2):
+            micro = split(batch, keys_for(spec), range(4 * rank, 4 * rank + 4), n_micro)
+            sums, grad = run_step(spec, student, teacher, micro, scale=2.0)
+            dist.all_reduce(grad)
+            loss = torch.tensor([sums["loss"]], dtype=torch.float64)
+            dist.all_reduce(loss)
+            out[(objective["kind"], mode, zero_stage, "kd_ratio" in objective, n_micro)] = (
+                float(loss), (grad / 2).numpy())
+    return out
 
 
 def test_two_ranks_give_the_one_micro_batch_step(world, tmp_path):
-    import torch.multiprocessing as mp
-
     student, teacher, batch = world
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    # A file rendezvous: no TCP port to race for on a busy machine.
-    procs = [ctx.Process(target=_two_ranks, args=(rank, str(tmp_path / "store"), results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    rank, got = results.get(timeout=300)
-    if isinstance(got, str):
-        pytest.fail(f"rank {rank} failed:\n{got}")
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    got = run_ranks(_two_ranks, tmp_path)
     for objective, mode, zero_stage in CASES:
         spec = make_spec(objective, mode, zero_stage)
         ref_sums, ref_grad = run_step(spec, student, teacher, split(batch, keys_for(spec), range(8), 1))

@@ -21,6 +21,7 @@ from kdray.spec import parse_spec
 from kdray.train.objectives import make_step_objective
 from kdray.train.step import accumulate_step
 from kdray.train.teacher import load_teacher
+from tests.ranks import run_ranks
 from tests.test_step_normaliser import PROMPTS, RESPONSES
 
 CASES = [  # (objective, teacher_signal mode)
@@ -59,9 +60,8 @@ def keys_for(mode: str) -> list[str]:
     return ["input_ids", "attention_mask", "labels"] + (["t_hidden"] if mode == "hidden" else [])
 
 
-def _rank(rank: int, store: str, results) -> None:
+def _rank(rank: int) -> dict:
     import os
-    import traceback
 
     import deepspeed
     import torch.distributed as dist
@@ -72,60 +72,35 @@ def _rank(rank: int, store: str, results) -> None:
     from kdray.train.teacher import partitioned
     from kdray.train.worker import WorkerConfig, _setup_engine
 
-    torch.set_num_threads(1)
     os.environ.update(job_env(), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
     for module, name in ((worker_module, "deepspeed_config"), (teacher_module, "teacher_zero3_config")):
         make = getattr(module, name)
         setattr(module, name, lambda spec, make=make: {**make(spec), "zero_optimization": {
             **make(spec)["zero_optimization"], "stage3_param_persistence_threshold": 0}})
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-        batch = make_batch()
-        out = {}
-        for objective, mode in CASES:
-            spec = make_spec(objective, mode)
-            segment = plan_segments(spec, 8)[0]
-            engine, _, teacher = _setup_engine(WorkerConfig(spec, segment, total_steps=4, num_segments=1), rank)
-            if mode == "online":
-                assert partitioned(teacher), "the online teacher is not a ZeRO-3 engine"
-                local = sum(p.ds_tensor.numel() for p in teacher.module.parameters())
-                whole = sum(p.ds_numel for p in teacher.module.parameters())
-                assert all(p.numel() == 0 for p in teacher.module.parameters()), "a teacher parameter stayed gathered"
-                out[("teacher share", mode)] = local / whole
-            objective_ = make_step_objective(spec, segment, total_steps=4, num_segments=1, state=None)
-            micro = [rows(batch, keys_for(mode), range(4 * rank, 4 * rank + 4))]
-            sums = accumulate_step(objective_, engine, teacher, micro,
-                                   lambda loss: engine.backward(loss * 2, scale_wrt_gas=False))
-            grad = torch.cat([deepspeed.utils.safe_get_full_grad(p).reshape(-1)
-                              for p in engine.module.parameters()])
-            loss = torch.tensor([sums["loss"]], dtype=torch.float64)
-            dist.all_reduce(loss)
-            out[(objective["kind"], mode)] = (float(loss), grad.numpy())
-        if rank == 0:
-            results.put((rank, out))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))  # the parent shows why, instead of waiting
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    batch = make_batch()
+    out = {}
+    for objective, mode in CASES:
+        spec = make_spec(objective, mode)
+        segment = plan_segments(spec, 8)[0]
+        engine, _, teacher = _setup_engine(WorkerConfig(spec, segment, total_steps=4, num_segments=1), rank)
+        if mode == "online":
+            assert partitioned(teacher), "the online teacher is not a ZeRO-3 engine"
+            local = sum(p.ds_tensor.numel() for p in teacher.module.parameters())
+            whole = sum(p.ds_numel for p in teacher.module.parameters())
+            assert all(p.numel() == 0 for p in teacher.module.parameters()), "a teacher parameter stayed gathered"
+            out[("teacher share", mode)] = local / whole
+        step = make_step_objective(spec, segment, total_steps=4, num_segments=1, state=None)
+        micro = [rows(batch, keys_for(mode), range(4 * rank, 4 * rank + 4))]
+        sums = accumulate_step(step, engine, teacher, micro, lambda loss: engine.backward(loss * 2, scale_wrt_gas=False))
+        grad = torch.cat([deepspeed.utils.safe_get_full_grad(p).reshape(-1) for p in engine.module.parameters()])
+        loss = torch.tensor([sums["loss"]], dtype=torch.float64)
+        dist.all_reduce(loss)
+        out[(objective["kind"], mode)] = (float(loss), grad.numpy())
+    return out
 
 
 def test_a_partitioned_teacher_and_a_zero3_student_give_the_whole_teachers_step(toy_world, tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    # A file rendezvous: no TCP port to race for on a busy machine.
-    procs = [ctx.Process(target=_rank, args=(rank, str(tmp_path / "store"), results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    rank, got = results.get(timeout=600)
-    if isinstance(got, str):
-        pytest.fail(f"rank {rank} failed:\n{got}")
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
+    got = run_ranks(_rank, tmp_path, timeout=600)
     # Each rank held about half the teacher (DeepSpeed pads a partition to a multiple of the ranks).
     assert 0.49 < got[("teacher share", "online")] < 0.52
 

@@ -27,8 +27,9 @@ for the bare loop, from loading the data and models to the end of step 1.
 
 Then every teacher-signal mode (``online``, ``topk``, ``hidden``) runs as its own job of the
 same shape (the throughput job is the ``online`` one) and reports the peak resident memory of
-a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process; the
-ranks are symmetric). A mode whose job fails is reported as failed with its error.
+a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process
+since its models were loaded, :func:`kdray.train.setup.reset_peak_rss`; the ranks are
+symmetric; every process runs with ``MALLOC_MMAP_THRESHOLD_=131072``, :data:`MEASURED_MALLOC`). A mode whose job fails is reported as failed with its error.
 
 The memory section (:mod:`kdray.bench.train_memory`) puts each mode's measured peak beside
 kdray's estimate for the same job: on a randomly initialised 0.5B teacher in jobs of
@@ -54,12 +55,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.train_memory import add_estimate, random_teacher, render_memory
+from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher, render_memory
 
 TARGET_OVERHEAD = 1.3
+#: The jobs' and the bare loop's allocator (their local Ray's workers inherit it): glibc hands
+#: buffers of 128 KiB and more straight back to the OS when freed, so a peak is what was in use,
+#: not what a fragmented heap kept (ZeRO-3 gathers and frees a layer's weights per module).
+MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 MODES = ("online", "topk", "hidden")
-#: The memory section's row of the online job under ZeRO-3, whose teacher is partitioned.
-PARTITIONED = "online, ZeRO-3"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,7 +141,7 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     with open(out / "run.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "kdray.cli", "run", str(path), "--restart"], cwd=out,
                               stdout=log, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                              env=dict(os.environ, PYTHONUNBUFFERED="1", **MEASURED_MALLOC))
     wall = time.perf_counter() - t0
     (out / "stderr.log").write_text(proc.stderr)
     result: dict[str, Any] = {"mode": mode, "spec": str(path), "wall_s": wall}
@@ -205,7 +208,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     from kdray.spec import load_spec
     from kdray.train.loop import LocalLoop
     from kdray.train.teacher import load_teacher
-    from kdray.train.setup import peak_rss_mb
+    from kdray.train.setup import peak_rss_mb, reset_peak_rss
 
     t0 = time.perf_counter()
     spec = load_spec(spec_path)
@@ -227,6 +230,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     plan = plan_segments(spec, data["input_ids"].shape[0])
     total = total_steps(plan)
     loop = LocalLoop(spec, student, load_teacher(spec), total_steps=total, num_segments=len(plan))
+    reset_peak_rss()  # as the workers measure: the peak of training, once the models are loaded
     loop.begin_segment(plan[0])
     micro, accumulate = t.micro_batch_size_per_worker, t.global_batch_size // t.micro_batch_size_per_worker
     n = data["input_ids"].shape[0]
@@ -267,7 +271,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
 def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too)."""
     out = spec_path.parent / f"bare-{threads}.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **MEASURED_MALLOC)
     proc = subprocess.run([sys.executable, "-m", "kdray.bench.train", "--bare", str(spec_path), "--bare-out", str(out),
                            "--skip-steps", str(args.skip_steps), "--bare-threads", str(threads)],
                           env=env, capture_output=True, text=True)

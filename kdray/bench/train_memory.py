@@ -2,8 +2,8 @@
 signal, measured beside kdray's estimate for the same job (:mod:`kdray.train.memory`, what
 ``kdray validate`` prints and ``training.gpu_memory_gb`` checks).
 
-The measured figure is ``peak_rss_mb`` of the job's steps (``VmHWM`` of rank 0's process; the
-ranks are symmetric); on CPU workers the estimate counts the same memory (the worker's RAM).
+The measured figure is ``peak_rss_mb`` of the job's steps (``VmHWM`` of rank 0's process since
+its models were loaded; the ranks are symmetric); on CPU workers the estimate counts the same memory (the worker's RAM).
 So that the teacher's share is not lost in the process's own, the full run distils the toy
 student from a randomly initialised Llama teacher of about 0.5B parameters
 (:data:`MEMORY_TEACHER`, with the toy tokenizer; only memory is read, its answers are noise),
@@ -22,6 +22,8 @@ MEMORY_TEACHER = dict(hidden_size=1024, intermediate_size=5504, num_hidden_layer
                       num_key_value_heads=8, head_dim=64)
 #: The estimate is held to within this of the measurement (issue 17: 25%).
 ESTIMATE_TOLERANCE = 0.25
+#: The memory section's row of the ``online`` job under ZeRO-3, whose teacher is partitioned.
+PARTITIONED = "online, ZeRO-3"
 
 
 def random_teacher(root: Path) -> str:
@@ -89,3 +91,30 @@ def render_memory(results: dict[str, Any], console: Any, fmt: Any) -> None:
         verdict = "[green]meets[/]" if abs(worst - 1) <= ESTIMATE_TOLERANCE else "[red]misses[/]"
         console.print(f"estimate vs measured: worst {worst:.2f}x; {verdict} the target of "
                       f"±{ESTIMATE_TOLERANCE:.0%}")
+    share = partitioned_share(results["memory"], results.get("workers", 2))
+    if share is not None:
+        verdict = "[green]meets[/]" if share["partitioned_mb"] <= share["allowed_mb"] else "[red]misses[/]"
+        console.print(
+            f"the teacher's share (the job's peak less the hidden job's, which holds only its lm_head): replicated "
+            f"{share['replicated_mb']:,.0f} MiB, partitioned over {share['workers']} workers "
+            f"{share['partitioned_mb']:,.0f} MiB ({share['partitioned_mb'] / share['replicated_mb']:.2f} of it); "
+            f"{verdict} the target <= 1/{share['workers']} of the replicated one plus its working set "
+            f"({share['allowed_mb']:,.0f} MiB)")
+
+
+def partitioned_share(memory: dict[str, Any], workers: int) -> dict[str, Any] | None:
+    """The teacher's measured share of a worker's peak, replicated (``online`` less ``hidden``,
+    whose worker holds only the teacher's lm_head) and partitioned (:data:`PARTITIONED` less
+    ``hidden``), and what the partitioned one may be: 1/``workers`` of the replicated plus the
+    teacher's working set as the estimate counts it (its forward, its gathered modules, the
+    lm_head copy for the loss). None unless all three jobs ran."""
+    rows = [memory.get(k, {}) for k in ("online", PARTITIONED, "hidden")]
+    if not all(r.get("status") == "ok" for r in rows):
+        return None
+    online, partitioned, hidden = (r["peak_rss_mb"] for r in rows)
+    parts, whole = memory[PARTITIONED].get("estimate_parts", {}), memory["online"].get("estimate_parts", {})
+    gathered = parts.get("teacher (1/N + gathered, ZeRO-3)", 0.0) - whole.get("teacher (replicated)", 0.0) / workers
+    working = parts.get("teacher forward", 0.0) + parts.get("teacher lm_head (copy for the loss)", 0.0) + gathered
+    replicated = online - hidden
+    return {"workers": workers, "replicated_mb": replicated, "partitioned_mb": partitioned - hidden,
+            "allowed_mb": replicated / workers + working}

@@ -126,7 +126,7 @@ class Job:
         else:
             model = self.spec.student.model_copy(update={"model": str(student_dir)})
             with self.ctx.phase("evaluate", len(heldout), f"held-out answers, student after {segment.label(len(plan))}"):
-                scores, _ = evaluate.evaluate_model(self.ctx, label, model, heldout)
+                scores, _ = evaluate.evaluate_models(self.ctx, [(label, model)], heldout)[label]
             state.save_round_score(segment.index, scores)
         round_scores[label] = scores
 
@@ -239,12 +239,12 @@ class Job:
         spec = self.spec
         if not spec.evaluation.enabled:
             return {}, None
-        scores: dict[str, Any] = {}
-        answers: dict[str, dict[str, str]] = {}
+        models = [("teacher", spec.teacher), ("student_before", spec.student),
+                  ("student_after", spec.student.model_copy(update={"model": str(final)}))]
         with self.ctx.phase("evaluate", 3 * len(heldout), "held-out answers"):
-            for label, model in (("teacher", spec.teacher), ("student_before", spec.student),
-                                 ("student_after", spec.student.model_copy(update={"model": str(final)}))):
-                scores[label], answers[label] = evaluate.evaluate_model(self.ctx, label, model, heldout)
+            results = evaluate.evaluate_models(self.ctx, models, heldout)
+        scores = {label: result[0] for label, result in results.items()}
+        answers = {label: result[1] for label, result in results.items()}
         evaluation = {**{k: v for k, v in scores.items() if k != "student_after"}, **round_scores,
                       "student_after": scores["student_after"]}
         judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None

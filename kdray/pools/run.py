@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from kdray.data.tokenize import PromptEncoding
 from kdray.pools import hf, vllm
-from kdray.pools.base import BACKENDS, ROLES, SamplingConfig, pool_env
+from kdray.pools.base import BACKENDS, LIGHT_NUM_CPUS, ROLES, SamplingConfig, pool_env
 from kdray.pools.placement import engine_placement, in_placement_group, uses_ray_executor
 from kdray.spec import GenerationSpec, JobSpec, ModelSpec
 
@@ -128,6 +128,20 @@ def generate_dataset(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling: 
                                       progress=progress, output_prefix=output_prefix)
     return map_pool(ds, model, pool, "generator", sampling=sampling, score_gold=score_gold,
                     encoding=encoding, progress=progress, output_prefix=output_prefix)
+
+
+def generator_footprint(model: ModelSpec, pool: GenerationSpec) -> dict[str, float]:
+    """The CPUs and GPUs that ``model``'s generator pool (:func:`generate_dataset`) holds for as
+    long as it runs: its actors, ``pool.replicas`` engines (their placement groups' bundles,
+    :func:`engine_placement`, or an hf replica's actor) and, for vLLM, as many request encoders.
+    Its light tasks (a map each side of the engine) are left out: they hold a CPU only while
+    they run, so a pool never waits on another's for long."""
+    if model.backend != "vllm":
+        return {"CPU": pool.replicas * float(pool.num_cpus_per_replica),
+                "GPU": pool.replicas * float(pool.num_gpus_per_replica)}
+    bundles = engine_placement(pool)["bundles"]
+    return {"CPU": pool.replicas * (sum(b["CPU"] for b in bundles) + LIGHT_NUM_CPUS),
+            "GPU": pool.replicas * sum(b.get("GPU", 0.0) for b in bundles)}
 
 
 def generate(

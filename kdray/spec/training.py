@@ -88,7 +88,8 @@ class TrainingSpec(_Spec):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false uses gloo on CPU.")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 0 plain data parallelism; 1 shards the optimizer "
-        "state over the workers, 2 also the gradients, 3 also the parameters."
+        "state over the workers, 2 also the gradients, 3 also the parameters (the online teacher's "
+        "too: each worker holds 1/N of it)."
     )
     lr: float = Field(
         1e-4, gt=0.0, description="Peak learning rate of AdamW: linear warmup to it, then cosine "

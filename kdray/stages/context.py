@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from kdray.data.artifacts import Artifact, write_dataset
 from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.pools import SamplingConfig, generate
+from kdray.pools.run import generator_footprint
 from kdray.pools.placement import releasing_placement_groups
 from kdray.spec import JobSpec, ModelSpec
 
@@ -138,10 +139,46 @@ class StageContext:
         advancing ``phase``'s progress as rows come back. Prompts are encoded with the job's
         encoding (:meth:`prompt_encoding`), whichever model answers, unless ``encoding`` is
         given (the LLM judge's own)."""
-        self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
         with releasing_placement_groups():
-            return generate(
-                rows, model, self.spec.generation, sampling, score_gold=score_gold,
-                encoding=self.prompt_encoding() if encoding is None else encoding,
-                on_rows=lambda n: self.reporter.advance(phase, n),
-            )
+            return self._generate(rows, model, label, phase, sampling, score_gold, encoding)
+
+    def generate_each(self, work: list[tuple[str, ModelSpec]], rows: list[dict[str, Any]], phase: str,
+                      sampling: SamplingConfig) -> dict[str, list[dict[str, Any]]]:
+        """Each ``(label, model)`` of ``work`` answers ``rows`` (:meth:`generate`): all the pools
+        at once when the cluster's free CPUs and GPUs hold every pool together
+        (:func:`kdray.pools.run.generator_footprint`), else one after the other, since pools
+        started together on a cluster with room for only some of their replicas could each wait
+        for the rest forever. A pool's start-up (actors, model loads) is most of a short
+        generation's time, and mostly one core's work. Returns the rows by label."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = self.spec.generation
+        with releasing_placement_groups():
+            if len(work) < 2 or not fit_together([generator_footprint(m, pool) for _, m in work]):
+                return {label: self._generate(rows, model, label, phase, sampling) for label, model in work}
+            self.prompt_encoding()  # resolved once, before the threads share it
+            self.reporter.message(f"{phase}: {', '.join(label for label, _ in work)} answer at once "
+                                  "(the cluster has room for all their pools)")
+            with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="kdray-pool") as threads:
+                futures = {label: threads.submit(self._generate, rows, model, label, phase, sampling)
+                           for label, model in work}
+                return {label: future.result() for label, future in futures.items()}
+
+    def _generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
+                  sampling: SamplingConfig, score_gold: bool = False,
+                  encoding: PromptEncoding | None = None) -> list[dict[str, Any]]:
+        self.reporter.message(f"{phase}: {label} answers {len(rows)} prompts ({model.model})")
+        return generate(
+            rows, model, self.spec.generation, sampling, score_gold=score_gold,
+            encoding=self.prompt_encoding() if encoding is None else encoding,
+            on_rows=lambda n: self.reporter.advance(phase, n),
+        )
+
+
+def fit_together(footprints: list[dict[str, float]]) -> bool:
+    """Whether the Ray cluster's free resources now hold all of ``footprints`` (CPU and GPU
+    amounts, :func:`kdray.pools.run.generator_footprint`) at once."""
+    import ray
+
+    free = ray.available_resources()
+    return all(sum(f.get(key, 0.0) for f in footprints) <= free.get(key, 0.0) + 1e-9 for key in ("CPU", "GPU"))

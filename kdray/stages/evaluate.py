@@ -107,26 +107,30 @@ def judge_summary(verdicts: dict[str, tuple[str | None, str | None]]) -> dict[st
     }
 
 
-def evaluate_model(ctx: StageContext, label: str, model: ModelSpec,
-                   heldout: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Greedy answers of ``model`` to the held-out prompts through its pool, scored, and written
-    to ``samples/LABEL.jsonl``. Every model (the teacher too) sees the job's prompt encoding
-    (:meth:`StageContext.prompt_encoding`), the one it was distilled on.
+def evaluate_models(ctx: StageContext, models: list[tuple[str, ModelSpec]],
+                    heldout: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+    """Greedy answers of each ``(label, model)`` to the held-out prompts through its pool (all
+    at once where the cluster has room: :meth:`StageContext.generate_each`), scored, and
+    written to ``samples/LABEL.jsonl``. Every model (the teacher too) sees the job's prompt
+    encoding (:meth:`StageContext.prompt_encoding`), the one it was distilled on.
 
     Returns:
-        (scores as :func:`score_generated` gives them, the first answer per row id for the judge).
+        By label: (scores as :func:`score_generated` gives them, the first answer per row id
+        for the judge).
     """
-    generated = ctx.generate(heldout, model, label, "evaluate",
-                             SamplingConfig.greedy(ctx.spec.evaluation.max_new_tokens))
+    answered = ctx.generate_each(models, heldout, "evaluate", SamplingConfig.greedy(ctx.spec.evaluation.max_new_tokens))
     gold = {r["id"]: r["response"] for r in heldout}
-    path = ctx.out / "samples" / f"{label}.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for r in generated:
-            fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
-                                 "gold": gold.get(r["id"])}) + "\n")
-    answers = {g["id"]: g["response"] for g in generated if g["sample_index"] == 0}
-    return score_generated(generated, heldout), answers
+    out = {}
+    for label, generated in answered.items():
+        path = ctx.out / "samples" / f"{label}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for r in generated:
+                fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
+                                     "gold": gold.get(r["id"])}) + "\n")
+        answers = {g["id"]: g["response"] for g in generated if g["sample_index"] == 0}
+        out[label] = (score_generated(generated, heldout), answers)
+    return out
 
 
 def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, dict[str, str]]) -> dict[str, Any]:

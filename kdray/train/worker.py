@@ -23,7 +23,7 @@ from kdray.data.length_groups import group_by_length
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.spec import JobSpec, TrainingSpec
-from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, save_student
+from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
 from kdray.train.step import accumulate_step, step_metrics
 
 
@@ -84,6 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine, scheduler, teacher = _setup_engine(wc, rank)
+    reset_peak_rss()  # peak_rss_mb: the peak of training, not the checkpoint files' mapped pages
     device = engine.device
 
     step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
@@ -208,7 +209,7 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
         **{k: v for k, v in totals.items() if k != "tokens"},
         "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),  # since the models were loaded (reset_peak_rss)
     }
 
 
