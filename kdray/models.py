@@ -258,6 +258,11 @@ def load_causal_lm(ref: str, dtype: str, *, trainable: bool = True) -> Any:
     return model
 
 
+def lora_target(name: str, targets: list[str]) -> bool:
+    """Whether the module path ``name`` is one of ``targets`` (its last parts), as peft matches them."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def skeleton(ref: str) -> Any:
     """Model ``ref`` built from its config on the meta device (shapes and names, no weights, no
     memory), tied weights tied. Raises :class:`ModelError` when the config cannot be read."""
@@ -312,6 +317,29 @@ def _config_value(ref: str, name: str) -> int:
     with loading("the config", ref):
         config = AutoConfig.from_pretrained(resolve_model(ref))
     return int(getattr(config, name, None) or getattr(config.get_text_config(), name))
+
+
+#: Config fields of models whose forward changes the lm_head's output before it returns the
+#: logits (transformers 5: Gemma 2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
+#: ``logits_scaling``), with the values that leave the logits as they are.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0),
+                    "logits_scaling": (None, 1, 1.0)}
+
+
+def logits_after_head(ref: str) -> str | None:
+    """``"field=value"`` when model ``ref`` changes its lm_head's output into its logits (a
+    :data:`LOGIT_TRANSFORMS` field set), else None: its logits are then not its final hidden
+    states times its lm_head, which the fused loss assumes."""
+    from transformers import AutoConfig
+
+    with loading("the config", ref):
+        config = AutoConfig.from_pretrained(resolve_model(ref))
+    for text in (config, config.get_text_config()):
+        for name, neutral in LOGIT_TRANSFORMS.items():
+            value = getattr(text, name, None)
+            if value not in neutral:
+                return f"{name}={value}"
+    return None
 
 
 def vocab_size(ref: str) -> int:

@@ -226,6 +226,7 @@ def test_pools_start_together_only_where_the_cluster_holds_all_of_them(ray_gpus)
     assert tp == {"CPU": 2 * (1.0 + 0.25 + 0.25), "GPU": 4.0}
     assert generator_footprint(hf, GenerationSpec(replicas=2, num_cpus_per_replica=1)) == {"CPU": 2.0, "GPU": 0.0}
     # this cluster: 4 CPUs, 2 GPUs, all free
-    assert fit_together([cpu] * 5)  # 3.75 CPUs
+    assert fit_together([cpu] * 5)  # 3.75 CPUs, and a light task's 0.25 to spare
+    assert not fit_together([{"CPU": 3.9, "GPU": 0.0}])  # no CPU left for the light tasks
     assert not fit_together([cpu] * 6)  # 4.5 CPUs
     assert fit_together([gpu]) and not fit_together([gpu] * 3)  # 3 GPUs of 2

@@ -208,3 +208,31 @@ def test_the_bench_reads_the_partitioned_teachers_share_against_one_nth_of_the_r
                      "allowed_mb": 1900.0 / 2 + 63.0 + 45.0 + 2.0}
     assert partitioned_share({**memory, "hidden": {"status": "failed", "error": "x"}}, 2) is None
     assert partitioned_share({k: v for k, v in memory.items() if k != PARTITIONED}, 2) is None
+
+
+def test_zero3_gathers_at_most_twice_the_largest_module_and_never_more_than_deepspeeds_defaults(saved_models, tmp_path):
+    from kdray.train.setup import DEEPSPEED_LIVE_ELEMENTS, DEEPSPEED_PREFETCH_ELEMENTS, zero3_gathering
+
+    small = model_shape(saved_models["qwen2"]).largest_module  # its untied 700 x 192 embedding / lm_head
+    assert zero3_gathering(saved_models["qwen2"]) == {"stage3_prefetch_bucket_size": small,
+                                                      "stage3_max_live_parameters": 2 * small}
+    # Qwen2.5-7B's shape (config only): a 545M-element embedding, so DeepSpeed's defaults stand
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(tmp_path)
+    assert zero3_gathering(str(tmp_path)) == {"stage3_prefetch_bucket_size": DEEPSPEED_PREFETCH_ELEMENTS,
+                                             "stage3_max_live_parameters": DEEPSPEED_LIVE_ELEMENTS}
+
+
+def test_logits_the_model_changes_after_its_head_keep_the_loss_off_the_fused_path(saved_models, tmp_path):
+    from kdray.models import logits_after_head
+
+    assert logits_after_head(saved_models["llama"]) is None
+    from transformers import Gemma2Config
+
+    Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, vocab_size=500, final_logit_softcapping=30.0).save_pretrained(tmp_path)
+    assert logits_after_head(str(tmp_path)) == "final_logit_softcapping=30.0"
+    spec = job(saved_models, {"teacher": {"model": str(tmp_path)}}, num_workers=2, global_batch_size=4,
+               micro_batch_size_per_worker=2, zero_stage=3)
+    estimate = parts(estimate_worker_memory(spec, model_shape(saved_models["llama"]), model_shape(str(tmp_path))))
+    assert "loss (logits)" in estimate and "teacher lm_head (copy for the loss)" not in estimate

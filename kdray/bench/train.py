@@ -29,7 +29,7 @@ Then every teacher-signal mode (``online``, ``topk``, ``hidden``) runs as its ow
 same shape (the throughput job is the ``online`` one) and reports the peak resident memory of
 a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process
 since its models were loaded, :func:`kdray.train.setup.reset_peak_rss`; the ranks are
-symmetric; every process runs with ``MALLOC_MMAP_THRESHOLD_=131072``, :data:`MEASURED_MALLOC`). A mode whose job fails is reported as failed with its error.
+symmetric; every process runs with :data:`MEASURED_MALLOC`). A mode whose job fails is reported as failed with its error.
 
 The memory section (:mod:`kdray.bench.train_memory`) puts each mode's measured peak beside
 kdray's estimate for the same job: on a randomly initialised 0.5B teacher in jobs of

@@ -56,7 +56,8 @@ class LoraSpec(_Spec):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         min_length=1,
         description="Names of the linear modules that get adapters (the last part of the "
-        "module path); default: the attention and MLP projections of Llama / Qwen2.",
+        "module path); default: the attention and MLP projections of Llama / Qwen2. Naming lm_head "
+        "moves the loss off the fused lm-head path onto full logits.",
     )
 
     @field_validator("target_modules")
@@ -89,7 +90,7 @@ class TrainingSpec(_Spec):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 0 plain data parallelism; 1 shards the optimizer "
         "state over the workers, 2 also the gradients, 3 also the parameters (the online teacher's "
-        "too: each worker holds 1/N of it)."
+        "too: each worker holds 1/N of it plus the modules being gathered)."
     )
     lr: float = Field(
         1e-4, gt=0.0, description="Peak learning rate of AdamW: linear warmup to it, then cosine "

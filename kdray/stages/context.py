@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from kdray.data.artifacts import Artifact, write_dataset
 from kdray.data.tokenize import PromptEncoding, job_encoding
 from kdray.pools import SamplingConfig, generate
+from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.pools.run import generator_footprint
 from kdray.pools.placement import releasing_placement_groups
 from kdray.spec import JobSpec, ModelSpec
@@ -146,16 +147,21 @@ class StageContext:
                       sampling: SamplingConfig) -> dict[str, list[dict[str, Any]]]:
         """Each ``(label, model)`` of ``work`` answers ``rows`` (:meth:`generate`): all the pools
         at once when the cluster's free CPUs and GPUs hold every pool together
-        (:func:`kdray.pools.run.generator_footprint`), else one after the other, since pools
+        (:func:`fit_together`) and no replica shares a GPU, else one after the other, since pools
         started together on a cluster with room for only some of their replicas could each wait
         for the rest forever. A pool's start-up (actors, model loads) is most of a short
-        generation's time, and mostly one core's work. Returns the rows by label."""
+        generation's time. A failing pool's error is raised once the others are done. Returns
+        the rows by label."""
         from concurrent.futures import ThreadPoolExecutor
 
         pool = self.spec.generation
+        # vLLM engines starting together on one GPU measure each other's loading as their own
+        # use and shrink (or fail to find) their KV cache: a GPU share never starts with another.
+        shared_gpu = 0 < pool.num_gpus_per_replica < 1
+        if len(work) < 2 or shared_gpu or not fit_together([generator_footprint(m, pool) for _, m in work]):
+            # each pool's placement groups are removed before the next one starts
+            return {label: self.generate(rows, model, label, phase, sampling) for label, model in work}
         with releasing_placement_groups():
-            if len(work) < 2 or not fit_together([generator_footprint(m, pool) for _, m in work]):
-                return {label: self._generate(rows, model, label, phase, sampling) for label, model in work}
             self.prompt_encoding()  # resolved once, before the threads share it
             self.reporter.message(f"{phase}: {', '.join(label for label, _ in work)} answer at once "
                                   "(the cluster has room for all their pools)")
@@ -177,8 +183,12 @@ class StageContext:
 
 def fit_together(footprints: list[dict[str, float]]) -> bool:
     """Whether the Ray cluster's free resources now hold all of ``footprints`` (CPU and GPU
-    amounts, :func:`kdray.pools.run.generator_footprint`) at once."""
+    amounts, :func:`kdray.pools.run.generator_footprint`) at once, with a light task's CPU to
+    spare (:data:`kdray.pools.base.LIGHT_NUM_CPUS`: the maps each side of the engines need one
+    to run while the actors hold the rest)."""
     import ray
 
     free = ray.available_resources()
-    return all(sum(f.get(key, 0.0) for f in footprints) <= free.get(key, 0.0) + 1e-9 for key in ("CPU", "GPU"))
+    need = {key: sum(f.get(key, 0.0) for f in footprints) for key in ("CPU", "GPU")}
+    need["CPU"] += LIGHT_NUM_CPUS
+    return all(need[key] <= free.get(key, 0.0) + 1e-9 for key in need)

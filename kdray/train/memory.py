@@ -31,9 +31,10 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
   keeps its input (``e·h``) and one layer's activations are live again in the backward pass.
   :func:`saved_activation_bytes` measures the same quantity on a model, so the tests hold the
   formula to it.
-* **Loss**: on the fused lm-head path (``online``/``hidden``, unless DistiLLM-2 or a LoRA
-  adapter on the lm_head: :func:`kdray.losses.fused_linear_divergence`) one chunk's working set (8 float32 buffers of
-  :data:`kdray.losses.fused.DEFAULT_CHUNK_ELEMENTS`) plus the float32 gradients of the
+* **Loss**: on the fused lm-head path (:func:`kdray.losses.fused_linear_divergence`;
+  ``online``/``hidden``, unless DistiLLM-2, a LoRA adapter on the lm_head, or logits that are
+  not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (8
+  float32 buffers of :data:`kdray.losses.fused.DEFAULT_CHUNK_ELEMENTS`) plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
   their gradient; the teacher's: logits, upcast, probabilities).
@@ -86,7 +87,7 @@ def model_shape(ref: str, lora_targets: list[str] | None = None, lora_rank: int 
     import torch
 
     from kdray.models import skeleton as build_skeleton
-    from kdray.train.setup import lora_target
+    from kdray.models import lora_target
 
     skeleton = build_skeleton(ref)
     text = skeleton.config.get_text_config()
@@ -178,7 +179,8 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
             LoRA adapters counted).
     """
     from kdray.losses.fused import DEFAULT_CHUNK_ELEMENTS
-    from kdray.train.setup import lora_target
+    from kdray.models import logits_after_head
+    from kdray.models import lora_target
 
     t, mode = spec.training, spec.teacher_signal.mode
     on = "gpu" if t.use_gpu else "cpu"
@@ -212,6 +214,9 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
     (host if t.offload_optimizer and offload_host else device).append(
         ("optimizer state" + (" (1/N)" if z >= 1 else ""), optimizer))
     vocab = min(student.vocab_size, teacher.vocab_size)
+    adapted_head = t.lora is not None and lora_target("lm_head", list(t.lora.target_modules))
+    fused = (mode in ("online", "hidden") and not distillm2 and not adapted_head
+             and not any(logits_after_head(ref) for ref in (spec.student.model, spec.teacher.model)))
     if mode == "online" and z == 3:
         t_gathered, t_partition = 2 * e_t * teacher.largest_module, e_t * teacher.parameters // n
         if t.offload_param and offload_host:
@@ -219,7 +224,8 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
             host.append(("teacher (partition)", t_partition))
         else:
             device.append(("teacher (1/N + gathered, ZeRO-3)", t_partition + t_gathered))
-        device.append(("teacher lm_head (copy for the loss)", e_t * vocab * teacher.hidden_size))
+        if fused:  # the partitioned head, copied while gathered (kdray.train.teacher.teacher_final_states)
+            device.append(("teacher lm_head (copy for the loss)", e_t * vocab * teacher.hidden_size))
     elif mode == "online":
         device.append(("teacher (replicated)", e_t * teacher.parameters))
     elif mode == "hidden":
@@ -228,8 +234,7 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
                    activation_bytes(student, tokens, e, checkpointing=t.gradient_checkpointing)))
     if mode == "online":  # under no_grad: one layer at a time, and the final hidden states
         device.append(("teacher forward", tokens * e_t * (5 * teacher.hidden_size + 3 * teacher.intermediate_size)))
-    adapted_head = t.lora is not None and lora_target("lm_head", list(t.lora.target_modules))
-    if mode in ("online", "hidden") and not distillm2 and not adapted_head:
+    if fused:
         chunk = min(tokens, max(1, DEFAULT_CHUNK_ELEMENTS // vocab)) * vocab
         loss = 8 * 4 * chunk + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size
         if mode == "hidden":  # the stored hidden states, cast to the head's dtype

@@ -21,7 +21,7 @@ from typing import Any
 from kdray.curriculum.plan import Segment
 from kdray.data.tokenize import IGNORE_INDEX
 from kdray.spec import JobSpec
-from kdray.train.setup import lora_target
+from kdray.models import lora_target
 from kdray.train.teacher import head_computing, head_weights, partitioned, teacher_final_states, unwrapped
 
 
@@ -73,20 +73,23 @@ class KDStep:
     neither model's ``[tokens, V]`` logits are ever materialised; under ZeRO-3 the loss is
     computed inside the student's lm_head forward, where the partitioned weight is whole
     (:func:`kdray.train.teacher.head_computing`). A LoRA adapter on the lm_head
-    (``training.lora.target_modules`` naming ``lm_head``) takes the logits path: the fused loss
-    reads the head's base weight. Logits are compared over the vocabulary both models share
-    (padding rows of a larger embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
+    (``training.lora.target_modules`` naming ``lm_head``) takes the logits path (the fused loss
+    reads the head's base weight), and so does a model whose logits are not its final hidden
+    states times its lm_head (:func:`kdray.models.logits_after_head`: Gemma's soft-capping).
+    Logits are compared over the vocabulary both models share (padding rows of a larger
+    embedding are sliced off, :func:`kdray.models.shared_vocab_size`).
     """
 
     def __init__(self, spec: JobSpec, segment: Segment):
-        from kdray.models import shared_vocab_size
+        from kdray.models import logits_after_head, shared_vocab_size
 
         self.spec, self.segment = spec, segment
         self.mode = spec.teacher_signal.mode
         self.vocab = shared_vocab_size(spec.teacher.model, spec.student.model)
         lora = spec.training.lora
         adapted_head = lora is not None and lora_target("lm_head", list(lora.target_modules))
-        self.fused = self.mode in ("hidden", "online") and not adapted_head
+        transformed = any(logits_after_head(ref) for ref in (spec.student.model, spec.teacher.model))
+        self.fused = self.mode in ("hidden", "online") and not adapted_head and not transformed
 
     def items(self, batch: dict[str, Any]) -> dict[str, int]:
         """What each term of this objective averages over in ``batch``: its label tokens (the KD
@@ -125,7 +128,7 @@ class KDStep:
         if self.fused:
             return self._fused(engine, teacher, batch, n_kd, n_ce)
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        logits = engine(input_ids=ids, attention_mask=attn).logits
+        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
         s, target, mask = _shifted(_upcast(logits[..., : self.vocab]), labels)
         seg, obj = self.segment, self.spec.objective
         ce_labels = target if seg.kd_ratio < 1.0 else None
@@ -148,7 +151,7 @@ class KDStep:
                 if self.mode == "hidden":
                     t_logits = teacher.logits(batch["t_hidden"][:, 1:])
                 else:
-                    t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+                    t_logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
             loss, parts = losses.kd_objective(
                 s, _upcast(t_logits[..., : self.vocab]), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
                 kd_temperature=seg.kd_temperature, labels=ce_labels, divergence_kwargs=obj.divergence_params(),
@@ -195,14 +198,18 @@ class KDStep:
         model = unwrapped(engine)  # a DeepSpeed engine (peft inside with LoRA), or the model itself
         if partitioned(engine):
             def head_loss(head: Any, hidden: Any) -> Any:  # runs while ZeRO-3 holds the head whole
+                parts["_ran"] = 1
                 return loss_on(hidden[:, :-1], *head_weights(model, self.vocab))
 
             with head_computing(model, head_loss):
                 loss = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            if "_ran" not in parts or loss.dim() != 0:  # the model bypassed or post-processed its lm_head
+                raise RuntimeError(f"{type(model).__name__}'s forward did not return its lm_head's output as its "
+                                   "logits: the fused loss cannot run inside it under ZeRO-3")
         else:
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
             loss = loss_on(hidden, *head_weights(model, self.vocab))
-        return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
+        return loss, {k: float(v) for k, v in parts.items() if k not in ("loss", "_ran")}, int(mask.sum())
 
     def end_micro_batches(self) -> None:
         """Called once the step's micro-batches are done, before its metrics are read (a schedule
@@ -288,9 +295,9 @@ class DistiLLM2Step(KDStep):
         ids = torch.cat([batch["input_ids"], batch["s_input_ids"]])
         attn = torch.cat([batch["attention_mask"], batch["s_attention_mask"]])
         labels = torch.cat([batch["labels"], batch["s_labels"]])
-        logits = engine(input_ids=ids, attention_mask=attn).logits
+        logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits
         with torch.no_grad():
-            t_logits = teacher(input_ids=ids, attention_mask=attn).logits
+            t_logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
         s, target, mask = _shifted(_upcast(logits[..., : self.vocab]), labels)
         t = _upcast(t_logits[:, :-1, : self.vocab])
         flags = torch.arange(2 * n, device=s.device) >= n  # second half: student responses

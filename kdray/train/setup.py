@@ -11,14 +11,37 @@ import math
 from typing import Any
 
 from kdray.errors import KdrayError, ModelError
-from kdray.models import load_causal_lm
+from kdray.models import load_causal_lm, lora_target
 from kdray.spec import JobSpec
 
 
+#: DeepSpeed's ZeRO-3 defaults that :func:`zero3_gathering` caps: elements prefetched ahead of
+#: the module that runs, and elements kept gathered at once.
+DEEPSPEED_PREFETCH_ELEMENTS, DEEPSPEED_LIVE_ELEMENTS = 50_000_000, 1_000_000_000
+
+
+def zero3_gathering(ref: str) -> dict[str, int]:
+    """ZeRO-3 settings that keep at most twice model ``ref``'s largest module gathered at once
+    (prefetching at most that module), as the memory estimate counts it
+    (:mod:`kdray.train.memory`), and never more than DeepSpeed's defaults. With the defaults
+    (:data:`DEEPSPEED_PREFETCH_ELEMENTS`, :data:`DEEPSPEED_LIVE_ELEMENTS`) a model of fewer
+    elements stayed gathered for most of every forward after the first (once DeepSpeed has
+    traced the module order): a 0.48B teacher on 2 CPU workers peaked 1.1 GiB above its
+    partition, 0.1 GiB with these (docs/benchmarks.md). For a 7B model both are the defaults."""
+    from kdray.train.memory import model_shape
+
+    largest = model_shape(ref).largest_module
+    return {"stage3_prefetch_bucket_size": min(largest, DEEPSPEED_PREFETCH_ELEMENTS),
+            "stage3_max_live_parameters": min(2 * largest, DEEPSPEED_LIVE_ELEMENTS)}
+
+
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
-    """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately."""
+    """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately.
+    ZeRO-3 gathers the student as :func:`zero3_gathering` bounds it."""
     t = spec.training
     zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(zero3_gathering(spec.student.model))
     # Offload targets host memory; page-locked (pinned) buffers only speed up GPU copies.
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
@@ -60,11 +83,6 @@ def load_student(spec: JobSpec) -> Any:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(student, config)
-
-
-def lora_target(name: str, targets: list[str]) -> bool:
-    """Whether the module path ``name`` is one of ``targets`` (its last parts), as peft matches them."""
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _check_lora_targets(spec: JobSpec, model: Any) -> None:

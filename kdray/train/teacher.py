@@ -71,21 +71,15 @@ def teacher_zero3_config(spec: JobSpec) -> dict[str, Any]:
     """The DeepSpeed config of the partitioned teacher: the student's
     (:func:`kdray.train.setup.deepspeed_config`: its batch sizes, which DeepSpeed requires of
     any engine, and ``offload_param``) at stage 3, in the teacher's dtype, with nothing of the
-    optimizer, and at most twice its largest module gathered at once (below)."""
-    from kdray.train.memory import model_shape
-    from kdray.train.setup import deepspeed_config
+    optimizer, and at most twice its largest module gathered at once
+    (:func:`kdray.train.setup.zero3_gathering`)."""
+    from kdray.train.setup import deepspeed_config, zero3_gathering
 
     config = deepspeed_config(spec)
     zero = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
     kept = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print",
             "wall_clock_breakdown")
-    # At most the largest module prefetched and twice it gathered at once (as the memory estimate
-    # counts it, kdray.train.memory). DeepSpeed's defaults (a 5·10^7-element prefetch bucket, 10^9
-    # live elements, kept for reuse within 10^9) keep a smaller model gathered for most of its
-    # forward once the first one has traced the module order: a 0.48B teacher on 2 CPU workers
-    # peaked 1.1 GiB above its partition in every forward after the first, 0.1 GiB with these.
-    largest = model_shape(spec.teacher.model).largest_module
-    zero.update(stage3_prefetch_bucket_size=largest, stage3_max_live_parameters=2 * largest)
+    zero.update(zero3_gathering(spec.teacher.model))  # the teacher's own largest module
     return {**{k: config[k] for k in kept}, "zero_optimization": {**zero, "stage": 3},
             "bf16": {"enabled": spec.teacher.dtype == "bfloat16"}, "fp16": {"enabled": spec.teacher.dtype == "float16"}}
 
@@ -167,7 +161,7 @@ def teacher_final_states(teacher: Any, ids: Any, attn: Any, vocab: int) -> tuple
     engine, and its head's weight is copied while gathered (``vocab × H`` elements, freed after
     the micro-batch); a whole one runs its decoder and lends its head."""
     if not partitioned(teacher):
-        hidden = teacher.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        hidden = teacher.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
         return (hidden, *head_weights(teacher, vocab))
     kept: dict[str, tuple[Any, Any]] = {}
 
@@ -178,4 +172,7 @@ def teacher_final_states(teacher: Any, ids: Any, attn: Any, vocab: int) -> tuple
 
     with head_computing(unwrapped(teacher), keep):
         hidden = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+    if "head" not in kept:
+        raise RuntimeError(f"{type(unwrapped(teacher)).__name__}'s forward did not run its lm_head: the fused loss "
+                           "cannot take its final hidden states under ZeRO-3")
     return (hidden, *kept["head"])
