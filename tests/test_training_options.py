@@ -8,7 +8,7 @@ import torch
 
 from kdray.errors import KdrayError, SpecError
 from kdray.spec import parse_spec
-from kdray.train.setup import check_lora_targets, deepspeed_config, load_student, peak_rss_mb, save_student, zero3_gathering
+from kdray.train.setup import check_lora_targets, deepspeed_config, load_student, peak_rss_mb, save_student
 
 
 def spec(student_dtype: str = "float32", **training):
@@ -38,7 +38,6 @@ def test_offload_optimizer_and_param_go_to_the_cpu_unpinned_on_cpu_hosts():
         "stage": 3,
         "offload_optimizer": {"device": "cpu", "pin_memory": False},
         "offload_param": {"device": "cpu", "pin_memory": False},
-        **zero3_gathering("toy:student"),
     }
     cfg = deepspeed_config(spec(zero_stage=1, offload_optimizer=True, use_gpu=True))
     assert cfg["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
