@@ -130,6 +130,18 @@ def test_a_pool_task_holds_a_bounded_share_of_large_outputs_however_many_rows(ra
     # Small outputs (a generator's): the blocks as read.
     assert tasks(None) < 2000 // 256
 
+    # What a pool of large rows, and its write, may hold in the object store: two task outputs
+    # per replica, whatever the rows; Ray Data's own budget (a share of the store) elsewhere.
+    from kdray.pools.run import store_budget
+
+    four = GenerationSpec(replicas=4, num_cpus_per_replica=0.5, batch_size=32)
+    assert store_budget(four) == 2 * 4 * TASK_OUTPUT_BYTES
+    limits = lambda ds: ds.context.execution_options.resource_limits.object_store_memory  # noqa: E731
+    capped = pool_map(stored.read(), TaskRows, four, "scorer", row_bytes=1024)
+    assert limits(capped) == store_budget(four)
+    assert limits(pool_map(stored.read(), TaskRows, four, "generator")) == float("inf")  # Ray's default
+    assert limits(stored.read()) == float("inf")  # the input's own context is left as it was
+
 
 def test_the_training_ingest_reads_blocks_of_bounded_bytes_however_large_the_files(ray_local, tmp_path):
     """The blocks streamed to the training workers are held in the object store while queued

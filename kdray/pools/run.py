@@ -5,8 +5,7 @@ CPUs per replica, batch size).
 processor; hf: an actor pool, :func:`map_pool`); :func:`score_dataset` records the teacher's
 signal on compact training examples with its scorer (an actor pool). Both return lazy
 datasets, which a stage writes under the job's output directory. For a few rows held in the
-driver (held-out answers, the judge, benchmarks) :func:`generate` takes and
-returns lists, in the order given: Ray Data does not keep order, so every row travels with its
+driver (benchmarks, ``kdray repro``'s shared stages) :func:`generate` takes and returns lists, in the order given: Ray Data does not keep order, so every row travels with its
 position ``_row``.
 """
 
@@ -56,6 +55,20 @@ def pool_options(pool: GenerationSpec, role: str) -> dict[str, Any]:
 #: What one pool task's outputs may hold in the object store before the writer takes them
 #: (:func:`pool_map`): two parquet files' worth (:data:`kdray.data.artifacts.FILE_BYTES`).
 TASK_OUTPUT_BYTES = 32 * 2**20
+#: Task outputs per replica a pool of large rows may hold in the object store at once
+#: (:func:`store_budget`): the one its actor makes and the one the writer takes.
+TASKS_IN_STORE_PER_REPLICA = 2
+
+
+def store_budget(pool: GenerationSpec) -> int:
+    """The object-store bytes a dataset of large rows (a scorer's records) may use while it is
+    made and written: :data:`TASKS_IN_STORE_PER_REPLICA` task outputs per replica, so that
+    every replica keeps working while the writer drains, and no more however many rows there
+    are. Ray Data's own budget (a share of the cluster's store) lets a run's queues grow with
+    its length until they reach it: top-k records of 8,000 rows peaked at 110-125 MiB and of
+    64,000 at 221-228 MiB (``kdray bench scale``, 512 MiB store, session 10's note); Ray keeps
+    the lower of the two limits."""
+    return TASKS_IN_STORE_PER_REPLICA * pool.replicas * TASK_OUTPUT_BYTES
 
 
 def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: int | None = None,
@@ -71,7 +84,8 @@ def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: i
     scale``, hidden, 1,000 rows, 512 MiB store: a 511 MiB peak, 510 MiB spilled; with the cut,
     171 MiB, none). Cutting to one batch per task for small rows instead cost top-k scoring
     twice the time and the driver 60 MiB more at 32,000 rows (one task and block per batch).
-    Lazy."""
+    The result, and what is made of it (its write), may then use at most :func:`store_budget`
+    of the object store. Lazy."""
     if row_bytes:
         per_block = max(1, TASK_OUTPUT_BYTES // (row_bytes * pool.batch_size)) * pool.batch_size
         ds = ds.repartition(target_num_rows_per_block=per_block)
@@ -79,7 +93,11 @@ def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: i
         # Ray 2.60 deprecates ray_remote_args_fn (removal: Ray 2.64) with no replacement yet; its
         # own LLM engine stage places tensor-parallel engines through it too (kdray pins Ray).
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
-        return ds.map_batches(fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
+        out = ds.map_batches(fn, fn_constructor_kwargs=constructor_kwargs, **pool_options(pool, role))
+    if row_bytes:  # this dataset's context (its write's too), not the driver's
+        options = out.context.execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=store_budget(pool))
+    return out
 
 
 def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_bytes: int | None = None,
@@ -154,9 +172,9 @@ def generate(
     encoding: PromptEncoding | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`generate_dataset` for a few rows held in the driver (held-out answers, the
-    judge's verdicts, benchmarks): the rows go in as a list and come back as one, in the order
-    of ``rows`` (then ``sample_index``). A job's training rows never take this path.
+    """:func:`generate_dataset` for a few rows held in the driver (benchmarks, ``kdray repro``):
+    the rows go in as a list and come back as one, in the order of ``rows`` (then
+    ``sample_index``). A job's rows never take this path.
 
     Returns:
         One dict per sample: ``id``, ``prompt``, ``response``, ``response_token_ids``,
