@@ -38,6 +38,18 @@ def reduced_demo(tmp_path: Path, **training) -> Path:
     return path
 
 
+def samples(out: Path, label: str) -> list[dict]:
+    """The rows of the job's committed dataset ``samples/LABEL/`` (a model's held-out answers, or
+    the judge's verdicts), in their stored order."""
+    import pyarrow.parquet as pq
+
+    path = out / "samples" / label
+    marker = json.loads((path / "_kdray_dataset.json").read_text())
+    rows = [r for f in marker["files"] for r in pq.read_table(path / f).to_pylist()]
+    assert len(rows) == marker["rows"]
+    return rows
+
+
 #: Checkpoint interval of the module's job (its first checkpoint is where the kill lands past).
 EVERY = 4
 
@@ -104,8 +116,14 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     messages = [e.get("text", "") for e in events if e["kind"] == "message"]
     assert "evaluate: teacher, student_before, student_after answer at once (the cluster has room for all their pools)" \
         in messages
-    assert all((out / "samples" / f"{label}.jsonl").read_text().count("\n") == 48
-               for label in ("teacher", "student_before", "student_after"))
+    held = samples(out, "teacher")  # the pools' tasks wrote and scored them; the driver read no row
+    assert [r["_row"] for r in held] == sorted(r["_row"] for r in held) and len(held) == 48
+    for label in ("teacher", "student_before", "student_after"):
+        answered = samples(out, label)
+        assert [(r["id"], r["gold"]) for r in answered] == [(r["id"], r["gold"]) for r in held]
+        scores = report["evaluation"][label]
+        assert scores["n"] == 48 and scores["rougeL"] == pytest.approx(sum(r["rougeL"] for r in answered) / 48)
+        assert scores["mean_length"] == pytest.approx(sum(len(r["response"].split()) for r in answered) / 48)
 
     # The rows live in a committed dataset the pool's actors wrote; the examples the workers
     # stream are the pool's own ids: every row's labels are its response_token_ids.

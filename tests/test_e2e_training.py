@@ -107,7 +107,9 @@ def test_bf16_student_with_optimizer_offload_trains_on_cpu(tmp_path, toy_world):
 @pytest.mark.slow
 def test_bench_train_quick_smoke(tmp_path, toy_world):
     results = tmp_path / "bench.json"
-    res = kdray("bench", "train", "--quick", "--modes", "online", "topk", "--json", str(results),
+    # One mode: a top-k job runs end to end in tests/test_e2e_signal.py, and its estimate (no
+    # teacher) is checked in tests/test_memory_estimate.py; a second bench job cost CI ~2 min.
+    res = kdray("bench", "train", "--quick", "--modes", "online", "--json", str(results),
                 "--out", str(tmp_path / "jobs"), cwd=tmp_path, timeout=1200)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "distillation tokens/s" in res.stdout and "overhead: bare / Ray" in res.stdout
@@ -118,15 +120,11 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert ray_run["tokens_per_s"] > 0 and bare["tokens_per_s"] > 0
     assert data["overhead"] == pytest.approx(bare["tokens_per_s"] / ray_run["tokens_per_s"])
     assert ray_run["startup_s"] > 0 and bare["startup_s"] > 0
-    assert set(data["modes"]) == {"online", "topk"}
-    assert data["modes"]["online"]["peak_rss_mb"] > 100
-    topk = data["modes"]["topk"]  # a mode either ran, or is reported failed with its error
-    assert (topk["status"] == "ok" and topk["peak_rss_mb"] > 0) or (topk["status"] == "failed" and topk["error"])
+    assert set(data["modes"]) == {"online"} and data["modes"]["online"]["peak_rss_mb"] > 100
     # The memory section (--quick: on the toy jobs): each mode's measured peak beside its estimate.
-    assert data["memory_teacher"] == "toy:teacher" and set(data["memory"]) == {"online", "topk"}
+    assert data["memory_teacher"] == "toy:teacher" and set(data["memory"]) == {"online"}
     online = data["memory"]["online"]
     assert online["peak_rss_mb"] == data["modes"]["online"]["peak_rss_mb"]
     assert online["estimate_ratio"] == pytest.approx(online["estimate_mb"] / online["peak_rss_mb"])
-    assert online["estimate_parts"]["teacher (replicated)"] > 0 and "teacher (replicated)" not in \
-        data["memory"]["topk"]["estimate_parts"]
+    assert online["estimate_parts"]["teacher (replicated)"] > 0
     assert "estimate / measured" in res.stdout and "estimate vs measured: worst" in res.stdout

@@ -73,6 +73,87 @@ def test_a_judge_that_never_answers_a_or_b_gives_one_half():
     assert empty["comparisons"] == 0 and empty["win_rate"] is None and empty["position_consistency"] is None
 
 
+def test_rows_are_scored_where_they_are_made_and_summed_file_by_file(tmp_path):
+    """A job's answers are scored per row in Ray Data tasks (score_answers) and the means come
+    from the written files (answer_scores): the same figures as score_responses on the pairs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.stages.evaluate import ANSWER_COLUMNS, answer_scores, score_answers, score_responses
+
+    preds, golds = [" 1 2 3", "2  1", "", "a b c d"], ["1 2 3", "1 2", "x", "a c"]
+    batch = {"_row": np.arange(4), "id": np.asarray(list("abcd"), dtype=object),
+             "prompt": np.asarray(["p"] * 4, dtype=object), "response": np.asarray(preds, dtype=object),
+             "gold": np.asarray(golds, dtype=object), "finish_reason": np.asarray(["stop"] * 4, dtype=object)}
+    scored = score_answers(batch)
+    assert list(scored) == ANSWER_COLUMNS  # the pool's own columns (finish_reason, ids) are not kept
+    assert scored["exact_match"].tolist() == [1.0, 0.0, 0.0, 0.0] and scored["length"].tolist() == [3, 2, 0, 4]
+    files = []
+    for i, part in enumerate((slice(0, 3), slice(3, 4))):  # two files, as a write makes them
+        files.append(tmp_path / f"{i}.parquet")
+        pq.write_table(pa.table({k: pa.array(list(v[part])) for k, v in scored.items()}), files[-1])
+    summed = answer_scores(files)["scores"]
+    expected = score_responses(preds, golds)
+    assert summed["n"] == expected["n"] == 4
+    for name in ("rougeL", "exact_match", "mean_length"):
+        assert summed[name] == pytest.approx(expected[name])
+
+
+def test_verdicts_are_counted_by_pair_from_the_written_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.stages.evaluate import pair_summary, verdict_counts
+
+    pairs = [("A", "B"), ("A", "A"), (None, None), ("B", "A"), ("A", "B")]
+    pq.write_table(pa.table({"student_first_verdict": [p[0] for p in pairs[:3]],
+                             "student_second_verdict": [p[1] for p in pairs[:3]]}), tmp_path / "0.parquet")
+    pq.write_table(pa.table({"student_first_verdict": [p[0] for p in pairs[3:]],
+                             "student_second_verdict": [p[1] for p in pairs[3:]]}), tmp_path / "1.parquet")
+    counted = verdict_counts([tmp_path / "0.parquet", tmp_path / "1.parquet"])["pairs"]
+    assert sorted(counted, key=str) == sorted([["A", "B", 2], ["A", "A", 1], [None, None, 1], ["B", "A", 1]], key=str)
+    from collections import Counter
+
+    summary = pair_summary(Counter({(ab, ba): n for ab, ba, n in counted}))
+    assert summary == judge_summary({f"q{i}": p for i, p in enumerate(pairs)})
+    assert (summary["items"], summary["wins"], summary["losses"]) == (5, 5, 3)
+
+
+def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(toy_world):
+    import numpy as np
+
+    from kdray.data.tokenize import judge_encoding
+    from kdray.models import load_tokenizer
+    from kdray.stages.evaluate import _judge_pair
+
+    encoding = judge_encoding("auto", load_tokenizer("toy:teacher", need_pad=False))
+    group = {"_row": np.asarray([7, 7]), "id": np.asarray(["q7", "q7"], dtype=object),
+             "prompt": np.asarray(["Q: sort 2 1\nA:"] * 2, dtype=object),
+             "response": np.asarray([" 2 1", " 1 2"], dtype=object),
+             "side": np.asarray(["reference", "student"], dtype=object)}
+    out = _judge_pair(group, template="{prompt}{a}|{b}", judge_model="toy:teacher", encoding=encoding, room=100)
+    assert out["id"].tolist() == ["q7|ab", "q7|ba"] and out["item"].tolist() == ["q7", "q7"]
+    assert out["prompt"].tolist() == ["Q: sort 2 1\nA: 1 2| 2 1", "Q: sort 2 1\nA: 2 1| 1 2"]  # student first, then second
+    assert out["fits"].tolist() == [True, True] and out["_row"].tolist() == [7, 7]
+    short = _judge_pair(group, template="{prompt}{a}|{b}", judge_model="toy:teacher", encoding=encoding, room=5)
+    assert short["fits"].tolist() == [False, False]  # an item is judged in both orders or not at all
+
+
+def test_the_first_n_rows_end_at_their_row_number(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.data.artifacts import Artifact, nth_row_number
+
+    for i, rows in enumerate(([0, 2, 3], [5, 9])):  # rows 1, 4, 6-8 were dropped as bad
+        pq.write_table(pa.table({"_row": rows}), tmp_path / f"{i}.parquet")
+    held = Artifact(tmp_path, {"files": ["0.parquet", "1.parquet"], "rows": 5})
+    assert [nth_row_number(held, n) for n in range(1, 6)] == [0, 2, 3, 5, 9]
+    with pytest.raises(ValueError):
+        nth_row_number(held, 6)
+
+
 # -- the spec -----------------------------------------------------------------------------------
 
 def test_judge_spec_defaults_and_model_shorthand(tmp_path):

@@ -210,7 +210,7 @@ def test_the_trainers_wait_for_gpus_a_pool_still_holds_and_fail_naming_what_hold
 
 def test_pools_start_together_only_where_the_cluster_holds_all_of_them(ray_gpus):
     """Held-out evaluation starts its pools at once only when the free resources hold every
-    pool together (StageContext.generate_each): pools that each got some of their replicas
+    pool together (StageContext.each_pool): pools that each got some of their replicas
     could wait for the rest forever."""
     from kdray.pools.run import generator_footprint
     from kdray.spec import ModelSpec

@@ -288,7 +288,7 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     stage 2's first checkpoint is written, the whole node of one training worker is killed and a
     replacement starts: with the defaults of the failure policy Ray Train restarts the worker
     group from that checkpoint and the job finishes with every step recorded once."""
-    from tests.test_e2e import _assert_resumed_once, _train_steps
+    from tests.test_e2e import _assert_resumed_once, _train_steps, samples
     from tests.test_e2e_curriculum import events, steps
     from tests.test_report import png_size
 
@@ -381,7 +381,9 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     assert list(ev) == ["teacher", "student_before", "student_round_1", "student_after"]
     for label, scores in ev.items():
         assert scores["n"] == HELDOUT and 0.0 <= scores["rougeL"] <= 1.0 and 0.0 <= scores["exact_match"] <= 1.0
-        assert (out / "samples" / f"{label}.jsonl").is_file()
+        written = samples(out, label)  # written by the pools' tasks, scored per row there
+        assert len(written) == HELDOUT and [r["_row"] for r in written] == sorted(r["_row"] for r in written)
+        assert scores["exact_match"] == pytest.approx(sum(r["exact_match"] for r in written) / HELDOUT)
     assert ev["teacher"]["exact_match"] > ev["student_before"]["exact_match"]
     # Scored right after stage 1: between the stage-1 training and stage 2's.
     ends = [(e["phase"], e.get("detail", "")) for e in log if e["kind"] == "phase_end"]
@@ -405,9 +407,11 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     assert judge["wins"] + judge["losses"] + judge["ties"] == judge["comparisons"]
     for key in ("win_rate", "position_consistency", "first_position_bias", "second_position_bias"):
         assert 0.0 <= judge[key] <= 1.0
-    verdicts = [json.loads(line) for line in (out / "samples" / "judge.jsonl").read_text().splitlines()]
-    assert len(verdicts) == judge["comparisons"]
-    assert {v["order"] for v in verdicts} == {"student_first", "student_second"}
-    assert all(v["verdict"] == parse_verdict(v["output"]) for v in verdicts)
-    assert sum(v["verdict"] is None for v in verdicts) == judge["ties"]
+    items = samples(out, "judge")  # one row per judged prompt: its verdict in each order
+    assert len(items) == judge["items"]
+    assert {r["id"] for r in items} <= {r["id"] for r in samples(out, "student_after")}
+    verdicts = [(r[f"{order}_verdict"], r[f"{order}_output"], r[f"{order}_judge_prompt"])
+                for r in items for order in ("student_first", "student_second")]
+    assert all(v == parse_verdict(text) and prompt for v, text, prompt in verdicts)
+    assert sum(v is None for v, _, _ in verdicts) == judge["ties"]
     assert "judge toy:teacher: student after vs teacher: win rate" in (work / "stdout.txt").read_text()

@@ -181,7 +181,7 @@ def test_a_misnamed_field_names_the_fields_the_rows_have(tmp_path, ray_cpus, stu
 
 # -- the prepare stage -------------------------------------------------------------------------
 
-def test_prepare_writes_the_train_split_from_ray_tasks_and_a_resumed_job_reuses_it(tmp_path, ray_cpus, toy_world,
+def test_prepare_writes_both_splits_from_ray_tasks_and_a_resumed_job_reuses_them(tmp_path, ray_cpus, toy_world,
                                                                                    monkeypatch):
     from kdray.data import sources
     from kdray.pipeline.progress import Reporter
@@ -195,11 +195,9 @@ def test_prepare_writes_the_train_split_from_ray_tasks_and_a_resumed_job_reuses_
         "name": "split", "output_dir": str(tmp_path / "out"), "teacher": {"model": "toy:teacher"},
         "student": {"model": "toy:student"},
         "data": {"train": str(data), "heldout": "toy:heldout", "max_heldout_samples": 4, "on_bad_rows": "skip"}})))
-    real = sources.unit_rows
 
-    def not_here(unit):  # the driver may read the held-out rows, never the training rows
-        assert unit.source != str(data), "the driver read a training row"
-        return real(unit)
+    def not_here(unit):  # the driver reads no row of either split
+        raise AssertionError(f"the driver read a row of {unit.source}")
 
     monkeypatch.setattr(sources, "unit_rows", not_here)
     messages: list[str] = []
@@ -212,7 +210,10 @@ def test_prepare_writes_the_train_split_from_ray_tasks_and_a_resumed_job_reuses_
     assert prepared.train.rows == 30 and prepared.row_reports["train"]["bad"] == {
         "rows with a duplicate id": {"count": 1, "first_ids": ["3"]}}
     assert prepared.train.column("id").tolist() == [str(i) for i in range(30)]
-    assert len(prepared.heldout) == 4 and prepared.row_reports["heldout"]["kept"] == 4
+    assert prepared.heldout.path == tmp_path / "out" / "datasets" / "heldout"  # in tasks, as the training rows
+    assert prepared.heldout.rows == 4 and prepared.row_reports["heldout"]["kept"] == 4
+    assert prepared.heldout.column("_row").tolist() == [0, 1, 2, 3]
+    assert {"id", "prompt", "response"} <= set(prepared.heldout.info["columns"])  # evaluation needs the gold
     marker = (prepared.train.path / MARKER).stat().st_mtime_ns
 
     data.unlink()  # a resumed job does not read the split again
@@ -220,3 +221,4 @@ def test_prepare_writes_the_train_split_from_ray_tasks_and_a_resumed_job_reuses_
     assert again.train.info == prepared.train.info and again.row_reports == prepared.row_reports
     assert (again.train.path / MARKER).stat().st_mtime_ns == marker
     assert any("reusing the 30 training rows" in m for m in messages)
+    assert any("reusing the 4 held-out rows" in m for m in messages) and again.heldout.info == prepared.heldout.info

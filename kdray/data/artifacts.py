@@ -106,7 +106,7 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
                   run: Callable[[Callable[[], None]], None] | None = None,
                   summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
                   row_bytes: int | None = None, expect_rows: int | None = None,
-                  verify: Callable[[list[Path]], None] | None = None) -> Artifact:
+                  verify: Callable[[list[Path]], None] | None = None, num_cpus: float | None = None) -> Artifact:
     """Execute the Ray dataset ``ds`` into the committed dataset ``path``; return it. On any
     error the partial directory is removed: nothing half-written is left behind.
 
@@ -124,6 +124,8 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
             another count is not committed.
         verify: called with the written files (maybe none) before anything is committed; what
             it raises is raised (the prepare stage refuses bad rows this way).
+        num_cpus: the CPUs each write task reserves (default: Ray Data's, one unless the write
+            fuses into the map before it); pools running together write with a light share.
 
     Raises:
         KdrayError: the dataset wrote no file (an empty input), not ``expect_rows`` rows, or
@@ -137,7 +139,9 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
     # block whose ragged column Ray typed as fixed-shape tensors (all rows one length) with one
     # typed variable-shaped ("Unable to merge: Field input_ids has incompatible types").
     per_file = max(1, FILE_BYTES // row_bytes) if row_bytes else None
-    write = lambda: ds.write_parquet(str(tmp), compression="zstd", max_rows_per_file=per_file)  # noqa: E731
+    remote = None if num_cpus is None else {"num_cpus": num_cpus}
+    write = lambda: ds.write_parquet(str(tmp), compression="zstd", max_rows_per_file=per_file,  # noqa: E731
+                                     ray_remote_args=remote)
     try:
         (run or (lambda fn: fn()))(write)
         files = sorted(p for p in tmp.glob("*.parquet")) if tmp.is_dir() else []
@@ -210,3 +214,23 @@ def read_column(path: Path, info: dict[str, Any], column: str) -> Any:
     parts = [pq.read_table(p, columns=[column]).column(column).to_numpy(zero_copy_only=False)
              for p in files_of(path, info)]
     return np.concatenate(parts) if parts else np.empty(0)
+
+
+def nth_row_number(artifact: Artifact, n: int) -> int:
+    """The ``_row`` of the ``n``-th row (from 1) of a committed dataset stored in ``_row`` order
+    (a checked split, :mod:`kdray.data.split`), from the footers and one file's ``_row`` column:
+    where its first ``n`` rows end.
+
+    Raises:
+        ValueError: ``n`` is not in 1..rows.
+    """
+    import pyarrow.parquet as pq
+
+    if not 1 <= n <= artifact.rows:
+        raise ValueError(f"row {n} of {artifact.path}, which has {artifact.rows}")
+    for path in files_of(artifact.path, artifact.info):
+        count = pq.ParquetFile(path).metadata.num_rows
+        if n <= count:
+            return int(pq.read_table(path, columns=["_row"]).column("_row")[n - 1].as_py())
+        n -= count
+    raise ValueError(f"{artifact.path}'s files hold fewer rows than its marker says")

@@ -19,6 +19,7 @@ from typing import Any
 
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
+from kdray.data.artifacts import Artifact
 from kdray.models import hidden_size, vocab_size
 from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter
@@ -113,7 +114,7 @@ class Job:
         return generate.student_responses(self.ctx, train.rows_of(base, keys), segment.n_rows, student, segment, len(plan))
 
     def score_round(self, segment: Segment, plan: list[Segment], student_dir: Path, state: JobState,
-                     heldout: list[dict[str, Any]], round_scores: dict[str, Any]) -> None:
+                     heldout: Artifact, round_scores: dict[str, Any]) -> None:
         """``evaluation.per_round``: score the student segment ``segment`` exported, unless it
         is the plan's last (that one is ``student_after``); kept in the job state."""
         ev = self.spec.evaluation
@@ -125,8 +126,8 @@ class Job:
             self.reporter.message(f"evaluate: reusing the scores of {label} recorded by an earlier run")
         else:
             model = self.spec.student.model_copy(update={"model": str(student_dir)})
-            with self.ctx.phase("evaluate", len(heldout), f"held-out answers, student after {segment.label(len(plan))}"):
-                scores, _ = evaluate.evaluate_models(self.ctx, [(label, model)], heldout)[label]
+            with self.ctx.phase("evaluate", heldout.rows, f"held-out answers, student after {segment.label(len(plan))}"):
+                scores = evaluate.evaluate_models(self.ctx, [(label, model)], heldout)[label].info["scores"]
             state.save_round_score(segment.index, scores)
         round_scores[label] = scores
 
@@ -232,7 +233,7 @@ class Job:
             self.reporter.advance("report")
         return report
 
-    def _evaluate(self, final: Path, heldout: list[dict[str, Any]],
+    def _evaluate(self, final: Path, heldout: Artifact,
                   round_scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Held-out scores of teacher, student before, each round and student after (the order
         of the report's tables), and the judge's verdicts."""
@@ -241,10 +242,9 @@ class Job:
             return {}, None
         models = [("teacher", spec.teacher), ("student_before", spec.student),
                   ("student_after", spec.student.model_copy(update={"model": str(final)}))]
-        with self.ctx.phase("evaluate", 3 * len(heldout), "held-out answers"):
-            results = evaluate.evaluate_models(self.ctx, models, heldout)
-        scores = {label: result[0] for label, result in results.items()}
-        answers = {label: result[1] for label, result in results.items()}
+        with self.ctx.phase("evaluate", 3 * heldout.rows, "held-out answers"):
+            answers = evaluate.evaluate_models(self.ctx, models, heldout)
+        scores = {label: written.info["scores"] for label, written in answers.items()}
         evaluation = {**{k: v for k, v in scores.items() if k != "student_after"}, **round_scores,
                       "student_after": scores["student_after"]}
         judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None

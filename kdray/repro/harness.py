@@ -155,7 +155,7 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     from rich.console import Console
 
     from kdray.spec import parse_spec
-    from kdray.stages.evaluate import score_generated
+    from kdray.stages.evaluate import score_responses
 
     console = console or Console(stderr=True)
     size.check()
@@ -168,8 +168,8 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     t_grid = time.perf_counter()
     runs, references = _run_grid(size, methods, shared, console)
     timings["grid"] = time.perf_counter() - t_grid
-    pool_scores = score_generated(pool_answers, held_rows)
     by_id = {g["id"]: g["response"] for g in pool_answers}
+    pool_scores = score_responses((by_id[r["id"]] for r in held_rows), (r["response"] for r in held_rows))
     hf_answers = references["student_before"]["answers"]
     agree = sum(by_id[r["id"]].strip() == a.strip() for r, a in zip(held_rows, hf_answers)) / max(1, len(held_rows))
     timings["total"] = time.time() - started
@@ -190,14 +190,14 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
     return write_outputs(result, out, console)
 
 
-def _small_rows(responses: Any) -> list[dict[str, Any]]:
-    """The repro grid's few hundred teacher responses, in prompt order, as dicts: its cells
-    train in plain Ray tasks that take the rows, not datasets (a job never does this)."""
+def _small_rows(artifact: Any, columns: list[str]) -> list[dict[str, Any]]:
+    """A committed dataset's rows (the repro grid's few hundred teacher responses or held-out
+    rows), in row order, as dicts: its cells train and answer in plain Ray tasks that take the
+    rows, not datasets (a job never does this)."""
     import pyarrow.parquet as pq
 
-    columns = ["_row", "key", "id", "prompt", "response", "finish_reason", "sample_index", "response_token_ids"]
-    rows = [r for f in responses.info["files"] for r in pq.read_table(responses.path / f, columns=columns).to_pylist()]
-    return sorted(rows, key=lambda r: (r["_row"], r["sample_index"]))
+    rows = [r for f in artifact.info["files"] for r in pq.read_table(artifact.path / f, columns=columns).to_pylist()]
+    return sorted(rows, key=lambda r: (r["_row"], r.get("sample_index", 0)))
 
 
 def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str, heldout: str,
@@ -226,7 +226,7 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
         init_ray(address)  # prepare checks the training rows in Ray Data tasks
         timings["ray_init"] = time.perf_counter() - t0
         data = prepare(ctx)
-        n_train, held_rows = data.train.rows, data.heldout
+        n_train, held_rows = data.train.rows, _small_rows(data.heldout, ["_row", "id", "prompt", "response"])
         specs = {m: parse_spec(method_spec(m, size, train, heldout, out, n_train), f"kdray repro, method {m}")
                  for m in methods}
         for m, spec in specs.items():  # a plan that cannot run fails before any generation
@@ -234,7 +234,8 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
         reporter.phase_start("generate", n_train, "teacher responses (vLLM pool)")
         t0 = time.perf_counter()
         responses = training_responses(ctx, data.train)
-        teacher_rows = _small_rows(responses)
+        teacher_rows = _small_rows(responses, ["_row", "key", "id", "prompt", "response", "finish_reason",
+                                               "sample_index", "response_token_ids"])
         timings["teacher_generate"] = time.perf_counter() - t0
         reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")
         t0 = time.perf_counter()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from kdray.data.artifacts import Artifact, write_dataset
 from kdray.data.tokenize import PromptEncoding, job_encoding
@@ -18,6 +18,8 @@ from kdray.pools.run import generator_footprint
 from kdray.pools.placement import releasing_placement_groups
 from kdray.spec import JobSpec, ModelSpec
 
+
+T = TypeVar("T")
 
 #: Seconds between two drains of a progress hub while a run goes on.
 DRAIN_INTERVAL_S = 0.5
@@ -121,16 +123,20 @@ class StageContext:
     def write(self, phase: str, build: Callable[[Any], Any], path: Path, kind: str,
               meta: dict[str, Any] | None = None,
               summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
-              row_bytes: int | None = None, expect_rows: int | None = None) -> Artifact:
+              row_bytes: int | None = None, expect_rows: int | None = None, release: bool = True,
+              write_num_cpus: float | None = None) -> Artifact:
         """Write the dataset ``build(hub)`` makes into the committed dataset ``path``
         (:func:`kdray.data.artifacts.write_dataset`, which commits it only with ``expect_rows``
         rows when given); its pools report rows to ``hub``, which advance ``phase``'s progress
-        as the actors write."""
+        as the actors write. With ``release`` the placement groups made meanwhile are removed
+        once it is written (:func:`~kdray.pools.placement.releasing_placement_groups`); pools
+        running together (:meth:`each_pool`) are released together instead; ``write_num_cpus``:
+        what each write task reserves (:func:`~kdray.data.artifacts.write_dataset`)."""
         hub = progress_hub()
         ds = build(hub)
-        with releasing_placement_groups():  # the pools' GPUs back to Ray once the rows are written
+        with releasing_placement_groups() if release else nullcontext():  # the pools' GPUs back to Ray
             return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes,
-                                 expect_rows=expect_rows, run=lambda fn: run_draining(
+                                 expect_rows=expect_rows, num_cpus=write_num_cpus, run=lambda fn: run_draining(
                                      fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
@@ -143,15 +149,16 @@ class StageContext:
         with releasing_placement_groups():
             return self._generate(rows, model, label, phase, sampling, score_gold, encoding)
 
-    def generate_each(self, work: list[tuple[str, ModelSpec]], rows: list[dict[str, Any]], phase: str,
-                      sampling: SamplingConfig) -> dict[str, list[dict[str, Any]]]:
-        """Each ``(label, model)`` of ``work`` answers ``rows`` (:meth:`generate`): all the pools
-        at once when the cluster's free CPUs and GPUs hold every pool together
-        (:func:`fit_together`) and no replica shares a GPU, else one after the other, since pools
-        started together on a cluster with room for only some of their replicas could each wait
-        for the rest forever. A pool's start-up (actors, model loads) is most of a short
-        generation's time. A failing pool's error is raised once the others are done. Returns
-        the rows by label."""
+    def each_pool(self, work: list[tuple[str, ModelSpec]], phase: str,
+                  run: Callable[[str, ModelSpec, bool], T]) -> dict[str, T]:
+        """``run(label, model, release)`` for each ``(label, model)`` of ``work``, each running
+        ``model``'s pool (``release``: whether that call removes its pool's placement groups
+        itself): all at once when the cluster's free CPUs and GPUs hold every pool together
+        (:func:`fit_together`) and no replica shares a GPU, else one after the other, since
+        pools started together on a cluster with room for only some of their replicas could
+        each wait for the rest forever. A pool's start-up (actors, model loads) is most of a
+        short generation's time. A failing pool's error is raised once the others are done.
+        Returns the results by label."""
         from concurrent.futures import ThreadPoolExecutor
 
         pool = self.spec.generation
@@ -160,14 +167,13 @@ class StageContext:
         shared_gpu = 0 < pool.num_gpus_per_replica < 1
         if len(work) < 2 or shared_gpu or not fit_together([generator_footprint(m, pool) for _, m in work]):
             # each pool's placement groups are removed before the next one starts
-            return {label: self.generate(rows, model, label, phase, sampling) for label, model in work}
+            return {label: run(label, model, True) for label, model in work}
         with releasing_placement_groups():
             self.prompt_encoding()  # resolved once, before the threads share it
             self.reporter.message(f"{phase}: {', '.join(label for label, _ in work)} answer at once "
                                   "(the cluster has room for all their pools)")
             with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="kdray-pool") as threads:
-                futures = {label: threads.submit(self._generate, rows, model, label, phase, sampling)
-                           for label, model in work}
+                futures = {label: threads.submit(run, label, model, False) for label, model in work}
                 return {label: future.result() for label, future in futures.items()}
 
     def _generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,

@@ -13,21 +13,46 @@ A or B; anything else counts as a tie. The win rate counts a tie as half a win.
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
+from collections import Counter
+from pathlib import Path
 from statistics import fmean
 from typing import Any, Iterable
 
+import numpy as np
+
+from kdray.data.artifacts import Artifact, nth_row_number
 from kdray.data.text_scores import exact_match, rouge_l
 from kdray.data.tokenize import judge_encoding, prompt_token_counter
 from kdray.models import load_tokenizer
 from kdray.pools import SamplingConfig
+from kdray.pools.base import LIGHT_NUM_CPUS
+from kdray.pools.run import generate_dataset
 from kdray.spec import ModelSpec
 from kdray.stages.context import StageContext
 
 
+#: The committed dataset of a model's held-out answers (``samples/LABEL/``).
+ANSWERS_KIND = "answers"
+#: The committed dataset of the judge's verdicts (``samples/judge/``).
+JUDGEMENTS_KIND = "judgements"
+#: The columns of an answers dataset: the held-out row (``_row``, ``id``, ``prompt``, its gold
+#: response ``gold``), the model's greedy ``response`` and the row's scores.
+ANSWER_COLUMNS = ["_row", "id", "prompt", "response", "gold", "rougeL", "exact_match", "length"]
+#: An answers row's bytes per token, at most (~4 B of text per token of prompt, answer and gold).
+ANSWER_ROW_BYTES_PER_TOKEN = 12
+
+
+def response_length(prediction: str) -> int:
+    """A response's length in whitespace-separated words."""
+    return len(prediction.split())
+
+
 def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, float]:
-    """Mean ROUGE-L (F), exact match and predicted length (whitespace tokens) over pairs."""
+    """Mean ROUGE-L (F), exact match and predicted length (:func:`response_length`) over pairs
+    held in memory (``kdray repro``'s cells); a job scores its answers in Ray Data tasks
+    (:func:`score_answers`) and sums the written columns (:func:`answer_scores`)."""
     preds, refs = list(predictions), list(golds)
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
@@ -36,18 +61,37 @@ def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[st
     return {
         "rougeL": fmean(rouge_l(p, r) for p, r in zip(preds, refs)),
         "exact_match": fmean(exact_match(p, r) for p, r in zip(preds, refs)),
-        "mean_length": fmean(len(p.split()) for p in preds),
+        "mean_length": fmean(response_length(p) for p in preds),
         "n": len(preds),
     }
 
 
-def score_generated(generated: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> dict[str, float]:
-    """Score generated rows (first sample per id) against the held-out rows' gold responses."""
-    by_id = {r["id"]: r["response"] for r in generated if r.get("sample_index", 0) == 0}
-    missing = [r["id"] for r in heldout if r["id"] not in by_id]
-    if missing:
-        raise ValueError(f"no generation for {len(missing)} held-out rows (first: {missing[:5]})")
-    return score_responses((by_id[r["id"]] for r in heldout), (r["response"] for r in heldout))
+def score_answers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch of a pool's held-out answers (``response``, the gold ``gold``) with each row's
+    ROUGE-L, exact match and length: the :data:`ANSWER_COLUMNS` (a Ray Data task's map)."""
+    pairs = [(str(p), str(g)) for p, g in zip(batch["response"], batch["gold"])]
+    out = {c: batch[c] for c in ANSWER_COLUMNS[:5]}
+    out["rougeL"] = np.asarray([rouge_l(p, g) for p, g in pairs], dtype=np.float64)
+    out["exact_match"] = np.asarray([exact_match(p, g) for p, g in pairs], dtype=np.float64)
+    out["length"] = np.asarray([response_length(p) for p, _ in pairs], dtype=np.int64)
+    return out
+
+
+def answer_scores(files: list[Path]) -> dict[str, Any]:
+    """The marker's ``scores`` of an answers dataset: the means of its rows' scores, summed file
+    by file in the driver (three numbers per row of one file at a time)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    sums, n = {"rougeL": 0.0, "exact_match": 0.0, "length": 0.0}, 0
+    for path in files:
+        table = pq.read_table(path, columns=list(sums))
+        n += table.num_rows
+        for name in sums:
+            sums[name] += float(pc.sum(table.column(name)).as_py() or 0.0)
+    means = {name: value / n if n else 0.0 for name, value in sums.items()}
+    return {"scores": {"rougeL": means["rougeL"], "exact_match": means["exact_match"],
+                       "mean_length": means["length"], "n": n}}
 
 
 # The verdict: optional quotes/brackets/markdown, an optional word like "Response", then A or
@@ -74,22 +118,28 @@ def judge_requests(items: list[dict[str, Any]], template: str) -> list[dict[str,
 
 
 def judge_summary(verdicts: dict[str, tuple[str | None, str | None]]) -> dict[str, Any]:
-    """Rates over ``{item: (verdict with the student as A, verdict with the student as B)}``.
+    """Rates over ``{item: (verdict with the student as A, verdict with the student as B)}``
+    (:func:`pair_summary` of their counts)."""
+    return pair_summary(Counter(verdicts.values()))
+
+
+def pair_summary(pairs: Counter) -> dict[str, Any]:
+    """Rates over the items' verdict pairs, counted: ``{(verdict with the student as A, verdict
+    with the student as B): items}``, a verdict being ``"A"``, ``"B"`` or None (a tie).
 
     ``win_rate`` = (student wins + ties / 2) / comparisons, over both orders (two comparisons
     per item); ``position_consistency`` = the share of items whose verdict names the same
     answer in both orders (both ties included); ``first_position_bias`` /
     ``second_position_bias`` = the share of items judged A (B) in both orders.
     """
-    n = len(verdicts)
-    wins = sum((ab == "A") + (ba == "B") for ab, ba in verdicts.values())
-    losses = sum((ab == "B") + (ba == "A") for ab, ba in verdicts.values())
+    n = sum(pairs.values())
+    wins = sum(count * ((ab == "A") + (ba == "B")) for (ab, ba), count in pairs.items())
+    losses = sum(count * ((ab == "B") + (ba == "A")) for (ab, ba), count in pairs.items())
     comparisons = 2 * n
     ties = comparisons - wins - losses
-    both = list(verdicts.values())
 
-    def share(pred: Any) -> float | None:
-        return sum(1 for v in both if pred(v)) / n if n else None
+    def share(*kinds: tuple[str | None, str | None]) -> float | None:
+        return sum(pairs.get(kind, 0) for kind in kinds) / n if n else None
 
     return {
         "items": n,
@@ -98,89 +148,171 @@ def judge_summary(verdicts: dict[str, tuple[str | None, str | None]]) -> dict[st
         "losses": losses,
         "ties": ties,
         "win_rate": (wins + ties / 2) / comparisons if comparisons else None,
-        "position_consistency": share(lambda v: v in (("A", "B"), ("B", "A"), (None, None))),
-        "first_position_bias": share(lambda v: v == ("A", "A")),
-        "second_position_bias": share(lambda v: v == ("B", "B")),
-        "verdicts": {order: {k: sum(1 for v in both if v[i] == key) for k, key in
-                             (("A", "A"), ("B", "B"), ("tie", None))}
+        "position_consistency": share(("A", "B"), ("B", "A"), (None, None)),
+        "first_position_bias": share(("A", "A")),
+        "second_position_bias": share(("B", "B")),
+        "verdicts": {order: {k: sum(count for pair, count in pairs.items() if pair[i] == key)
+                             for k, key in (("A", "A"), ("B", "B"), ("tie", None))}
                      for i, order in enumerate(("student_first", "student_second"))},
     }
 
 
-def evaluate_models(ctx: StageContext, models: list[tuple[str, ModelSpec]],
-                    heldout: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+def _as_gold(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Held-out rows with their response as ``gold`` (the pool adds its own ``response``)."""
+    batch["gold"] = batch.pop("response")
+    return batch
+
+
+def answers_dataset(ctx: StageContext, heldout: Artifact, model: ModelSpec, progress: Any = None) -> Any:
+    """``model``'s greedy answers to the committed held-out rows, scored per row in Ray Data
+    tasks (:func:`score_answers`), as a lazy dataset of :data:`ANSWER_COLUMNS`."""
+    # renamed in a light task: Ray Data's own rename is an operator of its own, reserving a whole
+    # CPU, which pools answering together on a small cluster wait for
+    rows = heldout.read(["_row", "id", "prompt", "response"]).map_batches(
+        _as_gold, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS)
+    answered = generate_dataset(rows, model, ctx.spec.generation, SamplingConfig.greedy(ctx.spec.evaluation.max_new_tokens),
+                                encoding=ctx.prompt_encoding(), progress=progress)
+    return answered.map_batches(score_answers, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS)
+
+
+def evaluate_models(ctx: StageContext, models: list[tuple[str, ModelSpec]], heldout: Artifact) -> dict[str, Artifact]:
     """Greedy answers of each ``(label, model)`` to the held-out prompts through its pool (all
-    at once where the cluster has room: :meth:`StageContext.generate_each`), scored, and
-    written to ``samples/LABEL.jsonl``. Every model (the teacher too) sees the job's prompt
-    encoding (:meth:`StageContext.prompt_encoding`), the one it was distilled on.
+    at once where the cluster has room: :meth:`StageContext.each_pool`), scored in Ray Data
+    tasks and written by them to the committed dataset ``samples/LABEL/``
+    (:data:`ANSWER_COLUMNS`, in the held-out rows' order). Every model (the teacher too) sees
+    the job's prompt encoding (:meth:`StageContext.prompt_encoding`), the one it was distilled on.
 
     Returns:
-        By label: (scores as :func:`score_generated` gives them, the first answer per row id
-        for the judge).
+        The answers datasets by label; each marker's ``scores`` holds the mean ``rougeL``,
+        ``exact_match`` and ``mean_length`` (words) over its ``n`` rows (:func:`answer_scores`).
     """
-    answered = ctx.generate_each(models, heldout, "evaluate", SamplingConfig.greedy(ctx.spec.evaluation.max_new_tokens))
-    gold = {r["id"]: r["response"] for r in heldout}
-    out = {}
-    for label, generated in answered.items():
-        path = ctx.out / "samples" / f"{label}.jsonl"
-        path.parent.mkdir(exist_ok=True)
-        with path.open("w", encoding="utf-8") as fh:
-            for r in generated:
-                fh.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["response"],
-                                     "gold": gold.get(r["id"])}) + "\n")
-        answers = {g["id"]: g["response"] for g in generated if g["sample_index"] == 0}
-        out[label] = (score_generated(generated, heldout), answers)
+    row_bytes = ANSWER_ROW_BYTES_PER_TOKEN * (ctx.spec.data.max_prompt_tokens + 2 * ctx.spec.training.max_seq_len)
+
+    def write(label: str, model: ModelSpec, release: bool) -> Artifact:
+        ctx.reporter.message(f"evaluate: {label} answers {heldout.rows} prompts ({model.model})")
+        return ctx.write("evaluate", lambda hub: answers_dataset(ctx, heldout, model, hub), ctx.out / "samples" / label,
+                         ANSWERS_KIND, {"label": label, "model": model.model}, summarise=answer_scores,
+                         row_bytes=row_bytes, expect_rows=heldout.rows, release=release,
+                         write_num_cpus=LIGHT_NUM_CPUS)  # fused into the scoring task: a light one each
+
+    return ctx.each_pool(models, "evaluate", write)
+
+
+def _sides(batch: dict[str, np.ndarray], *, side: str, last_row: int) -> dict[str, np.ndarray]:
+    """An answers batch's rows up to held-out row number ``last_row``, tagged with ``side``."""
+    keep = batch["_row"] <= last_row
+    return {"_row": batch["_row"][keep], "id": batch["id"][keep], "prompt": batch["prompt"][keep],
+            "response": batch["response"][keep], "side": np.full(int(keep.sum()), side, dtype=object)}
+
+
+_judge_counters: dict[tuple[str, Any], Any] = {}
+
+
+def _judge_pair(group: dict[str, np.ndarray], *, template: str, judge_model: str, encoding: Any,
+                room: int) -> dict[str, np.ndarray]:
+    """One held-out row's two answers (``side`` student / reference) as its two judge requests
+    (:func:`judge_requests`), each with ``fits``: whether both of the item's prompts fit the
+    judge's ``room`` tokens (a Ray Data group task; the judge's tokenizer loads once per worker)."""
+    by_side = {str(side): i for i, side in enumerate(group["side"])}
+    s, r = by_side["student"], by_side["reference"]
+    item = {"id": str(group["id"][s]), "prompt": str(group["prompt"][s]), "student": str(group["response"][s]),
+            "reference": str(group["response"][r])}
+    requests = judge_requests([item], template)
+    key = (judge_model, encoding)
+    if key not in _judge_counters:
+        _judge_counters[key] = prompt_token_counter(load_tokenizer(judge_model, need_pad=False), encoding)
+    fits = all(n <= room for n in _judge_counters[key]([q["prompt"] for q in requests]))
+    return {"_row": np.full(2, group["_row"][s]), "id": np.asarray([q["id"] for q in requests], dtype=object),
+            "item": np.asarray([q["item"] for q in requests], dtype=object),
+            "order": np.asarray([q["order"] for q in requests], dtype=object),
+            "prompt": np.asarray([q["prompt"] for q in requests], dtype=object), "fits": np.full(2, fits)}
+
+
+def _fitting(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The judge requests of a batch whose item fits the judge (``fits``), without that column."""
+    keep = batch.pop("fits").astype(bool)
+    return {name: column[keep] for name, column in batch.items()}
+
+
+def _verdict_pair(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An item's two judged requests as one row: each order's judge prompt, output and verdict
+    (None: a tie)."""
+    out: dict[str, Any] = {"_row": group["_row"][:1], "id": group["item"][:1]}
+    for i, order in enumerate(group["order"]):
+        name = "student_first" if order == "ab" else "student_second"
+        text = str(group["response"][i])
+        out[f"{name}_judge_prompt"] = np.asarray([str(group["prompt"][i])], dtype=object)
+        out[f"{name}_output"] = np.asarray([text], dtype=object)
+        out[f"{name}_verdict"] = np.asarray([parse_verdict(text)], dtype=object)
     return out
 
 
-def judge(ctx: StageContext, heldout: list[dict[str, Any]], answers: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """``evaluation.judge``: the judge model (served by its pool, greedy) compares the distilled
-    student's held-out answers with the reference's, in both orders.
+def verdict_counts(files: list[Path]) -> dict[str, Any]:
+    """The marker's ``pairs`` of a judgements dataset: its items counted by verdict pair
+    (:func:`pair_summary`), read file by file (two short strings per row of one file)."""
+    import pyarrow.parquet as pq
 
-    Prompts whose judge prompt does not fit the judge's ``max_model_len`` are skipped and
+    pairs: Counter = Counter()
+    for path in files:
+        table = pq.read_table(path, columns=["student_first_verdict", "student_second_verdict"])
+        pairs.update(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+    return {"pairs": [[ab, ba, n] for (ab, ba), n in pairs.items()]}
+
+
+def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) -> dict[str, Any]:
+    """``evaluation.judge``: the judge model (served by its pool, greedy) compares the distilled
+    student's held-out answers with the reference's, in both orders, on the first
+    ``max_prompts`` held-out rows (all: null).
+
+    The answers are paired by held-out row and turned into judge prompts in Ray Data tasks;
+    prompts whose judge prompt does not fit the judge's ``max_model_len`` are skipped and
     counted. The judge, maybe of another model family, reads them through its own chat template
-    (:func:`kdray.data.tokenize.judge_encoding`). Each verdict is written to ``samples/judge.jsonl``.
+    (:func:`kdray.data.tokenize.judge_encoding`). Its verdicts are written, one row per item, to
+    the committed dataset ``samples/judge/``.
 
     Args:
-        heldout: the held-out rows.
-        answers: per evaluated label (``student_after`` and the reference), answer by row id.
+        heldout: the committed held-out rows.
+        answers: the answers datasets (:func:`evaluate_models`) of ``student_after`` and the reference.
 
     Returns:
-        :func:`judge_summary` plus ``model``, ``reference`` and ``skipped_too_long``.
+        :func:`pair_summary` plus ``model``, ``reference`` and ``skipped_too_long``.
     """
+    from ray.data.context import ShuffleStrategy
+
     cfg = ctx.spec.evaluation.judge
-    student, reference = answers["student_after"], answers[cfg.reference]
-    rows = heldout[: cfg.max_prompts] if cfg.max_prompts else heldout
-    requests = judge_requests([{"id": r["id"], "prompt": r["prompt"], "student": student[r["id"]],
-                                "reference": reference[r["id"]]} for r in rows], cfg.template)
+    items = min(cfg.max_prompts or heldout.rows, heldout.rows)
+    last_row = nth_row_number(heldout, items)
     # The judge only generates: it needs no pad token.
-    judge_tok = load_tokenizer(cfg.model.model, need_pad=False)
-    encoding = judge_encoding(ctx.spec.data.chat_template, judge_tok)
-    count = prompt_token_counter(judge_tok, encoding)
-    room = cfg.model.max_model_len - cfg.max_new_tokens
-    too_long = {q["item"] for q, n in zip(requests, count([q["prompt"] for q in requests])) if n > room}
-    requests = [q for q in requests if q["item"] not in too_long]
-    verdicts: dict[str, list[str | None]] = {}
-    outputs: dict[str, str] = {}
-    if requests:
-        with ctx.phase("evaluate", len(requests), f"LLM judge, student_after vs {cfg.reference}"):
-            generated = ctx.generate(requests, cfg.model, "judge", "evaluate", SamplingConfig.greedy(cfg.max_new_tokens),
-                                     encoding=encoding)
-        outputs = {g["id"]: g["response"] for g in generated}
-        for q in requests:  # [verdict with the student as A, verdict with the student as B]
-            verdicts.setdefault(q["item"], [None, None])[0 if q["order"] == "ab" else 1] = \
-                parse_verdict(outputs[q["id"]])
-    summary = judge_summary({k: (ab, ba) for k, (ab, ba) in verdicts.items()})
-    summary.update(model=cfg.model.model, reference=cfg.reference, skipped_too_long=len(too_long))
-    path = ctx.out / "samples" / "judge.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for q in requests:
-            fh.write(json.dumps({"id": q["item"], "order": "student_first" if q["order"] == "ab" else
-                                 "student_second", "judge_prompt": q["prompt"], "output": outputs[q["id"]],
-                                 "verdict": parse_verdict(outputs[q["id"]])}) + "\n")
+    encoding = judge_encoding(ctx.spec.data.chat_template, load_tokenizer(cfg.model.model, need_pad=False))
+    sides = [answers[label].read(["_row", "id", "prompt", "response"]).map_batches(
+        _sides, batch_format="numpy", fn_kwargs=dict(side=side, last_row=last_row), num_cpus=LIGHT_NUM_CPUS)
+        for label, side in (("student_after", "student"), (cfg.reference, "reference"))]
+    paired = sides[0].union(sides[1])
+    paired.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # no aggregator actors
+    requests = paired.groupby("_row").map_groups(_judge_pair, batch_format="numpy", fn_kwargs=dict(
+        template=cfg.template, judge_model=cfg.model.model, encoding=encoding,
+        room=cfg.model.max_model_len - cfg.max_new_tokens)).map_batches(
+        _fitting, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS).materialize()  # the object store's, not the driver's
+    judged = requests.count() // 2
+    pairs: Counter = Counter()
+    if judged:
+        with ctx.phase("evaluate", 2 * judged, f"LLM judge, student_after vs {cfg.reference}"):
+            def build(hub: Any) -> Any:
+                verdicts = generate_dataset(requests, cfg.model, ctx.spec.generation,
+                                            SamplingConfig.greedy(cfg.max_new_tokens), encoding=encoding, progress=hub)
+                verdicts.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+                return verdicts.groupby("item").map_groups(_verdict_pair, batch_format="numpy")
+
+            written = ctx.write("evaluate", build, ctx.out / "samples" / "judge", JUDGEMENTS_KIND,
+                                {"model": cfg.model.model, "reference": cfg.reference}, summarise=verdict_counts,
+                                expect_rows=judged)
+        pairs = Counter({(ab, ba): n for ab, ba, n in written.info["pairs"]})
+    else:  # nothing to judge: no verdicts of an earlier run stay behind
+        shutil.rmtree(ctx.out / "samples" / "judge", ignore_errors=True)
+    summary = pair_summary(pairs)
+    summary.update(model=cfg.model.model, reference=cfg.reference, skipped_too_long=items - judged)
     ctx.reporter.message(
         f"evaluate: judge win rate of student_after vs {cfg.reference}: "
         + (f"{summary['win_rate']:.3f} over {summary['comparisons']} comparisons" if summary["comparisons"]
-           else f"no comparisons ({len(too_long)} prompts too long for the judge)"))
+           else f"no comparisons ({items - judged} prompts too long for the judge)"))
     return summary

@@ -19,6 +19,7 @@ from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
 from kdray.data.records import SIGNAL_COLUMNS
 from kdray.errors import ClusterError, KdrayError, user_error
+from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.ray_setup import wait_for_free_gpus
 from kdray.stages.context import StageContext, progress_hub, run_draining
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
@@ -106,17 +107,21 @@ def training_dataset(data: Artifact, keys: Any = None, signal_meta: dict[str, An
     return ds
 
 
-def validation_dataset(ctx: StageContext, rows: list[dict[str, Any]]) -> Any:
-    """Replay's validation rows (held-out prompts and reference responses: a few, held in the
-    driver) as compact examples."""
+def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any:
+    """Replay's validation rows: the first ``n_rows`` committed held-out rows (prompts and
+    reference responses, complete) as compact examples, made by a Ray Data actor
+    (:class:`kdray.data.examples.TokenizeForTraining`) once and kept in the object store: the
+    workers read them at every validation (a lazy dataset would start its actor each time)."""
     import ray.data
 
-    encoder = TokenizeForTraining(ctx.spec.student.model, ctx.spec.training.max_seq_len, ctx.prompt_encoding())
-    batch = {"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
-             "finish_reason": ["stop"] * len(rows)}
-    examples = encoder(batch)
-    return ray.data.from_items([{"input_ids": ids, "prompt_len": int(start)}
-                                for ids, start in zip(examples["input_ids"], examples["prompt_len"])])
+    from kdray.stages.generate import with_dataset_responses
+
+    encoder = dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=ctx.spec.training.max_seq_len,
+                   encoding=ctx.prompt_encoding())
+    rows = heldout.read(["id", "prompt", "response"]).limit(n_rows)
+    return rows.map_batches(with_dataset_responses, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS).map_batches(
+        TokenizeForTraining, fn_constructor_kwargs=encoder, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=1)).materialize()
 
 
 def check_ingest_cpus(num_workers: int) -> None:
@@ -149,7 +154,7 @@ def ordered_ingest() -> Any:
 
 def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: list[Segment], *,
                   keys: Any = None, init_checkpoint: str | None, run_name: str,
-                  signal_meta: dict[str, Any] | None, heldout: list[dict[str, Any]],
+                  signal_meta: dict[str, Any] | None, heldout: Artifact,
                   on_metrics: Callable[[dict[str, Any]], None]) -> tuple[Path, str | None]:
     """Run one segment of the plan on the examples of ``data`` (:func:`training_dataset`).
 
@@ -163,7 +168,7 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
             restore that run's latest checkpoint.
         signal_meta: the layout of the teacher records ``data`` holds (``teacher_signal`` topk /
             hidden), or None.
-        heldout: held-out rows; replay's validation loss uses the first ones.
+        heldout: the committed held-out rows; replay's validation loss uses the first ones.
         on_metrics: called with every event the workers report, in order.
 
     Returns:
@@ -187,7 +192,7 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
     datasets = {"train": training_dataset(data, keys, signal_meta)}
     replay = spec.curriculum_of("replay")
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
-        datasets["validation"] = validation_dataset(ctx, heldout[: replay.validation_samples])
+        datasets["validation"] = validation_dataset(ctx, heldout, replay.validation_samples)
     hub = progress_hub()
     worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
                           init_checkpoint=init_checkpoint, signal_meta=signal_meta)
