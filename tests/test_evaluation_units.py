@@ -140,6 +140,24 @@ def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(
     assert short["fits"].tolist() == [False, False]  # an item is judged in both orders or not at all
 
 
+def test_an_items_verdicts_are_one_row_of_strings_ties_included():
+    import numpy as np
+    import pyarrow as pa
+
+    from kdray.stages.evaluate import _verdict_pair
+
+    group = {"_row": np.asarray([4, 4]), "item": np.asarray(["q4", "q4"], dtype=object),
+             "order": np.asarray(["ba", "ab"], dtype=object), "prompt": np.asarray(["P-ba", "P-ab"], dtype=object),
+             "response": np.asarray([" 7", "maybe"], dtype=object)}
+    row = _verdict_pair(group)
+    assert row.to_pylist() == [{"_row": 4, "id": "q4", "student_first_judge_prompt": "P-ab",
+                                "student_first_output": "maybe", "student_first_verdict": None,
+                                "student_second_judge_prompt": "P-ba", "student_second_output": " 7",
+                                "student_second_verdict": None}]
+    # typed as text though both are ties: every file of samples/judge/ has one schema
+    assert row.schema.field("student_first_verdict").type == pa.string()
+
+
 def test_the_first_n_rows_end_at_their_row_number(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -222,3 +222,17 @@ def test_prepare_writes_both_splits_from_ray_tasks_and_a_resumed_job_reuses_them
     assert (again.train.path / MARKER).stat().st_mtime_ns == marker
     assert any("reusing the 30 training rows" in m for m in messages)
     assert any("reusing the 4 held-out rows" in m for m in messages) and again.heldout.info == prepared.heldout.info
+
+    # Rows checked under other settings are not reused: the held-out ones are checked again, and
+    # training rows (from which the job made what it resumes) are refused with the fix.
+    data.write_text("")  # there for the spec's check, empty: the training rows are never read again
+    fewer = parse_spec(yaml.safe_load(yaml.safe_dump({**spec.model_dump(mode="json"), "data": {
+        **spec.data.model_dump(mode="json"), "max_heldout_samples": 3}})))
+    messages.clear()
+    with pytest.raises(DataError) as refused:
+        prepare(StageContext(parse_spec(yaml.safe_load(yaml.safe_dump({**fewer.model_dump(mode="json"), "data": {
+            **fewer.data.model_dump(mode="json"), "max_train_samples": 10}}))), tmp_path / "out", reporter))
+    assert "changed data.max_train_samples since: run the job with --restart" in str(refused.value)
+    fresh = prepare(StageContext(fewer, tmp_path / "out", reporter))
+    assert fresh.heldout.rows == 3 and fresh.train.info == prepared.train.info
+    assert any("changed data.max_heldout_samples: checking the held-out rows again" in m for m in messages)

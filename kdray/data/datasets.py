@@ -9,9 +9,9 @@ NUL) are *bad rows*. They are counted and reported; the spec chooses to fail (de
 them. Nothing is dropped silently. A file that cannot be read (not UTF-8 JSONL, not JSON, cut
 short) is a :class:`DataError` naming the file and the line.
 
-One check per row (:func:`check_row`) serves both paths: :func:`load_split` reads and checks a
-small split in the driver (the held-out rows); :mod:`kdray.data.split` runs it in Ray Data
-tasks for the training split.
+One check per row (:func:`check_row`) serves both paths: :mod:`kdray.data.split` runs it in
+Ray Data tasks for a job's splits; :func:`load_split` reads and checks a split in the driver
+for tools (``kdray bench train``'s bare loop).
 """
 
 from __future__ import annotations
@@ -220,8 +220,7 @@ def load_split(
     need_response: bool,
 ) -> tuple[list[dict[str, Any]], RowReport]:
     """Read, check and cut one split ('train' or 'heldout') as the spec says, in this process:
-    for the held-out split (small by ``data.max_heldout_samples``) and tools; a job's training
-    split goes through Ray Data (:func:`kdray.data.split.write_checked_split`).
+    for tools; a job's splits go through Ray Data (:func:`kdray.data.split.write_checked_split`).
 
     Returns:
         The kept rows (``{"id", "prompt", "response"}``, in file order) and the report.

@@ -1,15 +1,15 @@
-"""A job's training split through Ray Data: read and checked by tasks, written as a committed
-dataset (``datasets/prompts/``); the driver sees units, counts and the first few ids.
+"""A job's splits through Ray Data: read and checked by tasks, written as committed datasets
+(``datasets/prompts/``, ``datasets/heldout/``); the driver sees units, counts and the first few ids.
 
 1. The driver cuts the reference into units (:func:`kdray.data.sources.source_units`: file
    sizes and ``state.json`` only). One Ray task per unit reads it and returns its row count
    (:func:`kdray.data.sources.count_unit`), so an unreadable line anywhere fails the split
    with the file and line, as the driver path does, and every row gets its number in file
-   order. ``data.max_train_samples`` keeps the units' first N rows.
+   order. ``data.max_train_samples`` (``max_heldout_samples``) keeps the units' first N rows.
 2. Ray Data reads the units again in tasks (our readers, not ``ray.data.read_json``: pyarrow's
    JSON reader infers one type per column and names no line, and our rows may hold any JSON
-   value) and checks each row with :func:`kdray.data.datasets.check_row`, the check the
-   held-out split gets in the driver.
+   value) and checks each row with :func:`kdray.data.datasets.check_row`, the check
+   :func:`kdray.data.datasets.load_split` makes in a tool's process.
 3. Duplicate ids, across units and files: each row gets a bucket from its id's CRC-32 (all rows
    of an id share one), a group-by on the bucket brings each bucket's rows to one task, which
    keeps the first row of each id in file order; a sort on the row number puts the rows back in
@@ -87,7 +87,7 @@ def write_checked_split(spec: DataSpec, split: str, path: Path, *, need_response
     ds = ds.map_batches(_count_and_keep, batch_size=CHECK_BATCH_ROWS, batch_format="pyarrow",
                         fn_kwargs=dict(spec=spec, need_response=need_response, tokenizer_ref=tokenizer_ref,
                                        encoding=encoding, box=box))
-    meta: dict[str, Any] = {"split": split, "source": ref, "need_response": need_response}
+    meta: dict[str, Any] = {"split": split, "source": ref, "need_response": need_response, "limit": limit}
 
     def verify(files: list[Path]) -> None:
         report, example = merge_reports(ray.get(box.take.remote()), split, spec)

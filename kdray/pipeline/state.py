@@ -29,8 +29,9 @@ from typing import Any
 from kdray.errors import KdrayError
 from kdray.spec import JobSpec
 
-#: What ``--restart`` removes: everything a previous run of the job left to resume from.
-RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets")
+#: What ``--restart`` removes: everything a previous run of the job left to resume from, and
+#: its held-out answers (a restarted job without the judge or rounds would keep stale ones).
+RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets", "samples")
 #: Spec fields a re-run may change: how the job survives failures or fits in memory, not what
 #: it computes (a job that failed too often resumes with a higher ``max_failures``; one saved
 #: under an older kdray's failure-policy defaults resumes under today's; one that ran out of

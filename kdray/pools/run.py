@@ -5,8 +5,9 @@ CPUs per replica, batch size).
 processor; hf: an actor pool, :func:`map_pool`); :func:`score_dataset` records the teacher's
 signal on compact training examples with its scorer (an actor pool). Both return lazy
 datasets, which a stage writes under the job's output directory. For a few rows held in the
-driver (benchmarks, ``kdray repro``'s shared stages) :func:`generate` takes and returns lists, in the order given: Ray Data does not keep order, so every row travels with its
-position ``_row``.
+driver (benchmarks, ``kdray repro``'s shared stages) :func:`generate` takes and returns
+lists, in the order given: Ray Data does not keep order, so every row travels with its position
+``_row``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def store_budget(pool: GenerationSpec) -> int:
     every replica keeps working while the writer drains, and no more however many rows there
     are. Ray Data's own budget (a share of the cluster's store) lets a run's queues grow with
     its length until they reach it: top-k records of 8,000 rows peaked at 110-125 MiB and of
-    64,000 at 221-228 MiB (``kdray bench scale``, 512 MiB store, session 10's note); Ray keeps
+    64,000 at 221-228 MiB (``kdray bench scale``, 512 MiB store: docs/benchmarks.md); Ray keeps
     the lower of the two limits."""
     return TASKS_IN_STORE_PER_REPLICA * pool.replicas * TASK_OUTPUT_BYTES
 

@@ -234,17 +234,21 @@ def _fitting(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: column[keep] for name, column in batch.items()}
 
 
-def _verdict_pair(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _verdict_pair(group: dict[str, np.ndarray]) -> Any:
     """An item's two judged requests as one row: each order's judge prompt, output and verdict
-    (None: a tie)."""
-    out: dict[str, Any] = {"_row": group["_row"][:1], "id": group["item"][:1]}
-    for i, order in enumerate(group["order"]):
-        name = "student_first" if order == "ab" else "student_second"
+    (null: a tie), as a table of strings (a group of ties alone would type its verdicts null)."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {"_row": pa.array([int(group["_row"][0])], pa.int64()),
+                               "id": pa.array([str(group["item"][0])], pa.string())}
+    at = {str(order): i for i, order in enumerate(group["order"])}
+    for order, name in (("ab", "student_first"), ("ba", "student_second")):
+        i = at[order]
         text = str(group["response"][i])
-        out[f"{name}_judge_prompt"] = np.asarray([str(group["prompt"][i])], dtype=object)
-        out[f"{name}_output"] = np.asarray([text], dtype=object)
-        out[f"{name}_verdict"] = np.asarray([parse_verdict(text)], dtype=object)
-    return out
+        columns[f"{name}_judge_prompt"] = pa.array([str(group["prompt"][i])], pa.string())
+        columns[f"{name}_output"] = pa.array([text], pa.string())
+        columns[f"{name}_verdict"] = pa.array([parse_verdict(text)], pa.string())
+    return pa.table(columns)
 
 
 def verdict_counts(files: list[Path]) -> dict[str, Any]:
@@ -301,7 +305,7 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
                 verdicts = generate_dataset(requests, cfg.model, ctx.spec.generation,
                                             SamplingConfig.greedy(cfg.max_new_tokens), encoding=encoding, progress=hub)
                 verdicts.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-                return verdicts.groupby("item").map_groups(_verdict_pair, batch_format="numpy")
+                return verdicts.groupby("_row").map_groups(_verdict_pair, batch_format="numpy")
 
             written = ctx.write("evaluate", build, ctx.out / "samples" / "judge", JUDGEMENTS_KIND,
                                 {"model": cfg.model.model, "reference": cfg.reference}, summarise=verdict_counts,

@@ -8,10 +8,13 @@ held-out rows to ``datasets/heldout/``. A resumed job reuses them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from kdray.data.artifacts import Artifact, open_artifact
 from kdray.data.split import PROMPTS_KIND, write_checked_split
+from kdray.errors import DataError
 from kdray.models import check_model_files, load_tokenizer, shared_vocab_size
+from kdray.spec import JobSpec
 from kdray.stages.context import StageContext
 
 #: A prompt row's bytes per token, at most (~4 B of text per token for prompt and response):
@@ -41,6 +44,18 @@ class Prepared:
     vocab_size: int
 
 
+def split_changes(meta: dict[str, Any], spec: JobSpec, split: str, need_response: bool) -> list[str]:
+    """The spec fields that differ from those a committed split (its marker's ``meta``) was
+    checked with: its source, its row limit, whether rows needed a response (``[]``: it can be
+    reused). A split written before the limit was recorded is compared without it."""
+    limit_field = "max_train_samples" if split == "train" else "max_heldout_samples"
+    now = {f"data.{split}": getattr(spec.data, split), f"data.{limit_field}": getattr(spec.data, limit_field),
+           "whether rows need a response": need_response}
+    then = {f"data.{split}": meta.get("source"), f"data.{limit_field}": meta.get("limit", now[f"data.{limit_field}"]),
+            "whether rows need a response": meta.get("need_response")}
+    return [name for name in now if now[name] != then[name]]
+
+
 def prepare(ctx: StageContext) -> Prepared:
     """Check that teacher and student share a tokenizer and render prompts alike, then read
     both splits. The job's prompt encoding is decided here (:meth:`StageContext.prompt_encoding`),
@@ -53,7 +68,8 @@ def prepare(ctx: StageContext) -> Prepared:
             tokenizers differ (naming the first differing tokens), or the teacher and student
             render a prompt differently (showing both renderings and the fix).
         DataError: a split cannot be read or has unusable rows (naming the file, line or rows);
-            no dataset of the split is left behind.
+            no dataset of the split is left behind. Or the committed training rows were checked
+            under other ``data`` settings (:func:`split_changes`; held-out rows are checked again).
     """
     spec = ctx.spec
     with ctx.phase("prepare", 2, "read and check data"):
@@ -69,6 +85,13 @@ def prepare(ctx: StageContext) -> Prepared:
                                      ("heldout", spec.evaluation.enabled or spec.curriculum_of("replay") is not None)):
             path = ctx.out / "datasets" / ("prompts" if split == "train" else split)
             splits[split] = open_artifact(path, PROMPTS_KIND)
+            changed = [] if splits[split] is None else split_changes(splits[split].meta, spec, split, need_response)
+            if changed and split == "train":  # what the job made from those rows is stale too
+                raise DataError(f"{path} holds the training rows an earlier run checked, but the spec changed "
+                                f"{', '.join(changed)} since: run the job with --restart to start it over")
+            if changed:  # nothing made from the held-out rows is reused: check them again
+                ctx.reporter.message(f"prepare: the spec changed {', '.join(changed)}: checking the held-out rows again")
+                splits[split] = None
             if splits[split] is not None:
                 ctx.reporter.message(f"prepare: reusing the {splits[split].rows} {SPLIT_NAMES[split]} rows checked "
                                      "by an earlier run")
