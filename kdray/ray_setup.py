@@ -66,11 +66,12 @@ def extensions_dir(cache: str) -> str:
 INGEST_CPUS = 1
 
 
-def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
+def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: int | None = None) -> Any:
     """Connect to ``address`` (or the job's cluster, or start a local one) with the job env.
 
     A local Ray gets a dashboard only when asked (``kdray serve`` needs it: Ray's Job
-    Submission API lives there). Returns Ray's context (None if Ray was already up)."""
+    Submission API lives there), on ``dashboard_port`` when given (Ray's default: 8265).
+    Returns Ray's context (None if Ray was already up)."""
     import ray
 
     env = job_env()
@@ -86,6 +87,8 @@ def init_ray(address: str | None, *, dashboard: bool = False) -> Any:
         kwargs["address"] = address
     elif "RAY_ADDRESS" not in os.environ:
         kwargs["include_dashboard"] = dashboard
+        if dashboard and dashboard_port is not None:
+            kwargs["dashboard_port"] = dashboard_port
         # One logical CPU more than the machine has: Ray Data's reads feeding the training
         # workers need a CPU to be scheduled while each worker holds one.
         kwargs["num_cpus"] = (os.cpu_count() or 1) + INGEST_CPUS

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdray.bench.service import free_port
+from tests.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
@@ -30,11 +31,15 @@ class PortTaken(Exception):
 
 
 class Service:
+    """``kdray serve`` with its local Ray, reaching Ray's job API through a TCP proxy the tests
+    can cut off (:attr:`dashboard`)."""
+
     def __init__(self, state_dir: Path):
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.dashboard = TcpProxy(free_port(), 0).start()
 
     def start(self, attempts: int = 3) -> None:
         for attempt in range(attempts):  # a port taken meanwhile: try another one
@@ -48,8 +53,11 @@ class Service:
     def _start(self) -> None:
         env = dict(os.environ, KDRAY_API_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
         self.log = open(self.state_dir.parent / f"serve-{time.time():.0f}.log", "w")
+        self.dashboard.target = free_port()  # the local Ray's dashboard, behind the proxy
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir)],
+            [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir),
+             "--dashboard-port", str(self.dashboard.target),
+             "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}"],
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:
@@ -88,6 +96,7 @@ def service(tmp_path_factory, toy_world):
     svc.start()
     yield svc
     svc.kill()
+    svc.dashboard.stop()
 
 
 def job_spec(name: str, max_steps: int, **data) -> dict:
@@ -194,6 +203,23 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
     job_id = res.stdout.strip()
     again = kdray("submit", str(spec_path), "--server", service.url, "--idempotency-key", "k-1", cwd=tmp_path)
     assert again.stdout.strip() == job_id  # a retried submit is the same job
+
+    # Ray's job API out of reach for a while as the job runs (several reconcile rounds): reads
+    # still answer from the store, Ray's logs are a 503, and nothing is decided about the job.
+    from kdray.service.app import RECONCILE_EVERY_S
+
+    with service.http() as client:
+        wait_for(client, job_id, lambda j: j["state"] == "running")
+        service.dashboard.stop()
+        try:
+            deadline = time.monotonic() + 4 * RECONCILE_EVERY_S + 2
+            while time.monotonic() < deadline:
+                assert client.get(f"/v1/jobs/{job_id}").json()["state"] in ("running", "succeeded")
+                time.sleep(0.5)
+            res = client.get(f"/v1/jobs/{job_id}/logs")
+            assert res.status_code == 503 and "unavailable" in res.json()["error"]
+        finally:
+            service.dashboard.start()
 
     watch = kdray("watch", job_id, "--server", service.url, cwd=tmp_path)
     assert watch.returncode == 0, watch.stdout + watch.stderr

@@ -5,6 +5,7 @@ against a real `kdray serve` in test_service.py; its error answers in test_error
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -51,33 +52,188 @@ def test_app_builder_checks_its_arguments(tmp_path, monkeypatch):
 
 
 class _FakeRay:
-    """RayJobs as reconcile sees it: a status per Ray job id (None: Ray no longer knows it)."""
+    """Ray's job API as reconcile sees it: a status per Ray job id (None: Ray does not know it),
+    or unavailable (``down``: a ClusterError, as :class:`kdray.service.ray_jobs.RayJobs` raises
+    for an unreachable dashboard or a 5xx). Records every id it was asked about."""
 
     def __init__(self, statuses, down=False):
-        self.statuses, self.down = statuses, down
+        self.statuses, self.down, self.asked = statuses, down, []
 
     def status(self, ray_id):
         from kdray.errors import ClusterError
 
+        self.asked.append(ray_id)
         if self.down:
             raise ClusterError("Ray's job API is unavailable")
         return self.statuses.get(ray_id)
 
 
-def test_reconcile_takes_rays_word_and_waits_while_ray_is_down(tmp_path):
+def _running(store, name, ray_id="r"):
+    job, _ = store.create(name=name, spec={}, output_dir="/o")
+    store.update(job["id"], state="running", ray_job_id=ray_id)
+    return job["id"]
+
+
+def test_reconcile_takes_rays_word_for_jobs_that_ended(tmp_path):
+    from kdray.service.app import reconcile
+
+    store = JobStore(tmp_path / "kdray.db")
+    ids = {name: _running(store, name, ray_id) for name, ray_id in
+           (("done", "r1"), ("stopped", "r3"), ("crashed", "r5"), ("running", "r4"))}
+    reconcile(store, _FakeRay({"r1": "SUCCEEDED", "r3": "STOPPED", "r4": "RUNNING", "r5": "FAILED"}))
+    states = {name: store.get(i)["state"] for name, i in ids.items()}
+    assert states == {"done": "succeeded", "stopped": "cancelled", "crashed": "failed", "running": "running"}
+    assert "see GET /v1/jobs/{id}/logs" in store.get(ids["crashed"])["error"]
+
+
+def test_ray_unavailable_changes_nothing(tmp_path):
     from kdray.errors import ClusterError
     from kdray.service.app import reconcile
 
     store = JobStore(tmp_path / "kdray.db")
-    ids = {}
-    for name, ray_id in (("done", "r1"), ("lost", "r2"), ("stopped", "r3"), ("running", "r4")):
-        job, _ = store.create(name=name, spec={}, output_dir="/o")
-        store.update(job["id"], state="running", ray_job_id=ray_id)
-        ids[name] = job["id"]
-    with pytest.raises(ClusterError):  # Ray down: nothing is marked failed for it
-        reconcile(store, _FakeRay({}, down=True))
-    assert {store.get(i)["state"] for i in ids.values()} == {"running"}
-    reconcile(store, _FakeRay({"r1": "SUCCEEDED", "r3": "STOPPED", "r4": "RUNNING"}))
-    states = {name: store.get(i)["state"] for name, i in ids.items()}
-    assert states == {"done": "succeeded", "lost": "failed", "stopped": "cancelled", "running": "running"}
-    assert "no longer knows this job" in store.get(ids["lost"])["error"]
+    job = _running(store, "a")
+    for k in range(10):  # the dashboard down for a long time: no evidence, nothing counted
+        with pytest.raises(ClusterError):
+            reconcile(store, _FakeRay({}, down=True), now=1e9 + 60 * k)
+    rec = store.get(job)
+    assert rec["state"] == "running" and rec["lost_checks"] == 0 and rec["lost_since"] is None
+
+
+def test_a_job_is_lost_only_after_rounds_in_a_row_over_time(tmp_path):
+    from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, reconcile
+
+    store = JobStore(tmp_path / "kdray.db")
+    job = _running(store, "a", "r1")
+    t0 = time.time()
+    unknown, known = _FakeRay({}), _FakeRay({"r1": "RUNNING"})
+    for k in range(LOST_AFTER_CHECKS - 1):  # a dashboard restarting answers 404 for a while
+        reconcile(store, unknown, now=t0 + k * LOST_AFTER_S)
+    assert store.get(job)["state"] == "running" and store.get(job)["lost_checks"] == LOST_AFTER_CHECKS - 1
+    reconcile(store, known, now=t0 + LOST_AFTER_S * 2)  # found again: the count starts over
+    assert store.get(job)["lost_checks"] == 0 and store.get(job)["lost_since"] is None
+    for k in range(LOST_AFTER_CHECKS + 5):  # many rounds, but within LOST_AFTER_S of the first
+        reconcile(store, unknown, now=t0 + 100 + k)
+    assert store.get(job)["state"] == "running"
+    reconcile(store, unknown, now=t0 + 100 + LOST_AFTER_S)
+    rec = store.get(job)
+    assert rec["state"] == "failed" and rec["failed_by"] == "service"
+    assert "no longer knows this job" in rec["error"]
+
+
+def test_the_drivers_own_word_overrides_the_services_conclusion(tmp_path):
+    from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, reconcile
+    from kdray.service.tracking import Tracker
+
+    store = JobStore(tmp_path / "kdray.db")
+    job = _running(store, "a", "r1")
+    for k in range(LOST_AFTER_CHECKS):
+        reconcile(store, _FakeRay({}), now=time.time() + k * LOST_AFTER_S)
+    assert store.get(job)["state"] == "failed"
+    with Tracker(str(tmp_path / "kdray.db"), job).following():  # the job was alive after all
+        pass
+    rec = store.get(job)
+    assert rec["state"] == "succeeded" and rec["error"] is None and rec["failed_by"] is None
+    # A terminal state the driver or the user decided stays final, for the driver too.
+    store.update(job, state="failed", error="late", driver=True)
+    assert store.get(job)["state"] == "succeeded"
+    cancelled = _running(store, "b")
+    store.update(cancelled, state="cancelled")
+    store.update(cancelled, state="failed", error="interrupted", driver=True)
+    assert store.get(cancelled)["state"] == "cancelled"
+    # ...and the service's conclusion never overrides the driver's word.
+    reconcile(store, _FakeRay({"r1": "FAILED"}))
+    assert store.get(job)["state"] == "succeeded"
+
+
+def test_a_record_without_its_ray_id_is_looked_up_by_its_submission_id(tmp_path):
+    from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, SUBMIT_GRACE_S, reconcile
+    from kdray.service.ray_jobs import submission_id
+
+    store = JobStore(tmp_path / "kdray.db")
+    orphan, _ = store.create(name="orphan", spec={}, output_dir="/o")  # the replica died before saving the id
+    never, _ = store.create(name="never", spec={}, output_dir="/o")
+    t0 = orphan["created"]
+    ray = _FakeRay({submission_id(orphan["id"]): "RUNNING"})
+    reconcile(store, ray, now=t0 + SUBMIT_GRACE_S + 1)
+    assert store.get(orphan["id"])["ray_job_id"] == submission_id(orphan["id"])
+    assert store.get(orphan["id"])["state"] == "pending"  # its driver says running when it starts
+    assert submission_id(never["id"]) in ray.asked
+    reconcile(store, _FakeRay({}), now=t0 + 1)  # within the submit's grace: not counted
+    assert store.get(never["id"])["lost_checks"] == 1
+    for k in range(1, LOST_AFTER_CHECKS):
+        reconcile(store, _FakeRay({}), now=t0 + SUBMIT_GRACE_S + 1 + k * LOST_AFTER_S)
+    rec = store.get(never["id"])
+    assert rec["state"] == "failed" and f"Ray has no job {submission_id(never['id'])}" in rec["error"]
+
+
+def test_a_store_made_before_the_new_columns_opens_and_gains_them(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT NOT NULL, state TEXT NOT NULL, "
+                     "spec TEXT NOT NULL, output_dir TEXT NOT NULL, idempotency_key TEXT UNIQUE, ray_job_id TEXT, "
+                     "created REAL NOT NULL, updated REAL NOT NULL, started REAL, finished REAL, error TEXT, "
+                     "phase TEXT, phase_detail TEXT, phase_done INTEGER NOT NULL DEFAULT 0, phase_total INTEGER, "
+                     "phase_started REAL, round INTEGER, step INTEGER, total_steps INTEGER, first_step INTEGER, "
+                     "first_step_time REAL, metrics TEXT);"
+                     "INSERT INTO jobs (id, name, state, spec, output_dir, created, updated) "
+                     "VALUES ('j1', 'old', 'running', '{}', '/o', 1.0, 1.0);")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    rec = store.get("j1")
+    assert rec["state"] == "running" and rec["lost_checks"] == 0 and rec["failed_by"] is None
+
+
+def test_the_service_config_never_shows_its_token(tmp_path):
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path), token="s3cret-token",
+                           dashboard_url="http://127.0.0.1:8265")
+    assert "s3cret-token" not in repr(config) and "s3cret-token" not in str(config)
+    assert config.token == "s3cret-token"
+
+
+class _FlakyJobClient:
+    """Ray's JobSubmissionClient answering each submit with the next of ``answers`` (an
+    exception is raised, anything else returned)."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    def submit_job(self, entrypoint, submission_id):
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_a_submit_is_retried_while_rays_job_api_refuses_it_for_now():
+    from kdray.errors import ClusterError
+    from kdray.service.ray_jobs import RayJobs
+
+    busy = RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+    jobs = RayJobs("http://127.0.0.1:1")
+    jobs._client = _FlakyJobClient(busy, busy, "kdray-a")
+    assert jobs.submit("kdray run x", "kdray-a", retry_s=10) == "kdray-a" and jobs._client.calls == 3
+    # a connection dropped after Ray took the job: the retry finds it there
+    jobs._client = _FlakyJobClient(ConnectionError("reset"), RuntimeError(
+        "Request failed with status code 400: Job with submission_id kdray-b already exists."))
+    assert jobs.submit("kdray run x", "kdray-b", retry_s=10) == "kdray-b"
+    jobs._client = _FlakyJobClient(*[busy] * 10)
+    with pytest.raises(ClusterError, match="unavailable"):
+        jobs.submit("kdray run x", "kdray-c", retry_s=0.5)
+    jobs._client = _FlakyJobClient(RuntimeError("Request failed with status code 400: bad entrypoint"))
+    with pytest.raises(RuntimeError, match="bad entrypoint"):  # kdray built it wrongly: a bug, not retried
+        jobs.submit("kdray run x", "kdray-d", retry_s=10)
+
+
+def test_a_driver_without_its_record_refuses_to_run(tmp_path):
+    from kdray.service.tracking import Tracker
+
+    with pytest.raises(ConfigError, match="no job store there"):
+        Tracker(str(tmp_path / "missing.db"), "abc")
+    assert not (tmp_path / "missing.db").exists()  # no empty database made
+    JobStore(tmp_path / "kdray.db")
+    with pytest.raises(ConfigError, match="--job-id abc: the job store .* has no such job"):
+        Tracker(str(tmp_path / "kdray.db"), "abc")

@@ -38,7 +38,7 @@ from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service import routes_events, routes_health, routes_jobs
 from kdray.service.common import RequestError, error_response
 from kdray.service.config import ServiceConfig, confine_output_dir, read_token
-from kdray.service.ray_jobs import RayJobs
+from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import JobStore
 
 __all__ = ["ServiceConfig", "app_builder", "build_app", "confine_output_dir", "deployment", "read_token",
@@ -89,30 +89,53 @@ def _install_error_handlers(app: FastAPI) -> None:
                                    "kdray, not in the request; the traceback is in the service's log")
 
 
-def reconcile(store: JobStore, ray_jobs: RayJobs) -> None:
-    """Bring unfinished records in line with Ray Jobs: a Ray job that ended without its record
-    saying so (killed, cluster restarted) gets the state Ray knows. While Ray's job API is
-    unavailable, records stay as they are until a later round."""
-    for state in ("pending", "running", "cancelling"):
-        records, _ = store.list(state=state, limit=500)
-        for rec in records:
-            ray_id = rec.get("ray_job_id")
-            if not ray_id:
-                if time.time() - rec["created"] > 60:
-                    store.update(rec["id"], state="failed", error="the job was never handed to Ray")
-                continue
-            status = ray_jobs.status(ray_id)  # a ClusterError ends this round
-            if status is None:
-                store.update(rec["id"], state="failed",
-                             error="Ray no longer knows this job (its cluster restarted while it ran)")
-            elif status == "SUCCEEDED":
-                store.update(rec["id"], state="succeeded")
-            elif status == "STOPPED":
-                store.update(rec["id"], state="cancelled")
-            elif status == "FAILED":
-                current = store.get(rec["id"])
-                store.update(rec["id"], state="cancelled" if current["state"] == "cancelling" else "failed",
-                             error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")
+#: Reconcile rounds in a row, and seconds since the first, in which Ray must not know a job
+#: before the service records it as lost: one 404 is no evidence (a dashboard restarting
+#: answers before it has loaded its job table).
+LOST_AFTER_CHECKS, LOST_AFTER_S = 3, 30.0
+#: How long a new record may wait for its submit before Ray's silence about it counts.
+SUBMIT_GRACE_S = 60.0
+
+
+def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> None:
+    """Bring unfinished records in line with Ray Jobs, on evidence only.
+
+    A Ray job that ended without its record saying so (its driver killed) gets the state Ray
+    reports. A job Ray does not know (404: its cluster restarted, or the submit never reached
+    it) is failed only after :data:`LOST_AFTER_CHECKS` rounds in a row spanning
+    :data:`LOST_AFTER_S`; a record without ``ray_job_id`` (the service died between recording
+    and submitting) is looked up by its submission id
+    (:func:`~kdray.service.ray_jobs.submission_id`) first. Such failures are the service's
+    (``failed_by``): the job's driver, if it is alive after all, takes the record back.
+
+    Raises:
+        ClusterError: Ray's job API is unavailable (unreachable, 5xx): the round ends with no
+            record changed; the caller logs it and tries again.
+    """
+    now = time.time() if now is None else now
+    for rec in store.unfinished():
+        ray_id = rec.get("ray_job_id") or submission_id(rec["id"])
+        status = ray_jobs.status(ray_id)  # a ClusterError ends this round: no evidence either way
+        if status is None:
+            if not rec.get("ray_job_id") and now - rec["created"] < SUBMIT_GRACE_S:
+                continue  # its submit may still be on its way
+            checks, since = store.mark_missing(rec["id"], now)
+            if checks >= LOST_AFTER_CHECKS and now - since >= LOST_AFTER_S:
+                error = ("Ray no longer knows this job (its cluster restarted while it ran)" if rec.get("ray_job_id")
+                         else f"the job was never handed to Ray (Ray has no job {ray_id})")
+                store.update(rec["id"], state="failed", failed_by="service", error=error)
+            continue
+        if not rec.get("ray_job_id") or rec["lost_checks"]:  # found: by its submission id, or again
+            store.update(rec["id"], ray_job_id=ray_id, lost_checks=0, lost_since=None)
+        if status == "SUCCEEDED":
+            store.update(rec["id"], state="succeeded")
+        elif status == "STOPPED":
+            store.update(rec["id"], state="cancelled")
+        elif status == "FAILED":
+            current = store.get(rec["id"])
+            store.update(rec["id"], state="cancelled" if current["state"] == "cancelling" else "failed",
+                         failed_by="service",
+                         error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")
 
 
 def deployment(config: ServiceConfig) -> Any:

@@ -40,8 +40,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None:
         raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
                           "require it)")
-    context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True)
-    dashboard = getattr(context, "dashboard_url", None)
+    local = args.address in (None, "local")
+    if args.dashboard_port is not None and not local:
+        raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; with --address, "
+                          "give the cluster's dashboard as --dashboard-url")
+    context = init_ray(None if local else args.address, dashboard=True, dashboard_port=args.dashboard_port)
+    dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
     if not dashboard:
         raise ClusterError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
                            "Submission API lives there): start Ray with the dashboard enabled")
@@ -206,6 +210,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--token-file", default=None, help="file holding the API token (default: $KDRAY_API_TOKEN)")
     p.add_argument("--auth-reads", action="store_true", help="require the token for reads too")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB (default 1024)")
+    p.add_argument("--dashboard-port", type=int, default=None,
+                   help="port of the local Ray's dashboard, where Ray's job API lives (default Ray's 8265)")
+    p.add_argument("--dashboard-url", default=None,
+                   help="where the service reaches Ray's job API (default: the dashboard of the Ray it started or "
+                        "joined), e.g. through a proxy")
     p.set_defaults(fn=cmd_serve)
 
     def client_parser(name: str, help: str) -> Any:

@@ -14,7 +14,7 @@ from kdray.errors import ConfigError
 class ServiceConfig:
     state_dir: str                 # the store (kdray.db) and each job's submitted spec
     output_root: str               # every job's output_dir must resolve inside it
-    token: str | None              # bearer token for submit and cancel (None: no token accepted)
+    token: str | None = field(repr=False)  # bearer token for submit and cancel (None: none accepted); never in a repr
     dashboard_url: str             # Ray's dashboard, where the Job Submission API lives
     auth_reads: bool = False       # reads need the token too
     max_body_bytes: int = 1 << 20

@@ -10,11 +10,20 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Callable
 
 from kdray.errors import ClusterError, first_line
 
 _STATUS = re.compile(r"status code (\d{3})")
+#: How long a submit retries while Ray's job API refuses it for now (see :meth:`RayJobs.submit`).
+SUBMIT_RETRY_S = 20.0
+
+
+def submission_id(job_id: str) -> str:
+    """The Ray job id the service submits kdray job ``job_id`` under (Ray's ``submission_id``):
+    fixed by the record, so the job can be found in Ray before its id is saved."""
+    return f"kdray-{job_id}"
 
 
 class RayJobs:
@@ -42,13 +51,35 @@ class RayJobs:
             raise ClusterError(f"{what}: Ray's job API at {self.dashboard_url} is unavailable "
                                f"({first_line(exc)}); retry once the Ray cluster is up") from None
 
-    def submit(self, entrypoint: str, submission_id: str) -> str:
-        ray_id = self._call("Ray did not accept the job",
-                            lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id))
-        if ray_id is None:
-            raise ClusterError(f"Ray did not accept the job: its job API at {self.dashboard_url} answered 404; "
-                               "retry once the Ray cluster is up")
-        return ray_id
+    def submit(self, entrypoint: str, submission_id: str, *, retry_s: float = SUBMIT_RETRY_S) -> str:
+        """Hand ``entrypoint`` to Ray as job ``submission_id``; returns Ray's job id.
+
+        Ray's job API refuses submits for a while after it starts ("No available agent to
+        submit job, please try again later", a 500) and may drop a connection: such refusals
+        are retried for ``retry_s`` seconds. The submission id makes a retry safe: Ray keeps
+        one job per id, so a retry that finds the job there means an earlier attempt got it in.
+
+        Raises:
+            ClusterError: Ray's job API stayed unavailable for ``retry_s``, or answered 404.
+        """
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                ray_id = self._call("Ray did not accept the job",
+                                    lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id))
+            except ClusterError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+                continue
+            except RuntimeError as exc:  # not a transient refusal: a job of that id may already be there
+                if "already exists" in str(exc):  # ids are one per record: it is this job
+                    return submission_id
+                raise
+            if ray_id is None:
+                raise ClusterError(f"Ray did not accept the job: its job API at {self.dashboard_url} answered 404; "
+                                   "retry once the Ray cluster is up")
+            return ray_id
 
     def logs(self, ray_id: str) -> str | None:
         """The job's driver log, or None when Ray no longer has the job."""

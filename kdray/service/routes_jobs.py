@@ -19,7 +19,7 @@ from kdray.errors import ClusterError, SpecError, utf8_fault
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
-from kdray.service.ray_jobs import RayJobs
+from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import STATES, TERMINAL, JobStore
 
 JSON_TYPES = ("application/json",)
@@ -83,9 +83,10 @@ def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, r
     entrypoint = (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
                   f"{shlex.quote(str(spec_path))} --store {shlex.quote(str(config.db_path))} --job-id {rec['id']}")
     try:
-        ray_id = ray.submit(entrypoint, submission_id=f"kdray-{rec['id']}")
+        ray_id = ray.submit(entrypoint, submission_id=submission_id(rec["id"]))
     except ClusterError as exc:  # Ray is down: the record says why; a new submit can succeed
-        store.update(rec["id"], state="failed", error=str(exc))
+        # (the service's conclusion: a driver that starts after all takes its record back)
+        store.update(rec["id"], state="failed", failed_by="service", error=str(exc))
         raise RequestError(503, f"{exc} (job {rec['id']} is recorded as failed; submit again"
                                 f"{' with a new Idempotency-Key' if key else ''})", id=rec["id"]) from None
     store.update(rec["id"], ray_job_id=ray_id)

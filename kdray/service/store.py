@@ -8,6 +8,12 @@ restarting the service loses nothing.
 
 A record's progress columns (phase, step, metrics, ...) are folded from its events as they
 are appended, so a status read is one row lookup, however long the history.
+
+Who may end a record: a terminal state is final, except a failure the service decided without
+the driver's word (``failed_by = 'service'``: Ray lost the job, or the submit seemed to fail),
+which the job's own driver overrides when it turns out to be alive (:meth:`JobStore.update`
+with ``driver=True``). The reconciler's evidence that Ray lost a job (``lost_checks``,
+``lost_since``) lives in the record, so it survives a service restart.
 """
 
 from __future__ import annotations
@@ -48,7 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_steps INTEGER,
     first_step INTEGER,
     first_step_time REAL,
-    metrics TEXT
+    metrics TEXT,
+    failed_by TEXT,
+    lost_checks INTEGER NOT NULL DEFAULT 0,
+    lost_since REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
 CREATE TABLE IF NOT EXISTS events (
@@ -60,6 +69,10 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+
+
+#: Columns added since the first store (name, SQL declaration), added to an older file on open.
+_ADDED_COLUMNS = (("failed_by", "TEXT"), ("lost_checks", "INTEGER NOT NULL DEFAULT 0"), ("lost_since", "REAL"))
 
 
 def _finite(value: Any) -> Any:
@@ -75,6 +88,10 @@ class JobStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")  # stored in the file: set once, not per connection
             db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, decl in _ADDED_COLUMNS:  # a store an older kdray made: the columns it lacks
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -121,10 +138,13 @@ class JobStore:
                               [*args, limit, offset]).fetchall()
         return [_record(r) for r in rows], total
 
-    def update(self, job_id: str, **fields: Any) -> None:
+    def update(self, job_id: str, *, driver: bool = False, **fields: Any) -> None:
         """Set columns of a record (``state``, ``error``, ``ray_job_id``, ...). A terminal state
         is final: later writes of another state are ignored (a late 'running' from a dying
-        process must not resurrect a cancelled job)."""
+        process must not resurrect a cancelled job), except that the job's own driver
+        (``driver=True``) overrides a failure the service decided (``failed_by = 'service'``):
+        its word is evidence, the service's a conclusion. A driver's write clears
+        ``failed_by``, and its ``succeeded`` or ``running`` clears the service's error."""
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown state {fields['state']!r}; one of {STATES}")
         now = time.time()
@@ -132,11 +152,36 @@ class JobStore:
             fields.setdefault("finished", now)
         if fields.get("state") == "running":
             fields.setdefault("started", now)
+            fields.setdefault("finished", None)
+        guard = ""
+        if "state" in fields:
+            guard = " AND (state NOT IN ('succeeded', 'failed', 'cancelled')"
+            guard += " OR (state = 'failed' AND failed_by = 'service'))" if driver else ")"
+            if driver:
+                fields.setdefault("failed_by", None)
+                if fields["state"] in ("running", "succeeded"):
+                    fields.setdefault("error", None)
         cols = ", ".join(f"{k} = ?" for k in fields)
-        guard = " AND state NOT IN ('succeeded', 'failed', 'cancelled')" if "state" in fields else ""
         with self._db() as db:
             db.execute(f"UPDATE jobs SET {cols}, updated = ? WHERE id = ?{guard}",
                        [*fields.values(), now, job_id])
+
+    def unfinished(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Records not in a terminal state (pending, running, cancelling), oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'cancelled') "
+                              "ORDER BY created, id LIMIT ?", (limit,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def mark_missing(self, job_id: str, now: float) -> tuple[int, float]:
+        """One more reconcile round in which Ray did not know the job: (rounds in a row, since when)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE jobs SET lost_checks = lost_checks + 1, lost_since = COALESCE(lost_since, ?) "
+                       "WHERE id = ?", (now, job_id))
+            row = db.execute("SELECT lost_checks, lost_since FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute("COMMIT")
+        return int(row["lost_checks"]), float(row["lost_since"])
 
     # -- events --------------------------------------------------------------------------
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """A job the service submitted follows its record: ``kdray run SPEC --store DB --job-id ID``
 appends its progress events to the job store and sets the record's state (running, then
-succeeded, failed with the user's message, or cancelled)."""
+succeeded, failed with the user's message, or cancelled). Its word overrides a failure the
+service concluded without it (Ray's job API did not know the job for a while)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from kdray.errors import SpecError, user_error
+from kdray.errors import ConfigError, SpecError, user_error
 
 
 class Tracker:
@@ -21,9 +22,21 @@ class Tracker:
         self.job_id = job_id
         self.store = None
         if store_path:
+            from pathlib import Path
+
             from kdray.service.store import JobStore
 
+            # The service made the store and the record before submitting: a driver that finds
+            # neither runs for a service that cannot see it (another state directory, a store on
+            # another node); it refuses rather than creating an empty database of its own.
+            if not Path(store_path).is_file():
+                raise ConfigError(f"--store {store_path}: no job store there; kdray serve passes the store it "
+                                  "created (run the job without --store to run it by hand)")
             self.store = JobStore(store_path)
+            if self.store.get(job_id) is None:
+                raise ConfigError(f"--job-id {job_id}: the job store {store_path} has no such job; kdray serve "
+                                  "passes the id of the record it created (run the job without --store to run it "
+                                  "by hand)")
 
     def attach(self, reporter: Any) -> None:
         """The run starts: its events go to the record, which says running. Ray Jobs stops a
@@ -32,7 +45,7 @@ class Tracker:
             return
         store, job_id = self.store, self.job_id
         reporter.sinks.append(lambda event: store.append_event(job_id, event))
-        store.update(job_id, state="running")
+        store.update(job_id, state="running", driver=True)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     @contextmanager
@@ -45,13 +58,13 @@ class Tracker:
             if self.store is not None:
                 cancelled = (self.store.get(self.job_id) or {}).get("state") == "cancelling"
                 self.store.update(self.job_id, state="cancelled" if cancelled else "failed",
-                                  error=None if cancelled else "interrupted")
+                                  error=None if cancelled else "interrupted", driver=True)
             raise
         except Exception as exc:
             if self.store is not None:
                 user = user_error(exc)
                 error = str(user) if user is not None else f"kdray bug: {type(exc).__name__}: {exc}"
-                self.store.update(self.job_id, state="failed", error=error)
+                self.store.update(self.job_id, state="failed", error=error, driver=True)
             raise
         if self.store is not None:
-            self.store.update(self.job_id, state="succeeded")
+            self.store.update(self.job_id, state="succeeded", driver=True)
