@@ -1,12 +1,20 @@
 """The targets of ``kdray bench scale`` (:mod:`kdray.bench.scale`) and its table: the variants
-side by side, each mode's driver slope, object-store growth from N to 8N, spill, and the 8N
-peak against Ray Data's budget. Runs in the parent only (a variant may run another checkout)."""
+side by side, each mode's driver slope, the object store's peak at 8N against the bound that
+holds at any N, spill, and the growth from N to 8N. Runs in the parent only (a variant may run
+another checkout).
+
+The object store's target is a bound that does not depend on N: Ray Data's budget for one
+execution (its default share of the store), which every phase's queues fill at most, and which
+kdray's own budgets (a scorer's records, :func:`kdray.pools.run.store_budget`) keep lower
+still. The 8N/N ratio is printed too, but it is no test of growth: a short N run has not filled
+its queues when 8N has (``kdray bench scale --rows 64000 --factor 2``, docs/benchmarks.md:
+the peaks at 64,000 and 128,000 rows are the same)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-TARGET_SLOPE_B, TARGET_STORE_GROWTH = 2048, 1.5
+TARGET_SLOPE_B = 2048
 DRIVER_NOISE_B = 8 * 2**20  # runs of one variant differ this much (427.5-435.5 MiB): not a slope
 
 
@@ -36,14 +44,16 @@ def print_results(results: list[dict[str, Any]], factor: int) -> set[str]:
             grew = large["driver_peak_bytes"] - small["driver_peak_bytes"]
             slope = grew / (large["rows"] - small["rows"]) if grew > DRIVER_NOISE_B else 0.0
             growth = large["store_peak_bytes"] / max(small["store_peak_bytes"], 1)
-            if slope > TARGET_SLOPE_B or growth > TARGET_STORE_GROWTH or large["spilled_bytes"]:
+            bound = large.get("data_budget_bytes")  # an older bench recorded none: no bound to hold
+            bounded = bound is None or max(small["store_peak_bytes"], large["store_peak_bytes"]) <= bound
+            if slope > TARGET_SLOPE_B or not bounded or large["spilled_bytes"]:
                 missed.add(label)
             shown = f"{slope:,.0f} B/row" if slope else f"below the noise ({_mb(grew)} MiB)"
             print(f"{label:9} {mode:6} driver slope {shown} (target <= {TARGET_SLOPE_B}): "
-                  f"{'ok' if slope <= TARGET_SLOPE_B else 'MISSED'}; object store {factor}N/N {growth:.2f} "
-                  f"(target <= {TARGET_STORE_GROWTH}): {'ok' if growth <= TARGET_STORE_GROWTH else 'MISSED'}; "
-                  f"spilled at {factor}N {_mb(large['spilled_bytes'])} MiB: "
-                  f"{'ok' if large['spilled_bytes'] == 0 else 'MISSED'}")
+                  f"{'ok' if slope <= TARGET_SLOPE_B else 'MISSED'}; object store peak at N and {factor}N "
+                  f"within the bound of any N: {'ok' if bounded else 'MISSED'}; spilled at {factor}N "
+                  f"{_mb(large['spilled_bytes'])} MiB: {'ok' if large['spilled_bytes'] == 0 else 'MISSED'}; "
+                  f"object store {factor}N/N {growth:.2f}")
             phases = [p["phase"] for p in large.get("phases", []) if "phase_store_peak_bytes" in p]
             if phases:  # where the peak is: each phase's own, at N and 8N
                 per = {r["rows"]: {p["phase"]: p["phase_store_peak_bytes"] for p in r.get("phases", [])}
@@ -51,8 +61,8 @@ def print_results(results: list[dict[str, Any]], factor: int) -> set[str]:
                 print(f"{'':9} {mode:6} object store peak per phase, N / {factor}N (MiB): " + "; ".join(
                     f"{name} {_mb(per[small['rows']].get(name, 0))} / {_mb(per[large['rows']][name])}"
                     for name in phases))
-            if large.get("data_budget_bytes"):  # what bounds the peak at any N (an older bench: none)
+            if bound:
                 print(f"{'':9} {mode:6} object store peak at {factor}N {_mb(large['store_peak_bytes'])} MiB: "
-                      f"{large['store_peak_bytes'] / large['data_budget_bytes']:.0%} of Ray Data's budget of "
-                      f"{_mb(large['data_budget_bytes'])} MiB per execution")
+                      f"{large['store_peak_bytes'] / bound:.0%} of the bound, Ray Data's budget of "
+                      f"{_mb(bound)} MiB per execution")
     return missed
