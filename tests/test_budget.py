@@ -49,3 +49,21 @@ def test_records_over_the_budget_are_refused_with_the_numbers_and_the_fixes():
     within = spec_of(mode="topk", k=20, max_records_gb=13)  # 12.3 GB fits
     check_records_budget(within, storage_plan(within, 200_000, teacher_vocab=QWEN_VOCAB, teacher_hidden=1),
                          teacher_vocab=QWEN_VOCAB)
+
+
+def test_the_plan_counts_every_evaluated_model_and_the_judge():
+    base = spec_of().model_dump(mode="json")
+    base["data"]["max_prompt_tokens"] = 64
+    base["evaluation"] = {"max_new_tokens": 32, "judge": {"model": "toy:teacher", "max_prompts": 10}}
+    sizes = {s.name: s for s in storage_plan(parse_spec(base), 100, teacher_vocab=1, teacher_hidden=1, n_heldout=48,
+                                             segments=3)}
+    answers = sizes["held-out answers (5 models)"]  # teacher, student before, two rounds, student after
+    assert (answers.rows, answers.tokens_per_row, answers.bytes_per_token) == (5 * 48, 64 + 2 * 32, 4)
+    assert (sizes["judge verdicts"].rows, sizes["judge verdicts"].tokens_per_row) == (10, 2 * 128)
+    base["evaluation"] = {"per_round": False}
+    names = [s.name for s in storage_plan(parse_spec(base), 100, teacher_vocab=1, teacher_hidden=1, n_heldout=48,
+                                          segments=3)]
+    assert names == ["teacher responses", "held-out answers (3 models)"]
+    base["evaluation"] = {"enabled": False}
+    assert [s.name for s in storage_plan(parse_spec(base), 100, teacher_vocab=1, teacher_hidden=1, n_heldout=48)] \
+        == ["teacher responses"]

@@ -104,8 +104,9 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     # Micro-batches are padded to their own longest row: rows of ~16 tokens waste little of the
     # positions (padded to max_seq_len 96, 0.84 of them were padding).
     assert all(0.0 <= m["pad_fraction"] < 0.5 for m in steps)
-    plan = next(line for line in res.stderr.splitlines() + res.stdout.splitlines() if "plan: writes at most" in line)
-    assert "teacher responses: 256 rows" in plan
+    plan = next(e["text"] for e in map(json.loads, (out / "events.jsonl").read_text().splitlines())
+                if e.get("text", "").startswith("plan: writes"))  # (the console wraps long lines)
+    assert "teacher responses: 256 rows" in plan and "held-out answers (3 models): 144 rows" in plan
     assert steps[0]["lr"] == pytest.approx(3e-3 / 2)  # the rate step 1 applied: warmup 1 of 2
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

@@ -22,6 +22,8 @@ from kdray.spec import JobSpec
 #: Bytes per token of a stored response row (JSON: its text, about 4 bytes per token, and its
 #: token ids written out, about 6): an estimate, not a bound.
 RESPONSE_BYTES_PER_TOKEN = 10
+#: Bytes per token of text alone (the held-out answers and the judge's rows: no token ids).
+TEXT_BYTES_PER_TOKEN = 4
 GB = 1e9
 
 
@@ -50,13 +52,25 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def storage_plan(spec: JobSpec, n_prompts: int, *, teacher_vocab: int, teacher_hidden: int) -> list[DatasetSize]:
+def storage_plan(spec: JobSpec, n_prompts: int, *, teacher_vocab: int, teacher_hidden: int, n_heldout: int = 0,
+                 segments: int = 1) -> list[DatasetSize]:
     """The per-row datasets ``spec`` writes for ``n_prompts`` training prompts, in the order the
-    job writes them (teacher responses, DistiLLM-2's student responses, teacher records).
+    job writes them (teacher responses, DistiLLM-2's student responses, teacher records, then
+    with evaluation on ``n_heldout`` held-out prompts: every evaluated model's answers, and
+    the judge's rows). The prepared splits (``datasets/train``, ``datasets/heldout``) are on disk
+    already when the plan is made and are not counted.
 
     Args:
         teacher_vocab, teacher_hidden: the teacher's ``vocab_size`` and ``hidden_size`` (its
             config), which size top-k ids and hidden states.
+        n_heldout: the committed held-out rows (0: no evaluation datasets are counted).
+        segments: the plan's segments (:func:`kdray.curriculum.plan.plan_segments`): with
+            ``evaluation.per_round`` each one but the last adds a model's answers.
+
+    The held-out answers (``samples/LABEL/``) hold the prompt, the answer and the reference as
+    text, counted at ``data.max_prompt_tokens`` + 2 × ``evaluation.max_new_tokens`` tokens: an
+    estimate (a reference may be longer); the judge's rows hold both orders' prompts (each the
+    template around the prompt and two answers) and verdicts, counted the same way twice.
     """
     gen, t, sig = spec.generation, spec.training, spec.teacher_signal
     from_teacher = spec.data.response_source == "teacher"
@@ -73,6 +87,15 @@ def storage_plan(spec: JobSpec, n_prompts: int, *, teacher_vocab: int, teacher_h
         per_token = record_bytes_per_token(sig.mode, k=sig.k, vocab_size=teacher_vocab, hidden_size=teacher_hidden,
                                            hidden_dtype=sig.hidden_dtype)
         out.append(DatasetSize(f"teacher {sig.mode} records", rows, tokens, per_token))
+    ev = spec.evaluation
+    if ev.enabled and n_heldout:
+        models = 3 + (segments - 1 if ev.per_round else 0)  # teacher, student before and after, rounds
+        answer = spec.data.max_prompt_tokens + 2 * ev.max_new_tokens
+        out.append(DatasetSize(f"held-out answers ({models} models)", n_heldout * models, answer,
+                               TEXT_BYTES_PER_TOKEN))
+        if ev.judge is not None:
+            judged = min(n_heldout, ev.judge.max_prompts or n_heldout)
+            out.append(DatasetSize("judge verdicts", judged, 2 * answer, TEXT_BYTES_PER_TOKEN))
     return out
 
 

@@ -169,9 +169,10 @@ class Job:
         check_lora_targets(spec)  # training.lora names modules the student has
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         vocab, hidden = vocab_size(spec.teacher.model), hidden_size(spec.teacher.model)
-        sizes = budget.storage_plan(spec, data.train.rows, teacher_vocab=vocab, teacher_hidden=hidden)
+        sizes = budget.storage_plan(spec, data.train.rows, teacher_vocab=vocab, teacher_hidden=hidden,
+                                    n_heldout=data.heldout.rows, segments=len(plan))
         if sizes:
-            self.reporter.message("plan: writes at most " + "; ".join(s.describe() for s in sizes))
+            self.reporter.message("plan: writes " + "; ".join(s.describe() for s in sizes))
         budget.check_records_budget(spec, sizes, teacher_vocab=vocab)  # before any generation
         memory = job_estimate(spec)
         self.reporter.message(f"plan: a training worker holds about {memory.total / 2**30:.2f} GiB "
