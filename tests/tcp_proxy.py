@@ -30,6 +30,10 @@ class TcpProxy:
         """Close the listening port and every forwarded connection."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:  # wakes the accept() blocked in its thread (close alone leaves the port listening)
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             sockets, self._open = self._open, set()

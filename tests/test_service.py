@@ -209,7 +209,7 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
     from kdray.service.app import RECONCILE_EVERY_S
 
     with service.http() as client:
-        wait_for(client, job_id, lambda j: j["state"] == "running")
+        wait_for(client, job_id, lambda j: j["state"] in ("running", "succeeded"))
         service.dashboard.stop()
         try:
             deadline = time.monotonic() + 4 * RECONCILE_EVERY_S + 2

@@ -57,7 +57,11 @@ class _FakeRay:
     for an unreachable dashboard or a 5xx). Records every id it was asked about."""
 
     def __init__(self, statuses, down=False):
-        self.statuses, self.down, self.asked = statuses, down, []
+        self.statuses, self.down, self.asked, self.stopped = statuses, down, [], []
+
+    def stop(self, ray_id):
+        self.stopped.append(ray_id)
+        return ray_id in self.statuses
 
     def status(self, ray_id):
         from kdray.errors import ClusterError
@@ -237,3 +241,45 @@ def test_a_driver_without_its_record_refuses_to_run(tmp_path):
     JobStore(tmp_path / "kdray.db")
     with pytest.raises(ConfigError, match="--job-id abc: the job store .* has no such job"):
         Tracker(str(tmp_path / "kdray.db"), "abc")
+
+
+def test_a_cancel_before_ray_has_the_job_is_carried_out_when_it_does(tmp_path):
+    from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, reconcile
+    from kdray.service.ray_jobs import submission_id
+
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    store.update(job["id"], state="cancelling")  # the cancel came while the submit was on its way
+    store.update(job["id"], state="running", driver=True)  # its driver starting late does not undo it
+    assert store.get(job["id"])["state"] == "cancelling"
+    ray = _FakeRay({submission_id(job["id"]): "RUNNING"})
+    reconcile(store, ray)
+    assert ray.stopped == [submission_id(job["id"])]  # stopped once Ray has it
+    reconcile(store, _FakeRay({submission_id(job["id"]): "STOPPED"}))
+    assert store.get(job["id"])["state"] == "cancelled"
+    # A cancelled job Ray does not know (never got it) ends cancelled, not failed.
+    other, _ = store.create(name="b", spec={}, output_dir="/o")
+    store.update(other["id"], state="cancelling", ray_job_id="r9")
+    for k in range(LOST_AFTER_CHECKS):
+        reconcile(store, _FakeRay({}), now=time.time() + k * LOST_AFTER_S)
+    assert store.get(other["id"])["state"] == "cancelled"
+
+
+def test_a_running_drivers_event_takes_back_a_failure_the_service_concluded(tmp_path):
+    from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, reconcile
+
+    store = JobStore(tmp_path / "kdray.db")
+    job = _running(store, "a", "r1")
+    t0 = time.time()
+    for k in range(LOST_AFTER_CHECKS):  # Ray's job table lost it, but the driver runs on
+        reconcile(store, _FakeRay({}), now=t0 + k * LOST_AFTER_S)
+    assert store.get(job)["state"] == "failed"
+    store.append_event(job, {"kind": "train_step", "step": 3, "total_steps": 8})
+    rec = store.get(job)
+    assert (rec["state"], rec["error"], rec["failed_by"], rec["lost_checks"]) == ("running", None, None, 0)
+    assert rec["step"] == 3 and rec["finished"] is None
+    reconcile(store, _FakeRay({}), now=t0 + 10 * LOST_AFTER_S)  # counted from scratch again
+    assert store.get(job)["state"] == "running" and store.get(job)["lost_checks"] == 1
+    store.update(job, state="failed", error="the user's mistake", driver=True)  # the driver's own failure
+    store.append_event(job, {"kind": "message", "text": "late"})
+    assert store.get(job)["state"] == "failed"  # is final

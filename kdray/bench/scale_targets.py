@@ -4,11 +4,12 @@ holds at any N, spill, and the growth from N to 8N. Runs in the parent only (a v
 another checkout).
 
 The object store's target is a bound that does not depend on N: Ray Data's budget for one
-execution (its default share of the store), which every phase's queues fill at most, and which
-kdray's own budgets (a scorer's records, :func:`kdray.pools.run.store_budget`) keep lower
-still. The 8N/N ratio is printed too, but it is no test of growth: a short N run has not filled
-its queues when 8N has (``kdray bench scale --rows 64000 --factor 2``, docs/benchmarks.md:
-the peaks at 64,000 and 128,000 rows are the same)."""
+execution (its default share of the store), the limit its backpressure holds each phase's
+queues to (a soft one: Ray may pass it by about a task's output), and which kdray's own
+budgets (a scorer's records, :func:`kdray.pools.run.store_budget`) keep lower still. The 8N/N
+ratio is printed too, but it is no test of growth: a short N run has not filled its queues when
+8N has (``kdray bench scale --rows 64000 --factor 2``, docs/benchmarks.md: 177.7 MiB at 64,000
+rows, 193.6 MiB at 128,000, both within the 256 MiB budget)."""
 
 from __future__ import annotations
 

@@ -106,7 +106,9 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
     :data:`LOST_AFTER_S`; a record without ``ray_job_id`` (the service died between recording
     and submitting) is looked up by its submission id
     (:func:`~kdray.service.ray_jobs.submission_id`) first. Such failures are the service's
-    (``failed_by``): the job's driver, if it is alive after all, takes the record back.
+    (``failed_by``): the job's driver, if it is alive after all, takes the record back (its next
+    event or state). A cancelled job Ray runs is stopped again (the cancel may have come before
+    Ray had it); one Ray does not know ends ``cancelled``.
 
     Raises:
         ClusterError: Ray's job API is unavailable (unreachable, 5xx): the round ends with no
@@ -120,14 +122,20 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
             if not rec.get("ray_job_id") and now - rec["created"] < SUBMIT_GRACE_S:
                 continue  # its submit may still be on its way
             checks, since = store.mark_missing(rec["id"], now)
-            if checks >= LOST_AFTER_CHECKS and now - since >= LOST_AFTER_S:
-                error = ("Ray no longer knows this job (its cluster restarted while it ran)" if rec.get("ray_job_id")
-                         else f"the job was never handed to Ray (Ray has no job {ray_id})")
-                store.update(rec["id"], state="failed", failed_by="service", error=error)
+            if checks < LOST_AFTER_CHECKS or now - since < LOST_AFTER_S:
+                continue
+            if rec["state"] == "cancelling":  # cancelled, and nothing of it runs
+                store.update(rec["id"], state="cancelled")
+                continue
+            error = ("Ray no longer knows this job (its cluster restarted while it ran)" if rec.get("ray_job_id")
+                     else f"the job was never handed to Ray (Ray has no job {ray_id})")
+            store.update(rec["id"], state="failed", failed_by="service", error=error)
             continue
         if not rec.get("ray_job_id") or rec["lost_checks"]:  # found: by its submission id, or again
             store.update(rec["id"], ray_job_id=ray_id, lost_checks=0, lost_since=None)
-        if status == "SUCCEEDED":
+        if rec["state"] == "cancelling" and status in ("PENDING", "RUNNING"):
+            ray_jobs.stop(ray_id)  # cancelled before Ray had it (or its id was saved): stop it now
+        elif status == "SUCCEEDED":
             store.update(rec["id"], state="succeeded")
         elif status == "STOPPED":
             store.update(rec["id"], state="cancelled")

@@ -41,9 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
                           "require it)")
     local = args.address in (None, "local")
-    if args.dashboard_port is not None and not local:
-        raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; with --address, "
-                          "give the cluster's dashboard as --dashboard-url")
+    if args.dashboard_port is not None and (not local or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; joining a "
+                          "cluster (--address or RAY_ADDRESS), give the cluster's dashboard as --dashboard-url")
     context = init_ray(None if local else args.address, dashboard=True, dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
     if not dashboard:

@@ -145,6 +145,8 @@ def cancel(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Dep
     if rec["state"] in TERMINAL:
         raise RequestError(409, f"job {job_id} already ended ({rec['state']})", state=rec["state"])
     store.update(job_id, state="cancelling")
-    if rec.get("ray_job_id") and ray.stop(rec["ray_job_id"]) is None:
+    # A record without its Ray id yet (a submit in flight): stop it by its submission id; if Ray
+    # does not have it yet, the reconciler stops it once it does.
+    if ray.stop(rec.get("ray_job_id") or submission_id(job_id)) is None and rec.get("ray_job_id"):
         store.update(job_id, state="cancelled")  # Ray no longer has it: nothing runs
     return status(store.get(job_id))

@@ -88,10 +88,12 @@ class JobStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")  # stored in the file: set once, not per connection
             db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")  # two processes opening an older store: one adds the columns
             have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, decl in _ADDED_COLUMNS:  # a store an older kdray made: the columns it lacks
                 if column not in have:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+            db.execute("COMMIT")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -144,7 +146,9 @@ class JobStore:
         process must not resurrect a cancelled job), except that the job's own driver
         (``driver=True``) overrides a failure the service decided (``failed_by = 'service'``):
         its word is evidence, the service's a conclusion. A driver's write clears
-        ``failed_by``, and its ``succeeded`` or ``running`` clears the service's error."""
+        ``failed_by`` and the reconciler's count of rounds Ray did not know the job, and its
+        ``succeeded`` or ``running`` clears the service's error. A ``running`` never replaces
+        ``cancelling`` (a driver starting after its job was cancelled is being stopped)."""
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown state {fields['state']!r}; one of {STATES}")
         now = time.time()
@@ -157,8 +161,11 @@ class JobStore:
         if "state" in fields:
             guard = " AND (state NOT IN ('succeeded', 'failed', 'cancelled')"
             guard += " OR (state = 'failed' AND failed_by = 'service'))" if driver else ")"
+            if fields["state"] == "running":
+                guard += " AND state != 'cancelling'"
             if driver:
                 fields.setdefault("failed_by", None)
+                fields.update(lost_checks=0, lost_since=None)
                 if fields["state"] in ("running", "succeeded"):
                     fields.setdefault("error", None)
         cols = ", ".join(f"{k} = ?" for k in fields)
@@ -185,7 +192,9 @@ class JobStore:
 
     # -- events --------------------------------------------------------------------------
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:
-        """Append one progress event and fold it into the record's progress columns."""
+        """Append one progress event (the job's driver writes them) and fold it into the record's
+        progress columns. The event is the driver's word that the job runs: a failure the service
+        concluded (``failed_by = 'service'``) gives way to ``running``."""
         kind = str(event.get("kind", "message"))
         t = float(event.get("time", time.time()))
         data = {k: _finite(v) for k, v in event.items() if k not in ("kind", "time")}
@@ -199,6 +208,9 @@ class JobStore:
                 sets = ", ".join(f"{col} = {expr}" for col, expr, _ in fold)
                 args = [value for _, expr, value in fold if "?" in expr]
                 db.execute(f"UPDATE jobs SET {sets}, updated = ? WHERE id = ?", [*args, t, job_id])
+            db.execute("UPDATE jobs SET state = 'running', failed_by = NULL, error = NULL, finished = NULL, "
+                       "lost_checks = 0, lost_since = NULL WHERE id = ? AND state = 'failed' AND failed_by = 'service'",
+                       (job_id,))
             db.execute("COMMIT")
 
     def events(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
