@@ -141,8 +141,8 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
             store.update(rec["id"], state="cancelled")
         elif status == "FAILED":
             current = store.get(rec["id"])
+            # Ray's own word that the driver's process failed: final, as the driver's would be
             store.update(rec["id"], state="cancelled" if current["state"] == "cancelling" else "failed",
-                         failed_by="service",
                          error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")
 
 
