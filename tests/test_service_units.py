@@ -88,6 +88,8 @@ def test_reconcile_takes_rays_word_for_jobs_that_ended(tmp_path):
     states = {name: store.get(i)["state"] for name, i in ids.items()}
     assert states == {"done": "succeeded", "stopped": "cancelled", "crashed": "failed", "running": "running"}
     assert "see GET /v1/jobs/{id}/logs" in store.get(ids["crashed"])["error"]
+    store.append_event(ids["crashed"], {"kind": "message", "text": "late"})  # Ray's word is final
+    assert store.get(ids["crashed"])["state"] == "failed"
 
 
 def test_ray_unavailable_changes_nothing(tmp_path):
