@@ -114,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kdray.pipeline.job import Job
+    from kdray.pipeline.lock import output_lock
     from kdray.pipeline.progress import ConsoleReporter
     from kdray.service.tracking import Tracker
     from kdray.spec import load_spec
@@ -127,12 +128,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise SpecError([("output_dir", f"cannot create {out}: {exc.strerror}; choose a writable directory")],
                             args.spec) from None
-        reporter = ConsoleReporter(out / "events.jsonl", console=Console(stderr=True))
-        tracker.attach(reporter)
-        try:
-            report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
-        finally:
-            reporter.close()
+        with output_lock(out, args.job_id):  # one driver per output_dir, before anything is written there
+            reporter = ConsoleReporter(out / "events.jsonl", console=Console(stderr=True))
+            tracker.attach(reporter)
+            try:
+                report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
+            finally:
+                reporter.close()
     _print_result(report, out)
     return 0
 

@@ -72,6 +72,16 @@ class ConfigError(KdrayError):
     Ray Serve application's args)."""
 
 
+class OutputDirInUse(KdrayError):
+    """Another job owns the ``output_dir``: a ``kdray run`` holds its lock file
+    (:mod:`kdray.pipeline.lock`), or the service has an active job writing there (HTTP 409).
+    ``owner`` names it (a service job id, or the holding process)."""
+
+    def __init__(self, message: str, owner: str = ""):
+        super().__init__(message)
+        self.owner = owner
+
+
 def node() -> str:
     """Where this process runs, for messages that must say where something failed: the host's
     name, and inside Ray (a Ray worker, or a connected driver) the Ray node's id and IP address,

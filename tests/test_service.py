@@ -56,7 +56,7 @@ class Service:
         self.dashboard.target = free_port()  # the local Ray's dashboard, behind the proxy
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir),
-             "--dashboard-port", str(self.dashboard.target),
+             "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1",
              "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}"],
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -268,12 +268,21 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
         before = {j["id"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         running = client.post("/v1/jobs", json=job_spec("orphaned", 500)).json()["id"]
         wait_for(client, running, lambda j: j["state"] == "running")
+        # --max-running-jobs 1: the next job waits in the queue; one into the same output_dir is refused.
+        waiting = client.post("/v1/jobs", json=job_spec("waiting", 500)).json()
+        assert waiting["state"] == "queued" and waiting["queue_position"] == 1, waiting
+        clash = client.post("/v1/jobs", json=dict(job_spec("clash", 2), output_dir="orphaned"))
+        assert clash.status_code == 409 and clash.json()["owner"] == running, clash.json()
     service.kill()  # the service and its local Ray (with the running job) die
     service.start()
     with service.http() as client:
         after = {j["id"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
-        assert set(before) | {running} == set(after)
+        assert set(before) | {running, waiting["id"]} == set(after)
         for job_id, job in before.items():
             assert after[job_id]["state"] == job["state"] and after[job_id]["created"] == job["created"]
         lost = wait_for(client, running, lambda j: j["state"] == "failed", timeout=60)
         assert "no longer knows this job" in lost["error"]
+        # The queue outlived the service: its job starts once the lost one's slot is free.
+        wait_for(client, waiting["id"], lambda j: j["state"] == "running", timeout=180)
+        assert client.post(f"/v1/jobs/{waiting['id']}/cancel").status_code == 202
+        wait_for(client, waiting["id"], lambda j: j["state"] == "cancelled", timeout=120)

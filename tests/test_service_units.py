@@ -19,7 +19,7 @@ def test_event_stream_replays_history_then_ends_with_the_final_state(tmp_path):
     config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
                            dashboard_url="http://127.0.0.1:1")
     store = JobStore(config.db_path)
-    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
     for i in range(3):
         store.append_event(job["id"], {"kind": "message", "text": f"m{i}"})
     store.update(job["id"], state="succeeded")
@@ -57,7 +57,16 @@ class _FakeRay:
     for an unreachable dashboard or a 5xx). Records every id it was asked about."""
 
     def __init__(self, statuses, down=False):
-        self.statuses, self.down, self.asked, self.stopped = statuses, down, [], []
+        self.statuses, self.down, self.asked, self.stopped, self.submitted = statuses, down, [], [], []
+
+    def submit(self, entrypoint, submission_id):
+        from kdray.errors import ClusterError
+
+        if self.down:
+            raise ClusterError("Ray did not accept the job: Ray's job API is unavailable")
+        self.submitted.append(submission_id)
+        self.statuses[submission_id] = "PENDING"
+        return submission_id
 
     def stop(self, ray_id):
         self.stopped.append(ray_id)
@@ -73,7 +82,7 @@ class _FakeRay:
 
 
 def _running(store, name, ray_id="r"):
-    job, _ = store.create(name=name, spec={}, output_dir="/o")
+    job, _ = store.create(name=name, spec={}, output_dir=f"/o/{name}")
     store.update(job["id"], state="running", ray_job_id=ray_id)
     return job["id"]
 
@@ -156,9 +165,10 @@ def test_a_record_without_its_ray_id_is_looked_up_by_its_submission_id(tmp_path)
     from kdray.service.ray_jobs import submission_id
 
     store = JobStore(tmp_path / "kdray.db")
-    orphan, _ = store.create(name="orphan", spec={}, output_dir="/o")  # the replica died before saving the id
-    never, _ = store.create(name="never", spec={}, output_dir="/o")
-    t0 = orphan["created"]
+    orphan, _ = store.create(name="orphan", spec={}, output_dir="/o/orphan")  # the replica died before saving the id
+    never, _ = store.create(name="never", spec={}, output_dir="/o/never")
+    assert [r["id"] for r in store.admit(None)] == [orphan["id"], never["id"]]  # handed to Ray (or about to be)
+    t0 = store.get(never["id"])["admitted"]
     ray = _FakeRay({submission_id(orphan["id"]): "RUNNING"})
     reconcile(store, ray, now=t0 + SUBMIT_GRACE_S + 1)
     assert store.get(orphan["id"])["ray_job_id"] == submission_id(orphan["id"])
@@ -250,7 +260,8 @@ def test_a_cancel_before_ray_has_the_job_is_carried_out_when_it_does(tmp_path):
     from kdray.service.ray_jobs import submission_id
 
     store = JobStore(tmp_path / "kdray.db")
-    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
+    store.admit(None)
     store.update(job["id"], state="cancelling")  # the cancel came while the submit was on its way
     store.update(job["id"], state="running", driver=True)  # its driver starting late does not undo it
     assert store.get(job["id"])["state"] == "cancelling"
@@ -260,7 +271,7 @@ def test_a_cancel_before_ray_has_the_job_is_carried_out_when_it_does(tmp_path):
     reconcile(store, _FakeRay({submission_id(job["id"]): "STOPPED"}))
     assert store.get(job["id"])["state"] == "cancelled"
     # A cancelled job Ray does not know (never got it) ends cancelled, not failed.
-    other, _ = store.create(name="b", spec={}, output_dir="/o")
+    other, _ = store.create(name="b", spec={}, output_dir="/o/b")
     store.update(other["id"], state="cancelling", ray_job_id="r9")
     for k in range(LOST_AFTER_CHECKS):
         reconcile(store, _FakeRay({}), now=time.time() + k * LOST_AFTER_S)
@@ -285,3 +296,85 @@ def test_a_running_drivers_event_takes_back_a_failure_the_service_concluded(tmp_
     store.update(job, state="failed", error="the user's mistake", driver=True)  # the driver's own failure
     store.append_event(job, {"kind": "message", "text": "late"})
     assert store.get(job)["state"] == "failed"  # is final
+
+
+def _demo_spec(name: str, output_dir: str) -> dict:
+    import yaml
+
+    from tests.test_service import REPO
+
+    spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+    spec.update(name=name, output_dir=output_dir)
+    return spec
+
+
+def test_jobs_queue_in_order_beyond_max_running_jobs_and_one_job_owns_an_output_dir(tmp_path, toy_world):
+    from kdray.service.app import reconcile
+    from kdray.service.ray_jobs import submission_id
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1", max_running_jobs=1)
+    app = build_app(config)
+    ray = app.state.ray_jobs = _FakeRay({})
+    auth = {"Authorization": "Bearer t"}
+    with TestClient(app) as client:
+        def post(name, out=None):
+            return client.post("/v1/jobs", json=_demo_spec(name, out or name), headers=auth)
+
+        first = post("first").json()
+        assert first["state"] == "pending" and first["queue_position"] is None
+        assert ray.submitted == [submission_id(first["id"])]
+        second, third = post("second").json(), post("third").json()
+        assert (second["state"], second["queue_position"], third["queue_position"]) == ("queued", 1, 2)
+        assert ray.submitted == [submission_id(first["id"])]  # the slot is taken: nothing more goes to Ray
+        entry = (tmp_path / "state" / "jobs" / third["id"] / "spec.yaml")
+        assert entry.is_file()  # saved at submit: the entrypoint reads it when the job is admitted
+
+        # One active job per output_dir, nested directories included; the 409 names the owner.
+        for out in ("first", "first/inner", "."):
+            res = post(f"clash-{len(out)}", out)
+            assert res.status_code == 409 and res.json()["owner"] == first["id"], res.json()
+            assert first["id"] in res.json()["error"] and "another output_dir" in res.json()["error"]
+        assert client.get("/v1/jobs", params={"limit": 500}).json()["total"] == 3  # refused: nothing recorded
+
+        # A queued job is cancelled at once, without Ray; the next one moves up.
+        res = client.post(f"/v1/jobs/{second['id']}/cancel", headers=auth)
+        assert res.status_code == 202 and res.json()["state"] == "cancelled" and ray.stopped == []
+        assert client.get(f"/v1/jobs/{third['id']}").json()["queue_position"] == 1
+        assert post("second-again", "second").status_code == 201  # a cancelled job no longer owns its dir
+
+        # The first ends: the reconciler records it and the next in line is handed to Ray.
+        ray.statuses[submission_id(first["id"])] = "SUCCEEDED"
+        reconcile(app.state.store, ray)
+        app.state.admit()
+        assert client.get(f"/v1/jobs/{first['id']}").json()["state"] == "succeeded"
+        assert client.get(f"/v1/jobs/{third['id']}").json()["state"] == "pending"
+        assert ray.submitted[-1] == submission_id(third["id"])
+        assert post("first-again", "first").status_code == 201  # its dir is free again: queued
+
+        # Ray unavailable when a slot frees: the job stays queued, in its place.
+        ray.statuses[submission_id(third["id"])] = "FAILED"
+        reconcile(app.state.store, ray)
+        ray.down = True
+        app.state.admit()
+        waiting = client.get("/v1/jobs", params={"state": "queued"}).json()["jobs"]
+        assert [j["name"] for j in waiting] == ["first-again", "second-again"]  # newest first; both still queued
+
+    # The queue lives in the store: a new service over the same state goes on from it.
+    app = build_app(config)
+    ray = app.state.ray_jobs = _FakeRay({})
+    app.state.admit()
+    with TestClient(app) as client:
+        jobs = {j["name"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert jobs["second-again"]["state"] == "pending" and jobs["first-again"]["state"] == "queued"
+        assert ray.submitted == [submission_id(jobs["second-again"]["id"])]
+
+
+def test_max_running_jobs_is_checked(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="max_running_jobs must be 1 or more"):
+        ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path), token="t", dashboard_url="x",
+                      max_running_jobs=0)
+    monkeypatch.setenv("KDRAY_API_TOKEN", "secret")
+    with pytest.raises(ConfigError, match="max_running_jobs must be a whole number"):
+        app_builder({"state_dir": str(tmp_path), "max_running_jobs": "two"})
+    assert type(app_builder({"state_dir": str(tmp_path), "max_running_jobs": "none"})).__name__ == "Application"

@@ -19,13 +19,35 @@ def test_create_is_idempotent_per_key_and_lists_newest_first(tmp_path):
     records, total = store.list()
     assert total == 2 and [r["id"] for r in records] == [b["id"], a["id"]]
     assert store.list(limit=1, offset=1)[0][0]["id"] == a["id"]
-    assert a["state"] == "pending" and a["spec"] == {"x": 1}
+    assert a["state"] == "queued" and a["spec"] == {"x": 1}  # until the service admits it
     assert JobStore(tmp_path / "kdray.db").get(a["id"])["spec"] == {"x": 1}  # durable across opens
+
+
+def test_a_record_exists_only_once_its_create_hook_succeeded_and_admission_keeps_the_limit(tmp_path):
+    store = JobStore(tmp_path / "kdray.db")
+    seen = []
+
+    def full_disk(job_id):
+        seen.append(job_id)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.create(name="a", spec={}, output_dir="/o/a", on_create=full_disk)
+    assert store.list()[1] == 0 and store.get(seen[0]) is None  # nothing half-made
+    ids = [store.create(name=n, spec={}, output_dir=f"/o/{n}", on_create=seen.append)[0]["id"] for n in "bcd"]
+    assert seen[1:] == ids
+    assert [r["id"] for r in store.admit(2)] == ids[:2] and store.admit(2) == []  # two slots, both taken
+    assert store.get(ids[0])["admitted"] is not None and store.queue_position(ids[2]) == 1
+    store.update(ids[0], state="succeeded")
+    assert [r["id"] for r in store.admit(2)] == ids[2:]
+    assert store.requeue(ids[2]) and store.get(ids[2])["state"] == "queued"  # Ray refused it for now
+    store.update(ids[1], state="running")
+    assert not store.requeue(ids[1])  # only an admitted job whose driver has not started
 
 
 def test_a_final_state_is_never_overwritten(tmp_path):
     store = JobStore(tmp_path / "kdray.db")
-    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
     store.update(job["id"], state="running")
     assert store.get(job["id"])["started"] is not None
     store.update(job["id"], state="cancelled")
@@ -38,7 +60,7 @@ def test_a_final_state_is_never_overwritten(tmp_path):
 
 def test_events_fold_into_phase_step_percent_and_eta(tmp_path):
     store = JobStore(tmp_path / "kdray.db")
-    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
     store.update(job["id"], state="running")
     emit = lambda **e: store.append_event(job["id"], e)
     emit(kind="phase_start", phase="generate", total=10, detail="teacher", time=100.0)
@@ -67,7 +89,7 @@ def _writer(path, job_id, n):
 
 def test_concurrent_writers_lose_no_event(tmp_path):
     store = JobStore(tmp_path / "kdray.db")
-    job, _ = store.create(name="a", spec={}, output_dir="/o")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
     procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(tmp_path / "kdray.db", job["id"], 50))
              for _ in range(3)]
     for p in procs:

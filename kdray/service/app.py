@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service import routes_events, routes_health, routes_jobs
 from kdray.service.common import RequestError, error_response
-from kdray.service.config import ServiceConfig, confine_output_dir, read_token
+from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, ServiceConfig, confine_output_dir, read_token
+from kdray.service.queue import admit_queued
 from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import JobStore
 
@@ -55,6 +56,7 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.store = JobStore(config.db_path)
     app.state.ray_jobs = RayJobs(config.dashboard_url)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
+    app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
     _install_error_handlers(app)
     for module in (routes_health, routes_jobs, routes_events):
         app.include_router(module.router)
@@ -119,7 +121,7 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
         ray_id = rec.get("ray_job_id") or submission_id(rec["id"])
         status = ray_jobs.status(ray_id)  # a ClusterError ends this round: no evidence either way
         if status is None:
-            if not rec.get("ray_job_id") and now - rec["created"] < SUBMIT_GRACE_S:
+            if not rec.get("ray_job_id") and now - (rec.get("admitted") or rec["created"]) < SUBMIT_GRACE_S:
                 continue  # its submit may still be on its way
             checks, since = store.mark_missing(rec["id"], now)
             if checks < LOST_AFTER_CHECKS or now - since < LOST_AFTER_S:
@@ -161,12 +163,13 @@ def deployment(config: ServiceConfig) -> Any:
 
         def _reconcile_forever(self) -> None:
             while True:
-                try:
-                    app.state.reconcile()
-                except ClusterError as exc:  # Ray's job API is down for now; the next round may succeed
-                    log.warning("reconcile: %s", exc)
-                except Exception:  # a kdray bug: logged, and reconciling goes on
-                    log.exception("reconcile failed (a kdray bug)")
+                for what in ("reconcile", "admit"):  # records brought up to date, then freed slots filled
+                    try:
+                        getattr(app.state, what)()
+                    except ClusterError as exc:  # Ray's job API is down for now; the next round may succeed
+                        log.warning("%s: %s", what, exc)
+                    except Exception:  # a kdray bug: logged, and reconciling goes on
+                        log.exception("%s failed (a kdray bug)", what)
                 time.sleep(RECONCILE_EVERY_S)
 
     return KdrayService.bind()
@@ -177,9 +180,12 @@ def app_builder(args: dict[str, Any]) -> Any:
     or a KubeRay RayService (``serveConfigV2``: ``import_path: kdray.service:app_builder`` and
     ``args``). Keys: ``state_dir`` (required), ``output_root`` (default STATE_DIR/runs),
     ``dashboard_url`` (default http://127.0.0.1:8265, the head node's), ``auth_reads``
-    ("true"/"false"), ``max_body_kb``, ``workdir``, ``token_file``; the token otherwise
+    ("true"/"false"), ``max_body_kb``, ``max_running_jobs`` (default
+    :data:`~kdray.service.config.DEFAULT_MAX_RUNNING_JOBS`; ``none``: no limit), ``workdir``,
+    ``token_file``; the token otherwise
     comes from ``KDRAY_API_TOKEN``. Unknown keys are refused, so a typo cannot pass unseen."""
-    known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file"}
+    known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file",
+             "max_running_jobs"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
@@ -201,10 +207,15 @@ def app_builder(args: dict[str, Any]) -> Any:
     max_body_kb = str(args.get("max_body_kb", 1024)).strip()
     if not max_body_kb.isdigit() or int(max_body_kb) < 1:
         raise ConfigError(f"kdray service arg max_body_kb must be a whole number of KiB >= 1; got {max_body_kb!r}")
+    max_running = str(args.get("max_running_jobs", DEFAULT_MAX_RUNNING_JOBS)).strip().lower()
+    if not (max_running.isdigit() and int(max_running) >= 1) and max_running != "none":
+        raise ConfigError(f"kdray service arg max_running_jobs must be a whole number >= 1, or none for no limit; "
+                          f"got {max_running!r}")
     config = ServiceConfig(
         state_dir=str(state_dir), output_root=str(output_root), token=token,
         dashboard_url=str(args.get("dashboard_url") or "http://127.0.0.1:8265"),
         auth_reads=flag == "true", max_body_bytes=int(max_body_kb) * 1024,
         workdir=str(args.get("workdir") or os.getcwd()),
+        max_running_jobs=None if max_running == "none" else int(max_running),
     )
     return deployment(config)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
+from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -51,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            "Submission API lives there): start Ray with the dashboard enabled")
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
                            dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
-                           auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024)
+                           auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
+                           max_running_jobs=args.max_running_jobs or None)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
     except Exception as exc:  # most often: the port is taken
@@ -123,7 +125,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         headers["Idempotency-Key"] = args.idempotency_key
     job = Client(args.server, args.token).call("POST", "/v1/jobs", content=body, headers=headers)
     print(job["id"])
-    print(f"submitted {job['name']}: kdray watch {job['id']}", file=sys.stderr)
+    queued = f" (queued: {job['queue_position']} in line)" if job.get("queue_position") else ""
+    print(f"submitted {job['name']}{queued}: kdray watch {job['id']}", file=sys.stderr)
     return 0
 
 
@@ -210,6 +213,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--token-file", default=None, help="file holding the API token (default: $KDRAY_API_TOKEN)")
     p.add_argument("--auth-reads", action="store_true", help="require the token for reads too")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB (default 1024)")
+    p.add_argument("--max-running-jobs", type=int, default=DEFAULT_MAX_RUNNING_JOBS,
+                   help="jobs handed to Ray at once (their drivers all run on the head node); later ones wait "
+                        f"queued, in order (default {DEFAULT_MAX_RUNNING_JOBS}; 0: no limit)")
     p.add_argument("--dashboard-port", type=int, default=None,
                    help="port of the local Ray's dashboard, where Ray's job API lives (default Ray's 8265)")
     p.add_argument("--dashboard-url", default=None,

@@ -10,6 +10,11 @@ from pathlib import Path
 from kdray.errors import ConfigError
 
 
+#: Jobs the service hands to Ray at once (``kdray serve --max-running-jobs``): every job's
+#: driver runs on the head node, so this bounds what the head holds; later jobs wait queued.
+DEFAULT_MAX_RUNNING_JOBS = 4
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     state_dir: str                 # the store (kdray.db) and each job's submitted spec
@@ -17,9 +22,14 @@ class ServiceConfig:
     token: str | None = field(repr=False)  # bearer token for submit and cancel (None: none accepted); never in a repr
     dashboard_url: str             # Ray's dashboard, where the Job Submission API lives
     auth_reads: bool = False       # reads need the token too
+    max_running_jobs: int | None = DEFAULT_MAX_RUNNING_JOBS  # jobs handed to Ray at once; the rest queue (None: no limit)
     max_body_bytes: int = 1 << 20
     python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
     workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
+
+    def __post_init__(self) -> None:
+        if self.max_running_jobs is not None and self.max_running_jobs < 1:
+            raise ConfigError(f"max_running_jobs must be 1 or more (or unset for no limit); got {self.max_running_jobs}")
 
     @property
     def db_path(self) -> Path:

@@ -7,18 +7,17 @@ problem); the other refusals are :class:`~kdray.service.common.RequestError` wit
 from __future__ import annotations
 
 import json
-import shlex
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from kdray.errors import ClusterError, SpecError, utf8_fault
+from kdray.errors import ClusterError, OutputDirInUse, SpecError, utf8_fault
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
+from kdray.service.queue import admit_queued, spec_path
 from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import STATES, TERMINAL, JobStore
 
@@ -68,29 +67,33 @@ def parse_body(body: bytes, ctype: str, output_root: str) -> Any:
 
 
 def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, ray: RayJobs) -> Any:
-    """Record the job and hand it to Ray as ``kdray run`` (or replay an idempotent retry)."""
+    """Record the job in the queue and hand what fits to Ray (:func:`~kdray.service.queue.admit_queued`),
+    or replay an idempotent retry. 201 with the job's status (``queued`` while it waits)."""
     from kdray.spec import dump_spec
 
-    rec, created = store.create(name=spec.name, spec=spec.model_dump(mode="json"), output_dir=spec.output_dir,
-                                idempotency_key=key)
-    if not created:
-        return JSONResponse(status(rec), status_code=200, headers={"Idempotent-Replayed": "true"})
-    job_dir = Path(config.state_dir) / "jobs" / rec["id"]
-    job_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = job_dir / "spec.yaml"
-    spec_path.write_text(dump_spec(spec), encoding="utf-8")
-    # In the service's working directory: relative data paths mean what validation saw.
-    entrypoint = (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
-                  f"{shlex.quote(str(spec_path))} --store {shlex.quote(str(config.db_path))} --job-id {rec['id']}")
+    def save_spec(job_id: str) -> None:  # before the record exists for admission: its entrypoint reads it
+        path = spec_path(config, job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump_spec(spec), encoding="utf-8")
+
     try:
-        ray_id = ray.submit(entrypoint, submission_id=submission_id(rec["id"]))
+        rec, created = store.create(name=spec.name, spec=spec.model_dump(mode="json"), output_dir=spec.output_dir,
+                                    idempotency_key=key, on_create=save_spec)
+    except OutputDirInUse as exc:
+        raise RequestError(409, str(exc), owner=exc.owner) from None
+    if not created:
+        return JSONResponse(job_status_of(store, rec), status_code=200, headers={"Idempotent-Replayed": "true"})
+    try:
+        admit_queued(config, store, ray, answering=rec["id"])
     except ClusterError as exc:  # Ray is down: the record says why; a new submit can succeed
-        # (the service's conclusion: a driver that starts after all takes its record back)
-        store.update(rec["id"], state="failed", failed_by="service", error=str(exc))
         raise RequestError(503, f"{exc} (job {rec['id']} is recorded as failed; submit again"
                                 f"{' with a new Idempotency-Key' if key else ''})", id=rec["id"]) from None
-    store.update(rec["id"], ray_job_id=ray_id)
-    return JSONResponse(status(store.get(rec["id"])), status_code=201)
+    return JSONResponse(job_status_of(store, store.get(rec["id"])), status_code=201)
+
+
+def job_status_of(store: JobStore, rec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~kdray.service.common.status` with, for a queued job, its place in the queue."""
+    return {**status(rec), "queue_position": store.queue_position(rec["id"])}
 
 
 @router.post("", status_code=201, summary="Submit a JobSpec (JSON or YAML)", dependencies=[Depends(write_access)])
@@ -124,7 +127,7 @@ def list_jobs(state: str | None = None, limit: int = 50, offset: int = 0,
 @router.get("/{job_id}", summary="A job's state, phase, progress and latest metrics",
             dependencies=[Depends(read_access)])
 def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
-    return status(find_job(store, job_id))
+    return job_status_of(store, find_job(store, job_id))
 
 
 @router.get("/{job_id}/logs", summary="The job's driver log (from Ray Jobs)", dependencies=[Depends(read_access)])
@@ -144,9 +147,11 @@ def cancel(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Dep
     rec = find_job(store, job_id)
     if rec["state"] in TERMINAL:
         raise RequestError(409, f"job {job_id} already ended ({rec['state']})", state=rec["state"])
+    if store.cancel_queued(job_id):  # still waiting: nothing of it runs
+        return job_status_of(store, store.get(job_id))
     store.update(job_id, state="cancelling")
     # A record without its Ray id yet (a submit in flight): stop it by its submission id; if Ray
     # does not have it yet, the reconciler stops it once it does.
     if ray.stop(rec.get("ray_job_id") or submission_id(job_id)) is None and rec.get("ray_job_id"):
         store.update(job_id, state="cancelled")  # Ray no longer has it: nothing runs
-    return status(store.get(job_id))
+    return job_status_of(store, store.get(job_id))

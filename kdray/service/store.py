@@ -6,6 +6,11 @@ service reads them. SQLite in WAL mode lets one writer and many readers work at 
 every write is one transaction, so a killed writer never leaves a half record: killing and
 restarting the service loses nothing.
 
+A new record is ``queued``: the queue is the records in that state, oldest first
+(:meth:`JobStore.admit` moves those that fit under the service's ``max_running_jobs`` to
+``pending`` as the service hands them to Ray: :mod:`kdray.service.queue`). One record not yet
+ended owns its ``output_dir`` (:meth:`JobStore.create` refuses another).
+
 A record's progress columns (phase, step, metrics, ...) are folded from its events as they
 are appended, so a status read is one row lookup, however long the history.
 
@@ -25,10 +30,14 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-STATES = ("pending", "running", "cancelling", "succeeded", "failed", "cancelled")
+from kdray.errors import OutputDirInUse
+
+STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: States of a job that holds a slot of ``max_running_jobs``: handed to Ray and not ended.
+ADMITTED = ("pending", "running", "cancelling")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,7 +66,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     metrics TEXT,
     failed_by TEXT,
     lost_checks INTEGER NOT NULL DEFAULT 0,
-    lost_since REAL
+    lost_since REAL,
+    admitted REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
 CREATE TABLE IF NOT EXISTS events (
@@ -72,7 +82,14 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 #: Columns added since the first store (name, SQL declaration), added to an older file on open.
-_ADDED_COLUMNS = (("failed_by", "TEXT"), ("lost_checks", "INTEGER NOT NULL DEFAULT 0"), ("lost_since", "REAL"))
+_ADDED_COLUMNS = (("failed_by", "TEXT"), ("lost_checks", "INTEGER NOT NULL DEFAULT 0"), ("lost_since", "REAL"),
+                  ("admitted", "REAL"))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two resolved output directories are one, or one holds the other."""
+    pa, pb = Path(a), Path(b)
+    return pa == pb or pa in pb.parents or pb in pa.parents
 
 
 def _finite(value: Any) -> Any:
@@ -105,10 +122,19 @@ class JobStore:
             db.close()
 
     # -- records -------------------------------------------------------------------------
-    def create(self, *, name: str, spec: dict[str, Any], output_dir: str,
-               idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """A new pending record, or the one an earlier request with ``idempotency_key``
-        created: (record, created?)."""
+    def create(self, *, name: str, spec: dict[str, Any], output_dir: str, idempotency_key: str | None = None,
+               on_create: Callable[[str], None] | None = None) -> tuple[dict[str, Any], bool]:
+        """A new ``queued`` record (:meth:`admit` hands it to Ray when a slot is free), or the
+        one an earlier request with ``idempotency_key`` created: (record, created?).
+        ``on_create(job_id)`` runs before the record is committed (the service saves the spec
+        its entrypoint reads there): if it raises, there is no record, and no admission can
+        see the record before it has run.
+
+        Raises:
+            OutputDirInUse: a job not yet ended writes to ``output_dir``, or to a directory
+                inside it or around it (``owner``: its id). Checked in the same transaction as
+                the insert, so two submits at once cannot both pass.
+        """
         now = time.time()
         job_id = uuid.uuid4().hex[:12]
         with self._db() as db:
@@ -118,13 +144,75 @@ class JobStore:
                 if row is not None:
                     db.execute("COMMIT")
                     return self.get(row["id"]), False
+            active = db.execute("SELECT id, state, output_dir FROM jobs WHERE state NOT IN "
+                                "('succeeded', 'failed', 'cancelled') ORDER BY created").fetchall()
+            for other in active:
+                if _overlap(output_dir, other["output_dir"]):
+                    db.execute("ROLLBACK")
+                    raise OutputDirInUse(
+                        f"output_dir {output_dir} is in use by job {other['id']} ({other['state']}"
+                        f"{', in ' + other['output_dir'] if other['output_dir'] != output_dir else ''}); "
+                        "two jobs in one output directory would overwrite each other's state and checkpoints: "
+                        "wait for it to end, cancel it, or give this job another output_dir", owner=other["id"])
             db.execute(
                 "INSERT INTO jobs (id, name, state, spec, output_dir, idempotency_key, created, updated) "
-                "VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (job_id, name, json.dumps(spec), output_dir, idempotency_key, now, now),
             )
+            try:
+                if on_create is not None:
+                    on_create(job_id)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             db.execute("COMMIT")
         return self.get(job_id), True
+
+    def admit(self, max_running: int | None) -> list[dict[str, Any]]:
+        """The queued jobs that may start now, oldest first, each moved to ``pending`` (with
+        ``admitted`` set) in one transaction: as many as keep the jobs in :data:`ADMITTED`
+        states at most ``max_running`` (None: no limit). The caller hands each to Ray."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            running = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'cancelling')"
+                                 ).fetchone()[0]
+            free = -1 if max_running is None else max(0, max_running - running)
+            rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id LIMIT ?",
+                              (free,)).fetchall()
+            ids = [r["id"] for r in rows]
+            db.executemany("UPDATE jobs SET state = 'pending', admitted = ?, updated = ? WHERE id = ?",
+                           [(now, now, i) for i in ids])
+            db.execute("COMMIT")
+        return [self.get(i) for i in ids]
+
+    def requeue(self, job_id: str) -> bool:
+        """Put an admitted job whose submit Ray refused for now back in the queue (it keeps its
+        place: the queue is ordered by creation). False when it has moved on meanwhile
+        (cancelled, or its driver already started)."""
+        with self._db() as db:
+            cur = db.execute("UPDATE jobs SET state = 'queued', admitted = NULL, updated = ? "
+                             "WHERE id = ? AND state = 'pending'", (time.time(), job_id))
+        return cur.rowcount > 0
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job that still waits in the queue (nothing of it runs): False when it is not
+        queued (admitted meanwhile: it is stopped through Ray instead)."""
+        now = time.time()
+        with self._db() as db:
+            cur = db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, updated = ? "
+                             "WHERE id = ? AND state = 'queued'", (now, now, job_id))
+        return cur.rowcount > 0
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next queued job to start, and so on; None when the job is not queued."""
+        with self._db() as db:
+            row = db.execute("SELECT created, id, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != "queued":
+                return None
+            ahead = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (created < ? OR "
+                               "(created = ? AND id < ?))", (row["created"], row["created"], job_id)).fetchone()[0]
+        return int(ahead) + 1
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._db() as db:
@@ -174,9 +262,9 @@ class JobStore:
                        [*fields.values(), now, job_id])
 
     def unfinished(self, limit: int = 500) -> list[dict[str, Any]]:
-        """Records not in a terminal state (pending, running, cancelling), oldest first."""
+        """Records handed to Ray and not ended (:data:`ADMITTED`), oldest first."""
         with self._db() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'cancelled') "
+            rows = db.execute("SELECT * FROM jobs WHERE state IN ('pending', 'running', 'cancelling') "
                               "ORDER BY created, id LIMIT ?", (limit,)).fetchall()
         return [_record(r) for r in rows]
 

@@ -1,0 +1,59 @@
+"""The service's queue: jobs wait as ``queued`` until one of ``max_running_jobs`` slots is free,
+then are handed to Ray, oldest first.
+
+Every driver of a kdray job runs on the head node (Ray Jobs starts entrypoints there), so the
+number of jobs handed to Ray at once is what bounds the head's memory; Ray's own scheduler
+then shares the workers between them. The queue is the store's ``queued`` records (it
+survives a restart of the service); :meth:`~kdray.service.store.JobStore.admit` moves the next
+ones to ``pending`` atomically, so a submit request and the reconciler admitting at the same
+moment never hand one job to Ray twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import ClusterError
+from kdray.service.config import ServiceConfig
+from kdray.service.ray_jobs import RayJobs, submission_id
+from kdray.service.store import JobStore
+
+log = logging.getLogger("kdray.service")
+
+
+def spec_path(config: ServiceConfig, job_id: str) -> Path:
+    """Where the service saves job ``job_id``'s spec at submit: ``STATE_DIR/jobs/ID/spec.yaml``."""
+    return Path(config.state_dir) / "jobs" / job_id / "spec.yaml"
+
+
+def entrypoint(config: ServiceConfig, job_id: str) -> str:
+    """The shell command Ray Jobs runs for job ``job_id``: ``kdray run`` of the spec the service
+    saved, in the service's working directory (relative data paths mean what validation saw),
+    following the job's record in the store."""
+    return (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
+            f"{shlex.quote(str(spec_path(config, job_id)))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}")
+
+
+def admit_queued(config: ServiceConfig, store: JobStore, ray: RayJobs, *, answering: str | None = None) -> None:
+    """Hand the queued jobs that fit under ``config.max_running_jobs`` to Ray, oldest first,
+    each under its submission id (:func:`~kdray.service.ray_jobs.submission_id`).
+
+    A job Ray refuses for now (unavailable) goes back to the queue, keeping its place, and is
+    tried again on the next round; except job ``answering``, the one a submit request is
+    waiting on: it is recorded as failed (the service's conclusion, which its driver takes back
+    if it starts after all) and the :class:`ClusterError` goes to the request (a 503).
+    """
+    for rec in store.admit(config.max_running_jobs):
+        try:
+            ray_id = ray.submit(entrypoint(config, rec["id"]), submission_id=submission_id(rec["id"]))
+        except ClusterError as exc:
+            if rec["id"] == answering:
+                store.update(rec["id"], state="failed", failed_by="service", error=str(exc))
+                raise
+            if store.requeue(rec["id"]):
+                log.warning("job %s stays queued: %s", rec["id"], exc)
+            continue
+        store.update(rec["id"], ray_job_id=ray_id)
