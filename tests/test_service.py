@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -248,11 +249,64 @@ def driver_running(job_id: str) -> bool:
     return any(f"--job-id {job_id}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
 
+def open_streams(url: str, job_id: str, n: int, during) -> tuple[Any, int]:
+    """``n`` pages following the job: server-sent event streams from its latest event on (as
+    an EventSource reconnecting with Last-Event-ID), all open at once and read as they come,
+    while ``during()`` runs on another connection. Returns what it returned, and the bytes the
+    streams received meanwhile."""
+    import asyncio
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            last = (await client.get(f"/v1/jobs/{job_id}/events", params={"limit": 10000})).json()["events"][-1]["seq"]
+            streams = await asyncio.gather(*(client.send(client.build_request(
+                "GET", f"/v1/jobs/{job_id}/events", params={"stream": "true"}, headers={"Last-Event-ID": str(last)}),
+                stream=True) for _ in range(n)))
+            received = [0]
+
+            async def read(stream):
+                async for chunk in stream.aiter_bytes():
+                    received[0] += len(chunk)
+
+            readers = [asyncio.create_task(read(s)) for s in streams]
+            try:
+                assert [s.status_code for s in streams] == [200] * n
+                return await asyncio.to_thread(during), received[0]
+            finally:
+                for task in readers:
+                    task.cancel()
+                for s in streams:
+                    await s.aclose()
+
+    return asyncio.run(scenario())
+
+
 def test_cancel_stops_the_ray_job(service, tmp_path):
     with service.http() as client:
         job_id = client.post("/v1/jobs", json=job_spec("cancelled", 500)).json()["id"]
         wait_for(client, job_id, lambda j: j["phase"] == "train" and (j["step"] or 0) >= 1)
         assert driver_running(job_id)
+
+        # 200 pages following the training job through Ray Serve: health answers in under a
+        # second and a submit goes through (queued: --max-running-jobs 1); it is cancelled at once.
+        def health_and_submit():
+            health_s = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert client.get("/healthz").status_code == 200
+                health_s.append(time.monotonic() - t0)
+                time.sleep(0.5)  # a few training steps' events reach the pages meanwhile
+            res = client.post("/v1/jobs", json=job_spec("behind-streams", 2))
+            assert res.status_code == 201 and res.json()["state"] == "queued", res.text
+            cancelled = client.post(f"/v1/jobs/{res.json()['id']}/cancel").json()
+            assert cancelled["state"] == "cancelled", cancelled
+            return health_s
+
+        health_s, received = open_streams(service.url, job_id, 200, health_and_submit)
+        assert max(health_s) < 1.0, health_s
+        assert received > 0  # the training job's new events reached the pages meanwhile
         res = client.post(f"/v1/jobs/{job_id}/cancel")
         assert res.status_code == 202 and res.json()["state"] in ("cancelling", "cancelled")
         job = wait_for(client, job_id, lambda j: j["state"] == "cancelled", timeout=120)

@@ -378,3 +378,87 @@ def test_max_running_jobs_is_checked(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="max_running_jobs must be a whole number"):
         app_builder({"state_dir": str(tmp_path), "max_running_jobs": "two"})
     assert type(app_builder({"state_dir": str(tmp_path), "max_running_jobs": "none"})).__name__ == "Application"
+
+
+def test_event_streams_hold_no_thread_and_beyond_the_cap_get_429(tmp_path, toy_world):
+    """On a real HTTP server (uvicorn, no Ray): more open streams than the thread pool has
+    threads (40) leave submit and health answering; one over the cap is refused with
+    Retry-After; a stream whose client leaves gives its slot back."""
+    import asyncio
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from kdray.bench.service import free_port
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1", max_running_jobs=1, max_streams=60)
+    app = build_app(config)
+    app.state.ray_jobs = _FakeRay({})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer t"}
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        job = httpx.post(f"{url}/v1/jobs", json=_demo_spec("watched", "watched"), headers=auth).json()
+
+        async def scenario():
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+                request = lambda: client.build_request("GET", f"/v1/jobs/{job['id']}/events",  # noqa: E731
+                                                       params={"stream": "true"})
+                streams = await asyncio.gather(*(client.send(request(), stream=True) for _ in range(60)))
+                assert [s.status_code for s in streams] == [200] * 60
+                over = await client.send(request())
+                assert over.status_code == 429 and over.headers["retry-after"] == "5"
+                assert "60 event streams are open" in over.json()["error"]
+                t0 = time.monotonic()
+                assert (await client.get("/healthz")).status_code == 200
+                health_s = time.monotonic() - t0
+                res = await client.post("/v1/jobs", json=_demo_spec("another", "another"), headers=auth)
+                assert res.status_code == 201 and res.json()["state"] == "queued"
+                await streams[0].aclose()  # a page closed: its slot comes back
+                for _ in range(50):
+                    again = await client.send(request(), stream=True)
+                    if again.status_code == 200:
+                        break
+                    await again.aclose()
+                    await asyncio.sleep(0.1)
+                assert again.status_code == 200
+                # New events reach every stream, in order, from the hub's one read; then the end.
+                store = app.state.store
+                for i in range(3):
+                    store.append_event(job["id"], {"kind": "message", "text": f"m{i}"})
+
+                async def frames_until_end(stream):
+                    text = ""
+                    async for chunk in stream.aiter_text():
+                        text += chunk
+                        if "event: end" in text:
+                            return text
+                reading = [asyncio.create_task(frames_until_end(s)) for s in streams[1:4]]
+                await asyncio.sleep(1.5)
+                store.update(job["id"], state="cancelled")
+                for text in await asyncio.wait_for(asyncio.gather(*reading), 20):
+                    ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+                    assert ids == [1, 2, 3] and text.rstrip().endswith('data: {"state": "cancelled"}'), text
+                for s in [*streams[1:], again]:
+                    await s.aclose()
+                return health_s
+
+        assert asyncio.run(scenario()) < 1.0
+        hub = app.state.events
+        deadline = time.monotonic() + 10
+        while hub.open or hub.jobs:  # every slot back; nothing followed, so the poller stops
+            assert time.monotonic() < deadline, (hub.open, list(hub.jobs))
+            time.sleep(0.1)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

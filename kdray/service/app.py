@@ -37,8 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service import routes_events, routes_health, routes_jobs
 from kdray.service.common import RequestError, error_response
-from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, ServiceConfig, confine_output_dir, read_token
+from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, ServiceConfig, confine_output_dir,
+                                  read_token)
 from kdray.service.queue import admit_queued
+from kdray.service.routes_events import EventHub
 from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import JobStore
 
@@ -54,6 +56,7 @@ def build_app(config: ServiceConfig) -> Any:
     app = FastAPI(title="kdray", version="1", description="Knowledge-distillation jobs on Ray.")
     app.state.config = config
     app.state.store = JobStore(config.db_path)
+    app.state.events = EventHub(app.state.store, config.max_streams)
     app.state.ray_jobs = RayJobs(config.dashboard_url)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
     app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
@@ -148,13 +151,19 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
                          error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")
 
 
+#: Requests the replica takes at once besides its open event streams (each stream is one).
+OTHER_REQUESTS = 100
+
+
 def deployment(config: ServiceConfig) -> Any:
-    """The Ray Serve application: one replica with no CPU reservation (never starves jobs)."""
+    """The Ray Serve application: one replica with no CPU reservation (never starves jobs),
+    taking as many requests at once as it keeps event streams, and :data:`OTHER_REQUESTS` more."""
     from ray import serve
 
     app = build_app(config)
 
-    @serve.deployment(name="kdray", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+    @serve.deployment(name="kdray", ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=config.max_streams + OTHER_REQUESTS)
     @serve.ingress(app)
     class KdrayService:
         def __init__(self) -> None:
@@ -175,17 +184,26 @@ def deployment(config: ServiceConfig) -> Any:
     return KdrayService.bind()
 
 
+def _whole(key: str, value: Any, unit: str = "") -> int:
+    """A Serve application arg that must be a whole number >= 1, or a :class:`ConfigError`."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"kdray service arg {key} must be a whole number {unit}>= 1; got {text!r}")
+    return int(text)
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """A Ray Serve application builder, for ``serve run kdray.service:app_builder key=value ...``
     or a KubeRay RayService (``serveConfigV2``: ``import_path: kdray.service:app_builder`` and
     ``args``). Keys: ``state_dir`` (required), ``output_root`` (default STATE_DIR/runs),
     ``dashboard_url`` (default http://127.0.0.1:8265, the head node's), ``auth_reads``
     ("true"/"false"), ``max_body_kb``, ``max_running_jobs`` (default
-    :data:`~kdray.service.config.DEFAULT_MAX_RUNNING_JOBS`; ``none``: no limit), ``workdir``,
+    :data:`~kdray.service.config.DEFAULT_MAX_RUNNING_JOBS`; ``none``: no limit), ``max_streams``
+    (default :data:`~kdray.service.config.DEFAULT_MAX_STREAMS`), ``workdir``,
     ``token_file``; the token otherwise
     comes from ``KDRAY_API_TOKEN``. Unknown keys are refused, so a typo cannot pass unseen."""
     known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file",
-             "max_running_jobs"}
+             "max_running_jobs", "max_streams"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
@@ -204,9 +222,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     flag = str(args.get("auth_reads", "false")).strip().lower()
     if flag not in ("true", "false"):
         raise ConfigError(f"kdray service arg auth_reads must be true or false; got {args['auth_reads']!r}")
-    max_body_kb = str(args.get("max_body_kb", 1024)).strip()
-    if not max_body_kb.isdigit() or int(max_body_kb) < 1:
-        raise ConfigError(f"kdray service arg max_body_kb must be a whole number of KiB >= 1; got {max_body_kb!r}")
+    max_body_kb = _whole("max_body_kb", args.get("max_body_kb", 1024), "of KiB ")
     max_running = str(args.get("max_running_jobs", DEFAULT_MAX_RUNNING_JOBS)).strip().lower()
     if not (max_running.isdigit() and int(max_running) >= 1) and max_running != "none":
         raise ConfigError(f"kdray service arg max_running_jobs must be a whole number >= 1, or none for no limit; "
@@ -214,8 +230,9 @@ def app_builder(args: dict[str, Any]) -> Any:
     config = ServiceConfig(
         state_dir=str(state_dir), output_root=str(output_root), token=token,
         dashboard_url=str(args.get("dashboard_url") or "http://127.0.0.1:8265"),
-        auth_reads=flag == "true", max_body_bytes=int(max_body_kb) * 1024,
+        auth_reads=flag == "true", max_body_bytes=max_body_kb * 1024,
         workdir=str(args.get("workdir") or os.getcwd()),
         max_running_jobs=None if max_running == "none" else int(max_running),
+        max_streams=_whole("max_streams", args.get("max_streams", DEFAULT_MAX_STREAMS)),
     )
     return deployment(config)

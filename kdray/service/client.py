@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
-from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS
+from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
                            dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
                            auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
-                           max_running_jobs=args.max_running_jobs or None)
+                           max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
     except Exception as exc:  # most often: the port is taken
@@ -216,6 +216,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-running-jobs", type=int, default=DEFAULT_MAX_RUNNING_JOBS,
                    help="jobs handed to Ray at once (their drivers all run on the head node); later ones wait "
                         f"queued, in order (default {DEFAULT_MAX_RUNNING_JOBS}; 0: no limit)")
+    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
+                   help=f"event streams open at once; one more is refused with 429 (default {DEFAULT_MAX_STREAMS})")
     p.add_argument("--dashboard-port", type=int, default=None,
                    help="port of the local Ray's dashboard, where Ray's job API lives (default Ray's 8265)")
     p.add_argument("--dashboard-url", default=None,

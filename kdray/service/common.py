@@ -28,7 +28,10 @@ class RequestError(KdrayError):
 
 
 def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    """``{"error": message, **extra}``; an extra ``retry_after`` (seconds) is also sent as the
+    ``Retry-After`` header (a 429)."""
+    headers = {"Retry-After": str(extra["retry_after"])} if "retry_after" in extra else None
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def summary(rec: dict[str, Any]) -> dict[str, Any]:

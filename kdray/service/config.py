@@ -13,6 +13,9 @@ from kdray.errors import ConfigError
 #: Jobs the service hands to Ray at once (``kdray serve --max-running-jobs``): every job's
 #: driver runs on the head node, so this bounds what the head holds; later jobs wait queued.
 DEFAULT_MAX_RUNNING_JOBS = 4
+#: Server-sent event streams open at once (``kdray serve --max-streams``): each costs the
+#: replica a store read per second; the replica takes this many requests more besides them.
+DEFAULT_MAX_STREAMS = 256
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class ServiceConfig:
     dashboard_url: str             # Ray's dashboard, where the Job Submission API lives
     auth_reads: bool = False       # reads need the token too
     max_running_jobs: int | None = DEFAULT_MAX_RUNNING_JOBS  # jobs handed to Ray at once; the rest queue (None: no limit)
+    max_streams: int = DEFAULT_MAX_STREAMS  # event streams open at once; one more gets 429
     max_body_bytes: int = 1 << 20
     python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
     workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
@@ -30,6 +34,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_running_jobs is not None and self.max_running_jobs < 1:
             raise ConfigError(f"max_running_jobs must be 1 or more (or unset for no limit); got {self.max_running_jobs}")
+        if self.max_streams < 1:
+            raise ConfigError(f"max_streams must be 1 or more; got {self.max_streams}")
 
     @property
     def db_path(self) -> Path:

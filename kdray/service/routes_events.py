@@ -1,48 +1,172 @@
-"""``/v1/jobs/{id}/events``: a job's progress history, as a JSON page or a server-sent event stream."""
+"""``/v1/jobs/{id}/events``: a job's progress history, as a JSON page or a server-sent event stream.
+
+Streams scale with the pages that follow jobs (:class:`EventHub`): a stream is an async
+generator that, while its job has nothing new, waits on the event loop (no thread, no slot of
+the replica's thread pool), and one poller reads what is new for every followed job, once per
+:data:`POLL_S` however many streams follow it, and hands it to them. At most ``max_streams``
+are open at once; one more is refused with 429 and ``Retry-After``, and a page can poll the
+JSON form meanwhile.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from kdray.service.common import RequestError, find_job, get_store, read_access
 from kdray.service.store import TERMINAL, JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+#: Seconds between the poller's reads of the store while streams are open.
+POLL_S = 0.5
+#: Events of a followed job the hub keeps for its streams (the newest ones).
+BUFFER = 1000
+
+
+def _frames(events: list[dict[str, Any]]) -> str:
+    """Server-sent event frames, one per event (``id`` = its seq, ``event`` = its kind)."""
+    return "".join(f"id: {e['seq']}\nevent: {e['kind']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+
+@dataclass
+class _Followed:
+    """What the hub knows of one followed job."""
+
+    streams: int = 0
+    head: tuple[int, str] | None = None  # (last buffered seq, state) as last polled
+    since: int | None = None             # ``recent`` holds every event with a seq above it
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EventHub:
+    """The replica's open event streams: their count against ``cap``, and one poller that
+    reads what is new for every followed job, once, and wakes that job's streams.
+
+    Per :data:`POLL_S` the poller reads the last event's seq and the state of every followed
+    job in one query, and a job's new events in one more (kept, the newest :data:`BUFFER`, for
+    all its streams). So 200 pages following a training job cost the store two reads per tick,
+    not 200; a stream reads the store itself only for history older than what the hub keeps
+    (its replay from ``after``). Used from the replica's event loop only (streams open in the
+    handler and close when their generator ends or their client leaves): no lock needed.
+    """
+
+    def __init__(self, store: JobStore, cap: int, poll_s: float = POLL_S):
+        self.store, self.cap, self.poll_s = store, cap, poll_s
+        self.open = 0
+        self.jobs: dict[str, _Followed] = {}
+        self._changed: asyncio.Condition | None = None
+        self._poller: asyncio.Task | None = None
+
+    def take(self) -> Callable[[], None] | None:
+        """A slot for one more stream: the function that gives it back (once, however often it
+        is called), or None at the cap."""
+        if self.open >= self.cap:
+            return None
+        self.open += 1
+        held = True
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.open -= 1
+        return give_back
+
+    async def stream(self, job_id: str, after: int, give_back: Callable[[], None]) -> AsyncIterator[str]:
+        """Server-sent events of ``job_id``: every event after ``after`` as it is stored (a
+        chunk of frames per read), then one ``end`` event with the final state once the job
+        ended. ``give_back`` (from :meth:`take`) runs when the stream ends, its client leaving
+        included (Starlette then cancels the generator at its wait); the response also runs it
+        after the stream, for a client that left before the generator started."""
+        job = self.jobs.setdefault(job_id, _Followed())
+        job.streams += 1
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            seen = after
+            while True:
+                if job.since is not None and seen >= job.since:  # all it lacks is in the hub
+                    batch, complete = [e for e in job.recent if e["seq"] > seen], True
+                else:  # history older than the hub keeps: the store's, in one chunk per read
+                    batch = await run_in_threadpool(self.store.events, job_id, after=seen, limit=500)
+                    complete = len(batch) < 500
+                if batch:
+                    yield _frames(batch)
+                    seen = batch[-1]["seq"]
+                if not complete:
+                    continue
+                head = job.head
+                if head is None:  # not polled yet: the store's word
+                    head = (await run_in_threadpool(self.store.heads, [job_id])).get(job_id, (seen, "cancelled"))
+                if head[0] <= seen and head[1] in TERMINAL:
+                    yield f"event: end\ndata: {json.dumps({'state': head[1]})}\n\n"
+                    return
+                if job.head is not None and job.head[0] > seen:
+                    continue
+                async with self._changed:
+                    await self._changed.wait_for(lambda: job.head is not None and (job.head[0] > seen
+                                                                                   or job.head[1] in TERMINAL))
+        finally:
+            give_back()
+            job.streams -= 1
+            if not job.streams and self.jobs.get(job_id) is job:
+                del self.jobs[job_id]
+
+    async def _poll(self) -> None:
+        """While streams are open, every ``poll_s``: the followed jobs' heads in one read, and
+        each job's new events in one more; the streams of a job that changed wake up. A job's
+        published head never runs past what the hub holds of it, so its streams find there
+        every event the head promises."""
+        while self.jobs:
+            heads = await run_in_threadpool(self.store.heads, list(self.jobs))
+            changed = False
+            for job_id, (seq, state) in heads.items():
+                job = self.jobs.get(job_id)
+                if job is None:
+                    continue
+                if job.since is None:  # from now on, the hub keeps what is new
+                    job.since = seq
+                last = job.recent[-1]["seq"] if job.recent else job.since
+                if seq > last:
+                    new = await run_in_threadpool(self.store.events, job_id, after=last, limit=BUFFER)
+                    job.recent = (job.recent + new)[-BUFFER:]
+                    job.since = job.recent[0]["seq"] - 1 if job.recent else job.since
+                    last = job.recent[-1]["seq"] if job.recent else last
+                head = (min(seq, last), state)
+                if head != job.head:
+                    job.head, changed = head, True
+            if changed:
+                async with self._changed:
+                    self._changed.notify_all()
+            await asyncio.sleep(self.poll_s)
+
 
 @router.get("/{job_id}/events", dependencies=[Depends(read_access)],
             summary="A job's progress history (JSON page, or a server-sent event stream with stream=true)")
-def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False,
-           store: JobStore = Depends(get_store)) -> Any:
-    find_job(store, job_id)
+async def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False,
+                 store: JobStore = Depends(get_store)) -> Any:
+    await run_in_threadpool(find_job, store, job_id)
     if after < 0 or not 1 <= limit <= 10000:
         raise RequestError(422, "invalid query",
                            errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
-    if stream:  # EventSource clients resume with Last-Event-ID
-        last = request.headers.get("last-event-id", "")
-        start = int(last) if last.isdigit() else after
-        return StreamingResponse(event_stream(store, job_id, start), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return {"events": store.events(job_id, after=after, limit=limit)}
-
-
-def event_stream(store: JobStore, job_id: str, after: int, poll_s: float = 0.5) -> Iterator[str]:
-    """Server-sent events: every event after ``after`` as it is stored (``id`` = its seq,
-    ``event`` = its kind), then one ``end`` event with the final state once the job ended."""
-    seen = after
-    while True:
-        batch = store.events(job_id, after=seen, limit=500)
-        for event in batch:
-            seen = event["seq"]
-            yield f"id: {seen}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
-        if not batch:
-            rec = store.get(job_id)
-            if rec is None or rec["state"] in TERMINAL:
-                yield f"event: end\ndata: {json.dumps({'state': rec['state'] if rec else None})}\n\n"
-                return
-            time.sleep(poll_s)
+    if not stream:
+        return {"events": await run_in_threadpool(store.events, job_id, after=after, limit=limit)}
+    hub: EventHub = request.app.state.events
+    give_back = hub.take()
+    if give_back is None:
+        raise RequestError(429, f"{hub.cap} event streams are open, the most this service keeps; retry later, "
+                                f"or read GET /v1/jobs/{job_id}/events?after=N meanwhile", retry_after=5)
+    last = request.headers.get("last-event-id", "")  # EventSource clients resume with Last-Event-ID
+    start = int(last) if last.isdigit() else after
+    return StreamingResponse(hub.stream(job_id, start, give_back), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"}, background=BackgroundTask(give_back))

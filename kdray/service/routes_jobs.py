@@ -103,7 +103,8 @@ async def submit(request: Request, config: ServiceConfig = Depends(get_config), 
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 200:
         raise RequestError(422, "Idempotency-Key must be 1 to 200 characters")
-    spec = parse_body(body, ctype, config.output_root)
+    # Off the event loop: validation reads the spec's files, the store and Ray's job API block.
+    spec = await run_in_threadpool(parse_body, body, ctype, config.output_root)
     return await run_in_threadpool(_start, spec, key, config, store, ray)
 
 
