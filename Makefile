@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean bench-deps
+.PHONY: setup demo test test-fast clean bench-deps browser
 
 setup: $(STAMP)
 
@@ -28,8 +28,17 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/kdray run jobs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The service's web page is tested in Debian's chromium, headless, driven through its
+# chromedriver (tests/test_service.py). Installed here when missing and allowed (root, apt);
+# elsewhere the browser test skips, saying what to install.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else echo "no chromium/chromedriver: the browser test will skip (Debian: sudo apt-get install chromium chromium-driver)"; fi
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow and not multinode" $(PYTEST_ARGS)

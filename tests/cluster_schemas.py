@@ -440,7 +440,7 @@ RAYCLUSTER_SCHEMA: dict[str, Any] = {
 
 PVC_SCHEMA: dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
-    "title": "PersistentVolumeClaim for /shared (kdray profile)",
+    "title": "PersistentVolumeClaim (/shared, or the job service's state volume)",
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],  # K8S_PVC
     "properties": {
@@ -456,8 +456,9 @@ PVC_SCHEMA: dict[str, Any] = {
                     "type": "array",
                     "minItems": 1,
                     "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
-                    # kdray profile: pods on several nodes write output_dir at once.
-                    "contains": {"const": "ReadWriteMany"},
+                    # Which mode a claim needs depends on where it is mounted: the one at /shared
+                    # ReadWriteMany (pods on several nodes write output_dir at once), the service's
+                    # state volume on the head alone (tests/test_cluster_configs.py checks both).
                 },
                 "storageClassName": {"type": "string"},
                 "resources": {
@@ -650,6 +651,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------
 
 SHARED_MOUNT = "/shared"
+#: The resource Ray gives the head node (ray._common.constants.HEAD_NODE_RESOURCE_NAME), which
+#: kdray's service replica asks a sliver of (kdray.service.app.HEAD_RESOURCE).
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def config_format(doc: Any) -> str | None:
@@ -791,14 +795,9 @@ def shm_errors(doc: dict[str, Any]) -> list[str]:
 
 
 def shared_claims(doc: dict[str, Any]) -> set[str]:
-    """The claimNames of the persistentVolumeClaim volumes a RayCluster's (or RayService's) pods
-    use."""
-    return {
-        v["persistentVolumeClaim"].get("claimName")
-        for _, template in _pod_templates(doc)
-        for v in (template.get("spec") or {}).get("volumes") or []
-        if isinstance(v.get("persistentVolumeClaim"), dict)
-    }
+    """The claimNames of the persistentVolumeClaims a RayCluster's (or RayService's) pods mount
+    at /shared."""
+    return {claim for claim in claim_mounts(doc, SHARED_MOUNT).values() if claim is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,9 +904,32 @@ def fitting_groups(doc: dict[str, Any], actor_options: dict[str, Any]) -> list[s
     fits = []
     for where, group in _node_groups(doc):
         offered = group_resources(group)
+        if where == "headGroupSpec":
+            offered[HEAD_RESOURCE] = 1.0  # Ray gives the head node this resource (RAY_HEAD_RESOURCE)
         if all(offers(offered, name, amount) for name, amount in wanted.items()):
             fits.append(where)
     return fits
+
+
+def _head_template(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(_pod_templates(doc)).get("headGroupSpec") or {}
+
+
+def claim_mounts(doc: dict[str, Any], path: str) -> dict[str, str | None]:
+    """For each pod template, the persistentVolumeClaim its Ray container mounts at ``path`` or
+    above it (the longest such mount), or None."""
+    found: dict[str, str | None] = {}
+    for where, template in _pod_templates(doc):
+        pod = template.get("spec") or {}
+        claims = {v.get("name"): (v.get("persistentVolumeClaim") or {}).get("claimName")
+                  for v in pod.get("volumes") or [] if isinstance(v.get("persistentVolumeClaim"), dict)}
+        container = (pod.get("containers") or [{}])[0]
+        best, found[where] = "", None
+        for mount in container.get("volumeMounts") or []:
+            at = str(mount.get("mountPath", "")).rstrip("/")
+            if mount.get("name") in claims and (path == at or path.startswith(at + "/")) and len(at) > len(best):
+                best, found[where] = at, claims[mount["name"]]
+    return found
 
 
 def api_token_mounts(doc: dict[str, Any], token_file: str) -> dict[str, str | None]:
@@ -940,27 +962,30 @@ def kdray_service_errors(doc: dict[str, Any]) -> list[str]:
     if app is None:
         return [f"spec.serveConfigV2 has no application with import_path {KDRAY_IMPORT_PATH!r}"]
     args = app.get("args") or {}
-    # The job store and the jobs' outputs: the drivers on the head and the trainers on the GPU
-    # workers must see the same files. (output_root defaults to STATE_DIR/runs.)
-    for key in ("state_dir", "output_root"):
-        if key == "output_root" and not args.get(key):
-            continue
-        path = str(args.get(key) or "")
-        if not (path == SHARED_MOUNT or path.startswith(SHARED_MOUNT + "/")):
-            errors.append(f"application {app.get('name')!r}: args.{key} {path!r} is not under {SHARED_MOUNT}")
-    # kdray's app_builder refuses to build without a token: token_file, else KDRAY_API_TOKEN.
+    # The jobs' outputs: the drivers on the head and the trainers on the GPU workers see the
+    # same files. The job store: on a volume of the head alone (its users all run there, and
+    # SQLite's WAL mode does not work over a network file system).
+    output_root = str(args.get("output_root") or "")
+    if not (output_root == SHARED_MOUNT or output_root.startswith(SHARED_MOUNT + "/")):
+        errors.append(f"application {app.get('name')!r}: args.output_root {output_root!r} is not under {SHARED_MOUNT}")
+    state_dir = str(args.get("state_dir") or "")
+    claims = claim_mounts(doc, state_dir)
+    if claims.get("headGroupSpec") is None:
+        errors.append(f"application {app.get('name')!r}: args.state_dir {state_dir!r} is not on a "
+                      "persistentVolumeClaim of the head pod")
+    elif claims["headGroupSpec"] in shared_claims(doc):
+        errors.append(f"application {app.get('name')!r}: args.state_dir {state_dir!r} is on the shared volume; "
+                      "the job store belongs on a volume of the head alone")
+    # kdray's replica (pinned to the head) reads token_file when it starts; else KDRAY_API_TOKEN.
     token_file = args.get("token_file")
     if token_file:
-        for where, secret in api_token_mounts(doc, str(token_file)).items():
-            if secret is None:
-                errors.append(f"{where}: no secret volume provides token_file {token_file}")
+        if api_token_mounts(doc, str(token_file)).get("headGroupSpec") is None:
+            errors.append(f"headGroupSpec: no secret volume provides token_file {token_file}")
     elif "KDRAY_API_TOKEN" not in ((app.get("runtime_env") or {}).get("env_vars") or {}):
-        # Else the build task, which may run on any pod, must inherit it from its Ray container.
-        for where, template in _pod_templates(doc):
-            container = ((template.get("spec") or {}).get("containers") or [{}])[0]
-            if "KDRAY_API_TOKEN" not in {e.get("name") for e in container.get("env") or []}:
-                errors.append(f"{where}: no API token for application {app.get('name')!r} "
-                              "(args.token_file, or KDRAY_API_TOKEN)")
+        container = ((_head_template(doc).get("spec") or {}).get("containers") or [{}])[0]
+        if "KDRAY_API_TOKEN" not in {e.get("name") for e in container.get("env") or []}:
+            errors.append(f"headGroupSpec: no API token for application {app.get('name')!r} "
+                          "(args.token_file, or KDRAY_API_TOKEN)")
     # A replica whose resources no node group offers can never be scheduled.
     for deployment in app.get("deployments") or []:
         options = deployment.get("ray_actor_options")
@@ -973,6 +998,10 @@ def kdray_service_errors(doc: dict[str, Any]) -> list[str]:
             continue
         if not fits:
             errors.append(f"deployment {deployment.get('name')!r}: ray_actor_options {options} fit no node group")
+        elif fits != ["headGroupSpec"]:  # they replace kdray's own, which pin the replica to the head
+            errors.append(f"deployment {deployment.get('name')!r}: ray_actor_options {options} let the replica run "
+                          f"off the head ({', '.join(fits)}); they replace kdray's, which pin it there: leave them "
+                          f"out, or keep num_cpus 0 and resources {{{HEAD_RESOURCE}: 0.001}}")
     return errors
 
 

@@ -31,7 +31,9 @@ from cluster_schemas import (  # tests/ has no __init__.py: pytest puts it on sy
     SCHEMAS,
     SERVE_CONFIG_SCHEMA,
     all_errors,
+    HEAD_RESOURCE,
     api_token_mounts,
+    claim_mounts,
     config_format,
     fitting_groups,
     kdray_application,
@@ -51,6 +53,7 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER_FILE = CLUSTER / "ray-cluster-gpu.yaml"
 RAYCLUSTER_FILE = CLUSTER / "kuberay" / "raycluster.yaml"
 PVC_FILE = CLUSTER / "kuberay" / "shared-pvc.yaml"
+STATE_PVC_FILE = CLUSTER / "kuberay" / "state-pvc.yaml"
 RAYSERVICE_FILE = CLUSTER / "kuberay" / "rayservice.yaml"
 README = CLUSTER / "README.md"
 
@@ -112,7 +115,7 @@ def _gpu_node_type(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_expected_files_exist():
     found = set(_yaml_files())
-    assert {LAUNCHER_FILE, RAYCLUSTER_FILE, PVC_FILE, RAYSERVICE_FILE} <= found
+    assert {LAUNCHER_FILE, RAYCLUSTER_FILE, PVC_FILE, STATE_PVC_FILE, RAYSERVICE_FILE} <= found
     assert README.is_file()
 
 
@@ -297,38 +300,57 @@ def test_kdray_application_args_are_accepted_by_app_builder(rayservice, tmp_path
     monkeypatch.setenv("KDRAY_API_TOKEN", "s3cret")
     assert isinstance(builder({k: v for k, v in args.items() if k != "token_file"}), serve.Application)
     # Serve refuses options for a deployment the application lacks ("does not exist"), and the
-    # config's ray_actor_options replace the code's: they must keep its num_cpus.
+    # config's ray_actor_options would replace the code's: the file leaves them to the code, which
+    # asks for no CPU and pins the replica to the head.
     ingress = built._bound_deployment
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    assert ingress.ray_actor_options["resources"] == {"node:__internal_head__": 0.001}
     for deployment in app.get("deployments") or []:
-        assert deployment["name"] == ingress.name
-        assert deployment["ray_actor_options"]["num_cpus"] == ingress.ray_actor_options["num_cpus"] == 0
+        assert deployment["name"] == ingress.name and "ray_actor_options" not in deployment
 
 
 def test_api_token_secret_is_mounted_where_token_file_points(rayservice):
     token_file = _kdray_app(rayservice)["args"]["token_file"]
     mounts = api_token_mounts(rayservice, token_file)
-    # Every pod: Serve's build task, which reads the file, is not pinned to a node.
-    assert set(mounts) == {"headGroupSpec", "workerGroupSpecs[gpu]"}
-    (secret,) = set(mounts.values())
+    # The head alone: the replica that reads it is pinned there; the GPU workers never see it.
+    assert mounts == {"headGroupSpec": mounts["headGroupSpec"], "workerGroupSpecs[gpu]": None}
+    secret = mounts["headGroupSpec"]
     assert secret is not None
-    # The Secret the file's own commands create, under the key the volumes map to the file.
+    # The Secret the file's own commands create, under the key the volume maps to the file.
     created = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", RAYSERVICE_FILE.read_text())
     assert created and created.group(1) == secret
-    for _, template in _pod_templates_of(rayservice):
-        pod = template["spec"]
-        (volume,) = [v for v in pod["volumes"] if (v.get("secret") or {}).get("secretName") == secret]
-        assert volume["secret"]["items"] == [{"key": created.group(2), "path": posixpath.basename(token_file)}]
-        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
-        assert mount["mountPath"] == posixpath.dirname(token_file) and mount["readOnly"] is True
+    pod = dict(_pod_templates_of(rayservice))["headGroupSpec"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if (v.get("secret") or {}).get("secretName") == secret]
+    assert volume["secret"]["items"] == [{"key": created.group(2), "path": posixpath.basename(token_file)}]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == posixpath.dirname(token_file) and mount["readOnly"] is True
+    for where, template in _pod_templates_of(rayservice)[1:]:
+        volumes = template["spec"]["volumes"]
+        assert not [v for v in volumes if "secret" in v], f"{where} mounts a Secret"
+
+
+def test_the_job_store_is_on_a_volume_of_the_head_alone(rayservice):
+    """SQLite's WAL mode needs every user of the store on one host: the replica and the jobs'
+    drivers all run on the head, and the store's claim is mounted there only, block storage
+    that one node attaches (never the shared file system)."""
+    state_dir = _kdray_app(rayservice)["args"]["state_dir"]
+    claims = claim_mounts(rayservice, state_dir)
+    state_pvc = _one(STATE_PVC_FILE)
+    assert claims == {"headGroupSpec": state_pvc["metadata"]["name"], "workerGroupSpecs[gpu]": None}
+    assert state_pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert not state_dir.startswith("/shared") and claims["headGroupSpec"] not in shared_claims(rayservice)
+    # Ray's token authentication guards the dashboard the operator must reach on the pod network.
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    assert "kubectl apply -f cluster/kuberay/state-pvc.yaml" in RAYSERVICE_FILE.read_text()
 
 
 def test_service_replica_is_pinned_to_the_head(rayservice):
-    """Only the head offers what the replica asks for: it runs next to the dashboard (the default
-    dashboard_url) and the jobs' drivers, and never holds a GPU worker up."""
+    """kdray's code pins the one replica to the head (see the app builder test): it runs next
+    to the dashboard (the default dashboard_url), the jobs' drivers and the store's volume,
+    and never holds a GPU worker up."""
     config = serve_config(rayservice)
     (deployment,) = _kdray_app(rayservice)["deployments"]
     assert deployment["num_replicas"] == 1
-    assert fitting_groups(rayservice, deployment["ray_actor_options"]) == ["headGroupSpec"]
     assert config["proxy_location"] == "HeadOnly"  # the one proxy is where the replica is
     assert "dashboard_url" not in _kdray_app(rayservice)["args"]  # http://127.0.0.1:8265 on the head
     assert rayservice["spec"]["upgradeStrategy"] == {"type": "None"}
@@ -513,9 +535,14 @@ def test_every_pod_has_a_memory_backed_dev_shm_and_a_head_without_one_is_rejecte
     _assert_caught(shm_errors(doc), "workerGroupSpecs[gpu]: container 'ray-worker'")
 
 
-def test_pvc_read_write_once_is_rejected(pvc):
-    pvc["spec"]["accessModes"] = ["ReadWriteOnce"]
-    _assert_caught(schema_errors(pvc, PVC), "spec.accessModes", "valid under the given schema")
+def test_job_store_off_a_volume_of_the_head_alone_is_rejected(rayservice):
+    config = serve_config(rayservice)
+    config["applications"][0]["args"]["state_dir"] = "/shared/kdray-state"
+    _set_serve_config(rayservice, config)
+    _assert_caught(kdray_service_errors(rayservice), "is on the shared volume")
+    config["applications"][0]["args"]["state_dir"] = "/tmp/kdray-state"  # the container's own layer: lost with the pod
+    _set_serve_config(rayservice, config)
+    _assert_caught(kdray_service_errors(rayservice), "is not on a persistentVolumeClaim of the head pod")
 
 
 def test_pvc_without_storage_request_is_rejected(pvc):
@@ -583,40 +610,44 @@ def test_import_path_that_does_not_exist_is_caught(rayservice):
     _assert_caught(serve_config_errors(rayservice), "import_path", "does not match")
 
 
+def _with_actor_options(rayservice, options):
+    config = serve_config(rayservice)
+    config["applications"][0]["deployments"][0]["ray_actor_options"] = options
+    _set_serve_config(rayservice, config)
+    return config
+
+
 def test_misspelt_actor_option_is_rejected_though_ray_ignores_it(rayservice):
     from ray.serve.schema import ServeDeploySchema
 
-    config = serve_config(rayservice)
-    options = config["applications"][0]["deployments"][0]["ray_actor_options"]
-    options["num_cpu"] = options.pop("num_cpus")
-    _set_serve_config(rayservice, config)
+    config = _with_actor_options(rayservice, {"num_cpu": 0, "resources": {HEAD_RESOURCE: 0.001}})
     ServeDeploySchema.model_validate(config)  # Ray drops the key silently ...
     _assert_caught(serve_config_errors(rayservice), "'num_cpu' was unexpected")  # ... we do not
-    # ... and the replica would reserve Serve's default CPU, which no node that offers
-    # kdray_service has: it would stay pending forever.
+    # ... and the replica would reserve Serve's default CPU, which the head (num-cpus 0), the
+    # only node with the head resource, does not have: it would stay pending forever.
     _assert_caught(kdray_service_errors(rayservice), "deployment 'kdray'", "fit no node group")
 
 
-def test_replica_without_the_head_resource_is_not_pinned(rayservice):
-    config = serve_config(rayservice)
-    del config["applications"][0]["deployments"][0]["ray_actor_options"]["resources"]
-    _set_serve_config(rayservice, config)
-    options = config["applications"][0]["deployments"][0]["ray_actor_options"]
-    assert fitting_groups(rayservice, options) == ["headGroupSpec", "workerGroupSpecs[gpu]"]
+def test_actor_options_that_let_the_replica_off_the_head_are_rejected(rayservice):
+    _with_actor_options(rayservice, {"num_cpus": 0})  # replacing kdray's, without the head resource
+    assert fitting_groups(rayservice, {"num_cpus": 0}) == ["headGroupSpec", "workerGroupSpecs[gpu]"]
+    _assert_caught(kdray_service_errors(rayservice), "let the replica run off the head")
+    _with_actor_options(rayservice, {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}})
+    assert kdray_service_errors(rayservice) == []  # kdray's own options, repeated: fine
 
 
 def test_head_resource_string_that_is_not_quoted_json_is_rejected(rayservice):
-    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"] = "{kdray_service: 1}"
+    _with_actor_options(rayservice, {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}})
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"] = "{kdray: 1}"
     _assert_caught(kdray_service_errors(rayservice), "is not a quoted JSON object")
 
 
 def test_token_file_without_a_secret_mount_is_rejected(rayservice):
-    group = _gpu_group(_cluster(rayservice))
-    for mount in group["template"]["spec"]["containers"][0]["volumeMounts"]:
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    for mount in head["template"]["spec"]["containers"][0]["volumeMounts"]:
         if mount["name"] == "kdray-api-token":
             mount["mountPath"] = "/etc/secrets"
-    _assert_caught(kdray_service_errors(rayservice), "workerGroupSpecs[gpu]: no secret volume provides token_file")
-    assert "headGroupSpec: no secret" not in "\n".join(kdray_service_errors(rayservice))
+    _assert_caught(kdray_service_errors(rayservice), "headGroupSpec: no secret volume provides token_file")
 
 
 def test_service_without_any_api_token_is_rejected(rayservice):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdray.bench.service import free_port
+from tests.browser import ARTIFACTS, chromium
 from tests.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +44,9 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.dashboard = TcpProxy(free_port(), 0).start()
+        # The local Ray's sessions (their logs: Serve's replica, the jobs' drivers) go here; short,
+        # for Ray's socket paths.
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="krt"))
 
     def start(self, attempts: int = 3) -> None:
         for attempt in range(attempts):  # a port taken meanwhile: try another one
@@ -52,12 +58,16 @@ class Service:
         raise AssertionError(f"kdray serve could not bind a port in {attempts} attempts")
 
     def _start(self) -> None:
-        env = dict(os.environ, KDRAY_API_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+        # The token from a file, which the replica reads on the head (as a RayService's token_file).
+        token_file = self.state_dir.parent / "token"
+        token_file.write_text(TOKEN + "\n")
+        env = {k: v for k, v in os.environ.items() if k != "KDRAY_API_TOKEN"}
+        env.update(PYTHONUNBUFFERED="1", RAY_TMPDIR=str(self.ray_tmp))
         self.log = open(self.state_dir.parent / f"serve-{time.time():.0f}.log", "w")
         self.dashboard.target = free_port()  # the local Ray's dashboard, behind the proxy
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir),
-             "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1",
+             "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1", "--token-file", str(token_file),
              "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}"],
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -98,6 +108,7 @@ def service(tmp_path_factory, toy_world):
     yield svc
     svc.kill()
     svc.dashboard.stop()
+    shutil.rmtree(svc.ray_tmp, ignore_errors=True)
 
 
 def job_spec(name: str, max_steps: int, **data) -> dict:
@@ -222,9 +233,34 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         finally:
             service.dashboard.start()
 
-    watch = kdray("watch", job_id, "--server", service.url, cwd=tmp_path)
-    assert watch.returncode == 0, watch.stdout + watch.stderr
-    assert f"{job_id}: succeeded" in watch.stdout and "train" in watch.stderr
+    # The web page, in a real browser, follows the job while `kdray watch` does.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium(tmp_path / "profile")
+    try:
+        browser.get(service.url + "/")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "use-token").click()
+        row = f'tr[data-job="{job_id}"]'
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+        browser.find_element(By.CSS_SELECTOR, row).click()
+
+        watch = kdray("watch", job_id, "--server", service.url, cwd=tmp_path)
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        assert f"{job_id}: succeeded" in watch.stdout and "train" in watch.stderr
+
+        # The page saw the job end: its row, its loss curve (both steps, from the event
+        # stream), its title, and the report it loaded once the stream said the job ended.
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{row} td.state").text == "succeeded")
+        wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "2")
+        wait.until(lambda d: "without held-out evaluation" in d.find_element(By.ID, "evaluation").text)
+        assert f"({job_id}): succeeded" in browser.find_element(By.ID, "d-title").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "service-page.png"))  # kept for a person to look at
+    finally:
+        browser.quit()
 
     with service.http() as client:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -340,3 +376,20 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
         wait_for(client, waiting["id"], lambda j: j["state"] == "running", timeout=180)
         assert client.post(f"/v1/jobs/{waiting['id']}/cancel").status_code == 202
         wait_for(client, waiting["id"], lambda j: j["state"] == "cancelled", timeout=120)
+
+
+def test_the_token_is_in_no_log_and_no_answer(service):
+    """Last in the module, after every job above: the API token appears in no answer (an error
+    included) and in no log: the service's own, and every log of its Ray sessions (Serve's
+    controller, proxy and replica, the jobs' drivers and workers)."""
+    with service.http() as client, service.http(token="wrong-" + TOKEN[:4]) as wrong:
+        answers = [wrong.post("/v1/jobs/x/cancel"), wrong.post("/v1/jobs", json=job_spec("t", 1)),
+                   client.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"}),
+                   client.get("/v1/jobs/nope"), client.get("/v1/jobs", params={"state": "x"}),
+                   client.get("/v1/jobs"), client.get("/healthz"), client.get("/")]
+    assert [a.status_code for a in answers] == [401, 401, 422, 404, 422, 200, 200, 200]
+    assert not [a.request.url for a in answers if TOKEN in a.text]
+    logs = [p for p in service.state_dir.parent.glob("serve-*.log")]
+    logs += [p for p in service.ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
+    assert len(logs) > 20 and any("job-driver" in p.name for p in logs), logs  # the jobs' logs are among them
+    assert not [str(p) for p in logs if TOKEN in p.read_text(encoding="utf-8", errors="replace")]

@@ -462,3 +462,64 @@ def test_event_streams_hold_no_thread_and_beyond_the_cap_get_429(tmp_path, toy_w
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from kdray.service.app import start_replica
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token=None,
+                           dashboard_url="http://127.0.0.1:1")
+    app = build_app(config)  # creates the store
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from kdray.pipeline.lock import acquire; "
+         "acquire(Path(sys.argv[1]), role='replica'); print('held', flush=True); time.sleep(600)",
+         str(tmp_path / "state" / "replica.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"already has a kdray service replica \\(pid {holder.pid} on "):
+            start_replica(app, wait_s=1.0)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ConfigError, match="cannot read the API token file"):
+        start_replica(app, str(tmp_path / "missing"), wait_s=1.0)
+    token = tmp_path / "token"
+    token.write_text("from-the-head\n")
+    owner = start_replica(app, str(token), wait_s=1.0)  # the dead holder's lock is gone
+    assert app.state.config.token == "from-the-head" and owner > 0
+    with TestClient(app) as client:  # the token read at start is the one requests need
+        assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer from-the-head"}).status_code == 404
+        assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer other"}).status_code == 401
+
+
+def test_streams_opening_together_share_their_store_reads():
+    import asyncio
+    import threading
+
+    from kdray.service.routes_events import EventHub
+
+    class SlowStore:
+        def __init__(self):
+            self.calls, self.lock = 0, threading.Lock()
+
+        def events(self, job_id, after, limit):
+            with self.lock:
+                self.calls += 1
+            time.sleep(0.3)
+            return [{"seq": after + 1, "kind": "message"}]
+
+    store = SlowStore()
+    hub = EventHub(store, cap=10)
+
+    async def burst():
+        first = await asyncio.gather(*(hub.read("events", "j", after=0, limit=500) for _ in range(50)))
+        later = await hub.read("events", "j", after=0, limit=500)  # not in flight any more: read again
+        other = await hub.read("events", "j", after=7, limit=500)
+        return first, later, other
+
+    first, later, other = asyncio.run(burst())
+    assert store.calls == 3 and all(r == [{"seq": 1, "kind": "message"}] for r in first)
+    assert later == first[0] and other == [{"seq": 8, "kind": "message"}] and hub._reads == {}

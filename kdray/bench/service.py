@@ -5,10 +5,12 @@ token), submits the toy demo with a long step budget, waits until the job is tra
 runs ``--clients`` threads (each with its own keep-alive HTTP connection) that read the job's
 status in a loop for ``--seconds``. It prints p50 / p90 / p99 / max latency, the request
 rate, and how many optimizer steps the job took meanwhile (so the load was measured against
-a training job), then cancels the job and stops the service. ``--server URL --job ID``
-measures an existing service and job instead. Two modes, side by side: every client sending its next request as soon as
-the last one returns (saturation: latency is then queueing, clients / throughput), and every
-client polling once per ``--poll-interval`` like ``kdray watch``. Target: p99 < 100 ms.
+a training job), then cancels the job and stops the service; the same measurement with no
+job running (against a job it cancelled at once) comes first, side by side in the output.
+``--server URL --job ID`` measures an existing service and job instead, as they are. Two
+modes: every client sending its next request as soon as the last one returns (saturation:
+latency is then queueing, clients / throughput), and every client polling once per
+``--poll-interval`` like ``kdray watch``. Target: p99 < 100 ms.
 
 Usage: ``kdray bench service [--clients 50] [--seconds 20] [--server URL --job ID]``.
 """
@@ -161,6 +163,57 @@ def _step(url: str, job_id: str, token: str | None) -> int:
     return int(httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=10).json().get("step") or 0)
 
 
+def _idle_job(url: str, token: str) -> str:
+    """A job that ended (submitted, then cancelled at once): its status is what the idle
+    measurement reads, with nothing running on the machine."""
+    import httpx
+    import yaml
+
+    demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    spec = yaml.safe_load(demo.read_text())
+    spec.update(name="bench-service-idle", output_dir="bench-service-idle", evaluation={"enabled": False})
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        job_id = http.post("/v1/jobs", json=spec).json()["id"]
+        http.post(f"/v1/jobs/{job_id}/cancel")
+        deadline = time.monotonic() + 300
+        while http.get(f"/v1/jobs/{job_id}").json()["state"] != "cancelled":
+            if time.monotonic() > deadline:
+                raise SystemExit("the benchmark's idle job was not cancelled within 300 s")
+            time.sleep(1)
+    return job_id
+
+
+def _measure(url: str, job_id: str, token: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both modes against ``job_id``'s status: back-to-back, then polling."""
+    rows = []
+    for mode, interval in (("back-to-back", 0.0), (f"polling every {args.poll_interval:g} s", args.poll_interval)):
+        step0 = _step(url, job_id, token)
+        latencies, failures = _load(url, job_id, token, args.clients, args.seconds, interval)
+        step1 = _step(url, job_id, token)
+        ms = sorted(x * 1000 for x in latencies)
+        rows.append({"mode": mode, "ok": len(ms), "failed": failures, "rate": len(ms) / args.seconds,
+                     **{f"p{q}": _percentile(ms, q) for q in (50, 90, 99)}, "max": ms[-1] if ms else float("nan"),
+                     "steps": step1 - step0})
+    return rows
+
+
+def _print(columns: dict[str, list[dict[str, Any]]]) -> None:
+    """One line per mode, the conditions side by side."""
+    labels = list(columns)
+    print(f"  {'':22}" + "".join(f"{label:>46}" for label in labels))
+    print(f"  {'mode':22}" + "".join(f"{'req/s  p50  p90  p99  max (ms)  failed':>46}" for _ in labels))
+    for i, mode in enumerate(r["mode"] for r in columns[labels[0]]):
+        cells = [columns[label][i] for label in labels]
+        print(f"  {mode:22}" + "".join(
+            f"{c['rate']:>14.0f}{c['p50']:>6.0f}{c['p90']:>5.0f}{c['p99']:>5.0f}{c['max']:>5.0f}{c['failed']:>11d}"
+            for c in cells))
+    for label in labels:
+        for row in columns[label]:
+            verdict = "meets" if row["p99"] < TARGET_P99_MS and not row["failed"] else "misses"
+            print(f"  {label}, {row['mode']}: p99 / target ({TARGET_P99_MS:.0f} ms) = {row['p99'] / TARGET_P99_MS:.2f}, "
+                  f"{verdict}" + (f" (training steps meanwhile: {row['steps']})" if row["steps"] else ""))
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point of ``kdray bench service``; returns the process exit code."""
     import httpx
@@ -173,38 +226,31 @@ def run(argv: list[str] | None = None) -> int:
     proc = None
     tmp = None
     token = args.token
+    job_id = None
     try:
+        print(f"GET /v1/jobs/{{id}} from {args.clients} concurrent clients, {args.seconds:.0f} s per cell, "
+              f"host load {os.getloadavg()[0]:.1f} at start:", flush=True)
         if args.server:
             url, job_id = args.server.rstrip("/"), args.job
-        else:
-            tmp = tempfile.TemporaryDirectory(prefix="kdray-bench-service-")
-            token = secrets.token_hex(16)
-            print("starting kdray serve and a training job ...", file=sys.stderr, flush=True)
-            proc, url = _start_service(Path(tmp.name) / "state", token)
-            job_id = _training_job(url, token)
-        print(f"GET /v1/jobs/{{id}} from {args.clients} concurrent clients, {args.seconds:.0f} s each mode, "
-              "while the job trains:")
-        worst = 0.0
-        for label, interval in (("back-to-back (saturation)", 0.0), (f"polling every {args.poll_interval:g} s "
-                                                                       "(like kdray watch)", args.poll_interval)):
-            step0 = _step(url, job_id, token)
-            latencies, failures = _load(url, job_id, token, args.clients, args.seconds, interval)
-            step1 = _step(url, job_id, token)
-            ms = sorted(x * 1000 for x in latencies)
-            p50, p90, p99 = (_percentile(ms, q) for q in (50, 90, 99))
-            print(f"  {label}: {len(ms)} ok, {failures} failed, {len(ms) / args.seconds:.0f} req/s; "
-                  f"ms p50 {p50:.1f} p90 {p90:.1f} p99 {p99:.1f} max {ms[-1] if ms else float('nan'):.1f} "
-                  f"(training steps {step0} -> {step1})")
-            print(f"    p99 / target ({TARGET_P99_MS:.0f} ms) = {p99 / TARGET_P99_MS:.2f}: "
-                  f"{'meets' if p99 < TARGET_P99_MS and not failures else 'misses'} the target")
-            worst = max(worst, p99)
+            _print({"as the service is": _measure(url, job_id, token, args)})
+            return 0
+        tmp = tempfile.TemporaryDirectory(prefix="kdray-bench-service-")
+        token = secrets.token_hex(16)
+        print("starting kdray serve ...", file=sys.stderr, flush=True)
+        proc, url = _start_service(Path(tmp.name) / "state", token)
+        idle = _measure(url, _idle_job(url, token), token, args)
+        print("starting a training job ...", file=sys.stderr, flush=True)
+        job_id = _training_job(url, token)
+        _print({"idle (no job runs)": idle, "while a job trains": _measure(url, job_id, token, args)})
         return 0
     finally:
         if proc is not None:
-            try:
-                httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-            except Exception:
-                pass
+            if job_id is not None:
+                try:
+                    httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {token}"},
+                               timeout=10)
+                except Exception:
+                    pass
             _stop(proc)
         if tmp is not None:
             tmp.cleanup()

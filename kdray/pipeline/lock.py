@@ -1,13 +1,16 @@
-"""One driver per output directory: ``kdray run`` holds ``OUTPUT_DIR/.kdray-run.lock`` for the
-whole run.
+"""Exclusive locks on files that the kernel releases with their process: one driver per output
+directory, one service replica per job store.
 
-Two drivers writing one output directory would share ``state/``, ``events.jsonl`` and
-``student/``, and one's ``--restart`` would delete the other's checkpoints. The lock is a POSIX
-record lock (``fcntl.lockf``) on the file: the kernel drops it when its process ends, however
-it ends (a killed driver leaves no stale lock behind), and NFS (v3 through NLM, v4 natively)
-and Lustre carry such locks between the nodes that share the directory. The file also says
-who holds it, for the error the next driver gets; it is never deleted (a process waiting on
-the old file while a new one is created would hold a lock nobody else sees).
+``kdray run`` holds ``OUTPUT_DIR/.kdray-run.lock`` for the whole run (:func:`output_lock`): two
+drivers writing one output directory would share ``state/``, ``events.jsonl`` and ``student/``,
+and one's ``--restart`` would delete the other's checkpoints. The service's replica holds
+``STATE_DIR/replica.lock`` for its life (:mod:`kdray.service.app`).
+
+Each is a POSIX record lock (``fcntl.lockf``) on the file: the kernel drops it when its process
+ends, however it ends (a killed holder leaves no stale lock behind), and NFS (v3 through NLM,
+v4 natively) and Lustre carry such locks between the nodes that share the directory. The file
+also says who holds it, for the error the next process gets; it is never deleted (a process
+waiting on the old file while a new one is created would hold a lock nobody else sees).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from kdray.errors import OutputDirInUse
 
 LOCK_NAME = ".kdray-run.lock"
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` says who (pid, host, since when)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
 
 
 def _holder(fd: int) -> str:
@@ -39,32 +50,54 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
+def acquire(path: Path, *, wait_s: float = 0.0, **info: Any) -> int:
+    """The open file descriptor of ``path`` (created if need be) holding its exclusive lock;
+    closing it releases the lock. ``info`` is written into the file beside the holder's pid,
+    host and start time.
+
+    Raises:
+        LockHeld: another process still holds it after ``wait_s`` seconds.
+        OSError: the file cannot be created or locked for another reason (a read-only
+            directory; a filesystem without lock support answers ENOLCK).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # held by another process
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LockHeld(_holder(fd)) from None
+                time.sleep(0.5)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), **info}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextmanager
 def output_lock(out: Path, job_id: str | None = None) -> Iterator[None]:
     """Hold the lock of the output directory ``out`` (which must exist) until the block ends.
 
     Raises:
         OutputDirInUse: another process holds it (its pid, host and start are in the message).
-        OSError: the lock file cannot be created or locked for another reason (a read-only
-            directory; a filesystem without lock support answers ENOLCK).
+        OSError: as :func:`acquire`.
     """
-    path = Path(out) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # held by another process
-                raise
-            holder = _holder(fd)
-            raise OutputDirInUse(
-                f"output_dir {out} is in use by another kdray run ({holder}); two jobs in one output "
-                "directory would overwrite each other's state and checkpoints: wait for it to end or stop it, "
-                "or give this job another output_dir", owner=holder) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "job_id": job_id, "argv": sys.argv[:4]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        fd = acquire(Path(out) / LOCK_NAME, job_id=job_id, argv=sys.argv[:4])
+    except LockHeld as held:
+        raise OutputDirInUse(
+            f"output_dir {out} is in use by another kdray run ({held.holder}); two jobs in one output "
+            "directory would overwrite each other's state and checkpoints: wait for it to end or stop it, "
+            "or give this job another output_dir", owner=held.holder) from None
+    try:
         yield
     finally:
         os.close(fd)  # releases the lock

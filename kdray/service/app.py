@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
-from kdray.service import routes_events, routes_health, routes_jobs
+from kdray.service import routes_events, routes_health, routes_jobs, routes_web
 from kdray.service.common import RequestError, error_response
 from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, ServiceConfig, confine_output_dir,
                                   read_token)
@@ -61,7 +62,7 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
     app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
     _install_error_handlers(app)
-    for module in (routes_health, routes_jobs, routes_events):
+    for module in (routes_health, routes_jobs, routes_events, routes_web):
         app.include_router(module.router)
     return app
 
@@ -153,20 +154,66 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
 
 #: Requests the replica takes at once besides its open event streams (each stream is one).
 OTHER_REQUESTS = 100
+#: Ray's resource of the head node; the replica asks for a sliver of it, so it runs on the head
+#: (Ray's own state actors, e.g. Ray Train's, pin themselves the same way).
+HEAD_RESOURCE = "node:__internal_head__"
+#: How long a starting replica waits for the store's owner lock: a replica being replaced
+#: gives it up as it stops.
+OWNER_WAIT_S = 60.0
 
 
-def deployment(config: ServiceConfig) -> Any:
-    """The Ray Serve application: one replica with no CPU reservation (never starves jobs),
-    taking as many requests at once as it keeps event streams, and :data:`OTHER_REQUESTS` more."""
+def own_store(config: ServiceConfig, wait_s: float = OWNER_WAIT_S) -> int:
+    """Take the job store's owner lock, ``STATE_DIR/replica.lock``, for this process's life
+    (the returned descriptor holds it): one replica serves a store (:mod:`kdray.pipeline.lock`).
+
+    Raises:
+        ConfigError: another process still holds it after ``wait_s`` seconds (a second replica,
+            or a second service on the same state directory), naming the holder.
+    """
+    from kdray.pipeline.lock import LockHeld, acquire
+
+    path = Path(config.state_dir) / "replica.lock"
+    try:
+        return acquire(path, wait_s=wait_s, role="kdray service replica")
+    except LockHeld as held:
+        raise ConfigError(
+            f"the job store {config.db_path} already has a kdray service replica ({held.holder}); kdray runs one "
+            "replica per store (num_replicas: 1; SQLite needs its users on one host): stop the other service, or "
+            "give this one another state_dir") from None
+
+
+def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER_WAIT_S) -> int:
+    """What the replica does as it starts, on the head: take the store (:func:`own_store`) and,
+    with ``token_file``, read the API token into the app's config.
+
+    Raises:
+        ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
+    """
+    config: ServiceConfig = app.state.config
+    owner = own_store(config, wait_s)
+    if token_file:
+        token = read_token(token_file)
+        if token is None:
+            raise ConfigError(f"the API token file {token_file} is empty; its first line is the token")
+        app.state.config = replace(config, token=token)
+    return owner
+
+
+def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:
+    """The Ray Serve application: one replica on the head node (:data:`HEAD_RESOURCE`) with no
+    CPU reservation (never starves jobs), taking as many requests at once as it keeps event
+    streams, and :data:`OTHER_REQUESTS` more; it reads ``token_file`` when it starts
+    (:func:`start_replica`), so only the head needs the file."""
     from ray import serve
 
     app = build_app(config)
 
-    @serve.deployment(name="kdray", ray_actor_options={"num_cpus": 0},
+    @serve.deployment(name="kdray", ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}},
                       max_ongoing_requests=config.max_streams + OTHER_REQUESTS)
     @serve.ingress(app)
     class KdrayService:
         def __init__(self) -> None:
+            self._owner = start_replica(app, token_file)
             thread = threading.Thread(target=self._reconcile_forever, daemon=True)
             thread.start()
 
@@ -209,8 +256,11 @@ def app_builder(args: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
     if not args.get("state_dir"):
         raise ConfigError("kdray service arg state_dir is required (where the job store lives)")
-    token = read_token(args.get("token_file"))
-    if token is None:
+    # token_file is read by the replica, on the head (start_replica): this build task may run on
+    # any node, where the file need not be.
+    token_file = str(args["token_file"]) if args.get("token_file") else None
+    token = None if token_file else read_token(None)
+    if token is None and token_file is None:
         raise ConfigError("no API token: set KDRAY_API_TOKEN in the Serve runtime env, or pass token_file")
     state_dir = Path(str(args["state_dir"])).expanduser()
     output_root = Path(str(args.get("output_root") or state_dir / "runs")).expanduser()
@@ -235,4 +285,4 @@ def app_builder(args: dict[str, Any]) -> Any:
         max_running_jobs=None if max_running == "none" else int(max_running),
         max_streams=_whole("max_streams", args.get("max_streams", DEFAULT_MAX_STREAMS)),
     )
-    return deployment(config)
+    return deployment(config, token_file)

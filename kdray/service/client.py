@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
                           "another --port") from None
-    serve.run(deployment(config), name="kdray", route_prefix="/")
+    serve.run(deployment(config, token_file=args.token_file), name="kdray", route_prefix="/")
     print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs); state in {state_dir}; "
           f"job outputs under {output_root}", flush=True)
     stop = {"now": False}

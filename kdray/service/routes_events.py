@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -20,10 +21,11 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from kdray.service.common import RequestError, find_job, get_store, read_access
+from kdray.service.common import MAX_JOB_ID, RequestError, find_job, get_store, read_access
 from kdray.service.store import TERMINAL, JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("kdray.service")
 
 #: Seconds between the poller's reads of the store while streams are open.
 POLL_S = 0.5
@@ -64,6 +66,19 @@ class EventHub:
         self.jobs: dict[str, _Followed] = {}
         self._changed: asyncio.Condition | None = None
         self._poller: asyncio.Task | None = None
+        self._reads: dict[tuple[Any, ...], asyncio.Future] = {}  # store reads in flight, by their arguments
+
+    async def read(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``store.METHOD(*args, **kwargs)`` in the thread pool, shared by every stream that asks
+        for the same read while it is in flight: 200 pages opening on one job at once (a
+        reconnect after a restart) cost one read, not 200. Callers must not modify the result."""
+        key = (method, args, tuple(sorted(kwargs.items())))
+        future = self._reads.get(key)
+        if future is None:
+            future = asyncio.ensure_future(run_in_threadpool(getattr(self.store, method), *args, **kwargs))
+            self._reads[key] = future
+            future.add_done_callback(lambda _: self._reads.pop(key, None))
+        return await asyncio.shield(future)  # a stream that leaves does not cancel the others' read
 
     def take(self) -> Callable[[], None] | None:
         """A slot for one more stream: the function that gives it back (once, however often it
@@ -98,7 +113,7 @@ class EventHub:
                 if job.since is not None and seen >= job.since:  # all it lacks is in the hub
                     batch, complete = [e for e in job.recent if e["seq"] > seen], True
                 else:  # history older than the hub keeps: the store's, in one chunk per read
-                    batch = await run_in_threadpool(self.store.events, job_id, after=seen, limit=500)
+                    batch = await self.read("events", job_id, after=seen, limit=500)
                     complete = len(batch) < 500
                 if batch:
                     yield _frames(batch)
@@ -107,7 +122,7 @@ class EventHub:
                     continue
                 head = job.head
                 if head is None:  # not polled yet: the store's word
-                    head = (await run_in_threadpool(self.store.heads, [job_id])).get(job_id, (seen, "cancelled"))
+                    head = (await self.read("heads", (job_id,))).get(job_id, (seen, "cancelled"))
                 if head[0] <= seen and head[1] in TERMINAL:
                     yield f"event: end\ndata: {json.dumps({'state': head[1]})}\n\n"
                     return
@@ -128,40 +143,50 @@ class EventHub:
         published head never runs past what the hub holds of it, so its streams find there
         every event the head promises."""
         while self.jobs:
-            heads = await run_in_threadpool(self.store.heads, list(self.jobs))
-            changed = False
-            for job_id, (seq, state) in heads.items():
-                job = self.jobs.get(job_id)
-                if job is None:
-                    continue
-                if job.since is None:  # from now on, the hub keeps what is new
-                    job.since = seq
-                last = job.recent[-1]["seq"] if job.recent else job.since
-                if seq > last:
-                    new = await run_in_threadpool(self.store.events, job_id, after=last, limit=BUFFER)
-                    job.recent = (job.recent + new)[-BUFFER:]
-                    job.since = job.recent[0]["seq"] - 1 if job.recent else job.since
-                    last = job.recent[-1]["seq"] if job.recent else last
-                head = (min(seq, last), state)
-                if head != job.head:
-                    job.head, changed = head, True
+            try:
+                changed = await self._tick()
+            except Exception:  # a store read failed (a lock held past its timeout): streams wait, the next tick retries
+                log.exception("event streams: polling the store failed")
+                changed = False
             if changed:
                 async with self._changed:
                     self._changed.notify_all()
             await asyncio.sleep(self.poll_s)
+
+    async def _tick(self) -> bool:
+        """One poll (:meth:`_poll`): whether any followed job changed."""
+        heads = await run_in_threadpool(self.store.heads, list(self.jobs))
+        changed = False
+        for job_id, (seq, state) in heads.items():
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if job.since is None:  # from now on, the hub keeps what is new
+                job.since = seq
+            last = job.recent[-1]["seq"] if job.recent else job.since
+            if seq > last:
+                new = await run_in_threadpool(self.store.events, job_id, after=last, limit=BUFFER)
+                job.recent = (job.recent + new)[-BUFFER:]
+                job.since = job.recent[0]["seq"] - 1 if job.recent else job.since
+                last = job.recent[-1]["seq"] if job.recent else last
+            head = (min(seq, last), state)
+            if head != job.head:
+                job.head, changed = head, True
+        return changed
 
 
 @router.get("/{job_id}/events", dependencies=[Depends(read_access)],
             summary="A job's progress history (JSON page, or a server-sent event stream with stream=true)")
 async def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False,
                  store: JobStore = Depends(get_store)) -> Any:
-    await run_in_threadpool(find_job, store, job_id)
+    hub: EventHub = request.app.state.events
+    if len(job_id) > MAX_JOB_ID or await hub.read("get", job_id) is None:  # a shared read: pages open in bursts
+        await run_in_threadpool(find_job, store, job_id)  # the 404
     if after < 0 or not 1 <= limit <= 10000:
         raise RequestError(422, "invalid query",
                            errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
     if not stream:
         return {"events": await run_in_threadpool(store.events, job_id, after=after, limit=limit)}
-    hub: EventHub = request.app.state.events
     give_back = hub.take()
     if give_back is None:
         raise RequestError(429, f"{hub.cap} event streams are open, the most this service keeps; retry later, "

@@ -7,6 +7,7 @@ problem); the other refusals are :class:`~kdray.service.common.RequestError` wit
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -140,6 +141,34 @@ def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depen
     if text is None:
         raise RequestError(404, f"Ray no longer has the log of job {job_id} (its cluster restarted since it ran)")
     return PlainTextResponse(text)
+
+
+#: What ``GET /v1/jobs/{id}/report`` returns of a job's report.json (its per-step history and
+#: spec are left out: the events and the status hold them).
+REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "evaluation", "judge", "student_dir",
+               "plan")
+
+
+def _report_file(store: JobStore, job_id: str, name: str) -> Path:
+    rec = find_job(store, job_id)
+    path = Path(rec["output_dir"]) / name
+    if not path.is_file():
+        raise RequestError(404, f"job {job_id} has no {name} yet ({rec['state']}): a job writes it as it ends",
+                           state=rec["state"])
+    return path
+
+
+@router.get("/{job_id}/report", summary="The job's report: evaluation table, judge, timings, where the student is",
+            dependencies=[Depends(read_access)])
+def report(job_id: str, store: JobStore = Depends(get_store)) -> Any:
+    data = json.loads(_report_file(store, job_id, "report.json").read_text(encoding="utf-8"))
+    return {k: data.get(k) for k in REPORT_KEYS}
+
+
+@router.get("/{job_id}/report.md", summary="The job's report.md", dependencies=[Depends(read_access)])
+def report_md(job_id: str, store: JobStore = Depends(get_store)) -> Any:
+    return PlainTextResponse(_report_file(store, job_id, "report.md").read_text(encoding="utf-8"),
+                             media_type="text/markdown")
 
 
 # -- cancel ----------------------------------------------------------------------------------

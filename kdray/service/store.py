@@ -30,7 +30,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from kdray.errors import OutputDirInUse
 
@@ -301,7 +301,7 @@ class JobStore:
                        (job_id,))
             db.execute("COMMIT")
 
-    def heads(self, job_ids: list[str]) -> dict[str, tuple[int, str]]:
+    def heads(self, job_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
         """(last event's seq, state) of each of ``job_ids`` that exists, in one read: what an
         event stream needs to know whether to read more (:mod:`kdray.service.routes_events`)."""
         if not job_ids:
@@ -309,7 +309,7 @@ class JobStore:
         marks = ", ".join("?" * len(job_ids))
         with self._db() as db:
             rows = db.execute(f"SELECT j.id, j.state, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = j.id) "
-                              f"AS seq FROM jobs j WHERE j.id IN ({marks})", job_ids).fetchall()
+                              f"AS seq FROM jobs j WHERE j.id IN ({marks})", list(job_ids)).fetchall()
         return {r["id"]: (int(r["seq"]), r["state"]) for r in rows}
 
     def events(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:

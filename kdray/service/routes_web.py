@@ -1,0 +1,20 @@
+"""``GET /``: the service's web page, one static file (``web/index.html``) that reads the API
+from the browser: the jobs table (state, phase, progress, step, ETA; refreshed every 3 s) and,
+for the job picked, its loss curve from its event stream, its held-out evaluation table and
+its report.md and driver log. The bearer token is entered once and kept in the tab's session
+storage; the page itself holds no data, so it needs none."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> HTMLResponse:
+    html = resources.files("kdray.service").joinpath("web/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})

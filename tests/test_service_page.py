@@ -1,0 +1,82 @@
+"""The service's web page (``GET /``) in Debian's chromium, headless, against the app on a real
+HTTP server (uvicorn, no Ray): the token entered once, the jobs table, and for a job its loss
+curve from the event stream, its evaluation table and its report.md. The page following a job
+that a real `kdray serve` runs to the end is in test_service.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from kdray.bench.service import free_port
+from kdray.service.app import ServiceConfig, build_app
+from tests.browser import ARTIFACTS, chromium
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="page-token",
+                           dashboard_url="http://127.0.0.1:1", auth_reads=True)
+    app = build_app(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield app, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, url = server
+    store = app.state.store
+    out = tmp_path / "runs" / "finished"
+    out.mkdir(parents=True)
+    done, _ = store.create(name="finished", spec={}, output_dir=str(out))
+    for step, loss in enumerate((2.5, 1.9, 1.4, 1.2), start=1):
+        store.append_event(done["id"], {"kind": "train_step", "step": step, "total_steps": 4, "loss": loss})
+    (out / "report.json").write_text(json.dumps({"status": "succeeded", "evaluation": {
+        "teacher": {"rougeL": 0.971, "exact_match": 0.968, "mean_length": 3.1},
+        "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4}}}))
+    (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
+    store.update(done["id"], state="succeeded")
+    waiting, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
+
+    driver = chromium(tmp_path / "profile")
+    wait = WebDriverWait(driver, 30)
+    try:
+        driver.get(url + "/")
+        wait.until(lambda d: "API token" in d.find_element(By.ID, "status").text)  # reads need it here
+        driver.find_element(By.ID, "token").send_keys("page-token")
+        driver.find_element(By.ID, "use-token").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 2)
+        states = {tr.get_attribute("data-job"): tr.find_element(By.CSS_SELECTOR, "td.state").text
+                  for tr in driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
+        assert states == {done["id"]: "succeeded", waiting["id"]: "queued"}
+        driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{done["id"]}"]').click()
+        wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "4")
+        wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
+        rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
+        assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 0.335 3.40"]
+        assert f"finished ({done['id']}): succeeded" in driver.find_element(By.ID, "d-title").text
+        driver.find_element(By.ID, "report-link").click()
+        wait.until(lambda d: "The distilled student." in d.find_element(By.ID, "viewer").text)
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "service-page-units.png"))
+        # The token stays for the tab: a reload shows the jobs without asking again.
+        driver.refresh()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 2)
+        assert driver.find_element(By.ID, "status").text == ""
+    finally:
+        driver.quit()
