@@ -134,15 +134,22 @@ def _start_service(state: Path, token: str) -> tuple[subprocess.Popen, str]:
         time.sleep(1)
 
 
-def _training_job(url: str, token: str) -> str:
-    import httpx
+def _demo_spec(name: str) -> dict[str, Any]:
+    """The checkout's toy demo job (jobs/demo.yaml) as ``name``, without held-out evaluation."""
     import yaml
 
-    demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
     if not demo.exists():
         raise SystemExit("jobs/demo.yaml not found: run the benchmark from a kdray checkout, or pass --server/--job")
     spec = yaml.safe_load(demo.read_text())
-    spec.update(name="bench-service", output_dir="bench-service", evaluation={"enabled": False})
+    spec.update(name=name, output_dir=name, evaluation={"enabled": False})
+    return spec
+
+
+def _training_job(url: str, token: str) -> str:
+    import httpx
+
+    spec = _demo_spec("bench-service")
     spec["training"].update(max_steps=100_000)
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         job_id = http.post("/v1/jobs", json=spec).json()["id"]
@@ -167,11 +174,8 @@ def _idle_job(url: str, token: str) -> str:
     """A job that ended (submitted, then cancelled at once): its status is what the idle
     measurement reads, with nothing running on the machine."""
     import httpx
-    import yaml
 
-    demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
-    spec = yaml.safe_load(demo.read_text())
-    spec.update(name="bench-service-idle", output_dir="bench-service-idle", evaluation={"enabled": False})
+    spec = _demo_spec("bench-service-idle")
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         job_id = http.post("/v1/jobs", json=spec).json()["id"]
         http.post(f"/v1/jobs/{job_id}/cancel")
