@@ -46,8 +46,7 @@ def test_a_held_output_dir_is_refused_naming_the_holder_and_freed_when_it_dies(t
         holder.kill()  # as a crash would: no clean-up of its own
         holder.wait()
     with output_lock(tmp_path):  # the kernel dropped the dead holder's lock
-        with output_lock(tmp_path):  # one process may take its own lock again (POSIX record locks)
-            pass
+        pass
     assert (tmp_path / LOCK_NAME).is_file()  # kept: removing it would let two processes lock two files
 
 
@@ -70,3 +69,11 @@ def test_kdray_run_into_a_directory_another_run_holds_exits_2_and_writes_nothing
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_output_dir_that_cannot_hold_the_lock_is_a_clear_error(tmp_path):
+    from kdray.errors import ClusterError
+
+    (tmp_path / LOCK_NAME).mkdir()  # stands in for storage that refuses the file (read-only, no locks)
+    with pytest.raises(ClusterError, match="cannot take its lock file"), output_lock(tmp_path):
+        pass

@@ -44,9 +44,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     out = tmp_path / "runs" / "finished"
     out.mkdir(parents=True)
     done, _ = store.create(name="finished", spec={}, output_dir=str(out))
+    store.update(done["id"], state="running", driver=True)
     for step, loss in enumerate((2.5, 1.9, 1.4, 1.2), start=1):
         store.append_event(done["id"], {"kind": "train_step", "step": step, "total_steps": 4, "loss": loss})
-    (out / "report.json").write_text(json.dumps({"status": "succeeded", "evaluation": {
+    (out / "report.json").write_text(json.dumps({"status": "succeeded", "started": time.time(), "evaluation": {
         "teacher": {"rougeL": 0.971, "exact_match": 0.968, "mean_length": 3.1},
         "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4}}}))
     (out / "report.md").write_text("# finished\n\nThe distilled student.\n")

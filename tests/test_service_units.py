@@ -36,7 +36,8 @@ def test_event_stream_replays_history_then_ends_with_the_final_state(tmp_path):
 def test_app_builder_checks_its_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("KDRAY_API_TOKEN", "secret")
     assert type(app_builder({"state_dir": str(tmp_path)})).__name__ == "Application"
-    assert (tmp_path / "runs").is_dir() and (tmp_path / "kdray.db").exists()
+    # The build touches no store (Serve may build off the head); the replica opens it on the head.
+    assert (tmp_path / "runs").is_dir() and not (tmp_path / "kdray.db").exists()
     with pytest.raises(ConfigError, match="unknown kdray service args"):
         app_builder({"state_dir": str(tmp_path), "stat_dir": "x"})
     with pytest.raises(ConfigError, match="state_dir is required"):
@@ -167,7 +168,7 @@ def test_a_record_without_its_ray_id_is_looked_up_by_its_submission_id(tmp_path)
     store = JobStore(tmp_path / "kdray.db")
     orphan, _ = store.create(name="orphan", spec={}, output_dir="/o/orphan")  # the replica died before saving the id
     never, _ = store.create(name="never", spec={}, output_dir="/o/never")
-    assert [r["id"] for r in store.admit(None)] == [orphan["id"], never["id"]]  # handed to Ray (or about to be)
+    assert [store.admit(None)["id"], store.admit(None)["id"]] == [orphan["id"], never["id"]]  # handed to Ray
     t0 = store.get(never["id"])["admitted"]
     ray = _FakeRay({submission_id(orphan["id"]): "RUNNING"})
     reconcile(store, ray, now=t0 + SUBMIT_GRACE_S + 1)
@@ -472,7 +473,8 @@ def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_pa
 
     config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token=None,
                            dashboard_url="http://127.0.0.1:1")
-    app = build_app(config)  # creates the store
+    app = build_app(config)
+    (tmp_path / "state").mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from kdray.pipeline.lock import acquire; "
          "acquire(Path(sys.argv[1]), role='replica'); print('held', flush=True); time.sleep(600)",
@@ -523,3 +525,88 @@ def test_streams_opening_together_share_their_store_reads():
     first, later, other = asyncio.run(burst())
     assert store.calls == 3 and all(r == [{"seq": 1, "kind": "message"}] for r in first)
     assert later == first[0] and other == [{"seq": 8, "kind": "message"}] and hub._reads == {}
+
+
+def test_a_stream_gets_every_event_before_its_end_even_past_the_hubs_buffer(tmp_path, monkeypatch):
+    """More events arrive between two polls than the hub keeps, and the job ends meanwhile:
+    the stream still gets each event once, in order, then the end (the hub does not publish
+    the end before it holds the last event). A bad Last-Event-ID costs no slot."""
+    import asyncio
+
+    from kdray.service import routes_events
+    from kdray.service.routes_events import EventHub
+
+    monkeypatch.setattr(routes_events, "BUFFER", 3)
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
+    store.append_event(job["id"], {"kind": "message", "text": "first"})
+    hub = EventHub(store, cap=2, poll_s=0.05)
+
+    async def follow():
+        give_back = hub.take()
+        frames = []
+
+        async def read():
+            async for chunk in hub.stream(job["id"], 0, give_back):
+                frames.append(chunk)
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.3)  # polled: the hub keeps what comes from now on
+        for i in range(10):  # more than BUFFER between two polls
+            store.append_event(job["id"], {"kind": "message", "text": f"m{i}"})
+        store.update(job["id"], state="succeeded")
+        await asyncio.wait_for(reader, 10)
+        return "".join(frames)
+
+    text = asyncio.run(follow())
+    ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+    assert ids == list(range(1, 12)) and text.rstrip().endswith('data: {"state": "succeeded"}'), text
+    assert hub.open == 0 and hub.jobs == {}
+
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    app = build_app(config)
+    with TestClient(app) as client:
+        for bad in (b"\xb2", b"9" * 5000, b"-1"):  # '²': isdigit() but no int(); too long; not digits
+            res = client.get(f"/v1/jobs/{job['id']}/events", params={"stream": "true"},
+                             headers={"Last-Event-ID": bad})
+            assert res.status_code == 200 and res.text.count("id: ") == 11  # replayed from the start
+    assert app.state.events.open == 0
+
+
+def test_a_requeued_job_is_cancelled_through_ray_and_reports_belong_to_their_job(tmp_path):
+    """A job whose submit may have reached Ray (requeued after a refusal) is stopped through
+    Ray, not marked cancelled on the spot. A report in the output_dir is served only when this
+    job wrote it, and never through a symlink."""
+    from kdray.service.ray_jobs import submission_id
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    app = build_app(config)
+    ray = app.state.ray_jobs = _FakeRay({})
+    auth = {"Authorization": "Bearer t"}
+    store = app.state.store
+    with TestClient(app) as client:
+        job, _ = store.create(name="a", spec={}, output_dir=str(tmp_path / "runs" / "a"))
+        store.admit(None)
+        store.requeue(job["id"])  # Ray refused the submit for now (or so it seemed)
+        res = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+        assert res.json()["state"] == "cancelling" and ray.stopped == [submission_id(job["id"])]
+
+        out = tmp_path / "runs" / "b"
+        out.mkdir(parents=True)
+        (out / "report.json").write_text(json.dumps({"started": time.time() - 3600, "evaluation": {}}))  # an old job's
+        (out / "report.md").write_text("# old\n")
+        b, _ = store.create(name="b", spec={}, output_dir=str(out))
+        store.update(b["id"], state="running", driver=True)
+        assert client.get(f"/v1/jobs/{b['id']}/report").status_code == 404
+        assert client.get(f"/v1/jobs/{b['id']}/report.md").status_code == 404
+        (out / "report.json").write_text(json.dumps({"started": time.time(), "evaluation": {"teacher": {}}}))
+        assert client.get(f"/v1/jobs/{b['id']}/report").json()["evaluation"] == {"teacher": {}}
+        assert client.get(f"/v1/jobs/{b['id']}/report.md").text == "# old\n"
+        secret = tmp_path / "token"
+        secret.write_text("s3cret")
+        (out / "report.md").unlink()
+        (out / "report.md").symlink_to(secret)
+        res = client.get(f"/v1/jobs/{b['id']}/report.md")
+        assert res.status_code == 404 and "s3cret" not in res.text

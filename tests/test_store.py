@@ -36,10 +36,11 @@ def test_a_record_exists_only_once_its_create_hook_succeeded_and_admission_keeps
     assert store.list()[1] == 0 and store.get(seen[0]) is None  # nothing half-made
     ids = [store.create(name=n, spec={}, output_dir=f"/o/{n}", on_create=seen.append)[0]["id"] for n in "bcd"]
     assert seen[1:] == ids
-    assert [r["id"] for r in store.admit(2)] == ids[:2] and store.admit(2) == []  # two slots, both taken
+    assert store.admit(2, only=ids[1]) is None  # not next in line
+    assert [store.admit(2)["id"], store.admit(2)["id"]] == ids[:2] and store.admit(2) is None  # two slots, taken
     assert store.get(ids[0])["admitted"] is not None and store.queue_position(ids[2]) == 1
     store.update(ids[0], state="succeeded")
-    assert [r["id"] for r in store.admit(2)] == ids[2:]
+    assert store.admit(2, only=ids[2])["id"] == ids[2]
     assert store.requeue(ids[2]) and store.get(ids[2])["state"] == "queued"  # Ray refused it for now
     store.update(ids[1], state="running")
     assert not store.requeue(ids[1])  # only an admitted job whose driver has not started

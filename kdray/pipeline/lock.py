@@ -8,7 +8,8 @@ and one's ``--restart`` would delete the other's checkpoints. The service's repl
 
 Each is a POSIX record lock (``fcntl.lockf``) on the file: the kernel drops it when its process
 ends, however it ends (a killed holder leaves no stale lock behind), and NFS (v3 through NLM,
-v4 natively) and Lustre carry such locks between the nodes that share the directory. The file
+v4 natively) and Lustre mounted with ``-o flock`` carry such locks between the nodes that share
+the directory (NFS with ``nolock`` and Lustre with ``localflock`` keep them per node). The file
 also says who holds it, for the error the next process gets; it is never deleted (a process
 waiting on the old file while a new one is created would hold a lock nobody else sees).
 """
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from kdray.errors import OutputDirInUse
+from kdray.errors import ClusterError, OutputDirInUse
 
 LOCK_NAME = ".kdray-run.lock"
 
@@ -88,10 +89,15 @@ def output_lock(out: Path, job_id: str | None = None) -> Iterator[None]:
 
     Raises:
         OutputDirInUse: another process holds it (its pid, host and start are in the message).
-        OSError: as :func:`acquire`.
+        ClusterError: the lock file cannot be created or locked (read-only storage, or no
+            record locks there).
     """
     try:
         fd = acquire(Path(out) / LOCK_NAME, job_id=job_id, argv=sys.argv[:4])
+    except OSError as exc:  # read-only, or a filesystem without record locks (ENOLCK, ENOSYS, EOPNOTSUPP)
+        raise ClusterError(
+            f"output_dir {out}: cannot take its lock file {LOCK_NAME} ({exc.strerror}); give an output_dir on "
+            "writable storage with POSIX record locks (NFS with locking, Lustre mounted with -o flock)") from None
     except LockHeld as held:
         raise OutputDirInUse(
             f"output_dir {out} is in use by another kdray run ({held.holder}); two jobs in one output "

@@ -56,7 +56,7 @@ def build_app(config: ServiceConfig) -> Any:
     """The FastAPI app (also usable without Serve, e.g. under uvicorn or a test client)."""
     app = FastAPI(title="kdray", version="1", description="Knowledge-distillation jobs on Ray.")
     app.state.config = config
-    app.state.store = JobStore(config.db_path)
+    app.state.store = JobStore(config.db_path, lazy=True)  # opened where it is first used: the replica, on the head
     app.state.events = EventHub(app.state.store, config.max_streams)
     app.state.ray_jobs = RayJobs(config.dashboard_url)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
@@ -183,20 +183,21 @@ def own_store(config: ServiceConfig, wait_s: float = OWNER_WAIT_S) -> int:
 
 
 def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER_WAIT_S) -> int:
-    """What the replica does as it starts, on the head: take the store (:func:`own_store`) and,
-    with ``token_file``, read the API token into the app's config.
+    """What the replica does as it starts, on the head: with ``token_file``, read the API token
+    into the app's config; open the store (create it, or add what an older kdray's lacks); take
+    it (:func:`own_store`).
 
     Raises:
         ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
     """
     config: ServiceConfig = app.state.config
-    owner = own_store(config, wait_s)
     if token_file:
         token = read_token(token_file)
         if token is None:
             raise ConfigError(f"the API token file {token_file} is empty; its first line is the token")
-        app.state.config = replace(config, token=token)
-    return owner
+        config = app.state.config = replace(config, token=token)
+    app.state.store.open()  # created or brought up to date here, on the head
+    return own_store(config, wait_s)
 
 
 def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:

@@ -37,23 +37,30 @@ def entrypoint(config: ServiceConfig, job_id: str) -> str:
             f"{shlex.quote(str(spec_path(config, job_id)))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}")
 
 
-def admit_queued(config: ServiceConfig, store: JobStore, ray: RayJobs, *, answering: str | None = None) -> None:
-    """Hand the queued jobs that fit under ``config.max_running_jobs`` to Ray, oldest first,
-    each under its submission id (:func:`~kdray.service.ray_jobs.submission_id`).
+def admit_queued(config: ServiceConfig, store: JobStore, ray: RayJobs, *, only: str | None = None) -> None:
+    """Hand queued jobs to Ray while slots are free (``config.max_running_jobs``), oldest first,
+    one at a time, each under its submission id (:func:`~kdray.service.ray_jobs.submission_id`).
 
-    A job Ray refuses for now (unavailable) goes back to the queue, keeping its place, and is
-    tried again on the next round; except job ``answering``, the one a submit request is
-    waiting on: it is recorded as failed (the service's conclusion, which its driver takes back
-    if it starts after all) and the :class:`ClusterError` goes to the request (a 503).
+    A job Ray refuses for now (unavailable, after the submit's own retries) goes back to the
+    queue, keeping its place, and the round ends: the reconciler tries again on its next one.
+    With ``only`` (a submit request waiting on that job), that job alone and only if it is next
+    in line; a refusal then records it as failed (the service's conclusion, which its driver
+    takes back if it starts after all) and the :class:`ClusterError` goes to the request (a 503).
+    Any other error puts the job back in the queue and goes on up (a kdray bug).
     """
-    for rec in store.admit(config.max_running_jobs):
+    while (rec := store.admit(config.max_running_jobs, only=only)) is not None:
         try:
             ray_id = ray.submit(entrypoint(config, rec["id"]), submission_id=submission_id(rec["id"]))
         except ClusterError as exc:
-            if rec["id"] == answering:
+            if only is not None:
                 store.update(rec["id"], state="failed", failed_by="service", error=str(exc))
                 raise
             if store.requeue(rec["id"]):
                 log.warning("job %s stays queued: %s", rec["id"], exc)
-            continue
+            return
+        except BaseException:
+            store.requeue(rec["id"])
+            raise
         store.update(rec["id"], ray_job_id=ray_id)
+        if only is not None:
+            return

@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from kdray.service.common import MAX_JOB_ID, RequestError, find_job, get_store, read_access
@@ -57,7 +56,7 @@ class EventHub:
     all its streams). So 200 pages following a training job cost the store two reads per tick,
     not 200; a stream reads the store itself only for history older than what the hub keeps
     (its replay from ``after``). Used from the replica's event loop only (streams open in the
-    handler and close when their generator ends or their client leaves): no lock needed.
+    handler; their slots come back on the loop too, when their response ends): no lock needed.
     """
 
     def __init__(self, store: JobStore, cap: int, poll_s: float = POLL_S):
@@ -99,8 +98,8 @@ class EventHub:
         """Server-sent events of ``job_id``: every event after ``after`` as it is stored (a
         chunk of frames per read), then one ``end`` event with the final state once the job
         ended. ``give_back`` (from :meth:`take`) runs when the stream ends, its client leaving
-        included (Starlette then cancels the generator at its wait); the response also runs it
-        after the stream, for a client that left before the generator started."""
+        included (Starlette then cancels the generator at its wait); the response (:class:`_Stream`)
+        also runs it, for a client that left before the generator started."""
         job = self.jobs.setdefault(job_id, _Followed())
         job.streams += 1
         if self._changed is None:
@@ -144,19 +143,17 @@ class EventHub:
         every event the head promises."""
         while self.jobs:
             try:
-                changed = await self._tick()
+                await self._tick()
             except Exception:  # a store read failed (a lock held past its timeout): streams wait, the next tick retries
                 log.exception("event streams: polling the store failed")
-                changed = False
-            if changed:
+            finally:  # every tick, whatever changed before a failure: a waiting stream re-checks its job
                 async with self._changed:
                     self._changed.notify_all()
             await asyncio.sleep(self.poll_s)
 
-    async def _tick(self) -> bool:
-        """One poll (:meth:`_poll`): whether any followed job changed."""
+    async def _tick(self) -> None:
+        """One poll (:meth:`_poll`): the followed jobs' heads, and their new events."""
         heads = await run_in_threadpool(self.store.heads, list(self.jobs))
-        changed = False
         for job_id, (seq, state) in heads.items():
             job = self.jobs.get(job_id)
             if job is None:
@@ -169,10 +166,9 @@ class EventHub:
                 job.recent = (job.recent + new)[-BUFFER:]
                 job.since = job.recent[0]["seq"] - 1 if job.recent else job.since
                 last = job.recent[-1]["seq"] if job.recent else last
-            head = (min(seq, last), state)
-            if head != job.head:
-                job.head, changed = head, True
-        return changed
+            # Until the hub holds every event, the job is not over for its streams (else one
+            # would end before the last events reached it).
+            job.head = (min(seq, last), state if last >= seq else "running")
 
 
 @router.get("/{job_id}/events", dependencies=[Depends(read_access)],
@@ -187,11 +183,25 @@ async def events(request: Request, job_id: str, after: int = 0, limit: int = 100
                            errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
     if not stream:
         return {"events": await run_in_threadpool(store.events, job_id, after=after, limit=limit)}
-    give_back = hub.take()
+    last = request.headers.get("last-event-id", "")  # EventSource clients resume with Last-Event-ID
+    start = int(last) if last.isascii() and last.isdigit() and len(last) <= 18 else after
+    give_back = hub.take()  # last: nothing below can fail before the response owns the slot
     if give_back is None:
         raise RequestError(429, f"{hub.cap} event streams are open, the most this service keeps; retry later, "
                                 f"or read GET /v1/jobs/{job_id}/events?after=N meanwhile", retry_after=5)
-    last = request.headers.get("last-event-id", "")  # EventSource clients resume with Last-Event-ID
-    start = int(last) if last.isdigit() else after
-    return StreamingResponse(hub.stream(job_id, start, give_back), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"}, background=BackgroundTask(give_back))
+    return _Stream(hub.stream(job_id, start, give_back), give_back)
+
+
+class _Stream(StreamingResponse):
+    """A server-sent event stream that gives its slot back however it ends: its generator's
+    end, its client leaving, or a cancellation before the generator ever started."""
+
+    def __init__(self, content: AsyncIterator[str], give_back: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.give_back = give_back
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.give_back()

@@ -7,6 +7,8 @@ problem); the other refusals are :class:`~kdray.service.common.RequestError` wit
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,9 @@ def parse_body(body: bytes, ctype: str, output_root: str) -> Any:
 
 
 def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, ray: RayJobs) -> Any:
-    """Record the job in the queue and hand what fits to Ray (:func:`~kdray.service.queue.admit_queued`),
-    or replay an idempotent retry. 201 with the job's status (``queued`` while it waits)."""
+    """Record the job in the queue and, when a slot is free and no job waits before it, hand it
+    to Ray (:func:`~kdray.service.queue.admit_queued`), or replay an idempotent retry. 201 with
+    the job's status (``queued`` while it waits: the reconciler admits it within a round)."""
     from kdray.spec import dump_spec
 
     def save_spec(job_id: str) -> None:  # before the record exists for admission: its entrypoint reads it
@@ -85,7 +88,7 @@ def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, r
     if not created:
         return JSONResponse(job_status_of(store, rec), status_code=200, headers={"Idempotent-Replayed": "true"})
     try:
-        admit_queued(config, store, ray, answering=rec["id"])
+        admit_queued(config, store, ray, only=rec["id"])  # if it is next in line; else the reconciler's round
     except ClusterError as exc:  # Ray is down: the record says why; a new submit can succeed
         raise RequestError(503, f"{exc} (job {rec['id']} is recorded as failed; submit again"
                                 f"{' with a new Idempotency-Key' if key else ''})", id=rec["id"]) from None
@@ -149,26 +152,55 @@ REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "ev
                "plan")
 
 
-def _report_file(store: JobStore, job_id: str, name: str) -> Path:
+#: The largest report file the service hands out (report.md of a many-round job is a few KB).
+MAX_REPORT_BYTES = 8 << 20
+
+
+def _read_own(out: Path, name: str) -> bytes | None:
+    """The regular file ``out/name`` itself (a symlink there is refused: the output directory is
+    shared storage that other processes write, and the replica runs beside the API token), or
+    None when there is none. Raises a 413 for one over :data:`MAX_REPORT_BYTES`."""
+    try:
+        fd = os.open(out / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size > MAX_REPORT_BYTES:
+            raise RequestError(413, f"{out / name} is over {MAX_REPORT_BYTES >> 20} MiB; read it from the output "
+                                    "directory")
+        return fh.read()
+
+
+def _report(store: JobStore, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the job's record, its report.json), or a 404 until this job wrote it: a report from an
+    earlier job in the same output_dir (started before this one) is not this job's."""
     rec = find_job(store, job_id)
-    path = Path(rec["output_dir"]) / name
-    if not path.is_file():
-        raise RequestError(404, f"job {job_id} has no {name} yet ({rec['state']}): a job writes it as it ends",
+    out = Path(rec["output_dir"])
+    raw = _read_own(out, "report.json") if Path(os.path.realpath(out)) == out else None
+    report = json.loads(raw) if raw else None
+    if report is None or rec.get("started") is None or float(report.get("started") or 0) < rec["started"] - 1:
+        raise RequestError(404, f"job {job_id} has no report yet ({rec['state']}): a job writes it as it ends",
                            state=rec["state"])
-    return path
+    return rec, report
 
 
 @router.get("/{job_id}/report", summary="The job's report: evaluation table, judge, timings, where the student is",
             dependencies=[Depends(read_access)])
 def report(job_id: str, store: JobStore = Depends(get_store)) -> Any:
-    data = json.loads(_report_file(store, job_id, "report.json").read_text(encoding="utf-8"))
+    _, data = _report(store, job_id)
     return {k: data.get(k) for k in REPORT_KEYS}
 
 
 @router.get("/{job_id}/report.md", summary="The job's report.md", dependencies=[Depends(read_access)])
 def report_md(job_id: str, store: JobStore = Depends(get_store)) -> Any:
-    return PlainTextResponse(_report_file(store, job_id, "report.md").read_text(encoding="utf-8"),
-                             media_type="text/markdown")
+    rec, _ = _report(store, job_id)
+    text = _read_own(Path(rec["output_dir"]), "report.md")
+    if text is None:
+        raise RequestError(404, f"job {job_id} has no report.md", state=rec["state"])
+    return PlainTextResponse(text.decode("utf-8", errors="replace"), media_type="text/markdown")
 
 
 # -- cancel ----------------------------------------------------------------------------------
@@ -177,7 +209,7 @@ def cancel(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Dep
     rec = find_job(store, job_id)
     if rec["state"] in TERMINAL:
         raise RequestError(409, f"job {job_id} already ended ({rec['state']})", state=rec["state"])
-    if store.cancel_queued(job_id):  # still waiting: nothing of it runs
+    if store.cancel_queued(job_id):  # still waiting, never handed to Ray: nothing of it runs
         return job_status_of(store, store.get(job_id))
     store.update(job_id, state="cancelling")
     # A record without its Ray id yet (a submit in flight): stop it by its submission id; if Ray

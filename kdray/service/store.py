@@ -99,10 +99,20 @@ def _finite(value: Any) -> Any:
 class JobStore:
     """Job records and events in one SQLite file; safe to share between processes."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, lazy: bool = False):
+        """The store in the file ``path``, created (with its directory) or brought up to date
+        now, or with ``lazy`` on first use: the service's app is built where Ray Serve builds
+        it, which may be any node, and its store is first used by the replica, on the head."""
         self.path = Path(path)
+        self._ready = False
+        if not lazy:
+            self.open()
+
+    def open(self) -> None:
+        """Create the file and its tables, or add what an older kdray's store lacks; idempotent."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
+        db = self._connect()
+        try:
             db.execute("PRAGMA journal_mode=WAL")  # stored in the file: set once, not per connection
             db.executescript(_SCHEMA)
             db.execute("BEGIN IMMEDIATE")  # two processes opening an older store: one adds the columns
@@ -111,11 +121,20 @@ class JobStore:
                 if column not in have:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
             db.execute("COMMIT")
+        finally:
+            db.close()
+        self._ready = True
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # waits up to 30 s on a lock
+        db.row_factory = sqlite3.Row
+        return db
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # waits up to 30 s on a lock
-        db.row_factory = sqlite3.Row
+        if not self._ready:
+            self.open()
+        db = self._connect()
         try:
             yield db
         finally:
@@ -168,40 +187,43 @@ class JobStore:
             db.execute("COMMIT")
         return self.get(job_id), True
 
-    def admit(self, max_running: int | None) -> list[dict[str, Any]]:
-        """The queued jobs that may start now, oldest first, each moved to ``pending`` (with
-        ``admitted`` set) in one transaction: as many as keep the jobs in :data:`ADMITTED`
-        states at most ``max_running`` (None: no limit). The caller hands each to Ray."""
+    def admit(self, max_running: int | None, only: str | None = None) -> dict[str, Any] | None:
+        """The next queued job (the oldest), moved to ``pending`` with ``admitted`` set, in one
+        transaction, when fewer than ``max_running`` jobs (None: no limit) are in :data:`ADMITTED`
+        states; else None. With ``only``, that job alone, and only when it is the next. The caller
+        hands it to Ray before admitting another, so ``admitted`` is when its submit began."""
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             running = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'running', 'cancelling')"
                                  ).fetchone()[0]
-            free = -1 if max_running is None else max(0, max_running - running)
-            rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id LIMIT ?",
-                              (free,)).fetchall()
-            ids = [r["id"] for r in rows]
-            db.executemany("UPDATE jobs SET state = 'pending', admitted = ?, updated = ? WHERE id = ?",
-                           [(now, now, i) for i in ids])
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, id LIMIT 1").fetchone()
+            if row is None or (max_running is not None and running >= max_running) or (only and row["id"] != only):
+                db.execute("COMMIT")
+                return None
+            db.execute("UPDATE jobs SET state = 'pending', admitted = ?, updated = ? WHERE id = ?",
+                       (now, now, row["id"]))
             db.execute("COMMIT")
-        return [self.get(i) for i in ids]
+        return self.get(row["id"])
 
     def requeue(self, job_id: str) -> bool:
         """Put an admitted job whose submit Ray refused for now back in the queue (it keeps its
-        place: the queue is ordered by creation). False when it has moved on meanwhile
-        (cancelled, or its driver already started)."""
+        place: the queue is ordered by creation; ``admitted`` stays, saying a submit was tried,
+        which may have reached Ray after all). False when it has moved on meanwhile (cancelled,
+        or its driver already started)."""
         with self._db() as db:
-            cur = db.execute("UPDATE jobs SET state = 'queued', admitted = NULL, updated = ? "
-                             "WHERE id = ? AND state = 'pending'", (time.time(), job_id))
+            cur = db.execute("UPDATE jobs SET state = 'queued', updated = ? WHERE id = ? AND state = 'pending'",
+                             (time.time(), job_id))
         return cur.rowcount > 0
 
     def cancel_queued(self, job_id: str) -> bool:
-        """Cancel a job that still waits in the queue (nothing of it runs): False when it is not
-        queued (admitted meanwhile: it is stopped through Ray instead)."""
+        """Cancel a job that waits in the queue and was never handed to Ray: nothing of it can
+        run. False otherwise (admitted meanwhile, or requeued after a submit that may have
+        reached Ray: it is stopped through Ray instead)."""
         now = time.time()
         with self._db() as db:
             cur = db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, updated = ? "
-                             "WHERE id = ? AND state = 'queued'", (now, now, job_id))
+                             "WHERE id = ? AND state = 'queued' AND admitted IS NULL", (now, now, job_id))
         return cur.rowcount > 0
 
     def queue_position(self, job_id: str) -> int | None:
