@@ -31,3 +31,25 @@ def chromium(profile: Path):
                  f"--user-data-dir={profile}", "--window-size=1280,1100"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def waiting(driver, timeout: float = 30):
+    """A WebDriverWait that retries through elements the page redrew meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def click(driver, css: str, timeout: float = 60) -> None:
+    """Click the element ``css`` selects once it is there (again if the page redrew it first)."""
+    from selenium.webdriver.common.by import By
+
+    def clicked(d) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        if not found:
+            return False
+        found[0].click()
+        return True
+
+    waiting(driver, timeout).until(clicked)

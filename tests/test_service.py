@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdray.bench.service import free_port
-from tests.browser import ARTIFACTS, chromium
+from tests.browser import ARTIFACTS, chromium, click, waiting
 from tests.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +235,6 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
 
     # The web page, in a real browser, follows the job while `kdray watch` does.
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = chromium(tmp_path / "profile")
     try:
@@ -243,8 +242,7 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "use-token").click()
         row = f'tr[data-job="{job_id}"]'
-        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
-        browser.find_element(By.CSS_SELECTOR, row).click()
+        click(browser, row)
 
         watch = kdray("watch", job_id, "--server", service.url, cwd=tmp_path)
         assert watch.returncode == 0, watch.stdout + watch.stderr
@@ -252,7 +250,7 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
 
         # The page saw the job end: its row, its loss curve (both steps, from the event
         # stream), its title, and the report it loaded once the stream said the job ended.
-        wait = WebDriverWait(browser, 30)
+        wait = waiting(browser, 30)
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{row} td.state").text == "succeeded")
         wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "2")
         wait.until(lambda d: "without held-out evaluation" in d.find_element(By.ID, "evaluation").text)

@@ -14,7 +14,7 @@ import uvicorn
 
 from kdray.bench.service import free_port
 from kdray.service.app import ServiceConfig, build_app
-from tests.browser import ARTIFACTS, chromium
+from tests.browser import ARTIFACTS, chromium, click, waiting
 
 
 @pytest.fixture
@@ -37,7 +37,6 @@ def server(tmp_path):
 
 def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     app, url = server
     store = app.state.store
@@ -52,10 +51,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4}}}))
     (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
     store.update(done["id"], state="succeeded")
-    waiting, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
+    queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
 
     driver = chromium(tmp_path / "profile")
-    wait = WebDriverWait(driver, 30)
+    wait = waiting(driver, 30)
     try:
         driver.get(url + "/")
         wait.until(lambda d: "API token" in d.find_element(By.ID, "status").text)  # reads need it here
@@ -64,14 +63,14 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 2)
         states = {tr.get_attribute("data-job"): tr.find_element(By.CSS_SELECTOR, "td.state").text
                   for tr in driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
-        assert states == {done["id"]: "succeeded", waiting["id"]: "queued"}
-        driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{done["id"]}"]').click()
+        assert states == {done["id"]: "succeeded", queued["id"]: "queued"}
+        click(driver, f'tr[data-job="{done["id"]}"]')
         wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "4")
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
         assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 0.335 3.40"]
         assert f"finished ({done['id']}): succeeded" in driver.find_element(By.ID, "d-title").text
-        driver.find_element(By.ID, "report-link").click()
+        click(driver, "#report-link")
         wait.until(lambda d: "The distilled student." in d.find_element(By.ID, "viewer").text)
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "service-page-units.png"))
