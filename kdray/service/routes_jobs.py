@@ -96,8 +96,10 @@ def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, r
 
 
 def job_status_of(store: JobStore, rec: dict[str, Any]) -> dict[str, Any]:
-    """:func:`~kdray.service.common.status` with, for a queued job, its place in the queue."""
-    return {**status(rec), "queue_position": store.queue_position(rec["id"])}
+    """:func:`~kdray.service.common.status` with, for a queued job, its place in the queue (one
+    more read for queued jobs only: a status read is what every page and client polls)."""
+    position = store.queue_position(rec["id"]) if rec["state"] == "queued" else None
+    return {**status(rec), "queue_position": position}
 
 
 @router.post("", status_code=201, summary="Submit a JobSpec (JSON or YAML)", dependencies=[Depends(write_access)])
