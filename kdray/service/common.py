@@ -83,9 +83,10 @@ async def write_access(request: Request) -> None:
     _need_token(request, write=True)
 
 
-def find_job(store: JobStore, job_id: str) -> dict[str, Any]:
-    """The job's record, or a 404 (called in the handler's thread: the store blocks)."""
-    rec = store.get(job_id) if len(job_id) <= MAX_JOB_ID else None
+def find_job(store: JobStore, job_id: str, wait_s: float = 30.0) -> dict[str, Any]:
+    """The job's record, or a 404 (called in the handler's thread: the store blocks, up to
+    ``wait_s`` on a locked file: :meth:`~kdray.service.store.JobStore.get`)."""
+    rec = store.get(job_id, wait_s=wait_s) if len(job_id) <= MAX_JOB_ID else None
     if rec is None:
         raise RequestError(404, f"no job {job_id!r}")
     return rec

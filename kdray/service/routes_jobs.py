@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+#: How long a status read on the replica's event loop waits for a locked store before it
+#: leaves the loop for a pool thread (:func:`job_status`).
+INLINE_WAIT_S = 0.05
 
 
 # -- submit ----------------------------------------------------------------------------------
@@ -133,8 +138,18 @@ def list_jobs(state: str | None = None, limit: int = 50, offset: int = 0,
 
 @router.get("/{job_id}", summary="A job's state, phase, progress and latest metrics",
             dependencies=[Depends(read_access)])
-def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
-    return job_status_of(store, find_job(store, job_id))
+async def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
+    # On the event loop, not the thread pool: the read of one row takes well under a
+    # millisecond, and on a busy head the hop to a pool thread and back was most of a status
+    # read's time (docs/service.md, "Latency"). A store locked past INLINE_WAIT_S is read again
+    # from a pool thread, so the loop never waits on it; so is a queued job's place in line.
+    try:
+        rec = find_job(store, job_id, wait_s=INLINE_WAIT_S)
+    except sqlite3.OperationalError:
+        rec = await run_in_threadpool(find_job, store, job_id)
+    if rec["state"] == "queued":
+        return await run_in_threadpool(job_status_of, store, rec)
+    return job_status_of(store, rec)
 
 
 @router.get("/{job_id}/logs", summary="The job's driver log (from Ray Jobs)", dependencies=[Depends(read_access)])

