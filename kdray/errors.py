@@ -72,6 +72,11 @@ class ConfigError(KdrayError):
     Ray Serve application's args)."""
 
 
+class JobCancelled(KdrayError):
+    """A job the service submitted was cancelled before its driver started (``kdray run
+    --store``): the driver exits without running it."""
+
+
 class OutputDirInUse(KdrayError):
     """Another job owns the ``output_dir``: a ``kdray run`` holds its lock file
     (:mod:`kdray.pipeline.lock`), or the service has an active job writing there (HTTP 409).

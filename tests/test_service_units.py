@@ -256,6 +256,23 @@ def test_a_driver_without_its_record_refuses_to_run(tmp_path):
         Tracker(str(tmp_path / "kdray.db"), "abc")
 
 
+def test_a_driver_whose_job_was_cancelled_before_it_started_does_not_run(tmp_path):
+    """Ray may start a job it answered a stop for while the job was PENDING
+    (ray-project/ray#58353): its driver finds the record cancelling or cancelled and exits."""
+    from kdray.errors import JobCancelled
+    from kdray.service.tracking import Tracker
+
+    store = JobStore(tmp_path / "kdray.db")
+    for state in ("cancelling", "cancelled"):
+        job, _ = store.create(name=state, spec={}, output_dir=f"/o/{state}")
+        store.update(job["id"], state=state)
+        with pytest.raises(JobCancelled, match=f"job {job['id']} was cancelled before its driver started"):
+            Tracker(str(tmp_path / "kdray.db"), job["id"])
+        assert store.get(job["id"])["state"] == "cancelled"
+    job, _ = store.create(name="queued", spec={}, output_dir="/o/queued")
+    assert Tracker(str(tmp_path / "kdray.db"), job["id"]).job_id == job["id"]  # any other state runs
+
+
 def test_a_cancel_before_ray_has_the_job_is_carried_out_when_it_does(tmp_path):
     from kdray.service.app import LOST_AFTER_CHECKS, LOST_AFTER_S, reconcile
     from kdray.service.ray_jobs import submission_id

@@ -9,7 +9,7 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from kdray.errors import ConfigError, SpecError, user_error
+from kdray.errors import ConfigError, JobCancelled, SpecError, user_error
 
 
 class Tracker:
@@ -33,10 +33,17 @@ class Tracker:
                 raise ConfigError(f"--store {store_path}: no job store there; kdray serve passes the store it "
                                   "created (run the job without --store to run it by hand)")
             self.store = JobStore(store_path)
-            if self.store.get(job_id) is None:
+            rec = self.store.get(job_id)
+            if rec is None:
                 raise ConfigError(f"--job-id {job_id}: the job store {store_path} has no such job; kdray serve "
                                   "passes the id of the record it created (run the job without --store to run it "
                                   "by hand)")
+            # Cancelled before this driver started: Ray answers a stop of a job it still has
+            # PENDING but may start its entrypoint all the same (ray-project/ray#58353), and
+            # the record's terminal state would hide a job training on.
+            if rec["state"] in ("cancelling", "cancelled"):
+                self.store.update(job_id, state="cancelled", driver=True)
+                raise JobCancelled(f"job {job_id} was cancelled before its driver started; it does not run")
 
     def attach(self, reporter: Any) -> None:
         """The run starts: its events go to the record, which says running. Ray Jobs stops a
