@@ -119,6 +119,8 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert ray_run["steps"] == bare["steps"] == 10 and ray_run["steady_steps"] == bare["steady_steps"] == 7
     assert ray_run["tokens_per_s"] > 0 and bare["tokens_per_s"] > 0
     assert data["overhead"] == pytest.approx(bare["tokens_per_s"] / ray_run["tokens_per_s"])
+    assert data["overhead_rounds"] == [data["overhead"]]  # --quick: one round of the job and the bare loop
+    assert "over 1 rounds" in res.stdout and "host load (1-min average)" in res.stdout
     assert ray_run["startup_s"] > 0 and bare["startup_s"] > 0
     assert set(data["modes"]) == {"online"} and data["modes"]["online"]["peak_rss_mb"] > 100
     # The memory section (--quick: on the toy jobs): each mode's measured peak beside its estimate.

@@ -312,6 +312,7 @@ def test_bench_generation_quick_prints_the_ratios():
     assert "vllm pool overhead vs bare vllm" in out
     assert out.count("x (") >= 2 and "% (" in out  # ratios measured, not '-'
     assert "targets:" in out and out.count("] ") >= 3
+    assert "host load (1-min average)" in out  # --quick: one round; the variants interleave over --rounds
     # the top-k records section: bytes/token and gradient cosine at k = 16 and 20 are checked
     assert "top-k teacher records on the toy teacher" in out
     assert "top-k k=16:" in out and "top-k k=20:" in out

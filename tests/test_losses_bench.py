@@ -11,10 +11,15 @@ from kdray.bench import losses as bench_losses
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_bench_runs_and_reports_ratios(capsys):
-    argv = ["--tokens", "32", "--vocab", "300", "--repeats", "1", "--variants", "naive", "kdray"]
+    argv = ["--tokens", "32", "--vocab", "300", "--repeats", "1", "--rounds", "2", "--variants", "naive", "kdray"]
     assert bench_losses.run(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "naive/kdray  peak RSS" in out and "unavailable" not in out
+    # interleaved: naive, kdray, naive, kdray; the time ratio is the median of the rounds'
+    assert [line.split(": ")[1] for line in captured.err.splitlines() if line.startswith("round ")] == \
+        ["naive at V=300 ...", "kdray at V=300 ..."] * 2
+    assert "over 2 rounds)" in out and "host load (1-min average)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("naive ", "kdray "))}
     assert set(rows) == {"naive", "kdray"}
     # same objective on the same inputs: the loss and gradient norms agree

@@ -22,7 +22,7 @@ whose start-up is timed by a run of the same pool answering one prompt with one 
 end* -- all tokens over the whole wall time, start-up included (for a pool: Ray Data, the actor
 and the model load; for a bare engine: the model load). Targets (issue 5): vLLM pool / HF
 generate >= 2x, and the pool's overhead over bare vLLM while generating, ``bare / pool - 1``
-in tokens/s, <= 15%.
+in tokens/s, <= 15%; each the median of ``--rounds`` interleaved rounds (:mod:`kdray.bench.interleave`).
 
 The benchmark is a list of sections (:data:`SECTIONS`); each takes the parsed arguments and the
 model directory and returns rich renderables and (target, ok) checks, so another section is
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdray.bench.interleave import HostLoad, interleave, ratio_summary
 from kdray.bench.signal import section_topk
 
 VARIANTS = ("vllm_pool", "bare_vllm", "hf_pool", "bare_hf")
@@ -238,7 +240,7 @@ def _worker(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- driver
 
 
-def _spawn(args: argparse.Namespace, variant: str, model_dir: str) -> dict[str, Any]:
+def _spawn(args: argparse.Namespace, variant: str, model_dir: str, round_: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "kdray.bench.generation", "--worker", variant, "--model-dir", model_dir,
            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--batch-size",
            str(args.batch_size), "--threads", str(args.threads)]
@@ -248,13 +250,21 @@ def _spawn(args: argparse.Namespace, variant: str, model_dir: str) -> dict[str, 
     from kdray.spec import GenerationSpec
 
     env = {**os.environ, **pool_env(GenerationSpec()), "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    print(f"running {LABELS[variant]} ...", file=sys.stderr, flush=True)
+    print(f"round {round_ + 1}/{args.rounds}: {LABELS[variant]} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"variant": variant, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return json.loads(lines[-1])
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds as one row: the first that ran, with the rounds' median times."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    return {**ok[0], **{k: statistics.median(r[k] for r in ok) for k in ("gen_s", "total_s", "load_s")}}
 
 
 def _tps(r: dict[str, Any], generating: bool) -> float | None:
@@ -273,7 +283,8 @@ def section_throughput(args: argparse.Namespace, model_dir: str) -> tuple[list[A
     """Tokens/s of the four variants side by side, and the two ratios against their targets."""
     from rich.table import Table
 
-    results = {v: _spawn(args, v, model_dir) for v in args.variants}
+    rounds = interleave(lambda v, r: _spawn(args, v, model_dir, r), args.variants, args.rounds)
+    results = {v: _median_run(runs) for v, runs in rounds.items()}
     table = Table(title=f"generation throughput: {args.prompts} prompts x {args.new_tokens} new tokens, "
                         f"batch {args.batch_size}, {args.threads} thread(s), {args.model_label}")
     columns = ("variant", "generating tok/s", "end-to-end tok/s", "start-up s", "generating s", "total s",
@@ -289,19 +300,19 @@ def section_throughput(args: argparse.Namespace, model_dir: str) -> tuple[list[A
         table.add_row(LABELS[v], _f(_tps(r, True)), _f(_tps(r, False)), _f(r["load_s"], "{:.1f}"),
                       _f(r["gen_s"], "{:.1f}"), _f(r["total_s"], "{:.1f}"), note)
 
-    ratios = Table(title="ratios while generating (end to end, start-up included, in brackets)")
+    ratios = Table(title=f"ratios while generating, median of {args.rounds} round(s) (end to end in brackets)")
     for col in ("ratio", "measured", "target", "met"):
         ratios.add_column(col, justify="left" if col == "ratio" else "right")
     checks: list[tuple[str, bool]] = []
 
     def ratio(name: str, a: str, b: str, target: str, ok: Callable[[float], bool], as_overhead: bool = False) -> None:
-        ra, rb = results.get(a, {"error": "not run"}), results.get(b, {"error": "not run"})
-        values = []
-        for generating in (True, False):
-            x, y = _tps(ra, generating), _tps(rb, generating)
-            values.append(None if x is None or y is None else (y / x - 1 if as_overhead else x / y))
+        """Per round (a, b interleaved), a's tokens/s over b's (b's over a's, less 1, as an overhead)."""
+        num, den = (rounds.get(v, [{"error": "not run"}] * args.rounds) for v in ((b, a) if as_overhead else (a, b)))
+        summaries = [ratio_summary([_tps(r, g) for r in num], [_tps(r, g) for r in den]) for g in (True, False)]
+        values = [None if sm is None else sm.median - 1 if as_overhead else sm.median for sm in summaries]
         fmt = "{:+.1%}" if as_overhead else "{:.2f}x"
-        measured = f"{_f(values[0], fmt)} ({_f(values[1], fmt)})"
+        spread = f", spread {summaries[0].spread:.0%}" if summaries[0] is not None and args.rounds > 1 else ""
+        measured = f"{_f(values[0], fmt)}{spread} ({_f(values[1], fmt)})"
         met = None if values[0] is None else ok(values[0])
         ratios.add_row(name, measured, target, "-" if met is None else "yes" if met else "NO")
         if met is not None:
@@ -332,6 +343,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="intra-op threads of every variant; a pool replica reserves as many CPUs (default 1)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile / CUDA graphs")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the variants (default 3; --quick 1)")
     p.add_argument("--sections", nargs="+", default=None, help=f"sections to run (default all: {', '.join(SECTIONS)})")
     p.add_argument("--model-dir", default=None, help="benchmark this save_pretrained model instead of building one")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
@@ -348,6 +360,9 @@ def run(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.enforce_eager = args.enforce_eager or args.quick  # a smoke run skips vLLM's compile
+    args.rounds = (1 if args.quick else 3) if args.rounds is None else args.rounds
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
     if args.worker:
         return _worker(args)
     for name in args.sections or []:
@@ -368,14 +383,16 @@ def run(argv: list[str] | None = None) -> int:
             AutoConfig.from_pretrained(model_dir)  # fails early on a wrong directory
             args.model_label = model_dir
         checks: list[tuple[str, bool]] = []
-        for name in args.sections or list(SECTIONS):
-            renderables, section_checks = SECTIONS[name](args, model_dir)
-            for item in renderables:
-                console.print(item)
-            checks += section_checks
+        with HostLoad() as load:
+            for name in args.sections or list(SECTIONS):
+                renderables, section_checks = SECTIONS[name](args, model_dir)
+                for item in renderables:
+                    console.print(item)
+                checks += section_checks
     console.print("targets:" if checks else "targets: none evaluated")
     for text, ok in checks:
         console.print(f"  [{'ok' if ok else 'MISS'}] {text}", highlight=False, markup=False)
+    console.print(str(load))
     return 1 if args.check and not all(ok for _, ok in checks) else 0
 
 

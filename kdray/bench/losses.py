@@ -19,7 +19,10 @@ from ``/proc/self/status`` after resetting it by writing ``5`` to
 ``/proc/self/clear_refs`` just before each measured step; the RSS at that moment
 (libraries, inputs, weights) is reported too, and "step" memory is peak minus that.
 Time is the median wall time of the measured steps after one warm-up step (which also
-pays Liger's ``torch.compile``).
+pays Liger's ``torch.compile``). The variants run interleaved, ``--rounds`` times (naive,
+liger, kdray, naive, liger, kdray, ...: :mod:`kdray.bench.interleave`); a time ratio is the
+median of the per-round ratios, printed with their spread, and the host's load over the run
+is printed at the end.
 
 Usage: ``python -m kdray.bench.losses [--quick] [--vocab 32000 128256] ...``
 (``kdray bench losses`` is the same). Linux only (``/proc``).
@@ -36,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from kdray.bench.interleave import HostLoad, interleave, ratio_summary
 
 VARIANTS = ("naive", "liger", "kdray")
 LIGER_HINT = "pip install --no-deps liger-kernel==0.8.5  (its chunked losses need only torch on CPU)"
@@ -212,7 +217,18 @@ def _ratio(a: dict, b: dict, key: str) -> float | None:
     return a[key] / b[key]
 
 
-def _report(vocab: int, results: dict[str, dict], args: argparse.Namespace) -> list[tuple[str, bool]]:
+def _combine(runs: list[dict]) -> dict:
+    """One variant's rounds as one row: the first error if any round failed, else the first
+    round's values with the median of the rounds' median times and the largest memory figures."""
+    for r in runs:
+        if "error" in r:
+            return r
+    return {**runs[0], "median_s": statistics.median(r["median_s"] for r in runs),
+            **{k: max(r[k] for r in runs) for k in ("peak_rss_mib", "base_rss_mib", "step_mib")}}
+
+
+def _report(vocab: int, rounds: dict[str, list[dict]], args: argparse.Namespace) -> list[tuple[str, bool]]:
+    results = {name: _combine(runs) for name, runs in rounds.items()}
     print(f"\nN={args.tokens}  Hs={args.student_hidden}  Ht={args.teacher_hidden}  V={vocab}  "
           f"JSD(beta={args.beta})  T={args.temperature}  forward+backward, float32")
     header = f"{'variant':<8}{'peak RSS MiB':>14}{'base MiB':>10}{'step MiB':>10}{'median s':>10}{'warm-up s':>11}" \
@@ -230,11 +246,11 @@ def _report(vocab: int, results: dict[str, dict], args: argparse.Namespace) -> l
     print("ratios (other / kdray; > 1 means kdray is better):")
     for other in ("naive", "liger"):
         o = results.get(other, {"error": "not run"})
-        peak, step, speed = _ratio(o, k, "peak_rss_mib"), _ratio(o, k, "step_mib"), _ratio(o, k, "median_s")
-        print(
-            f"  {other:>5}/kdray  peak RSS {_fmt(peak, 'x')}   step memory {_fmt(step, 'x')}   "
-            f"time {_fmt(speed, 'x')}"
-        )
+        peak, step = _ratio(o, k, "peak_rss_mib"), _ratio(o, k, "step_mib")
+        times = ratio_summary(*([r.get("median_s") for r in rounds.get(name, [])] for name in (other, "kdray")))
+        speed = times.median if times is not None else None
+        print(f"  {other:>5}/kdray  peak RSS {_fmt(peak, 'x')}   step memory {_fmt(step, 'x')}   "
+              f"time {times if times is not None else '-'}")
         if peak is None:
             continue
         # Targets of the loss-library issue: naive/kdray >= 10x at V = 128k (at smaller V
@@ -258,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.5, help="JSD beta, same for every variant (default 0.5)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="measured steps per variant after one warm-up")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of all variants, each in fresh processes (default 3; 1 with --quick)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--chunk-size", type=int, default=None, help="kdray tokens per chunk (default: auto)")
     p.add_argument("--liger-chunk-size", type=int, default=1024, help="Liger chunk_size (its default 1024)")
@@ -274,6 +292,10 @@ def run(argv: list[str] | None = None) -> int:
         args.vocab = [4096, 16384] if args.quick else [32000, 128256]
     if args.quick and args.tokens == 2048:
         args.tokens = 256
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
     if not 0.0 < args.beta < 1.0:
         raise SystemExit("--beta must lie strictly between 0 and 1 (the end points are plain KL)")
     if args.worker:
@@ -283,12 +305,14 @@ def run(argv: list[str] | None = None) -> int:
         print("kdray bench losses needs Linux /proc (VmHWM, clear_refs) to measure peak memory", file=sys.stderr)
         return 2
     checks: list[tuple[str, bool]] = []
-    for vocab in args.vocab:
-        results = {}
-        for variant in args.variants:
-            print(f"running {variant} at V={vocab} ...", file=sys.stderr, flush=True)
-            results[variant] = _spawn(args, variant, vocab)
-        checks += _report(vocab, results, args)
+    with HostLoad() as load:
+        for vocab in args.vocab:
+            def measure(variant: str, r: int, vocab: int = vocab) -> dict:
+                print(f"round {r + 1}/{args.rounds}: {variant} at V={vocab} ...", file=sys.stderr, flush=True)
+                return _spawn(args, variant, vocab)
+
+            checks += _report(vocab, interleave(measure, args.variants, args.rounds), args)
+    print(f"\n{load}")
     print("\ntargets:" if checks else "\ntargets: none evaluated (needs the naive or liger variant)")
     for text, ok in checks:
         print(f"  [{'ok' if ok else 'MISS'}] {text}")

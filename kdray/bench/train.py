@@ -20,7 +20,9 @@ Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, for
   baseline (on tiny models extra intra-op threads mostly add synchronisation); ``--quick``
   runs 1 thread only.
 
-The overhead is bare tokens/s over Ray's (target <= 1.3x). Start-up is reported apart: for
+The overhead is bare tokens/s over Ray's (target <= 1.3x), per round: the job and the bare
+loop(s) run interleaved ``--rounds`` times (:mod:`kdray.bench.interleave`), and the median of
+the rounds' ratios is printed with their spread and the host's load over the run. Start-up is reported apart: for
 the job, from the start of its train phase to its first step's metrics at the driver
 (Ray Train workers, dataset tokenization, model loads, DeepSpeed initialisation, step 1);
 for the bare loop, from loading the data and models to the end of step 1.
@@ -55,9 +57,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher, render_memory
+from kdray.bench.interleave import HostLoad, interleave, ratio_summary
+from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
+from kdray.bench.train_report import TARGET_OVERHEAD, render
 
-TARGET_OVERHEAD = 1.3
 #: The jobs' and the bare loop's allocator (their local Ray's workers inherit it): glibc hands
 #: buffers of 128 KiB and more straight back to the OS when freed, so a peak is what was in use,
 #: not what a fragmented heap kept (ZeRO-3 gathers and frees a layer's weights per module).
@@ -82,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-teacher", choices=("0.5b", "toy"), default=None,
                    help="the memory section's teacher: a random 0.5B Llama (default) or the toy jobs' (--quick)")
     p.add_argument("--memory-steps", type=int, default=4, help="optimizer steps of each 0.5B memory job (default 4)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of the job and the bare loop(s) (default 3; --quick 1)")
     p.add_argument("--out", default=None, help="keep the jobs' output here (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 if the overhead target does not hold")
@@ -281,57 +286,43 @@ def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[st
     return json.loads(out.read_text())
 
 
-# ----------------------------------------------------------------------------- report
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds as one row: the first that ran, with the median of the rounds'
+    tokens/s (the first failure when none ran)."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if not ok:
+        return runs[0]
+    return {**ok[0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok), "rounds": len(ok)}
 
 
-def _fmt(value: Any, spec: str = ",.0f") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return format(value, spec)
+def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The online job and the bare loop(s), interleaved ``args.rounds`` times
+    (:mod:`kdray.bench.interleave`); the overhead is the median over rounds of the fastest bare
+    loop's tokens/s over the job's, with its spread. Round 0's job is ``root / "online"``."""
+    variants = ["job"] + [f"bare-{t}" for t in args.bare_threads]
 
+    def measure(variant: str, r: int) -> dict[str, Any]:
+        label = "online" if r == 0 else f"online-r{r}"
+        if variant == "job":
+            print(f"round {r + 1}/{args.rounds}: the online job ({args.steps} steps, {args.workers} workers) ...",
+                  file=sys.stderr, flush=True)
+            return run_job(root, "online", args, label=label)
+        threads = int(variant.split("-", 1)[1])
+        print(f"round {r + 1}/{args.rounds}: the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
+        return run_bare(root / label / "spec.yaml", args, threads)
 
-def render(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    ray_run, bare = results["ray"], results["bare"]
-    table = Table(title=f"kdray bench train: distillation tokens/s (toy student ← toy teacher, "
-                        f"global batch {results['global_batch']}, micro-batch {results['micro_batch']})")
-    for col in ("run", "status", "tokens/s (steady median)", "steps (steady)", "start-up s", "loss first → last"):
-        table.add_column(col, justify="left" if col in ("run", "status") else "right")
-    rows = [(f"Ray Train + DeepSpeed ZeRO-2 ({results['workers']} workers)", ray_run)]
-    rows += [(f"bare torch loop ({r.get('threads', '?')} thread{'s' if r.get('threads') != 1 else ''})"
-              + (" (baseline)" if r is bare and len(results["bare_runs"]) > 1 else ""), r) for r in results["bare_runs"]]
-    for label, r in rows:
-        ok = r.get("status") == "ok"
-        table.add_row(label, "ok" if ok else f"failed: {r.get('error', '')}",
-                      _fmt(r.get("tokens_per_s")), f"{r.get('steps', '-')} ({r.get('steady_steps', '-')})",
-                      _fmt(r.get("startup_s"), ".1f"),
-                      f"{_fmt(r.get('first_loss'), '.3f')} → {_fmt(r.get('last_loss'), '.3f')}" if ok else "-")
-    console.print(table)
-    overhead = results.get("overhead")
-    if overhead is not None:
-        verdict = "[green]meets[/]" if overhead <= TARGET_OVERHEAD else "[red]misses[/]"
-        console.print(f"overhead: bare / Ray = {overhead:.2f}x (tokens/s of the fastest bare loop over the job's); "
-                      f"{verdict} the target <= {TARGET_OVERHEAD}x")
-    else:
-        console.print("overhead: not measured (a run failed)")
-
-    mem = Table(title="teacher-signal modes on the toy teacher (peak memory: VmHWM of rank 0)")
-    for col in ("teacher_signal.mode", "status", "peak RSS MiB", "vs online", "tokens/s", "score phase s",
-                "train phase s"):
-        mem.add_column(col, justify="left" if col in ("teacher_signal.mode", "status") else "right")
-    online = results["modes"].get("online", {}).get("peak_rss_mb")
-    for mode, r in results["modes"].items():
-        ok = r.get("status") == "ok"
-        ratio = r["peak_rss_mb"] / online if ok and online and online == online else None
-        mem.add_row(mode, "ok" if ok else f"[red]failed[/]: {r.get('error', '')}", _fmt(r.get("peak_rss_mb")),
-                    _fmt(ratio, ".2f") + ("x" if ratio else ""), _fmt(r.get("tokens_per_s")),
-                    _fmt(r.get("score_phase_s"), ".1f"), _fmt(r.get("train_phase_s"), ".1f"))
-    mem.add_row("bare loop (1 process)", bare.get("status", "-"), _fmt(bare.get("peak_rss_mb")), "", "", "", "")
-    console.print(mem)
-    render_memory(results, console, _fmt)
+    rounds = interleave(measure, variants, args.rounds)
+    results["modes"]["online"] = results["ray"] = _median_run(rounds["job"])  # the throughput job is the online one
+    results["bare_runs"] = [_median_run(rounds[v]) for v in variants[1:]]
+    ran = [r for r in results["bare_runs"] if r.get("status") == "ok"]
+    results["bare"] = max(ran, key=lambda r: r["tokens_per_s"]) if ran else results["bare_runs"][0]
+    best_bare = [max((rounds[v][r]["tokens_per_s"] for v in variants[1:] if rounds[v][r].get("status") == "ok"),
+                     default=None) for r in range(args.rounds)]
+    job = [j["tokens_per_s"] if j.get("status") == "ok" else None for j in rounds["job"]]
+    summary = ratio_summary(best_bare, job)
+    results["overhead"] = summary.median if summary else None
+    results["overhead_rounds"] = list(summary.ratios) if summary else []
+    results["overhead_summary"] = str(summary) if summary else None
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -343,6 +334,10 @@ def run(argv: list[str] | None = None) -> int:
         args.skip_steps = 3 if args.quick else 5
     if args.memory_teacher is None:
         args.memory_teacher = "toy" if args.quick else "0.5b"
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
     if args.bare_threads is None:
         args.bare_threads = [1] if args.quick else sorted({1, args.workers})
     if args.bare:
@@ -366,21 +361,14 @@ def run(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"workers": args.workers, "global_batch": args.global_batch,
                                    "micro_batch": args.micro_batch, "steps": args.steps,
                                    "skip_steps": args.skip_steps, "modes": {}}
-        for mode in modes:
-            print(f"running the {mode} job ({args.steps} steps, {args.workers} workers) ...", file=sys.stderr, flush=True)
-            results["modes"][mode] = run_job(root, mode, args)
-            if mode == "online":
-                results["bare_runs"] = []
-                for threads in args.bare_threads:
-                    print(f"running the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
-                    results["bare_runs"].append(run_bare(root / "online" / "spec.yaml", args, threads))
-                ran = [r for r in results["bare_runs"] if r.get("status") == "ok"]
-                results["bare"] = max(ran, key=lambda r: r["tokens_per_s"]) if ran else results["bare_runs"][0]
-        results["memory"] = memory_section(root, modes, args, results)
-        results["ray"] = ray_run = results["modes"]["online"]  # the throughput job is the online one
-        bare = results["bare"]
-        ok = ray_run.get("status") == "ok" and bare.get("status") == "ok" and ray_run["tokens_per_s"] > 0
-        results["overhead"] = bare["tokens_per_s"] / ray_run["tokens_per_s"] if ok else None
+        with HostLoad() as load:
+            _throughput_rounds(root, args, results)
+            for mode in modes[1:]:
+                print(f"running the {mode} job ({args.steps} steps, {args.workers} workers) ...", file=sys.stderr,
+                      flush=True)
+                results["modes"][mode] = run_job(root, mode, args)
+            results["memory"] = memory_section(root, modes, args, results)
+        results["host_load"] = str(load)
     render(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

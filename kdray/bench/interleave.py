@@ -1,0 +1,90 @@
+"""Side-by-side figures that hold on a shared host: variants run interleaved, ratios per pair.
+
+A bench that measures variant A for a minute and then B for a minute compares A under one load
+with B under another: on a shared 2-core host, two runs of ``kdray bench train`` gave ratios of
+1.58x, 0.74x and 0.54x. Run instead A, B, A, B, ... for a fixed number of rounds
+(:func:`interleave`), take the ratio within each round, where a load change hits both sides
+alike, and report the median of those ratios with their spread (:func:`ratio_summary`), and
+the host's load over the run (:class:`HostLoad`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds: int) -> dict[str, list[T]]:
+    """``measure(variant, round)`` for every variant in every round, in the order A B ... A B
+    ...; returns each variant's results in round order. ``rounds`` >= 1.
+
+    Raises:
+        ValueError: ``rounds`` < 1 or no variants.
+    """
+    if rounds < 1 or not variants:
+        raise ValueError(f"need rounds >= 1 and at least one variant; got {rounds} rounds of {list(variants)}")
+    results: dict[str, list[T]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            results[v].append(measure(v, r))
+    return results
+
+
+@dataclass(frozen=True)
+class RatioSummary:
+    """Per-round ratios ``numerator[i] / denominator[i]`` and their summary: the median, and the
+    spread, ``(max - min) / median`` (0.15: the rounds' ratios lie within 15 % of the median's
+    size of each other; 0 with one round)."""
+
+    ratios: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.ratios) - min(self.ratios)) / self.median if self.median else float("inf")
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x (spread {self.spread:.0%} over {len(self.ratios)} rounds)"
+
+
+def ratio_summary(numerator: Sequence[float | None], denominator: Sequence[float | None]) -> RatioSummary | None:
+    """The per-round ratios of two variants' figures (rounds where either is missing or the
+    denominator is 0 are left out); None when no round has both."""
+    ratios = tuple(a / b for a, b in zip(numerator, denominator) if a is not None and b)
+    return RatioSummary(ratios) if ratios else None
+
+
+class HostLoad:
+    """The host's 1-minute load average sampled every ``every_s`` seconds while the ``with``
+    block runs (a daemon thread): ``str()`` gives its mean and max and the CPU count."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "HostLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def __str__(self) -> str:
+        mean = statistics.fmean(self.samples)
+        return f"host load (1-min average) {mean:.1f} mean, {max(self.samples):.1f} max on {os.cpu_count()} CPUs"
