@@ -30,3 +30,17 @@ def test_bench_runs_and_reports_ratios(capsys):
 def test_bench_rejects_endpoint_beta():
     with pytest.raises(SystemExit):
         bench_losses.run(["--beta", "0"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_sweep_measures_each_chunk_size_interleaved(capsys):
+    argv = ["--tokens", "32", "--vocab", "300", "--repeats", "1", "--rounds", "2", "--variants", "kdray",
+            "--sweep", "8", "16"]
+    assert bench_losses.run(argv) == 0
+    captured = capsys.readouterr()
+    order = [line.split(": ")[1] for line in captured.err.splitlines() if line.startswith("round ")]
+    assert order == ["kdray@8 at V=300 ...", "kdray@16 at V=300 ..."] * 2
+    rows = {int(line.split()[0]): line.split() for line in captured.out.splitlines()
+            if line.strip().split(" ")[0] in ("8", "16")}
+    assert set(rows) == {8, 16} and all(float(r[3]) > 0 for r in rows.values())  # median seconds
+    assert "kdray chunk sweep" in captured.out and "targets: none evaluated (a sweep)" in captured.out

@@ -170,7 +170,9 @@ def _worker(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- driver
 
 
-def _spawn(args: argparse.Namespace, variant: str, vocab: int) -> dict:
+def _spawn(args: argparse.Namespace, variant: str, vocab: int, chunk_size: int | None = None) -> dict:
+    """One variant's step in a fresh process; ``chunk_size`` overrides ``--chunk-size`` (kdray's)."""
+    chunk_size = chunk_size if chunk_size is not None else args.chunk_size
     cmd = [
         sys.executable,
         "-m",
@@ -194,8 +196,8 @@ def _spawn(args: argparse.Namespace, variant: str, vocab: int) -> dict:
         "--liger-chunk-size",
         str(args.liger_chunk_size),
     ]
-    if args.chunk_size is not None:
-        cmd += ["--chunk-size", str(args.chunk_size)]
+    if chunk_size is not None:
+        cmd += ["--chunk-size", str(chunk_size)]
     if args.liger_eager:
         cmd.append("--liger-eager")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -264,6 +266,38 @@ def _report(vocab: int, rounds: dict[str, list[dict]], args: argparse.Namespace)
     return checks
 
 
+#: kdray's token chunks that ``--sweep`` measures when given no sizes.
+SWEEP_CHUNKS = (32, 64, 128, 256, 512)
+
+
+def _sweep(vocab: int, args: argparse.Namespace) -> None:
+    """kdray's speed/memory frontier over token chunk sizes at ``vocab``, beside Liger when it
+    is among ``--variants``: each size a variant of its own, all interleaved over the rounds."""
+    sizes = args.sweep or list(SWEEP_CHUNKS)
+    variants = (["liger"] if "liger" in args.variants else []) + [f"kdray@{c}" for c in sizes]
+
+    def measure(variant: str, r: int) -> dict:
+        print(f"round {r + 1}/{args.rounds}: {variant} at V={vocab} ...", file=sys.stderr, flush=True)
+        name, _, chunk = variant.partition("@")
+        return _spawn(args, name, vocab, int(chunk) if chunk else None)
+
+    rounds = interleave(measure, variants, args.rounds)
+    liger = _combine(rounds["liger"]) if "liger" in rounds else {"error": "not run"}
+    print(f"\nkdray chunk sweep: N={args.tokens}  Hs={args.student_hidden}  Ht={args.teacher_hidden}  V={vocab}  "
+          f"JSD(beta={args.beta})" + ("" if "error" in liger else
+                                      f"; liger: peak {liger['peak_rss_mib']:,.0f} MiB, {liger['median_s']:.3f} s"))
+    print(f"{'chunk':>7}{'peak RSS MiB':>14}{'step MiB':>10}{'median s':>10}   liger/kdray: peak RSS, time")
+    for c in sizes:
+        runs = rounds[f"kdray@{c}"]
+        k = _combine(runs)
+        if "error" in k:
+            print(f"{c:>7}  unavailable: {k['error']}")
+            continue
+        times = ratio_summary([r.get("median_s") for r in rounds.get("liger", [])], [r.get("median_s") for r in runs])
+        print(f"{c:>7}{k['peak_rss_mib']:>14,.0f}{k['step_mib']:>10,.0f}{k['median_s']:>10.3f}   "
+              f"{_fmt(_ratio(liger, k, 'peak_rss_mib'), 'x')}, {times if times is not None else '-'}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray bench losses", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (N=256, V=4096 and 16384) for a smoke run")
@@ -280,6 +314,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, help="kdray tokens per chunk (default: auto)")
     p.add_argument("--liger-chunk-size", type=int, default=1024, help="Liger chunk_size (its default 1024)")
     p.add_argument("--liger-eager", action="store_true", help="Liger with compiled=False")
+    p.add_argument("--sweep", type=int, nargs="*", default=None, metavar="TOKENS",
+                   help="instead: kdray's time and memory over these token chunk sizes (bare: "
+                        f"{' '.join(map(str, SWEEP_CHUNKS))}), beside liger when it is among --variants")
     p.add_argument("--check", action="store_true", help="exit 1 if a target does not hold")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return p
@@ -311,9 +348,13 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}/{args.rounds}: {variant} at V={vocab} ...", file=sys.stderr, flush=True)
                 return _spawn(args, variant, vocab)
 
-            checks += _report(vocab, interleave(measure, args.variants, args.rounds), args)
+            if args.sweep is not None:
+                _sweep(vocab, args)
+            else:
+                checks += _report(vocab, interleave(measure, args.variants, args.rounds), args)
     print(f"\n{load}")
-    print("\ntargets:" if checks else "\ntargets: none evaluated (needs the naive or liger variant)")
+    print("\ntargets:" if checks else "\ntargets: none evaluated " + (
+        "(a sweep)" if args.sweep is not None else "(needs the naive or liger variant)"))
     for text, ok in checks:
         print(f"  [{'ok' if ok else 'MISS'}] {text}")
     return 1 if args.check and not all(ok for _, ok in checks) else 0
