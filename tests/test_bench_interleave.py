@@ -42,3 +42,13 @@ def test_host_load_samples_while_the_block_runs():
         time.sleep(0.3)
     assert len(load.samples) >= 4  # one at entry, one at exit, a few between
     assert str(load).startswith("host load (1-min average)") and "CPUs" in str(load)
+
+
+def test_a_variants_rounds_become_one_row_of_medians_over_the_rounds_that_ran():
+    from kdray.bench.interleave import median_row
+
+    runs = [{"t": 3.0, "m": 10, "x": "first"}, {"error": "boom"}, {"t": 1.0, "m": 30, "x": "third"},
+            {"t": 2.0, "m": 20, "x": "fourth"}]
+    row = median_row(runs, lambda r: "error" not in r, ["t"], ["m"])
+    assert row == {"t": 2.0, "m": 30, "x": "first", "rounds": 3}
+    assert median_row([{"error": "a"}, {"error": "b"}], lambda r: "error" not in r, ["t"]) == {"error": "a"}

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.interleave import HostLoad, interleave, ratio_summary
+from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
 from kdray.bench.signal import section_topk
 
 VARIANTS = ("vllm_pool", "bare_vllm", "hf_pool", "bare_hf")
@@ -259,14 +258,6 @@ def _spawn(args: argparse.Namespace, variant: str, model_dir: str, round_: int =
     return json.loads(lines[-1])
 
 
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One variant's rounds as one row: the first that ran, with the rounds' median times."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[0]
-    return {**ok[0], **{k: statistics.median(r[k] for r in ok) for k in ("gen_s", "total_s", "load_s")}}
-
-
 def _tps(r: dict[str, Any], generating: bool) -> float | None:
     """Tokens/s while generating (start-up excluded), or end to end (start-up included)."""
     if "error" in r:
@@ -284,7 +275,8 @@ def section_throughput(args: argparse.Namespace, model_dir: str) -> tuple[list[A
     from rich.table import Table
 
     rounds = interleave(lambda v, r: _spawn(args, v, model_dir, r), args.variants, args.rounds)
-    results = {v: _median_run(runs) for v, runs in rounds.items()}
+    results = {v: median_row(runs, lambda r: "error" not in r, ["gen_s", "total_s", "load_s"])
+               for v, runs in rounds.items()}
     table = Table(title=f"generation throughput: {args.prompts} prompts x {args.new_tokens} new tokens, "
                         f"batch {args.batch_size}, {args.threads} thread(s), {args.model_label}")
     columns = ("variant", "generating tok/s", "end-to-end tok/s", "start-up s", "generating s", "total s",
@@ -343,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="intra-op threads of every variant; a pool replica reserves as many CPUs (default 1)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile / CUDA graphs")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the variants (default 3; --quick 1)")
+    add_rounds_option(p, "the variants")
     p.add_argument("--sections", nargs="+", default=None, help=f"sections to run (default all: {', '.join(SECTIONS)})")
     p.add_argument("--model-dir", default=None, help="benchmark this save_pretrained model instead of building one")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
@@ -360,9 +352,7 @@ def run(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.enforce_eager = args.enforce_eager or args.quick  # a smoke run skips vLLM's compile
-    args.rounds = (1 if args.quick else 3) if args.rounds is None else args.rounds
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be 1 or more")
+    resolve_rounds(args)
     if args.worker:
         return _worker(args)
     for name in args.sections or []:

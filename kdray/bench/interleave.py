@@ -10,11 +10,12 @@ the host's load over the run (:class:`HostLoad`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -33,6 +34,33 @@ def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds
         for v in variants:
             results[v].append(measure(v, r))
     return results
+
+
+def add_rounds_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--rounds N``: interleaved rounds of ``what`` (default 3; 1 with ``--quick``)."""
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"interleaved rounds of {what} (default 3; 1 with --quick)")
+
+
+def resolve_rounds(args: argparse.Namespace) -> int:
+    """``args.rounds`` with its default filled in (3; 1 with ``args.quick``); exits on < 1."""
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
+    return args.rounds
+
+
+def median_row(runs: Sequence[dict[str, Any]], ran: Callable[[dict[str, Any]], bool], medians: Sequence[str],
+               maxima: Sequence[str] = ()) -> dict[str, Any]:
+    """One variant's rounds as one row: the first round that ``ran``, with the median over the
+    rounds that ran of each key in ``medians`` and the largest of each in ``maxima``; the first
+    round when none ran (its error)."""
+    ok = [r for r in runs if ran(r)]
+    if not ok:
+        return dict(runs[0])
+    return {**ok[0], **{k: statistics.median(r[k] for r in ok) for k in medians},
+            **{k: max(r[k] for r in ok) for k in maxima}, "rounds": len(ok)}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from kdray.bench.interleave import HostLoad, interleave, ratio_summary
+from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
 
 VARIANTS = ("naive", "liger", "kdray")
 LIGER_HINT = "pip install --no-deps liger-kernel==0.8.5  (its chunked losses need only torch on CPU)"
@@ -220,13 +220,8 @@ def _ratio(a: dict, b: dict, key: str) -> float | None:
 
 
 def _combine(runs: list[dict]) -> dict:
-    """One variant's rounds as one row: the first error if any round failed, else the first
-    round's values with the median of the rounds' median times and the largest memory figures."""
-    for r in runs:
-        if "error" in r:
-            return r
-    return {**runs[0], "median_s": statistics.median(r["median_s"] for r in runs),
-            **{k: max(r[k] for r in runs) for k in ("peak_rss_mib", "base_rss_mib", "step_mib")}}
+    """One variant's rounds as one row: the median time, the largest memory figures."""
+    return median_row(runs, lambda r: "error" not in r, ["median_s"], ["peak_rss_mib", "base_rss_mib", "step_mib"])
 
 
 def _report(vocab: int, rounds: dict[str, list[dict]], args: argparse.Namespace) -> list[tuple[str, bool]]:
@@ -308,8 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.5, help="JSD beta, same for every variant (default 0.5)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="measured steps per variant after one warm-up")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds of all variants, each in fresh processes (default 3; 1 with --quick)")
+    add_rounds_option(p, "all variants, each in fresh processes")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--chunk-size", type=int, default=None, help="kdray tokens per chunk (default: auto)")
     p.add_argument("--liger-chunk-size", type=int, default=1024, help="Liger chunk_size (its default 1024)")
@@ -329,10 +323,7 @@ def run(argv: list[str] | None = None) -> int:
         args.vocab = [4096, 16384] if args.quick else [32000, 128256]
     if args.quick and args.tokens == 2048:
         args.tokens = 256
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be 1 or more")
+    resolve_rounds(args)
     if not 0.0 < args.beta < 1.0:
         raise SystemExit("--beta must lie strictly between 0 and 1 (the end points are plain KL)")
     if args.worker:

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.interleave import HostLoad, interleave, ratio_summary
+from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
 from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
 from kdray.bench.train_report import TARGET_OVERHEAD, render
 
@@ -85,8 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-teacher", choices=("0.5b", "toy"), default=None,
                    help="the memory section's teacher: a random 0.5B Llama (default) or the toy jobs' (--quick)")
     p.add_argument("--memory-steps", type=int, default=4, help="optimizer steps of each 0.5B memory job (default 4)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved rounds of the job and the bare loop(s) (default 3; --quick 1)")
+    add_rounds_option(p, "the job and the bare loop(s)")
     p.add_argument("--out", default=None, help="keep the jobs' output here (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 if the overhead target does not hold")
@@ -287,12 +286,8 @@ def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[st
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One variant's rounds as one row: the first that ran, with the median of the rounds'
-    tokens/s (the first failure when none ran)."""
-    ok = [r for r in runs if r.get("status") == "ok"]
-    if not ok:
-        return runs[0]
-    return {**ok[0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok), "rounds": len(ok)}
+    """One variant's rounds as one row: the median of the rounds' tokens/s."""
+    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s"])
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -334,10 +329,7 @@ def run(argv: list[str] | None = None) -> int:
         args.skip_steps = 3 if args.quick else 5
     if args.memory_teacher is None:
         args.memory_teacher = "toy" if args.quick else "0.5b"
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be 1 or more")
+    resolve_rounds(args)
     if args.bare_threads is None:
         args.bare_threads = [1] if args.quick else sorted({1, args.workers})
     if args.bare:
