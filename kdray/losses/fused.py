@@ -28,9 +28,14 @@ a few boolean masks (``adaptive_kl`` needs about 4 more for its sort).
 ``DEFAULT_CHUNK_ELEMENTS`` = 6·2^20 elements (24 MiB in float32), i.e. a working set of
 about 150-200 MiB whatever V is (49 tokens per chunk at V = 128,256, 196 at V = 32,000).
 Smaller chunks use less memory but re-read the lm-head weights more often and run the
-matmuls on thinner matrices; on the 2-core CPU benchmark (V = 128k), 130-token chunks
-used 0.25 GiB more than 49-token ones and were not measurably faster. On a GPU, pass a
-larger ``chunk_size`` if memory allows.
+matmuls on thinner matrices.
+
+``compiled`` (default: from ``V >= COMPILE_MIN_VOCAB`` up) runs each chunk through the
+``torch.compile``-d kernel of :mod:`kdray.losses._compiled` instead: the same math in two
+fused passes, with two ``[chunk_size, V]`` buffers live instead of about eight, so its
+default chunk is larger (``COMPILED_CHUNK_PER_HIDDEN``: half the student's hidden size, 128
+tokens at Hs = 256) for little more memory. On the 2-core CPU benchmark at V = 128,256 it
+takes about half the eager kernel's time (docs/benchmarks.md, ``kdray bench losses``).
 
 Values and gradients match the dense (naive) path to float32 rounding: the tests check
 1e-5 relative agreement for every divergence, and ``gradcheck`` the path in float64.
@@ -41,19 +46,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdray.losses._compiled import compiled_chunk, use_compiled
 from kdray.losses._core import Spec, check_temperature, compute_dtype, make_spec
 from kdray.losses._kernels import value_and_grad
 from kdray.losses.objectives import IGNORE_INDEX
 from kdray.losses.reductions import items_divisor
 
 DEFAULT_CHUNK_ELEMENTS = 6 << 20
+#: The compiled kernel's chunk, from the student's hidden size ``Hs``: ``Hs / 2`` tokens, so its
+#: two live ``[C, V]`` float32 buffers together hold ``V × Hs`` values, as many as the lm_head
+#: gradient the step holds anyway (128 tokens, 125 MiB at Hs = 256, V = 128,256; 448 at Qwen2.5-
+#: 0.5B's Hs = 896). Larger chunks run the lm-head matmuls faster (they re-read both heads and
+#: rewrite ``grad_weight`` once per chunk) and cost memory linearly: ``kdray bench losses
+#: --sweep`` prints the frontier (docs/benchmarks.md).
+COMPILED_CHUNK_PER_HIDDEN = 0.5
 FUSED_REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
 
 
-def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None, compiled: bool = False, hidden: int = 0) -> int:
+    """Tokens per chunk: ``chunk_size``, else eager ``DEFAULT_CHUNK_ELEMENTS / V``, compiled
+    ``COMPILED_CHUNK_PER_HIDDEN · hidden`` (the student's hidden size); at most ``n_rows``."""
     if chunk_size is None:
-        return max(1, min(n_rows, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)))
+        rows = int(COMPILED_CHUNK_PER_HIDDEN * hidden) if compiled else DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)
+        return max(1, min(n_rows, rows))
     return chunk_size
+
+
+def chunk_working_set_bytes(n_rows: int, vocab: int, hidden: int, compiled: bool) -> int:
+    """Bytes of one chunk's ``[C, V]`` float32 buffers at the default chunk size for a student
+    of hidden size ``hidden``: about 8 live in the eager kernel, 2 in the compiled one (3 for
+    JSD: TorchInductor keeps one term of its value); the memory estimate of a training worker."""
+    return (2 if compiled else 8) * 4 * _chunk_rows(n_rows, vocab, None, compiled, hidden) * vocab
 
 
 def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -63,11 +86,20 @@ def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return logits
 
 
+def _project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
+    """:func:`_project` written into the first rows of a reused ``[chunk, V]`` buffer: a fresh
+    buffer per chunk costs its page faults again (tens of ms per chunk at V = 128k on CPU)."""
+    out = torch.mm(hidden, weight.t(), out=buffer[: hidden.shape[0]])
+    return out.add_(bias) if bias is not None else out
+
+
 class _Plan:
     """Everything the autograd Function needs besides tensors."""
 
-    def __init__(self, spec: Spec, temperature: float, rows: Tensor | None, n_tokens: int, chunk: int):
+    def __init__(self, spec: Spec, temperature: float, rows: Tensor | None, n_tokens: int, chunk: int,
+                 compiled: bool = False):
         self.spec, self.temperature, self.rows, self.n_tokens, self.chunk = spec, temperature, rows, n_tokens, chunk
+        self.compiled = compiled
 
     def chunks(self):
         """Yield row selectors (slices, or index tensors when a mask drops rows)."""
@@ -91,17 +123,24 @@ def _run(plan: _Plan, hs, ws, bs, ht, wt, bt, upstream: Tensor | None, want: tup
     grad_h = torch.zeros_like(hs) if grads and want[0] else None
     grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if grads and want[1] else None
     grad_b = torch.zeros(bs.shape, dtype=acc_dtype, device=bs.device) if grads and want[2] and bs is not None else None
+    # The compiled kernel keeps both logits to the end of a chunk: they reuse two buffers.
+    # (The eager kernel frees each as soon as its log-softmax is taken.)
+    reuse = plan.compiled and ws.dtype == wt.dtype == compute_dtype(ws).dtype
+    work = [torch.empty(min(plan.chunk, n), w.shape[0], dtype=w.dtype, device=w.device) for w in (ws, wt)] \
+        if reuse else None
     with torch.no_grad():
         for sel in plan.chunks():
             h = hs[sel]
-            # The logits go in a list that value_and_grad empties, so each is freed as
-            # soon as its log-softmax is taken.
-            v, g = value_and_grad(
-                plan.spec.take(sel),
-                [compute_dtype(_project(h, ws, bs)), compute_dtype(_project(ht[sel], wt, bt))],
-                plan.temperature,
-                upstream[sel] if grads else None,
-            )
+            # The logits go in a list that the kernel empties, so each is freed as soon as
+            # it is no longer needed.
+            spec = plan.spec.take(sel)
+            if work is not None:
+                logits = [_project_into(h, ws, bs, work[0]), _project_into(ht[sel], wt, bt, work[1])]
+            else:
+                logits = [compute_dtype(_project(h, ws, bs)), compute_dtype(_project(ht[sel], wt, bt))]
+            up = upstream[sel] if grads else None
+            done = compiled_chunk(spec, logits, plan.temperature, up) if plan.compiled else None
+            v, g = done if done is not None else value_and_grad(spec, logits, plan.temperature, up)
             values[sel] = v.to(values.dtype)
             if g is None:
                 continue
@@ -209,6 +248,7 @@ def fused_linear_divergence(
     teacher_bias: Tensor | None = None,
     chunk_size: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    compiled: bool | None = None,
     **divergence_kwargs,
 ) -> Tensor:
     """Divergence between ``h_s @ W_s^T (+ b_s)`` and ``h_t @ W_t^T (+ b_t)`` without full logits.
@@ -231,13 +271,18 @@ def fused_linear_divergence(
             rows of masked tokens are never read: they may hold anything (NaN, ±inf)
             and contribute exactly 0 to the value and to every gradient.
         chunk_size: tokens per chunk; None sizes one ``[chunk, V]`` float32 buffer at
-            24 MiB (see the module docstring). Does not change the result beyond float
-            rounding.
+            24 MiB eager, at ``Hs / 2`` tokens compiled (see the module docstring). Does not
+            change the result beyond float rounding.
         num_items_in_batch: for ``"token_mean"`` / ``"sequence_mean"``, the whole
             optimizer step's items (unmasked tokens / non-empty sequences,
             :func:`kdray.losses.num_items` summed over micro-batches and ranks) to divide
             by instead of this call's own, so that micro-batches add up to the step's mean
             (Hugging Face's ``num_items_in_batch``; :mod:`kdray.losses.reductions`).
+        compiled: run each chunk through the ``torch.compile``-d kernel
+            (:mod:`kdray.losses._compiled`: two fused passes, two ``[chunk, V]`` buffers
+            instead of about eight) -- True, False, or None to compile when
+            ``V >= COMPILE_MIN_VOCAB`` (32,768). ``adaptive_kl`` always runs eager; a failed
+            compilation warns once and falls back to eager. The first call compiles (seconds).
 
     Returns a scalar, or per-token values (float32; float64 for float64 inputs).
     Raises ValueError for bad shapes or arguments, ``num_items_in_batch`` with
@@ -272,7 +317,9 @@ def fused_linear_divergence(
     keep = None if mask is None else (mask.reshape(n).to(hs.device) != 0)
     rows = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(-1)
     n_rows = n if rows is None else rows.numel()
-    plan = _Plan(spec, t, rows, n, _chunk_rows(n_rows, student_weight.shape[0], chunk_size))
+    vocab = student_weight.shape[0]
+    fast = use_compiled(compiled, spec, vocab)
+    plan = _Plan(spec, t, rows, n, _chunk_rows(n_rows, vocab, chunk_size, fast, student_weight.shape[1]), fast)
 
     if reduction == "none":
         values = _FusedPerToken.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, plan)

@@ -33,8 +33,9 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
   formula to it.
 * **Loss**: on the fused lm-head path (:func:`kdray.losses.fused_linear_divergence`;
   ``online``/``hidden``, unless DistiLLM-2, a LoRA adapter on the lm_head, or logits that are
-  not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (8
-  float32 buffers of :data:`kdray.losses.fused.DEFAULT_CHUNK_ELEMENTS`) plus the float32 gradients of the
+  not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (about 8
+  float32 ``[chunk, V]`` buffers eager, 2 compiled: :func:`kdray.losses.fused.chunk_working_set_bytes`,
+  with ``training.compile_loss``) plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
   their gradient; the teacher's: logits, upcast, probabilities).
@@ -178,7 +179,8 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
         student, teacher: the models' shapes (:func:`model_shape`; the student's with the spec's
             LoRA adapters counted).
     """
-    from kdray.losses.fused import DEFAULT_CHUNK_ELEMENTS
+    from kdray.losses._compiled import wants_compiled
+    from kdray.losses.fused import chunk_working_set_bytes
     from kdray.models import logits_after_head
     from kdray.models import lora_target
 
@@ -235,8 +237,8 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
     if mode == "online":  # under no_grad: one layer at a time, and the final hidden states
         device.append(("teacher forward", tokens * e_t * (5 * teacher.hidden_size + 3 * teacher.intermediate_size)))
     if fused:
-        chunk = min(tokens, max(1, DEFAULT_CHUNK_ELEMENTS // vocab)) * vocab
-        loss = 8 * 4 * chunk + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size
+        compiled = wants_compiled(t.compile_loss, spec.objective.kind, vocab)
+        loss = chunk_working_set_bytes(tokens, vocab, student.hidden_size, compiled) + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size
         if mode == "hidden":  # the stored hidden states, cast to the head's dtype
             loss += tokens * teacher.hidden_size * (4 + e_t)
         device.append(("loss (fused lm-head, chunked)", loss))

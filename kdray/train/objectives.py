@@ -185,7 +185,8 @@ class KDStep:
             kd = losses.fused_linear_divergence(
                 hidden, weight, t_hidden, t_weight,
                 divergence=obj.kind, reduction="token_mean", temperature=seg.kd_temperature, mask=mask,
-                student_bias=bias, teacher_bias=t_bias, num_items_in_batch=n_kd, **obj.divergence_params(),
+                student_bias=bias, teacher_bias=t_bias, num_items_in_batch=n_kd,
+                compiled=self.spec.training.compile_loss, **obj.divergence_params(),
             )
             ce = None
             if seg.kd_ratio < 1.0:

@@ -1,0 +1,137 @@
+"""The fused path's compiled chunk kernel (kdray.losses._compiled): the same values and
+gradients as the float64 reference and the eager kernel, no recompilation when a scalar
+parameter changes, and a real compilation failure (no C++ compiler) falling back to eager.
+
+Each compiled variant costs seconds of TorchInductor time once per process, so this module
+covers the kernel's structure (parameters as tensors, per-token α, the mixture gradient, the
+values-only pass and backward's recomputation) on two divergences; every divergence's math is
+the eager kernel's own (kdray.losses._kernels.kernel), checked in tests/test_losses_fused.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kdray.losses as L
+from kdray.losses import _compiled
+from kdray.losses._compiled import COMPILE_MIN_VOCAB, use_compiled
+from kdray.losses.fused import _chunk_rows, chunk_working_set_bytes
+from kdray.losses._core import make_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N, HS, HT, V = 23, 8, 12, 40
+CASES = [
+    ("jsd", {"beta": 0.3}),
+    # per-token α (a [N] tensor) and the gradient through the student inside the mixture
+    ("skew_reverse_kl", {"alpha": "per-token", "detach_mixture_student": False}),
+]
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def mk(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    hs, ws, bs = mk(N, HS).requires_grad_(True), mk(V, HS, scale=0.6).requires_grad_(True), mk(V, scale=0.3)
+    ht, wt, bt = mk(N, HT), mk(V, HT, scale=0.6), mk(V, scale=0.3)
+    mask = torch.rand(N, generator=g) > 0.25
+    return hs, ws, bs.requires_grad_(True), ht, wt, bt, mask
+
+
+def _kw(kw):
+    alpha = torch.linspace(0.05, 0.5, N) if kw.get("alpha") == "per-token" else kw.get("alpha")
+    return {**kw, **({"alpha": alpha} if alpha is not None else {})}
+
+
+def _run(kind, kw, dtype, compiled, reduction):
+    hs, ws, bs, ht, wt, bt, mask = _inputs(dtype)
+    out = L.fused_linear_divergence(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, divergence=kind,
+                                    reduction=reduction, temperature=1.7, mask=mask, chunk_size=7,
+                                    compiled=compiled, **_kw(kw))
+    weights = torch.arange(1.0, N + 1, dtype=out.dtype)  # a non-uniform upstream gradient for "none"
+    loss = out if reduction == "token_mean" else (out * weights).sum()
+    return (out.detach(), *torch.autograd.grad(loss, (hs, ws, bs)))
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "none"])
+@pytest.mark.parametrize("kind,kw", CASES, ids=[c[0] for c in CASES])
+def test_compiled_kernel_matches_the_float64_reference_and_the_eager_kernel(kind, kw, reduction):
+    # float64 through the compiled kernel against the dense float64 reference (autograd)
+    hs, ws, bs, ht, wt, bt, mask = _inputs(torch.float64)
+    dense = L.DIVERGENCES[kind](hs @ ws.t() + bs, ht @ wt.t() + bt, temperature=1.7, **_kw(kw))
+    dense = torch.where(mask, dense, 0.0)
+    dense = dense.sum() / mask.sum() if reduction == "token_mean" else dense
+    weights = torch.arange(1.0, N + 1, dtype=torch.float64)
+    ref = (dense.detach(), *torch.autograd.grad(dense if reduction == "token_mean" else (dense * weights).sum(),
+                                                (hs, ws, bs)))
+    got = _run(kind, kw, torch.float64, True, reduction)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # float32: compiled and eager agree to rounding
+    for a, b in zip(_run(kind, kw, torch.float32, True, reduction), _run(kind, kw, torch.float32, False, reduction)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_alpha_or_temperature_reuses_the_compiled_code():
+    """DistiLLM's adaptive α and POCL's temperature change between steps: a Python float
+    baked into the graph would recompile every step (and fall back to eager at torch's limit)."""
+    hs, ws, bs, ht, wt, bt, mask = _inputs(torch.float32)
+
+    def step(alpha, temperature):
+        return L.fused_linear_divergence(hs, ws, ht, wt, divergence="skew_forward_kl", alpha=alpha,
+                                         reduction="token_mean", temperature=temperature, chunk_size=7,
+                                         compiled=True).backward()
+
+    step(0.1, 1.0)
+    step(0.2, 1.5)  # a second shape of symbolic values may specialise once more
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(0.35, 2.0)
+        step(0.05, 1.25)
+
+
+def test_auto_compiles_from_the_large_vocabularies_and_sizes_its_chunk():
+    jsd = make_spec("jsd", (4,), torch.device("cpu"), beta=0.5)
+    akl = make_spec("adaptive_kl", (4,), torch.device("cpu"), mu=0.5)
+    assert not use_compiled(None, jsd, COMPILE_MIN_VOCAB - 1) and use_compiled(None, jsd, COMPILE_MIN_VOCAB)
+    assert use_compiled(True, jsd, 50) and not use_compiled(False, jsd, 128_256)
+    assert not use_compiled(True, akl, 128_256)  # its sort stays eager
+    with pytest.raises(ValueError, match="compiled must be True, False or None"):
+        use_compiled("yes", jsd, 50)
+    # two live buffers instead of about eight, holding V x Hs values (the lm_head gradient's size)
+    assert _chunk_rows(2048, 128_256, None) == 49 and _chunk_rows(2048, 128_256, None, True, hidden=256) == 128
+    assert _chunk_rows(16, 128_256, None, True, hidden=896) == 16 and _chunk_rows(2048, 128_256, 5, True, 256) == 5
+    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 4 * 128_256 * 256
+
+
+def test_without_a_cxx_compiler_it_warns_once_and_gives_the_eager_result(tmp_path):
+    """A real failure: TorchInductor is pointed at a C++ compiler that does not exist (and at
+    an empty kernel cache), in a fresh process."""
+    script = textwrap.dedent("""
+        import warnings, torch
+        import kdray.losses as L
+        from kdray.losses import _compiled
+        torch.manual_seed(0)
+        hs, ws = torch.randn(9, 4, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+        ht, wt = torch.randn(9, 6), torch.randn(30, 6)
+        def loss(compiled):
+            out = L.fused_linear_divergence(hs, ws, ht, wt, divergence="reverse_kl", reduction="token_mean",
+                                            chunk_size=4, compiled=compiled)
+            return (out.detach(), *torch.autograd.grad(out, (hs, ws)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fallen = [loss(True) for _ in range(2)]
+        eager = loss(False)
+        assert all(torch.equal(a, b) for run in fallen for a, b in zip(run, eager))
+        messages = [str(w.message) for w in caught if "torch.compile of the fused loss failed" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert _compiled._state["broken"] and "compiled=False" in messages[0] and "C++ compiler" in messages[0]
+        print("OK", messages[0])
+    """)
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
