@@ -269,12 +269,13 @@ def test_a_killed_job_resumes_when_run_again_and_restart_starts_over(resumed_job
     changed = yaml.safe_load(spec.read_text())
     changed["training"]["lr"] = 1e-3
     changed["training"]["max_steps"] = 2
-    changed["evaluation"]["enabled"] = False  # restarting is about training: no held-out pools
+    changed["evaluation"]["enabled"] = False  # restarting is about training: no held-out pools,
+    changed["data"]["response_source"] = "dataset"  # and no teacher pool
     spec = spec.with_name("changed.yaml")
     spec.write_text(yaml.safe_dump(changed))
     res = kdray("run", str(spec), cwd=tmp_path, timeout=120)
     assert res.returncode == 2
-    assert "differs in: evaluation.enabled, training.lr, training.max_steps" in res.stderr
+    assert "differs in: data.response_source, evaluation.enabled, training.lr, training.max_steps" in res.stderr
     res = kdray("run", str(spec), "--restart", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert _train_steps(events) == [1, 2]

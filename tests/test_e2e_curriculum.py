@@ -15,10 +15,12 @@ import yaml
 from tests.test_e2e import REPO, kdray
 
 
-def small_job(tmp_path: Path, name: str, **overrides) -> Path:
+def small_job(tmp_path: Path, name: str, *, dataset_responses: bool = False, **overrides) -> Path:
+    """The demo at 256 rows, one epoch, no evaluation; ``dataset_responses``: the toy dataset's
+    own responses instead of the teacher pool's (no teacher pool before the training)."""
     spec = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
     spec.update(name=name, output_dir=str(tmp_path / "out"))
-    spec["data"].update(max_train_samples=256)
+    spec["data"].update(max_train_samples=256, **({"response_source": "dataset"} if dataset_responses else {}))
     spec["training"].update(epochs=1, warmup_steps=2)
     spec["evaluation"] = {"enabled": False}
     spec.update(overrides)
@@ -37,7 +39,9 @@ def steps(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(tmp_path, toy_world):
-    spec = small_job(tmp_path, "distillm2", objective={"kind": "distillm2"},
+    # The dataset's responses stand for the teacher's (a teacher pool is tested everywhere else):
+    # the student pool's rounds are what this job is about.
+    spec = small_job(tmp_path, "distillm2", dataset_responses=True, objective={"kind": "distillm2"},
                      curriculum={"kind": "distillm2", "rounds": 2, "mode": "paper"})
     res = kdray("run", str(spec), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -74,7 +78,8 @@ def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(t
 
 @pytest.mark.slow
 def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path, toy_world):
-    spec = small_job(tmp_path, "replay", objective={"kind": "skew_forward_kl", "alpha": 0.1},
+    # DistiLLM's off-policy data is the dataset's responses; its fresh ones the student's samples.
+    spec = small_job(tmp_path, "replay", dataset_responses=True, objective={"kind": "skew_forward_kl", "alpha": 0.1},
                      curriculum={"kind": "replay", "init_threshold": 0.6, "capacity": 32,
                                  "validate_every_steps": 4, "validation_samples": 32})
     res = kdray("run", str(spec), cwd=tmp_path)

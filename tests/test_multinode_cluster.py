@@ -190,8 +190,10 @@ def _pocl_spec(work: Path) -> Path:
     checkpoints every EVERY steps and the failure policy's defaults (no max_failures)."""
     from tests.test_e2e_curriculum import small_job
 
-    spec = small_job(work, "pocl", objective={"kind": "skew_reverse_kl", "alpha": 0.1,
-                                              "detach_mixture_student": False},
+    # The dataset's responses (no teacher pool before the training: CI's minutes go to the
+    # training across nodes, the evaluation rounds and the node loss).
+    spec = small_job(work, "pocl", dataset_responses=True,
+                     objective={"kind": "skew_reverse_kl", "alpha": 0.1, "detach_mixture_student": False},
                      curriculum={"kind": "pocl", "n_stages": 2, "stage_interval": 1},
                      evaluation={
                          "max_new_tokens": 16, "per_round": True,

@@ -319,7 +319,8 @@ def open_streams(url: str, job_id: str, n: int, during) -> tuple[Any, int]:
 
 def test_cancel_stops_the_ray_job(service, tmp_path):
     with service.http() as client:
-        job_id = client.post("/v1/jobs", json=job_spec("cancelled", 500)).json()["id"]
+        # The toy dataset's own responses: no generation pool before the training this is about.
+        job_id = client.post("/v1/jobs", json=job_spec("cancelled", 500, response_source="dataset")).json()["id"]
         wait_for(client, job_id, lambda j: j["phase"] == "train" and (j["step"] or 0) >= 1)
         assert driver_running(job_id)
 
