@@ -102,10 +102,10 @@ def test_auto_compiles_from_the_large_vocabularies_and_sizes_its_chunk():
     assert not use_compiled(True, akl, 128_256)  # its sort stays eager
     with pytest.raises(ValueError, match="compiled must be True, False or None"):
         use_compiled("yes", jsd, 50)
-    # two live buffers instead of about eight, holding V x Hs values (the lm_head gradient's size)
+    # two live buffers (JSD three) instead of about eight, two of them as large as the lm_head gradient
     assert _chunk_rows(2048, 128_256, None) == 49 and _chunk_rows(2048, 128_256, None, True, hidden=256) == 128
     assert _chunk_rows(16, 128_256, None, True, hidden=896) == 16 and _chunk_rows(2048, 128_256, 5, True, 256) == 5
-    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 4 * 128_256 * 256
+    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 3 * 4 * 128 * 128_256
 
 
 def test_without_a_cxx_compiler_it_warns_once_and_gives_the_eager_result(tmp_path):

@@ -13,7 +13,8 @@ row that read only the two models' logits and write only ``[C]`` row values:
    elementwise from the logits and the row values, written over the student's logits.
 
 So a chunk holds two ``[C, V]`` float32 buffers (the logits, the student's becoming its
-gradient) where the eager kernel holds about eight, and the chunk can be larger for the same
+gradient; three for JSD, where TorchInductor keeps the teacher-side term of the value between
+two loops) where the eager kernel holds about eight, and the chunk can be larger for the same
 memory (:data:`kdray.losses.fused.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
 terms in the second pass costs arithmetic, not memory traffic. ``alpha`` and the temperature
 enter as a tensor and a symbolic float, so a value that changes every
@@ -46,11 +47,11 @@ COMPILED_KINDS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_k
 #: scalar/per-token α); torch's default of 8 per function would fall back to eager silently.
 RECOMPILE_LIMIT = 64
 
-_state: dict[str, Any] = {"fns": None, "broken": None}
-
 #: ``compiled=None`` compiles from this vocabulary up: below it a step is short, and the
 #: one-time compile (10-20 s on CPU) would not pay for itself.
 COMPILE_MIN_VOCAB = 32768
+
+_state: dict[str, Any] = {"fns": None, "broken": None}
 
 
 def _log_probs(z: Tensor, temperature: Any, lse: Tensor) -> Tensor:

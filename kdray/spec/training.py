@@ -184,7 +184,7 @@ class TrainingSpec(_Spec):
         None,
         description="Run the fused lm-head loss's per-chunk kernel through torch.compile "
         "(TorchInductor; on CPU it needs a C++ compiler): two fused passes over each chunk's logits "
-        "instead of a dozen, two [chunk, V] buffers instead of about eight. null: compile when the "
+        "instead of a dozen, two or three [chunk, V] buffers instead of about eight. null: compile when the "
         "vocabulary has 32,768 entries or more (the first step then pays 10-30 s of compilation). "
         "adaptive_kl always runs eager; a failed compilation warns once and runs eager. The same "
         "loss either way, to float rounding.",
