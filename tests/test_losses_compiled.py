@@ -75,6 +75,10 @@ def test_compiled_kernel_matches_the_float64_reference_and_the_eager_kernel(kind
     # float32: compiled and eager agree to rounding
     for a, b in zip(_run(kind, kw, torch.float32, True, reduction), _run(kind, kw, torch.float32, False, reduction)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # bfloat16 weights: the logits are upcast copies (no reused buffers); the same code path
+    for a, b in zip(_run(kind, kw, torch.bfloat16, True, reduction), _run(kind, kw, torch.bfloat16, False, reduction)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert _compiled._state["broken"] is None  # the compiled kernel ran: no fallback to eager
 
 
 def test_a_new_alpha_or_temperature_reuses_the_compiled_code():
@@ -89,9 +93,29 @@ def test_a_new_alpha_or_temperature_reuses_the_compiled_code():
 
     step(0.1, 1.0)
     step(0.2, 1.5)  # a second shape of symbolic values may specialise once more
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises RecompileError
         step(0.35, 2.0)
         step(0.05, 1.25)
+    assert _compiled._state["broken"] is None
+
+
+def test_after_a_failed_compilation_a_chunk_runs_eager_in_parts_of_the_eager_size():
+    """A chunk sized for the compiled kernel (two buffers) runs through the eager kernel (about
+    eight) in parts, each part's gradient written over its rows: the same values and gradient."""
+    from kdray.losses._kernels import value_and_grad, value_and_grad_in_parts
+
+    g = torch.Generator().manual_seed(3)
+    zs, zt, up = torch.randn(10, V, generator=g), torch.randn(10, V, generator=g), torch.rand(10, generator=g)
+    spec = make_spec("skew_reverse_kl", (10,), torch.device("cpu"), alpha=torch.linspace(0.1, 0.4, 10),
+                     detach_mixture_student=False)
+    whole_v, whole_g = value_and_grad(spec, [zs.clone(), zt.clone()], 1.3, up)
+    logits = [zs.clone(), zt.clone()]
+    parts_v, parts_g = value_and_grad_in_parts(spec, logits, 1.3, up, rows=3)  # 3 + 3 + 3 + 1 rows
+    assert logits == [] and parts_g.shape == (10, V)
+    torch.testing.assert_close(parts_v, whole_v, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(parts_g, whole_g, rtol=1e-6, atol=1e-7)
+    values, none = value_and_grad_in_parts(spec, [zs.clone(), zt.clone()], 1.3, None, rows=4)
+    assert none is None and torch.allclose(values, whole_v, rtol=1e-6)
 
 
 def test_auto_compiles_from_the_large_vocabularies_and_sizes_its_chunk():

@@ -37,6 +37,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+
 from kdray.losses._core import Spec
 from kdray.losses._kernels import kernel
 
@@ -48,7 +50,7 @@ COMPILED_KINDS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_k
 RECOMPILE_LIMIT = 64
 
 #: ``compiled=None`` compiles from this vocabulary up: below it a step is short, and the
-#: one-time compile (10-20 s on CPU) would not pay for itself.
+#: one-time compilation (10-30 s on CPU) would not pay for itself.
 COMPILE_MIN_VOCAB = 32768
 
 _state: dict[str, Any] = {"fns": None, "broken": None}
@@ -137,9 +139,11 @@ def compiled_chunk(spec: Spec, logits: list[Tensor], temperature: float,
                 return v, None
             scale = (upstream.to(zs.dtype) / temperature).unsqueeze(-1)
             g = grad_into_logits(prepared, zs, zt, temperature, lse_s, lse_t, g_sum, scale)
-    except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError, OSError) as exc:
+    except (BackendCompilerFailed, InternalTorchDynamoError, OSError) as exc:
         # Compilation failed before any kernel ran (a missing compiler, an unsupported
-        # backend): zs is as it was. Warn once; this process uses the eager kernel.
+        # backend, a TorchDynamo bug): zs is as it was. Warn once; this process uses the eager
+        # kernel. A user's mistake caught while tracing (TorchRuntimeError) is not caught here:
+        # it is the caller's to see, as eager would raise it.
         _state["broken"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         warnings.warn(
             f"kdray: torch.compile of the fused loss failed ({_state['broken']}); using the eager kernel in this "

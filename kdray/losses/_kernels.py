@@ -107,6 +107,25 @@ def kernel(spec: Spec, lq: Tensor, lp: Tensor, q: Tensor, need_grad: bool) -> tu
     raise ValueError(f"unknown divergence {kind!r}")
 
 
+def value_and_grad_in_parts(spec: Spec, logits: list[Tensor], temperature: float, upstream: Tensor | None,
+                            rows: int) -> tuple[Tensor, Tensor | None]:
+    """:func:`value_and_grad` over ``rows``-row parts of a chunk's logits, each part's gradient
+    written over its student logits (returned whole): the eager kernel's ~8 buffers at the
+    size of a part, where a chunk was sized for the compiled kernel's two and its compilation
+    failed. The list is emptied."""
+    zs, zt = logits
+    logits.clear()
+    values = []
+    for start in range(0, zs.shape[0], rows):
+        part = slice(start, start + rows)
+        v, g = value_and_grad(spec.take(part), [zs[part], zt[part]], temperature,
+                              upstream[part] if upstream is not None else None)
+        values.append(v)
+        if g is not None:
+            zs[part] = g
+    return torch.cat(values), (zs if upstream is not None else None)
+
+
 def value_and_grad(
     spec: Spec, logits: list[Tensor], temperature: float, upstream: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:

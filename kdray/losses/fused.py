@@ -32,10 +32,12 @@ matmuls on thinner matrices.
 
 ``compiled`` (default: from ``V >= COMPILE_MIN_VOCAB`` up) runs each chunk through the
 ``torch.compile``-d kernel of :mod:`kdray.losses._compiled` instead: the same math in two
-fused passes, with two ``[chunk_size, V]`` buffers live instead of about eight, so its
-default chunk is larger (``COMPILED_CHUNK_PER_HIDDEN``: half the student's hidden size, 128
-tokens at Hs = 256) for little more memory. On the 2-core CPU benchmark at V = 128,256 it
-takes about half the eager kernel's time (docs/benchmarks.md, ``kdray bench losses``).
+fused passes, with two ``[chunk_size, V]`` buffers live (three for JSD) instead of about
+eight. Its default chunk grows with the model instead: ``Hs / 2`` tokens
+(``COMPILED_CHUNK_PER_HIDDEN``; 128 at Hs = 256), so the buffers hold ``V·Hs`` float32
+values (``1.5 V·Hs`` for JSD), as many as the lm_head gradient. Should compilation fail, each
+chunk runs eager in parts of the eager size. On the 2-core CPU benchmark at V = 128,256 the
+compiled kernel takes about half the eager one's time (docs/benchmarks.md).
 
 Values and gradients match the dense (naive) path to float32 rounding: the tests check
 1e-5 relative agreement for every divergence, and ``gradcheck`` the path in float64.
@@ -48,7 +50,7 @@ from torch import Tensor
 
 from kdray.losses._compiled import compiled_chunk, use_compiled
 from kdray.losses._core import Spec, check_temperature, compute_dtype, make_spec
-from kdray.losses._kernels import value_and_grad
+from kdray.losses._kernels import value_and_grad, value_and_grad_in_parts
 from kdray.losses.objectives import IGNORE_INDEX
 from kdray.losses.reductions import items_divisor
 
@@ -140,7 +142,11 @@ def _run(plan: _Plan, hs, ws, bs, ht, wt, bt, upstream: Tensor | None, want: tup
                 logits = [compute_dtype(_project(h, ws, bs)), compute_dtype(_project(ht[sel], wt, bt))]
             up = upstream[sel] if grads else None
             done = compiled_chunk(spec, logits, plan.temperature, up) if plan.compiled else None
+            if done is None and plan.compiled:  # compilation failed: eager, in parts of its own size
+                part = _chunk_rows(plan.chunk, ws.shape[0], None)
+                done = value_and_grad_in_parts(spec, logits, plan.temperature, up, part)
             v, g = done if done is not None else value_and_grad(spec, logits, plan.temperature, up)
+            done = None  # g alone keeps this chunk's gradient, until the matmuls below are done
             values[sel] = v.to(values.dtype)
             if g is None:
                 continue

@@ -34,7 +34,7 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
 * **Loss**: on the fused lm-head path (:func:`kdray.losses.fused_linear_divergence`;
   ``online``/``hidden``, unless DistiLLM-2, a LoRA adapter on the lm_head, or logits that are
   not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (about 8
-  float32 ``[chunk, V]`` buffers eager, 2 compiled: :func:`kdray.losses.fused.chunk_working_set_bytes`,
+  float32 ``[chunk, V]`` buffers eager, 2-3 compiled: :func:`kdray.losses.fused.chunk_working_set_bytes`,
   with ``training.compile_loss``) plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
