@@ -180,8 +180,7 @@ def _kernel_used(variant: str, vocab: int) -> str:
         return "-"
     from kdray.losses import _compiled
 
-    wanted = KDRAY_COMPILED[variant]
-    wanted = vocab >= _compiled.COMPILE_MIN_VOCAB if wanted is None else wanted
+    wanted = _compiled.wants_compiled(KDRAY_COMPILED[variant], "jsd", vocab)
     return "compiled" if wanted and _compiled._state["broken"] is None else "eager"
 
 

@@ -141,12 +141,11 @@ def _run(plan: _Plan, hs, ws, bs, ht, wt, bt, upstream: Tensor | None, want: tup
             else:
                 logits = [compute_dtype(_project(h, ws, bs)), compute_dtype(_project(ht[sel], wt, bt))]
             up = upstream[sel] if grads else None
-            done = compiled_chunk(spec, logits, plan.temperature, up) if plan.compiled else None
-            if done is None and plan.compiled:  # compilation failed: eager, in parts of its own size
-                part = _chunk_rows(plan.chunk, ws.shape[0], None)
-                done = value_and_grad_in_parts(spec, logits, plan.temperature, up, part)
-            v, g = done if done is not None else value_and_grad(spec, logits, plan.temperature, up)
-            done = None  # g alone keeps this chunk's gradient, until the matmuls below are done
+            if not plan.compiled:
+                v, g = value_and_grad(spec, logits, plan.temperature, up)
+            else:  # None when compilation failed: then eager, in parts of the eager size
+                v, g = compiled_chunk(spec, logits, plan.temperature, up) or value_and_grad_in_parts(
+                    spec, logits, plan.temperature, up, _chunk_rows(plan.chunk, ws.shape[0], None))
             values[sel] = v.to(values.dtype)
             if g is None:
                 continue
