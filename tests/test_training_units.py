@@ -131,3 +131,27 @@ def test_a_generated_response_trains_on_the_pools_ids_not_its_re_encoded_text(to
     assert s_labelled == [[words[0], eos], words[:2] + [eos]]  # the student's ids, not " 9 9" / " 8"
     text_only = training_batch(tok, {k: raw[k][:1] for k in ("prompt", "response", "finish_reason")})
     assert text_only["labels"][0][text_only["labels"][0] != IGNORE_INDEX].tolist().count(eos) == 2
+
+
+def test_the_data_sides_ignore_index_is_the_loss_librarys_and_tokenizing_needs_no_torch():
+    """kdray.data.tokenize restates the label the losses skip, so that Ray Data's tokenizing and
+    pool workers start without importing torch (seconds per worker process on a busy node)."""
+    import subprocess
+    import sys
+
+    from kdray.losses import IGNORE_INDEX as LOSSES_IGNORE_INDEX
+
+    assert IGNORE_INDEX == LOSSES_IGNORE_INDEX == -100
+    code = ("import sys, kdray.data.tokenize, kdray.data.examples, kdray.pools.vllm, kdray.pools.run, "
+            "kdray.stages.prepare; print(sorted(m for m in ('torch', 'torch._dynamo') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_importing_the_losses_leaves_torchdynamo_to_the_first_compiled_call():
+    import subprocess
+    import sys
+
+    code = "import sys, kdray.losses; print('torch._dynamo' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False", res.stdout

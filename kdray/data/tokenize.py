@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdray.errors import ModelError
-from kdray.losses import IGNORE_INDEX  # re-exported: the label of positions no loss covers
+
+#: The label of positions no loss covers: :data:`kdray.losses.IGNORE_INDEX` (PyTorch's
+#: ``ignore_index`` default), restated so that the Ray Data workers that tokenize need not
+#: import torch (tests/test_tokenize.py holds the two equal).
+IGNORE_INDEX = -100
 
 #: The user turn whose rendering teacher and student must agree on (:func:`check_renderings`):
 #: two lines, so that templates which strip or re-join the content differ on it too.

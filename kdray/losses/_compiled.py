@@ -37,7 +37,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
 
 from kdray.losses._core import Spec
 from kdray.losses._kernels import kernel
@@ -82,6 +81,14 @@ def _compiled() -> tuple[Callable, Callable]:
     if _state["fns"] is None:
         _state["fns"] = (torch.compile(_row_stats, dynamic=True), torch.compile(_grad_into_logits, dynamic=True))
     return _state["fns"]
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a failed compilation (imported here: TorchDynamo costs a process about a
+    second to import, which a process that never compiles need not pay)."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+
+    return BackendCompilerFailed, InternalTorchDynamoError
 
 
 #: Parameters that may change every step (DistiLLM's adaptive α), passed as 0-d tensors: a
@@ -139,7 +146,7 @@ def compiled_chunk(spec: Spec, logits: list[Tensor], temperature: float,
                 return v, None
             scale = (upstream.to(zs.dtype) / temperature).unsqueeze(-1)
             g = grad_into_logits(prepared, zs, zt, temperature, lse_s, lse_t, g_sum, scale)
-    except (BackendCompilerFailed, InternalTorchDynamoError, OSError) as exc:
+    except (*_compile_errors(), OSError) as exc:
         # Compilation failed before any kernel ran (a missing compiler, an unsupported
         # backend, a TorchDynamo bug): zs is as it was. Warn once; this process uses the eager
         # kernel. A user's mistake caught while tracing (TorchRuntimeError) is not caught here:
