@@ -16,11 +16,11 @@ so every variant generates the same number of tokens):
 
 Each variant runs in its own subprocess (``python -m kdray.bench.generation --worker V``), with
 the same intra-op threads (``--threads``; a pool replica reserves as many CPUs). Two figures
-per variant, labelled apart: *generating* -- all tokens over the time from the model being
-loaded to the last token received (every batch, Ray Data's hand-offs included for a pool,
-whose start-up is timed by a run of the same pool answering one prompt with one token) -- and *end to
-end* -- all tokens over the whole wall time, start-up included (for a pool: Ray Data, the actor
-and the model load; for a bare engine: the model load). Targets (issue 5): vLLM pool / HF
+per variant, labelled apart: *generating* -- tokens over the time spent generating, start-up
+excluded: every batch for a bare engine; for a pool, the batches after the first over the time
+from the first batch's arrival in the driver to the last's (Ray Data's hand-offs included) --
+and *end to end* -- all tokens over the whole wall time, start-up included (for a pool: Ray
+Data, the actor and the model load; for a bare engine: the model load). Targets (issue 5): vLLM pool / HF
 generate >= 2x, and the pool's overhead over bare vLLM while generating, ``bare / pool - 1``
 in tokens/s, <= 15%; each the median of ``--rounds`` interleaved rounds (:mod:`kdray.bench.interleave`).
 
@@ -165,14 +165,21 @@ def _bare_hf(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     return _result(timing, load_s, lengths)
 
 
-def _pool_run(args: argparse.Namespace, rows: list[dict[str, Any]], backend: str, sampling: Any) -> tuple[float, list]:
-    """One :func:`kdray.pools.generate` call on a Ray of its own: (wall seconds, output rows)."""
+def _pool(args: argparse.Namespace, prompts: list[str], backend: str) -> dict[str, Any]:
+    """The real :func:`kdray.pools.generate`, once, on a Ray of its own, timed by the rows' own
+    arrivals (``on_rows``): *generating* is the tokens of every batch after the first over the
+    time from the first batch's arrival to the last's (steady state: the engine, Ray Data's
+    hand-offs and the driver's reads); *start-up* is the time to the first batch less one
+    batch at that rate (Ray Data, the replica, the model load). Needs at least two batches
+    arriving apart; else ``gen_s`` is None and only the end-to-end figure stands."""
     import ray
 
     from kdray.pools import generate
     from kdray.ray_setup import job_env
     from kdray.spec import GenerationSpec, ModelSpec
 
+    rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
+    arrivals: list[tuple[float, int]] = []  # (perf_counter, rows) per arriving batch
     env = job_env()
     os.environ.update(env)
     with tempfile.TemporaryDirectory(prefix="kdray-bench-ray-") as ray_tmp:
@@ -185,34 +192,28 @@ def _pool_run(args: argparse.Namespace, rows: list[dict[str, Any]], backend: str
         pool = GenerationSpec(replicas=1, batch_size=args.batch_size, num_cpus_per_replica=args.threads,
                               enforce_eager=args.enforce_eager)
         t0 = time.perf_counter()
-        out = generate(rows, model, pool, sampling)
-        wall = time.perf_counter() - t0
+        out = generate(rows, model, pool, _sampling(args), on_rows=lambda n: arrivals.append((time.perf_counter(), n)))
+        total_s = time.perf_counter() - t0
         ray.shutdown()
-    return wall, out
-
-
-def _pool(args: argparse.Namespace, prompts: list[str], backend: str) -> dict[str, Any]:
-    """The real :func:`kdray.pools.generate`. Its start-up (Ray Data, the replica, the model
-    load) is the wall time of a run of the same pool that answers one prompt with one token;
-    the rest of the full run's wall time is generating."""
-    import dataclasses
-
-    rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
-    startup_s, _ = _pool_run(args, rows[:1], backend, dataclasses.replace(_sampling(args), max_new_tokens=1))
-    total_s, out = _pool_run(args, rows, backend, _sampling(args))
     lengths = [len(r["response_token_ids"]) for r in out]
-    result = _result((max(total_s - startup_s, 1e-9), len(prompts) * args.new_tokens), startup_s, lengths)
-    result.update(total_s=total_s, in_order=[r["id"] for r in out] == [r["id"] for r in rows])
+    (first_at, first_rows), (last_at, _) = arrivals[0], arrivals[-1]
+    steady_rows = len(prompts) - first_rows
+    gen_s = last_at - first_at if steady_rows > 0 and last_at > first_at else None
+    load_s = (first_at - t0) - (first_rows * gen_s / steady_rows if gen_s else 0.0)
+    result = _result((gen_s, steady_rows * args.new_tokens), load_s, lengths)
+    result.update(total_s=total_s, total_tokens=len(prompts) * args.new_tokens, batches_seen=len(arrivals),
+                  in_order=[r["id"] for r in out] == [r["id"] for r in rows])
     return result
 
 
-def _result(timing: tuple[float, int], load_s: float, lengths: list[int]) -> dict[str, Any]:
+def _result(timing: tuple[float | None, int], load_s: float, lengths: list[int]) -> dict[str, Any]:
     gen_s, tokens = timing
     return {
         "load_s": load_s,
         "gen_s": gen_s,
         "tokens": tokens,
-        "total_s": load_s + gen_s,
+        "total_s": load_s + (gen_s or 0.0),
+        "total_tokens": tokens,
         "responses": len(lengths),
         "response_tokens": sorted(set(lengths)),
     }
@@ -263,7 +264,8 @@ def _tps(r: dict[str, Any], generating: bool) -> float | None:
     if "error" in r:
         return None
     seconds = r["gen_s"] if generating else r["total_s"]
-    return r["tokens"] / seconds if seconds > 0 else None
+    tokens = r["tokens"] if generating else r.get("total_tokens", r["tokens"])
+    return tokens / seconds if seconds else None
 
 
 def _f(x: float | None, fmt: str = "{:,.0f}") -> str:

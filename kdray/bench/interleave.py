@@ -54,13 +54,19 @@ def resolve_rounds(args: argparse.Namespace) -> int:
 def median_row(runs: Sequence[dict[str, Any]], ran: Callable[[dict[str, Any]], bool], medians: Sequence[str],
                maxima: Sequence[str] = ()) -> dict[str, Any]:
     """One variant's rounds as one row: the first round that ``ran``, with the median over the
-    rounds that ran of each key in ``medians`` and the largest of each in ``maxima``; the first
-    round when none ran (its error)."""
+    rounds that ran of each key in ``medians`` and the largest of each in ``maxima`` (rounds
+    where a key is None left out; None when it is None in all); the first round when none ran
+    (its error)."""
     ok = [r for r in runs if ran(r)]
     if not ok:
         return dict(runs[0])
-    return {**ok[0], **{k: statistics.median(r[k] for r in ok) for k in medians},
-            **{k: max(r[k] for r in ok) for k in maxima}, "rounds": len(ok)}
+
+    def over(key: str, how: Callable[[list[Any]], Any]) -> Any:
+        values = [r[key] for r in ok if r[key] is not None]
+        return how(values) if values else None
+
+    return {**ok[0], **{k: over(k, statistics.median) for k in medians}, **{k: over(k, max) for k in maxima},
+            "rounds": len(ok)}
 
 
 @dataclass(frozen=True)
