@@ -101,6 +101,13 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     assert steps[-1]["total_steps"] == 16
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in steps)
+    # Where each step's time went on rank 0 (kdray.train.step.StepClock): every step ran its
+    # passes and update; from step 2 on each carries the previous step's report to the driver.
+    assert all(m["forward_s"] > 0 and m["backward_s"] > 0 and m["optimizer_s"] > 0 and m["data_wait_s"] >= 0
+               and m["sampling_s"] == 0 for m in steps)
+    # (A worker group's first step has none: this job's second run restored one from a checkpoint.)
+    assert steps[0]["report_s"] == 0 and sum(m["report_s"] > 0 for m in steps) >= len(steps) - 2
+    assert "a step's seconds (median; rank 0)" in (tmp_path / "out" / "report.md").read_text()
     # Micro-batches are padded to their own longest row: rows of ~16 tokens waste little of the
     # positions (padded to max_seq_len 96, 0.84 of them were padding).
     assert all(0.0 <= m["pad_fraction"] < 0.5 for m in steps)

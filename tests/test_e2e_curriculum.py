@@ -102,6 +102,10 @@ def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path,
     sizes = [s["replay_buffer_size"] for s in m]
     assert sizes == [min(32, 16 * decisions[:i].count("fresh")) for i in range(1, 9)]
     assert "fresh" in decisions and "fixed" in decisions
+    # The time a step spends sampling in the worker (kdray.train.step.StepClock): HF generate on
+    # fresh steps; fixed steps take the dataset's responses as they come.
+    sampling = {d: [s["sampling_s"] for s in m if s["replay_decision"] == d] for d in ("fresh", "fixed")}
+    assert min(sampling["fresh"]) > max(sampling["fixed"]), sampling
     # A replay step only happens once the buffer is full (otherwise it would generate).
     assert all(size == 32 for d, size in zip(decisions, sizes) if d == "replay")
     assert [s["step"] for s in m if "val_loss" in s] == [4, 8]

@@ -107,6 +107,12 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert data["overhead_rounds"] == [data["overhead"]]  # --quick: one round of the job and the bare loop
     assert "over 1 rounds" in res.stdout and "host load (1-min average)" in res.stdout
     assert ray_run["startup_s"] > 0 and bare["startup_s"] > 0
+    # Where a step's time goes, beside the bare loop's (kdray.train.step.StepClock's parts).
+    assert "where a step's time goes" in res.stdout
+    for run in (ray_run, bare):
+        assert run["forward_s"] > 0 and run["backward_s"] > 0 and run["optimizer_s"] > 0, run
+    assert ray_run["report_s"] > 0 and bare["report_s"] == 0  # the bare loop reports to no driver
+    assert ray_run["sequences_per_step"] * data["workers"] == bare["sequences_per_step"] == data["global_batch"]
     assert set(data["modes"]) == {"online"} and data["modes"]["online"]["peak_rss_mb"] > 100
     # The memory section (--quick: on the toy jobs): each mode's measured peak beside its estimate.
     assert data["memory_teacher"] == "toy:teacher" and set(data["memory"]) == {"online"}

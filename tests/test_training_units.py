@@ -155,3 +155,30 @@ def test_importing_the_losses_leaves_torchdynamo_to_the_first_compiled_call():
     code = "import sys, kdray.losses; print('torch._dynamo' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False", res.stdout
+
+
+def test_step_clock_adds_each_part_and_starts_again_after_take():
+    import time
+
+    from kdray.train.step import StepClock
+
+    clock = StepClock()
+
+    def slow_items():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    assert list(clock.iterate(slow_items())) == [0, 1, 2]
+    with clock.timing("forward"):
+        time.sleep(0.01)
+    try:
+        with clock.timing("backward"):
+            raise ValueError("a failing backward is timed too")
+    except ValueError:
+        pass
+    parts = clock.take()
+    assert set(parts) == {f"{p}_s" for p in StepClock.PARTS}
+    assert parts["data_wait_s"] >= 0.06 and parts["forward_s"] >= 0.01 and parts["backward_s"] > 0
+    assert parts["optimizer_s"] == parts["report_s"] == parts["sampling_s"] == 0.0
+    assert set(clock.take().values()) == {0.0}  # take() started it again

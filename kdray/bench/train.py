@@ -160,6 +160,8 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     peaks = [m["peak_rss_mb"] for m in steps if "peak_rss_mb" in m]
     return {
         **result,
+        **step_time_parts(steps[args.skip_steps:]),
+        "sequences_per_step": args.global_batch // args.workers,  # rank 0's share of a step
         "status": "ok",
         "steps": len(steps),
         "steady_steps": len(steady),
@@ -241,7 +243,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(t.seed)
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    rates, step_losses = [], []
+    rates, step_losses, history = [], [], []
     startup = None
     for _ in range(total):
         micro_batches = []
@@ -250,16 +252,20 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + micro]
             cursor += micro
-            micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
+            with loop.clock.timing("data_wait"):  # a job's workers collate while they wait on Ray Data
+                micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
         started = time.perf_counter()
         metrics = loop.step(micro_batches)
         now = time.perf_counter()
         rates.append(metrics["tokens"] / (now - started))
         step_losses.append(metrics["loss"])
+        history.append(metrics)
         if startup is None:
             startup = now - t0
     steady = rates[skip_steps:]
     return {
+        **step_time_parts(history[skip_steps:]),
+        "sequences_per_step": t.global_batch_size,
         "status": "ok",
         "steps": total,
         "steady_steps": len(steady),
@@ -285,9 +291,23 @@ def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[st
     return json.loads(out.read_text())
 
 
+def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The median over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
+    the metrics' ``*_s``; None for a part no step reports)."""
+    from kdray.train.step import StepClock
+
+    parts: dict[str, float | None] = {}
+    for part in StepClock.PARTS:
+        values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
+        parts[f"{part}_s"] = statistics.median(values) if values else None
+    return parts
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One variant's rounds as one row: the median of the rounds' tokens/s."""
-    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s"])
+    """One variant's rounds as one row: the median of the rounds' tokens/s and step-time parts."""
+    from kdray.train.step import StepClock
+
+    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s", *(f"{p}_s" for p in StepClock.PARTS)])
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -19,6 +19,25 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
     return format(value, spec)
 
 
+def _render_step_time(console: Any, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    """Where a steady-state step's time goes in each run: the median seconds of each part
+    (:class:`kdray.train.step.StepClock`; the job's from rank 0, which trains its share of the
+    step's sequences)."""
+    from rich.table import Table
+
+    from kdray.train.step import StepClock
+
+    table = Table(title="where a step's time goes (median seconds per steady-state step; the job: rank 0)")
+    table.add_column("run")
+    table.add_column("sequences on this process", justify="right")
+    for part in StepClock.PARTS:
+        table.add_column(part.replace("_", " "), justify="right")
+    for label, r in rows:
+        if r.get("status") == "ok":
+            table.add_row(label, _fmt(r.get("sequences_per_step")), *(_fmt(r.get(f"{p}_s"), ".3f") for p in StepClock.PARTS))
+    console.print(table)
+
+
 def render(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -39,6 +58,7 @@ def render(results: dict[str, Any]) -> None:
                       _fmt(r.get("startup_s"), ".1f"),
                       f"{_fmt(r.get('first_loss'), '.3f')} → {_fmt(r.get('last_loss'), '.3f')}" if ok else "-")
     console.print(table)
+    _render_step_time(console, rows)
     overhead = results.get("overhead")
     if overhead is not None:
         verdict = "[green]meets[/]" if overhead <= TARGET_OVERHEAD else "[red]misses[/]"

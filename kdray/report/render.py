@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import KdrayError
+from kdray.train.step import StepClock
 # Plotting lives in kdray.report.plots; these names are shared with it.
 from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds, plot_loss, plot_schedule)
 
-# Per-step keys that are neither a loss part nor a schedule value.
-_NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm"}
+# Per-step keys that are neither a loss part nor a schedule value (the step's time parts among them).
+_STEP_TIME = [f"{part}_s" for part in StepClock.PARTS]
+_NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm", *_STEP_TIME}
 _LOSS_KEYS = {"loss", "kd", "ce", "skl", "srkl", "fkl", "rkl", "tvd", "jsd", "akl", "cald"}
 _SCHEDULE_FIRST = ("lr", "kd_temperature", "temperature", "kd_ratio", "alpha", "beta", "stage", "round")
 _FIX = "run the job first: kdray run SPEC"
@@ -99,6 +101,19 @@ def _judge_lines(judge: dict[str, Any]) -> list[str]:
         ["judged B in both orders", _fmt(judge.get("second_position_bias"))],
         ["prompts skipped (judge prompt too long)", _fmt(judge.get("skipped_too_long"), ".0f")]])
     return out
+
+
+def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
+    """The median of each of a step's time parts (:class:`kdray.train.step.StepClock`, rank 0)
+    over the steps that report them, as one table row; none when no step does."""
+    import statistics
+
+    parts = []
+    for key in _STEP_TIME:
+        values = [v for v in (_num(m.get(key)) for m in metrics) if not math.isnan(v)]
+        if values:
+            parts.append(f"{key[:-2].replace('_', ' ')} {statistics.median(values):.3f}")
+    return [["a step's seconds (median; rank 0)", " · ".join(parts)]] if parts else []
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -194,7 +209,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         out += _table(["quantity", "value"], [
             ["optimizer steps", f"{_fmt(last.get('step'), '.0f')} of {_fmt(last.get('total_steps'), '.0f')}"],
             ["first loss", _fmt(metrics[0].get("loss"), ".4f")], ["last loss", _fmt(last.get("loss"), ".4f")],
-            ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"]])
+            ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"],
+            *_step_time_row(metrics)])
     else:
         out.append("No training metrics in report.json (training did not log any step).")
     out += plot("loss.png", "loss and its parts per step")

@@ -22,7 +22,7 @@ from kdray.curriculum.plan import Segment
 from kdray.spec import JobSpec
 from kdray.train.objectives import make_step_objective
 from kdray.train.setup import make_optimizer
-from kdray.train.step import accumulate_step, step_metrics
+from kdray.train.step import StepClock, accumulate_step, step_metrics
 
 
 class LocalLoop:
@@ -45,6 +45,9 @@ class LocalLoop:
         self.segment: Segment | None = None
         self.state: dict[str, Any] | None = None  # the objective's schedule, carried between segments
         self.global_step = 0
+        #: Where each step's time goes (:class:`~kdray.train.step.StepClock`); a caller may time
+        #: its data into ``data_wait`` before :meth:`step`, which returns the parts and resets them.
+        self.clock = StepClock()
 
     def begin_segment(self, segment: Segment) -> None:
         """Start ``segment``: a new optimizer on the first segment or when the segment restarts
@@ -64,28 +67,36 @@ class LocalLoop:
         Returns:
             ``step`` (the job's optimizer step, from 1), ``loss`` and the objective's parts (the
             step's objective, whatever the split into micro-batches), ``tokens`` (label tokens),
-            ``lr`` (the rate this step applied), ``grad_norm`` (before clipping) and the
-            objective's schedule values.
+            ``lr`` (the rate this step applied), ``grad_norm`` (before clipping), the
+            objective's schedule values and where the step's time went (``forward_s``,
+            ``backward_s``, ``optimizer_s``, and ``data_wait_s`` as the caller timed it).
         """
         import torch
 
         if self.objective is None:
             raise RuntimeError("LocalLoop.step before begin_segment")
-        sums = accumulate_step(self.objective, self.student, self.teacher, micro_batches, lambda loss: loss.backward())
-        clip = self.spec.training.gradient_clipping or math.inf
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        lr = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clock = self.clock
+
+        def backward(loss: Any) -> None:
+            with clock.timing("backward"):
+                loss.backward()
+
+        sums = accumulate_step(self.objective, self.student, self.teacher, micro_batches, backward, clock)
+        with clock.timing("optimizer"):
+            clip = self.spec.training.gradient_clipping or math.inf
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            lr = float(self.scheduler.get_last_lr()[0])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         schedule = self.objective.metrics()  # the values this step used
         self.objective.optimizer_step()
         self.global_step += 1
         seg = self.segment
         return {"step": self.global_step, **step_metrics(sums), "lr": lr,
                 "grad_norm": grad_norm, "round": seg.round,
-                **({"stage": seg.stage} if seg.stage is not None else {}), **schedule}
+                **({"stage": seg.stage} if seg.stage is not None else {}), **schedule, **clock.take()}
 
     def end_segment(self) -> None:
         """Keep the objective's schedule state for the next segment."""

@@ -20,8 +20,63 @@ objective, and so do their gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class StepClock:
+    """Where an optimizer step's wall time goes on this rank, in seconds (``time.perf_counter``).
+
+    Parts (each step's metrics carry them as ``<part>_s``, :meth:`take`):
+
+    - ``data_wait``: waiting on the data iterator for the step's micro-batches (the first step
+      of a segment includes the data pipeline's start-up);
+    - ``sampling``: fresh student samples made in the worker (DistiLLM's replay);
+    - ``forward``: the objective's forward passes (student, and teacher where it runs here);
+    - ``backward``: the backward passes, and the gradient reduction a runner does in them
+      (DeepSpeed ZeRO-2 reduces gradient buckets as the backward fills them);
+    - ``optimizer``: the update (clipping, the optimizer, the schedule; under DeepSpeed its
+      ``engine.step``, with ZeRO's last reduction and the all-gather of the updated parameters);
+    - ``report``: the previous step's hop to the driver (``ray.train.report``, with the
+      checkpoint it carried), so step k shows step k-1's.
+
+    The parts do not overlap; what they leave out of a step's wall time is the runner's own
+    bookkeeping (the metrics' all-reduce, the schedule, replay's validation)."""
+
+    PARTS = ("data_wait", "sampling", "forward", "backward", "optimizer", "report")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextmanager
+    def timing(self, part: str) -> Iterator[None]:
+        """Add the ``with`` block's wall time to ``part``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
+    def iterate(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, with the time spent waiting for each added to ``data_wait``."""
+        it = iter(items)
+        while True:
+            with self.timing("data_wait"):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+    def take(self) -> dict[str, float]:
+        """The parts so far as ``{"<part>_s": seconds}``, then start again from zero."""
+        out = {f"{part}_s": value for part, value in self.seconds.items()}
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        return out
 
 
 def step_items(objective: Any, micro_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -49,7 +104,7 @@ def step_items(objective: Any, micro_batches: Iterable[dict[str, Any]]) -> dict[
 
 
 def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: list[dict[str, Any]],
-                    backward: Callable[[Any], None]) -> dict[str, float]:
+                    backward: Callable[[Any], None], clock: StepClock | None = None) -> dict[str, float]:
     """Forward and backward every micro-batch of one optimizer step (not the update itself).
 
     Args:
@@ -60,6 +115,8 @@ def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: lis
         backward: called with each micro-batch's loss, which is already normalised by the whole
             step's items (:func:`step_items`): the runner adds the gradients up (undoing any
             averaging its gradient reduction does over micro-batches or ranks).
+        clock: where the forward passes' time goes (``forward``); the runner times its own
+            ``backward`` and update.
 
     Returns:
         This rank's sums: ``loss`` and the objective's parts (summing them over the ranks gives
@@ -68,8 +125,10 @@ def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: lis
     """
     items = step_items(objective, micro_batches)
     sums: dict[str, float] = {}
+    clock = clock or StepClock()
     for batch in micro_batches:
-        loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
+        with clock.timing("forward"):
+            loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
         backward(loss)
         for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens, **_positions(batch)}.items():
             sums[key] = sums.get(key, 0.0) + value

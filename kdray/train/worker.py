@@ -24,7 +24,7 @@ from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.spec import JobSpec, TrainingSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
-from kdray.train.step import accumulate_step, step_metrics
+from kdray.train.step import StepClock, accumulate_step, step_metrics
 
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
@@ -106,17 +106,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     since_checkpoint: list[dict[str, Any]] = []
 
     boundaries: list[bool] = []
+    clock = StepClock()  # where each step's time goes: its metrics' *_s
 
     def backward(loss: Any) -> None:
         # The loss is already normalised by the whole step's items: DeepSpeed must neither divide
         # it by the accumulation steps nor, in effect, by the ranks (it averages their gradients).
-        engine.backward(loss * world, scale_wrt_gas=False)
+        with clock.timing("backward"):
+            engine.backward(loss * world, scale_wrt_gas=False)
         boundaries.append(engine.is_gradient_accumulation_boundary())
-        engine.step()  # an optimizer step only at the accumulation boundary
+        with clock.timing("optimizer"):
+            engine.step()  # an optimizer step only at the accumulation boundary
 
     for epoch in range(start_epoch, seg.epochs):
         batches = micro_batches(shard, t, shuffle_seed(t.seed, epoch=epoch, segment=seg.index, rank=rank), collate)
-        for micro, batch in enumerate(batches):
+        for micro, batch in enumerate(clock.iterate(batches)):
             if micro >= micro_per_epoch or step >= seg.end_step:
                 break
             if epoch == start_epoch and micro < skip_micro:
@@ -127,12 +130,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if replay is not None:
                 if not group:
                     replay.begin_step(step, wc.total_steps)
-                batch = replay.batch(engine, batch)
+                with clock.timing("sampling"):
+                    batch = replay.batch(engine, batch)
             group.append(batch)
             if len(group) < t.gradient_accumulation_steps:
                 continue
             lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
-            window = accumulate_step(objective, engine, teacher, group, backward)
+            window = accumulate_step(objective, engine, teacher, group, backward, clock)
             if boundaries != [False] * (len(group) - 1) + [True]:
                 raise RuntimeError(f"rank {rank}: DeepSpeed's accumulation boundaries {boundaries} do not match "
                                    f"the step's {len(group)} micro-batches (step {step + 1})")
@@ -145,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
             metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule,
-                       **_step_metrics(engine, wc, window, time.perf_counter() - started)}
+                       **_step_metrics(engine, wc, window, time.perf_counter() - started), **clock.take()}
             started = None
             since_checkpoint.append(metrics)
             if step >= seg.end_step:
@@ -155,10 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # drained their metrics recovers them from here when the job is run again.
                 progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
                             "metrics": since_checkpoint}
-                _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
+                with clock.timing("report"):
+                    _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
                 since_checkpoint = []
             else:
-                ray.train.report(metrics)
+                with clock.timing("report"):
+                    ray.train.report(metrics)
         if step >= seg.end_step:
             break
     # The end of the segment (or fewer batches than planned): export what was trained.
