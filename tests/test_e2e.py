@@ -132,6 +132,14 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
         scores = report["evaluation"][label]
         assert scores["n"] == 48 and scores["rougeL"] == pytest.approx(sum(r["rougeL"] for r in answered) / 48)
         assert scores["mean_length"] == pytest.approx(sum(len(r["response"].split()) for r in answered) / 48)
+    # The exported student carries its model card (kdray/report/model_card.py), with this table.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "student" / "README.md")
+    assert card.data.base_model == "toy:student" and card.data.datasets == ["toy:train"]
+    after = report["evaluation"]["student_after"]
+    assert f"| student after | {after['rougeL']:.3f} | {after['exact_match']:.3f} |" in card.text
+    assert f"kdray run {out / 'spec.yaml'}" in card.text
 
     # The rows live in a committed dataset the pool's actors wrote; the examples the workers
     # stream are the pool's own ids: every row's labels are its response_token_ids.

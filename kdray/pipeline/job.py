@@ -27,6 +27,7 @@ from kdray.pipeline.state import JobState
 from kdray.pipeline.storage import check_shared_storage
 from kdray.ray_setup import init_ray
 from kdray.report import render_report
+from kdray.report.model_card import write_model_cards
 from kdray.spec import JobSpec, dump_spec
 from kdray.stages import difficulty, evaluate, generate, prepare, teacher_signal, train
 from kdray.stages.context import StageContext
@@ -188,6 +189,7 @@ class Job:
         student_dir: Path | None = None
         checkpoint: str | None = None
         round_scores: dict[str, Any] = {}
+        round_students: dict[str, Path] = {}  # every segment's export but the last, for its model card
         for segment in plan:
             done = state.finished(segment.index)
             if done is not None:
@@ -206,6 +208,8 @@ class Job:
                     signal_meta=signal_meta, heldout=data.heldout, on_metrics=self._record_metrics)
                 state.finish(segment.index, checkpoint, str(student_dir))
             self.score_round(segment, plan, student_dir, state, data.heldout, round_scores)
+            if segment.index < len(plan) - 1:
+                round_students[f"student_round_{segment.index + 1}"] = student_dir
         final = self.out / "student"
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(student_dir, final)
@@ -231,6 +235,7 @@ class Job:
             tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             os.replace(tmp, self.out / "report.json")
             render_report(self.out)
+            write_model_cards(report, {**round_students, "student_after": final}, spec_path=str(self.out / "spec.yaml"))
             self.reporter.advance("report")
         return report
 
