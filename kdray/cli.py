@@ -40,11 +40,11 @@ def _err(console: Any, text: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kdray.spec import dump_spec, load_spec
+    from kdray.api import local_models, validate
+    from kdray.spec import dump_spec
 
-    spec = load_spec(args.spec)
-    local = _check_local_models(spec, args.spec)
-    if local:  # both configs at hand: what a training worker will hold, and its budget
+    spec = validate(args.spec)
+    if len(local_models(spec)) == 2:  # both configs at hand: what a training worker will hold, and its budget
         from kdray.pipeline.budget import check_memory_budget
         from kdray.train.memory import job_estimate
 
@@ -56,106 +56,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_local_models(spec: Any, source: str) -> bool:
-    """Models on this machine (toy models, local directories) must hold their weights, teacher
-    and student must share a tokenizer and render a prompt alike (the job's prompt encoding,
-    :func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job that loads
-    it; a template given in ``data.chat_template`` must parse in any case. True when both
-    models are on this machine (and checked)."""
-    from kdray.data.tokenize import job_encoding, template_syntax_error
-    from kdray.models import check_model_files, shared_vocab_size
-    from kdray.spec import TOY_PREFIX
-
-    local = {role: m.model for role, m in (("teacher", spec.teacher), ("student", spec.student))
-             if m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir()}
-    errors = []
-    syntax = template_syntax_error(spec.data.chat_template)
-    if syntax:
-        errors.append(("data.chat_template", syntax))
-    for role, ref in local.items():
-        try:
-            check_model_files(ref)
-        except KdrayError as exc:
-            errors.append((f"{role}.model", str(exc)))
-    if len(local) == 2 and not errors:
-        try:
-            shared_vocab_size(spec.teacher.model, spec.student.model)
-        except KdrayError as exc:
-            errors.append(("teacher.model / student.model", str(exc)))
-        else:
-            try:
-                job_encoding(spec)
-            except KdrayError as exc:
-                errors.append(("data.chat_template", str(exc)))
-    if errors:
-        raise SpecError(errors, source)
-    return len(local) == 2
-
-
-def _summary_table(report: dict[str, Any]) -> Any:
+def _summary_table(report: Any) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"kdray job {report['name']}: held-out evaluation")
+    table = Table(title=f"kdray job {report.name}: held-out evaluation")
     table.add_column("model")
     table.add_column("ROUGE-L", justify="right")
     table.add_column("exact match", justify="right")
     table.add_column("mean length", justify="right")
-    for label, scores in report["evaluation"].items():
-        table.add_row(
-            label.replace("_", " "),
-            f"{scores['rougeL']:.3f}",
-            f"{scores['exact_match']:.3f}",
-            f"{scores['mean_length']:.2f}",
-        )
+    for label, scores in report.evaluation.items():
+        table.add_row(label.replace("_", " "), f"{scores.rouge_l:.3f}", f"{scores.exact_match:.3f}",
+                      f"{scores.mean_length:.2f}")
     return table
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from kdray.pipeline.job import Job
-    from kdray.pipeline.lock import output_lock
-    from kdray.pipeline.progress import ConsoleReporter
+    from kdray.api import run
     from kdray.service.tracking import Tracker
-    from kdray.spec import load_spec
 
     tracker = Tracker(args.store, args.job_id)  # a job the service submitted: its record follows the run
     with tracker.following():
-        spec = load_spec(args.spec)
-        out = Path(spec.output_dir).expanduser()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SpecError([("output_dir", f"cannot create {out}: {exc.strerror}; choose a writable directory")],
-                            args.spec) from None
-        with output_lock(out, args.job_id):  # one driver per output_dir, before anything is written there
-            reporter = ConsoleReporter(out / "events.jsonl", console=Console(stderr=True))
-            tracker.attach(reporter)
-            try:
-                report = Job(spec, reporter=reporter, address=args.address, restart=args.restart).run()
-            finally:
-                reporter.close()
-    _print_result(report, out)
+        report = run(args.spec, address=args.address, restart=args.restart, job_id=args.job_id,
+                     on_reporter=tracker.attach)
+    _print_result(report)
     return 0
 
 
-def _print_result(report: dict[str, Any], out: Path) -> None:
+def _print_result(report: Any) -> None:
     from rich.console import Console
 
     stdout = Console()
-    if report["evaluation"]:
+    if report.evaluation:
         stdout.print(_summary_table(report))
-    if judge := report.get("judge"):
+    if judge := report.judge:
         def rate(key: str) -> str:
             return "n/a" if judge.get(key) is None else f"{judge[key]:.3f}"
 
         stdout.print(f"judge {judge['model']}: student after vs {judge['reference']}: win rate "
                      f"{rate('win_rate')} over {judge['comparisons']} comparisons, position "
                      f"consistency {rate('position_consistency')}")
-    timings = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings_s"].items())
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in report.timings_s.items())
     stdout.print(f"timings: {timings}")
-    stdout.print(f"student: {report['student_dir']}")
-    stdout.print(f"report:  {out.resolve() / 'report.md'} (and report.json, *.png)")
+    stdout.print(f"student: {report.student_dir}")
+    stdout.print(f"report:  {report.output_dir / 'report.md'} (and report.json, *.png)")
 
 
 def cmd_toy(args: argparse.Namespace) -> int:

@@ -1,0 +1,64 @@
+"""kdray's Python API (kdray/api.py): what `import kdray` offers, the command line's own path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import kdray
+from kdray.errors import KdrayError, SpecError
+from tests.test_e2e import REPO
+from tests.test_report import make_job
+
+
+def _demo() -> dict:
+    return yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())
+
+
+def test_validate_takes_a_path_a_dict_or_a_jobspec_and_returns_the_resolved_spec(toy_world):
+    from kdray.spec import JobSpec
+
+    spec = kdray.validate(REPO / "jobs" / "demo.yaml")
+    assert isinstance(spec, JobSpec) and spec.teacher.model == "toy:teacher"
+    assert kdray.validate(_demo()) == spec == kdray.validate(spec)
+
+
+def test_validate_names_every_bad_field_and_the_source():
+    bad = _demo()
+    bad["training"]["lr"] = -1
+    bad["student"]["model"] = "/nonexistent/student"
+    with pytest.raises(SpecError) as err:
+        kdray.validate(bad)
+    text = str(err.value)
+    assert "training.lr" in text and "spec" in text
+    with pytest.raises(SpecError, match="expected a path, a dict or a JobSpec, got int"):
+        kdray.validate(42)
+
+
+def test_run_refuses_a_bad_spec_or_output_dir_before_any_work(tmp_path):
+    bad = _demo()
+    bad["objective"]["kind"] = "no_such_loss"
+    with pytest.raises(SpecError, match="objective"):
+        kdray.run(bad)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    spec = dict(_demo(), output_dir=str(blocked / "out"))
+    with pytest.raises(SpecError, match="output_dir"):
+        kdray.run(spec)
+    assert not (blocked.parent / "out").exists()
+
+
+def test_a_report_loads_typed_from_a_job_directory(tmp_path):
+    job = make_job(tmp_path, "fkl", rounds=(1,))
+    report = kdray.Report.load(job)
+    assert report.name == "fkl" and report.status == "succeeded" and report.output_dir == job
+    assert list(report.evaluation) == ["teacher", "student_before", "student_round_1", "student_after"]
+    after = report.evaluation["student_after"]
+    assert (after.rouge_l, after.exact_match, after.n) == (0.4841, 0.3175, 400)
+    assert report.timings_s["train"] == 50.0 and [m["step"] for m in report.train_metrics] == list(range(1, 7))
+    assert report.student_dir == job / "student" and report.data == json.loads((job / "report.json").read_text())
+    assert kdray.Report.load(job / "report.json") == report
+    with pytest.raises(KdrayError, match="run the job first"):
+        kdray.Report.load(tmp_path / "nothing-here")
