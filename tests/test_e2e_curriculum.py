@@ -40,9 +40,11 @@ def steps(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(tmp_path, toy_world):
     # The dataset's responses stand for the teacher's (a teacher pool is tested everywhere else):
-    # the student pool's rounds are what this job is about.
+    # the student pool's rounds are what this job is about, on the HF backend (a vLLM engine
+    # serving an exported student is every evaluation's business; HF starts in seconds).
+    student = {"model": "toy:student", "dtype": "float32", "max_model_len": 128, "backend": "hf"}
     spec = small_job(tmp_path, "distillm2", dataset_responses=True, objective={"kind": "distillm2"},
-                     curriculum={"kind": "distillm2", "rounds": 2, "mode": "paper"})
+                     curriculum={"kind": "distillm2", "rounds": 2, "mode": "paper"}, student=student)
     res = kdray("run", str(spec), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "out"
