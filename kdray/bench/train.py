@@ -292,14 +292,15 @@ def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[st
 
 
 def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The median over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
-    the metrics' ``*_s``; None for a part no step reports)."""
+    """The mean over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
+    the metrics' ``*_s``; None for a part no step reports): a mean, so the parts that come every
+    few steps (the batched reports, checkpoints) count, and the parts add up to the mean step."""
     from kdray.train.step import StepClock
 
     parts: dict[str, float | None] = {}
     for part in StepClock.PARTS:
         values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
-        parts[f"{part}_s"] = statistics.median(values) if values else None
+        parts[f"{part}_s"] = statistics.fmean(values) if values else None
     return parts
 
 

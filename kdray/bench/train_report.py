@@ -20,14 +20,14 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 
 
 def _render_step_time(console: Any, rows: list[tuple[str, dict[str, Any]]]) -> None:
-    """Where a steady-state step's time goes in each run: the median seconds of each part
+    """Where a steady-state step's time goes in each run: the mean seconds of each part
     (:class:`kdray.train.step.StepClock`; the job's from rank 0, which trains its share of the
     step's sequences)."""
     from rich.table import Table
 
     from kdray.train.step import StepClock
 
-    table = Table(title="where a step's time goes (median seconds per steady-state step; the job: rank 0)")
+    table = Table(title="where a step's time goes (mean seconds per steady-state step; the job: rank 0)")
     table.add_column("run")
     table.add_column("sequences on this process", justify="right")
     for part in StepClock.PARTS:

@@ -104,16 +104,17 @@ def _judge_lines(judge: dict[str, Any]) -> list[str]:
 
 
 def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
-    """The median of each of a step's time parts (:class:`kdray.train.step.StepClock`, rank 0)
-    over the steps that report them, as one table row; none when no step does."""
+    """The mean of each of a step's time parts (:class:`kdray.train.step.StepClock`, rank 0)
+    over the steps that report them (a mean: the batched reports come every few steps), as one
+    table row; none when no step does."""
     import statistics
 
     parts = []
     for key in _STEP_TIME:
         values = [v for v in (_num(m.get(key)) for m in metrics) if not math.isnan(v)]
         if values:
-            parts.append(f"{key[:-2].replace('_', ' ')} {statistics.median(values):.3f}")
-    return [["a step's seconds (median; rank 0)", " · ".join(parts)]] if parts else []
+            parts.append(f"{key[:-2].replace('_', ' ')} {statistics.fmean(values):.3f}")
+    return [["a step's seconds (mean; rank 0)", " · ".join(parts)]] if parts else []
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

@@ -5,7 +5,7 @@ The compact examples of a committed dataset (:mod:`kdray.stages.generate`,
 (``read_parquet`` → ``get_dataset_shard``); the workers pad each micro-batch
 (:class:`kdray.data.examples.CollateExamples`) and run
 :func:`kdray.train.worker.train_loop_per_worker`. Each optimizer step's metrics travel from
-rank 0 through ``ray.train.report`` to the Ray Train controller, where a callback forwards them
+rank 0 through ``ray.train.report`` (batched) to the Ray Train controller, where a callback forwards them
 to a :func:`~kdray.stages.context.progress_hub` actor that the driver drains while the run goes on.
 """
 
@@ -38,8 +38,9 @@ def train_metrics_callback(hub: Any) -> Any:
 
     class TrainMetricsCallback(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics:
-                hub.record.remote(dict(metrics[0]))
+            if metrics:  # rank 0's: the steps since its last report (kdray.train.worker)
+                for step in metrics[0].get("steps", [metrics[0]]):
+                    hub.record.remote(dict(step))
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for error in worker_exceptions.values():

@@ -2,8 +2,11 @@
 
 ``train_loop_per_worker`` runs on every Ray Train worker. It receives everything through its
 config (a :class:`WorkerConfig`), never from module globals, so the same function serves the
-demo, the tests and a cluster. Each optimizer step reports its metrics through
-``ray.train.report``; the driver's callback forwards them to the job's progress.
+demo, the tests and a cluster. Every optimizer step's metrics reach the driver through
+``ray.train.report`` (a collective of all ranks), batched: the steps since the last report go
+together at a checkpoint, at the segment's end, or at the first step :data:`REPORT_INTERVAL_S`
+after the last report; the driver's callback forwards them, one event per step, to the job's
+progress.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from kdray.spec import JobSpec, TrainingSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
 from kdray.train.step import StepClock, accumulate_step, step_metrics
 
+
+#: Seconds between two metric-only reports at most (a report is due at the first step after it).
+#: Every ``ray.train.report`` waits for all ranks and the controller: 46 ms median per step on
+#: the 2-core bench host (``kdray bench train``, 2026-12-03), about half the toy job's step. Rank
+#: 0's clock decides, and the decision travels in the step's metric all-reduce, so every rank
+#: reports at the same step.
+REPORT_INTERVAL_S = 1.0
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
 #: buffer as it streams the shard (a full shuffle would materialise the shard per epoch).
@@ -75,8 +85,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config["worker"]`` is the :class:`WorkerConfig`; the datasets are Ray Train's shards
     ``train`` (and ``validation`` with the replay curriculum). Each optimizer step's metrics go
-    to ``ray.train.report``, with a checkpoint every ``training.checkpoint_every_steps`` and at
-    the end of the segment (the exported student, :func:`_report_final`)."""
+    to ``ray.train.report`` as ``{"steps": [metrics, ...]}`` (batched: see the module), with a
+    checkpoint every ``training.checkpoint_every_steps`` and at the end of the segment (the
+    exported student, :func:`_report_final`)."""
     import ray.train
 
     wc: WorkerConfig = config["worker"]
@@ -104,6 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     group: list[dict[str, Any]] = []  # the micro-batches of the step being gathered
     since_checkpoint: list[dict[str, Any]] = []
+    unreported: list[dict[str, Any]] = []  # the steps the next report carries
+    last_report = time.monotonic()
 
     boundaries: list[bool] = []
     clock = StepClock()  # where each step's time goes: its metrics' *_s
@@ -148,10 +161,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 schedule.update(replay.metrics())
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
-            metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule,
-                       **_step_metrics(engine, wc, window, time.perf_counter() - started), **clock.take()}
+            due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
+            step_values, report_due = _step_metrics(engine, wc, window, time.perf_counter() - started, due)
+            metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule, **step_values, **clock.take()}
             started = None
             since_checkpoint.append(metrics)
+            unreported.append(metrics)
             if step >= seg.end_step:
                 break
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
@@ -160,16 +175,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
                             "metrics": since_checkpoint}
                 with clock.timing("report"):
-                    _report_checkpoint(engine, metrics, progress, _state(objective, replay), rank)
-                since_checkpoint = []
-            else:
+                    _report_checkpoint(engine, unreported, progress, _state(objective, replay), rank)
+                since_checkpoint, unreported, last_report = [], [], time.monotonic()
+            elif report_due:
                 with clock.timing("report"):
-                    ray.train.report(metrics)
+                    ray.train.report({"steps": unreported})
+                unreported, last_report = [], time.monotonic()
         if step >= seg.end_step:
             break
     # The end of the segment (or fewer batches than planned): export what was trained.
-    metrics = metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}
-    _report_final(engine, wc, metrics, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
+    unreported = unreported or [metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}]
+    _report_final(engine, wc, unreported, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
                                         "metrics": since_checkpoint}, _state(objective, replay), rank)
 
 
@@ -194,19 +210,21 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, teacher
 
 
-def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float) -> dict[str, Any]:
+def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float,
+                  report_due: bool) -> tuple[dict[str, Any], bool]:
     """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
     from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), label tokens
     per second, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
-    the step is."""
+    the step is; and whether any rank found a report due (every rank gets the same answer)."""
     import torch
     import torch.distributed as dist
 
     seg = wc.segment
     keys = sorted(window)
-    sums = torch.tensor([window[k] for k in keys], dtype=torch.float64)
+    sums = torch.tensor([window[k] for k in keys] + [float(report_due)], dtype=torch.float64)
     dist.all_reduce(sums)
-    totals = step_metrics(dict(zip(keys, sums.tolist())))
+    values = sums.tolist()
+    totals = step_metrics(dict(zip(keys, values[:-1])))
     grad_norm = engine.get_global_grad_norm()
     return {
         "total_steps": wc.total_steps,
@@ -216,7 +234,7 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
         "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "peak_rss_mb": peak_rss_mb(),  # since the models were loaded (reset_peak_rss)
-    }
+    }, values[-1] > 0
 
 
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
@@ -273,17 +291,23 @@ def _save_state(engine: Any, root: str, progress: dict[str, Any], schedule: dict
         (Path(root) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
 
 
-def _report_checkpoint(engine: Any, metrics: dict[str, Any], progress: dict[str, Any],
+def _marked(steps: list[dict[str, Any]], flag: str) -> dict[str, Any]:
+    """The report of ``steps``, the last one marked with ``flag`` (``checkpoint``, ``final``)."""
+    return {"steps": [*steps[:-1], {**steps[-1], flag: True}]}
+
+
+def _report_checkpoint(engine: Any, steps: list[dict[str, Any]], progress: dict[str, Any],
                        schedule: dict[str, Any], rank: int) -> None:
-    """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories."""
+    """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories. The
+    report carries the unreported ``steps``, the last one the checkpoint's."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         _save_state(engine, tmp, progress, schedule, rank)
-        ray.train.report({**metrics, "checkpoint": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(_marked(steps, "checkpoint"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progress: dict[str, Any],
+def _report_final(engine: Any, wc: WorkerConfig, steps: list[dict[str, Any]], progress: dict[str, Any],
                   schedule: dict[str, Any], rank: int) -> None:
     """Report the segment's end: the student as an HF checkpoint (ZeRO-3 gathered) for the
     next round's student pool and for evaluation, plus the DeepSpeed state that the next
@@ -301,4 +325,4 @@ def _report_final(engine: Any, wc: WorkerConfig, metrics: dict[str, Any], progre
                 out = os.path.join(tmp, "student")
                 save_student(model, wc.spec, out)  # LoRA merged into the base weights
                 load_tokenizer(wc.spec.student.model).save_pretrained(out)
-        ray.train.report({**metrics, "final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(_marked(steps, "final"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
