@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean bench-deps browser
+.PHONY: setup demo test test-fast clean bench-deps browser mlflow-server
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/kdray run jobs/demo.yaml
 
-test: $(STAMP) browser
+test: $(STAMP) browser mlflow-server
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The service's web page is tested in Debian's chromium, headless, driven through its
@@ -40,11 +40,22 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 	else echo "no chromium/chromedriver: the browser test will skip (Debian: sudo apt-get install chromium chromium-driver)"; fi
 
+# An MLflow tracking server for the trackers' test (tests/test_e2e.py starts it on loopback
+# with a SQLite store), in its own venv: the full mlflow package pins pyarrow<26, which would
+# move kdray's. Same release as the client (mlflow-skinny) in .venv.
+MLFLOW_VENV ?= .venv-mlflow
+mlflow-server: $(MLFLOW_VENV)/.installed
+
+$(MLFLOW_VENV)/.installed: $(STAMP)
+	@test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet "mlflow==$$($(PY) -c 'import importlib.metadata as m; print(m.version("mlflow-skinny"))')"
+	@touch $@
+
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow and not multinode" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(MLFLOW_VENV) runs
 
 # Liger-Kernel for `kdray bench losses` (compared side by side). Installed without its
 # dependencies: its metadata requires triton, which breaks `import vllm` on CPU hosts, and

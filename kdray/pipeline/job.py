@@ -20,6 +20,7 @@ from typing import Any
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
+from kdray.errors import JobCancelled
 from kdray.models import hidden_size, vocab_size
 from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter
@@ -131,6 +132,7 @@ class Job:
                 scores = evaluate.evaluate_models(self.ctx, [(label, model)], heldout)[label].info["scores"]
             state.save_round_score(segment.index, scores)
         round_scores[label] = scores
+        self.reporter.emit("evaluation", model=label, scores=scores)
 
     # -- the whole job -------------------------------------------------------------------------
 
@@ -149,11 +151,31 @@ class Job:
             os.environ.pop(toy.BUILD_ID_ENV, None)
 
     def _run(self) -> dict[str, Any]:
-        spec, ctx = self.spec, self.ctx
+        spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
         state = JobState.open(self.out, spec, restart=self.restart)
         self._resume_history(state)
         (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
+        if not spec.tracking.enabled:
+            return self._stages(state, None)
+        from kdray.report.trackers import Trackers
+
+        trackers = Trackers(spec, self.out, state.resumed, self.metrics_history, self.reporter.message)
+        self.reporter.sinks.append(trackers)
+        status = "FAILED"
+        try:
+            report = self._stages(state, trackers)
+            status = "FINISHED"
+            return report
+        except (KeyboardInterrupt, JobCancelled):
+            status = "KILLED"
+            raise
+        finally:
+            self.reporter.sinks.remove(trackers)
+            trackers.finish(status)
+
+    def _stages(self, state: JobState, trackers: Any) -> dict[str, Any]:
+        spec, ctx = self.spec, self.ctx
         started = time.time()
 
         # Every node that loads a toy:... checks it loads this driver's toy world (its build id).
@@ -234,7 +256,9 @@ class Job:
             tmp = self.out / "report.json.tmp"
             tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             os.replace(tmp, self.out / "report.json")
-            render_report(self.out)
+            written = render_report(self.out)
+            if trackers is not None:
+                trackers.report(written)
             write_model_cards(report, {**round_students, "student_after": final}, spec_path=str(self.out / "spec.yaml"))
             self.reporter.advance("report")
         return report
@@ -253,5 +277,7 @@ class Job:
         scores = {label: written.info["scores"] for label, written in answers.items()}
         evaluation = {**{k: v for k, v in scores.items() if k != "student_after"}, **round_scores,
                       "student_after": scores["student_after"]}
+        for label in ("teacher", "student_before", "student_after"):
+            self.reporter.emit("evaluation", model=label, scores=scores[label])
         judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
         return evaluation, judge

@@ -13,8 +13,8 @@ are committed datasets beside it (``datasets/``, ``records/``, ``curriculum/``:
 :mod:`kdray.data.artifacts`); a re-run reuses each one that was committed.
 
 A re-run with a different spec is refused (the saved work belongs to another job) unless
-``kdray run --restart`` discards it; only the failure policy may change
-(:data:`MAY_CHANGE_ON_RESUME`). Every file is written to a temporary name and renamed,
+``kdray run --restart`` discards it; only the failure policy, memory settings that keep the
+gradients and the experiment trackers may change (:data:`MAY_CHANGE_ON_RESUME`). Every file is written to a temporary name and renamed,
 so an interrupted write never leaves a half file behind.
 """
 
@@ -37,7 +37,8 @@ RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets", "samples
 #: under an older kdray's failure-policy defaults resumes under today's; one that ran out of
 #: memory resumes with ``gradient_checkpointing``, which gives the same gradients).
 MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps",
-                        "training.gradient_checkpointing", "training.gpu_memory_gb")
+                        "training.gradient_checkpointing", "training.gpu_memory_gb",
+                        "tracking")  # where the metrics are also sent: a resumed job may add a tracker
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -90,7 +91,7 @@ class JobState:
                 raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
                                  "start the job over") from None
             differing = [d for d in _differences(_with_defaults(saved.get("spec")), state.spec_dump)
-                         if d not in MAY_CHANGE_ON_RESUME]
+                         if not any(d == m or d.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)]
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
                 raise KdrayError(

@@ -22,6 +22,7 @@ from kdray.spec.curriculum import CurriculumSpec, as_curriculum_list, check_curr
 from kdray.spec.generation import GenerationSpec
 from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
 from kdray.spec.refs import check_data_ref, check_model_ref, check_output_dir
+from kdray.spec.tracking import TrackingSpec
 from kdray.spec.training import TeacherSignalSpec, TrainingSpec
 
 
@@ -260,6 +261,11 @@ class JobSpec(_Spec):
         default_factory=EvaluationSpec,
         description="Held-out scoring (ROUGE-L, exact match, length) of the teacher and of the "
         "student before, per round and after; an optional LLM judge.",
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment trackers (TensorBoard, MLflow, W&B) that also receive the job's "
+        "metrics, evaluations, spec and report; none by default.",
     )
 
     @field_validator("output_dir")
