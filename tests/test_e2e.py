@@ -117,6 +117,9 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     assert all(m["forward_s"] > 0 and m["backward_s"] > 0 and m["optimizer_s"] > 0 and m["data_wait_s"] >= 0
                and m["sampling_s"] == 0 for m in steps)
     assert steps[0]["report_s"] == 0 and sum(m["report_s"] > 0 for m in steps) >= 2
+    # A step's wall time holds its parts (the previous step's report included).
+    assert all(m["step_s"] >= sum(m[f"{p}_s"] for p in ("data_wait", "forward", "backward", "optimizer", "report"))
+               for m in steps)
     assert "a step's seconds (mean; rank 0)" in (tmp_path / "out" / "report.md").read_text()
     # Micro-batches are padded to their own longest row: rows of ~16 tokens waste little of the
     # positions (padded to max_seq_len 96, 0.84 of them were padding).

@@ -111,6 +111,7 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert "where a step's time goes" in res.stdout
     for run in (ray_run, bare):
         assert run["forward_s"] > 0 and run["backward_s"] > 0 and run["optimizer_s"] > 0, run
+        assert run["step_s"] >= run["forward_s"] + run["backward_s"] + run["optimizer_s"], run  # the whole step
     assert ray_run["report_s"] >= 0 and bare["report_s"] == 0  # the bare loop reports to no driver (the job
     # reports about once a second, kdray.train.worker.REPORT_INTERVAL_S: maybe never in 7 steady toy steps)
     assert ray_run["sequences_per_step"] * data["workers"] == bare["sequences_per_step"] == data["global_batch"]

@@ -21,7 +21,8 @@ def step(i: int, n: int, *, ce: bool = True, curriculum: bool = False) -> dict:
          "loss": 2.0 - 0.1 * i, "kd": 1.5 - 0.1 * i, "tokens_per_s": 100.0 * i,
          "lr": 1e-3 * i / n, "grad_norm": 1.0, "kd_temperature": 1.0, "kd_ratio": 0.75,
          "data_wait_s": 0.01 * i, "forward_s": 0.2, "backward_s": 0.3, "optimizer_s": 0.05,
-         "report_s": 0.12 if i % 3 == 0 else 0.0}  # reports are batched: one step in three carries one
+         "report_s": 0.12 if i % 3 == 0 else 0.0,  # reports are batched: one step in three carries one
+         "step_s": 0.6}
     if ce:
         m["ce"] = 0.5
     if curriculum:
@@ -84,7 +85,7 @@ def test_render_writes_markdown_and_plots(tmp_path):
     # Where a step's time went: the mean of each part over the steps (data wait 0.01 .. 0.06; a
     # report every third step, whose median would read 0).
     assert ("| a step's seconds (mean; rank 0) | data wait 0.035 · forward 0.200 · backward 0.300 · "
-            "optimizer 0.050 · report 0.040 |") in md
+            "optimizer 0.050 · report 0.040 · whole step 0.600 |") in md
     assert "| train | 50.0 | 42% |" in md
     assert "| train | 2050 | 2048 | 2 |" in md and "2 rows with a duplicate id" in md
     # Rounds are ordered by number (1 before 2), between student before and student after.

@@ -7,14 +7,16 @@ Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, for
   subprocess, its own local Ray) trains on the toy dataset's responses
   (``data.response_source: dataset``, so no generation phase) with evaluation off. Tokens/s
   is read from the job's per-step metrics (``tokens_per_s``: response tokens of all workers
-  over the step's time, from its first micro-batch to the optimizer step), the median over
-  the steady-state steps (the first ``--skip-steps`` are start-up and left out).
+  over the step's wall time on rank 0, from the previous step's end: its data wait and the
+  previous step's report to the driver included), the median over the steady-state steps (the
+  first ``--skip-steps`` are start-up and left out).
 * **bare torch loop**: one process (its own subprocess) doing the same work on the same
   sequences: the same student and teacher, micro-batches of the same size, the same
   tokenization (:class:`kdray.data.examples.TokenizeForTraining`), and the one local loop
   (:class:`kdray.train.loop.LocalLoop`: the workers' step objective, AdamW with the same cosine
   schedule, gradient clipping, gradient accumulation up to the same global batch). It is timed
-  from a step's first micro-batch to its optimizer step, as the job's workers time theirs. It
+  from the previous step's end to its optimizer step (collating its micro-batches included),
+  as the job's workers time theirs. It
   runs with 1 torch thread and with as many as the job has workers (the job's CPU budget: Ray
   gives each worker one CPU and one thread), each in its own process; the faster is the
   baseline (on tiny models extra intra-op threads mostly add synchronisation); ``--quick``
@@ -245,6 +247,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     cursor = 0
     rates, step_losses, history = [], [], []
     startup = None
+    last_end = time.perf_counter()
     for _ in range(total):
         micro_batches = []
         for _ in range(accumulate):
@@ -254,10 +257,11 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
             cursor += micro
             with loop.clock.timing("data_wait"):  # a job's workers collate while they wait on Ray Data
                 micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
-        started = time.perf_counter()
         metrics = loop.step(micro_batches)
         now = time.perf_counter()
-        rates.append(metrics["tokens"] / (now - started))
+        metrics["step_s"] = now - last_end  # wall time from the last step's end, as the job's workers time theirs
+        last_end = now
+        rates.append(metrics["tokens"] / metrics["step_s"])
         step_losses.append(metrics["loss"])
         history.append(metrics)
         if startup is None:
@@ -298,7 +302,7 @@ def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
     from kdray.train.step import StepClock
 
     parts: dict[str, float | None] = {}
-    for part in StepClock.PARTS:
+    for part in (*StepClock.PARTS, "step"):  # and the whole step's wall time
         values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
         parts[f"{part}_s"] = statistics.fmean(values) if values else None
     return parts
@@ -308,7 +312,7 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's rounds as one row: the median of the rounds' tokens/s and step-time parts."""
     from kdray.train.step import StepClock
 
-    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s", *(f"{p}_s" for p in StepClock.PARTS)])
+    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s", "step_s", *(f"{p}_s" for p in StepClock.PARTS)])
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -30,11 +30,12 @@ def _render_step_time(console: Any, rows: list[tuple[str, dict[str, Any]]]) -> N
     table = Table(title="where a step's time goes (mean seconds per steady-state step; the job: rank 0)")
     table.add_column("run")
     table.add_column("sequences on this process", justify="right")
-    for part in StepClock.PARTS:
-        table.add_column(part.replace("_", " "), justify="right")
+    keys = [*StepClock.PARTS, "step"]
+    for part in keys:
+        table.add_column("whole step" if part == "step" else part.replace("_", " "), justify="right")
     for label, r in rows:
         if r.get("status") == "ok":
-            table.add_row(label, _fmt(r.get("sequences_per_step")), *(_fmt(r.get(f"{p}_s"), ".3f") for p in StepClock.PARTS))
+            table.add_row(label, _fmt(r.get("sequences_per_step")), *(_fmt(r.get(f"{p}_s"), ".3f") for p in keys))
     console.print(table)
 
 

@@ -44,8 +44,9 @@ class StepClock:
     - ``report``: the previous step's hop to the driver (``ray.train.report``, with the
       checkpoint it carried), so step k shows step k-1's.
 
-    The parts do not overlap; what they leave out of a step's wall time is the runner's own
-    bookkeeping (the metrics' all-reduce, the schedule, replay's validation)."""
+    The parts do not overlap; what they leave out of a step's wall time (the Ray Train worker's
+    ``step_s``, from the previous step's end) is the runner's own bookkeeping (the metrics'
+    all-reduce, the schedule, replay's validation)."""
 
     PARTS = ("data_wait", "sampling", "forward", "backward", "optimizer", "report")
 

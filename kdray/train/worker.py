@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     collate = CollateExamples(load_tokenizer(spec.student.model).pad_token_id, wc.signal_meta)
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
-    started = None  # the step's clock starts at its first micro-batch (not at data start-up)
+    last_end = time.perf_counter()  # a step's wall time runs from the previous step's end (its report included)
     metrics: dict[str, Any] = {}
     group: list[dict[str, Any]] = []  # the micro-batches of the step being gathered
     since_checkpoint: list[dict[str, Any]] = []
@@ -137,8 +137,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if epoch == start_epoch and micro < skip_micro:
                 continue  # trained before the checkpoint this run resumed from
-            if started is None:
-                started = time.perf_counter()
             batch = {k: v.to(device) for k, v in batch.items()}
             if replay is not None:
                 if not group:
@@ -162,9 +160,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
             due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
-            step_values, report_due = _step_metrics(engine, wc, window, time.perf_counter() - started, due)
+            now = time.perf_counter()
+            step_values, report_due = _step_metrics(engine, wc, window, now - last_end, due)
             metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule, **step_values, **clock.take()}
-            started = None
+            last_end = now
             since_checkpoint.append(metrics)
             unreported.append(metrics)
             if step >= seg.end_step:
@@ -210,11 +209,12 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, teacher
 
 
-def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elapsed: float,
+def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], step_s: float,
                   report_due: bool) -> tuple[dict[str, Any], bool]:
     """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
-    from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), label tokens
-    per second, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
+    from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), its wall time
+    ``step_s`` on rank 0 (from the previous step's end: its data wait and the previous report
+    included; a worker group's first step from its start) and label tokens per second of it, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
     the step is; and whether any rank found a report due (every rank gets the same answer)."""
     import torch
     import torch.distributed as dist
@@ -231,7 +231,8 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], elaps
         "round": seg.round,
         **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
         **{k: v for k, v in totals.items() if k != "tokens"},
-        "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
+        "step_s": step_s,
+        "tokens_per_s": totals["tokens"] / max(step_s, 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "peak_rss_mb": peak_rss_mb(),  # since the models were loaded (reset_peak_rss)
     }, values[-1] > 0
