@@ -181,12 +181,15 @@ def test_every_tracker_gets_the_steps_and_a_resumed_run_continues_the_same_runs(
     assert wandb_steps(rows2, "train/loss") == pytest.approx(want)
     assert any(r.get("eval/student_after/rougeL") == 0.5 for r in rows2)
     second_dir = sorted((out / "wandb").glob("offline-run-*"))[-1]
-    assert {"loss.png", "report.md"} <= {p.name for p in (second_dir / "files").iterdir()}
+    saved_files = {p.name: p for p in (second_dir / "files" / "report").iterdir()}
+    assert set(saved_files) == {"loss.png", "report.md"}  # copies, not links into the job's directory
+    assert not any(p.is_symlink() for p in saved_files.values()) and saved_files["report.md"].read_text() == "# report\n"
 
 
 def test_a_tracker_that_cannot_start_fails_before_any_work(tmp_path):
     from kdray.errors import ConfigError
 
     spec = _spec(tmp_path, f"http://127.0.0.1:{_free_port()}")  # nothing listens there
-    with pytest.raises(ConfigError, match=r"tracking\.mlflow did not start: .*check tracking\.mlflow"):
+    with pytest.raises(ConfigError, match=r"tracking\.mlflow did not start: .*check tracking\.mlflow in the spec "
+                                          r"\(tracking_uri must reach a running MLflow server\)"):
         Trackers(spec, tmp_path / "out", resumed=False, history=[], message=print)

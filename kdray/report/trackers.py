@@ -40,6 +40,12 @@ from kdray.errors import ConfigError
 _NOT_METRICS = {"time", "kind", "step", "checkpoint", "final"}
 
 
+#: What to check when a tracker does not start.
+_CHECK = {"tensorboard": "log_dir must be a writable directory",
+          "mlflow": "tracking_uri must reach a running MLflow server",
+          "wandb": "online runs need `wandb login` or WANDB_API_KEY; or use mode: offline"}
+
+
 def _numbers(fields: dict[str, Any], skip: set[str] = _NOT_METRICS) -> dict[str, float]:
     return {k: float(v) for k, v in fields.items()
             if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -165,8 +171,16 @@ class _Wandb:
         self.run.log({"train/step": step, **values})
 
     def report(self, report_md: Path | None, plots: list[Path], step: int) -> None:
+        import shutil
+
+        # Copied into the run's own directory first: W&B would otherwise symlink the job's files
+        # (a later run of the job would change what this run shows) and warn about each.
+        target = Path(self.run.dir) / "report"
+        target.mkdir(parents=True, exist_ok=True)
         for path in ([report_md] if report_md is not None else []) + plots:
-            self.run.save(str(path), base_path=str(path.parent), policy="now")
+            copy = target / path.name
+            shutil.copyfile(path, copy)
+            self.run.save(str(copy), base_path=self.run.dir, policy="now")
 
     def finish(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
@@ -215,7 +229,7 @@ class Trackers:
             except Exception as exc:  # noqa: BLE001 - each library's own errors
                 self.finish("FAILED")
                 raise ConfigError(f"tracking.{name} did not start: {type(exc).__name__}: {exc}; check "
-                                  f"tracking.{name} in the spec (a server's address, a W&B login), or remove it") from None
+                                  f"tracking.{name} in the spec ({_CHECK[name]}), or remove it") from None
             self.trackers.append(tracker)
         self._save()
         for metrics in history:  # what the earlier run recorded but did not send to every tracker
