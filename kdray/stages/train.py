@@ -38,8 +38,8 @@ def train_metrics_callback(hub: Any) -> Any:
 
     class TrainMetricsCallback(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics:  # rank 0's: the steps since its last report (kdray.train.worker)
-                for step in metrics[0].get("steps", [metrics[0]]):
+            if metrics:  # rank 0's {"steps": [...]}: the steps since its last report (kdray.train.worker)
+                for step in metrics[0]["steps"]:
                     hub.record.remote(dict(step))
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
