@@ -99,3 +99,31 @@ def test_a_resumed_job_may_change_its_failure_policy_and_memory_savings_and_noth
     assert saved["spec"]["training"]["max_failures"] == 0  # the saved work's own spec is kept
     with pytest.raises(KdrayError, match=r"differs in: training\.seed\)"):
         JobState.open(tmp_path, spec_of(tmp_path, max_failures=5, seed=3), restart=False)
+
+
+def test_a_resumed_job_recovers_unrecorded_steps_from_every_checkpoint_the_killed_run_left(tmp_path):
+    """The killed driver recorded steps 1-7. On disk: checkpoint 8 (steps 5-8, the one Ray Train
+    registered) and checkpoint 12 (steps 9-12, written by the workers while the driver was being
+    killed, never registered). Step 8 is only in the lower one."""
+    import json
+
+    from kdray.pipeline.job import Job
+    from kdray.pipeline.progress import Reporter
+
+    run_dir = tmp_path / "ray_train" / "t-0-aaaa"
+    for name, steps in (("checkpoint_2026-12-03_05-00-01.000000", range(5, 9)),
+                        ("checkpoint_2026-12-03_05-00-02.000000", range(9, 13))):
+        (run_dir / name).mkdir(parents=True)
+        progress = {"step": steps[-1], "metrics": [{"step": s, "loss": float(s)} for s in steps]}
+        (run_dir / name / "progress.json").write_text(json.dumps(progress))
+    (run_dir / "checkpoint_2026-12-03_05-00-03.000000").mkdir()  # being written: progress.json cut short
+    (run_dir / "checkpoint_2026-12-03_05-00-03.000000" / "progress.json").write_text('{"step": 16, "metr')
+
+    events = tmp_path / "events.jsonl"
+    job = Job(spec_of(tmp_path), reporter=Reporter(events))
+    job.metrics_history = [{"step": s, "loss": 0.5} for s in range(1, 8)]
+    job._recover_metrics(run_dir)
+    assert [m["step"] for m in job.metrics_history] == list(range(1, 13))
+    assert [m["loss"] for m in job.metrics_history[7:]] == [8.0, 9.0, 10.0, 11.0, 12.0]
+    recorded = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["step"] for e in recorded if e["kind"] == "train_step"] == [8, 9, 10, 11, 12]

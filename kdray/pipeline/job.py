@@ -86,20 +86,22 @@ class Job:
 
     def _recover_metrics(self, run_dir: Path) -> None:
         """Steps an earlier, killed run trained and checkpointed but never recorded (it died
-        before draining their metrics): take them from that run's latest checkpoint."""
-        latest: dict[str, Any] | None = None
+        before draining their metrics): take them from that run's checkpoints, every one of them.
+        The highest alone is not enough: a checkpoint that workers wrote while the driver was
+        being killed may be on disk without Ray Train having registered it, so the run restores
+        the one before it, whose steps the highest does not carry. Steps past the restored
+        checkpoint are trained again, and their new metrics replace these."""
+        kept: dict[int, dict[str, Any]] = {}
         for path in run_dir.glob("checkpoint_*/progress.json"):
             try:
                 progress = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                continue
-            if latest is None or progress.get("step", 0) > latest.get("step", 0):
-                latest = progress
+                continue  # a checkpoint being written when the run was killed
+            kept.update({m["step"]: m for m in progress.get("metrics", []) if "step" in m})
         known = {m.get("step") for m in self.metrics_history}
-        for metrics in (latest or {}).get("metrics", []):
-            if metrics.get("step") not in known:
-                self.reporter.train_metrics(metrics)
-                self.metrics_history.append(metrics)
+        for step in sorted(set(kept) - known):
+            self.reporter.train_metrics(kept[step])
+            self.metrics_history.append(kept[step])
         self.metrics_history.sort(key=lambda m: m.get("step", 0))
 
     # -- stages a re-run reuses ----------------------------------------------------------------
