@@ -8,7 +8,8 @@ import torch
 
 from kdray.errors import KdrayError, SpecError
 from kdray.spec import parse_spec
-from kdray.train.setup import check_lora_targets, deepspeed_config, load_student, peak_rss_mb, save_student
+from kdray.train.setup import (check_lora_targets, deepspeed_config, load_student, merged_state_dict, peak_rss_mb,
+                               save_student)
 
 
 def spec(student_dtype: str = "float32", **training):
@@ -105,6 +106,14 @@ def test_lora_student_trains_only_adapters_and_exports_them_merged(toy_world, tm
     base = load_student(spec())(input_ids=ids).logits
     assert (base - adapted).abs().max() > 1e-2  # the export carries the adapters' change
     assert any("lora_B" in n for n, _ in model.named_parameters())  # the training model keeps them
+    # The merge (what the on-policy pool is pushed, too) is peft's own, to the bit.
+    merged = merged_state_dict(model)
+    reference = load_student(s)
+    reference.load_state_dict(model.state_dict())
+    reference = reference.merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[k], reference[k]) for k in merged)
+    assert merged_state_dict(plain).keys() == reference.keys()  # a plain model: its own state_dict
 
 
 def test_peak_rss_mb_reads_this_process_high_water_mark():

@@ -6,7 +6,7 @@
 :mod:`.loading` (YAML/JSON in, every error at once out), :mod:`.base` (the strict base model).
 """
 
-from kdray.spec.curriculum import DistiLLM2Curriculum, POCLCurriculum, ReplayCurriculum
+from kdray.spec.curriculum import DistiLLM2Curriculum, OnPolicyCurriculum, POCLCurriculum, ReplayCurriculum
 from kdray.spec.job import (DEFAULT_JUDGE_TEMPLATE, DataSpec, EvaluationSpec, GenerationSpec, JobSpec,
                             JudgeSpec, ModelSpec)
 from kdray.spec.loading import dump_spec, load_spec, parse_spec, parse_spec_text, spec_errors
@@ -18,7 +18,7 @@ from kdray.spec.training import LoraSpec, TeacherSignalSpec, TrainingSpec
 __all__ = [
     "DEFAULT_JUDGE_TEMPLATE", "DataSpec", "DistiLLM2Curriculum", "EvaluationSpec", "GenerationSpec",
     "HUB_PREFIX", "JobSpec", "JudgeSpec", "LoraSpec", "ModelSpec", "ObjectiveSpec", "POCLCurriculum",
-    "ReplayCurriculum", "TOY_DATA", "TOY_MODELS", "TOY_PREFIX", "TeacherSignalSpec", "TrainingSpec",
+    "OnPolicyCurriculum", "ReplayCurriculum", "TOY_DATA", "TOY_MODELS", "TOY_PREFIX", "TeacherSignalSpec", "TrainingSpec",
     "check_data_ref", "check_model_ref", "dump_spec", "load_spec", "parse_hub_ref", "parse_spec",
     "parse_spec_text", "spec_errors",
 ]

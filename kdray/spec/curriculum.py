@@ -10,6 +10,10 @@
 * ``{kind: replay, ...}``: DistiLLM's adaptive off-policy replay (Ko et al. 2024): fresh
   student samples generated inside the training step, a replay buffer, and a threshold
   driven by the validation loss. Composes with every objective but ``distillm2``.
+* ``{kind: on_policy, ...}``: on-policy distillation (GKD, Agarwal et al. 2024): a fraction
+  ``lmbda`` of the optimizer steps train on samples of the current student from a vLLM pool
+  that lives beside the trainers and gets their weights every ``sync_every_steps`` steps.
+  Composes with every objective but ``distillm2``.
 
 The cross-field rules (which combinations are valid, and why) are checked in
 :func:`check_curriculum`, called by ``JobSpec``'s validator. Pydantic and the standard
@@ -131,7 +135,58 @@ class ReplayCurriculum(_Spec):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass of the fresh samples (DistiLLM: 1).")
 
 
-CurriculumSpec = Annotated[Union[POCLCurriculum, DistiLLM2Curriculum, ReplayCurriculum],
+class OnPolicyCurriculum(_Spec):
+    """On-policy distillation (GKD, Agarwal et al. 2024, arXiv:2306.13649; TRL's GKDTrainer
+    names the student-data fraction ``lmbda``): each optimizer step trains either on the data
+    set's responses or, with probability ``lmbda``, on responses the current student samples for
+    the same prompts. The samples come from a student vLLM pool (Ray actors alive for the whole
+    segment, on their own resources) that receives the trainers' weights (ZeRO-3 gathered,
+    LoRA merged) every ``sync_every_steps`` optimizer steps. ``max_staleness: 0`` alternates
+    generate → train; ``1`` samples the next step's batch while the current one trains, from
+    weights at most one sync older than the trainers' (docs/guide.md, "On-policy distillation")."""
+
+    kind: Literal["on_policy"] = Field(
+        description="On-policy distillation from a live student vLLM pool (GKD, Agarwal et al. 2024, "
+        "arXiv:2306.13649)."
+    )
+    lmbda: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Fraction of the optimizer steps that train on student samples (GKD's λ; TRL's "
+        "default 0.5). 1: every step is on-policy; 0: none (plain distillation, no pool).",
+    )
+    sync_every_steps: int = Field(
+        1, ge=1, description="Optimizer steps between two pushes of the student's weights to the pool."
+    )
+    max_staleness: Literal[0, 1] = Field(
+        0,
+        description="0: a step's samples come from the newest pushed weights (generate, then train). "
+        "1: the next step's samples are generated while this one trains, from weights at most one "
+        "push older.",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1,
+        description="Samples per prompt in an on-policy micro-batch: it takes micro_batch_size_per_worker "
+        "/ samples_per_prompt prompts of the data set's micro-batch (must divide it).",
+    )
+    sampling_temperature: float = Field(
+        1.0, gt=0.0, description="Temperature of the student's samples (GKD: 1)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass of the student's samples.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest sample, in tokens (null: generation.max_new_tokens)."
+    )
+    replicas: int = Field(1, ge=1, description="vLLM engines in the student pool; rank r samples from replica r mod replicas.")
+    num_cpus_per_replica: float = Field(
+        1.0, ge=0.0, description="CPUs each student-pool replica reserves (beside the training workers')."
+    )
+    num_gpus_per_replica: float | None = Field(
+        None, ge=0.0,
+        description="GPUs each student-pool replica reserves (null: generation.num_gpus_per_replica). "
+        "The pool runs while the workers train, so on GPUs it needs devices of its own.",
+    )
+
+
+CurriculumSpec = Annotated[Union[POCLCurriculum, DistiLLM2Curriculum, ReplayCurriculum, OnPolicyCurriculum],
                            Field(discriminator="kind")]
 
 
@@ -157,6 +212,21 @@ def check_curriculum(spec: Any) -> None:
             "curriculum replay and distillm2 both train on the student's own samples (per step "
             "and per round); keep one of them"
         )
+    on_policy = by_kind.get("on_policy")
+    if on_policy is not None:
+        others = [k for k in ("distillm2", "replay") if k in by_kind]
+        if others:
+            raise ValueError(
+                f"curriculum on_policy and {others[0]} both decide which student samples a step trains on; "
+                "keep one of them"
+            )
+        mb = spec.training.micro_batch_size_per_worker
+        if mb % on_policy.samples_per_prompt:
+            raise ValueError(
+                f"curriculum on_policy.samples_per_prompt ({on_policy.samples_per_prompt}) must divide "
+                f"training.micro_batch_size_per_worker ({mb}): an on-policy micro-batch holds that many "
+                "sequences, samples_per_prompt per prompt"
+            )
     obj = spec.objective
     if obj.kind == "distillm2" and d2 is None:
         raise ValueError(

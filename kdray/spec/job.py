@@ -245,7 +245,8 @@ class JobSpec(_Spec):
     curriculum: list[CurriculumSpec] = Field(
         default_factory=list,
         description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
-        "rounds, DistiLLM's replay. One mapping or a list; empty for plain training.",
+        "rounds, DistiLLM's replay, on-policy distillation. One mapping or a list; empty for plain "
+        "training.",
     )
     teacher_signal: TeacherSignalSpec = Field(
         default_factory=TeacherSignalSpec,
@@ -297,6 +298,11 @@ class JobSpec(_Spec):
             raise ValueError(
                 f"teacher_signal.mode '{mode}' cannot serve the replay curriculum: it trains on fresh student "
                 "samples the records never saw; use teacher_signal.mode: online"
+            )
+        if self.curriculum_of("on_policy") is not None:
+            raise ValueError(
+                f"teacher_signal.mode '{mode}' cannot serve the on_policy curriculum yet: its samples are made "
+                "during training, after the records were scored; use teacher_signal.mode: online"
             )
         if mode == "topk":
             pocl = self.curriculum_of("pocl")

@@ -125,10 +125,10 @@ def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any
         compute=ray.data.ActorPoolStrategy(size=1)).materialize()
 
 
-def check_ingest_cpus(num_workers: int) -> None:
-    """Refuse a run whose training workers (one CPU each, Ray Train's default) would take every
-    CPU of the cluster: the read tasks that stream the data to them could never be scheduled,
-    and the run would wait forever.
+def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
+    """Refuse a run whose training workers (one CPU each, Ray Train's default), with the on-policy
+    student pool's ``pool_cpus``, would take every CPU of the cluster: the read tasks that
+    stream the data to them could never be scheduled, and the run would wait forever.
 
     Raises:
         ClusterError: with the cluster's CPUs, what the run needs and the fixes.
@@ -136,11 +136,13 @@ def check_ingest_cpus(num_workers: int) -> None:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    if cpus - num_workers < READ_NUM_CPUS:
+    if cpus - num_workers - pool_cpus < READ_NUM_CPUS:
+        pool = f" and the on-policy student pool {pool_cpus:g}" if pool_cpus else ""
         raise ClusterError(
-            f"training.num_workers is {num_workers} and the Ray cluster has {cpus:g} CPUs: the workers would hold "
-            f"all of them, and the reads that stream the training data to them need {READ_NUM_CPUS:g} CPU more. "
-            "Lower training.num_workers, or add a CPU to the cluster (ray start --num-cpus on a node)")
+            f"training.num_workers is {num_workers}{pool} and the Ray cluster has {cpus:g} CPUs: they would hold "
+            f"all of them, and the reads that stream the training data to the workers need {READ_NUM_CPUS:g} CPU "
+            "more. Lower training.num_workers" + (" or the pool's replicas or num_cpus_per_replica" if pool else "")
+            + ", or add a CPU to the cluster (ray start --num-cpus on a node)")
 
 
 def ordered_ingest() -> Any:
@@ -179,13 +181,10 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
         KdrayError: training failed through a user's error (:func:`kdray.errors.user_error`:
             the worker's message), or ended without a final checkpoint. Any other failure is re-raised as is.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray.train import DataConfig
-
     spec, t = ctx.spec, ctx.spec.training
-    check_ingest_cpus(t.num_workers)
+    on_policy = spec.curriculum_of("on_policy")
+    live = on_policy is not None and on_policy.lmbda > 0  # a live student pool beside the workers
+    check_ingest_cpus(t.num_workers, on_policy.replicas * on_policy.num_cpus_per_replica if live else 0.0)
     if t.use_gpu:  # one GPU per worker; a pool that just ended may still be handing its GPUs back
         waited = wait_for_free_gpus(t.num_workers)
         if waited >= 1:
@@ -195,8 +194,30 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
         datasets["validation"] = validation_dataset(ctx, heldout, replay.validation_samples)
     hub = progress_hub()
-    worker = WorkerConfig(spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
-                          init_checkpoint=init_checkpoint, signal_meta=signal_meta)
+    pool: list[Any] = []
+    if live:
+        from kdray.pools.live import start_student_pool
+
+        pool = start_student_pool(spec, version=segment.start_step)
+        ctx.reporter.message(f"train: the on-policy student pool runs ({len(pool)} vLLM replicas)")
+    try:
+        return _fit(ctx, segment, plan, datasets, hub, run_name, on_metrics, WorkerConfig(
+            spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
+            init_checkpoint=init_checkpoint, signal_meta=signal_meta, student_pool=tuple(pool)))
+    finally:
+        if pool:
+            from kdray.pools.live import stop_student_pool
+
+            stop_student_pool(pool)
+
+
+def _fit(ctx: StageContext, segment: Segment, plan: list[Segment], datasets: dict[str, Any], hub: Any,
+         run_name: str, on_metrics: Callable[[dict[str, Any]], None], worker: WorkerConfig) -> tuple[Path, str | None]:
+    """Run the segment's Ray Train run (:func:`train_segment`)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = ctx.spec.training
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": worker},

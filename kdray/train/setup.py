@@ -115,19 +115,50 @@ def check_lora_targets(spec: JobSpec) -> None:
     _check_lora_targets(spec, model)
 
 
+def merged_state_dict(model: Any) -> dict[str, Any]:
+    """The student's weights as a plain HF model names them, on the CPU: with LoRA, each adapted
+    layer's base weight plus its adapter's delta (peft's ``get_delta_weight``: scaling · B·A),
+    computed beside the training weights, which keep their adapters unchanged. Tied weights
+    (embeddings and lm_head) appear under both names, as ``state_dict`` gives them.
+
+    ``model`` is the engine's module with full weights (under ZeRO-3, inside
+    ``GatheredParameters``). Used for the export (:func:`save_student`) and for the on-policy
+    pool's weight pushes (:mod:`kdray.train.on_policy`).
+    """
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        if not isinstance(model, PeftModel):
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        base = model.get_base_model()
+        deltas = {name: module.get_delta_weight(module.active_adapters[0])
+                  for name, module in base.named_modules() if isinstance(module, LoraLayer) and module.active_adapters}
+        out = {}
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            layer = key.rsplit(".", 1)[0]
+            if key.endswith(".weight") and layer in deltas:
+                value = value + deltas[layer].to(value.dtype)
+            out[key] = value.detach().to("cpu", copy=True)
+        return out
+
+
 def save_student(model: Any, spec: JobSpec, out: str) -> None:
     """Write the trained student as a plain HF checkpoint (``from_pretrained`` and vLLM load it).
 
     ``model`` is the engine's module with full weights (under ZeRO-3, inside
-    ``GatheredParameters``). LoRA adapters are merged into the base weights of a fresh copy,
-    so the training model keeps its adapters."""
+    ``GatheredParameters``). LoRA adapters are merged into the base weights
+    (:func:`merged_state_dict`) of the written copy; the training model keeps its adapters."""
     if spec.training.lora is None:
         model.save_pretrained(out, safe_serialization=True)
         return
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    copy = load_student(spec)
-    copy.load_state_dict(state, strict=True)
-    copy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    plain = load_causal_lm(spec.student.model, spec.student.dtype, trainable=False)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    plain.save_pretrained(out, safe_serialization=True)
 
 
 def reset_peak_rss() -> None:

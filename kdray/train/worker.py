@@ -78,6 +78,7 @@ class WorkerConfig:
     num_segments: int
     init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
     signal_meta: dict[str, Any] | None = None  # the teacher records' layout (topk / hidden modes)
+    student_pool: tuple[Any, ...] = ()  # the on-policy curriculum's live pool (kdray.pools.live)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -109,7 +110,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
         replay.validate(engine, teacher, objective, validation, device)
     shard = ray.train.get_dataset_shard("train")
-    collate = CollateExamples(load_tokenizer(spec.student.model).pad_token_id, wc.signal_meta)
+    pad_id = load_tokenizer(spec.student.model).pad_token_id
+    collate = CollateExamples(pad_id, wc.signal_meta)
+    on_policy = None
+    if wc.student_pool:
+        from kdray.train.on_policy import OnPolicySource
+
+        on_policy = OnPolicySource(spec, rank=rank, replicas=list(wc.student_pool), pad_id=pad_id, end_step=seg.end_step)
+        on_policy.push(engine, step)  # the pool serves the weights this run starts from
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
     last_end = time.perf_counter()  # a step's wall time runs from the previous step's end (its report included)
     metrics: dict[str, Any] = {}
@@ -143,6 +151,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     replay.begin_step(step, wc.total_steps)
                 with clock.timing("sampling"):
                     batch = replay.batch(engine, batch)
+            if on_policy is not None:
+                if not group:
+                    on_policy.begin_step(step + 1)
+                batch = on_policy.batch(batch, len(group), clock)
             group.append(batch)
             if len(group) < t.gradient_accumulation_steps:
                 continue
@@ -159,6 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 schedule.update(replay.metrics())
                 if step % validate_every == 0:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
+            if on_policy is not None:
+                schedule.update(on_policy.metrics())
             due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
             now = time.perf_counter()
             step_values, report_due = _step_metrics(engine, wc, window, now - last_end, due)
@@ -180,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with clock.timing("report"):
                     ray.train.report({"steps": unreported})
                 unreported, last_report = [], time.monotonic()
+            if on_policy is not None:
+                on_policy.after_step(engine, step, clock)
         if step >= seg.end_step:
             break
     # The end of the segment (or fewer batches than planned): export what was trained.

@@ -1,0 +1,162 @@
+"""On-policy distillation's parts (issue 20): the spec, the per-step decision, the weights the
+trainers push (ZeRO-2 and ZeRO-3, LoRA merged), and the live student pool, whose greedy answers
+after a push are HF ``generate``'s with the pushed weights. The job end to end is in
+tests/test_e2e_on_policy.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdray.spec import parse_spec
+from kdray.train.on_policy import on_policy_step
+from tests.ranks import run_ranks
+from tests.specs import errors_of, minimal
+
+
+def on_policy(curriculum: dict | None = None, **overrides) -> dict:
+    return minimal(curriculum={"kind": "on_policy", **(curriculum or {})}, **overrides)
+
+
+def test_the_spec_takes_gkds_names_and_refuses_what_cannot_compose():
+    spec = parse_spec(on_policy({"lmbda": 1.0, "max_staleness": 1, "sync_every_steps": 2}))
+    cfg = spec.curriculum_of("on_policy")
+    assert (cfg.lmbda, cfg.max_staleness, cfg.sync_every_steps, cfg.samples_per_prompt) == (1.0, 1, 2, 1)
+    assert parse_spec(on_policy()).curriculum_of("on_policy").lmbda == 0.5  # TRL's GKD default
+
+    errors = errors_of(on_policy({"lmbda": 1.5, "max_staleness": 2}))
+    assert set(errors) == {"curriculum[0].lmbda", "curriculum[0].max_staleness"}
+    message = " ".join(errors_of(minimal(curriculum=[{"kind": "on_policy"}, {"kind": "replay"}])).values())
+    assert "on_policy and replay" in message and "keep one" in message
+    message = " ".join(errors_of(on_policy({"samples_per_prompt": 3},
+                                           training={"micro_batch_size_per_worker": 4})).values())
+    assert "samples_per_prompt (3) must divide" in message and "micro_batch_size_per_worker (4)" in message
+    message = " ".join(errors_of(on_policy(teacher_signal={"mode": "topk"})).values())
+    assert "teacher_signal.mode 'topk' cannot serve the on_policy curriculum" in message
+
+
+def test_the_step_decision_is_seeded_per_step_and_takes_lmbda_of_the_steps():
+    draws = [on_policy_step(7, k, 0.3) for k in range(1, 2001)]
+    assert draws == [on_policy_step(7, k, 0.3) for k in range(1, 2001)]  # every rank, every run
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    assert draws != [on_policy_step(8, k, 0.3) for k in range(1, 2001)]  # the seed matters
+    assert all(on_policy_step(7, k, 1.0) for k in range(1, 200))
+    assert not any(on_policy_step(7, k, 0.0) for k in range(1, 200))
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _gather_rank(rank: int, zero_stage: int) -> dict:
+    """A rank of a 2-rank DeepSpeed engine of the LoRA student, its adapters moved off their
+    zero init the same way on both ranks; rank 0 returns what it would push and what the
+    student's merged weights were before DeepSpeed partitioned them."""
+    import os
+
+    import deepspeed
+
+    from kdray.ray_setup import job_env
+    from kdray.train.on_policy import gathered_weights
+    from kdray.train.setup import deepspeed_config, load_student, merged_state_dict
+
+    os.environ.update(job_env(), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    spec = parse_spec(minimal(student={"model": "toy:student", "dtype": "float32"}, training={
+        "num_workers": 2, "global_batch_size": 8, "micro_batch_size_per_worker": 4, "zero_stage": zero_stage,
+        "lora": LORA}))
+    model = load_student(spec)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    expected = merged_state_dict(model)
+    config = deepspeed_config(spec)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if zero_stage == 3:
+        assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned: nothing whole here
+    got = gathered_weights(engine, zero3=zero_stage == 3, rank=rank)
+    assert (got is None) == (rank != 0)
+    if got is None:
+        return None
+    from kdray.models import load_causal_lm
+
+    base = load_causal_lm("toy:student", "float32", trainable=False).state_dict()
+    return {"keys": sorted(got), "expected_keys": sorted(expected),
+            "unequal": [k for k in got if not torch.equal(got[k], expected[k])],
+            "adapted": sorted(k for k in got if not torch.equal(got[k], base[k]))}
+
+
+def _gather_zero2(rank: int) -> dict:
+    return _gather_rank(rank, 2)
+
+
+def _gather_zero3(rank: int) -> dict:
+    return _gather_rank(rank, 3)
+
+
+@pytest.mark.parametrize("body", [_gather_zero2, _gather_zero3], ids=["zero2", "zero3"])
+def test_the_pushed_weights_are_the_whole_merged_student_under_zero2_and_zero3(tmp_path, toy_world, body):
+    out = run_ranks(body, tmp_path)  # rank 0 compares (tensors do not travel back well)
+    assert out["keys"] == out["expected_keys"] and not any("lora" in k for k in out["keys"])
+    assert out["unequal"] == []
+    assert out["adapted"] and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in out["adapted"])
+
+
+def _hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=stop_ids[0])
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.slow
+def test_after_a_push_the_pools_greedy_answers_are_hf_generates_with_the_pushed_weights(ray_cpus, toy_world):
+    import ray
+
+    from kdray.models import load_causal_lm, load_tokenizer, stop_token_ids
+    from kdray.pools.base import SamplingConfig
+    from kdray.pools.live import push_weights, start_student_pool, stop_student_pool
+    from kdray.train.setup import merged_state_dict
+
+    spec = parse_spec(on_policy({"lmbda": 1.0, "num_cpus_per_replica": 0.5},
+                                student={"model": "toy:student", "dtype": "float32", "max_model_len": 128},
+                                generation={"enforce_eager": True, "max_new_tokens": 16},
+                                data={"train": "toy:train", "heldout": "toy:heldout", "max_prompt_tokens": 64}))
+    tok = load_tokenizer("toy:student", need_pad=False)
+    stops = stop_token_ids(tok, "toy:student")
+    prompts = [tok(r["prompt"]).input_ids for r in toy_world.rows("heldout")[:8]]
+    greedy = SamplingConfig.greedy(12)
+    model = load_causal_lm("toy:student", "float32", trainable=False)
+    pool = start_student_pool(spec, version=0)
+    try:
+        before = ray.get(pool[0].sample.remote(prompts, greedy))
+        assert before["version"] == 0 and before["generate_s"] > 0
+        assert before["responses"] == _hf_greedy(model, prompts, 12, stops)
+        # A stopped answer keeps its stop token (as the data set's responses do); a cut one has 12.
+        for ids, reason in zip(before["responses"], before["finish_reasons"]):
+            assert (reason == "stop" and ids[-1] in stops) or (reason == "length" and len(ids) == 12)
+
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # weights a few optimizer steps could have made
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
+        push_weights(pool, merged_state_dict(model), 7)
+        after = ray.get(pool[0].sample.remote(prompts, greedy))
+        assert after["version"] == 7
+        assert after["responses"] == _hf_greedy(model, prompts, 12, stops)
+        assert after["responses"] != before["responses"]
+
+        # Samples: each request seeded apart, the same seeds the same samples.
+        sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=6, n=4, seed=11)
+        first = ray.get(pool[0].sample.remote(prompts[:2], sampled))
+        assert len(first["responses"]) == 8
+        assert len({tuple(r) for r in first["responses"][:4]}) > 1
+        assert ray.get(pool[0].sample.remote(prompts[:2], sampled))["responses"] == first["responses"]
+    finally:
+        stop_student_pool(pool)
