@@ -9,6 +9,7 @@
     kdray bench service [...]     status latency under 50 clients while a job trains
     kdray bench train [...]       tokens/s of Ray Train + DeepSpeed vs a bare torch loop; memory per mode
     kdray bench generation [...]  tokens/s of the vLLM pool vs bare vLLM and HF generate
+    kdray bench onpolicy [...]    replay's in-worker samples vs the live pool, synchronous and overlapped
     kdray repro [--quick] [...]   a grid of methods x seeds: the POCL and DistiLLM-2 orderings
     kdray serve [...]             the HTTP service (Ray Serve) that runs jobs as Ray jobs
     kdray submit|list|status|watch|logs|cancel   its command-line client
@@ -132,6 +133,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kdray.bench import generation as bench_generation
 
         return bench_generation.run(args.rest)
+    if args.what == "onpolicy":
+        from kdray.bench import onpolicy as bench_onpolicy
+
+        return bench_onpolicy.run(args.rest)
     if args.what == "scale":
         from kdray.bench import scale as bench_scale
 
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["losses", "service", "train", "generation", "scale"], help="what to benchmark")
+    p.add_argument("what", choices=["losses", "service", "train", "generation", "onpolicy", "scale"], help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
     p.set_defaults(fn=cmd_bench)
     return parser

@@ -1,7 +1,8 @@
 """On-policy distillation end to end (issue 20): the example job ``jobs/on-policy-rkl.yaml``
 (GKD with λ = 1, reverse KL, the teacher online in 2 Ray Train workers under ZeRO-2, a live
 student vLLM pool, pushes every 2 steps, the next step sampled while one trains), reduced to 512
-rows; the export then answers in a vLLM engine of its own.
+rows. (Its export is written by the code every job's is, whose held-out scoring serves it from a
+vLLM pool in tests/test_e2e.py; loading it here once more cost CI half a minute.)
 
 The objective's fall is measured on a fixed sample, not on the job's own steps: each step's
 reverse KL is over 32 of the student's fresh samples of a few tokens each, and against the toy
@@ -11,9 +12,6 @@ within 32 steps (a plain loop of the same objective falls from 5.7 to 4.7 over 1
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -23,16 +21,6 @@ from tests.test_e2e import REPO, kdray
 SYNC_EVERY = 2
 STEPS = 32  # 2 epochs x 512 rows / 32 per step
 
-LOAD_IN_VLLM = """
-import json, sys
-from vllm import LLM, SamplingParams
-
-if __name__ == "__main__":
-    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
-    out = llm.generate(["Q: add 2 3\\nA:"], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
-    print(json.dumps({"token_ids": list(out[0].outputs[0].token_ids)}))
-"""
-
 
 @pytest.fixture(scope="module")
 def on_policy_job(tmp_path_factory, toy_world):
@@ -40,7 +28,7 @@ def on_policy_job(tmp_path_factory, toy_world):
     spec = yaml.safe_load((REPO / "jobs" / "on-policy-rkl.yaml").read_text())
     spec["output_dir"] = str(tmp_path / "out")
     spec["data"].update(max_train_samples=512, max_heldout_samples=48)
-    # The held-out scoring's three vLLM pools cost CI a minute; the export is loaded in vLLM below.
+    # The held-out scoring's three vLLM pools cost CI a minute (tests/test_e2e.py scores every layer).
     spec["evaluation"] = {"enabled": False}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -53,7 +41,7 @@ def test_every_step_trains_on_samples_of_weights_pushed_at_the_configured_steps(
     out, res = on_policy_job
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert any(e.get("text", "").startswith("train: the on-policy student pool runs (1 vLLM replicas)")
+    assert any(e.get("text", "").startswith("train: the on-policy student pool runs: 1 vLLM replica beside")
                for e in events)
     steps = [m for m in json.loads((out / "report.json").read_text())["train_metrics"] if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
@@ -70,6 +58,9 @@ def test_every_step_trains_on_samples_of_weights_pushed_at_the_configured_steps(
     assert all(m["weight_sync_s"] > 0 for m in steps if (m["step"] - 1) % SYNC_EVERY == 0 and m["step"] > 1)
     assert all(m["weight_sync_s"] == 0 for m in steps if (m["step"] - 1) % SYNC_EVERY)
     assert all(0 < m["loss"] < 20 for m in steps)
+    report_md = (out / "report.md").read_text()
+    assert f"| on-policy steps (student samples) | {STEPS} of {STEPS}; largest staleness 1 (pushes);" in report_md
+    assert "weight sync" in report_md  # a part of the step's time
 
 
 def _on_policy_rkl(model_ref: str, prompts: list[list[int]], seed: int) -> float:
@@ -109,24 +100,3 @@ def test_the_students_reverse_kl_on_its_own_samples_fell(on_policy_job, toy_worl
     before = _on_policy_rkl("toy:student", prompts, seed=0)
     after = _on_policy_rkl(str(out / "student"), prompts, seed=0)
     assert after < before - 0.2, (before, after)
-
-
-@pytest.mark.slow
-def test_the_exported_student_loads_and_answers_in_vllm(on_policy_job, tmp_path):
-    out, res = on_policy_job
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_IN_VLLM)
-    env_res = subprocess.run([sys.executable, str(script), str(out / "student")], capture_output=True, text=True,
-                             timeout=600, cwd=tmp_path, env=_vllm_env(tmp_path), check=False)
-    assert env_res.returncode == 0, env_res.stderr[-3000:]
-    answer = json.loads(env_res.stdout.strip().splitlines()[-1])
-    assert 1 <= len(answer["token_ids"]) <= 8
-
-
-def _vllm_env(tmp_path: Path) -> dict[str, str]:
-    import os
-
-    from kdray.pools.base import VLLM_CPU_ENV
-
-    return {**os.environ, **VLLM_CPU_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}

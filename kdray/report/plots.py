@@ -141,7 +141,11 @@ def plot_schedule(metrics: list[dict[str, Any]], keys: list[str], path: Path, ti
         for n, (ax, (name, ks)) in enumerate(zip(axes, panels)):
             ys = {k: [_num(m.get(k)) for m in metrics] for k in ks}
             for k in ks:
-                ax.plot(x, ys[k], linewidth=1.4, label=k, drawstyle="steps-post" if k in _COUNTERS else "default")
+                # A value only some steps carry (an on-policy step's staleness, replay's val_loss)
+                # gets markers: a lone step between gaps draws no line.
+                gaps = any(math.isnan(v) for v in ys[k])
+                ax.plot(x, ys[k], linewidth=1.4, label=k, drawstyle="steps-post" if k in _COUNTERS else "default",
+                        marker="o" if gaps else None, markersize=2.5)
             distinct = {f"{v:.6g}" for k in ks for v in ys[k] if not math.isnan(v)}
             ax.set_title(f"{name} (constant {distinct.pop()})" if len(distinct) == 1 else name)
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)

@@ -28,7 +28,8 @@ from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, pl
 
 # Per-step keys that are neither a loss part nor a schedule value (the step's time parts among them).
 _STEP_TIME = [f"{part}_s" for part in StepClock.PARTS] + ["step_s"]  # the parts, then the whole step
-_NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm", *_STEP_TIME}
+# (generate_s: the on-policy pool's time for a step's samples, which may overlap the step)
+_NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm", "generate_s", *_STEP_TIME}
 _LOSS_KEYS = {"loss", "kd", "ce", "skl", "srkl", "fkl", "rkl", "tvd", "jsd", "akl", "cald"}
 _SCHEDULE_FIRST = ("lr", "kd_temperature", "temperature", "kd_ratio", "alpha", "beta", "stage", "round")
 _FIX = "run the job first: kdray run SPEC"
@@ -116,6 +117,20 @@ def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
             name = "whole step" if key == "step_s" else key[:-2].replace("_", " ")
             parts.append(f"{name} {statistics.fmean(values):.3f}")
     return [["a step's seconds (mean; rank 0)", " · ".join(parts)]] if parts else []
+
+
+def _on_policy_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
+    """The on-policy curriculum's steps (``on_policy``, :mod:`kdray.train.on_policy`): how many
+    trained on the student's samples, their largest staleness, the pool's generation time."""
+    marked = [m for m in metrics if "on_policy" in m]
+    if not marked:
+        return []
+    sampled = [m for m in marked if _num(m["on_policy"]) == 1.0]
+    stale = max((_num(m.get("staleness")) for m in sampled), default=float("nan"))
+    gen = [v for v in (_num(m.get("generate_s")) for m in sampled) if not math.isnan(v)]
+    return [["on-policy steps (student samples)",
+             f"{len(sampled)} of {len(marked)}; largest staleness {_fmt(stale, '.0f')} (pushes); "
+             f"the pool's generation {_fmt(sum(gen) / len(gen) if gen else None, '.3f')} s per step (mean)"]]
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -212,7 +227,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["optimizer steps", f"{_fmt(last.get('step'), '.0f')} of {_fmt(last.get('total_steps'), '.0f')}"],
             ["first loss", _fmt(metrics[0].get("loss"), ".4f")], ["last loss", _fmt(last.get("loss"), ".4f")],
             ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"],
-            *_step_time_row(metrics)])
+            *_on_policy_row(metrics), *_step_time_row(metrics)])
     else:
         out.append("No training metrics in report.json (training did not log any step).")
     out += plot("loss.png", "loss and its parts per step")

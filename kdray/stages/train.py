@@ -199,7 +199,8 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
         from kdray.pools.live import start_student_pool
 
         pool = start_student_pool(spec, version=segment.start_step)
-        ctx.reporter.message(f"train: the on-policy student pool runs ({len(pool)} vLLM replicas)")
+        ctx.reporter.message(f"train: the on-policy student pool runs: {len(pool)} vLLM "
+                             f"replica{'s' if len(pool) > 1 else ''} beside the workers")
     try:
         return _fit(ctx, segment, plan, datasets, hub, run_name, on_metrics, WorkerConfig(
             spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
