@@ -127,3 +127,34 @@ def test_a_resumed_job_recovers_unrecorded_steps_from_every_checkpoint_the_kille
     assert [m["loss"] for m in job.metrics_history[7:]] == [8.0, 9.0, 10.0, 11.0, 12.0]
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
     assert [e["step"] for e in recorded if e["kind"] == "train_step"] == [8, 9, 10, 11, 12]
+
+
+def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_metrics(tmp_path):
+    """Ray Train may restart the worker group after the segment's final report (a worker lost
+    while the run ends): the new group restores the final checkpoint and trains nothing. Its
+    final report carries that checkpoint's last step as trained, and a bare marker for a step
+    already recorded replaces nothing (CI once lost step 16's metrics this way: report.json,
+    TensorBoard)."""
+    import json
+
+    from kdray.pipeline.job import Job
+    from kdray.pipeline.progress import Reporter
+    from kdray.train.worker import final_steps
+
+    marker = {"step": 16, "total_steps": 16, "round": 0}
+    trained = [{"step": s, "loss": float(s), "total_steps": 16} for s in (13, 14, 15, 16)]
+    assert final_steps(trained[2:], trained[-1], [], marker) == trained[2:]  # not reported yet
+    assert final_steps([], trained[-1], [], marker) == [trained[-1]]        # reported: once more
+    assert final_steps([], {}, trained, marker) == [trained[-1]]            # restored, none trained
+    assert final_steps([], {}, trained[:2], marker) == [marker]             # the restored steps end before
+    assert final_steps([], {}, [], marker) == [marker]
+
+    events = tmp_path / "events.jsonl"
+    job = Job(spec_of(tmp_path), reporter=Reporter(events))
+    for m in trained:
+        job._record_metrics(m)
+    job._record_metrics({**marker, "final": True})
+    assert job.metrics_history == trained
+    job._record_metrics({**trained[-1], "loss": 0.5})  # a step trained again replaces its metrics
+    assert [m["loss"] for m in job.metrics_history] == [13.0, 14.0, 15.0, 0.5]
+    assert [e["loss"] for e in map(json.loads, events.read_text().splitlines())] == [13.0, 14.0, 15.0, 16.0, 0.5]

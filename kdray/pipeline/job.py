@@ -59,6 +59,11 @@ class Job:
     # -- training metrics ----------------------------------------------------------------------
 
     def _record_metrics(self, event: dict[str, Any]) -> None:
+        if "loss" not in event and any(m.get("step") == event.get("step") for m in self.metrics_history):
+            # A bare end-of-segment marker for a step already recorded (a worker group that Ray
+            # Train restarted from the final checkpoint trains nothing): it must not replace the
+            # step's metrics here or in the trackers.
+            return
         self.reporter.train_metrics(event)
         if "step" in event:  # steps redone after a restore replace the lost ones
             self.metrics_history = [m for m in self.metrics_history if m.get("step", 0) < event["step"]]

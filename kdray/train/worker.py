@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reset_peak_rss()  # peak_rss_mb: the peak of training, not the checkpoint files' mapped pages
     device = engine.device
 
-    step, start_epoch, skip_micro, state = _restore(engine, wc, ray.train.get_checkpoint(), rank)
+    step, start_epoch, skip_micro, state, restored = _restore(engine, wc, ray.train.get_checkpoint(), rank)
     from kdray.train.objectives import make_step_objective
 
     objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
@@ -199,7 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step >= seg.end_step:
             break
     # The end of the segment (or fewer batches than planned): export what was trained.
-    unreported = unreported or [metrics or {"step": step, "total_steps": wc.total_steps, "round": seg.round}]
+    unreported = final_steps(unreported, metrics, restored,
+                             {"step": step, "total_steps": wc.total_steps, "round": seg.round})
     _report_final(engine, wc, unreported, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
                                         "metrics": since_checkpoint}, _state(objective, replay), rank)
 
@@ -277,8 +278,27 @@ def _load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False
     return progress, json.loads(schedule.read_text()) if schedule.exists() else {}
 
 
-def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any, rank: int) -> tuple[int, int, int, dict[str, Any]]:
-    """Where this run starts: (step, epoch, micro-batches to skip, schedule state).
+def final_steps(unreported: list[dict[str, Any]], last: dict[str, Any], restored: list[dict[str, Any]],
+                marker: dict[str, Any]) -> list[dict[str, Any]]:
+    """The steps the segment's final report carries: those not reported yet; else the last step
+    trained, once more; else, for a run that trained none (Ray Train restarted the worker group
+    from the segment's final checkpoint, after its final report), that checkpoint's own last
+    step, as it was trained. Only a segment that never trains a step sends the bare ``marker``
+    (step, total_steps, round): a marker must not stand in for a trained step's metrics, which
+    the driver's history (and the trackers) would then lose."""
+    if unreported:
+        return unreported
+    if last:
+        return [last]
+    if restored and restored[-1].get("step") == marker["step"]:
+        return [restored[-1]]
+    return [marker]
+
+
+def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any,
+             rank: int) -> tuple[int, int, int, dict[str, Any], list[dict[str, Any]]]:
+    """Where this run starts: (step, epoch, micro-batches to skip, schedule state, the metrics
+    of the steps the restored Ray Train checkpoint carries).
 
     A checkpoint from Ray Train (a restarted worker group) resumes mid-segment with the
     optimizer; otherwise the previous segment's final state starts this one (weights only
@@ -288,15 +308,15 @@ def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any, rank: int) -> tuple
     if checkpoint is not None:
         with checkpoint.as_directory() as root:
             progress, state = _load_state(engine, Path(root), rank)
-        return progress["step"], progress["epoch"], progress["micro_in_epoch"], state
+        return progress["step"], progress["epoch"], progress["micro_in_epoch"], state, progress.get("metrics", [])
     if wc.init_checkpoint is not None:
         progress, state = _load_state(engine, Path(wc.init_checkpoint), rank, module_only=seg.restart_optimizer)
         if progress["step"] != seg.start_step:
             raise KdrayError(f"segment {seg.index} starts at step {seg.start_step}, but its initial checkpoint "
                              f"{wc.init_checkpoint} is at step {progress['step']}: the output directory holds "
                              "another run's state; run the job again with --restart")
-        return seg.start_step, 0, 0, state
-    return 0, 0, 0, {}
+        return seg.start_step, 0, 0, state, []
+    return 0, 0, 0, {}, []
 
 
 def _save_state(engine: Any, root: str, progress: dict[str, Any], schedule: dict[str, Any], rank: int) -> None:
