@@ -1,7 +1,8 @@
 """Teacher-signal modes on the real stack: whole jobs trained from top-k and hidden-state
-records (Ray Data scoring pool → parquet records → Ray Train + DeepSpeed ZeRO-2 workers with
-no teacher model), the records checked row by row against a plain HF forward of the teacher;
-the hidden-state job trains a bfloat16 student with its optimizer offloaded to the CPU."""
+records of the dataset's responses (Ray Data scoring pool → parquet records → Ray Train +
+DeepSpeed ZeRO-2 workers with no teacher model), the records checked row by row against a plain
+HF forward of the teacher; the hidden-state job trains a bfloat16 student with its optimizer
+offloaded to the CPU."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def _signal_job(tmp_path: Path, signal: dict, objective: dict, student: dict, tr
     spec["objective"] = objective
     spec["student"].update(student)
     spec["evaluation"] = {"enabled": False}
+    # The toy dataset's own responses: the records are what these jobs are about, and a teacher
+    # pool generating the responses first costs CI half a minute a job.
+    spec["data"]["response_source"] = "dataset"
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -77,23 +81,24 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     marker = json.loads((records / "_kdray_dataset.json").read_text())  # committed by the scorer's writes
     assert marker["rows"] == 256 and stats["bytes"] == sum((records / f).stat().st_size for f in marker["files"])
     assert not list((out / "records").glob(".*partial*"))
-    # The records are the training examples: their labels are the teacher pool's own ids.
+    # The records are the training examples (the dataset's responses, tokenized by the generate
+    # stage), each with the teacher's signal for its response tokens.
     import pyarrow.parquet as pq
 
     examples = {r["key"]: r for f in marker["files"] for r in pq.read_table(records / f).to_pylist()}
     responses = out / "datasets" / "responses"
-    generated = [r for f in json.loads((responses / "_kdray_dataset.json").read_text())["files"]
-                 for r in pq.read_table(responses / f, columns=["key", "response_token_ids"]).to_pylist()]
-    assert len(generated) == len(examples) == 256
+    tokenized = [r for f in json.loads((responses / "_kdray_dataset.json").read_text())["files"]
+                 for r in pq.read_table(responses / f, columns=["key", "input_ids", "prompt_len"]).to_pylist()]
+    assert len(tokenized) == len(examples) == 256
     def ids(cell):  # ragged ids are Ray Data's variable-shaped tensors: {data, shape} structs, or
         # numpy arrays once ray.data has registered its Arrow extension types in this process
         return [int(t) for t in (cell["data"] if isinstance(cell, dict) else cell)]
 
-    for row in generated:
+    for row in tokenized:
         example = examples[row["key"]]
-        labels = ids(example["input_ids"])[example["prompt_len"]:]
-        assert labels == ids(row["response_token_ids"])[: len(labels)] and example["n_tokens"] == len(labels)
-    _assert_records_are_the_teachers([examples[row["key"]] for row in generated[:16]], marker["meta"], ids)
+        assert ids(example["input_ids"]) == ids(row["input_ids"]) and example["prompt_len"] == row["prompt_len"]
+        assert example["n_tokens"] == len(ids(row["input_ids"])) - row["prompt_len"] > 0
+    _assert_records_are_the_teachers([examples[row["key"]] for row in tokenized[:16]], marker["meta"], ids)
     if signal["mode"] == "topk":
         assert stats["bytes_per_token"] <= 100  # the issue's budget at k = 20
     steps = [m for m in report["train_metrics"] if "loss" in m]

@@ -51,8 +51,14 @@ def test_restart_discards_the_earlier_run(tmp_path):
     (tmp_path / "curriculum").mkdir()
     (tmp_path / "datasets" / "responses").mkdir(parents=True)
     (tmp_path / "report.md").write_text("kept")
+    (tmp_path / "events.jsonl").write_text('{"kind": "train_step", "step": 1, "loss": 1.0}\n')
     fresh = JobState.open(tmp_path, spec_of(tmp_path, lr=1e-3), restart=True)  # another spec is fine now
     assert not fresh.resumed
+    from kdray.pipeline.job import Job
+
+    job = Job(spec_of(tmp_path, lr=1e-3))
+    job._resume_history(fresh)  # the event history starts over with the run
+    assert not (tmp_path / "events.jsonl").exists() and job.metrics_history == []
     assert not (tmp_path / "ray_train").exists() and not (tmp_path / "curriculum").exists()
     assert not (tmp_path / "datasets").exists()
     assert (tmp_path / "report.md").read_text() == "kept"  # only what resuming would use
