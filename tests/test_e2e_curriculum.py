@@ -80,12 +80,18 @@ def test_distillm2_job_runs_two_on_policy_rounds_with_scheduled_alpha_and_beta(t
 
 @pytest.mark.slow
 def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path, toy_world):
-    # DistiLLM's off-policy data is the dataset's responses; its fresh ones the student's samples.
+    """DistiLLM's off-policy data is the dataset's responses; its fresh ones the student's
+    samples, here from the live student pool (``sampler: pool``), which gets the trainers'
+    weights at every fresh step. (The default, HF generate in the worker, is
+    tests/test_replay_step.py's; the pool's answers after a push are tests/test_on_policy.py's.)"""
     spec = small_job(tmp_path, "replay", dataset_responses=True, objective={"kind": "skew_forward_kl", "alpha": 0.1},
                      curriculum={"kind": "replay", "init_threshold": 0.6, "capacity": 32,
-                                 "validate_every_steps": 4, "validation_samples": 32})
+                                 "validate_every_steps": 4, "validation_samples": 32,
+                                 "sampler": "pool", "num_cpus_per_replica": 0.5})
     res = kdray("run", str(spec), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
+    messages = [e.get("text", "") for e in events(tmp_path / "out") if e["kind"] == "message"]
+    assert "train: the replay student pool runs: 1 vLLM replica beside the workers" in messages
     m = steps(tmp_path / "out")
     assert [s["step"] for s in m] == list(range(1, 9))
     decisions = [s["replay_decision"] for s in m]
@@ -104,10 +110,12 @@ def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path,
     sizes = [s["replay_buffer_size"] for s in m]
     assert sizes == [min(32, 16 * decisions[:i].count("fresh")) for i in range(1, 9)]
     assert "fresh" in decisions and "fixed" in decisions
-    # The time a step spends sampling in the worker (kdray.train.step.StepClock): HF generate on
-    # fresh steps; fixed steps take the dataset's responses as they come.
+    # The time a step spends sampling (kdray.train.step.StepClock): the pool's answers on fresh
+    # steps; fixed steps take the dataset's responses as they come. Every fresh step first pushes
+    # the weights of the steps before it; no other step pushes.
     sampling = {d: [s["sampling_s"] for s in m if s["replay_decision"] == d] for d in ("fresh", "fixed")}
     assert min(sampling["fresh"]) > max(sampling["fixed"]), sampling
+    assert [s["weight_sync_s"] > 0 for s in m] == [d == "fresh" for d in decisions]
     # A replay step only happens once the buffer is full (otherwise it would generate).
     assert all(size == 32 for d, size in zip(decisions, sizes) if d == "replay")
     assert [s["step"] for s in m if "val_loss" in s] == [4, 8]

@@ -37,6 +37,22 @@ def test_the_spec_takes_gkds_names_and_refuses_what_cannot_compose():
     assert "teacher_signal.mode 'topk' cannot serve the on_policy curriculum" in message
 
 
+def test_the_live_pool_serves_on_policy_with_lmbda_or_replay_with_sampler_pool():
+    from kdray.pools.live import live_pool_of, student_pool_spec
+
+    assert live_pool_of(parse_spec(on_policy({"lmbda": 0.0}))) is None  # plain distillation: no pool
+    assert live_pool_of(parse_spec(on_policy({"lmbda": 0.5}))).kind == "on_policy"
+    replay = parse_spec(minimal(curriculum={"kind": "replay"}))
+    assert replay.curriculum_of("replay").sampler == "worker" and live_pool_of(replay) is None  # DistiLLM's way
+    pooled = parse_spec(minimal(curriculum={"kind": "replay", "sampler": "pool", "replicas": 2,
+                                            "num_cpus_per_replica": 0.25}))
+    assert live_pool_of(pooled).kind == "replay"
+    pool = student_pool_spec(pooled)
+    assert (pool.replicas, pool.num_cpus_per_replica, pool.tensor_parallel_size) == (2, 0.25, 1)
+    assert set(errors_of(minimal(curriculum={"kind": "replay", "sampler": "vllm", "replicas": 0}))) == {
+        "curriculum[0].sampler", "curriculum[0].replicas"}
+
+
 def test_the_step_decision_is_seeded_per_step_and_takes_lmbda_of_the_steps():
     draws = [on_policy_step(7, k, 0.3) for k in range(1, 2001)]
     assert draws == [on_policy_step(7, k, 0.3) for k in range(1, 2001)]  # every rank, every run

@@ -9,8 +9,8 @@ import torch
 
 from kdray.models import load_causal_lm, load_tokenizer
 from kdray.curriculum.plan import plan_segments
-from kdray.data.tokenize import IGNORE_INDEX, pack_examples
-from kdray.train.replay import FIXED, FRESH, REPLAY, ReplaySource, split_prompt_response
+from kdray.data.tokenize import IGNORE_INDEX, pack_examples, split_prompt_response
+from kdray.train.replay import FIXED, FRESH, REPLAY, ReplaySource
 from kdray.spec import parse_spec
 from kdray.train.objectives import make_step_objective
 from kdray.data.examples import TokenizeForTraining, training_batch

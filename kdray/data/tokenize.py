@@ -302,3 +302,14 @@ def prompt_token_counter(tokenizer: Any, encoding: "PromptEncoding | str") -> Ca
     (:func:`prompt_token_ids` under ``encoding``, or a ``data.chat_template`` setting)."""
     enc = _as_encoding(tokenizer, encoding)
     return lambda prompts: [len(ids) for ids in enc.token_ids(tokenizer, prompts)]
+
+
+def split_prompt_response(input_ids: Any, attention_mask: Any, labels: Any) -> list[tuple[list[int], list[int]]]:
+    """Undo :func:`pack_examples` for a batch (tensors ``[rows, positions]``): (prompt ids, response
+    ids) per row."""
+    pairs = []
+    for ids, mask, lab in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
+        length = sum(mask)
+        start = next((j for j, v in enumerate(lab) if v != IGNORE_INDEX), length)
+        pairs.append((ids[:start], ids[start:length]))
+    return pairs

@@ -1,4 +1,5 @@
-"""The live student pool of on-policy distillation (``curriculum: {kind: on_policy}``).
+"""The live student pool of on-policy distillation (``curriculum: {kind: on_policy}``), and of
+DistiLLM's replay with ``sampler: pool`` (:func:`live_pool_of`).
 
 Unlike the other pools, which Ray Data runs over a dataset before or after training, this one
 lives beside the trainers for a whole segment: ``replicas`` Ray actors, each holding one vLLM
@@ -101,10 +102,22 @@ class StudentSampler(PoolCallable):
         return version
 
 
+def live_pool_of(spec: JobSpec) -> Any:
+    """The curriculum entry that samples from a live student pool while the workers train, or
+    None: ``on_policy`` with ``lmbda > 0``, or ``replay`` with ``sampler: pool``. Its
+    ``replicas``, ``num_cpus_per_replica`` and ``num_gpus_per_replica`` size the pool."""
+    on_policy, replay = spec.curriculum_of("on_policy"), spec.curriculum_of("replay")
+    if on_policy is not None and on_policy.lmbda > 0:
+        return on_policy
+    if replay is not None and replay.sampler == "pool":
+        return replay
+    return None
+
+
 def student_pool_spec(spec: JobSpec) -> GenerationSpec:
-    """The pool settings of the on-policy student pool: ``generation``'s engine settings with the
-    curriculum's replicas and resources, one device per replica."""
-    cfg = spec.curriculum_of("on_policy")
+    """The pool settings of the live student pool: ``generation``'s engine settings with the
+    curriculum's replicas and resources (:func:`live_pool_of`), one device per replica."""
+    cfg = live_pool_of(spec)
     gpus = cfg.num_gpus_per_replica if cfg.num_gpus_per_replica is not None else spec.generation.num_gpus_per_replica
     return spec.generation.model_copy(update={"replicas": cfg.replicas, "num_cpus_per_replica": cfg.num_cpus_per_replica,
                                               "num_gpus_per_replica": gpus, "tensor_parallel_size": 1})

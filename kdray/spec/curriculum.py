@@ -8,8 +8,9 @@
   (Ko et al. 2025). It parametrises the contrastive objective ``kind: distillm2``, and
   that objective needs it (the student responses come from its rounds).
 * ``{kind: replay, ...}``: DistiLLM's adaptive off-policy replay (Ko et al. 2024): fresh
-  student samples generated inside the training step, a replay buffer, and a threshold
-  driven by the validation loss. Composes with every objective but ``distillm2``.
+  student samples generated inside the training step (or by the live student pool,
+  ``sampler: pool``), a replay buffer, and a threshold driven by the validation loss.
+  Composes with every objective but ``distillm2``.
 * ``{kind: on_policy, ...}``: on-policy distillation (GKD, Agarwal et al. 2024): a fraction
   ``lmbda`` of the optimizer steps train on samples of the current student from a vLLM pool
   that lives beside the trainers and gets their weights every ``sync_every_steps`` steps.
@@ -99,6 +100,17 @@ class DistiLLM2Curriculum(_Spec):
         return self
 
 
+# The live student pool's resources (kdray.pools.live): the same fields in every curriculum
+# that samples from it (on_policy; replay with sampler: pool).
+_POOL_REPLICAS = Field(1, ge=1, description="vLLM engines in the student pool; rank r samples from replica r mod replicas.")
+_POOL_CPUS = Field(1.0, ge=0.0, description="CPUs each student-pool replica reserves (beside the training workers').")
+_POOL_GPUS = Field(
+    None, ge=0.0,
+    description="GPUs each student-pool replica reserves (null: generation.num_gpus_per_replica). "
+    "The pool runs while the workers train, so on GPUs it needs devices of its own.",
+)
+
+
 class ReplayCurriculum(_Spec):
     """DistiLLM (arXiv:2402.03898) adaptive off-policy replay: each optimizer step trains on the
     fixed data, on fresh samples of the current student (pushed into a FIFO buffer), or on a
@@ -133,6 +145,16 @@ class ReplayCurriculum(_Spec):
         1.0, gt=0.0, description="Sampling temperature of the student's fresh samples (DistiLLM: 1)."
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass of the fresh samples (DistiLLM: 1).")
+    sampler: Literal["worker", "pool"] = Field(
+        "worker",
+        description="Where fresh samples come from. 'worker': HF generate on the training module inside "
+        "the step (DistiLLM's way). 'pool': the live student vLLM pool of on-policy distillation, "
+        "the trainers' weights pushed to it before each fresh step (replicas, num_cpus_per_replica, "
+        "num_gpus_per_replica size it).",
+    )
+    replicas: int = _POOL_REPLICAS
+    num_cpus_per_replica: float = _POOL_CPUS
+    num_gpus_per_replica: float | None = _POOL_GPUS
 
 
 class OnPolicyCurriculum(_Spec):
@@ -175,15 +197,9 @@ class OnPolicyCurriculum(_Spec):
     max_new_tokens: int | None = Field(
         None, ge=1, description="Longest sample, in tokens (null: generation.max_new_tokens)."
     )
-    replicas: int = Field(1, ge=1, description="vLLM engines in the student pool; rank r samples from replica r mod replicas.")
-    num_cpus_per_replica: float = Field(
-        1.0, ge=0.0, description="CPUs each student-pool replica reserves (beside the training workers')."
-    )
-    num_gpus_per_replica: float | None = Field(
-        None, ge=0.0,
-        description="GPUs each student-pool replica reserves (null: generation.num_gpus_per_replica). "
-        "The pool runs while the workers train, so on GPUs it needs devices of its own.",
-    )
+    replicas: int = _POOL_REPLICAS
+    num_cpus_per_replica: float = _POOL_CPUS
+    num_gpus_per_replica: float | None = _POOL_GPUS
 
 
 CurriculumSpec = Annotated[Union[POCLCurriculum, DistiLLM2Curriculum, ReplayCurriculum, OnPolicyCurriculum],

@@ -126,7 +126,7 @@ def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any
 
 
 def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
-    """Refuse a run whose training workers (one CPU each, Ray Train's default), with the on-policy
+    """Refuse a run whose training workers (one CPU each, Ray Train's default), with the live
     student pool's ``pool_cpus``, would take every CPU of the cluster: the read tasks that
     stream the data to them could never be scheduled, and the run would wait forever.
 
@@ -137,7 +137,7 @@ def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
 
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus - num_workers - pool_cpus < READ_NUM_CPUS:
-        pool = f" and the on-policy student pool {pool_cpus:g}" if pool_cpus else ""
+        pool = f" and the student pool {pool_cpus:g}" if pool_cpus else ""
         raise ClusterError(
             f"training.num_workers is {num_workers}{pool} and the Ray cluster has {cpus:g} CPUs: they would hold "
             f"all of them, and the reads that stream the training data to the workers need {READ_NUM_CPUS:g} CPU "
@@ -182,9 +182,10 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
             the worker's message), or ended without a final checkpoint. Any other failure is re-raised as is.
     """
     spec, t = ctx.spec, ctx.spec.training
-    on_policy = spec.curriculum_of("on_policy")
-    live = on_policy is not None and on_policy.lmbda > 0  # a live student pool beside the workers
-    check_ingest_cpus(t.num_workers, on_policy.replicas * on_policy.num_cpus_per_replica if live else 0.0)
+    from kdray.pools.live import live_pool_of
+
+    live = live_pool_of(spec)  # the curriculum entry that samples from a live student pool, if any
+    check_ingest_cpus(t.num_workers, live.replicas * live.num_cpus_per_replica if live else 0.0)
     if t.use_gpu:  # one GPU per worker; a pool that just ended may still be handing its GPUs back
         waited = wait_for_free_gpus(t.num_workers)
         if waited >= 1:
@@ -199,7 +200,7 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
         from kdray.pools.live import start_student_pool
 
         pool = start_student_pool(spec, version=segment.start_step)
-        ctx.reporter.message(f"train: the on-policy student pool runs: {len(pool)} vLLM "
+        ctx.reporter.message(f"train: the {live.kind.replace('_', '-')} student pool runs: {len(pool)} vLLM "
                              f"replica{'s' if len(pool) > 1 else ''} beside the workers")
     try:
         return _fit(ctx, segment, plan, datasets, hub, run_name, on_metrics, WorkerConfig(

@@ -35,13 +35,12 @@ import hashlib
 import random
 from typing import Any
 
-from kdray.data.tokenize import pack_examples
+from kdray.data.tokenize import pack_examples, split_prompt_response
 from kdray.pools.base import SamplingConfig
 from kdray.spec import JobSpec
-from kdray.train.replay import split_prompt_response
 
 
-def _seed(*parts: Any) -> int:
+def sample_seed(*parts: Any) -> int:
     """A stable 31-bit seed from ``parts`` (the same in every process and run)."""
     digest = hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -119,7 +118,7 @@ class OnPolicySource:
     def _ask(self, prompts: list[list[int]], step: int, micro: int) -> Any:
         sampling = SamplingConfig(temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
                                   max_new_tokens=self.max_new_tokens, n=self.cfg.samples_per_prompt,
-                                  seed=_seed(self.spec.training.seed, step, self.rank, micro))
+                                  seed=sample_seed(self.spec.training.seed, step, self.rank, micro))
         return self.replica.sample.remote(prompts, sampling)
 
     def metrics(self) -> dict[str, float]:
@@ -135,16 +134,23 @@ class OnPolicySource:
     def push(self, engine: Any, version: int) -> None:
         """Every replica serves the engine's current weights as ``version`` when this returns on
         any rank (a collective: all ranks call it)."""
-        import torch.distributed as dist
-
-        from kdray.pools.live import push_weights
-
-        weights = gathered_weights(engine, zero3=self.spec.training.zero_stage == 3, rank=self.rank)
-        if self.rank == 0:
-            push_weights(self.replicas, weights, version)
-        if dist.is_initialized():
-            dist.barrier()
+        push_student(engine, self.replicas, zero3=self.spec.training.zero_stage == 3, rank=self.rank, version=version)
         self.pushed.append(version)
+
+
+def push_student(engine: Any, replicas: list[Any], *, zero3: bool, rank: int, version: int) -> None:
+    """Push the trainers' weights (:func:`gathered_weights`) to every replica of the live pool
+    as ``version``; when it returns on any rank, every replica serves them. A collective: all
+    ranks call it (the ZeRO-3 gather, then a barrier)."""
+    import torch.distributed as dist
+
+    from kdray.pools.live import push_weights
+
+    weights = gathered_weights(engine, zero3=zero3, rank=rank)
+    if rank == 0:
+        push_weights(replicas, weights, version)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gathered_weights(engine: Any, *, zero3: bool, rank: int) -> dict[str, Any] | None:

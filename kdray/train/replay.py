@@ -6,8 +6,13 @@ this step's data comes from:
 
 * ``fixed``: the data set's micro-batches, unchanged;
 * ``fresh``: the current student samples a response to each prompt of the data set's
-  micro-batch (HF ``generate`` on the DeepSpeed module; ``synced_gpus`` under ZeRO-3 so
-  ranks stay in step); the samples are trained on and pushed into the replay buffer;
+  micro-batch; the samples are trained on and pushed into the replay buffer. ``sampler:
+  worker`` (DistiLLM's way): HF ``generate`` on the DeepSpeed module (``synced_gpus`` under
+  ZeRO-3 so ranks stay in step). ``sampler: pool``: the live student vLLM pool
+  (:mod:`kdray.pools.live`, rank ``r`` asks replica ``r mod replicas``), which gets the
+  trainers' weights at the start of every fresh step whose weights it does not serve yet
+  (:func:`kdray.train.on_policy.push_student`: the step's ``weight_sync_s``), as on-policy
+  distillation's pushes;
 * ``replay``: micro-batches drawn from the buffer.
 
 Every rank holds the same decision RNG (same seed), so all ranks take the same branch; each
@@ -22,27 +27,18 @@ from __future__ import annotations
 from typing import Any
 
 from kdray.data.examples import CollateExamples
-from kdray.data.tokenize import IGNORE_INDEX, pack_examples
+from kdray.data.tokenize import pack_examples, split_prompt_response
 from kdray.pools.left_padded import generate_left_padded
 from kdray.spec import JobSpec
 
 FIXED, FRESH, REPLAY = "fixed", "fresh", "replay"
 
 
-def split_prompt_response(input_ids: Any, attention_mask: Any, labels: Any) -> list[tuple[list[int], list[int]]]:
-    """Undo :func:`kdray.data.tokenize.pack_examples` for a batch: (prompt ids, response ids) per row."""
-    pairs = []
-    for ids, mask, lab in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
-        length = sum(mask)
-        start = next((j for j, v in enumerate(lab) if v != IGNORE_INDEX), length)
-        pairs.append((ids[:start], ids[start:length]))
-    return pairs
-
-
 class ReplaySource:
     """Decides, per optimizer step, which micro-batches the objective sees (module docstring)."""
 
-    def __init__(self, spec: JobSpec, *, rank: int, state: dict[str, Any] | None, pad_id: int, eos_id: int):
+    def __init__(self, spec: JobSpec, *, rank: int, state: dict[str, Any] | None, pad_id: int, eos_id: int,
+                 replicas: list[Any] | None = None):
         from kdray.curriculum import ReplayScheduler
 
         cfg = spec.curriculum_of("replay")
@@ -54,6 +50,10 @@ class ReplaySource:
         if state is not None:
             self.scheduler.load_state_dict(state)
         self.decision = FIXED
+        self.replicas = replicas or []  # the live student pool (sampler: pool)
+        self.step = 0  # optimizer steps done so far (begin_step)
+        self.micro = 0  # the micro-batch of the step (a sample seed's part)
+        self.served: int | None = None  # the step whose weights the pool serves (None: not pushed yet)
 
     @property
     def needs_initial_validation(self) -> bool:
@@ -62,7 +62,22 @@ class ReplaySource:
     def begin_step(self, step: int, total_steps: int) -> str:
         """Decide the source of optimizer step ``step`` (0-based: steps done so far)."""
         self.decision = self.scheduler.decide(step, total_steps)
+        self.step, self.micro = step, 0
         return self.decision
+
+    @property
+    def push_due(self) -> bool:
+        """With ``sampler: pool``, at the start of a fresh step: whether the pool needs the
+        trainers' weights (it does not serve this step's yet). The same on every rank."""
+        return bool(self.replicas) and self.decision == FRESH and self.served != self.step
+
+    def push(self, engine: Any) -> None:
+        """Push the trainers' weights to the pool as this step's (:attr:`push_due`). A
+        collective: every rank calls it."""
+        from kdray.train.on_policy import push_student
+
+        push_student(engine, self.replicas, zero3=self.spec.training.zero_stage == 3, rank=self.rank, version=self.step)
+        self.served = self.step
 
     def batch(self, engine: Any, batch: dict[str, Any]) -> dict[str, Any]:
         """The micro-batch to train on instead of ``batch`` (from the data set)."""
@@ -85,7 +100,9 @@ class ReplaySource:
 
     def _sample(self, engine: Any, prompts: list[list[int]]) -> list[list[int]]:
         """One sampled response per prompt from the current student, EOS kept when it stopped."""
-
+        self.micro += 1
+        if self.replicas:
+            return self._pool_sample(prompts)
         model = engine.module
         was_training = model.training
         model.eval()
@@ -97,6 +114,23 @@ class ReplaySource:
         finally:
             model.train(was_training)
         return [row[0][0] for row in samples]
+
+    def _pool_sample(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The samples of the live pool's replica of this rank, from the weights
+        :meth:`push` pushed (seeded by the job's seed, the step, the rank and the micro-batch)."""
+        import ray
+
+        from kdray.pools.base import SamplingConfig
+        from kdray.train.on_policy import sample_seed
+
+        if self.served != self.step:
+            raise RuntimeError(f"rank {self.rank}: fresh samples asked at step {self.step + 1} of a pool serving "
+                               f"step {self.served}'s weights (push was not called)")
+        sampling = SamplingConfig(temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
+                                  max_new_tokens=self.spec.generation.max_new_tokens, n=1,
+                                  seed=sample_seed(self.spec.training.seed, "replay", self.step, self.rank, self.micro))
+        replica = self.replicas[self.rank % len(self.replicas)]
+        return ray.get(replica.sample.remote(prompts, sampling))["responses"]
 
     def validate(self, engine: Any, teacher: Any, objective: Any, rows: Any, device: Any) -> float:
         """The objective over every rank's validation rows, as one step over them would weigh

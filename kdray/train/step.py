@@ -36,7 +36,7 @@ class StepClock:
     - ``data_wait``: waiting on the data iterator for the step's micro-batches (the first step
       of a segment includes the data pipeline's start-up);
     - ``sampling``: fresh student samples made in the worker (DistiLLM's replay), or waited
-      for from the on-policy student pool (the trainer's idle time there);
+      for from the live student pool (the trainer's idle time there);
     - ``forward``: the objective's forward passes (student, and teacher where it runs here);
     - ``backward``: the backward passes, and the gradient reduction a runner does in them
       (DeepSpeed ZeRO-2 reduces gradient buckets as the backward fills them);
@@ -44,8 +44,9 @@ class StepClock:
       ``engine.step``, with ZeRO's last reduction and the all-gather of the updated parameters);
     - ``report``: the previous step's hop to the driver (``ray.train.report``, with the
       checkpoint it carried), so step k shows step k-1's;
-    - ``weight_sync``: the push of the student's weights to the on-policy pool after the
-      previous step (gathered, merged, loaded by every replica), so step k shows step k-1's.
+    - ``weight_sync``: a push of the student's weights to the live student pool (gathered,
+      merged, loaded by every replica): on-policy's after the previous step, so step k shows
+      step k-1's; replay's (``sampler: pool``) at the start of a fresh step, its own.
 
     The parts do not overlap; what they leave out of a step's wall time (the Ray Train worker's
     ``step_s``, from the previous step's end) is the runner's own bookkeeping (the metrics'

@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
                                     num_segments=wc.num_segments, state=state.get("objective"))
-    replay = _make_replay(spec, rank, state.get("replay"))
+    replay = _make_replay(spec, rank, state.get("replay"), wc.student_pool)
     validation = ray.train.get_dataset_shard("validation") if replay is not None else None
     validate_every = (spec.curriculum_of("replay").validate_every_steps or seg.steps_per_epoch) if replay else 0
     if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pad_id = load_tokenizer(spec.student.model).pad_token_id
     collate = CollateExamples(pad_id, wc.signal_meta)
     on_policy = None
-    if wc.student_pool:
+    if wc.student_pool and spec.curriculum_of("on_policy") is not None:
         from kdray.train.on_policy import OnPolicySource
 
         on_policy = OnPolicySource(spec, rank=rank, replicas=list(wc.student_pool), pad_id=pad_id, end_step=seg.end_step)
@@ -149,6 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if replay is not None:
                 if not group:
                     replay.begin_step(step, wc.total_steps)
+                    if replay.push_due:  # sampler: pool, a fresh step
+                        with clock.timing("weight_sync"):
+                            replay.push(engine)
                 with clock.timing("sampling"):
                     batch = replay.batch(engine, batch)
             if on_policy is not None:
@@ -255,13 +258,14 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], step_
     }, values[-1] > 0
 
 
-def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None) -> Any:
+def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None, pool: tuple[Any, ...]) -> Any:
     if spec.curriculum_of("replay") is None:
         return None
     from kdray.train.replay import ReplaySource
 
     tok = load_tokenizer(spec.student.model)
-    return ReplaySource(spec, rank=rank, state=state, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    return ReplaySource(spec, rank=rank, state=state, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                        replicas=list(pool))
 
 
 def _state(objective: Any, replay: Any) -> dict[str, Any]:
