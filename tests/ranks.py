@@ -20,8 +20,7 @@ def _rank_main(body: Callable[[int], Any], rank: int, world: int, store: str, re
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         out = body(rank)
-        if rank == 0:
-            results.put((rank, out))
+        results.put((rank, out if rank == 0 else None))  # every rank says it got through its body
     except BaseException:
         results.put((rank, traceback.format_exc()))  # the parent shows why, instead of waiting
         raise
@@ -42,10 +41,16 @@ def run_ranks(body: Callable[[int], Any], tmp_path: Path, *, world: int = 2, tim
              for rank in range(world)]
     for p in procs:
         p.start()
-    rank, got = results.get(timeout=timeout)
-    if isinstance(got, str):
-        pytest.fail(f"rank {rank} failed:\n{got}")
+    outcomes: dict[int, Any] = {}
+    while len(outcomes) < world:
+        rank, got = results.get(timeout=timeout)
+        if isinstance(got, str):
+            pytest.fail(f"rank {rank} failed:\n{got}")
+        outcomes[rank] = got
     for p in procs:
         p.join(timeout=120)
-        assert p.exitcode == 0
-    return got
+    exits = [p.exitcode for p in procs]
+    # Every body returned; a rank that then did not end cleanly (its process group's teardown,
+    # the interpreter's exit) is named with its exit code (negative: the signal).
+    assert exits == [0] * world, f"every rank's body returned, but the processes ended with exit codes {exits}"
+    return outcomes[0]
