@@ -116,6 +116,9 @@ def test_replay_job_mixes_fixed_fresh_and_replayed_steps_and_validates(tmp_path,
     sampling = {d: [s["sampling_s"] for s in m if s["replay_decision"] == d] for d in ("fresh", "fixed")}
     assert min(sampling["fresh"]) > max(sampling["fixed"]), sampling
     assert [s["weight_sync_s"] > 0 for s in m] == [d == "fresh" for d in decisions]
+    counts = {d: decisions.count(d) for d in ("fresh", "replay", "fixed")}
+    assert (f"| replay steps (DistiLLM) | fresh {counts['fresh']}, replayed {counts['replay']}, fixed "
+            f"{counts['fixed']} of 8; {counts['fresh']} pushes to the student pool") in (tmp_path / "out" / "report.md").read_text()
     # A replay step only happens once the buffer is full (otherwise it would generate).
     assert all(size == 32 for d, size in zip(decisions, sizes) if d == "replay")
     assert [s["step"] for s in m if "val_loss" in s] == [4, 8]

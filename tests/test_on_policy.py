@@ -51,6 +51,9 @@ def test_the_live_pool_serves_on_policy_with_lmbda_or_replay_with_sampler_pool()
     assert (pool.replicas, pool.num_cpus_per_replica, pool.tensor_parallel_size) == (2, 0.25, 1)
     assert set(errors_of(minimal(curriculum={"kind": "replay", "sampler": "vllm", "replicas": 0}))) == {
         "curriculum[0].sampler", "curriculum[0].replicas"}
+    message = " ".join(errors_of(minimal(curriculum={"kind": "replay", "replicas": 3})).values())
+    assert "replay.replicas sizes the live student pool, which only sampler: pool starts" in message
+    assert "set sampler: pool or remove replicas" in message
 
 
 def test_the_step_decision_is_seeded_per_step_and_takes_lmbda_of_the_steps():

@@ -241,3 +241,19 @@ def test_judge_section_in_report_md(tmp_path):
     # A job without a judge has no judge section.
     rep.render_report(make_job(tmp_path, "plain"))
     assert "LLM judge" not in (tmp_path / "plain" / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_md_counts_replays_sources_and_the_pushes_to_the_student_pool(tmp_path):
+    job = make_job(tmp_path, "replay", steps=4)
+    report = json.loads((job / "report.json").read_text())
+    for m, (decision, sync) in zip(report["train_metrics"], [("fixed", 0.0), ("fresh", 0.25), ("fresh", 0.05),
+                                                              ("replay", 0.0)]):
+        m.update(replay_decision=decision, weight_sync_s=sync)
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert ("| replay steps (DistiLLM) | fresh 2, replayed 1, fixed 1 of 4; 2 pushes to the student pool, "
+            "0.150 s each (mean) |") in md
+    plain = make_job(tmp_path, "plain", steps=4)  # no replay: no row
+    rep.render_report(plain)
+    assert "replay steps" not in (plain / "report.md").read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -108,8 +109,6 @@ def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
     """The mean of each of a step's time parts (:class:`kdray.train.step.StepClock`, rank 0)
     over the steps that report them (a mean: the batched reports come every few steps), as one
     table row; none when no step does."""
-    import statistics
-
     parts = []
     for key in _STEP_TIME:
         values = [v for v in (_num(m.get(key)) for m in metrics) if not math.isnan(v)]
@@ -117,6 +116,20 @@ def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
             name = "whole step" if key == "step_s" else key[:-2].replace("_", " ")
             parts.append(f"{name} {statistics.fmean(values):.3f}")
     return [["a step's seconds (mean; rank 0)", " · ".join(parts)]] if parts else []
+
+
+def _replay_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
+    """DistiLLM's replay (``replay_decision``, :mod:`kdray.train.replay`): the steps of each
+    source, and the pushes to the live student pool (``sampler: pool``) with their mean time."""
+    decided = [m for m in metrics if "replay_decision" in m]
+    if not decided:
+        return []
+    counts = {d: sum(m["replay_decision"] == d for m in decided) for d in ("fresh", "replay", "fixed")}
+    pushes = [v for v in (_num(m.get("weight_sync_s")) for m in decided) if v > 0]
+    pool = (f"; {len(pushes)} pushes to the student pool, {statistics.fmean(pushes):.3f} s each (mean)"
+            if pushes else "")
+    return [["replay steps (DistiLLM)", f"fresh {counts['fresh']}, replayed {counts['replay']}, fixed "
+             f"{counts['fixed']} of {len(decided)}{pool}"]]
 
 
 def _on_policy_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
@@ -227,7 +240,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["optimizer steps", f"{_fmt(last.get('step'), '.0f')} of {_fmt(last.get('total_steps'), '.0f')}"],
             ["first loss", _fmt(metrics[0].get("loss"), ".4f")], ["last loss", _fmt(last.get("loss"), ".4f")],
             ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"],
-            *_on_policy_row(metrics), *_step_time_row(metrics)])
+            *_on_policy_row(metrics), *_replay_row(metrics), *_step_time_row(metrics)])
     else:
         out.append("No training metrics in report.json (training did not log any step).")
     out += plot("loss.png", "loss and its parts per step")

@@ -269,6 +269,14 @@ def check_curriculum(spec: Any) -> None:
             raise ValueError("curriculum distillm2.rounds is required (e.g. 2): how many "
                              "generate-then-train rounds to run")
     replay = by_kind.get("replay")
+    pool_fields = sorted({"replicas", "num_cpus_per_replica", "num_gpus_per_replica"} & replay.model_fields_set) \
+        if replay is not None else []
+    if replay is not None and replay.sampler == "worker" and pool_fields:
+        raise ValueError(
+            f"curriculum replay.{pool_fields[0]} sizes the live student pool, which only sampler: pool "
+            "starts (sampler: worker samples with HF generate in the training step); set sampler: pool "
+            f"or remove {', '.join(pool_fields)}"
+        )
     if replay is not None and replay.capacity < spec.training.micro_batch_size_per_worker:
         raise ValueError(
             f"curriculum replay.capacity ({replay.capacity}) is smaller than "
