@@ -104,6 +104,7 @@ class DistiLLM2Curriculum(_Spec):
 # that samples from it (on_policy; replay with sampler: pool).
 _POOL_REPLICAS = Field(1, ge=1, description="vLLM engines in the student pool; rank r samples from replica r mod replicas.")
 _POOL_CPUS = Field(1.0, ge=0.0, description="CPUs each student-pool replica reserves (beside the training workers').")
+_POOL_FIELDS = {"replicas", "num_cpus_per_replica", "num_gpus_per_replica"}
 _POOL_GPUS = Field(
     None, ge=0.0,
     description="GPUs each student-pool replica reserves (null: generation.num_gpus_per_replica). "
@@ -269,9 +270,8 @@ def check_curriculum(spec: Any) -> None:
             raise ValueError("curriculum distillm2.rounds is required (e.g. 2): how many "
                              "generate-then-train rounds to run")
     replay = by_kind.get("replay")
-    pool_fields = sorted({"replicas", "num_cpus_per_replica", "num_gpus_per_replica"} & replay.model_fields_set) \
-        if replay is not None else []
-    if replay is not None and replay.sampler == "worker" and pool_fields:
+    pool_fields = sorted(_POOL_FIELDS & replay.model_fields_set) if replay is not None else []
+    if pool_fields and replay.sampler == "worker":
         raise ValueError(
             f"curriculum replay.{pool_fields[0]} sizes the live student pool, which only sampler: pool "
             "starts (sampler: worker samples with HF generate in the training step); set sampler: pool "
