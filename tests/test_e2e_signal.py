@@ -2,7 +2,8 @@
 records of the dataset's responses (Ray Data scoring pool → parquet records → Ray Train +
 DeepSpeed ZeRO-2 workers with no teacher model), the records checked row by row against a plain
 HF forward of the teacher; the hidden-state job trains a bfloat16 student with its optimizer
-offloaded to the CPU."""
+offloaded to the CPU. The top-k job is also on-policy (GKD's λ = 0.5, issue 20): its other steps
+train on the student's samples, graded by a live top-k teacher pool as they come."""
 
 from __future__ import annotations
 
@@ -46,10 +47,19 @@ def _assert_records_are_the_teachers(examples: list[dict], meta: dict, ids) -> N
             assert torch.allclose(hidden @ head.T, logits, atol=1e-4, rtol=1e-4)
 
 
+#: The top-k job's curriculum: half its steps on the student's samples, the weights pushed every
+#: 2 steps, each on-policy step's samples made when it starts.
+ON_POLICY = {"kind": "on_policy", "lmbda": 0.5, "sync_every_steps": 2, "max_staleness": 0, "replicas": 1,
+             "num_cpus_per_replica": 0.25}
+
+
 def _signal_job(tmp_path: Path, signal: dict, objective: dict, student: dict, training: dict) -> Path:
     path = reduced_demo(tmp_path, **training)
     spec = yaml.safe_load(path.read_text())
     spec["teacher_signal"] = signal
+    if signal["mode"] == "topk":  # the two pools beside 2 workers on 3 CPUs, with room for the reads
+        spec["curriculum"] = ON_POLICY
+        spec["generation"]["num_cpus_per_replica"] = 0.25
     spec["objective"] = objective
     spec["student"].update(student)
     spec["evaluation"] = {"enabled": False}
@@ -104,6 +114,9 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     steps = [m for m in report["train_metrics"] if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 17))
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in steps)
+    if signal["mode"] == "topk":
+        _assert_on_policy_steps(out, steps)
+        steps = [m for m in steps if not m["on_policy"]]  # the records' steps
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     # the exported student is a plain HF model
     from transformers import AutoModelForCausalLM
@@ -111,3 +124,25 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.vocab_size > 0
     config = json.loads((out / "student" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == student.get("dtype", "float32")
+
+
+def _assert_on_policy_steps(out: Path, steps: list[dict]) -> None:
+    """The top-k job's on-policy steps: drawn per step with λ, their samples from the weights
+    pushed at the configured steps and graded by the live teacher pool."""
+    from kdray.train.on_policy import on_policy_step
+
+    messages = [json.loads(line).get("text", "") for line in (out / "events.jsonl").read_text().splitlines()]
+    assert "train: the on-policy student pool runs: 1 vLLM replica beside the workers" in messages
+    assert "train: the teacher pool scores the student's samples: 1 replica (vllm, top-20)" in messages
+    drawn = [on_policy_step(0, m["step"], ON_POLICY["lmbda"]) for m in steps]
+    assert [bool(m["on_policy"]) for m in steps] == drawn and 0 < sum(drawn) < len(steps)
+    pushed = 0  # the weights the pool serves: the start's, then after every second step
+    for m in steps:
+        if m["on_policy"]:
+            assert m["sample_version"] == pushed and m["staleness"] == 0  # max_staleness 0
+            assert m["generate_s"] > 0 and m["teacher_score_s"] > 0 and m["sampling_s"] > 0
+            assert 0 < m["loss"] < 50
+        else:
+            assert "teacher_score_s" not in m and "sample_version" not in m
+        if m["step"] % ON_POLICY["sync_every_steps"] == 0:
+            pushed = m["step"]

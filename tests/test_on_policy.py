@@ -33,8 +33,27 @@ def test_the_spec_takes_gkds_names_and_refuses_what_cannot_compose():
     message = " ".join(errors_of(on_policy({"samples_per_prompt": 3},
                                            training={"micro_batch_size_per_worker": 4})).values())
     assert "samples_per_prompt (3) must divide" in message and "micro_batch_size_per_worker (4)" in message
-    message = " ".join(errors_of(on_policy(teacher_signal={"mode": "topk"})).values())
-    assert "teacher_signal.mode 'topk' cannot serve the on_policy curriculum" in message
+    message = " ".join(errors_of(on_policy(teacher_signal={"mode": "hidden"})).values())
+    assert "teacher_signal.mode 'hidden' cannot serve the on_policy curriculum" in message
+    assert "use teacher_signal.mode: topk or online" in message
+
+
+def test_a_top_k_teacher_pool_grades_the_samples_and_records_are_scored_only_for_data_set_steps():
+    from kdray.pipeline.budget import storage_plan
+    from kdray.pools.live import live_pool_cpus, live_teacher_of
+
+    half = parse_spec(on_policy({"lmbda": 0.5, "num_cpus_per_replica": 0.5}, teacher_signal={"mode": "topk"},
+                                generation={"replicas": 2, "num_cpus_per_replica": 0.25}))
+    assert live_teacher_of(half) and half.scores_records  # half the steps train on the records
+    assert live_pool_cpus(half) == 0.5 + 2 * 0.25  # the student pool's and the teacher pool's
+    every = half.model_copy(update={"curriculum": [half.curriculum[0].model_copy(update={"lmbda": 1.0})]})
+    assert live_teacher_of(every) and not every.scores_records  # every step on samples: no records stage
+    names = [s.name for s in storage_plan(every, 1000, teacher_vocab=512, teacher_hidden=64, n_heldout=0)]
+    assert not any("records" in n for n in names)
+    assert any("records" in s.name for s in storage_plan(half, 1000, teacher_vocab=512, teacher_hidden=64, n_heldout=0))
+    online = parse_spec(on_policy({"lmbda": 1.0}))
+    assert not live_teacher_of(online) and not online.scores_records
+    assert not live_teacher_of(parse_spec(on_policy({"lmbda": 0.0}, teacher_signal={"mode": "topk"})))
 
 
 def test_the_live_pool_serves_on_policy_with_lmbda_or_replay_with_sampler_pool():
@@ -133,51 +152,118 @@ def _hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: l
     return out
 
 
+#: The top-k records layout the live teacher pool answers in (the hf backend's scorer: vLLM's
+#: top-k scoring is checked against HF in tests/test_e2e_signal.py, and a third engine start
+#: would cost CI half a minute).
+TEACHER_K = 8
+
+
+@pytest.fixture(scope="module")
+def live_pools(ray_cpus, toy_world):
+    """A student pool (vLLM) and a top-k teacher pool (hf), started together."""
+    from kdray.data.records import SIGNAL_FORMAT, topk_id_dtype
+    from kdray.models import vocab_size
+    from kdray.pools.live import start_live_pools
+
+    spec = parse_spec(on_policy({"lmbda": 1.0, "num_cpus_per_replica": 0.5},
+                                student={"model": "toy:student", "dtype": "float32", "max_model_len": 128},
+                                teacher={"model": "toy:teacher", "dtype": "float32", "max_model_len": 128,
+                                         "backend": "hf"},
+                                teacher_signal={"mode": "topk", "k": TEACHER_K},
+                                generation={"enforce_eager": True, "max_new_tokens": 16, "num_cpus_per_replica": 0.5},
+                                data={"train": "toy:train", "heldout": "toy:heldout", "max_prompt_tokens": 64}))
+    vocab = vocab_size("toy:teacher")
+    meta = {"format": SIGNAL_FORMAT, "mode": "topk", "teacher": "toy:teacher", "k": TEACHER_K,
+            "vocab_size": vocab, "id_dtype": topk_id_dtype(vocab)}
+    pools = start_live_pools(spec, version=0, teacher_meta=meta)
+    yield pools, meta
+    pools.stop()
+
+
 @pytest.mark.slow
-def test_after_a_push_the_pools_greedy_answers_are_hf_generates_with_the_pushed_weights(ray_cpus, toy_world):
+def test_after_a_push_the_pools_greedy_answers_are_hf_generates_with_the_pushed_weights(live_pools, toy_world):
     import ray
 
     from kdray.models import load_causal_lm, load_tokenizer, stop_token_ids
     from kdray.pools.base import SamplingConfig
-    from kdray.pools.live import push_weights, start_student_pool, stop_student_pool
+    from kdray.pools.live import push_weights
     from kdray.train.setup import merged_state_dict
 
-    spec = parse_spec(on_policy({"lmbda": 1.0, "num_cpus_per_replica": 0.5},
-                                student={"model": "toy:student", "dtype": "float32", "max_model_len": 128},
-                                generation={"enforce_eager": True, "max_new_tokens": 16},
-                                data={"train": "toy:train", "heldout": "toy:heldout", "max_prompt_tokens": 64}))
+    pool = live_pools[0].student
+    assert len(pool) == 1 and len(live_pools[0].teachers) == 1
     tok = load_tokenizer("toy:student", need_pad=False)
     stops = stop_token_ids(tok, "toy:student")
     prompts = [tok(r["prompt"]).input_ids for r in toy_world.rows("heldout")[:8]]
     greedy = SamplingConfig.greedy(12)
     model = load_causal_lm("toy:student", "float32", trainable=False)
-    pool = start_student_pool(spec, version=0)
-    try:
-        before = ray.get(pool[0].sample.remote(prompts, greedy))
-        assert before["version"] == 0 and before["generate_s"] > 0
-        assert before["responses"] == _hf_greedy(model, prompts, 12, stops)
-        # A stopped answer keeps its stop token (as the data set's responses do); a cut one has 12.
-        for ids, reason in zip(before["responses"], before["finish_reasons"]):
-            assert (reason == "stop" and ids[-1] in stops) or (reason == "length" and len(ids) == 12)
+    before = ray.get(pool[0].sample.remote(prompts, greedy))
+    assert before["version"] == 0 and before["generate_s"] > 0
+    assert before["responses"] == _hf_greedy(model, prompts, 12, stops)
+    # A stopped answer keeps its stop token (as the data set's responses do); a cut one has 12.
+    for ids, reason in zip(before["responses"], before["finish_reasons"]):
+        assert (reason == "stop" and ids[-1] in stops) or (reason == "length" and len(ids) == 12)
 
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # weights a few optimizer steps could have made
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
-        push_weights(pool, merged_state_dict(model), 7)
-        after = ray.get(pool[0].sample.remote(prompts, greedy))
-        assert after["version"] == 7
-        assert after["responses"] == _hf_greedy(model, prompts, 12, stops)
-        assert after["responses"] != before["responses"]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights a few optimizer steps could have made
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
+    push_weights(pool, merged_state_dict(model), 7)
+    after = ray.get(pool[0].sample.remote(prompts, greedy))
+    assert after["version"] == 7
+    assert after["responses"] == _hf_greedy(model, prompts, 12, stops)
+    assert after["responses"] != before["responses"]
 
-        # Samples: each request seeded apart, the same seeds the same samples.
-        sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=6, n=4, seed=11)
-        first = ray.get(pool[0].sample.remote(prompts[:2], sampled))
-        assert len(first["responses"]) == 8
-        assert len({tuple(r) for r in first["responses"][:4]}) > 1
-        assert ray.get(pool[0].sample.remote(prompts[:2], sampled))["responses"] == first["responses"]
-    finally:
-        stop_student_pool(pool)
+    # Samples: each request seeded apart, the same seeds the same samples.
+    sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=6, n=4, seed=11)
+    first = ray.get(pool[0].sample.remote(prompts[:2], sampled))
+    assert len(first["responses"]) == 8
+    assert len({tuple(r) for r in first["responses"][:4]}) > 1
+    assert ray.get(pool[0].sample.remote(prompts[:2], sampled))["responses"] == first["responses"]
+
+
+@pytest.mark.slow
+def test_the_teacher_pool_returns_the_samples_as_examples_with_the_teachers_top_k(live_pools, toy_world):
+    """A worker's chained call (student replica → teacher replica) returns its samples as the
+    trainer's compact examples, cut at max_seq_len, with the teacher's top-k records of exactly
+    their labels, equal to a plain HF forward of the teacher; collated, they are the batch the
+    objective reads."""
+    import numpy as np
+    import ray
+
+    from kdray.data.examples import CollateExamples
+    from kdray.data.records import decode_signal
+    from kdray.models import load_causal_lm, load_tokenizer
+    from kdray.pools.base import SamplingConfig
+
+    pools, meta = live_pools
+    k = TEACHER_K
+    tok = load_tokenizer("toy:student")
+    prompts = [tok(r["prompt"]).input_ids for r in toy_world.rows("heldout")[:3]]
+    sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=12, n=2, seed=5)
+    samples = pools.student[0].sample.remote(prompts, sampled)
+    responses = ray.get(samples)["responses"]
+    max_seq_len = max(len(prompts[i // 2]) + len(r) for i, r in enumerate(responses)) - 2  # the longest are cut
+    out = ray.get(pools.teachers[0].score.remote(prompts, samples, max_seq_len))
+    assert out["version"] == ray.get(samples)["version"] and out["score_s"] > 0 and out["generate_s"] > 0
+    teacher = load_causal_lm("toy:teacher", "float32", trainable=False)
+    assert len(out["input_ids"]) == 6
+    cut = 0
+    for i, (ids, start) in enumerate(zip(out["input_ids"], out["prompt_len"])):
+        prompt, response = prompts[i // 2], responses[i]
+        assert list(ids) == (prompt + response)[:max_seq_len] and start == min(len(prompt), len(ids))
+        cut += len(prompt) + len(response) > max_seq_len
+        record = decode_signal({c: out[c][i] for c in ("n_tokens", "topk_ids", "topk_logprobs")}, meta)
+        assert record["topk_ids"].shape == (len(ids) - start, k)
+        with torch.no_grad():
+            logp = teacher(input_ids=torch.as_tensor([list(ids)])).logits[0, start - 1: len(ids) - 1].log_softmax(-1)
+        assert np.allclose(record["topk_logprobs"], logp.topk(k).values.numpy(), rtol=2e-3, atol=2e-3)
+        assert np.allclose(logp.gather(1, torch.as_tensor(record["topk_ids"].astype(np.int64))).numpy(),
+                           record["topk_logprobs"], rtol=2e-3, atol=2e-3)
+    assert cut > 0  # some samples were cut at max_seq_len, their records with them
+    batch = CollateExamples(tok.pad_token_id, meta)(out)
+    labelled = (batch["labels"][:, 1:] != -100)
+    assert batch["t_topk_ids"].shape[:2] == batch["input_ids"].shape and batch["t_topk_ids"].shape[2] == k
+    assert int(labelled.sum()) == int(sum(out["n_tokens"]))
 
 
 def test_the_on_policy_bench_weighs_tokens_and_idle_time_by_each_steps_wall_time():

@@ -26,6 +26,19 @@ from kdray.models import load_tokenizer
 EXAMPLE_COLUMNS = ("input_ids", "prompt_len")
 
 
+def compact_examples(pairs: list[tuple[list[int], list[int]]], max_seq_len: int) -> dict[str, Any]:
+    """(prompt ids, response ids) pairs → compact examples: ``input_ids`` (an object array of
+    int32 arrays, prompt + response cut at ``max_seq_len``, unpadded) and ``prompt_len`` (int32
+    ``[rows]``: where each row's labels start; a row cut inside its prompt has no labels)."""
+    import numpy as np
+
+    seqs = [(list(p) + list(r))[:max_seq_len] for p, r in pairs]
+    ids = np.empty(len(seqs), dtype=object)  # ragged: Ray Data stores variable-shaped tensors
+    ids[:] = [np.asarray(s, dtype=np.int32) for s in seqs]
+    starts = np.asarray([min(len(p), len(s)) for (p, _), s in zip(pairs, seqs)], dtype=np.int32)
+    return {"input_ids": ids, "prompt_len": starts}
+
+
 class TokenizeForTraining:
     """Ray Data callable class: prompt + response text → compact training examples.
 
@@ -61,15 +74,9 @@ class TokenizeForTraining:
         return self.tok.pad_token_id
 
     def _encode(self, prompts: Any, responses: Any, finished: Any, response_ids: Any = None) -> dict[str, Any]:
-        import numpy as np
-
         pairs = encode_batch(self.tok, list(prompts), list(responses), finished, self.encoding,
                              None if response_ids is None else list(response_ids))
-        seqs = [(list(p) + list(r))[: self.max_len] for p, r in pairs]
-        ids = np.empty(len(seqs), dtype=object)  # ragged: Ray Data stores variable-shaped tensors
-        ids[:] = [np.asarray(s, dtype=np.int32) for s in seqs]
-        starts = np.asarray([min(len(p), len(s)) for (p, _), s in zip(pairs, seqs)], dtype=np.int32)
-        return {"input_ids": ids, "prompt_len": starts}
+        return compact_examples(pairs, self.max_len)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch) if self.keep_columns else {}

@@ -83,7 +83,7 @@ def storage_plan(spec: JobSpec, n_prompts: int, *, teacher_vocab: int, teacher_h
     if d2 is not None:
         out.append(DatasetSize(f"student responses ({d2.rounds} rounds)", n_prompts * d2.rounds,
                                min(gen.max_new_tokens + 1, t.max_seq_len), RESPONSE_BYTES_PER_TOKEN))
-    if sig.mode != "online":
+    if spec.scores_records:
         per_token = record_bytes_per_token(sig.mode, k=sig.k, vocab_size=teacher_vocab, hidden_size=teacher_hidden,
                                            hidden_dtype=sig.hidden_dtype)
         out.append(DatasetSize(f"teacher {sig.mode} records", rows, tokens, per_token))
@@ -106,7 +106,7 @@ def check_records_budget(spec: JobSpec, sizes: list[DatasetSize], *, teacher_voc
         SpecError: on ``teacher_signal.max_records_gb``, with the numbers and what to change.
     """
     sig = spec.teacher_signal
-    if sig.max_records_gb is None or sig.mode == "online":
+    if sig.max_records_gb is None or not spec.scores_records:
         return
     (records,) = [s for s in sizes if s.name.endswith("records")]
     if records.bytes <= sig.max_records_gb * GB:

@@ -211,7 +211,7 @@ class Job:
 
         responses = generate.training_responses(ctx, data.train)
         base, signal_meta, signal_stats = responses, None, None
-        if spec.teacher_signal.mode != "online":
+        if spec.scores_records:
             base, signal_meta, signal_stats = teacher_signal.score_signal(ctx, responses)
         order = difficulty.order_by_difficulty(ctx, responses) if spec.curriculum_of("pocl") is not None else None
 

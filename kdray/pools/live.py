@@ -17,16 +17,27 @@ of linear weights, which a bare ``load_weights`` would miss), called with ``LLM.
 then the prefix cache is reset, as vLLM's RLHF examples do. The engine runs in the actor's
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on GPUs too), so the weights are handed over
 without another copy; one device per replica (scale out with ``replicas``).
+
+With ``teacher_signal: topk`` on-policy samples are graded by a live *teacher* pool too
+(:class:`TeacherScorer`, :func:`start_live_pools`): the teacher's scorer of the records stage
+(:func:`kdray.pools.run.pool_class`), on ``generation``'s replicas and resources, as Ray actors
+alive for the segment. A worker chains the two calls: the student's samples go from the student
+replica straight to a teacher replica (Ray passes the first call's result to the second), which
+returns them as compact training examples with the teacher's top-k record of each, in the job's
+records layout (:mod:`kdray.data.records`), so the worker collates them as it collates records.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from kdray.data.examples import compact_examples
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, pool_env
+from kdray.pools.placement import engine_placement, in_placement_group, uses_ray_executor
 from kdray.pools.vllm import engine_options, start_engine
 from kdray.spec import GenerationSpec, JobSpec
 
@@ -102,6 +113,48 @@ class StudentSampler(PoolCallable):
         return version
 
 
+class TeacherScorer:
+    """One replica of the live teacher pool (module docstring): the teacher's scorer
+    (:class:`~kdray.pools.vllm.VLLMScorer` or :class:`~kdray.pools.hf.HFScorer`, by
+    ``backend``) grading the student's samples as they are made.
+
+    Args:
+        backend: the teacher's ``ModelSpec.backend``.
+        scorer: the scorer's constructor arguments (:func:`kdray.pools.run.pool_class_kwargs`,
+            ``mode``, ``k`` and ``signal_meta``, the records layout its answers are encoded in).
+    """
+
+    def __init__(self, backend: str, **scorer: Any):
+        from kdray.pools.run import pool_class
+
+        self.scorer = pool_class(backend, "scorer")(**scorer)
+
+    def ready(self) -> int:
+        """0, once the engine has started (as :meth:`StudentSampler.ready` answers its version)."""
+        return 0
+
+    def score(self, prompts: list[list[int]], samples: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
+        """The student's ``samples`` (:meth:`StudentSampler.sample`'s answer: the same number of
+        samples per prompt of ``prompts``, prompt-major) as compact training examples
+        (:func:`~kdray.data.examples.compact_examples`, cut at ``max_seq_len``) with each one's
+        teacher record in the stored bytes (``n_tokens``, ``topk_ids``, ``topk_logprobs``).
+
+        Returns:
+            Those columns (one row per sample), the samples' ``version`` and ``generate_s``, and
+            ``score_s``: the teacher's seconds on them.
+
+        Raises:
+            DataError: a prompt + sample longer than the teacher's ``max_model_len``.
+        """
+        n = len(samples["responses"]) // len(prompts)
+        examples = compact_examples([(p, r) for p, r in zip([p for p in prompts for _ in range(n)],
+                                                             samples["responses"])], max_seq_len)
+        start = time.perf_counter()
+        scored = self.scorer(examples)
+        return {**scored, "version": samples["version"], "generate_s": samples["generate_s"],
+                "score_s": time.perf_counter() - start}
+
+
 def live_pool_of(spec: JobSpec) -> Any:
     """The curriculum entry that samples from a live student pool while the workers train, or
     None: ``on_policy`` with ``lmbda > 0``, or ``replay`` with ``sampler: pool``. Its
@@ -123,44 +176,96 @@ def student_pool_spec(spec: JobSpec) -> GenerationSpec:
                                               "num_gpus_per_replica": gpus, "tensor_parallel_size": 1})
 
 
-def start_student_pool(spec: JobSpec, *, version: int) -> list[Any]:
-    """Start the student pool's replicas (Ray actors) on the student's
-    starting weights and wait until every engine runs; the caller kills them
-    (:func:`stop_student_pool`).
+def live_teacher_of(spec: JobSpec) -> bool:
+    """Whether a live teacher pool grades the student's samples while the workers train
+    (:class:`TeacherScorer`): the on_policy curriculum samples (``lmbda > 0``) and
+    ``teacher_signal`` is ``topk``."""
+    live = live_pool_of(spec)
+    return live is not None and live.kind == "on_policy" and spec.teacher_signal.mode == "topk"
+
+
+def live_pool_cpus(spec: JobSpec) -> float:
+    """The CPUs the live pools hold while the workers train (:func:`live_pool_of`,
+    :func:`live_teacher_of`), placement groups' bundles included."""
+    live = live_pool_of(spec)
+    cpus = live.replicas * live.num_cpus_per_replica if live is not None else 0.0
+    if live_teacher_of(spec):
+        pool = spec.generation
+        cpus += pool.replicas * sum(b["CPU"] for b in engine_placement(pool)["bundles"])
+    return cpus
+
+
+@dataclass
+class LivePools:
+    """The live pools of a segment (:func:`start_live_pools`): the student pool's actors, the
+    teacher pool's (none without ``teacher_signal: topk``) and their placement groups."""
+
+    student: list[Any] = field(default_factory=list)
+    teachers: list[Any] = field(default_factory=list)
+    groups: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Kill every actor and remove the placement groups."""
+        import ray
+        from ray.util import remove_placement_group
+
+        for actor in self.student + self.teachers:
+            ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+
+
+def start_live_pools(spec: JobSpec, *, version: int, teacher_meta: dict[str, Any] | None = None) -> LivePools:
+    """Start the pools the spec runs beside its workers, all at once, and wait until every
+    engine runs; the caller stops them (:meth:`LivePools.stop`).
+
+    * The student pool (:func:`live_pool_of`): :func:`student_pool_spec`'s replicas of
+      :class:`StudentSampler`, on the student's weights of step ``version``.
+    * The teacher pool (:func:`live_teacher_of`): ``generation.replicas`` :class:`TeacherScorer`
+      actors, each with ``generation``'s resources (a tensor-parallel replica on GPUs in a
+      placement group of its own, as the records stage's, :func:`~kdray.pools.placement.engine_placement`),
+      answering in the records layout ``teacher_meta``.
 
     Raises:
         KdrayError: an engine did not start (the model's files, its architecture, its memory),
-            as :func:`~kdray.pools.vllm.start_engine` words it.
+            as the engine's starter words it; the pools started are stopped.
     """
     import ray
 
-    pool = student_pool_spec(spec)
-    model = spec.student
-    # The engine in the actor's process on GPUs too: the pushed weights reach it without pickling.
-    env = {**pool_env(pool), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    actor = ray.remote(StudentSampler).options(
-        num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica, max_restarts=0,
-        runtime_env={"env_vars": env})
-    replicas = [actor.remote(
-        model.model, dtype=model.dtype, max_model_len=model.max_model_len, enforce_eager=pool.enforce_eager,
-        seed=spec.training.seed + i, version=version, env=env, **engine_options(pool))
-        for i in range(pool.replicas)]
+    pools = LivePools()
+    if live_pool_of(spec) is not None:
+        pool, model = student_pool_spec(spec), spec.student
+        # The engine in the actor's process on GPUs too: the pushed weights reach it without pickling.
+        env = {**pool_env(pool), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        actor = ray.remote(StudentSampler).options(
+            num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica, max_restarts=0,
+            runtime_env={"env_vars": env})
+        pools.student = [actor.remote(
+            model.model, dtype=model.dtype, max_model_len=model.max_model_len, enforce_eager=pool.enforce_eager,
+            seed=spec.training.seed + i, version=version, env=env, **engine_options(pool))
+            for i in range(pool.replicas)]
+    if live_teacher_of(spec):
+        from kdray.pools.run import pool_class_kwargs
+
+        pool, signal = spec.generation, spec.teacher_signal
+        kwargs = dict(**pool_class_kwargs(spec.teacher, pool), mode=signal.mode, k=signal.k, signal_meta=teacher_meta)
+        for _ in range(pool.replicas):
+            options: dict[str, Any] = dict(num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica)
+            if uses_ray_executor(pool):  # vLLM's workers take the group's GPUs
+                placement = engine_placement(pool)
+                options = dict(num_cpus=placement["bundles"][0]["CPU"], num_gpus=0, **in_placement_group(placement))
+                pools.groups.append(options["scheduling_strategy"].placement_group)
+            pools.teachers.append(ray.remote(TeacherScorer).options(
+                max_restarts=0, runtime_env={"env_vars": kwargs["env"]}, **options).remote(spec.teacher.backend, **kwargs))
     try:
-        ray.get([r.ready.remote() for r in replicas])
+        ray.get([r.ready.remote() for r in pools.student + pools.teachers])
     except ray.exceptions.RayError as error:
-        stop_student_pool(replicas)
+        pools.stop()
         cause = getattr(error, "cause", None)
         if isinstance(cause, KdrayError):
             raise cause from None
         raise
-    return replicas
-
-
-def stop_student_pool(replicas: list[Any]) -> None:
-    import ray
-
-    for replica in replicas:
-        ray.kill(replica)
+    return pools
 
 
 def push_weights(replicas: list[Any], weights: dict[str, Any], version: int) -> None:

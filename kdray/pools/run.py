@@ -106,17 +106,17 @@ def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_
     """The Ray dataset ``ds`` mapped by ``model``'s pool class for ``role`` (:func:`pool_class`) with
     :func:`pool_map` (``row_bytes``: its outputs' size per row, when large); ``kwargs`` go to the class's constructor with the model, dtype,
     lengths, parallelism and environment. Lazy: nothing runs until the dataset is consumed."""
-    return pool_map(
-        ds, pool_class(model.backend, role), pool, role, row_bytes=row_bytes,
-        model=model.model,
-        dtype=model.dtype,
-        max_model_len=model.max_model_len,
-        tensor_parallel_size=pool.tensor_parallel_size,
-        enforce_eager=pool.enforce_eager,
-        env=pool_env(pool),
-        **(vllm.engine_options(pool) if model.backend == "vllm" else {}),
-        **kwargs,
-    )
+    return pool_map(ds, pool_class(model.backend, role), pool, role, row_bytes=row_bytes,
+                    **pool_class_kwargs(model, pool), **kwargs)
+
+
+def pool_class_kwargs(model: ModelSpec, pool: GenerationSpec) -> dict[str, Any]:
+    """What every pool class's constructor takes (:func:`pool_class`): the model, its dtype and
+    length, the pool's parallelism and engine options, and the actor environment
+    (:func:`~kdray.pools.base.pool_env`)."""
+    return dict(model=model.model, dtype=model.dtype, max_model_len=model.max_model_len,
+                tensor_parallel_size=pool.tensor_parallel_size, enforce_eager=pool.enforce_eager,
+                env=pool_env(pool), **(vllm.engine_options(pool) if model.backend == "vllm" else {}))
 
 
 def generate_dataset(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling: SamplingConfig, *,

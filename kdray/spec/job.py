@@ -299,10 +299,11 @@ class JobSpec(_Spec):
                 f"teacher_signal.mode '{mode}' cannot serve the replay curriculum: it trains on fresh student "
                 "samples the records never saw; use teacher_signal.mode: online"
             )
-        if self.curriculum_of("on_policy") is not None:
+        if self.curriculum_of("on_policy") is not None and mode != "topk":
             raise ValueError(
-                f"teacher_signal.mode '{mode}' cannot serve the on_policy curriculum yet: its samples are made "
-                "during training, after the records were scored; use teacher_signal.mode: online"
+                f"teacher_signal.mode '{mode}' cannot serve the on_policy curriculum: its samples are made "
+                "during training, after the records were scored, and only a top-k teacher pool grades them as "
+                "they come; use teacher_signal.mode: topk or online"
             )
         if mode == "topk":
             pocl = self.curriculum_of("pocl")
@@ -315,6 +316,14 @@ class JobSpec(_Spec):
                     "any temperature"
                 )
         return self
+
+    @property
+    def scores_records(self) -> bool:
+        """Whether the job scores teacher records of its data set's responses before training
+        (``teacher_signal`` topk / hidden): not when every step trains on on-policy samples
+        (``lmbda`` 1), which the live teacher pool grades instead."""
+        on_policy = self.curriculum_of("on_policy")
+        return self.teacher_signal.mode != "online" and not (on_policy is not None and on_policy.lmbda == 1.0)
 
     def curriculum_of(self, kind: str) -> Any:
         """The curriculum entry of ``kind``, or None."""

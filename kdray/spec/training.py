@@ -19,7 +19,8 @@ class TeacherSignalSpec(_Spec):
         description="'online': the frozen teacher runs inside every training worker (exact; "
         "costs worker memory). 'topk': the teacher pool scores every response once and stores "
         "its top-k log-probs and ids per token (compact parquet records); the losses use the "
-        "top-k + tail buckets. 'hidden': the teacher pool stores the teacher's final hidden "
+        "top-k + tail buckets. With the on_policy curriculum a live teacher pool (generation's "
+        "replicas) scores the student's samples the same way as they are made. 'hidden': the teacher pool stores the teacher's final hidden "
         "state per token; workers hold only the teacher's lm_head and compute exact logits.",
     )
     k: int = Field(

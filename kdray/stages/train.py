@@ -19,9 +19,11 @@ from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
 from kdray.data.records import SIGNAL_COLUMNS
 from kdray.errors import ClusterError, KdrayError, user_error
+from kdray.pools import live as live_pools
 from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.ray_setup import wait_for_free_gpus
 from kdray.stages.context import StageContext, progress_hub, run_draining
+from kdray.stages.teacher_signal import records_layout
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
 
 #: Ray Train checkpoints kept per run: the latest (to resume from) and the one before it (in
@@ -127,7 +129,7 @@ def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any
 
 def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
     """Refuse a run whose training workers (one CPU each, Ray Train's default), with the live
-    student pool's ``pool_cpus``, would take every CPU of the cluster: the read tasks that
+    pools' ``pool_cpus`` (:func:`kdray.pools.live.live_pool_cpus`), would take every CPU of the cluster: the read tasks that
     stream the data to them could never be scheduled, and the run would wait forever.
 
     Raises:
@@ -137,11 +139,12 @@ def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
 
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus - num_workers - pool_cpus < READ_NUM_CPUS:
-        pool = f" and the student pool {pool_cpus:g}" if pool_cpus else ""
+        pool = f" and the live pools {pool_cpus:g}" if pool_cpus else ""
         raise ClusterError(
             f"training.num_workers is {num_workers}{pool} and the Ray cluster has {cpus:g} CPUs: they would hold "
             f"all of them, and the reads that stream the training data to the workers need {READ_NUM_CPUS:g} CPU "
-            "more. Lower training.num_workers" + (" or the pool's replicas or num_cpus_per_replica" if pool else "")
+            "more. Lower training.num_workers" + (" or the pools' replicas or num_cpus_per_replica (the "
+                                                  "curriculum's; generation's for the teacher pool)" if pool else "")
             + ", or add a CPU to the cluster (ray start --num-cpus on a node)")
 
 
@@ -182,10 +185,8 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
             the worker's message), or ended without a final checkpoint. Any other failure is re-raised as is.
     """
     spec, t = ctx.spec, ctx.spec.training
-    from kdray.pools.live import live_pool_of
-
-    live = live_pool_of(spec)  # the curriculum entry that samples from a live student pool, if any
-    check_ingest_cpus(t.num_workers, live.replicas * live.num_cpus_per_replica if live else 0.0)
+    live = live_pools.live_pool_of(spec)  # the curriculum entry that samples from a live student pool, if any
+    check_ingest_cpus(t.num_workers, live_pools.live_pool_cpus(spec))
     if t.use_gpu:  # one GPU per worker; a pool that just ended may still be handing its GPUs back
         waited = wait_for_free_gpus(t.num_workers)
         if waited >= 1:
@@ -195,22 +196,27 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
     if replay is not None:  # DistiLLM's validation loss: held-out prompts, reference responses
         datasets["validation"] = validation_dataset(ctx, heldout, replay.validation_samples)
     hub = progress_hub()
-    pool: list[Any] = []
-    if live:
-        from kdray.pools.live import start_student_pool
-
-        pool = start_student_pool(spec, version=segment.start_step)
-        ctx.reporter.message(f"train: the {live.kind.replace('_', '-')} student pool runs: {len(pool)} vLLM "
-                             f"replica{'s' if len(pool) > 1 else ''} beside the workers")
+    # The live pools (none without one of the on-policy curricula); the teacher's answers in the
+    # records stage's layout.
+    teacher_meta = records_layout(ctx) if live_pools.live_teacher_of(spec) else None
+    pools = live_pools.start_live_pools(spec, version=segment.start_step, teacher_meta=teacher_meta)
+    if live is not None:
+        ctx.reporter.message(f"train: the {live.kind.replace('_', '-')} student pool runs: "
+                             f"{_replicas(pools.student, 'vLLM ')} beside the workers")
+    if pools.teachers:
+        ctx.reporter.message(f"train: the teacher pool scores the student's samples: {_replicas(pools.teachers)} "
+                             f"({spec.teacher.backend}, top-{spec.teacher_signal.k})")
     try:
         return _fit(ctx, segment, plan, datasets, hub, run_name, on_metrics, WorkerConfig(
             spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
-            init_checkpoint=init_checkpoint, signal_meta=signal_meta, student_pool=tuple(pool)))
+            init_checkpoint=init_checkpoint, signal_meta=signal_meta, student_pool=tuple(pools.student),
+            teacher_pool=tuple(pools.teachers), teacher_pool_meta=teacher_meta))
     finally:
-        if pool:
-            from kdray.pools.live import stop_student_pool
+        pools.stop()
 
-            stop_student_pool(pool)
+
+def _replicas(actors: list[Any], kind: str = "") -> str:
+    return f"{len(actors)} {kind}replica{'s' if len(actors) > 1 else ''}"
 
 
 def _fit(ctx: StageContext, segment: Segment, plan: list[Segment], datasets: dict[str, Any], hub: Any,

@@ -8,7 +8,10 @@ step replaces each of the data set's micro-batches by the student's samples for 
 (``micro_batch_size_per_worker / samples_per_prompt`` of them, ``samples_per_prompt`` each),
 asked of the live student pool (:mod:`kdray.pools.live`; rank ``r`` asks replica
 ``r mod replicas``). The objective then sees them as it sees any micro-batch: with
-``teacher_signal: online`` the teacher in the worker scores them.
+``teacher_signal: online`` the teacher in the worker scores them; with ``topk`` the samples go
+on from the student replica to a replica of the live teacher pool (rank ``r``'s: ``r mod``
+``generation.replicas``), which returns them with the teacher's top-k records, collated as the
+records of the data set's rows are (:class:`~kdray.data.examples.CollateExamples`).
 
 Weights reach the pool at the start (the segment's or the restored run's first step) and after
 every ``sync_every_steps``-th optimizer step: all ranks gather the parameters (ZeRO-3), rank 0
@@ -24,9 +27,9 @@ from the pushed weights. A push's version is the optimizer step of its weights.
 
 Per step the metrics carry ``on_policy`` (1 or 0), and on an on-policy step ``sample_version``
 (the oldest weights among its samples), ``staleness`` (pushes since those weights) and
-``generate_s`` (the pool's generation time for this rank's samples); waiting for the samples
-is the step's ``sampling_s``, pushing the weights ``weight_sync_s``
-(:class:`~kdray.train.step.StepClock`).
+``generate_s`` (the pool's generation time for this rank's samples), with a teacher pool
+``teacher_score_s`` (its time scoring them); waiting for the samples (and their scores) is the
+step's ``sampling_s``, pushing the weights ``weight_sync_s`` (:class:`~kdray.train.step.StepClock`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import hashlib
 import random
 from typing import Any
 
-from kdray.data.tokenize import pack_examples, split_prompt_response
+from kdray.data.examples import CollateExamples, compact_examples
+from kdray.data.tokenize import split_prompt_response
 from kdray.pools.base import SamplingConfig
 from kdray.spec import JobSpec
 
@@ -59,15 +63,21 @@ class OnPolicySource:
     Args:
         spec: the job (its ``on_policy`` curriculum, ``training`` and ``generation``).
         rank: this worker's rank.
-        replicas: the live pool's actor handles (:func:`kdray.pools.live.start_student_pool`).
+        replicas: the live pool's actor handles (:func:`kdray.pools.live.start_live_pools`).
         pad_id: the student's pad token id (the packed micro-batches' padding).
         end_step: the segment's last optimizer step (nothing is asked ahead past it).
+        teachers: the live teacher pool's actor handles (``teacher_signal: topk``:
+            :func:`kdray.pools.live.start_live_pools`), or none (``online``).
+        signal_meta: the records layout the teacher pool answers in (with ``teachers``).
     """
 
-    def __init__(self, spec: JobSpec, *, rank: int, replicas: list[Any], pad_id: int, end_step: int):
+    def __init__(self, spec: JobSpec, *, rank: int, replicas: list[Any], pad_id: int, end_step: int,
+                 teachers: list[Any] = (), signal_meta: dict[str, Any] | None = None):
         self.spec, self.cfg, self.rank = spec, spec.curriculum_of("on_policy"), rank
         self.replicas, self.replica = replicas, replicas[rank % len(replicas)]
-        self.pad_id, self.end_step = pad_id, end_step
+        self.teacher = teachers[rank % len(teachers)] if teachers else None
+        self.collate = CollateExamples(pad_id, signal_meta if teachers else None)
+        self.end_step = end_step
         self.max_new_tokens = self.cfg.max_new_tokens or spec.generation.max_new_tokens
         self.pushed: list[int] = []  # versions pushed by this run, oldest first
         self.step = 0  # the optimizer step being gathered (1-based)
@@ -88,7 +98,6 @@ class OnPolicySource:
     def batch(self, batch: dict[str, Any], micro: int, clock: Any) -> dict[str, Any]:
         """The micro-batch ``micro`` (0-based within the step) to train on instead of ``batch``."""
         import ray
-        import torch
 
         n = self.cfg.samples_per_prompt
         prompts = [p for p, _ in split_prompt_response(batch["input_ids"], batch["attention_mask"], batch["labels"])]
@@ -109,17 +118,24 @@ class OnPolicySource:
         m["sample_version"] = min(m.get("sample_version", out["version"]), out["version"])
         m["staleness"] = max(m.get("staleness", 0), staleness)
         m["generate_s"] = m.get("generate_s", 0.0) + out["generate_s"]
-        pairs = [(p, r) for p, r in zip([p for p in asked for _ in range(n)], out["responses"])]
-        longest = max(len(p) + len(r) for p, r in pairs)
-        packed = pack_examples(pairs, min(longest, self.spec.training.max_seq_len), self.pad_id)
+        if self.teacher is not None:  # the examples and their records, made by the teacher pool
+            m["teacher_score_s"] = m.get("teacher_score_s", 0.0) + out["score_s"]
+            examples = out
+        else:
+            examples = compact_examples([(p, r) for p, r in zip([p for p in asked for _ in range(n)], out["responses"])],
+                                        self.spec.training.max_seq_len)
         device = batch["input_ids"].device
-        return {k: torch.as_tensor(v, device=device) for k, v in packed.items()}
+        return {k: v.to(device) for k, v in self.collate(examples).items()}
 
     def _ask(self, prompts: list[list[int]], step: int, micro: int) -> Any:
         sampling = SamplingConfig(temperature=self.cfg.sampling_temperature, top_p=self.cfg.top_p,
                                   max_new_tokens=self.max_new_tokens, n=self.cfg.samples_per_prompt,
                                   seed=sample_seed(self.spec.training.seed, step, self.rank, micro))
-        return self.replica.sample.remote(prompts, sampling)
+        samples = self.replica.sample.remote(prompts, sampling)
+        if self.teacher is None:
+            return samples
+        # Ray hands the samples to the teacher replica when they are ready, not through this worker.
+        return self.teacher.score.remote(prompts, samples, self.spec.training.max_seq_len)
 
     def metrics(self) -> dict[str, float]:
         """The step's on-policy metrics (module docstring)."""

@@ -79,6 +79,8 @@ class WorkerConfig:
     init_checkpoint: str | None = None  # the previous segment's state (a directory), if any
     signal_meta: dict[str, Any] | None = None  # the teacher records' layout (topk / hidden modes)
     student_pool: tuple[Any, ...] = ()  # the on-policy curriculum's live pool (kdray.pools.live)
+    teacher_pool: tuple[Any, ...] = ()  # its live teacher pool (teacher_signal topk), if any
+    teacher_pool_meta: dict[str, Any] | None = None  # the records layout the teacher pool answers in
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -116,7 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if wc.student_pool and spec.curriculum_of("on_policy") is not None:
         from kdray.train.on_policy import OnPolicySource
 
-        on_policy = OnPolicySource(spec, rank=rank, replicas=list(wc.student_pool), pad_id=pad_id, end_step=seg.end_step)
+        on_policy = OnPolicySource(spec, rank=rank, replicas=list(wc.student_pool), pad_id=pad_id, end_step=seg.end_step,
+                                   teachers=list(wc.teacher_pool), signal_meta=wc.teacher_pool_meta)
         on_policy.push(engine, step)  # the pool serves the weights this run starts from
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
     last_end = time.perf_counter()  # a step's wall time runs from the previous step's end (its report included)
