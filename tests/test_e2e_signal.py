@@ -146,3 +146,6 @@ def _assert_on_policy_steps(out: Path, steps: list[dict]) -> None:
             assert "teacher_score_s" not in m and "sample_version" not in m
         if m["step"] % ON_POLICY["sync_every_steps"] == 0:
             pushed = m["step"]
+    report_md = (out / "report.md").read_text()
+    assert f"| on-policy steps (student samples) | {sum(drawn)} of {len(steps)}; largest staleness 0 (pushes); " in report_md
+    assert "the teacher pool's grading" in report_md

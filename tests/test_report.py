@@ -257,3 +257,17 @@ def test_report_md_counts_replays_sources_and_the_pushes_to_the_student_pool(tmp
     plain = make_job(tmp_path, "plain", steps=4)  # no replay: no row
     rep.render_report(plain)
     assert "replay steps" not in (plain / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_md_gives_the_on_policy_steps_and_the_teacher_pools_grading_time(tmp_path):
+    job = make_job(tmp_path, "on_policy", steps=4)
+    report = json.loads((job / "report.json").read_text())
+    for m, sampled in zip(report["train_metrics"], [0, 1, 1, 0]):
+        m["on_policy"] = float(sampled)
+        if sampled:
+            m.update(staleness=0, generate_s=0.5, teacher_score_s=0.1 * m["step"])
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert ("| on-policy steps (student samples) | 2 of 4; largest staleness 0 (pushes); the pool's generation "
+            "0.500, the teacher pool's grading 0.250 s per step (mean) |") in md

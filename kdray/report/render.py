@@ -134,16 +134,19 @@ def _replay_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
 
 def _on_policy_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
     """The on-policy curriculum's steps (``on_policy``, :mod:`kdray.train.on_policy`): how many
-    trained on the student's samples, their largest staleness, the pool's generation time."""
+    trained on the student's samples, their largest staleness, the pool's generation time and
+    the live teacher pool's grading time (``teacher_signal: topk``)."""
     marked = [m for m in metrics if "on_policy" in m]
     if not marked:
         return []
     sampled = [m for m in marked if _num(m["on_policy"]) == 1.0]
     stale = max((_num(m.get("staleness")) for m in sampled), default=float("nan"))
     gen = [v for v in (_num(m.get("generate_s")) for m in sampled) if not math.isnan(v)]
+    graded = [v for v in (_num(m.get("teacher_score_s")) for m in sampled) if not math.isnan(v)]
+    teacher = f", the teacher pool's grading {statistics.fmean(graded):.3f}" if graded else ""
     return [["on-policy steps (student samples)",
              f"{len(sampled)} of {len(marked)}; largest staleness {_fmt(stale, '.0f')} (pushes); "
-             f"the pool's generation {_fmt(sum(gen) / len(gen) if gen else None, '.3f')} s per step (mean)"]]
+             f"the pool's generation {_fmt(sum(gen) / len(gen) if gen else None, '.3f')}{teacher} s per step (mean)"]]
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
