@@ -22,6 +22,7 @@ from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
 from kdray.errors import JobCancelled
 from kdray.models import hidden_size, vocab_size
+from kdray.pools.live import live_pool_cpus
 from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter
 from kdray.pipeline.state import JobState
@@ -197,6 +198,7 @@ class Job:
         n_rows = data.train.rows * (spec.generation.n if spec.data.response_source == "teacher" else 1)
         plan = plan_segments(spec, n_rows)  # before any work: a plan that cannot run fails now
         check_lora_targets(spec)  # training.lora names modules the student has
+        train.check_ingest_cpus(spec.training.num_workers, live_pool_cpus(spec))  # room for the reads
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
         vocab, hidden = vocab_size(spec.teacher.model), hidden_size(spec.teacher.model)
         sizes = budget.storage_plan(spec, data.train.rows, teacher_vocab=vocab, teacher_hidden=hidden,

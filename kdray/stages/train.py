@@ -128,9 +128,10 @@ def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any
 
 
 def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
-    """Refuse a run whose training workers (one CPU each, Ray Train's default), with the live
-    pools' ``pool_cpus`` (:func:`kdray.pools.live.live_pool_cpus`), would take every CPU of the cluster: the read tasks that
-    stream the data to them could never be scheduled, and the run would wait forever.
+    """Refuse a job whose training workers (one CPU each, Ray Train's default), with the live
+    pools' ``pool_cpus`` (:func:`kdray.pools.live.live_pool_cpus`), would take every CPU of the
+    cluster: the read tasks that stream the data to them could never be scheduled, and the run
+    would wait forever. The job checks it when it plans, before any work.
 
     Raises:
         ClusterError: with the cluster's CPUs, what the run needs and the fixes.
@@ -186,7 +187,6 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
     """
     spec, t = ctx.spec, ctx.spec.training
     live = live_pools.live_pool_of(spec)  # the curriculum entry that samples from a live student pool, if any
-    check_ingest_cpus(t.num_workers, live_pools.live_pool_cpus(spec))
     if t.use_gpu:  # one GPU per worker; a pool that just ended may still be handing its GPUs back
         waited = wait_for_free_gpus(t.num_workers)
         if waited >= 1:
