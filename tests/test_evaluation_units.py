@@ -120,24 +120,124 @@ def test_verdicts_are_counted_by_pair_from_the_written_files(tmp_path):
     assert (summary["items"], summary["wins"], summary["losses"]) == (5, 5, 3)
 
 
-def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(toy_world):
+def _sides(rows, prompts, student, reference, reference_rows=None):
+    """A student's and a reference's answers rows, paired by position."""
     import numpy as np
 
-    from kdray.data.tokenize import judge_encoding
-    from kdray.models import load_tokenizer
-    from kdray.stages.evaluate import _judge_pair
+    return ({"_row": np.asarray(rows), "id": np.asarray([f"q{r}" for r in rows], dtype=object),
+             "prompt": np.asarray(prompts, dtype=object), "response": np.asarray(student, dtype=object)},
+            {"_row": np.asarray(rows if reference_rows is None else reference_rows),
+             "response": np.asarray(reference, dtype=object)})
 
-    encoding = judge_encoding("auto", load_tokenizer("toy:teacher", need_pad=False))
-    group = {"_row": np.asarray([7, 7]), "id": np.asarray(["q7", "q7"], dtype=object),
-             "prompt": np.asarray(["Q: sort 2 1\nA:"] * 2, dtype=object),
-             "response": np.asarray([" 2 1", " 1 2"], dtype=object),
-             "side": np.asarray(["reference", "student"], dtype=object)}
-    out = _judge_pair(group, template="{prompt}{a}|{b}", judge_model="toy:teacher", encoding=encoding, room=100)
-    assert out["id"].tolist() == ["q7|ab", "q7|ba"] and out["item"].tolist() == ["q7", "q7"]
-    assert out["prompt"].tolist() == ["Q: sort 2 1\nA: 1 2| 2 1", "Q: sort 2 1\nA: 2 1| 1 2"]  # student first, then second
-    assert out["fits"].tolist() == [True, True] and out["_row"].tolist() == [7, 7]
-    short = _judge_pair(group, template="{prompt}{a}|{b}", judge_model="toy:teacher", encoding=encoding, room=5)
-    assert short["fits"].tolist() == [False, False]  # an item is judged in both orders or not at all
+
+def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(toy_world):
+    from kdray.data.tokenize import judge_encoding, prompt_token_counter
+    from kdray.models import load_tokenizer
+    from kdray.stages.evaluate import _judge_batch
+
+    tokenizer = load_tokenizer("toy:teacher", need_pad=False)
+    encoding = judge_encoding("auto", tokenizer)
+    sides = _sides([7, 9], ["Q: sort 2 1\nA:", "Q: sort 5 4 3 2 1 9 8 7 6\nA:"], [" 1 2", " 1 2 3 4 5 6 7 8 9"],
+                   [" 2 1", " 9 8 7 6 5 4 3 2 1"])
+    judge = dict(template="{prompt}{a}|{b}", judge_model="toy:teacher", encoding=encoding, sides="s and r")
+    out = _judge_batch(*sides, room=100, **judge)
+    assert out["id"].tolist() == ["q7|ab", "q7|ba", "q9|ab", "q9|ba"] and out["_row"].tolist() == [7, 7, 9, 9]
+    assert out["item"].tolist() == ["q7", "q7", "q9", "q9"] and out["order"].tolist() == ["ab", "ba"] * 2
+    # student first, then second
+    assert out["prompt"].tolist()[:2] == ["Q: sort 2 1\nA: 1 2| 2 1", "Q: sort 2 1\nA: 2 1| 1 2"]
+    tokens = prompt_token_counter(tokenizer, encoding)(out["prompt"].tolist())
+    room = max(tokens[:2])
+    assert min(tokens[2:]) > room
+    short = _judge_batch(*sides, room=room, **judge)  # q9 does not fit in either order
+    assert short["id"].tolist() == ["q7|ab", "q7|ba"] and short["_row"].tolist() == [7, 7]
+    # an item is judged in both orders or not at all
+    assert all(len(column) == 0 for column in _judge_batch(*sides, room=room - 1, **judge).values())
+
+
+def test_answers_pairing_two_held_out_rows_are_refused_naming_them():
+    from kdray.errors import DataError
+    from kdray.stages.evaluate import _judge_batch
+
+    sides = _sides([3, 4], ["p3", "p4"], ["s3", "s4"], ["r4", "r3"], reference_rows=[3, 5])
+    with pytest.raises(DataError, match=r"the answers of S and R are not in one row order \(held-out row 4 beside "
+                                        r"row 5\).*--restart"):
+        _judge_batch(*sides, template="{prompt}{a}{b}", judge_model="toy:teacher", encoding=None, room=100,
+                     sides="S and R")
+
+
+def test_a_datasets_first_rows_are_cut_into_runs_from_the_footers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.data.artifacts import Artifact
+    from kdray.stages.evaluate import _pieces
+
+    names = []
+    for i, n in enumerate((3, 5, 4, 2)):
+        names.append(f"{i}.parquet")
+        pq.write_table(pa.table({"_row": list(range(n))}), tmp_path / names[-1])
+    answers = Artifact(tmp_path, {"files": names, "rows": 14})
+    f = [str(tmp_path / name) for name in names]
+    assert _pieces(answers, 10, 4) == [[(f[0], 0, 3), (f[1], 0, 1)], [(f[1], 1, 4)], [(f[2], 0, 2)]]
+    assert _pieces(answers, 14, 100) == [[(f[0], 0, 3), (f[1], 0, 5), (f[2], 0, 4), (f[3], 0, 2)]]
+    assert _pieces(answers, 1, 4) == [[(f[0], 0, 1)]]
+
+
+def _answers(heldout, path):
+    """Answers to ``heldout`` as evaluate_models writes them: read in order, answered in tasks
+    that finish out of order, and scored; a file's rows depend on the name."""
+    import random
+    import time
+
+    from kdray.data.artifacts import FILE_BYTES, write_dataset
+    from kdray.stages.evaluate import ANSWERS_KIND, score_answers
+
+    def answer(batch):
+        time.sleep(random.random() / 10)
+        batch["gold"] = batch.pop("response")
+        batch["response"] = [f"{path.name}{r}" for r in batch["_row"]]
+        return score_answers(batch)
+
+    ds = heldout.read(["_row", "id", "prompt", "response"]).map_batches(answer, batch_size=3, batch_format="numpy",
+                                                                         num_cpus=0.25)
+    return write_dataset(ds, path, ANSWERS_KIND, row_bytes=FILE_BYTES // (4 + len(path.name)),
+                         expect_rows=heldout.rows)
+
+
+def test_the_judge_pairs_answers_in_the_held_out_order_row_by_row(ray_cpus, toy_world, tmp_path, monkeypatch):
+    """The two answers datasets, their files cut apart differently, are paired into one item per
+    held-out row, up to the last judged one; answers in another order are refused."""
+    import ray.data
+
+    from kdray.data.artifacts import FILE_BYTES, Artifact, write_dataset
+    from kdray.data.tokenize import judge_encoding
+    from kdray.errors import DataError, user_error
+    from kdray.models import load_tokenizer
+    from kdray.stages import evaluate
+    from kdray.stages.evaluate import ANSWER_COLUMNS, ANSWERS_KIND, judge_requests_dataset
+
+    rows = [3 * i for i in range(40)]  # numbered with gaps, as a checked split's rows can be
+    ds = ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"p{r}", "response": f"g{r}"} for r in rows],
+                             override_num_blocks=6)
+    heldout = write_dataset(ds, tmp_path / "heldout", "prompts", row_bytes=FILE_BYTES // 7)
+    student, reference = _answers(heldout, tmp_path / "s"), _answers(heldout, tmp_path / "ref")
+    assert len(student.info["files"]) != len(reference.info["files"])
+    monkeypatch.setattr(evaluate, "JUDGE_TASK_ROWS", 16)  # two runs, across files
+    judge = dict(template="{prompt}|{a}|{b}", judge_model="toy:teacher",
+                 encoding=judge_encoding("auto", load_tokenizer("toy:teacher", need_pad=False)), room=100)
+    got = [(int(r), i, p) for b in judge_requests_dataset(student, reference, 30, **judge).iter_batches(
+        batch_format="numpy") for r, i, p in zip(b["_row"], b["id"], b["prompt"])]
+    assert sorted(got) == sorted([(r, f"q{r}|ab", f"p{r}|s{r}|ref{r}") for r in rows[:30]]
+                                 + [(r, f"q{r}|ba", f"p{r}|ref{r}|s{r}") for r in rows[:30]])
+
+    with pytest.raises(DataError, match=r"holds 3 answers, not the 30 the judge compares"):
+        judge_requests_dataset(student, Artifact(tmp_path / "few", {"files": [], "rows": 3}), 30, **judge)
+    reversed_rows = [{c: (r if c == "_row" else f"x{r}") for c in ANSWER_COLUMNS} for r in reversed(rows)]
+    shuffled = write_dataset(ray.data.from_items(reversed_rows), tmp_path / "x", ANSWERS_KIND)
+    with pytest.raises(Exception) as info:
+        judge_requests_dataset(student, shuffled, 30, **judge).materialize()
+    assert isinstance(user_error(info.value), DataError)
+    assert f"the answers of {tmp_path / 's'} and {tmp_path / 'x'} are not in one row order" in str(info.value)
 
 
 def test_an_items_verdicts_are_one_row_of_strings_ties_included():

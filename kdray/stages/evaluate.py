@@ -13,6 +13,7 @@ A or B; anything else counts as a tie. The win rate counts a tie as half a win.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections import Counter
@@ -22,9 +23,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from kdray.data.artifacts import Artifact, nth_row_number
+from kdray.data.artifacts import Artifact, files_of
 from kdray.data.text_scores import exact_match, rouge_l
 from kdray.data.tokenize import judge_encoding, prompt_token_counter
+from kdray.errors import DataError
 from kdray.models import load_tokenizer
 from kdray.pools import SamplingConfig
 from kdray.pools.base import LIGHT_NUM_CPUS
@@ -198,40 +200,106 @@ def evaluate_models(ctx: StageContext, models: list[tuple[str, ModelSpec]], held
     return ctx.each_pool(models, "evaluate", write)
 
 
-def _sides(batch: dict[str, np.ndarray], *, side: str, last_row: int) -> dict[str, np.ndarray]:
-    """An answers batch's rows up to held-out row number ``last_row``, tagged with ``side``."""
-    keep = batch["_row"] <= last_row
-    return {"_row": batch["_row"][keep], "id": batch["id"][keep], "prompt": batch["prompt"][keep],
-            "response": batch["response"][keep], "side": np.full(int(keep.sum()), side, dtype=object)}
-
+#: Held-out rows per task making judge requests (:func:`judge_requests_dataset`): a task's
+#: worker loads the judge's tokenizer once (seconds: torch and transformers), so a small judge
+#: is one task.
+JUDGE_TASK_ROWS = 1024
 
 _judge_counters: dict[tuple[str, Any], Any] = {}
 
 
-def _judge_pair(group: dict[str, np.ndarray], *, template: str, judge_model: str, encoding: Any,
-                room: int) -> dict[str, np.ndarray]:
-    """One held-out row's two answers (``side`` student / reference) as its two judge requests
-    (:func:`judge_requests`), each with ``fits``: whether both of the item's prompts fit the
-    judge's ``room`` tokens (a Ray Data group task; the judge's tokenizer loads once per worker)."""
-    by_side = {str(side): i for i, side in enumerate(group["side"])}
-    s, r = by_side["student"], by_side["reference"]
-    item = {"id": str(group["id"][s]), "prompt": str(group["prompt"][s]), "student": str(group["response"][s]),
-            "reference": str(group["response"][r])}
-    requests = judge_requests([item], template)
+def _judge_batch(student: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, template: str,
+                 judge_model: str, encoding: Any, room: int, sides: str) -> dict[str, np.ndarray]:
+    """The judge requests (:func:`judge_requests`) of paired answers rows, row i of ``student``
+    (``_row``, ``id``, ``prompt``, ``response``) beside row i of ``reference`` (``_row``,
+    ``response``), for the items whose two prompts both fit the judge's ``room`` tokens: two
+    rows per kept item, ``_row``, ``id`` (``ID|ab``, ``ID|ba``), ``item``, ``order`` and
+    ``prompt``. In a Ray Data task; the judge's tokenizer loads once per worker.
+
+    Raises:
+        DataError: a row pairs two different held-out rows: the two answers datasets (``sides``
+            names them) are not in one order.
+    """
+    rows = np.asarray(student["_row"], dtype=np.int64)
+    theirs = np.asarray(reference["_row"], dtype=np.int64)
+    if not np.array_equal(rows, theirs):
+        i = int(np.flatnonzero(rows != theirs)[0])
+        raise DataError(
+            f"the answers of {sides} are not in one row order (held-out row {rows[i]} beside row {theirs[i]}), so "
+            "they cannot be paired for the judge; delete both directories (or run the job with --restart) and kdray "
+            "writes them again; if it happens again, report it as a kdray bug with the job's events.jsonl")
+    items = [{"id": str(i), "prompt": str(p), "student": str(s), "reference": str(r)}
+             for i, p, s, r in zip(student["id"], student["prompt"], student["response"], reference["response"])]
+    requests = judge_requests(items, template)  # an item's two requests side by side
     key = (judge_model, encoding)
-    if key not in _judge_counters:
+    if requests and key not in _judge_counters:
         _judge_counters[key] = prompt_token_counter(load_tokenizer(judge_model, need_pad=False), encoding)
-    fits = all(n <= room for n in _judge_counters[key]([q["prompt"] for q in requests]))
-    return {"_row": np.full(2, group["_row"][s]), "id": np.asarray([q["id"] for q in requests], dtype=object),
-            "item": np.asarray([q["item"] for q in requests], dtype=object),
-            "order": np.asarray([q["order"] for q in requests], dtype=object),
-            "prompt": np.asarray([q["prompt"] for q in requests], dtype=object), "fits": np.full(2, fits)}
+    tokens = np.asarray(_judge_counters[key]([q["prompt"] for q in requests]) if requests else [], dtype=np.int64)
+    keep = np.repeat((tokens.reshape(-1, 2) <= room).all(axis=1), 2)  # an item is judged in both orders or none
+    kept = [q for q, k in zip(requests, keep) if k]
+    return {"_row": np.repeat(rows, 2)[keep],
+            **{name: np.asarray([q[name] for q in kept], dtype=object) for name in ("id", "item", "order", "prompt")}}
 
 
-def _fitting(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The judge requests of a batch whose item fits the judge (``fits``), without that column."""
-    keep = batch.pop("fits").astype(bool)
-    return {name: column[keep] for name, column in batch.items()}
+def _pieces(artifact: Artifact, rows: int, size: int) -> list[list[tuple[str, int, int]]]:
+    """The first ``rows`` rows of a committed dataset, in its order, cut into runs of ``size``
+    rows: each run as the pieces ``(file, its first row there, rows)`` holding it, from the
+    files' footers (no row is read)."""
+    import pyarrow.parquet as pq
+
+    runs: list[list[tuple[str, int, int]]] = [[] for _ in range(-(-rows // size))]
+    start = 0  # the dataset's row number of the file's first row
+    for path in files_of(artifact.path, artifact.info):
+        end = start + pq.ParquetFile(path).metadata.num_rows
+        at = start
+        while at < min(end, rows):
+            stop = min(end, rows, (at // size + 1) * size)
+            runs[at // size].append((path, at - start, stop - at))
+            at = stop
+        if end >= rows:
+            break
+        start = end
+    return runs
+
+
+def _judge_run(batch: dict[str, np.ndarray], **build: Any) -> dict[str, np.ndarray]:
+    """A run of rows of each answers dataset (its :func:`_pieces` as JSON, ``student`` and
+    ``reference``), read from their files, as judge requests (:func:`_judge_batch`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def read(side: str, columns: list[str]) -> dict[str, np.ndarray]:
+        table = pa.concat_tables([pq.read_table(path, columns=columns).slice(first, n)
+                                  for path, first, n in json.loads(str(batch[side][0]))])
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
+
+    return _judge_batch(read("student", ["_row", "id", "prompt", "response"]), read("reference", ["_row", "response"]),
+                        **build)
+
+
+def judge_requests_dataset(student: Artifact, reference: Artifact, items: int, **build: Any) -> Any:
+    """The judge requests (:func:`_judge_batch`, given ``build``: ``template``, ``judge_model``,
+    ``encoding``, ``room``) of the first ``items`` held-out rows, as a lazy dataset.
+
+    The answers datasets ``student`` and ``reference`` (:func:`evaluate_models`) each hold one
+    row per held-out row in the held-out dataset's order, so row i of one pairs with row i of
+    the other: no shuffle. Each Ray Data task reads :data:`JUDGE_TASK_ROWS` of them from both
+    datasets' files (where they are, from the footers: :func:`_pieces`) and checks every pair.
+
+    Raises:
+        DataError: an answers dataset holds fewer than ``items`` rows.
+    """
+    import ray.data
+
+    for artifact in (student, reference):
+        if artifact.rows < items:
+            raise DataError(f"{artifact.path} holds {artifact.rows} answers, not the {items} the judge compares; "
+                            "delete it (or run the job with --restart) and kdray writes it again")
+    runs = [{"student": json.dumps(s), "reference": json.dumps(r)}
+            for s, r in zip(_pieces(student, items, JUDGE_TASK_ROWS), _pieces(reference, items, JUDGE_TASK_ROWS))]
+    return ray.data.from_items(runs, override_num_blocks=len(runs)).map_batches(
+        _judge_run, batch_size=1, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS,
+        fn_kwargs=dict(build, sides=f"{student.path} and {reference.path}"))
 
 
 def _verdict_pair(group: dict[str, np.ndarray]) -> Any:
@@ -270,11 +338,12 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
     student's held-out answers with the reference's, in both orders, on the first
     ``max_prompts`` held-out rows (all: null).
 
-    The answers are paired by held-out row and turned into judge prompts in Ray Data tasks;
-    prompts whose judge prompt does not fit the judge's ``max_model_len`` are skipped and
-    counted. The judge, maybe of another model family, reads them through its own chat template
-    (:func:`kdray.data.tokenize.judge_encoding`). Its verdicts are written, one row per item, to
-    the committed dataset ``samples/judge/``.
+    The two answers datasets, each in the held-out rows' order, are paired row by row (no
+    shuffle; every pair is checked to be one held-out row) and turned into judge prompts in Ray
+    Data tasks (:func:`judge_requests_dataset`); prompts whose judge prompt does not fit the
+    judge's ``max_model_len`` are skipped and counted. The judge, maybe of another model
+    family, reads them through its own chat template (:func:`kdray.data.tokenize.judge_encoding`).
+    Its verdicts are written, one row per item, to the committed dataset ``samples/judge/``.
 
     Args:
         heldout: the committed held-out rows.
@@ -282,23 +351,21 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
 
     Returns:
         :func:`pair_summary` plus ``model``, ``reference`` and ``skipped_too_long``.
+
+    Raises:
+        DataError: the two answers datasets hold their rows in different orders, or too few
+            (:func:`judge_requests_dataset`).
     """
     from ray.data.context import ShuffleStrategy
 
     cfg = ctx.spec.evaluation.judge
     items = min(cfg.max_prompts or heldout.rows, heldout.rows)
-    last_row = nth_row_number(heldout, items)
     # The judge only generates: it needs no pad token.
     encoding = judge_encoding(ctx.spec.data.chat_template, load_tokenizer(cfg.model.model, need_pad=False))
-    sides = [answers[label].read(["_row", "id", "prompt", "response"]).map_batches(
-        _sides, batch_format="numpy", fn_kwargs=dict(side=side, last_row=last_row), num_cpus=LIGHT_NUM_CPUS)
-        for label, side in (("student_after", "student"), (cfg.reference, "reference"))]
-    paired = sides[0].union(sides[1])
-    paired.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # no aggregator actors
-    requests = paired.groupby("_row").map_groups(_judge_pair, batch_format="numpy", fn_kwargs=dict(
-        template=cfg.template, judge_model=cfg.model.model, encoding=encoding,
-        room=cfg.model.max_model_len - cfg.max_new_tokens)).map_batches(
-        _fitting, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS).materialize()  # the object store's, not the driver's
+    requests = judge_requests_dataset(
+        answers["student_after"], answers[cfg.reference], items, template=cfg.template, judge_model=cfg.model.model,
+        encoding=encoding, room=cfg.model.max_model_len - cfg.max_new_tokens,
+    ).materialize()  # the object store's, not the driver's
     judged = requests.count() // 2
     pairs: Counter = Counter()
     if judged:
