@@ -36,6 +36,9 @@ def test_the_spec_takes_gkds_names_and_refuses_what_cannot_compose():
     message = " ".join(errors_of(on_policy(teacher_signal={"mode": "hidden"})).values())
     assert "teacher_signal.mode 'hidden' cannot serve the on_policy curriculum" in message
     assert "use teacher_signal.mode: topk or online" in message
+    message = " ".join(errors_of(on_policy(teacher_signal={"mode": "topk"}, objective={"kind": "reverse_kl",
+                                                                                       "kd_temperature": 2.0})).values())
+    assert "kd_temperature" in message and "use teacher_signal.mode: online" in message and "hidden, which" not in message
 
 
 def test_a_top_k_teacher_pool_grades_the_samples_and_records_are_scored_only_for_data_set_steps():

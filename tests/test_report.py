@@ -270,4 +270,4 @@ def test_report_md_gives_the_on_policy_steps_and_the_teacher_pools_grading_time(
     rep.render_report(job)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert ("| on-policy steps (student samples) | 2 of 4; largest staleness 0 (pushes); the pool's generation "
-            "0.500, the teacher pool's grading 0.250 s per step (mean) |") in md
+            "0.500 s, the teacher pool's grading 0.250 s per step (mean) |") in md

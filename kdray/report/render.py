@@ -143,10 +143,10 @@ def _on_policy_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
     stale = max((_num(m.get("staleness")) for m in sampled), default=float("nan"))
     gen = [v for v in (_num(m.get("generate_s")) for m in sampled) if not math.isnan(v)]
     graded = [v for v in (_num(m.get("teacher_score_s")) for m in sampled) if not math.isnan(v)]
-    teacher = f", the teacher pool's grading {statistics.fmean(graded):.3f}" if graded else ""
+    teacher = f", the teacher pool's grading {statistics.fmean(graded):.3f} s" if graded else ""
     return [["on-policy steps (student samples)",
              f"{len(sampled)} of {len(marked)}; largest staleness {_fmt(stale, '.0f')} (pushes); "
-             f"the pool's generation {_fmt(sum(gen) / len(gen) if gen else None, '.3f')}{teacher} s per step (mean)"]]
+             f"the pool's generation {_fmt(sum(gen) / len(gen) if gen else None, '.3f')} s{teacher} per step (mean)"]]
 
 
 def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

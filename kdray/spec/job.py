@@ -309,11 +309,12 @@ class JobSpec(_Spec):
             pocl = self.curriculum_of("pocl")
             temps = {self.objective.kd_temperature} | ({pocl.t_start, pocl.t_end} if pocl is not None else set())
             if temps != {1.0}:
+                other = ("online (the on_policy curriculum's samples cannot be graded from hidden records)"
+                         if self.curriculum_of("on_policy") is not None else "hidden, which is exact at any temperature")
                 raise ValueError(
                     "teacher_signal.mode 'topk' stores the teacher's log-probs at temperature 1, and a top-k "
                     "record cannot be re-tempered (the tail's shape is unknown); set objective.kd_temperature "
-                    "(and POCL's t_start/t_end) to 1.0, or use teacher_signal.mode: hidden, which is exact at "
-                    "any temperature"
+                    f"(and POCL's t_start/t_end) to 1.0, or use teacher_signal.mode: {other}"
                 )
         return self
 

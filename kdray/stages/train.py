@@ -140,7 +140,7 @@ def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
 
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if cpus - num_workers - pool_cpus < READ_NUM_CPUS:
-        pool = f" and the live pools {pool_cpus:g}" if pool_cpus else ""
+        pool = f" and the live pools reserve {pool_cpus:g} CPU" if pool_cpus else ""
         raise ClusterError(
             f"training.num_workers is {num_workers}{pool} and the Ray cluster has {cpus:g} CPUs: they would hold "
             f"all of them, and the reads that stream the training data to the workers need {READ_NUM_CPUS:g} CPU "
