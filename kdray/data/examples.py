@@ -39,6 +39,13 @@ def compact_examples(pairs: list[tuple[list[int], list[int]]], max_seq_len: int)
     return {"input_ids": ids, "prompt_len": starts}
 
 
+def sample_examples(prompts: list[list[int]], responses: list[list[int]], max_seq_len: int) -> dict[str, Any]:
+    """:func:`compact_examples` of samples: ``responses`` holds the same number of samples of
+    each prompt of ``prompts``, prompt-major (a pool's answer, :mod:`kdray.pools.live`)."""
+    n = len(responses) // len(prompts)
+    return compact_examples(list(zip([p for p in prompts for _ in range(n)], responses)), max_seq_len)
+
+
 class TokenizeForTraining:
     """Ray Data callable class: prompt + response text → compact training examples.
 

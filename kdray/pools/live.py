@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdray.data.examples import compact_examples
+from kdray.data.examples import sample_examples
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, pool_env
@@ -136,7 +136,7 @@ class TeacherScorer:
     def score(self, prompts: list[list[int]], samples: dict[str, Any], max_seq_len: int) -> dict[str, Any]:
         """The student's ``samples`` (:meth:`StudentSampler.sample`'s answer: the same number of
         samples per prompt of ``prompts``, prompt-major) as compact training examples
-        (:func:`~kdray.data.examples.compact_examples`, cut at ``max_seq_len``) with each one's
+        (:func:`~kdray.data.examples.sample_examples`, cut at ``max_seq_len``) with each one's
         teacher record in the stored bytes (``n_tokens``, ``topk_ids``, ``topk_logprobs``).
 
         Returns:
@@ -146,9 +146,7 @@ class TeacherScorer:
         Raises:
             DataError: a prompt + sample longer than the teacher's ``max_model_len``.
         """
-        n = len(samples["responses"]) // len(prompts)
-        examples = compact_examples([(p, r) for p, r in zip([p for p in prompts for _ in range(n)],
-                                                             samples["responses"])], max_seq_len)
+        examples = sample_examples(prompts, samples["responses"], max_seq_len)
         start = time.perf_counter()
         scored = self.scorer(examples)
         return {**scored, "version": samples["version"], "generate_s": samples["generate_s"],

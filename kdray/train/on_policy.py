@@ -38,7 +38,7 @@ import hashlib
 import random
 from typing import Any
 
-from kdray.data.examples import CollateExamples, compact_examples
+from kdray.data.examples import CollateExamples, sample_examples
 from kdray.data.tokenize import split_prompt_response
 from kdray.pools.base import SamplingConfig
 from kdray.spec import JobSpec
@@ -122,8 +122,7 @@ class OnPolicySource:
             m["teacher_score_s"] = m.get("teacher_score_s", 0.0) + out["score_s"]
             examples = out
         else:
-            examples = compact_examples([(p, r) for p, r in zip([p for p in asked for _ in range(n)], out["responses"])],
-                                        self.spec.training.max_seq_len)
+            examples = sample_examples(asked, out["responses"], self.spec.training.max_seq_len)
         device = batch["input_ids"].device
         return {k: v.to(device) for k, v in self.collate(examples).items()}
 
