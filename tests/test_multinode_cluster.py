@@ -199,12 +199,18 @@ def _pocl_spec(work: Path) -> Path:
                          "max_new_tokens": 16, "per_round": True,
                          # The toy teacher as judge: mechanics only (it was never trained to judge).
                          # A short template fits its 128 positions.
-                         "judge": {"model": {"model": "toy:teacher", "dtype": "float32", "max_model_len": 128},
+                         "judge": {"model": {"model": "toy:teacher", "backend": "hf", "dtype": "float32",
+                                             "max_model_len": 128},
                                    "reference": "teacher", "max_prompts": JUDGED, "max_new_tokens": 2,
                                    "template": "{prompt}{a}\nB:{b}\nbest:"},
                      })
     config = yaml.safe_load(spec.read_text())
     config["data"]["max_heldout_samples"] = HELDOUT
+    # transformers' pools (POCL's difficulty, the evaluation rounds, the judge): on CPU one starts
+    # in seconds where a vLLM engine takes half a minute, and what this job is about is the
+    # cluster, not the engine (vLLM pools answer in tests/test_e2e.py).
+    for role in ("teacher", "student"):
+        config[role]["backend"] = "hf"
     # One row a micro-batch: 16 gloo collectives a step, and a checkpoint each step, make stage 2
     # last long enough (seconds) to lose the node between its first checkpoint and its end.
     config["training"].update(checkpoint_every_steps=EVERY, micro_batch_size_per_worker=1)
