@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kdray.data.light_tasks import map_light
 from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.data.text_scores import rouge_l
 from kdray.errors import ModelError, first_line, node
@@ -63,7 +64,7 @@ ANSWER, GOLD = "answer", "gold"
 
 
 class EncodeRequests:
-    """Ray Data callable class (CPU actors): prompt rows → requests for vLLM on Ray's batch LLM
+    """Ray Data callable class (in light tasks: :func:`kdray.data.light_tasks.map_light`): prompt rows → requests for vLLM on Ray's batch LLM
     processor (:func:`generate_requests`).
 
     Each input row (``prompt`` and any other columns) becomes ``sampling.n`` *answer* requests:
@@ -196,16 +197,13 @@ def generate_requests(ds: Any, model: ModelSpec, pool: GenerationSpec, sampling:
                       score_gold: bool = False, encoding: PromptEncoding | None = None, progress: Any = None,
                       output_prefix: str = "") -> Any:
     """``model``'s answers to the rows of the Ray dataset ``ds`` on vLLM, as a lazy dataset:
-    :class:`EncodeRequests` (actors, one per replica) → Ray's vLLM processor
+    :class:`EncodeRequests` (tasks, at most one per replica at once) → Ray's vLLM processor
     (:func:`generation_processor`) → :func:`response_rows` (tasks). See
     :func:`kdray.pools.run.generate_dataset` for the contract."""
-    import ray.data
-
-    requests = ds.map_batches(
-        EncodeRequests, fn_constructor_kwargs=dict(model=model.model, max_model_len=model.max_model_len,
-                                                   sampling=sampling, score_gold=score_gold, encoding=encoding),
-        batch_size=pool.batch_size, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS,
-        compute=ray.data.ActorPoolStrategy(size=pool.replicas))
+    requests = map_light(ds, EncodeRequests, dict(model=model.model, max_model_len=model.max_model_len,
+                                                  sampling=sampling, score_gold=score_gold, encoding=encoding),
+                         num_cpus=LIGHT_NUM_CPUS, concurrency=pool.replicas, batch_size=pool.batch_size,
+                         batch_format="numpy")
     answered = generation_processor(model, pool, sampling.seed)(requests)
     stops = stop_token_ids(load_tokenizer(model.model, need_pad=False), model.model)
     return answered.map_batches(response_rows, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS, fn_kwargs=dict(

@@ -130,11 +130,12 @@ class TrainingSpec(_Spec):
         "each micro-batch is padded to its own longest sequence, not to this."
     )
     tokenize_actors: int | None = Field(
-        None, ge=1, description="Ray Data actors that tokenize the training rows before the "
-        "workers start (null: one per training worker)."
+        None, ge=1, description="Ray Data tasks that tokenize the training rows at once, before the "
+        "workers start (null: one per training worker); each worker "
+        "process loads the tokenizer once."
     )
     tokenize_batch_rows: int = Field(
-        256, ge=1, description="Rows per batch of each tokenizing actor."
+        256, ge=1, description="Rows per batch of each tokenizing task."
     )
     seed: int = Field(
         0, description="Seed of the training data order and of each worker's torch RNG (seed + rank)."

@@ -23,6 +23,7 @@ import numpy as np
 from kdray.curriculum.plan import Segment
 from kdray.data.artifacts import Artifact, open_artifact
 from kdray.data.examples import TokenizeForTraining
+from kdray.data.light_tasks import map_light
 from kdray.pools import SamplingConfig
 from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.pools.run import generate_dataset
@@ -50,17 +51,13 @@ def with_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def tokenized(ctx: StageContext, ds: Any) -> Any:
     """``ds`` with each row's compact training example(s) added (the input columns stay), made by
-    ``training.tokenize_actors`` actors (:class:`kdray.data.examples.TokenizeForTraining`)."""
-    import ray.data
-
+    at most ``training.tokenize_actors`` tasks at once (:class:`kdray.data.examples.TokenizeForTraining`,
+    built once per worker process: :func:`kdray.data.light_tasks.map_light`)."""
     t = ctx.spec.training
-    return ds.map_batches(
-        TokenizeForTraining,
-        fn_constructor_kwargs=dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=t.max_seq_len,
-                                   encoding=ctx.prompt_encoding(), keep_columns=True),
-        batch_size=t.tokenize_batch_rows, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=t.tokenize_actors or t.num_workers), num_cpus=LIGHT_NUM_CPUS,
-    )
+    return map_light(ds, TokenizeForTraining, dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=t.max_seq_len,
+                                                   encoding=ctx.prompt_encoding(), keep_columns=True),
+                     num_cpus=LIGHT_NUM_CPUS, concurrency=t.tokenize_actors or t.num_workers,
+                     batch_size=t.tokenize_batch_rows, batch_format="numpy")
 
 
 def with_dataset_responses(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

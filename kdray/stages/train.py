@@ -17,6 +17,7 @@ from typing import Any, Callable
 from kdray.curriculum.plan import Segment, total_steps
 from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
+from kdray.data.light_tasks import map_light
 from kdray.data.records import SIGNAL_COLUMNS
 from kdray.errors import ClusterError, KdrayError, user_error
 from kdray.pools import live as live_pools
@@ -112,19 +113,16 @@ def training_dataset(data: Artifact, keys: Any = None, signal_meta: dict[str, An
 
 def validation_dataset(ctx: StageContext, heldout: Artifact, n_rows: int) -> Any:
     """Replay's validation rows: the first ``n_rows`` committed held-out rows (prompts and
-    reference responses, complete) as compact examples, made by a Ray Data actor
-    (:class:`kdray.data.examples.TokenizeForTraining`) once and kept in the object store: the
-    workers read them at every validation (a lazy dataset would start its actor each time)."""
-    import ray.data
-
+    reference responses, complete) as compact examples, made by Ray Data tasks
+    (:class:`kdray.data.examples.TokenizeForTraining`: :func:`kdray.data.light_tasks.map_light`)
+    once and kept in the object store: the workers read them at every validation."""
     from kdray.stages.generate import with_dataset_responses
 
     encoder = dict(tokenizer_ref=ctx.spec.student.model, max_seq_len=ctx.spec.training.max_seq_len,
                    encoding=ctx.prompt_encoding())
     rows = heldout.read(["id", "prompt", "response"]).limit(n_rows)
-    return rows.map_batches(with_dataset_responses, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS).map_batches(
-        TokenizeForTraining, fn_constructor_kwargs=encoder, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS,
-        compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+    return map_light(rows.map_batches(with_dataset_responses, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS),
+                     TokenizeForTraining, encoder, num_cpus=LIGHT_NUM_CPUS, batch_format="numpy").materialize()
 
 
 def check_ingest_cpus(num_workers: int, pool_cpus: float = 0.0) -> None:
