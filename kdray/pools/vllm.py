@@ -64,8 +64,8 @@ ANSWER, GOLD = "answer", "gold"
 
 
 class EncodeRequests:
-    """Ray Data callable class (in light tasks: :func:`kdray.data.light_tasks.map_light`): prompt rows → requests for vLLM on Ray's batch LLM
-    processor (:func:`generate_requests`).
+    """Ray Data callable class, run in light tasks (:func:`kdray.data.light_tasks.map_light`):
+    prompt rows → requests for vLLM on Ray's batch LLM processor (:func:`generate_requests`).
 
     Each input row (``prompt`` and any other columns) becomes ``sampling.n`` *answer* requests:
     ``tokenized_prompt`` (the prompt under the job's :class:`~kdray.data.tokenize.PromptEncoding`,

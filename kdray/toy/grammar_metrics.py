@@ -45,24 +45,23 @@ def entropy(p: Mapping[str, float]) -> float:
     return -sum(v * math.log(v) for v in p.values() if v > 0.0)
 
 
+def _paired(p: Mapping[str, float], log_q: Mapping[str, float]) -> list[tuple[float, float]] | None:
+    """``(p(a), log q(a))`` for each answer with ``p(a) > 0``; None when the student gives one of
+    them no mass (missing from ``log_q``, or -inf)."""
+    pairs = [(v, log_q.get(a, -math.inf)) for a, v in p.items() if v > 0.0]
+    return None if any(lq == -math.inf for _, lq in pairs) else pairs
+
+
 def expected_nll(p: Mapping[str, float], log_q: Mapping[str, float]) -> float:
     """``-sum_a p(a) log q(a)`` (nats): the student's NLL on the language's answers in
     expectation. ``log_q`` holds the student's log-probability of each answer of ``p`` (an
     answer missing from it, or at -inf, makes the result inf)."""
-    total = 0.0
-    for a, v in p.items():
-        if v <= 0.0:
-            continue
-        lq = log_q.get(a, -math.inf)
-        if lq == -math.inf:
-            return math.inf
-        total -= v * lq
-    return total
+    pairs = _paired(p, log_q)
+    return math.inf if pairs is None else -sum(v * lq for v, lq in pairs)
 
 
 def kl(p: Mapping[str, float], log_q: Mapping[str, float]) -> float:
     """KL(p ‖ q) in nats, exact over the answers of ``p`` (inf as :func:`expected_nll`). Never
     negative for a student whose ``q`` sums to at most 1 over them."""
-    if expected_nll(p, log_q) == math.inf:
-        return math.inf
-    return sum(v * (math.log(v) - log_q[a]) for a, v in p.items() if v > 0.0)
+    pairs = _paired(p, log_q)
+    return math.inf if pairs is None else sum(v * (math.log(v) - lq) for v, lq in pairs)
