@@ -13,9 +13,10 @@ def job_env() -> dict[str, str]:
     """Environment for every Ray process of a job; values already set in ours win.
 
     A cheap ``ray.train.report`` (its health check otherwise blocks ~2 s per call), and a
-    cache for compiled extensions (DeepSpeed's shm_comm takes ~45 s to build the first time),
-    one per Python environment: the build embeds the environment's include paths, so two
-    environments sharing one directory rebuild it on every run (:func:`extensions_dir`).
+    cache for compiled extensions (DeepSpeed's JIT-built ops; training builds none, see
+    :func:`kdray.train.setup.training_deepspeed`), one per Python environment: a build embeds
+    the environment's include paths, so two environments sharing one directory rebuild in turn
+    (:func:`extensions_dir`).
 
     Two caches, two variables: ``KDRAY_CACHE_DIR`` (the toy world; on a cluster it may, and
     for toy jobs must, be shared storage) and ``KDRAY_LOCAL_CACHE_DIR`` (:func:`local_cache_dir`:
@@ -53,7 +54,8 @@ def extensions_dir(cache: str) -> str:
 
     torch keys its extension cache by Python and CUDA version only, and rebuilds an extension
     whenever its ``build.ninja`` changes; DeepSpeed's include paths point into the environment,
-    so a demo's ``.venv`` and a CI clone's would otherwise rebuild shm_comm (~40 s) in turn."""
+    so a demo's ``.venv`` and a CI clone's would otherwise rebuild an op (DeepSpeed's shm_comm
+    took ~40 s) in turn."""
     import hashlib
     import sys
 

@@ -96,11 +96,9 @@ def _gather_rank(rank: int, zero_stage: int) -> dict:
     student's merged weights were before DeepSpeed partitioned them."""
     import os
 
-    import deepspeed
-
     from kdray.ray_setup import job_env
     from kdray.train.on_policy import gathered_weights
-    from kdray.train.setup import deepspeed_config, load_student, merged_state_dict
+    from kdray.train.setup import deepspeed_config, load_student, merged_state_dict, training_deepspeed
 
     os.environ.update(job_env(), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
     spec = parse_spec(minimal(student={"model": "toy:student", "dtype": "float32"}, training={
@@ -116,7 +114,7 @@ def _gather_rank(rank: int, zero_stage: int) -> dict:
     config = deepspeed_config(spec)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = training_deepspeed().initialize(model=model, optimizer=optimizer, config=config)
     if zero_stage == 3:
         assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned: nothing whole here
     got = gathered_weights(engine, zero3=zero_stage == 3, rank=rank)

@@ -182,3 +182,34 @@ def test_step_clock_adds_each_part_and_starts_again_after_take():
     assert parts["data_wait_s"] >= 0.06 and parts["forward_s"] >= 0.01 and parts["backward_s"] > 0
     assert parts["optimizer_s"] == parts["report_s"] == parts["sampling_s"] == 0.0
     assert set(clock.take().values()) == {0.0}  # take() started it again
+
+
+_INIT_BACKEND = """
+import os, sys
+os.environ.update(TORCH_EXTENSIONS_DIR=sys.argv[1], MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2],
+                  RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+from kdray.train.setup import training_deepspeed
+deepspeed = training_deepspeed()
+deepspeed.init_distributed(dist_backend="gloo")
+from deepspeed.comm import comm
+print("shm_comm_op:", comm.cdb.shm_comm_op)
+"""
+
+
+def test_training_deepspeed_starts_the_backend_without_building_the_inference_kernel(tmp_path):
+    """DeepSpeed's torch backend on CPU builds its shared-memory all-reduce kernel (a C++
+    extension, 45-70 s on 2 cores) unless it is marked unavailable; training never calls it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extensions = tmp_path / "torch_extensions"
+    res = subprocess.run([sys.executable, "-c", _INIT_BACKEND, str(extensions), str(port)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "shm_comm_op: None" in res.stdout
+    assert "built successfully" not in res.stdout + res.stderr
+    assert not extensions.exists() or not any(extensions.rglob("*.so"))  # nothing compiled

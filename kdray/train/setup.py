@@ -35,6 +35,25 @@ def zero3_gathering(ref: str) -> dict[str, int]:
             "stage3_max_live_parameters": min(2 * largest, DEEPSPEED_LIVE_ELEMENTS)}
 
 
+def training_deepspeed() -> Any:
+    """``deepspeed``, imported for training: with its shared-memory all-reduce kernel marked
+    unavailable. DeepSpeed's torch backend builds that kernel (``deepspeed_shm_comm``, a C++
+    extension compiled on first use: 45-70 s on 2 cores, once per environment) whenever it starts
+    on CPU, yet only DeepSpeed inference's tensor-parallel all-reduce calls it
+    (``TorchBackend.inference_all_reduce`` in ``deepspeed/comm/torch.py``, 0.19); ZeRO's
+    collectives are torch.distributed's. Call before anything starts DeepSpeed's backend
+    (``deepspeed.initialize``, ``deepspeed.init_distributed``)."""
+    import deepspeed
+    import deepspeed.ops
+
+    # The op table DeepSpeed reads before building (deepspeed.comm.torch.build_shm_op); probed
+    # once per process on first access, then kept, so this edit holds for the process.
+    compatible = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
     """The DeepSpeed config for ``spec``; the optimizer is a torch one, passed separately.
 

@@ -88,12 +88,13 @@ def load_partitioned_teacher(spec: JobSpec) -> Any:
     """The frozen teacher as a DeepSpeed ZeRO-3 engine without optimizer, each rank holding
     1/N of every parameter (module docstring). Needs ``torch.distributed`` initialised (a Ray
     Train worker). Called with ``engine(input_ids=…, attention_mask=…)`` like the model."""
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from kdray.models import load_causal_lm
+    from kdray.train.setup import training_deepspeed
 
+    deepspeed = training_deepspeed()
     config = teacher_zero3_config(spec)
     deepspeed.init_distributed()  # on the worker's process group: zero.Init reads the world size from it
     # While this object lives, from_pretrained builds the model under zero.Init: partitioned as

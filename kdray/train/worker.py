@@ -213,12 +213,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     """(DeepSpeed engine, its LR scheduler, the teacher on the engine's device) for one rank."""
-    import deepspeed
     import torch
+
+    from kdray.train.setup import training_deepspeed
 
     from kdray.train.teacher import partitioned, worker_teacher
 
     spec = wc.spec
+    deepspeed = training_deepspeed()
     torch.manual_seed(spec.training.seed + rank)
     student = load_student(spec)  # with training.lora: peft adapters, base frozen
     # The model (online; a ZeRO-3 engine of its own under ZeRO-3), its lm_head (hidden), or None (topk)
