@@ -139,7 +139,7 @@ def test_write_outputs_writes_json_and_markdown_and_fails_on_a_failed_run(tmp_pa
                    "data": {"train": "toy:train"}},
         "timings_s": {"total": 12.0},
         "references": {"teacher": {"rougeL": 0.9, "exact_match": 0.9}},
-        "generator_check": {"student_before_pool": {"rougeL": 0.33}, "student_before_hf": {"rougeL": 0.33},
+        "generator_check": {"training_prompts": 400, "student_before_pool": {"rougeL": 0.33}, "student_before_hf": {"rougeL": 0.33},
                             "answer_agreement": 1.0},
         "runs": runs_for({"fkl": [0.3, 0.32], "fkl+pocl": [0.35, 0.36]}),
     }

@@ -8,14 +8,15 @@ what does not depend on the method and runs the rest as Ray tasks:
 
 1. once, with the job driver's own code (:mod:`kdray.stages`) in one Ray session: read
    and check the data; the teacher's responses to the training prompts from the vLLM pool on
-   Ray Data; POCL's difficulty order (the initial student through the pool, ROUGE-L and CE
-   fused by reciprocal rank); the initial student's held-out answers from the pool;
+   Ray Data; POCL's difficulty order (the initial student's answers to them through the pool,
+   ROUGE-L and CE fused by reciprocal rank);
 2. per method and seed, a Ray task (1 CPU, 1 torch thread; as many at a time as Ray has
    CPUs): train the student in one process with the plan, objectives, schedules and
    tokenization the Ray Train workers use, and score its greedy held-out answers
    (:mod:`kdray.repro.run` says exactly what differs from a job);
 3. the teacher and the initial student scored the same way, as references, and the initial
-   student's HF answers compared with the pool's (a check that the two generators agree).
+   student's HF answers to the first training prompts compared with its pool answers from the
+   difficulty pass (a check that the two generators agree).
 
 Every method gets the same number of optimizer steps: ``epochs`` passes over the training
 rows. POCL runs its ``pocl_stages`` cumulative stages as equal shares of those steps
@@ -164,14 +165,15 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
         parse_spec(method_spec(m, size, train, heldout, out), f"kdray repro, method {m}")
     started = time.time()
     shared = _shared_stages(size, methods, out, train=train, heldout=heldout, address=address, console=console)
-    held_rows, pool_answers, timings = shared["heldout"], shared["pool_answers"], shared["timings"]
+    timings = shared["timings"]
     t_grid = time.perf_counter()
     runs, references = _run_grid(size, methods, shared, console)
     timings["grid"] = time.perf_counter() - t_grid
-    by_id = {g["id"]: g["response"] for g in pool_answers}
-    pool_scores = score_responses((by_id[r["id"]] for r in held_rows), (r["response"] for r in held_rows))
-    hf_answers = references["student_before"]["answers"]
-    agree = sum(by_id[r["id"]].strip() == a.strip() for r, a in zip(held_rows, hf_answers)) / max(1, len(held_rows))
+    check_rows, hf_check = shared["check_rows"], references.pop("generator_check")
+    teacher_responses = [r["response"] for r in check_rows]
+    pool_scores = score_responses((r["pool_answer"] for r in check_rows), teacher_responses)
+    agree = (sum(r["pool_answer"].strip() == a.strip() for r, a in zip(check_rows, hf_check["answers"]))
+             / max(1, len(check_rows)))
     timings["total"] = time.time() - started
 
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
@@ -182,32 +184,32 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
                    "ray_cpus": ray.cluster_resources().get("CPU")},
         "timings_s": timings,
         "references": {label: ref["scores"] for label, ref in references.items()},
-        "generator_check": {"student_before_pool": pool_scores,
-                            "student_before_hf": references["student_before"]["scores"],
-                            "answer_agreement": agree},
+        "generator_check": {"training_prompts": len(check_rows), "student_before_pool": pool_scores,
+                            "student_before_hf": hf_check["scores"], "answer_agreement": agree},
         "runs": runs,
     }
     return write_outputs(result, out, console)
 
 
-def _small_rows(artifact: Any, columns: list[str]) -> list[dict[str, Any]]:
-    """A committed dataset's rows (the repro grid's few hundred teacher responses or held-out
-    rows), in row order, as dicts: its cells train and answer in plain Ray tasks that take the
-    rows, not datasets (a job never does this)."""
+def _small_rows(artifact: Any, columns: list[str], by: str = "_row") -> list[dict[str, Any]]:
+    """A committed dataset's rows (the repro grid's few hundred teacher responses, held-out rows
+    or difficulty measurements), in row order (``by``), as dicts: its cells train and answer in
+    plain Ray tasks that take the rows, not datasets (a job never does this)."""
     import pyarrow.parquet as pq
 
     rows = [r for f in artifact.info["files"] for r in pq.read_table(artifact.path / f, columns=columns).to_pylist()]
-    return sorted(rows, key=lambda r: (r["_row"], r.get("sample_index", 0)))
+    return sorted(rows, key=lambda r: (r[by], r.get("sample_index", 0)))
 
 
 def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str, heldout: str,
                    address: str | None, console: Any) -> dict[str, Any]:
     """What every run shares, made once with the job's own stages through the vLLM pool: the
-    checked data, the teacher's responses, POCL's difficulty order, the initial student's
-    held-out answers; plus each method's spec, sized to the rows that were kept."""
+    checked data, the teacher's responses, POCL's difficulty order and, from the same pass, the
+    initial student's pool answers to the first training prompts (``check_rows``, for the
+    generator check); plus each method's spec, sized to the rows that were kept."""
     from kdray.curriculum.plan import plan_segments
+    from kdray.data.artifacts import open_artifact
     from kdray.pipeline.progress import ConsoleReporter
-    from kdray.pools.base import SamplingConfig
     from kdray.ray_setup import init_ray
     from kdray.spec import parse_spec
     from kdray.stages.context import StageContext
@@ -242,16 +244,16 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
         by_key = {r["key"]: r for r in teacher_rows}
         ordered = [by_key[k] for k in order_by_difficulty(ctx, responses)]
         timings["pocl_difficulty"] = time.perf_counter() - t0
-        reporter.phase_start("evaluate", len(held_rows), "initial student, held-out (vLLM pool)")
-        t0 = time.perf_counter()
-        pool_answers = ctx.generate(held_rows, shared.student, "student_before", "evaluate",
-                                    SamplingConfig.greedy(shared.evaluation.max_new_tokens))
-        timings["pool_evaluate_initial_student"] = time.perf_counter() - t0
-        reporter.phase_end("evaluate", f"initial student done in {timings['pool_evaluate_initial_student']:.0f}s")
+        # The pass's answer rows (its gold rows, vLLM's cross-entropy requests, have NaN ROUGE-L)
+        measured = open_artifact(ctx.out / "curriculum" / "difficulty", "difficulty")
+        answers = {r["key"]: r["student_response"] for r in _small_rows(measured, ["key", "student_response",
+                                                                                   "gold_rouge_l"], by="key")
+                   if not math.isnan(r["gold_rouge_l"])}
+        check_rows = [{**r, "pool_answer": answers[r["key"]]} for r in teacher_rows[:size.heldout_rows]]
     finally:
         reporter.close()
     return {"spec": shared, "specs": specs, "row_reports": data.row_reports, "teacher_rows": teacher_rows,
-            "ordered": ordered, "heldout": held_rows, "pool_answers": pool_answers, "timings": timings}
+            "ordered": ordered, "heldout": held_rows, "check_rows": check_rows, "timings": timings}
 
 
 def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
@@ -272,6 +274,9 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
     refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=spec.evaluation.max_new_tokens,
                                    encoding=encoding)
             for label, model in (("teacher", spec.teacher), ("student_before", spec.student))}
+    # The generator check: HF's answers to the prompts the pool answered in the difficulty pass
+    refs["generator_check"] = ref_task.remote(spec.student.model, spec.student.dtype, shared["check_rows"],
+                                              max_new_tokens=spec.generation.max_new_tokens, encoding=encoding)
     order = _runs_order(methods, size.seeds)
     pending = {task.remote(specs[m].model_dump(mode="json"), m, s, ordered_ref, plain_ref, held_ref,
                            on_policy_temperature=size.on_policy_temperature): (m, s) for m, s in order}
@@ -322,10 +327,10 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
         "are references (one value each).",
         "",
         f"Timings: total {t['total']:.0f}s; teacher responses {t.get('teacher_generate', 0):.0f}s, POCL difficulty "
-        f"{t.get('pocl_difficulty', 0):.0f}s, initial student through the pool "
-        f"{t.get('pool_evaluate_initial_student', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
+        f"(the initial student through the pool) {t.get('pocl_difficulty', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
         "",
-        f"Generator check (initial student, held-out): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
+        f"Generator check (initial student, the first {check.get('training_prompts', '?')} training prompts, against "
+        f"the teacher's responses): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
         f"HF generate {check['student_before_hf']['rougeL']:.3f}, identical answers {check['answer_agreement']:.1%}.",
         "",
     ]

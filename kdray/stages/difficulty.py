@@ -14,8 +14,9 @@ from kdray.pools import SamplingConfig
 from kdray.pools.run import generate_dataset
 from kdray.stages.context import StageContext
 
-#: What the difficulty pool reads of each training row.
+#: What the difficulty pool reads of each training row, and what it writes of each.
 _INPUT = ["_row", "key", "id", "prompt", "response", "finish_reason"]
+COLUMNS = ["key", "student_response", "gold_rouge_l", "gold_ce"]
 
 
 def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
@@ -23,8 +24,9 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
 
     The initial student answers every training prompt greedily and scores each row's response
     (the one it will be trained on), in the pool's actors: ROUGE-L of its answer against that
-    response and its mean token cross-entropy on it, written with each row's key to the dataset
-    ``curriculum/difficulty/`` (reused by a later run of the job). The driver reads those two
+    response and its mean token cross-entropy on it, written with each row's key and the
+    student's answer (``student_response``) to the dataset ``curriculum/difficulty/`` (reused by
+    a later run of the job). The driver reads those two
     numbers per row, fuses them by reciprocal rank (``curriculum[pocl].rrf_k``) and writes the
     ranks to ``curriculum/difficulty.parquet`` for people to read.
 
@@ -36,8 +38,9 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
     path = ctx.out / "curriculum" / "difficulty"
     measured = open_artifact(path, "difficulty")
     if measured is not None and (measured.meta.get("student") != spec.student.model
-                                 or measured.meta.get("training_rows") != responses.rows):
-        measured = None  # measured for other rows or another student: measure again
+                                 or measured.meta.get("training_rows") != responses.rows
+                                 or measured.meta.get("columns") != COLUMNS):
+        measured = None  # measured for other rows, another student or by an older kdray: measure again
     if measured is not None:
         ctx.reporter.message(f"score: reusing the difficulty measurements in {path}")
     else:
@@ -50,12 +53,12 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
                 answered = generate_dataset(rows, spec.student, spec.generation,
                                             SamplingConfig.greedy(spec.generation.max_new_tokens), score_gold=True,
                                             encoding=ctx.prompt_encoding(), progress=hub, output_prefix="student_")
-                return answered.select_columns(["key", "gold_rouge_l", "gold_ce"])
+                return answered.select_columns(COLUMNS)
 
             # vLLM answers and scores each row as two requests, hence two rows (generate_dataset)
             per_row = 2 if spec.student.backend == "vllm" else 1
             measured = ctx.write("score", build, path, "difficulty",
-                                 {"student": spec.student.model, "training_rows": responses.rows},
+                                 {"student": spec.student.model, "training_rows": responses.rows, "columns": COLUMNS},
                                  expect_rows=per_row * responses.rows)
     keys, rouge, ce = per_key(measured.column("key"), measured.column("gold_rouge_l"), measured.column("gold_ce"),
                               where=str(measured.path))
