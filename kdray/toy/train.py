@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,19 +28,36 @@ class SFTRecipe:
 
 
 def default_threads() -> int:
-    """Intra-op threads for the build: ``$KDRAY_TOY_THREADS`` if set, else one per
-    core that other processes leave idle (the 1-minute load average, which counts
-    this process too), between 1 and 4. OpenMP threads that must share a core with
-    another busy process slow these tiny models down several-fold."""
+    """Intra-op threads for the build: ``$KDRAY_TOY_THREADS`` if set, else one per core that
+    other processes leave idle now (:func:`idle_cores`), between 1 and 4. OpenMP threads that
+    must share a core with another busy process slow these tiny models down several-fold."""
     env = os.environ.get("KDRAY_TOY_THREADS")
     if env:
         return max(1, int(env))
     cores = os.cpu_count() or 1
+    return max(1, min(4, cores, round(idle_cores(cores))))
+
+
+def idle_cores(cores: int, interval_s: float = 0.3) -> float:
+    """Cores left idle over the next ``interval_s`` seconds, from ``/proc/stat`` (Linux); else
+    the cores less the 1-minute load average. The load average trails by a minute: a build
+    that starts right after an install (CI) would see the install's load and take one thread."""
+    def busy_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        busy = user + nice + system + irq + softirq + steal
+        return busy, busy + idle + iowait
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float(cores)
-    return max(1, min(4, cores, round(cores - load + 1)))
+        busy0, total0 = busy_total()
+        time.sleep(interval_s)
+        busy1, total1 = busy_total()
+        return cores * (1 - (busy1 - busy0) / max(1, total1 - total0))
+    except (OSError, ValueError):
+        try:
+            return cores - os.getloadavg()[0]
+        except OSError:
+            return 1.0
 
 
 @contextmanager
