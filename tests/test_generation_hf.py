@@ -1,9 +1,11 @@
-"""The HF-transformers backend (``backend: hf``) against the vLLM pool, on the real toy models.
+"""The HF-transformers backend (``backend: hf``) on the real toy models, and the vLLM pool's
+samples per prompt.
 
 The vLLM side (Ray's batch LLM processor, through :func:`kdray.pools.generate`) runs in a
-subprocess (vLLM binds threads process-wide and wants a ``__main__`` guard); the HF side runs
-here. Both see the same held-out prompts, tokenized by the one
-function that turns prompts into ids (:func:`kdray.data.tokenize.prompt_token_ids`).
+subprocess (vLLM binds threads process-wide and wants a ``__main__`` guard). HF's greedy
+answers and gold cross-entropies equal the vLLM pool's row by row in the repro harness's run
+(tests/test_repro.py: its difficulty pass is a vLLM pool that answers and scores the training
+prompts), which spares CI a vLLM engine here.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kdray.pools.hf import HFGenerator, HFScorer
 REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 24
 
-VLLM_REFERENCE = """
+VLLM_SAMPLES = """
 import json, sys, tempfile
 import ray
 from kdray.pools.base import SamplingConfig
@@ -42,14 +44,10 @@ if __name__ == "__main__":
              log_to_driver=False, runtime_env={"env_vars": job_env()})
     model = ModelSpec(model="toy:teacher", dtype="float32", max_model_len=128)
     pool = GenerationSpec(replicas=1, batch_size=8, num_cpus_per_replica=0.5, enforce_eager=True)
-    out = generate(rows, model, pool, SamplingConfig.greedy(12), score_gold=True)
     sampled = generate(rows[:4], model, pool, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2, n=3,
                                                              seed=5))
     ray.shutdown()
-    json.dump({"id": [r["id"] for r in out], "response": [r["response"] for r in out],
-               "response_token_ids": [r["response_token_ids"] for r in out],
-               "finish_reason": [r["finish_reason"] for r in out],
-               "gold_ce": [r["gold_ce"] for r in out], "sampled": sampled}, open(sys.argv[2], "w"))
+    json.dump({"sampled": sampled}, open(sys.argv[2], "w"))
 """
 
 
@@ -76,12 +74,12 @@ def heldout(toy_world) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def vllm_reference(heldout, tmp_path_factory) -> dict:
+def vllm_samples(heldout, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_ref")
     rows = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"], "finish_reason": "stop"}
             for r in heldout]
     (tmp / "batch.json").write_text(json.dumps(rows))
-    res = subprocess.run([sys.executable, "-c", VLLM_REFERENCE, str(tmp / "batch.json"), str(tmp / "out.json")],
+    res = subprocess.run([sys.executable, "-c", VLLM_SAMPLES, str(tmp / "batch.json"), str(tmp / "out.json")],
                          capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((tmp / "out.json").read_text())
@@ -92,26 +90,18 @@ def hf_greedy(heldout) -> dict:
     return _generator(score_gold=True)(_batch(heldout))
 
 
-@pytest.mark.slow  # builds a vLLM engine in a subprocess (30 s to over a minute on 2 busy cores)
-def test_greedy_responses_equal_vllm(hf_greedy, vllm_reference, heldout):
-    """Same model, same ids, greedy: the same tokens (float32 on both sides; the toy teacher's
-    top-2 logit gaps are far above the two kernels' rounding differences)."""
-    hf_ids = [[int(t) for t in ids] for ids in hf_greedy["response_token_ids"]]
-    same = sum(a == b for a, b in zip(hf_ids, vllm_reference["response_token_ids"]))
-    assert same == len(heldout), [(a, b) for a, b in zip(hf_ids, vllm_reference["response_token_ids"]) if a != b]
-    assert list(hf_greedy["response"]) == vllm_reference["response"]
-    assert list(hf_greedy["finish_reason"]) == vllm_reference["finish_reason"]
-    assert "stop" in vllm_reference["finish_reason"]
-    # The teacher solves most of these; a wrong backend would not.
+def test_hf_greedy_answers_solve_most_prompts(hf_greedy, heldout):
+    """The teacher solves most of these; a wrong backend (ids, positions, stopping) would not."""
     hits = sum(r.strip() == row["response"].strip() for r, row in zip(hf_greedy["response"], heldout))
     assert hits >= 0.7 * len(heldout)
+    assert "stop" in list(hf_greedy["finish_reason"])
 
 
-@pytest.mark.slow
-def test_vllm_samples_per_prompt_are_requests_of_their_own(vllm_reference, heldout):
+@pytest.mark.slow  # builds a vLLM engine in a subprocess (30 s to over a minute on 2 busy cores)
+def test_vllm_samples_per_prompt_are_requests_of_their_own(vllm_samples, heldout):
     """n samples per prompt on Ray's processor: n rows per prompt in order, each seeded apart,
     with the finish reason the engine stage does not return (2 tokens and no EOS: cut)."""
-    sampled = vllm_reference["sampled"]
+    sampled = vllm_samples["sampled"]
     assert [(r["id"], r["sample_index"]) for r in sampled] == [(row["id"], j) for row in heldout[:4] for j in range(3)]
     for r in sampled:
         ids = r["response_token_ids"]
@@ -120,12 +110,6 @@ def test_vllm_samples_per_prompt_are_requests_of_their_own(vllm_reference, heldo
     assert any(r["finish_reason"] == "length" for r in sampled)
     by_prompt = [{tuple(r["response_token_ids"]) for r in sampled if r["id"] == row["id"]} for row in heldout[:4]]
     assert any(len(samples) > 1 for samples in by_prompt)  # the samples of a prompt are not one seed's
-
-
-@pytest.mark.slow
-def test_gold_ce_equals_vllm(hf_greedy, vllm_reference):
-    np.testing.assert_allclose(hf_greedy["gold_ce"], vllm_reference["gold_ce"], rtol=1e-3, atol=1e-4)
-    assert max(vllm_reference["gold_ce"]) > 1e-2  # not all trivially zero
 
 
 def test_responses_stop_at_eos_or_length(hf_greedy):

@@ -216,8 +216,41 @@ def test_repro_quick_runs_every_method_and_states_the_verdicts(tmp_path, toy_wor
     assert paper["on_policy_generate_s"] > 0 and paper["train_metrics"][-1]["beta"] == 1.5
     # POCL's difficulty measured once, through the pool.
     assert (out / "shared" / "curriculum" / "difficulty.parquet").is_file()
+    _assert_pool_answers_and_cross_entropies_are_hfs(out / "shared")
     md = (out / "repro.md").read_text()
     assert "## POCL: average ROUGE-L" in md and "## DistiLLM-2 Table 2 order" in md
     verdict_lines = [line for line in md.splitlines() if line.startswith("- **")]
     assert len(verdict_lines) == 5 and all("not checked" not in line for line in verdict_lines)
     assert "POCL helps every base loss" in res.stdout and "KD (FKL) < DistiLLM (SKL" in res.stdout
+
+
+def _assert_pool_answers_and_cross_entropies_are_hfs(shared: Path, n: int = 24) -> None:
+    """The difficulty pass's vLLM pool (Ray's processor) against HF, row by row, on the first
+    ``n`` training rows: the initial student's greedy answer, and its cross-entropy on the
+    teacher's response (vLLM's prompt log-probs: the gold request). float32 on both sides."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from kdray.pools.base import SamplingConfig, pool_env
+    from kdray.pools.hf import HFGenerator
+    from kdray.spec import GenerationSpec
+
+    def rows(path: Path, columns: list[str]) -> list[dict]:
+        marker = json.loads((path / "_kdray_dataset.json").read_text())
+        return [r for f in marker["files"] for r in pq.read_table(path / f, columns=columns).to_pylist()]
+
+    responses = sorted(rows(shared / "datasets" / "responses", ["_row", "key", "prompt", "response", "finish_reason"]),
+                       key=lambda r: r["_row"])[:n]
+    measured = rows(shared / "curriculum" / "difficulty", ["key", "student_response", "gold_rouge_l", "gold_ce"])
+    answers = {r["key"]: r["student_response"] for r in measured if not math.isnan(r["gold_rouge_l"])}
+    gold_ce = {r["key"]: r["gold_ce"] for r in measured if not math.isnan(r["gold_ce"])}
+    size = ReproSize.quick()
+    hf = HFGenerator("toy:student", dtype="float32", max_model_len=128, enforce_eager=True, tensor_parallel_size=1,
+                     sampling=SamplingConfig.greedy(size.max_new_tokens), env=pool_env(GenerationSpec()),
+                     score_gold=True)
+    got = hf({"id": np.asarray([r["key"] for r in responses]), "prompt": np.asarray([r["prompt"] for r in responses]),
+              "gold_response": np.asarray([r["response"] for r in responses]),
+              "gold_finish_reason": np.asarray([r["finish_reason"] for r in responses])})
+    assert list(got["response"]) == [answers[r["key"]] for r in responses]
+    np.testing.assert_allclose(got["gold_ce"], [gold_ce[r["key"]] for r in responses], rtol=1e-3, atol=1e-4)
+    assert max(got["gold_ce"]) > 1e-2  # not all trivially zero
