@@ -2,7 +2,7 @@
 
     kdray validate SPEC           print the resolved spec, or every error with its field path
     kdray run SPEC [--address A] [--restart]  run (or resume) a job here or on a cluster's Ray
-    kdray toy [--force]           build (or show) the toy world used by the demo and tests
+    kdray toy [--world W] [--force]  build (or show) a toy world (the demo's and tests'; grammar)
     kdray report DIR              (re-)render report.md and the PNG plots of a finished job
     kdray compare DIR...          several jobs side by side: one table, one plot
     kdray bench losses [...]      loss-kernel memory/time benchmark
@@ -107,7 +107,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     from kdray import toy
 
-    world = toy.build_toy_world(
+    world = toy.build_world(
+        args.world,
         Path(args.cache_dir) if args.cache_dir else None,
         force=args.force,
         progress=lambda line: print(line, file=sys.stderr),
@@ -162,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("toy", help="build the toy world (dataset, tokenizer, teacher, student) and print its metadata")
+    p = sub.add_parser("toy", help="build a toy world (dataset, tokenizer, teacher, student) and print its metadata")
+    p.add_argument("--world", choices=["toy", "grammar"], default="toy",
+                   help="toy (default: one right answer per prompt) or grammar (answers with a known distribution)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p.add_argument("--cache-dir", default=None, help="cache directory (default: $KDRAY_CACHE_DIR/toy or ~/.cache/kdray/toy)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache directory (default: $KDRAY_CACHE_DIR/WORLD or ~/.cache/kdray/WORLD)")
     p.set_defaults(fn=cmd_toy)
 
     from kdray.service import client

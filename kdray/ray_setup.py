@@ -22,10 +22,11 @@ def job_env() -> dict[str, str]:
     for toy jobs must, be shared storage) and ``KDRAY_LOCAL_CACHE_DIR`` (:func:`local_cache_dir`:
     compile caches, which must stay on each node's own disk: nodes that build into one shared
     directory at once race on its lock files and half-written objects). Both default to
-    ``~/.cache/kdray``. The job's toy world build id (``KDRAY_TOY_BUILD_ID``, set by the driver,
-    :func:`kdray.toy.pin_for_job`) travels too, when set.
+    ``~/.cache/kdray``. The job's toy world build ids (``KDRAY_TOY_BUILD_ID``,
+    ``KDRAY_GRAMMAR_BUILD_ID``, set by the driver, :func:`kdray.toy.pin_for_job`) travel too,
+    when set.
     """
-    from kdray.toy.pinning import BUILD_ID_ENV
+    from kdray.toy.pinning import BUILD_ID_ENVS
 
     cache = os.environ.get("KDRAY_CACHE_DIR", os.path.expanduser("~/.cache/kdray"))
     local = local_cache_dir()
@@ -37,8 +38,7 @@ def job_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     env = {key: os.environ.get(key, value) for key, value in defaults.items()}
-    if os.environ.get(BUILD_ID_ENV):
-        env[BUILD_ID_ENV] = os.environ[BUILD_ID_ENV]
+    env.update({name: os.environ[name] for name in BUILD_ID_ENVS.values() if os.environ.get(name)})
     return env
 
 

@@ -171,7 +171,10 @@ def test_the_driver_pins_its_toy_world_for_a_toy_job_only(toy_world, monkeypatch
     from kdray import toy
 
     monkeypatch.setenv(toy.BUILD_ID_ENV, "stale")
-    assert toy.pin_for_job(["org/name", "/data/train.jsonl"]) is None
-    assert toy.BUILD_ID_ENV not in os.environ
-    assert toy.pin_for_job(["org/name", "toy:heldout"]) == toy_world.meta["build_id"]
+    monkeypatch.setenv(toy.BUILD_ID_ENVS["grammar"], "stale")
+    assert toy.pin_for_job(["org/name", "/data/train.jsonl"]) == {}
+    assert not set(toy.BUILD_ID_ENVS.values()) & set(os.environ)
+    assert toy.pin_for_job(["org/name", "toy:heldout"]) == {"toy": toy_world.meta["build_id"]}
     assert os.environ[toy.BUILD_ID_ENV] == toy_world.meta["build_id"]
+    toy.unpin()
+    assert toy.BUILD_ID_ENV not in os.environ

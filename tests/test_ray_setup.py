@@ -30,13 +30,15 @@ def test_compile_caches_are_node_local_whatever_kdray_cache_dir_is(tmp_path, mon
     assert pool_env(GenerationSpec())["VLLM_CACHE_ROOT"] == str(tmp_path / "local" / "vllm")
 
 
-def test_the_drivers_toy_build_id_travels_with_the_job_env(monkeypatch):
-    from kdray.toy import BUILD_ID_ENV
+def test_the_drivers_toy_build_ids_travel_with_the_job_env(monkeypatch):
+    from kdray.toy import BUILD_ID_ENVS
 
-    monkeypatch.delenv(BUILD_ID_ENV, raising=False)
-    assert BUILD_ID_ENV not in job_env()
-    monkeypatch.setenv(BUILD_ID_ENV, "abc123")
-    assert job_env()[BUILD_ID_ENV] == "abc123"
+    for name in BUILD_ID_ENVS.values():
+        monkeypatch.delenv(name, raising=False)
+        assert name not in job_env()
+    monkeypatch.setenv(BUILD_ID_ENVS["toy"], "abc123")
+    monkeypatch.setenv(BUILD_ID_ENVS["grammar"], "def456")
+    assert job_env()[BUILD_ID_ENVS["toy"]] == "abc123" and job_env()[BUILD_ID_ENVS["grammar"]] == "def456"
 
 
 def test_each_python_environment_gets_its_own_extension_cache(tmp_path, monkeypatch):

@@ -155,8 +155,8 @@ class Job:
         """
         try:
             return self._run()
-        finally:  # the toy build id pinned for this job's processes (a later job pins its own)
-            os.environ.pop(toy.BUILD_ID_ENV, None)
+        finally:  # the toy build ids pinned for this job's processes (a later job pins its own)
+            toy.unpin()
 
     def _run(self) -> dict[str, Any]:
         spec = self.spec

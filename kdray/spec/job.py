@@ -32,7 +32,8 @@ class ModelSpec(_Spec):
     model: str = Field(
         description="Directory written by save_pretrained (absolute, or starting with ./ ../ ~; a "
         "relative path of another form than org/name also counts), a hub id 'org/name', or a built-in toy "
-        "model: 'toy:teacher', 'toy:student'. A local directory must exist on every node that loads the "
+        "model: 'toy:teacher', 'toy:student' (the grammar world's: 'toy:grammar-teacher', "
+        "'toy:grammar-student'). A local directory must exist on every node that loads the "
         "model (a missing one is an error naming the node, never a hub lookup); an org/name that is also a "
         "directory here is refused as ambiguous (write ./org/name). URIs (s3://...) are refused.",
     )
@@ -64,11 +65,12 @@ class DataSpec(_Spec):
     train: str = Field(
         description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
         "a hub dataset 'hub:ORG/NAME[:SPLIT]' (SPLIT in datasets' slice syntax, e.g. "
-        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train'. "
+        "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train' "
+        "('toy:grammar-train'). "
         "URIs (s3://...) are refused: mount the bucket and give the path.",
     )
     heldout: str = Field(
-        description="Held-out prompts for evaluation, same formats, or 'toy:heldout'.",
+        description="Held-out prompts for evaluation, same formats, or 'toy:heldout' ('toy:grammar-heldout').",
     )
     prompt_field: str = Field("prompt", min_length=1, description="Row field holding the prompt.")
     response_field: str | None = Field(

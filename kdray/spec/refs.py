@@ -23,8 +23,10 @@ import re
 from pathlib import Path
 
 TOY_PREFIX = "toy:"
-TOY_MODELS = ("toy:teacher", "toy:student")
-TOY_DATA = ("toy:train", "toy:heldout")
+#: The toy worlds' references (:data:`kdray.toy.world.RECIPES`): the toy world's, then the
+#: grammar world's (issue 22).
+TOY_MODELS = ("toy:teacher", "toy:student", "toy:grammar-teacher", "toy:grammar-student")
+TOY_DATA = ("toy:train", "toy:heldout", "toy:grammar-train", "toy:grammar-heldout")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -5,6 +5,10 @@
 * a small Llama teacher trained by SFT until it solves most held-out prompts,
   and a smaller, weak Llama student with the same tokenizer (:mod:`kdray.toy.train`).
 
+A second world, ``grammar`` (:mod:`kdray.toy.grammar_world`), has a language with a known
+answer distribution per prompt instead (``toy:grammar-teacher``, ``toy:grammar-student``,
+``toy:grammar-train``, ``toy:grammar-heldout``), built the same way on first use.
+
 It is built on first use into ``<cache>/<WORLD_VERSION>-<fingerprint>/`` (see
 :func:`cache_root`; the fingerprint hashes the code that builds the world, so a
 change to it builds a fresh world) and reused afterwards::
@@ -21,12 +25,15 @@ Importing this package is cheap: torch and transformers are imported only to bui
 """
 
 from kdray.toy.data import FAMILIES, make_prompt, read_jsonl, solve
-from kdray.toy.pinning import BUILD_ID_ENV, pin_for_job, resolve
+from kdray.toy.pinning import BUILD_ID_ENV, BUILD_ID_ENVS, pin_for_job, resolve, unpin
 from kdray.toy.world import (
+    GRAMMAR_REFS,
+    RECIPES,
     TOY_REFS,
     WORLD_VERSION,
     ToyWorld,
     build_toy_world,
+    build_world,
     cache_root,
     fingerprint,
     world_dir_name,
@@ -34,11 +41,15 @@ from kdray.toy.world import (
 
 __all__ = [
     "BUILD_ID_ENV",
+    "BUILD_ID_ENVS",
     "FAMILIES",
+    "GRAMMAR_REFS",
+    "RECIPES",
     "TOY_REFS",
     "WORLD_VERSION",
     "ToyWorld",
     "build_toy_world",
+    "build_world",
     "cache_root",
     "fingerprint",
     "make_prompt",
@@ -46,5 +57,6 @@ __all__ = [
     "read_jsonl",
     "resolve",
     "solve",
+    "unpin",
     "world_dir_name",
 ]

@@ -1,0 +1,138 @@
+"""The grammar world's models and data (issue 22): a teacher trained on samples of the language
+of :mod:`kdray.toy.grammar` until its answer distributions are close to the language's, and a
+smaller, briefly trained student, sharing a tokenizer; built on first use and cached like the
+toy world (:func:`kdray.toy.world.build_world` ``("grammar")``, references
+:data:`~kdray.toy.world.GRAMMAR_REFS`).
+
+Layout (the toy world's): ``data/train.jsonl`` and ``data/heldout.jsonl`` (rows ``id``,
+``family``, ``prompt``, ``response``: a sample of the language, from two seeds), ``teacher/``,
+``student/`` (``save_pretrained``) and ``meta.json``, which records each model's exact fit to
+the language on held-out prompts (:func:`fit_to_language`).
+
+A model's probability of an answer is that of the answer's tokens and EOS after the prompt
+(:func:`answer_logprobs`), the event a sampler that stops at EOS produces; so the answers a
+prompt has in the language take at most the model's whole mass, and KL(language ‖ model) over
+them is exact (:func:`kdray.toy.grammar_metrics.kl`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import kdray.toy.tokenizer as _tok
+import kdray.toy.train as _train
+from kdray.toy.data import write_jsonl
+from kdray.toy.grammar import GrammarWorld
+from kdray.toy.grammar_metrics import entropy, kl
+from kdray.toy.world import PhaseClock, save_model, tokenizer_meta, write_meta
+
+SEED = 2207
+N_TRAIN = 8000
+N_HELDOUT = 400
+TEACHER_SHAPE = _train.TEACHER_SHAPE
+#: One layer and one head (head_dim 32, as vLLM's CPU attention needs): too small to hold every
+#: answer distribution, so how a method spends its mass shows.
+STUDENT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+TEACHER_RECIPE = _train.SFTRecipe(steps=1200, batch_size=64, lr=2e-3, warmup=30)
+STUDENT_RECIPE = _train.SFTRecipe(steps=150, batch_size=64, lr=2e-3, warmup=10)
+#: Distinct held-out prompts each model's fit is measured on (meta.json).
+FIT_PROMPTS = 64
+
+
+def answer_logprobs(model, tokenizer, prompt: str, answers: Sequence[str], batch_size: int = 128) -> list[float]:
+    """``log q(answer + EOS | prompt)`` in nats for each bare ``answer`` (the response is
+    ``" " + answer``, as the rows hold it), summed over the response's tokens and EOS; a causal
+    LM's forward in float32 over right-padded batches, no gradient.
+
+    Returns:
+        One float per answer, in order; every one finite and below 0.
+    """
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    out: list[float] = []
+    for i in range(0, len(answers), batch_size):
+        responses = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                     for a in answers[i:i + batch_size]]
+        width = len(prompt_ids) + max(len(r) for r in responses)
+        ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(responses):
+            ids[row, :len(prompt_ids) + len(r)] = torch.as_tensor(prompt_ids + r)
+            mask[row, :len(prompt_ids) + len(r)] = 1
+        with torch.no_grad():
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for row, r in enumerate(responses):
+            positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(r) - 1)
+            out.append(float(logp[row, positions, torch.as_tensor(r)].sum()))
+    return out
+
+
+def fit_to_language(model, tokenizer, language: GrammarWorld, prompts: Sequence[str]) -> dict[str, float]:
+    """How close ``model``'s answer distributions are to the language's, over ``prompts``: the
+    mean of the exact KL(language ‖ model) per prompt, of the language's entropy, and of the
+    model's mass on the prompt's answers (at most 1; the rest goes to answers the language
+    does not make, or to no end)."""
+    kls, entropies, masses = [], [], []
+    for prompt in prompts:
+        p = language.answers(prompt)
+        log_q = dict(zip(p, answer_logprobs(model, tokenizer, prompt, list(p))))
+        kls.append(kl(p, log_q))
+        entropies.append(entropy(p))
+        masses.append(sum(math.exp(v) for v in log_q.values()))
+    n = max(1, len(prompts))
+    return {"kl": round(sum(kls) / n, 4), "entropy": round(sum(entropies) / n, 4),
+            "valid_mass": round(sum(masses) / n, 4), "prompts": len(prompts)}
+
+
+def build_into(out: Path, progress: Callable[[str], None]) -> None:
+    """Build the grammar world into the empty directory ``out`` (the builder of
+    :data:`kdray.toy.world.RECIPES` ``["grammar"]``)."""
+    import torch
+
+    clock = PhaseClock("grammar", progress)
+    language = GrammarWorld(SEED)
+    (out / "data").mkdir(parents=True)
+    t0 = time.perf_counter()
+    train_rows = language.rows(N_TRAIN, SEED, prefix="grammar-train")
+    heldout_rows = language.rows(N_HELDOUT, SEED + 1, prefix="grammar-heldout")
+    write_jsonl(out / "data" / "train.jsonl", train_rows)
+    write_jsonl(out / "data" / "heldout.jsonl", heldout_rows)
+    clock.done("data", t0, f"{len(train_rows)} train / {len(heldout_rows)} held-out samples")
+
+    t0 = time.perf_counter()
+    tokenizer = _tok.train_tokenizer(r["prompt"] + r["response"] for r in train_rows)
+    clock.done("tokenizer", t0, f"byte-level BPE, {len(tokenizer)} tokens")
+
+    fit_prompts = list(dict.fromkeys(r["prompt"] for r in heldout_rows))[:FIT_PROMPTS]
+    models: dict[str, dict] = {}
+    with _train.quiet_build() as threads, torch.random.fork_rng(devices=[]):
+        for name, shape, recipe, seed in (("teacher", TEACHER_SHAPE, TEACHER_RECIPE, SEED),
+                                          ("student", STUDENT_SHAPE, STUDENT_RECIPE, SEED + 1)):
+            t0 = time.perf_counter()
+            model = _train.make_model(shape, tokenizer, seed)
+            loss = _train.sft(model, tokenizer, train_rows, recipe, seed)
+            models[name] = save_model(model, tokenizer, out / name, recipe, loss)
+            models[name]["heldout_fit"] = fit = fit_to_language(model, tokenizer, language, fit_prompts)
+            clock.done(name, t0, f"{models[name]['params']:,} params, SFT {recipe.steps} steps, held-out "
+                                 f"KL(language ‖ {name}) {fit['kl']:.3f} nats (language entropy "
+                                 f"{fit['entropy']:.3f}), mass on valid answers {fit['valid_mass']:.3f}")
+    write_meta(out, "grammar", {
+        "seed": SEED,
+        "torch_threads": threads,
+        "families": ["describe", "list", "continue"],
+        "n_train": len(train_rows),
+        "n_heldout": len(heldout_rows),
+        "prompt_format": "the toy world's: prompt = 'Q: <question>\\nA:'; response = ' <answer>'",
+        "tokenizer": tokenizer_meta(tokenizer),
+        "teacher": models["teacher"],
+        "student": models["student"],
+    }, clock)
+
+
+def language_of(meta: Mapping) -> GrammarWorld:
+    """The language a built world's ``meta.json`` was made from."""
+    return GrammarWorld(int(meta["seed"]))
