@@ -1,6 +1,7 @@
 """The grammar world's models and data (kdray.toy.grammar_world): a build's layout, samples and
-meta; its references resolved and pinned like the toy world's; a model's log-probability of an
-answer. The build runs here at a tiny size (seconds); the real one trains for minutes."""
+meta; its references resolved and pinned like the toy world's; a model scored against the
+language (kdray.toy.grammar_eval). The build runs here at a tiny size (seconds); the real one
+trains for minutes."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_answer_logprobs_are_the_models_sequence_log_probabilities(tiny_grammar)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdray.toy.grammar_world import answer_logprobs, fit_to_language, language_of
+    from kdray.toy.grammar_eval import answer_logprobs, fit_to_language
+    from kdray.toy.grammar_world import language_of
 
     tok = AutoTokenizer.from_pretrained(tiny_grammar.student_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_grammar.student_dir).eval()
@@ -107,3 +109,24 @@ def test_the_spec_knows_every_worlds_references():
 
     assert set(TOY_MODELS) | set(TOY_DATA) == {ref for recipe in RECIPES.values() for ref in recipe.refs}
     assert json.dumps(sorted(RECIPES)) == '["grammar", "toy"]'
+
+
+def test_a_models_scores_against_the_language_are_consistent(tiny_grammar):
+    """score_model's parts agree with one another and with their definitions: NLL = entropy +
+    KL (exact over each prompt's answers); validity and coverage are fractions; the same seed
+    gives the same samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdray.toy.grammar_eval import score_model
+    from kdray.toy.grammar_world import language_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_grammar.teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_grammar.teacher_dir).eval()
+    prompts = [r["prompt"] for r in tiny_grammar.rows("heldout")][:6]
+    language = language_of(tiny_grammar.meta)
+    scores = score_model(model, tok, language, prompts + prompts[:2], samples=4, seed=3)
+    assert scores["prompts"] == len(set(prompts)) and scores["samples"] == 4
+    for key in ("validity_greedy", "validity_sampled", "coverage", "valid_mass"):
+        assert 0.0 <= scores[key] <= 1.0, (key, scores)
+    assert scores["kl"] > 0 and scores["nll"] == pytest.approx(scores["entropy"] + scores["kl"], abs=2e-3)
+    assert score_model(model, tok, language, prompts, samples=4, seed=3) == scores

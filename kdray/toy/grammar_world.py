@@ -7,26 +7,22 @@ toy world (:func:`kdray.toy.world.build_world` ``("grammar")``, references
 Layout (the toy world's): ``data/train.jsonl`` and ``data/heldout.jsonl`` (rows ``id``,
 ``family``, ``prompt``, ``response``: a sample of the language, from two seeds), ``teacher/``,
 ``student/`` (``save_pretrained``) and ``meta.json``, which records each model's exact fit to
-the language on held-out prompts (:func:`fit_to_language`).
+the language on held-out prompts (:func:`kdray.toy.grammar_eval.fit_to_language`).
 
-A model's probability of an answer is that of the answer's tokens and EOS after the prompt
-(:func:`answer_logprobs`), the event a sampler that stops at EOS produces; so the answers a
-prompt has in the language take at most the model's whole mass, and KL(language ‖ model) over
-them is exact (:func:`kdray.toy.grammar_metrics.kl`).
+How a model is scored against the language: :mod:`kdray.toy.grammar_eval`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import kdray.toy.tokenizer as _tok
 import kdray.toy.train as _train
 from kdray.toy.data import write_jsonl
 from kdray.toy.grammar import GrammarWorld
-from kdray.toy.grammar_metrics import entropy, kl
+from kdray.toy.grammar_eval import fit_to_language
 from kdray.toy.world import PhaseClock, save_model, tokenizer_meta, write_meta
 
 SEED = 2207
@@ -40,52 +36,6 @@ TEACHER_RECIPE = _train.SFTRecipe(steps=1200, batch_size=64, lr=2e-3, warmup=30)
 STUDENT_RECIPE = _train.SFTRecipe(steps=150, batch_size=64, lr=2e-3, warmup=10)
 #: Distinct held-out prompts each model's fit is measured on (meta.json).
 FIT_PROMPTS = 64
-
-
-def answer_logprobs(model, tokenizer, prompt: str, answers: Sequence[str], batch_size: int = 128) -> list[float]:
-    """``log q(answer + EOS | prompt)`` in nats for each bare ``answer`` (the response is
-    ``" " + answer``, as the rows hold it), summed over the response's tokens and EOS; a causal
-    LM's forward in float32 over right-padded batches, no gradient.
-
-    Returns:
-        One float per answer, in order; every one finite and below 0.
-    """
-    import torch
-
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    out: list[float] = []
-    for i in range(0, len(answers), batch_size):
-        responses = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                     for a in answers[i:i + batch_size]]
-        width = len(prompt_ids) + max(len(r) for r in responses)
-        ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(responses):
-            ids[row, :len(prompt_ids) + len(r)] = torch.as_tensor(prompt_ids + r)
-            mask[row, :len(prompt_ids) + len(r)] = 1
-        with torch.no_grad():
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        for row, r in enumerate(responses):
-            positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(r) - 1)
-            out.append(float(logp[row, positions, torch.as_tensor(r)].sum()))
-    return out
-
-
-def fit_to_language(model, tokenizer, language: GrammarWorld, prompts: Sequence[str]) -> dict[str, float]:
-    """How close ``model``'s answer distributions are to the language's, over ``prompts``: the
-    mean of the exact KL(language ‖ model) per prompt, of the language's entropy, and of the
-    model's mass on the prompt's answers (at most 1; the rest goes to answers the language
-    does not make, or to no end)."""
-    kls, entropies, masses = [], [], []
-    for prompt in prompts:
-        p = language.answers(prompt)
-        log_q = dict(zip(p, answer_logprobs(model, tokenizer, prompt, list(p))))
-        kls.append(kl(p, log_q))
-        entropies.append(entropy(p))
-        masses.append(sum(math.exp(v) for v in log_q.values()))
-    n = max(1, len(prompts))
-    return {"kl": round(sum(kls) / n, 4), "entropy": round(sum(entropies) / n, 4),
-            "valid_mass": round(sum(masses) / n, 4), "prompts": len(prompts)}
 
 
 def build_into(out: Path, progress: Callable[[str], None]) -> None:

@@ -59,7 +59,8 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "toy": Recipe("toy", WORLD_VERSION, _FINGERPRINTED, "kdray.toy.world:_build_into", TOY_REFS),
-    "grammar": Recipe("grammar", "v1", ("grammar.py", "grammar_world.py", "tokenizer.py", "train.py", "world.py"),
+    "grammar": Recipe("grammar", "v1", ("grammar.py", "grammar_eval.py", "grammar_metrics.py", "grammar_world.py",
+                                        "tokenizer.py", "train.py", "world.py"),
                       "kdray.toy.grammar_world:build_into", GRAMMAR_REFS),
 }
 
