@@ -29,11 +29,14 @@ SEED = 2207
 N_TRAIN = 8000
 N_HELDOUT = 400
 TEACHER_SHAPE = _train.TEACHER_SHAPE
-#: One layer and one head (head_dim 32, as vLLM's CPU attention needs): too small to hold every
-#: answer distribution, so how a method spends its mass shows.
-STUDENT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+#: One layer, two heads of 32 (vLLM's CPU attention takes head_dim 32), a tenth of the
+#: teacher's parameters. Measured on the held-out fit prompts (2 threads): the teacher's 1200
+#: steps give KL(language ‖ teacher) 0.30 nats against the language's entropy 2.55 and 0.92 of
+#: its mass on valid answers (157 s); the student's 400 steps give KL 2.05 and 0.29 (9 s), where
+#: 2,000 steps would reach 0.34: it knows the format and has far to go.
+STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
 TEACHER_RECIPE = _train.SFTRecipe(steps=1200, batch_size=64, lr=2e-3, warmup=30)
-STUDENT_RECIPE = _train.SFTRecipe(steps=150, batch_size=64, lr=2e-3, warmup=10)
+STUDENT_RECIPE = _train.SFTRecipe(steps=400, batch_size=64, lr=2e-3, warmup=10)
 #: Distinct held-out prompts each model's fit is measured on (meta.json).
 FIT_PROMPTS = 64
 
