@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdray.errors import KdrayError, SpecError, user_error
+from kdray.errors import KdrayError, SpecError, interrupted, user_error
 
 #: Exit status of an error the user can fix (a kdray bug exits 1, with its traceback).
 EXIT_USER = 2
@@ -199,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(console, "interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
+        if interrupted(exc):  # an interrupt Python wrapped (kdray.errors.interrupted)
+            _err(console, "interrupted")
+            return EXIT_INTERRUPTED
         user = user_error(exc)  # also behind a Ray worker's failure, a full disk, a lost node
         if user is None:
             raise

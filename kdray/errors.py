@@ -205,6 +205,14 @@ def _from_ray(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] == "ray"
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a ``KeyboardInterrupt`` (Ctrl-C, or the SIGTERM
+    with which Ray Jobs stops a driver, :meth:`kdray.service.tracking.Tracker.attach`). Python
+    wraps one raised inside a class's ``__set_name__`` (the signal came during an import, e.g.
+    of Ray Data's operator dataclasses) in a ``RuntimeError`` whose cause it is."""
+    return any(isinstance(e, KeyboardInterrupt) for e in _chain(exc))
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and every exception it wraps, outermost first."""
     out: list[BaseException] = []

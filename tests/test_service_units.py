@@ -627,3 +627,32 @@ def test_a_requeued_job_is_cancelled_through_ray_and_reports_belong_to_their_job
         (out / "report.md").symlink_to(secret)
         res = client.get(f"/v1/jobs/{b['id']}/report.md")
         assert res.status_code == 404 and "s3cret" not in res.text
+
+
+class _InterruptedHere:
+    """A class attribute whose ``__set_name__`` is interrupted (a SIGTERM during an import)."""
+
+    def __set_name__(self, owner, name):
+        raise KeyboardInterrupt
+
+
+def test_a_cancel_that_lands_in_an_import_still_cancels_the_job(tmp_path):
+    """Ray Jobs stops a driver with SIGTERM, raised as KeyboardInterrupt; landing in a class's
+    ``__set_name__`` (an import under way, as Ray Data's dataclasses), Python wraps it in a
+    RuntimeError. The record says cancelled, not a kdray bug; without a cancel, interrupted."""
+    from kdray.errors import interrupted
+    from kdray.service.tracking import Tracker
+
+    store = JobStore(tmp_path / "kdray.db")
+    cancelled, stopped = _running(store, "a"), _running(store, "b")
+    for job in (cancelled, stopped):
+        tracker = Tracker(str(tmp_path / "kdray.db"), job)  # the driver started
+        if job == cancelled:
+            store.update(cancelled, state="cancelling")  # the user cancels as it runs
+        with pytest.raises(KeyboardInterrupt) as info:
+            with tracker.following():
+                type("Importing", (), {"x": _InterruptedHere()})
+        assert isinstance(info.value.__cause__, RuntimeError) and interrupted(info.value.__cause__)
+    assert store.get(cancelled)["state"] == "cancelled" and store.get(cancelled)["error"] is None
+    assert store.get(stopped)["state"] == "failed" and store.get(stopped)["error"] == "interrupted"
+    assert not interrupted(RuntimeError("a bug")) and not interrupted(ValueError("x"))

@@ -9,7 +9,7 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from kdray.errors import ConfigError, JobCancelled, SpecError, user_error
+from kdray.errors import ConfigError, JobCancelled, SpecError, interrupted, user_error
 
 
 class Tracker:
@@ -58,16 +58,18 @@ class Tracker:
     @contextmanager
     def following(self) -> Iterator["Tracker"]:
         """Around the whole run: the record ends succeeded, cancelled (stopped while
-        cancelling), or failed with the user's error message (or the bug's)."""
+        cancelling), or failed with the user's error message (or the bug's). An interrupt that
+        Python wrapped in another error (:func:`kdray.errors.interrupted`) is one, raised again
+        as ``KeyboardInterrupt``."""
         try:
             yield self
         except KeyboardInterrupt:
-            if self.store is not None:
-                cancelled = (self.store.get(self.job_id) or {}).get("state") == "cancelling"
-                self.store.update(self.job_id, state="cancelled" if cancelled else "failed",
-                                  error=None if cancelled else "interrupted", driver=True)
+            self._interrupted()
             raise
         except Exception as exc:
+            if interrupted(exc):
+                self._interrupted()
+                raise KeyboardInterrupt from exc
             if self.store is not None:
                 user = user_error(exc)
                 error = str(user) if user is not None else f"kdray bug: {type(exc).__name__}: {exc}"
@@ -75,3 +77,9 @@ class Tracker:
             raise
         if self.store is not None:
             self.store.update(self.job_id, state="succeeded", driver=True)
+
+    def _interrupted(self) -> None:
+        if self.store is not None:
+            cancelled = (self.store.get(self.job_id) or {}).get("state") == "cancelling"
+            self.store.update(self.job_id, state="cancelled" if cancelled else "failed",
+                              error=None if cancelled else "interrupted", driver=True)
