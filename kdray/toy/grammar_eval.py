@@ -30,22 +30,20 @@ def answer_logprobs(model, tokenizer, prompt: str, answers: Sequence[str], batch
     """
     import torch
 
+    from kdray.data.tokenize import IGNORE_INDEX, pack_examples
+
     prompt_ids = tokenizer(prompt)["input_ids"]
     out: list[float] = []
     for i in range(0, len(answers), batch_size):
-        responses = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                     for a in answers[i:i + batch_size]]
-        width = len(prompt_ids) + max(len(r) for r in responses)
-        ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(responses):
-            ids[row, :len(prompt_ids) + len(r)] = torch.as_tensor(prompt_ids + r)
-            mask[row, :len(prompt_ids) + len(r)] = 1
+        pairs = [(prompt_ids, tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                 for a in answers[i:i + batch_size]]
+        batch = {k: torch.as_tensor(v) for k, v in pack_examples(
+            pairs, max(len(q) + len(r) for q, r in pairs), tokenizer.pad_token_id).items()}
         with torch.no_grad():
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        for row, r in enumerate(responses):
-            positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(r) - 1)
-            out.append(float(logp[row, positions, torch.as_tensor(r)].sum()))
+            logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+        picked = logp[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += (picked * (labels != IGNORE_INDEX)).sum(-1).tolist()
     return out
 
 
