@@ -9,6 +9,10 @@ KDRAY_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist): one runs the end-to-end modules one after another, the other
+# the light ones meanwhile, on the cores the end-to-end jobs leave idle (tests/conftest.py groups
+# them). PYTEST_ARGS="-n 0" runs everything in one process.
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
 # The venv's own pip is Python's bundled one (23.2 on 3.11); a current pip reads the registry's
 # metadata files instead of downloading wheels to resolve (tests/test_packaging.py: 72 s -> 32 s).
 PIP_VERSION := 26.3
@@ -33,7 +37,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kdray run jobs/demo.yaml
 
 test: $(STAMP) browser mlflow-server
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The service's web page is tested in Debian's chromium, headless, driven through its
 # chromedriver (tests/test_service.py). Installed here when missing and allowed (root, apt);
@@ -57,7 +61,7 @@ $(MLFLOW_VENV)/.installed: $(STAMP)
 	@touch $@
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow and not multinode" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not slow and not multinode" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MLFLOW_VENV) runs
