@@ -41,23 +41,24 @@ def ray_cpus(tmp_path_factory):
     ray.shutdown()
 
 
-#: The xdist group of every test in a module holding an end-to-end test (``slow`` or
-#: ``multinode``): under ``make test`` (``-n 2 --dist loadgroup``) they run one after another on
-#: one worker, as alone, while the other worker runs the light modules.
-HEAVY_GROUP = "end-to-end"
+def pytest_addoption(parser):
+    parser.addoption(
+        "--part", choices=("all", "end-to-end", "light"), default="all",
+        help="kdray: run only the modules holding an end-to-end test (marked slow or multinode; "
+             "each starts a local Ray and keeps both cores busy most of the time), or only the others. "
+             "make test runs the two parts at once, in two processes (default: all).")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Group the tests for ``pytest -n 2 --dist loadgroup --no-loadscope-reorder`` (``make test``).
-
-    The end-to-end modules each start a local Ray and use both cores most of the time: two at
-    once would race for them (and for memory) and run slower each, so they share one group,
-    which one worker runs in order, first (they are moved to the front; the light tests' order
-    among themselves is kept). A light module is a group of its own, so its module-scoped
-    fixtures start once. Without xdist the groups are inert marks and only the order changes.
-    """
+    """``--part``: keep the end-to-end modules' tests, or the light modules' (a module is
+    end-to-end when one of its tests is ``slow`` or ``multinode``: its module-scoped fixtures
+    then start once, in one part)."""
+    part = config.getoption("--part")
+    if part == "all":
+        return
     heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("multinode")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(HEAVY_GROUP if item.path in heavy else item.path.stem))
-    items.sort(key=lambda item: item.path not in heavy)  # stable: each side keeps its order
+    keep = [item for item in items if (item.path in heavy) == (part == "end-to-end")]
+    dropped = [item for item in items if (item.path in heavy) != (part == "end-to-end")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
