@@ -11,22 +11,13 @@ import os
 
 import pytest
 
-from kdray.toy.train import SFTRecipe
+from tests.worlds import build_tiny_grammar
 
 
 @pytest.fixture
 def tiny_grammar(tmp_path, monkeypatch):
     """A grammar world built at a tiny size into a cache of its own."""
-    import kdray.toy.grammar_world as gw
-    from kdray import toy
-
-    monkeypatch.setattr(gw, "N_TRAIN", 256)
-    monkeypatch.setattr(gw, "N_HELDOUT", 24)
-    monkeypatch.setattr(gw, "FIT_PROMPTS", 4)
-    monkeypatch.setattr(gw, "TEACHER_RECIPE", SFTRecipe(steps=6, batch_size=16, warmup=2))
-    monkeypatch.setattr(gw, "STUDENT_RECIPE", SFTRecipe(steps=3, batch_size=16, warmup=1))
-    monkeypatch.setenv("KDRAY_CACHE_DIR", str(tmp_path / "cache"))
-    return toy.build_world("grammar")
+    return build_tiny_grammar(monkeypatch, tmp_path / "cache")
 
 
 def test_a_build_holds_samples_of_the_language_two_models_and_their_fit(tiny_grammar, tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kdray.errors import KdrayError
-from kdray.repro.harness import EXTRA_METHODS, METHODS, ReproSize, method_spec, write_outputs
+from kdray.repro.harness import EXTRA_METHODS, METHODS, ReproSize, method_spec
+from kdray.repro.report import write_outputs
 from kdray.repro.tables import (BASE_LOSSES, Comparison, Stat, chain_verdict, markdown, method_stats, pocl_rows, pocl_verdict, summarize, verdicts)
 
 
@@ -190,44 +191,70 @@ def test_size_check_and_cli_errors_name_the_option(capsys):
 
 # -- end to end ----------------------------------------------------------------------------------
 
+@pytest.fixture
+def tiny_grammar_cache(tmp_path, monkeypatch):
+    """The grammar world at a tiny size, its teacher trained well past its student."""
+    from tests.worlds import build_tiny_grammar
+
+    return build_tiny_grammar(monkeypatch, tmp_path / "cache", n_train=512, n_heldout=48, teacher_steps=60,
+                              student_steps=10, batch_size=32)
+
+
 @pytest.mark.slow
-def test_repro_quick_runs_every_method_and_states_the_verdicts(tmp_path, toy_world):
+def test_repro_quick_on_the_grammar_world_runs_every_method_and_states_the_verdicts(tmp_path, tiny_grammar_cache):
+    from kdray.repro.language import LANGUAGE_METRICS
     from tests.test_e2e import kdray
 
     # One seed: the grid's cells are what CI's minutes go to (means and stds over seeds, and the
     # seed-noise flags, are checked on tables above).
-    res = kdray("repro", "--quick", "--seeds", "1", "--out", str(tmp_path / "repro"), cwd=tmp_path, timeout=1200)
+    res = kdray("repro", "--world", "grammar", "--quick", "--seeds", "1", "--out", str(tmp_path / "repro"),
+                cwd=tmp_path, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "repro"
     report = json.loads((out / "repro.json").read_text())
-    size = ReproSize.quick()
+    size, n_train = ReproSize.quick(), 512  # the tiny world's rows
+    assert report["config"]["world"] == "grammar" and report["config"]["response_source"] == "dataset"
+    assert report["config"]["specs"]["fkl"]["student"]["model"] == "toy:grammar-student"
+    assert "teacher_generate" not in report["timings_s"]  # the language's samples: no teacher pool
     cells = {(r["method"], r["seed"]) for r in report["runs"]}
     assert cells == {(m, 0) for m in METHODS} and report["config"]["seeds"] == [0]
-    for run in report["runs"]:
+    prompts = report["language"]["prompts"]
+    assert 0 < prompts <= 48 and report["language"]["samples"] == 8
+    for run in [*report["runs"], *({"language": v} for v in report["language"]["references"].values())]:
         assert "error" not in run
+        fit = run["language"]
+        assert fit["prompts"] == prompts and fit["samples"] == 8
+        assert math.isfinite(fit["kl"]) and fit["kl"] >= 0 and fit["nll"] == pytest.approx(fit["entropy"] + fit["kl"])
+        assert all(0.0 <= fit[k] <= 1.0 for k in ("validity_greedy", "validity_sampled", "coverage"))
+        assert 0.0 < fit["valid_mass"] <= 1.0 + 1e-6
+    for run in report["runs"]:
         assert math.isfinite(run["rougeL"]) and 0.0 <= run["rougeL"] <= 1.0
-        assert run["steps"] == size.epochs * (size.train_rows // size.global_batch_size)
+        assert run["steps"] == size.epochs * (n_train // size.global_batch_size)
         assert run["final_loss"] is not None and math.isfinite(run["final_loss"])
-    # The references and the check that HF generate answers as the vLLM pool does.
-    assert report["references"]["teacher"]["rougeL"] > report["references"]["student_before"]["rougeL"]
+    # The teacher (60 SFT steps) is closer to the language than the student (10)
+    refs = report["language"]["references"]
+    assert refs["teacher"]["kl"] < refs["student_before"]["kl"]
+    # HF generate answers as the vLLM pool does.
     assert report["generator_check"]["answer_agreement"] >= 0.95
     # DistiLLM-2 trained on fresh student responses each round, with its schedules.
     paper = next(r for r in report["runs"] if r["method"] == "distillm2-paper")
     assert paper["on_policy_generate_s"] > 0 and paper["train_metrics"][-1]["beta"] == 1.5
     # POCL's difficulty measured once, through the pool.
     assert (out / "shared" / "curriculum" / "difficulty.parquet").is_file()
-    _assert_pool_answers_and_cross_entropies_are_hfs(out / "shared")
+    _assert_pool_answers_and_cross_entropies_are_hfs(out / "shared", "toy:grammar-student")
     md = (out / "repro.md").read_text()
     assert "## POCL: average ROUGE-L" in md and "## DistiLLM-2 Table 2 order" in md
+    assert "## Against the language" in md and all(m.label in md for m in LANGUAGE_METRICS)
     verdict_lines = [line for line in md.splitlines() if line.startswith("- **")]
-    assert len(verdict_lines) == 5 and all("not checked" not in line for line in verdict_lines)
-    assert "POCL helps every base loss" in res.stdout and "KD (FKL) < DistiLLM (SKL" in res.stdout
+    assert len(verdict_lines) == 5 + 7 and all("not checked" not in line for line in verdict_lines)
+    assert "POCL helps every base loss (KL(language ‖ model): base > +POCL)" in res.stdout
+    assert "AKL (arXiv:2404.02657): between FKL and RKL" in res.stdout
 
 
-def _assert_pool_answers_and_cross_entropies_are_hfs(shared: Path, n: int = 24) -> None:
+def _assert_pool_answers_and_cross_entropies_are_hfs(shared: Path, student: str, n: int = 24) -> None:
     """The difficulty pass's vLLM pool (Ray's processor) against HF, row by row, on the first
-    ``n`` training rows: the initial student's greedy answer, and its cross-entropy on the
-    teacher's response (vLLM's prompt log-probs: the gold request). float32 on both sides."""
+    ``n`` training rows: the initial ``student``'s greedy answer, and its cross-entropy on the
+    row's training response (vLLM's prompt log-probs: the gold request). float32 on both sides."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -245,7 +272,7 @@ def _assert_pool_answers_and_cross_entropies_are_hfs(shared: Path, n: int = 24) 
     answers = {r["key"]: r["student_response"] for r in measured if not math.isnan(r["gold_rouge_l"])}
     gold_ce = {r["key"]: r["gold_ce"] for r in measured if not math.isnan(r["gold_ce"])}
     size = ReproSize.quick()
-    hf = HFGenerator("toy:student", dtype="float32", max_model_len=128, enforce_eager=True, tensor_parallel_size=1,
+    hf = HFGenerator(student, dtype="float32", max_model_len=128, enforce_eager=True, tensor_parallel_size=1,
                      sampling=SamplingConfig.greedy(size.max_new_tokens), env=pool_env(GenerationSpec()),
                      score_gold=True)
     got = hf({"id": np.asarray([r["key"] for r in responses]), "prompt": np.asarray([r["prompt"] for r in responses]),
@@ -254,3 +281,117 @@ def _assert_pool_answers_and_cross_entropies_are_hfs(shared: Path, n: int = 24) 
     assert list(got["response"]) == [answers[r["key"]] for r in responses]
     np.testing.assert_allclose(got["gold_ce"], [gold_ce[r["key"]] for r in responses], rtol=1e-3, atol=1e-4)
     assert max(got["gold_ce"]) > 1e-2  # not all trivially zero
+
+
+# -- the grammar world: scores against the language ----------------------------------------------
+
+def language_runs(scores: dict[str, list[dict]]) -> list[dict]:
+    return [{"method": m, "seed": i, "rougeL": 0.5, "exact_match": 0.1, "language": s}
+            for m, values in scores.items() for i, s in enumerate(values)]
+
+
+def fit(kl: float, validity: float, coverage: float) -> dict:
+    return {"kl": kl, "nll": 2.5 + kl, "validity_greedy": validity, "validity_sampled": validity,
+            "coverage": coverage, "valid_mass": validity, "entropy": 2.5, "prompts": 64, "samples": 8}
+
+
+def three_seeds(kl: float, validity: float, coverage: float) -> list[dict]:
+    return [fit(kl + d, validity + d, coverage + d) for d in (-0.01, 0.0, 0.01)]
+
+
+def test_language_verdicts_judge_kl_lower_is_better_and_the_mode_claims():
+    from kdray.repro.language import language_stats, language_verdicts
+
+    runs = language_runs({"fkl": three_seeds(2.0, 0.60, 0.50), "fkl+pocl": three_seeds(1.8, 0.62, 0.52),
+                          "rkl": three_seeds(2.4, 0.80, 0.30), "akl": three_seeds(2.1, 0.70, 0.40),
+                          "skl": three_seeds(1.9, 0.6, 0.5), "distillm2-paper": three_seeds(1.7, 0.6, 0.5)})
+    runs.append({"method": "rkl", "seed": 3, "error": "boom"})  # a failed run counts nowhere
+    stats = language_stats(runs)
+    assert stats["kl"]["fkl"].mean == pytest.approx(2.0) and stats["kl"]["rkl"].n == 3
+    found = {v["claim"]: v for v in language_verdicts(stats)}
+    pocl = found["pocl:kl"]  # lower KL with POCL: it helps
+    assert pocl["holds"] is True and "KL(language ‖ model): base > +POCL" in pocl["text"]
+    assert "POCL helps 1 of 1 base losses (FKL)" in pocl["text"]
+    chain = found["distillm2:skl:paper:kl"]
+    assert chain["holds"] is True and "KD 2.000 > DistiLLM 1.900" in chain["text"]
+    assert found["distillm2:srkl:paper:kl"]["holds"] is None  # SRKL not run
+    mode = next(v for c, v in found.items() if c.startswith("Mode seeking"))
+    assert mode["holds"] is True and mode["beyond_noise"] is True and "HOLDS on this run (beyond seed noise)" in mode["text"]
+    assert "validity (samples): FKL 0.600 ± 0.010 < RKL 0.800 ± 0.010" in mode["text"]
+    assert "coverage: RKL 0.300 ± 0.010 < FKL 0.500 ± 0.010" in mode["text"]
+    akl = next(v for c, v in found.items() if c.startswith("AKL"))
+    assert akl["holds"] is True and "FKL 0.600 ± 0.010 < AKL 0.700 ± 0.010 < RKL 0.800 ± 0.010" in akl["text"]
+
+    # AKL outside the two on coverage; RKL covering more than FKL: neither claim holds.
+    runs = language_runs({"fkl": three_seeds(2.0, 0.60, 0.30), "rkl": three_seeds(2.4, 0.80, 0.50),
+                          "akl": three_seeds(2.1, 0.70, 0.60)})
+    found = language_verdicts(language_stats(runs))
+    mode, akl = found[-2], found[-1]
+    assert mode["holds"] is False and mode["beyond_noise"] is False and "DOES NOT HOLD" in mode["text"]
+    assert akl["holds"] is False
+    one = language_verdicts(language_stats(language_runs({"fkl": [fit(2, .6, .5)], "rkl": [fit(2, .8, .3)]})))
+    assert one[-2]["holds"] is True and one[-2]["beyond_noise"] is None and "single seed" in one[-2]["text"]
+    assert one[-1]["holds"] is None and "not checked" in one[-1]["text"]
+
+
+def test_write_outputs_adds_the_language_table_and_its_verdicts(tmp_path: Path):
+    from rich.console import Console
+
+    result = {
+        "config": {"size": asdict(ReproSize.quick()), "methods": ["fkl", "rkl"], "world": "grammar",
+                   "response_source": "dataset", "data": {"train": "toy:grammar-train"}},
+        "timings_s": {"total": 12.0},
+        "references": {"teacher": {"rougeL": 0.4, "exact_match": 0.1}},
+        "generator_check": {"training_prompts": 400, "student_before_pool": {"rougeL": 0.2},
+                            "student_before_hf": {"rougeL": 0.2}, "answer_agreement": 1.0},
+        "runs": language_runs({"fkl": three_seeds(2.0, 0.6, 0.5), "rkl": three_seeds(2.4, 0.8, 0.3)}),
+        "language": {"prompts": 64, "samples": 8, "references": {"teacher": fit(0.3, 0.9, 0.8)}},
+    }
+    write_outputs(result, tmp_path, Console(file=open(tmp_path / "console.txt", "w"), width=200))
+    md = (tmp_path / "repro.md").read_text()
+    assert "on the grammar world" in md and "The training rows' own responses" in md
+    assert "## Against the language" in md and "| teacher (reference) | 0.300 | 2.800 |" in md
+    assert "| rkl | 2.400 ± 0.010 |" in md
+    assert "## Verdicts against the language (64 held-out prompts, 8 samples each)" in md
+    assert "- **holds**: Mode seeking" in md
+    saved = json.loads((tmp_path / "repro.json").read_text())
+    assert saved["language"]["summary"]["kl"]["fkl"]["mean"] == pytest.approx(2.0)
+    assert [v["holds"] for v in saved["language"]["verdicts"]][-2:] == [True, None]
+
+
+def test_the_grammar_world_takes_its_own_data_and_models(capsys, tmp_path):
+    from kdray.cli import main
+    from kdray.repro.language import WORLDS
+    from kdray.spec import parse_spec
+
+    assert main(["repro", "--world", "grammar", "--data", "a.jsonl", "--heldout", "b.jsonl"]) == 2
+    assert "--data/--heldout: the grammar world scores every run against its own language" in capsys.readouterr().err
+    world = WORLDS["grammar"]
+    spec = parse_spec(method_spec("rkl", ReproSize.quick(), world.train, world.heldout, tmp_path, world=world), "rkl")
+    assert (spec.teacher.model, spec.student.model) == ("toy:grammar-teacher", "toy:grammar-student")
+    assert spec.data.response_source == "dataset" and spec.data.train == "toy:grammar-train"
+
+
+@pytest.mark.parametrize("size", [ReproSize.quick(), ReproSize.default()], ids=["quick", "default"])
+def test_the_paper_budget_gives_pocl_its_epochs_per_stage_and_distillm2_an_epoch_per_round(size, tmp_path):
+    from kdray.curriculum.plan import plan_segments, total_steps
+    from kdray.repro.harness import pocl_paper_stage_epochs
+    from kdray.spec import parse_spec
+
+    size = ReproSize(**{**asdict(size), "budget": "paper"})
+    size.check()
+    per_epoch = size.train_rows // size.global_batch_size
+    stage_epochs = pocl_paper_stage_epochs(size.epochs)
+    assert stage_epochs == {2: 1, 4: 2}[size.epochs]  # the scripts' 8 per stage for KD's 20, rounded
+    for m in METHODS:
+        plan = plan_segments(parse_spec(method_spec(m, size, "toy:train", "toy:heldout", tmp_path), m), size.train_rows)
+        if "+pocl" in m:  # each stage its epochs over its cumulative rows: the easy rows get fewer steps
+            assert [s.stage for s in plan] == list(range(1, size.pocl_stages + 1))
+            assert [s.n_rows for s in plan] == sorted(s.n_rows for s in plan) and plan[-1].n_rows == size.train_rows
+            assert total_steps(plan) == sum(stage_epochs * s.steps_per_epoch for s in plan)
+        elif m.startswith("distillm2"):
+            assert len(plan) == size.distillm2_rounds and total_steps(plan) == size.distillm2_rounds * per_epoch
+        else:
+            assert total_steps(plan) == size.epochs * per_epoch
+    with pytest.raises(KdrayError, match="--budget: unknown budget 'long'"):
+        ReproSize(budget="long").check()

@@ -18,11 +18,13 @@ what does not depend on the method and runs the rest as Ray tasks:
    student's HF answers to the first training prompts compared with its pool answers from the
    difficulty pass (a check that the two generators agree).
 
-Every method gets the same number of optimizer steps: ``epochs`` passes over the training
-rows. POCL runs its ``pocl_stages`` cumulative stages as equal shares of those steps
-(``interval_unit: steps``) with its KD temperature 1 → 2 and ``kd_ratio`` 0.7 → 1.0;
-DistiLLM-2 runs ``distillm2_rounds`` rounds of ``epochs / distillm2_rounds`` epochs, sampling
-fresh student responses (temperature ``on_policy_temperature``) before each.
+Under the default budget (``equal-steps``) every method gets the same number of optimizer
+steps: ``epochs`` passes over the training rows. POCL runs its ``pocl_stages`` cumulative
+stages as equal shares of those steps (``interval_unit: steps``) with its KD temperature 1 → 2
+and ``kd_ratio`` 0.7 → 1.0; DistiLLM-2 runs ``distillm2_rounds`` rounds of
+``epochs / distillm2_rounds`` epochs, sampling fresh student responses (temperature
+``on_policy_temperature``) before each. ``--budget paper`` gives the released scripts' shapes
+instead (:data:`BUDGETS`).
 
 Outputs in ``--out``: ``repro.json`` (every run's scores, timings, per-step metrics and
 spec; the shared phases' timings; the size), ``repro.md`` (the two tables and the verdict
@@ -32,15 +34,15 @@ lines of :mod:`kdray.repro.tables`), ``events.jsonl`` and ``shared/`` (POCL's di
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kdray.errors import KdrayError, SpecError
+from kdray.errors import SpecError
+from kdray.repro.language import WORLDS, ReproWorld, language_prompts
+from kdray.repro.report import write_outputs
 from kdray.repro.tables import BASE_LOSSES, DISTILLM2_MODES, POCL_SUFFIX
 
 #: Objective of each base loss (DistiLLM's α = 0.1; SRKL as DistiLLM, without the detach).
@@ -61,6 +63,22 @@ METHODS: tuple[str, ...] = (
 EXTRA_METHODS: tuple[str, ...] = tuple(f"distillm2-{mode}{POCL_SUFFIX}" for mode in DISTILLM2_MODES)
 
 
+#: How the methods' training lengths compare. ``equal-steps``: every method ``epochs`` passes
+#: worth of optimizer steps (POCL's stages share them equally, DistiLLM-2's rounds split the
+#: epochs). ``paper``: the released scripts' shapes: POCL's stages each run
+#: :func:`pocl_paper_stage_epochs` epochs over their cumulative rows (github.com/liuliuyuan6/POCL,
+#: scripts/gpt2/pocl/*: 8 epochs per stage, against 20 for the KD baseline, scripts/gpt2/kd/),
+#: DistiLLM-2's rounds one epoch each (its released training runs one epoch per round).
+BUDGETS: tuple[str, ...] = ("equal-steps", "paper")
+
+
+def pocl_paper_stage_epochs(epochs: int) -> int:
+    """POCL's epochs per stage under the ``paper`` budget: the scripts' 8 per stage for the KD
+    baseline's 20 (0.4 of the base methods' ``epochs``), at least 1. With 4 stages over
+    cumulative quarters that is as many steps as the base methods take."""
+    return max(1, round(epochs * 8 / 20))
+
+
 @dataclass(frozen=True)
 class ReproSize:
     """How big the grid is. ``default``: under 45 minutes on 2 CPU cores; ``quick``: CI."""
@@ -78,6 +96,7 @@ class ReproSize:
     eval_max_new_tokens: int = 32
     max_seq_len: int = 96
     on_policy_temperature: float = 1.0
+    budget: str = "equal-steps"      # or "paper": :data:`BUDGETS`
 
     @classmethod
     def default(cls) -> "ReproSize":
@@ -90,7 +109,9 @@ class ReproSize:
 
     def check(self) -> None:
         errors = []
-        if self.epochs % self.distillm2_rounds:
+        if self.budget not in BUDGETS:
+            errors.append(("--budget", f"unknown budget {self.budget!r}; choose from {', '.join(BUDGETS)}"))
+        if self.budget == "equal-steps" and self.epochs % self.distillm2_rounds:
             errors.append(("distillm2_rounds", f"epochs ({self.epochs}) must be a multiple of distillm2_rounds "
                                                f"({self.distillm2_rounds}) so DistiLLM-2 gets the same steps"))
         if self.seeds < 1:
@@ -100,9 +121,10 @@ class ReproSize:
 
 
 def method_spec(method: str, size: ReproSize, train: str, heldout: str, out: Path,
-                n_rows: int | None = None) -> dict[str, Any]:
+                n_rows: int | None = None, world: ReproWorld = WORLDS["toy"]) -> dict[str, Any]:
     """The JobSpec (as a dict) that describes ``method`` at ``size`` over ``n_rows`` training
-    rows (default ``size.train_rows``; a dataset may hold fewer)."""
+    rows (default ``size.train_rows``; a dataset may hold fewer), with ``world``'s models and
+    its training responses (:class:`~kdray.repro.language.ReproWorld`)."""
     if method not in METHODS + EXTRA_METHODS:
         raise SpecError([("--methods", f"unknown method {method!r}; choose from {', '.join(METHODS + EXTRA_METHODS)}")])
     pocl = method.endswith(POCL_SUFFIX)
@@ -114,11 +136,15 @@ def method_spec(method: str, size: ReproSize, train: str, heldout: str, out: Pat
         d2 = {"kind": "distillm2", "mode": base.removeprefix("distillm2-")}
         if not pocl:
             d2["rounds"] = size.distillm2_rounds
-            epochs = size.epochs // size.distillm2_rounds
+            epochs = 1 if size.budget == "paper" else size.epochs // size.distillm2_rounds
         curriculum.append(d2)
     else:
         objective = dict(OBJECTIVES[base])
-    if pocl:
+    if pocl and size.budget == "paper":
+        curriculum.append({"kind": "pocl", "n_stages": size.pocl_stages, "interval_unit": "epochs",
+                           "stage_interval": pocl_paper_stage_epochs(size.epochs)})
+        epochs = 1
+    elif pocl:
         total = size.epochs * ((n_rows or size.train_rows) // size.global_batch_size)
         curriculum.append({"kind": "pocl", "n_stages": size.pocl_stages, "interval_unit": "steps",
                            "stage_interval": math.ceil(total / size.pocl_stages)})
@@ -126,10 +152,11 @@ def method_spec(method: str, size: ReproSize, train: str, heldout: str, out: Pat
     return {
         "name": "repro-" + method.replace("+", "-").replace("_", "-"),
         "output_dir": str(out / "shared"),
-        "teacher": {"model": "toy:teacher", "dtype": "float32", "max_model_len": 128},
-        "student": {"model": "toy:student", "dtype": "float32", "max_model_len": 128},
+        "teacher": {"model": world.teacher, "dtype": "float32", "max_model_len": 128},
+        "student": {"model": world.student, "dtype": "float32", "max_model_len": 128},
         "data": {"train": train, "heldout": heldout, "max_train_samples": size.train_rows,
-                 "max_heldout_samples": size.heldout_rows, "max_prompt_tokens": 64, "response_source": "teacher"},
+                 "max_heldout_samples": size.heldout_rows, "max_prompt_tokens": 64,
+                 "response_source": world.response_source},
         "generation": {"sampling_temperature": 0.0, "max_new_tokens": size.max_new_tokens, "batch_size": 256,
                        "enforce_eager": True, "replicas": 1, "num_cpus_per_replica": 0.5},
         "objective": objective,
@@ -149,9 +176,11 @@ def _runs_order(methods: list[str], seeds: int) -> list[tuple[str, int]]:
     return [(m, s) for s in range(seeds) for m in heavy] + [(m, s) for s in range(seeds) for m in light]
 
 
-def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "toy:train",
-              heldout: str = "toy:heldout", address: str | None = None, console: Any = None) -> dict[str, Any]:
-    """Run the grid; write ``repro.json`` and ``repro.md`` into ``out``; return the result."""
+def run_repro(size: ReproSize, methods: list[str], out: Path, *, world: str = "toy", train: str | None = None,
+              heldout: str | None = None, address: str | None = None, console: Any = None) -> dict[str, Any]:
+    """Run the grid on ``world`` (a key of :data:`~kdray.repro.language.WORLDS`; its data
+    unless ``train`` and ``heldout`` are given); write ``repro.json`` and ``repro.md`` into
+    ``out``; return the result."""
     import ray
     from rich.console import Console
 
@@ -160,14 +189,17 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
 
     console = console or Console(stderr=True)
     size.check()
+    the_world = WORLDS[world]
+    train, heldout = train or the_world.train, heldout or the_world.heldout
     out = out.expanduser().resolve()
     for m in methods:  # every method's spec is valid before any work
-        parse_spec(method_spec(m, size, train, heldout, out), f"kdray repro, method {m}")
+        parse_spec(method_spec(m, size, train, heldout, out, world=the_world), f"kdray repro, method {m}")
     started = time.time()
-    shared = _shared_stages(size, methods, out, train=train, heldout=heldout, address=address, console=console)
+    shared = _shared_stages(size, methods, out, the_world, train=train, heldout=heldout, address=address,
+                            console=console)
     timings = shared["timings"]
     t_grid = time.perf_counter()
-    runs, references = _run_grid(size, methods, shared, console)
+    runs, references = _run_grid(size, methods, shared, the_world, console)
     timings["grid"] = time.perf_counter() - t_grid
     check_rows, hf_check = shared["check_rows"], references.pop("generator_check")
     teacher_responses = [r["response"] for r in check_rows]
@@ -178,7 +210,8 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
 
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     result = {
-        "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)),
+        "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)), "world": world,
+                   "response_source": the_world.response_source,
                    "data": {"train": train, "heldout": heldout}, "rows": shared["row_reports"],
                    "specs": {m: s.model_dump(mode="json") for m, s in shared["specs"].items()},
                    "ray_cpus": ray.cluster_resources().get("CPU")},
@@ -188,6 +221,11 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, train: str = "t
                             "student_before_hf": hf_check["scores"], "answer_agreement": agree},
         "runs": runs,
     }
+    if the_world.language:
+        from kdray.repro.language import LANGUAGE_SAMPLES
+
+        result["language"] = {"prompts": len(shared["language_prompts"]), "samples": LANGUAGE_SAMPLES,
+                              "references": {label: ref["language"] for label, ref in references.items()}}
     return write_outputs(result, out, console)
 
 
@@ -201,12 +239,13 @@ def _small_rows(artifact: Any, columns: list[str], by: str = "_row") -> list[dic
     return sorted(rows, key=lambda r: (r[by], r.get("sample_index", 0)))
 
 
-def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str, heldout: str,
+def _shared_stages(size: ReproSize, methods: list[str], out: Path, world: ReproWorld, *, train: str, heldout: str,
                    address: str | None, console: Any) -> dict[str, Any]:
     """What every run shares, made once with the job's own stages through the vLLM pool: the
-    checked data, the teacher's responses, POCL's difficulty order and, from the same pass, the
-    initial student's pool answers to the first training prompts (``check_rows``, for the
-    generator check); plus each method's spec, sized to the rows that were kept."""
+    checked data, the training responses (the teacher's, or the dataset's: ``world``), POCL's
+    difficulty order and, from the same pass, the initial student's pool answers to the first
+    training prompts (``check_rows``, for the generator check); plus each method's spec, sized
+    to the rows that were kept, and on a world with a language the prompts scored against it."""
     from kdray.curriculum.plan import plan_segments
     from kdray.data.artifacts import open_artifact
     from kdray.pipeline.progress import ConsoleReporter
@@ -217,7 +256,7 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
     from kdray.stages.generate import training_responses
     from kdray.stages.prepare import prepare
 
-    shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out), "kdray repro")
+    shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out, world=world), "kdray repro")
     out.mkdir(parents=True, exist_ok=True)
     (out / "events.jsonl").unlink(missing_ok=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
@@ -229,15 +268,16 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
         timings["ray_init"] = time.perf_counter() - t0
         data = prepare(ctx)
         n_train, held_rows = data.train.rows, _small_rows(data.heldout, ["_row", "id", "prompt", "response"])
-        specs = {m: parse_spec(method_spec(m, size, train, heldout, out, n_train), f"kdray repro, method {m}")
+        specs = {m: parse_spec(method_spec(m, size, train, heldout, out, n_train, world), f"kdray repro, method {m}")
                  for m in methods}
         for m, spec in specs.items():  # a plan that cannot run fails before any generation
             plan_segments(spec, n_train)
-        reporter.phase_start("generate", n_train, "teacher responses (vLLM pool)")
+        reporter.phase_start("generate", n_train, "teacher responses (vLLM pool)" if world.response_source == "teacher"
+                             else "the dataset's responses")
         t0 = time.perf_counter()
         responses = training_responses(ctx, data.train)
         teacher_rows = _small_rows(responses, ["_row", "key", "id", "prompt", "response", "finish_reason",
-                                               "sample_index", "response_token_ids"])
+                                               "sample_index"])
         timings["teacher_generate"] = time.perf_counter() - t0
         reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")
         t0 = time.perf_counter()
@@ -253,13 +293,15 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, *, train: str
     finally:
         reporter.close()
     return {"spec": shared, "specs": specs, "row_reports": data.row_reports, "teacher_rows": teacher_rows,
-            "ordered": ordered, "heldout": held_rows, "check_rows": check_rows, "timings": timings}
+            "ordered": ordered, "heldout": held_rows, "check_rows": check_rows, "timings": timings,
+            "language_prompts": language_prompts(held_rows) if world.language else []}
 
 
-def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
+def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any], world: ReproWorld,
               console: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method × seed as one Ray task (:func:`kdray.repro.run.train_and_evaluate`), and
-    the two references scored the same way; a failed cell is reported, not raised."""
+    the two references scored the same way (on a world with a language, against it too); a
+    failed cell is reported, not raised."""
     import ray
 
     from kdray.data.tokenize import job_encoding
@@ -271,15 +313,17 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
     task = ray.remote(num_cpus=1)(train_and_evaluate)
     ref_task = ray.remote(num_cpus=1)(evaluate_reference)
     encoding = job_encoding(spec)  # one prompt encoding: the teacher is scored on the student's prompts
+    prompts = shared["language_prompts"] or None
     refs = {label: ref_task.remote(model.model, model.dtype, held_ref, max_new_tokens=spec.evaluation.max_new_tokens,
-                                   encoding=encoding)
+                                   encoding=encoding, language_prompts=prompts)
             for label, model in (("teacher", spec.teacher), ("student_before", spec.student))}
     # The generator check: HF's answers to the prompts the pool answered in the difficulty pass
     refs["generator_check"] = ref_task.remote(spec.student.model, spec.student.dtype, shared["check_rows"],
                                               max_new_tokens=spec.generation.max_new_tokens, encoding=encoding)
     order = _runs_order(methods, size.seeds)
     pending = {task.remote(specs[m].model_dump(mode="json"), m, s, ordered_ref, plain_ref, held_ref,
-                           on_policy_temperature=size.on_policy_temperature): (m, s) for m, s in order}
+                           on_policy_temperature=size.on_policy_temperature, language_prompts=prompts): (m, s)
+               for m, s in order}
     runs: list[dict[str, Any]] = []
     while pending:
         [done], _ = ray.wait(list(pending), num_returns=1)
@@ -292,67 +336,20 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any],
         if run.get("error"):
             line = f"[red]failed[/]: {run['error']}"
         else:
+            fit = run.get("language")
             line = (f"ROUGE-L {run['rougeL']:.3f}  EM {run['exact_match']:.3f}  "
-                    f"(train {run['train_s']:.0f}s, eval {run['eval_s']:.1f}s, {run['steps']} steps)")
+                    + (f"KL {fit['kl']:.3f}  valid {fit['validity_sampled']:.2f}  cover {fit['coverage']:.2f}  "
+                       if fit else "")
+                    + f"(train {run['train_s']:.0f}s, eval {run['eval_s']:.1f}s, {run['steps']} steps)")
         console.print(f"[{len(runs):>3}/{len(order)}] {method:<28} seed {seed}: {line}", highlight=False,
                       soft_wrap=True)
     return runs, {label: ray.get(r) for label, r in refs.items()}
 
 
-def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, Any]:
-    """Add the summary and verdicts to ``result``; write repro.json and repro.md; print the tables."""
-    from kdray.repro.tables import Stat, markdown, method_stats, rich_tables, verdicts
-
-    stats, em = method_stats(result["runs"]), method_stats(result["runs"], "exact_match")
-    refs = {label.replace("_", " "): Stat(s["rougeL"], None, 1) for label, s in result["references"].items()}
-    ref_em = {label.replace("_", " "): Stat(s["exact_match"], None, 1) for label, s in result["references"].items()}
-    found = verdicts(stats)
-    result["summary"] = {m: {"rougeL": stats[m].as_dict(), "exact_match": em[m].as_dict()} for m in stats}
-    result["verdicts"] = found
-    failed = [f"{r['method']} seed {r['seed']}" for r in result["runs"] if r.get("error")]
-    tmp = out / "repro.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, out / "repro.json")
-    size, t = result["config"]["size"], result["timings_s"]
-    check = result["generator_check"]
-    head = [
-        "# kdray repro", "",
-        f"{len(result['config']['methods'])} methods x {size['seeds']} seeds on {result['config']['data']['train']} "
-        f"({size['train_rows']} training rows, {size['heldout_rows']} held-out rows, {size['epochs']} epochs of "
-        f"{size['train_rows'] // size['global_batch_size']} steps at batch {size['global_batch_size']}; POCL "
-        f"{size['pocl_stages']} stages, DistiLLM-2 {size['distillm2_rounds']} rounds; AdamW lr {size['lr']}, cosine, "
-        f"{size['warmup_steps']} warmup steps). Teacher responses (greedy, vLLM pool) and POCL's difficulty order "
-        "are shared by every run; each run trains in one process with kdray's plans, objectives and schedules "
-        "(no DeepSpeed). Scores: greedy held-out answers (HF generate), ROUGE-L F. Teacher and initial student "
-        "are references (one value each).",
-        "",
-        f"Timings: total {t['total']:.0f}s; teacher responses {t.get('teacher_generate', 0):.0f}s, POCL difficulty "
-        f"(the initial student through the pool) {t.get('pocl_difficulty', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
-        "",
-        f"Generator check (initial student, the first {check.get('training_prompts', '?')} training prompts, against "
-        f"the teacher's responses): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
-        f"HF generate {check['student_before_hf']['rougeL']:.3f}, identical answers {check['answer_agreement']:.1%}.",
-        "",
-    ]
-    if failed:
-        head += [f"**Failed runs** (left out of the tables): {', '.join(failed)}", ""]
-    body = markdown(stats, refs, {**em, **ref_em}, found)
-    (out / "repro.md").write_text("\n".join(head) + "\n" + body, encoding="utf-8")
-    for table in rich_tables(stats, refs, {**em, **ref_em}):
-        console.print(table)
-    for v in found:
-        tag = {True: "[green]holds[/]", False: "[red]does not hold[/]", None: "[yellow]not checked[/]"}[v["holds"]]
-        console.print(f"{tag}: {v['text']}", highlight=False, soft_wrap=True)
-    console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {t['total']:.0f}s)")
-    if failed:
-        raise KdrayError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see the errors in {out / 'repro.json'}")
-    return result
-
-
 def cmd_repro(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    size = ReproSize.quick() if args.quick else ReproSize.default()
+    size = replace(ReproSize.quick() if args.quick else ReproSize.default(), budget=args.budget)
     if args.seeds is not None:
         size = replace(size, seeds=args.seeds)
     methods = args.methods or list(METHODS)
@@ -363,8 +360,12 @@ def cmd_repro(args: argparse.Namespace) -> int:
     if (args.data is None) != (args.heldout is None):
         raise SpecError([("--data/--heldout", "give both the training and the held-out dataset, or neither "
                                               "(the toy world's toy:train / toy:heldout)")])
+    if args.data is not None and WORLDS[args.world].language:
+        raise SpecError([("--data/--heldout", f"the {args.world} world scores every run against its own language, "
+                                              "so it runs on its own data; drop --data and --heldout, or use "
+                                              "--world toy")])
     methods = list(dict.fromkeys(methods))
-    run_repro(size, methods, Path(args.out), train=args.data or "toy:train", heldout=args.heldout or "toy:heldout",
+    run_repro(size, methods, Path(args.out), world=args.world, train=args.data, heldout=args.heldout,
               address=args.address, console=Console())
     return 0
 
@@ -374,11 +375,18 @@ def add_parsers(subparsers: Any) -> None:
                                             "DistiLLM-2 papers' orderings")
     p.add_argument("--quick", action="store_true", help="the small CI size (a few minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3, --quick: 2)")
+    p.add_argument("--budget", choices=BUDGETS, default="equal-steps",
+                   help="equal-steps: every method the same optimizer steps; paper: the released scripts' "
+                        "shapes (POCL's epochs per stage, DistiLLM-2's one epoch per round)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="toy",
+                   help="toy: the demo's models and data, scored by ROUGE-L; grammar: a language with a known "
+                        "answer distribution per prompt, trained on its samples, each run also scored against "
+                        "it (KL, validity, coverage; kdray.repro.language)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"methods to run (default: all of {', '.join(METHODS)}; also {', '.join(EXTRA_METHODS)})")
     p.add_argument("--data", default=None, help="training prompts with gold responses (.jsonl, .parquet; "
                                                 "default toy:train); fields id, prompt, response; the teacher "
-                                                "and student stay the toy models (prompts up to 64 tokens)")
+                                                "and student stay the toy world's (prompts up to 64 tokens)")
     p.add_argument("--heldout", default=None, help="held-out prompts with gold responses (default toy:heldout)")
     p.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")

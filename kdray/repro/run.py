@@ -62,9 +62,11 @@ def evaluate_model(model: Any, tok: Any, heldout: list[dict[str, Any]], *, max_n
 
 
 def evaluate_reference(model_ref: str, dtype: str, heldout: list[dict[str, Any]], *, max_new_tokens: int,
-                       encoding: Any, threads: int = 1) -> dict[str, Any]:
+                       encoding: Any, language_prompts: list[str] | None = None, threads: int = 1) -> dict[str, Any]:
     """Score an untrained model (the teacher, the initial student) as every run is scored: with
-    the job's prompt encoding (``encoding``), the teacher's own template or not."""
+    the job's prompt encoding (``encoding``), the teacher's own template or not; with
+    ``language_prompts``, against its world's language on them too (``language``:
+    :func:`kdray.repro.language.language_scores`, seed 0)."""
     import torch
 
     from kdray.models import load_causal_lm, load_tokenizer
@@ -73,7 +75,12 @@ def evaluate_reference(model_ref: str, dtype: str, heldout: list[dict[str, Any]]
     tok = load_tokenizer(model_ref)
     model = load_causal_lm(model_ref, dtype, trainable=False)
     scores, answers = evaluate_model(model, tok, heldout, max_new_tokens=max_new_tokens, encoding=encoding)
-    return {"scores": scores, "answers": answers}
+    out = {"scores": scores, "answers": answers}
+    if language_prompts:
+        from kdray.repro.language import language_scores
+
+        out["language"] = language_scores(model, tok, model_ref, language_prompts)
+    return out
 
 
 def _encode(encoder: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,13 +94,16 @@ def _encode(encoder: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordered_rows: list[dict[str, Any]],
                        plain_rows: list[dict[str, Any]], heldout: list[dict[str, Any]], *,
-                       on_policy_temperature: float, threads: int = 1) -> dict[str, Any]:
+                       on_policy_temperature: float, language_prompts: list[str] | None = None,
+                       threads: int = 1) -> dict[str, Any]:
     """Train the student of ``spec_json`` (POCL methods on ``ordered_rows``, easy → hard;
-    others on ``plain_rows``) with seed ``seed``, then score it on ``heldout``.
+    others on ``plain_rows``) with seed ``seed``, then score it on ``heldout`` and, with
+    ``language_prompts``, against its world's language on them
+    (:func:`kdray.repro.language.language_scores`, sampled with the run's seed).
 
     The seed sets the data order of every epoch and the sampling of DistiLLM-2's student
     responses (the student's initial weights are the spec's model, the same for every seed).
-    Returns the scores, timings and per-step metrics."""
+    Returns the scores (the language's under ``language``), timings and per-step metrics."""
     import numpy as np
     import torch
 
@@ -149,6 +159,10 @@ def train_and_evaluate(spec_json: dict[str, Any], method: str, seed: int, ordere
     t0 = time.perf_counter()
     scores, _ = evaluate_model(student, tok, heldout, max_new_tokens=spec.evaluation.max_new_tokens,
                                encoding=encoding)
+    if language_prompts:
+        from kdray.repro.language import language_scores
+
+        scores["language"] = language_scores(student, tok, spec.student.model, language_prompts, seed=seed)
     return {"method": method, "seed": seed, **scores, "steps": n_steps, "segments": len(plan),
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,

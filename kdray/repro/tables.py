@@ -106,6 +106,28 @@ class Comparison:
         return "within seed noise" if noise else "beyond seed noise"
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A score the verdicts compare: its key in a run's result, its label, and which way is
+    better (ROUGE-L and validity: higher; KL and NLL: lower)."""
+
+    key: str
+    label: str
+    higher_is_better: bool = True
+
+    def compare(self, worse: Stat, better: Stat) -> Comparison:
+        """The :class:`Comparison` that holds when ``better`` scores better than ``worse``."""
+        return Comparison(worse, better) if self.higher_is_better else Comparison(better, worse)
+
+    @property
+    def better_sign(self) -> str:
+        """``<`` (higher is better) or ``>``: the sign between a worse and a better score."""
+        return "<" if self.higher_is_better else ">"
+
+
+ROUGE_L = Metric("rougeL", "ROUGE-L")
+
+
 def method_stats(runs: Iterable[Mapping[str, Any]], metric: str = "rougeL") -> dict[str, Stat]:
     """Per method, the statistic of ``metric`` over its finished runs (failed runs skipped)."""
     by_method: dict[str, list[float]] = {}
@@ -115,15 +137,16 @@ def method_stats(runs: Iterable[Mapping[str, Any]], metric: str = "rougeL") -> d
     return {m: summarize(v) for m, v in by_method.items()}
 
 
-def pocl_rows(stats: Mapping[str, Stat]) -> list[dict[str, Any]]:
-    """One row per base loss that has both a base and a +POCL result."""
+def pocl_rows(stats: Mapping[str, Stat], metric: Metric = ROUGE_L) -> list[dict[str, Any]]:
+    """One row per base loss that has both a base and a +POCL result: ``diff`` is +POCL's mean
+    minus the base's, ``holds`` whether +POCL is better on ``metric``."""
     rows = []
     for key, label in BASE_LOSSES.items():
         base, pocl = stats.get(key), stats.get(key + POCL_SUFFIX)
         if base is None or pocl is None:
             continue
-        cmp = Comparison(base, pocl)
-        rows.append({"loss": label, "base": base, "pocl": pocl, "diff": cmp.diff, "holds": cmp.word(),
+        cmp = metric.compare(base, pocl)
+        rows.append({"loss": label, "base": base, "pocl": pocl, "diff": pocl.mean - base.mean, "holds": cmp.word(),
                      "note": cmp.note()})
     return rows
 
@@ -138,11 +161,16 @@ def _pair_text(low_label: str, low: Stat, high_label: str, high: Stat) -> str:
     return f"{low_label} {low.mean:.3f} {sign} {high_label} {high.mean:.3f} ({cmp.note()})"
 
 
-def pocl_verdict(stats: Mapping[str, Stat]) -> dict[str, Any]:
-    rows = pocl_rows(stats)
-    claim = "POCL (arXiv:2506.05695): POCL helps every base loss (base < +POCL)"
+def _claim_id(name: str, metric: Metric) -> str:
+    return name if metric == ROUGE_L else f"{name}:{metric.key}"
+
+
+def pocl_verdict(stats: Mapping[str, Stat], metric: Metric = ROUGE_L) -> dict[str, Any]:
+    """Whether +POCL scores better than its base loss on ``metric`` for every base loss run."""
+    rows = pocl_rows(stats, metric)
+    claim = f"POCL (arXiv:2506.05695): POCL helps every base loss ({metric.label}: base {metric.better_sign} +POCL)"
     if not rows:
-        return {"claim": "pocl", "holds": None,
+        return {"claim": _claim_id("pocl", metric), "holds": None,
                 "text": f"{claim}: not checked (no base loss was run both with and without POCL)"}
     yes = [r["loss"] for r in rows if r["holds"] == "yes"]
     no = [f"{r['loss']} ({r['base'].mean:.3f} → {r['pocl'].mean:.3f}{', tie' if r['holds'] == 'tie' else ''})"
@@ -157,28 +185,32 @@ def pocl_verdict(stats: Mapping[str, Stat]) -> dict[str, Any]:
     missing = [label for key, label in BASE_LOSSES.items() if key not in stats or key + POCL_SUFFIX not in stats]
     if missing:
         text += f"; not run: {', '.join(missing)}"
-    return {"claim": "pocl", "holds": holds, "text": text,
+    return {"claim": _claim_id("pocl", metric), "holds": holds, "text": text,
             "pairs": {r["loss"]: {"diff": r["diff"], "holds": r["holds"], "note": r["note"]} for r in rows}}
 
 
-def chain_verdict(stats: Mapping[str, Stat], distillm: str, mode: str) -> dict[str, Any]:
-    """KD (FKL) < DistiLLM (``distillm``: 'skl' or 'srkl') < DistiLLM-2 (``mode``)."""
+def chain_verdict(stats: Mapping[str, Stat], distillm: str, mode: str, metric: Metric = ROUGE_L) -> dict[str, Any]:
+    """KD (FKL) < DistiLLM (``distillm``: 'skl' or 'srkl') < DistiLLM-2 (``mode``), each better
+    than the last on ``metric``."""
     d_label = f"DistiLLM ({distillm.upper()}, α=0.1)"
     d2_name = f"distillm2-{mode}"
     d2_label = f"DistiLLM-2 ({mode})"
     claim = f"DistiLLM-2 (arXiv:2503.07067): KD (FKL) < {d_label} < {d2_label}"
+    if metric != ROUGE_L:
+        claim += f" ({metric.label}: {'higher' if metric.higher_is_better else 'lower'} is better)"
+    claim_id = _claim_id(f"distillm2:{distillm}:{mode}", metric)
     missing = [n for n in ("fkl", distillm, d2_name) if n not in stats]
     if missing:
-        return {"claim": f"distillm2:{distillm}:{mode}", "holds": None,
+        return {"claim": claim_id, "holds": None,
                 "text": f"{claim}: not checked (not run: {', '.join(missing)})"}
     kd, d, d2 = stats["fkl"], stats[distillm], stats[d2_name]
-    first, second = Comparison(kd, d), Comparison(d, d2)
+    first, second = metric.compare(kd, d), metric.compare(d, d2)
     holds = first.holds and second.holds
     broken = [t for c, t in ((first, "DistiLLM > KD"), (second, "DistiLLM-2 > DistiLLM")) if not c.holds]
     text = (f"{claim}: {'HOLDS' if holds else 'DOES NOT HOLD'} on this run"
             + (f" (fails: {', '.join(broken)})" if broken else "") + "; "
             + _pair_text("KD", kd, "DistiLLM", d) + "; " + _pair_text("DistiLLM", d, "DistiLLM-2", d2))
-    return {"claim": f"distillm2:{distillm}:{mode}", "holds": holds, "text": text,
+    return {"claim": claim_id, "holds": holds, "text": text,
             "pairs": {"kd<distillm": first.word(), "distillm<distillm2": second.word()}}
 
 

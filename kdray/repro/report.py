@@ -1,0 +1,106 @@
+"""``kdray repro``'s outputs: ``repro.json`` (every run, the summary and the verdicts) and
+``repro.md`` (the tables and the verdict lines), and the same on the console."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kdray.errors import KdrayError
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    """What was run, how long it took and the generator check, as markdown lines."""
+    size, t, check = result["config"]["size"], result["timings_s"], result["generator_check"]
+    world = result["config"].get("world", "toy")
+    if result["config"].get("response_source", "teacher") == "teacher":
+        responses = "Teacher responses (greedy, vLLM pool)"
+        timing = f"teacher responses {t.get('teacher_generate', 0):.0f}s, "
+    else:
+        responses = "The training rows' own responses (the dataset's: on the grammar world, samples of the language)"
+        timing = ""
+    return [
+        "# kdray repro", "",
+        f"{len(result['config']['methods'])} methods x {size['seeds']} seeds on the {world} world, "
+        f"{result['config']['data']['train']} ({size['train_rows']} training rows, {size['heldout_rows']} held-out "
+        f"rows, {size['epochs']} epochs of {size['train_rows'] // size['global_batch_size']} steps at batch "
+        f"{size['global_batch_size']}; POCL {size['pocl_stages']} stages, DistiLLM-2 {size['distillm2_rounds']} "
+        f"rounds; AdamW lr {size['lr']}, cosine, {size['warmup_steps']} warmup steps). {_budget(size)} {responses} and POCL's "
+        "difficulty order are shared by every run; each run trains in one process with kdray's plans, objectives "
+        "and schedules (no DeepSpeed). Scores: greedy held-out answers (HF generate), ROUGE-L F. Teacher and "
+        "initial student are references (one value each).",
+        "",
+        f"Timings: total {t['total']:.0f}s; {timing}POCL difficulty (the initial student through the pool) "
+        f"{t.get('pocl_difficulty', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
+        "",
+        f"Generator check (initial student, the first {check.get('training_prompts', '?')} training prompts, against "
+        f"their training responses): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
+        f"HF generate {check['student_before_hf']['rougeL']:.3f}, identical answers {check['answer_agreement']:.1%}.",
+        "",
+    ]
+
+
+def _budget(size: dict[str, Any]) -> str:
+    """The budget the run used, in words (:data:`kdray.repro.harness.BUDGETS`)."""
+    if size.get("budget", "equal-steps") == "equal-steps":
+        return "Budget equal-steps: every method the same optimizer steps."
+    from kdray.repro.harness import pocl_paper_stage_epochs
+
+    return (f"Budget paper (the released scripts' shapes): POCL {pocl_paper_stage_epochs(size['epochs'])} epochs per "
+            "stage over its cumulative rows, DistiLLM-2 one epoch per round, the others "
+            f"{size['epochs']} epochs.")
+
+
+def _tag(verdict: dict[str, Any], rich: bool) -> str:
+    words = {True: ("holds", "green"), False: ("does not hold", "red"), None: ("not checked", "yellow")}
+    word, colour = words[verdict["holds"]]
+    return f"[{colour}]{word}[/]" if rich else f"**{word}**"
+
+
+def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, Any]:
+    """Add the summary and verdicts to ``result`` (with ``result["language"]``, a grammar
+    world's run: its table and verdicts too, :mod:`kdray.repro.language`); write repro.json
+    and repro.md; print the tables and verdicts.
+
+    Raises:
+        KdrayError: a run failed (after both files are written, listing the failed runs)."""
+    from kdray.repro.language import language_stats, language_table, language_verdicts
+    from kdray.repro.tables import Stat, markdown, method_stats, rich_tables, verdicts
+
+    stats, em = method_stats(result["runs"]), method_stats(result["runs"], "exact_match")
+    refs = {label.replace("_", " "): Stat(s["rougeL"], None, 1) for label, s in result["references"].items()}
+    ref_em = {label.replace("_", " "): Stat(s["exact_match"], None, 1) for label, s in result["references"].items()}
+    found = verdicts(stats)
+    result["summary"] = {m: {"rougeL": stats[m].as_dict(), "exact_match": em[m].as_dict()} for m in stats}
+    result["verdicts"] = found
+    extra: list[str] = []
+    language = result.get("language")
+    if language is not None:
+        lstats = language_stats(result["runs"])
+        language["summary"] = {key: {m: s.as_dict() for m, s in by_method.items()} for key, by_method in lstats.items()}
+        language["verdicts"] = lfound = language_verdicts(lstats)
+        extra = ["", *language_table(lstats, {k.replace("_", " "): v for k, v in language["references"].items()}),
+                 "", f"## Verdicts against the language ({language['prompts']} held-out prompts, "
+                     f"{language['samples']} samples each)", "", *(f"- {_tag(v, False)}: {v['text']}" for v in lfound)]
+        found = found + lfound
+    failed = [f"{r['method']} seed {r['seed']}" for r in result["runs"] if r.get("error")]
+    tmp = out / "repro.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, out / "repro.json")
+    head = _header(result)
+    if failed:
+        head += [f"**Failed runs** (left out of the tables): {', '.join(failed)}", ""]
+    body = markdown(stats, refs, {**em, **ref_em}, result["verdicts"]) + "\n".join(extra) + ("\n" if extra else "")
+    (out / "repro.md").write_text("\n".join(head) + "\n" + body, encoding="utf-8")
+    for table in rich_tables(stats, refs, {**em, **ref_em}):
+        console.print(table)
+    if extra:
+        console.print("\n".join(language_table(lstats, language["references"])), highlight=False, soft_wrap=True)
+    for v in found:
+        console.print(f"{_tag(v, True)}: {v['text']}", highlight=False, soft_wrap=True)
+    console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {result['timings_s']['total']:.0f}s)")
+    if failed:
+        raise KdrayError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see the errors in {out / 'repro.json'}")
+    return result
