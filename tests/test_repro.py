@@ -196,8 +196,8 @@ def tiny_grammar_cache(tmp_path, monkeypatch):
     """The grammar world at a tiny size, its teacher trained well past its student."""
     from tests.worlds import build_tiny_grammar
 
-    return build_tiny_grammar(monkeypatch, tmp_path / "cache", n_train=512, n_heldout=48, teacher_steps=60,
-                              student_steps=10, batch_size=32)
+    return build_tiny_grammar(monkeypatch, tmp_path / "cache", n_train=512, n_heldout=48, teacher_steps=120,
+                              student_steps=40, batch_size=32)
 
 
 @pytest.mark.slow
@@ -224,14 +224,14 @@ def test_repro_quick_on_the_grammar_world_runs_every_method_and_states_the_verdi
         assert "error" not in run
         fit = run["language"]
         assert fit["prompts"] == prompts and fit["samples"] == 8
-        assert math.isfinite(fit["kl"]) and fit["kl"] >= 0 and fit["nll"] == pytest.approx(fit["entropy"] + fit["kl"])
+        assert math.isfinite(fit["kl"]) and fit["kl"] >= 0 and fit["nll"] == pytest.approx(fit["entropy"] + fit["kl"], abs=2e-4)  # each rounded to 1e-4
         assert all(0.0 <= fit[k] <= 1.0 for k in ("validity_greedy", "validity_sampled", "coverage"))
         assert 0.0 < fit["valid_mass"] <= 1.0 + 1e-6
     for run in report["runs"]:
         assert math.isfinite(run["rougeL"]) and 0.0 <= run["rougeL"] <= 1.0
         assert run["steps"] == size.epochs * (n_train // size.global_batch_size)
         assert run["final_loss"] is not None and math.isfinite(run["final_loss"])
-    # The teacher (60 SFT steps) is closer to the language than the student (10)
+    # The teacher (120 SFT steps) is closer to the language than the student (40, a tenth of its size)
     refs = report["language"]["references"]
     assert refs["teacher"]["kl"] < refs["student_before"]["kl"]
     # HF generate answers as the vLLM pool does.

@@ -278,8 +278,9 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, world: ReproW
         responses = training_responses(ctx, data.train)
         teacher_rows = _small_rows(responses, ["_row", "key", "id", "prompt", "response", "finish_reason",
                                                "sample_index"])
-        timings["teacher_generate"] = time.perf_counter() - t0
-        reporter.phase_end("generate", f"teacher responses done in {timings['teacher_generate']:.0f}s")
+        phase = "teacher_generate" if world.response_source == "teacher" else "dataset_responses"
+        timings[phase] = time.perf_counter() - t0
+        reporter.phase_end("generate", f"training responses done in {timings[phase]:.0f}s")
         t0 = time.perf_counter()
         by_key = {r["key"]: r for r in teacher_rows}
         ordered = [by_key[k] for k in order_by_difficulty(ctx, responses)]

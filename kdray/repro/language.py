@@ -31,8 +31,9 @@ from kdray.repro.tables import Comparison, Metric, Stat, chain_verdict, method_s
 LANGUAGE_PROMPTS = 64
 #: Sampled answers per prompt (temperature 1) for validity and coverage.
 LANGUAGE_SAMPLES = 8
-#: Longest answer sampled for scoring, in tokens (the language's longest answers take ~12).
-LANGUAGE_MAX_NEW_TOKENS = 24
+#: Longest answer sampled for scoring, in tokens (the language's answers are at most three
+#: words, 23 characters; a longer answer is invalid however it ends).
+LANGUAGE_MAX_NEW_TOKENS = 16
 
 
 @dataclass(frozen=True)
