@@ -357,6 +357,10 @@ def test_write_outputs_adds_the_language_table_and_its_verdicts(tmp_path: Path):
     saved = json.loads((tmp_path / "repro.json").read_text())
     assert saved["language"]["summary"]["kl"]["fkl"]["mean"] == pytest.approx(2.0)
     assert [v["holds"] for v in saved["language"]["verdicts"]][-2:] == [True, None]
+    assert "Budget equal-steps: every method the same optimizer steps." in md
+    result["config"].update(size={**result["config"]["size"], "budget": "paper"}, pocl_stage_epochs=1)
+    write_outputs(result, tmp_path, Console(file=open(tmp_path / "console.txt", "w"), width=200))
+    assert "Budget paper (the released scripts' shapes): POCL 1 epochs per stage" in (tmp_path / "repro.md").read_text()
 
 
 def test_the_grammar_world_takes_its_own_data_and_models(capsys, tmp_path):

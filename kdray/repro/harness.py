@@ -212,6 +212,7 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, world: str = "t
     result = {
         "config": {"size": asdict(size), "methods": methods, "seeds": list(range(size.seeds)), "world": world,
                    "response_source": the_world.response_source,
+                   "pocl_stage_epochs": pocl_paper_stage_epochs(size.epochs) if size.budget == "paper" else None,
                    "data": {"train": train, "heldout": heldout}, "rows": shared["row_reports"],
                    "specs": {m: s.model_dump(mode="json") for m, s in shared["specs"].items()},
                    "ray_cpus": ray.cluster_resources().get("CPU")},

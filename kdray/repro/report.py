@@ -27,7 +27,7 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"{result['config']['data']['train']} ({size['train_rows']} training rows, {size['heldout_rows']} held-out "
         f"rows, {size['epochs']} epochs of {size['train_rows'] // size['global_batch_size']} steps at batch "
         f"{size['global_batch_size']}; POCL {size['pocl_stages']} stages, DistiLLM-2 {size['distillm2_rounds']} "
-        f"rounds; AdamW lr {size['lr']}, cosine, {size['warmup_steps']} warmup steps). {_budget(size)} {responses} and POCL's "
+        f"rounds; AdamW lr {size['lr']}, cosine, {size['warmup_steps']} warmup steps). {_budget(result['config'])} {responses} and POCL's "
         "difficulty order are shared by every run; each run trains in one process with kdray's plans, objectives "
         "and schedules (no DeepSpeed). Scores: greedy held-out answers (HF generate), ROUGE-L F. Teacher and "
         "initial student are references (one value each).",
@@ -42,15 +42,13 @@ def _header(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _budget(size: dict[str, Any]) -> str:
+def _budget(config: dict[str, Any]) -> str:
     """The budget the run used, in words (:data:`kdray.repro.harness.BUDGETS`)."""
+    size = config["size"]
     if size.get("budget", "equal-steps") == "equal-steps":
         return "Budget equal-steps: every method the same optimizer steps."
-    from kdray.repro.harness import pocl_paper_stage_epochs
-
-    return (f"Budget paper (the released scripts' shapes): POCL {pocl_paper_stage_epochs(size['epochs'])} epochs per "
-            "stage over its cumulative rows, DistiLLM-2 one epoch per round, the others "
-            f"{size['epochs']} epochs.")
+    return (f"Budget paper (the released scripts' shapes): POCL {config['pocl_stage_epochs']} epochs per stage over "
+            f"its cumulative rows, DistiLLM-2 one epoch per round, the others {size['epochs']} epochs.")
 
 
 def _tag(verdict: dict[str, Any], rich: bool) -> str:
