@@ -9,11 +9,6 @@ KDRAY_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed-$(KDRAY_EXTRA)
 PYTEST_ARGS ?=
-# make test runs two pytest processes at once (tests/conftest.py: --part): the end-to-end modules
-# one after another (each starts a local Ray; over tests/test_e2e.py the machine's 2 cores were
-# 78% busy), and the light modules beside them, on the CPU the first part leaves idle. The light
-# part's report follows the end-to-end part's; PYTEST_ARGS go to both.
-LIGHT_LOG := test-artifacts/pytest-light.log
 # The venv's own pip is Python's bundled one (23.2 on 3.11); a current pip reads the registry's
 # metadata files instead of downloading wheels to resolve (tests/test_packaging.py: 72 s -> 32 s).
 PIP_VERSION := 26.3
@@ -38,13 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kdray run jobs/demo.yaml
 
 test: $(STAMP) browser mlflow-server
-	@mkdir -p $(dir $(LIGHT_LOG))
-	@$(VENV)/bin/python -m pytest --part light $(PYTEST_ARGS) > $(LIGHT_LOG) 2>&1 & light=$$!; \
-	$(VENV)/bin/python -m pytest --part end-to-end $(PYTEST_ARGS); e2e=$$?; \
-	wait $$light; light=$$?; \
-	echo; echo "== the light modules, run alongside ($(LIGHT_LOG)) =="; cat $(LIGHT_LOG); \
-	if [ $$e2e = 5 ] && [ $$light = 5 ]; then exit 5; fi; \
-	for rc in $$e2e $$light; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The service's web page is tested in Debian's chromium, headless, driven through its
 # chromedriver (tests/test_service.py). Installed here when missing and allowed (root, apt);

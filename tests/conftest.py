@@ -39,26 +39,3 @@ def ray_cpus(tmp_path_factory):
     context.enable_progress_bars, context.print_on_execution_start = False, False
     yield
     ray.shutdown()
-
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--part", choices=("all", "end-to-end", "light"), default="all",
-        help="kdray: run only the modules holding an end-to-end test (marked slow or multinode; "
-             "each starts a local Ray and keeps both cores busy most of the time), or only the others. "
-             "make test runs the two parts at once, in two processes (default: all).")
-
-
-def pytest_collection_modifyitems(config, items):
-    """``--part``: keep the end-to-end modules' tests, or the light modules' (a module is
-    end-to-end when one of its tests is ``slow`` or ``multinode``: its module-scoped fixtures
-    then start once, in one part)."""
-    part = config.getoption("--part")
-    if part == "all":
-        return
-    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("multinode")}
-    keep = [item for item in items if (item.path in heavy) == (part == "end-to-end")]
-    dropped = [item for item in items if (item.path in heavy) != (part == "end-to-end")]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-    items[:] = keep
