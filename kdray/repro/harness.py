@@ -68,7 +68,9 @@ EXTRA_METHODS: tuple[str, ...] = tuple(f"distillm2-{mode}{POCL_SUFFIX}" for mode
 #: epochs). ``paper``: the released scripts' shapes: POCL's stages each run
 #: :func:`pocl_paper_stage_epochs` epochs over their cumulative rows (github.com/liuliuyuan6/POCL,
 #: scripts/gpt2/pocl/*: 8 epochs per stage, against 20 for the KD baseline, scripts/gpt2/kd/),
-#: DistiLLM-2's rounds one epoch each (its released training runs one epoch per round).
+#: DistiLLM-2's rounds one epoch each (its released training config runs one epoch per round of
+#: data: num_train_epochs 1 in training_configs/qwen2-1.5b-distillm2.yaml, as stored in the fork
+#: github.com/lyx0727/distillm-2 of github.com/jongwooko/distillm-2).
 BUDGETS: tuple[str, ...] = ("equal-steps", "paper")
 
 
