@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kdray.repro.tables import Comparison, Metric, Stat, chain_verdict, method_stats, pocl_verdict
+from kdray.repro.tables import TIE_TOL, Comparison, Metric, Stat, chain_verdict, method_stats, pocl_verdict
 
 #: Distinct held-out prompts each model is scored on against the language.
 LANGUAGE_PROMPTS = 64
@@ -106,9 +106,13 @@ def language_stats(runs: list[Mapping[str, Any]]) -> dict[str, dict[str, Stat]]:
 
 def _ordered(metric: Metric, stats: Mapping[str, Stat], chain: list[tuple[str, str]]) -> tuple[list[Comparison], str]:
     """Each link of ``chain`` ((label, method), worst expected first) as a comparison that holds
-    when the later one is better on ``metric``, and the chain's values as text."""
+    when the later one is better on ``metric``, and the chain's values as text, each pair with
+    the sign of its means (``<``, ``>``; ``=`` for a tie)."""
     cmps = [metric.compare(stats[a], stats[b]) for (_, a), (_, b) in zip(chain, chain[1:])]
-    text = f" {metric.better_sign} ".join(f"{label} {stats[m].fmt()}" for label, m in chain)
+    text = f"{chain[0][0]} {stats[chain[0][1]].fmt()}"
+    for (_, a), (label, b) in zip(chain, chain[1:]):
+        diff = stats[b].mean - stats[a].mean
+        text += f" {'=' if abs(diff) <= TIE_TOL else '<' if diff > 0 else '>'} {label} {stats[b].fmt()}"
     return cmps, f"{metric.label}: {text}"
 
 
