@@ -76,8 +76,9 @@ BUDGETS: tuple[str, ...] = ("equal-steps", "paper")
 
 def pocl_paper_stage_epochs(epochs: int) -> int:
     """POCL's epochs per stage under the ``paper`` budget: the scripts' 8 per stage for the KD
-    baseline's 20 (0.4 of the base methods' ``epochs``), at least 1. With 4 stages over
-    cumulative quarters that is as many steps as the base methods take."""
+    baseline's 20 (0.4 of the base methods' ``epochs``, rounded), at least 1. With 4 stages over
+    cumulative quarters that is as many steps as the base methods take when 0.4 × ``epochs`` is
+    whole (at the default 4 epochs it rounds to 2: a quarter more)."""
     return max(1, round(epochs * 8 / 20))
 
 
