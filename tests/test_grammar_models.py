@@ -53,6 +53,8 @@ def test_the_driver_pins_each_world_its_spec_names(tiny_grammar, monkeypatch):
     from kdray import toy
     from kdray.errors import ToyWorldError
 
+    for name in toy.BUILD_ID_ENVS.values():  # absent before, and so after: monkeypatch restores it
+        monkeypatch.delenv(name, raising=False)
     pinned = toy.pin_for_job(["toy:grammar-student", "/data/heldout.jsonl"])
     assert pinned == {"grammar": tiny_grammar.meta["build_id"]}
     assert os.environ[toy.BUILD_ID_ENVS["grammar"]] == pinned["grammar"] and toy.BUILD_ID_ENV not in os.environ

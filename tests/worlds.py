@@ -17,4 +17,6 @@ def build_tiny_grammar(monkeypatch, cache, *, n_train: int = 256, n_heldout: int
     monkeypatch.setattr(gw, "TEACHER_RECIPE", SFTRecipe(steps=teacher_steps, batch_size=batch_size, warmup=2))
     monkeypatch.setattr(gw, "STUDENT_RECIPE", SFTRecipe(steps=student_steps, batch_size=batch_size, warmup=1))
     monkeypatch.setenv("KDRAY_CACHE_DIR", str(cache))
+    for name in toy.BUILD_ID_ENVS.values():  # no pin of another build: a job resolves this one
+        monkeypatch.delenv(name, raising=False)
     return toy.build_world("grammar")
