@@ -22,6 +22,10 @@ UV_INSTALL = -m uv pip install --quiet --index-strategy unsafe-best-match
 
 .PHONY: setup demo test test-fast clean bench-deps browser mlflow-server
 
+# `make test`'s prerequisites in parallel: the browser's apt install (about 30 s) beside the
+# Python install, both mostly waiting on downloads.
+MAKEFLAGS += --jobs=2
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
