@@ -18,7 +18,10 @@ PIP_VERSION := 26.3
 # read pip's configuration; tools/uv_pip_args.py passes pip's find-links, index URLs and
 # constraints on, so a host configured for pip installs the same way.
 UV_VERSION := 0.13.9
-UV_INSTALL = -m uv pip install --quiet --index-strategy unsafe-best-match
+# --compile-bytecode: pip compiles every module at install time and uv does not by default; a
+# process that finds no .pyc compiles what it imports, and with PYTHONDONTWRITEBYTECODE (set on
+# some CI hosts) it does so in every process, every time (CI ran at half speed).
+UV_INSTALL = -m uv pip install --quiet --index-strategy unsafe-best-match --compile-bytecode
 
 .PHONY: setup demo test test-fast clean bench-deps browser mlflow-server
 
