@@ -69,7 +69,8 @@ INGEST_CPUS = 1
 
 
 def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: int | None = None) -> Any:
-    """Connect to ``address`` (or the job's cluster, or start a local one) with the job env.
+    """Connect to ``address`` (or ``RAY_ADDRESS``: the job's cluster), else start a local Ray of
+    this process's own (also on a node where ``ray start`` ran), with the job env.
 
     A local Ray gets a dashboard only when asked (``kdray serve`` needs it: Ray's Job
     Submission API lives there), on ``dashboard_port`` when given (Ray's default: 8265).
@@ -88,6 +89,9 @@ def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: in
     if address:
         kwargs["address"] = address
     elif "RAY_ADDRESS" not in os.environ:
+        # "local": a Ray of this process's own. Without it ray.init() joins the cluster of this
+        # node's last `ray start` (Ray's ray_current_cluster file), which refuses num_cpus.
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = dashboard
         if dashboard and dashboard_port is not None:
             kwargs["dashboard_port"] = dashboard_port

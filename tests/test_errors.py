@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -253,9 +255,9 @@ def test_user_error_turns_a_full_disk_into_a_cluster_error_naming_the_file():
 
 # -- the CLI -------------------------------------------------------------------------------------
 
-def kdray(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def kdray(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kdray.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_cli_validate_of_a_bad_spec_exits_2_without_a_traceback(tmp_path):
@@ -276,8 +278,20 @@ def test_cli_run_on_bad_data_exits_2_and_the_record_says_why(tmp_path, toy_world
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     store = JobStore(tmp_path / "kdray.db")
     job, _ = store.create(name="bad-data", spec=spec, output_dir=spec["output_dir"])
-    res = kdray("run", "spec.yaml", "--store", str(tmp_path / "kdray.db"), "--job-id", job["id"], cwd=tmp_path)
+    # A node where `ray start` once ran (its address file left behind, the cluster gone): without
+    # --address the job starts a Ray of its own instead of joining that one. A short directory:
+    # Ray's socket paths must fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kdr-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens on port 9
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    try:
+        res = kdray("run", "spec.yaml", "--store", str(tmp_path / "kdray.db"), "--job-id", job["id"], cwd=tmp_path,
+                    env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert res.returncode == 2, res.stdout + res.stderr
+    assert "Ray" not in res.stderr, res.stderr  # neither joined that address nor refused it
     assert f"data.train: {data}: line 2 is not valid JSON" in res.stderr
     assert "Traceback" not in res.stderr
     rec = store.get(job["id"])
