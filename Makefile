@@ -13,8 +13,9 @@ PYTEST_ARGS ?=
 # metadata files instead of downloading wheels to resolve.
 PIP_VERSION := 26.3
 # Packages are installed by uv (Astral's installer), which resolves the same versions as pip (the
-# two freezes were compared) in a fraction of the time: 43 s against pip's 180 s for .venv, 8 s
-# against 61 s for the MLflow server's venv (2-core host, empty caches, 2026-12-04). uv does not
+# two freezes were compared) and downloads in parallel: 43 s against pip's 180 s for .venv before
+# compiling bytecode (below), 8 s against 61 s for the MLflow server's venv (2-core host, empty
+# caches, 2026-12-04); `make setup mlflow-server` took 2:00 with uv's cache warm. uv does not
 # read pip's configuration; tools/uv_pip_args.py passes pip's find-links, index URLs and
 # constraints on, so a host configured for pip installs the same way.
 UV_VERSION := 0.13.9
