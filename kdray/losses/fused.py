@@ -32,10 +32,11 @@ matmuls on thinner matrices.
 
 ``compiled`` (default: from ``V >= COMPILE_MIN_VOCAB`` up) runs each chunk through the
 ``torch.compile``-d kernel of :mod:`kdray.losses._compiled` instead: the same math in two
-fused passes, with two ``[chunk_size, V]`` buffers live (three for JSD) instead of about
-eight. Its default chunk grows with the model instead: ``Hs / 2`` tokens
-(``COMPILED_CHUNK_PER_HIDDEN``; 128 at Hs = 256), so the buffers hold ``V·Hs`` float32
-values (``1.5 V·Hs`` for JSD), as many as the lm_head gradient. Should compilation fail, each
+fused passes, with two float32 ``[chunk_size, V]`` buffers live instead of about eight (and,
+for half-precision weights, one model's half-precision logits while they are upcast). Its
+default chunk grows with the model instead: ``Hs / 2`` tokens (``COMPILED_CHUNK_PER_HIDDEN``;
+128 at Hs = 256), so the buffers hold ``V·Hs`` float32 values, as many as the lm_head
+gradient. Should compilation fail, each
 chunk runs eager in parts of the eager size. On the 2-core CPU benchmark at V = 128,256 the
 compiled kernel takes about half the eager one's time (docs/benchmarks.md).
 
@@ -74,11 +75,13 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None, compiled: bool 
     return chunk_size
 
 
-def chunk_working_set_bytes(n_rows: int, vocab: int, hidden: int, compiled: bool) -> int:
-    """Bytes of one chunk's ``[C, V]`` float32 buffers at the default chunk size for a student
-    of hidden size ``hidden``: about 8 live in the eager kernel, at most 3 in the compiled one
-    (2; JSD 3); the memory estimate of a training worker."""
-    return (3 if compiled else 8) * 4 * _chunk_rows(n_rows, vocab, None, compiled, hidden) * vocab
+def chunk_working_set_bytes(n_rows: int, vocab: int, hidden: int, compiled: bool, upcast: bool = False) -> int:
+    """Bytes of one chunk's ``[C, V]`` buffers at the default chunk size for a student of hidden
+    size ``hidden``: about 8 float32 ones live in the eager kernel, 2 in the compiled one, plus
+    with ``upcast`` (half-precision weights) one half-precision ``[C, V]`` of logits while it is
+    upcast; the memory estimate of a training worker."""
+    per_element = (8 if not compiled else 2) * 4 + (2 if upcast else 0)
+    return per_element * _chunk_rows(n_rows, vocab, None, compiled, hidden) * vocab
 
 
 def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -34,8 +34,9 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
 * **Loss**: on the fused lm-head path (:func:`kdray.losses.fused_linear_divergence`;
   ``online``/``hidden``, unless DistiLLM-2, a LoRA adapter on the lm_head, or logits that are
   not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (about 8
-  float32 ``[chunk, V]`` buffers eager, 2-3 compiled: :func:`kdray.losses.fused.chunk_working_set_bytes`,
-  with ``training.compile_loss``) plus the float32 gradients of the
+  float32 ``[chunk, V]`` buffers eager, 2 compiled, and a half-precision one while logits are
+  upcast: :func:`kdray.losses.fused.chunk_working_set_bytes`, with ``training.compile_loss``)
+  plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
   their gradient; the teacher's: logits, upcast, probabilities).
@@ -238,7 +239,9 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
         device.append(("teacher forward", tokens * e_t * (5 * teacher.hidden_size + 3 * teacher.intermediate_size)))
     if fused:
         compiled = wants_compiled(t.compile_loss, spec.objective.kind, vocab)
-        loss = chunk_working_set_bytes(tokens, vocab, student.hidden_size, compiled) + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size
+        upcast = min(e, e_t) < 4
+        loss = (chunk_working_set_bytes(tokens, vocab, student.hidden_size, compiled, upcast)
+                + 4 * vocab * student.hidden_size + 4 * tokens * student.hidden_size)
         if mode == "hidden":  # the stored hidden states, cast to the head's dtype
             loss += tokens * teacher.hidden_size * (4 + e_t)
         device.append(("loss (fused lm-head, chunked)", loss))
