@@ -68,8 +68,8 @@ class ToyWorldError(ClusterError):
 
 
 class ConfigError(KdrayError):
-    """kdray's own settings are wrong: the service's arguments (``kdray serve`` options, the
-    Ray Serve application's args)."""
+    """kdray's own settings are wrong: a command's options (``kdray repro``, ``kdray serve``), the
+    Ray Serve application's args."""
 
 
 class JobCancelled(KdrayError):

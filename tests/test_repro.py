@@ -13,7 +13,7 @@ import pytest
 from kdray.errors import KdrayError
 from kdray.repro.harness import EXTRA_METHODS, METHODS, ReproSize, method_spec
 from kdray.repro.report import write_outputs
-from kdray.repro.tables import (BASE_LOSSES, Comparison, Stat, chain_verdict, markdown, method_stats, pocl_rows, pocl_verdict, summarize, verdicts)
+from kdray.repro.tables import (BASE_LOSSES, Comparison, Stat, chain_verdict, markdown, method_stats, pocl_rows, pocl_verdict, summarize, verdict_line, verdicts)
 
 
 def runs_for(scores: dict[str, list[float]]) -> list[dict]:
@@ -106,7 +106,7 @@ def test_distillm2_chain_that_holds():
 def test_distillm2_chain_that_does_not_hold_says_which_link_fails():
     stats = all_methods(fkl=[0.45, 0.46, 0.47], skl=[0.40, 0.41, 0.42])
     v = chain_verdict(stats, "skl", "paper")
-    assert v["holds"] is False and "fails: DistiLLM > KD)" in v["text"]
+    assert v["holds"] is False and "fails: DistiLLM not better than KD (beyond seed noise))" in v["text"]
     assert v["pairs"] == {"kd<distillm": "no", "distillm<distillm2": "yes"}
     tie = chain_verdict(all_methods(fkl=[0.30], skl=[0.51], **{"distillm2-paper": [0.51]}), "skl", "paper")
     assert tie["holds"] is False and tie["pairs"]["distillm<distillm2"] == "tie"
@@ -129,7 +129,8 @@ def test_markdown_has_both_tables_and_every_verdict_line():
                                              "DistiLLM-2 (released_code)", "DistiLLM-2 (paper)")]
     assert order == sorted(order)
     assert "| teacher (reference) | 0.950 |" in text
-    assert text.count("- **holds**: ") + text.count("- **does not hold**: ") == len(found)
+    assert text.count(": **HOLDS** on this run") + text.count(": **DOES NOT HOLD** on this run") == len(found)
+    assert "HOLDS on this run" not in text.replace("**HOLDS** on this run", "")  # the word once, in bold
 
 
 def test_write_outputs_writes_json_and_markdown_and_fails_on_a_failed_run(tmp_path: Path):
@@ -245,8 +246,9 @@ def test_repro_quick_on_the_grammar_world_runs_every_method_and_states_the_verdi
     md = (out / "repro.md").read_text()
     assert "## POCL: average ROUGE-L" in md and "## DistiLLM-2 Table 2 order" in md
     assert "## Against the language" in md and all(m.label in md for m in LANGUAGE_METRICS)
-    verdict_lines = [line for line in md.splitlines() if line.startswith("- **")]
+    verdict_lines = [line for line in md.splitlines() if line.startswith("- ") and ": **" in line]
     assert len(verdict_lines) == 5 + 7 and all("not checked" not in line for line in verdict_lines)
+    assert {"world", "prepare"} <= set(report["timings_s"]) and "the grammar world (built on first use" in md
     assert "POCL helps every base loss (KL(language ‖ model): base > +POCL)" in res.stdout
     assert "AKL (arXiv:2404.02657): between FKL and RKL" in res.stdout
 
@@ -314,6 +316,8 @@ def test_language_verdicts_judge_kl_lower_is_better_and_the_mode_claims():
     assert "POCL helps 1 of 1 base losses (FKL)" in pocl["text"]
     chain = found["distillm2:skl:paper:kl"]
     assert chain["holds"] is True and "KD 2.000 > DistiLLM 1.900" in chain["text"]
+    # the claim's signs are the metric's: lower KL is better
+    assert "KD (FKL) > DistiLLM (SKL, α=0.1) > DistiLLM-2 (paper) (KL(language ‖ model): lower" in chain["text"]
     assert found["distillm2:srkl:paper:kl"]["holds"] is None  # SRKL not run
     mode = next(v for c, v in found.items() if c.startswith("Mode seeking"))
     assert mode["holds"] is True and mode["beyond_noise"] is True and "HOLDS on this run (beyond seed noise)" in mode["text"]
@@ -327,7 +331,11 @@ def test_language_verdicts_judge_kl_lower_is_better_and_the_mode_claims():
                           "akl": three_seeds(2.1, 0.70, 0.60)})
     found = language_verdicts(language_stats(runs))
     mode, akl = found[-2], found[-1]
-    assert mode["holds"] is False and mode["beyond_noise"] is False and "DOES NOT HOLD" in mode["text"]
+    assert mode["holds"] is False and mode["beyond_noise"] is False
+    assert "DOES NOT HOLD on this run (fails beyond seed noise)" in mode["text"]
+    assert "coverage: RKL 0.500 ± 0.010 > FKL 0.300 ± 0.010 (beyond seed noise)" in mode["text"]
+    assert verdict_line(mode, False).startswith("Mode seeking") and ": **DOES NOT HOLD** on this run" in verdict_line(mode, False)
+    assert ": [bold red]DOES NOT HOLD[/] on this run" in verdict_line(mode, True)
     assert akl["holds"] is False and "coverage: FKL 0.300 ± 0.010 < AKL 0.600 ± 0.010 > RKL 0.500 ± 0.010" in akl["text"]
     one = language_verdicts(language_stats(language_runs({"fkl": [fit(2, .6, .5)], "rkl": [fit(2, .8, .3)]})))
     assert one[-2]["holds"] is True and one[-2]["beyond_noise"] is None and "single seed" in one[-2]["text"]
@@ -353,7 +361,11 @@ def test_write_outputs_adds_the_language_table_and_its_verdicts(tmp_path: Path):
     assert "## Against the language" in md and "| teacher (reference) | 0.300 | 2.800 |" in md
     assert "| rkl | 2.400 ± 0.010 |" in md
     assert "## Verdicts against the language (64 held-out prompts, 8 samples each)" in md
-    assert "- **holds**: Mode seeking" in md
+    assert "- Mode seeking (Minka 2005; MiniLLM): RKL's samples more valid and less covering than FKL's: **HOLDS**" in md
+    assert "the grammar world (built on first use, else checked) 0s, data 0s" in md
+    console = (tmp_path / "console.txt").read_text()
+    assert "Against the language" in console and "| rkl |" not in console  # a table, not markdown
+    assert "Mode seeking" in console and "[bold" not in console
     saved = json.loads((tmp_path / "repro.json").read_text())
     assert saved["language"]["summary"]["kl"]["fkl"]["mean"] == pytest.approx(2.0)
     assert [v["holds"] for v in saved["language"]["verdicts"]][-2:] == [True, None]
@@ -368,8 +380,11 @@ def test_the_grammar_world_takes_its_own_data_and_models(capsys, tmp_path):
     from kdray.repro.language import WORLDS
     from kdray.spec import parse_spec
 
-    assert main(["repro", "--world", "grammar", "--data", "a.jsonl", "--heldout", "b.jsonl"]) == 2
-    assert "--data/--heldout: the grammar world scores every run against its own language" in capsys.readouterr().err
+    for given in (["--data", "a.jsonl", "--heldout", "b.jsonl"], ["--data", "a.jsonl"], ["--heldout", "b.jsonl"]):
+        assert main(["repro", "--world", "grammar", *given]) == 2
+        err = capsys.readouterr().err
+        assert "kdray repro --data/--heldout: the grammar world scores every run against its own language" in err
+        assert "invalid job spec" not in err and "Traceback" not in err
     world = WORLDS["grammar"]
     spec = parse_spec(method_spec("rkl", ReproSize.quick(), world.train, world.heldout, tmp_path, world=world), "rkl")
     assert (spec.teacher.model, spec.student.model) == ("toy:grammar-teacher", "toy:grammar-student")

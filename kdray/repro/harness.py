@@ -6,10 +6,10 @@ in its ``paper`` and ``released_code`` modes, each over ``seeds`` seeds. A full 
 job per cell would spend most of its time starting pools and workers, so the harness shares
 what does not depend on the method and runs the rest as Ray tasks:
 
-1. once, with the job driver's own code (:mod:`kdray.stages`) in one Ray session: read
-   and check the data; the teacher's responses to the training prompts from the vLLM pool on
-   Ray Data; POCL's difficulty order (the initial student's answers to them through the pool,
-   ROUGE-L and CE fused by reciprocal rank);
+1. once, with the job driver's own code (:mod:`kdray.stages`) in one Ray session: read and
+   check the data; the training responses (the teacher's, from the vLLM pool on Ray Data; on
+   the grammar world the dataset's own); POCL's difficulty order (the initial student's answers
+   through the pool, ROUGE-L and CE fused by reciprocal rank);
 2. per method and seed, a Ray task (1 CPU, 1 torch thread; as many at a time as Ray has
    CPUs): train the student in one process with the plan, objectives, schedules and
    tokenization the Ray Train workers use, and score its greedy held-out answers
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kdray.errors import SpecError
+from kdray.errors import ConfigError, SpecError
 from kdray.repro.language import WORLDS, ReproWorld, language_prompts
 from kdray.repro.report import write_outputs
 from kdray.repro.tables import BASE_LOSSES, DISTILLM2_MODES, POCL_SUFFIX
@@ -65,12 +65,10 @@ EXTRA_METHODS: tuple[str, ...] = tuple(f"distillm2-{mode}{POCL_SUFFIX}" for mode
 
 #: How the methods' training lengths compare. ``equal-steps``: every method ``epochs`` passes
 #: worth of optimizer steps (POCL's stages share them equally, DistiLLM-2's rounds split the
-#: epochs). ``paper``: the released scripts' shapes: POCL's stages each run
-#: :func:`pocl_paper_stage_epochs` epochs over their cumulative rows (github.com/liuliuyuan6/POCL,
-#: scripts/gpt2/pocl/*: 8 epochs per stage, against 20 for the KD baseline, scripts/gpt2/kd/),
-#: DistiLLM-2's rounds one epoch each (its released training config runs one epoch per round of
-#: data: num_train_epochs 1 in training_configs/qwen2-1.5b-distillm2.yaml, as stored in the fork
-#: github.com/lyx0727/distillm-2 of github.com/jongwooko/distillm-2).
+#: epochs). ``paper``: the released scripts' shapes: POCL's stages :func:`pocl_paper_stage_epochs`
+#: epochs each over their cumulative rows (github.com/liuliuyuan6/POCL scripts/gpt2/pocl/*: 8 per
+#: stage, 20 for the KD baseline), DistiLLM-2's rounds one epoch each (num_train_epochs 1 in
+#: training_configs/qwen2-1.5b-distillm2.yaml, read in the fork github.com/lyx0727/distillm-2).
 BUDGETS: tuple[str, ...] = ("equal-steps", "paper")
 
 
@@ -259,18 +257,26 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, world: ReproW
     from kdray.stages.difficulty import order_by_difficulty
     from kdray.stages.generate import training_responses
     from kdray.stages.prepare import prepare
+    from kdray.toy import pin_for_job
 
     shared = parse_spec(method_spec("fkl+pocl", size, train, heldout, out, world=world), "kdray repro")
     out.mkdir(parents=True, exist_ok=True)
     (out / "events.jsonl").unlink(missing_ok=True)
     reporter = ConsoleReporter(out / "events.jsonl", console=console)
     timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0, result = time.perf_counter(), fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - t0
+        return result
+
     try:
         ctx = StageContext(shared, Path(shared.output_dir).expanduser().resolve(), reporter)
-        t0 = time.perf_counter()
-        init_ray(address)  # prepare checks the training rows in Ray Data tasks
-        timings["ray_init"] = time.perf_counter() - t0
-        data = prepare(ctx)
+        # as a job's driver: the toy: references' worlds built here on first use, pinned for the cells
+        timed("world", pin_for_job, [shared.teacher.model, shared.student.model, train, heldout],
+              progress=reporter.message)
+        timed("ray_init", init_ray, address)  # prepare checks the training rows in Ray Data tasks
+        data = timed("prepare", prepare, ctx)
         n_train, held_rows = data.train.rows, _small_rows(data.heldout, ["_row", "id", "prompt", "response"])
         specs = {m: parse_spec(method_spec(m, size, train, heldout, out, n_train, world), f"kdray repro, method {m}")
                  for m in methods}
@@ -285,10 +291,8 @@ def _shared_stages(size: ReproSize, methods: list[str], out: Path, world: ReproW
         phase = "teacher_generate" if world.response_source == "teacher" else "dataset_responses"
         timings[phase] = time.perf_counter() - t0
         reporter.phase_end("generate", f"training responses done in {timings[phase]:.0f}s")
-        t0 = time.perf_counter()
         by_key = {r["key"]: r for r in teacher_rows}
-        ordered = [by_key[k] for k in order_by_difficulty(ctx, responses)]
-        timings["pocl_difficulty"] = time.perf_counter() - t0
+        ordered = [by_key[k] for k in timed("pocl_difficulty", order_by_difficulty, ctx, responses)]
         # The pass's answer rows (its gold rows, vLLM's cross-entropy requests, have NaN ROUGE-L)
         measured = open_artifact(ctx.out / "curriculum" / "difficulty", "difficulty")
         answers = {r["key"]: r["student_response"] for r in _small_rows(measured, ["key", "student_response",
@@ -360,15 +364,14 @@ def cmd_repro(args: argparse.Namespace) -> int:
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if unknown:
-        raise SpecError([("--methods", f"unknown method(s) {', '.join(unknown)}; choose from "
-                                       f"{', '.join(METHODS + EXTRA_METHODS)}")])
+        raise ConfigError(f"kdray repro --methods: unknown method(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(METHODS + EXTRA_METHODS)}")
+    if (args.data is not None or args.heldout is not None) and WORLDS[args.world].language:
+        raise ConfigError(f"kdray repro --data/--heldout: the {args.world} world scores every run against its own "
+                          "language, so it runs on its own data; drop --data and --heldout, or use --world toy")
     if (args.data is None) != (args.heldout is None):
-        raise SpecError([("--data/--heldout", "give both the training and the held-out dataset, or neither "
-                                              "(the toy world's toy:train / toy:heldout)")])
-    if args.data is not None and WORLDS[args.world].language:
-        raise SpecError([("--data/--heldout", f"the {args.world} world scores every run against its own language, "
-                                              "so it runs on its own data; drop --data and --heldout, or use "
-                                              "--world toy")])
+        raise ConfigError("kdray repro --data/--heldout: give both the training and the held-out dataset, or "
+                          "neither (the toy world's toy:train / toy:heldout)")
     methods = list(dict.fromkeys(methods))
     run_repro(size, methods, Path(args.out), world=args.world, train=args.data, heldout=args.heldout,
               address=args.address, console=Console())
@@ -389,10 +392,9 @@ def add_parsers(subparsers: Any) -> None:
                         "it (KL, validity, coverage; kdray.repro.language)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"methods to run (default: all of {', '.join(METHODS)}; also {', '.join(EXTRA_METHODS)})")
-    p.add_argument("--data", default=None, help="training prompts with gold responses (.jsonl, .parquet; "
-                                                "default toy:train); fields id, prompt, response; the teacher "
-                                                "and student stay the toy world's (prompts up to 64 tokens)")
-    p.add_argument("--heldout", default=None, help="held-out prompts with gold responses (default toy:heldout)")
+    p.add_argument("--data", help="toy world: training prompts with gold responses, fields id, prompt, response "
+                                  "(.jsonl, .parquet; default toy:train; prompts up to 64 tokens; the toy models)")
+    p.add_argument("--heldout", help="toy world: held-out prompts with gold responses (default toy:heldout)")
     p.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.set_defaults(fn=cmd_repro)

@@ -107,13 +107,13 @@ def language_stats(runs: list[Mapping[str, Any]]) -> dict[str, dict[str, Stat]]:
 def _ordered(metric: Metric, stats: Mapping[str, Stat], chain: list[tuple[str, str]]) -> tuple[list[Comparison], str]:
     """Each link of ``chain`` ((label, method), worst expected first) as a comparison that holds
     when the later one is better on ``metric``, and the chain's values as text, each pair with
-    the sign of its means (``<``, ``>``; ``=`` for a tie)."""
+    the sign of its means (``<``, ``>``; ``=`` for a tie), then each link's seed noise."""
     cmps = [metric.compare(stats[a], stats[b]) for (_, a), (_, b) in zip(chain, chain[1:])]
     text = f"{chain[0][0]} {stats[chain[0][1]].fmt()}"
     for (_, a), (label, b) in zip(chain, chain[1:]):
         diff = stats[b].mean - stats[a].mean
         text += f" {'=' if abs(diff) <= TIE_TOL else '<' if diff > 0 else '>'} {label} {stats[b].fmt()}"
-    return cmps, f"{metric.label}: {text}"
+    return cmps, f"{metric.label}: {text} ({', '.join(c.note() for c in cmps)})"
 
 
 def _judged(claim: str, cmps: list[Comparison], sides: list[str]) -> dict[str, Any]:
@@ -121,8 +121,13 @@ def _judged(claim: str, cmps: list[Comparison], sides: list[str]) -> dict[str, A
     noise = [c.within_noise for c in cmps]
     beyond = None if any(n is None for n in noise) else (holds and not any(noise))
     word = "HOLDS" if holds else "DOES NOT HOLD"
-    detail = ("beyond seed noise" if beyond else "within seed noise" if beyond is not None and holds
-              else "single seed: no noise estimate" if beyond is None else "")
+    if beyond is None:
+        detail = "single seed: no noise estimate"
+    elif holds:
+        detail = "beyond seed noise" if beyond else "within seed noise"
+    else:  # how firmly it fails: a link that fails beyond seed noise settles it
+        failing = [c.within_noise for c in cmps if not c.holds]
+        detail = "fails within seed noise" if all(failing) else "fails beyond seed noise"
     return {"claim": claim, "holds": holds, "beyond_noise": beyond,
             "text": f"{claim}: {word} on this run" + (f" ({detail})" if detail else "") + "; " + "; ".join(sides)}
 
@@ -161,16 +166,34 @@ def language_verdicts(stats: Mapping[str, Mapping[str, Stat]]) -> list[dict[str,
     return found + mode_verdicts(stats)
 
 
+LANGUAGE_TITLE = "Against the language (mean ± std over seeds; KL and NLL in nats, lower is better)"
+
+
+def _language_rows(stats: Mapping[str, Mapping[str, Stat]],
+                   references: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The table's rows: references (one value each), then every method (mean ± std)."""
+    rows = [[f"{label} (reference)", *(f"{scores[m.key]:.3f}" for m in LANGUAGE_METRICS)]
+            for label, scores in references.items()]
+    for method in dict.fromkeys(m for s in stats.values() for m in s):
+        rows.append([method, *(stats[m.key][method].fmt() if method in stats[m.key] else "" for m in LANGUAGE_METRICS)])
+    return rows
+
+
 def language_table(stats: Mapping[str, Mapping[str, Stat]], references: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The language scores as markdown lines: references (one value each), then every method
-    (mean ± std over seeds)."""
-    head = "| model | " + " | ".join(m.label for m in LANGUAGE_METRICS) + " |"
-    lines = ["## Against the language (mean ± std over seeds; KL and NLL in nats, lower is better)", "",
-             head, "|---|" + "---:|" * len(LANGUAGE_METRICS)]
-    for label, scores in references.items():
-        lines.append(f"| {label} (reference) | " + " | ".join(f"{scores[m.key]:.3f}" for m in LANGUAGE_METRICS) + " |")
-    methods = list(dict.fromkeys(m for s in stats.values() for m in s))
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(stats[m.key][method].fmt() if method in stats[m.key] else ""
-                                                  for m in LANGUAGE_METRICS) + " |")
-    return lines
+    """The language scores as markdown lines (:func:`_language_rows`)."""
+    lines = [f"## {LANGUAGE_TITLE}", "", "| model | " + " | ".join(m.label for m in LANGUAGE_METRICS) + " |",
+             "|---|" + "---:|" * len(LANGUAGE_METRICS)]
+    return lines + ["| " + " | ".join(row) + " |" for row in _language_rows(stats, references)]
+
+
+def language_rich_table(stats: Mapping[str, Mapping[str, Stat]], references: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The same table for the console."""
+    from rich.table import Table
+
+    table = Table(title=LANGUAGE_TITLE)
+    table.add_column("model")
+    for m in LANGUAGE_METRICS:
+        table.add_column(m.label, justify="right")
+    for row in _language_rows(stats, references):
+        table.add_row(*row)
+    return table

@@ -32,8 +32,9 @@ def _header(result: dict[str, Any]) -> list[str]:
         "and schedules (no DeepSpeed). Scores: greedy held-out answers (HF generate), ROUGE-L F. Teacher and "
         "initial student are references (one value each).",
         "",
-        f"Timings: total {t['total']:.0f}s; {timing}POCL difficulty (the initial student through the pool) "
-        f"{t.get('pocl_difficulty', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
+        f"Timings: total {t['total']:.0f}s; the {world} world (built on first use, else checked) "
+        f"{t.get('world', 0):.0f}s, data {t.get('prepare', 0):.0f}s, {timing}POCL difficulty (the initial student "
+        f"through the pool) {t.get('pocl_difficulty', 0):.0f}s, grid {t.get('grid', 0):.0f}s.",
         "",
         f"Generator check (initial student, the first {check.get('training_prompts', '?')} training prompts, against "
         f"their training responses): vLLM pool ROUGE-L {check['student_before_pool']['rougeL']:.3f}, "
@@ -51,12 +52,6 @@ def _budget(config: dict[str, Any]) -> str:
             f"its cumulative rows, DistiLLM-2 one epoch per round, the others {size['epochs']} epochs.")
 
 
-def _tag(verdict: dict[str, Any], rich: bool) -> str:
-    words = {True: ("holds", "green"), False: ("does not hold", "red"), None: ("not checked", "yellow")}
-    word, colour = words[verdict["holds"]]
-    return f"[{colour}]{word}[/]" if rich else f"**{word}**"
-
-
 def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, Any]:
     """Add the summary and verdicts to ``result`` (with ``result["language"]``, a grammar
     world's run: its table and verdicts too, :mod:`kdray.repro.language`); write repro.json
@@ -64,8 +59,8 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
 
     Raises:
         KdrayError: a run failed (after both files are written, listing the failed runs)."""
-    from kdray.repro.language import language_stats, language_table, language_verdicts
-    from kdray.repro.tables import Stat, markdown, method_stats, rich_tables, verdicts
+    from kdray.repro.language import language_rich_table, language_stats, language_table, language_verdicts
+    from kdray.repro.tables import Stat, markdown, method_stats, rich_tables, verdict_line, verdicts
 
     stats, em = method_stats(result["runs"]), method_stats(result["runs"], "exact_match")
     refs = {label.replace("_", " "): Stat(s["rougeL"], None, 1) for label, s in result["references"].items()}
@@ -81,7 +76,7 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
         language["verdicts"] = lfound = language_verdicts(lstats)
         extra = ["", *language_table(lstats, {k.replace("_", " "): v for k, v in language["references"].items()}),
                  "", f"## Verdicts against the language ({language['prompts']} held-out prompts, "
-                     f"{language['samples']} samples each)", "", *(f"- {_tag(v, False)}: {v['text']}" for v in lfound)]
+                     f"{language['samples']} samples each)", "", *(f"- {verdict_line(v, False)}" for v in lfound)]
         found = found + lfound
     failed = [f"{r['method']} seed {r['seed']}" for r in result["runs"] if r.get("error")]
     tmp = out / "repro.json.tmp"
@@ -95,9 +90,9 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
     for table in rich_tables(stats, refs, {**em, **ref_em}):
         console.print(table)
     if extra:
-        console.print("\n".join(language_table(lstats, language["references"])), highlight=False, soft_wrap=True)
+        console.print(language_rich_table(lstats, {k.replace("_", " "): v for k, v in language["references"].items()}))
     for v in found:
-        console.print(f"{_tag(v, True)}: {v['text']}", highlight=False, soft_wrap=True)
+        console.print(verdict_line(v, True), highlight=False, soft_wrap=True)
     console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {result['timings_s']['total']:.0f}s)")
     if failed:
         raise KdrayError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see the errors in {out / 'repro.json'}")

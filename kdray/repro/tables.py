@@ -191,11 +191,13 @@ def pocl_verdict(stats: Mapping[str, Stat], metric: Metric = ROUGE_L) -> dict[st
 
 def chain_verdict(stats: Mapping[str, Stat], distillm: str, mode: str, metric: Metric = ROUGE_L) -> dict[str, Any]:
     """KD (FKL) < DistiLLM (``distillm``: 'skl' or 'srkl') < DistiLLM-2 (``mode``), each better
-    than the last on ``metric``."""
+    than the last on ``metric``. The claim's signs are the metric's (``>`` where lower is
+    better), as are the values' signs after it; a failing link is named in words."""
     d_label = f"DistiLLM ({distillm.upper()}, α=0.1)"
     d2_name = f"distillm2-{mode}"
     d2_label = f"DistiLLM-2 ({mode})"
-    claim = f"DistiLLM-2 (arXiv:2503.07067): KD (FKL) < {d_label} < {d2_label}"
+    sign = metric.better_sign
+    claim = f"DistiLLM-2 (arXiv:2503.07067): KD (FKL) {sign} {d_label} {sign} {d2_label}"
     if metric != ROUGE_L:
         claim += f" ({metric.label}: {'higher' if metric.higher_is_better else 'lower'} is better)"
     claim_id = _claim_id(f"distillm2:{distillm}:{mode}", metric)
@@ -206,7 +208,8 @@ def chain_verdict(stats: Mapping[str, Stat], distillm: str, mode: str, metric: M
     kd, d, d2 = stats["fkl"], stats[distillm], stats[d2_name]
     first, second = metric.compare(kd, d), metric.compare(d, d2)
     holds = first.holds and second.holds
-    broken = [t for c, t in ((first, "DistiLLM > KD"), (second, "DistiLLM-2 > DistiLLM")) if not c.holds]
+    broken = [f"{t} ({c.note()})" for c, t in ((first, "DistiLLM not better than KD"),
+                                                (second, "DistiLLM-2 not better than DistiLLM")) if not c.holds]
     text = (f"{claim}: {'HOLDS' if holds else 'DOES NOT HOLD'} on this run"
             + (f" (fails: {', '.join(broken)})" if broken else "") + "; "
             + _pair_text("KD", kd, "DistiLLM", d) + "; " + _pair_text("DistiLLM", d, "DistiLLM-2", d2))
@@ -220,6 +223,18 @@ def verdicts(stats: Mapping[str, Stat]) -> list[dict[str, Any]]:
     for distillm, mode in (("skl", "paper"), ("skl", "released_code"), ("srkl", "paper"), ("srkl", "released_code")):
         out.append(chain_verdict(stats, distillm, mode))
     return out
+
+
+#: A verdict's own word in its text, and its console colour, by ``holds``.
+_WORDS = {True: (": HOLDS", "green"), False: (": DOES NOT HOLD", "red"), None: (": not checked", "yellow")}
+
+
+def verdict_line(verdict: dict[str, Any], rich: bool) -> str:
+    """``verdict``'s text with its word (HOLDS, DOES NOT HOLD, not checked) in bold, or in
+    colour on the console (``rich``)."""
+    word, colour = _WORDS[verdict["holds"]]
+    marked = f": [bold {colour}]{word[2:]}[/]" if rich else f": **{word[2:]}**"
+    return verdict["text"].replace(word, marked, 1)
 
 
 def markdown(stats: Mapping[str, Stat], references: Mapping[str, Stat], em: Mapping[str, Stat],
@@ -238,9 +253,7 @@ def markdown(stats: Mapping[str, Stat], references: Mapping[str, Stat], em: Mapp
         e = em.get(r["name"])
         lines.append(f"| {r['method']} | {r['stat'].fmt()} | {e.fmt() if e else ''} |")
     lines += ["", "## Verdicts", ""]
-    for v in found:
-        tag = {True: "holds", False: "does not hold", None: "not checked"}[v["holds"]]
-        lines.append(f"- **{tag}**: {v['text']}")
+    lines += [f"- {verdict_line(v, False)}" for v in found]
     return "\n".join(lines) + "\n"
 
 
