@@ -14,8 +14,8 @@ row that read only the two models' logits and write only ``[C]`` row values:
 
 So a chunk holds two ``[C, V]`` float32 buffers (the logits, the student's becoming its
 gradient; :data:`INDUCTOR_OPTIONS` keeps JSD's log-mixture from becoming a third) where the
-eager kernel holds about eight, and the chunk can be larger for the same
-memory (:data:`kdray.losses.fused.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
+eager kernel holds about eight, and the chunk can be larger for the same memory
+(:data:`kdray.losses.fused.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
 terms in the second pass costs arithmetic, not memory traffic. ``alpha`` and the temperature
 enter as a tensor and a symbolic float, so a value that changes every
 step (DistiLLM's adaptive α, POCL's rising temperature) reuses the compiled code; JSD's β

@@ -36,9 +36,9 @@ fused passes, with two float32 ``[chunk_size, V]`` buffers live instead of about
 for half-precision weights, one model's half-precision logits while they are upcast). Its
 default chunk grows with the model instead: ``Hs / 2`` tokens (``COMPILED_CHUNK_PER_HIDDEN``;
 128 at Hs = 256), so the buffers hold ``V·Hs`` float32 values, as many as the lm_head
-gradient. Should compilation fail, each
-chunk runs eager in parts of the eager size. On the 2-core CPU benchmark at V = 128,256 the
-compiled kernel takes about half the eager one's time (docs/benchmarks.md).
+gradient. Should compilation fail, each chunk runs eager in parts of the eager size. On the
+2-core CPU benchmark at V = 128,256 the compiled kernel takes about half the eager one's time
+(docs/benchmarks.md).
 
 Values and gradients match the dense (naive) path to float32 rounding: the tests check
 1e-5 relative agreement for every divergence, and ``gradcheck`` the path in float64.
