@@ -74,7 +74,8 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
         lstats = language_stats(result["runs"])
         language["summary"] = {key: {m: s.as_dict() for m, s in by_method.items()} for key, by_method in lstats.items()}
         language["verdicts"] = lfound = language_verdicts(lstats)
-        extra = ["", *language_table(lstats, {k.replace("_", " "): v for k, v in language["references"].items()}),
+        lrefs = {k.replace("_", " "): v for k, v in language["references"].items()}
+        extra = ["", *language_table(lstats, lrefs),
                  "", f"## Verdicts against the language ({language['prompts']} held-out prompts, "
                      f"{language['samples']} samples each)", "", *(f"- {verdict_line(v, False)}" for v in lfound)]
         found = found + lfound
@@ -90,7 +91,7 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
     for table in rich_tables(stats, refs, {**em, **ref_em}):
         console.print(table)
     if extra:
-        console.print(language_rich_table(lstats, {k.replace("_", " "): v for k, v in language["references"].items()}))
+        console.print(language_rich_table(lstats, lrefs))
     for v in found:
         console.print(verdict_line(v, True), highlight=False, soft_wrap=True)
     console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {result['timings_s']['total']:.0f}s)")
