@@ -120,7 +120,12 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     # A step's wall time holds its parts (the previous step's report included).
     assert all(m["step_s"] >= sum(m[f"{p}_s"] for p in ("data_wait", "forward", "backward", "optimizer", "report"))
                for m in steps)
-    assert "a step's seconds (mean; rank 0)" in (tmp_path / "out" / "report.md").read_text()
+    # and the CPU time rank 0's process spent in it (StepClock.lap): some, and (over the steps,
+    # whose DeepSpeed all-reduces wait on the other rank) less than two cores' worth.
+    assert all(m["cpu_s"] > 0 for m in steps) and sum(m["cpu_s"] for m in steps) < 2 * sum(m["step_s"] for m in steps)
+    step_row = next(ln for ln in (tmp_path / "out" / "report.md").read_text().splitlines()
+                    if "a step's seconds (mean; rank 0)" in ln)
+    assert "whole step" in step_row and "CPU (this process)" in step_row, step_row
     # Micro-batches are padded to their own longest row: rows of ~16 tokens waste little of the
     # positions (padded to max_seq_len 96, 0.84 of them were padding).
     assert all(0.0 <= m["pad_fraction"] < 0.5 for m in steps)

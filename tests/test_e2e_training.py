@@ -101,6 +101,8 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     for run in (ray_run, bare):
         assert run["forward_s"] > 0 and run["backward_s"] > 0 and run["optimizer_s"] > 0, run
         assert run["step_s"] >= run["forward_s"] + run["backward_s"] + run["optimizer_s"], run  # the whole step
+        assert 0 < run["cpu_s"] < 4 * run["step_s"], run  # the process's CPU time in it (up to 2 threads, and Ray's)
+    assert "CPU (share)" in res.stdout
     assert ray_run["report_s"] >= 0 and bare["report_s"] == 0  # the bare loop reports to no driver (the job
     # reports about once a second, kdray.train.worker.REPORT_INTERVAL_S: maybe never in 7 steady toy steps)
     assert ray_run["sequences_per_step"] * data["workers"] == bare["sequences_per_step"] == data["global_batch"]

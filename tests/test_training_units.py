@@ -184,6 +184,24 @@ def test_step_clock_adds_each_part_and_starts_again_after_take():
     assert set(clock.take().values()) == {0.0}  # take() started it again
 
 
+def test_step_clock_laps_tell_computing_from_waiting():
+    import time
+
+    from kdray.train.step import StepClock
+
+    clock = StepClock()
+    time.sleep(0.2)  # waiting: wall time without CPU time
+    waited = clock.lap()
+    end = time.process_time() + 0.2
+    while time.process_time() < end:  # computing: CPU time as long as the wall time, or nearly
+        pass
+    computed = clock.lap()
+    assert set(waited) == set(computed) == {"step_s", "cpu_s"}
+    assert waited["step_s"] >= 0.2 and waited["cpu_s"] < 0.05, waited
+    assert computed["cpu_s"] >= 0.2 and computed["step_s"] >= computed["cpu_s"] * 0.9, computed
+    assert computed["step_s"] < 0.2 + waited["step_s"]  # each lap from the previous one's end, not the start
+
+
 _INIT_BACKEND = """
 import os, sys
 os.environ.update(TORCH_EXTENSIONS_DIR=sys.argv[1], MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2],

@@ -247,7 +247,7 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     cursor = 0
     rates, step_losses, history = [], [], []
     startup = None
-    last_end = time.perf_counter()
+    loop.clock.lap()  # steps are timed from here, each from the previous one's end
     for _ in range(total):
         micro_batches = []
         for _ in range(accumulate):
@@ -258,9 +258,8 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
             with loop.clock.timing("data_wait"):  # a job's workers collate while they wait on Ray Data
                 micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
         metrics = loop.step(micro_batches)
+        metrics.update(loop.clock.lap())  # wall and CPU time from the last step's end, as the job's workers time theirs
         now = time.perf_counter()
-        metrics["step_s"] = now - last_end  # wall time from the last step's end, as the job's workers time theirs
-        last_end = now
         rates.append(metrics["tokens"] / metrics["step_s"])
         step_losses.append(metrics["loss"])
         history.append(metrics)
@@ -302,7 +301,7 @@ def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
     from kdray.train.step import StepClock
 
     parts: dict[str, float | None] = {}
-    for part in (*StepClock.PARTS, "step"):  # and the whole step's wall time
+    for part in (*StepClock.PARTS, "step", "cpu"):  # and the whole step's wall and CPU time
         values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
         parts[f"{part}_s"] = statistics.fmean(values) if values else None
     return parts
@@ -312,7 +311,8 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's rounds as one row: the median of the rounds' tokens/s and step-time parts."""
     from kdray.train.step import StepClock
 
-    return median_row(runs, lambda r: r.get("status") == "ok", ["tokens_per_s", "step_s", *(f"{p}_s" for p in StepClock.PARTS)])
+    return median_row(runs, lambda r: r.get("status") == "ok",
+                      ["tokens_per_s", "step_s", "cpu_s", *(f"{p}_s" for p in StepClock.PARTS)])
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 def _render_step_time(console: Any, rows: list[tuple[str, dict[str, Any]]]) -> None:
     """Where a steady-state step's time goes in each run: the mean seconds of each part
     (:class:`kdray.train.step.StepClock`; the job's from rank 0, which trains its share of the
-    step's sequences)."""
+    step's sequences), and the CPU time the process spent in the step with its share of the wall
+    time: under 1 with one thread, the rest is waiting (on the other ranks, or for a core)."""
     from rich.table import Table
 
     from kdray.train.step import StepClock
@@ -30,12 +31,17 @@ def _render_step_time(console: Any, rows: list[tuple[str, dict[str, Any]]]) -> N
     table = Table(title="where a step's time goes (mean seconds per steady-state step; the job: rank 0)")
     table.add_column("run")
     table.add_column("sequences on this process", justify="right")
-    keys = [*StepClock.PARTS, "step"]
+    ran = [r for _, r in rows if r.get("status") == "ok"]
+    keys = [p for p in StepClock.PARTS if any(r.get(f"{p}_s") for r in ran)] + ["step"]  # parts no run has left out
     for part in keys:
         table.add_column("whole step" if part == "step" else part.replace("_", " "), justify="right")
+    table.add_column("CPU (share)", justify="right")
     for label, r in rows:
         if r.get("status") == "ok":
-            table.add_row(label, _fmt(r.get("sequences_per_step")), *(_fmt(r.get(f"{p}_s"), ".3f") for p in keys))
+            cpu, wall = r.get("cpu_s"), r.get("step_s")
+            share = f" ({cpu / wall:.0%})" if cpu is not None and wall else ""
+            table.add_row(label, _fmt(r.get("sequences_per_step")), *(_fmt(r.get(f"{p}_s"), ".3f") for p in keys),
+                          _fmt(cpu, ".3f") + share)
     console.print(table)
 
 

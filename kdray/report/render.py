@@ -28,7 +28,9 @@ from kdray.train.step import StepClock
 from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds, plot_loss, plot_schedule)
 
 # Per-step keys that are neither a loss part nor a schedule value (the step's time parts among them).
-_STEP_TIME = [f"{part}_s" for part in StepClock.PARTS] + ["step_s"]  # the parts, then the whole step
+# The parts, then the whole step and the CPU time rank 0's process spent in it (StepClock.lap).
+_STEP_TIME = [f"{part}_s" for part in StepClock.PARTS] + ["step_s", "cpu_s"]
+_STEP_TIME_NAMES = {"step_s": "whole step", "cpu_s": "CPU (this process)"}
 # (generate_s: the on-policy pool's time for a step's samples, which may overlap the step)
 _NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm", "generate_s", *_STEP_TIME}
 _LOSS_KEYS = {"loss", "kd", "ce", "skl", "srkl", "fkl", "rkl", "tvd", "jsd", "akl", "cald"}
@@ -113,7 +115,7 @@ def _step_time_row(metrics: list[dict[str, Any]]) -> list[list[str]]:
     for key in _STEP_TIME:
         values = [v for v in (_num(m.get(key)) for m in metrics) if not math.isnan(v)]
         if values:
-            name = "whole step" if key == "step_s" else key[:-2].replace("_", " ")
+            name = _STEP_TIME_NAMES.get(key, key[:-2].replace("_", " "))
             parts.append(f"{name} {statistics.fmean(values):.3f}")
     return [["a step's seconds (mean; rank 0)", " · ".join(parts)]] if parts else []
 

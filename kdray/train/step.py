@@ -50,12 +50,25 @@ class StepClock:
 
     The parts do not overlap; what they leave out of a step's wall time (the Ray Train worker's
     ``step_s``, from the previous step's end) is the runner's own bookkeeping (the metrics'
-    all-reduce, the schedule, replay's validation)."""
+    all-reduce, the schedule, replay's validation).
+
+    :meth:`lap` times whole steps: wall time, and the CPU time this process spent in it, all its
+    threads (``time.process_time``). Their ratio tells computing from waiting: a rank whose
+    ``cpu_s`` is well under its ``step_s`` waited (on its peers at a collective, on the data, or
+    for a core), where a slower step at full CPU is slower code."""
 
     PARTS = ("data_wait", "sampling", "forward", "backward", "optimizer", "report", "weight_sync")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._last_lap = (time.perf_counter(), time.process_time())
+
+    def lap(self) -> dict[str, float]:
+        """``{"step_s": wall seconds, "cpu_s": this process's CPU seconds}`` since the previous
+        lap (or since the clock was made): a step's, when called at each step's end."""
+        now = (time.perf_counter(), time.process_time())
+        (wall0, cpu0), self._last_lap = self._last_lap, now
+        return {"step_s": now[0] - wall0, "cpu_s": now[1] - cpu0}
 
     @contextmanager
     def timing(self, part: str) -> Iterator[None]:

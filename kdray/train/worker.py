@@ -122,7 +122,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    teachers=list(wc.teacher_pool), signal_meta=wc.teacher_pool_meta)
         on_policy.push(engine, step)  # the pool serves the weights this run starts from
     micro_per_epoch = seg.steps_per_epoch * t.gradient_accumulation_steps
-    last_end = time.perf_counter()  # a step's wall time runs from the previous step's end (its report included)
     metrics: dict[str, Any] = {}
     group: list[dict[str, Any]] = []  # the micro-batches of the step being gathered
     since_checkpoint: list[dict[str, Any]] = []
@@ -130,7 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_report = time.monotonic()
 
     boundaries: list[bool] = []
-    clock = StepClock()  # where each step's time goes: its metrics' *_s
+    clock = StepClock()  # where each step's time goes: its metrics' *_s; a step runs from the previous one's end
 
     def backward(loss: Any) -> None:
         # The loss is already normalised by the whole step's items: DeepSpeed must neither divide
@@ -180,10 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if on_policy is not None:
                 schedule.update(on_policy.metrics())
             due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
-            now = time.perf_counter()
-            step_values, report_due = _step_metrics(engine, wc, window, now - last_end, due)
+            step_values, report_due = _step_metrics(engine, wc, window, clock.lap(), due)
             metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule, **step_values, **clock.take()}
-            last_end = now
             since_checkpoint.append(metrics)
             unreported.append(metrics)
             if step >= seg.end_step:
@@ -234,12 +231,13 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, teacher
 
 
-def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], step_s: float,
+def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], lap: dict[str, float],
                   report_due: bool) -> tuple[dict[str, Any], bool]:
     """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
     from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), its wall time
     ``step_s`` on rank 0 (from the previous step's end: its data wait and the previous report
-    included; a worker group's first step from its start) and label tokens per second of it, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
+    included; a worker group's first step from its start) and the CPU time its process spent in it
+    (``cpu_s``, :meth:`kdray.train.step.StepClock.lap`) and label tokens per second of it, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
     the step is; and whether any rank found a report due (every rank gets the same answer)."""
     import torch
     import torch.distributed as dist
@@ -256,8 +254,8 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], step_
         "round": seg.round,
         **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
         **{k: v for k, v in totals.items() if k != "tokens"},
-        "step_s": step_s,
-        "tokens_per_s": totals["tokens"] / max(step_s, 1e-9),
+        **lap,
+        "tokens_per_s": totals["tokens"] / max(lap["step_s"], 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "peak_rss_mb": peak_rss_mb(),  # since the models were loaded (reset_peak_rss)
     }, values[-1] > 0
