@@ -3,7 +3,7 @@ and the peak memory of a training worker per teacher-signal mode.
 
 Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, forward KL):
 
-* **Ray Train + DeepSpeed ZeRO-2** (``--workers``, default 2): a real job (``kdray run`` in a
+* **Ray Train + DeepSpeed ZeRO-2** (``--workers``, default 2; ``--zero-stage``): a real job (``kdray run`` in a
   subprocess, its own local Ray) trains on the toy dataset's responses
   (``data.response_source: dataset``, so no generation phase) with evaluation off. Tokens/s
   is read from the job's per-step metrics (``tokens_per_s``: response tokens of all workers
@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="start-up steps left out of the tokens/s median (default 5; --quick 3)")
     p.add_argument("--global-batch", type=int, default=32, help="sequences per optimizer step (default 32)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch and worker (default 8)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2,
+                   help="the jobs' training.zero_stage (default 2; the memory section sets its own)")
     p.add_argument("--bare-threads", type=int, nargs="+", default=None,
                    help="torch threads of the bare loop, each its own run; the fastest is the baseline "
                         "(default: 1 and --workers, the job's CPU budget; --quick: 1)")
@@ -131,7 +133,7 @@ def _error_line(text: str) -> str:
 
 
 def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
-            steps: int | None = None, label: str | None = None, zero_stage: int = 2) -> dict[str, Any]:
+            steps: int | None = None, label: str | None = None, zero_stage: int | None = None) -> dict[str, Any]:
     """Run one mode's job with ``kdray run`` (under ``root / label``, default the mode); its
     steps' metrics, start-up and peak memory."""
     import yaml
@@ -140,7 +142,7 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     out.mkdir(parents=True, exist_ok=True)
     spec = job_spec(out / "job", mode, steps=steps or args.steps, workers=args.workers,
                     global_batch=args.global_batch, micro_batch=args.micro_batch, teacher=teacher,
-                    zero_stage=zero_stage)
+                    zero_stage=args.zero_stage if zero_stage is None else zero_stage)
     path = out / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
@@ -377,7 +379,7 @@ def run(argv: list[str] | None = None) -> int:
         modes = ["online"] + [m for m in args.modes if m != "online"]  # online: throughput and reference
         results: dict[str, Any] = {"workers": args.workers, "global_batch": args.global_batch,
                                    "micro_batch": args.micro_batch, "steps": args.steps,
-                                   "skip_steps": args.skip_steps, "modes": {}}
+                                   "skip_steps": args.skip_steps, "zero_stage": args.zero_stage, "modes": {}}
         with HostLoad() as load:
             _throughput_rounds(root, args, results)
             for mode in modes[1:]:

@@ -55,7 +55,7 @@ def render(results: dict[str, Any]) -> None:
                         f"global batch {results['global_batch']}, micro-batch {results['micro_batch']})")
     for col in ("run", "status", "tokens/s (steady median)", "steps (steady)", "start-up s", "loss first → last"):
         table.add_column(col, justify="left" if col in ("run", "status") else "right")
-    rows = [(f"Ray Train + DeepSpeed ZeRO-2 ({results['workers']} workers)", ray_run)]
+    rows = [(f"Ray Train + DeepSpeed ZeRO-{results.get('zero_stage', 2)} ({results['workers']} workers)", ray_run)]
     rows += [(f"bare torch loop ({r.get('threads', '?')} thread{'s' if r.get('threads') != 1 else ''})"
               + (" (baseline)" if r is bare and len(results["bare_runs"]) > 1 else ""), r) for r in results["bare_runs"]]
     for label, r in rows:

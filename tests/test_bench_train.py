@@ -1,0 +1,34 @@
+"""``kdray bench train``'s options and step table, without running a job (the job itself runs
+in ``tests/test_e2e_training.py::test_bench_train_quick_smoke``)."""
+
+import pytest
+
+
+def test_zero_stage_option_reaches_the_jobs_spec(tmp_path):
+    from kdray.bench.train import _parser, job_spec
+    from kdray.spec import parse_spec
+
+    assert _parser().parse_args([]).zero_stage == 2  # the default the figures in docs/benchmarks.md use
+    args = _parser().parse_args(["--zero-stage", "1"])
+    spec = job_spec(tmp_path, "online", steps=4, workers=2, global_batch=32, micro_batch=8, zero_stage=args.zero_stage)
+    assert parse_spec(spec, "bench").training.zero_stage == 1
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["--zero-stage", "4"])
+    assert exc.value.code == 2
+
+
+def test_step_table_shows_cpu_share_and_leaves_out_parts_no_run_has():
+    from rich.console import Console
+
+    from kdray.bench.train_report import _render_step_time
+
+    parts = {"data_wait_s": 0.002, "sampling_s": 0.0, "forward_s": 0.03, "backward_s": 0.026, "optimizer_s": 0.006,
+             "report_s": 0.0005, "weight_sync_s": 0.0}
+    job = {"status": "ok", "sequences_per_step": 16, **parts, "step_s": 0.07, "cpu_s": 0.049}
+    bare = {"status": "ok", "sequences_per_step": 32, **parts, "report_s": 0.0, "step_s": 0.05, "cpu_s": 0.05}
+    console = Console(width=200, record=True)
+    _render_step_time(console, [("the job", job), ("bare", bare)])
+    text = console.export_text()
+    assert "CPU (share)" in text and "0.049 (70%)" in text and "0.050 (100%)" in text
+    assert "forward" in text and "report" in text  # a part one run has stays
+    assert "sampling" not in text and "weight sync" not in text  # no run has these
