@@ -137,14 +137,13 @@ class ReplaySource:
         them (each term normalised by all the rows' items, :func:`kdray.train.step.step_items`);
         feeds φ. Two passes over the rows: the first counts labels only."""
         import torch
-        import torch.distributed as dist
 
-        from kdray.train.step import step_items
+        from kdray.train.step import step_items, sum_over_ranks
 
         mb = self.spec.training.micro_batch_size_per_worker
         collate = CollateExamples(self.pad_id)
         items = step_items(objective, rows.iter_torch_batches(batch_size=mb, collate_fn=collate))
-        total = torch.zeros(1, dtype=torch.float64)
+        total = 0.0
         was_training = engine.module.training
         engine.module.eval()
         try:
@@ -155,9 +154,7 @@ class ReplaySource:
                     total += float(loss)
         finally:
             engine.module.train(was_training)
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        value = float(total[0])
+        (value,) = sum_over_ranks([total])
         self.scheduler.on_validation(value)
         return value
 

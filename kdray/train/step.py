@@ -21,7 +21,7 @@ objective, and so do their gradients.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -97,28 +97,52 @@ class StepClock:
         return out
 
 
+def collective_device() -> Any:
+    """The device a tensor must be on for a collective of torch.distributed's default process
+    group: the CPU when its backend takes CPU tensors (gloo), else the device type it serves
+    (NCCL's ``cuda``: the current GPU). NCCL takes no CPU tensors: an ``all_reduce`` of one
+    raises ``No backend type associated with device type cpu``.
+
+    Raises:
+        ValueError: torch.distributed is not initialised (``torch.distributed.get_backend_config``).
+    """
+    import torch
+    import torch.distributed as dist
+
+    devices = [pair.split(":")[0] for pair in dist.get_backend_config().split(",")]
+    return torch.device("cpu" if "cpu" in devices else devices[0])
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """``values`` summed over every rank of torch.distributed's default process group, in
+    float64, by one ``all_reduce`` on :func:`collective_device` (every rank must call this
+    at the same point with as many values, in the same order); ``values`` themselves when
+    torch.distributed is not initialised or has one rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def step_items(objective: Any, micro_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Items of each term of ``objective`` in one optimizer step, over all of this step's
-    ``micro_batches`` on every rank (summed with ``all_reduce`` when ``torch.distributed`` is
-    initialised with more than one rank; every rank must call this once per step).
+    ``micro_batches`` on every rank (:func:`sum_over_ranks`; every rank must call this once per
+    step).
 
     Returns:
         ``{term: count}`` as ``objective.items(batch)`` names them (e.g. ``kd``, ``ce``; for
         DistiLLM-2 ``skl``, ``srkl``, ``ce``), as floats.
     """
-    import torch
-    import torch.distributed as dist
-
     totals: dict[str, float] = {}
     for batch in micro_batches:
         for key, value in objective.items(batch).items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        keys = sorted(totals)
-        counts = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(counts)
-        totals = dict(zip(keys, counts.tolist()))
-    return totals
+    keys = sorted(totals)
+    return dict(zip(keys, sum_over_ranks([totals[k] for k in keys])))
 
 
 def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: list[dict[str, Any]],

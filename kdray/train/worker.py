@@ -27,7 +27,7 @@ from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.spec import JobSpec, TrainingSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
-from kdray.train.step import StepClock, accumulate_step, step_metrics
+from kdray.train.step import StepClock, accumulate_step, step_metrics, sum_over_ranks
 
 
 #: Seconds between two metric-only reports at most (a report is due at the first step after it).
@@ -239,14 +239,9 @@ def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], lap: 
     included; a worker group's first step from its start) and the CPU time its process spent in it
     (``cpu_s``, :meth:`kdray.train.step.StepClock.lap`) and label tokens per second of it, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
     the step is; and whether any rank found a report due (every rank gets the same answer)."""
-    import torch
-    import torch.distributed as dist
-
     seg = wc.segment
     keys = sorted(window)
-    sums = torch.tensor([window[k] for k in keys] + [float(report_due)], dtype=torch.float64)
-    dist.all_reduce(sums)
-    values = sums.tolist()
+    values = sum_over_ranks([window[k] for k in keys] + [float(report_due)])
     totals = step_metrics(dict(zip(keys, values[:-1])))
     grad_norm = engine.get_global_grad_norm()
     return {
