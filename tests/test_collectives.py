@@ -78,3 +78,38 @@ def test_under_nccl_the_collectives_run_on_the_gpu(tmp_path):
     finally:
         dist.destroy_process_group()
     assert device.type == "cuda" and tensor.tolist() == [1.0, 1.0]
+
+
+class _Labels:
+    """The one thing :func:`kdray.train.step.step_items` asks of a step objective: a
+    micro-batch's items per term."""
+
+    def items(self, batch: dict) -> dict:
+        return {"kd": batch["labels"], "ce": batch["labels"] - 1}
+
+
+def _carried(rank: int) -> dict:
+    from kdray.train.step import RankSums, step_items
+
+    carry = RankSums({"loss": 0.5 * (rank + 1), "report_due": float(rank == 0)})
+    items = step_items(_Labels(), [{"labels": 3 + rank}, {"labels": 5}], carry)
+    own = RankSums({"tokens": 10.0 * (rank + 1)}).sum_now()
+    return {"items": items, "carried": carry.summed, "own": own.summed}
+
+
+def test_a_steps_sums_ride_on_the_next_steps_item_counts(tmp_path):
+    got = run_ranks(_carried, tmp_path)
+    # items: rank 0 has 3 + 5 labels, rank 1 4 + 5; ce one fewer per micro-batch
+    assert got == {"items": {"ce": 13.0, "kd": 17.0}, "carried": {"loss": 1.5, "report_due": 1.0},
+                   "own": {"tokens": 30.0}}
+
+
+def test_without_a_carry_nothing_is_summed_into_it():
+    from kdray.train.step import RankSums, step_items
+
+    carry = RankSums({"loss": 2.0})
+    assert carry.summed is None
+    assert step_items(_Labels(), [{"labels": 4}]) == {"ce": 3.0, "kd": 4.0}
+    assert carry.summed is None
+    assert step_items(_Labels(), [{"labels": 4}], carry) == {"ce": 3.0, "kd": 4.0}
+    assert carry.summed == {"loss": 2.0}  # one rank: the values themselves

@@ -4,9 +4,10 @@
 config (a :class:`WorkerConfig`), never from module globals, so the same function serves the
 demo, the tests and a cluster. Every optimizer step's metrics reach the driver through
 ``ray.train.report`` (a collective of all ranks), batched: the steps since the last report go
-together at a checkpoint, at the segment's end, or at the first step :data:`REPORT_INTERVAL_S`
-after the last report; the driver's callback forwards them, one event per step, to the job's
-progress.
+together at a checkpoint, at the segment's end, or one step after the first step
+:data:`REPORT_INTERVAL_S` after the last report (a step's metrics are summed over the ranks with
+the next step's item counts, :class:`kdray.train.step.RankSums`); the driver's callback
+forwards them, one event per step, to the job's progress.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.spec import JobSpec, TrainingSpec
 from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
-from kdray.train.step import StepClock, accumulate_step, step_metrics, sum_over_ranks
+from kdray.train.step import RankSums, StepClock, accumulate_step, step_metrics
 
 
-#: Seconds between two metric-only reports at most (a report is due at the first step after it).
+#: Seconds between two metric-only reports at most (a report is due one step after the first
+#: step after it).
 #: Every ``ray.train.report`` waits for all ranks and the controller: 46 ms median per step on
 #: the 2-core bench host (``kdray bench train``, 2026-12-03), about half the toy job's step. Rank
-#: 0's clock decides, and the decision travels in the step's metric all-reduce, so every rank
-#: reports at the same step.
+#: 0's clock decides, and the decision travels with the step's metrics in their all-reduce, so
+#: every rank reports at the same step.
 REPORT_INTERVAL_S = 1.0
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
@@ -127,6 +129,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     since_checkpoint: list[dict[str, Any]] = []
     unreported: list[dict[str, Any]] = []  # the steps the next report carries
     last_report = time.monotonic()
+    # The last step's sums, summed over the ranks with the next step's item counts (one collective
+    # a step, :class:`RankSums`), and its rank-local metrics; None where the step summed its own.
+    pending: tuple[RankSums, dict[str, Any]] | None = None
+
+    def record(sums: RankSums, local: dict[str, Any]) -> bool:
+        """A step's metrics, its sums now over every rank, to the reports to come; whether rank 0
+        found a report due (every rank gets the same answer)."""
+        nonlocal metrics
+        metrics, due = _step_metrics(sums, local)
+        since_checkpoint.append(metrics)
+        unreported.append(metrics)
+        return due
 
     boundaries: list[bool] = []
     clock = StepClock()  # where each step's time goes: its metrics' *_s; a step runs from the previous one's end
@@ -164,7 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if len(group) < t.gradient_accumulation_steps:
                 continue
             lr = float(scheduler.get_last_lr()[0])  # the rate this optimizer step applies
-            window = accumulate_step(objective, engine, teacher, group, backward, clock)
+            window = accumulate_step(objective, engine, teacher, group, backward, clock,
+                                     carry=pending[0] if pending is not None else None)
             if boundaries != [False] * (len(group) - 1) + [True]:
                 raise RuntimeError(f"rank {rank}: DeepSpeed's accumulation boundaries {boundaries} do not match "
                                    f"the step's {len(group)} micro-batches (step {step + 1})")
@@ -178,14 +193,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
             if on_policy is not None:
                 schedule.update(on_policy.metrics())
-            due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
-            step_values, report_due = _step_metrics(engine, wc, window, clock.lap(), due)
-            metrics = {"step": step, "epoch": epoch, "lr": lr, **schedule, **step_values, **clock.take()}
-            since_checkpoint.append(metrics)
-            unreported.append(metrics)
+            report_due = record(*pending) if pending is not None else False  # the previous step's
+            local = {"step": step, "epoch": epoch, "lr": lr, **schedule, **_rank_metrics(engine, wc, clock.lap()),
+                     **clock.take()}
+            checkpoint = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
+            pending = None
+            if checkpoint or step >= seg.end_step:  # no step to carry this one's sums: their own collective
+                record(RankSums({**window, "report_due": 0.0}).sum_now(), local)
             if step >= seg.end_step:
                 break
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+            if checkpoint:
                 # The steps since the last checkpoint travel with it: a driver killed before it
                 # drained their metrics recovers them from here when the job is run again.
                 progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
@@ -197,10 +214,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with clock.timing("report"):
                     ray.train.report({"steps": unreported})
                 unreported, last_report = [], time.monotonic()
+            if not checkpoint:  # with whether rank 0 finds a report due, decided after this step's
+                due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
+                pending = (RankSums({**window, "report_due": float(due)}), local)
             if on_policy is not None:
                 on_policy.after_step(engine, step, clock)
         if step >= seg.end_step:
             break
+    if pending is not None:  # fewer batches than planned: no step carried the last one's sums
+        record(pending[0].sum_now(), pending[1])
     # The end of the segment (or fewer batches than planned): export what was trained.
     unreported = final_steps(unreported, metrics, restored,
                              {"step": step, "total_steps": wc.total_steps, "round": seg.round})
@@ -231,29 +253,39 @@ def _setup_engine(wc: WorkerConfig, rank: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, teacher
 
 
-def _step_metrics(engine: Any, wc: WorkerConfig, window: dict[str, float], lap: dict[str, float],
-                  report_due: bool) -> tuple[dict[str, Any], bool]:
-    """An optimizer step's metrics over every rank: the loss and its parts (each rank's share
-    from :func:`kdray.train.step.accumulate_step`, summed: the step's objective), its wall time
-    ``step_s`` on rank 0 (from the previous step's end: its data wait and the previous report
-    included; a worker group's first step from its start) and the CPU time its process spent in it
-    (``cpu_s``, :meth:`kdray.train.step.StepClock.lap`) and label tokens per second of it, the share of padding, the grad norm before clipping, this rank's peak memory, and where in the plan
-    the step is; and whether any rank found a report due (every rank gets the same answer)."""
+def _rank_metrics(engine: Any, wc: WorkerConfig, lap: dict[str, float]) -> dict[str, Any]:
+    """This rank's part of an optimizer step's metrics, at the step's end: where in the plan the
+    step is, its wall time ``step_s`` (from the previous step's end: its data wait and the
+    previous report included; a worker group's first step from its start) and the CPU time its
+    process spent in it (``cpu_s``, :meth:`kdray.train.step.StepClock.lap`), the grad norm
+    before clipping (over every rank already), this rank's peak memory."""
     seg = wc.segment
-    keys = sorted(window)
-    values = sum_over_ranks([window[k] for k in keys] + [float(report_due)])
-    totals = step_metrics(dict(zip(keys, values[:-1])))
     grad_norm = engine.get_global_grad_norm()
     return {
         "total_steps": wc.total_steps,
         "round": seg.round,
         **({"stage": seg.stage, "n_active": seg.n_rows} if seg.stage is not None else {}),
-        **{k: v for k, v in totals.items() if k != "tokens"},
         **lap,
-        "tokens_per_s": totals["tokens"] / max(lap["step_s"], 1e-9),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "peak_rss_mb": peak_rss_mb(),  # since the models were loaded (reset_peak_rss)
-    }, values[-1] > 0
+    }
+
+
+def _step_metrics(sums: RankSums, local: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """An optimizer step's metrics: ``local`` (:func:`_rank_metrics`) with the loss and its parts
+    (each rank's share from :func:`kdray.train.step.accumulate_step`, summed over the ranks in
+    ``sums``: the step's objective), label tokens per second of rank 0's step and the share of
+    padding; and whether rank 0 found a report due (``sums``' ``report_due``)."""
+    if sums.summed is None:
+        raise RuntimeError(f"step {local['step']}: its metrics were never summed over the ranks")
+    summed = dict(sums.summed)
+    due = summed.pop("report_due") > 0
+    totals = step_metrics(summed)
+    return {
+        **local,
+        **{k: v for k, v in totals.items() if k != "tokens"},
+        "tokens_per_s": totals["tokens"] / max(local["step_s"], 1e-9),
+    }, due
 
 
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None, pool: tuple[Any, ...]) -> Any:
