@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kdray.service import client
     from kdray.report import render as report
-    from kdray.repro import harness as repro
+    from kdray.repro import cli as repro
 
     report.add_parsers(sub)
     repro.add_parsers(sub)

@@ -187,7 +187,10 @@ def test_size_check_and_cli_errors_name_the_option(capsys):
     assert "--data/--heldout: give both" in capsys.readouterr().err
     assert main(["repro", "--data", "/nonexistent/train.jsonl", "--heldout", "/nonexistent/h.jsonl",
                  "--methods", "fkl"]) == 2
-    assert "data.train: dataset '/nonexistent/train.jsonl' does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--data: dataset '/nonexistent/train.jsonl' does not exist" in err
+    assert "--heldout: dataset '/nonexistent/h.jsonl' does not exist" in err
+    assert "data.train" not in err
 
 
 # -- end to end ----------------------------------------------------------------------------------
