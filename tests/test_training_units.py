@@ -196,7 +196,8 @@ def test_step_clock_laps_tell_computing_from_waiting():
     while time.process_time() < end:  # computing: CPU time as long as the wall time, or nearly
         pass
     computed = clock.lap()
-    assert set(waited) == set(computed) == {"step_s", "cpu_s"}
+    assert set(waited) == set(computed) == {"step_s", "cpu_s"} == {f"{k}_s" for k in StepClock.LAPS}
+    assert StepClock.KEYS[-2:] == ("step_s", "cpu_s") and len(StepClock.KEYS) == len(StepClock.PARTS) + 2
     assert waited["step_s"] >= 0.2 and waited["cpu_s"] < 0.05, waited
     assert computed["cpu_s"] >= 0.2 and computed["step_s"] >= computed["cpu_s"] * 0.9, computed
     assert computed["step_s"] < 0.2 + waited["step_s"]  # each lap from the previous one's end, not the start

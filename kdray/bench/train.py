@@ -303,7 +303,7 @@ def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
     from kdray.train.step import StepClock
 
     parts: dict[str, float | None] = {}
-    for part in (*StepClock.PARTS, "step", "cpu"):  # and the whole step's wall and CPU time
+    for part in (*StepClock.PARTS, *StepClock.LAPS):  # and the whole step's wall and CPU time
         values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
         parts[f"{part}_s"] = statistics.fmean(values) if values else None
     return parts
@@ -314,7 +314,7 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     from kdray.train.step import StepClock
 
     return median_row(runs, lambda r: r.get("status") == "ok",
-                      ["tokens_per_s", "step_s", "cpu_s", *(f"{p}_s" for p in StepClock.PARTS)])
+                      ["tokens_per_s", *StepClock.KEYS])
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, pl
 
 # Per-step keys that are neither a loss part nor a schedule value (the step's time parts among them).
 # The parts, then the whole step and the CPU time rank 0's process spent in it (StepClock.lap).
-_STEP_TIME = [f"{part}_s" for part in StepClock.PARTS] + ["step_s", "cpu_s"]
+_STEP_TIME = list(StepClock.KEYS)
 _STEP_TIME_NAMES = {"step_s": "whole step", "cpu_s": "CPU (this process)"}
 # (generate_s: the on-policy pool's time for a step's samples, which may overlap the step)
 _NOT_PLOTTED = {"step", "total_steps", "epoch", "final", "time", "tokens_per_s", "grad_norm", "generate_s", *_STEP_TIME}

@@ -58,6 +58,10 @@ class StepClock:
     for a core), where a slower step at full CPU is slower code."""
 
     PARTS = ("data_wait", "sampling", "forward", "backward", "optimizer", "report", "weight_sync")
+    #: What :meth:`lap` measures of a whole step (``step_s``, ``cpu_s``).
+    LAPS = ("step", "cpu")
+    #: Every time a step's metrics carry: ``<part>_s`` of :data:`PARTS`, then of :data:`LAPS`.
+    KEYS = tuple(f"{name}_s" for name in (*PARTS, *LAPS))
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
