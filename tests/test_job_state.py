@@ -145,7 +145,7 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
 
     from kdray.pipeline.job import Job
     from kdray.pipeline.progress import Reporter
-    from kdray.train.worker import final_steps
+    from kdray.train.checkpoints import final_steps
 
     marker = {"step": 16, "total_steps": 16, "round": 0}
     trained = [{"step": s, "loss": float(s), "total_steps": 16} for s in (13, 14, 15, 16)]

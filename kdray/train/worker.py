@@ -12,22 +12,18 @@ forwards them, one event per step, to the job's progress.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment
 from kdray.data.examples import CollateExamples
 from kdray.data.length_groups import group_by_length
-from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
 from kdray.spec import JobSpec, TrainingSpec
-from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss, save_student
+from kdray.train.checkpoints import final_steps, report_checkpoint, report_final, restore
+from kdray.train.setup import deepspeed_config, load_student, make_optimizer, peak_rss_mb, reset_peak_rss
 from kdray.train.step import RankSums, StepClock, accumulate_step, step_metrics
 
 
@@ -92,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``train`` (and ``validation`` with the replay curriculum). Each optimizer step's metrics go
     to ``ray.train.report`` as ``{"steps": [metrics, ...]}`` (batched: see the module), with a
     checkpoint every ``training.checkpoint_every_steps`` and at the end of the segment (the
-    exported student, :func:`_report_final`)."""
+    exported student, :func:`kdray.train.checkpoints.report_final`)."""
     import ray.train
 
     wc: WorkerConfig = config["worker"]
@@ -103,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reset_peak_rss()  # peak_rss_mb: the peak of training, not the checkpoint files' mapped pages
     device = engine.device
 
-    step, start_epoch, skip_micro, state, restored = _restore(engine, wc, ray.train.get_checkpoint(), rank)
+    step, start_epoch, skip_micro, state, restored = restore(engine, wc, ray.train.get_checkpoint(), rank)
     from kdray.train.objectives import make_step_objective
 
     objective = make_step_objective(spec, seg, total_steps=wc.total_steps,
@@ -208,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
                             "metrics": since_checkpoint}
                 with clock.timing("report"):
-                    _report_checkpoint(engine, unreported, progress, _state(objective, replay), rank)
+                    report_checkpoint(engine, unreported, progress, _state(objective, replay), rank)
                 since_checkpoint, unreported, last_report = [], [], time.monotonic()
             elif report_due:
                 with clock.timing("report"):
@@ -226,7 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The end of the segment (or fewer batches than planned): export what was trained.
     unreported = final_steps(unreported, metrics, restored,
                              {"step": step, "total_steps": wc.total_steps, "round": seg.round})
-    _report_final(engine, wc, unreported, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
+    report_final(engine, wc, unreported, {"step": step, "epoch": 0, "micro_in_epoch": 0, "segment": seg.index,
                                         "metrics": since_checkpoint}, _state(objective, replay), rank)
 
 
@@ -301,99 +297,3 @@ def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None, pool: t
 def _state(objective: Any, replay: Any) -> dict[str, Any]:
     """This rank's schedule state: the objective's (DistiLLM-2) and the replay buffer's."""
     return {"objective": objective.state_dict(), "replay": replay.state_dict() if replay is not None else None}
-
-
-def _load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load a checkpoint directory written by this module: (progress, this rank's schedule state)."""
-    progress = json.loads((root / "progress.json").read_text())
-    engine.load_checkpoint(str(root / "deepspeed"), tag=progress["tag"], load_module_only=module_only,
-                           load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
-    schedule = root / f"schedule-rank{rank}.json"
-    return progress, json.loads(schedule.read_text()) if schedule.exists() else {}
-
-
-def final_steps(unreported: list[dict[str, Any]], last: dict[str, Any], restored: list[dict[str, Any]],
-                marker: dict[str, Any]) -> list[dict[str, Any]]:
-    """The steps the segment's final report carries: those not reported yet; else the last step
-    trained, once more; else, for a run that trained none (Ray Train restarted the worker group
-    from the segment's final checkpoint, after its final report), that checkpoint's own last
-    step, as it was trained. Only a segment that never trains a step sends the bare ``marker``
-    (step, total_steps, round): a marker must not stand in for a trained step's metrics, which
-    the driver's history (and the trackers) would then lose."""
-    if unreported:
-        return unreported
-    if last:
-        return [last]
-    if restored and restored[-1].get("step") == marker["step"]:
-        return [restored[-1]]
-    return [marker]
-
-
-def _restore(engine: Any, wc: WorkerConfig, checkpoint: Any,
-             rank: int) -> tuple[int, int, int, dict[str, Any], list[dict[str, Any]]]:
-    """Where this run starts: (step, epoch, micro-batches to skip, schedule state, the metrics
-    of the steps the restored Ray Train checkpoint carries).
-
-    A checkpoint from Ray Train (a restarted worker group) resumes mid-segment with the
-    optimizer; otherwise the previous segment's final state starts this one (weights only
-    when the segment restarts the optimizer); otherwise training starts fresh.
-    """
-    seg = wc.segment
-    if checkpoint is not None:
-        with checkpoint.as_directory() as root:
-            progress, state = _load_state(engine, Path(root), rank)
-        return progress["step"], progress["epoch"], progress["micro_in_epoch"], state, progress.get("metrics", [])
-    if wc.init_checkpoint is not None:
-        progress, state = _load_state(engine, Path(wc.init_checkpoint), rank, module_only=seg.restart_optimizer)
-        if progress["step"] != seg.start_step:
-            raise KdrayError(f"segment {seg.index} starts at step {seg.start_step}, but its initial checkpoint "
-                             f"{wc.init_checkpoint} is at step {progress['step']}: the output directory holds "
-                             "another run's state; run the job again with --restart")
-        return seg.start_step, 0, 0, state, []
-    return 0, 0, 0, {}, []
-
-
-def _save_state(engine: Any, root: str, progress: dict[str, Any], schedule: dict[str, Any], rank: int) -> None:
-    tag = f"step{progress['step']}"
-    engine.save_checkpoint(os.path.join(root, "deepspeed"), tag=tag)
-    # Per rank: a replay buffer holds that rank's own samples (the rest is equal on all ranks).
-    (Path(root) / f"schedule-rank{rank}.json").write_text(json.dumps(schedule))
-    if rank == 0:
-        (Path(root) / "progress.json").write_text(json.dumps({**progress, "tag": tag}))
-
-
-def _marked(steps: list[dict[str, Any]], flag: str) -> dict[str, Any]:
-    """The report of ``steps``, the last one marked with ``flag`` (``checkpoint``, ``final``)."""
-    return {"steps": [*steps[:-1], {**steps[-1], flag: True}]}
-
-
-def _report_checkpoint(engine: Any, steps: list[dict[str, Any]], progress: dict[str, Any],
-                       schedule: dict[str, Any], rank: int) -> None:
-    """Every rank saves its ZeRO partition; Ray Train merges the ranks' directories. The
-    report carries the unreported ``steps``, the last one the checkpoint's."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_state(engine, tmp, progress, schedule, rank)
-        ray.train.report(_marked(steps, "checkpoint"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _report_final(engine: Any, wc: WorkerConfig, steps: list[dict[str, Any]], progress: dict[str, Any],
-                  schedule: dict[str, Any], rank: int) -> None:
-    """Report the segment's end: the student as an HF checkpoint (ZeRO-3 gathered) for the
-    next round's student pool and for evaluation, plus the DeepSpeed state that the next
-    segment continues from (or that a re-run restores if the driver died before recording the
-    segment as finished)."""
-    import deepspeed
-    import ray.train
-
-    model = engine.module
-    params = list(model.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_state(engine, tmp, progress, schedule, rank)
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=wc.spec.training.zero_stage == 3):
-            if rank == 0:
-                out = os.path.join(tmp, "student")
-                save_student(model, wc.spec, out)  # LoRA merged into the base weights
-                load_tokenizer(wc.spec.student.model).save_pretrained(out)
-        ray.train.report(_marked(steps, "final"), checkpoint=ray.train.Checkpoint.from_directory(tmp))
