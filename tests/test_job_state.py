@@ -140,7 +140,9 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
     while the run ends): the new group restores the final checkpoint and trains nothing. Its
     final report carries that checkpoint's last step as trained, and a bare marker for a step
     already recorded replaces nothing (CI once lost step 16's metrics this way: report.json,
-    TensorBoard)."""
+    TensorBoard). A step sent once more is recorded only if the driver never got it (CI once
+    found step 16 twice in a resumed job's events: the killed driver had recorded the final
+    report, and the re-run restored the final checkpoint)."""
     import json
 
     from kdray.pipeline.job import Job
@@ -150,8 +152,9 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
     marker = {"step": 16, "total_steps": 16, "round": 0}
     trained = [{"step": s, "loss": float(s), "total_steps": 16} for s in (13, 14, 15, 16)]
     assert final_steps(trained[2:], trained[-1], [], marker) == trained[2:]  # not reported yet
-    assert final_steps([], trained[-1], [], marker) == [trained[-1]]        # reported: once more
-    assert final_steps([], {}, trained, marker) == [trained[-1]]            # restored, none trained
+    again = {**trained[-1], "resent": True}
+    assert final_steps([], trained[-1], [], marker) == [again]              # reported: once more
+    assert final_steps([], {}, trained, marker) == [again]                  # restored, none trained
     assert final_steps([], {}, trained[:2], marker) == [marker]             # the restored steps end before
     assert final_steps([], {}, [], marker) == [marker]
 
@@ -160,7 +163,14 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
     for m in trained:
         job._record_metrics(m)
     job._record_metrics({**marker, "final": True})
+    job._record_metrics({**again, "final": True})
     assert job.metrics_history == trained
     job._record_metrics({**trained[-1], "loss": 0.5})  # a step trained again replaces its metrics
     assert [m["loss"] for m in job.metrics_history] == [13.0, 14.0, 15.0, 0.5]
     assert [e["loss"] for e in map(json.loads, events.read_text().splitlines())] == [13.0, 14.0, 15.0, 16.0, 0.5]
+
+    # A step sent once more that the driver never got (its checkpoint was unreadable) is recorded,
+    # without the flag.
+    fresh = Job(spec_of(tmp_path), reporter=Reporter(tmp_path / "fresh.jsonl"))
+    fresh._record_metrics({**again, "final": True})
+    assert fresh.metrics_history == [{**trained[-1], "final": True}]

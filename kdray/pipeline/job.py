@@ -60,10 +60,14 @@ class Job:
     # -- training metrics ----------------------------------------------------------------------
 
     def _record_metrics(self, event: dict[str, Any]) -> None:
-        if "loss" not in event and any(m.get("step") == event.get("step") for m in self.metrics_history):
-            # A bare end-of-segment marker for a step already recorded (a worker group that Ray
-            # Train restarted from the final checkpoint trains nothing): it must not replace the
-            # step's metrics here or in the trackers.
+        event = dict(event)
+        resent = event.pop("resent", False)
+        if (resent or "loss" not in event) and any(m.get("step") == event.get("step") for m in self.metrics_history):
+            # A step sent once more in a segment's final report, or a bare end-of-segment marker
+            # (kdray.train.checkpoints.final_steps), for a step already recorded: a worker group
+            # that Ray Train restarted from the final checkpoint trains nothing, and a job whose
+            # driver was killed after the final report restores it. It must neither replace the
+            # step's metrics nor repeat them in the event history and the trackers.
             return
         self.reporter.train_metrics(event)
         if "step" in event:  # steps redone after a restore replace the lost ones

@@ -39,15 +39,17 @@ def final_steps(unreported: list[dict[str, Any]], last: dict[str, Any], restored
     """The steps the segment's final report carries: those not reported yet; else the last step
     trained, once more; else, for a run that trained none (Ray Train restarted the worker group
     from the segment's final checkpoint, after its final report), that checkpoint's own last
-    step, as it was trained. Only a segment that never trains a step sends the bare ``marker``
-    (step, total_steps, round): a marker must not stand in for a trained step's metrics, which
-    the driver's history (and the trackers) would then lose."""
+    step, as it was trained. A step sent once more is marked ``resent``: the driver records it
+    only if it never got it (:meth:`kdray.pipeline.job.Job._record_metrics`), so a resumed job's
+    history holds each step once. Only a segment that never trains a step sends the bare
+    ``marker`` (step, total_steps, round): a marker must not stand in for a trained step's
+    metrics, which the driver's history (and the trackers) would then lose."""
     if unreported:
         return unreported
     if last:
-        return [last]
+        return [{**last, "resent": True}]
     if restored and restored[-1].get("step") == marker["step"]:
-        return [restored[-1]]
+        return [{**restored[-1], "resent": True}]
     return [marker]
 
 
