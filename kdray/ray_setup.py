@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from kdray.caches import local_cache_dir
 from kdray.errors import ClusterError, first_line
 
 
@@ -19,7 +20,7 @@ def job_env() -> dict[str, str]:
     (:func:`extensions_dir`).
 
     Two caches, two variables: ``KDRAY_CACHE_DIR`` (the toy world; on a cluster it may, and
-    for toy jobs must, be shared storage) and ``KDRAY_LOCAL_CACHE_DIR`` (:func:`local_cache_dir`:
+    for toy jobs must, be shared storage) and ``KDRAY_LOCAL_CACHE_DIR`` (:func:`kdray.caches.local_cache_dir`:
     compile caches, which must stay on each node's own disk: nodes that build into one shared
     directory at once race on its lock files and half-written objects). Both default to
     ``~/.cache/kdray``. The job's toy world build ids (``KDRAY_TOY_BUILD_ID``,
@@ -40,13 +41,6 @@ def job_env() -> dict[str, str]:
     env = {key: os.environ.get(key, value) for key, value in defaults.items()}
     env.update({name: os.environ[name] for name in BUILD_ID_ENVS.values() if os.environ.get(name)})
     return env
-
-
-def local_cache_dir() -> str:
-    """``$KDRAY_LOCAL_CACHE_DIR``, else ``~/.cache/kdray``: the node-local root of compile caches
-    (torch extensions, vLLM's ``VLLM_CACHE_ROOT``), never ``KDRAY_CACHE_DIR``, which a cluster
-    may put on shared storage. Set it to a local disk where the home directory is shared (NFS)."""
-    return os.environ.get("KDRAY_LOCAL_CACHE_DIR") or os.path.expanduser("~/.cache/kdray")
 
 
 def extensions_dir(cache: str) -> str:

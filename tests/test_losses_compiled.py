@@ -1,11 +1,13 @@
-"""The fused path's compiled chunk kernel (kdray.losses._compiled): the same values and
-gradients as the float64 reference and the eager kernel, no recompilation when a scalar
-parameter changes, and a real compilation failure (no C++ compiler) falling back to eager.
+"""The fused path's compiled chunk kernel (kdray.losses._compiled, built ahead of time by
+kdray.losses._aot): the same values and gradients as the float64 reference and the eager
+kernel, no new build when a scalar parameter changes, no compiler in the computing process, and
+a real compilation failure (no C++ compiler) falling back to eager.
 
-Each compiled variant costs seconds of TorchInductor time once per process, so this module
-covers the kernel's structure (parameters as tensors, per-token α, the mixture gradient, the
-values-only pass and backward's recomputation) on two divergences; every divergence's math is
-the eager kernel's own (kdray.losses._kernels.kernel), checked in tests/test_losses_fused.py."""
+Each compiled variant costs seconds of TorchInductor time once per machine (its package is
+cached), so this module covers the kernel's structure (parameters as tensors, per-token α, the
+mixture gradient, the values-only pass and backward's recomputation) on a few divergences; every
+divergence's math is the eager kernel's own (kdray.losses._kernels.kernel), checked in
+tests/test_losses_fused.py."""
 
 from __future__ import annotations
 
@@ -81,22 +83,63 @@ def test_compiled_kernel_matches_the_float64_reference_and_the_eager_kernel(kind
     assert _compiled._state["broken"] is None  # the compiled kernel ran: no fallback to eager
 
 
-def test_a_new_alpha_or_temperature_reuses_the_compiled_code():
-    """DistiLLM's adaptive α and POCL's temperature change between steps: a Python float
-    baked into the graph would recompile every step (and fall back to eager at torch's limit)."""
+def test_a_new_alpha_or_temperature_reuses_the_compiled_code(monkeypatch):
+    """DistiLLM's adaptive α and POCL's temperature change between steps: they are inputs of
+    the compiled kernels, not constants, so a new value builds and loads nothing. A one-row
+    chunk (23 = 11 + 11 + 1 rows) runs eager, with the same result."""
+    from kdray.losses import _aot
+
     hs, ws, bs, ht, wt, bt, mask = _inputs(torch.float32)
 
-    def step(alpha, temperature):
-        return L.fused_linear_divergence(hs, ws, ht, wt, divergence="skew_forward_kl", alpha=alpha,
-                                         reduction="token_mean", temperature=temperature, chunk_size=7,
-                                         compiled=True).backward()
+    def step(alpha, temperature, compiled=True):
+        hs.grad = ws.grad = None
+        out = L.fused_linear_divergence(hs, ws, ht, wt, divergence="skew_forward_kl", alpha=alpha,
+                                        reduction="token_mean", temperature=temperature, chunk_size=11,
+                                        compiled=compiled)
+        out.backward()
+        return out.detach(), hs.grad.clone(), ws.grad.clone()
 
+    before = set(_aot._loaded)
     step(0.1, 1.0)
-    step(0.2, 1.5)  # a second shape of symbolic values may specialise once more
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation raises RecompileError
-        step(0.35, 2.0)
-        step(0.05, 1.25)
-    assert _compiled._state["broken"] is None
+    loaded = dict(_aot._loaded)
+    assert len(set(loaded) - before) == 2  # the row pass and the gradient pass
+
+    def no_build(*args):
+        raise AssertionError("a new value built a kernel")
+
+    monkeypatch.setattr(_aot, "_build", no_build)
+    for alpha, temperature in ((0.35, 2.0), (0.05, 1.25)):
+        for a, b in zip(step(alpha, temperature), step(alpha, temperature, compiled=False)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert _aot._loaded == loaded and _compiled._state["broken"] is None
+
+
+def test_two_processes_build_a_kernel_once_and_never_import_the_compiler(tmp_path):
+    """The kernels are built in a child process and loaded as AOTInductor packages: a process
+    running the loss imports neither TorchDynamo nor TorchInductor (about 138 MiB resident,
+    ``kdray bench losses``). Two processes that need the same kernels at once (two ranks on a
+    node, an empty cache) build each package once, whole."""
+    script = textwrap.dedent("""
+        import sys, torch
+        import kdray.losses as L
+        from kdray.losses import _aot, _compiled
+        hs, ws = torch.randn(9, 4, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+        out = L.fused_linear_divergence(hs, ws, torch.randn(9, 6), torch.randn(30, 6), divergence="jsd", beta=0.3,
+                                        reduction="token_mean", chunk_size=4, compiled=True)
+        out.backward()
+        assert _compiled._state["broken"] is None and len(_aot._loaded) == 2, _compiled._state
+        print(len(_aot.built), sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules))
+    """)
+    env = dict(os.environ, KDRAY_LOCAL_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    assert all(rc == 0 for _, rc in results), results
+    built, imported = zip(*(out.split(" ", 1) for (out, _), _ in results))
+    assert sorted(map(int, built)) in ([0, 2], [1, 1]) and set(imported) == {"[]\n"}, results
+    files = sorted(p.name for p in (tmp_path / "kernels").rglob("*") if p.is_file())
+    packages = [f for f in files if f.endswith(".pt2")]
+    assert len(packages) == 2 and not any(".tmp" in f for f in files), files  # no half-written package
 
 
 def test_after_a_failed_compilation_a_chunk_runs_eager_in_parts_of_the_eager_size():
@@ -126,17 +169,17 @@ def test_auto_compiles_from_the_large_vocabularies_and_sizes_its_chunk():
     assert not use_compiled(True, akl, 128_256)  # its sort stays eager
     with pytest.raises(ValueError, match="compiled must be True, False or None"):
         use_compiled("yes", jsd, 50)
-    # two live buffers instead of about eight, together as large as the lm_head gradient
-    assert _chunk_rows(2048, 128_256, None) == 49 and _chunk_rows(2048, 128_256, None, True, hidden=256) == 128
+    # two live buffers instead of about eight, together 1.5 times the lm_head gradient
+    assert _chunk_rows(2048, 128_256, None) == 49 and _chunk_rows(2048, 128_256, None, True, hidden=256) == 192
     assert _chunk_rows(16, 128_256, None, True, hidden=896) == 16 and _chunk_rows(2048, 128_256, 5, True, 256) == 5
-    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 2 * 4 * 128 * 128_256
-    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True, upcast=True) == 10 * 128 * 128_256
+    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 2 * 4 * 192 * 128_256
+    assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True, upcast=True) == 10 * 192 * 128_256
     assert chunk_working_set_bytes(2048, 128_256, 256, compiled=False) == 8 * 4 * 49 * 128_256
 
 
 def test_without_a_cxx_compiler_it_warns_once_and_gives_the_eager_result(tmp_path):
-    """A real failure: TorchInductor is pointed at a C++ compiler that does not exist (and at
-    an empty kernel cache), in a fresh process."""
+    """A real failure: TorchInductor is pointed at a C++ compiler that does not exist (and
+    kdray and TorchInductor at empty kernel caches), in a fresh process."""
     script = textwrap.dedent("""
         import warnings, torch
         import kdray.losses as L
@@ -153,14 +196,30 @@ def test_without_a_cxx_compiler_it_warns_once_and_gives_the_eager_result(tmp_pat
             fallen = [loss(True) for _ in range(2)]
         eager = loss(False)
         assert all(torch.equal(a, b) for run in fallen for a, b in zip(run, eager))
-        messages = [str(w.message) for w in caught if "torch.compile of the fused loss failed" in str(w.message)]
+        messages = [str(w.message) for w in caught if "compiling the fused loss's kernel failed" in str(w.message)]
         assert len(messages) == 1, messages
         assert _compiled._state["broken"] and "compiled=False" in messages[0] and "C++ compiler" in messages[0]
         print("OK", messages[0])
     """)
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               KDRAY_LOCAL_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def test_an_unwritable_kernel_cache_warns_naming_the_fix_and_leaves_the_logits(tmp_path, monkeypatch):
+    from kdray.losses._compiled import compiled_chunk
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KDRAY_LOCAL_CACHE_DIR", str(blocker))  # kernels/ cannot be made under a file
+    monkeypatch.setitem(_compiled._state, "broken", None)
+    spec = make_spec("reverse_kl", (4,), torch.device("cpu"))
+    zs, zt = torch.randn(4, V), torch.randn(4, V)
+    logits = [zs.clone(), zt]
+    with pytest.warns(RuntimeWarning, match=r"kernel cache .*a-file/kernels.* is not writable.*KDRAY_LOCAL_CACHE_DIR"):
+        assert compiled_chunk(spec, logits, 1.0, torch.ones(4)) is None
+    assert torch.equal(logits[0], zs) and not use_compiled(True, spec, V)  # untouched; eager from now on
 
 
 def test_a_compiled_jsd_chunk_holds_no_buffer_beyond_its_two_logits():

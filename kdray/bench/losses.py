@@ -11,8 +11,9 @@ tokens, gradients into the student's hidden states and lm_head weight:
   torch + ``torch.compile``, no Triton needed).
 * ``kdray``  -- :func:`kdray.losses.fused_linear_divergence` (``divergence="jsd"``,
   ``reduction="token_mean"``) as a training job runs it: ``compiled=None``, so the chunk
-  kernel is ``torch.compile``-d from ``V = COMPILE_MIN_VOCAB`` (32,768) up, eager below
-  (the table's ``kernel`` column says which ran).
+  kernel is compiled (TorchInductor, ahead of time: :mod:`kdray.losses._aot`) from
+  ``V = COMPILE_MIN_VOCAB`` (32,768) up, eager below (the table's ``kernel`` column says
+  which ran).
 * ``kdray-eager`` -- the same with ``compiled=False``: the eager chunk kernel at any V.
 
 Each variant runs in its own subprocess (``python -m kdray.bench.losses --worker ...``)
@@ -22,7 +23,7 @@ from ``/proc/self/status`` after resetting it by writing ``5`` to
 ``/proc/self/clear_refs`` just before each measured step; the RSS at that moment
 (libraries, inputs, weights) is reported too, and "step" memory is peak minus that.
 Time is the median wall time of the measured steps after one warm-up step (which also
-pays Liger's ``torch.compile``). The variants run interleaved, ``--rounds`` times (naive,
+pays Liger's ``torch.compile``, and kdray's kernel build where its cache lacks it). The variants run interleaved, ``--rounds`` times (naive,
 liger, kdray, naive, liger, kdray, ...: :mod:`kdray.bench.interleave`); a time ratio is the
 median of the per-round ratios, printed with their spread, and the host's load over the run
 is printed at the end.

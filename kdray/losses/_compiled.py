@@ -1,5 +1,5 @@
-"""The fused path's per-chunk kernel under ``torch.compile``: two passes over a chunk's logits
-and no ``[C, V]`` temporaries.
+"""The fused path's per-chunk kernel compiled by TorchInductor: two passes over a chunk's
+logits and no ``[C, V]`` temporaries.
 
 The eager kernel (:func:`kdray.losses._kernels.value_and_grad`) runs each elementwise step as
 its own pass over ``[C, V]`` buffers, about 8 of them live. Compiled (TorchInductor: C++ with
@@ -16,15 +16,20 @@ So a chunk holds two ``[C, V]`` float32 buffers (the logits, the student's becom
 gradient; :data:`INDUCTOR_OPTIONS` keeps JSD's log-mixture from becoming a third) where the
 eager kernel holds about eight, and the chunk can be larger for the same memory
 (:data:`kdray.losses.fused.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
-terms in the second pass costs arithmetic, not memory traffic. ``alpha`` and the temperature
-enter as a tensor and a symbolic float, so a value that changes every
-step (DistiLLM's adaptive α, POCL's rising temperature) reuses the compiled code; JSD's β
-is a constant of the compiled code (a new β compiles once more).
+terms in the second pass costs arithmetic, not memory traffic.
+
+Each pass is exported (:func:`export_kernel`; the chunk's rows and the vocabulary symbolic)
+and built ahead of time into an AOTInductor package by :mod:`kdray.losses._aot`, in a child
+process and once per machine, so the process computing the loss never imports the compiler.
+``alpha`` and the temperature are inputs of the kernels (tensors), so a value that changes
+every step (DistiLLM's adaptive α, POCL's rising temperature) reuses them; JSD's β and the
+mixture's detach are constants of a kernel (a new β builds one more), as are the compute dtype
+and whether α is per row. A one-row chunk runs eager (the export's rows start at 2).
 
 ``adaptive_kl`` stays eager: its head/tail split sorts every row (:func:`~kdray.losses._core.
 adaptive_weights`), which a fused loop cannot do without materialising the sort.
 
-When compilation fails (no C++ compiler on a CPU host, an old Triton), :func:`compiled_chunk`
+When a build fails (no C++ compiler on a CPU host, an old Triton), :func:`compiled_chunk`
 warns once, naming the cause and the switch that silences it, and the process uses the eager
 kernel from then on.
 """
@@ -32,27 +37,24 @@ kernel from then on.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
+from kdray.losses import _aot
 from kdray.losses._core import Spec
 from kdray.losses._kernels import kernel
 
 #: Divergences the compiled kernel covers (every one but ``adaptive_kl``, see above).
 COMPILED_KINDS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd")
 
-#: Compiled variants one process may hold (divergence × mixture detach × values-only/gradient ×
-#: scalar/per-token α); torch's default of 8 per function would fall back to eager silently.
-RECOMPILE_LIMIT = 64
-
-#: ``compiled=None`` compiles from this vocabulary up: below it a step is short, and the
-#: one-time compilation (10-30 s on CPU) would not pay for itself.
+#: ``compiled=None`` compiles from this vocabulary up: below it a step is short, and a
+#: machine's first build (10-30 s per kernel on CPU) would not pay for itself.
 COMPILE_MIN_VOCAB = 32768
 
-_state: dict[str, Any] = {"fns": None, "broken": None}
+_state: dict[str, Any] = {"broken": None}
 
 
 def _log_probs(z: Tensor, temperature: Any, lse: Tensor) -> Tensor:
@@ -86,32 +88,11 @@ def _grad_into_logits(spec: Spec, zs: Tensor, zt: Tensor, temperature: Any, lse_
 INDUCTOR_OPTIONS = {"realize_reads_threshold": 1 << 20}
 
 
-def _compiled() -> tuple[Callable, Callable]:
-    if _state["fns"] is None:
-        _state["fns"] = tuple(torch.compile(fn, dynamic=True, options=INDUCTOR_OPTIONS)
-                              for fn in (_row_stats, _grad_into_logits))
-    return _state["fns"]
-
-
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    """The errors of a failed compilation (imported here: TorchDynamo costs a process about a
-    second to import, which a process that never compiles need not pay)."""
-    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
-
-    return BackendCompilerFailed, InternalTorchDynamoError
-
-
-#: Parameters that may change every step (DistiLLM's adaptive α), passed as 0-d tensors: a
-#: Python float would be baked into the compiled code and recompile it at each new value.
-#: JSD's β stays a float (fixed for a job; its end points 0 and 1 pick a plain KL).
+#: Parameters that may change every step (DistiLLM's adaptive α): inputs of the kernels (0-d or
+#: ``[C, 1]`` tensors in the compute dtype), where a Python float would be a constant of the
+#: built code and need a build per value. JSD's β stays a constant (fixed for a job; its end
+#: points 0 and 1 pick a plain KL).
 _STEPWISE = ("log_a", "log_1ma")
-
-
-def _as_tensors(spec: Spec, like: Tensor) -> Spec:
-    """``spec`` with its :data:`_STEPWISE` float parameters as 0-d tensors on ``like``'s device."""
-    params = {name: torch.tensor(value, dtype=like.dtype, device=like.device)
-              if name in _STEPWISE and isinstance(value, float) else value for name, value in spec.params.items()}
-    return Spec(spec.kind, params)
 
 
 def compilable(spec: Spec) -> bool:
@@ -135,37 +116,116 @@ def use_compiled(compiled: bool | None, spec: Spec, vocab: int) -> bool:
     return wants_compiled(compiled, spec.kind, vocab) and compilable(spec)
 
 
+def _key(spec: Spec, which: str, zs: Tensor, need_grad: bool) -> dict[str, Any]:
+    """What identifies a compiled kernel (:func:`kdray.losses._aot.package_path`): the pass,
+    the divergence, its constant parameters (JSD's β, the mixture's detach), which
+    :data:`_STEPWISE` parameters are scalars or per row, the compute dtype, the values-only
+    variant of the row pass."""
+    params = spec.params
+    return {
+        "pass": which, "kind": spec.kind, "dtype": str(zs.dtype).removeprefix("torch."), "need_grad": need_grad,
+        "constants": {k: v for k, v in sorted(params.items()) if k not in _STEPWISE},
+        "stepwise": {k: ("row" if isinstance(params[k], Tensor) and params[k].dim() > 0 else "scalar")
+                     for k in _STEPWISE if k in params},
+    }
+
+
+class _Pass(torch.nn.Module):
+    """A chunk pass as a module to export: kernel ``key``'s divergence with its constants, the
+    :data:`_STEPWISE` parameters as the trailing inputs."""
+
+    def __init__(self, key: dict[str, Any]):
+        super().__init__()
+        self.key = key
+
+    def spec(self, stepwise: tuple[Tensor, ...]) -> Spec:
+        return Spec(self.key["kind"], {**self.key["constants"], **dict(zip(self.key["stepwise"], stepwise))})
+
+
+class _RowStats(_Pass):
+    """:func:`_row_stats`: ``(zs, zt, temperature, *stepwise)`` → ``(lse_s, lse_t, v[, Σ_V G])``."""
+
+    def forward(self, zs: Tensor, zt: Tensor, temperature: Tensor, *stepwise: Tensor) -> tuple[Tensor, ...]:
+        lse_s, lse_t, v, g_sum = _row_stats(self.spec(stepwise), zs, zt, temperature, self.key["need_grad"])
+        return (lse_s, lse_t, v) if g_sum is None else (lse_s, lse_t, v, g_sum)
+
+
+class _Grad(_Pass):
+    """:func:`_grad_into_logits`: writes the gradient over ``zs``."""
+
+    def forward(self, zs: Tensor, zt: Tensor, temperature: Tensor, lse_s: Tensor, lse_t: Tensor, g_sum: Tensor,
+                scale: Tensor, *stepwise: Tensor) -> Tensor:
+        _grad_into_logits(self.spec(stepwise), zs, zt, temperature, lse_s, lse_t, g_sum, scale)
+        return lse_s[:1, 0]  # an output of a row's size: a package's run returns at least one
+
+
+def export_kernel(key: dict[str, Any], device: torch.device, out: str) -> None:
+    """Export kernel ``key`` with the chunk's rows and the vocabulary symbolic and compile it
+    into the AOTInductor package ``out`` (:mod:`kdray.losses._aot` runs this in a child
+    process: TorchInductor stays out of the process computing the loss)."""
+    dtype = getattr(torch, key["dtype"])
+    rows, vocab = torch.export.Dim("rows", min=2), torch.export.Dim("vocab", min=2)
+    c, v = 8, 1000
+    matrix, column = {0: rows, 1: vocab}, {0: rows}
+
+    def make(*shape: int) -> Tensor:
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    stepwise = [make(c, 1) if kind == "row" else make().clamp(-2.0, -0.1) for kind in key["stepwise"].values()]
+    step_dims = tuple(column if kind == "row" else None for kind in key["stepwise"].values())
+    temperature = torch.tensor(1.5, dtype=dtype, device=device)
+    if key["pass"] == "rows":
+        module, inputs, dims = _RowStats(key), (make(c, v), make(c, v), temperature), (matrix, matrix, None)
+    else:
+        cols = tuple(make(c, 1) for _ in range(4))
+        module, inputs, dims = (_Grad(key), (make(c, v), make(c, v), temperature, *cols),
+                                (matrix, matrix, None, column, column, column, column))
+    # *stepwise is one entry of dynamic_shapes (a tuple), none when the kernel has no such input
+    program = torch.export.export(module, (*inputs, *stepwise), dynamic_shapes=(*dims, step_dims) if stepwise else dims)
+    # Parallel loops take the loading process's thread count (torch.set_num_threads), not this
+    # process's: a package serves every process on the machine.
+    options = {**INDUCTOR_OPTIONS, "cpp.dynamic_threads": True}
+    torch._inductor.aoti_compile_and_package(program, package_path=out, inductor_configs=options)
+
+
 def compiled_chunk(spec: Spec, logits: list[Tensor], temperature: float,
                    upstream: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
     """The compiled twin of :func:`kdray.losses._kernels.value_and_grad`: per-row values and
     ``upstream[:, None] · ∂v/∂z_student`` for one chunk, the gradient written over the
     student's logits. ``logits = [z_student, z_teacher]`` ``[C, V]`` in the compute dtype; the
-    list is emptied. Returns None, with the logits untouched, when compilation fails here
-    (after warning once); the caller then runs the eager kernel.
+    list is emptied. Returns None, with the logits untouched, for a one-row chunk (the eager
+    kernel's size there) and when the kernel cannot be built or loaded here (after warning
+    once); the caller then runs the eager kernel.
     """
     if not compilable(spec):
         return None
     zs, zt = logits
-    prepared = _as_tensors(spec, zs)
-    row_stats, grad_into_logits = _compiled()
+    if zs.shape[0] < 2:
+        return None
+    need_grad = upstream is not None
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            lse_s, lse_t, v, g_sum = row_stats(prepared, zs, zt, temperature, upstream is not None)
-            if upstream is None:
-                logits.clear()
-                return v, None
-            scale = (upstream.to(zs.dtype) / temperature).unsqueeze(-1)
-            g = grad_into_logits(prepared, zs, zt, temperature, lse_s, lse_t, g_sum, scale)
-    except (*_compile_errors(), OSError) as exc:
-        # Compilation failed before any kernel ran (a missing compiler, an unsupported
-        # backend, a TorchDynamo bug): zs is as it was. Warn once; this process uses the eager
-        # kernel. A user's mistake caught while tracing (TorchRuntimeError) is not caught here:
-        # it is the caller's to see, as eager would raise it.
-        _state["broken"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        row_stats = _aot.load(_key(spec, "rows", zs, need_grad), zs.device)
+        grad_into_logits = _aot.load(_key(spec, "grad", zs, True), zs.device) if need_grad else None
+    except _aot.KernelBuildError as exc:
+        # Nothing ran: zs is as it was. Warn once; this process uses the eager kernel.
+        _state["broken"] = str(exc)
         warnings.warn(
-            f"kdray: torch.compile of the fused loss failed ({_state['broken']}); using the eager kernel in this "
+            f"kdray: compiling the fused loss's kernel failed ({_state['broken']}); using the eager kernel in this "
             "process (same results, slower). On CPU, TorchInductor needs a C++ compiler (g++); pass compiled=False "
             "(training.compile_loss: false) to skip the attempt.", RuntimeWarning, stacklevel=3)
         return None
+    stepwise = [torch.as_tensor(spec.params[name], dtype=zs.dtype, device=zs.device).contiguous()
+                for name in _STEPWISE if name in spec.params]
+    t = torch.tensor(temperature, dtype=zs.dtype, device=zs.device)
+    zs, zt = zs.contiguous(), zt.contiguous()
+    lse_s, lse_t, v, *rest = row_stats.run([zs, zt, t, *stepwise])
     logits.clear()
-    return v, g
+    if not need_grad:
+        return v, None
+    scale = (upstream.to(zs.dtype) / temperature).unsqueeze(-1).contiguous()
+    grad_into_logits.run([zs, zt, t, lse_s, lse_t, rest[0], scale, *stepwise])
+    return v, zs
+
+
+if __name__ == "__main__":  # a package build's child process (kdray.losses._aot)
+    raise SystemExit(_aot.main(export_kernel))

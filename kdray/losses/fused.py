@@ -31,12 +31,13 @@ Smaller chunks use less memory but re-read the lm-head weights more often and ru
 matmuls on thinner matrices.
 
 ``compiled`` (default: from ``V >= COMPILE_MIN_VOCAB`` up) runs each chunk through the
-``torch.compile``-d kernel of :mod:`kdray.losses._compiled` instead: the same math in two
+compiled kernel of :mod:`kdray.losses._compiled` instead (TorchInductor, built ahead of time
+by :mod:`kdray.losses._aot`): the same math in two
 fused passes, with two float32 ``[chunk_size, V]`` buffers live instead of about eight (and,
 for half-precision weights, one model's half-precision logits while they are upcast). Its
-default chunk grows with the model instead: ``Hs / 2`` tokens (``COMPILED_CHUNK_PER_HIDDEN``;
-128 at Hs = 256), so the buffers hold ``V·Hs`` float32 values, as many as the lm_head
-gradient. Should compilation fail, each chunk runs eager in parts of the eager size. On the
+default chunk grows with the model instead: ``3 Hs / 4`` tokens (``COMPILED_CHUNK_PER_HIDDEN``;
+192 at Hs = 256), so the buffers hold ``1.5 V·Hs`` float32 values, one and a half times the
+lm_head gradient. Should compilation fail, each chunk runs eager in parts of the eager size. On the
 2-core CPU benchmark at V = 128,256 the compiled kernel takes about half the eager one's time
 (docs/benchmarks.md).
 
@@ -56,13 +57,14 @@ from kdray.losses.objectives import IGNORE_INDEX
 from kdray.losses.reductions import items_divisor
 
 DEFAULT_CHUNK_ELEMENTS = 6 << 20
-#: The compiled kernel's chunk, from the student's hidden size ``Hs``: ``Hs / 2`` tokens, so its
-#: two live ``[C, V]`` float32 buffers together hold ``V × Hs`` values, as many as the lm_head
-#: gradient the step holds anyway (128 tokens, 125 MiB at Hs = 256, V = 128,256; 448 at Qwen2.5-
-#: 0.5B's Hs = 896). Larger chunks run the lm-head matmuls faster (they re-read both heads and
-#: rewrite ``grad_weight`` once per chunk) and cost memory linearly: ``kdray bench losses
-#: --sweep`` prints the frontier (docs/benchmarks.md).
-COMPILED_CHUNK_PER_HIDDEN = 0.5
+#: The compiled kernel's chunk, from the student's hidden size ``Hs``: ``3 Hs / 4`` tokens, so its
+#: two live ``[C, V]`` float32 buffers together hold ``1.5 V × Hs`` values, one and a half times
+#: the lm_head gradient the step holds anyway (192 tokens, 188 MiB at Hs = 256, V = 128,256; 672
+#: at Qwen2.5-0.5B's Hs = 896). Larger chunks run the lm-head matmuls faster (they re-read both
+#: heads and rewrite ``grad_weight`` once per chunk) and cost memory linearly: ``kdray bench
+#: losses --sweep`` prints the frontier (docs/benchmarks.md; at Hs = 256 the step took 6.7 s at
+#: ``Hs / 2``, the default until 2026-12-04, and 5.8 s at ``3 Hs / 4``).
+COMPILED_CHUNK_PER_HIDDEN = 0.75
 FUSED_REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
 
 
@@ -279,18 +281,19 @@ def fused_linear_divergence(
             rows of masked tokens are never read: they may hold anything (NaN, ±inf)
             and contribute exactly 0 to the value and to every gradient.
         chunk_size: tokens per chunk; None sizes one ``[chunk, V]`` float32 buffer at
-            24 MiB eager, at ``Hs / 2`` tokens compiled (see the module docstring). Does not
+            24 MiB eager, at ``3 Hs / 4`` tokens compiled (see the module docstring). Does not
             change the result beyond float rounding.
         num_items_in_batch: for ``"token_mean"`` / ``"sequence_mean"``, the whole
             optimizer step's items (unmasked tokens / non-empty sequences,
             :func:`kdray.losses.num_items` summed over micro-batches and ranks) to divide
             by instead of this call's own, so that micro-batches add up to the step's mean
             (Hugging Face's ``num_items_in_batch``; :mod:`kdray.losses.reductions`).
-        compiled: run each chunk through the ``torch.compile``-d kernel
+        compiled: run each chunk through the compiled kernel
             (:mod:`kdray.losses._compiled`: two fused passes, two ``[chunk, V]`` buffers
             instead of about eight) -- True, False, or None to compile when
             ``V >= COMPILE_MIN_VOCAB`` (32,768). ``adaptive_kl`` always runs eager; a failed
-            compilation warns once and falls back to eager. The first call compiles (seconds).
+            build warns once and falls back to eager. The first call on a machine builds the
+            kernels in a child process (10-30 s each; :mod:`kdray.losses._aot`).
 
     Returns a scalar, or per-token values (float32; float64 for float64 inputs).
     Raises ValueError for bad shapes or arguments, ``num_items_in_batch`` with

@@ -17,7 +17,7 @@ import numpy as np
 
 from kdray.data.text_scores import rouge_l
 from kdray.errors import DataError
-from kdray.ray_setup import local_cache_dir
+from kdray.caches import local_cache_dir
 from kdray.spec import GenerationSpec
 
 #: Environment of vLLM actors on CPU-only replicas (``generation.num_gpus_per_replica: 0``):
@@ -42,7 +42,7 @@ SCORE_MODES = ("topk", "hidden")
 
 def pool_env(pool: GenerationSpec, cache_root: str | None = None) -> dict[str, str]:
     """Environment for the pool's actors: a private vLLM compile cache everywhere (under the
-    node-local :func:`~kdray.ray_setup.local_cache_dir`, never the shareable KDRAY_CACHE_DIR), plus
+    node-local :func:`~kdray.caches.local_cache_dir`, never the shareable KDRAY_CACHE_DIR), plus
     :data:`VLLM_CPU_ENV` when the replicas reserve no GPU. Values already set in the actor's
     environment win (:meth:`PoolCallable.__init__`)."""
     env = {} if pool.num_gpus_per_replica > 0 else dict(VLLM_CPU_ENV)

@@ -184,12 +184,12 @@ class TrainingSpec(_Spec):
     )
     compile_loss: bool | None = Field(
         None,
-        description="Run the fused lm-head loss's per-chunk kernel through torch.compile "
-        "(TorchInductor; on CPU it needs a C++ compiler): two fused passes over each chunk's logits "
-        "instead of a dozen, two or three [chunk, V] buffers instead of about eight. null: compile when the "
-        "vocabulary has 32,768 entries or more (the first step then pays 10-30 s of compilation). "
-        "adaptive_kl always runs eager; a failed compilation warns once and runs eager. The same "
-        "loss either way, to float rounding.",
+        description="Run the fused lm-head loss's per-chunk kernel compiled (TorchInductor, ahead of time "
+        "in a child process, cached per node in $KDRAY_LOCAL_CACHE_DIR/kernels, default ~/.cache/kdray; on CPU it "
+        "needs a C++ compiler): two fused passes over each chunk's logits instead of a dozen, two or three "
+        "[chunk, V] buffers instead of about eight. null: compile when the vocabulary has 32,768 entries or "
+        "more (the first job on a machine then waits 10-30 s per kernel for the build). adaptive_kl always "
+        "runs eager; a failed build warns once and runs eager. The same loss either way, to float rounding.",
     )
 
     gpu_memory_gb: float | None = Field(
