@@ -116,7 +116,7 @@ def test_a_new_alpha_or_temperature_reuses_the_compiled_code(monkeypatch):
 
 def test_two_processes_build_a_kernel_once_and_never_import_the_compiler(tmp_path):
     """The kernels are built in a child process and loaded as AOTInductor packages: a process
-    running the loss imports neither TorchDynamo nor TorchInductor (about 138 MiB resident,
+    running the loss imports neither TorchDynamo nor TorchInductor (about 137 MiB resident,
     ``kdray bench losses``). Two processes that need the same kernels at once (two ranks on a
     node, an empty cache) build each package once, whole."""
     script = textwrap.dedent("""

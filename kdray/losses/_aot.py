@@ -2,7 +2,7 @@
 and run through torch's C++ package loader, so the process computing the loss never imports
 TorchDynamo or TorchInductor.
 
-``torch.compile`` in the training process cost it about 138 MiB of resident memory for good
+``torch.compile`` in the training process cost it about 137 MiB of resident memory for good
 (TorchDynamo, TorchInductor and the compiled code; ``kdray bench losses``: 768 against 631 MiB
 before the step's own buffers, with the same kernel) and compiled on its first step. Here a
 kernel is exported (``torch.export``, the chunk's rows and the vocabulary symbolic) and
