@@ -65,9 +65,11 @@ def cache_root() -> Path:
     return Path(local_cache_dir()) / "kernels"
 
 
+@functools.cache
 def _machine(device: torch.device) -> str:
     """What a package is built for: the torch version and the processor (CPU model and the
-    instruction set torch uses; a GPU's compute capability)."""
+    instruction set torch uses; a GPU's compute capability). Once per device and process:
+    :func:`load` runs for every chunk, and ``/proc/cpuinfo`` need not be read each time."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"cuda-sm{major}{minor}"
