@@ -22,7 +22,7 @@ import torch
 import kdray.losses as L
 from kdray.losses import _compiled
 from kdray.losses._compiled import COMPILE_MIN_VOCAB, use_compiled
-from kdray.losses.fused import _chunk_rows, chunk_working_set_bytes
+from kdray.losses.chunking import chunk_rows, chunk_working_set_bytes
 from kdray.losses._core import make_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,6 +137,8 @@ def test_two_processes_build_a_kernel_once_and_never_import_the_compiler(tmp_pat
     assert all(rc == 0 for _, rc in results), results
     built, imported = zip(*(out.split(" ", 1) for (out, _), _ in results))
     assert sorted(map(int, built)) in ([0, 2], [1, 1]) and set(imported) == {"[]\n"}, results
+    # the user sees each build on stderr (Python's last-resort handler prints a WARNING line)
+    assert sum(err.count("building the fused loss's kernel") for (_, err), _ in results) == 2, results
     files = sorted(p.name for p in (tmp_path / "kernels").rglob("*") if p.is_file())
     packages = [f for f in files if f.endswith(".pt2")]
     assert len(packages) == 2 and not any(".tmp" in f for f in files), files  # no half-written package
@@ -170,8 +172,9 @@ def test_auto_compiles_from_the_large_vocabularies_and_sizes_its_chunk():
     with pytest.raises(ValueError, match="compiled must be True, False or None"):
         use_compiled("yes", jsd, 50)
     # two live buffers instead of about eight, together 1.5 times the lm_head gradient
-    assert _chunk_rows(2048, 128_256, None) == 49 and _chunk_rows(2048, 128_256, None, True, hidden=256) == 192
-    assert _chunk_rows(16, 128_256, None, True, hidden=896) == 16 and _chunk_rows(2048, 128_256, 5, True, 256) == 5
+    assert chunk_rows(2048, 128_256, None) == 49 and chunk_rows(2048, 128_256, None, True, hidden=256) == 192
+    assert chunk_rows(16, 128_256, None, True, hidden=896) == 16 and chunk_rows(2048, 128_256, 5, True, 256) == 5
+    assert chunk_rows(2048, 128_256, None, True, hidden=32) == 49  # a small student's: never below eager's
     assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True) == 2 * 4 * 192 * 128_256
     assert chunk_working_set_bytes(2048, 128_256, 256, compiled=True, upcast=True) == 10 * 192 * 128_256
     assert chunk_working_set_bytes(2048, 128_256, 256, compiled=False) == 8 * 4 * 49 * 128_256
@@ -196,9 +199,11 @@ def test_without_a_cxx_compiler_it_warns_once_and_gives_the_eager_result(tmp_pat
             fallen = [loss(True) for _ in range(2)]
         eager = loss(False)
         assert all(torch.equal(a, b) for run in fallen for a, b in zip(run, eager))
-        messages = [str(w.message) for w in caught if "compiling the fused loss's kernel failed" in str(w.message)]
+        failed = [w for w in caught if "the fused loss's compiled kernel failed" in str(w.message)]
+        messages = [str(w.message) for w in failed]
         assert len(messages) == 1, messages
         assert _compiled._state["broken"] and "compiled=False" in messages[0] and "C++ compiler" in messages[0]
+        assert failed[0].filename == "<string>", failed[0].filename  # at the caller's line, not kdray's
         print("OK", messages[0])
     """)
     env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
@@ -217,8 +222,10 @@ def test_an_unwritable_kernel_cache_warns_naming_the_fix_and_leaves_the_logits(t
     spec = make_spec("reverse_kl", (4,), torch.device("cpu"))
     zs, zt = torch.randn(4, V), torch.randn(4, V)
     logits = [zs.clone(), zt]
-    with pytest.warns(RuntimeWarning, match=r"kernel cache .*a-file/kernels.* is not writable.*KDRAY_LOCAL_CACHE_DIR"):
+    with pytest.warns(RuntimeWarning, match=r"kernel cache .*a-file/kernels.* is not writable.*KDRAY_LOCAL_CACHE_DIR") \
+            as caught:
         assert compiled_chunk(spec, logits, 1.0, torch.ones(4)) is None
+    assert "compiler" not in str(caught[0].message) and caught[0].filename == __file__  # no toolchain hint
     assert torch.equal(logits[0], zs) and not use_compiled(True, spec, V)  # untouched; eager from now on
 
 

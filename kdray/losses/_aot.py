@@ -56,7 +56,17 @@ log = logging.getLogger("kdray.losses")
 
 
 class KernelBuildError(RuntimeError):
-    """A compiled chunk kernel could not be built or loaded here."""
+    """A compiled chunk kernel could not be built or loaded here; ``hint`` says what to install
+    when the build itself failed ("" when the message names the fix)."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
+def _toolchain_hint(device: torch.device) -> str:
+    return ("on GPU, TorchInductor needs Triton (it comes with CUDA builds of torch)" if device.type == "cuda"
+            else "on CPU, TorchInductor needs a C++ compiler (g++, or CXX naming one)")
 
 
 def cache_root() -> Path:
@@ -138,7 +148,8 @@ def _build(key: dict[str, Any], device: torch.device, path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for it
         if path.exists():
             return
-        log.info("building the fused loss's kernel %s (once per machine, 10-30 s)", path)
+        log.warning("kdray: building the fused loss's kernel %s (once per machine and kdray version, "
+                    "10-30 s; training.compile_loss: false skips it)", path)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # the packager wants .pt2
         cmd = [sys.executable, "-m", BUILDER, json.dumps(key), str(device), str(tmp)]
         try:
@@ -149,7 +160,7 @@ def _build(key: dict[str, Any], device: torch.device, path: Path) -> None:
         if res.returncode != 0 or not tmp.exists():
             tmp.unlink(missing_ok=True)
             cause = _cause(res.stderr) or f"the build exited with {res.returncode}"
-            raise KernelBuildError(f"building {path}: {cause}")
+            raise KernelBuildError(f"building {path}: {cause}", hint=_toolchain_hint(device))
         os.replace(tmp, path)
         built.append(path)
 

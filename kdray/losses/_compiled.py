@@ -15,7 +15,7 @@ row that read only the two models' logits and write only ``[C]`` row values:
 So a chunk holds two ``[C, V]`` float32 buffers (the logits, the student's becoming its
 gradient; :data:`INDUCTOR_OPTIONS` keeps JSD's log-mixture from becoming a third) where the
 eager kernel holds about eight, and the chunk can be larger for the same memory
-(:data:`kdray.losses.fused.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
+(:data:`kdray.losses.chunking.COMPILED_CHUNK_PER_HIDDEN`). Recomputing the elementwise
 terms in the second pass costs arithmetic, not memory traffic.
 
 Each pass is exported (:func:`export_kernel`; the chunk's rows and the vocabulary symbolic)
@@ -29,19 +29,21 @@ and whether α is per row. A one-row chunk runs eager (the export's rows start a
 ``adaptive_kl`` stays eager: its head/tail split sorts every row (:func:`~kdray.losses._core.
 adaptive_weights`), which a fused loop cannot do without materialising the sort.
 
-When a build fails (no C++ compiler on a CPU host, an old Triton), :func:`compiled_chunk`
-warns once, naming the cause and the switch that silences it, and the process uses the eager
+When a build fails (no C++ compiler on a CPU host, an old Triton, an unwritable cache),
+:func:`compiled_chunk` warns once, at the caller's line, naming the cause, what to install
+where a toolchain is missing, and the switch that silences it; the process uses the eager
 kernel from then on.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
-
 
 from kdray.losses import _aot
 from kdray.losses._core import Spec
@@ -188,6 +190,16 @@ def export_kernel(key: dict[str, Any], device: torch.device, out: str) -> None:
     torch._inductor.aoti_compile_and_package(program, package_path=out, inductor_configs=options)
 
 
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function calling this, of the first frame
+    outside kdray.losses and torch: the user's (or the training step's) call of the loss."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def compiled_chunk(spec: Spec, logits: list[Tensor], temperature: float,
                    upstream: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
     """The compiled twin of :func:`kdray.losses._kernels.value_and_grad`: per-row values and
@@ -209,10 +221,11 @@ def compiled_chunk(spec: Spec, logits: list[Tensor], temperature: float,
     except _aot.KernelBuildError as exc:
         # Nothing ran: zs is as it was. Warn once; this process uses the eager kernel.
         _state["broken"] = str(exc)
+        hint = f" {exc.hint[0].upper()}{exc.hint[1:]}." if exc.hint else ""
         warnings.warn(
-            f"kdray: compiling the fused loss's kernel failed ({_state['broken']}); using the eager kernel in this "
-            "process (same results, slower). On CPU, TorchInductor needs a C++ compiler (g++); pass compiled=False "
-            "(training.compile_loss: false) to skip the attempt.", RuntimeWarning, stacklevel=3)
+            f"kdray: the fused loss's compiled kernel failed ({exc}); using the eager kernel in this process "
+            f"(same results, slower).{hint} Pass compiled=False (training.compile_loss: false) to skip the attempt.",
+            RuntimeWarning, stacklevel=_caller_stacklevel())
         return None
     stepwise = [torch.as_tensor(spec.params[name], dtype=zs.dtype, device=zs.device).contiguous()
                 for name in _STEPWISE if name in spec.params]

@@ -26,7 +26,8 @@ log-probs, ``q``, ``p``, a log-space mixture and its two temporaries, the gradie
 a few boolean masks (``adaptive_kl`` needs about 4 more for its sort).
 ``chunk_size=None`` sizes the chunk so that one such buffer holds
 ``DEFAULT_CHUNK_ELEMENTS`` = 6·2^20 elements (24 MiB in float32), i.e. a working set of
-about 150-200 MiB whatever V is (49 tokens per chunk at V = 128,256, 196 at V = 32,000).
+about 150-200 MiB whatever V is (49 tokens per chunk at V = 128,256, 196 at V = 32,000;
+:mod:`kdray.losses.chunking` walks the chunks).
 Smaller chunks use less memory but re-read the lm-head weights more often and run the
 matmuls on thinner matrices.
 
@@ -36,8 +37,8 @@ by :mod:`kdray.losses._aot`): the same math in two
 fused passes, with two float32 ``[chunk_size, V]`` buffers live instead of about eight (and,
 for half-precision weights, one model's half-precision logits while they are upcast). Its
 default chunk grows with the model instead: ``3 Hs / 4`` tokens (``COMPILED_CHUNK_PER_HIDDEN``;
-192 at Hs = 256), so the buffers hold ``1.5 V·Hs`` float32 values, one and a half times the
-lm_head gradient. Should compilation fail, each chunk runs eager in parts of the eager size. On the
+192 at Hs = 256; never fewer than the eager chunk), so the buffers hold ``1.5 V·Hs`` float32
+values, one and a half times the lm_head gradient. Should compilation fail, each chunk runs eager in parts of the eager size. On the
 2-core CPU benchmark at V = 128,256 the compiled kernel takes about half the eager one's time
 (docs/benchmarks.md).
 
@@ -50,121 +51,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdray.losses._compiled import compiled_chunk, use_compiled
-from kdray.losses._core import Spec, check_temperature, compute_dtype, make_spec
-from kdray.losses._kernels import value_and_grad, value_and_grad_in_parts
+from kdray.losses._compiled import use_compiled
+from kdray.losses._core import check_temperature, compute_dtype, make_spec
+from kdray.losses.chunking import Plan, chunk_rows, project, run
 from kdray.losses.objectives import IGNORE_INDEX
 from kdray.losses.reductions import items_divisor
 
-DEFAULT_CHUNK_ELEMENTS = 6 << 20
-#: The compiled kernel's chunk, from the student's hidden size ``Hs``: ``3 Hs / 4`` tokens, so its
-#: two live ``[C, V]`` float32 buffers together hold ``1.5 V × Hs`` values, one and a half times
-#: the lm_head gradient the step holds anyway (192 tokens, 188 MiB at Hs = 256, V = 128,256; 672
-#: at Qwen2.5-0.5B's Hs = 896). Larger chunks run the lm-head matmuls faster (they re-read both
-#: heads and rewrite ``grad_weight`` once per chunk) and cost memory linearly: ``kdray bench
-#: losses --sweep`` prints the frontier (docs/benchmarks.md; at Hs = 256 the step took 6.7 s at
-#: ``Hs / 2``, the default until 2026-12-04, and 5.8 s at ``3 Hs / 4``).
-COMPILED_CHUNK_PER_HIDDEN = 0.75
 FUSED_REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
-
-
-def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None, compiled: bool = False, hidden: int = 0) -> int:
-    """Tokens per chunk: ``chunk_size``, else eager ``DEFAULT_CHUNK_ELEMENTS / V``, compiled
-    ``COMPILED_CHUNK_PER_HIDDEN · hidden`` (the student's hidden size); at most ``n_rows``."""
-    if chunk_size is None:
-        rows = int(COMPILED_CHUNK_PER_HIDDEN * hidden) if compiled else DEFAULT_CHUNK_ELEMENTS // max(vocab, 1)
-        return max(1, min(n_rows, rows))
-    return chunk_size
-
-
-def chunk_working_set_bytes(n_rows: int, vocab: int, hidden: int, compiled: bool, upcast: bool = False) -> int:
-    """Bytes of one chunk's ``[C, V]`` buffers at the default chunk size for a student of hidden
-    size ``hidden``: about 8 float32 ones live in the eager kernel, 2 in the compiled one, plus
-    with ``upcast`` (half-precision weights) one half-precision ``[C, V]`` of logits while it is
-    upcast; the memory estimate of a training worker."""
-    per_element = (8 if not compiled else 2) * 4 + (2 if upcast else 0)
-    return per_element * _chunk_rows(n_rows, vocab, None, compiled, hidden) * vocab
-
-
-def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    return logits
-
-
-def _project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
-    """:func:`_project` written into the first rows of a reused ``[chunk, V]`` buffer: a fresh
-    buffer per chunk costs its page faults again (tens of ms per chunk at V = 128k on CPU)."""
-    out = torch.mm(hidden, weight.t(), out=buffer[: hidden.shape[0]])
-    return out.add_(bias) if bias is not None else out
-
-
-class _Plan:
-    """Everything the autograd Function needs besides tensors."""
-
-    def __init__(self, spec: Spec, temperature: float, rows: Tensor | None, n_tokens: int, chunk: int,
-                 compiled: bool = False):
-        self.spec, self.temperature, self.rows, self.n_tokens, self.chunk = spec, temperature, rows, n_tokens, chunk
-        self.compiled = compiled
-
-    def chunks(self):
-        """Yield row selectors (slices, or index tensors when a mask drops rows)."""
-        total = self.n_tokens if self.rows is None else self.rows.numel()
-        for start in range(0, total, self.chunk):
-            stop = min(start + self.chunk, total)
-            yield slice(start, stop) if self.rows is None else self.rows[start:stop]
-
-
-def _run(plan: _Plan, hs, ws, bs, ht, wt, bt, upstream: Tensor | None, want: tuple[bool, bool, bool]):
-    """Per-token values ``[N]`` and, if ``upstream`` is given, the student gradients.
-
-    ``upstream [N]`` weights each token's value (the reduction weights, or the incoming
-    gradient for ``reduction="none"``). ``want`` says which of (hidden, weight, bias)
-    gradients to build. Runs without autograd (closed-form gradients, ``_kernels``).
-    """
-    n = plan.n_tokens
-    values = torch.zeros(n, dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32, device=hs.device)
-    acc_dtype = torch.float64 if ws.dtype == torch.float64 else torch.float32
-    grads = upstream is not None and any(want)
-    grad_h = torch.zeros_like(hs) if grads and want[0] else None
-    grad_w = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if grads and want[1] else None
-    grad_b = torch.zeros(bs.shape, dtype=acc_dtype, device=bs.device) if grads and want[2] and bs is not None else None
-    # The compiled kernel keeps both logits to the end of a chunk: they reuse two buffers.
-    # (The eager kernel frees each as soon as its log-softmax is taken.)
-    reuse = plan.compiled and ws.dtype == wt.dtype == compute_dtype(ws).dtype
-    work = [torch.empty(min(plan.chunk, n), w.shape[0], dtype=w.dtype, device=w.device) for w in (ws, wt)] \
-        if reuse else None
-    with torch.no_grad():
-        for sel in plan.chunks():
-            h = hs[sel]
-            # The logits go in a list that the kernel empties, so each is freed as soon as
-            # it is no longer needed.
-            spec = plan.spec.take(sel)
-            if work is not None:
-                logits = [_project_into(h, ws, bs, work[0]), _project_into(ht[sel], wt, bt, work[1])]
-            else:
-                logits = [compute_dtype(_project(h, ws, bs)), compute_dtype(_project(ht[sel], wt, bt))]
-            up = upstream[sel] if grads else None
-            if not plan.compiled:
-                v, g = value_and_grad(spec, logits, plan.temperature, up)
-            else:  # None when compilation failed: then eager, in parts of the eager size
-                v, g = compiled_chunk(spec, logits, plan.temperature, up) or value_and_grad_in_parts(
-                    spec, logits, plan.temperature, up, _chunk_rows(plan.chunk, ws.shape[0], None))
-            values[sel] = v.to(values.dtype)
-            if g is None:
-                continue
-            g = g.to(ws.dtype)
-            if grad_h is not None:
-                grad_h[sel] = g @ ws
-            if grad_w is not None:
-                grad_w.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
-            if grad_b is not None:
-                grad_b.add_(g.sum(0).to(acc_dtype))
-            del g
-    grad_w = grad_w.to(ws.dtype) if grad_w is not None else None
-    grad_b = grad_b.to(bs.dtype) if grad_b is not None else None
-    return values, grad_h, grad_w, grad_b
 
 
 class _FusedReduced(torch.autograd.Function):
@@ -174,7 +67,7 @@ class _FusedReduced(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, token_weight, plan):
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         upstream = token_weight if any(want) else None
-        values, gh, gw, gb = _run(plan, hs, ws, bs, ht, wt, bt, upstream, want)
+        values, gh, gw, gb = run(plan, hs, ws, bs, ht, wt, bt, upstream, want)
         ctx.save_for_backward(gh, gw, gb)
         return (values * token_weight.to(values.dtype)).sum()
 
@@ -193,7 +86,7 @@ class _FusedPerToken(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, plan):
-        values, _, _, _ = _run(plan, hs, ws, bs, ht, wt, bt, None, (False, False, False))
+        values, _, _, _ = run(plan, hs, ws, bs, ht, wt, bt, None, (False, False, False))
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt)
         ctx.plan = plan
         return values
@@ -202,7 +95,7 @@ class _FusedPerToken(torch.autograd.Function):
     def backward(ctx, grad_out):
         hs, ws, bs, ht, wt, bt = ctx.saved_tensors
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        _, gh, gw, gb = _run(ctx.plan, hs, ws, bs, ht, wt, bt, grad_out.contiguous(), want)
+        _, gh, gw, gb = run(ctx.plan, hs, ws, bs, ht, wt, bt, grad_out.contiguous(), want)
         return gh, gw, gb, None, None, None, None
 
 
@@ -288,12 +181,13 @@ def fused_linear_divergence(
             :func:`kdray.losses.num_items` summed over micro-batches and ranks) to divide
             by instead of this call's own, so that micro-batches add up to the step's mean
             (Hugging Face's ``num_items_in_batch``; :mod:`kdray.losses.reductions`).
-        compiled: run each chunk through the compiled kernel
-            (:mod:`kdray.losses._compiled`: two fused passes, two ``[chunk, V]`` buffers
-            instead of about eight) -- True, False, or None to compile when
-            ``V >= COMPILE_MIN_VOCAB`` (32,768). ``adaptive_kl`` always runs eager; a failed
+        compiled: run each chunk through the compiled kernel (TorchInductor: two fused
+            passes, two ``[chunk, V]`` buffers instead of about eight) -- True, False, or
+            None to compile when ``V >= 32,768``. ``adaptive_kl`` always runs eager; a failed
             build warns once and falls back to eager. The first call on a machine builds the
-            kernels in a child process (10-30 s each; :mod:`kdray.losses._aot`).
+            kernels in a child process (10-30 s each, logged) into
+            ``$KDRAY_LOCAL_CACHE_DIR/kernels``, ``~/.cache/kdray/kernels`` by default
+            (docs/guide.md, ``training.compile_loss``).
 
     Returns a scalar, or per-token values (float32; float64 for float64 inputs).
     Raises ValueError for bad shapes or arguments, ``num_items_in_batch`` with
@@ -330,7 +224,7 @@ def fused_linear_divergence(
     n_rows = n if rows is None else rows.numel()
     vocab = student_weight.shape[0]
     fast = use_compiled(compiled, spec, vocab)
-    plan = _Plan(spec, t, rows, n, _chunk_rows(n_rows, vocab, chunk_size, fast, student_weight.shape[1]), fast)
+    plan = Plan(spec, t, rows, n, chunk_rows(n_rows, vocab, chunk_size, fast, student_weight.shape[1]), fast)
 
     if reduction == "none":
         values = _FusedPerToken.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, plan)
@@ -384,10 +278,10 @@ def fused_linear_cross_entropy(
     if rows.numel() == 0:
         # no token: a zero that keeps the graph; empty slices, so no NaN row is read
         return h[:0].sum() + weight[:0].sum()
-    step = _chunk_rows(rows.numel(), weight.shape[0], chunk_size)
+    step = chunk_rows(rows.numel(), weight.shape[0], chunk_size)
 
     def chunk_nll(hc: Tensor, yc: Tensor) -> Tensor:
-        logits = compute_dtype(_project(hc, weight, bias))
+        logits = compute_dtype(project(hc, weight, bias))
         return (torch.logsumexp(logits, dim=-1) - logits.gather(-1, yc.unsqueeze(-1)).squeeze(-1)).sum()
 
     total = None

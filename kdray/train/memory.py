@@ -35,7 +35,7 @@ dtype, ``P`` its parameters and ``T`` the trainable ones (``P``; LoRA: the adapt
   ``online``/``hidden``, unless DistiLLM-2, a LoRA adapter on the lm_head, or logits that are
   not the head's output, :func:`kdray.models.logits_after_head`) one chunk's working set (about 8
   float32 ``[chunk, V]`` buffers eager, 2 compiled, and a half-precision one while logits are
-  upcast: :func:`kdray.losses.fused.chunk_working_set_bytes`, with ``training.compile_loss``)
+  upcast: :func:`kdray.losses.chunking.chunk_working_set_bytes`, with ``training.compile_loss``)
   plus the float32 gradients of the
   student's hidden states and lm_head it holds until backward; otherwise the ``tokens × V``
   logits, in the model's dtype and as float32 copies (the student's: upcast, log-probs and
@@ -181,7 +181,7 @@ def estimate_worker_memory(spec: JobSpec, student: ModelShape, teacher: ModelSha
             LoRA adapters counted).
     """
     from kdray.losses._compiled import wants_compiled
-    from kdray.losses.fused import chunk_working_set_bytes
+    from kdray.losses.chunking import chunk_working_set_bytes
     from kdray.models import logits_after_head
     from kdray.models import lora_target
 
