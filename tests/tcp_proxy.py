@@ -1,5 +1,6 @@
 """A TCP proxy for tests: forwards a local port to another one, and can be cut off (every
-connection closed, the port refusing new ones) and restored, as a network outage would."""
+connection closed, the port refusing new ones) and restored, as a network outage would, or
+stalled (new connections taken and never answered), as a hung server would."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import threading
 
 class TcpProxy:
     """Forward ``127.0.0.1:port`` to ``127.0.0.1:target`` on threads; :meth:`stop` cuts it off,
-    :meth:`start` brings it back on the same port."""
+    :meth:`start` brings it back on the same port; while :attr:`stalled`, a new connection is
+    accepted and held without a byte forwarded either way."""
 
     def __init__(self, port: int, target: int):
         self.port, self.target = port, target
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
+        self.stalled = False
         self._lock = threading.Lock()
 
     def start(self) -> "TcpProxy":
@@ -50,6 +53,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:  # stopped
                 return
+            if self.stalled:  # taken, never answered: the client waits on its own timeout
+                with self._lock:
+                    self._open.add(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
                 upstream.settimeout(None)

@@ -68,7 +68,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir),
              "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1", "--token-file", str(token_file),
-             "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}"],
+             "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}", "--ray-timeout", "5"],
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:
@@ -234,6 +234,17 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
             assert res.status_code == 503 and "unavailable" in res.json()["error"]
         finally:
             service.dashboard.start()
+        # A head that takes connections and never answers (Ray's SDK sets no timeout): a call
+        # gives up after --ray-timeout, and the job is not judged meanwhile.
+        service.dashboard.stalled = True
+        try:
+            t0 = time.monotonic()
+            res = client.get(f"/v1/jobs/{job_id}/logs")
+            assert res.status_code == 503 and "did not answer within 5 s" in res.json()["error"], res.text
+            assert time.monotonic() - t0 < 15
+            assert client.get(f"/v1/jobs/{job_id}").json()["state"] in ("running", "succeeded")
+        finally:
+            service.dashboard.stalled = False
 
     # The web page, in a real browser, follows the job while `kdray watch` does.
     from selenium.webdriver.common.by import By

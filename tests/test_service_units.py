@@ -245,6 +245,30 @@ def test_a_submit_is_retried_while_rays_job_api_refuses_it_for_now():
         jobs.submit("kdray run x", "kdray-d", retry_s=10)
 
 
+def test_a_dashboard_that_takes_connections_and_never_answers_is_a_cluster_error_in_time(tmp_path, monkeypatch):
+    """Ray's SDK sets no timeout on its requests, so a head that accepts connections and never
+    answers (overloaded, stopped) held the reconciler or a request's thread for good. Ray's real
+    client against a listening socket that never answers, connection check included."""
+    import socket
+
+    from kdray.errors import ClusterError
+    from kdray.service.ray_jobs import RayJobs
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        jobs = RayJobs(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5)
+        for call in (lambda: jobs.status("kdray-x"), lambda: jobs.logs("kdray-x")):
+            t0 = time.monotonic()
+            with pytest.raises(ClusterError, match=r"Ray's job API at http://127.0.0.1:\d+ did not answer within 0.5 s"):
+                call()
+            assert time.monotonic() - t0 < 5
+    monkeypatch.setenv("KDRAY_API_TOKEN", "s3cret")
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(ConfigError, match=f"arg ray_timeout_s must be a number of seconds above 0; got '{bad}'"):
+            app_builder({"state_dir": str(tmp_path), "ray_timeout_s": bad})
+
+
 def test_a_driver_without_its_record_refuses_to_run(tmp_path):
     from kdray.service.tracking import Tracker
 

