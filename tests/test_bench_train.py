@@ -32,3 +32,19 @@ def test_step_table_shows_cpu_share_and_leaves_out_parts_no_run_has():
     assert "CPU (share)" in text and "0.049 (70%)" in text and "0.050 (100%)" in text
     assert "forward" in text and "report" in text  # a part one run has stays
     assert "sampling" not in text and "weight sync" not in text  # no run has these
+
+
+def test_a_job_runs_the_steps_asked_for_even_past_the_toys_train_rows(tmp_path):
+    """The default job (400 steps of 32) needs 12,800 sequences; the toy world has 4,000 train rows,
+    so the job trains more epochs over them rather than stopping at 250 steps."""
+    from kdray.bench.train import DEFAULT_STEPS, TOY_TRAIN_ROWS, job_spec
+    from kdray.curriculum.plan import plan_segments, total_steps
+    from kdray.spec import parse_spec
+    from kdray.toy.data import generate_splits
+    from kdray.toy.world import N_TRAIN_PER_FAMILY
+
+    assert TOY_TRAIN_ROWS == len(generate_splits(N_TRAIN_PER_FAMILY, 0)[0])
+    for steps in (10, DEFAULT_STEPS, 1000):
+        spec = parse_spec(job_spec(tmp_path, "online", steps=steps, workers=2, global_batch=32, micro_batch=8), "bench")
+        rows = spec.data.max_train_samples
+        assert rows <= TOY_TRAIN_ROWS and total_steps(plan_segments(spec, rows)) == steps, (steps, rows)

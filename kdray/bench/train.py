@@ -41,7 +41,7 @@ kdray's estimate for the same job: on a randomly initialised 0.5B teacher in job
 also run under ZeRO-3 (the teacher partitioned over the workers), or on the toy jobs above
 (``toy``, the default with ``--quick``).
 
-Usage: ``kdray bench train [--quick] [--steps 40] [--modes online topk hidden]
+Usage: ``kdray bench train [--quick] [--steps 400] [--modes online topk hidden]
 [--memory-teacher 0.5b|toy] [--json PATH]``.
 Linux only (``/proc``).
 """
@@ -62,19 +62,28 @@ from typing import Any
 from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
 from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
 from kdray.bench.train_report import TARGET_OVERHEAD, render
+from kdray.toy.data import FAMILIES
+from kdray.toy.world import N_TRAIN_PER_FAMILY
 
 #: The jobs' and the bare loop's allocator (their local Ray's workers inherit it): glibc hands
 #: buffers of 128 KiB and more straight back to the OS when freed, so a peak is what was in use,
 #: not what a fragmented heap kept (ZeRO-3 gathers and frees a layer's weights per module).
 MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 MODES = ("online", "topk", "hidden")
+#: The toy world's train rows (:mod:`kdray.toy.world`).
+TOY_TRAIN_ROWS = N_TRAIN_PER_FAMILY * len(FAMILIES)
+#: Optimizer steps per job by default: about 20 s of training on the 2-core host, so that a
+#: round's figure averages over the host's load swings (at 40 steps, the default until
+#: 2026-12-04, a round's steady window was 2 s, and rounds of one run differed by up to 51%).
+DEFAULT_STEPS = 400
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, 3 skipped, one bare run")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 40; --quick 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per job (default {DEFAULT_STEPS}; --quick 10)")
     p.add_argument("--skip-steps", type=int, default=None,
                    help="start-up steps left out of the tokens/s median (default 5; --quick 3)")
     p.add_argument("--global-batch", type=int, default=32, help="sequences per optimizer step (default 32)")
@@ -93,8 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="keep the jobs' output here (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 if the overhead target does not hold")
-    p.add_argument("--bare", default=None, help=argparse.SUPPRESS)  # internal: run the bare loop on SPEC
-    p.add_argument("--bare-out", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -103,9 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: int, micro_batch: int,
              teacher: str = "toy:teacher", zero_stage: int = 2) -> dict[str, Any]:
-    """A small toy job: ``steps`` optimizer steps over two epochs, ZeRO-2 (or ``zero_stage``),
-    evaluation off."""
-    rows = max(global_batch, (steps + 1) // 2 * global_batch)
+    """A small toy job: ``steps`` optimizer steps over two epochs (more where the toy's 4,000
+    train rows run out), ZeRO-2 (or ``zero_stage``), evaluation off."""
+    rows = min(max(global_batch, (steps + 1) // 2 * global_batch), TOY_TRAIN_ROWS)
+    epochs = max(2, -(-steps // max(1, rows // global_batch)))
     return {
         "name": f"bench-train-{mode}",
         "output_dir": str(out),
@@ -119,7 +127,7 @@ def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: in
         "teacher_signal": {"mode": mode},
         "training": {"num_workers": workers, "zero_stage": zero_stage, "lr": 3e-3, "warmup_steps": 2,
                      "global_batch_size": global_batch, "micro_batch_size_per_worker": micro_batch,
-                     "epochs": 2, "max_steps": steps, "max_seq_len": 96},
+                     "epochs": epochs, "max_steps": steps, "max_seq_len": 96},
         "evaluation": {"enabled": False},
     }
 
@@ -199,103 +207,6 @@ def memory_section(root: Path, modes: list[str], args: argparse.Namespace, resul
     return out
 
 
-# ----------------------------------------------------------------------------- the bare loop
-
-
-def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
-    """The job's training, without Ray or DeepSpeed: one process, plain torch, ``threads``
-    intra-op threads."""
-    import numpy as np
-    import torch
-
-    torch.set_num_threads(threads)
-
-    from kdray.curriculum.plan import plan_segments, total_steps
-    from kdray.data.datasets import load_split
-    from kdray.data.examples import CollateExamples, TokenizeForTraining
-    from kdray.data.tokenize import prompt_token_ids, uses_chat_template
-    from kdray.models import load_causal_lm, load_tokenizer
-    from kdray.spec import load_spec
-    from kdray.train.loop import LocalLoop
-    from kdray.train.teacher import load_teacher
-    from kdray.train.setup import peak_rss_mb, reset_peak_rss
-
-    t0 = time.perf_counter()
-    spec = load_spec(spec_path)
-    t = spec.training
-    torch.manual_seed(t.seed)
-    tok = load_tokenizer(spec.student.model)
-    use_template = uses_chat_template(tok, spec.data.chat_template)
-    rows, _ = load_split(spec.data, "train", lambda ps: [len(i) for i in prompt_token_ids(tok, ps, use_template)],
-                         need_response=True)
-    encoder = TokenizeForTraining(spec.student.model, t.max_seq_len, spec.data.chat_template)
-    data = encoder({  # compact examples; each micro-batch is padded to its own longest row, as in a job
-        "prompt": np.array([r["prompt"] for r in rows], dtype=object),
-        "response": np.array([r["response"] for r in rows], dtype=object),
-        "finish_reason": np.array(["stop"] * len(rows), dtype=object),
-    })
-    collate = CollateExamples(encoder.pad_id)
-    student = load_causal_lm(spec.student.model, spec.student.dtype, trainable=True)
-    student.train()
-    plan = plan_segments(spec, data["input_ids"].shape[0])
-    total = total_steps(plan)
-    loop = LocalLoop(spec, student, load_teacher(spec), total_steps=total, num_segments=len(plan))
-    reset_peak_rss()  # as the workers measure: the peak of training, once the models are loaded
-    loop.begin_segment(plan[0])
-    micro, accumulate = t.micro_batch_size_per_worker, t.global_batch_size // t.micro_batch_size_per_worker
-    n = data["input_ids"].shape[0]
-    gen = torch.Generator().manual_seed(t.seed)
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
-    rates, step_losses, history = [], [], []
-    startup = None
-    loop.clock.lap()  # steps are timed from here, each from the previous one's end
-    for _ in range(total):
-        micro_batches = []
-        for _ in range(accumulate):
-            if cursor + micro > n:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor:cursor + micro]
-            cursor += micro
-            with loop.clock.timing("data_wait"):  # a job's workers collate while they wait on Ray Data
-                micro_batches.append(collate({k: v[idx.numpy()] for k, v in data.items()}))
-        metrics = loop.step(micro_batches)
-        metrics.update(loop.clock.lap())  # wall and CPU time from the last step's end, as the job's workers time theirs
-        now = time.perf_counter()
-        rates.append(metrics["tokens"] / metrics["step_s"])
-        step_losses.append(metrics["loss"])
-        history.append(metrics)
-        if startup is None:
-            startup = now - t0
-    steady = rates[skip_steps:]
-    return {
-        **step_time_parts(history[skip_steps:]),
-        "sequences_per_step": t.global_batch_size,
-        "status": "ok",
-        "steps": total,
-        "steady_steps": len(steady),
-        "tokens_per_s": statistics.median(steady) if steady else float("nan"),
-        "startup_s": startup,
-        "threads": torch.get_num_threads(),
-        "peak_rss_mb": peak_rss_mb(),
-        "first_loss": step_losses[0],
-        "last_loss": step_losses[-1],
-    }
-
-
-def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too)."""
-    out = spec_path.parent / f"bare-{threads}.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **MEASURED_MALLOC)
-    proc = subprocess.run([sys.executable, "-m", "kdray.bench.train", "--bare", str(spec_path), "--bare-out", str(out),
-                           "--skip-steps", str(args.skip_steps), "--bare-threads", str(threads)],
-                          env=env, capture_output=True, text=True)
-    (spec_path.parent / f"bare-{threads}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"status": "failed", "threads": threads, "error": _error_line(proc.stderr)}
-    return json.loads(out.read_text())
-
-
 def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
     """The mean over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
     the metrics' ``*_s``; None for a part no step reports): a mean, so the parts that come every
@@ -331,6 +242,8 @@ def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, 
             return run_job(root, "online", args, label=label)
         threads = int(variant.split("-", 1)[1])
         print(f"round {r + 1}/{args.rounds}: the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
+        from kdray.bench.train_bare import run_bare
+
         return run_bare(root / label / "spec.yaml", args, threads)
 
     rounds = interleave(measure, variants, args.rounds)
@@ -351,7 +264,7 @@ def run(argv: list[str] | None = None) -> int:
     """Entry point of ``kdray bench train``; returns the process exit code."""
     args = _parser().parse_args(argv)
     if args.steps is None:
-        args.steps = 10 if args.quick else 40
+        args.steps = 10 if args.quick else DEFAULT_STEPS
     if args.skip_steps is None:
         args.skip_steps = 3 if args.quick else 5
     if args.memory_teacher is None:
@@ -359,10 +272,6 @@ def run(argv: list[str] | None = None) -> int:
     resolve_rounds(args)
     if args.bare_threads is None:
         args.bare_threads = [1] if args.quick else sorted({1, args.workers})
-    if args.bare:
-        result = bare_loop(args.bare, args.skip_steps, (args.bare_threads or [1])[0])
-        Path(args.bare_out).write_text(json.dumps(result))
-        return 0
     if args.steps <= args.skip_steps:
         raise SystemExit(f"--steps ({args.steps}) must exceed --skip-steps ({args.skip_steps})")
     per_step = args.micro_batch * args.workers

@@ -66,7 +66,7 @@ class RayJobs:
             if self._client is None:
                 self._client = _client(self.dashboard_url, (min(CONNECT_TIMEOUT_S, self.timeout_s), self.timeout_s))
             return fn(self._client)
-        except requests.exceptions.Timeout:
+        except requests.exceptions.ReadTimeout:  # connected, no answer (a connect timeout: unavailable, below)
             raise ClusterError(f"{what}: Ray's job API at {self.dashboard_url} did not answer within "
                                f"{self.timeout_s:g} s; retry once the Ray cluster's head is responsive") from None
         except (OSError, RuntimeError) as exc:
