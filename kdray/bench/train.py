@@ -33,7 +33,7 @@ Then every teacher-signal mode (``online``, ``topk``, ``hidden``) runs as its ow
 same shape (the throughput job is the ``online`` one) and reports the peak resident memory of
 a training worker (``peak_rss_mb`` in each step's metrics: ``VmHWM`` of rank 0's process
 since its models were loaded, :func:`kdray.train.setup.reset_peak_rss`; the ranks are
-symmetric; every process runs with :data:`MEASURED_MALLOC`). A mode whose job fails is reported as failed with its error.
+symmetric; every process runs with :data:`kdray.bench.train_runs.MEASURED_MALLOC`). A mode whose job fails is reported as failed with its error.
 
 The memory section (:mod:`kdray.bench.train_memory`) puts each mode's measured peak beside
 kdray's estimate for the same job: on a randomly initialised 0.5B teacher in jobs of
@@ -62,13 +62,10 @@ from typing import Any
 from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
 from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
 from kdray.bench.train_report import TARGET_OVERHEAD, render
+from kdray.bench.train_runs import MEASURED_MALLOC, error_line, run_bare, step_time_parts
 from kdray.toy.data import FAMILIES
 from kdray.toy.world import N_TRAIN_PER_FAMILY
 
-#: The jobs' and the bare loop's allocator (their local Ray's workers inherit it): glibc hands
-#: buffers of 128 KiB and more straight back to the OS when freed, so a peak is what was in use,
-#: not what a fragmented heap kept (ZeRO-3 gathers and frees a layer's weights per module).
-MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 MODES = ("online", "topk", "hidden")
 #: The toy world's train rows (:mod:`kdray.toy.world`).
 TOY_TRAIN_ROWS = N_TRAIN_PER_FAMILY * len(FAMILIES)
@@ -132,12 +129,6 @@ def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: in
     }
 
 
-def _error_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line[len("error:"):].strip()
-    return lines[-1] if lines else "no output"
 
 
 def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
@@ -162,7 +153,7 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     (out / "stderr.log").write_text(proc.stderr)
     result: dict[str, Any] = {"mode": mode, "spec": str(path), "wall_s": wall}
     if proc.returncode != 0:
-        return {**result, "status": "failed", "error": _error_line(proc.stderr)}
+        return {**result, "status": "failed", "error": error_line(proc.stderr)}
     report = json.loads((out / "job" / "report.json").read_text())
     steps = [m for m in report["train_metrics"] if "loss" in m]
     events = [json.loads(line) for line in (out / "job" / "events.jsonl").read_text().splitlines()]
@@ -207,17 +198,6 @@ def memory_section(root: Path, modes: list[str], args: argparse.Namespace, resul
     return out
 
 
-def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The mean over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
-    the metrics' ``*_s``; None for a part no step reports): a mean, so the parts that come every
-    few steps (the batched reports, checkpoints) count, and the parts add up to the mean step."""
-    from kdray.train.step import StepClock
-
-    parts: dict[str, float | None] = {}
-    for part in (*StepClock.PARTS, *StepClock.LAPS):  # and the whole step's wall and CPU time
-        values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
-        parts[f"{part}_s"] = statistics.fmean(values) if values else None
-    return parts
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,8 +222,6 @@ def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, 
             return run_job(root, "online", args, label=label)
         threads = int(variant.split("-", 1)[1])
         print(f"round {r + 1}/{args.rounds}: the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
-        from kdray.bench.train_bare import run_bare
-
         return run_bare(root / label / "spec.yaml", args, threads)
 
     rounds = interleave(measure, variants, args.rounds)

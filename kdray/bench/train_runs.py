@@ -1,6 +1,8 @@
-"""The bare loop of ``kdray bench train`` (:mod:`kdray.bench.train`): the job's training without
-Ray or DeepSpeed, one process, plain torch (:class:`kdray.train.loop.LocalLoop`, the one local
-loop), run in a subprocess of its own per thread count (``python -m kdray.bench.train_bare``).
+"""How ``kdray bench train`` (:mod:`kdray.bench.train`) measures a run: the allocator every
+measured process runs with, a run's step-time parts, and the bare loop -- the job's training
+without Ray or DeepSpeed, one process, plain torch (:class:`kdray.train.loop.LocalLoop`, the
+one local loop), in a subprocess of its own per thread count (``python -m
+kdray.bench.train_runs``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.train import MEASURED_MALLOC, _error_line, step_time_parts
+#: The jobs' and the bare loop's allocator (their local Ray's workers inherit it): glibc hands
+#: buffers of 128 KiB and more straight back to the OS when freed, so a peak is what was in use,
+#: not what a fragmented heap kept (ZeRO-3 gathers and frees a layer's weights per module).
+MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def error_line(text: str) -> str:
+    """A failed run's message: its ``error:`` line (kdray's one-line user error), else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    return lines[-1] if lines else "no output"
+
+
+def step_time_parts(steps: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean over ``steps`` of each part of a step's time (:class:`kdray.train.step.StepClock`,
+    the metrics' ``*_s``; None for a part no step reports): a mean, so the parts that come every
+    few steps (the batched reports, checkpoints) count, and the parts add up to the mean step."""
+    from kdray.train.step import StepClock
+
+    parts: dict[str, float | None] = {}
+    for part in (*StepClock.PARTS, *StepClock.LAPS):  # and the whole step's wall and CPU time
+        values = [m[f"{part}_s"] for m in steps if m.get(f"{part}_s") is not None]
+        parts[f"{part}_s"] = statistics.fmean(values) if values else None
+    return parts
 
 
 def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
@@ -103,12 +130,12 @@ def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[st
     """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too)."""
     out = spec_path.parent / f"bare-{threads}.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **MEASURED_MALLOC)
-    proc = subprocess.run([sys.executable, "-m", "kdray.bench.train_bare", str(spec_path), str(out), str(args.skip_steps),
+    proc = subprocess.run([sys.executable, "-m", "kdray.bench.train_runs", str(spec_path), str(out), str(args.skip_steps),
                            str(threads)],
                           env=env, capture_output=True, text=True)
     (spec_path.parent / f"bare-{threads}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        return {"status": "failed", "threads": threads, "error": _error_line(proc.stderr)}
+        return {"status": "failed", "threads": threads, "error": error_line(proc.stderr)}
     return json.loads(out.read_text())
 
 
