@@ -3,7 +3,7 @@ lm-head projection of a chunk, and the loop that computes each chunk's values an
 gradients (eager :mod:`kdray.losses._kernels`, or the compiled kernel of
 :mod:`kdray.losses._compiled`) and contracts them into the hidden-state, weight and bias
 gradients. No autograd graph is built here; :mod:`kdray.losses.fused` wraps :func:`run` in
-its ``torch.autograd.Function``\ s.
+its autograd Functions.
 
 Chunk sizes (tokens per chunk, ``C``): eager, one ``[C, V]`` float32 buffer of
 :data:`DEFAULT_CHUNK_ELEMENTS` (about 8 such buffers live); compiled,
