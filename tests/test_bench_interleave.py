@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kdray.bench.interleave import HostLoad, interleave, ratio_summary
+from kdray.bench.interleave import HostLoad, bracketed, interleave, ratio_summary
 
 
 def test_variants_run_interleaved_round_by_round():
@@ -16,6 +16,31 @@ def test_variants_run_interleaved_round_by_round():
     assert results == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"]}
     with pytest.raises(ValueError, match="rounds >= 1"):
         interleave(lambda v, r: 0, ["a"], 0)
+
+
+def test_a_bracketing_variant_runs_once_more_after_the_last_round():
+    order = []
+    results = interleave(lambda v, r: order.append((v, r)) or r, ["base", "x", "job"], 2, bracket=2)
+    assert order == [("base", 0), ("x", 0), ("job", 0), ("base", 1), ("x", 1), ("job", 1), ("base", 2), ("x", 2)]
+    assert results == {"base": [0, 1, 2], "x": [0, 1, 2], "job": [0, 1]}
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match="bracket"):
+            interleave(lambda v, r: 0, ["base", "x", "job"], 2, bracket=bad)
+
+
+def test_a_steady_drift_cancels_when_the_baseline_brackets_each_round():
+    """The host slows steadily; the baseline (bracketing, rate 2x the job's) runs before and after
+    each job. Against the run before alone, every round's ratio is off; against the mean of the
+    runs on both sides, it is the true 2x."""
+    def speed(t: float) -> float:  # the host's relative speed at time t
+        return 1.0 - 0.1 * t
+
+    base = [2.0 * speed(t) for t in (0, 2, 4, 6)]  # at t = 0, 2, 4, 6; the jobs at t = 1, 3, 5
+    job = [1.0 * speed(t) for t in (1, 3, 5)]
+    assert all(r != pytest.approx(2.0) for r in ratio_summary(base[:-1], job).ratios)
+    assert ratio_summary(bracketed(base), job).ratios == pytest.approx((2.0, 2.0, 2.0))
+    assert bracketed([1.0, None, 3.0]) == [None, None]  # a failed run leaves its two rounds out
+    assert bracketed([1.0]) == []
 
 
 def test_a_load_change_that_hits_both_sides_of_a_round_leaves_the_ratio_alone():

@@ -94,6 +94,10 @@ def test_bench_train_quick_smoke(tmp_path, toy_world):
     assert ray_run["tokens_per_s"] > 0 and bare["tokens_per_s"] > 0
     assert data["overhead"] == pytest.approx(bare["tokens_per_s"] / ray_run["tokens_per_s"])
     assert data["overhead_rounds"] == [data["overhead"]]  # --quick: one round of the job and the bare loop
+    # The bare loop brackets the job, once before it and once after; the round's bare figure is
+    # their mean, which is the bare row's median of two.
+    bare_runs = [json.loads((tmp_path / "jobs" / "bare" / f"r{r}" / "bare-1.json").read_text()) for r in (0, 1)]
+    assert bare["tokens_per_s"] == pytest.approx(sum(b["tokens_per_s"] for b in bare_runs) / 2)
     assert "over 1 rounds" in res.stdout and "host load (1-min average)" in res.stdout
     assert ray_run["startup_s"] > 0 and bare["startup_s"] > 0
     # Where a step's time goes, beside the bare loop's (kdray.train.step.StepClock's parts).

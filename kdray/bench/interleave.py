@@ -5,7 +5,9 @@ with B under another: on a shared 2-core host, two runs of ``kdray bench train``
 1.58x, 0.74x and 0.54x. Run instead A, B, A, B, ... for a fixed number of rounds
 (:func:`interleave`), take the ratio within each round, where a load change hits both sides
 alike, and report the median of those ratios with their spread (:func:`ratio_summary`), and
-the host's load over the run (:class:`HostLoad`).
+the host's load over the run (:class:`HostLoad`). Where a round lasts minutes, the baseline
+can bracket the others (A B A B ... A; :func:`bracketed`): each round's ratio then sets the
+others against the baseline measured on both sides of them.
 """
 
 from __future__ import annotations
@@ -20,20 +22,37 @@ from typing import Any, Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds: int) -> dict[str, list[T]]:
+def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds: int, *,
+               bracket: int = 0) -> dict[str, list[T]]:
     """``measure(variant, round)`` for every variant in every round, in the order A B ... A B
     ...; returns each variant's results in round order. ``rounds`` >= 1.
 
+    With ``bracket`` = k, the first k variants run once more after the last round (round
+    ``rounds``: A B A B ... A), so every round of the others lies between two runs of theirs,
+    and they have ``rounds + 1`` results: :func:`bracketed` pairs them with the others' rounds.
+
     Raises:
-        ValueError: ``rounds`` < 1 or no variants.
+        ValueError: ``rounds`` < 1, no variants, or ``bracket`` outside 0 .. len(variants) - 1.
     """
     if rounds < 1 or not variants:
         raise ValueError(f"need rounds >= 1 and at least one variant; got {rounds} rounds of {list(variants)}")
+    if not 0 <= bracket < len(variants):
+        raise ValueError(f"bracket must leave at least one of the {len(variants)} variants inside; got {bracket}")
     results: dict[str, list[T]] = {v: [] for v in variants}
     for r in range(rounds):
         for v in variants:
             results[v].append(measure(v, r))
+    for v in variants[:bracket]:
+        results[v].append(measure(v, rounds))
     return results
+
+
+def bracketed(values: Sequence[float | None]) -> list[float | None]:
+    """A bracketing variant's figure per round of the others (:func:`interleave`'s
+    ``bracket``): the mean of its runs just before and just after that round, so a load that
+    drifts steadily through the round moves both sides of the round's ratio alike (None where
+    either run has no figure). ``len(values) - 1`` figures."""
+    return [(a + b) / 2 if a is not None and b is not None else None for a, b in zip(values, values[1:])]
 
 
 def add_rounds_option(parser: argparse.ArgumentParser, what: str) -> None:

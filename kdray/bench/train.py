@@ -23,8 +23,11 @@ Measured in one run, on the toy models (``toy:teacher`` → ``toy:student``, for
   runs 1 thread only.
 
 The overhead is bare tokens/s over Ray's (target <= 1.3x), per round: the job and the bare
-loop(s) run interleaved ``--rounds`` times (:mod:`kdray.bench.interleave`), and the median of
-the rounds' ratios is printed with their spread and the host's load over the run. Start-up is reported apart: for
+loop(s) run interleaved ``--rounds`` times, the bare loops once more at the end, so that each
+job lies between two bare runs (:mod:`kdray.bench.interleave`); a round's bare figure is the
+mean of those two, so a load that drifts through the minute or so of a job hits both sides
+alike. The median of the rounds' ratios is printed with their spread and the host's load over
+the run. Start-up is reported apart: for
 the job, from the start of its train phase to its first step's metrics at the driver
 (Ray Train workers, dataset tokenization, model loads, DeepSpeed initialisation, step 1);
 for the bare loop, from loading the data and models to the end of step 1.
@@ -59,7 +62,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
+from kdray.bench.interleave import (HostLoad, add_rounds_option, bracketed, interleave, median_row, ratio_summary,
+                                     resolve_rounds)
 from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
 from kdray.bench.train_report import TARGET_OVERHEAD, render
 from kdray.bench.train_runs import MEASURED_MALLOC, error_line, run_bare, step_time_parts
@@ -131,19 +135,27 @@ def job_spec(out: Path, mode: str, *, steps: int, workers: int, global_batch: in
 
 
 
-def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
-            steps: int | None = None, label: str | None = None, zero_stage: int | None = None) -> dict[str, Any]:
-    """Run one mode's job with ``kdray run`` (under ``root / label``, default the mode); its
-    steps' metrics, start-up and peak memory."""
+def write_spec(out: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
+               steps: int | None = None, zero_stage: int | None = None) -> Path:
+    """``out / "spec.yaml"``: the job of ``mode`` at the bench's shape (:func:`job_spec`; its
+    output under ``out / "job"``)."""
     import yaml
 
-    out = root / (label or mode)
     out.mkdir(parents=True, exist_ok=True)
     spec = job_spec(out / "job", mode, steps=steps or args.steps, workers=args.workers,
                     global_batch=args.global_batch, micro_batch=args.micro_batch, teacher=teacher,
                     zero_stage=args.zero_stage if zero_stage is None else zero_stage)
     path = out / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "toy:teacher",
+            steps: int | None = None, label: str | None = None, zero_stage: int | None = None) -> dict[str, Any]:
+    """Run one mode's job with ``kdray run`` (under ``root / label``, default the mode); its
+    steps' metrics, start-up and peak memory."""
+    out = root / (label or mode)
+    path = write_spec(out, mode, args, teacher=teacher, steps=steps, zero_stage=zero_stage)
     t0 = time.perf_counter()
     with open(out / "run.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "kdray.cli", "run", str(path), "--restart"], cwd=out,
@@ -209,28 +221,32 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _throughput_rounds(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """The online job and the bare loop(s), interleaved ``args.rounds`` times
-    (:mod:`kdray.bench.interleave`); the overhead is the median over rounds of the fastest bare
-    loop's tokens/s over the job's, with its spread. Round 0's job is ``root / "online"``."""
-    variants = ["job"] + [f"bare-{t}" for t in args.bare_threads]
+    """The bare loop(s) and the online job, interleaved ``args.rounds`` times with the bare
+    loops bracketing the jobs (bare, job, bare, job, ..., bare; :mod:`kdray.bench.interleave`):
+    a round's overhead is the fastest bare loop's tokens/s, the mean of its runs before and
+    after the round's job, over the job's; the median over rounds is printed with its spread.
+    Round 0's job is ``root / "online"``; the bare loops run ``root / "bare" / "spec.yaml"``,
+    the same job's spec."""
+    bares = [f"bare-{t}" for t in args.bare_threads]
+    bare_spec = write_spec(root / "bare", "online", args)
 
     def measure(variant: str, r: int) -> dict[str, Any]:
-        label = "online" if r == 0 else f"online-r{r}"
         if variant == "job":
             print(f"round {r + 1}/{args.rounds}: the online job ({args.steps} steps, {args.workers} workers) ...",
                   file=sys.stderr, flush=True)
-            return run_job(root, "online", args, label=label)
+            return run_job(root, "online", args, label="online" if r == 0 else f"online-r{r}")
         threads = int(variant.split("-", 1)[1])
-        print(f"round {r + 1}/{args.rounds}: the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
-        return run_bare(root / label / "spec.yaml", args, threads)
+        when = f"round {r + 1}/{args.rounds}" if r < args.rounds else "after the last round"
+        print(f"{when}: the bare torch loop ({threads} thread(s)) ...", file=sys.stderr, flush=True)
+        return run_bare(bare_spec, root / "bare" / f"r{r}", args, threads)
 
-    rounds = interleave(measure, variants, args.rounds)
+    rounds = interleave(measure, [*bares, "job"], args.rounds, bracket=len(bares))
     results["modes"]["online"] = results["ray"] = _median_run(rounds["job"])  # the throughput job is the online one
-    results["bare_runs"] = [_median_run(rounds[v]) for v in variants[1:]]
+    results["bare_runs"] = [_median_run(rounds[v]) for v in bares]
     ran = [r for r in results["bare_runs"] if r.get("status") == "ok"]
     results["bare"] = max(ran, key=lambda r: r["tokens_per_s"]) if ran else results["bare_runs"][0]
-    best_bare = [max((rounds[v][r]["tokens_per_s"] for v in variants[1:] if rounds[v][r].get("status") == "ok"),
-                     default=None) for r in range(args.rounds)]
+    around = [bracketed([b["tokens_per_s"] if b.get("status") == "ok" else None for b in rounds[v]]) for v in bares]
+    best_bare = [max((a[r] for a in around if a[r] is not None), default=None) for r in range(args.rounds)]
     job = [j["tokens_per_s"] if j.get("status") == "ok" else None for j in rounds["job"]]
     summary = ratio_summary(best_bare, job)
     results["overhead"] = summary.median if summary else None

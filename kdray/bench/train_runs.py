@@ -126,14 +126,16 @@ def bare_loop(spec_path: str, skip_steps: int, threads: int) -> dict[str, Any]:
     }
 
 
-def run_bare(spec_path: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too)."""
-    out = spec_path.parent / f"bare-{threads}.json"
+def run_bare(spec_path: Path, out_dir: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The bare loop in its own process (``threads`` torch threads, as OMP_NUM_THREADS too); its
+    figures and log under ``out_dir`` (``bare-THREADS.json``, ``.log``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"bare-{threads}.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **MEASURED_MALLOC)
     proc = subprocess.run([sys.executable, "-m", "kdray.bench.train_runs", str(spec_path), str(out), str(args.skip_steps),
                            str(threads)],
                           env=env, capture_output=True, text=True)
-    (spec_path.parent / f"bare-{threads}.log").write_text(proc.stdout + proc.stderr)
+    (out_dir / f"bare-{threads}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"status": "failed", "threads": threads, "error": error_line(proc.stderr)}
     return json.loads(out.read_text())
