@@ -21,7 +21,8 @@ def test_variants_run_interleaved_round_by_round():
 def test_a_bracketing_variant_runs_once_more_after_the_last_round():
     order = []
     results = interleave(lambda v, r: order.append((v, r)) or r, ["base", "x", "job"], 2, bracket=2)
-    assert order == [("base", 0), ("x", 0), ("job", 0), ("base", 1), ("x", 1), ("job", 1), ("base", 2), ("x", 2)]
+    # the bracketing variants swap order every round: each one's runs around a job are equally far from it
+    assert order == [("base", 0), ("x", 0), ("job", 0), ("x", 1), ("base", 1), ("job", 1), ("base", 2), ("x", 2)]
     assert results == {"base": [0, 1, 2], "x": [0, 1, 2], "job": [0, 1]}
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="bracket"):
@@ -39,7 +40,8 @@ def test_a_steady_drift_cancels_when_the_baseline_brackets_each_round():
     job = [1.0 * speed(t) for t in (1, 3, 5)]
     assert all(r != pytest.approx(2.0) for r in ratio_summary(base[:-1], job).ratios)
     assert ratio_summary(bracketed(base), job).ratios == pytest.approx((2.0, 2.0, 2.0))
-    assert bracketed([1.0, None, 3.0]) == [None, None]  # a failed run leaves its two rounds out
+    assert bracketed([1.0, None, 3.0]) == [1.0, 3.0]  # a failed run: its rounds take the run on their other side
+    assert bracketed([None, None]) == [None]
     assert bracketed([1.0]) == []
 
 

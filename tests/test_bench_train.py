@@ -48,3 +48,64 @@ def test_a_job_runs_the_steps_asked_for_even_past_the_toys_train_rows(tmp_path):
         spec = parse_spec(job_spec(tmp_path, "online", steps=steps, workers=2, global_batch=32, micro_batch=8), "bench")
         rows = spec.data.max_train_samples
         assert rows <= TOY_TRAIN_ROWS and total_steps(plan_segments(spec, rows)) == steps, (steps, rows)
+
+
+def test_a_thread_count_given_twice_runs_once():
+    from kdray.bench.train import parse_args
+
+    assert parse_args(["--bare-threads", "2", "1", "2"]).bare_threads == [1, 2]
+    assert parse_args([]).bare_threads == [1, 2] and parse_args(["--quick"]).bare_threads == [1]
+    assert parse_args(["--workers", "1", "--global-batch", "8"]).bare_threads == [1]
+
+
+def _stub_runs(monkeypatch, bare_speeds: dict[int, list[float | None]], job_speeds: list[float]):
+    """``_throughput_rounds`` with each run replaced by its figure, in the order they are asked
+    for; returns the order. A None bare figure is a failed run."""
+    from kdray.bench import train
+    from kdray.train.step import StepClock
+
+    order, left = [], {t: list(v) for t, v in bare_speeds.items()}
+    jobs = list(job_speeds)
+
+    def row(speed: float) -> dict:
+        return {"status": "ok", "tokens_per_s": speed, **dict.fromkeys(StepClock.KEYS)}
+
+    def run_job(root, mode, args, label=None, **_):
+        order.append("job")
+        return row(jobs.pop(0))
+
+    def run_bare(spec, out_dir, args, threads):
+        order.append(f"b{threads}")
+        speed = left[threads].pop(0)
+        return row(speed) | {"threads": threads} if speed is not None else {
+            "status": "failed", "threads": threads, "error": "boom"}
+
+    monkeypatch.setattr(train, "run_job", run_job)
+    monkeypatch.setattr(train, "run_bare", run_bare)
+    return order
+
+
+def test_each_job_sits_between_two_runs_of_every_bare_loop(tmp_path, monkeypatch):
+    """Three rounds, bare loops of 1 and 2 threads: they swap order every round, so each one's
+    runs around a job are equally far from it, and a round's bare figure is their mean."""
+    from kdray.bench.train import _throughput_rounds, parse_args
+
+    args = parse_args(["--bare-threads", "1", "2"])
+    order = _stub_runs(monkeypatch, {1: [100, 110, 120, 130], 2: [90, 150, 90, 150]}, [50.0, 100.0, 100.0])
+    results = {"modes": {}}
+    _throughput_rounds(tmp_path, args, results)
+    assert order == ["b1", "b2", "job", "b2", "b1", "job", "b1", "b2", "job", "b2", "b1"]
+    # round 0: max(105, 120) / 50; round 1: max(115, 120) / 100; round 2: max(125, 120) / 100
+    assert results["overhead_rounds"] == pytest.approx([2.4, 1.2, 1.25])
+    assert results["overhead"] == pytest.approx(1.25) and results["bare_failures"] == []
+
+
+def test_a_failed_bare_run_is_reported_and_its_rounds_use_the_other_side(tmp_path, monkeypatch):
+    from kdray.bench.train import _throughput_rounds, parse_args
+
+    args = parse_args(["--bare-threads", "1", "--rounds", "2"])
+    _stub_runs(monkeypatch, {1: [100, None, 140]}, [100.0, 100.0])
+    results = {"modes": {}}
+    _throughput_rounds(tmp_path, args, results)
+    assert results["overhead_rounds"] == pytest.approx([1.0, 1.4])
+    assert results["bare_failures"] == [{"threads": 1, "run": 1, "error": "boom"}]

@@ -30,6 +30,8 @@ def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds
     With ``bracket`` = k, the first k variants run once more after the last round (round
     ``rounds``: A B A B ... A), so every round of the others lies between two runs of theirs,
     and they have ``rounds + 1`` results: :func:`bracketed` pairs them with the others' rounds.
+    With k > 1 they run in reverse order every other round (A1 A2 B A2 A1 B A1 A2 ...), so each
+    one's two runs around a round of the others are the same distance from it.
 
     Raises:
         ValueError: ``rounds`` < 1, no variants, or ``bracket`` outside 0 .. len(variants) - 1.
@@ -39,20 +41,24 @@ def interleave(measure: Callable[[str, int], T], variants: Sequence[str], rounds
     if not 0 <= bracket < len(variants):
         raise ValueError(f"bracket must leave at least one of the {len(variants)} variants inside; got {bracket}")
     results: dict[str, list[T]] = {v: [] for v in variants}
-    for r in range(rounds):
-        for v in variants:
+    outer, inner = list(variants[:bracket]), list(variants[bracket:])
+    for r in range(rounds + (1 if bracket else 0)):
+        for v in (outer if r % 2 == 0 else outer[::-1]) + (inner if r < rounds else []):
             results[v].append(measure(v, r))
-    for v in variants[:bracket]:
-        results[v].append(measure(v, rounds))
     return results
 
 
 def bracketed(values: Sequence[float | None]) -> list[float | None]:
     """A bracketing variant's figure per round of the others (:func:`interleave`'s
     ``bracket``): the mean of its runs just before and just after that round, so a load that
-    drifts steadily through the round moves both sides of the round's ratio alike (None where
-    either run has no figure). ``len(values) - 1`` figures."""
-    return [(a + b) / 2 if a is not None and b is not None else None for a, b in zip(values, values[1:])]
+    drifts steadily through the round moves both sides of the round's ratio alike; the one run
+    that has a figure where the other has none (a failed run); None where neither has.
+    ``len(values) - 1`` figures."""
+    def around(a: float | None, b: float | None) -> float | None:
+        present = [x for x in (a, b) if x is not None]
+        return sum(present) / len(present) if present else None
+
+    return [around(a, b) for a, b in zip(values, values[1:])]
 
 
 def add_rounds_option(parser: argparse.ArgumentParser, what: str) -> None:

@@ -69,10 +69,15 @@ def render(results: dict[str, Any]) -> None:
     overhead = results.get("overhead")
     if overhead is not None:
         verdict = "[green]meets[/]" if overhead <= TARGET_OVERHEAD else "[red]misses[/]"
-        console.print(f"overhead: bare / Ray = {results['overhead_summary']} (per round, tokens/s of the fastest "
-                      f"bare loop over the job's); {verdict} the target <= {TARGET_OVERHEAD}x")
+        per_round = ", ".join(f"{r:.2f}" for r in results["overhead_rounds"])
+        console.print(f"overhead: bare / Ray = {results['overhead_summary']}, rounds {per_round} (a round: the "
+                      "fastest bare loop's tokens/s, the mean of its runs before and after the round's job, over "
+                      f"the job's); {verdict} the target <= {TARGET_OVERHEAD}x")
     else:
         console.print("overhead: not measured (a run failed)")
+    for failed in results.get("bare_failures", []):  # its rounds use the bare run on their other side
+        console.print(f"[red]bare loop ({failed['threads']} thread(s)), run {failed['run'] + 1} failed[/]: "
+                      f"{failed['error']}")
 
     mem = Table(title="teacher-signal modes on the toy teacher (peak memory: VmHWM of rank 0)")
     for col in ("teacher_signal.mode", "status", "peak RSS MiB", "vs online", "tokens/s", "score phase s",
