@@ -12,9 +12,11 @@ tests/test_losses_fused.py."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -142,6 +144,48 @@ def test_two_processes_build_a_kernel_once_and_never_import_the_compiler(tmp_pat
     files = sorted(p.name for p in (tmp_path / "kernels").rglob("*") if p.is_file())
     packages = [f for f in files if f.endswith(".pt2")]
     assert len(packages) == 2 and not any(".tmp" in f for f in files), files  # no half-written package
+
+
+def test_a_killed_process_leaves_no_unpacked_kernel_behind(tmp_path):
+    """torch's package loader unpacks a package into ``$TMPDIR/aotinductor_XXXXXX`` and removes
+    it only at a clean exit; Ray kills a cancelled job's workers (SIGKILL), and each left 1.6 MB
+    per package behind. kdray removes the unpacked files once the library is mapped: a process
+    killed after its loss (still right) leaves nothing under its TMPDIR."""
+    script = textwrap.dedent("""
+        import os, signal, torch
+        import kdray.losses as L
+        from kdray.losses import _aot
+        hs, ws = torch.randn(9, 4, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+        ht, wt = torch.randn(9, 6), torch.randn(30, 6)
+        out = [L.fused_linear_divergence(hs, ws, ht, wt, divergence="jsd", beta=0.3, reduction="token_mean",
+                                         chunk_size=4, compiled=c) for c in (True, False, True)]
+        torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[2], out[1], rtol=1e-5, atol=1e-6)  # loaded and run again
+        print("LOADED", len(_aot._loaded), len(_aot._unpacked_dirs()), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, TMPDIR=str(tmp)), timeout=600)
+    assert res.returncode == -signal.SIGKILL and "LOADED 2 2" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert list(tmp.iterdir()) == []
+
+
+def test_packages_unused_for_a_month_are_pruned_with_their_locks(tmp_path):
+    from kdray.losses import _aot
+
+    machine = tmp_path / "torch-0.0-cpu-old"
+    machine.mkdir()
+    stale, fresh = machine / "rows-jsd-aaaa.pt2", machine / "rows-jsd-bbbb.pt2"
+    for package in (stale, fresh):
+        package.write_bytes(b"pt2")
+        package.with_suffix(".lock").touch()
+    month_ago = time.time() - _aot.PRUNE_AFTER_S - 60
+    os.utime(stale, (month_ago, month_ago))
+    assert _aot.prune(tmp_path) == [stale]
+    assert sorted(p.name for p in machine.iterdir()) == ["rows-jsd-bbbb.lock", "rows-jsd-bbbb.pt2"]
+    assert _aot.prune(tmp_path) == []
 
 
 def test_after_a_failed_compilation_a_chunk_runs_eager_in_parts_of_the_eager_size():

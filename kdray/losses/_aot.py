@@ -18,7 +18,8 @@ The cache is ``kernels/`` in the node-local compile cache (``$KDRAY_LOCAL_CACHE_
 ``~/.cache/kdray``), one directory per torch version and processor (a package is built for the
 machine's instruction set), a package per kernel and version of kdray's kernel code
 (:data:`SOURCES`); it may be deleted at any time. Concurrent processes build a package once (a
-lock file beside it); a package appears by rename, whole or not at all.
+lock file beside it); a package appears by rename, whole or not at all. Each build deletes the
+packages unused for 30 days (:func:`prune`), so older versions' packages do not pile up.
 
 Errors: :class:`KernelBuildError` (a ``RuntimeError``) when a package cannot be built or
 loaded (no C++ compiler on a CPU host, an old Triton), naming the cause from the build's
@@ -33,8 +34,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +52,11 @@ BUILDER = "kdray.losses._compiled"
 
 #: Seconds a package build may take (two kernels compile in 10-30 s on a 2-core CPU).
 BUILD_TIMEOUT_S = 900
+#: Seconds after its last load that a package is deleted (:func:`prune`): 30 days.
+PRUNE_AFTER_S = 30 * 86400
 
 _loaded: dict[str, Any] = {}
+_loading = threading.Lock()
 #: The packages this process built (the others it found in the cache, or another process built).
 built: list[Path] = []
 log = logging.getLogger("kdray.losses")
@@ -125,15 +132,47 @@ def load(key: dict[str, Any], device: torch.device) -> Any:
         return loaded
     if not path.exists():
         _build(key, device, path)
+    else:
+        try:  # its modification time is its last use: packages unused for PRUNE_AFTER_S go
+            os.utime(path)
+        except OSError:
+            pass  # a cache this process may only read
     index = -1  # the CPU
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        loaded = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-    except (AttributeError, RuntimeError) as exc:
-        raise KernelBuildError(f"loading {path} (delete it to build it again): {exc}") from None
+    with _loading:  # one load at a time, so the directories that appear are this load's
+        unpacked = _unpacked_dirs()
+        try:
+            loaded = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        except (AttributeError, RuntimeError) as exc:
+            raise KernelBuildError(f"loading {path} (delete it to build it again): {exc}") from None
+        if device.type == "cpu":
+            # The loader unpacks the package into a directory of its own under $TMPDIR and
+            # removes it at a clean exit only: each worker that Ray kills (a cancelled job's)
+            # would leave 1.6 MB behind. On CPU the package is its shared library, now mapped
+            # (an unlinked file stays mapped), and sources; on a GPU its kernels' binaries
+            # load on first run.
+            for directory in _unpacked_dirs() - unpacked:
+                shutil.rmtree(directory, ignore_errors=True)
     _loaded[f"{path}:{device}"] = loaded
     return loaded
+
+
+def _unpacked_dirs() -> set[str]:
+    """The directories of AOTInductor packages this process has loaded, as the mapped files'
+    paths in ``/proc/self/maps`` name them (``$TMPDIR/aotinductor_XXXXXX``; none off Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = [line for line in maps if "/aotinductor_" in line]
+    except OSError:
+        return set()
+    dirs = set()
+    for line in lines:
+        path = line.split(maxsplit=5)[-1]
+        end = path.find("/", path.index("/aotinductor_") + 1)
+        if end > 0:
+            dirs.add(path[:end])
+    return dirs
 
 
 def _build(key: dict[str, Any], device: torch.device, path: Path) -> None:
@@ -163,6 +202,25 @@ def _build(key: dict[str, Any], device: torch.device, path: Path) -> None:
             raise KernelBuildError(f"building {path}: {cause}", hint=_toolchain_hint(device))
         os.replace(tmp, path)
         built.append(path)
+    prune(cache_root())
+
+
+def prune(root: Path, older_than_s: float | None = None) -> list[Path]:
+    """Delete the packages under ``root`` that no process has loaded for ``older_than_s``
+    seconds (default :data:`PRUNE_AFTER_S`; a load touches its package), with their lock files:
+    those of earlier kdray or torch versions, which nothing loads again. Run after each build,
+    so the cache holds what its node used lately. Returns the packages deleted."""
+    cutoff = time.time() - (PRUNE_AFTER_S if older_than_s is None else older_than_s)
+    gone = []
+    for package in root.glob("*/*.pt2"):
+        try:
+            if package.stat().st_mtime < cutoff:
+                package.unlink()
+                package.with_suffix(".lock").unlink(missing_ok=True)
+                gone.append(package)
+        except OSError:
+            pass  # gone already (another process pruned it), or not ours to delete
+    return gone
 
 
 def _cause(stderr: str) -> str:
