@@ -71,11 +71,11 @@ def test_host_load_samples_while_the_block_runs():
     assert str(load).startswith("host load (1-min average)") and "CPUs" in str(load)
 
 
-def test_a_variants_rounds_become_one_row_of_medians_over_the_rounds_that_ran():
+def test_a_variants_runs_become_one_row_of_medians_over_the_runs_that_ran():
     from kdray.bench.interleave import median_row
 
     runs = [{"t": 3.0, "m": 10, "x": "first"}, {"error": "boom"}, {"t": 1.0, "m": 30, "x": "third"},
             {"t": 2.0, "m": 20, "x": "fourth"}]
     row = median_row(runs, lambda r: "error" not in r, ["t"], ["m"])
-    assert row == {"t": 2.0, "m": 30, "x": "first", "rounds": 3}
+    assert row == {"t": 2.0, "m": 30, "x": "first", "runs": 3}
     assert median_row([{"error": "a"}, {"error": "b"}], lambda r: "error" not in r, ["t"]) == {"error": "a"}

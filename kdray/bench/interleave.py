@@ -78,10 +78,10 @@ def resolve_rounds(args: argparse.Namespace) -> int:
 
 def median_row(runs: Sequence[dict[str, Any]], ran: Callable[[dict[str, Any]], bool], medians: Sequence[str],
                maxima: Sequence[str] = ()) -> dict[str, Any]:
-    """One variant's rounds as one row: the first round that ``ran``, with the median over the
-    rounds that ran of each key in ``medians`` and the largest of each in ``maxima`` (rounds
-    where a key is None left out; None when it is None in all); the first round when none ran
-    (its error)."""
+    """One variant's runs as one row: the first run that ``ran``, with the median over the runs
+    that ran of each key in ``medians`` and the largest of each in ``maxima`` (runs where a key
+    is None left out; None when it is None in all), and ``runs``, how many ran (one per round,
+    or one more for a bracketing variant); the first run when none ran (its error)."""
     ok = [r for r in runs if ran(r)]
     if not ok:
         return dict(runs[0])
@@ -91,7 +91,7 @@ def median_row(runs: Sequence[dict[str, Any]], ran: Callable[[dict[str, Any]], b
         return how(values) if values else None
 
     return {**ok[0], **{k: over(k, statistics.median) for k in medians}, **{k: over(k, max) for k in maxima},
-            "rounds": len(ok)}
+            "runs": len(ok)}
 
 
 @dataclass(frozen=True)
