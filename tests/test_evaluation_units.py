@@ -240,6 +240,44 @@ def test_the_judge_pairs_answers_in_the_held_out_order_row_by_row(ray_cpus, toy_
     assert f"the answers of {tmp_path / 's'} and {tmp_path / 'x'} are not in one row order" in str(info.value)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a group-by waiting on CPUs the pool holds would wait forever
+def test_a_vllm_judge_on_all_but_a_light_share_of_the_cpus_writes_one_row_per_item(ray_cpus, toy_world, tmp_path):
+    """The judge on its default backend, vLLM, its one replica reserving 1.75 of the cluster's 2
+    CPUs: its verdicts still reach the group-by that pairs an item's two orders (whose sort
+    tasks take a whole CPU each: a CPU replica's actor gives its CPUs back when its stage ends),
+    and ``samples/judge/`` holds one row per judged held-out row, student first and second,
+    as counted in the summary."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from kdray.data.artifacts import write_dataset
+    from kdray.pipeline.progress import Reporter
+    from kdray.stages.context import StageContext
+    from kdray.stages.evaluate import judge
+
+    rows = [2 * i for i in range(10)]
+    ds = ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"Q{r}:", "response": f"g{r}"} for r in rows])
+    heldout = write_dataset(ds, tmp_path / "heldout", "prompts")
+    answers = {"student_after": _answers(heldout, tmp_path / "s"), "teacher": _answers(heldout, tmp_path / "t")}
+    spec = parse_spec({"name": "judge", "output_dir": str(tmp_path / "out"), "teacher": {"model": "toy:teacher"},
+                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"},
+                       "generation": {"num_cpus_per_replica": 1.75, "enforce_eager": True},
+                       "evaluation": {"judge": {"model": {"model": "toy:teacher", "dtype": "float32",
+                                                          "max_model_len": 128},
+                                                "max_prompts": 8, "template": "{prompt}{a}\nB:{b}\nbest:"}}})
+    assert spec.evaluation.judge.model.backend == "vllm"
+    summary = judge(StageContext(spec, tmp_path / "out", Reporter(None)), heldout, answers)
+    assert (summary["items"], summary["comparisons"], summary["skipped_too_long"]) == (8, 16, 0)
+    assert all(sum(summary["verdicts"][side].values()) == 8 for side in ("student_first", "student_second"))
+
+    table = pq.read_table(sorted((tmp_path / "out" / "samples" / "judge").glob("*.parquet")))
+    got = sorted(zip(*(table.column(c).to_pylist() for c in ("_row", "id", "student_first_judge_prompt",
+                                                              "student_second_judge_prompt"))))
+    assert got == [(r, f"q{r}", f"Q{r}:s{r}\nB:t{r}\nbest:", f"Q{r}:t{r}\nB:s{r}\nbest:") for r in rows[:8]]
+    assert set(table.column("student_first_verdict").to_pylist()) <= {"A", "B", None}
+
+
 def test_an_items_verdicts_are_one_row_of_strings_ties_included():
     import numpy as np
     import pyarrow as pa
