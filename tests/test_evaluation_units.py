@@ -248,6 +248,8 @@ def test_a_vllm_judge_on_all_but_a_light_share_of_the_cpus_writes_one_row_per_it
     tasks take a whole CPU each: a CPU replica's actor gives its CPUs back when its stage ends),
     and ``samples/judge/`` holds one row per judged held-out row, student first and second,
     as counted in the summary."""
+    import json
+
     import pyarrow.parquet as pq
     import ray.data
 
@@ -267,8 +269,10 @@ def test_a_vllm_judge_on_all_but_a_light_share_of_the_cpus_writes_one_row_per_it
                                                           "max_model_len": 128},
                                                 "max_prompts": 8, "template": "{prompt}{a}\nB:{b}\nbest:"}}})
     assert spec.evaluation.judge.model.backend == "vllm"
-    summary = judge(StageContext(spec, tmp_path / "out", Reporter(None)), heldout, answers)
+    summary = judge(StageContext(spec, tmp_path / "out", Reporter(tmp_path / "events.jsonl")), heldout, answers)
     assert (summary["items"], summary["comparisons"], summary["skipped_too_long"]) == (8, 16, 0)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert sum(e["n"] for e in events if e["kind"] == "advance" and e["phase"] == "evaluate") == 16  # its progress
     assert all(sum(summary["verdicts"][side].values()) == 8 for side in ("student_first", "student_second"))
 
     table = pq.read_table(sorted((tmp_path / "out" / "samples" / "judge").glob("*.parquet")))

@@ -158,6 +158,34 @@ def test_a_tensor_parallel_replica_runs_in_its_own_group_and_its_gpus_come_back_
     assert placement_group_table()[rows[0]["group"]]["state"] == "REMOVED"
 
 
+@pytest.mark.timeout(120)  # a group-by waiting on CPUs a group holds would wait forever
+def test_a_group_by_after_a_tensor_parallel_pool_runs_once_its_groups_are_removed(ray_gpus, tmp_path):
+    """A tensor-parallel replica's placement group keeps its CPUs after its stage, here 3.5 of
+    the cluster's 4, and a group-by's sort tasks take a whole CPU each: StageContext.materialize
+    (the judge's path to its group-by) removes the groups once the pool's output is in the
+    object store, so the group-by runs."""
+    import ray.data
+    from ray.util import placement_group_table
+
+    from kdray.pipeline.progress import Reporter
+    from kdray.pools.placement import engine_placement
+    from kdray.pools.run import pool_map
+    from kdray.stages.context import StageContext
+
+    _wait_free(2)
+    pool = GenerationSpec(num_gpus_per_replica=2, tensor_parallel_size=2, num_cpus_per_replica=3.5, batch_size=4)
+    assert sum(b["CPU"] for b in engine_placement(pool)["bundles"]) == 3.5  # 0.5 CPU left beside the group
+    spec = parse_spec({"name": "t", "output_dir": str(tmp_path), "teacher": {"model": "toy:teacher"},
+                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"}})
+    ctx = StageContext(spec, tmp_path, Reporter(None))
+    source = ray.data.range(8).materialize()  # a read task takes a whole CPU too: as the judge's requests, stored
+    answered = ctx.materialize("evaluate", lambda hub: pool_map(source, TensorParallelEngine, pool, "scorer"))
+    (group,) = {row["group"] for row in answered.take_all()}
+    assert placement_group_table()[group]["state"] == "REMOVED"
+    assert answered.groupby("gpus").count().take_all() == [{"gpus": "0,1", "count()": 8}]
+    _wait_free(2)
+
+
 def test_releasing_keeps_groups_made_before_it(ray_gpus):
     import ray
 

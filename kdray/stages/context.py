@@ -136,8 +136,25 @@ class StageContext:
         ds = build(hub)
         with releasing_placement_groups() if release else nullcontext():  # the pools' GPUs back to Ray
             return write_dataset(ds, path, kind, meta, summarise=summarise, row_bytes=row_bytes,
-                                 expect_rows=expect_rows, num_cpus=write_num_cpus, run=lambda fn: run_draining(
-                                     fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0)))))
+                                 expect_rows=expect_rows, num_cpus=write_num_cpus,
+                                 run=lambda fn: self._reporting(phase, hub, fn))
+
+    def materialize(self, phase: str, build: Callable[[Any], Any]) -> Any:
+        """The dataset ``build(hub)`` makes, executed into Ray's object store (its pools report
+        rows to ``hub``, which advance ``phase``'s progress); the placement groups made
+        meanwhile are removed once it is (:func:`~kdray.pools.placement.releasing_placement_groups`).
+
+        For a pool's output that goes through an all-to-all step (a group-by): the step's sort
+        tasks take a whole CPU each, outside any placement group, while a tensor-parallel
+        replica's group keeps its CPUs after its stage is done, so with the group held they
+        could wait for a CPU forever. Returns the materialized dataset."""
+        hub = progress_hub()
+        with releasing_placement_groups():
+            return self._reporting(phase, hub, lambda: build(hub).materialize())
+
+    def _reporting(self, phase: str, hub: Any, fn: Callable[[], T]) -> T:
+        """``fn()``, run while the rows ``hub`` hears of advance ``phase``'s progress."""
+        return run_draining(fn, hub, lambda event: self.reporter.advance(phase, int(event.get("rows", 0))))
 
     def generate(self, rows: list[dict[str, Any]], model: ModelSpec, label: str, phase: str,
                  sampling: SamplingConfig, score_gold: bool = False,

@@ -343,7 +343,9 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
     Data tasks (:func:`judge_requests_dataset`); prompts whose judge prompt does not fit the
     judge's ``max_model_len`` are skipped and counted. The judge, maybe of another model
     family, reads them through its own chat template (:func:`kdray.data.tokenize.judge_encoding`).
-    Its verdicts are written, one row per item, to the committed dataset ``samples/judge/``.
+    Its verdicts are paired by item (a group-by, once the judge pool is gone:
+    :meth:`~kdray.stages.context.StageContext.materialize`) and written, one row per item, to the
+    committed dataset ``samples/judge/``.
 
     Args:
         heldout: the committed held-out rows.
@@ -370,13 +372,14 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
     pairs: Counter = Counter()
     if judged:
         with ctx.phase("evaluate", 2 * judged, f"LLM judge, student_after vs {cfg.reference}"):
-            def build(hub: Any) -> Any:
-                verdicts = generate_dataset(requests, cfg.model, ctx.spec.generation,
-                                            SamplingConfig.greedy(cfg.max_new_tokens), encoding=encoding, progress=hub)
-                verdicts.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-                return verdicts.groupby("_row").map_groups(_verdict_pair, batch_format="numpy")
-
-            written = ctx.write("evaluate", build, ctx.out / "samples" / "judge", JUDGEMENTS_KIND,
+            # An item's two verdicts are paired by a group-by, whose sort tasks need whole CPUs:
+            # the verdicts are materialized first, and the judge pool's placement groups removed.
+            verdicts = ctx.materialize("evaluate", lambda hub: generate_dataset(
+                requests, cfg.model, ctx.spec.generation, SamplingConfig.greedy(cfg.max_new_tokens),
+                encoding=encoding, progress=hub))
+            verdicts.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+            paired = verdicts.groupby("_row").map_groups(_verdict_pair, batch_format="numpy")
+            written = ctx.write("evaluate", lambda hub: paired, ctx.out / "samples" / "judge", JUDGEMENTS_KIND,
                                 {"model": cfg.model.model, "reference": cfg.reference}, summarise=verdict_counts,
                                 expect_rows=judged)
         pairs = Counter({(ab, ba): n for ab, ba, n in written.info["pairs"]})
