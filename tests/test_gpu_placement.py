@@ -158,31 +158,60 @@ def test_a_tensor_parallel_replica_runs_in_its_own_group_and_its_gpus_come_back_
     assert placement_group_table()[rows[0]["group"]]["state"] == "REMOVED"
 
 
+class TensorParallelJudge(TensorParallelEngine):
+    """A judge on the stand-in tensor-parallel engine: it answers every judge prompt "A"."""
+
+    def __call__(self, batch):
+        import numpy as np
+
+        return {**batch, "response": np.asarray(["A"] * len(batch["id"]), dtype=object)}
+
+
 @pytest.mark.timeout(120)  # a group-by waiting on CPUs a group holds would wait forever
-def test_a_group_by_after_a_tensor_parallel_pool_runs_once_its_groups_are_removed(ray_gpus, tmp_path):
+def test_the_judge_pairs_its_verdicts_once_its_tensor_parallel_pool_gives_its_cpus_back(ray_gpus, toy_world,
+                                                                                        tmp_path, monkeypatch):
     """A tensor-parallel replica's placement group keeps its CPUs after its stage, here 3.5 of
-    the cluster's 4, and a group-by's sort tasks take a whole CPU each: StageContext.materialize
-    (the judge's path to its group-by) removes the groups once the pool's output is in the
-    object store, so the group-by runs."""
+    the cluster's 4, and the group-by pairing an item's two verdicts runs shuffle tasks of a
+    whole CPU each: the judge removes its pool's groups before the group-by
+    (StageContext.materialize), so it runs, and samples/judge/ holds one row per item."""
     import ray.data
     from ray.util import placement_group_table
 
+    from kdray.data.artifacts import write_dataset
     from kdray.pipeline.progress import Reporter
     from kdray.pools.placement import engine_placement
     from kdray.pools.run import pool_map
+    from kdray.stages import evaluate
     from kdray.stages.context import StageContext
 
     _wait_free(2)
     pool = GenerationSpec(num_gpus_per_replica=2, tensor_parallel_size=2, num_cpus_per_replica=3.5, batch_size=4)
     assert sum(b["CPU"] for b in engine_placement(pool)["bundles"]) == 3.5  # 0.5 CPU left beside the group
-    spec = parse_spec({"name": "t", "output_dir": str(tmp_path), "teacher": {"model": "toy:teacher"},
-                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"}})
-    ctx = StageContext(spec, tmp_path, Reporter(None))
-    source = ray.data.range(8).materialize()  # a read task takes a whole CPU too: as the judge's requests, stored
-    answered = ctx.materialize("evaluate", lambda hub: pool_map(source, TensorParallelEngine, pool, "scorer"))
-    (group,) = {row["group"] for row in answered.take_all()}
-    assert placement_group_table()[group]["state"] == "REMOVED"
-    assert answered.groupby("gpus").count().take_all() == [{"gpus": "0,1", "count()": 8}]
+    calls: list[str] = []
+
+    def judge_pool(requests, *args, **kwargs):
+        answered = pool_map(requests, TensorParallelJudge, pool, "scorer")
+        calls.append("judge")
+        return answered
+
+    monkeypatch.setattr(evaluate, "generate_dataset", judge_pool)
+    rows = range(6)
+    heldout = write_dataset(ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"Q{r}:", "response": "g"}
+                                                 for r in rows]), tmp_path / "heldout", "prompts")
+    answers = {side: write_dataset(ray.data.from_items([{c: r if c == "_row" else f"{side}{r}"
+                                                         for c in evaluate.ANSWER_COLUMNS} for r in rows]),
+                                   tmp_path / side, evaluate.ANSWERS_KIND) for side in ("student_after", "teacher")}
+    spec = parse_spec({"name": "t", "output_dir": str(tmp_path / "out"), "teacher": {"model": "toy:teacher"},
+                       "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"},
+                       "evaluation": {"judge": {"model": {"model": "toy:teacher", "max_model_len": 128},
+                                                "template": "{prompt}{a}|{b}"}}})
+    summary = evaluate.judge(StageContext(spec, tmp_path / "out", Reporter(None)), heldout, answers)
+    assert calls == ["judge"]
+    assert (summary["items"], summary["comparisons"]) == (6, 12)
+    assert summary["verdicts"]["student_first"]["A"] == summary["verdicts"]["student_second"]["A"] == 6
+    ours = [gid for gid, info in placement_group_table().items()
+            if [b.get("GPU") for b in info["bundles"].values()] == [1.0, 1.0]]
+    assert ours and all(placement_group_table()[gid]["state"] == "REMOVED" for gid in ours)
     _wait_free(2)
 
 

@@ -147,7 +147,9 @@ class StageContext:
         For a pool's output that goes through an all-to-all step (a group-by): the step's sort
         tasks take a whole CPU each, outside any placement group, while a tensor-parallel
         replica's group keeps its CPUs after its stage is done, so with the group held they
-        could wait for a CPU forever. Returns the materialized dataset."""
+        could wait for a CPU forever. It removes every group this Ray job made meanwhile, so
+        it is not for pools running together (:meth:`each_pool`). Returns the materialized
+        dataset."""
         hub = progress_hub()
         with releasing_placement_groups():
             return self._reporting(phase, hub, lambda: build(hub).materialize())

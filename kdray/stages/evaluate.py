@@ -377,6 +377,7 @@ def judge(ctx: StageContext, heldout: Artifact, answers: dict[str, Artifact]) ->
             verdicts = ctx.materialize("evaluate", lambda hub: generate_dataset(
                 requests, cfg.model, ctx.spec.generation, SamplingConfig.greedy(cfg.max_new_tokens),
                 encoding=encoding, progress=hub))
+            del requests  # the verdicts carry its columns: its blocks can leave the object store
             verdicts.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
             paired = verdicts.groupby("_row").map_groups(_verdict_pair, batch_format="numpy")
             written = ctx.write("evaluate", lambda hub: paired, ctx.out / "samples" / "judge", JUDGEMENTS_KIND,
