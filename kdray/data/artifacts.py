@@ -127,7 +127,8 @@ def write_dataset(ds: Any, path: Path, kind: str, meta: dict[str, Any] | None = 
         verify: called with the written files (maybe none) before anything is committed; what
             it raises is raised (the prepare stage refuses bad rows this way).
         num_cpus: the CPUs each write task reserves (default: Ray Data's, one unless the write
-            fuses into the map before it); pools running together write with a light share.
+            fuses into the map before it); a stage writes with a light share
+            (:meth:`kdray.stages.context.StageContext.write`), since its pool holds CPUs meanwhile.
 
     Raises:
         KdrayError: the dataset wrote no file (an empty input), not ``expect_rows`` rows, or

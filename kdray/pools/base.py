@@ -29,7 +29,10 @@ VLLM_CPU_ENV = {
 }
 
 #: The CPU share of a light per-row actor or task (tokenizing, encoding requests, converting
-#: an engine's output): light next to the pools.
+#: an engine's output, adding keys, writing a stage's dataset): light next to the pools. Every
+#: task a stage runs while its pool holds its CPUs takes this share: one with Ray Data's default
+#: (a whole CPU) waits while a pool leaves less than one CPU of the cluster free, and once the
+#: pool's output fills its share of the object store the pool waits on that task forever.
 LIGHT_NUM_CPUS = 0.25
 
 #: The pool backends (``ModelSpec.backend``) and the roles a pool plays.

@@ -89,7 +89,7 @@ def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: i
     of the object store. Lazy."""
     if row_bytes:
         per_block = max(1, TASK_OUTPUT_BYTES // (row_bytes * pool.batch_size)) * pool.batch_size
-        ds = ds.repartition(target_num_rows_per_block=per_block)
+        ds = light_repartition(ds, per_block)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn (removal: Ray 2.64) with no replacement yet; its
         # own LLM engine stage places tensor-parallel engines through it too (kdray pins Ray).
@@ -98,6 +98,19 @@ def pool_map(ds: Any, fn: type, pool: GenerationSpec, role: str, *, row_bytes: i
     if row_bytes:  # this dataset's context (its write's too), not the driver's
         options = out.context.execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=store_budget(pool))
+    return out
+
+
+def light_repartition(ds: Any, rows_per_block: int) -> Any:
+    """``ds`` cut into blocks of ``rows_per_block`` rows by Ray Data's streaming repartition
+    (no shuffle), its tasks taking a light CPU share (:data:`~kdray.pools.base.LIGHT_NUM_CPUS`):
+    they feed a pool whose actors hold their CPUs from the start, so with Ray's default of a
+    whole CPU a pool leaving less than one free waited for its first input forever (a scorer at
+    1.75 of 2 CPUs: still waiting after 90 s). Ray 2.60's ``repartition`` takes no remote
+    arguments, so they are set on the operator it adds to the plan (kdray pins Ray;
+    ``tests/test_stage_cpus.py`` runs such a scorer). Lazy."""
+    out = ds.repartition(target_num_rows_per_block=rows_per_block)
+    out._logical_plan.dag.ray_remote_args["num_cpus"] = LIGHT_NUM_CPUS
     return out
 
 

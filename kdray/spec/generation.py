@@ -46,8 +46,9 @@ class GenerationSpec(_Spec):
     num_cpus_per_replica: float = Field(
         0.5,
         gt=0.0,
-        description="CPUs each replica reserves. Keep it fractional on small CPU hosts: a whole "
-        "CPU per actor can starve Ray Data's read tasks.",
+        description="CPUs each replica reserves while its stage runs. The stage's other tasks (reads, "
+        "request encoding, writes) take 0.25 CPU each beside the replicas, so leave at least that much "
+        "of the cluster free.",
     )
     batch_size: int = Field(
         64, ge=1, description="Prompts per batch handed to a replica (Ray Data map_batches batch_size)."

@@ -124,14 +124,16 @@ class StageContext:
               meta: dict[str, Any] | None = None,
               summarise: Callable[[list[Path]], dict[str, Any]] | None = None,
               row_bytes: int | None = None, expect_rows: int | None = None, release: bool = True,
-              write_num_cpus: float | None = None) -> Artifact:
+              write_num_cpus: float = LIGHT_NUM_CPUS) -> Artifact:
         """Write the dataset ``build(hub)`` makes into the committed dataset ``path``
         (:func:`kdray.data.artifacts.write_dataset`, which commits it only with ``expect_rows``
         rows when given); its pools report rows to ``hub``, which advance ``phase``'s progress
         as the actors write. With ``release`` the placement groups made meanwhile are removed
         once it is written (:func:`~kdray.pools.placement.releasing_placement_groups`); pools
         running together (:meth:`each_pool`) are released together instead; ``write_num_cpus``:
-        what each write task reserves (:func:`~kdray.data.artifacts.write_dataset`)."""
+        what each write task reserves (:func:`~kdray.data.artifacts.write_dataset`), a light
+        share by default, since the writes run while the pools hold their CPUs
+        (:data:`~kdray.pools.base.LIGHT_NUM_CPUS`)."""
         hub = progress_hub()
         ds = build(hub)
         with releasing_placement_groups() if release else nullcontext():  # the pools' GPUs back to Ray

@@ -11,6 +11,7 @@ from kdray.data.artifacts import Artifact, open_artifact
 from kdray.data.difficulty import write_difficulty
 from kdray.errors import DataError
 from kdray.pools import SamplingConfig
+from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.pools.run import generate_dataset
 from kdray.stages.context import StageContext
 
@@ -48,12 +49,12 @@ def order_by_difficulty(ctx: StageContext, responses: Artifact) -> Any:
             ctx.reporter.message(f"score: initial student answers {responses.rows} prompts ({spec.student.model})")
 
             def build(hub: Any) -> Any:
-                rows = responses.read(_INPUT).rename_columns(
-                    {"response": "gold_response", "finish_reason": "gold_finish_reason"})
+                rows = responses.read(_INPUT).rename_columns(  # light tasks: they run beside the pool
+                    {"response": "gold_response", "finish_reason": "gold_finish_reason"}, num_cpus=LIGHT_NUM_CPUS)
                 answered = generate_dataset(rows, spec.student, spec.generation,
                                             SamplingConfig.greedy(spec.generation.max_new_tokens), score_gold=True,
                                             encoding=ctx.prompt_encoding(), progress=hub, output_prefix="student_")
-                return answered.select_columns(COLUMNS)
+                return answered.select_columns(COLUMNS, num_cpus=LIGHT_NUM_CPUS)
 
             # vLLM answers and scores each row as two requests, hence two rows (generate_dataset)
             per_row = 2 if spec.student.backend == "vllm" else 1

@@ -194,8 +194,7 @@ def evaluate_models(ctx: StageContext, models: list[tuple[str, ModelSpec]], held
         ctx.reporter.message(f"evaluate: {label} answers {heldout.rows} prompts ({model.model})")
         return ctx.write("evaluate", lambda hub: answers_dataset(ctx, heldout, model, hub), ctx.out / "samples" / label,
                          ANSWERS_KIND, {"label": label, "model": model.model}, summarise=answer_scores,
-                         row_bytes=row_bytes, expect_rows=heldout.rows, release=release,
-                         write_num_cpus=LIGHT_NUM_CPUS)  # fused into the scoring task: a light one each
+                         row_bytes=row_bytes, expect_rows=heldout.rows, release=release)
 
     return ctx.each_pool(models, "evaluate", write)
 

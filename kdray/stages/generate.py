@@ -49,6 +49,12 @@ def with_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
+def keyed(ds: Any) -> Any:
+    """The Ray dataset ``ds`` with each row's ``key`` (:func:`with_keys`), added by light tasks
+    (:data:`~kdray.pools.base.LIGHT_NUM_CPUS`): they run beside the pool that makes the rows."""
+    return ds.map_batches(with_keys, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS)
+
+
 def tokenized(ctx: StageContext, ds: Any) -> Any:
     """``ds`` with each row's compact training example(s) added (the input columns stay), made by
     at most ``training.tokenize_actors`` tasks at once (:class:`kdray.data.examples.TokenizeForTraining`,
@@ -82,17 +88,16 @@ def training_responses(ctx: StageContext, train: Artifact) -> Artifact:
         return done
     if spec.data.response_source != "teacher":
         with ctx.phase("generate", None, "training examples from the dataset's responses"):
-            return ctx.write("generate", lambda hub: tokenized(ctx, train.read(["_row", "id", "prompt", "response"])
-                                                               .map_batches(with_dataset_responses, batch_format="numpy")
-                                                               .map_batches(with_keys, batch_format="numpy")),
-                             path, "responses", {"source": "dataset"}, row_bytes=row_bytes(ctx),
-                             expect_rows=train.rows)
+            rows = train.read(["_row", "id", "prompt", "response"]).map_batches(
+                with_dataset_responses, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS)
+            return ctx.write("generate", lambda hub: tokenized(ctx, keyed(rows)), path, "responses",
+                             {"source": "dataset"}, row_bytes=row_bytes(ctx), expect_rows=train.rows)
     sampling = SamplingConfig.from_spec(spec.generation)
     with ctx.phase("generate", train.rows * spec.generation.n, "teacher responses"):
         ctx.reporter.message(f"generate: teacher answers {train.rows} prompts ({spec.teacher.model})")
-        return ctx.write("generate", lambda hub: tokenized(ctx, generate_dataset(
+        return ctx.write("generate", lambda hub: tokenized(ctx, keyed(generate_dataset(
             train.read(["_row", "id", "prompt"]), spec.teacher, spec.generation, sampling,
-            encoding=ctx.prompt_encoding(), progress=hub).map_batches(with_keys, batch_format="numpy")),
+            encoding=ctx.prompt_encoding(), progress=hub))),
             path, "responses", {"source": "teacher", "teacher": spec.teacher.model}, row_bytes=row_bytes(ctx),
             expect_rows=train.rows * spec.generation.n)
 

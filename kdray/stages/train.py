@@ -85,7 +85,8 @@ def rows_of(data: Artifact, keys: Any = None, columns: list[str] | None = None) 
         return data.read(columns)
     ds = data.read(None if columns is None else [*columns, "key"])
     ds = ds.map_batches(select_keys, fn_kwargs={"keys": [ray.put(keys)]}, batch_format="numpy", num_cpus=READ_NUM_CPUS)
-    return ds if columns is None else ds.select_columns(columns)
+    # a read's share of a CPU, as the map's: the workers hold theirs (check_ingest_cpus)
+    return ds if columns is None else ds.select_columns(columns, num_cpus=READ_NUM_CPUS)
 
 
 #: Largest block the training ingest reads (Ray Data's ``target_max_block_size``, 128 MiB by
