@@ -30,6 +30,8 @@ def test_bench_scale_streams_every_row_once_and_prints_the_targets(tmp_path):
         raw = 20 * (4 + 2)
         assert 0.75 * raw <= r["bytes_per_token"] <= 1.5 * raw
         assert [p["phase"] for p in r["phases"]] == ["responses", "records", "training ingest"]
+        assert all(p["seconds"] > 0 for p in r["phases"]) and sum(p["seconds"] for p in r["phases"]) <= r["seconds"]
         assert r["data_budget_bytes"] == pytest.approx(128 * 2**20, rel=0.02)  # Ray Data's default: half of the 256 MiB store
     assert "driver slope" in res.stdout and "object store 4N/N" in res.stdout
     assert "Ray Data's budget of 12" in res.stdout and "within the bound of any N: ok" in res.stdout
+    assert "seconds per phase, N / 4N: responses " in res.stdout

@@ -189,6 +189,7 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
     import ray.data
     from kdray.data.artifacts import write_dataset
     from kdray.data.records import record_bytes_per_token
+    from kdray.pools.base import LIGHT_NUM_CPUS
     from kdray.pools.run import pool_map
     from kdray.spec import GenerationSpec as Pool
     from kdray.stages.teacher_signal import record_tokens
@@ -205,7 +206,8 @@ def _records_after(mode: str, n: int, out: Path, response_tokens: int,
                  + 4) * longest  # as the job's scorer pool runs and its writer sizes files
     records = write_dataset(pool_map(responses.read(["key", "input_ids", "prompt_len"]), SyntheticScorer, Pool(
         replicas=2, num_cpus_per_replica=0.5, batch_size=32), "scorer", row_bytes=row_bytes, mode=mode, meta=meta),
-        out / "records", "records", meta, summarise=record_tokens, row_bytes=row_bytes)
+        out / "records", "records", meta, summarise=record_tokens, row_bytes=row_bytes,
+        num_cpus=LIGHT_NUM_CPUS)  # as a stage writes (kdray.stages.context.StageContext.write)
     mark("records")
     return training_dataset(records, None, meta), {"train": ordered_ingest()}, int(records.info["bytes"]), \
         int(records.info["tokens"])
@@ -293,12 +295,15 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: in
     flow = "datasets" if importlib.util.find_spec("kdray.data.artifacts") else "driver"  # which checkout
     build = _records_after if flow == "datasets" else _records_before
     phases: list[dict[str, Any]] = []
+    since = [t0]  # when the current phase began
 
     def mark(name: str) -> None:
         used, spilled = _store_stats()
+        now = time.perf_counter()
         phases.append({"phase": name, "store_peak_bytes": peak["store"], "phase_store_peak_bytes": peak["phase"],
-                       "store_used_bytes": used, "spilled_bytes": spilled, "driver_peak_bytes": _peak_rss()})
-        peak["phase"] = used
+                       "store_used_bytes": used, "spilled_bytes": spilled, "driver_peak_bytes": _peak_rss(),
+                       "seconds": now - since[0]})
+        peak["phase"], since[0] = used, now
 
     ds, options, disk_bytes, tokens = build(mode, n, out, response_tokens, mark)
     meta = _meta(mode)

@@ -62,6 +62,11 @@ def print_results(results: list[dict[str, Any]], factor: int) -> set[str]:
                 print(f"{'':9} {mode:6} object store peak per phase, N / {factor}N (MiB): " + "; ".join(
                     f"{name} {_mb(per[small['rows']].get(name, 0))} / {_mb(per[large['rows']][name])}"
                     for name in phases))
+            if phases and all("seconds" in p for r in (small, large) for p in r["phases"]):  # older benches: none
+                secs = {r["rows"]: {p["phase"]: p["seconds"] for p in r["phases"]} for r in (small, large)}
+                print(f"{'':9} {mode:6} seconds per phase, N / {factor}N: " + "; ".join(
+                    f"{name} {secs[small['rows']].get(name, 0):.1f} / {secs[large['rows']][name]:.1f}"
+                    for name in phases))
             if bound:
                 print(f"{'':9} {mode:6} object store peak at {factor}N {_mb(large['store_peak_bytes'])} MiB: "
                       f"{large['store_peak_bytes'] / bound:.0%} of the bound, Ray Data's budget of "
