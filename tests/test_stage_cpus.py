@@ -1,6 +1,6 @@
 """Stages on a cluster their pool nearly fills: every task a stage runs beside its pool (reads,
 keys, tokenizing, repartitioning, writes) takes a light share of a CPU, so a pool that leaves
-only that share free still finishes, however far its output outruns the object store. A task
+only that share free still finishes, even once its output outgrows its object-store budget. A task
 with Ray Data's default of a whole CPU would wait for the pool's CPUs, and the pool for it,
 forever (:data:`kdray.pools.base.LIGHT_NUM_CPUS`)."""
 
@@ -36,7 +36,9 @@ def tiny_store_budget(ray_cpus):
 def test_stages_whose_pool_leaves_a_light_share_of_the_cpus_free_finish(tiny_store_budget, toy_world, tmp_path):
     """On 2 CPUs, HF pools of one replica reserving 1.75 of them: the teacher's responses, its
     top-k records and POCL's difficulty are each written whole, and a POCL stage's training
-    rows stream while something else holds those 1.75 CPUs."""
+    rows stream while something else holds those 1.75 CPUs. The responses and the difficulty
+    run under the tiny budget; the scorer under its own (:func:`kdray.pools.run.store_budget`),
+    where the repartition feeding it is what would wait, from its first input."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 

@@ -14,7 +14,8 @@ Printed per variant: the driver's peak RSS (``VmHWM`` after ``clear_refs``, with
 ``MALLOC_MMAP_THRESHOLD_=131072`` so freed buffers go back to the OS), the object store's peak
 use (polled) and the bytes it spilled, bytes per response token on disk, and rows/s through the
 workers' ingest; per mode, the driver's slope in bytes per row between N and 8N (when it grew
-by more than the runs' noise) and the object store's peak at 8N over its peak at N.
+by more than the runs' noise), the object store's peak at 8N over its peak at N, and each
+phase's own object-store peak and seconds (responses, records, training ingest).
 
 ``--compare-with DIR`` runs the same variants on another kdray checkout (e.g. ``git worktree add
 /tmp/kdray-old <commit>``) with that checkout's data flow (records gathered in the driver, one

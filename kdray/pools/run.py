@@ -110,7 +110,11 @@ def light_repartition(ds: Any, rows_per_block: int) -> Any:
     arguments, so they are set on the operator it adds to the plan (kdray pins Ray;
     ``tests/test_stage_cpus.py`` runs such a scorer). Lazy."""
     out = ds.repartition(target_num_rows_per_block=rows_per_block)
-    out._logical_plan.dag.ray_remote_args["num_cpus"] = LIGHT_NUM_CPUS
+    op = out._logical_plan.dag
+    if type(op).__name__ != "StreamingRepartition":  # another Ray: fail here, not hang later
+        raise RuntimeError(f"Ray {__import__('ray').__version__} planned {type(op).__name__} for a streaming "
+                           "repartition; kdray needs the Ray version it pins (pip install -e . again)")
+    op.ray_remote_args["num_cpus"] = LIGHT_NUM_CPUS
     return out
 
 

@@ -168,8 +168,7 @@ def _as_gold(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def answers_dataset(ctx: StageContext, heldout: Artifact, model: ModelSpec, progress: Any = None) -> Any:
     """``model``'s greedy answers to the committed held-out rows, scored per row in Ray Data
     tasks (:func:`score_answers`), as a lazy dataset of :data:`ANSWER_COLUMNS`."""
-    # renamed in a light task: Ray Data's own rename is an operator of its own, reserving a whole
-    # CPU, which pools answering together on a small cluster wait for
+    # renamed in a light task, as every task beside a pool (kdray.pools.base.LIGHT_NUM_CPUS)
     rows = heldout.read(["_row", "id", "prompt", "response"]).map_batches(
         _as_gold, batch_format="numpy", num_cpus=LIGHT_NUM_CPUS)
     answered = generate_dataset(rows, model, ctx.spec.generation, SamplingConfig.greedy(ctx.spec.evaluation.max_new_tokens),
