@@ -292,6 +292,18 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
     assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
 
 
+def ray_job_status(service, ray_id: str) -> str:
+    """What the service's local Ray says of job ``ray_id`` (``None``: it has no such job), asked
+    from another process: its dashboard wants Ray's token (the local Ray runs with token auth),
+    and this process's Ray auth mode must stay unset for the other tests' clusters."""
+    code = ("import sys; from kdray.service.ray_jobs import RayJobs; "
+            "print(RayJobs(sys.argv[1]).status(sys.argv[2]))")
+    res = subprocess.run([sys.executable, "-c", code, f"http://127.0.0.1:{service.dashboard.port}", ray_id],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_AUTH_MODE="token"))
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 def driver_running(job_id: str) -> bool:
     return any(f"--job-id {job_id}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
@@ -342,11 +354,37 @@ def test_cancel_stops_the_ray_job(service, tmp_path):
     while driver_running(job_id):  # Ray Jobs stopped the `kdray run` process
         assert time.monotonic() < deadline, "the job's driver still runs"
         time.sleep(1)
+    _delete_through_the_cli(service, job_id, tmp_path)
+
+
+def _delete_through_the_cli(service, job_id: str, cwd: Path) -> None:
+    """`kdray delete` of an ended job: Ray's job table, its record and events, and the spec the
+    service saved go; its output directory stays."""
+    with service.http() as client:
+        out = Path(client.get(f"/v1/jobs/{job_id}").json()["output_dir"])
+        assert client.get(f"/v1/jobs/{job_id}/events").json()["events"]
+    assert ray_job_status(service, f"kdray-{job_id}") in ("STOPPED", "RUNNING")
+    deadline = time.monotonic() + 60
+    while True:  # Ray may say RUNNING for a moment after the driver stopped: the service refuses (409) until it ends
+        res = kdray("delete", job_id, "--server", service.url, cwd=cwd)
+        if res.returncode == 0 or "Ray still runs it" not in res.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert res.returncode == 0 and f"{job_id}: deleted (its output directory stays: {out})" in res.stdout, res.stderr
+    with service.http() as client:
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert client.get(f"/v1/jobs/{job_id}/events").status_code == 404
+    assert ray_job_status(service, f"kdray-{job_id}") == "None"  # gone from Ray's job table too
+    assert not (service.state_dir / "jobs" / job_id).exists() and (out / "events.jsonl").is_file()
+    again = kdray("delete", job_id, "--server", service.url, cwd=cwd)
+    assert again.returncode == 2 and f"no job '{job_id}'" in again.stderr, again.stderr
 
 
 def _follow_with_200_pages_then_cancel(service, client: httpx.Client, job_id: str) -> None:
     wait_for(client, job_id, lambda j: j["phase"] == "train" and (j["step"] or 0) >= 1)
     assert driver_running(job_id)
+    res = client.delete(f"/v1/jobs/{job_id}")  # a running job stays
+    assert res.status_code == 409 and "cancel it first" in res.json()["error"], res.text
 
     # 200 pages following the training job through Ray Serve: health still answers (well within
     # a 10 s timeout: a stream holding the event loop would hold it for the job's whole run; how
@@ -388,6 +426,7 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
             assert after[job_id]["state"] == job["state"] and after[job_id]["created"] == job["created"]
         lost = wait_for(client, running, lambda j: j["state"] == "failed", timeout=60)
         assert "no longer knows this job" in lost["error"]
+        assert client.delete(f"/v1/jobs/{running}").json()["deleted"]  # Ray's new cluster never had it
         # The queue outlived the service: its job starts once the lost one's slot is free.
         wait_for(client, waiting["id"], lambda j: j["state"] == "running", timeout=180)
         assert client.post(f"/v1/jobs/{waiting['id']}/cancel").status_code == 202
@@ -399,11 +438,11 @@ def test_the_token_is_in_no_log_and_no_answer(service):
     included) and in no log: the service's own, and every log of its Ray sessions (Serve's
     controller, proxy and replica, the jobs' drivers and workers)."""
     with service.http() as client, service.http(token="wrong-" + TOKEN[:4]) as wrong:
-        answers = [wrong.post("/v1/jobs/x/cancel"), wrong.post("/v1/jobs", json=job_spec("t", 1)),
+        answers = [wrong.post("/v1/jobs/x/cancel"), wrong.post("/v1/jobs", json=job_spec("t", 1)), wrong.delete("/v1/jobs/x"),
                    client.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"}),
                    client.get("/v1/jobs/nope"), client.get("/v1/jobs", params={"state": "x"}),
                    client.get("/v1/jobs"), client.get("/healthz"), client.get("/")]
-    assert [a.status_code for a in answers] == [401, 401, 422, 404, 422, 200, 200, 200]
+    assert [a.status_code for a in answers] == [401, 401, 401, 422, 404, 422, 200, 200, 200]
     assert not [a.request.url for a in answers if TOKEN in a.text]
     logs = [p for p in service.state_dir.parent.glob("serve-*.log")]
     logs += [p for p in service.ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]

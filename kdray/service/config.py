@@ -25,7 +25,7 @@ DEFAULT_MAX_STREAMS = 256
 class ServiceConfig:
     state_dir: str                 # the store (kdray.db) and each job's submitted spec
     output_root: str               # every job's output_dir must resolve inside it
-    token: str | None = field(repr=False)  # bearer token for submit and cancel (None: none accepted); never in a repr
+    token: str | None = field(repr=False)  # bearer token for submit, cancel and delete (None: none accepted); never in a repr
     dashboard_url: str             # Ray's dashboard, where the Job Submission API lives
     auth_reads: bool = False       # reads need the token too
     max_running_jobs: int | None = DEFAULT_MAX_RUNNING_JOBS  # jobs handed to Ray at once; the rest queue (None: no limit)
@@ -34,12 +34,16 @@ class ServiceConfig:
     ray_timeout_s: float = DEFAULT_RAY_TIMEOUT_S  # a call of Ray's job API that gets no answer within it fails (503)
     python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
     workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
+    keep_ended_days: float | None = None  # jobs ended longer ago are deleted (kdray.service.retention); None: kept
 
     def __post_init__(self) -> None:
         if self.max_running_jobs is not None and self.max_running_jobs < 1:
             raise ConfigError(f"max_running_jobs must be 1 or more (or unset for no limit); got {self.max_running_jobs}")
         if self.max_streams < 1:
             raise ConfigError(f"max_streams must be 1 or more; got {self.max_streams}")
+        if self.keep_ended_days is not None and not 0 < self.keep_ended_days < float("inf"):
+            raise ConfigError("keep_ended_days (kdray serve --keep-ended-days) must be a number of days above 0, or "
+                              f"unset to keep every job; got {self.keep_ended_days:g}")
         if not 0 < self.ray_timeout_s < float("inf"):
             raise ConfigError(f"ray_timeout_s must be a number of seconds above 0; got {self.ray_timeout_s}")
 

@@ -117,6 +117,12 @@ class RayJobs:
         """Ask Ray to stop the job: whether it was running, or None when Ray no longer has it."""
         return self._call("Ray could not stop the job", lambda c: c.stop_job(ray_id))
 
+    def delete(self, ray_id: str) -> bool | None:
+        """Remove an ended job's info from Ray's job table (Ray keeps its log files on the head's
+        disk: Ray's ``delete_job``): True, or None when Ray no longer has it. Ray answers a job
+        not yet ended with a 500 (a :class:`ClusterError` here): ask :meth:`status` first."""
+        return self._call("Ray could not delete the job", lambda c: c.delete_job(ray_id))
+
     def status(self, ray_id: str) -> str | None:
         """``PENDING``, ``RUNNING``, ``STOPPED``, ``SUCCEEDED``, ``FAILED``, or None when Ray no
         longer knows the job."""

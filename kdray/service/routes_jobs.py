@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit a JobSpec, list jobs, a job's status, its driver log, cancel it.
+"""``/v1/jobs``: submit a JobSpec, list jobs, a job's status, its driver log, cancel it, delete it.
 
 A body that is not a JobSpec is a :class:`~kdray.errors.SpecError` (422, every field's
 problem); the other refusals are :class:`~kdray.service.common.RequestError` with their status.
@@ -23,6 +23,7 @@ from kdray.service.common import (RequestError, find_job, get_config, get_ray, g
 from kdray.service.config import ServiceConfig, confine_output_dir
 from kdray.service.queue import admit_queued, spec_path
 from kdray.service.ray_jobs import RayJobs, submission_id
+from kdray.service.retention import delete_job
 from kdray.service.store import STATES, TERMINAL, JobStore
 
 JSON_TYPES = ("application/json",)
@@ -234,3 +235,13 @@ def cancel(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Dep
     if ray.stop(rec.get("ray_job_id") or submission_id(job_id)) is None and rec.get("ray_job_id"):
         store.update(job_id, state="cancelled")  # Ray no longer has it: nothing runs
     return job_status_of(store, store.get(job_id))
+
+
+# -- delete ----------------------------------------------------------------------------------
+@router.delete("/{job_id}", summary="Remove an ended job from the service (its output directory stays)",
+               dependencies=[Depends(write_access)])
+def delete(job_id: str, config: ServiceConfig = Depends(get_config), store: JobStore = Depends(get_store),
+           ray: RayJobs = Depends(get_ray)) -> Any:
+    rec = find_job(store, job_id)
+    delete_job(config, store, ray, rec)  # 409 unless it ended; 503 while Ray is unavailable
+    return {"id": job_id, "deleted": True, "output_dir": rec["output_dir"]}

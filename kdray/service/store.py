@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from kdray.errors import OutputDirInUse
+from kdray.service.progress import TERMINAL, fold, progress
 
 STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
 #: States of a job that holds a slot of ``max_running_jobs``: handed to Ray and not ended.
 ADMITTED = ("pending", "running", "cancelling")
 
@@ -303,6 +303,30 @@ class JobStore:
             db.execute("COMMIT")
         return int(row["lost_checks"]), float(row["lost_since"])
 
+    def delete(self, job_id: str) -> bool:
+        """Remove an ended job's record and all its events, in one transaction. False, and
+        nothing removed, when there is no such record or it has not ended (its state changed
+        meanwhile: a failure the service concluded, taken back by the job's driver)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')",
+                             (job_id,))
+            if cur.rowcount:
+                db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("COMMIT")
+        return cur.rowcount > 0
+
+    def ended_before(self, t: float, limit: int = 100, after: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+        """Records of jobs that ended before ``t`` (seconds since the epoch), the earliest ended
+        first, at most ``limit``; with ``after`` (the last page's last ``(finished, id)``), the
+        page after it."""
+        f, i = after or (float("-inf"), "")
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished < ? "
+                              "AND (finished > ? OR (finished = ? AND id > ?)) ORDER BY finished, id LIMIT ?",
+                              (t, f, f, i, limit)).fetchall()
+        return [_record(r) for r in rows]
+
     # -- events --------------------------------------------------------------------------
     def append_event(self, job_id: str, event: dict[str, Any]) -> None:
         """Append one progress event (the job's driver writes them) and fold it into the record's
@@ -314,12 +338,17 @@ class JobStore:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
-            db.execute("INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, ?, ?, ?)",
-                       (job_id, seq, t, kind, json.dumps(data)))
-            fold = _fold(kind, data, t)
-            if fold:
-                sets = ", ".join(f"{col} = {expr}" for col, expr, _ in fold)
-                args = [value for _, expr, value in fold if "?" in expr]
+            # no event for a record deleted meanwhile: nothing would ever list or remove it
+            cur = db.execute("INSERT INTO events (job_id, seq, time, kind, data) SELECT ?, ?, ?, ?, ? "
+                             "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)",
+                             (job_id, seq, t, kind, json.dumps(data), job_id))
+            if not cur.rowcount:
+                db.execute("COMMIT")
+                return
+            changes = fold(kind, data, t)
+            if changes:
+                sets = ", ".join(f"{col} = {expr}" for col, expr, _ in changes)
+                args = [value for _, expr, value in changes if "?" in expr]
                 db.execute(f"UPDATE jobs SET {sets}, updated = ? WHERE id = ?", [*args, t, job_id])
             db.execute("UPDATE jobs SET state = 'running', failed_by = NULL, error = NULL, finished = NULL, "
                        "lost_checks = 0, lost_since = NULL WHERE id = ? AND state = 'failed' AND failed_by = 'service'",
@@ -344,45 +373,9 @@ class JobStore:
         return [{"seq": r["seq"], "time": r["time"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
 
 
-def _fold(kind: str, data: dict[str, Any], t: float) -> list[tuple[str, str, Any]]:
-    """(column, SQL expression, bound value) for each progress column an event changes; the
-    value is bound where the expression has a ``?``."""
-    if kind == "phase_start":
-        return [("phase", "?", data.get("phase")), ("phase_detail", "?", data.get("detail")),
-                ("phase_done", "0", None), ("phase_total", "?", data.get("total")), ("phase_started", "?", t)]
-    if kind == "advance":
-        return [("phase_done", "phase_done + ?", int(data.get("n") or 0))]
-    if kind == "phase_end":
-        return [("phase_detail", "?", data.get("detail")), ("phase_done", "COALESCE(phase_total, phase_done)", None)]
-    if kind == "train_step" and "step" in data:
-        return [("step", "?", data.get("step")), ("total_steps", "?", data.get("total_steps")),
-                ("round", "?", data.get("round")), ("metrics", "?", json.dumps(data)),
-                ("first_step", "COALESCE(first_step, ?)", data.get("step")),
-                ("first_step_time", "COALESCE(first_step_time, ?)", t)]
-    return []
-
-
 def _record(row: sqlite3.Row) -> dict[str, Any]:
     rec = dict(row)
     rec["spec"] = json.loads(rec["spec"])
     rec["metrics"] = json.loads(rec["metrics"]) if rec["metrics"] else None
     rec.update(progress(rec))
     return rec
-
-
-def progress(rec: dict[str, Any]) -> dict[str, Any]:
-    """Percent of the current phase and, while training, an ETA from the step rate."""
-    percent = None
-    eta = None
-    if rec.get("phase") == "train" and rec.get("total_steps"):
-        percent = 100.0 * (rec.get("step") or 0) / rec["total_steps"]
-        done = (rec.get("step") or 0) - (rec.get("first_step") or 0)
-        if done > 0 and rec.get("first_step_time") and rec["state"] not in TERMINAL:
-            rate = done / max(rec["updated"] - rec["first_step_time"], 1e-9)
-            eta = (rec["total_steps"] - rec["step"]) / rate
-    elif rec.get("phase_total"):
-        percent = 100.0 * rec["phase_done"] / rec["phase_total"]
-    if rec["state"] == "succeeded":
-        percent = 100.0
-    return {"percent": None if percent is None else round(min(percent, 100.0), 1),
-            "eta_s": None if eta is None else round(eta, 1)}
