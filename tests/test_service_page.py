@@ -80,3 +80,44 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         assert driver.find_element(By.ID, "status").text == ""
     finally:
         driver.quit()
+
+
+def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
+    """60,000 training steps, replayed by the job's event stream 500 at a time: the page draws
+    the curve once per burst, a pixel column per group of steps, so it holds every step within
+    seconds (a redraw per step took 28 s for 20,000 steps here, and grows with their square)."""
+    import sqlite3
+
+    from selenium.webdriver.common.by import By
+
+    app, url = server
+    store = app.state.store
+    n = 60_000
+    job, _ = store.create(name="long", spec={}, output_dir=str(tmp_path / "runs" / "long"))
+    store.update(job["id"], state="running", driver=True)
+    db = sqlite3.connect(store.path)  # the rows append_event writes, in one transaction rather than 60,000
+    db.executemany("INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, ?, 'train_step', ?)",
+                   ((job["id"], k, 1e9 + k, json.dumps({"step": k, "total_steps": n, "loss": 2.0 / (1 + k / 1000)}))
+                    for k in range(1, n + 1)))
+    db.commit()
+    db.close()
+    store.update(job["id"], state="succeeded")
+
+    driver = chromium(tmp_path / "profile")
+    try:
+        driver.get(url + "/")
+        driver.execute_script("sessionStorage.setItem('kdray-token', 'page-token')")
+        driver.refresh()
+        click(driver, f'tr[data-job="{job["id"]}"]')
+        waiting(driver, 60).until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-drawn") == str(n))
+        # The curve spans the plot: a blue pixel in (nearly) every one of its 648 columns.
+        columns = driver.execute_script("""
+            const c = document.getElementById('loss'), px = c.getContext('2d').getImageData(36, 0, 648, c.height).data;
+            let n = 0;
+            for (let x = 0; x < 648; x++) {
+              for (let y = 0; y < c.height; y++) { const i = 4 * (y * 648 + x); if (px[i + 2] > 200 && px[i] < 120) { n++; break; } }
+            }
+            return n;""")
+        assert columns >= 640, columns
+    finally:
+        driver.quit()
