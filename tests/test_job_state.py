@@ -174,3 +174,27 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
     fresh = Job(spec_of(tmp_path), reporter=Reporter(tmp_path / "fresh.jsonl"))
     fresh._record_metrics({**again, "final": True})
     assert fresh.metrics_history == [{**trained[-1], "final": True}]
+
+
+def test_steps_redone_after_a_restore_replace_the_lost_ones_from_that_step_on(tmp_path):
+    """The history stays in step order: steps in order are appended, a step at or before the
+    last one (a restore from an earlier checkpoint) drops that step and every later one, in the
+    running job and in a resumed one's event history alike."""
+    import json
+    from types import SimpleNamespace
+
+    from kdray.pipeline.job import Job
+    from kdray.pipeline.progress import Reporter
+
+    events = tmp_path / "events.jsonl"
+    job = Job(spec_of(tmp_path), reporter=Reporter(events))
+    for s in range(1, 11):
+        job._record_metrics({"step": s, "loss": float(s)})
+    job._record_metrics({"step": 4, "loss": 0.4})  # restored from checkpoint 3
+    job._record_metrics({"step": 5, "loss": 0.5})
+    assert [(m["step"], m["loss"]) for m in job.metrics_history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.4), (5, 0.5)]
+
+    resumed = Job(spec_of(tmp_path), reporter=Reporter(None))
+    resumed._resume_history(SimpleNamespace(resumed=True))  # the same steps, read back from events.jsonl
+    assert resumed.metrics_history == job.metrics_history
+    assert len(events.read_text().splitlines()) == 12 and json.loads(events.read_text().splitlines()[-1])["step"] == 5
