@@ -6,15 +6,13 @@ that a real `kdray serve` runs to the end is in test_service.py."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-import uvicorn
 
-from kdray.bench.service import free_port
 from kdray.service.app import ServiceConfig, build_app
 from tests.browser import ARTIFACTS, chromium, click, waiting
+from tests.http_app import serving
 
 
 @pytest.fixture
@@ -22,17 +20,8 @@ def server(tmp_path):
     config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="page-token",
                            dashboard_url="http://127.0.0.1:1", auth_reads=True)
     app = build_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield app, url
 
 
 def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_path):
@@ -44,8 +33,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     out.mkdir(parents=True)
     done, _ = store.create(name="finished", spec={}, output_dir=str(out))
     store.update(done["id"], state="running", driver=True)
-    for step, loss in enumerate((2.5, 1.9, 1.4, 1.2), start=1):
-        store.append_event(done["id"], {"kind": "train_step", "step": step, "total_steps": 4, "loss": loss})
+    for step, loss in enumerate((2.5, 1.9, 1.4, 1.2, 1.3), start=1):
+        store.append_event(done["id"], {"kind": "train_step", "step": step, "total_steps": 5, "loss": loss})
+    # restored from checkpoint 2: steps 3 on are trained again, and replace the lost ones
+    store.append_event(done["id"], {"kind": "train_step", "step": 3, "total_steps": 5, "loss": 1.5})
     (out / "report.json").write_text(json.dumps({"status": "succeeded", "started": time.time(), "evaluation": {
         "teacher": {"rougeL": 0.971, "exact_match": 0.968, "mean_length": 3.1},
         "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4}}}))
@@ -65,7 +56,7 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
                   for tr in driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
         assert states == {done["id"]: "succeeded", queued["id"]: "queued"}
         click(driver, f'tr[data-job="{done["id"]}"]')
-        wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "4")
+        wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "3")
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
         assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 0.335 3.40"]

@@ -14,6 +14,7 @@ from kdray.service.app import ServiceConfig, app_builder, build_app
 from kdray.service.queue import spec_path
 from kdray.service.retention import EXPIRE_BATCH, expire_ended
 from kdray.service.store import JobStore
+from tests.http_app import serving
 from tests.test_service_units import _FakeRay
 
 DAY = 86400.0
@@ -72,6 +73,11 @@ def test_delete_route_removes_an_ended_job_from_ray_and_the_service(tmp_path):
         assert res.status_code == 409 and f"cancel it first (kdray cancel {running})" in res.json()["error"]
         res = client.delete(f"/v1/jobs/{concluded}", headers=auth)
         assert res.status_code == 409 and "Ray still runs it (Ray job r3 is RUNNING)" in res.json()["error"]
+        assert spec_path(config, concluded).exists()  # refused: nothing removed
+        stopping = _job(config, store, "stopping", "running", ray_id="r4", events=0)
+        store.update(stopping, state="cancelling")
+        res = client.delete(f"/v1/jobs/{stopping}", headers=auth)
+        assert res.status_code == 409 and "is being cancelled: delete it once it has stopped" in res.json()["error"]
         res = client.delete(f"/v1/jobs/{done}", headers=auth)
         assert res.status_code == 200 and res.json() == {"id": done, "deleted": True, "output_dir": "/o/done"}
         assert ray.deleted == ["r1"] and not spec_path(config, done).parent.exists()
@@ -84,7 +90,7 @@ def test_delete_route_removes_an_ended_job_from_ray_and_the_service(tmp_path):
         store.update(running, state="succeeded")
         assert client.delete(f"/v1/jobs/{running}", headers=auth).status_code == 503
         assert store.get(running)["state"] == "succeeded" and spec_path(config, running).exists()
-    assert sorted(r["id"] for r in store.list()[0]) == sorted([running, concluded])
+    assert sorted(r["id"] for r in store.list()[0]) == sorted([running, concluded, stopping])
 
 
 def test_jobs_ended_longer_ago_than_keep_ended_days_expire(tmp_path):
@@ -118,3 +124,80 @@ def test_keep_ended_days_is_checked(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"keep_ended_days \(kdray serve --keep-ended-days\) must be a number of "
                                           "days above 0"):
         _config(tmp_path, keep_ended_days=0)
+
+
+def test_a_stream_replaying_a_job_that_is_deleted_meanwhile_ends(tmp_path):
+    """A page replaying a long ended job's history from the store while the job is deleted:
+    its stream ends with ``deleted`` once the events are gone, rather than asking the store
+    again and again for events its last poll said were there."""
+    import asyncio
+
+    from kdray.service.routes_events import EventHub
+
+    config = _config(tmp_path)
+    store = JobStore(config.db_path)
+    job = _job(config, store, "long", "succeeded", events=1200)
+    hub = EventHub(store, cap=2, poll_s=0.05)
+
+    async def follow():
+        stream = hub.stream(job, 0, hub.take())
+        first = await stream.__anext__()  # the first 500, from the store
+        await asyncio.sleep(0.3)  # polled: the hub's head says 1,200 events, the job ended
+        assert store.delete(job)
+        rest = [chunk async for chunk in stream]
+        return first, rest
+
+    first, rest = asyncio.run(asyncio.wait_for(follow(), 10))
+    assert first.count("id: ") == 500 and rest == ['event: end\ndata: {"state": "deleted"}\n\n']
+    assert hub.open == 0 and hub.jobs == {}
+
+
+def test_two_deletes_at_once_and_a_reconcile_round_meeting_a_deleted_record(tmp_path):
+    """The loser of two deletes at once (an expiry round and a user) is told it is done; a
+    reconcile round whose snapshot held a job deleted meanwhile skips it."""
+    from kdray.service.app import reconcile
+    from kdray.service.retention import delete_job
+
+    config = _config(tmp_path)
+    store = JobStore(config.db_path)
+    ray = _FakeRay({"r1": "SUCCEEDED"})
+    done = _job(config, store, "done", "succeeded", ray_id="r1")
+    rec = store.get(done)
+    delete_job(config, store, ray, rec)
+    delete_job(config, store, ray, rec)  # the same record, read before the first delete: no error
+    assert store.get(done) is None and ray.deleted == ["r1"]
+
+    class EndsAndIsDeletedWhileAsked(_FakeRay):
+        """Ray's answer comes after the job's driver ended its record and a user deleted it."""
+
+        def status(self, ray_id):
+            job_id = ray_id.removeprefix("ray-")
+            store.update(job_id, state="succeeded", driver=True)
+            assert store.delete(job_id)
+            return self.statuses.get(ray_id)
+
+    gone = [_job(config, store, name, "running", ray_id=f"ray-{name}") for name in ("unknown", "failed")]
+    for job_id in gone:
+        store.update(job_id, ray_job_id=f"ray-{job_id}")
+    reconcile(store, EndsAndIsDeletedWhileAsked({f"ray-{gone[1]}": "FAILED"}), now=time.time() + 3600)
+    assert [store.get(i) for i in gone] == [None, None]
+
+
+def test_kdray_delete_goes_on_past_a_refusal_and_exits_2(tmp_path, capsys):
+    """`kdray delete A B C`: each id is tried; the refused ones are named, and the exit is 2."""
+    from kdray.cli import main
+
+    config = _config(tmp_path)
+    store = JobStore(config.db_path)
+    app = build_app(config)
+    app.state.ray_jobs = _FakeRay({"r1": "STOPPED", "r2": "RUNNING"})
+    done = _job(config, store, "done", "cancelled", ray_id="r1")
+    running = _job(config, store, "running", "running", ray_id="r2")
+    other = _job(config, store, "other", "failed")
+    with serving(app) as url:
+        code = main(["delete", done, running, "nope", other, "--server", url, "--token", "t"])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"{done}: deleted" in out and f"{other}: deleted" in out, (out, err)
+    assert f"{running}: not deleted: job {running} has not ended (running)" in err
+    assert "nope: not deleted: no job 'nope'" in err and f"2 of 4 jobs not deleted: {running} nope" in err
+    assert [r["id"] for r in store.list()[0]] == [running]

@@ -143,7 +143,10 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
         if status is None:
             if not rec.get("ray_job_id") and now - (rec.get("admitted") or rec["created"]) < SUBMIT_GRACE_S:
                 continue  # its submit may still be on its way
-            checks, since = store.mark_missing(rec["id"], now)
+            marked = store.mark_missing(rec["id"], now)
+            if marked is None:  # deleted since the round began
+                continue
+            checks, since = marked
             if checks < LOST_AFTER_CHECKS or now - since < LOST_AFTER_S:
                 continue
             if rec["state"] == "cancelling":  # cancelled, and nothing of it runs
@@ -161,8 +164,7 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
             store.update(rec["id"], state="succeeded")
         elif status == "STOPPED":
             store.update(rec["id"], state="cancelled")
-        elif status == "FAILED":
-            current = store.get(rec["id"])
+        elif status == "FAILED" and (current := store.get(rec["id"])) is not None:  # None: deleted meanwhile
             # Ray's own word that the driver's process failed: final, as the driver's would be
             store.update(rec["id"], state="cancelled" if current["state"] == "cancelling" else "failed",
                          error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")

@@ -44,11 +44,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir).expanduser().resolve()
     output_root = Path(args.output_root or state_dir / "runs").expanduser().resolve()
-    for option, path in (("--state-dir", state_dir), ("--output-root", output_root)):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
     token = read_token(args.token_file)
     if token is None:
         raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit, cancel and "
@@ -56,11 +51,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dashboard_port is not None and not local:
         raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; joining a "
                           "cluster (--address or RAY_ADDRESS), give the cluster's dashboard as --dashboard-url")
-    # checked before Ray starts; the dashboard's address is known once it has
+    # checked before anything is made; the dashboard's address is known once Ray has started
     config = ServiceConfig(state_dir=str(state_dir), output_root=str(output_root), token=token, dashboard_url="",
                            auth_reads=args.auth_reads, max_body_bytes=args.max_body_kb * 1024,
                            max_running_jobs=args.max_running_jobs or None, max_streams=args.max_streams,
                            ray_timeout_s=args.ray_timeout, keep_ended_days=args.keep_ended_days)
+    for option, path in (("--state-dir", state_dir), ("--output-root", output_root)):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
                        dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
@@ -183,10 +183,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete each job given, going on past one the service refuses (it says why); exit 2 when
+    any was refused. An unreachable service ends it at once."""
     client = Client(args.server, args.token)
+    refused = []
     for job_id in args.ids:
-        done = client.call("DELETE", f"/v1/jobs/{job_id}")
+        try:
+            done = client.call("DELETE", f"/v1/jobs/{job_id}")
+        except ClusterError:
+            raise
+        except KdrayError as exc:
+            print(f"{job_id}: not deleted: {exc}", file=sys.stderr)
+            refused.append(job_id)
+            continue
         print(f"{job_id}: deleted (its output directory stays: {done['output_dir']})")
+    if refused:
+        raise KdrayError(f"{len(refused)} of {len(args.ids)} jobs not deleted: {' '.join(refused)}")
     return 0
 
 

@@ -29,7 +29,6 @@ def fold(kind: str, data: dict[str, Any], t: float) -> list[tuple[str, str, Any]
     return []
 
 
-
 def progress(rec: dict[str, Any]) -> dict[str, Any]:
     """Percent of the current phase and, while training, an ETA from the step rate."""
     percent = None

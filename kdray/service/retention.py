@@ -9,8 +9,9 @@ be done again:
 
 1. Ray's record of the job (its info in Ray's job table: Ray's ``delete_job``), unless Ray no
    longer has it; a job Ray still runs is refused (409), whatever its record says;
-2. its record and all its events, in one transaction of the store;
-3. the spec the service saved for its entrypoint (``STATE_DIR/jobs/ID``).
+2. the spec the service saved for its entrypoint (``STATE_DIR/jobs/ID``);
+3. its record and all its events, in one transaction of the store (120,000 events took 0.36 s
+   here; the jobs' drivers wait for it to append theirs, up to 30 s).
 
 The job's output directory (its model, report, checkpoints, ``events.jsonl``) is the user's
 and is never touched. SQLite reuses the deleted rows' pages for new ones, so the store's file
@@ -48,6 +49,8 @@ def delete_job(config: ServiceConfig, store: JobStore, ray: RayJobs, rec: dict[s
         ClusterError: Ray's job API is unavailable: nothing was removed; retry later.
     """
     job_id, state = rec["id"], rec["state"]
+    if state == "cancelling":
+        raise RequestError(409, f"job {job_id} is being cancelled: delete it once it has stopped", state=state)
     if state not in TERMINAL:
         raise RequestError(409, f"job {job_id} has not ended ({state}): cancel it first (kdray cancel {job_id}), "
                                 "then delete it", state=state)
@@ -58,15 +61,15 @@ def delete_job(config: ServiceConfig, store: JobStore, ray: RayJobs, rec: dict[s
         status = ray.status(ray_id)
         if status in ("PENDING", "RUNNING"):
             raise RequestError(409, f"job {job_id} is {state} here, but Ray still runs it (Ray job {ray_id} is "
-                                    f"{status}): cancel it (kdray cancel {job_id}), wait for it to stop, then delete "
-                                    "it", state=state)
+                                    f"{status}): its driver is exiting, or alive after all and about to take its "
+                                    "record back; delete it once Ray says it ended", state=state)
         if status is not None:
             ray.delete(ray_id)
-    if not store.delete(job_id):
-        now = store.get(job_id)
-        raise RequestError(409, f"job {job_id} changed while being deleted (now {now['state'] if now else 'gone'}); "
-                                "retry", state=now["state"] if now else None)
+    # The spec before the record: a delete cut short anywhere is done by repeating it.
     shutil.rmtree(spec_path(config, job_id).parent, ignore_errors=True)
+    if not store.delete(job_id) and (now := store.get(job_id)) is not None:  # None: another delete won
+        raise RequestError(409, f"job {job_id} is {now['state']} again (its driver took its record back) while "
+                                "being deleted", state=now["state"])
 
 
 def expire_ended(config: ServiceConfig, store: JobStore, ray: RayJobs, now: float | None = None) -> int:

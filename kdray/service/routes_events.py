@@ -30,6 +30,10 @@ log = logging.getLogger("kdray.service")
 POLL_S = 0.5
 #: Events of a followed job the hub keeps for its streams (the newest ones).
 BUFFER = 1000
+#: The state an ``end`` event gives for a job deleted while its stream was open
+#: (:mod:`kdray.service.retention`); a stream ends on it as on a job's final states.
+DELETED = "deleted"
+ENDED = (*TERMINAL, DELETED)
 
 
 def _frames(events: list[dict[str, Any]]) -> str:
@@ -97,9 +101,10 @@ class EventHub:
     async def stream(self, job_id: str, after: int, give_back: Callable[[], None]) -> AsyncIterator[str]:
         """Server-sent events of ``job_id``: every event after ``after`` as it is stored (a
         chunk of frames per read), then one ``end`` event with the final state once the job
-        ended. ``give_back`` (from :meth:`take`) runs when the stream ends, its client leaving
-        included (Starlette then cancels the generator at its wait); the response (:class:`_Stream`)
-        also runs it, for a client that left before the generator started."""
+        ended (:data:`DELETED` for a job deleted meanwhile). ``give_back`` (from :meth:`take`)
+        runs when the stream ends, its client leaving included (Starlette then cancels the
+        generator at its wait); the response (:class:`_Stream`) also runs it, for a client that
+        left before the generator started."""
         job = self.jobs.setdefault(job_id, _Followed())
         job.streams += 1
         if self._changed is None:
@@ -109,7 +114,8 @@ class EventHub:
         try:
             seen = after
             while True:
-                if job.since is not None and seen >= job.since:  # all it lacks is in the hub
+                from_hub = job.since is not None and seen >= job.since  # all it lacks is in the hub
+                if from_hub:
                     batch, complete = [e for e in job.recent if e["seq"] > seen], True
                 else:  # history older than the hub keeps: the store's, in one chunk per read
                     batch = await self.read("events", job_id, after=seen, limit=500)
@@ -120,16 +126,18 @@ class EventHub:
                 if not complete:
                     continue
                 head = job.head
-                if head is None:  # not polled yet: the store's word
-                    head = (await self.read("heads", (job_id,))).get(job_id, (seen, "cancelled"))
-                if head[0] <= seen and head[1] in TERMINAL:
+                # Not polled yet, or the store has none of the events the last poll promised
+                # (the job was deleted since): the store's word.
+                if head is None or (not from_hub and not batch and head[0] > seen):
+                    head = (await self.read("heads", (job_id,))).get(job_id, (seen, DELETED))
+                if head[0] <= seen and head[1] in ENDED:
                     yield f"event: end\ndata: {json.dumps({'state': head[1]})}\n\n"
                     return
                 if job.head is not None and job.head[0] > seen:
                     continue
                 async with self._changed:
                     await self._changed.wait_for(lambda: job.head is not None and (job.head[0] > seen
-                                                                                   or job.head[1] in TERMINAL))
+                                                                                   or job.head[1] in ENDED))
         finally:
             give_back()
             job.streams -= 1
@@ -154,6 +162,9 @@ class EventHub:
     async def _tick(self) -> None:
         """One poll (:meth:`_poll`): the followed jobs' heads, and their new events."""
         heads = await run_in_threadpool(self.store.heads, list(self.jobs))
+        for job_id, job in self.jobs.items():
+            if job_id not in heads:  # deleted: its streams end once they have what the hub holds
+                job.head = (job.recent[-1]["seq"] if job.recent else job.since or 0, DELETED)
         for job_id, (seq, state) in heads.items():
             job = self.jobs.get(job_id)
             if job is None:

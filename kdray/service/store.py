@@ -38,6 +38,7 @@ from kdray.service.progress import TERMINAL, fold, progress
 STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled")
 #: States of a job that holds a slot of ``max_running_jobs``: handed to Ray and not ended.
 ADMITTED = ("pending", "running", "cancelling")
+_ENDED_SQL = ", ".join(f"'{state}'" for state in TERMINAL)  # for ``state IN (...)``
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -163,8 +164,8 @@ class JobStore:
                 if row is not None:
                     db.execute("COMMIT")
                     return self.get(row["id"]), False
-            active = db.execute("SELECT id, state, output_dir FROM jobs WHERE state NOT IN "
-                                "('succeeded', 'failed', 'cancelled') ORDER BY created").fetchall()
+            active = db.execute(f"SELECT id, state, output_dir FROM jobs WHERE state NOT IN ({_ENDED_SQL}) "
+                                "ORDER BY created").fetchall()
             for other in active:
                 if _overlap(output_dir, other["output_dir"]):
                     db.execute("ROLLBACK")
@@ -272,7 +273,7 @@ class JobStore:
             fields.setdefault("finished", None)
         guard = ""
         if "state" in fields:
-            guard = " AND (state NOT IN ('succeeded', 'failed', 'cancelled')"
+            guard = f" AND (state NOT IN ({_ENDED_SQL})"
             guard += " OR (state = 'failed' AND failed_by = 'service'))" if driver else ")"
             if fields["state"] == "running":
                 guard += " AND state != 'cancelling'"
@@ -293,15 +294,16 @@ class JobStore:
                               "ORDER BY created, id LIMIT ?", (limit,)).fetchall()
         return [_record(r) for r in rows]
 
-    def mark_missing(self, job_id: str, now: float) -> tuple[int, float]:
-        """One more reconcile round in which Ray did not know the job: (rounds in a row, since when)."""
+    def mark_missing(self, job_id: str, now: float) -> tuple[int, float] | None:
+        """One more reconcile round in which Ray did not know the job: (rounds in a row, since
+        when), or None when the record is gone (deleted since the round began)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("UPDATE jobs SET lost_checks = lost_checks + 1, lost_since = COALESCE(lost_since, ?) "
                        "WHERE id = ?", (now, job_id))
             row = db.execute("SELECT lost_checks, lost_since FROM jobs WHERE id = ?", (job_id,)).fetchone()
             db.execute("COMMIT")
-        return int(row["lost_checks"]), float(row["lost_since"])
+        return None if row is None else (int(row["lost_checks"]), float(row["lost_since"]))
 
     def delete(self, job_id: str) -> bool:
         """Remove an ended job's record and all its events, in one transaction. False, and
@@ -309,8 +311,7 @@ class JobStore:
         meanwhile: a failure the service concluded, taken back by the job's driver)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            cur = db.execute("DELETE FROM jobs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled')",
-                             (job_id,))
+            cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({_ENDED_SQL})", (job_id,))
             if cur.rowcount:
                 db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
             db.execute("COMMIT")
@@ -322,7 +323,7 @@ class JobStore:
         page after it."""
         f, i = after or (float("-inf"), "")
         with self._db() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished < ? "
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({_ENDED_SQL}) AND finished < ? "
                               "AND (finished > ? OR (finished = ? AND id > ?)) ORDER BY finished, id LIMIT ?",
                               (t, f, f, i, limit)).fetchall()
         return [_record(r) for r in rows]
