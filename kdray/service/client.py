@@ -22,6 +22,8 @@ from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, DEFAULT_RAY_TIMEOUT_S
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+#: Events ``kdray watch`` reads per request (the API's most is 10,000).
+WATCH_PAGE = 1000
 
 
 # -- the service --------------------------------------------------------------------------
@@ -211,10 +213,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     seen = 0
     try:
         while True:
+            # The state first: a job that has ended stored its last event before it did.
             job = client.call("GET", f"/v1/jobs/{args.id}")
-            for event in client.call("GET", f"/v1/jobs/{args.id}/events", params={"after": seen})["events"]:
-                seen = event["seq"]
-                _replay(reporter, event)
+            while True:  # every event stored so far, a page at a time
+                page = client.call("GET", f"/v1/jobs/{args.id}/events",
+                                   params={"after": seen, "limit": WATCH_PAGE})["events"]
+                for event in page:
+                    seen = event["seq"]
+                    _replay(reporter, event)
+                if len(page) < WATCH_PAGE:
+                    break
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(args.interval)
