@@ -290,6 +290,8 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         assert job_id in [j["id"] for j in listed["jobs"]]
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
+    report = json.loads((service.state_dir / "runs" / "watched" / "report.json").read_text())
+    assert list(report)[-1] == "train_metrics"  # last: the service's read of the report stops before it
 
 
 def ray_job_status(service, ray_id: str) -> str:

@@ -27,3 +27,37 @@ def test_watch_replays_every_event_of_a_long_history_before_it_exits(tmp_path, c
     shown = [line for line in err.splitlines() if line.startswith("line ")]
     assert code == 0 and f"{job['id']}: succeeded" in out
     assert shown == [f"line {i}" for i in range(2500)], (len(shown), shown[-1:])
+
+
+def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
+    """report.json of a 15,000-step job (about 10 MB, most of it the per-step history): its
+    evaluation table, timings and student path are served, written in either key order (the
+    job writes the history last now; an older kdray wrote it in the middle)."""
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    store = JobStore(config.db_path)
+    out = tmp_path / "runs" / "long"
+    out.mkdir(parents=True)
+    job, _ = store.create(name="long", spec={}, output_dir=str(out))
+    store.update(job["id"], state="running", driver=True)
+    store.update(job["id"], state="succeeded")
+    parts = ("step_s", "cpu_s", "data_wait_s", "sampling_s", "forward_s", "backward_s", "optimizer_s", "report_s",
+             "weight_sync_s", "grad_norm", "peak_rss_mb", "pad_fraction", "tokens_per_s", "kd", "lr", "kd_ratio")
+    steps = [{"step": k, "epoch": 0, "round": 0, "total_steps": 15_000, "loss": 1.0 / k,
+              **{name: 0.123456789 * k for name in parts}} for k in range(1, 15_001)]  # as a step's metrics
+    head = {"name": "long", "status": "succeeded", "started": time.time(), "finished": time.time(),
+            "timings_s": {"train": 9.5}, "rows": {"train": 64}}
+    tail = {"evaluation": {"teacher": {"rougeL": 0.9}}, "judge": None, "student_dir": str(out / "student"),
+            "plan": [], "spec": {"name": "long"}}
+    with TestClient(build_app(config)) as client:
+        for order in ({**head, **tail, "train_metrics": steps}, {**head, "train_metrics": steps, **tail}):
+            (out / "report.json").write_text(json.dumps(order, indent=2))
+            assert (out / "report.json").stat().st_size > 9 << 20  # over the 8 MiB report.md may take
+            res = client.get(f"/v1/jobs/{job['id']}/report")
+            assert res.status_code == 200, res.text
+            assert res.json() == {**{k: v for k, v in {**head, **tail}.items() if k != "spec"}}

@@ -267,11 +267,12 @@ class Job:
                 "rows": data.row_reports,
                 "evaluation": evaluation,
                 "judge": judge,
-                "train_metrics": self.metrics_history,
                 "teacher_signal": {"mode": spec.teacher_signal.mode, **(signal_stats or {})},
                 "student_dir": str(final),
                 "plan": [seg.as_dict() for seg in plan],
                 "spec": spec.model_dump(mode="json"),
+                # last: about 700 bytes a step; the service's read of the rest stops before it
+                "train_metrics": self.metrics_history,
             }
             tmp = self.out / "report.json.tmp"
             tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

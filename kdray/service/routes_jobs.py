@@ -11,7 +11,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -165,19 +165,22 @@ def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depen
 
 
 #: What ``GET /v1/jobs/{id}/report`` returns of a job's report.json (its per-step history and
-#: spec are left out: the events and the status hold them).
+#: spec are left out, and never read: the events and the status hold them).
 REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "evaluation", "judge", "student_dir",
                "plan")
 
 
-#: The largest report file the service hands out (report.md of a many-round job is a few KB).
-MAX_REPORT_BYTES = 8 << 20
+#: The largest report.md the service hands out (a many-round job's is a few KB), and the most of
+#: a report.json it reads through (a job writes the per-step history last, and the read stops
+#: before it; an older kdray's report.json has it in the middle, about 700 bytes a step).
+MAX_REPORT_BYTES, MAX_REPORT_JSON_BYTES = 8 << 20, 1 << 30
 
 
-def _read_own(out: Path, name: str) -> bytes | None:
-    """The regular file ``out/name`` itself (a symlink there is refused: the output directory is
-    shared storage that other processes write, and the replica runs beside the API token), or
-    None when there is none. Raises a 413 for one over :data:`MAX_REPORT_BYTES`."""
+def _read_own(out: Path, name: str, limit: int, parse: Callable[[Any], Any] = lambda fh: fh.read()) -> Any:
+    """``parse`` of the regular file ``out/name`` itself, open for binary reading (a symlink
+    there is refused: the output directory is shared storage that other processes write, and
+    the replica runs beside the API token), or None when there is none. Raises a 413 for one
+    over ``limit`` bytes."""
     try:
         fd = os.open(out / name, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -186,19 +189,42 @@ def _read_own(out: Path, name: str) -> bytes | None:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             return None
-        if info.st_size > MAX_REPORT_BYTES:
-            raise RequestError(413, f"{out / name} is over {MAX_REPORT_BYTES >> 20} MiB; read it from the output "
-                                    "directory")
-        return fh.read()
+        if info.st_size > limit:
+            raise RequestError(413, f"{out / name} is over {limit >> 20} MiB; read it from the output directory")
+        return parse(fh)
+
+
+def _report_fields(fh: Any) -> dict[str, Any] | None:
+    """The top-level :data:`REPORT_KEYS` of a report.json, parsed as it is read (ijson): the
+    values of other keys (the per-step history, the spec) are never built, and the read stops
+    once every key is in. None for a file that is not a JSON object."""
+    import ijson
+
+    found: dict[str, Any] = {}
+    key, builder = None, None
+    try:
+        for prefix, event, value in ijson.parse(fh, use_float=True):
+            if prefix == "" and event in ("map_key", "end_map"):
+                if builder is not None:
+                    found[key] = builder.value
+                if event == "end_map" or len(found) == len(REPORT_KEYS):
+                    return found
+                key, builder = value, (ijson.ObjectBuilder() if value in REPORT_KEYS else None)
+            elif builder is not None:
+                builder.event(event, value)
+    except ijson.JSONError:
+        return None
+    return found or None
 
 
 def _report(store: JobStore, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the job's record, its report.json), or a 404 until this job wrote it: a report from an
-    earlier job in the same output_dir (started before this one) is not this job's."""
+    """(the job's record, its report.json's :data:`REPORT_KEYS`), or a 404 until this job wrote
+    it: a report from an earlier job in the same output_dir (started before this one) is not
+    this job's."""
     rec = find_job(store, job_id)
     out = Path(rec["output_dir"])
-    raw = _read_own(out, "report.json") if Path(os.path.realpath(out)) == out else None
-    report = json.loads(raw) if raw else None
+    own = Path(os.path.realpath(out)) == out
+    report = _read_own(out, "report.json", MAX_REPORT_JSON_BYTES, _report_fields) if own else None
     if report is None or rec.get("started") is None or float(report.get("started") or 0) < rec["started"] - 1:
         raise RequestError(404, f"job {job_id} has no report yet ({rec['state']}): a job writes it as it ends",
                            state=rec["state"])
@@ -215,7 +241,7 @@ def report(job_id: str, store: JobStore = Depends(get_store)) -> Any:
 @router.get("/{job_id}/report.md", summary="The job's report.md", dependencies=[Depends(read_access)])
 def report_md(job_id: str, store: JobStore = Depends(get_store)) -> Any:
     rec, _ = _report(store, job_id)
-    text = _read_own(Path(rec["output_dir"]), "report.md")
+    text = _read_own(Path(rec["output_dir"]), "report.md", MAX_REPORT_BYTES)
     if text is None:
         raise RequestError(404, f"job {job_id} has no report.md", state=rec["state"])
     return PlainTextResponse(text.decode("utf-8", errors="replace"), media_type="text/markdown")
