@@ -435,6 +435,22 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
         wait_for(client, waiting["id"], lambda j: j["state"] == "cancelled", timeout=120)
 
 
+def test_haproxys_admin_socket_is_out_of_other_users_reach(service):
+    """The service's HAProxy (its default ingress) keeps its config and admin socket in a folder
+    of mode 700 (kdray.service.ingress.private_haproxy_dir), not Ray's shared /tmp/haproxy-serve."""
+    import stat
+
+    family = psutil.Process(service.proc.pid).children(recursive=True)
+    haproxies = [p for p in family if p.name() == "haproxy"]
+    assert haproxies, [p.name() for p in family]
+    for proc in haproxies:
+        cmdline = proc.cmdline()
+        config = Path(cmdline[cmdline.index("-f") + 1])
+        private = config.parents[1]  # Ray puts the files in a folder named after the node
+        assert private.name.startswith("kdray-haproxy-") and stat.S_IMODE(private.stat().st_mode) == 0o700, config
+        assert (config.parent / "admin.sock").is_socket()
+
+
 def test_the_token_is_in_no_log_and_no_answer(service):
     """Last in the module, after every job above: the API token appears in no answer (an error
     included) and in no log: the service's own, and every log of its Ray sessions (Serve's

@@ -10,6 +10,8 @@ import sqlite3
 import threading
 import time
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -49,6 +51,30 @@ def test_the_default_is_haproxy_where_its_wheel_is_installed(monkeypatch):
 
 def test_haproxy_turns_it_on_when_its_binary_and_ports_are_there(free_haproxy_ports):
     assert ingress_env("haproxy") == {HAPROXY_SWITCH: "1"}
+
+
+def test_haproxys_files_go_where_only_this_user_can_reach_them(monkeypatch):
+    """Ray's default folder for HAProxy's admin socket (mode 666, level admin) is open to every
+    user of the host; kdray serve's local Ray gets a folder of mode 700 instead, unless the
+    operator placed the files."""
+    import shutil
+    import stat
+
+    from kdray.service.ingress import HAPROXY_FILES, private_haproxy_dir
+
+    for var in (*HAPROXY_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"):
+        monkeypatch.delenv(var, raising=False)
+    env = private_haproxy_dir()
+    base = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    try:
+        assert base.name.startswith("kdray-haproxy-") and stat.S_IMODE(base.stat().st_mode) == 0o700
+        assert {Path(env[var]).parent for var in HAPROXY_FILES} == {base}
+        # Ray adds a folder named after the node (56 hex digits): a socket's path fits in 107 bytes.
+        assert len(env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 <= 107
+    finally:
+        shutil.rmtree(base)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", "/run/haproxy/admin.sock")
+    assert private_haproxy_dir() == {}
 
 
 def test_a_taken_haproxy_port_is_named_with_the_variable_that_moves_it(free_haproxy_ports, monkeypatch):

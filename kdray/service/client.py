@@ -10,7 +10,9 @@ has these field errors, there is no such job.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +30,7 @@ WATCH_PAGE = 1000
 
 # -- the service --------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kdray.service.ingress import default_ingress, ingress_env
+    from kdray.service.ingress import default_ingress, ingress_env, private_haproxy_dir
 
     local = args.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     if args.ingress is not None and not local:
@@ -63,6 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
+    if ingress == "haproxy":  # its files where only this user can reach them, gone when this process ends
+        private = private_haproxy_dir()
+        os.environ.update(private)
+        if private:
+            atexit.register(shutil.rmtree, private["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], True)
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
                        dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)

