@@ -198,3 +198,15 @@ def test_steps_redone_after_a_restore_replace_the_lost_ones_from_that_step_on(tm
     resumed._resume_history(SimpleNamespace(resumed=True))  # the same steps, read back from events.jsonl
     assert resumed.metrics_history == job.metrics_history
     assert len(events.read_text().splitlines()) == 12 and json.loads(events.read_text().splitlines()[-1])["step"] == 5
+
+
+def test_finite_makes_every_nan_and_infinity_none_for_strict_json():
+    """report.json and the events are strict JSON: Python would write NaN, which JSON readers
+    (ijson in the service, JavaScript in the page) refuse."""
+    import json
+
+    from kdray.pipeline.progress import finite
+
+    value = {"a": [float("nan"), {"b": float("inf"), "c": [float("-inf"), 1.5]}], "d": "NaN", "e": 2}
+    assert finite(value) == {"a": [None, {"b": None, "c": [None, 1.5]}], "d": "NaN", "e": 2}
+    json.dumps(finite(value), allow_nan=False)

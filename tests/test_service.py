@@ -86,8 +86,16 @@ class Service:
             time.sleep(1)
 
     def kill(self) -> None:
-        """The service and everything it started (its local Ray), as a crash would."""
+        """The service and everything it started (its local Ray), as a crash would; then what a
+        crash leaves in /tmp, HAProxy's private folder, goes too."""
         family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        folders = set()
+        for p in family:
+            try:
+                if p.name() == "haproxy":
+                    folders.add(haproxy_folder(p))
+            except (psutil.Error, ValueError):  # gone meanwhile, a zombie, or no -f: nothing to remove
+                pass
         for p in family:
             try:
                 p.kill()
@@ -95,6 +103,8 @@ class Service:
                 pass
         psutil.wait_procs(family, timeout=30)
         self.proc.wait()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def http(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -444,11 +454,15 @@ def test_haproxys_admin_socket_is_out_of_other_users_reach(service):
     haproxies = [p for p in family if p.name() == "haproxy"]
     assert haproxies, [p.name() for p in family]
     for proc in haproxies:
-        cmdline = proc.cmdline()
-        config = Path(cmdline[cmdline.index("-f") + 1])
-        private = config.parents[1]  # Ray puts the files in a folder named after the node
-        assert private.name.startswith("kdray-haproxy-") and stat.S_IMODE(private.stat().st_mode) == 0o700, config
-        assert (config.parent / "admin.sock").is_socket()
+        private = haproxy_folder(proc)
+        assert private.name.startswith("kdray-hap-") and stat.S_IMODE(private.stat().st_mode) == 0o700, private
+        assert len(list(private.glob("*/admin.sock"))) == 1
+
+
+def haproxy_folder(proc: psutil.Process) -> Path:
+    """The folder of a HAProxy process's files: its config's, above the one Ray names after the node."""
+    cmdline = proc.cmdline()
+    return Path(cmdline[cmdline.index("-f") + 1]).parents[1]
 
 
 def test_the_token_is_in_no_log_and_no_answer(service):

@@ -61,3 +61,9 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
             res = client.get(f"/v1/jobs/{job['id']}/report")
             assert res.status_code == 200, res.text
             assert res.json() == {**{k: v for k, v in {**head, **tail}.items() if k != "spec"}}
+        # Python writes a NaN (a step's grad_norm) as NaN, which is not JSON: a small report
+        # with one in the middle is read whole.
+        nan = [{"step": 1, "loss": 1.0, "grad_norm": float("nan")}]
+        (out / "report.json").write_text(json.dumps({**head, "train_metrics": nan, **tail}, indent=2))
+        assert "NaN" in (out / "report.json").read_text()
+        assert client.get(f"/v1/jobs/{job['id']}/report").json()["evaluation"] == tail["evaluation"]

@@ -55,8 +55,8 @@ def test_haproxy_turns_it_on_when_its_binary_and_ports_are_there(free_haproxy_po
 
 def test_haproxys_files_go_where_only_this_user_can_reach_them(monkeypatch):
     """Ray's default folder for HAProxy's admin socket (mode 666, level admin) is open to every
-    user of the host; kdray serve's local Ray gets a folder of mode 700 instead, unless the
-    operator placed the files."""
+    user of the host; kdray serve's local Ray gets a folder of mode 700 instead, for every file
+    the operator did not place."""
     import shutil
     import stat
 
@@ -64,17 +64,23 @@ def test_haproxys_files_go_where_only_this_user_can_reach_them(monkeypatch):
 
     for var in (*HAPROXY_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"):
         monkeypatch.delenv(var, raising=False)
-    env = private_haproxy_dir()
-    base = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    env, folder = private_haproxy_dir()
     try:
-        assert base.name.startswith("kdray-haproxy-") and stat.S_IMODE(base.stat().st_mode) == 0o700
-        assert {Path(env[var]).parent for var in HAPROXY_FILES} == {base}
-        # Ray adds a folder named after the node (56 hex digits): a socket's path fits in 107 bytes.
-        assert len(env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 <= 107
+        assert env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == folder and stat.S_IMODE(Path(folder).stat().st_mode) == 0o700
+        assert {Path(env[var]).parent for var in HAPROXY_FILES} == {Path(folder)}
+        # Ray adds a folder named after the node (56 characters), and HAProxy binds PATH.PID.tmp
+        # first (a pid of up to 7 digits): it must fit a socket's 107 bytes.
+        sockets = ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH")
+        assert max(len(env[var]) for var in sockets) + len("/" + "n" * 56) + len(".4194304.tmp") <= 107
     finally:
-        shutil.rmtree(base)
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", "/run/haproxy/admin.sock")
-    assert private_haproxy_dir() == {}
+        shutil.rmtree(folder)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/run/haproxy/haproxy.cfg")  # placed: it stays
+    env, folder = private_haproxy_dir()
+    shutil.rmtree(folder)
+    assert "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in env and env["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(folder)
+    for var in HAPROXY_FILES:
+        monkeypatch.setenv(var, "/run/haproxy/x")
+    assert private_haproxy_dir() == ({}, None)
 
 
 def test_a_taken_haproxy_port_is_named_with_the_variable_that_moves_it(free_haproxy_ports, monkeypatch):

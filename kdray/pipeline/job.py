@@ -24,7 +24,7 @@ from kdray.errors import JobCancelled
 from kdray.models import hidden_size, vocab_size
 from kdray.pools.live import live_pool_cpus
 from kdray.pipeline import budget
-from kdray.pipeline.progress import Reporter
+from kdray.pipeline.progress import Reporter, finite
 from kdray.pipeline.state import JobState
 from kdray.pipeline.storage import check_shared_storage
 from kdray.ray_setup import init_ray
@@ -275,7 +275,7 @@ class Job:
                 "train_metrics": self.metrics_history,
             }
             tmp = self.out / "report.json.tmp"
-            tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+            tmp.write_text(json.dumps(finite(report), indent=2, default=str, allow_nan=False), encoding="utf-8")
             os.replace(tmp, self.out / "report.json")
             written = render_report(self.out)
             if trackers is not None:

@@ -18,9 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-def _clean(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, an infinity) made None, through
+    dicts and lists: what strict JSON can hold (Python writes a NaN as ``NaN``, which JSON
+    readers, ijson and JavaScript's among them, refuse)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
     return value
 
 
@@ -34,7 +41,7 @@ class Reporter:
         self.sinks: list[Any] = []
 
     def emit(self, kind: str, **fields: Any) -> None:
-        event = {"time": time.time(), "kind": kind, **{k: _clean(v) for k, v in fields.items()}}
+        event = {"time": time.time(), "kind": kind, **{k: finite(v) for k, v in fields.items()}}
         with self._lock:
             if self.events_path is not None:
                 with self.events_path.open("a", encoding="utf-8") as fh:

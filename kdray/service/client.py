@@ -65,11 +65,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{option}: cannot create {path} ({exc.strerror}); give a writable directory") from None
+    # From here on, a SIGTERM unwinds (Ray's shutdown and the removal below run at exit); once
+    # serving, it ends the loop below instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if ingress == "haproxy":  # its files where only this user can reach them, gone when this process ends
-        private = private_haproxy_dir()
+        private, folder = private_haproxy_dir()
         os.environ.update(private)
-        if private:
-            atexit.register(shutil.rmtree, private["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], True)
+        if folder is not None:
+            atexit.register(shutil.rmtree, folder, True)
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
                        dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)

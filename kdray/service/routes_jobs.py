@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from kdray.errors import ClusterError, OutputDirInUse, SpecError, utf8_fault
+from kdray.pipeline.progress import finite
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
@@ -182,7 +183,7 @@ def _read_own(out: Path, name: str, limit: int, parse: Callable[[Any], Any] = la
     the replica runs beside the API token), or None when there is none. Raises a 413 for one
     over ``limit`` bytes."""
     try:
-        fd = os.open(out / name, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(out / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO there: no wait
     except OSError:
         return None
     with os.fdopen(fd, "rb") as fh:
@@ -197,7 +198,10 @@ def _read_own(out: Path, name: str, limit: int, parse: Callable[[Any], Any] = la
 def _report_fields(fh: Any) -> dict[str, Any] | None:
     """The top-level :data:`REPORT_KEYS` of a report.json, parsed as it is read (ijson): the
     values of other keys (the per-step history, the spec) are never built, and the read stops
-    once every key is in. None for a file that is not a JSON object."""
+    once every key is in. None for a file that is not a JSON object. An older kdray wrote a NaN
+    as ``NaN`` (a step's ``grad_norm`` may be one), which is not JSON and stops ijson: such a
+    file is parsed whole instead, its NaNs made None, up to :data:`MAX_REPORT_BYTES` (a 413
+    beyond)."""
     import ijson
 
     found: dict[str, Any] = {}
@@ -213,8 +217,18 @@ def _report_fields(fh: Any) -> dict[str, Any] | None:
             elif builder is not None:
                 builder.event(event, value)
     except ijson.JSONError:
-        return None
-    return found or None
+        fh.seek(0)
+        raw = fh.read(MAX_REPORT_BYTES + 1)
+        if len(raw) > MAX_REPORT_BYTES:
+            raise RequestError(413, f"{fh.name} is over {MAX_REPORT_BYTES >> 20} MiB and holds a NaN or an infinity, "
+                                    "which JSON cannot (an older kdray wrote them): read it from the output "
+                                    "directory") from None
+        try:
+            whole = json.loads(raw)
+        except ValueError:  # not JSON
+            return None
+        found = {k: finite(whole[k]) for k in REPORT_KEYS if k in whole} if isinstance(whole, dict) else None
+    return found
 
 
 def _report(store: JobStore, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
