@@ -67,3 +67,6 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
         (out / "report.json").write_text(json.dumps({**head, "train_metrics": nan, **tail}, indent=2))
         assert "NaN" in (out / "report.json").read_text()
         assert client.get(f"/v1/jobs/{job['id']}/report").json()["evaluation"] == tail["evaluation"]
+        (out / "report.json").write_text(json.dumps({**head, "train_metrics": nan + steps, **tail}, indent=2))
+        res = client.get(f"/v1/jobs/{job['id']}/report")  # an older kdray's, too long to read whole
+        assert res.status_code == 413 and f"{out / 'report.json'} is over 8 MiB and holds a NaN" in res.json()["error"]

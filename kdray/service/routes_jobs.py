@@ -195,7 +195,7 @@ def _read_own(out: Path, name: str, limit: int, parse: Callable[[Any], Any] = la
         return parse(fh)
 
 
-def _report_fields(fh: Any) -> dict[str, Any] | None:
+def _report_fields(fh: Any, path: Path) -> dict[str, Any] | None:
     """The top-level :data:`REPORT_KEYS` of a report.json, parsed as it is read (ijson): the
     values of other keys (the per-step history, the spec) are never built, and the read stops
     once every key is in. None for a file that is not a JSON object. An older kdray wrote a NaN
@@ -220,7 +220,7 @@ def _report_fields(fh: Any) -> dict[str, Any] | None:
         fh.seek(0)
         raw = fh.read(MAX_REPORT_BYTES + 1)
         if len(raw) > MAX_REPORT_BYTES:
-            raise RequestError(413, f"{fh.name} is over {MAX_REPORT_BYTES >> 20} MiB and holds a NaN or an infinity, "
+            raise RequestError(413, f"{path} is over {MAX_REPORT_BYTES >> 20} MiB and holds a NaN or an infinity, "
                                     "which JSON cannot (an older kdray wrote them): read it from the output "
                                     "directory") from None
         try:
@@ -238,7 +238,8 @@ def _report(store: JobStore, job_id: str) -> tuple[dict[str, Any], dict[str, Any
     rec = find_job(store, job_id)
     out = Path(rec["output_dir"])
     own = Path(os.path.realpath(out)) == out
-    report = _read_own(out, "report.json", MAX_REPORT_JSON_BYTES, _report_fields) if own else None
+    path = out / "report.json"
+    report = _read_own(out, path.name, MAX_REPORT_JSON_BYTES, lambda fh: _report_fields(fh, path)) if own else None
     if report is None or rec.get("started") is None or float(report.get("started") or 0) < rec["started"] - 1:
         raise RequestError(404, f"job {job_id} has no report yet ({rec['state']}): a job writes it as it ends",
                            state=rec["state"])
