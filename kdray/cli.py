@@ -12,7 +12,7 @@
     kdray bench onpolicy [...]    replay's in-worker samples vs the live pool, synchronous and overlapped
     kdray repro [--quick] [...]   a grid of methods x seeds: the POCL and DistiLLM-2 orderings
     kdray serve [...]             the HTTP service (Ray Serve) that runs jobs as Ray jobs
-    kdray submit|list|status|watch|logs|cancel   its command-line client
+    kdray submit|list|status|watch|logs|cancel|delete   its command-line client
 
 One way to fail: an error the user can fix (the spec, the data, a model, the cluster, the
 disk; :class:`kdray.errors.KdrayError`, also when it was raised on a Ray worker) prints one

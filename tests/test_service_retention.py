@@ -183,9 +183,9 @@ def test_two_deletes_at_once_and_a_reconcile_round_meeting_a_deleted_record(tmp_
     assert [store.get(i) for i in gone] == [None, None]
 
 
-def test_kdray_delete_goes_on_past_a_refusal_and_exits_2(tmp_path, capsys):
+def test_kdray_delete_goes_on_past_a_refusal_and_exits_2(tmp_path):
     """`kdray delete A B C`: each id is tried; the refused ones are named, and the exit is 2."""
-    from kdray.cli import main
+    from tests.test_e2e import kdray
 
     config = _config(tmp_path)
     store = JobStore(config.db_path)
@@ -194,10 +194,10 @@ def test_kdray_delete_goes_on_past_a_refusal_and_exits_2(tmp_path, capsys):
     done = _job(config, store, "done", "cancelled", ray_id="r1")
     running = _job(config, store, "running", "running", ray_id="r2")
     other = _job(config, store, "other", "failed")
-    with serving(app) as url:
-        code = main(["delete", done, running, "nope", other, "--server", url, "--token", "t"])
-    out, err = capsys.readouterr()
-    assert code == 2 and f"{done}: deleted" in out and f"{other}: deleted" in out, (out, err)
+    with serving(app) as url:  # the CLI in its own process, as a user runs it
+        res = kdray("delete", done, running, "nope", other, "--server", url, "--token", "t", cwd=tmp_path)
+    out, err = res.stdout, res.stderr
+    assert res.returncode == 2 and f"{done}: deleted" in out and f"{other}: deleted" in out, (out, err)
     assert f"{running}: not deleted: job {running} has not ended (running)" in err
     assert "nope: not deleted: no job 'nope'" in err and f"2 of 4 jobs not deleted: {running} nope" in err
     assert [r["id"] for r in store.list()[0]] == [running]
