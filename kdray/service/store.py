@@ -24,7 +24,6 @@ with ``driver=True``). The reconciler's evidence that Ray lost a job (``lost_che
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 import uuid
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from kdray.errors import OutputDirInUse
+from kdray.pipeline.progress import finite
 from kdray.service.progress import TERMINAL, fold, progress
 
 STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled")
@@ -91,10 +91,6 @@ def _overlap(a: str, b: str) -> bool:
     """Whether two resolved output directories are one, or one holds the other."""
     pa, pb = Path(a), Path(b)
     return pa == pb or pa in pb.parents or pb in pa.parents
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class JobStore:
@@ -335,7 +331,7 @@ class JobStore:
         concluded (``failed_by = 'service'``) gives way to ``running``."""
         kind = str(event.get("kind", "message"))
         t = float(event.get("time", time.time()))
-        data = {k: _finite(v) for k, v in event.items() if k not in ("kind", "time")}
+        data = finite({k: v for k, v in event.items() if k not in ("kind", "time")})
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
