@@ -43,6 +43,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
     store.update(done["id"], state="succeeded")
     queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
+    live, _ = store.create(name="live", spec={}, output_dir=str(tmp_path / "runs" / "live"))
+    store.update(live["id"], state="running", driver=True)
+    for step in (1, 2, 3):
+        store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 3.0 - step / 2})
 
     driver = chromium(tmp_path / "profile")
     wait = waiting(driver, 30)
@@ -51,10 +55,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         wait.until(lambda d: "API token" in d.find_element(By.ID, "status").text)  # reads need it here
         driver.find_element(By.ID, "token").send_keys("page-token")
         driver.find_element(By.ID, "use-token").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 3)
         states = {tr.get_attribute("data-job"): tr.find_element(By.CSS_SELECTOR, "td.state").text
                   for tr in driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")}
-        assert states == {done["id"]: "succeeded", queued["id"]: "queued"}
+        assert states == {done["id"]: "succeeded", queued["id"]: "queued", live["id"]: "running"}
         click(driver, f'tr[data-job="{done["id"]}"]')
         wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "3")
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
@@ -67,16 +71,27 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         assert driver.save_screenshot(str(ARTIFACTS / "service-page-units.png"))
         # The token stays for the tab: a reload shows the jobs without asking again.
         driver.refresh()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 3)
         assert driver.find_element(By.ID, "status").text == ""
+        # A running job: its curve so far, then the steps streamed after it, a restore included.
+        click(driver, f'tr[data-job="{live["id"]}"]')
+        loss = lambda d: (d.find_element(By.ID, "loss").get_attribute("data-points"),  # noqa: E731
+                          d.find_element(By.ID, "loss").get_attribute("data-last-step"))
+        wait.until(lambda d: loss(d) == ("3", "3"))
+        for step in (4, 5):
+            store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 1.0})
+        wait.until(lambda d: loss(d) == ("5", "5"))
+        store.append_event(live["id"], {"kind": "train_step", "step": 2, "total_steps": 9, "loss": 2.1})
+        wait.until(lambda d: loss(d) == ("2", "2"))
     finally:
         driver.quit()
 
 
 def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
-    """60,000 training steps, replayed by the job's event stream 500 at a time: the page draws
-    the curve once per burst, a pixel column per group of steps, so it holds every step within
-    seconds (a redraw per step took 28 s for 20,000 steps here, and grows with their square)."""
+    """60,000 training steps: the page reads the job's curve (GET /curve, at most two points per
+    pixel column) rather than replaying its 60,000 events, and draws a pixel column per group of
+    steps (replaying took 3 s for 60,000 steps and 85 MB for 120,000; a redraw per step took 28 s
+    for 20,000)."""
     import sqlite3
 
     from selenium.webdriver.common.by import By
@@ -100,7 +115,10 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
         driver.execute_script("sessionStorage.setItem('kdray-token', 'page-token')")
         driver.refresh()
         click(driver, f'tr[data-job="{job["id"]}"]')
-        waiting(driver, 60).until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-drawn") == str(n))
+        canvas = driver.find_element(By.ID, "loss")
+        waiting(driver, 60).until(lambda d: canvas.get_attribute("data-last-step") == str(n))
+        points = int(canvas.get_attribute("data-points"))
+        assert 648 <= points <= 2 * 649 and canvas.get_attribute("data-drawn") == str(points)
         # The curve spans the plot: a blue pixel in (nearly) every one of its 648 columns.
         columns = driver.execute_script("""
             const c = document.getElementById('loss'), px = c.getContext('2d').getImageData(36, 0, 648, c.height).data;

@@ -1,4 +1,5 @@
-"""``/v1/jobs/{id}/events``: a job's progress history, as a JSON page or a server-sent event stream.
+"""``/v1/jobs/{id}/events``: a job's progress history, as a JSON page or a server-sent event stream;
+``/v1/jobs/{id}/curve``: its per-step curve cut to a plot's width (:mod:`kdray.service.series`).
 
 Streams scale with the pages that follow jobs (:class:`EventHub`): a stream is an async
 generator that, while its job has nothing new, waits on the event loop (no thread, no slot of
@@ -20,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from kdray.service import series
 from kdray.service.common import MAX_JOB_ID, RequestError, find_job, get_store, read_access
 from kdray.service.store import TERMINAL, JobStore
 
@@ -201,6 +203,26 @@ async def events(request: Request, job_id: str, after: int = 0, limit: int = 100
         raise RequestError(429, f"{hub.cap} event streams are open, the most this service keeps; retry later, "
                                 f"or read GET /v1/jobs/{job_id}/events?after=N meanwhile", retry_after=5)
     return _Stream(hub.stream(job_id, start, give_back), give_back)
+
+
+@router.get("/{job_id}/curve", dependencies=[Depends(read_access)],
+            summary="A train_step number over the steps (the loss by default), cut to at most 2 points per span")
+async def curve(request: Request, job_id: str, field: str = "loss", points: int = 1000,
+                store: JobStore = Depends(get_store)) -> Any:
+    """``{"seq", "field", "points": [[step, value], ...]}`` (:func:`kdray.service.series.curve`):
+    what the page draws of a job's history, whatever its length, before it follows the
+    events after ``seq``. 422 for a field that is not a plain key or ``points`` outside
+    1..10000."""
+    errors = []
+    if not series.FIELD.fullmatch(field):
+        errors.append({"field": "field", "message": "a train_step key: letters, digits and underscores, "
+                                                    "at most 64 (loss, lr, ...)"})
+    if not 1 <= points <= 10000:
+        errors.append({"field": "points", "message": "1 <= points <= 10000"})
+    if errors:
+        raise RequestError(422, "invalid query", errors=errors)
+    await run_in_threadpool(find_job, store, job_id)  # the 404
+    return await request.app.state.events.read("curve", job_id, field, points)  # shared: pages open in bursts
 
 
 class _Stream(StreamingResponse):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from kdray.errors import OutputDirInUse
 from kdray.pipeline.progress import finite
+from kdray.service import series
 from kdray.service.progress import TERMINAL, fold, progress
 
 STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled")
@@ -368,6 +369,12 @@ class JobStore:
             rows = db.execute("SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? "
                               "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
         return [{"seq": r["seq"], "time": r["time"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
+
+    def curve(self, job_id: str, field: str = "loss", points: int = 1000) -> dict[str, Any]:
+        """The ``train_step`` curve of ``field``, cut to about ``points`` spans:
+        :func:`kdray.service.series.curve` (its return value and errors)."""
+        with self._db() as db:
+            return series.curve(db, job_id, field, points)
 
 
 def _record(row: sqlite3.Row) -> dict[str, Any]:
