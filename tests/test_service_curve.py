@@ -34,13 +34,16 @@ def _history(rnd: random.Random, n: int) -> list[dict]:
             event["loss"] = None
         elif r > 0.01:
             event["loss"] = "nan?"
+        elif r > 0.005:
+            event["loss"] = True  # not a number to the page either (typeof), though SQLite reads 1
         events.append(event)
     return events
 
 
 def _expected(events: list[dict], field: str, points: int) -> list[list]:
-    """The page's rule (a step replaces every kept step at or after it), then per span of
-    the steps the lowest and the highest value; SQLite's ROUND rounds halves up."""
+    """The page's rule (a step replaces every kept step at or after it), then the first and
+    last step and per span of the steps the lowest and the highest value; SQLite's ROUND
+    rounds halves up."""
     kept: list[tuple[int, float]] = []
     for e in events:
         if e["kind"] != "train_step":
@@ -48,7 +51,7 @@ def _expected(events: list[dict], field: str, points: int) -> list[list]:
         while kept and kept[-1][0] >= e["step"]:
             kept.pop()
         value = e.get(field)
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             kept.append((e["step"], value))
     if not kept:
         return []
@@ -56,7 +59,7 @@ def _expected(events: list[dict], field: str, points: int) -> list[list]:
     spans: dict[int, list[tuple[int, float]]] = {}
     for s, v in kept:
         spans.setdefault(math.floor(points * (s - first) / max(last - first, 1) + 0.5), []).append((s, v))
-    out = set()
+    out = {kept[0], kept[-1]}
     for members in spans.values():
         out.add(min(members, key=lambda p: p[1]))
         out.add(max(members, key=lambda p: p[1]))
@@ -88,14 +91,29 @@ def test_the_curve_keeps_the_lowest_and_highest_step_of_each_span_after_restores
         got = store.curve(job["id"], "loss", points)
         assert got["seq"] == len(events) and got["field"] == "loss"
         assert got["points"] == _expected(events, "loss", points), (n, points)
-        assert len(got["points"]) <= 2 * (points + 1)
+        assert len(got["points"]) <= 2 * (points + 2)
         checked += len(got["points"])
     assert checked > 1000
     assert store.curve(job["id"], "lr", 10)["points"] == _expected(events, "lr", 10)
     assert store.curve(job["id"], "absent", 10)["points"] == []
-    for field, points in (("loss.x", 10), ("$.loss", 10), ("", 10), ("loss", 0)):
-        with pytest.raises(ValueError, match="field|points"):
+    for field, points in (("loss.x", 10), ("$.loss", 10), ("", 10), ("loss", 0), ("loss", 10_001)):
+        with pytest.raises(ValueError, match="^field: .* is not a train_step key|^points: .* is not in 1..10000"):
             store.curve(job["id"], field, points)
+
+
+def test_the_curve_holds_the_first_and_last_step_whatever_their_values(tmp_path):
+    """A span's lowest and highest value need not be its first or last step: the curve's ends
+    (where the page's axis and its latest step come from) are there all the same."""
+    store = JobStore(tmp_path / "kdray.db")
+    job, _ = store.create(name="a", spec={}, output_dir=str(tmp_path / "a"))
+    losses = [5 - s / 100 for s in range(1, 100)] + [4.025]  # step 100: neither lowest nor highest of its span
+    _append(store, job["id"], [{"kind": "train_step", "step": s, "loss": v} for s, v in enumerate(losses, 1)], 0)
+    points = store.curve(job["id"], "loss", 10)["points"]
+    assert points[0] == [1, 4.99] and points[-1] == [100, 4.025] and len(points) <= 24
+    flat, _ = store.create(name="flat", spec={}, output_dir=str(tmp_path / "flat"))
+    _append(store, flat["id"], [{"kind": "train_step", "step": s, "loss": 1.0} for s in range(1, 21)], 0)
+    flat_points = store.curve(flat["id"], "loss", 2)["points"]
+    assert flat_points[0] == [1, 1.0] and flat_points[-1] == [20, 1.0] and len(flat_points) <= 6
 
 
 def test_the_curve_endpoint_and_the_events_after_it_make_the_whole_history(tmp_path):

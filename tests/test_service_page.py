@@ -83,6 +83,16 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         wait.until(lambda d: loss(d) == ("5", "5"))
         store.append_event(live["id"], {"kind": "train_step", "step": 2, "total_steps": 9, "loss": 2.1})
         wait.until(lambda d: loss(d) == ("2", "2"))
+        # Every event stream slot taken: the job's curve still shows, and the page says why
+        # it does not follow the job (the stream's 429).
+        hub = app.state.events
+        hub.open += hub.cap
+        try:
+            click(driver, f'tr[data-job="{done["id"]}"]')
+            wait.until(lambda d: "click the job again later" in d.find_element(By.ID, "d-follow").text)
+            wait.until(lambda d: loss(d) == ("3", "3"))  # steps 1, 2 and the redone 3
+        finally:
+            hub.open -= hub.cap
     finally:
         driver.quit()
 
@@ -118,7 +128,7 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
         canvas = driver.find_element(By.ID, "loss")
         waiting(driver, 60).until(lambda d: canvas.get_attribute("data-last-step") == str(n))
         points = int(canvas.get_attribute("data-points"))
-        assert 648 <= points <= 2 * 649 and canvas.get_attribute("data-drawn") == str(points)
+        assert 648 <= points <= 2 * 650 and canvas.get_attribute("data-drawn") == str(points)
         # The curve spans the plot: a blue pixel in (nearly) every one of its 648 columns.
         columns = driver.execute_script("""
             const c = document.getElementById('loss'), px = c.getContext('2d').getImageData(36, 0, 648, c.height).data;

@@ -211,18 +211,15 @@ async def curve(request: Request, job_id: str, field: str = "loss", points: int 
                 store: JobStore = Depends(get_store)) -> Any:
     """``{"seq", "field", "points": [[step, value], ...]}`` (:func:`kdray.service.series.curve`):
     what the page draws of a job's history, whatever its length, before it follows the
-    events after ``seq``. 422 for a field that is not a plain key or ``points`` outside
-    1..10000."""
-    errors = []
-    if not series.FIELD.fullmatch(field):
-        errors.append({"field": "field", "message": "a train_step key: letters, digits and underscores, "
-                                                    "at most 64 (loss, lr, ...)"})
-    if not 1 <= points <= 10000:
-        errors.append({"field": "points", "message": "1 <= points <= 10000"})
-    if errors:
-        raise RequestError(422, "invalid query", errors=errors)
-    await run_in_threadpool(find_job, store, job_id)  # the 404
-    return await request.app.state.events.read("curve", job_id, field, points)  # shared: pages open in bursts
+    events after ``seq``. 404 for no such job; 422 naming ``field`` (not a plain key) or
+    ``points`` (outside 1..10000)."""
+    hub: EventHub = request.app.state.events
+    if len(job_id) > MAX_JOB_ID or await hub.read("get", job_id) is None:  # a shared read: pages open in bursts
+        await run_in_threadpool(find_job, store, job_id)  # the 404
+    wrong = series.problems(field, points)
+    if wrong:
+        raise RequestError(422, "invalid query", errors=[{"field": k, "message": v} for k, v in wrong.items()])
+    return await hub.read("curve", job_id, field, points)
 
 
 class _Stream(StreamingResponse):
