@@ -271,7 +271,7 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         assert watch.returncode == 0, watch.stdout + watch.stderr
         assert f"{job_id}: succeeded" in watch.stdout and "train" in watch.stderr
 
-        # The page saw the job end: its row, its loss curve (both steps, from the event
+        # The page saw the job end: its row, its loss curve (both steps, from its curve and event
         # stream), its title, and the report it loaded once the stream said the job ended.
         wait = waiting(browser, 30)
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{row} td.state").text == "succeeded")
