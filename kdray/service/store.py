@@ -40,6 +40,7 @@ STATES = ("queued", "pending", "running", "cancelling", "succeeded", "failed", "
 #: States of a job that holds a slot of ``max_running_jobs``: handed to Ray and not ended.
 ADMITTED = ("pending", "running", "cancelling")
 _ENDED_SQL = ", ".join(f"'{state}'" for state in TERMINAL)  # for ``state IN (...)``
+_ACTIVE_SQL = ", ".join(f"'{state}'" for state in STATES if state not in TERMINAL)  # IN, not NOT IN: the index
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,6 +73,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     admitted REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created DESC, id);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished, id);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -161,7 +164,7 @@ class JobStore:
                 if row is not None:
                     db.execute("COMMIT")
                     return self.get(row["id"]), False
-            active = db.execute(f"SELECT id, state, output_dir FROM jobs WHERE state NOT IN ({_ENDED_SQL}) "
+            active = db.execute(f"SELECT id, state, output_dir FROM jobs WHERE state IN ({_ACTIVE_SQL}) "
                                 "ORDER BY created").fetchall()
             for other in active:
                 if _overlap(output_dir, other["output_dir"]):
@@ -320,9 +323,10 @@ class JobStore:
         page after it."""
         f, i = after or (float("-inf"), "")
         with self._db() as db:
-            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({_ENDED_SQL}) AND finished < ? "
-                              "AND (finished > ? OR (finished = ? AND id > ?)) ORDER BY finished, id LIMIT ?",
-                              (t, f, f, i, limit)).fetchall()
+            # In (finished, id) order from the cursor on (the index): not every ended job's row per page.
+            rows = db.execute(f"SELECT * FROM jobs INDEXED BY jobs_finished WHERE (finished, id) > (?, ?) "
+                              f"AND finished < ? AND state IN ({_ENDED_SQL}) ORDER BY finished, id LIMIT ?",
+                              (f, i, t, limit)).fetchall()
         return [_record(r) for r in rows]
 
     # -- events --------------------------------------------------------------------------
