@@ -140,3 +140,51 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
         assert columns >= 640, columns
     finally:
         driver.quit()
+
+
+def test_the_jobs_table_pages_through_older_jobs_and_filters_by_state(server, tmp_path):
+    """A service that ran for weeks holds more jobs than one page: the table shows 100 at a
+    time, newest first, with newer/older buttons, and a state filter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    app, url = server
+    store = app.state.store
+    ids = []
+    for k in range(130):
+        job, _ = store.create(name=f"job-{k}", spec={}, output_dir=str(tmp_path / "runs" / str(k)))
+        store.update(job["id"], state="failed" if k % 10 == 0 else "succeeded")
+        ids.append(job["id"])
+    driver = chromium(tmp_path / "profile")
+    wait = waiting(driver, 30)
+    shown = lambda d: [tr.get_attribute("data-job") for tr in d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")]  # noqa: E731
+    text = lambda d, id: d.find_element(By.ID, id).text  # noqa: E731
+    try:
+        driver.get(url + "/")
+        driver.execute_script("sessionStorage.setItem('kdray-token', 'page-token')")
+        driver.refresh()
+        wait.until(lambda d: text(d, "range") == "1–100 of 130")
+        assert shown(driver) == ids[::-1][:100]
+        assert not driver.find_element(By.ID, "newer").is_enabled() and driver.find_element(By.ID, "older").is_enabled()
+        click(driver, "#older")
+        wait.until(lambda d: text(d, "range") == "101–130 of 130")
+        assert shown(driver) == ids[::-1][100:]
+        assert not driver.find_element(By.ID, "older").is_enabled()
+        Select(driver.find_element(By.ID, "state-filter")).select_by_visible_text("failed")
+        wait.until(lambda d: text(d, "range") == "1–13 of 13")
+        assert shown(driver) == ids[120::-10]  # jobs 120, 110, ..., 0
+        assert {tr.text for tr in driver.find_elements(By.CSS_SELECTOR, "#jobs td.state")} == {"failed"}
+        Select(driver.find_element(By.ID, "state-filter")).select_by_visible_text("running")
+        wait.until(lambda d: d.find_element(By.ID, "none-in-state").is_displayed())
+        assert shown(driver) == [] and not driver.find_element(By.ID, "empty").is_displayed()
+        Select(driver.find_element(By.ID, "state-filter")).select_by_visible_text("any")
+        wait.until(lambda d: text(d, "range") == "1–100 of 130")
+        # Jobs deleted while the last page shows: the page steps back to the last one there is.
+        click(driver, "#older")
+        wait.until(lambda d: text(d, "range") == "101–130 of 130")
+        for job_id in ids[:40]:
+            assert store.delete(job_id)
+        wait.until(lambda d: text(d, "range") == "1–90 of 90")
+        assert shown(driver) == ids[::-1][:90]
+    finally:
+        driver.quit()
