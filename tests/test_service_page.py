@@ -46,7 +46,8 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     live, _ = store.create(name="live", spec={}, output_dir=str(tmp_path / "runs" / "live"))
     store.update(live["id"], state="running", driver=True)
     for step in (1, 2, 3):
-        store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 3.0 - step / 2})
+        store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 3.0 - step / 2,
+                                        "lr": 1e-4 * step})
 
     driver = chromium(tmp_path / "profile")
     wait = waiting(driver, 30)
@@ -79,10 +80,21 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
                           d.find_element(By.ID, "loss").get_attribute("data-last-step"))
         wait.until(lambda d: loss(d) == ("3", "3"))
         for step in (4, 5):
-            store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 1.0})
+            store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 1.0,
+                                            "lr": 1e-4 * step, "kl": 0.5})
         wait.until(lambda d: loss(d) == ("5", "5"))
-        store.append_event(live["id"], {"kind": "train_step", "step": 2, "total_steps": 9, "loss": 2.1})
+        store.append_event(live["id"], {"kind": "train_step", "step": 2, "total_steps": 9, "loss": 2.1, "lr": 2e-4})
         wait.until(lambda d: loss(d) == ("2", "2"))
+        # Another number of the steps: the choices are the job's (kl came with the streamed steps).
+        from selenium.webdriver.support.ui import Select
+
+        metric = Select(driver.find_element(By.ID, "metric"))
+        assert [o.text for o in metric.options] == ["loss", "lr", "kl"]
+        metric.select_by_visible_text("lr")
+        wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-field") == "lr" and loss(d) == ("2", "2"))
+        store.append_event(live["id"], {"kind": "train_step", "step": 3, "total_steps": 9, "loss": 2.0})  # no lr
+        store.append_event(live["id"], {"kind": "train_step", "step": 4, "total_steps": 9, "loss": 1.9, "lr": 4e-4})
+        wait.until(lambda d: loss(d) == ("3", "4"))  # steps 1, 2 and 4
         # Every event stream slot taken: the job's curve still shows, and the page says why
         # it does not follow the job (the stream's 429).
         hub = app.state.events
