@@ -30,6 +30,9 @@ class KdrayError(Exception):
 class SpecError(KdrayError):
     """A job spec failed validation. ``errors`` holds every problem as (field path, message)."""
 
+    #: The service's 422 for a spec says this as its ``error`` (its other 422s are a query's).
+    HTTP_ERROR = "invalid JobSpec"
+
     def __init__(self, errors: list[tuple[str, str]], source: str | None = None):
         self.errors = list(errors)
         self.source = source

@@ -68,3 +68,26 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
         (out / "report.json").write_text(json.dumps({**head, "train_metrics": nan + steps, **tail}, indent=2))
         res = client.get(f"/v1/jobs/{job['id']}/report")  # an older kdray's, too long to read whole
         assert res.status_code == 413 and f"{out / 'report.json'} is over 8 MiB and holds a NaN" in res.json()["error"]
+
+
+def test_list_pages_through_the_jobs_newest_first(tmp_path):
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    store = JobStore(config.db_path)
+    ids = [store.create(name=f"job-{k}", spec={}, output_dir=str(tmp_path / "runs" / str(k)))[0]["id"]
+           for k in range(7)]
+    store.update(ids[2], state="failed")
+    with serving(build_app(config)) as url:
+        pages = [kdray("list", "--server", url, "--limit", "3", "--offset", str(offset), cwd=tmp_path)
+                 for offset in (0, 3, 6, 9)]
+        failed = kdray("list", "--server", url, "--state", "failed", cwd=tmp_path)
+        bad = kdray("list", "--server", url, "--offset", "-1", cwd=tmp_path)
+    assert all(res.returncode == 0 for res in pages), [res.stderr for res in pages]
+    titles = [" ".join(res.stdout.split("\n", 1)[0].split()) for res in pages]
+    assert titles == ["kdray jobs (1-3 of 7, newest first)", "kdray jobs (4-6 of 7, newest first)",
+                      "kdray jobs (7-7 of 7, newest first)", "kdray jobs (none here of 7, newest first)"]
+    listed = [[i for i in ids if i in res.stdout] for res in pages]
+    assert [sorted(ids.index(i) for i in page) for page in listed] == [[4, 5, 6], [1, 2, 3], [0], []]
+    assert failed.returncode == 0 and "1-1 of 1 failed" in failed.stdout and ids[2] in failed.stdout
+    assert bad.returncode == 2 and "invalid query" in bad.stderr and "offset: 0 or more" in bad.stderr, bad.stderr
+    assert "job spec" not in bad.stderr and "Traceback" not in bad.stderr

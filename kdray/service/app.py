@@ -101,7 +101,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, RequestError):
             return error_response(exc.status, str(exc), **exc.extra)
         if isinstance(exc, SpecError):
-            return error_response(422, "invalid JobSpec", errors=[{"field": f, "message": m} for f, m in exc.errors])
+            return error_response(422, SpecError.HTTP_ERROR, errors=[{"field": f, "message": m} for f, m in exc.errors])
         return error_response(503 if isinstance(exc, ClusterError) else 400, str(exc))
 
     @app.exception_handler(Exception)

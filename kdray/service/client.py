@@ -134,9 +134,12 @@ class Client:
             body = None
         body = body if isinstance(body, dict) else {}
         if res.status_code == 422:
-            errors = [e for e in body.get("errors") or [] if isinstance(e, dict)]
-            raise SpecError([(str(e.get("field", "?")), str(e.get("message", ""))) for e in errors]
-                            or [("(request)", str(body.get("error", res.text or "invalid")))])
+            errors = [(str(e.get("field", "?")), str(e.get("message", "")))
+                      for e in body.get("errors") or [] if isinstance(e, dict)]
+            if body.get("error") == SpecError.HTTP_ERROR:
+                raise SpecError(errors or [("(request)", SpecError.HTTP_ERROR)])
+            raise KdrayError("\n".join([f"{body.get('error') or 'invalid request'} (HTTP 422 from {self.server}):",
+                                         *(f"  {field}: {message}" for field, message in errors)]))
         message = f"{body.get('error', res.text)} (HTTP {res.status_code} from {self.server})"
         raise ClusterError(message) if res.status_code == 503 else KdrayError(message)
 
@@ -161,9 +164,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    params = {"limit": args.limit, **({"state": args.state} if args.state else {})}
+    params = {"limit": args.limit, "offset": args.offset, **({"state": args.state} if args.state else {})}
     page = Client(args.server, args.token).call("GET", "/v1/jobs", params=params)
-    table = Table(title=f"kdray jobs ({page['total']} in all)")
+    shown = f"{args.offset + 1}-{args.offset + len(page['jobs'])} of" if page["jobs"] else "none here of"
+    table = Table(title=f"kdray jobs ({shown} {page['total']}{' ' + args.state if args.state else ''}, newest first)")
     for col in ("id", "name", "state", "phase", "step", "created"):
         table.add_column(col)
     for job in page["jobs"]:
@@ -300,7 +304,8 @@ def add_parsers(sub: Any) -> None:
     q.set_defaults(fn=cmd_submit)
     q = client_parser("list", "list the service's jobs, newest first")
     q.add_argument("--state", default=None, help="only jobs in this state")
-    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--limit", type=int, default=50, help="jobs per page (default 50, at most 500)")
+    q.add_argument("--offset", type=int, default=0, help="newer jobs to skip: the next page is --offset 50")
     q.set_defaults(fn=cmd_list)
     for name, fn, help in (("status", cmd_status, "a job's state, phase, progress and metrics (JSON)"),
                            ("logs", cmd_logs, "a job's driver log"),
