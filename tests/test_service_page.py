@@ -143,7 +143,7 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
         assert 648 <= points <= 2 * 650 and canvas.get_attribute("data-drawn") == str(points)
         # The curve spans the plot: a blue pixel in (nearly) every one of its 648 columns.
         columns = driver.execute_script("""
-            const c = document.getElementById('loss'), px = c.getContext('2d').getImageData(36, 0, 648, c.height).data;
+            const c = document.getElementById('loss'), px = c.getContext('2d').getImageData(52, 0, 648, c.height).data;
             let n = 0;
             for (let x = 0; x < 648; x++) {
               for (let y = 0; y < c.height; y++) { const i = 4 * (y * 648 + x); if (px[i + 2] > 200 && px[i] < 120) { n++; break; } }
@@ -198,5 +198,68 @@ def test_the_jobs_table_pages_through_older_jobs_and_filters_by_state(server, tm
             assert store.delete(job_id)
         wait.until(lambda d: text(d, "range") == "1–90 of 90")
         assert shown(driver) == ids[::-1][:90]
+    finally:
+        driver.quit()
+
+
+def test_a_stream_cut_short_is_resumed_after_its_last_event(server, tmp_path):
+    """The connection of a job's event stream drops (the service restarted, a proxy timed out):
+    the page follows the job again from the last event it had, as an EventSource would, and
+    the steps after the cut reach the curve. Also: rows open from the keyboard, the address
+    (#job=ID) follows the job shown both ways, and an ended job without a report says why."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    app, url = server
+    store = app.state.store
+    job, _ = store.create(name="live", spec={}, output_dir=str(tmp_path / "runs" / "live"))
+    store.update(job["id"], state="running", driver=True)
+    for step in (1, 2, 3):
+        store.append_event(job["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 3.0 - step / 2})
+    failed, _ = store.create(name="broke", spec={}, output_dir=str(tmp_path / "runs" / "broke"))
+    store.update(failed["id"], state="running", driver=True)
+    store.update(failed["id"], state="failed", error="the teacher did not load")
+
+    hub = app.state.events
+    original, starts = hub.stream, []
+
+    async def cut_after_one_chunk(job_id, after, give_back):  # the first stream drops after one chunk
+        starts.append(after)
+        frames = original(job_id, after, give_back)
+        try:
+            async for chunk in frames:
+                yield chunk
+                if len(starts) == 1:
+                    return
+        finally:
+            await frames.aclose()
+
+    hub.stream = cut_after_one_chunk
+    driver = chromium(tmp_path / "profile")
+    wait = waiting(driver, 30)
+    loss = lambda d: (d.find_element(By.ID, "loss").get_attribute("data-points"),  # noqa: E731
+                      d.find_element(By.ID, "loss").get_attribute("data-last-step"))
+    try:
+        driver.get(url + "/")
+        driver.execute_script("sessionStorage.setItem('kdray-token', 'page-token')")
+        driver.refresh()
+        row = driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]')
+        row.send_keys(Keys.ENTER)  # a row takes the keyboard's focus, and Enter opens it
+        wait.until(lambda d: loss(d) == ("3", "3"))
+        assert driver.execute_script("return location.hash") == f"#job={job['id']}"
+        for step in (4, 5):  # the one chunk the first stream brings before it drops
+            store.append_event(job["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 1.0})
+        wait.until(lambda d: loss(d) == ("5", "5"))
+        wait.until(lambda d: len(starts) == 2)
+        assert starts[1] > starts[0]  # resumed after the events it had, not from the start
+        store.append_event(job["id"], {"kind": "train_step", "step": 6, "total_steps": 9, "loss": 0.9})
+        wait.until(lambda d: loss(d) == ("6", "6"))
+        assert not driver.find_element(By.ID, "d-follow").is_displayed()
+        # The address names another job (a link, Back): the page shows that one.
+        driver.execute_script(f"location.hash = 'job={failed['id']}'")
+        wait.until(lambda d: f"broke ({failed['id']}): failed" in d.find_element(By.ID, "d-title").text)
+        wait.until(lambda d: "ended before writing one" in d.find_element(By.ID, "evaluation").text)
+        driver.back()
+        wait.until(lambda d: f"live ({job['id']})" in d.find_element(By.ID, "d-title").text)
     finally:
         driver.quit()

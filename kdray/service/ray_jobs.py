@@ -111,7 +111,7 @@ class RayJobs:
 
     def logs(self, ray_id: str) -> str | None:
         """The job's driver log, or None when Ray no longer has the job."""
-        return self._call("Ray has no logs for this job now", lambda c: c.get_job_logs(ray_id))
+        return self._call("the job's driver log could not be read", lambda c: c.get_job_logs(ray_id))
 
     def stop(self, ray_id: str) -> bool | None:
         """Ask Ray to stop the job: whether it was running, or None when Ray no longer has it."""

@@ -241,8 +241,13 @@ def _report(store: JobStore, job_id: str) -> tuple[dict[str, Any], dict[str, Any
     path = out / "report.json"
     report = _read_own(out, path.name, MAX_REPORT_JSON_BYTES, lambda fh: _report_fields(fh, path)) if own else None
     if report is None or rec.get("started") is None or float(report.get("started") or 0) < rec["started"] - 1:
-        raise RequestError(404, f"job {job_id} has no report yet ({rec['state']}): a job writes it as it ends",
-                           state=rec["state"])
+        if report is not None and rec.get("started") is not None:
+            why = f"{path} is an earlier job's, which started before this one in the same output_dir"
+        elif rec["state"] in TERMINAL:
+            why = "it ended before writing one (its driver log says why)"
+        else:
+            why = "a job writes it as it ends"
+        raise RequestError(404, f"job {job_id} has no report ({rec['state']}): {why}", state=rec["state"])
     return rec, report
 
 
