@@ -1,6 +1,7 @@
 """``GET /``: the service's web page, one static file (``web/index.html``) that reads the API
-from the browser: the jobs table (state, phase, progress, step, ETA; refreshed every 3 s) and,
-for the job picked, its loss curve from its event stream, its held-out evaluation table and
+from the browser: the jobs table (state, phase, progress, step, ETA; refreshed every 3 s; 100 a
+page, with a state filter) and, for the job picked, the curve of its loss or another per-step
+number (``GET /v1/jobs/{id}/curve``, then its event stream), its held-out evaluation table and
 its report.md and driver log. The bearer token is entered once and kept in the tab's session
 storage; the page itself holds no data, so it needs none."""
 
