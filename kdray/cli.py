@@ -7,6 +7,7 @@
     kdray compare DIR...          several jobs side by side: one table, one plot
     kdray bench losses [...]      loss-kernel memory/time benchmark
     kdray bench service [...]     status latency under 50 clients while a job trains
+    kdray bench store [...]       the job store's reads at 100,000 jobs; a long job's curve vs its events
     kdray bench train [...]       tokens/s of Ray Train + DeepSpeed vs a bare torch loop; memory per mode
     kdray bench generation [...]  tokens/s of the vLLM pool vs bare vLLM and HF generate
     kdray bench onpolicy [...]    replay's in-worker samples vs the live pool, synchronous and overlapped
@@ -117,32 +118,14 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``kdray bench NAME``: the modules of :mod:`kdray.bench` that have a ``run(argv)``.
+BENCHES = ("losses", "service", "train", "generation", "onpolicy", "scale", "store")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "losses":
-        from kdray.bench import losses as bench_losses
+    import importlib
 
-        return bench_losses.run(args.rest)
-    if args.what == "service":
-        from kdray.bench import service as bench_service
-
-        return bench_service.run(args.rest)
-    if args.what == "train":
-        from kdray.bench import train as bench_train
-
-        return bench_train.run(args.rest)
-    if args.what == "generation":
-        from kdray.bench import generation as bench_generation
-
-        return bench_generation.run(args.rest)
-    if args.what == "onpolicy":
-        from kdray.bench import onpolicy as bench_onpolicy
-
-        return bench_onpolicy.run(args.rest)
-    if args.what == "scale":
-        from kdray.bench import scale as bench_scale
-
-        return bench_scale.run(args.rest)
-    raise KdrayError(f"unknown benchmark {args.what!r}")
+    return importlib.import_module(f"kdray.bench.{args.what}").run(args.rest)  # ``what``: one of BENCHES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("what", choices=["losses", "service", "train", "generation", "onpolicy", "scale"], help="what to benchmark")
+    p.add_argument("what", choices=BENCHES, help="what to benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see kdray bench WHAT --help)")
     p.set_defaults(fn=cmd_bench)
     return parser

@@ -139,3 +139,20 @@ def test_the_curve_endpoint_and_the_events_after_it_make_the_whole_history(tmp_p
         missing = client.get("/v1/jobs/0123456789ab/curve")
         assert missing.status_code == 404 and "no job" in missing.json()["error"]
         assert json.loads(client.get(url, params={"field": "lr"}).text)["points"] == []
+
+
+def test_bench_store_prints_the_curve_beside_the_events_and_the_reads_against_their_target():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "kdray.cli", "bench", "store", "--jobs", "2000", "--steps", "3000",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "store: 2,000 ended jobs and one of 3,000 steps" in out
+    assert "every event (pages of 1,000)" in out and "its curve (648 spans)" in out
+    assert "x faster" in out and "x fewer bytes" in out
+    for read in ("newest 100 (the page)", "100 in the middle", "100 of one state", "a submit's output-dir check",
+                 "an expiry page (20)"):
+        assert read in out
+    assert "every read under 20 ms" in out and "host load (1-min average)" in out  # met or not: a benchmark's word

@@ -95,16 +95,19 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         store.append_event(live["id"], {"kind": "train_step", "step": 3, "total_steps": 9, "loss": 2.0})  # no lr
         store.append_event(live["id"], {"kind": "train_step", "step": 4, "total_steps": 9, "loss": 1.9, "lr": 4e-4})
         wait.until(lambda d: loss(d) == ("3", "4"))  # steps 1, 2 and 4
-        # Every event stream slot taken: the job's curve still shows, and the page says why
-        # it does not follow the job (the stream's 429).
+        # Every event stream slot taken: the job's curve still shows, the page says why it does
+        # not follow the job yet (the stream's 429), and follows it once a slot is free (it
+        # tries again after the Retry-After of 5 s): the job's end event loads its report.
         hub = app.state.events
         hub.open += hub.cap
         try:
             click(driver, f'tr[data-job="{done["id"]}"]')
-            wait.until(lambda d: "click the job again later" in d.find_element(By.ID, "d-follow").text)
+            wait.until(lambda d: "follows as many pages as it can" in d.find_element(By.ID, "d-follow").text)
             wait.until(lambda d: loss(d) == ("3", "3"))  # steps 1, 2 and the redone 3
         finally:
             hub.open -= hub.cap
+        wait.until(lambda d: not d.find_element(By.ID, "d-follow").is_displayed())
+        wait.until(lambda d: hub.open == 0)  # the finished job's stream ended with its end event: its slot is back
     finally:
         driver.quit()
 
@@ -207,6 +210,8 @@ def test_a_stream_cut_short_is_resumed_after_its_last_event(server, tmp_path):
     the page follows the job again from the last event it had, as an EventSource would, and
     the steps after the cut reach the curve. Also: rows open from the keyboard, the address
     (#job=ID) follows the job shown both ways, and an ended job without a report says why."""
+    import sqlite3
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -255,6 +260,15 @@ def test_a_stream_cut_short_is_resumed_after_its_last_event(server, tmp_path):
         store.append_event(job["id"], {"kind": "train_step", "step": 6, "total_steps": 9, "loss": 0.9})
         wait.until(lambda d: loss(d) == ("6", "6"))
         assert not driver.find_element(By.ID, "d-follow").is_displayed()
+        # A page left open on a long job: what it streams is cut to what the plot draws, as
+        # the curve is, so it does not grow with the job.
+        db = sqlite3.connect(store.path)
+        db.executemany("INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, 0, 'train_step', ?)",
+                       ((job["id"], 6 + k, json.dumps({"step": 6 + k, "loss": 1.0 / k})) for k in range(1, 6001)))
+        db.commit()
+        db.close()
+        wait.until(lambda d: loss(d)[1] == "6006")
+        assert int(loss(driver)[0]) <= 8 * 649  # 6,006 steps without the cut: it keeps at most 8 points a column
         # The address names another job (a link, Back): the page shows that one.
         driver.execute_script(f"location.hash = 'job={failed['id']}'")
         wait.until(lambda d: f"broke ({failed['id']}): failed" in d.find_element(By.ID, "d-title").text)
