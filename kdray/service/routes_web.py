@@ -1,4 +1,5 @@
-"""``GET /``: the service's web page, one static file (``web/index.html``) that reads the API
+"""``GET /``: the service's web page (``web/index.html`` and its script ``web/page.js``, no other
+resource) that reads the API
 from the browser: the jobs table (state, phase, progress, step, ETA; refreshed every 3 s; 100 a
 page, with a state filter) and, for the job picked, the curve of its loss or another per-step
 number (``GET /v1/jobs/{id}/curve``, then its event stream), its held-out evaluation table and
@@ -10,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 router = APIRouter(tags=["service"])
 
@@ -19,3 +20,9 @@ router = APIRouter(tags=["service"])
 def page() -> HTMLResponse:
     html = resources.files("kdray.service").joinpath("web/index.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/page.js", include_in_schema=False)
+def page_script() -> Response:
+    script = resources.files("kdray.service").joinpath("web/page.js").read_text(encoding="utf-8")
+    return Response(script, media_type="text/javascript", headers={"Cache-Control": "no-cache"})

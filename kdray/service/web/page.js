@@ -1,0 +1,376 @@
+// The kdray service's web page (index.html): the jobs table and the selected job's detail.
+"use strict";
+// The kdray service's API, read with the bearer token kept in this tab's session storage
+// (EventSource cannot send headers: the event stream is read with fetch).
+const $ = (id) => document.getElementById(id);
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+let token = sessionStorage.getItem("kdray-token") || "";
+let selected = null;      // the job whose detail is shown
+let follow = null;        // AbortController of its event stream
+let points = [];          // [step, value] of the selected job's metric: its curve's points, then the steps streamed after them
+let metric = "loss";      // the train_step number the curve shows (the #metric choice)
+const metrics = new Set(["loss"]);  // the numbers the selected job's steps hold: #metric's options
+const NOT_METRICS = new Set(["seq", "time", "kind", "step", "total_steps", "checkpoint", "final"]);
+let drawTimer = 0;        // a pending redraw of the loss curve, or 0
+const PAGE = 100;         // jobs per page of the table
+let offset = 0;           // the table's page: how many newer jobs (of the state filter) come before it
+let listing = 0;          // the table's reads in flight: the 3-s timer waits for them, a click does not
+const PLOT = { left: 52, right: 20, top: 36 };  // the plot's margins in the canvas, in pixels
+
+function headers() { return token ? { Authorization: "Bearer " + token } : {}; }
+
+async function api(path) {
+  const res = await fetch(path, { headers: headers() });
+  if (res.status === 401) {
+    $("status").textContent = token ? "the service refused this API token: enter the one it was started with"
+                                    : "enter the API token (reads need it on this service)";
+    $("jobs").classList.add("stale");
+    throw new Error("401");
+  }
+  return res;
+}
+
+function text(value) { return value === null || value === undefined ? "" : String(value); }
+function eta(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  const s = Math.round(seconds);
+  return s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min` : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
+}
+
+// A job's row, updated in place (its cells keep their elements: no flicker, and a click or a
+// hover is not lost to a redraw).
+function fillRow(tr, job) {
+  if (!tr.cells.length) {
+    for (let i = 0; i < 8; i++) tr.insertCell();
+    const bar = document.createElement("div"), fill = document.createElement("div");
+    bar.className = "bar"; bar.appendChild(fill); tr.cells[4].appendChild(bar);
+    tr.cells[5].className = tr.cells[6].className = "num";
+    const open = () => { select(tr.dataset.job); $("detail").scrollIntoView({ block: "start" }); };
+    tr.tabIndex = 0;  // a keyboard opens a job too: Tab to its row, then Enter or Space
+    tr.addEventListener("click", open);
+    tr.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
+  }
+  const values = [job.id, job.name, job.state, [job.phase, job.phase_detail].filter(Boolean).join(": "), null,
+                  job.total_steps ? `${text(job.step)} / ${job.total_steps}` : "", eta(job.eta_s),
+                  new Date(job.created * 1000).toLocaleString()];
+  values.forEach((value, i) => { if (i !== 4 && tr.cells[i].textContent !== text(value)) tr.cells[i].textContent = text(value); });
+  tr.cells[2].className = "state state-" + job.state;
+  const bar = tr.cells[4].firstChild;
+  bar.firstChild.style.width = `${job.percent || 0}%`;
+  bar.title = job.percent === null ? "" : `${job.percent}%`;
+  tr.classList.toggle("selected", job.id === selected);
+  tr.setAttribute("aria-selected", String(job.id === selected));
+}
+
+async function refreshJobs() {
+  const state = $("state-filter").value, at = offset;
+  listing++;
+  try {
+    const res = await api(`/v1/jobs?limit=${PAGE}&offset=${at}` + (state ? `&state=${state}` : ""));
+    if (!res.ok) throw new Error(await res.json().then((b) => b.error, () => `HTTP ${res.status}`));
+    const page = await res.json();
+    if (at !== offset || state !== $("state-filter").value) return;  // another page or filter was asked meanwhile
+    if (offset && offset >= page.total) {  // jobs left (deleted, or moved out of the state): the last page there is
+      offset = Math.max(0, Math.ceil(page.total / PAGE) - 1) * PAGE;
+      return refreshJobs();
+    }
+    $("status").textContent = "";
+    $("jobs").classList.remove("stale");
+    $("range").textContent = page.total ? `${offset + 1}–${offset + page.jobs.length} of ${page.total}` : "";
+    $("newer").disabled = offset === 0;
+    $("older").disabled = offset + page.jobs.length >= page.total;
+    const body = $("jobs").querySelector("tbody");
+    const rows = new Map([...body.rows].map((tr) => [tr.dataset.job, tr]));
+    page.jobs.forEach((job, i) => {
+      let tr = rows.get(job.id);
+      if (!tr) { tr = document.createElement("tr"); tr.dataset.job = job.id; }
+      fillRow(tr, job);
+      if (body.rows[i] !== tr) body.insertBefore(tr, body.rows[i] || null);
+      rows.delete(job.id);
+    });
+    rows.forEach((tr) => tr.remove());
+    $("empty").hidden = page.total > 0 || Boolean(state);
+    $("none-in-state").hidden = page.total > 0 || !state;
+    const current = page.jobs.find((j) => j.id === selected);
+    if (current) showMeta(current); else if (selected) refreshSelected();  // not on this page: its own read
+  } catch (e) {
+    if (e.message === "401") return;
+    $("status").textContent = `the service does not answer (${e.message}): the table shows what it last said`;
+    $("jobs").classList.add("stale");
+  } finally {
+    listing--;
+  }
+}
+
+// The selected job's record, read on its own (it may not be on the table's page).
+async function refreshSelected() {
+  const jobId = selected;
+  try {
+    const res = await api(`/v1/jobs/${jobId}`);
+    const job = await res.json();
+    if (selected !== jobId) return;
+    if (!res.ok) { $("d-title").textContent = job.error || `job ${jobId}: HTTP ${res.status}`; return; }
+    showMeta(job);
+    return job;
+  } catch (e) { /* 401 or no answer: the status line says so */ }
+}
+
+function showMeta(job) {
+  $("d-title").textContent = `${job.name} (${job.id}): ${job.state}`;
+  $("d-meta").textContent = [job.queue_position && `number ${job.queue_position} in the queue`, job.phase && `phase ${job.phase}`, job.total_steps && `step ${text(job.step)} of ${job.total_steps}`,
+                             job.eta_s !== null && job.eta_s !== undefined && `ETA ${eta(job.eta_s)}`, `output ${job.output_dir}`]
+                            .filter(Boolean).join(" · ");
+  $("d-error").hidden = !job.error; $("d-error").textContent = text(job.error);
+}
+
+// The loss curve, one pixel column at a time: a long job's steps share columns, and each column
+// is drawn as the lowest and highest loss among its steps, so drawing costs one pass over the
+// steps and at most two segments per column, however long the job (a redraw per step, or an
+// argument per step to Math.min, would stall the page on a job with 100,000 steps).
+function drawLoss() {
+  const canvas = $("loss"), ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  canvas.dataset.points = String(points.length);
+  canvas.dataset.field = metric;
+  canvas.dataset.drawn = "0";
+  canvas.dataset.lastStep = points.length ? String(points[points.length - 1][0]) : "";
+  if (!points.length) {
+    ctx.fillStyle = "#596273"; ctx.fillText("no training step yet", 12, 20);
+    canvas.setAttribute("aria-label", "no training step yet"); return;
+  }
+  const pad = PLOT.left, w = canvas.width - PLOT.left - PLOT.right, top = PLOT.top, h = canvas.height - 2 * top;
+  let x0 = Infinity, last = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (const [s, v] of points) { x0 = Math.min(x0, s); last = Math.max(last, s); y0 = Math.min(y0, v); y1 = Math.max(y1, v); }
+  const x1 = Math.max(last, x0 + 1);
+  if (y1 - y0 < 1e-9) { const d = Math.max(Math.abs(y0) * 0.05, 1e-6); y0 -= d; y1 += d; }  // a flat curve: mid-plot
+  const low = new Float64Array(w + 1).fill(Infinity), high = new Float64Array(w + 1).fill(-Infinity);
+  const lowStep = new Float64Array(w + 1), highStep = new Float64Array(w + 1);
+  for (const [s, v] of points) {
+    const c = Math.round((w * (s - x0)) / (x1 - x0));
+    if (v < low[c]) { low[c] = v; lowStep[c] = s; }
+    if (v > high[c]) { high[c] = v; highStep[c] = s; }
+  }
+  if (points.length > 8 * (w + 1)) {  // a page left open on a long job: keep what the plot draws (as GET /curve does)
+    const kept = new Map([[points[0][0], points[0][1]], [points[points.length - 1][0], points[points.length - 1][1]]]);
+    for (let c = 0; c <= w; c++) if (low[c] !== Infinity) { kept.set(lowStep[c], low[c]); kept.set(highStep[c], high[c]); }
+    points = [...kept].sort((a, b) => a[0] - b[0]);
+    canvas.dataset.points = String(points.length);
+  }
+  const Y = (v) => top + h - (h * (v - y0)) / (y1 - y0);
+  ctx.strokeStyle = "#c4cad3"; ctx.strokeRect(pad, top, w, h);
+  ctx.fillStyle = "#596273"; ctx.font = "11px system-ui";
+  // At most 7 characters, which the left margin holds: 3.807, 0.1235, 1.50e-6 (a learning rate), 3.50e+4 (tokens/s).
+  const label = (v) => (v === 0 ? "0" : Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(2) : String(+v.toPrecision(4)));
+  ctx.textAlign = "right"; ctx.fillText(label(y1), pad - 4, top + 4); ctx.fillText(label(y0), pad - 4, top + h);
+  ctx.textAlign = "left"; ctx.fillText(`step ${x0}`, pad, top + h + 16);
+  ctx.textAlign = "right"; ctx.fillText(`step ${last}`, pad + w, top + h + 16); ctx.textAlign = "left";
+  canvas.setAttribute("aria-label", `${metric} over steps ${x0} to ${last}: ${label(points[0][1])} at the first, `
+                                    + `${label(points[points.length - 1][1])} at the last, between ${label(y0)} and ${label(y1)}`);
+  ctx.strokeStyle = "#3b7ddd"; ctx.lineWidth = 2; ctx.beginPath();
+  let columns = 0;
+  for (let c = 0; c <= w; c++) {
+    if (low[c] === Infinity) continue;
+    if (columns++) ctx.lineTo(pad + c, Y(low[c])); else ctx.moveTo(pad + c, Y(low[c]));
+    if (high[c] > low[c]) ctx.lineTo(pad + c, Y(high[c]));
+  }
+  ctx.stroke();
+  if (columns === 1) { ctx.fillStyle = "#3b7ddd"; ctx.fillRect(pad - 3, Y(low[0]) - 3, 6, 6); }  // one step: a dot
+  canvas.dataset.drawn = String(points.length);
+}
+
+// Steps arrive in bursts (a stream replays a job's history 500 events at a time): the curve is
+// drawn once a burst is in, not once per step.
+function drawSoon() {
+  if (!drawTimer) drawTimer = setTimeout(() => { drawTimer = 0; drawLoss(); }, 50);
+}
+
+function onEvent(kind, data) {
+  if (kind === "train_step" && typeof data.step === "number") {
+    // Steps redone after a restore replace the lost ones from that step on, as in the report.
+    while (points.length && points[points.length - 1][0] >= data.step) points.pop();
+    if (typeof data[metric] === "number") points.push([data.step, data[metric]]);
+    addMetrics(data);
+    drawSoon();
+  } else if (kind === "end") {
+    refreshJobs(); refreshSelected(); loadReport();
+  }
+}
+
+// The numbers a job's steps hold, as choices of the curve (once each).
+function addMetrics(fields) {
+  for (const [key, value] of Object.entries(fields || {})) {
+    if (typeof value === "number" && !NOT_METRICS.has(key) && !metrics.has(key) && /^[A-Za-z_]\w{0,63}$/.test(key)) {
+      metrics.add(key); $("metric").add(new Option(key, key));  // the keys GET /curve takes
+    }
+  }
+}
+
+// A problem following the selected job, shown under its title until another job is selected.
+function following(problem) { $("d-follow").hidden = !problem; $("d-follow").textContent = problem; }
+
+// A job's history: its loss curve cut to at most two points per pixel column of the plot
+// (GET /curve, one read in the service however many steps), then its events after that.
+
+async function followEvents(jobId) {
+  if (follow) follow.abort();
+  follow = new AbortController();
+  const signal = follow.signal, width = $("loss").width - PLOT.left - PLOT.right, field = metric;
+  // The curve, then the events after its seq until the stream's end event. A stream cut short
+  // (the service restarted, a proxy timed out) resumes after the last event it brought, as an
+  // EventSource would; so does a 5xx or a 429 (the service's streams all taken), waiting 1, 2,
+  // 4 ... up to 15 s between tries, or what the service's Retry-After says, with some jitter so
+  // that pages reconnecting after a restart spread out. Another 4xx ends it, saying why.
+  let after = null, wait = 1000;
+  for (;;) {
+    let ended = false, why = "the connection to the service dropped";
+    try {
+      const path = after === null ? `/v1/jobs/${jobId}/curve?field=${encodeURIComponent(field)}&points=${width}`
+                                  : `/v1/jobs/${jobId}/events?stream=true&after=${after}`;
+      const res = await fetch(path, { headers: headers(), signal });
+      if (!res.ok) {
+        const said = await res.json().then((b) => b.error, () => `HTTP ${res.status}`);
+        if (res.status < 500 && res.status !== 429) { following(`reading the job's ${after === null ? field + " curve" : "events"} failed: ${said}`); return; }
+        why = res.status === 429 ? "the service follows as many pages as it can" : said;
+        wait = Math.max(wait, 1000 * (Number(res.headers.get("retry-after")) || 0));
+      } else if (after === null) {
+        const curve = await res.json();
+        if (signal.aborted || selected !== jobId) return;
+        points = curve.points; drawSoon();
+        after = curve.seq; wait = 1000;
+        continue;
+      } else {
+        following("");
+        ended = await readStream(res, jobId, (seq) => { after = seq; wait = 1000; });
+      }
+    } catch (e) {
+      if (signal.aborted) return;  // another job (or metric) was chosen
+      if (e instanceof SyntaxError) { following(`the service sent an event the page cannot read (${e.message})`); return; }
+    }
+    if (ended || signal.aborted || selected !== jobId) return;
+    const delay = wait * (0.75 + Math.random() / 2);
+    following(`${why}: following the job again in ${Math.round(delay / 1000)} s`);
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    wait = Math.min(2 * wait, 15000);
+  }
+}
+
+// The frames of a server-sent event stream, handed to onEvent as they come; ``seen(seq)``
+// after each event with an id. Whether the stream ended with its end event.
+async function readStream(res, jobId, seen) {
+  const reader = res.body.getReader(), decoder = new TextDecoder();
+  let buffer = "", ended = false;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return ended;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+      let kind = "message", data = "", id = "";
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("event: ")) kind = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+        else if (line.startsWith("id: ")) id = line.slice(4);
+      }
+      if (selected !== jobId) return true;
+      onEvent(kind, data ? JSON.parse(data) : {});
+      if (id) seen(Number(id));
+      ended = ended || kind === "end";
+    }
+  }
+}
+
+async function loadReport() {
+  const table = $("evaluation"), report_for = selected;
+  try {
+    const res = await api(`/v1/jobs/${report_for}/report`);
+    if (!res.ok) {  // an ended job without its report: the service says why
+      const why = await res.json().then((b) => b.error, () => `HTTP ${res.status}`);
+      if (selected === report_for) table.replaceChildren(Object.assign(document.createElement("caption"), { textContent: why, className: "muted" }));
+      return;
+    }
+    const report = await res.json(), evaluation = report.evaluation || {};
+    if (selected !== report_for) return;
+    const labels = Object.keys(evaluation);
+    if (!labels.length) {
+      table.innerHTML = '<tbody><tr><td class="muted">this job ran without held-out evaluation</td></tr></tbody>';
+      return;
+    }
+    table.replaceChildren();
+    const head = table.createTHead().insertRow();
+    ["model", "ROUGE-L", "exact match", "mean length"].forEach((h) => { const th = document.createElement("th"); th.textContent = h; head.appendChild(th); });
+    const body = table.createTBody();
+    for (const label of labels) {
+      const r = body.insertRow(), s = evaluation[label];
+      [label.replaceAll("_", " "), s.rougeL?.toFixed(3), s.exact_match?.toFixed(3), s.mean_length?.toFixed(2)]
+        .forEach((v, i) => { const td = r.insertCell(); td.textContent = v === undefined ? "—" : text(v); if (i) td.className = "num"; });
+    }
+  } catch (e) { /* 401: the status line says so */ }
+}
+
+async function show(path, title, empty) {
+  const jobId = selected, res = await api(path);
+  const body = res.ok ? await res.text() : await res.json().then((b) => b.error, () => `HTTP ${res.status}`);
+  if (selected !== jobId) return;
+  $("viewer-title").textContent = res.ok ? title : `${title}: not available`;
+  $("viewer").textContent = body || empty;
+  $("viewer").hidden = $("viewer-title").hidden = false;
+}
+
+async function select(jobId) {
+  if (jobId !== selected) { metric = "loss"; metrics.clear(); metrics.add("loss"); $("metric").replaceChildren(new Option("loss", "loss")); }
+  if (follow) follow.abort();
+  selected = jobId; points = []; drawLoss();
+  ["d-title", "d-meta", "d-error", "d-follow"].forEach((id) => { $(id).textContent = ""; });
+  $("d-error").hidden = $("d-follow").hidden = true;
+  location.hash = "job=" + jobId;
+  $("detail").hidden = false; $("viewer").hidden = $("viewer-title").hidden = true;
+  $("evaluation").innerHTML = '<tbody><tr><td class="muted">written when the job ends</td></tr></tbody>';
+  document.querySelectorAll("#jobs tbody tr").forEach((tr) => {
+    tr.classList.toggle("selected", tr.dataset.job === jobId); tr.setAttribute("aria-selected", String(tr.dataset.job === jobId));
+  });
+  const job = await refreshSelected();
+  if (!job || selected !== jobId) return;  // no such job (its error shows), or another was chosen meanwhile
+  addMetrics(job.metrics);
+  if (TERMINAL.includes(job.state)) loadReport();
+  startFollowing(jobId);
+}
+
+function startFollowing(jobId) {
+  points = []; drawLoss(); following("");
+  followEvents(jobId).catch((e) => {
+    if (e.name !== "AbortError" && selected === jobId) following(`lost the job's events (${e.message}): click the job again`);
+  });
+}
+
+$("report-link").addEventListener("click", (e) => { e.preventDefault(); if (selected) show(`/v1/jobs/${selected}/report.md`, `report.md of job ${selected}`, "(empty)"); });
+$("logs-link").addEventListener("click", (e) => { e.preventDefault(); if (selected) show(`/v1/jobs/${selected}/logs`, `driver log of job ${selected}`,
+                                                                                 "(empty: the job has not started on Ray yet, or printed nothing)"); });
+$("to-jobs").addEventListener("click", (e) => {
+  e.preventDefault();
+  const row = document.querySelector(`#jobs tbody tr[data-job="${selected}"]`) || document.querySelector("#jobs tbody tr");
+  if (row) row.focus(); else window.scrollTo(0, 0);
+});
+$("auth").addEventListener("submit", (e) => {
+  e.preventDefault();
+  token = $("token").value.trim();
+  sessionStorage.setItem("kdray-token", token);
+  $("token").value = "";
+  refreshJobs();
+  if (selected) select(selected);
+});
+
+$("metric").addEventListener("change", () => { metric = $("metric").value; if (selected) startFollowing(selected); });
+$("state-filter").addEventListener("change", () => { offset = 0; refreshJobs(); });
+$("newer").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refreshJobs(); });
+$("older").addEventListener("click", () => { offset += PAGE; refreshJobs(); });
+
+refreshJobs();
+setInterval(() => { if (!listing) refreshJobs(); }, 3000);  // not while the last read still waits: no pile-up
+// The job in the address (#job=ID): opened at load, and again when it changes (a link, Back).
+function fromHash() {
+  const m = /job=([0-9a-f]+)/.exec(location.hash);
+  if (m && m[1] !== selected) select(m[1]);
+}
+window.addEventListener("hashchange", fromHash);
+fromHash();
