@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdray.errors import KdrayError, SpecError, interrupted, user_error
+from kdray.errors import interrupted, user_error
 
 #: Exit status of an error the user can fix (a kdray bug exits 1, with its traceback).
 EXIT_USER = 2
