@@ -92,7 +92,9 @@ async function refreshJobs() {
     $("empty").hidden = page.total > 0 || Boolean(state);
     $("none-in-state").hidden = page.total > 0 || !state;
     const current = page.jobs.find((j) => j.id === selected);
-    if (current) showMeta(current); else if (selected) refreshSelected();  // not on this page: its own read
+    // The selected job's header: from its row, or its own read when it is not on this page or is
+    // queued (a row has no queue position).
+    if (current && current.state !== "queued") showMeta(current); else if (selected) refreshSelected();
   } catch (e) {
     if (e.message === "401") return;
     $("status").textContent = `the service does not answer (${e.message}): the table shows what it last said`;
