@@ -161,6 +161,7 @@ def test_the_jobs_table_pages_through_older_jobs_and_filters_by_state(server, tm
     """A service that ran for weeks holds more jobs than one page: the table shows 100 at a
     time, newest first, with newer/older buttons, and a state filter."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     app, url = server
@@ -181,10 +182,11 @@ def test_the_jobs_table_pages_through_older_jobs_and_filters_by_state(server, tm
         wait.until(lambda d: text(d, "range") == "1–100 of 130")
         assert shown(driver) == ids[::-1][:100]
         assert not driver.find_element(By.ID, "newer").is_enabled() and driver.find_element(By.ID, "older").is_enabled()
-        click(driver, "#older")
+        driver.find_element(By.ID, "older").send_keys(Keys.ENTER)  # from the keyboard
         wait.until(lambda d: text(d, "range") == "101–130 of 130")
         assert shown(driver) == ids[::-1][100:]
         assert not driver.find_element(By.ID, "older").is_enabled()
+        assert driver.switch_to.active_element.get_attribute("id") == "newer"  # not lost with the disabled button
         Select(driver.find_element(By.ID, "state-filter")).select_by_visible_text("failed")
         wait.until(lambda d: text(d, "range") == "1–13 of 13")
         assert shown(driver) == ids[120::-10]  # jobs 120, 110, ..., 0

@@ -77,8 +77,11 @@ async function refreshJobs() {
     $("status").textContent = "";
     $("jobs").classList.remove("stale");
     $("range").textContent = page.total ? `${offset + 1}–${offset + page.jobs.length} of ${page.total}` : "";
+    const focused = document.activeElement;
     $("newer").disabled = offset === 0;
     $("older").disabled = offset + page.jobs.length >= page.total;
+    if (focused === $("older") && $("older").disabled) $("newer").focus();  // the keyboard's place is kept
+    else if (focused === $("newer") && $("newer").disabled) $("older").focus();
     const body = $("jobs").querySelector("tbody");
     const rows = new Map([...body.rows].map((tr) => [tr.dataset.job, tr]));
     page.jobs.forEach((job, i) => {
