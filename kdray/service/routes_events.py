@@ -184,13 +184,20 @@ class EventHub:
             job.head = (min(seq, last), state if last >= seq else "running")
 
 
+async def _hub_of_known_job(request: Request, store: JobStore, job_id: str) -> EventHub:
+    """The app's :class:`EventHub`, once ``job_id`` is known to the store (a read shared with
+    the other requests for it: pages open in bursts); a 404 otherwise."""
+    hub: EventHub = request.app.state.events
+    if len(job_id) > MAX_JOB_ID or await hub.read("get", job_id) is None:
+        await run_in_threadpool(find_job, store, job_id)  # the 404
+    return hub
+
+
 @router.get("/{job_id}/events", dependencies=[Depends(read_access)],
             summary="A job's progress history (JSON page, or a server-sent event stream with stream=true)")
 async def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False,
                  store: JobStore = Depends(get_store)) -> Any:
-    hub: EventHub = request.app.state.events
-    if len(job_id) > MAX_JOB_ID or await hub.read("get", job_id) is None:  # a shared read: pages open in bursts
-        await run_in_threadpool(find_job, store, job_id)  # the 404
+    hub = await _hub_of_known_job(request, store, job_id)
     if after < 0 or not 1 <= limit <= 10000:
         raise RequestError(422, "invalid query",
                            errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
@@ -213,9 +220,7 @@ async def curve(request: Request, job_id: str, field: str = "loss", points: int 
     what the page draws of a job's history, whatever its length, before it follows the
     events after ``seq``. 404 for no such job; 422 naming ``field`` (not a plain key) or
     ``points`` (outside 1..10000)."""
-    hub: EventHub = request.app.state.events
-    if len(job_id) > MAX_JOB_ID or await hub.read("get", job_id) is None:  # a shared read: pages open in bursts
-        await run_in_threadpool(find_job, store, job_id)  # the 404
+    hub = await _hub_of_known_job(request, store, job_id)
     wrong = series.problems(field, points)
     if wrong:
         raise RequestError(422, "invalid query", errors=[{"field": k, "message": v} for k, v in wrong.items()])
