@@ -6,6 +6,7 @@ that a real `kdray serve` runs to the end is in test_service.py."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -25,7 +26,9 @@ def server(tmp_path):
 
 
 def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     app, url = server
     store = app.state.store
@@ -62,6 +65,18 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         assert states == {done["id"]: "succeeded", queued["id"]: "queued", live["id"]: "running"}
         click(driver, f'tr[data-job="{done["id"]}"]')
         wait.until(lambda d: d.find_element(By.ID, "loss").get_attribute("data-points") == "3")
+        # The x-axis runs to the job's last step (5; a restore left steps 1-3), and the values read
+        # from the keyboard (End, Home, →) and under the pointer.
+        canvas = driver.find_element(By.ID, "loss")
+        assert canvas.get_attribute("data-x-end") == "5" and "of 5" in canvas.get_attribute("aria-label")
+        readout = lambda d: d.find_element(By.ID, "readout").text  # noqa: E731
+        for key, shown in ((Keys.END, "step 3: loss 1.5"), (Keys.HOME, "step 1: loss 2.5"), (Keys.ARROW_RIGHT, "step 2: loss 1.9")):
+            canvas.send_keys(key)
+            wait.until(lambda d: readout(d) == shown)
+        ActionChains(driver).move_to_element_with_offset(canvas, 52 + 648 * 2 // 4 - 360, 0).perform()  # step 3's column
+        wait.until(lambda d: readout(d) == "step 3: loss 1.5")
+        ActionChains(driver).move_to_element_with_offset(canvas, 52 + 648 * 3 // 4 - 360, 0).perform()  # no step 4
+        wait.until(lambda d: readout(d) == "")
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
         assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 0.335 3.40"]
@@ -120,6 +135,7 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
     import sqlite3
 
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     app, url = server
     store = app.state.store
@@ -153,6 +169,10 @@ def test_the_loss_curve_of_a_long_job_draws_every_step(server, tmp_path):
             }
             return n;""")
         assert columns >= 640, columns
+        # A column holds about 92 steps: the readout gives their range and their lowest and highest.
+        canvas.send_keys(Keys.END)
+        shown = waiting(driver).until(lambda d: d.find_element(By.ID, "readout").text)
+        assert re.fullmatch(r"steps 59\d{3}–60000: loss 0\.0\d+ to 0\.0\d+", shown), shown
     finally:
         driver.quit()
 

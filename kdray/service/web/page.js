@@ -15,7 +15,7 @@ let drawTimer = 0;        // a pending redraw of the loss curve, or 0
 const PAGE = 100;         // jobs per page of the table
 let offset = 0;           // the table's page: how many newer jobs (of the state filter) come before it
 let listing = 0;          // the table's reads in flight: the 3-s timer waits for them, a click does not
-const PLOT = { left: 52, right: 20, top: 36 };  // the plot's margins in the canvas, in pixels
+let totalSteps = null;    // the selected job's planned optimizer steps, once known
 
 function headers() { return token ? { Authorization: "Bearer " + token } : {}; }
 
@@ -126,62 +126,13 @@ function showMeta(job) {
                              job.eta_s !== null && job.eta_s !== undefined && `ETA ${eta(job.eta_s)}`, `output ${job.output_dir}`]
                             .filter(Boolean).join(" · ");
   $("d-error").hidden = !job.error; $("d-error").textContent = text(job.error);
+  if (job.total_steps && job.total_steps !== totalSteps) { totalSteps = job.total_steps; drawSoon(); }
 }
 
-// The loss curve, one pixel column at a time: a long job's steps share columns, and each column
-// is drawn as the lowest and highest loss among its steps, so drawing costs one pass over the
-// steps and at most two segments per column, however long the job (a redraw per step, or an
-// argument per step to Math.min, would stall the page on a job with 100,000 steps).
-function drawLoss() {
-  const canvas = $("loss"), ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  canvas.dataset.points = String(points.length);
-  canvas.dataset.field = metric;
-  canvas.dataset.drawn = "0";
-  canvas.dataset.lastStep = points.length ? String(points[points.length - 1][0]) : "";
-  if (!points.length) {
-    ctx.fillStyle = "#596273"; ctx.fillText("no training step yet", 12, 20);
-    canvas.setAttribute("aria-label", "no training step yet"); return;
-  }
-  const pad = PLOT.left, w = canvas.width - PLOT.left - PLOT.right, top = PLOT.top, h = canvas.height - 2 * top;
-  let x0 = Infinity, last = -Infinity, y0 = Infinity, y1 = -Infinity;
-  for (const [s, v] of points) { x0 = Math.min(x0, s); last = Math.max(last, s); y0 = Math.min(y0, v); y1 = Math.max(y1, v); }
-  const x1 = Math.max(last, x0 + 1);
-  if (y1 - y0 < 1e-9) { const d = Math.max(Math.abs(y0) * 0.05, 1e-6); y0 -= d; y1 += d; }  // a flat curve: mid-plot
-  const low = new Float64Array(w + 1).fill(Infinity), high = new Float64Array(w + 1).fill(-Infinity);
-  const lowStep = new Float64Array(w + 1), highStep = new Float64Array(w + 1);
-  for (const [s, v] of points) {
-    const c = Math.round((w * (s - x0)) / (x1 - x0));
-    if (v < low[c]) { low[c] = v; lowStep[c] = s; }
-    if (v > high[c]) { high[c] = v; highStep[c] = s; }
-  }
-  if (points.length > 8 * (w + 1)) {  // a page left open on a long job: keep what the plot draws (as GET /curve does)
-    const kept = new Map([[points[0][0], points[0][1]], [points[points.length - 1][0], points[points.length - 1][1]]]);
-    for (let c = 0; c <= w; c++) if (low[c] !== Infinity) { kept.set(lowStep[c], low[c]); kept.set(highStep[c], high[c]); }
-    points = [...kept].sort((a, b) => a[0] - b[0]);
-    canvas.dataset.points = String(points.length);
-  }
-  const Y = (v) => top + h - (h * (v - y0)) / (y1 - y0);
-  ctx.strokeStyle = "#c4cad3"; ctx.strokeRect(pad, top, w, h);
-  ctx.fillStyle = "#596273"; ctx.font = "11px system-ui";
-  // At most 7 characters, which the left margin holds: 3.807, 0.1235, 1.50e-6 (a learning rate), 3.50e+4 (tokens/s).
-  const label = (v) => (v === 0 ? "0" : Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(2) : String(+v.toPrecision(4)));
-  ctx.textAlign = "right"; ctx.fillText(label(y1), pad - 4, top + 4); ctx.fillText(label(y0), pad - 4, top + h);
-  ctx.textAlign = "left"; ctx.fillText(`step ${x0}`, pad, top + h + 16);
-  ctx.textAlign = "right"; ctx.fillText(`step ${last}`, pad + w, top + h + 16); ctx.textAlign = "left";
-  canvas.setAttribute("aria-label", `${metric} over steps ${x0} to ${last}: ${label(points[0][1])} at the first, `
-                                    + `${label(points[points.length - 1][1])} at the last, between ${label(y0)} and ${label(y1)}`);
-  ctx.strokeStyle = "#3b7ddd"; ctx.lineWidth = 2; ctx.beginPath();
-  let columns = 0;
-  for (let c = 0; c <= w; c++) {
-    if (low[c] === Infinity) continue;
-    if (columns++) ctx.lineTo(pad + c, Y(low[c])); else ctx.moveTo(pad + c, Y(low[c]));
-    if (high[c] > low[c]) ctx.lineTo(pad + c, Y(high[c]));
-  }
-  ctx.stroke();
-  if (columns === 1) { ctx.fillStyle = "#3b7ddd"; ctx.fillRect(pad - 3, Y(low[0]) - 3, 6, 6); }  // one step: a dot
-  canvas.dataset.drawn = String(points.length);
-}
+// The selected job's curve (plot.js): redrawn with the steps it has, the x-axis out to the job's
+// last step once it is known.
+const curve = new Curve($("loss"), $("readout"));
+function drawLoss() { points = curve.draw(points, metric, totalSteps); }
 
 // Steps arrive in bursts (a stream replays a job's history 500 events at a time): the curve is
 // drawn once a burst is in, not once per step.
@@ -194,6 +145,7 @@ function onEvent(kind, data) {
     // Steps redone after a restore replace the lost ones from that step on, as in the report.
     while (points.length && points[points.length - 1][0] >= data.step) points.pop();
     if (typeof data[metric] === "number") points.push([data.step, data[metric]]);
+    if (typeof data.total_steps === "number") totalSteps = data.total_steps;
     addMetrics(data);
     drawSoon();
   } else if (kind === "end") {
@@ -325,7 +277,7 @@ async function show(path, title, empty) {
 async function select(jobId) {
   if (jobId !== selected) { metric = "loss"; metrics.clear(); metrics.add("loss"); $("metric").replaceChildren(new Option("loss", "loss")); }
   if (follow) follow.abort();
-  selected = jobId; points = []; drawLoss();
+  selected = jobId; points = []; totalSteps = null; drawLoss();
   ["d-title", "d-meta", "d-error", "d-follow"].forEach((id) => { $(id).textContent = ""; });
   $("d-error").hidden = $("d-follow").hidden = true;
   location.hash = "job=" + jobId;
