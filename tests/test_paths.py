@@ -100,7 +100,57 @@ def test_an_org_name_that_is_also_a_directory_here_is_refused_as_ambiguous(tmp_p
     errs = errors_of(minimal(student={"model": "models/student"}))
     assert "both a hub id and a directory here" in errs["student.model"]
     assert "'./models/student'" in errs["student.model"]
-    assert parse_spec(minimal(student={"model": "./models/student"})).student.model == "./models/student"
+    assert parse_spec(minimal(student={"model": "./models/student"})).student.model == str(tmp_path / "models" / "student")
+
+
+def test_relative_model_and_data_paths_become_the_absolute_paths_they_name(tmp_path, monkeypatch):
+    """Taken from the working directory (the service's: its base_dir) once, at validation: Ray
+    Train's workers and the pools run in Ray's own directories, where './student' named nothing
+    (a job that validated failed in its train stage), and the spec saved in output_dir then
+    reproduces the job from any directory."""
+    import json
+
+    from kdray.spec import dump_spec
+
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "models" / "student" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"id": "a", "prompt": "p"}) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rel = minimal(student={"model": "../models/student"}, data={"train": "../data/train.jsonl", "heldout": "toy:heldout"})
+    spec = parse_spec(rel)
+    assert spec.student.model == str(tmp_path / "models" / "student")
+    assert spec.data.train == str(tmp_path / "data" / "train.jsonl") and spec.data.heldout == "toy:heldout"
+    assert spec.teacher.model == "toy:teacher"
+    again = yaml.safe_load(dump_spec(spec))
+    monkeypatch.chdir(tmp_path)  # the saved spec means the same from another directory
+    assert parse_spec(again) == spec
+    # The service takes them from its working directory, wherever its replica runs.
+    via = parse_spec(minimal(student={"model": "./models/student"}), base_dir=str(tmp_path))
+    assert via.student.model == str(tmp_path / "models" / "student")
+    # A missing relative path says where it was looked for; a file is not a model directory.
+    errs = errors_of(minimal(student={"model": "./student"}, data={"train": "train.jsonl", "heldout": "toy:heldout"}))
+    assert f"looked for {tmp_path / 'student'}" in errs["student.model"]
+    assert f"looked for {tmp_path / 'train.jsonl'}" in errs["data.train"]
+    errs = errors_of(minimal(student={"model": "./models/student/config.json"}))
+    assert "is a file; give the directory save_pretrained wrote" in errs["student.model"]
+    assert str(tmp_path / "models" / "student") in errs["student.model"]
+
+
+def test_the_service_takes_relative_paths_from_its_working_directory(tmp_path, monkeypatch):
+    from kdray.service.app import ServiceConfig, build_app
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)  # the replica's directory is not the service's working directory
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1", workdir=str(tmp_path / "work"))
+    with TestClient(build_app(config)) as client:
+        res = client.post("/v1/jobs", json=minimal(student={"model": "./models/student"}),
+                          headers={"Authorization": "Bearer t"})
+    assert res.status_code == 422, res.text
+    [error] = res.json()["errors"]
+    assert error["field"] == "student.model" and f"looked for {tmp_path / 'work' / 'models' / 'student'}" in error["message"]
 
 
 def test_a_local_model_path_missing_on_this_node_names_the_node_never_the_hub(tmp_path):

@@ -221,7 +221,14 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
     spec_path = tmp_path / "job.yaml"
     # The toy dataset's own responses: the service's part is what this test is about (a teacher
     # pool before the training would add half a minute on CI).
-    spec_path.write_text(yaml.safe_dump(job_spec("watched", 2, response_source="dataset")))
+    # The student by a path relative to the service's working directory: the service makes it
+    # absolute, so the Ray Train workers, which run in Ray's own directories, find it too.
+    from kdray import toy
+
+    (service.state_dir.parent / "my-student").symlink_to(toy.resolve("toy:student"))
+    spec = job_spec("watched", 2, response_source="dataset")
+    spec["student"]["model"] = "./my-student"
+    spec_path.write_text(yaml.safe_dump(spec))
     res = kdray("submit", str(spec_path), "--server", service.url, "--idempotency-key", "k-1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
@@ -300,6 +307,8 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         assert job_id in [j["id"] for j in listed["jobs"]]
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
+    saved = yaml.safe_load((service.state_dir / "runs" / "watched" / "spec.yaml").read_text())
+    assert saved["student"]["model"] == str(service.state_dir.parent / "my-student")
     report = json.loads((service.state_dir / "runs" / "watched" / "report.json").read_text())
     assert list(report)[-1] == "train_metrics"  # last: the service's read of the report stops before it
 

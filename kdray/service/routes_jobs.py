@@ -53,14 +53,16 @@ async def _read_body(request: Request, limit: int) -> tuple[bytes, str]:
     return body, ctype
 
 
-def parse_body(body: bytes, ctype: str, output_root: str) -> Any:
-    """The JobSpec in a request body, its output_dir confined to ``output_root``, or a
+def parse_body(body: bytes, ctype: str, output_root: str, workdir: str | None = None) -> Any:
+    """The JobSpec in a request body, its output_dir confined to ``output_root`` and its relative
+    model and data paths taken from ``workdir`` (where its driver runs), or a
     :class:`SpecError` naming each problem (the body counts as the field ``(body)``)."""
     from kdray.spec import parse_spec, parse_spec_text
 
     try:
         text = body.decode("utf-8")
-        spec = parse_spec(json.loads(text)) if ctype in JSON_TYPES else parse_spec_text(text)
+        spec = (parse_spec(json.loads(text), base_dir=workdir) if ctype in JSON_TYPES
+                else parse_spec_text(text, base_dir=workdir))
     except UnicodeDecodeError as exc:
         raise SpecError([("(body)", f"the body is not UTF-8 text: {utf8_fault(body, exc)}")]) from None
     except RecursionError:
@@ -117,7 +119,7 @@ async def submit(request: Request, config: ServiceConfig = Depends(get_config), 
     if key is not None and not 1 <= len(key) <= 200:
         raise RequestError(422, "Idempotency-Key must be 1 to 200 characters")
     # Off the event loop: validation reads the spec's files, the store and Ray's job API block.
-    spec = await run_in_threadpool(parse_body, body, ctype, config.output_root)
+    spec = await run_in_threadpool(parse_body, body, ctype, config.output_root, config.workdir)
     return await run_in_threadpool(_start, spec, key, config, store, ray)
 
 

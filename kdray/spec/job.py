@@ -3,7 +3,8 @@
 A spec arrives as a YAML file (CLI), or as a JSON/YAML HTTP body (service), and is validated
 here, at the boundary, with every error reported at once (:class:`kdray.errors.SpecError`).
 Nothing downstream re-reads user input or rewrites a user's value: defaults are explicit and
-printable with ``kdray validate``. Later features extend this model; they do not fork it.
+printable with ``kdray validate``, and a relative model or data path becomes the absolute path
+it names here (every process of the job, wherever it runs, reads the same one). Later features extend this model; they do not fork it.
 
 This module imports only pydantic and the standard library; model and data references are
 checked in :mod:`kdray.spec.refs`, the training sections live in :mod:`kdray.spec.training`,
@@ -15,13 +16,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kdray.spec.base import _Spec
 from kdray.spec.curriculum import CurriculumSpec, as_curriculum_list, check_curriculum
 from kdray.spec.generation import GenerationSpec
 from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
 from kdray.spec.refs import check_data_ref, check_model_ref, check_output_dir
+
+
+def base_dir(info: ValidationInfo) -> str | None:
+    """The directory relative model and data paths are taken from: the validation context's
+    ``base_dir`` (the service's working directory), else this process's."""
+    return (info.context or {}).get("base_dir")
 from kdray.spec.tracking import TrackingSpec
 from kdray.spec.training import TeacherSignalSpec, TrainingSpec
 
@@ -35,7 +42,9 @@ class ModelSpec(_Spec):
         "model: 'toy:teacher', 'toy:student' (the grammar world's: 'toy:grammar-teacher', "
         "'toy:grammar-student'). A local directory must exist on every node that loads the "
         "model (a missing one is an error naming the node, never a hub lookup); an org/name that is also a "
-        "directory here is refused as ambiguous (write ./org/name). URIs (s3://...) are refused.",
+        "directory here is refused as ambiguous (write ./org/name). A relative path is taken from the "
+        "directory kdray run or kdray validate starts in (under kdray serve, its working directory) and "
+        "becomes that absolute path in the validated spec. URIs (s3://...) are refused.",
     )
     backend: Literal["vllm", "hf"] = Field(
         "vllm",
@@ -55,8 +64,8 @@ class ModelSpec(_Spec):
 
     @field_validator("model")
     @classmethod
-    def _model_ref(cls, v: str) -> str:
-        return check_model_ref(v)
+    def _model_ref(cls, v: str, info: ValidationInfo) -> str:
+        return check_model_ref(v, base_dir(info))
 
 
 class DataSpec(_Spec):
@@ -66,8 +75,8 @@ class DataSpec(_Spec):
         description="Training prompts: a .jsonl or .parquet file, a save_to_disk directory, "
         "a hub dataset 'hub:ORG/NAME[:SPLIT]' (SPLIT in datasets' slice syntax, e.g. "
         "train[:14000]; read with datasets.load_dataset, pip install 'kdray[hub]'), or 'toy:train' "
-        "('toy:grammar-train'). "
-        "URIs (s3://...) are refused: mount the bucket and give the path.",
+        "('toy:grammar-train'). A relative path is taken from the directory kdray starts in, as a "
+        "model's. URIs (s3://...) are refused: mount the bucket and give the path.",
     )
     heldout: str = Field(
         description="Held-out prompts for evaluation, same formats, or 'toy:heldout' ('toy:grammar-heldout').",
@@ -115,8 +124,8 @@ class DataSpec(_Spec):
 
     @field_validator("train", "heldout")
     @classmethod
-    def _data_ref(cls, v: str) -> str:
-        return check_data_ref(v)
+    def _data_ref(cls, v: str, info: ValidationInfo) -> str:
+        return check_data_ref(v, base_dir(info))
 
     @field_validator("chat_template")
     @classmethod

@@ -151,8 +151,9 @@ def _clean_text(data: Any, loc: tuple[Any, ...], errors: list[tuple[str, str]], 
     return data
 
 
-def parse_spec(data: Any, source: str | None = None) -> JobSpec:
+def parse_spec(data: Any, source: str | None = None, base_dir: str | None = None) -> JobSpec:
     """Validate a decoded spec (dict) and return a JobSpec, or raise SpecError with all errors.
+    Relative model and data paths are taken from ``base_dir`` (default: the working directory).
 
     A string with a lone surrogate or a NUL character, anywhere in ``data``, is an error of its
     field (its other errors, and those of the fields under it, are not repeated)."""
@@ -164,7 +165,7 @@ def parse_spec(data: Any, source: str | None = None) -> JobSpec:
     data = _clean_text(data, (), text_errors)
     flagged = tuple(path for path, _ in text_errors)
     try:
-        spec = JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         others = [e for e in spec_errors(exc)
                   if not any(e[0] == f or e[0].startswith((f + ".", f + "[")) for f in flagged)]
@@ -202,9 +203,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_spec_text(text: str, source: str | None = None) -> JobSpec:
-    """Parse YAML (JSON is YAML) text into a JobSpec; a YAML error names its line and column,
-    and a key written twice in one mapping is an error."""
+def parse_spec_text(text: str, source: str | None = None, base_dir: str | None = None) -> JobSpec:
+    """Parse YAML (JSON is YAML) text into a JobSpec (:func:`parse_spec`); a YAML error names its
+    line and column, and a key written twice in one mapping is an error."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL or U+0001
@@ -217,7 +218,7 @@ def parse_spec_text(text: str, source: str | None = None) -> JobSpec:
         mark = getattr(exc, "problem_mark", None)
         where = _line_column(text, mark.index) if mark else "(spec)"
         raise SpecError([(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source) from None
-    return parse_spec(data, source)
+    return parse_spec(data, source, base_dir)
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:

@@ -19,6 +19,7 @@ a directory called ``s3:`` under the working directory. Mount the bucket on ever
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -77,17 +78,34 @@ def is_local_model_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(ref)
 
 
-def check_model_ref(ref: str) -> str:
-    """Accept a toy model, an existing local model directory, or a hub id ``org/name``
-    (:func:`is_local_model_path` tells them apart).
+def local_path(ref: str, base: str | None = None) -> Path:
+    """The absolute path that local reference ``ref`` names: ``~`` expanded, a relative path
+    taken from ``base`` (default: this process's working directory), ``..`` folded, symlinks
+    kept (a mount's own path is what every node shares)."""
+    return Path(os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(ref))))
+
+
+def _relative_note(ref: str, path: Path) -> str:
+    """`` (looked for PATH: ...)`` for a relative ``ref``, which says where it was looked for."""
+    if os.path.isabs(os.path.expanduser(ref)):
+        return ""
+    return (f" (looked for {path}: a relative path is taken from the directory kdray runs in; under kdray "
+            "serve, its working directory)")
+
+
+def check_model_ref(ref: str, base: str | None = None) -> str:
+    """A toy model as written, an existing local model directory as its absolute path
+    (:func:`local_path`: processes that run elsewhere, Ray Train's workers among them, read
+    the same directory), or a hub id ``org/name`` as written (:func:`is_local_model_path`
+    tells them apart).
 
     A local path must exist now and hold a ``config.json``: a typo should fail at validation,
     not twenty minutes into a job. A hub id is resolved by the host that loads it.
 
     Raises:
-        ValueError: a URI, an unknown toy model, a missing local directory or one without
-            config.json, an ``org/name`` that is also a directory here (ambiguous), or a
-            reference that is none of these.
+        ValueError: a URI, an unknown toy model, a missing local directory, a file, a directory
+            without config.json, an ``org/name`` that is also a directory here (ambiguous), or
+            a reference that is none of these.
     """
     if ref.startswith(TOY_PREFIX):
         if ref not in TOY_MODELS:
@@ -96,16 +114,19 @@ def check_model_ref(ref: str) -> str:
     problem = uri_problem(ref, "model")
     if problem:
         raise ValueError(problem)
-    if _HUB_ID.match(ref) and Path(ref).exists():
+    path = local_path(ref, base)
+    if _HUB_ID.match(ref) and path.exists():
         raise ValueError(
-            f"{ref!r} is both a hub id and a directory here ({Path(ref).resolve()}); write './{ref}' or the "
+            f"{ref!r} is both a hub id and a directory here ({path}); write './{ref}' or the "
             "absolute path for the directory, or run from a directory without it to mean the hub model"
         )
-    if ref.startswith(("/", "./", "../", "~")) or Path(ref).exists():
-        path = Path(ref).expanduser()
+    if ref.startswith(("/", "./", "../", "~")) or path.exists():
+        if path.is_file():
+            raise ValueError(f"model path {ref!r} is a file; give the directory save_pretrained wrote "
+                             f"({path.parent}, if that is it)")
         if not path.is_dir():
             raise ValueError(
-                f"model path {ref!r} does not exist; give a directory written by "
+                f"model path {ref!r} does not exist{_relative_note(ref, path)}; give a directory written by "
                 "save_pretrained, a hub id 'org/name', or 'toy:teacher' / 'toy:student'"
             )
         if not (path / "config.json").is_file():
@@ -113,7 +134,7 @@ def check_model_ref(ref: str) -> str:
                 f"model directory {ref!r} has no config.json; point at the directory that "
                 "save_pretrained wrote"
             )
-        return ref
+        return str(path)
     if _HUB_ID.match(ref):
         return ref
     raise ValueError(
@@ -150,9 +171,9 @@ def parse_hub_ref(ref: str) -> tuple[str, str]:
     return name, split
 
 
-def check_data_ref(ref: str) -> str:
-    """Accept a toy split, a hub dataset ``hub:ORG/NAME[:SPLIT]``, or an existing JSONL /
-    parquet file or ``save_to_disk`` directory.
+def check_data_ref(ref: str, base: str | None = None) -> str:
+    """A toy split or a hub dataset ``hub:ORG/NAME[:SPLIT]`` as written, or an existing JSONL /
+    parquet file or ``save_to_disk`` directory as its absolute path (:func:`local_path`).
 
     Raises:
         ValueError: a URI, a bad hub reference, an unknown toy split, a missing path or a file
@@ -167,13 +188,13 @@ def check_data_ref(ref: str) -> str:
     problem = uri_problem(ref, "data")
     if problem:
         raise ValueError(problem)
-    path = Path(ref).expanduser()
+    path = local_path(ref, base)
     if not path.exists():
         raise ValueError(
-            f"dataset {ref!r} does not exist; give a .jsonl or .parquet file, a directory "
+            f"dataset {ref!r} does not exist{_relative_note(ref, path)}; give a .jsonl or .parquet file, a directory "
             "written by datasets' save_to_disk, a hub dataset 'hub:ORG/NAME[:SPLIT]', or "
             "'toy:train' / 'toy:heldout'"
         )
     if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"dataset {ref!r} has suffix {path.suffix!r}; use .jsonl or .parquet")
-    return ref
+    return str(path)
