@@ -352,6 +352,16 @@ def hidden_size(ref: str) -> int:
     return _config_value(ref, "hidden_size")
 
 
+def head_dim(ref: str) -> int:
+    """Dimensions of one attention head: ``config.head_dim``, else ``hidden_size //
+    num_attention_heads`` (what transformers' Llama-family models use without one)."""
+    from transformers import AutoConfig
+
+    with loading("the config", ref):
+        text = AutoConfig.from_pretrained(resolve_model(ref)).get_text_config()
+    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+
 def shared_vocab_size(teacher_ref: str, student_ref: str) -> int:
     """The vocabulary both models' logits are compared over, or a clear error.
 

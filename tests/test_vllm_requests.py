@@ -125,3 +125,29 @@ def test_difficulty_joins_an_answer_and_a_gold_score_per_key():
     assert [v.tolist() for v in same] == [keys.tolist(), rouge.tolist(), ce.tolist()]
     with pytest.raises(DataError, match=r"curriculum/difficulty has no gold_ce for 1 training rows \(first: b#0\).*--restart"):
         per_key(["a#0", "b#0"], [0.25, 0.5], [1.5, nan], where="curriculum/difficulty")
+
+
+def test_a_cpu_engine_that_could_not_run_the_model_is_refused_before_its_pool_starts(tmp_path, toy_world):
+    """vLLM's CPU attention runs some head sizes only; with another, its engine starts and fails
+    at its first request, which Ray's batch processor answers by restarting it without end (a
+    job with a head_dim-16 teacher hung in generate)."""
+    from transformers import LlamaConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from kdray.errors import ModelError
+    from kdray.pools.run import pool_class_kwargs
+    from kdray.pools.vllm import CPU_HEAD_SIZES, check_engine_support, generation_processor
+    from kdray.spec import GenerationSpec, ModelSpec
+
+    assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()  # the installed vLLM's
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=64).save_pretrained(tmp_path / "hd16")
+    odd = ModelSpec(model=str(tmp_path / "hd16"), dtype="float32", max_model_len=64)
+    cpu = GenerationSpec(replicas=1, num_cpus_per_replica=0.5)
+    for start in (lambda: generation_processor(odd, cpu, seed=0), lambda: pool_class_kwargs(odd, cpu)):
+        with pytest.raises(ModelError) as info:
+            start()
+        msg = str(info.value)
+        assert "attention heads of 16 dimensions" in msg and "32, 64, 80" in msg and "backend: hf" in msg, msg
+    check_engine_support(odd.model_copy(update={"backend": "hf"}), cpu)  # transformers runs any
+    check_engine_support(odd, cpu.model_copy(update={"num_gpus_per_replica": 1.0}))  # another backend on GPUs
+    check_engine_support(ModelSpec(model="toy:teacher", dtype="float32", max_model_len=64), cpu)  # 32

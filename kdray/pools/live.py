@@ -38,7 +38,7 @@ from kdray.errors import KdrayError
 from kdray.models import load_tokenizer, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, check_lengths, pool_env
 from kdray.pools.placement import engine_placement, in_placement_group, uses_ray_executor
-from kdray.pools.vllm import engine_options, start_engine
+from kdray.pools.vllm import check_engine_support, engine_options, start_engine
 from kdray.spec import GenerationSpec, JobSpec
 
 
@@ -233,6 +233,7 @@ def start_live_pools(spec: JobSpec, *, version: int, teacher_meta: dict[str, Any
     pools = LivePools()
     if live_pool_of(spec) is not None:
         pool, model = student_pool_spec(spec), spec.student
+        check_engine_support(model, pool)
         # The engine in the actor's process on GPUs too: the pushed weights reach it without pickling.
         env = {**pool_env(pool), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         actor = ray.remote(StudentSampler).options(

@@ -130,7 +130,9 @@ def map_pool(ds: Any, model: ModelSpec, pool: GenerationSpec, role: str, *, row_
 def pool_class_kwargs(model: ModelSpec, pool: GenerationSpec) -> dict[str, Any]:
     """What every pool class's constructor takes (:func:`pool_class`): the model, its dtype and
     length, the pool's parallelism and engine options, and the actor environment
-    (:func:`~kdray.pools.base.pool_env`)."""
+    (:func:`~kdray.pools.base.pool_env`). Raises :class:`~kdray.errors.ModelError` for a model
+    its vLLM engine could not run (:func:`~kdray.pools.vllm.check_engine_support`)."""
+    vllm.check_engine_support(model, pool)
     return dict(model=model.model, dtype=model.dtype, max_model_len=model.max_model_len,
                 tensor_parallel_size=pool.tensor_parallel_size, enforce_eager=pool.enforce_eager,
                 env=pool_env(pool), **(vllm.engine_options(pool) if model.backend == "vllm" else {}))

@@ -40,6 +40,35 @@ from kdray.pools.placement import engine_placement, uses_ray_executor
 from kdray.spec import GenerationSpec, ModelSpec
 
 
+#: The head sizes vLLM's CPU attention runs (vLLM 0.32, ``CPUAttentionBackend.get_supported_head_sizes()``;
+#: tests/test_vllm_requests.py compares the installed vLLM's). With another, a CPU engine starts,
+#: then fails at its first request; Ray's batch processor answers that by restarting the engine,
+#: without end (its actors' ``max_restarts`` is -1), so the job would hang.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_engine_support(model: ModelSpec, pool: GenerationSpec) -> None:
+    """Refuse what a vLLM engine of ``pool`` could start with but not run: on CPU replicas
+    (``num_gpus_per_replica`` 0), a model whose attention heads are not of a size in
+    :data:`CPU_HEAD_SIZES`. Other backends, and GPU replicas, pass. Called in the driver before a
+    pool of ``model`` starts.
+
+    Raises:
+        ModelError: naming the model, its head size, the sizes that run and the fixes.
+    """
+    if model.backend != "vllm" or pool.num_gpus_per_replica:
+        return
+    from kdray.models import head_dim
+
+    size = head_dim(model.model)
+    if size not in CPU_HEAD_SIZES:
+        raise ModelError(
+            f"model {model.model!r} has attention heads of {size} dimensions, which vLLM's CPU attention does not "
+            f"run (it runs {', '.join(map(str, CPU_HEAD_SIZES))}): its engine would fail at its first request. "
+            "Set backend: hf for this model, give its pool GPUs (num_gpus_per_replica), or use a model whose "
+            "head_dim (hidden_size / num_attention_heads) is one of those")
+
+
 def start_engine(model: str, **kwargs: Any) -> Any:
     """A vLLM engine for ``model``, or a :class:`ModelError` naming the model, the node and what
     vLLM said: its start fails on the model's files, its architecture, or the memory it needs."""
@@ -141,6 +170,7 @@ def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> A
     prompt ids, and vLLM returns the text."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    check_engine_support(model, pool)
     tp = pool.tensor_parallel_size
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model(model.model),
