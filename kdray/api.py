@@ -45,9 +45,40 @@ def local_models(spec: Any) -> dict[str, str]:
             if m.model.startswith(TOY_PREFIX) or Path(m.model).expanduser().is_dir()}
 
 
+def data_field_errors(spec: Any) -> list[tuple[str, str]]:
+    """``(field, message)`` for each field name of ``spec.data`` that the first row of a local
+    split lacks (:func:`kdray.data.sources.first_fields`), or for a split its reader refuses:
+    what a job would find only once it reads the rows. Under ``on_bad_rows: skip`` a first row
+    without a field may be one the job drops, so only the readers' errors count. The rows
+    themselves (empty prompts, duplicate ids, lengths) are checked by the job, every one of them."""
+    from kdray.data.sources import first_fields
+
+    data, errors = spec.data, []
+    needs = {"train": data.response_source == "dataset",
+             "heldout": spec.evaluation.enabled or spec.curriculum_of("replay") is not None}
+    for split, need_response in needs.items():
+        ref = getattr(data, split)
+        try:
+            fields = first_fields(ref)
+        except KdrayError as exc:
+            errors.append((f"data.{split}", str(exc)))
+            continue
+        if fields is None or data.on_bad_rows == "skip":
+            continue
+        wanted = [("prompt_field", data.prompt_field), ("id_field", data.id_field)]
+        wanted += [("response_field", data.response_field)] if need_response else []
+        for name, value in wanted:
+            if value is not None and value not in fields:
+                errors.append((f"data.{name}", f"the first row of {ref} (data.{split}) has no field {value!r}; its "
+                               f"fields are {', '.join(fields) or 'none'}: set data.{name} to the one that holds it"
+                               + (", or null to number the rows" if name == "id_field" else "")))
+    return errors
+
+
 def validate(spec: SpecLike) -> Any:
     """The resolved :class:`~kdray.spec.JobSpec` of ``spec``, checked as far as this machine can:
-    the spec's fields; models on this machine (toy models, local directories) must hold their
+    the spec's fields; a local data file's first row must have the fields the spec names
+    (:func:`data_field_errors`); models on this machine (toy models, local directories) must hold their
     weights, and when both are here teacher and student must share a tokenizer and render a
     prompt alike (:func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job
     that loads it; a template in ``data.chat_template`` must parse in any case.
@@ -69,6 +100,7 @@ def validate(spec: SpecLike) -> Any:
             check_model_files(ref)
         except KdrayError as exc:
             errors.append((f"{role}.model", str(exc)))
+    errors += data_field_errors(job)
     if len(local) == 2 and not errors:
         try:
             shared_vocab_size(job.teacher.model, job.student.model)

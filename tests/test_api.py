@@ -37,6 +37,35 @@ def test_validate_names_every_bad_field_and_the_source():
         kdray.validate(42)
 
 
+def test_validate_reads_the_field_names_of_a_local_datasets_first_row(tmp_path, toy_world):
+    """A misnamed field failed a job after its Ray Data stage read every row; validate now
+    names it from the first row of a JSONL file or a parquet file's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"id": "a", "promt": "p", "response": "r"}) + "\n")
+    pq.write_table(pa.table({"uid": ["a"], "prompt": ["p"], "answer": ["r"]}), tmp_path / "heldout.parquet")
+    spec = _demo()
+    spec["data"].update(train=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.parquet"))
+    with pytest.raises(SpecError) as err:
+        kdray.validate(spec)
+    errors = err.value.errors
+    assert [f for f, _ in errors] == ["data.prompt_field", "data.id_field", "data.response_field"], errors
+    assert f"the first row of {tmp_path / 'train.jsonl'} (data.train) has no field 'prompt'; its fields are id, " \
+           "promt, response" in errors[0][1]
+    assert "(data.heldout) has no field 'id'" in errors[1][1] and "or null to number the rows" in errors[1][1]
+    assert "(data.heldout) has no field 'response'; its fields are uid, prompt, answer" in errors[2][1]
+    spec["data"]["on_bad_rows"] = "skip"  # a first row without a field may be one the job drops
+    kdray.validate(spec)
+    spec["data"].update(prompt_field="promt", id_field=None, response_field="response", on_bad_rows="fail")
+    spec["evaluation"] = {"enabled": False}  # the held-out rows then need no response
+    spec["data"]["heldout"] = str(tmp_path / "train.jsonl")
+    assert kdray.validate(spec).data.prompt_field == "promt"
+    (tmp_path / "train.jsonl").write_text("{not json\n")
+    with pytest.raises(SpecError, match="line 1 is not valid JSON"):
+        kdray.validate(spec)
+
+
 def test_run_refuses_a_bad_spec_or_output_dir_before_any_work(tmp_path):
     bad = _demo()
     bad["objective"]["kind"] = "no_such_loss"

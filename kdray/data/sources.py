@@ -83,6 +83,34 @@ def source_units(ref: str, jsonl_chunk_bytes: int | None = None) -> list[Unit]:
         Unit("jsonl", str(path))]
 
 
+def first_fields(ref: str) -> list[str] | None:
+    """The field names of local dataset ``ref`` as its first rows show them, read cheaply (a
+    parquet or arrow file's schema, a JSONL file's first row), or None for a hub or toy
+    dataset, or a file without rows: for checks before a job reads every row.
+
+    Raises:
+        DataError: as :func:`source_units` and :func:`unit_rows`.
+    """
+    if ref.startswith((HUB_PREFIX, TOY_PREFIX)):
+        return None
+    units = source_units(ref)
+    if not units:
+        return None
+    unit = units[0]
+    if unit.kind == "parquet":
+        return list(_parquet_file(unit.source).schema_arrow.names)
+    if unit.kind == "arrow":
+        import pyarrow as pa
+
+        try:
+            with pa.memory_map(unit.source) as src:
+                return list(pa.ipc.open_stream(src).schema.names)
+        except (OSError, pa.ArrowException) as exc:
+            raise _arrow_error(Path(unit.source), Path(unit.saved), exc) from None
+    row = next(_read_jsonl(Path(unit.source)), None)
+    return None if row is None else [str(k) for k in row]
+
+
 def count_unit(unit: Unit) -> list[tuple[Unit, int, list[str]]]:
     """Read ``unit`` (in a task) and cut it further where its format says where (a parquet
     file's row groups, an arrow file's record batches, a hub dataset's rows; about
