@@ -40,6 +40,17 @@ def test_unknown_keys_wrong_types_and_missing_paths_are_all_reported(tmp_path):
     assert len(errs) == 5
 
 
+def test_a_misspelt_key_or_kind_is_answered_with_the_closest_name():
+    errs = errors_of(minimal(evalution={}, training={"max_step": 5}, objective={"kind": "forward-kl"},
+                             curriculum=[{"kind": "poc1"}]))
+    assert errs["evalution"].startswith("unknown key (did you mean 'evaluation'?); valid keys here are: name,")
+    assert "(did you mean 'max_steps'?)" in errs["training.max_step"]
+    assert errs["objective.kind"].startswith("'forward-kl' is not one of: forward_kl, reverse_kl")
+    assert errs["objective.kind"].endswith("(did you mean 'forward_kl'?)")
+    assert "(did you mean 'pocl'?)" in errs["curriculum[0].kind"], errs
+    assert "did you mean" not in errors_of(minimal(zzz=1))["zzz"]  # nothing close: no guess
+
+
 def test_nested_unknown_key_lists_the_valid_keys():
     errs = errors_of(minimal(training={"batch_size": 8}))
     assert "global_batch_size" in errs["training.batch_size"]
@@ -137,7 +148,7 @@ def test_objective_is_a_tagged_union_with_per_kind_parameters():
     errs = errors_of(minimal(objective={"alpha": 0.1}))
     assert "field 'kind' is missing" in errs["objective"] and "adaptive_kl" in errs["objective"]
     errs = errors_of(minimal(objective={"kind": "kl"}))
-    assert "'forward_kl'" in errs["objective"]
+    assert "'kl' is not one of: forward_kl," in errs["objective.kind"]
 
 
 def test_every_objective_kind_names_a_loss_library_divergence():

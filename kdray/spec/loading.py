@@ -7,6 +7,7 @@ key lists the valid keys at its level, and every error is reported at once.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
@@ -68,14 +69,21 @@ def _field_at(loc: tuple[Any, ...]) -> Any:
     return parent.model_fields.get(loc[-1]) if parent and loc else None
 
 
+def _did_you_mean(given: Any, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``given`` (difflib's ratio of at least
+    0.75: a typo, a ``-`` for ``_``, a letter dropped), else ``""``."""
+    close = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _friendly(err: dict[str, Any]) -> tuple[str, str]:
     loc = tuple(err["loc"])
     path = _loc_to_path(_walk(loc)[1])
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
-        known = ", ".join(parent.model_fields) if parent else ""
-        return path, f"unknown key; valid keys here are: {known}"
+        known = list(parent.model_fields) if parent else []
+        return path, f"unknown key{_did_you_mean(loc[-1], known)}; valid keys here are: {', '.join(known)}"
     if kind == "missing":
         return path, "required field is missing"
     if kind == "union_tag_not_found":
@@ -85,6 +93,11 @@ def _friendly(err: dict[str, Any]) -> tuple[str, str]:
             model = get_args(model)[0]
         choices = ", ".join(get_args(m.model_fields["kind"].annotation)[0] for m in get_args(model))
         return path, f"field {tags} is missing; choose one of: {choices}"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip(" '")]
+        tag, field = ctx.get("tag"), str(ctx.get("discriminator", "kind")).strip("'")
+        return f"{path}.{field}", f"{tag!r} is not one of: {', '.join(tags)}{_did_you_mean(tag, tags)}"
     msg = err["msg"]
     if kind == "string_pattern_mismatch":
         field = _field_at(loc)
