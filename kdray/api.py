@@ -101,6 +101,11 @@ def validate(spec: SpecLike) -> Any:
         except KdrayError as exc:
             errors.append((f"{role}.model", str(exc)))
     errors += data_field_errors(job)
+    out = Path(job.output_dir).expanduser().absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        errors.append(("output_dir", f"{existing} is a file, so {out} cannot be the job's directory: choose "
+                                     "another output_dir"))
     if len(local) == 2 and not errors:
         try:
             shared_vocab_size(job.teacher.model, job.student.model)

@@ -209,6 +209,9 @@ def check_model_files(ref: str) -> None:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(f"model directory {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)}); "
                          "save the model there with save_pretrained, or finish copying it")
+    if not any(f.name.startswith(("tokenizer", "vocab")) or f.suffix in (".model", ".tiktoken") for f in path.iterdir()):
+        raise ModelError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json, "
+                         "...): kdray reads a model's tokenizer from its directory; save it there too (save_pretrained)")
     problem = model_files_problem(path)
     if problem:
         raise ModelError(f"model directory {str(path)!r}: {problem}; {_REFETCH}")
@@ -353,8 +356,7 @@ def hidden_size(ref: str) -> int:
 
 
 def head_dim(ref: str) -> int:
-    """Dimensions of one attention head: ``config.head_dim``, else ``hidden_size //
-    num_attention_heads`` (what transformers' Llama-family models use without one)."""
+    """Dimensions of one attention head: ``config.head_dim``, else hidden_size // num_attention_heads."""
     from transformers import AutoConfig
 
     with loading("the config", ref):

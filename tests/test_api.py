@@ -61,6 +61,9 @@ def test_validate_reads_the_field_names_of_a_local_datasets_first_row(tmp_path, 
     spec["evaluation"] = {"enabled": False}  # the held-out rows then need no response
     spec["data"]["heldout"] = str(tmp_path / "train.jsonl")
     assert kdray.validate(spec).data.prompt_field == "promt"
+    spec["output_dir"] = str(tmp_path / "train.jsonl" / "run")  # under a file: no directory can be made there
+    with pytest.raises(SpecError, match=r"output_dir: .*train.jsonl is a file, so .*run cannot be the job's directory"):
+        kdray.validate(spec)
     (tmp_path / "train.jsonl").write_text("{not json\n")
     with pytest.raises(SpecError, match="line 1 is not valid JSON"):
         kdray.validate(spec)

@@ -166,6 +166,13 @@ def test_a_model_directory_without_weights_or_with_corrupt_ones(tmp_path, toy_wo
     with pytest.raises(ModelError, match=r"has no weights \(none of model.safetensors"):
         check_model_files(str(noweights))
     check_model_files("toy:student")
+    notok = tmp_path / "notok"  # the tokenizer left behind: a worker's load failed with transformers' words
+    shutil.copytree(resolve_model("toy:student"), notok)
+    for f in notok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            f.unlink()
+    with pytest.raises(ModelError, match=r"has no tokenizer \(tokenizer.json, .*save it there too"):
+        check_model_files(str(notok))
     corrupt = tmp_path / "corrupt"
     shutil.copytree(resolve_model("toy:teacher"), corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
