@@ -89,7 +89,11 @@ def _print_result(report: Any) -> None:
 
     stdout = Console()
     if report.evaluation:
+        from kdray.report.render import empty_answers_note
+
         stdout.print(_summary_table(report))
+        if note := empty_answers_note({k: s.mean_length for k, s in report.evaluation.items() if s.n}):
+            stdout.print(note)
     if judge := report.judge:
         def rate(key: str) -> str:
             return "n/a" if judge.get(key) is None else f"{judge[key]:.3f}"

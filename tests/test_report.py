@@ -94,6 +94,18 @@ def test_render_writes_markdown_and_plots(tmp_path):
     assert order == sorted(order)
     # No temporary files are left behind.
     assert sorted(p.name for p in job.iterdir()) == sorted(["report.json", *(p.name for p in written)])
+    assert "was empty" not in md
+
+
+def test_report_md_says_when_a_models_every_answer_was_empty(tmp_path):
+    job = make_job(tmp_path, "mute")
+    report = json.loads((job / "report.json").read_text())
+    report["evaluation"]["student_before"].update(mean_length=0.0, rougeL=0.0, exact_match=0.0)
+    report["evaluation"]["student_after"].update(mean_length=0.0, rougeL=0.0, exact_match=0.0)
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text()
+    assert "Every held-out answer of student before, student after was empty: the model ends its answer at once" in md
 
 
 def test_pngs_are_valid_images_of_sensible_size(tmp_path):

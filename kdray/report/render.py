@@ -206,6 +206,18 @@ def _wall(report: dict[str, Any]) -> float:
     return sum(_num(v) for v in timings.values()) if math.isnan(wall) and timings else wall
 
 
+def empty_answers_note(mean_lengths: dict[str, float]) -> str:
+    """A sentence naming the models whose every held-out answer was empty (mean length 0 by
+    label), or ``""``: their scores are 0 because they stop at once, which the table alone
+    does not say."""
+    empty = [label.replace("_", " ") for label, n in mean_lengths.items() if n == 0]
+    if not empty:
+        return ""
+    return (f"Every held-out answer of {', '.join(empty)} was empty: the model ends its answer at once (its first "
+            "token ends the sequence). Its answers are in samples/; a student trained longer, or a prompt "
+            "encoding it was trained for (data.chat_template), answers.")
+
+
 def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     def plot(name: str, what: str) -> list[str]:
         return ["", f"![{what}]({name})" if plots[name] is None else f"_No {name}: {plots[name]}._"]
@@ -229,6 +241,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         out += _table(["model", "ROUGE-L", "exact match", "mean length", "n"],
                       [[label.replace("_", " "), _fmt(s.get("rougeL")), _fmt(s.get("exact_match")),
                         _fmt(s.get("mean_length"), ".2f"), _fmt(s.get("n"), ".0f")] for label, s in entries])
+        out += ["", note] if (note := empty_answers_note(
+            {label: _num(s.get("mean_length")) for label, s in entries if _num(s.get("n")) > 0})) else []
     else:
         out.append("No evaluation results in report.json (evaluation disabled or not reached).")
     out += plot("evaluation.png", "held-out evaluation per model and round")
