@@ -77,9 +77,15 @@ def test_a_missing_column_names_the_field_and_the_fields_the_rows_have(tmp_path)
         load_split(spec_for(path), "train", words, need_response=False)
     msg = str(info.value)
     assert "3 rows without prompt field 'prompt'" in msg and "the rows have the fields answer, id, question" in msg
-    assert "data.prompt_field" in msg
-    with pytest.raises(DataError, match="none of its 3 rows is usable"):  # skipping every row is no way out
+    assert "data.prompt_field" in msg and "on_bad_rows" not in msg  # skipping every row is no way out
+    with pytest.raises(DataError, match="none of its 3 rows is usable"):
         load_split(spec_for(path, on_bad_rows="skip"), "train", words, need_response=False)
+    # One bad row of another kind: skipping it is a way out, and no field name is wrong.
+    path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in (("a", "q"), ("b", " "), ("c", "q"))))
+    with pytest.raises(DataError) as info:
+        load_split(spec_for(path), "train", words, need_response=False)
+    msg = str(info.value)
+    assert "1 of 3 rows are bad" in msg and "or set data.on_bad_rows: skip" in msg and "prompt_field" not in msg, msg
 
 
 def test_corrupt_parquet_and_saved_dataset_files_are_data_errors(tmp_path):

@@ -190,19 +190,24 @@ def bad_rows_error(report: RowReport, spec: DataSpec, fields: list[str], example
         DataError: naming the count of bad rows per reason, the first ids, and the fixes.
     """
     split = report.split
-    fix = f"Fix the dataset {getattr(spec, split, split)!r}"
+    fixes = [f"fix the dataset {getattr(spec, split, split)!r}"]
     hint = _fields_hint(fields, report)
+    if any(reason.startswith("rows without") for reason in report.counts):  # a field the spec names may be wrong
+        fixes.append("point data.prompt_field / data.response_field / data.id_field at the right fields")
     if report.n_bad and spec.on_bad_rows == "fail":
-        raise DataError(
-            f"data.{split}: {report.n_bad} of {report.total} rows are bad: {report.summary()}"
-            f"{hint}{example}. "
-            f"{fix}, point data.prompt_field / data.response_field / data.id_field at the right fields, or "
-            "set data.on_bad_rows: skip to drop them (they are counted in the report)."
-        )
+        if report.n_bad < report.total:  # skipping every row leaves nothing to train on
+            fixes.append("set data.on_bad_rows: skip to drop them (they are counted in the report)")
+        raise DataError(f"data.{split}: {report.n_bad} of {report.total} rows are bad: {report.summary()}"
+                        f"{hint}{example}. {_sentence(fixes)}.")
     if not report.kept:
         raise DataError(f"data.{split}: none of its {report.total} rows is usable: {report.summary()}"
-                        f"{hint}{example}. {fix} or point data.prompt_field"
-                        " / data.response_field / data.id_field at the right fields")
+                        f"{hint}{example}. {_sentence(fixes)}.")
+
+
+def _sentence(fixes: list[str]) -> str:
+    """``fixes`` as one capitalised sentence: "A, B or C"."""
+    text = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    return text[0].upper() + text[1:]
 
 
 def _fields_hint(fields: list[str], report: RowReport) -> str:
