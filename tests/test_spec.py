@@ -49,6 +49,9 @@ def test_a_misspelt_key_or_kind_is_answered_with_the_closest_name():
     assert errs["objective.kind"].endswith("(did you mean 'forward_kl'?)")
     assert "(did you mean 'pocl'?)" in errs["curriculum[0].kind"], errs
     assert "did you mean" not in errors_of(minimal(zzz=1))["zzz"]  # nothing close: no guess
+    errs = errors_of(minimal(data={"train": ["a.jsonl", "b.jsonl"], "heldout": {"path": "h.jsonl"}}))
+    assert errs["data.train"] == "Input should be a valid string (got a list)"
+    assert errs["data.heldout"] == "Input should be a valid string (got a mapping)"
 
 
 def test_nested_unknown_key_lists_the_valid_keys():

@@ -107,6 +107,8 @@ def _friendly(err: dict[str, Any]) -> tuple[str, str]:
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
+    elif kind.endswith("_type") and isinstance(err.get("input"), (dict, list)):
+        msg = f"{msg} (got a {'list' if isinstance(err['input'], list) else 'mapping'})"
     return path, msg
 
 
