@@ -107,6 +107,17 @@ def test_a_resumed_job_may_change_its_failure_policy_and_memory_savings_and_noth
         JobState.open(tmp_path, spec_of(tmp_path, max_failures=5, seed=3), restart=False)
 
 
+
+def test_the_output_dir_written_another_way_is_the_same_job(tmp_path, monkeypatch):
+    """A job started as output_dir: runs/x resumes from its saved spec.yaml, which names the
+    directory absolutely (the model card's `kdray run OUT/spec.yaml`), and the other way round."""
+    monkeypatch.chdir(tmp_path)
+    relative = spec_of(tmp_path).model_copy(update={"output_dir": "runs/x"})
+    JobState.open(tmp_path / "runs" / "x", relative, restart=False).run_name(0, "x")
+    absolute = spec_of(tmp_path / "runs" / "x")
+    assert JobState.open(tmp_path / "runs" / "x", absolute, restart=False).run_name(0, "y") == "x"
+
+
 def test_a_resumed_job_recovers_unrecorded_steps_from_every_checkpoint_the_killed_run_left(tmp_path):
     """The killed driver recorded steps 1-7. On disk: checkpoint 8 (steps 5-8, the one Ray Train
     registered) and checkpoint 12 (steps 9-12, written by the workers while the driver was being

@@ -309,6 +309,7 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
     assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
     saved = yaml.safe_load((service.state_dir / "runs" / "watched" / "spec.yaml").read_text())
     assert saved["student"]["model"] == str(service.state_dir.parent / "my-student")
+    assert saved["output_dir"] == str(service.state_dir / "runs" / "watched")
     report = json.loads((service.state_dir / "runs" / "watched" / "report.json").read_text())
     assert list(report)[-1] == "train_metrics"  # last: the service's read of the report stops before it
 

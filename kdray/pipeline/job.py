@@ -174,7 +174,10 @@ class Job:
         self.out.mkdir(parents=True, exist_ok=True)
         state = JobState.open(self.out, spec, restart=self.restart)
         self._resume_history(state)
-        (self.out / "spec.yaml").write_text(dump_spec(spec), encoding="utf-8")
+        # The job's own directory, absolute: `kdray run OUT/spec.yaml` (the model card's way to
+        # reproduce it) then means this job from any directory.
+        (self.out / "spec.yaml").write_text(dump_spec(spec.model_copy(update={"output_dir": str(self.out)})),
+                                            encoding="utf-8")
         if not spec.tracking.enabled:
             return self._stages(state, None)
         from kdray.report.trackers import Trackers

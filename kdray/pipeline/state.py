@@ -14,7 +14,8 @@ are committed datasets beside it (``datasets/``, ``records/``, ``curriculum/``:
 
 A re-run with a different spec is refused (the saved work belongs to another job) unless
 ``kdray run --restart`` discards it; only the failure policy, memory settings that keep the
-gradients and the experiment trackers may change (:data:`MAY_CHANGE_ON_RESUME`). Every file is written to a temporary name and renamed,
+gradients, the experiment trackers and the way ``output_dir`` is written may change
+(:data:`MAY_CHANGE_ON_RESUME`). Every file is written to a temporary name and renamed,
 so an interrupted write never leaves a half file behind.
 """
 
@@ -38,7 +39,8 @@ RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets", "samples
 #: memory resumes with ``gradient_checkpointing``, which gives the same gradients).
 MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps",
                         "training.gradient_checkpointing", "training.gpu_memory_gb",
-                        "tracking")  # where the metrics are also sent: a resumed job may add a tracker
+                        "tracking",  # where the metrics are also sent: a resumed job may add a tracker
+                        "output_dir")  # the directory the state is in, written another way (relative, absolute)
 
 
 def _write_atomic(path: Path, text: str) -> None:
