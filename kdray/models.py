@@ -210,8 +210,7 @@ def check_model_files(ref: str) -> None:
         raise ModelError(f"model directory {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)}); "
                          "save the model there with save_pretrained, or finish copying it")
     if not any(f.name.startswith(("tokenizer", "vocab")) or f.suffix in (".model", ".tiktoken") for f in path.iterdir()):
-        raise ModelError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json, "
-                         "...): kdray reads a model's tokenizer from its directory; save it there too (save_pretrained)")
+        raise ModelError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json, ...); save it there too")
     problem = model_files_problem(path)
     if problem:
         raise ModelError(f"model directory {str(path)!r}: {problem}; {_REFETCH}")
@@ -357,11 +356,10 @@ def hidden_size(ref: str) -> int:
 
 def head_dim(ref: str) -> int:
     """Dimensions of one attention head: ``config.head_dim``, else hidden_size // num_attention_heads."""
-    from transformers import AutoConfig
-
-    with loading("the config", ref):
-        text = AutoConfig.from_pretrained(resolve_model(ref)).get_text_config()
-    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    try:
+        return _config_value(ref, "head_dim")
+    except (AttributeError, TypeError):  # a config without one
+        return hidden_size(ref) // _config_value(ref, "num_attention_heads")
 
 
 def shared_vocab_size(teacher_ref: str, student_ref: str) -> int:
