@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from kdray.errors import KdrayError, SpecError
+from kdray.errors import JobCancelled, KdrayError, SpecError, first_line
 
 #: What :func:`validate` and :func:`run` take as a spec.
 SpecLike = Union[str, os.PathLike, dict, Any]
@@ -35,6 +35,10 @@ def load(spec: SpecLike) -> tuple[Any, str]:
     if isinstance(spec, (str, os.PathLike)):
         return load_spec(spec), str(spec)
     raise SpecError([("(spec)", f"expected a path, a dict or a JobSpec, got {type(spec).__name__}")], "spec")
+
+
+#: The last event of a job that failed, in its ``events.jsonl``: ``{"kind": "job_failed", "error": ...}``.
+FAILED_EVENT = "job_failed"
 
 
 def local_models(spec: Any) -> dict[str, str]:
@@ -220,6 +224,12 @@ def run(spec: SpecLike, *, address: str | None = None, restart: bool = False, pr
             on_reporter(reporter)
         try:
             report = Job(job, reporter=reporter, address=address, restart=restart).run()
+        except JobCancelled:
+            raise
+        except Exception as exc:  # the output directory keeps why (kdray report and compare say it)
+            reporter.emit(FAILED_EVENT, error=str(exc) if isinstance(exc, KdrayError)
+                          else f"{type(exc).__name__}: {first_line(exc)}")
+            raise
         finally:
             reporter.close()
     return Report.from_dict(report, out.resolve())

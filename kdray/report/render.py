@@ -38,11 +38,28 @@ _SCHEDULE_FIRST = ("lr", "kd_temperature", "temperature", "kd_ratio", "alpha", "
 _FIX = "run the job first: kdray run SPEC"
 
 
+def _failure(events: Path) -> str | None:
+    """The error of a job whose ``events.jsonl`` ends with its failure
+    (:data:`kdray.api.FAILED_EVENT`), else None."""
+    from kdray.api import FAILED_EVENT
+
+    try:
+        with events.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - 65536))
+            last = json.loads(fh.read().decode("utf-8", "replace").strip().rsplit("\n", 1)[-1])
+    except (OSError, ValueError):
+        return None
+    return str(last.get("error")) if isinstance(last, dict) and last.get("kind") == FAILED_EVENT else None
+
+
 def load_report(job_dir: Path) -> dict[str, Any]:
     """The parsed ``report.json`` of a job directory, or a KdrayError naming the path and fix."""
     job_dir = Path(job_dir)
     path = job_dir if job_dir.name == "report.json" and job_dir.is_file() else job_dir / "report.json"
     if not path.is_file():
+        if failed := _failure(path.parent / "events.jsonl"):
+            raise KdrayError(f"{path.parent} has no report.json: its job failed ({failed}); fix that and run it "
+                             "again (it resumes): kdray run SPEC")
         what = "has no report.json" if path.parent.is_dir() else "is not a directory"
         raise KdrayError(f"{path.parent} {what} ({path} not found); {_FIX}")
     try:
