@@ -74,7 +74,8 @@ def data_field_errors(spec: Any) -> list[tuple[str, str]]:
         for name, value in wanted:
             if value is not None and value not in fields:
                 errors.append((f"data.{name}", f"the first row of {ref} (data.{split}) has no field {value!r}; its "
-                               f"fields are {', '.join(fields) or 'none'}: set data.{name} to the one that holds it"
+                               f"fields are {', '.join(fields) or 'none'}: set data.{name} to the one that holds it (one name "
+                               "for both splits)"
                                + (", or null to number the rows" if name == "id_field" else "")))
     return errors
 

@@ -53,7 +53,7 @@ def test_validate_reads_the_field_names_of_a_local_datasets_first_row(tmp_path, 
     assert [f for f, _ in errors] == ["data.prompt_field", "data.id_field", "data.response_field"], errors
     assert f"the first row of {tmp_path / 'train.jsonl'} (data.train) has no field 'prompt'; its fields are id, " \
            "promt, response" in errors[0][1]
-    assert "(data.heldout) has no field 'id'" in errors[1][1] and "or null to number the rows" in errors[1][1]
+    assert "(one name for both splits)" in errors[0][1] and "(data.heldout) has no field 'id'" in errors[1][1] and "or null to number the rows" in errors[1][1]
     assert "(data.heldout) has no field 'response'; its fields are uid, prompt, answer" in errors[2][1]
     spec["data"]["on_bad_rows"] = "skip"  # a first row without a field may be one the job drops
     kdray.validate(spec)
@@ -66,6 +66,9 @@ def test_validate_reads_the_field_names_of_a_local_datasets_first_row(tmp_path, 
         kdray.validate(spec)
     (tmp_path / "train.jsonl").write_text("{not json\n")
     with pytest.raises(SpecError, match="line 1 is not valid JSON"):
+        kdray.validate(spec)
+    (tmp_path / "train.jsonl").write_text(json.dumps([{"id": "a", "promt": "p"}], indent=1))  # a .json array
+    with pytest.raises(SpecError, match="is one JSON array, not JSON lines: write one object per line"):
         kdray.validate(spec)
 
 

@@ -50,7 +50,7 @@ def test_a_misspelt_key_or_kind_is_answered_with_the_closest_name():
     assert "(did you mean 'pocl'?)" in errs["curriculum[0].kind"], errs
     assert "did you mean" not in errors_of(minimal(zzz=1))["zzz"]  # nothing close: no guess
     errs = errors_of(minimal(data={"train": ["a.jsonl", "b.jsonl"], "heldout": {"path": "h.jsonl"}}))
-    assert errs["data.train"] == "Input should be a valid string (got a list)"
+    assert errs["data.train"].startswith("give one dataset per split, not a list: put the rows in one JSONL")
     assert errs["data.heldout"] == "Input should be a valid string (got a mapping)"
 
 

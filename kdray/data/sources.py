@@ -218,6 +218,9 @@ def _read_jsonl(path: Path, start: int = 0, stop: int | None = None) -> Iterator
                        if isinstance(exc, json.JSONDecodeError) else "nested too deeply")
                 if not raw.endswith(b"\n"):
                     why += "; it is the last line and has no newline: the file may be cut short"
+                if here == 0 and line.lstrip().startswith("["):
+                    raise DataError(f"{path} is one JSON array, not JSON lines: write one object per line (JSONL), "
+                                    'e.g. {"id": "1", "prompt": "...", "response": "..."}') from None
                 raise DataError(f"{path}: line {_line_number(path, here)} is not valid JSON ({why}); fix or remove "
                                 "it") from None
             if not isinstance(row, dict):

@@ -122,6 +122,14 @@ class DataSpec(_Spec):
         "them; 'dataset' uses response_field as is.",
     )
 
+    @field_validator("train", "heldout", mode="before")
+    @classmethod
+    def _one_dataset(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            raise ValueError("give one dataset per split, not a list: put the rows in one JSONL or parquet file, or "
+                             "save them as one directory with datasets' save_to_disk")
+        return v
+
     @field_validator("train", "heldout")
     @classmethod
     def _data_ref(cls, v: str, info: ValidationInfo) -> str:
