@@ -37,10 +37,6 @@ def load(spec: SpecLike) -> tuple[Any, str]:
     raise SpecError([("(spec)", f"expected a path, a dict or a JobSpec, got {type(spec).__name__}")], "spec")
 
 
-#: The last event of a job that failed, in its ``events.jsonl``: ``{"kind": "job_failed", "error": ...}``.
-FAILED_EVENT = "job_failed"
-
-
 def local_models(spec: Any) -> dict[str, str]:
     """The models of ``spec`` that are on this machine (toy models, local directories), by role."""
     from kdray.spec import TOY_PREFIX
@@ -80,10 +76,35 @@ def data_field_errors(spec: Any) -> list[tuple[str, str]]:
     return errors
 
 
+def engine_errors(spec: Any, local: dict[str, str]) -> list[tuple[str, str]]:
+    """``(field, message)`` for each local model that a vLLM pool of the job would not run
+    (:func:`kdray.pools.vllm.check_engine_support`), checked only for the pools the job uses it
+    in: the teacher's (its responses, its records, its held-out answers) and the student's (its
+    held-out answers, POCL's difficulty, DistiLLM-2's rounds, the live pool)."""
+    from kdray.pools.live import live_pool_of, student_pool_spec
+    from kdray.pools.vllm import check_engine_support
+
+    pools = {"teacher": [spec.generation] if (spec.data.response_source == "teacher" or spec.evaluation.enabled
+                                              or spec.teacher_signal.mode != "online") else [],
+             "student": ([spec.generation] if (spec.evaluation.enabled or spec.curriculum_of("pocl") is not None
+                                               or spec.curriculum_of("distillm2") is not None) else [])
+             + ([student_pool_spec(spec)] if live_pool_of(spec) is not None else [])}
+    errors = []
+    for role, ref in local.items():
+        try:
+            for pool in pools[role]:
+                check_engine_support(getattr(spec, role), pool)
+        except KdrayError as exc:
+            field = "max_model_len" if str(exc).startswith("max_model_len") else "model"
+            errors.append((f"{role}.{field}", str(exc)))
+    return errors
+
+
 def validate(spec: SpecLike) -> Any:
     """The resolved :class:`~kdray.spec.JobSpec` of ``spec``, checked as far as this machine can:
     the spec's fields; a local data file's first row must have the fields the spec names
-    (:func:`data_field_errors`); models on this machine (toy models, local directories) must hold their
+    (:func:`data_field_errors`); a local model must be one its vLLM pools run
+    (:func:`engine_errors`); models on this machine (toy models, local directories) must hold their
     weights, and when both are here teacher and student must share a tokenizer and render a
     prompt alike (:func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job
     that loads it; a template in ``data.chat_template`` must parse in any case.
@@ -111,6 +132,7 @@ def validate(spec: SpecLike) -> Any:
     if not existing.is_dir():
         errors.append(("output_dir", f"{existing} is a file, so {out} cannot be the job's directory: choose "
                                      "another output_dir"))
+    engine = engine_errors(job, local) if not errors else []  # reported beside the tokenizers' problems
     if len(local) == 2 and not errors:
         try:
             shared_vocab_size(job.teacher.model, job.student.model)
@@ -121,6 +143,7 @@ def validate(spec: SpecLike) -> Any:
                 job_encoding(job)
             except KdrayError as exc:
                 errors.append(("data.chat_template", str(exc)))
+    errors += engine
     if errors:
         raise SpecError(errors, source)
     return job
@@ -228,8 +251,7 @@ def run(spec: SpecLike, *, address: str | None = None, restart: bool = False, pr
         except JobCancelled:
             raise
         except Exception as exc:  # the output directory keeps why (kdray report and compare say it)
-            reporter.emit(FAILED_EVENT, error=str(exc) if isinstance(exc, KdrayError)
-                          else f"{type(exc).__name__}: {first_line(exc)}")
+            reporter.failed(str(exc) if isinstance(exc, KdrayError) else f"{type(exc).__name__}: {first_line(exc)}")
             raise
         finally:
             reporter.close()

@@ -354,14 +354,6 @@ def hidden_size(ref: str) -> int:
     return _config_value(ref, "hidden_size")
 
 
-def head_dim(ref: str) -> int:
-    """Dimensions of one attention head: ``config.head_dim``, else hidden_size // num_attention_heads."""
-    try:
-        return _config_value(ref, "head_dim")
-    except (AttributeError, TypeError):  # a config without one
-        return hidden_size(ref) // _config_value(ref, "num_attention_heads")
-
-
 def shared_vocab_size(teacher_ref: str, student_ref: str) -> int:
     """The vocabulary both models' logits are compared over, or a clear error.
 

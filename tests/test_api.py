@@ -72,6 +72,30 @@ def test_validate_reads_the_field_names_of_a_local_datasets_first_row(tmp_path, 
         kdray.validate(spec)
 
 
+def test_validate_refuses_a_local_model_its_vllm_pool_would_not_run(tmp_path, toy_world):
+    """A head size vLLM's CPU attention lacks, or a max_model_len over the model's positions:
+    checked for the pools the job runs the model in (the student's only when it goes through one)."""
+    import shutil
+
+    from kdray.models import resolve_model
+
+    student = tmp_path / "student"
+    shutil.copytree(resolve_model("toy:student"), student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "head_dim": 16, "max_position_embeddings": 100}))
+    spec = _demo()
+    spec["student"]["model"] = str(student)
+    with pytest.raises(SpecError) as err:
+        kdray.validate(spec)
+    [(field, message)] = err.value.errors
+    assert field == "student.max_model_len" and "max_model_len 128 is over the 100 positions" in message
+    spec["student"]["max_model_len"] = 100
+    with pytest.raises(SpecError, match="student.model: model .* has attention heads of 16 dimensions"):
+        kdray.validate(spec)
+    spec["evaluation"] = {"enabled": False}  # the student then goes through no pool
+    assert kdray.validate(spec).student.model == str(student)
+
+
 def test_run_refuses_a_bad_spec_or_output_dir_before_any_work(tmp_path):
     bad = _demo()
     bad["objective"]["kind"] = "no_such_loss"

@@ -78,8 +78,9 @@ def make_model_dir(root, name: str, template: str | None) -> str:
     path = root / name
     make_tokenizer(template).save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    # heads of 32 dimensions and 512 positions: a model a job's vLLM pools run (kdray validate checks)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)

@@ -151,3 +151,17 @@ def test_a_cpu_engine_that_could_not_run_the_model_is_refused_before_its_pool_st
     check_engine_support(odd.model_copy(update={"backend": "hf"}), cpu)  # transformers runs any
     check_engine_support(odd, cpu.model_copy(update={"num_gpus_per_replica": 1.0}))  # another backend on GPUs
     check_engine_support(ModelSpec(model="toy:teacher", dtype="float32", max_model_len=64), cpu)  # 32
+
+    # A max_model_len over the model's positions: refused on any replica (vLLM refuses it), unless
+    # RoPE scaling stretches them (vLLM's own derivation then decides).
+    LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=64,
+                max_position_embeddings=64).save_pretrained(tmp_path / "short")
+    short = ModelSpec(model=str(tmp_path / "short"), dtype="float32", max_model_len=128)
+    for pool in (cpu, cpu.model_copy(update={"num_gpus_per_replica": 1.0})):
+        with pytest.raises(ModelError, match=r"max_model_len 128 is over the 64 positions of model .*set max_model_len "
+                                             r"to 64 or less"):
+            check_engine_support(short, pool)
+    check_engine_support(short.model_copy(update={"max_model_len": 64}), cpu)
+    LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=64, max_position_embeddings=64,
+                rope_scaling={"rope_type": "linear", "factor": 4.0}).save_pretrained(tmp_path / "stretched")
+    check_engine_support(short.model_copy(update={"model": str(tmp_path / "stretched")}), cpu)

@@ -31,6 +31,11 @@ def finite(value: Any) -> Any:
     return value
 
 
+#: The last event of a job that failed, in its ``events.jsonl``: ``{"kind": "job_failed", "error": ...}``
+#: (:meth:`Reporter.failed`; ``kdray report`` and ``compare`` read it).
+FAILED_EVENT = "job_failed"
+
+
 class Reporter:
     """Records job events to ``events_path`` (JSON lines, appended and flushed per event)."""
 
@@ -63,6 +68,9 @@ class Reporter:
 
     def message(self, text: str) -> None:
         self.emit("message", text=text)
+
+    def failed(self, error: str) -> None:
+        self.emit(FAILED_EVENT, error=error)
 
     def close(self) -> None:
         pass

@@ -34,7 +34,7 @@ from kdray.data.light_tasks import map_light
 from kdray.data.tokenize import PromptEncoding, encode_batch
 from kdray.data.text_scores import rouge_l
 from kdray.errors import ModelError, first_line, node
-from kdray.models import load_tokenizer, resolve_model, stop_token_ids
+from kdray.models import load_tokenizer, loading, resolve_model, stop_token_ids
 from kdray.pools.base import PoolCallable, SamplingConfig, LIGHT_NUM_CPUS, check_lengths, check_score_mode, objects, pool_env
 from kdray.pools.placement import engine_placement, uses_ray_executor
 from kdray.spec import GenerationSpec, ModelSpec
@@ -47,20 +47,38 @@ from kdray.spec import GenerationSpec, ModelSpec
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def _engine_shape(ref: str) -> tuple[int, int | None]:
+    """(dimensions of one attention head: ``head_dim``, else hidden_size // num_attention_heads;
+    the most tokens its positions cover: ``max_position_embeddings``, or None where the config
+    has none or RoPE scaling stretches it, a limit vLLM derives itself) from model ``ref``'s config."""
+    from transformers import AutoConfig
+
+    with loading("the config", ref):
+        text = AutoConfig.from_pretrained(resolve_model(ref)).get_text_config()
+    rope = getattr(text, "rope_scaling", None) or {}
+    plain = rope.get("rope_type", rope.get("type", "default")) == "default" and "factor" not in rope
+    size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return int(size), getattr(text, "max_position_embeddings", None) if plain else None
+
+
 def check_engine_support(model: ModelSpec, pool: GenerationSpec) -> None:
-    """Refuse what a vLLM engine of ``pool`` could start with but not run: on CPU replicas
-    (``num_gpus_per_replica`` 0), a model whose attention heads are not of a size in
-    :data:`CPU_HEAD_SIZES`. Other backends, and GPU replicas, pass. Called in the driver before a
-    pool of ``model`` starts.
+    """Refuse what a vLLM engine of ``pool`` would not run, before it starts (in the driver, and
+    in ``kdray validate`` for local models): a ``max_model_len`` over the model's positions
+    (``max_position_embeddings``, when no RoPE scaling stretches them: vLLM refuses it), and on
+    CPU replicas (``num_gpus_per_replica`` 0) a model whose attention heads are not of a size in
+    :data:`CPU_HEAD_SIZES`. The ``hf`` backend passes.
 
     Raises:
-        ModelError: naming the model, its head size, the sizes that run and the fixes.
+        ModelError: naming the model, what it has, what runs and the fixes.
     """
-    if model.backend != "vllm" or pool.num_gpus_per_replica:
+    if model.backend != "vllm":
         return
-    from kdray.models import head_dim
-
-    size = head_dim(model.model)
+    size, limit = _engine_shape(model.model)
+    if limit is not None and model.max_model_len > limit:
+        raise ModelError(f"max_model_len {model.max_model_len} is over the {limit} positions of model {model.model!r} "
+                         f"(its max_position_embeddings), which vLLM refuses: set max_model_len to {limit} or less")
+    if pool.num_gpus_per_replica:
+        return
     if size not in CPU_HEAD_SIZES:
         raise ModelError(
             f"model {model.model!r} has attention heads of {size} dimensions, which vLLM's CPU attention does not "

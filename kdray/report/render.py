@@ -40,8 +40,8 @@ _FIX = "run the job first: kdray run SPEC"
 
 def _failure(events: Path) -> str | None:
     """The error of a job whose ``events.jsonl`` ends with its failure
-    (:data:`kdray.api.FAILED_EVENT`), else None."""
-    from kdray.api import FAILED_EVENT
+    (:data:`kdray.pipeline.progress.FAILED_EVENT`), else None."""
+    from kdray.pipeline.progress import FAILED_EVENT
 
     try:
         with events.open("rb") as fh:
