@@ -231,8 +231,8 @@ def empty_answers_note(mean_lengths: dict[str, float]) -> str:
     if not empty:
         return ""
     return (f"Every held-out answer of {', '.join(empty)} was empty: the model ends its answer at once (its first "
-            "token ends the sequence). Its answers are in samples/; a student trained longer, or a prompt "
-            "encoding it was trained for (data.chat_template), answers.")
+            "token ends the sequence). Its answers are in samples/; a student trained longer, or the prompt "
+            "encoding the model was trained for (data.chat_template), may answer.")
 
 
 def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
