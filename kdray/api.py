@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from kdray.errors import JobCancelled, KdrayError, SpecError, first_line
+from kdray.errors import KdrayError, SpecError
 
 #: What :func:`validate` and :func:`run` take as a spec.
 SpecLike = Union[str, os.PathLike, dict, Any]
@@ -248,11 +248,6 @@ def run(spec: SpecLike, *, address: str | None = None, restart: bool = False, pr
             on_reporter(reporter)
         try:
             report = Job(job, reporter=reporter, address=address, restart=restart).run()
-        except JobCancelled:
-            raise
-        except Exception as exc:  # the output directory keeps why (kdray report and compare say it)
-            reporter.failed(str(exc) if isinstance(exc, KdrayError) else f"{type(exc).__name__}: {first_line(exc)}")
-            raise
         finally:
             reporter.close()
     return Report.from_dict(report, out.resolve())

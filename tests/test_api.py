@@ -123,20 +123,36 @@ def test_a_report_loads_typed_from_a_job_directory(tmp_path):
         kdray.Report.load(tmp_path / "nothing-here")
 
 
-def test_a_failed_job_leaves_its_error_in_its_output_directory(tmp_path):
+def test_a_failed_job_leaves_its_error_in_its_output_directory(tmp_path, monkeypatch):
     """The terminal says why a job failed, and so does its directory afterwards: events.jsonl
     ends with the error, which kdray report / compare / Report.load give for a job without a
-    report.json (they said "run the job first" of a job that had run)."""
+    report.json (they said "run the job first" of a job that had run). A run refused because the
+    directory holds another job's work leaves that job's events as they were."""
+    from kdray.errors import DataError
+    from kdray.pipeline.job import Job
     from kdray.pipeline.state import JobState
     from kdray.spec import parse_spec
 
     spec = _demo()
     spec["output_dir"] = str(tmp_path / "out")
+
+    def fails(self, state, trackers):  # a stage's failure, without starting Ray
+        self.reporter.message("prepare: reading")
+        raise DataError("data.train: 3 of 3 rows are bad")
+
+    monkeypatch.setattr(Job, "_stages", fails)
+    with pytest.raises(DataError):
+        kdray.run(spec, progress=False)
+    events = tmp_path / "out" / "events.jsonl"
+    last = json.loads(events.read_text().splitlines()[-1])
+    assert last["kind"] == "job_failed" and last["error"] == "data.train: 3 of 3 rows are bad"
+    with pytest.raises(KdrayError, match=r"has no report.json: its job failed \(data.train: 3 of 3 rows are bad\); "
+                                         "fix that and run it again"):
+        kdray.Report.load(tmp_path / "out")
+
     other = parse_spec({**spec, "training": {**spec["training"], "lr": 0.5}})
-    JobState.open(tmp_path / "out", other, restart=False).run_name(0, "x")  # another job's work is there
+    JobState.open(tmp_path / "out", other, restart=True).run_name(0, "x")  # another job's work is there now
+    before = events.read_text()
     with pytest.raises(KdrayError, match="differs in: training.lr"):
         kdray.run(spec, progress=False)
-    last = json.loads((tmp_path / "out" / "events.jsonl").read_text().splitlines()[-1])
-    assert last["kind"] == "job_failed" and "differs in: training.lr" in last["error"]
-    with pytest.raises(KdrayError, match=r"has no report.json: its job failed \(output_dir .*differs in: training.lr"):
-        kdray.Report.load(tmp_path / "out")
+    assert events.read_text() == before

@@ -20,7 +20,7 @@ from typing import Any
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
-from kdray.errors import JobCancelled
+from kdray.errors import JobCancelled, KdrayError, first_line
 from kdray.models import hidden_size, vocab_size
 from kdray.pools.live import live_pool_cpus
 from kdray.pipeline import budget
@@ -170,9 +170,20 @@ class Job:
             toy.unpin()
 
     def _run(self) -> dict[str, Any]:
-        spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
-        state = JobState.open(self.out, spec, restart=self.restart)
+        state = JobState.open(self.out, self.spec, restart=self.restart)  # refused: another job's directory, untouched
+        try:
+            return self._owned(state)
+        except JobCancelled:
+            raise
+        except Exception as exc:  # the directory keeps why (kdray report and compare say it)
+            self.reporter.failed(str(exc) if isinstance(exc, KdrayError)
+                                 else f"{type(exc).__name__}: {first_line(exc)}")
+            raise
+
+    def _owned(self, state: JobState) -> dict[str, Any]:
+        """The run, once ``state`` says the output directory is this job's."""
+        spec = self.spec
         self._resume_history(state)
         # The job's own directory, absolute: `kdray run OUT/spec.yaml` (the model card's way to
         # reproduce it) then means this job from any directory.
