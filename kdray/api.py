@@ -54,9 +54,7 @@ def data_field_errors(spec: Any) -> list[tuple[str, str]]:
     from kdray.data.sources import first_fields
 
     data, errors = spec.data, []
-    needs = {"train": data.response_source == "dataset",
-             "heldout": spec.evaluation.enabled or spec.curriculum_of("replay") is not None}
-    for split, need_response in needs.items():
+    for split, need_response in spec.rows_need_response().items():
         ref = getattr(data, split)
         try:
             fields = first_fields(ref)

@@ -349,6 +349,12 @@ class JobSpec(_Spec):
         """The curriculum entry of ``kind``, or None."""
         return next((c for c in self.curriculum if c.kind == kind), None)
 
+    def rows_need_response(self) -> dict[str, bool]:
+        """Whether each split's rows (``train``, ``heldout``) must hold a gold response: training
+        rows with ``response_source: dataset``; held-out rows for evaluation and replay."""
+        return {"train": self.data.response_source == "dataset",
+                "heldout": self.evaluation.enabled or self.curriculum_of("replay") is not None}
+
     @model_validator(mode="after")
     def _hf_backend_one_device(self) -> "JobSpec":
         hf = [role for role in ("teacher", "student") if getattr(self, role).backend == "hf"]

@@ -81,8 +81,7 @@ def prepare(ctx: StageContext) -> Prepared:
         load_tokenizer(spec.student.model)  # loads here, or a clear error, before any task
         row_bytes = PROMPT_ROW_BYTES_PER_TOKEN * (spec.data.max_prompt_tokens + spec.training.max_seq_len)
         splits = {}
-        for split, need_response in (("train", spec.data.response_source == "dataset"),
-                                     ("heldout", spec.evaluation.enabled or spec.curriculum_of("replay") is not None)):
+        for split, need_response in spec.rows_need_response().items():
             path = ctx.out / "datasets" / ("prompts" if split == "train" else split)
             splits[split] = open_artifact(path, PROMPTS_KIND)
             changed = [] if splits[split] is None else split_changes(splits[split].meta, spec, split, need_response)
