@@ -180,7 +180,7 @@ def user_error(exc: BaseException) -> KdrayError | None:
       naming the file and the node;
     * Ray's out-of-memory, lost-node and lost-object errors: :class:`ClusterError`.
     """
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     for e in chain:
         if isinstance(e, KdrayError) and not _from_ray(e):  # Ray's copy of one is found by its cause
             return e
@@ -213,11 +213,13 @@ def interrupted(exc: BaseException) -> bool:
     with which Ray Jobs stops a driver, :meth:`kdray.service.tracking.Tracker.attach`). Python
     wraps one raised inside a class's ``__set_name__`` (the signal came during an import, e.g.
     of Ray Data's operator dataclasses) in a ``RuntimeError`` whose cause it is."""
-    return any(isinstance(e, KeyboardInterrupt) for e in _chain(exc))
+    return any(isinstance(e, KeyboardInterrupt) for e in exception_chain(exc))
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and every exception it wraps, outermost first."""
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it wraps, outermost first: ``raise ... from`` causes, Ray's
+    ``cause``, Ray Train's ``worker_failures`` and ``controller_failure`` (not an exception raised
+    while handling another)."""
     out: list[BaseException] = []
     todo = [exc]
     while todo:

@@ -150,6 +150,17 @@ def test_a_failed_job_leaves_its_error_in_its_output_directory(tmp_path, monkeyp
                                          "fix that and run it again"):
         kdray.Report.load(tmp_path / "out")
 
+    # A user's error that reached the driver inside another (Ray's, for one raised on a worker) is
+    # recorded as the user's message, not as the wrapper's first line.
+    def wrapped(self, state, trackers):
+        raise RuntimeError("a task failed") from DataError("row 7 of train.jsonl has no prompt")
+
+    monkeypatch.setattr(Job, "_stages", wrapped)
+    with pytest.raises(RuntimeError):
+        kdray.run({**spec, "output_dir": str(tmp_path / "wrapped")}, progress=False)
+    last = json.loads((tmp_path / "wrapped" / "events.jsonl").read_text().splitlines()[-1])
+    assert last["error"] == "row 7 of train.jsonl has no prompt", last
+
     other = parse_spec({**spec, "training": {**spec["training"], "lr": 0.5}})
     JobState.open(tmp_path / "out", other, restart=True).run_name(0, "x")  # another job's work is there now
     before = events.read_text()

@@ -103,6 +103,9 @@ def test_a_resumed_job_may_change_its_failure_policy_and_memory_savings_and_noth
     assert resumed.run_name(0, "y") == "x"
     saved = json.loads((tmp_path / "state" / "job.json").read_text())
     assert saved["spec"]["training"]["max_failures"] == 0  # the saved work's own spec is kept
+    more = spec_of(tmp_path).model_copy(update={"generation": spec_of(tmp_path).generation.model_copy(
+        update={"max_replica_restarts": 10})})  # a pool whose replicas died too often
+    assert JobState.open(tmp_path, more, restart=False).run_name(0, "y") == "x"
     with pytest.raises(KdrayError, match=r"differs in: training\.seed\)"):
         JobState.open(tmp_path, spec_of(tmp_path, max_failures=5, seed=3), restart=False)
 

@@ -20,8 +20,9 @@ from typing import Any
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
-from kdray.errors import JobCancelled, KdrayError, first_line
+from kdray.errors import JobCancelled, KdrayError, first_line, user_error
 from kdray.models import hidden_size, vocab_size
+from kdray.pools.faults import quiet_replica_deaths, replica_death_error
 from kdray.pools.live import live_pool_cpus
 from kdray.pipeline import budget
 from kdray.pipeline.progress import Reporter, finite
@@ -56,6 +57,9 @@ class Job:
         self.reporter = reporter or Reporter(None)
         self.ctx = StageContext(spec, self.out, self.reporter)
         self.metrics_history: list[dict[str, Any]] = []
+        #: The Ray session's logs directory on the driver's node, once Ray is up: where a pool
+        #: replica that died on this node left its error (:func:`~kdray.pools.faults.replica_death_error`).
+        self.ray_logs: Path | None = None
 
     # -- training metrics ----------------------------------------------------------------------
 
@@ -177,9 +181,22 @@ class Job:
         except JobCancelled:
             raise
         except Exception as exc:  # the directory keeps why (kdray report and compare say it)
-            self.reporter.failed(str(exc) if isinstance(exc, KdrayError)
-                                 else f"{type(exc).__name__}: {first_line(exc)}")
+            died = self._replica_death(exc)
+            user = died or user_error(exc)
+            self.reporter.failed(str(user) if user is not None else f"{type(exc).__name__}: {first_line(exc)}")
+            if died is not None:
+                raise died from None
             raise
+
+    def _replica_death(self, exc: BaseException) -> KdrayError | None:
+        """Why a pool replica that Ray restarted as often as allowed died, when ``exc`` says one
+        did (:func:`kdray.pools.faults.replica_death_error`)."""
+        if self.ray_logs is None:
+            return None
+        import ray
+
+        return replica_death_error(exc, self.spec.generation.max_replica_restarts, self.ray_logs,
+                                   ray.util.get_node_ip_address())
 
     def _owned(self, state: JobState) -> dict[str, Any]:
         """The run, once ``state`` says the output directory is this job's."""
@@ -215,7 +232,9 @@ class Job:
         toy.pin_for_job([spec.teacher.model, spec.student.model, spec.data.train, spec.data.heldout]
                         + ([spec.evaluation.judge.model.model] if spec.evaluation.judge else []),
                         progress=self.reporter.message)
-        init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
+        context = init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
+        self.ray_logs = Path(context.address_info["session_dir"]) / "logs"
+        quiet_replica_deaths()  # the job says why a replica died (_replica_death), not Ray Data's tracebacks
         nodes = check_shared_storage(self.out)  # before any stage writes what another node reads
         if len(nodes) > 1:
             self.reporter.message(f"storage: all {len(nodes)} nodes of the Ray cluster share {self.out}")

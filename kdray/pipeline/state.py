@@ -38,6 +38,7 @@ RESUMABLE = ("state", "ray_train", "curriculum", "records", "datasets", "samples
 #: under an older kdray's failure-policy defaults resumes under today's; one that ran out of
 #: memory resumes with ``gradient_checkpointing``, which gives the same gradients).
 MAY_CHANGE_ON_RESUME = ("training.max_failures", "training.checkpoint_every_steps",
+                        "generation.max_replica_restarts",
                         "training.gradient_checkpointing", "training.gpu_memory_gb",
                         "tracking",  # where the metrics are also sent: a resumed job may add a tracker
                         "output_dir")  # the directory the state is in, written another way (relative, absolute)

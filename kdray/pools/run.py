@@ -37,15 +37,17 @@ def pool_class(backend: str, role: str = "generator") -> type:
 def pool_options(pool: GenerationSpec, role: str) -> dict[str, Any]:
     """``map_batches`` options of a pool in ``role`` on ``pool.replicas`` actors: batches of
     ``pool.batch_size`` rows, each actor reserving ``num_cpus_per_replica`` /
-    ``num_gpus_per_replica``. A scorer's actors take one batch at a time: its outputs (a
-    batch's records) are large, and a second batch queued on an actor would only add another
-    to the object store before the writer takes the first."""
+    ``num_gpus_per_replica`` and restarted at most ``max_replica_restarts`` times when its
+    process dies. A scorer's actors take one batch at a time: its outputs (a batch's records)
+    are large, and a second batch queued on an actor would only add another to the object
+    store before the writer takes the first."""
     import ray.data
 
     in_flight = 1 if role == "scorer" else None
     options = dict(batch_size=pool.batch_size, batch_format="numpy",
                    compute=ray.data.ActorPoolStrategy(size=pool.replicas, max_tasks_in_flight_per_actor=in_flight),
-                   num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica)
+                   num_cpus=pool.num_cpus_per_replica, num_gpus=pool.num_gpus_per_replica,
+                   max_restarts=pool.max_replica_restarts)
     if uses_ray_executor(pool):  # a placement group per actor; vLLM's workers take its GPUs
         placement = engine_placement(pool)
         options.update(num_cpus=placement["bundles"][0]["CPU"], num_gpus=0,

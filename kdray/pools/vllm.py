@@ -43,7 +43,7 @@ from kdray.spec import GenerationSpec, ModelSpec
 #: The head sizes vLLM's CPU attention runs (vLLM 0.32, ``CPUAttentionBackend.get_supported_head_sizes()``;
 #: tests/test_vllm_requests.py compares the installed vLLM's). With another, a CPU engine starts,
 #: then fails at its first request; Ray's batch processor answers that by restarting the engine,
-#: without end (its actors' ``max_restarts`` is -1), so the job would hang.
+#: ``generation.max_replica_restarts`` times (tests/test_replica_faults.py), each a model load.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -102,6 +102,8 @@ def start_engine(model: str, **kwargs: Any) -> Any:
         ) from None
 
 
+#: The name of the vLLM engine stage in Ray's batch LLM processor (``Processor.get_stage_by_name``).
+ENGINE_STAGE = "vLLMEngineStage"
 #: Prefixes of the request rows' own columns: every input column travels through Ray's engine
 #: stage as ``kdray_in.NAME`` (the stage takes ``prompt`` and other names for itself), and
 #: ``kdray_req.*`` says what a request is.
@@ -185,7 +187,13 @@ def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> A
     bundles on one node (:func:`~kdray.pools.placement.engine_placement`), with the pool's
     actor environment (:func:`~kdray.pools.base.pool_env`). Its chat-template, tokenize and
     detokenize stages are off: requests come from :class:`EncodeRequests` with the job's own
-    prompt ids, and vLLM returns the text."""
+    prompt ids, and vLLM returns the text.
+
+    The engine stage's actors are restarted at most ``pool.max_replica_restarts`` times. The
+    stage answers a fatal engine error by ending its process so that Ray restarts it, and Ray
+    Data restarts its actors without limit by default: an error every engine start meets (a
+    model the engine cannot run, too little GPU memory) then looped for good. The processor's
+    config has no setting for it; its stage's ``map_batches`` arguments take Ray's."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     check_engine_support(model, pool)
@@ -200,7 +208,9 @@ def generation_processor(model: ModelSpec, pool: GenerationSpec, seed: int) -> A
         runtime_env={"env_vars": pool_env(pool)},
     )
     light = {"num_cpus": LIGHT_NUM_CPUS}  # the processor's row wrapping: a map each side of the engine
-    return build_processor(config, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    processor = build_processor(config, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    processor.get_stage_by_name(ENGINE_STAGE).map_batches_kwargs["max_restarts"] = pool.max_replica_restarts
+    return processor
 
 
 def response_rows(batch: dict[str, np.ndarray], *, stop_ids: list[int], sampling: SamplingConfig,

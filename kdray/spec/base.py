@@ -3,8 +3,29 @@ validated spec is immutable (frozen), so nothing downstream rewrites a user's va
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+def _yaml(v: Any) -> str:
+    """A value as the spec's YAML or JSON writes it (``true``, not ``True``)."""
+    return str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def restart_count(v: Any) -> Any:
+    """A ``mode="before"`` check of a field counting restarts (``training.max_failures``,
+    ``generation.max_replica_restarts``): 0 or more, or -1 for no limit. YAML's true and false
+    are refused (pydantic would take them for 1 and 0).
+
+    Raises:
+        ValueError: saying what to give.
+    """
+    if isinstance(v, bool) or (isinstance(v, int) and v < -1):
+        raise ValueError(f"{_yaml(v)} is not a number of restarts: give 0 or more (0: fail at the first "
+                         "failure), or -1 to retry forever")
+    return v

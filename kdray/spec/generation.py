@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
 
-from kdray.spec.base import _Spec
+from pydantic import Field, field_validator, model_validator
+
+from kdray.spec.base import _Spec, restart_count
 
 #: vLLM's own default ``gpu_memory_utilization`` (``vllm.config.CacheConfig``): what a replica
 #: that reserves a whole GPU per engine worker gets.
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
+#: Restarts of a pool replica whose process died, by default (``max_replica_restarts``).
+MAX_REPLICA_RESTARTS = 3
 #: The smallest share of a GPU a replica may reserve (Ray counts resources in 1e-4 units; a
 #: model needs more than that of a GPU's memory).
 MIN_GPU_SHARE = 0.01
@@ -66,6 +70,20 @@ class GenerationSpec(_Spec):
         "GPU fit together (two replicas of 0.5 GPU: 0.45 each). At most that share. GPU replicas of "
         "backend vllm only (CPU replicas size their KV cache with VLLM_CPU_KVCACHE_SPACE).",
     )
+    max_replica_restarts: int = Field(
+        MAX_REPLICA_RESTARTS,
+        ge=-1,
+        description="Times Ray restarts a pool replica whose process died before the job fails, "
+        "naming the cause: vLLM ends an engine on a fatal error (GPU out of memory, a CUDA or NCCL "
+        "fault, a model it cannot run), and a crash or a lost node ends any replica. A restarted "
+        "replica retries its batches. -1 restarts forever (Ray Data's default, under which an "
+        "error every start meets left the job running for good), 0 fails at the first death.",
+    )
+
+    @field_validator("max_replica_restarts", mode="before")
+    @classmethod
+    def _restart_count(cls, v: Any) -> Any:
+        return restart_count(v)
 
     @property
     def gpu_share(self) -> float:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdray.spec.base import _Spec
+from kdray.spec.base import _Spec, _yaml, restart_count
 
 class TeacherSignalSpec(_Spec):
     """What the student learns from: the teacher's distribution over the vocabulary at every
@@ -76,11 +76,6 @@ class LoraSpec(_Spec):
 #: the steps since the latest checkpoint, and the job goes on by itself up to twice a segment.
 CHECKPOINT_EVERY_STEPS = 200
 MAX_FAILURES = 2
-
-
-def _yaml(v: Any) -> str:
-    """A value as the spec's YAML or JSON writes it (``true``, not ``True``)."""
-    return str(v).lower() if isinstance(v, bool) else repr(v)
 
 
 class TrainingSpec(_Spec):
@@ -212,10 +207,7 @@ class TrainingSpec(_Spec):
     @field_validator("max_failures", mode="before")
     @classmethod
     def _failure_count(cls, v: Any) -> Any:
-        if isinstance(v, bool) or (isinstance(v, int) and v < -1):
-            raise ValueError(f"{_yaml(v)} is not a number of restarts: give 0 or more (0: fail at the first "
-                             "failure), or -1 to retry forever")
-        return v
+        return restart_count(v)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "TrainingSpec":
