@@ -3,9 +3,9 @@ validated spec is immutable (frozen), so nothing downstream rewrites a user's va
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 class _Spec(BaseModel):
@@ -17,15 +17,15 @@ def _yaml(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else repr(v)
 
 
-def restart_count(v: Any) -> Any:
-    """A ``mode="before"`` check of a field counting restarts (``training.max_failures``,
-    ``generation.max_replica_restarts``): 0 or more, or -1 for no limit. YAML's true and false
-    are refused (pydantic would take them for 1 and 0).
-
-    Raises:
-        ValueError: saying what to give.
-    """
+def _restart_count(v: Any) -> Any:
     if isinstance(v, bool) or (isinstance(v, int) and v < -1):
         raise ValueError(f"{_yaml(v)} is not a number of restarts: give 0 or more (0: fail at the first "
                          "failure), or -1 to retry forever")
     return v
+
+
+#: The type of a field counting restarts (``training.max_failures``,
+#: ``generation.max_replica_restarts``): 0 or more, or -1 for no limit. A value below -1 gets a
+#: message saying what to give, and YAML's true and false are refused (pydantic would take them
+#: for 1 and 0).
+RestartCount = Annotated[int, BeforeValidator(_restart_count)]

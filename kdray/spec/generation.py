@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import Field, model_validator
 
-from pydantic import Field, field_validator, model_validator
-
-from kdray.spec.base import _Spec, restart_count
+from kdray.spec.base import RestartCount, _Spec
 
 #: vLLM's own default ``gpu_memory_utilization`` (``vllm.config.CacheConfig``): what a replica
 #: that reserves a whole GPU per engine worker gets.
@@ -70,7 +68,7 @@ class GenerationSpec(_Spec):
         "GPU fit together (two replicas of 0.5 GPU: 0.45 each). At most that share. GPU replicas of "
         "backend vllm only (CPU replicas size their KV cache with VLLM_CPU_KVCACHE_SPACE).",
     )
-    max_replica_restarts: int = Field(
+    max_replica_restarts: RestartCount = Field(
         MAX_REPLICA_RESTARTS,
         ge=-1,
         description="Times Ray restarts a pool replica whose process died before the job fails, "
@@ -79,11 +77,6 @@ class GenerationSpec(_Spec):
         "replica retries its batches. -1 restarts forever (Ray Data's default, under which an "
         "error every start meets left the job running for good), 0 fails at the first death.",
     )
-
-    @field_validator("max_replica_restarts", mode="before")
-    @classmethod
-    def _restart_count(cls, v: Any) -> Any:
-        return restart_count(v)
 
     @property
     def gpu_share(self) -> float:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdray.spec.base import _Spec, _yaml, restart_count
+from kdray.spec.base import RestartCount, _Spec, _yaml
 
 class TeacherSignalSpec(_Spec):
     """What the student learns from: the teacher's distribution over the vocabulary at every
@@ -145,7 +145,7 @@ class TrainingSpec(_Spec):
         "raise it where the state is large. null: only each segment's final state is saved (a "
         "failure restarts the segment).",
     )
-    max_failures: int = Field(
+    max_failures: RestartCount = Field(
         MAX_FAILURES,
         ge=-1,
         description="Worker-group failures (a lost node, a killed or crashed worker) Ray Train "
@@ -203,11 +203,6 @@ class TrainingSpec(_Spec):
             raise ValueError(f"{_yaml(v)} is not an interval: give a number of optimizer steps (1 or more), or "
                              "null to save only each segment's final state")
         return v
-
-    @field_validator("max_failures", mode="before")
-    @classmethod
-    def _failure_count(cls, v: Any) -> Any:
-        return restart_count(v)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "TrainingSpec":
