@@ -140,3 +140,32 @@ def test_an_engine_that_dies_at_its_first_request_fails_the_job_with_vllms_error
     assert "Traceback" not in run.stderr
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["kind"] == "job_failed" and "head_dim=16" in events[-1]["error"], events[-1]
+
+
+def test_a_pool_batch_that_does_not_fit_the_gpu_says_what_takes_less():
+    """torch's out-of-memory error in a pool's batch (kdray's own pool classes: hf generators and
+    scorers, the vLLM scorer) becomes a ClusterError naming the batch and the settings that take
+    less; Ray passes it to the driver as text, which kdray.errors.user_error rebuilds."""
+    import numpy as np
+    import torch
+
+    from kdray.errors import ClusterError, user_error
+    from kdray.pools.base import PoolCallable
+
+    class Crowded(PoolCallable):  # a pool whose GPU has no room for this batch
+        def process(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has a total "
+                                         "capacity of 22.05 GiB of which 1.12 GiB is free.\nOf the allocated ...")
+
+    with pytest.raises(ClusterError) as info:
+        Crowded(env={})({"prompt": np.array(["a", "b", "c"]), "id": np.array(["1", "2", "3"])})
+    msg = str(info.value)
+    assert msg.startswith("a Crowded replica ran out of GPU memory on node "), msg
+    assert ("(CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has a total capacity of 22.05 GiB of which 1.12 GiB "
+            "is free.), on a batch of 3 rows. Lower generation.batch_size") in msg
+    assert "Of the allocated" not in msg and "run the job again (it resumes)" in msg
+    # As the driver gets it from a Ray Data task: its traceback's text.
+    traced = type("RayTaskError", (Exception,), {"__module__": "ray.exceptions"})(
+        f"ray::MapBatches(Crowded)() (pid=7, ip=10.0.0.3)\nTraceback ...\nkdray.errors.ClusterError: {msg}")
+    rebuilt = user_error(traced)
+    assert isinstance(rebuilt, ClusterError) and str(rebuilt) == f"{msg} (raised on the Ray worker at 10.0.0.3)"

@@ -108,3 +108,41 @@ def test_distillm2_step_is_the_contrastive_loss_with_scheduled_alpha_and_beta(mo
     nxt = make_step_objective(spec, plan[1], total_steps=4, num_segments=2, state=step.state_dict())
     assert nxt.schedule.round == 1 and nxt.schedule.beta == step.schedule.beta
     assert nxt.schedule.delta_mean(False) == step.schedule.delta_mean(False)
+
+
+def test_a_micro_batch_that_does_not_fit_the_gpu_ends_training_with_what_takes_less(models):
+    """torch's out-of-memory error in a step (here raised by a forward hook of the student, as a
+    GPU's allocator would raise it) becomes a ClusterError naming the micro-batch's shape and the
+    settings that take less: a KdrayError, which Ray Train does not retry (the same batch after
+    the same checkpoint would need the same memory)."""
+    from kdray.errors import ClusterError
+    from kdray.stages.train import worker_user_error
+    from kdray.train.step import accumulate_step
+
+    student, teacher = models
+    spec = make({"kind": "forward_kl"})
+    step = make_step_objective(spec, plan_segments(spec, 8)[0], total_steps=4, num_segments=1, state=None)
+    b = batch_of(False)
+
+    def no_room(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free.\nIncluding non-PyTorch memory ...")
+
+    hook = student.get_input_embeddings().register_forward_hook(no_room)  # whichever path the loss takes
+    try:
+        with pytest.raises(ClusterError) as info:
+            accumulate_step(step, student, teacher, [b], backward=lambda loss: None)
+    finally:
+        hook.remove()
+    msg = str(info.value)
+    rows, tokens = b["input_ids"].shape
+    assert msg.startswith("a training worker ran out of GPU memory on node ") and (
+        "(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+        f"is free.), in a micro-batch of {rows} × {tokens} (sequences × tokens)") in msg, msg
+    for fix in ("training.micro_batch_size_per_worker", "training.gradient_checkpointing: true", "kdray validate",
+                "it resumes from its latest checkpoint"):
+        assert fix in msg
+    assert worker_user_error(info.value) is info.value  # not retried
+    # The same in the backward pass, through the runner's own backward (DeepSpeed's, in a worker).
+    with pytest.raises(ClusterError, match="ran out of GPU memory"):
+        accumulate_step(step, student, teacher, [b], backward=lambda loss: no_room())

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdray.data.text_scores import rouge_l
-from kdray.errors import DataError
+from kdray.errors import ClusterError, DataError, node
 from kdray.caches import local_cache_dir
 from kdray.spec import GenerationSpec
 
@@ -104,7 +104,23 @@ class PoolCallable:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.process(batch)
+        """:meth:`process` ``batch`` and report its rows.
+
+        Raises:
+            ClusterError: the GPU ran out of memory (``torch.OutOfMemoryError``), naming the
+                node, the batch's rows and the settings that take less.
+        """
+        import torch
+
+        try:
+            out = self.process(batch)
+        except torch.OutOfMemoryError as exc:
+            said = (str(exc).strip().splitlines() or ["out of memory"])[0]  # torch's first line has the sizes
+            raise ClusterError(
+                f"a {type(self).__name__} replica ran out of GPU memory on node {node()} ({said}), on a batch of "
+                f"{len(next(iter(batch.values()), []))} rows. Lower generation.batch_size (or max_new_tokens, or the "
+                "model's max_model_len), give each replica more of a GPU (generation.num_gpus_per_replica), or "
+                "run fewer replicas on one GPU; then run the job again (it resumes)") from None
         if self.progress is not None:
             self.progress.record.remote({"rows": len(next(iter(out.values()))) if out else 0})
         return out

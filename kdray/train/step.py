@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from kdray.errors import ClusterError, node
+
 T = TypeVar("T")
 
 
@@ -203,18 +205,44 @@ def accumulate_step(objective: Any, model: Any, teacher: Any, micro_batches: lis
         This rank's sums: ``loss`` and the objective's parts (summing them over the ranks gives
         the step's values), ``tokens`` (label tokens), ``positions`` and ``attended`` (padded
         and real positions); :func:`step_metrics` turns them into the step's metrics.
+
+    Raises:
+        ClusterError: the GPU ran out of memory (``torch.OutOfMemoryError``), naming the node,
+            the micro-batch's shape and the settings that take less. A KdrayError, so Ray Train
+            does not retry it (:func:`kdray.stages.train.worker_user_error`): the same batch
+            after the same checkpoint needs the same memory.
     """
+    import torch
+
     items = step_items(objective, micro_batches, carry)
     sums: dict[str, float] = {}
     clock = clock or StepClock()
     for batch in micro_batches:
-        with clock.timing("forward"):
-            loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
-        backward(loss)
+        try:
+            with clock.timing("forward"):
+                loss, parts, n_tokens = objective(model, teacher, batch, num_items_in_batch=items)
+            backward(loss)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, batch) from None
         for key, value in {"loss": float(loss.detach()), **parts, "tokens": n_tokens, **_positions(batch)}.items():
             sums[key] = sums.get(key, 0.0) + value
     objective.end_micro_batches()
     return sums
+
+
+def out_of_memory(exc: BaseException, batch: dict[str, Any]) -> ClusterError:
+    """What a user reads when a training step's micro-batch ``batch`` did not fit the GPU: what
+    torch said, where, the batch's shape (rows × padded tokens per side) and what takes less."""
+    shape = " and ".join(f"{ids.shape[0]} × {ids.shape[-1]}" for ids in
+                         (batch.get("input_ids"), batch.get("s_input_ids")) if ids is not None)
+    said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's first line has the sizes
+    return ClusterError(
+        f"a training worker ran out of GPU memory on node {node()} ({said}), in a micro-batch of "
+        f"{shape or 'its'} (sequences × tokens). Lower training.micro_batch_size_per_worker (the step "
+        "accumulates more micro-batches for the same global_batch_size) or training.max_seq_len, set "
+        "training.gradient_checkpointing: true, a higher training.zero_stage or offload_optimizer: true; "
+        "`kdray validate SPEC` estimates what a worker holds, and training.gpu_memory_gb checks it before "
+        "the job starts. Then run the job again (it resumes from its latest checkpoint)")
 
 
 def _positions(batch: dict[str, Any]) -> dict[str, int]:
