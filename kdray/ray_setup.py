@@ -62,6 +62,15 @@ def extensions_dir(cache: str) -> str:
 INGEST_CPUS = 1
 
 
+#: Why joining a cluster by its address may fail though it is up: Ray 2.60 turns token
+#: authentication on for a `ray start` where a token exists, and a process joining by address
+#: uses it only when told (docs.ray.io, "Token authentication"); kdray does not switch it on
+#: itself, since a driver whose mode differs from the cluster's loses its objects.
+AUTH_HINT = ("; and if the cluster uses Ray's token authentication (a `ray start` where ~/.ray/auth_token "
+             "exists turns it on), set RAY_AUTH_MODE=token here too, with the cluster's token in "
+             "~/.ray/auth_token or RAY_AUTH_TOKEN")
+
+
 def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: int | None = None) -> Any:
     """Connect to ``address`` (or ``RAY_ADDRESS``: the job's cluster), else start a local Ray of
     this process's own (also on a node where ``ray start`` ran), with the job env.
@@ -100,6 +109,7 @@ def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: in
         raise ClusterError(
             f"cannot {where} ({first_line(exc)}); check the address (kdray run --address, RAY_ADDRESS), "
             f"that the cluster is up (`ray status` on its head node) and runs Ray {ray.__version__}"
+            + (AUTH_HINT if target and "RAY_AUTH_MODE" not in os.environ else "")
         ) from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()

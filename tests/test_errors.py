@@ -407,7 +407,13 @@ def test_ray_jobs_sorts_rays_failures():
     jobs._client = _FakeJobsClient(RuntimeError("Request failed with status code 404: Job x does not exist."))
     assert jobs.logs("x") is None  # Ray forgot the job: a retry cannot help
     jobs._client = _FakeJobsClient(RuntimeError("Request failed with status code 503: busy."))
-    with pytest.raises(ClusterError, match="http://head:8265 is unavailable .*retry"):
+    with pytest.raises(ClusterError, match="http://head:8265 is unavailable .*retry") as info:
+        jobs.logs("x")
+    assert "dashboard_agent.log" not in str(info.value)
+    # Ray's answer while the head's agent has no HTTP server (its port taken): where to look.
+    jobs._client = _FakeJobsClient(RuntimeError("Request failed with status code 500: No available agent to submit "
+                                                "job, please try again later.."))
+    with pytest.raises(ClusterError, match=r"unavailable .*retry .*dashboard_agent.log .*52365, held by another"):
         jobs.logs("x")
     jobs._client = _FakeJobsClient(ConnectionError("refused"))
     with pytest.raises(ClusterError):

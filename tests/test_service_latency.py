@@ -112,6 +112,57 @@ def test_ingress_is_refused_when_joining_a_cluster(capsys, monkeypatch):
     assert "RAY_SERVE_ENABLE_HA_PROXY=1 on every node" in capsys.readouterr().err
 
 
+def test_a_local_ray_whose_job_api_could_not_listen_is_not_started(capsys, monkeypatch, tmp_path):
+    """Another Ray on the host holds the port of Ray's dashboard agent: a local Ray started
+    beside it runs its agent without the HTTP server that serves Ray's job API, and every submit
+    failed ("No available agent to submit job") while the service looked healthy. kdray serve
+    refuses to start instead, before any Ray, saying what to do (a helper hit it on this host)."""
+    from kdray.service.ingress import RAY_AGENT_PORT
+
+    monkeypatch.setenv("KDRAY_API_TOKEN", "t")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    busy = socket.socket()
+    try:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("0.0.0.0", RAY_AGENT_PORT))
+        busy.listen()
+    except OSError:  # held already (another Ray here): the refusal below is then the real one
+        busy.close()
+    try:
+        assert main(["serve", "--state-dir", str(tmp_path / "state"), "--ingress", "proxy"]) == 2
+    finally:
+        busy.close()
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"port {RAY_AGENT_PORT} is taken" in err and "serves Ray's job API" in err, err
+    assert "--dashboard-agent-listen-port PORT" in err and "(--address)" in err
+    assert not (tmp_path / "state").exists()  # nothing made
+
+
+def test_joining_a_cluster_that_refuses_names_token_authentication(monkeypatch):
+    """Ray 2.60 turns token authentication on for a `ray start` where a token exists, and a
+    process joining by address uses it only with RAY_AUTH_MODE=token: without it the join fails
+    as if the cluster were down (seen with a real `ray start`, 20 s of InvalidAuthToken; a
+    closed port takes over 3 minutes to fail, so Ray's refusal is stood in for here)."""
+    import ray
+
+    from kdray.errors import ClusterError
+    from kdray.ray_setup import init_ray
+
+    def refused(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ClusterError, match=r"cannot join the Ray cluster at '10.0.0.1:6379' .*set RAY_AUTH_MODE=token "
+                                           r"here too"):
+        init_ray("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set: the mode is not the question
+    with pytest.raises(ClusterError) as info:
+        init_ray("10.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in str(info.value)
+
+
 def test_a_status_read_leaves_the_event_loop_while_the_store_is_locked(tmp_path):
     """The status read runs on the event loop; with the store's file locked (a connection in
     exclusive locking mode holds it, as a WAL recovery would) it waits in a pool thread

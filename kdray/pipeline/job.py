@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -57,8 +58,9 @@ class Job:
         self.reporter = reporter or Reporter(None)
         self.ctx = StageContext(spec, self.out, self.reporter)
         self.metrics_history: list[dict[str, Any]] = []
-        #: The Ray session's logs directory on the driver's node, once Ray is up: where a pool
-        #: replica that died on this node left its error (:func:`~kdray.pools.faults.replica_death_error`).
+        #: The Ray session's logs directory on the driver's node, once this job started or joined
+        #: Ray: where a pool replica that died on this node left its error
+        #: (:func:`~kdray.pools.faults.replica_death_error`).
         self.ray_logs: Path | None = None
 
     # -- training metrics ----------------------------------------------------------------------
@@ -191,10 +193,9 @@ class Job:
     def _replica_death(self, exc: BaseException) -> KdrayError | None:
         """Why a pool replica that Ray restarted as often as allowed died, when ``exc`` says one
         did (:func:`kdray.pools.faults.replica_death_error`)."""
-        if self.ray_logs is None:
+        ray = sys.modules.get("ray")  # not imported for an error before Ray was
+        if ray is None or not ray.is_initialized():
             return None
-        import ray
-
         return replica_death_error(exc, self.spec.generation.max_replica_restarts, self.ray_logs,
                                    ray.util.get_node_ip_address())
 
@@ -233,7 +234,8 @@ class Job:
                         + ([spec.evaluation.judge.model.model] if spec.evaluation.judge else []),
                         progress=self.reporter.message)
         context = init_ray(self.address)  # prepare reads and checks the training rows in Ray Data tasks
-        self.ray_logs = Path(context.address_info["session_dir"]) / "logs"
+        if context is not None:  # a Ray this process started or joined (not one it was already in)
+            self.ray_logs = Path(context.address_info["session_dir"]) / "logs"
         quiet_replica_deaths()  # the job says why a replica died (_replica_death), not Ray Data's tracebacks
         nodes = check_shared_storage(self.out)  # before any stage writes what another node reads
         if len(nodes) > 1:

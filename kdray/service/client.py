@@ -30,7 +30,7 @@ WATCH_PAGE = 1000
 
 # -- the service --------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kdray.service.ingress import default_ingress, ingress_env, private_haproxy_dir
+    from kdray.service.ingress import check_agent_port, default_ingress, ingress_env, private_haproxy_dir
 
     local = args.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     if args.ingress is not None and not local:
@@ -38,6 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "joins has the one its `ray start` was given (RAY_SERVE_ENABLE_HA_PROXY=1 on every "
                           "node: cluster/README.md)")
     ingress = (args.ingress or default_ingress()) if local else None
+    if local:
+        check_agent_port()
     if ingress:  # before Ray and Serve start: every Ray process reads it from its environment
         os.environ.update(ingress_env(ingress))
 

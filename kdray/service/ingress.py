@@ -34,6 +34,10 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 #: and Serve's Python proxy, kept as a fallback for when no replica answers.
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500}
+#: The port of Ray's dashboard agent HTTP server (Ray 2.60's ``DEFAULT_DASHBOARD_AGENT_LISTEN_PORT``;
+#: ``ray start --dashboard-agent-listen-port`` moves it, ``ray.init`` cannot). The head's agent
+#: runs Ray's job API, through which the service submits every job.
+RAY_AGENT_PORT = 52365
 #: HAProxy's files (Ray 2.60's variables, each a file that Ray puts in a folder named after the
 #: node inside the file's own folder). Ray's defaults are in ``/tmp/haproxy-serve``, open to
 #: every user of the host, with the admin socket at mode 666 and ``level admin``: any local
@@ -52,6 +56,26 @@ def _taken(port: int) -> bool:
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
     return False
+
+
+def check_agent_port() -> None:
+    """Refuse to start a local Ray whose dashboard agent could not listen (:data:`RAY_AGENT_PORT`).
+
+    Where another process holds the port (most often another Ray on this host: a ``kdray run``,
+    a ``ray start``), Ray's agent logs "address already in use", stays up without its HTTP
+    server, and every job submit then fails with "No available agent to submit job" while the
+    service answers its health checks: a service that cannot run a job.
+
+    Raises:
+        ConfigError: the port is taken, with the ways round it.
+    """
+    if _taken(RAY_AGENT_PORT):
+        raise ConfigError(
+            f"port {RAY_AGENT_PORT} is taken (most often by another Ray on this host: a kdray run, a `ray start`; "
+            "`ray status` shows one): the local Ray kdray serve starts would run its dashboard agent, which "
+            "serves Ray's job API, without it, and no job could be submitted. Stop that process, or start a "
+            "Ray head yourself with another port (`ray start --head --dashboard-agent-listen-port PORT`) "
+            "and give kdray serve its address (--address)")
 
 
 def default_ingress() -> str:

@@ -76,8 +76,11 @@ class RayJobs:
             unavailable = isinstance(exc, OSError) or (code is not None and code.group(1).startswith("5"))
             if not (unavailable or type(exc).__name__ == "AuthenticationError"):
                 raise
+            agent = (" (where it lasts, the head's dashboard agent runs without its HTTP server: the "
+                     "dashboard_agent.log in the Ray session's logs on the head says why, most often its port, "
+                     "52365, held by another process)") if "No available agent" in str(exc) else ""
             raise ClusterError(f"{what}: Ray's job API at {self.dashboard_url} is unavailable "
-                               f"({first_line(exc)}); retry once the Ray cluster is up") from None
+                               f"({first_line(exc)}); retry once the Ray cluster is up{agent}") from None
 
     def submit(self, entrypoint: str, submission_id: str, *, retry_s: float = SUBMIT_RETRY_S) -> str:
         """Hand ``entrypoint`` to Ray as job ``submission_id``; returns Ray's job id.
