@@ -173,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_ray() -> None:
+    """Silence Ray's loggers for the rest of an interrupted process: a pool's dataset still runs
+    in its thread (:func:`kdray.stages.context.run_draining`) while Ray shuts down at exit, and
+    Ray Data logged tracebacks of "Ray is not initialized" after the job's last word."""
+    import logging
+
+    for name in ["ray", *logging.root.manager.loggerDict]:  # Ray sets some of its loggers' own levels
+        if name == "ray" or name.startswith("ray."):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: its exit status, 2 with one message for the user's error, or the
     exception itself (a kdray bug: its traceback, exit 1)."""
@@ -182,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not interrupted(exc):  # another exit
+            raise
         _err(console, "interrupted")
+        _quiet_ray()
         return EXIT_INTERRUPTED
     except Exception as exc:
         if interrupted(exc):  # an interrupt Python wrapped (kdray.errors.interrupted)

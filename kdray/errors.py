@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import socket
 import sys
 
@@ -210,10 +211,14 @@ def _from_ray(exc: BaseException) -> bool:
 
 def interrupted(exc: BaseException) -> bool:
     """Whether ``exc`` is, or was raised from, a ``KeyboardInterrupt`` (Ctrl-C, or the SIGTERM
-    with which Ray Jobs stops a driver, :meth:`kdray.service.tracking.Tracker.attach`). Python
-    wraps one raised inside a class's ``__set_name__`` (the signal came during an import, e.g.
-    of Ray Data's operator dataclasses) in a ``RuntimeError`` whose cause it is."""
-    return any(isinstance(e, KeyboardInterrupt) for e in exception_chain(exc))
+    with which Ray Jobs stops a driver, :meth:`kdray.service.tracking.Tracker.attach`), or is
+    the ``SystemExit`` of SIGTERM's number that the handler every ``ray.init()`` call in a main
+    thread installs raises (``sys.exit(signum)``; Ray Data's and the LLM processor's calls
+    install it again after kdray's). Python wraps an interrupt raised inside a class's
+    ``__set_name__`` (the signal came during an import, e.g. of Ray Data's operator
+    dataclasses) in a ``RuntimeError`` whose cause it is."""
+    return any(isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code == signal.SIGTERM)
+               for e in exception_chain(exc))
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:

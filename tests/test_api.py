@@ -161,6 +161,20 @@ def test_a_failed_job_leaves_its_error_in_its_output_directory(tmp_path, monkeyp
     last = json.loads((tmp_path / "wrapped" / "events.jsonl").read_text().splitlines()[-1])
     assert last["error"] == "row 7 of train.jsonl has no prompt", last
 
+    # Stopped (Ctrl-C; SIGTERM, which Ray's handler in a driver turns into SystemExit(15)): said so.
+    for stop in (KeyboardInterrupt(), SystemExit(15)):
+        def stops(self, state, trackers, stop=stop):
+            raise stop
+
+        monkeypatch.setattr(Job, "_stages", stops)
+        with pytest.raises(type(stop)):
+            kdray.run({**spec, "output_dir": str(tmp_path / "stopped")}, progress=False)
+        last = json.loads((tmp_path / "stopped" / "events.jsonl").read_text().splitlines()[-1])
+        assert last["kind"] == "job_stopped", last
+        with pytest.raises(KdrayError, match=r"has no report.json: its job was stopped before it finished .*run it "
+                                             r"again \(it resumes\)"):
+            kdray.Report.load(tmp_path / "stopped")
+
     other = parse_spec({**spec, "training": {**spec["training"], "lr": 0.5}})
     JobState.open(tmp_path / "out", other, restart=True).run_name(0, "x")  # another job's work is there now
     before = events.read_text()

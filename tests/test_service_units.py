@@ -685,3 +685,13 @@ def test_a_cancel_that_lands_in_an_import_still_cancels_the_job(tmp_path):
     assert store.get(cancelled)["state"] == "cancelled" and store.get(cancelled)["error"] is None
     assert store.get(stopped)["state"] == "failed" and store.get(stopped)["error"] == "interrupted"
     assert not interrupted(RuntimeError("a bug")) and not interrupted(ValueError("x"))
+    # Every ray.init() in the driver's main thread (Ray Data's, the LLM processor's) installs a
+    # SIGTERM handler raising SystemExit(15): a cancel all the same. Another exit is not one.
+    again = _running(store, "c")
+    tracker = Tracker(str(tmp_path / "kdray.db"), again)
+    store.update(again, state="cancelling")
+    with pytest.raises(SystemExit):
+        with tracker.following():
+            raise SystemExit(15)
+    assert store.get(again)["state"] == "cancelled"
+    assert interrupted(SystemExit(15)) and not interrupted(SystemExit(0)) and not interrupted(SystemExit(1))

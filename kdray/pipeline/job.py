@@ -21,7 +21,7 @@ from typing import Any
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
-from kdray.errors import JobCancelled, KdrayError, first_line, user_error
+from kdray.errors import JobCancelled, KdrayError, first_line, interrupted, user_error
 from kdray.models import hidden_size, vocab_size
 from kdray.pools.faults import quiet_replica_deaths, replica_death_error
 from kdray.pools.live import live_pool_cpus
@@ -181,6 +181,10 @@ class Job:
         try:
             return self._owned(state)
         except JobCancelled:
+            raise
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if interrupted(exc):  # Ctrl-C, or SIGTERM (the service's cancel): the directory says so
+                self.reporter.stopped()
             raise
         except Exception as exc:  # the directory keeps why (kdray report and compare say it)
             died = self._replica_death(exc)

@@ -34,6 +34,9 @@ def finite(value: Any) -> Any:
 #: The last event of a job that failed, in its ``events.jsonl``: ``{"kind": "job_failed", "error": ...}``
 #: (:meth:`Reporter.failed`; ``kdray report`` and ``compare`` read it).
 FAILED_EVENT = "job_failed"
+#: The last event of a job stopped before it finished (Ctrl-C; SIGTERM: the service's cancel,
+#: ``ray job stop``): ``{"kind": "job_stopped"}`` (:meth:`Reporter.stopped`).
+STOPPED_EVENT = "job_stopped"
 
 
 class Reporter:
@@ -71,6 +74,9 @@ class Reporter:
 
     def failed(self, error: str) -> None:
         self.emit(FAILED_EVENT, error=error)
+
+    def stopped(self) -> None:
+        self.emit(STOPPED_EVENT)
 
     def close(self) -> None:
         pass

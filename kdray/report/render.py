@@ -38,10 +38,11 @@ _SCHEDULE_FIRST = ("lr", "kd_temperature", "temperature", "kd_ratio", "alpha", "
 _FIX = "run the job first: kdray run SPEC"
 
 
-def _failure(events: Path) -> str | None:
-    """The error of a job whose ``events.jsonl`` ends with its failure
-    (:data:`kdray.pipeline.progress.FAILED_EVENT`), else None."""
-    from kdray.pipeline.progress import FAILED_EVENT
+def _ending(events: Path) -> str | None:
+    """How a job whose ``events.jsonl`` ends before its report ended, as ``kdray report`` says
+    it: ``failed (ERROR)`` (:data:`kdray.pipeline.progress.FAILED_EVENT`), ``was stopped
+    before it finished`` (:data:`~kdray.pipeline.progress.STOPPED_EVENT`), else None."""
+    from kdray.pipeline.progress import FAILED_EVENT, STOPPED_EVENT
 
     try:
         with events.open("rb") as fh:
@@ -49,7 +50,12 @@ def _failure(events: Path) -> str | None:
             last = json.loads(fh.read().decode("utf-8", "replace").strip().rsplit("\n", 1)[-1])
     except (OSError, ValueError):
         return None
-    return str(last.get("error")) if isinstance(last, dict) and last.get("kind") == FAILED_EVENT else None
+    kind = last.get("kind") if isinstance(last, dict) else None
+    if kind == FAILED_EVENT:
+        return f"failed ({last.get('error')}); fix that and run it again"
+    if kind == STOPPED_EVENT:
+        return "was stopped before it finished (Ctrl-C, or SIGTERM: a cancel); run it again"
+    return None
 
 
 def load_report(job_dir: Path) -> dict[str, Any]:
@@ -57,9 +63,8 @@ def load_report(job_dir: Path) -> dict[str, Any]:
     job_dir = Path(job_dir)
     path = job_dir if job_dir.name == "report.json" and job_dir.is_file() else job_dir / "report.json"
     if not path.is_file():
-        if failed := _failure(path.parent / "events.jsonl"):
-            raise KdrayError(f"{path.parent} has no report.json: its job failed ({failed}); fix that and run it "
-                             "again (it resumes): kdray run SPEC")
+        if ended := _ending(path.parent / "events.jsonl"):
+            raise KdrayError(f"{path.parent} has no report.json: its job {ended} (it resumes): kdray run SPEC")
         what = "has no report.json" if path.parent.is_dir() else "is not a directory"
         raise KdrayError(f"{path.parent} {what} ({path} not found); {_FIX}")
     try:

@@ -63,8 +63,9 @@ class Tracker:
         as ``KeyboardInterrupt``."""
         try:
             yield self
-        except KeyboardInterrupt:
-            self._interrupted()
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if interrupted(exc):  # not another exit
+                self._interrupted()
             raise
         except Exception as exc:
             if interrupted(exc):
