@@ -384,6 +384,21 @@ def test_jobs_queue_in_order_beyond_max_running_jobs_and_one_job_owns_an_output_
             assert first["id"] in res.json()["error"] and "another output_dir" in res.json()["error"]
         assert client.get("/v1/jobs", params={"limit": 500}).json()["total"] == 3  # refused: nothing recorded
 
+        # An Idempotency-Key stands for one submission: the same spec again is the same job; another
+        # spec under it is refused (it used to get the old job back, as if submitted), naming the fields.
+        keyed = {**auth, "Idempotency-Key": "k-7"}
+        spec = _demo_spec("keyed", "keyed")
+        made = client.post("/v1/jobs", json=spec, headers=keyed)
+        again = client.post("/v1/jobs", json=spec, headers=keyed)
+        assert made.status_code == 201 and again.status_code == 200 and again.json()["id"] == made.json()["id"]
+        assert again.headers["Idempotent-Replayed"] == "true"
+        other = {**spec, "training": {**spec.get("training", {}), "lr": 0.125}}
+        res = client.post("/v1/jobs", json=other, headers=keyed)
+        assert res.status_code == 422 and res.json()["id"] == made.json()["id"], res.json()
+        assert ("Idempotency-Key 'k-7' was used by job " in res.json()["error"]
+                and "(differs in: training.lr)" in res.json()["error"] and "a new key" in res.json()["error"])
+        assert client.post(f"/v1/jobs/{made.json()['id']}/cancel", headers=auth).status_code == 202
+
         # A queued job is cancelled at once, without Ray; the next one moves up.
         res = client.post(f"/v1/jobs/{second['id']}/cancel", headers=auth)
         assert res.status_code == 202 and res.json()["state"] == "cancelled" and ray.stopped == []

@@ -50,12 +50,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two JSON-like spec dumps differ."""
+def spec_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like spec dumps differ (``training.lr``), sorted; ``(spec)``
+    where the whole of one is not a mapping."""
     if isinstance(saved, dict) and isinstance(now, dict):
         out: list[str] = []
         for key in sorted(set(saved) | set(now), key=str):
-            out += _differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else str(key))
+            out += spec_differences(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else str(key))
         return out
     return [] if saved == now else [prefix or "(spec)"]
 
@@ -93,7 +94,7 @@ class JobState:
             except ValueError as exc:
                 raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
                                  "start the job over") from None
-            differing = [d for d in _differences(_with_defaults(saved.get("spec")), state.spec_dump)
+            differing = [d for d in spec_differences(_with_defaults(saved.get("spec")), state.spec_dump)
                          if not any(d == m or d.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)]
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")

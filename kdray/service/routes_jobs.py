@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kdray.errors import ClusterError, OutputDirInUse, SpecError, utf8_fault
 from kdray.pipeline.progress import finite
+from kdray.pipeline.state import spec_differences
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
@@ -95,6 +96,11 @@ def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, r
     except OutputDirInUse as exc:
         raise RequestError(409, str(exc), owner=exc.owner) from None
     if not created:
+        differing = spec_differences(rec["spec"], spec.model_dump(mode="json"))
+        if differing:  # a new submission under an old key: it would silently not run
+            raise RequestError(422, f"Idempotency-Key {key!r} was used by job {rec['id']} for another JobSpec "
+                                    f"(differs in: {', '.join(differing[:8])}{', ...' if len(differing) > 8 else ''}); "
+                                    "a key stands for one submission: give this one a new key", id=rec["id"])
         return JSONResponse(job_status_of(store, rec), status_code=200, headers={"Idempotent-Replayed": "true"})
     try:
         admit_queued(config, store, ray, only=rec["id"])  # if it is next in line; else the reconciler's round
