@@ -70,7 +70,7 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
         assert res.status_code == 413 and f"{out / 'report.json'} is over 8 MiB and holds a NaN" in res.json()["error"]
 
 
-def test_list_pages_through_the_jobs_newest_first(tmp_path):
+def test_list_pages_through_the_jobs_newest_first(tmp_path, monkeypatch):
     config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
                            dashboard_url="http://127.0.0.1:1")
     store = JobStore(config.db_path)
@@ -81,7 +81,12 @@ def test_list_pages_through_the_jobs_newest_first(tmp_path):
         pages = [kdray("list", "--server", url, "--limit", "3", "--offset", str(offset), cwd=tmp_path)
                  for offset in (0, 3, 6, 9)]
         failed = kdray("list", "--server", url, "--state", "failed", cwd=tmp_path)
+        none = kdray("list", "--server", url, "--state", "cancelled", cwd=tmp_path)
+        logs = [kdray("logs", ids[k], "--server", url, cwd=tmp_path) for k in (0, 2)]
         bad = kdray("list", "--server", url, "--offset", "-1", cwd=tmp_path)
+        monkeypatch.delenv("KDRAY_API_TOKEN", raising=False)
+        (tmp_path / "spec.yaml").write_text("name: x\n")
+        anonymous = kdray("submit", "spec.yaml", "--server", url, cwd=tmp_path)
     assert all(res.returncode == 0 for res in pages), [res.stderr for res in pages]
     titles = [" ".join(res.stdout.split("\n", 1)[0].split()) for res in pages]
     assert titles == ["kdray jobs (1-3 of 7, newest first)", "kdray jobs (4-6 of 7, newest first)",
@@ -91,3 +96,10 @@ def test_list_pages_through_the_jobs_newest_first(tmp_path):
     assert failed.returncode == 0 and "1-1 of 1 failed" in failed.stdout and ids[2] in failed.stdout
     assert bad.returncode == 2 and "invalid query" in bad.stderr and "offset: 0 or more" in bad.stderr, bad.stderr
     assert "job spec" not in bad.stderr and "Traceback" not in bad.stderr
+    assert none.returncode == 0 and none.stdout.strip() == f"no cancelled kdray jobs on {url}", none.stdout
+    # Jobs Ray never ran have no driver log: `kdray logs` says why rather than print nothing.
+    assert [res.returncode for res in logs] == [0, 0] and not logs[0].stdout
+    assert f"{ids[0]}: no driver log (queued: it has not started on Ray yet)" in logs[0].stderr, logs[0].stderr
+    assert f"{ids[2]}: no driver log (failed: " in logs[1].stderr, logs[1].stderr
+    # No token given at all: said so (it used to say the service refused the token).
+    assert anonymous.returncode == 2 and "needs a token for this and none was given" in anonymous.stderr, anonymous.stderr

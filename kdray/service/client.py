@@ -113,10 +113,16 @@ class Client:
     def __init__(self, server: str | None, token: str | None):
         import httpx
 
-        self.server = (server or os.environ.get("KDRAY_SERVER") or DEFAULT_SERVER).rstrip("/")
+        self.server = self.url(server)
         token = token or os.environ.get("KDRAY_API_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.has_token = bool(token)
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=30)
+
+    @staticmethod
+    def url(server: str | None) -> str:
+        """The service's URL: ``server``, else ``KDRAY_SERVER``, else :data:`DEFAULT_SERVER`."""
+        return (server or os.environ.get("KDRAY_SERVER") or DEFAULT_SERVER).rstrip("/")
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
@@ -127,7 +133,8 @@ class Client:
             raise ClusterError(f"cannot reach the kdray service at {self.server} ({exc}); is `kdray serve` "
                                "running there? (--server URL or KDRAY_SERVER)") from None
         if res.status_code == 401:
-            raise KdrayError("the service refused the token: pass --token TOKEN or set KDRAY_API_TOKEN")
+            said = "refused the token" if self.has_token else "needs a token for this and none was given"
+            raise KdrayError(f"the service {said}: pass --token TOKEN or set KDRAY_API_TOKEN")
         if res.status_code < 400:
             return res.json() if res.headers.get("content-type", "").startswith("application/json") else res.text
         try:
@@ -168,6 +175,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     params = {"limit": args.limit, "offset": args.offset, **({"state": args.state} if args.state else {})}
     page = Client(args.server, args.token).call("GET", "/v1/jobs", params=params)
+    if not page["total"]:
+        print(f"no {args.state + ' ' if args.state else ''}kdray jobs on {Client.url(args.server)}"
+              + ("" if args.state else " yet (kdray submit SPEC adds one)"))
+        return 0
     shown = f"{args.offset + 1}-{args.offset + len(page['jobs'])} of" if page["jobs"] else "none here of"
     table = Table(title=f"kdray jobs ({shown} {page['total']}{' ' + args.state if args.state else ''}, newest first)")
     for col in ("id", "name", "state", "phase", "step", "created"):
@@ -190,7 +201,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    sys.stdout.write(Client(args.server, args.token).call("GET", f"/v1/jobs/{args.id}/logs"))
+    client = Client(args.server, args.token)
+    text = client.call("GET", f"/v1/jobs/{args.id}/logs")
+    if text:
+        sys.stdout.write(text)
+        return 0
+    job = client.call("GET", f"/v1/jobs/{args.id}")  # why there is none: its state says
+    why = f"; its error: {job['error']}" if job.get("error") else ""
+    print(f"{job['id']}: no driver log ({job['state']}: "
+          + ("it has not started on Ray yet" if job["state"] in ("queued", "pending") else
+             "its driver printed nothing, or never started on Ray") + f"){why}", file=sys.stderr)
     return 0
 
 

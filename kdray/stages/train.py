@@ -241,7 +241,7 @@ def _fit(ctx: StageContext, segment: Segment, plan: list[Segment], datasets: dic
         dataset_config=DataConfig(execution_options={name: ordered_ingest() for name in datasets}),
     )
     label = segment.label(len(plan))
-    detail = f"{t.num_workers} workers, ZeRO-{t.zero_stage}" + (f", {label}" if label else "")
+    detail = f"{t.num_workers} worker{'s' if t.num_workers != 1 else ''}, ZeRO-{t.zero_stage}" + (f", {label}" if label else "")
     with ctx.phase("train", segment.end_step, detail):
         if segment.start_step:  # the bar counts the job's optimizer steps
             ctx.reporter.advance("train", segment.start_step)
