@@ -49,6 +49,14 @@ def test_a_misspelt_key_or_kind_is_answered_with_the_closest_name():
     assert errs["objective.kind"].endswith("(did you mean 'forward_kl'?)")
     assert "(did you mean 'pocl'?)" in errs["curriculum[0].kind"], errs
     assert "did you mean" not in errors_of(minimal(zzz=1))["zzz"]  # nothing close: no guess
+    # Hugging Face's and TRL's names for a setting, and a known key as the first word.
+    errs = errors_of(minimal(training={"learning_rate": 1e-4, "per_device_train_batch_size": 4, "lr_rate": 1},
+                             objective={"kind": "forward_kl", "temperature": 2.0},
+                             generation={"temperature": 0.7}))
+    assert "(did you mean 'lr'?)" in errs["training.learning_rate"] and "(did you mean 'lr'?)" in errs["training.lr_rate"]
+    assert "(did you mean 'micro_batch_size_per_worker'?)" in errs["training.per_device_train_batch_size"]
+    assert "(did you mean 'kd_temperature'?)" in errs["objective.temperature"]
+    assert "(did you mean 'sampling_temperature'?)" in errs["generation.temperature"]
     errs = errors_of(minimal(data={"train": ["a.jsonl", "b.jsonl"], "heldout": {"path": "h.jsonl"}}))
     assert errs["data.train"].startswith("give one dataset per split, not a list: put the rows in one JSONL")
     assert errs["data.heldout"] == "Input should be a valid string (got a mapping)"

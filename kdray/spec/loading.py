@@ -69,10 +69,25 @@ def _field_at(loc: tuple[Any, ...]) -> Any:
     return parent.model_fields.get(loc[-1]) if parent and loc else None
 
 
+#: Names users bring from Hugging Face ``TrainingArguments`` and TRL's trainers, with kdray's
+#: for the same setting (the one among a key's siblings is suggested: ``temperature`` is
+#: ``objective.kd_temperature`` or ``generation.sampling_temperature``).
+OTHER_NAMES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr",), "num_train_epochs": ("epochs",), "max_grad_norm": ("gradient_clipping",),
+    "per_device_train_batch_size": ("micro_batch_size_per_worker",), "max_length": ("max_seq_len", "max_model_len"),
+    "model_name_or_path": ("model",), "temperature": ("kd_temperature", "sampling_temperature"),
+    "warmup": ("warmup_steps",), "batch_size": ("global_batch_size",), "num_epochs": ("epochs",),
+}
+
+
 def _did_you_mean(given: Any, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the choice closest to ``given`` (difflib's ratio of at least
-    0.75: a typo, a ``-`` for ``_``, a letter dropped), else ``""``."""
-    close = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.75)
+    """`` (did you mean 'x'?)`` for the choice closest to ``given``, else ``""``: difflib's
+    ratio of at least 0.75 (a typo, a ``-`` for ``_``, a letter dropped), another tool's name
+    for it (:data:`OTHER_NAMES`), or a choice that is ``given``'s first word (``lr_rate``)."""
+    given = str(given)
+    close = difflib.get_close_matches(given, choices, n=1, cutoff=0.75)
+    close += [name for name in OTHER_NAMES.get(given, ()) if name in choices]
+    close += [name for name in choices if given.startswith(name + "_")]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
