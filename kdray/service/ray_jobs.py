@@ -25,6 +25,12 @@ SUBMIT_RETRY_S = 20.0
 #: timeout, so a dashboard that accepts connections but never answers (its head overloaded or
 #: stopped) would hold the reconciler, or a request's thread, for good.
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds after a job's end before :meth:`RayJobs.delete` removes its record. A job's
+#: supervisor actor exits right after writing the job's end, and Ray's job manager, checking
+#: each supervisor once a second (Ray 2.60's ``JOB_MONITOR_LOOP_PERIOD_S``), writes a job whose
+#: supervisor is gone and whose record is not ended back as FAILED: a record deleted in between
+#: came back (seen deleting a cancelled job at once, tests/test_service.py).
+SETTLE_S = 3.0
 
 
 def _client(dashboard_url: str, timeouts: tuple[float, float]) -> Any:
@@ -123,7 +129,13 @@ class RayJobs:
     def delete(self, ray_id: str) -> bool | None:
         """Remove an ended job's info from Ray's job table (Ray keeps its log files on the head's
         disk: Ray's ``delete_job``): True, or None when Ray no longer has it. Ray answers a job
-        not yet ended with a 500 (a :class:`ClusterError` here): ask :meth:`status` first."""
+        not yet ended with a 500 (a :class:`ClusterError` here): ask :meth:`status` first. A job
+        that ended under :data:`SETTLE_S` ago is waited for until then."""
+        info = self._call("Ray did not report the job", lambda c: c.get_job_info(ray_id))
+        if info is None:
+            return None
+        if info.end_time:  # ms since the epoch
+            time.sleep(max(0.0, SETTLE_S - (time.time() - info.end_time / 1000)))
         return self._call("Ray could not delete the job", lambda c: c.delete_job(ray_id))
 
     def status(self, ray_id: str) -> str | None:
