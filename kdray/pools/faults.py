@@ -25,7 +25,7 @@ from kdray.errors import ModelError, exception_chain
 _POOL_ACTOR = re.compile(r"class_name: MapWorker\(MapBatches\((\w+)\)\)")
 #: The callable class of the vLLM engine stage of Ray's batch LLM processor.
 ENGINE_UDF = "vLLMEngineStageUDF"
-_FIELD = {name: re.compile(rf"\b{name}: ([\w.:-]+)") for name in ("actor_id", "pid", "ip")}
+_FIELD = {name: re.compile(rf"\b{name}: ([\w.:-]+)") for name in ("pid", "ip")}
 #: A line of vLLM's log holding an exception (``(EngineCore pid=…) ERROR … [core.py:…] X: …``).
 _LOGGED_ERROR = re.compile(r"\bERROR\b.*?\] ((?:\w+\.)*\w*(?:Error|Exception)): (.+)$")
 #: An error vLLM logs after the cause, saying only that the engine is gone.
@@ -56,7 +56,8 @@ def replica_death_error(exc: BaseException, restarts: int, logs_dir: Path | None
             continue
         text = str(e)
         found = {name: (m.group(1) if (m := pattern.search(text)) else None) for name, pattern in _FIELD.items()}
-        what = "a vLLM engine of a generation pool" if actor.group(1) == ENGINE_UDF else f"a pool replica ({actor.group(1)})"
+        udf = actor.group(1)
+        what = "a vLLM engine of a generation pool" if udf == ENGINE_UDF else f"a pool replica ({udf})"
         ip, pid = found["ip"] or "an unknown node", found["pid"]
         local = bool(logs_dir and pid and ip == node_ip)
         logs = sorted(logs_dir.glob(f"worker-*-{pid}.*")) if local and logs_dir else []
@@ -73,10 +74,10 @@ def replica_death_error(exc: BaseException, restarts: int, logs_dir: Path | None
                  f"after Ray restarted it {restarts} time(s), as generation.max_replica_restarts allows")
         return ModelError(
             f"{what} died on node {ip} {after}{said} ({where}). vLLM ends an engine on a fatal "
-            "error: too little GPU memory (lower max_model_len, generation.batch_size or gpu_memory_utilization), a CUDA or NCCL fault, "
-            "a model it cannot run (backend: hf runs any); a crash or a lost node ends any replica. Fix "
-            "the cause, or raise generation.max_replica_restarts where nodes come and go, then run the "
-            "job again (it resumes)")
+            "error: too little GPU memory (lower max_model_len, generation.batch_size or "
+            "gpu_memory_utilization), a CUDA or NCCL fault, a model it cannot run (backend: hf runs any); "
+            "a crash or a lost node ends any replica. Fix the cause, or raise "
+            "generation.max_replica_restarts where nodes come and go, then run the job again (it resumes)")
     return None
 
 
@@ -98,12 +99,12 @@ class _HideReplicaDeaths(logging.Filter):
 
 def quiet_replica_deaths() -> None:
     """Keep Ray Data's tracebacks of a pool actor's death off the console: a filter on the
-    ``ray.data`` logger's stream handlers; its log file (a plain handler) keeps every record. The job
-    then says why the replica died (:func:`replica_death_error`) in a few lines, where Ray Data
+    ``ray.data`` logger's stream handlers; its log file (a plain handler) keeps every record.
+    The job then says why the replica died (:func:`replica_death_error`) in a few lines, where Ray Data
     printed about a hundred, ending in a request to report a Ray bug. Once per process."""
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not any(
-                isinstance(f, _HideReplicaDeaths) for f in handler.filters):
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _HideReplicaDeaths) for f in handler.filters):
             handler.addFilter(_HideReplicaDeaths())
 
 
