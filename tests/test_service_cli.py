@@ -24,6 +24,7 @@ def test_watch_replays_every_event_of_a_long_history_before_it_exits(tmp_path):
         res = kdray("watch", job["id"], "--server", url, "--token", "t", "--interval", "0.1", cwd=tmp_path)
     shown = [line for line in res.stderr.splitlines() if line.startswith("line ")]
     assert res.returncode == 0 and f"{job['id']}: succeeded" in res.stdout, res.stderr[-2000:]
+    assert f"report: {url}/v1/jobs/{job['id']}/report.md (the web page: {url}/)" in res.stderr  # where to look next
     assert shown == [f"line {i}" for i in range(2500)], (len(shown), shown[-1:])
 
 

@@ -265,6 +265,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     print(f"{job['id']}: {job['state']}" + (f" ({job['error']})" if job.get("error") else ""))
+    if job["state"] == "succeeded":
+        print(f"report: {client.server}/v1/jobs/{job['id']}/report.md (the web page: {client.server}/); "
+              f"the student and report files: {job['output_dir']}", file=sys.stderr)
     return 0 if job["state"] == "succeeded" else 1
 
 
