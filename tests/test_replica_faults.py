@@ -38,9 +38,16 @@ def test_every_pool_of_ray_data_gets_the_limit(toy_world):
     from kdray.pools.vllm import ENGINE_STAGE, generation_processor
     from kdray.spec import GenerationSpec, ModelSpec
 
+    import ray
+
     pool = GenerationSpec(max_replica_restarts=5)
     assert pool_options(pool, "scorer")["max_restarts"] == 5  # kdray's own pool classes (hf, the vLLM scorer)
-    processor = generation_processor(ModelSpec(model="toy:teacher", dtype="float32", max_model_len=64), pool, seed=0)
+    up = ray.is_initialized()
+    try:
+        processor = generation_processor(ModelSpec(model="toy:teacher", dtype="float32", max_model_len=64), pool, seed=0)
+    finally:  # building Ray's processor starts a local Ray (ray.init): not left to the next modules
+        if not up:
+            ray.shutdown()
     assert processor.get_stage_by_name(ENGINE_STAGE).map_batches_kwargs["max_restarts"] == 5  # Ray's engine stage
 
 
