@@ -106,10 +106,13 @@ def node() -> str:
     return host
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: enough of a library's error for a one-line message."""
+def first_line(exc: BaseException, *, typed: bool = True) -> str:
+    """``Type: first line of the message``: enough of a library's error for a one-line message;
+    without ``typed``, the line alone (torch's out-of-memory error, whose first line says it all)."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if typed else lines[0]
 
 
 # -- where a user's file holds bytes or characters that are not text ------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdray.data.text_scores import rouge_l
-from kdray.errors import ClusterError, DataError, node
+from kdray.errors import ClusterError, DataError, first_line, node
 from kdray.caches import local_cache_dir
 from kdray.spec import GenerationSpec
 
@@ -115,9 +115,9 @@ class PoolCallable:
         try:
             out = self.process(batch)
         except torch.OutOfMemoryError as exc:
-            said = (str(exc).strip().splitlines() or ["out of memory"])[0]  # torch's first line has the sizes
             raise ClusterError(
-                f"a {type(self).__name__} replica ran out of GPU memory on node {node()} ({said}), on a batch of "
+                f"a {type(self).__name__} replica ran out of GPU memory on node {node()} "
+                f"({first_line(exc, typed=False)}), on a batch of "
                 f"{len(next(iter(batch.values()), []))} rows. Lower generation.batch_size (or max_new_tokens, or the "
                 "model's max_model_len), give each replica more of a GPU (generation.num_gpus_per_replica), or "
                 "run fewer replicas on one GPU; then run the job again (it resumes)") from None

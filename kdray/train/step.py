@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from kdray.errors import ClusterError, node
+from kdray.errors import ClusterError, first_line, node
 
 T = TypeVar("T")
 
@@ -235,7 +235,7 @@ def out_of_memory(exc: BaseException, batch: dict[str, Any]) -> ClusterError:
     torch said, where, the batch's shape (rows × padded tokens per side) and what takes less."""
     shape = " and ".join(f"{ids.shape[0]} × {ids.shape[-1]}" for ids in
                          (batch.get("input_ids"), batch.get("s_input_ids")) if ids is not None)
-    said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's first line has the sizes
+    said = first_line(exc, typed=False)  # torch's first line has the sizes
     return ClusterError(
         f"a training worker ran out of GPU memory on node {node()} ({said}), in a micro-batch of "
         f"{shape or 'its'} (sequences × tokens). Lower training.micro_batch_size_per_worker (the step "
