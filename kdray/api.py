@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -174,8 +175,7 @@ class Report:
         evaluation: held-out :class:`Scores` by model label (``teacher``, ``student_before``,
             ``student_round_N``, ``student_after``), in the report's order; empty with evaluation off.
         judge: the LLM judge's summary, or None.
-        timings_s: seconds per phase. train_metrics: every optimizer step's metrics (``step``,
-            ``loss`` and its parts, ``lr``, schedule values, ``tokens_per_s``, the step's time parts).
+        timings_s: seconds per phase.
         data: the whole report.json.
     """
 
@@ -186,8 +186,16 @@ class Report:
     evaluation: dict[str, Scores]
     judge: dict[str, Any] | None
     timings_s: dict[str, float]
-    train_metrics: list[dict[str, Any]]
     data: dict[str, Any] = field(repr=False)
+
+    @cached_property
+    def train_metrics(self) -> list[dict[str, Any]]:
+        """Every optimizer step's metrics (``step``, ``loss`` and its parts, ``lr``, schedule
+        values, ``tokens_per_s``, the step's time parts), in step order: read from the job's
+        ``train_metrics.jsonl`` on first use (about 1.4 KB of memory a step)."""
+        from kdray.report.train_metrics import read_train_metrics
+
+        return read_train_metrics(self.output_dir, self.data)
 
     @classmethod
     def from_dict(cls, report: dict[str, Any], output_dir: str | os.PathLike) -> "Report":
@@ -195,8 +203,7 @@ class Report:
         return cls(name=report["name"], status=report.get("status", "succeeded"), output_dir=Path(output_dir),
                    student_dir=Path(student) if student else None,
                    evaluation={k: Scores.from_dict(v) for k, v in (report.get("evaluation") or {}).items()},
-                   judge=report.get("judge"), timings_s=dict(report.get("timings_s") or {}),
-                   train_metrics=list(report.get("train_metrics") or []), data=report)
+                   judge=report.get("judge"), timings_s=dict(report.get("timings_s") or {}), data=report)
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> "Report":

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_trackers import mlflow_history, mlflow_server, tensorboard_scalars, wandb_runs, wandb_steps  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
     assert "student after" in res.stdout and "exact match" in res.stdout
 
     out = tmp_path / "out"
-    report = json.loads((out / "report.json").read_text())
+    report = load_report(out, with_steps=True)
     assert report["status"] == "succeeded"
     assert set(report["evaluation"]) == {"teacher", "student_before", "student_after"}
     assert report["evaluation"]["teacher"]["exact_match"] >= 0.5
@@ -225,7 +226,7 @@ def test_the_trackers_hold_the_reports_metrics_across_the_kill_and_resume(resume
     tmp_path, _, res, _ = resumed_job
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "out"
-    report = json.loads((out / "report.json").read_text())
+    report = load_report(out, with_steps=True)
     steps = [m for m in report["train_metrics"] if "loss" in m]
     keys = ("loss", "lr", "tokens_per_s", "grad_norm", "forward_s")
     want = {k: {m["step"]: m[k] for m in steps} for k in keys}
@@ -324,7 +325,7 @@ def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:
         assert after == list(range(resumed_from + 1, total + 1))  # every later step exactly once
     else:
         assert steps == list(range(1, total + 1))
-    report = json.loads((out / "report.json").read_text())
+    report = load_report(out, with_steps=True)
     assert [m["step"] for m in report["train_metrics"] if "loss" in m] == list(range(1, total + 1))
 
 

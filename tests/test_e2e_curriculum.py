@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_e2e import REPO, kdray
 
 
@@ -34,7 +35,7 @@ def events(out: Path) -> list[dict]:
 
 
 def steps(out: Path) -> list[dict]:
-    return [m for m in json.loads((out / "report.json").read_text())["train_metrics"] if "loss" in m]
+    return [m for m in load_report(out, with_steps=True)["train_metrics"] if "loss" in m]
 
 
 @pytest.mark.slow

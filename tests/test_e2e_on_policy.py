@@ -16,6 +16,7 @@ import json
 import pytest
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_e2e import REPO, kdray
 
 SYNC_EVERY = 2
@@ -43,7 +44,7 @@ def test_every_step_trains_on_samples_of_weights_pushed_at_the_configured_steps(
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert any(e.get("text", "").startswith("train: the on-policy student pool runs: 1 vLLM replica beside")
                for e in events)
-    steps = [m for m in json.loads((out / "report.json").read_text())["train_metrics"] if "loss" in m]
+    steps = [m for m in load_report(out, with_steps=True)["train_metrics"] if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
     assert all(m["on_policy"] == 1.0 for m in steps)  # lmbda 1
     # Pushes after steps 2, 4, ...; step k + 1 is sampled while step k trains, before the push

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_e2e import kdray, reduced_demo
 
 
@@ -81,7 +82,7 @@ def test_a_job_trains_from_teacher_records(tmp_path, toy_world, signal, objectiv
     res = kdray("run", str(_signal_job(tmp_path, signal, objective, student, training)), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "out"
-    report = json.loads((out / "report.json").read_text())
+    report = load_report(out, with_steps=True)
     phases = [json.loads(line)["phase"] for line in (out / "events.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "phase_end"]
     assert phases[:4] == ["prepare", "generate", "score", "train"]

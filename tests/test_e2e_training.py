@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_e2e import _assert_resumed_once, kdray, reduced_demo, run_killing_a_worker
 
 
@@ -27,7 +28,7 @@ def _spec(tmp_path: Path, **training) -> Path:
 
 
 def _steps(out: Path) -> list[dict]:
-    return [m for m in json.loads((out / "report.json").read_text())["train_metrics"] if "loss" in m]
+    return [m for m in load_report(out, with_steps=True)["train_metrics"] if "loss" in m]
 
 
 def _assert_plain_export_differs_from_base(out: Path) -> None:

@@ -58,7 +58,7 @@ def test_restart_discards_the_earlier_run(tmp_path):
 
     job = Job(spec_of(tmp_path, lr=1e-3))
     job._resume_history(fresh)  # the event history starts over with the run
-    assert not (tmp_path / "events.jsonl").exists() and job.metrics_history == []
+    assert not (tmp_path / "events.jsonl").exists() and list(job.steps) == [] and len(job.steps) == 0
     assert not (tmp_path / "ray_train").exists() and not (tmp_path / "curriculum").exists()
     assert not (tmp_path / "datasets").exists()
     assert (tmp_path / "report.md").read_text() == "kept"  # only what resuming would use
@@ -141,10 +141,12 @@ def test_a_resumed_job_recovers_unrecorded_steps_from_every_checkpoint_the_kille
 
     events = tmp_path / "events.jsonl"
     job = Job(spec_of(tmp_path), reporter=Reporter(events))
-    job.metrics_history = [{"step": s, "loss": 0.5} for s in range(1, 8)]
+    job.steps.start()
+    for s in range(1, 8):
+        job.steps.add({"step": s, "loss": 0.5})
     job._recover_metrics(run_dir)
-    assert [m["step"] for m in job.metrics_history] == list(range(1, 13))
-    assert [m["loss"] for m in job.metrics_history[7:]] == [8.0, 9.0, 10.0, 11.0, 12.0]
+    assert [m["step"] for m in job.steps] == list(range(1, 13))
+    assert [m["loss"] for m in list(job.steps)[7:]] == [8.0, 9.0, 10.0, 11.0, 12.0]
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
     assert [e["step"] for e in recorded if e["kind"] == "train_step"] == [8, 9, 10, 11, 12]
 
@@ -178,16 +180,17 @@ def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_me
         job._record_metrics(m)
     job._record_metrics({**marker, "final": True})
     job._record_metrics({**again, "final": True})
-    assert job.metrics_history == trained
+    assert list(job.steps) == trained
     job._record_metrics({**trained[-1], "loss": 0.5})  # a step trained again replaces its metrics
-    assert [m["loss"] for m in job.metrics_history] == [13.0, 14.0, 15.0, 0.5]
+    assert [m["loss"] for m in job.steps] == [13.0, 14.0, 15.0, 0.5]
     assert [e["loss"] for e in map(json.loads, events.read_text().splitlines())] == [13.0, 14.0, 15.0, 16.0, 0.5]
 
     # A step sent once more that the driver never got (its checkpoint was unreadable) is recorded,
     # without the flag.
-    fresh = Job(spec_of(tmp_path), reporter=Reporter(tmp_path / "fresh.jsonl"))
+    fresh = Job(spec_of(tmp_path / "fresh"), reporter=Reporter(tmp_path / "fresh.jsonl"))
+    fresh.out.mkdir()
     fresh._record_metrics({**again, "final": True})
-    assert fresh.metrics_history == [{**trained[-1], "final": True}]
+    assert list(fresh.steps) == [{**trained[-1], "final": True}]
 
 
 def test_steps_redone_after_a_restore_replace_the_lost_ones_from_that_step_on(tmp_path):
@@ -206,11 +209,13 @@ def test_steps_redone_after_a_restore_replace_the_lost_ones_from_that_step_on(tm
         job._record_metrics({"step": s, "loss": float(s)})
     job._record_metrics({"step": 4, "loss": 0.4})  # restored from checkpoint 3
     job._record_metrics({"step": 5, "loss": 0.5})
-    assert [(m["step"], m["loss"]) for m in job.metrics_history] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.4), (5, 0.5)]
+    kept = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.4), (5, 0.5)]
+    assert [(m["step"], m["loss"]) for m in job.steps] == kept and 5 in job.steps and 6 not in job.steps
+    assert len((tmp_path / "train_metrics.jsonl").read_text().splitlines()) == 5  # the file holds the history alone
 
     resumed = Job(spec_of(tmp_path), reporter=Reporter(None))
     resumed._resume_history(SimpleNamespace(resumed=True))  # the same steps, read back from events.jsonl
-    assert resumed.metrics_history == job.metrics_history
+    assert [(m["step"], m["loss"]) for m in resumed.steps] == kept and resumed.steps.last_step == 5
     assert len(events.read_text().splitlines()) == 12 and json.loads(events.read_text().splitlines()[-1])["step"] == 5
 
 

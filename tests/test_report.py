@@ -11,6 +11,7 @@ import pytest
 
 from kdray.report import plots
 from kdray.report import render as rep
+from kdray.report.train_metrics import TRAIN_METRICS_FILE, StepLog, read_train_metrics
 from kdray.errors import KdrayError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,14 +50,24 @@ def make_job(root: Path, name: str, *, steps: int = 6, rounds: tuple[int, ...] =
         "rows": {"train": {"split": "train", "total": 2050, "kept": 2048,
                            "bad": {"rows with a duplicate id": {"count": 2, "first_ids": ["a", "b"]}}},
                  "heldout": {"split": "heldout", "total": 400, "kept": 400, "bad": {}}},
-        "evaluation": ev, "train_metrics": metrics, "student_dir": str(root / name / "student"),
+        "evaluation": ev, "train_metrics_file": TRAIN_METRICS_FILE, "student_dir": str(root / name / "student"),
         "spec": {"name": name, "teacher": {"model": "toy:teacher"}, "student": {"model": "toy:student"},
                  "objective": {"kind": "forward_kl", "kd_temperature": 1.0, "kd_ratio": 0.75}},
     }
     job = root / name
     job.mkdir(parents=True)
+    report["train_summary"] = write_steps(job, metrics)
     (job / "report.json").write_text(json.dumps(report), encoding="utf-8")
     return job
+
+
+def write_steps(job: Path, metrics: list[dict]) -> dict:
+    """``job``'s train_metrics.jsonl, written as a job's driver writes it; its summary."""
+    log = StepLog(job / TRAIN_METRICS_FILE)
+    log.start()
+    for m in metrics:
+        log.add(m)
+    return log.summary()
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -93,7 +104,7 @@ def test_render_writes_markdown_and_plots(tmp_path):
              ("teacher", "student before", "student round 1", "student round 2", "student after")]
     assert order == sorted(order)
     # No temporary files are left behind.
-    assert sorted(p.name for p in job.iterdir()) == sorted(["report.json", *(p.name for p in written)])
+    assert sorted(p.name for p in job.iterdir()) == sorted(["report.json", TRAIN_METRICS_FILE, *(p.name for p in written)])
     assert "was empty" not in md
 
 
@@ -177,7 +188,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(plots.os, "replace", boom)  # the atomic writer used by report.md and PNGs
     with pytest.raises(OSError):
         rep.render_report(job)
-    assert [p.name for p in job.iterdir()] == ["report.json"]
+    assert sorted(p.name for p in job.iterdir()) == ["report.json", TRAIN_METRICS_FILE]
 
 
 def test_compare_keeps_the_given_order_and_writes_png(tmp_path):
@@ -257,11 +268,10 @@ def test_judge_section_in_report_md(tmp_path):
 
 def test_report_md_counts_replays_sources_and_the_pushes_to_the_student_pool(tmp_path):
     job = make_job(tmp_path, "replay", steps=4)
-    report = json.loads((job / "report.json").read_text())
-    for m, (decision, sync) in zip(report["train_metrics"], [("fixed", 0.0), ("fresh", 0.25), ("fresh", 0.05),
-                                                              ("replay", 0.0)]):
+    metrics = read_train_metrics(job, json.loads((job / "report.json").read_text()))
+    for m, (decision, sync) in zip(metrics, [("fixed", 0.0), ("fresh", 0.25), ("fresh", 0.05), ("replay", 0.0)]):
         m.update(replay_decision=decision, weight_sync_s=sync)
-    (job / "report.json").write_text(json.dumps(report))
+    write_steps(job, metrics)
     rep.render_report(job)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert ("| replay steps (DistiLLM) | fresh 2, replayed 1, fixed 1 of 4; 2 pushes to the student pool, "
@@ -273,12 +283,12 @@ def test_report_md_counts_replays_sources_and_the_pushes_to_the_student_pool(tmp
 
 def test_report_md_gives_the_on_policy_steps_and_the_teacher_pools_grading_time(tmp_path):
     job = make_job(tmp_path, "on_policy", steps=4)
-    report = json.loads((job / "report.json").read_text())
-    for m, sampled in zip(report["train_metrics"], [0, 1, 1, 0]):
+    metrics = read_train_metrics(job, json.loads((job / "report.json").read_text()))
+    for m, sampled in zip(metrics, [0, 1, 1, 0]):
         m["on_policy"] = float(sampled)
         if sampled:
             m.update(staleness=0, generate_s=0.5, teacher_score_s=0.1 * m["step"])
-    (job / "report.json").write_text(json.dumps(report))
+    write_steps(job, metrics)
     rep.render_report(job)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert ("| on-policy steps (student samples) | 2 of 4; largest staleness 0 (pushes); the pool's generation "

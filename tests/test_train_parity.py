@@ -11,11 +11,10 @@ must agree with the workers'. The same job checks that ZeRO-3's export gathers a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
+from kdray.report.render import load_report
 from tests.test_e2e import REPO, kdray
 
 N_ROWS, STEPS = 8, 6
@@ -69,8 +68,7 @@ def test_local_loop_and_zero3_workers_give_the_same_steps_and_a_full_export(tmp_
     spec_path = parity_spec(tmp_path)
     res = kdray("run", str(spec_path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    worker = [m for m in report["train_metrics"] if "loss" in m]
+    worker = [m for m in load_report(tmp_path / "out", with_steps=True)["train_metrics"] if "loss" in m]
     local = local_steps(spec_path)
     # The step's objective is the mean over all its label tokens, however it is split: the workers'
     # 2 ranks × 4 accumulated micro-batches, 8 local micro-batches, and one micro-batch of 8 rows.

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.bench.interleave import HostLoad, add_rounds_option, interleave, median_row, ratio_summary, resolve_rounds
+from kdray.report.render import load_report
 
 VARIANTS = ("replay-hf", "on-policy sync", "on-policy overlapped")
 #: Steps left out of the steady figures: the first carries the start of the data pipeline and
@@ -70,7 +71,8 @@ def job_spec(out: Path, variant: str, *, steps: int, heldout: int) -> dict[str, 
 
 def summarize(report: dict[str, Any], skip_steps: int = SKIP_STEPS) -> dict[str, Any]:
     """A finished job's figures: steady label tokens per second, the trainer's idle share,
-    the held-out scores of the trained student (``report``: its report.json)."""
+    the held-out scores of the trained student (``report``: its report.json, with its steps:
+    :func:`~kdray.report.render.load_report`)."""
     steps = [m for m in report["train_metrics"] if "loss" in m][skip_steps:]
     wall = sum(m["step_s"] for m in steps)
     tokens = sum(m["tokens_per_s"] * m["step_s"] for m in steps)  # tokens_per_s is over step_s
@@ -97,7 +99,7 @@ def run_variant(root: Path, variant: str, args: argparse.Namespace, round_: int)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         return {**result, "status": "failed", "error": lines[-1] if lines else "no output"}
-    return {**result, "status": "ok", **summarize(json.loads((out / "job" / "report.json").read_text()))}
+    return {**result, "status": "ok", **summarize(load_report(out / "job", with_steps=True))}
 
 
 def _fmt(value: Any, spec: str) -> str:

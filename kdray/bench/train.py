@@ -67,6 +67,7 @@ from kdray.bench.interleave import (HostLoad, add_rounds_option, bracketed, inte
 from kdray.bench.train_memory import PARTITIONED, add_estimate, random_teacher
 from kdray.bench.train_report import TARGET_OVERHEAD, render
 from kdray.bench.train_runs import MEASURED_MALLOC, error_line, run_bare, step_time_parts
+from kdray.report.render import load_report
 from kdray.toy.data import FAMILIES
 from kdray.toy.world import N_TRAIN_PER_FAMILY
 
@@ -166,7 +167,7 @@ def run_job(root: Path, mode: str, args: argparse.Namespace, *, teacher: str = "
     result: dict[str, Any] = {"mode": mode, "spec": str(path), "wall_s": wall}
     if proc.returncode != 0:
         return {**result, "status": "failed", "error": error_line(proc.stderr)}
-    report = json.loads((out / "job" / "report.json").read_text())
+    report = load_report(out / "job", with_steps=True)
     steps = [m for m in report["train_metrics"] if "loss" in m]
     events = [json.loads(line) for line in (out / "job" / "events.jsonl").read_text().splitlines()]
     train_start = next(e["time"] for e in events if e["kind"] == "phase_start" and e["phase"] == "train")

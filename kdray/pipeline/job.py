@@ -32,6 +32,7 @@ from kdray.pipeline.storage import check_shared_storage
 from kdray.ray_setup import init_ray
 from kdray.report import render_report
 from kdray.report.model_card import write_model_cards
+from kdray.report.train_metrics import TRAIN_METRICS_FILE, StepLog
 from kdray.spec import JobSpec, dump_spec
 from kdray.stages import difficulty, evaluate, generate, prepare, teacher_signal, train
 from kdray.stages.context import StageContext
@@ -57,7 +58,8 @@ class Job:
         self.restart = restart
         self.reporter = reporter or Reporter(None)
         self.ctx = StageContext(spec, self.out, self.reporter)
-        self.metrics_history: list[dict[str, Any]] = []
+        #: Every step's metrics, in ``OUT/train_metrics.jsonl`` (the driver holds an index only).
+        self.steps = StepLog(self.out / TRAIN_METRICS_FILE)
         #: The Ray session's logs directory on the driver's node, once this job started or joined
         #: Ray: where a pool replica that died on this node left its error
         #: (:func:`~kdray.pools.faults.replica_death_error`).
@@ -68,7 +70,7 @@ class Job:
     def _record_metrics(self, event: dict[str, Any]) -> None:
         event = dict(event)
         resent = event.pop("resent", False)
-        if (resent or "loss" not in event) and any(m.get("step") == event.get("step") for m in self.metrics_history):
+        if (resent or "loss" not in event) and event.get("step") in self.steps:
             # A step sent once more in a segment's final report, or a bare end-of-segment marker
             # (kdray.train.checkpoints.final_steps), for a step already recorded: a worker group
             # that Ray Train restarted from the final checkpoint trains nothing, and a job whose
@@ -76,22 +78,13 @@ class Job:
             # step's metrics nor repeat them in the event history and the trackers.
             return
         self.reporter.train_metrics(event)
-        self._add_step(event)
-
-    def _add_step(self, event: dict[str, Any]) -> None:
-        """Append a step's metrics to the history, which is in step order: steps redone after a
-        restore replace the lost ones, from that step on. Only a step that is not past the last
-        one (a restore) costs a pass over the history; a filter per step cost a 20,000-step job's
-        driver 17 s, growing with the square of the steps."""
-        step = event.get("step")
-        if step is not None and self.metrics_history and self.metrics_history[-1].get("step", 0) >= step:
-            self.metrics_history = [m for m in self.metrics_history if m.get("step", 0) < step]
-        self.metrics_history.append(event)
+        self.steps.add(event)  # steps redone after a restore replace the lost ones, from that step on
 
     def _resume_history(self, state: JobState) -> None:
         """Start the event history over, or, when resuming, keep the earlier run's training
         steps (the report covers the whole job)."""
         events = self.out / "events.jsonl"
+        self.steps.start()
         if not state.resumed:
             events.unlink(missing_ok=True)
             return
@@ -105,7 +98,7 @@ class Job:
                     except ValueError:
                         continue  # a line cut short when the earlier run was killed
                     if event.get("kind") == "train_step":
-                        self._add_step({k: v for k, v in event.items() if k not in ("time", "kind")})
+                        self.steps.add({k: v for k, v in event.items() if k not in ("time", "kind")})
 
     def _recover_metrics(self, run_dir: Path) -> None:
         """Steps an earlier, killed run trained and checkpointed but never recorded (it died
@@ -121,11 +114,8 @@ class Job:
             except (OSError, ValueError):
                 continue  # a checkpoint being written when the run was killed
             kept.update({m["step"]: m for m in progress.get("metrics", []) if "step" in m})
-        known = {m.get("step") for m in self.metrics_history}
-        for step in sorted(set(kept) - known):
-            self.reporter.train_metrics(kept[step])
-            self.metrics_history.append(kept[step])
-        self.metrics_history.sort(key=lambda m: m.get("step", 0))
+        for metrics in self.steps.add_missing(kept.values()):
+            self.reporter.train_metrics(metrics)
 
     # -- stages a re-run reuses ----------------------------------------------------------------
 
@@ -215,7 +205,7 @@ class Job:
             return self._stages(state, None)
         from kdray.report.trackers import Trackers
 
-        trackers = Trackers(spec, self.out, state.resumed, self.metrics_history, self.reporter.message)
+        trackers = Trackers(spec, self.out, state.resumed, self.steps, self.reporter.message)
         self.reporter.sinks.append(trackers)
         status = "FAILED"
         try:
@@ -310,8 +300,9 @@ class Job:
                 "student_dir": str(final),
                 "plan": [seg.as_dict() for seg in plan],
                 "spec": spec.model_dump(mode="json"),
-                # last: about 700 bytes a step; the service's read of the rest stops before it
-                "train_metrics": self.metrics_history,
+                # every step's metrics: a file of their own (kdray.report.train_metrics)
+                "train_metrics_file": TRAIN_METRICS_FILE,
+                "train_summary": self.steps.summary(),
             }
             tmp = self.out / "report.json.tmp"
             tmp.write_text(json.dumps(finite(report), indent=2, default=str, allow_nan=False), encoding="utf-8")

@@ -66,14 +66,15 @@ def model_card(report: dict[str, Any], *, label: str = "student_after", spec_pat
     for split in ("train", "heldout"):
         r = rows.get(split) or {}
         lines.append(f"| {split} | `{data.get(split, '—')}` | {r.get('total', '—')} | {r.get('kept', '—')} |")
-    steps = [m for m in report.get("train_metrics") or [] if isinstance(m, dict) and "loss" in m]
+    summary = report.get("train_summary") or {}  # kdray.report.train_metrics.StepLog.summary
+    first, last = summary.get("first_loss"), summary.get("last_loss")
     lines += ["", "## Training", "",
-              f"- optimizer steps: {steps[-1]['step'] if steps else 0}, global batch "
+              f"- optimizer steps: {last['step'] if last else 0}, global batch "
               f"{training.get('global_batch_size')} sequences, learning rate {training.get('lr')}, "
               f"{training.get('num_workers')} workers, DeepSpeed ZeRO-{training.get('zero_stage')}",
               f"- student dtype: `{student.get('dtype')}`; max sequence length {training.get('max_seq_len')}"]
-    if steps:
-        lines.append(f"- loss: {steps[0]['loss']:.4f} at step 1, {steps[-1]['loss']:.4f} at the last step")
+    if first and last:
+        lines.append(f"- loss: {first['loss']:.4f} at step {first['step']}, {last['loss']:.4f} at the last step")
     evaluation = report.get("evaluation") or {}
     lines += ["", "## Held-out evaluation", ""]
     shown = [(k, evaluation[k]) for k in ("teacher", "student_before", label) if isinstance(evaluation.get(k), dict)]

@@ -1,13 +1,13 @@
 """Reports of finished jobs: ``kdray report DIR`` and ``kdray compare DIR...``.
 
-:func:`render_report` turns ``DIR/report.json`` into ``report.md``, ``loss.png`` (loss and its
-parts per step), ``schedule.png`` (lr, temperature, kd_ratio, α, β, stage, round: one panel per
-quantity), ``evaluation.png`` (held-out scores per model and round) and, for a job scored after
-each round (``evaluation.per_round``), ``evaluation_rounds.png`` (scores vs round, with the
-teacher and the initial student as reference lines); :func:`compare_reports`
-puts jobs side by side in one markdown table and ``compare.png``. Plots use matplotlib's Agg
-canvas directly (no display, no pyplot state) under fixed rc settings, so a report renders to
-the same bytes every time; every file is written under a temporary name and moved into place.
+:func:`render_report` turns ``DIR/report.json`` and ``DIR/train_metrics.jsonl`` into
+``report.md``, ``loss.png`` (loss and its parts per step), ``schedule.png`` (lr, temperature,
+kd_ratio, α, β, stage, round: one panel per quantity), ``evaluation.png`` (held-out scores per
+model and round) and, for a job scored after each round (``evaluation.per_round``),
+``evaluation_rounds.png`` (scores vs round, with the teacher and the initial student as reference
+lines); :func:`compare_reports` puts jobs side by side in one markdown table and ``compare.png``.
+Plots use matplotlib's Agg canvas directly (no display, no pyplot state) under fixed rc settings,
+so a report renders to the same bytes every time; every file is written under a temporary name.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import KdrayError
+from kdray.report.train_metrics import last_step, read_train_metrics
 from kdray.train.step import StepClock
-# Plotting lives in kdray.report.plots; these names are shared with it.
-from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds, plot_loss, plot_schedule)
+from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds,
+                                plot_loss, plot_schedule)
 
 # Per-step keys that are neither a loss part nor a schedule value (the step's time parts among them).
 # The parts, then the whole step and the CPU time rank 0's process spent in it (StepClock.lap).
@@ -58,8 +59,9 @@ def _ending(events: Path) -> str | None:
     return None
 
 
-def load_report(job_dir: Path) -> dict[str, Any]:
-    """The parsed ``report.json`` of a job directory, or a KdrayError naming the path and fix."""
+def load_report(job_dir: Path, with_steps: bool = False) -> dict[str, Any]:
+    """The parsed ``report.json`` of a job directory (with every step's metrics under
+    ``train_metrics`` if ``with_steps``: :mod:`.train_metrics`), or a KdrayError naming the path and fix."""
     job_dir = Path(job_dir)
     path = job_dir if job_dir.name == "report.json" and job_dir.is_file() else job_dir / "report.json"
     if not path.is_file():
@@ -73,16 +75,14 @@ def load_report(job_dir: Path) -> dict[str, Any]:
         raise KdrayError(f"{path} is not a valid report ({exc}); {_FIX}") from exc
     if not isinstance(report, dict):
         raise KdrayError(f"{path} is not a valid report (expected a JSON object); {_FIX}")
+    if with_steps:
+        report["train_metrics"] = read_train_metrics(path.parent, report)
     return report
+
 
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = report.get("train_metrics")
-    return [m for m in rows if isinstance(m, dict)] if isinstance(rows, list) else []
 
 
 def _evaluation(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -274,7 +274,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         out += _judge_lines(judge)
 
     out += ["", "## Training", ""]
-    if metrics := _metrics(report):
+    if metrics := report["train_metrics"]:
         tps = [v for v in (_num(m.get("tokens_per_s")) for m in metrics) if not math.isnan(v)]
         last = metrics[-1]
         out += _table(["quantity", "value"], [
@@ -283,7 +283,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["mean tokens/s", _fmt(sum(tps) / len(tps), ".1f") if tps else "—"],
             *_on_policy_row(metrics), *_replay_row(metrics), *_step_time_row(metrics)])
     else:
-        out.append("No training metrics in report.json (training did not log any step).")
+        out.append("No training metrics in train_metrics.jsonl (training did not log any step).")
     out += plot("loss.png", "loss and its parts per step")
     out += plot("schedule.png", "schedule values per step")
 
@@ -309,7 +309,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             out += ["", "Bad rows:", *reasons]
     else:
         out.append("No row counts in report.json.")
-    out += ["", "The resolved spec, every metric and the per-step history are in `report.json`.", ""]
+    out += ["", "The resolved spec and every metric are in `report.json`, the per-step history in "
+            "`train_metrics.jsonl`.", ""]
     return "\n".join(out)
 
 
@@ -317,14 +318,14 @@ def render_report(out_dir: Path) -> list[Path]:
     """Write ``report.md`` and the PNG plots next to ``out_dir/report.json``; return the paths
     written. A plot without data is skipped (a stale copy removed) and report.md says why."""
     out_dir = Path(out_dir)
-    report = load_report(out_dir)
+    report = load_report(out_dir, with_steps=True)
     if out_dir.name == "report.json":
         out_dir = out_dir.parent
-    title, metrics, entries = str(report.get("name") or "job"), _metrics(report), _evaluation(report)
+    title, metrics, entries = str(report.get("name") or "job"), report["train_metrics"], _evaluation(report)
     loss_keys, schedule_keys = _series_keys(metrics)
     plots: dict[str, str | None] = {
-        "loss.png": None if loss_keys else "no per-step training metrics in report.json",
-        "schedule.png": None if schedule_keys else "no per-step schedule values in report.json",
+        "loss.png": None if loss_keys else "no per-step training metrics in train_metrics.jsonl",
+        "schedule.png": None if schedule_keys else "no per-step schedule values in train_metrics.jsonl",
         "evaluation.png": None if entries else "no evaluation results in report.json",
         "evaluation_rounds.png": None if (rounds := _rounds(entries)) else "no per-round evaluation in report.json",
     }
@@ -360,7 +361,7 @@ def compare_reports(dirs: list[Path], out: Path | None = None) -> tuple[str, lis
         if curriculum := _dict(spec.get("curriculum")).get("kind"):
             kind += f" + {curriculum}"
         models = " → ".join(str(_dict(spec.get(r)).get("model", "?")) for r in ("teacher", "student"))
-        steps = _fmt(metrics[-1].get("step"), ".0f") if (metrics := _metrics(report)) else "—"
+        steps = _fmt(last_step(report), ".0f")
         rows.append([label, kind, models, _change(before, after, "rougeL"), _change(before, after, "exact_match"),
                      f"{_fmt(teacher.get('rougeL'))} / {_fmt(teacher.get('exact_match'))}",
                      steps, _duration(_wall(report))])

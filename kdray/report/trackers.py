@@ -6,7 +6,7 @@ every event that goes to ``events.jsonl``) and sends to each tracker the spec tu
 
 * every ``train_step`` event's numbers as ``train/<key>`` at its optimizer step: the loss and
   its parts, the schedule values (lr, kd_temperature, α, β, stage, round), throughput and the
-  step's time parts (the names are those of ``report.json``'s ``train_metrics``);
+  step's time parts (the names are those of a job's ``train_metrics.jsonl``);
 * every ``evaluation`` event (a round's student, then teacher, student_before, student_after)
   as ``eval/<model>/<score>`` at the last step trained;
 * the resolved spec, at the start: MLflow params and W&B config (flattened to dotted keys),
@@ -32,7 +32,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from kdray.errors import ConfigError
 
@@ -193,7 +193,8 @@ class Trackers:
         spec: the job's spec (its ``tracking`` section says which trackers).
         out: the job's output directory (state, default TensorBoard and W&B directories).
         resumed: whether this run resumes an earlier one (which reopens its tracker runs).
-        history: the kept per-step metrics of the earlier run (``train_metrics`` entries).
+        history: the kept per-step metrics of the earlier run, in step order (the steps of
+            ``train_metrics.jsonl``: :class:`kdray.report.train_metrics.StepLog`).
         message: where a tracker's failure during the job is reported (once per tracker).
 
     Raises:
@@ -201,7 +202,7 @@ class Trackers:
             naming the tracker and its setting.
     """
 
-    def __init__(self, spec: Any, out: Path, resumed: bool, history: list[dict[str, Any]],
+    def __init__(self, spec: Any, out: Path, resumed: bool, history: Iterable[dict[str, Any]],
                  message: Callable[[str], None]):
         from kdray.spec import dump_spec
 

@@ -173,15 +173,17 @@ def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depen
     return PlainTextResponse(text)
 
 
-#: What ``GET /v1/jobs/{id}/report`` returns of a job's report.json (its per-step history and
-#: spec are left out, and never read: the events and the status hold them).
+#: What ``GET /v1/jobs/{id}/report`` returns of a job's report.json (the spec, the summary of its
+#: steps and an older job's per-step history are left out, and never read: the status and the
+#: events hold them).
 REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "evaluation", "judge", "student_dir",
                "plan")
 
 
 #: The largest report.md the service hands out (a many-round job's is a few KB), and the most of
-#: a report.json it reads through (a job writes the per-step history last, and the read stops
-#: before it; an older kdray's report.json has it in the middle, about 700 bytes a step).
+#: a report.json it reads through (a job's per-step history is in its own file; an older kdray's
+#: report.json holds it, about 700 bytes a step, last or in the middle, and the read stops before
+#: it when it comes last).
 MAX_REPORT_BYTES, MAX_REPORT_JSON_BYTES = 8 << 20, 1 << 30
 
 
