@@ -234,7 +234,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
             print(f"{job_id}: not deleted: {exc}", file=sys.stderr)
             refused.append(job_id)
             continue
-        print(f"{job_id}: deleted (its output directory stays: {done['output_dir']})")
+        print(f"{job_id}: deleted " + (f"(its output directory stays: {done['output_dir']})" if done.get("ran", True)
+                                       else "(it never ran, so it wrote nothing)"))
     if refused:
         raise KdrayError(f"{len(refused)} of {len(args.ids)} jobs not deleted: {' '.join(refused)}")
     return 0

@@ -300,4 +300,5 @@ def delete(job_id: str, config: ServiceConfig = Depends(get_config), store: JobS
            ray: RayJobs = Depends(get_ray)) -> Any:
     rec = find_job(store, job_id)
     delete_job(config, store, ray, rec)  # 409 unless it ended; 503 while Ray is unavailable
-    return {"id": job_id, "deleted": True, "output_dir": rec["output_dir"]}
+    # ran: whether its driver ever started, so wrote to output_dir (which may be another job's)
+    return {"id": job_id, "deleted": True, "output_dir": rec["output_dir"], "ran": rec.get("started") is not None}
