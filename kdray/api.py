@@ -151,16 +151,24 @@ def validate(spec: SpecLike) -> Any:
 @dataclass(frozen=True)
 class Scores:
     """One model's held-out scores: mean ROUGE-L F (``rougeL`` in report.json), exact match,
-    mean answer length in words, over ``n`` prompts."""
+    mean answer length in words, over ``n`` prompts; the standard errors of the first two
+    (:func:`kdray.data.text_scores.stderr_of_mean`; None below 2 prompts, or in a report written
+    before 2026-12-06)."""
 
     rouge_l: float
     exact_match: float
     mean_length: float
     n: int
+    rouge_l_stderr: float | None = None
+    exact_match_stderr: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
-        return cls(float(d["rougeL"]), float(d["exact_match"]), float(d["mean_length"]), int(d["n"]))
+        def stderr(key: str) -> float | None:
+            return float(d[key]) if d.get(key) is not None else None
+
+        return cls(float(d["rougeL"]), float(d["exact_match"]), float(d["mean_length"]), int(d["n"]),
+                   stderr("rougeL_stderr"), stderr("exact_match_stderr"))
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _summary_table(report: Any) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"kdray job {report.name}: held-out evaluation")
+    from kdray.report.markdown import STDERR_NOTE, score
+
+    table = Table(title=f"kdray job {report.name}: held-out evaluation", caption_justify="left")
     table.add_column("model")
     table.add_column("ROUGE-L", justify="right")
     table.add_column("exact match", justify="right")
     table.add_column("mean length", justify="right")
-    for label, scores in report.evaluation.items():
-        table.add_row(label.replace("_", " "), f"{scores.rouge_l:.3f}", f"{scores.exact_match:.3f}",
-                      f"{scores.mean_length:.2f}")
+    for label, s in report.evaluation.items():
+        table.add_row(label.replace("_", " "), score({"rougeL": s.rouge_l, "rougeL_stderr": s.rouge_l_stderr}, "rougeL"),
+                      score({"exact_match": s.exact_match, "exact_match_stderr": s.exact_match_stderr}, "exact_match"),
+                      f"{s.mean_length:.2f}")
+    if any(s.rouge_l_stderr is not None for s in report.evaluation.values()):
+        table.caption = STDERR_NOTE
     return table
 
 

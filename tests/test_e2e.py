@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdray.report.markdown import score
 from kdray.report.render import load_report
 from tests.test_trackers import mlflow_history, mlflow_server, tensorboard_scalars, wandb_runs, wandb_steps  # noqa: F401
 
@@ -97,7 +99,7 @@ def resumed_job(tmp_path_factory, toy_world, mlflow_server):
 def test_reduced_demo_runs_every_real_layer(resumed_job):
     tmp_path, _, res, _ = resumed_job
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "student after" in res.stdout and "exact match" in res.stdout
+    assert "student after" in res.stdout and "exact match" in res.stdout and " ± " in res.stdout  # with stderr
 
     out = tmp_path / "out"
     report = load_report(out, with_steps=True)
@@ -151,13 +153,15 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
         scores = report["evaluation"][label]
         assert scores["n"] == 48 and scores["rougeL"] == pytest.approx(sum(r["rougeL"] for r in answered) / 48)
         assert scores["mean_length"] == pytest.approx(sum(len(r["response"].split()) for r in answered) / 48)
+        # the standard error of the mean over the 48 prompts: the sample deviation over sqrt(48)
+        assert scores["rougeL_stderr"] == pytest.approx(statistics.stdev(r["rougeL"] for r in answered) / 48 ** 0.5)
     # The exported student carries its model card (kdray/report/model_card.py), with this table.
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "student" / "README.md")
     assert card.data.base_model == "toy:student" and card.data.datasets == ["toy:train"]
     after = report["evaluation"]["student_after"]
-    assert f"| student after | {after['rougeL']:.3f} | {after['exact_match']:.3f} |" in card.text
+    assert f"| student after | {score(after, 'rougeL')} | {score(after, 'exact_match')} |" in card.text
     assert f"kdray run {out / 'spec.yaml'}" in card.text
 
     # The rows live in a committed dataset the pool's actors wrote; the examples the workers

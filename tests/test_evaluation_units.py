@@ -80,7 +80,8 @@ def test_rows_are_scored_where_they_are_made_and_summed_file_by_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdray.stages.evaluate import ANSWER_COLUMNS, answer_scores, score_answers, score_responses
+    from kdray.data.text_scores import score_responses
+    from kdray.stages.evaluate import ANSWER_COLUMNS, answer_scores, score_answers
 
     preds, golds = [" 1 2 3", "2  1", "", "a b c d"], ["1 2 3", "1 2", "x", "a c"]
     batch = {"_row": np.arange(4), "id": np.asarray(list("abcd"), dtype=object),
@@ -96,8 +97,15 @@ def test_rows_are_scored_where_they_are_made_and_summed_file_by_file(tmp_path):
     summed = answer_scores(files)["scores"]
     expected = score_responses(preds, golds)
     assert summed["n"] == expected["n"] == 4
-    for name in ("rougeL", "exact_match", "mean_length"):
+    for name in ("rougeL", "exact_match", "mean_length", "rougeL_stderr", "exact_match_stderr"):
         assert summed[name] == pytest.approx(expected[name])
+    # The standard error of the mean (lm-evaluation-harness's stderr): the sample deviation over sqrt(n).
+    import statistics
+
+    assert summed["exact_match_stderr"] == pytest.approx(statistics.stdev([1.0, 0.0, 0.0, 0.0]) / 2)
+    assert summed["rougeL_stderr"] == pytest.approx(statistics.stdev(scored["rougeL"].tolist()) / 2)
+    assert score_responses(["a"], ["a"])["rougeL_stderr"] is None  # one answer: no spread to measure
+    assert score_responses(["a", "b"], ["a", "a"])["exact_match_stderr"] == pytest.approx(0.5)
 
 
 def test_verdicts_are_counted_by_pair_from_the_written_files(tmp_path):

@@ -293,3 +293,23 @@ def test_report_md_gives_the_on_policy_steps_and_the_teacher_pools_grading_time(
     md = (job / "report.md").read_text(encoding="utf-8")
     assert ("| on-policy steps (student samples) | 2 of 4; largest staleness 0 (pushes); the pool's generation "
             "0.500 s, the teacher pool's grading 0.250 s per step (mean) |") in md
+
+
+def test_scores_show_their_standard_errors_and_what_they_mean(tmp_path):
+    """A report written since 2026-12-06 holds each score's standard error: report.md and the
+    model card show it beside the score, with a note; an older report's table is as before."""
+    from kdray.report.markdown import STDERR_NOTE
+    from kdray.report.model_card import model_card
+
+    job = make_job(tmp_path, "se")
+    report = json.loads((job / "report.json").read_text())
+    report["evaluation"]["student_after"].update(rougeL_stderr=0.0314, exact_match_stderr=0.0233)
+    report["evaluation"]["teacher"].update(rougeL_stderr=None, exact_match_stderr=None)  # one prompt
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert "| student after | 0.484 ± 0.031 | 0.318 ± 0.023 | 2.73 | 400 |" in md
+    assert "| teacher | 0.947 | 0.935 | 2.74 | 400 |" in md and STDERR_NOTE in md
+    assert "| student after | 0.484 ± 0.031 | 0.318 ± 0.023 | 2.73 | 400 |" in model_card(report)
+    rep.render_report(make_job(tmp_path, "older"))
+    assert "±" not in (tmp_path / "older" / "report.md").read_text(encoding="utf-8")

@@ -42,7 +42,8 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     store.append_event(done["id"], {"kind": "train_step", "step": 3, "total_steps": 5, "loss": 1.5})
     (out / "report.json").write_text(json.dumps({"status": "succeeded", "started": time.time(), "evaluation": {
         "teacher": {"rougeL": 0.971, "exact_match": 0.968, "mean_length": 3.1},
-        "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4}}}))
+        "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4, "rougeL_stderr": 0.0314,
+                          "exact_match_stderr": None}}}))  # one prompt's exact match: no stderr
     (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
     store.update(done["id"], state="succeeded")
     queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
@@ -79,7 +80,7 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         wait.until(lambda d: readout(d) == "")
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
-        assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 0.335 3.40"]
+        assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 ± 0.031 0.335 3.40"]
         assert f"finished ({done['id']}): succeeded" in driver.find_element(By.ID, "d-title").text
         click(driver, "#report-link")
         wait.until(lambda d: "The distilled student." in d.find_element(By.ID, "viewer").text)

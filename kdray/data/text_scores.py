@@ -1,11 +1,13 @@
 """Per-pair text scores of a response against its reference: ROUGE-L (Lin 2004, through the
-``rouge-score`` package) and exact match after whitespace normalisation. Used by the evaluation
-stage and, inside the pools' actors, by POCL's difficulty measurer."""
+``rouge-score`` package) and exact match after whitespace normalisation, and their means with
+standard errors over a set of pairs. Used by the evaluation stage and, inside the pools' actors,
+by POCL's difficulty measurer."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, Iterable
 
 
 def _normalise(text: str) -> str:
@@ -27,3 +29,45 @@ def _scorer() -> Any:
 def rouge_l(prediction: str, gold: str) -> float:
     """ROUGE-L F-measure of one prediction against its reference, in [0, 1]."""
     return _scorer().score(gold, prediction)["rougeL"].fmeasure
+
+
+def response_length(prediction: str) -> int:
+    """A response's length in whitespace-separated words."""
+    return len(prediction.split())
+
+
+#: The scores whose standard error a report gives (``rougeL_stderr``, ``exact_match_stderr``).
+STDERR_SCORES = ("rougeL", "exact_match")
+
+
+def stderr_of_mean(total: float, squares: float, n: int) -> float | None:
+    """The standard error of a mean of ``n`` values from their sum and sum of squares:
+    ``sqrt(s² / n)`` with the sample variance ``s² = (squares - total² / n) / (n - 1)`` (what
+    lm-evaluation-harness reports as a score's ``stderr``); None below 2 values."""
+    if n < 2:
+        return None
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1) / n)
+
+
+def score_summary(sums: dict[str, float], squares: dict[str, float], n: int) -> dict[str, Any]:
+    """A set of answers' ``scores`` from the sums of their rows' ``rougeL``, ``exact_match`` and
+    ``length`` and the sums of squares of :data:`STDERR_SCORES`: the means, ``n`` and the
+    standard errors (``rougeL_stderr``, ``exact_match_stderr``; None below 2 rows)."""
+    means = {name: value / n if n else 0.0 for name, value in sums.items()}
+    return {"rougeL": means["rougeL"], "exact_match": means["exact_match"], "mean_length": means["length"], "n": n,
+            **{f"{name}_stderr": stderr_of_mean(sums[name], squares[name], n) for name in STDERR_SCORES}}
+
+
+def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, Any]:
+    """Mean ROUGE-L (F), exact match and predicted length (:func:`response_length`), and the
+    standard errors of the first two (:func:`stderr_of_mean`), over pairs held in memory
+    (``kdray repro``'s cells); a job scores its answers in Ray Data tasks and sums the written
+    columns (:func:`kdray.stages.evaluate.answer_scores`)."""
+    preds, refs = list(predictions), list(golds)
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+    values = {"rougeL": [rouge_l(p, r) for p, r in zip(preds, refs)],
+              "exact_match": [float(exact_match(p, r)) for p, r in zip(preds, refs)],
+              "length": [float(response_length(p)) for p in preds]}
+    return score_summary({k: math.fsum(v) for k, v in values.items()},
+                         {k: math.fsum(x * x for x in values[k]) for k in STDERR_SCORES}, len(preds))

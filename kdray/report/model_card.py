@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: Columns of the card's evaluation table: (report key, heading, format).
-_SCORES = (("rougeL", "ROUGE-L", ".3f"), ("exact_match", "exact match", ".3f"), ("mean_length", "mean length (words)", ".2f"),
-           ("n", "prompts", ".0f"))
+from kdray.report.markdown import STDERR_NOTE, fmt, has_stderr, score, table
+
+#: The card's evaluation table's headings.
+_HEADER = ["model", "ROUGE-L", "exact match", "mean length (words)", "prompts"]
 
 
 def _dataset_id(ref: str) -> str:
@@ -25,10 +26,6 @@ def _dataset_id(ref: str) -> str:
     if ref.startswith("hub:"):
         return ref[len("hub:"):].split(":", 1)[0]
     return ref
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "—"
 
 
 def model_card(report: dict[str, Any], *, label: str = "student_after", spec_path: str = "spec.yaml") -> str:
@@ -79,11 +76,11 @@ def model_card(report: dict[str, Any], *, label: str = "student_after", spec_pat
     lines += ["", "## Held-out evaluation", ""]
     shown = [(k, evaluation[k]) for k in ("teacher", "student_before", label) if isinstance(evaluation.get(k), dict)]
     if shown:
-        lines += ["| model | " + " | ".join(h for _, h, _ in _SCORES) + " |", "|---" * (len(_SCORES) + 1) + "|"]
-        lines += [f"| {k.replace('_', ' ')} | " + " | ".join(_fmt(s.get(key), f) for key, _, f in _SCORES) + " |"
-                  for k, s in shown]
+        lines += table(_HEADER, [[k.replace("_", " "), score(s, "rougeL"), score(s, "exact_match"),
+                                  fmt(s.get("mean_length"), ".2f"), fmt(s.get("n"), ".0f")] for k, s in shown])
         lines.append("")
         lines.append("Greedy answers to the held-out prompts, scored against their references (ROUGE-L F).")
+        lines += ["", STDERR_NOTE] if has_stderr(s for _, s in shown) else []
     else:
         lines.append("Not evaluated (the job ran with evaluation off, or did not score this student).")
     lines += ["", "## Reproduce", "", "```", f"kdray run {spec_path}", "```", "",

@@ -18,13 +18,14 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from kdray.errors import KdrayError
 from kdray.report.train_metrics import last_step, read_train_metrics
 from kdray.train.step import StepClock
+from kdray.report.markdown import STDERR_NOTE, cell as _cell, duration as _duration, fmt as _fmt, has_stderr, score
+from kdray.report.markdown import table as _table
 from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds,
                                 plot_loss, plot_schedule)
 
@@ -198,29 +199,6 @@ def _series_keys(metrics: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return loss, [k for k in schedule if k not in _COUNTERS or changes(k)]
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: Iterable[list[Any]], right_from: int = 1) -> list[str]:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "—" if math.isnan(v := _num(value)) else format(v, spec)
-
-
-def _duration(seconds: Any) -> str:
-    if math.isnan(s := _num(seconds)):
-        return "—"
-    minutes, sec = divmod(round(s), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {sec:02d}s" if hours else f"{minutes}m {sec:02d}s" if minutes else f"{s:.1f}s"
-
-
 def _wall(report: dict[str, Any]) -> float:
     """Wall time from started/finished, else the sum of the phase timings."""
     wall = _num(report.get("finished")) - _num(report.get("started"))
@@ -261,8 +239,9 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     out += ["", "## Held-out evaluation", ""]
     if entries := _evaluation(report):
         out += _table(["model", "ROUGE-L", "exact match", "mean length", "n"],
-                      [[label.replace("_", " "), _fmt(s.get("rougeL")), _fmt(s.get("exact_match")),
+                      [[label.replace("_", " "), score(s, "rougeL"), score(s, "exact_match"),
                         _fmt(s.get("mean_length"), ".2f"), _fmt(s.get("n"), ".0f")] for label, s in entries])
+        out += ["", STDERR_NOTE] if has_stderr(s for _, s in entries) else []
         out += ["", note] if (note := empty_answers_note(
             {label: _num(s.get("mean_length")) for label, s in entries if _num(s.get("n")) > 0})) else []
     else:

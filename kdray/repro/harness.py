@@ -185,7 +185,7 @@ def run_repro(size: ReproSize, methods: list[str], out: Path, *, world: str = "t
     from rich.console import Console
 
     from kdray.spec import parse_spec
-    from kdray.stages.evaluate import score_responses
+    from kdray.data.text_scores import score_responses
 
     console = console or Console(stderr=True)
     size.check()

@@ -50,8 +50,8 @@ def hf_generate(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int
 
 def evaluate_model(model: Any, tok: Any, heldout: list[dict[str, Any]], *, max_new_tokens: int,
                    encoding: Any) -> tuple[dict[str, float], list[str]]:
-    """Greedy answers to the held-out prompts, scored by :func:`kdray.stages.evaluate.score_responses`."""
-    from kdray.stages.evaluate import score_responses
+    """Greedy answers to the held-out prompts, scored by :func:`kdray.data.text_scores.score_responses`."""
+    from kdray.data.text_scores import score_responses
 
     was_training = model.training
     model.eval()

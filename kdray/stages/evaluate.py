@@ -18,13 +18,12 @@ import re
 import shutil
 from collections import Counter
 from pathlib import Path
-from statistics import fmean
 from typing import Any, Iterable
 
 import numpy as np
 
 from kdray.data.artifacts import Artifact, files_of
-from kdray.data.text_scores import exact_match, rouge_l
+from kdray.data.text_scores import STDERR_SCORES, exact_match, response_length, rouge_l, score_summary
 from kdray.data.tokenize import judge_encoding, prompt_token_counter
 from kdray.errors import DataError
 from kdray.models import load_tokenizer
@@ -46,28 +45,6 @@ ANSWER_COLUMNS = ["_row", "id", "prompt", "response", "gold", "rougeL", "exact_m
 ANSWER_ROW_BYTES_PER_TOKEN = 12
 
 
-def response_length(prediction: str) -> int:
-    """A response's length in whitespace-separated words."""
-    return len(prediction.split())
-
-
-def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, float]:
-    """Mean ROUGE-L (F), exact match and predicted length (:func:`response_length`) over pairs
-    held in memory (``kdray repro``'s cells); a job scores its answers in Ray Data tasks
-    (:func:`score_answers`) and sums the written columns (:func:`answer_scores`)."""
-    preds, refs = list(predictions), list(golds)
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    if not preds:
-        return {"rougeL": 0.0, "exact_match": 0.0, "mean_length": 0.0, "n": 0}
-    return {
-        "rougeL": fmean(rouge_l(p, r) for p, r in zip(preds, refs)),
-        "exact_match": fmean(exact_match(p, r) for p, r in zip(preds, refs)),
-        "mean_length": fmean(response_length(p) for p in preds),
-        "n": len(preds),
-    }
-
-
 def score_answers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of a pool's held-out answers (``response``, the gold ``gold``) with each row's
     ROUGE-L, exact match and length: the :data:`ANSWER_COLUMNS` (a Ray Data task's map)."""
@@ -80,20 +57,22 @@ def score_answers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def answer_scores(files: list[Path]) -> dict[str, Any]:
-    """The marker's ``scores`` of an answers dataset: the means of its rows' scores, summed file
-    by file in the driver (three numbers per row of one file at a time)."""
+    """The marker's ``scores`` of an answers dataset: the means of its rows' scores and the
+    standard errors of ROUGE-L and exact match (:func:`~kdray.data.text_scores.stderr_of_mean`), summed file by file in
+    the driver (three numbers per row of one file at a time)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    sums, n = {"rougeL": 0.0, "exact_match": 0.0, "length": 0.0}, 0
+    sums, squares, n = {"rougeL": 0.0, "exact_match": 0.0, "length": 0.0}, dict.fromkeys(STDERR_SCORES, 0.0), 0
     for path in files:
         table = pq.read_table(path, columns=list(sums))
         n += table.num_rows
         for name in sums:
             sums[name] += float(pc.sum(table.column(name)).as_py() or 0.0)
-    means = {name: value / n if n else 0.0 for name, value in sums.items()}
-    return {"scores": {"rougeL": means["rougeL"], "exact_match": means["exact_match"],
-                       "mean_length": means["length"], "n": n}}
+        for name in squares:
+            column = table.column(name)
+            squares[name] += float(pc.sum(pc.multiply(column, column)).as_py() or 0.0)
+    return {"scores": score_summary(sums, squares, n)}
 
 
 # The verdict: optional quotes/brackets/markdown, an optional word like "Response", then A or

@@ -259,7 +259,10 @@ async function loadReport() {
     const body = table.createTBody();
     for (const label of labels) {
       const r = body.insertRow(), s = evaluation[label];
-      [label.replaceAll("_", " "), s.rougeL?.toFixed(3), s.exact_match?.toFixed(3), s.mean_length?.toFixed(2)]
+      // a score with its standard error where the report holds one (kdray.report.markdown.score)
+      const withStderr = (k) => s[k] === undefined || s[k] === null ? undefined
+        : s[k].toFixed(3) + (typeof s[`${k}_stderr`] === "number" ? ` ± ${s[`${k}_stderr`].toFixed(3)}` : "");
+      [label.replaceAll("_", " "), withStderr("rougeL"), withStderr("exact_match"), s.mean_length?.toFixed(2)]
         .forEach((v, i) => { const td = r.insertCell(); td.textContent = v === undefined ? "—" : text(v); if (i) td.className = "num"; });
     }
   } catch (e) { /* 401: the status line says so */ }

@@ -1,0 +1,54 @@
+"""The Markdown pieces of kdray's report files (report.md, ``kdray compare``'s table, the model
+cards): table cells and rows, numbers, durations, and held-out scores with their standard errors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from kdray.report.plots import _num
+
+#: What a score's ``±`` means, said under each table that shows one.
+STDERR_NOTE = ("± is the standard error of the mean over the held-out prompts (as lm-evaluation-harness "
+               "reports it): two models whose scores differ by less than about twice it are not told apart "
+               "by this evaluation; more prompts (data.heldout) narrow it as one over their square root.")
+
+
+def cell(value: Any) -> str:
+    """``value`` as one table cell: a ``|`` escaped, a newline made a space."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: Iterable[list[Any]], right_from: int = 1) -> list[str]:
+    """A Markdown table's lines; the columns from ``right_from`` on are right-aligned."""
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A number in ``spec``; ``—`` for anything that is not one (None, NaN, a string, a bool)."""
+    return "—" if math.isnan(v := _num(value)) else format(v, spec)
+
+
+def score(scores: dict[str, Any], key: str, spec: str = ".3f") -> str:
+    """A held-out score with its standard error where the report holds one (``KEY_stderr``,
+    :func:`kdray.data.text_scores.stderr_of_mean`): ``0.484 ± 0.031``."""
+    stderr = _num(scores.get(f"{key}_stderr"))
+    return fmt(scores.get(key), spec) + ("" if math.isnan(stderr) else f" ± {format(stderr, spec)}")
+
+
+def has_stderr(entries: Iterable[dict[str, Any]]) -> bool:
+    """Whether any of these score dicts holds a standard error (then :data:`STDERR_NOTE` goes under its table)."""
+    return any(not math.isnan(_num(s.get(f"{key}_stderr"))) for s in entries for key in ("rougeL", "exact_match"))
+
+
+def duration(seconds: Any) -> str:
+    """Seconds as ``1h 02m 03s``, ``2m 15s`` or ``4.5s``; ``—`` for no number."""
+    if math.isnan(s := _num(seconds)):
+        return "—"
+    minutes, sec = divmod(round(s), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {sec:02d}s" if hours else f"{minutes}m {sec:02d}s" if minutes else f"{s:.1f}s"
