@@ -96,7 +96,11 @@ def _print_result(report: Any) -> None:
     if report.evaluation:
         from kdray.report.render import empty_answers_note
 
+        from kdray.report.markdown import paired
+
         stdout.print(_summary_table(report))
+        for line in paired(report.data.get("paired_differences")):  # prompt by prompt
+            stdout.print(line, highlight=False)
         if note := empty_answers_note({k: s.mean_length for k, s in report.evaluation.items() if s.n}):
             stdout.print(note)
     if judge := report.judge:

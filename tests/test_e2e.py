@@ -155,6 +155,14 @@ def test_reduced_demo_runs_every_real_layer(resumed_job):
         assert scores["mean_length"] == pytest.approx(sum(len(r["response"].split()) for r in answered) / 48)
         # the standard error of the mean over the 48 prompts: the sample deviation over sqrt(48)
         assert scores["rougeL_stderr"] == pytest.approx(statistics.stdev(r["rougeL"] for r in answered) / 48 ** 0.5)
+    # The student's scores minus the others', prompt by prompt (the same 48 prompts).
+    before, after = samples(out, "student_before"), samples(out, "student_after")
+    paired = report["paired_differences"]
+    assert set(paired) == {"student_after - student_before", "student_after - teacher"}
+    diffs = [b["rougeL"] - a["rougeL"] for a, b in zip(before, after)]
+    assert paired["student_after - student_before"]["rougeL"] == pytest.approx(statistics.fmean(diffs))
+    assert paired["student_after - student_before"]["rougeL_stderr"] == pytest.approx(statistics.stdev(diffs) / 48 ** 0.5)
+    assert "student after − student before: ROUGE-L " in res.stdout
     # The exported student carries its model card (kdray/report/model_card.py), with this table.
     from huggingface_hub import ModelCard
 

@@ -384,3 +384,44 @@ def test_a_resumed_job_reuses_recorded_round_scores_and_skips_the_last_segment(t
         other: dict = {}
         Job(spec_).score_round(plan_[0], plan_, tmp_path / "student-0", state, [], other)
         assert other == {}
+
+
+def test_paired_differences_line_the_answers_up_by_row_across_files(tmp_path):
+    """The student's scores minus another model's, prompt by prompt: the mean difference and its
+    standard error over the prompts' differences (float64 reference), read from two answers
+    datasets whose files split the rows differently; rows that do not line up give no figure."""
+    import statistics
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.data.artifacts import Artifact
+    from kdray.data.text_scores import paired_difference
+    from kdray.stages.evaluate import paired_scores
+
+    before = {"rougeL": [0.5, 0.2, 0.9, 0.4], "exact_match": [1.0, 0.0, 1.0, 0.0]}
+    after = {"rougeL": [0.7, 0.3, 0.8, 0.4], "exact_match": [1.0, 1.0, 1.0, 0.0]}
+
+    def answers(name, scores, splits, rows=(0, 1, 2, 3)):
+        (tmp_path / name).mkdir()
+        files, start = [], 0
+        for size in splits:
+            files.append(f"{len(files)}.parquet")
+            pq.write_table(pa.table({"_row": list(rows[start:start + size]),
+                                     **{k: v[start:start + size] for k, v in scores.items()}}), tmp_path / name / files[-1])
+            start += size
+        return Artifact(tmp_path / name, {"files": files, "rows": len(rows)})
+
+    got = paired_scores({"student_before": answers("b", before, [3, 1]), "student_after": answers("a", after, [1, 2, 1])})
+    assert list(got) == ["student_after - student_before"]  # no teacher: that pair is left out
+    d = got["student_after - student_before"]
+    for key in ("rougeL", "exact_match"):
+        diffs = [y - x for x, y in zip(before[key], after[key])]
+        assert d[key] == pytest.approx(statistics.fmean(diffs))
+        assert d[f"{key}_stderr"] == pytest.approx(statistics.stdev(diffs) / 2)
+    assert d["n"] == 4 and d == paired_difference(zip(zip(*before.values()), zip(*after.values())))
+    shuffled = answers("s", after, [4], rows=(0, 2, 1, 3))
+    assert paired_scores({"student_before": answers("b2", before, [4]), "student_after": shuffled}) == {}
+    empty = {"rougeL": [], "exact_match": []}  # no held-out prompt: no difference to give
+    assert paired_scores({"student_before": answers("e1", empty, [0], rows=()),
+                          "student_after": answers("e2", empty, [0], rows=())}) == {}

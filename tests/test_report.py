@@ -305,11 +305,15 @@ def test_scores_show_their_standard_errors_and_what_they_mean(tmp_path):
     report = json.loads((job / "report.json").read_text())
     report["evaluation"]["student_after"].update(rougeL_stderr=0.0314, exact_match_stderr=0.0233)
     report["evaluation"]["teacher"].update(rougeL_stderr=None, exact_match_stderr=None)  # one prompt
+    report["paired_differences"] = {"student_after - student_before": {
+        "rougeL": 0.1537, "rougeL_stderr": 0.0151, "exact_match": -0.0125, "exact_match_stderr": 0.0183, "n": 400}}
     (job / "report.json").write_text(json.dumps(report))
     rep.render_report(job)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert "| student after | 0.484 ± 0.031 | 0.318 ± 0.023 | 2.73 | 400 |" in md
     assert "| teacher | 0.947 | 0.935 | 2.74 | 400 |" in md and STDERR_NOTE in md
+    assert ("- student after − student before: ROUGE-L +0.154 ± 0.015, exact match -0.013 ± 0.018 (400 prompts)"
+            in md.splitlines())
     assert "| student after | 0.484 ± 0.031 | 0.318 ± 0.023 | 2.73 | 400 |" in model_card(report)
     rep.render_report(make_job(tmp_path, "older"))
     assert "±" not in (tmp_path / "older" / "report.md").read_text(encoding="utf-8")

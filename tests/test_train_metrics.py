@@ -87,3 +87,54 @@ def test_an_older_report_that_held_its_steps_reads_and_renders_as_a_new_one(tmp_
     for name in ("report.md", "loss.png", "schedule.png"):
         assert (old / name).read_bytes() == (new / name).read_bytes(), name
     assert "| optimizer steps | 6 of 6 |" in (new / "report.md").read_text(encoding="utf-8")
+
+
+def test_odd_steps_and_losses_keep_the_index_true(tmp_path):
+    """An event without a usable step is appended (never replacing the last step), a float step
+    names the same step as its int, and a NaN loss is neither the first nor the last loss of the
+    summary (strict JSON holds it as null; the model card formats the summary)."""
+    from kdray.report.model_card import model_card
+
+    log = StepLog(tmp_path / TRAIN_METRICS_FILE)
+    log.start()
+    for s in (1, 2, 3):
+        log.add({"step": s, "loss": math.nan if s == 3 else float(s)})
+    for odd in ({"loss": None}, {"step": True}, {"step": math.nan}, {"step": 2.5}):
+        log.add(odd)
+    assert [m.get("step") for m in log] == [1, 2, 3, None, True, None, 2.5] and len(log) == 7
+    assert 3 in log and 3.0 in log and 4 not in log and True not in log and log.last_step == 3
+    summary = log.summary()
+    assert summary["first_loss"] == {"step": 1, "loss": 1.0} and summary["last_loss"] == {"step": 2, "loss": 2.0}
+    assert "- loss: 1.0000 at step 1, 2.0000 at the last step" in model_card({"train_summary": summary, "spec": {}})
+    log.add({"step": 3, "loss": 0.3})  # a restore to step 3 drops the step-less lines after it too
+    assert [m.get("step") for m in log] == [1, 2, 3] and _lines(log.path)[-1] == {"step": 3, "loss": 0.3}
+
+
+def test_merging_keeps_lines_the_log_did_not_write_out_of_its_history(tmp_path):
+    path = tmp_path / TRAIN_METRICS_FILE
+    path.write_text('{"step": 10, "loss": 10.0}\n')
+    log = StepLog(path)
+    for s in (3, 5):
+        log.add({"step": s, "loss": float(s)})
+    assert [m["step"] for m in log.add_missing([{"step": 4, "loss": 4.0}])] == [4]
+    assert [m["step"] for m in log] == [3, 4, 5] and len(log) == 3
+
+
+def test_a_report_whose_steps_file_is_missing_or_rewritten_says_so(tmp_path):
+    """report.json counts its steps (train_summary): a file a later run is rewriting (a resume,
+    or --restart), or one that is gone, is named with what to do, not read as the report's."""
+    import pytest
+
+    from kdray.errors import KdrayError
+
+    job = make_job(tmp_path, "j")
+    report = json.loads((job / "report.json").read_text())
+    StepLog(job / TRAIN_METRICS_FILE).start()  # kdray run --restart begins
+    with pytest.raises(KdrayError, match=r"train_metrics.jsonl holds 0 steps where report.json counts 6: a later run"):
+        read_train_metrics(job, report)
+    with pytest.raises(KdrayError, match="a later run"):
+        render.render_report(job)
+    (job / TRAIN_METRICS_FILE).unlink()
+    with pytest.raises(KdrayError, match=r"train_metrics.jsonl is missing: .* \(copy it with report.json\)"):
+        read_train_metrics(job, report)
+    assert last_step(report) == 6  # kdray compare reads the summary only

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 #: Most milliseconds a job-table read may take at ``--jobs`` records.
 TARGET_MS = 20.0
-#: A step's metrics as a job reports them (the names of ``report.json``'s ``train_metrics``).
+#: A step's metrics as a job reports them (the names in a job's ``train_metrics.jsonl``).
 _STEP_FIELDS = ("step_s", "cpu_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "report_s", "grad_norm",
                 "peak_rss_mb", "pad_fraction", "tokens_per_s", "kd", "lr", "kd_ratio")
 

@@ -58,6 +58,21 @@ def score_summary(sums: dict[str, float], squares: dict[str, float], n: int) -> 
             **{f"{name}_stderr": stderr_of_mean(sums[name], squares[name], n) for name in STDERR_SCORES}}
 
 
+def paired_difference(pairs: Iterable[tuple[tuple[float, ...], tuple[float, ...]]]) -> dict[str, Any]:
+    """The mean of ``b - a`` over pairs of the same prompt's :data:`STDERR_SCORES` (``a``, ``b``:
+    two models' ``(rougeL, exact_match)``), with its standard error over the prompts' differences
+    (:func:`stderr_of_mean`: a paired comparison, narrower than the two scores' own errors when
+    the models find the same prompts hard), and ``n``."""
+    sums, squares, n = dict.fromkeys(STDERR_SCORES, 0.0), dict.fromkeys(STDERR_SCORES, 0.0), 0
+    for a, b in pairs:
+        for name, x, y in zip(STDERR_SCORES, a, b):
+            sums[name] += y - x
+            squares[name] += (y - x) ** 2
+        n += 1
+    return {**{name: sums[name] / n if n else 0.0 for name in STDERR_SCORES}, "n": n,
+            **{f"{name}_stderr": stderr_of_mean(sums[name], squares[name], n) for name in STDERR_SCORES}}
+
+
 def score_responses(predictions: Iterable[str], golds: Iterable[str]) -> dict[str, Any]:
     """Mean ROUGE-L (F), exact match and predicted length (:func:`response_length`), and the
     standard errors of the first two (:func:`stderr_of_mean`), over pairs held in memory

@@ -284,7 +284,7 @@ class Job:
         final = self.out / "student"
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(student_dir, final)
-        evaluation, judge = self._evaluate(final, data.heldout, round_scores)
+        evaluation, paired, judge = self._evaluate(final, data.heldout, round_scores)
 
         with ctx.phase("report", 1, "report.json, report.md, plots"):
             report = {
@@ -295,6 +295,7 @@ class Job:
                 "timings_s": ctx.timings,
                 "rows": data.row_reports,
                 "evaluation": evaluation,
+                "paired_differences": paired,  # student after vs before and vs the teacher, prompt by prompt
                 "judge": judge,
                 "teacher_signal": {"mode": spec.teacher_signal.mode, **(signal_stats or {})},
                 "student_dir": str(final),
@@ -314,13 +315,14 @@ class Job:
             self.reporter.advance("report")
         return report
 
-    def _evaluate(self, final: Path, heldout: Artifact,
-                  round_scores: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _evaluate(self, final: Path, heldout: Artifact, round_scores: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         """Held-out scores of teacher, student before, each round and student after (the order
-        of the report's tables), and the judge's verdicts."""
+        of the report's tables), the student's paired differences to the others
+        (:func:`~kdray.stages.evaluate.paired_scores`), and the judge's verdicts."""
         spec = self.spec
         if not spec.evaluation.enabled:
-            return {}, None
+            return {}, {}, None
         models = [("teacher", spec.teacher), ("student_before", spec.student),
                   ("student_after", spec.student.model_copy(update={"model": str(final)}))]
         with self.ctx.phase("evaluate", 3 * heldout.rows, "held-out answers"):
@@ -331,4 +333,4 @@ class Job:
         for label in ("teacher", "student_before", "student_after"):
             self.reporter.emit("evaluation", model=label, scores=scores[label])
         judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
-        return evaluation, judge
+        return evaluation, evaluate.paired_scores(answers), judge

@@ -11,8 +11,10 @@ from kdray.report.plots import _num
 
 #: What a score's ``±`` means, said under each table that shows one.
 STDERR_NOTE = ("± is the standard error of the mean over the held-out prompts (as lm-evaluation-harness "
-               "reports it): two models whose scores differ by less than about twice it are not told apart "
-               "by this evaluation; more prompts (data.heldout) narrow it as one over their square root.")
+               "reports it): two scores less than about three of it apart are not told apart (the 95% bound "
+               "of a difference of two independent means: 1.96 √2 ≈ 2.8 standard errors); the differences "
+               "prompt by prompt, where shown, are the sharper test. More prompts (data.heldout) narrow both "
+               "as one over their square root.")
 
 
 def cell(value: Any) -> str:
@@ -37,12 +39,26 @@ def score(scores: dict[str, Any], key: str, spec: str = ".3f") -> str:
     """A held-out score with its standard error where the report holds one (``KEY_stderr``,
     :func:`kdray.data.text_scores.stderr_of_mean`): ``0.484 ± 0.031``."""
     stderr = _num(scores.get(f"{key}_stderr"))
-    return fmt(scores.get(key), spec) + ("" if math.isnan(stderr) else f" ± {format(stderr, spec)}")
+    return fmt(scores.get(key), spec) + ("" if math.isnan(stderr) else f" ± {format(stderr, spec.lstrip('+'))}")
 
 
 def has_stderr(entries: Iterable[dict[str, Any]]) -> bool:
     """Whether any of these score dicts holds a standard error (then :data:`STDERR_NOTE` goes under its table)."""
     return any(not math.isnan(_num(s.get(f"{key}_stderr"))) for s in entries for key in ("rougeL", "exact_match"))
+
+
+def paired(differences: Any) -> list[str]:
+    """One sentence per entry of report.json's ``paired_differences`` (``{"A - B": {"rougeL",
+    "rougeL_stderr", "exact_match", ...}}``, :func:`kdray.stages.evaluate.paired_scores`):
+    ``student after − student before: ROUGE-L +0.119 ± 0.015, exact match +0.065 ± 0.018 (400
+    prompts)``."""
+    out = []
+    for pair, d in (differences.items() if isinstance(differences, dict) else ()):
+        if isinstance(d, dict):
+            a, _, b = (name.replace("_", " ") for name in pair.partition(" - "))
+            out.append(f"{a} − {b}: ROUGE-L {score(d, 'rougeL', '+.3f')}, exact match "
+                       f"{score(d, 'exact_match', '+.3f')} ({fmt(d.get('n'), '.0f')} prompts)")
+    return out
 
 
 def duration(seconds: Any) -> str:

@@ -71,7 +71,8 @@ def model_card(report: dict[str, Any], *, label: str = "student_after", spec_pat
               f"{training.get('num_workers')} workers, DeepSpeed ZeRO-{training.get('zero_stage')}",
               f"- student dtype: `{student.get('dtype')}`; max sequence length {training.get('max_seq_len')}"]
     if first and last:
-        lines.append(f"- loss: {first['loss']:.4f} at step {first['step']}, {last['loss']:.4f} at the last step")
+        lines.append(f"- loss: {fmt(first.get('loss'), '.4f')} at step {first.get('step')}, "
+                     f"{fmt(last.get('loss'), '.4f')} at the last step")
     evaluation = report.get("evaluation") or {}
     lines += ["", "## Held-out evaluation", ""]
     shown = [(k, evaluation[k]) for k in ("teacher", "student_before", label) if isinstance(evaluation.get(k), dict)]

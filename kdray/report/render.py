@@ -24,7 +24,7 @@ from typing import Any
 from kdray.errors import KdrayError
 from kdray.report.train_metrics import last_step, read_train_metrics
 from kdray.train.step import StepClock
-from kdray.report.markdown import STDERR_NOTE, cell as _cell, duration as _duration, fmt as _fmt, has_stderr, score
+from kdray.report.markdown import STDERR_NOTE, cell as _cell, duration as _duration, fmt as _fmt, has_stderr, paired, score
 from kdray.report.markdown import table as _table
 from kdray.report.plots import (_COUNTERS, _num, _write_atomic, plot_compare, plot_evaluation, plot_evaluation_rounds,
                                 plot_loss, plot_schedule)
@@ -242,6 +242,9 @@ def _markdown(report: dict[str, Any], plots: dict[str, str | None]) -> str:
                       [[label.replace("_", " "), score(s, "rougeL"), score(s, "exact_match"),
                         _fmt(s.get("mean_length"), ".2f"), _fmt(s.get("n"), ".0f")] for label, s in entries])
         out += ["", STDERR_NOTE] if has_stderr(s for _, s in entries) else []
+        if differences := paired(report.get("paired_differences")):  # the same prompts: the paired errors
+            out += ["", "Differences prompt by prompt, over the same held-out prompts:", ""]
+            out += [f"- {line}" for line in differences]
         out += ["", note] if (note := empty_answers_note(
             {label: _num(s.get("mean_length")) for label, s in entries if _num(s.get("n")) > 0})) else []
     else:

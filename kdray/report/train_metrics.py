@@ -20,6 +20,7 @@ key strings between steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 from array import array
 from bisect import bisect_left
@@ -27,31 +28,40 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kdray.errors import KdrayError
 from kdray.pipeline.progress import finite
 
 #: The file's name in the job's output directory.
 TRAIN_METRICS_FILE = "train_metrics.jsonl"
 
 
-def _step_of(event: dict[str, Any], before: int) -> int:
+def _step_of(event: dict[str, Any]) -> int | None:
+    """An event's optimizer step; None where it has none (no ``step``, a bool, a fraction, NaN)."""
     step = event.get("step")
-    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else before
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step):
+        return None
+    return int(step)
 
 
-def iter_steps(path: Path) -> Iterator[dict[str, Any]]:
-    """The steps of a ``train_metrics.jsonl``, a line at a time; a line cut short (a driver
-    killed while writing it) is skipped. The key strings are shared between the steps (a
-    120,000-step history in memory takes about a third less)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def iter_steps(path: Path, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """The steps of a ``train_metrics.jsonl`` from byte ``offset`` on, a line at a time; a line
+    cut short (a driver killed while writing it) is skipped. The key strings are shared between
+    the steps (a 120,000-step history in memory takes about a third less)."""
     keys: dict[str, str] = {}
     try:
-        lines = path.open(encoding="utf-8", errors="replace")
+        lines = path.open("rb")
     except FileNotFoundError:
         return
     with lines:
+        lines.seek(offset)
         for line in lines:
             try:
                 step = json.loads(line)
-            except ValueError:
+            except ValueError:  # UnicodeDecodeError too
                 continue
             if isinstance(step, dict):
                 yield {keys.setdefault(k, k): v for k, v in step.items()}
@@ -60,12 +70,27 @@ def iter_steps(path: Path) -> Iterator[dict[str, Any]]:
 def read_train_metrics(job_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every step's metrics of the job in ``job_dir`` whose report.json is ``report``, in step
     order: the list a report.json written before 2026-12-06 held itself, else its
-    ``train_metrics_file``; empty when neither is there (a job that logged no step)."""
+    ``train_metrics_file``; empty when neither is there.
+
+    Raises:
+        KdrayError: the file is missing, or holds other steps than the report counts (its
+            ``train_summary``): a later run of the job is writing it.
+    """
     held = report.get("train_metrics")
     if isinstance(held, list):
         return [m for m in held if isinstance(m, dict)]
     name = report.get("train_metrics_file")
-    return list(iter_steps(Path(job_dir) / name)) if isinstance(name, str) and name else []
+    if not isinstance(name, str) or not name:
+        return []
+    path, counted = Path(job_dir) / name, (report.get("train_summary") or {}).get("steps")
+    if not path.is_file():
+        raise KdrayError(f"{path} is missing: the per-step metrics of the report beside it are kept there (copy "
+                         "it with report.json), or run the job again: kdray run SPEC")
+    steps = list(iter_steps(path))
+    if isinstance(counted, int) and counted != len(steps):
+        raise KdrayError(f"{path} holds {len(steps)} steps where report.json counts {counted}: a later run of the "
+                         "job (a resume, or kdray run --restart) is writing it; its report comes when it ends")
+    return steps
 
 
 def last_step(report: dict[str, Any]) -> int | None:
@@ -101,13 +126,13 @@ class StepLog:
         return len(self._steps)
 
     def __contains__(self, step: object) -> bool:
-        if not isinstance(step, int):
+        if (step := _step_of({"step": step})) is None:
             return False
         i = bisect_left(self._steps, step)
         return i < len(self._steps) and self._steps[i] == step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter_steps(self.path)
+        return iter_steps(self.path, self._start)  # its own lines: not what the file held before
 
     @property
     def last_step(self) -> int | None:
@@ -115,9 +140,10 @@ class StepLog:
 
     def add(self, event: dict[str, Any]) -> None:
         """Append a step's metrics. A step that is not past the last one (a restore from a
-        checkpoint) first drops the lines from that step on."""
-        step = _step_of(event, self._steps[-1] if self._steps else 0)
-        if self._steps and self._steps[-1] >= step:
+        checkpoint) first drops the lines from that step on; an event without a step is
+        appended, indexed under the step before it."""
+        step = _step_of(event)
+        if step is not None and self._steps and self._steps[-1] >= step:
             keep = bisect_left(self._steps, step)
             os.truncate(self.path, self._ends[keep - 1] if keep else self._start)
             del self._steps[keep:], self._ends[keep:]
@@ -127,15 +153,18 @@ class StepLog:
                 self._start = fh.tell()
             fh.write(line)
             self._ends.append(fh.tell())
-        self._steps.append(step)
+        self._steps.append(step if step is not None else (self._steps[-1] if self._steps else 0))
 
     def add_missing(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Add the steps among ``events`` that the history lacks; return them in step order.
         Steps past the last are appended; one that falls inside the history (rare: a gap left
         by a killed driver) rewrites the file in step order."""
-        new = sorted((e for e in events if _step_of(e, -1) not in self), key=lambda e: _step_of(e, 0))
-        if new and self._steps and _step_of(new[0], 0) < self._steps[-1]:
-            merged = sorted([*self, *new], key=lambda e: _step_of(e, 0))
+        def order(event: dict[str, Any]) -> int:
+            return _step_of(event) or 0
+
+        new = sorted((e for e in events if _step_of(e) is not None and e["step"] not in self), key=order)
+        if new and self._steps and order(new[0]) < self._steps[-1]:
+            merged = sorted([*self, *new], key=order)
             self.start()
             for event in merged:
                 self.add(event)
@@ -146,11 +175,11 @@ class StepLog:
 
     def summary(self) -> dict[str, Any]:
         """report.json's ``train_summary``: the number of steps recorded, the last step, and the
-        first and last step that carry a loss (``{"step", "loss"}``, or None), in one pass over
-        the file."""
+        first and last step that carry a finite loss (``{"step", "loss"}``, or None), in one
+        pass over the file."""
         first = last = None
         for m in self:
-            if "loss" in m:
+            if _number(m.get("loss")):
                 first = first or {"step": m.get("step"), "loss": m["loss"]}
                 last = {"step": m.get("step"), "loss": m["loss"]}
         return {"steps": len(self), "last_step": self.last_step, "first_loss": first, "last_loss": last}

@@ -244,7 +244,7 @@ class JobSpec(_Spec):
     output_dir: str = Field(
         description="Directory for everything the job writes: student/, checkpoints, state/ (what a "
         "re-run resumes from), datasets/, records/ and curriculum/ (parquet datasets of the rows), "
-        "events.jsonl, report.json, report.md and the plots. A "
+        "events.jsonl, train_metrics.jsonl, report.json, report.md and the plots. A "
         "relative path is taken from the directory kdray run starts in (under kdray serve, from "
         "its --output-root). On a multi-node cluster, use storage every node mounts at the same path. "
         "A URI (s3://, gs://, any scheme://) is refused: mount the bucket at one path on every node "

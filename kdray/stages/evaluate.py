@@ -13,17 +13,18 @@ A or B; anything else counts as a tie. The win rate counts a tie as half a win.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from kdray.data.artifacts import Artifact, files_of
-from kdray.data.text_scores import STDERR_SCORES, exact_match, response_length, rouge_l, score_summary
+from kdray.data.text_scores import STDERR_SCORES, exact_match, paired_difference, response_length, rouge_l, score_summary
 from kdray.data.tokenize import judge_encoding, prompt_token_counter
 from kdray.errors import DataError
 from kdray.models import load_tokenizer
@@ -73,6 +74,33 @@ def answer_scores(files: list[Path]) -> dict[str, Any]:
             column = table.column(name)
             squares[name] += float(pc.sum(pc.multiply(column, column)).as_py() or 0.0)
     return {"scores": score_summary(sums, squares, n)}
+
+
+#: The pairs of models whose scores a report compares prompt by prompt (:func:`paired_scores`).
+PAIRED = (("student_after", "student_before"), ("student_after", "teacher"))
+
+
+def _score_rows(answers: Artifact) -> Iterator[tuple[int, tuple[float, ...]]]:
+    """(``_row``, its :data:`STDERR_SCORES`) of an answers dataset, a file's batch at a time."""
+    import pyarrow.parquet as pq
+    for path in files_of(answers.path, answers.info):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["_row", *STDERR_SCORES]):
+            rows, *scores = (batch.column(i).to_pylist() for i in range(batch.num_columns))
+            yield from zip(rows, zip(*scores))
+
+
+def paired_scores(answers: dict[str, Artifact]) -> dict[str, Any]:
+    """For each :data:`PAIRED` ``(A, B)`` among ``answers``: A's scores minus B's on the same
+    held-out prompts (:func:`~kdray.data.text_scores.paired_difference`), by ``"A - B"``, read
+    side by side a batch at a time; a pair whose rows (``_row``) do not line up is left out."""
+    out = {}
+    for a, b in (pair for pair in PAIRED if set(pair) <= set(answers)):
+        rows = itertools.zip_longest(_score_rows(answers[b]), _score_rows(answers[a]))
+        lined_up = itertools.takewhile(lambda pair: None not in pair and pair[0][0] == pair[1][0], rows)
+        difference = paired_difference((x, y) for (_, x), (_, y) in lined_up)
+        if 0 < difference["n"] == answers[a].rows == answers[b].rows:
+            out[f"{a} - {b}"] = difference
+    return out
 
 
 # The verdict: optional quotes/brackets/markdown, an optional word like "Response", then A or
