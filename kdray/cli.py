@@ -94,9 +94,8 @@ def _print_result(report: Any) -> None:
 
     stdout = Console()
     if report.evaluation:
-        from kdray.report.render import empty_answers_note
-
         from kdray.report.markdown import paired
+        from kdray.report.render import empty_answers_note
 
         stdout.print(_summary_table(report))
         for line in paired(report.data.get("paired_differences")):  # prompt by prompt

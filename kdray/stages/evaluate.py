@@ -58,9 +58,9 @@ def score_answers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def answer_scores(files: list[Path]) -> dict[str, Any]:
-    """The marker's ``scores`` of an answers dataset: the means of its rows' scores and the
-    standard errors of ROUGE-L and exact match (:func:`~kdray.data.text_scores.stderr_of_mean`), summed file by file in
-    the driver (three numbers per row of one file at a time)."""
+    """The marker's ``scores`` of an answers dataset: its rows' mean scores and the standard
+    errors of ROUGE-L and exact match (:func:`~kdray.data.text_scores.score_summary`), summed
+    file by file in the driver (three numbers per row of one file at a time)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
