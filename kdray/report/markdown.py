@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from kdray.data.text_scores import STDERR_SCORES
 from kdray.report.plots import _num
 
 #: What a score's ``±`` means, said under each table that shows one.
@@ -44,7 +45,7 @@ def score(scores: dict[str, Any], key: str, spec: str = ".3f") -> str:
 
 def has_stderr(entries: Iterable[dict[str, Any]]) -> bool:
     """Whether any of these score dicts holds a standard error (then :data:`STDERR_NOTE` goes under its table)."""
-    return any(not math.isnan(_num(s.get(f"{key}_stderr"))) for s in entries for key in ("rougeL", "exact_match"))
+    return any(not math.isnan(_num(s.get(f"{key}_stderr"))) for s in entries for key in STDERR_SCORES)
 
 
 def paired(differences: Any) -> list[str]:

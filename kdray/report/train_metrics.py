@@ -30,6 +30,7 @@ from typing import Any
 
 from kdray.errors import KdrayError
 from kdray.pipeline.progress import finite
+from kdray.report.plots import _num
 
 #: The file's name in the job's output directory.
 TRAIN_METRICS_FILE = "train_metrics.jsonl"
@@ -41,10 +42,6 @@ def _step_of(event: dict[str, Any]) -> int | None:
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step):
         return None
     return int(step)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def iter_steps(path: Path, offset: int = 0) -> Iterator[dict[str, Any]]:
@@ -179,7 +176,7 @@ class StepLog:
         pass over the file."""
         first = last = None
         for m in self:
-            if _number(m.get("loss")):
+            if math.isfinite(_num(m.get("loss"))):
                 first = first or {"step": m.get("step"), "loss": m["loss"]}
                 last = {"step": m.get("step"), "loss": m["loss"]}
         return {"steps": len(self), "last_step": self.last_step, "first_loss": first, "last_loss": last}
