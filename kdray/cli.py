@@ -103,12 +103,11 @@ def _print_result(report: Any) -> None:
         if note := empty_answers_note({k: s.mean_length for k, s in report.evaluation.items() if s.n}):
             stdout.print(note)
     if judge := report.judge:
-        def rate(key: str) -> str:
-            return "n/a" if judge.get(key) is None else f"{judge[key]:.3f}"
+        from kdray.report.markdown import score
 
         stdout.print(f"judge {judge['model']}: student after vs {judge['reference']}: win rate "
-                     f"{rate('win_rate')} over {judge['comparisons']} comparisons, position "
-                     f"consistency {rate('position_consistency')}")
+                     f"{score(judge, 'win_rate')} over {judge['comparisons']} comparisons, position "
+                     f"consistency {score(judge, 'position_consistency')}")
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in report.timings_s.items())
     stdout.print(f"timings: {timings}")
     stdout.print(f"student: {report.student_dir}")

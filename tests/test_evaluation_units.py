@@ -3,11 +3,13 @@ resumed job keeps the round scores an earlier run recorded."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from kdray.pipeline.job import Job
 from kdray.errors import SpecError
-from kdray.stages.evaluate import judge_requests, judge_summary, parse_verdict
+from kdray.stages.judge import judge_requests, judge_summary, parse_verdict
 from kdray.pipeline.state import JobState
 from kdray.curriculum.plan import Segment
 from kdray.spec import DEFAULT_JUDGE_TEMPLATE, parse_spec
@@ -59,6 +61,8 @@ def test_win_rate_counts_both_orders_and_ties_as_half():
     assert (s["items"], s["comparisons"]) == (4, 8)
     assert (s["wins"], s["losses"], s["ties"]) == (3, 3, 2)
     assert s["win_rate"] == pytest.approx((3 + 2 / 2) / 8)
+    # its error over the four prompts, each one unit: q1 1, q2 1/2, q3 1/2, q4 0
+    assert s["win_rate_stderr"] == pytest.approx(statistics.stdev([1, 0.5, 0.5, 0]) / 2)
     assert s["position_consistency"] == pytest.approx(3 / 4)  # q1, q3 (tie both), q4
     assert s["first_position_bias"] == pytest.approx(1 / 4) and s["second_position_bias"] == 0.0
     assert s["verdicts"]["student_first"] == {"A": 2, "B": 1, "tie": 1}
@@ -71,6 +75,8 @@ def test_a_judge_that_never_answers_a_or_b_gives_one_half():
     assert s["ties"] == s["comparisons"] == 4 and s["win_rate"] == 0.5 and s["position_consistency"] == 1.0
     empty = judge_summary({})
     assert empty["comparisons"] == 0 and empty["win_rate"] is None and empty["position_consistency"] is None
+    assert s["win_rate_stderr"] == 0.0 and empty["win_rate_stderr"] is None
+    assert judge_summary({"q1": ("A", "B")})["win_rate_stderr"] is None  # no spread from one prompt
 
 
 def test_rows_are_scored_where_they_are_made_and_summed_file_by_file(tmp_path):
@@ -112,7 +118,7 @@ def test_verdicts_are_counted_by_pair_from_the_written_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdray.stages.evaluate import pair_summary, verdict_counts
+    from kdray.stages.judge import pair_summary, verdict_counts
 
     pairs = [("A", "B"), ("A", "A"), (None, None), ("B", "A"), ("A", "B")]
     pq.write_table(pa.table({"student_first_verdict": [p[0] for p in pairs[:3]],
@@ -141,7 +147,7 @@ def _sides(rows, prompts, student, reference, reference_rows=None):
 def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(toy_world):
     from kdray.data.tokenize import judge_encoding, prompt_token_counter
     from kdray.models import load_tokenizer
-    from kdray.stages.evaluate import _judge_batch
+    from kdray.stages.judge import _judge_batch
 
     tokenizer = load_tokenizer("toy:teacher", need_pad=False)
     encoding = judge_encoding("auto", tokenizer)
@@ -164,7 +170,7 @@ def test_judge_pairs_each_rows_answers_and_skips_an_item_too_long_for_the_judge(
 
 def test_answers_pairing_two_held_out_rows_are_refused_naming_them():
     from kdray.errors import DataError
-    from kdray.stages.evaluate import _judge_batch
+    from kdray.stages.judge import _judge_batch
 
     sides = _sides([3, 4], ["p3", "p4"], ["s3", "s4"], ["r4", "r3"], reference_rows=[3, 5])
     with pytest.raises(DataError, match=r"the answers of S and R are not in one row order \(held-out row 4 beside "
@@ -178,7 +184,7 @@ def test_a_datasets_first_rows_are_cut_into_runs_from_the_footers(tmp_path):
     import pyarrow.parquet as pq
 
     from kdray.data.artifacts import Artifact
-    from kdray.stages.evaluate import _pieces
+    from kdray.stages.judge import _pieces
 
     names = []
     for i, n in enumerate((3, 5, 4, 2)):
@@ -221,8 +227,9 @@ def test_the_judge_pairs_answers_in_the_held_out_order_row_by_row(ray_cpus, toy_
     from kdray.data.tokenize import judge_encoding
     from kdray.errors import DataError, user_error
     from kdray.models import load_tokenizer
-    from kdray.stages import evaluate
-    from kdray.stages.evaluate import ANSWER_COLUMNS, ANSWERS_KIND, judge_requests_dataset
+    from kdray.stages import judge as judging
+    from kdray.stages.evaluate import ANSWER_COLUMNS, ANSWERS_KIND
+    from kdray.stages.judge import judge_requests_dataset
 
     rows = [3 * i for i in range(40)]  # numbered with gaps, as a checked split's rows can be
     ds = ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"p{r}", "response": f"g{r}"} for r in rows],
@@ -230,7 +237,7 @@ def test_the_judge_pairs_answers_in_the_held_out_order_row_by_row(ray_cpus, toy_
     heldout = write_dataset(ds, tmp_path / "heldout", "prompts", row_bytes=FILE_BYTES // 7)
     student, reference = _answers(heldout, tmp_path / "s"), _answers(heldout, tmp_path / "ref")
     assert len(student.info["files"]) != len(reference.info["files"])
-    monkeypatch.setattr(evaluate, "JUDGE_TASK_ROWS", 16)  # two runs, across files
+    monkeypatch.setattr(judging, "JUDGE_TASK_ROWS", 16)  # two runs, across files
     judge = dict(template="{prompt}|{a}|{b}", judge_model="toy:teacher",
                  encoding=judge_encoding("auto", load_tokenizer("toy:teacher", need_pad=False)), room=100)
     got = [(int(r), i, p) for b in judge_requests_dataset(student, reference, 30, **judge).iter_batches(
@@ -264,7 +271,7 @@ def test_a_vllm_judge_on_all_but_a_light_share_of_the_cpus_writes_one_row_per_it
     from kdray.data.artifacts import write_dataset
     from kdray.pipeline.progress import Reporter
     from kdray.stages.context import StageContext
-    from kdray.stages.evaluate import judge
+    from kdray.stages.judge import judge
 
     rows = [2 * i for i in range(10)]
     ds = ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"Q{r}:", "response": f"g{r}"} for r in rows])
@@ -294,7 +301,7 @@ def test_an_items_verdicts_are_one_row_of_strings_ties_included():
     import numpy as np
     import pyarrow as pa
 
-    from kdray.stages.evaluate import _verdict_pair
+    from kdray.stages.judge import _verdict_pair
 
     group = {"_row": np.asarray([4, 4]), "item": np.asarray(["q4", "q4"], dtype=object),
              "order": np.asarray(["ba", "ab"], dtype=object), "prompt": np.asarray(["P-ba", "P-ab"], dtype=object),

@@ -181,7 +181,7 @@ def test_the_judge_pairs_its_verdicts_once_its_tensor_parallel_pool_gives_its_cp
     from kdray.pipeline.progress import Reporter
     from kdray.pools.placement import engine_placement
     from kdray.pools.run import pool_map
-    from kdray.stages import evaluate
+    from kdray.stages import evaluate, judge
     from kdray.stages.context import StageContext
 
     _wait_free(2)
@@ -194,7 +194,7 @@ def test_the_judge_pairs_its_verdicts_once_its_tensor_parallel_pool_gives_its_cp
         calls.append("judge")
         return answered
 
-    monkeypatch.setattr(evaluate, "generate_dataset", judge_pool)
+    monkeypatch.setattr(judge, "generate_dataset", judge_pool)
     rows = range(6)
     heldout = write_dataset(ray.data.from_items([{"_row": r, "id": f"q{r}", "prompt": f"Q{r}:", "response": "g"}
                                                  for r in rows]), tmp_path / "heldout", "prompts")
@@ -205,7 +205,7 @@ def test_the_judge_pairs_its_verdicts_once_its_tensor_parallel_pool_gives_its_cp
                        "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"},
                        "evaluation": {"judge": {"model": {"model": "toy:teacher", "max_model_len": 128},
                                                 "template": "{prompt}{a}|{b}"}}})
-    summary = evaluate.judge(StageContext(spec, tmp_path / "out", Reporter(None)), heldout, answers)
+    summary = judge.judge(StageContext(spec, tmp_path / "out", Reporter(None)), heldout, answers)
     assert calls == ["judge"]
     assert (summary["items"], summary["comparisons"]) == (6, 12)
     assert summary["verdicts"]["student_first"]["A"] == summary["verdicts"]["student_second"]["A"] == 6

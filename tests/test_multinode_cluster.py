@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -300,7 +302,7 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     from tests.test_e2e_curriculum import events, steps
     from tests.test_report import png_size
 
-    from kdray.stages.evaluate import parse_verdict
+    from kdray.stages.judge import parse_verdict
 
     work = storage / "shared" / "pocl"
     work.mkdir(parents=True)
@@ -428,4 +430,13 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
                 for r in items for order in ("student_first", "student_second")]
     assert all(v == parse_verdict(text) and prompt for v, text, prompt in verdicts)
     assert sum(v is None for v, _, _ in verdicts) == judge["ties"]
-    assert "judge toy:teacher: student after vs teacher: win rate" in (work / "stdout.txt").read_text()
+    # The win rate's error: over the prompts, each scoring its two verdicts' wins (a tie as half) / 2.
+    per_prompt = [((r["student_first_verdict"] == "A") + (r["student_second_verdict"] == "B")
+                   + ((r["student_first_verdict"] is None) + (r["student_second_verdict"] is None)) / 2) / 2
+                  for r in items]
+    assert judge["win_rate"] == pytest.approx(statistics.fmean(per_prompt))
+    assert judge["win_rate_stderr"] == pytest.approx(statistics.stdev(per_prompt) / len(per_prompt) ** 0.5)
+    judged = re.search(r"judge toy:teacher: student after vs teacher: win rate (\S+) ± (\S+) over",
+                       (work / "stdout.txt").read_text())
+    assert judged and float(judged[1]) == pytest.approx(judge["win_rate"], abs=5e-4)
+    assert float(judged[2]) == pytest.approx(judge["win_rate_stderr"], abs=5e-4)

@@ -252,13 +252,14 @@ def test_judge_section_in_report_md(tmp_path):
     job = make_job(tmp_path, "judged")
     report = json.loads((job / "report.json").read_text())
     report["judge"] = {"model": "toy:teacher", "reference": "teacher", "items": 5, "comparisons": 10,
-                       "wins": 3, "losses": 5, "ties": 2, "win_rate": 0.4, "position_consistency": 0.6,
+                       "wins": 3, "losses": 5, "ties": 2, "win_rate": 0.4, "win_rate_stderr": 0.1,
+                       "position_consistency": 0.6,
                        "first_position_bias": 0.2, "second_position_bias": 0.2, "skipped_too_long": 1}
     (job / "report.json").write_text(json.dumps(report))
     rep.render_report(job)
     md = (job / "report.md").read_text(encoding="utf-8")
     assert "## LLM judge" in md and "`toy:teacher`" in md and "**teacher** on 5 held-out prompts" in md
-    assert "| win rate of the student | 0.400 |" in md and "| wins / ties / losses | 3 / 2 / 5 |" in md
+    assert "| win rate of the student | 0.400 ± 0.100 |" in md and "| wins / ties / losses | 3 / 2 / 5 |" in md
     assert "| position consistency | 0.600 |" in md
     assert "| prompts skipped (judge prompt too long) | 1 |" in md
     # A job without a judge has no judge section.

@@ -34,7 +34,7 @@ from kdray.report import render_report
 from kdray.report.model_card import write_model_cards
 from kdray.report.train_metrics import TRAIN_METRICS_FILE, StepLog
 from kdray.spec import JobSpec, dump_spec
-from kdray.stages import difficulty, evaluate, generate, prepare, teacher_signal, train
+from kdray.stages import difficulty, evaluate, generate, judge, prepare, teacher_signal, train
 from kdray.stages.context import StageContext
 from kdray.train.memory import job_estimate
 from kdray.train.setup import check_lora_targets
@@ -284,7 +284,7 @@ class Job:
         final = self.out / "student"
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(student_dir, final)
-        evaluation, paired, judge = self._evaluate(final, data.heldout, round_scores)
+        evaluation, paired, verdicts = self._evaluate(final, data.heldout, round_scores)
 
         with ctx.phase("report", 1, "report.json, report.md, plots"):
             report = {
@@ -296,7 +296,7 @@ class Job:
                 "rows": data.row_reports,
                 "evaluation": evaluation,
                 "paired_differences": paired,  # student after vs before and vs the teacher, prompt by prompt
-                "judge": judge,
+                "judge": verdicts,
                 "teacher_signal": {"mode": spec.teacher_signal.mode, **(signal_stats or {})},
                 "student_dir": str(final),
                 "plan": [seg.as_dict() for seg in plan],
@@ -332,5 +332,5 @@ class Job:
                       "student_after": scores["student_after"]}
         for label in ("teacher", "student_before", "student_after"):
             self.reporter.emit("evaluation", model=label, scores=scores[label])
-        judge = evaluate.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
-        return evaluation, evaluate.paired_scores(answers), judge
+        verdicts = judge.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
+        return evaluation, evaluate.paired_scores(answers), verdicts

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
 
 from kdray.errors import ClusterError
 from kdray.service.config import ServiceConfig
