@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -316,5 +317,18 @@ def test_scores_show_their_standard_errors_and_what_they_mean(tmp_path):
     assert ("- student after − student before: ROUGE-L +0.154 ± 0.015, exact match -0.013 ± 0.018 (400 prompts)"
             in md.splitlines())
     assert "| student after | 0.484 ± 0.031 | 0.318 ± 0.023 | 2.73 | 400 |" in model_card(report)
-    rep.render_report(make_job(tmp_path, "older"))
-    assert "±" not in (tmp_path / "older" / "report.md").read_text(encoding="utf-8")
+    older = make_job(tmp_path / "older", "se")  # the same job, from before kdray gave the errors
+    rep.render_report(older)
+    assert "±" not in (older / "report.md").read_text(encoding="utf-8")
+    # The plot draws the errors it has, and only where it has them; the older report's has none.
+    from kdray.report.plots import _errors
+
+    scores = report["evaluation"]
+    assert _errors([scores["teacher"], scores["student_after"]], "rougeL")[1] == 0.0314
+    assert math.isnan(_errors([scores["teacher"], scores["student_after"]], "rougeL")[0])
+    assert _errors([scores["student_before"]], "rougeL") is None
+    assert (job / "evaluation.png").read_bytes() != (older / "evaluation.png").read_bytes()
+    del report["evaluation"]["student_after"]["rougeL_stderr"], report["evaluation"]["student_after"]["exact_match_stderr"]
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    assert (job / "evaluation.png").read_bytes() == (older / "evaluation.png").read_bytes()

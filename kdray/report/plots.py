@@ -22,8 +22,9 @@ _STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.grid": True, "grid.alpha":
           "legend.frameon": False, "figure.dpi": 100, "savefig.dpi": 100}
 
 _SCORES = (("rougeL", "ROUGE-L"), ("exact_match", "exact match"))
-
-
+#: Said in the title of a plot whose scores carry error bars (``KEY_stderr``:
+#: :func:`kdray.data.text_scores.stderr_of_mean`).
+_ERROR_NOTE = "\n(error bars: ± 1 standard error)"
 
 
 def _num(value: Any) -> float:
@@ -161,12 +162,21 @@ def plot_schedule(metrics: list[dict[str, Any]], keys: list[str], path: Path, ti
         return _save(fig, path)
 
 
-def _bars(ax: Any, groups: list[str], series: list[tuple[str, list[float]]]) -> list[list[float]]:
-    """Grouped bars with their values written on top; returns each series' bar centres."""
+def _errors(entries: list[dict[str, Any]], key: str) -> list[float] | None:
+    """The standard errors of score ``key`` of each of ``entries`` (NaN, drawn as no bar, where
+    one has none), or None where none has one (a report written before kdray gave them)."""
+    errors = [_num(s.get(f"{key}_stderr")) for s in entries]
+    return None if all(math.isnan(e) for e in errors) else errors
+
+
+def _bars(ax: Any, groups: list[str], series: list[tuple[str, list[float], list[float] | None]]) -> list[list[float]]:
+    """Grouped bars, each series with its error bars where it has them (:func:`_errors`), and
+    their values written on top; returns each series' bar centres."""
     width, centres = 0.8 / len(series), []
-    for j, (name, values) in enumerate(series):
+    for j, (name, values, errors) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], width, label=name)
+        bars = ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], width, label=name, yerr=errors,
+                      capsize=3, error_kw={"elinewidth": 1, "ecolor": "0.3"})
         ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.3f}" for v in values], fontsize=7, padding=2)
         centres.append(xs)
     ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 5 else 0)
@@ -181,10 +191,12 @@ def plot_evaluation(entries: list[tuple[str, dict[str, Any]]], path: Path, title
     with matplotlib.rc_context(_STYLE):
         fig = _figure(figsize=(max(5.0, 1.3 * len(entries) + 2), 4))
         ax = fig.subplots()
-        _bars(ax, [label.replace("_", " ") for label, _ in entries],
-              [(name, [_num(s.get(key)) for _, s in entries]) for key, name in _SCORES])
+        series = [(name, [_num(s.get(key)) for _, s in entries], _errors([s for _, s in entries], key))
+                  for key, name in _SCORES]
+        _bars(ax, [label.replace("_", " ") for label, _ in entries], series)
+        note = _ERROR_NOTE if any(errors for _, _, errors in series) else ""
         ax.set(ylabel="score on held-out set", xlabel="model",
-               title=f"{title}: held-out evaluation per model and round")
+               title=f"{title}: held-out evaluation per model and round{note}")
         ax.legend(loc="upper right", ncols=2)
         return _save(fig, path)
 
@@ -203,7 +215,8 @@ def plot_evaluation_rounds(rounds: list[tuple[str, dict[str, Any]]], references:
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for ax, (key, name) in zip(axes, metrics):
             ys = [_num(s.get(key)) for _, s in rounds]
-            ax.plot(x, ys, marker="o", linewidth=1.8, color="tab:blue", label="student")
+            ax.errorbar(x, ys, yerr=_errors([s for _, s in rounds], key), marker="o", linewidth=1.8, capsize=3,
+                        color="tab:blue", label="student")
             for i, y in zip(x, ys):
                 if not math.isnan(y):
                     ax.annotate(f"{y:.3f}" if key != "mean_length" else f"{y:.2f}", (i, y),
@@ -219,7 +232,8 @@ def plot_evaluation_rounds(rounds: list[tuple[str, dict[str, Any]]], references:
                 ax.set_ylim(0, 1.05)
             ax.legend(loc="best")
         axes[0].set_ylabel("score on held-out set")
-        fig.suptitle(f"{title}: held-out evaluation of the student after each {unit}")
+        note = _ERROR_NOTE if any(_errors([s for _, s in rounds], key) for key, _ in _SCORES) else ""
+        fig.suptitle(f"{title}: held-out evaluation of the student after each {unit}{note}")
         return _save(fig, path)
 
 
@@ -230,13 +244,15 @@ def plot_compare(labels: list[str], evs: list[dict[str, Any]], path: Path) -> Pa
     with matplotlib.rc_context(_STYLE):
         fig = _figure(figsize=(max(5.0, 1.4 * len(labels) + 2), 4.2))
         ax = fig.subplots()
-        centres = _bars(ax, labels, [(f"{name} after", [_num(e.get("student_after", {}).get(key)) for e in evs])
-                                     for key, name in _SCORES])
+        after = [e.get("student_after", {}) for e in evs]
+        series = [(f"{name} after", [_num(s.get(key)) for s in after], _errors(after, key)) for key, name in _SCORES]
+        centres = _bars(ax, labels, series)
         for j, ((key, _), xs) in enumerate(zip(_SCORES, centres)):
             before = [_num(e.get("student_before", {}).get(key)) for e in evs]
             ax.hlines(before, [x - 0.2 for x in xs], [x + 0.2 for x in xs], colors="black", linewidths=2,
                       label="before training" if j == 0 else None)
+        note = _ERROR_NOTE if any(errors for _, _, errors in series) else ""
         ax.set(ylabel="student score on held-out set", xlabel="job",
-               title="student after distillation (bars) vs before (black lines)")
+               title=f"student after distillation (bars) vs before (black lines){note}")
         ax.legend(loc="upper right", ncols=3)
         return _save(fig, path)
