@@ -432,3 +432,39 @@ def test_paired_differences_line_the_answers_up_by_row_across_files(tmp_path):
     empty = {"rougeL": [], "exact_match": []}  # no held-out prompt: no difference to give
     assert paired_scores({"student_before": answers("e1", empty, [0], rows=()),
                           "student_after": answers("e2", empty, [0], rows=())}) == {}
+
+
+def test_each_round_is_paired_with_the_one_before_when_its_answers_are_this_runs(tmp_path):
+    """A job scored per round compares round 1 with the student before, each round with the one
+    before it and the student after with the last round; a round whose answers are gone, or are
+    an earlier run's (other scores than the job state's), gives no pair."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdray.data.artifacts import FORMAT, MARKER, Artifact
+    from kdray.stages.evaluate import ANSWERS_KIND, PAIRED, paired_scores, round_pairs
+
+    def committed(label, rouge, scores):
+        path = tmp_path / "samples" / label
+        path.mkdir(parents=True)
+        pq.write_table(pa.table({"_row": [0, 1], "rougeL": rouge, "exact_match": [0.0, 1.0]}), path / "0.parquet")
+        info = {"format": FORMAT, "kind": ANSWERS_KIND, "files": ["0.parquet"], "rows": 2, "columns": [],
+                "bytes": 0, "meta": {}, "scores": scores}
+        (path / MARKER).write_text(json.dumps(info))
+        return Artifact(path, info)
+
+    ones = {"rougeL": 0.5, "n": 2}
+    before, after = committed("student_before", [0.1, 0.2], ones), committed("student_after", [0.6, 0.9], ones)
+    first = committed("student_round_1", [0.3, 0.3], {"rougeL": 0.3, "n": 2})
+    committed("student_round_2", [0.4, 0.5], {"rougeL": 0.45, "n": 2})  # an earlier run's scores
+    rounds, pairs = round_pairs(tmp_path, {"student_round_1": {"rougeL": 0.3, "n": 2},
+                                           "student_round_2": {"rougeL": 0.5, "n": 2}})
+    assert list(rounds) == ["student_round_1"] and rounds["student_round_1"].info == first.info
+    assert pairs == [("student_round_1", "student_before"), ("student_round_2", "student_round_1"),
+                     ("student_after", "student_round_2")]
+    got = paired_scores({"student_before": before, "student_after": after, **rounds}, (*PAIRED, *pairs))
+    assert list(got) == ["student_after - student_before", "student_round_1 - student_before"]
+    assert got["student_round_1 - student_before"]["rougeL"] == pytest.approx(0.15)
+    assert round_pairs(tmp_path, {}) == ({}, [])  # one segment: no rounds to pair

@@ -401,6 +401,15 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
         assert len(written) == HELDOUT and [r["_row"] for r in written] == sorted(r["_row"] for r in written)
         assert scores["exact_match"] == pytest.approx(sum(r["exact_match"] for r in written) / HELDOUT)
     assert ev["teacher"]["exact_match"] > ev["student_before"]["exact_match"]
+    # Each round against the one before it, prompt by prompt, besides the after-before and after-teacher pairs.
+    paired = report["paired_differences"]
+    assert list(paired) == ["student_after - student_before", "student_after - teacher",
+                            "student_round_1 - student_before", "student_after - student_round_1"]
+    rouge = {label: {r["_row"]: r["rougeL"] for r in samples(out, label)} for label in ev}
+    for pair, d in paired.items():
+        a, _, b = pair.partition(" - ")
+        assert d["n"] == HELDOUT
+        assert d["rougeL"] == pytest.approx(statistics.fmean(rouge[a][r] - rouge[b][r] for r in rouge[b]))
     # Scored right after stage 1: between the stage-1 training and stage 2's.
     ends = [(e["phase"], e.get("detail", "")) for e in log if e["kind"] == "phase_end"]
     names = [p for p, _ in ends]

@@ -318,8 +318,9 @@ class Job:
     def _evaluate(self, final: Path, heldout: Artifact, round_scores: dict[str, Any]
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         """Held-out scores of teacher, student before, each round and student after (the order
-        of the report's tables), the student's paired differences to the others
-        (:func:`~kdray.stages.evaluate.paired_scores`), and the judge's verdicts."""
+        of the report's tables), the student's paired differences to the others and each
+        round's to the one before (:func:`~kdray.stages.evaluate.paired_scores`), and the
+        judge's verdicts."""
         spec = self.spec
         if not spec.evaluation.enabled:
             return {}, {}, None
@@ -333,4 +334,5 @@ class Job:
         for label in ("teacher", "student_before", "student_after"):
             self.reporter.emit("evaluation", model=label, scores=scores[label])
         verdicts = judge.judge(self.ctx, heldout, answers) if spec.evaluation.judge is not None else None
-        return evaluation, evaluate.paired_scores(answers), verdicts
+        rounds, round_pairs = evaluate.round_pairs(self.out, round_scores)
+        return evaluation, evaluate.paired_scores({**answers, **rounds}, (*evaluate.PAIRED, *round_pairs)), verdicts

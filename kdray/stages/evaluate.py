@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from kdray.data.artifacts import Artifact, files_of
+from kdray.data.artifacts import Artifact, files_of, open_artifact
 from kdray.data.text_scores import STDERR_SCORES, exact_match, paired_difference, response_length, rouge_l, score_summary
 from kdray.pools import SamplingConfig
 from kdray.pools.base import LIGHT_NUM_CPUS
@@ -63,7 +63,8 @@ def answer_scores(files: list[Path]) -> dict[str, Any]:
     return {"scores": score_summary(sums, squares, n)}
 
 
-#: The pairs of models whose scores a report compares prompt by prompt (:func:`paired_scores`).
+#: The pairs of models whose scores a report compares prompt by prompt (:func:`paired_scores`);
+#: a job scored per round adds each round's student against the one before it (:func:`round_pairs`).
 PAIRED = (("student_after", "student_before"), ("student_after", "teacher"))
 
 
@@ -76,12 +77,26 @@ def _score_rows(answers: Artifact) -> Iterator[tuple[int, tuple[float, ...]]]:
             yield from zip(rows, zip(*scores))
 
 
-def paired_scores(answers: dict[str, Artifact]) -> dict[str, Any]:
-    """For each :data:`PAIRED` ``(A, B)`` among ``answers``: A's scores minus B's on the same
-    held-out prompts (:func:`~kdray.data.text_scores.paired_difference`), by ``"A - B"``, read
-    side by side a batch at a time; a pair whose rows (``_row``) do not line up is left out."""
+def round_pairs(out: Path, round_scores: dict[str, Any]) -> tuple[dict[str, Artifact], list[tuple[str, str]]]:
+    """The answers datasets (``OUT/samples/LABEL/``) of the students scored after each round
+    (``round_scores``: their scores by label, in round order, as the job state keeps them), and
+    the pairs that compare each student with the one before it: round 1 with the student before,
+    …, the student after with the last round. A round whose dataset is gone, or holds other
+    scores (an earlier run's), is left out with its pairs."""
+    rounds = {label: answers for label, scores in round_scores.items()
+              if (answers := open_artifact(out / "samples" / label, ANSWERS_KIND)) is not None
+              and answers.info.get("scores") == scores}
+    chain = ["student_before", *round_scores, "student_after"] if round_scores else []
+    return rounds, list(zip(chain[1:], chain[:-1]))
+
+
+def paired_scores(answers: dict[str, Artifact], pairs: Iterable[tuple[str, str]] = PAIRED) -> dict[str, Any]:
+    """For each pair ``(A, B)`` of ``pairs`` (:data:`PAIRED`) among ``answers``: A's scores
+    minus B's on the same held-out prompts (:func:`~kdray.data.text_scores.paired_difference`),
+    by ``"A - B"``, read side by side a batch at a time; a pair whose rows (``_row``) do not line
+    up is left out."""
     out = {}
-    for a, b in (pair for pair in PAIRED if set(pair) <= set(answers)):
+    for a, b in (pair for pair in pairs if set(pair) <= set(answers)):
         rows = itertools.zip_longest(_score_rows(answers[b]), _score_rows(answers[a]))
         lined_up = itertools.takewhile(lambda pair: None not in pair and pair[0][0] == pair[1][0], rows)
         difference = paired_difference((x, y) for (_, x), (_, y) in lined_up)
