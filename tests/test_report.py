@@ -195,11 +195,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_compare_keeps_the_given_order_and_writes_png(tmp_path):
     jobs = [make_job(tmp_path, "zeta", after=0.61), make_job(tmp_path, "alpha", after=0.52, curriculum=True),
             make_job(tmp_path, "mid", steps=0, evaluation=False)]
+    report = json.loads((jobs[1] / "report.json").read_text())  # a job that compared its students prompt by prompt
+    report["paired_differences"] = {"student_after - student_before": {
+        "rougeL": 0.1896, "rougeL_stderr": 0.0151, "exact_match": 0.0926, "exact_match_stderr": None, "n": 400}}
+    (jobs[1] / "report.json").write_text(json.dumps(report))
     table, paths = rep.compare_reports(jobs, tmp_path / "cmp")
     lines = table.strip().splitlines()
     assert len(lines) == 2 + 3
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["zeta", "alpha", "mid"]
-    assert "0.330 → 0.610 (+0.280)" in lines[2] and "0.330 → 0.520 (+0.190)" in lines[3]
+    assert "0.330 → 0.610 (+0.280)" in lines[2] and "0.330 → 0.520 (+0.190 ± 0.015)" in lines[3]
+    assert "0.225 → 0.318 (+0.093)" in lines[3]  # no error given: none shown
     assert "0.947 / 0.935" in lines[2] and "toy:teacher → toy:student" in lines[2]
     assert "| 6 |" in lines[2] and "2m 15s" in lines[2]
     assert "— → —" in lines[4]  # a job without evaluation still gets its row

@@ -325,9 +325,12 @@ def render_report(out_dir: Path) -> list[Path]:
     return [md, *written]
 
 
-def _change(before: dict[str, Any], after: dict[str, Any], key: str) -> str:
+def _change(before: dict[str, Any], after: dict[str, Any], key: str, paired: Any = None) -> str:
+    """``before → after (+change)``; the change with its standard error where the report holds
+    the paired difference (``paired``: its ``student_after - student_before``)."""
     b, a = _num(before.get(key)), _num(after.get(key))
-    return f"{_fmt(b)} → {_fmt(a)}" + (f" ({a - b:+.3f})" if not math.isnan(a - b) else "")
+    change = score(paired, key, "+.3f") if key in _dict(paired) else f"{a - b:+.3f}"
+    return f"{_fmt(b)} → {_fmt(a)}" + (f" ({change})" if not math.isnan(a - b) else "")
 
 
 def compare_reports(dirs: list[Path], out: Path | None = None) -> tuple[str, list[Path]]:
@@ -346,7 +349,9 @@ def compare_reports(dirs: list[Path], out: Path | None = None) -> tuple[str, lis
             kind += f" + {curriculum}"
         models = " → ".join(str(_dict(spec.get(r)).get("model", "?")) for r in ("teacher", "student"))
         steps = _fmt(last_step(report), ".0f")
-        rows.append([label, kind, models, _change(before, after, "rougeL"), _change(before, after, "exact_match"),
+        paired = _dict(report.get("paired_differences")).get("student_after - student_before")
+        rows.append([label, kind, models, _change(before, after, "rougeL", paired),
+                     _change(before, after, "exact_match", paired),
                      f"{_fmt(teacher.get('rougeL'))} / {_fmt(teacher.get('exact_match'))}",
                      steps, _duration(_wall(report))])
     header = ["job", "objective", "teacher → student", "ROUGE-L before → after", "EM before → after",
