@@ -59,7 +59,8 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
             assert (out / "report.json").stat().st_size > 9 << 20  # over the 8 MiB report.md may take
             res = client.get(f"/v1/jobs/{job['id']}/report")
             assert res.status_code == 200, res.text
-            assert res.json() == {**{k: v for k, v in {**head, **tail}.items() if k != "spec"}}
+            expected = {k: v for k, v in {**head, **tail}.items() if k != "spec"}
+            assert res.json() == {**expected, "paired_differences": None}  # a key of today's reports
         # Python writes a NaN (a step's grad_norm) as NaN, which is not JSON: a small report
         # with one in the middle is read whole.
         nan = [{"step": 1, "loss": 1.0, "grad_norm": float("nan")}]
@@ -69,6 +70,15 @@ def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
         (out / "report.json").write_text(json.dumps({**head, "train_metrics": nan + steps, **tail}, indent=2))
         res = client.get(f"/v1/jobs/{job['id']}/report")  # an older kdray's, too long to read whole
         assert res.status_code == 413 and f"{out / 'report.json'} is over 8 MiB and holds a NaN" in res.json()["error"]
+        # Its steps last (as the last kdray to write them did), the read stops before them, though
+        # the report lacks a newer key (paired_differences): their NaN is never reached.
+        (out / "report.json").write_text(json.dumps({**head, **tail, "train_metrics": nan + steps}, indent=2))
+        assert client.get(f"/v1/jobs/{job['id']}/report").json()["evaluation"] == tail["evaluation"]
+        # A report of today's kdray: its paired differences are in the answer.
+        paired = {"student_after - student_before": {"rougeL": 0.1, "rougeL_stderr": 0.02, "n": 400}}
+        (out / "report.json").write_text(json.dumps({**head, "evaluation": tail["evaluation"],
+                                                     "paired_differences": paired, **tail}, indent=2))
+        assert client.get(f"/v1/jobs/{job['id']}/report").json()["paired_differences"] == paired
 
 
 def test_list_pages_through_the_jobs_newest_first(tmp_path, monkeypatch):

@@ -43,7 +43,11 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     (out / "report.json").write_text(json.dumps({"status": "succeeded", "started": time.time(), "evaluation": {
         "teacher": {"rougeL": 0.971, "exact_match": 0.968, "mean_length": 3.1},
         "student_after": {"rougeL": 0.484, "exact_match": 0.335, "mean_length": 3.4, "rougeL_stderr": 0.0314,
-                          "exact_match_stderr": None}}}))  # one prompt's exact match: no stderr
+                          "exact_match_stderr": None}},  # one prompt's exact match: no stderr
+        "paired_differences": {"student_after - teacher": {"rougeL": -0.4873, "rougeL_stderr": 0.0221,
+                                                           "exact_match": -0.633, "exact_match_stderr": None, "n": 400}},
+        "judge": {"model": "toy:teacher", "reference": "teacher", "win_rate": 0.25, "win_rate_stderr": 0.0433,
+                  "comparisons": 24}}))
     (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
     store.update(done["id"], state="succeeded")
     queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
@@ -81,6 +85,9 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         wait.until(lambda d: "0.971" in d.find_element(By.ID, "evaluation").text)
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#evaluation tbody tr")]
         assert rows == ["teacher 0.971 0.968 3.10", "student after 0.484 ± 0.031 0.335 3.40"]
+        lines = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#comparisons li")]
+        assert lines == ["student after − teacher: ROUGE-L -0.487 ± 0.022, exact match -0.633 (400 prompts)",
+                         "judge toy:teacher: student after vs teacher: win rate 0.250 ± 0.043 over 24 comparisons"]
         assert f"finished ({done['id']}): succeeded" in driver.find_element(By.ID, "d-title").text
         click(driver, "#report-link")
         wait.until(lambda d: "The distilled student." in d.find_element(By.ID, "viewer").text)

@@ -176,8 +176,12 @@ def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depen
 #: What ``GET /v1/jobs/{id}/report`` returns of a job's report.json (the spec, the summary of its
 #: steps and an older job's per-step history are left out, and never read: the status and the
 #: events hold them).
-REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "evaluation", "judge", "student_dir",
-               "plan")
+REPORT_KEYS = ("name", "status", "started", "finished", "timings_s", "rows", "evaluation", "paired_differences",
+               "judge", "student_dir", "plan")
+#: Of :data:`REPORT_KEYS`, those a report.json written before 2026-12-06 lacks. Every kdray that
+#: writes them writes them before ``plan``, so the read stops once the others are in, before an
+#: older job's per-step history.
+NEWER_REPORT_KEYS = frozenset({"paired_differences"})
 
 
 #: The largest report.md the service hands out (a many-round job's is a few KB), and the most of
@@ -221,7 +225,7 @@ def _report_fields(fh: Any, path: Path) -> dict[str, Any] | None:
             if prefix == "" and event in ("map_key", "end_map"):
                 if builder is not None:
                     found[key] = builder.value
-                if event == "end_map" or len(found) == len(REPORT_KEYS):
+                if event == "end_map" or set(REPORT_KEYS) - NEWER_REPORT_KEYS <= found.keys():
                     return found
                 key, builder = value, (ijson.ObjectBuilder() if value in REPORT_KEYS else None)
             elif builder is not None:

@@ -248,6 +248,7 @@ async function loadReport() {
     }
     const report = await res.json(), evaluation = report.evaluation || {};
     if (selected !== report_for) return;
+    $("comparisons").replaceChildren(...comparisons(report).map((line) => Object.assign(document.createElement("li"), { textContent: line })));
     const labels = Object.keys(evaluation);
     if (!labels.length) {
       table.innerHTML = '<tbody><tr><td class="muted">this job ran without held-out evaluation</td></tr></tbody>';
@@ -260,12 +261,28 @@ async function loadReport() {
     for (const label of labels) {
       const r = body.insertRow(), s = evaluation[label];
       // a score with its standard error where the report holds one (kdray.report.markdown.score)
-      const withStderr = (k) => s[k] === undefined || s[k] === null ? undefined
-        : s[k].toFixed(3) + (typeof s[`${k}_stderr`] === "number" ? ` ± ${s[`${k}_stderr`].toFixed(3)}` : "");
-      [label.replaceAll("_", " "), withStderr("rougeL"), withStderr("exact_match"), s.mean_length?.toFixed(2)]
+      [label.replaceAll("_", " "), withError(s, "rougeL"), withError(s, "exact_match"), s.mean_length?.toFixed(2)]
         .forEach((v, i) => { const td = r.insertCell(); td.textContent = v === undefined ? "—" : text(v); if (i) td.className = "num"; });
     }
   } catch (e) { /* 401: the status line says so */ }
+}
+
+// A number with its standard error where there is one: "+0.118 ± 0.016" (kdray.report.markdown.score).
+function withError(d, key, sign = "") {
+  if (typeof d[key] !== "number") return "—";
+  const value = (sign && d[key] >= 0 ? "+" : "") + d[key].toFixed(3);
+  return value + (typeof d[`${key}_stderr`] === "number" ? ` ± ${d[`${key}_stderr`].toFixed(3)}` : "");
+}
+
+// The report's paired differences and the judge's verdict as sentences (kdray.report.markdown.paired, the CLI's judge line).
+function comparisons(report) {
+  const out = Object.entries(report.paired_differences || {}).map(([pair, d]) => {
+    const [a, b] = pair.split(" - ").map((name) => name.replaceAll("_", " "));
+    return `${a} − ${b}: ROUGE-L ${withError(d, "rougeL", "+")}, exact match ${withError(d, "exact_match", "+")} (${text(d.n)} prompts)`;
+  });
+  const judge = report.judge;
+  if (judge) out.push(`judge ${text(judge.model)}: student after vs ${text(judge.reference)}: win rate ${withError(judge, "win_rate")} over ${text(judge.comparisons)} comparisons`);
+  return out;
 }
 
 async function show(path, title, empty) {
@@ -286,6 +303,7 @@ async function select(jobId) {
   location.hash = "job=" + jobId;
   $("detail").hidden = false; $("viewer").hidden = $("viewer-title").hidden = true;
   $("evaluation").innerHTML = '<tbody><tr><td class="muted">written when the job ends</td></tr></tbody>';
+  $("comparisons").replaceChildren();
   document.querySelectorAll("#jobs tbody tr").forEach((tr) => {
     tr.classList.toggle("selected", tr.dataset.job === jobId); tr.setAttribute("aria-selected", String(tr.dataset.job === jobId));
   });
