@@ -26,11 +26,13 @@ SpecLike = Union[str, os.PathLike, dict, Any]
 
 def load(spec: SpecLike) -> tuple[Any, str]:
     """``(JobSpec, source)``: the validated spec and the name its errors give (the file, or
-    ``"spec"`` for a dict or a JobSpec). Raises :class:`SpecError` with every error."""
+    ``"spec"`` for a dict or a JobSpec). A JobSpec is validated again, from its fields: one
+    changed with ``model_copy(update=...)`` (which pydantic does not validate) is checked as a
+    spec written out would be. Raises :class:`SpecError` with every error."""
     from kdray.spec import JobSpec, load_spec, parse_spec
 
-    if isinstance(spec, JobSpec):
-        return spec, "spec"
+    if isinstance(spec, JobSpec):  # warnings off: an updated field may hold a dict, validated below
+        return parse_spec(spec.model_dump(mode="json", warnings=False), "spec"), "spec"
     if isinstance(spec, dict):
         return parse_spec(spec, "spec"), "spec"
     if isinstance(spec, (str, os.PathLike)):
@@ -105,14 +107,18 @@ def validate(spec: SpecLike) -> Any:
     (:func:`data_field_errors`); a local model must be one its vLLM pools run
     (:func:`engine_errors`); models on this machine (toy models, local directories) must hold their
     weights, and when both are here teacher and student must share a tokenizer and render a
-    prompt alike (:func:`kdray.data.tokenize.check_renderings`). A hub id is checked by the job
-    that loads it; a template in ``data.chat_template`` must parse in any case.
+    prompt alike (:func:`kdray.data.tokenize.check_renderings`), and a training worker's memory
+    estimate must fit ``training.gpu_memory_gb`` (:func:`kdray.pipeline.budget.check_memory_budget`).
+    A hub id is checked by the job that loads it; a template in ``data.chat_template`` must parse
+    in any case.
 
     Raises:
         SpecError: every error, each naming its field and the fix.
     """
     from kdray.data.tokenize import job_encoding, template_syntax_error
     from kdray.models import check_model_files, shared_vocab_size
+    from kdray.pipeline.budget import check_memory_budget
+    from kdray.train.memory import job_estimate
 
     job, source = load(spec)
     local = local_models(job)
@@ -142,6 +148,10 @@ def validate(spec: SpecLike) -> Any:
                 job_encoding(job)
             except KdrayError as exc:
                 errors.append(("data.chat_template", str(exc)))
+        try:  # both configs at hand: what a training worker will hold, against its budget
+            check_memory_budget(job, job_estimate(job))
+        except SpecError as exc:
+            errors += exc.errors
     errors += engine
     if errors:
         raise SpecError(errors, source)

@@ -25,6 +25,30 @@ def test_validate_takes_a_path_a_dict_or_a_jobspec_and_returns_the_resolved_spec
     assert kdray.validate(_demo()) == spec == kdray.validate(spec)
 
 
+def test_a_jobspec_changed_with_model_copy_is_validated_again(toy_world):
+    """pydantic's model_copy(update=...) validates nothing: validate checks the fields of the
+    spec it is given as it checks a file's, so an updated field is checked, and a section
+    replaced by a mapping becomes that section (its other fields at their defaults)."""
+    spec = kdray.validate(REPO / "jobs" / "demo.yaml")
+    with pytest.raises(SpecError) as err:
+        kdray.validate(spec.model_copy(update={"name": "Demo B!", "output_dir": "s3://bucket/x"}))
+    assert {field for field, _ in err.value.errors} == {"name", "output_dir"}
+    assert kdray.validate(spec.model_copy(update={"training": {"lr": 1e-4}})).training.lr == 1e-4
+
+
+def test_validate_checks_the_training_workers_memory_budget_as_the_command_line_does(tmp_path, toy_world):
+    """``training.gpu_memory_gb`` below the estimate of a worker's memory: a SpecError from
+    ``kdray.validate`` too (it was the command line's own check), naming the spec's file."""
+    spec = _demo()
+    spec["training"].update(use_gpu=True, gpu_memory_gb=0.0001)
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as err:
+        kdray.validate(tmp_path / "gpu.yaml")
+    [(field, message)] = err.value.errors
+    assert field == "training.gpu_memory_gb" and "a training worker may need" in message
+    assert f"in {tmp_path / 'gpu.yaml'}" in str(err.value)
+
+
 def test_validate_names_every_bad_field_and_the_source():
     bad = _demo()
     bad["training"]["lr"] = -1

@@ -108,7 +108,20 @@ def test_group_by_length_is_off_by_default_and_its_window_names_itself_when_bad(
 
 def test_lengths_must_fit_the_model_window():
     errs = errors_of(minimal(teacher={"model": "toy:teacher", "max_model_len": 64}))
-    assert "teacher.max_model_len (64)" in errs["(spec)"]
+    assert "teacher.max_model_len (64)" in errs["teacher.max_model_len"]  # a check across fields, at the first
+
+
+def test_a_job_that_needs_responses_must_name_their_field():
+    """data.response_field: null (prompts only) suits a job that never reads a gold response:
+    not one evaluated (the default), nor one trained on the data set's responses."""
+    prompts_only = {"train": "toy:train", "heldout": "toy:heldout", "response_field": None}
+    errs = errors_of(minimal(data=prompts_only))
+    assert "evaluation scores the answers against them" in errs["data.response_field"]
+    assert "or set evaluation.enabled: false" in errs["data.response_field"]
+    assert parse_spec(minimal(data=prompts_only, evaluation={"enabled": False})).data.response_field is None
+    errs = errors_of(minimal(data={**prompts_only, "response_source": "dataset"}, evaluation={"enabled": False}))
+    assert "data.response_source: dataset trains on them" in errs["data.response_field"]
+    assert "evaluation.enabled" not in errs["data.response_field"]
 
 
 def test_invalid_yaml_reports_the_line():

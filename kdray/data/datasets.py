@@ -101,7 +101,9 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
     (duplicate ids) and the prompt's token count. An id, prompt or response holding a lone
     surrogate or a NUL (:func:`kdray.errors.bad_char`: a tokenizer cannot encode the former, the
     latter marks a binary or UTF-16 field) makes a bad row; such an id is reported as
-    ``#<row number>``."""
+    ``#<row number>``, as is an id that is null, empty or not a string or an integer. A needed
+    response must be non-empty text: an empty gold response would score an empty answer as an
+    exact match."""
 
     def bad_text(rid: str, name: str, value: Any) -> str:
         found = bad_char(value) if isinstance(value, str) else None
@@ -112,7 +114,11 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
     if spec.id_field and spec.id_field not in row:
         return RowCheck(f"#{i}", False, f"rows without id field {spec.id_field!r}")
     if spec.id_field:
-        example = bad_text(f"#{i}", spec.id_field, row[spec.id_field])
+        value = row[spec.id_field]
+        if not (isinstance(value, str) and value.strip() or isinstance(value, int) and not isinstance(value, bool)):
+            return RowCheck(f"#{i}", False, f"rows whose id field {spec.id_field!r} is null, empty or not a string "
+                            "or an integer")
+        example = bad_text(f"#{i}", spec.id_field, value)
         if example:
             return RowCheck(f"#{i}", False, f"rows with invalid unicode in field {spec.id_field!r}", example)
     rid = str(row[spec.id_field]) if spec.id_field else str(i)
@@ -129,6 +135,8 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
         return RowCheck(rid, True, f"rows without response field {spec.response_field!r}")
     if need_response and not isinstance(response, str):
         return RowCheck(rid, True, f"rows whose response field {spec.response_field!r} is not text")
+    if need_response and not response.strip():  # an empty gold: an empty answer would match it exactly
+        return RowCheck(rid, True, f"rows with an empty response field {spec.response_field!r}")
     example = bad_text(rid, spec.response_field, response) if spec.response_field else ""
     if example:
         return RowCheck(rid, True, f"rows with invalid unicode in field {spec.response_field!r}", example)

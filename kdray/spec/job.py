@@ -102,9 +102,9 @@ class DataSpec(_Spec):
     )
     on_bad_rows: Literal["fail", "skip"] = Field(
         "fail",
-        description="What to do with rows that lack a field, have an empty prompt, or are too "
-        "long: 'fail' stops before any work with the first offending ids; 'skip' drops them "
-        "and reports the count.",
+        description="What to do with rows that lack a field, have an empty prompt, response (where one is "
+        "needed) or id, repeat an id, or are too long: 'fail' stops before any work with the first offending ids; "
+        "'skip' drops them and reports the count.",
     )
     chat_template: str = Field(
         "auto",
@@ -364,11 +364,21 @@ class JobSpec(_Spec):
                 "is vLLM's setting (transformers takes what it needs); remove it or use backend: vllm")
         if hf and self.generation.tensor_parallel_size > 1:
             raise ValueError(
-                f"{' and '.join(f'{r}.backend' for r in hf)} {'is' if len(hf) == 1 else 'are'} 'hf', which runs "
-                "one device per replica, but "
-                f"generation.tensor_parallel_size is {self.generation.tensor_parallel_size}; set "
+                f"{' and '.join(f'{r}.backend' for r in hf)} {'is' if len(hf) == 1 else 'are'} 'hf', which runs one "
+                f"device per replica, but generation.tensor_parallel_size is {self.generation.tensor_parallel_size}; set "
                 "tensor_parallel_size to 1 (scale out with generation.replicas) or use backend: vllm"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _responses_named(self) -> "JobSpec":
+        uses = {"data.response_source: dataset trains on them": self.data.response_source == "dataset",
+                "evaluation scores the answers against them": self.evaluation.enabled,
+                "the replay curriculum's validation loss is measured on them": self.curriculum_of("replay") is not None}
+        if self.data.response_field is None and (named := [use for use, on in uses.items() if on]):
+            raise ValueError(f"data.response_field is null (prompts only), but {' and '.join(named)}: name the field "
+                             "holding each row's gold response" + (", or set evaluation.enabled: false"
+                                                                    if self.evaluation.enabled else ""))
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
@@ -120,6 +121,9 @@ def _friendly(err: dict[str, Any]) -> tuple[str, str]:
             msg = f"{msg}: {field.description}"
     if kind in ("value_error", "assertion_error"):
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)\b", msg)  # a check across fields, said from a field
+        if not loc and named and named[1].split(".")[0] in JobSpec.model_fields:
+            path = named[1]  # ... given at the field its message opens with
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     elif kind.endswith("_type") and isinstance(err.get("input"), (dict, list)):
