@@ -107,8 +107,10 @@ def validate(spec: SpecLike) -> Any:
     (:func:`data_field_errors`); a local model must be one its vLLM pools run
     (:func:`engine_errors`); models on this machine (toy models, local directories) must hold their
     weights, and when both are here teacher and student must share a tokenizer and render a
-    prompt alike (:func:`kdray.data.tokenize.check_renderings`), and a training worker's memory
-    estimate must fit ``training.gpu_memory_gb`` (:func:`kdray.pipeline.budget.check_memory_budget`).
+    prompt alike (:func:`kdray.data.tokenize.check_renderings`), a local student must have the
+    layers ``training.lora`` adapts (:func:`kdray.train.setup.check_lora_targets`), and a training
+    worker's memory estimate must fit ``training.gpu_memory_gb``
+    (:func:`kdray.pipeline.budget.check_memory_budget`).
     A hub id is checked by the job that loads it; a template in ``data.chat_template`` must parse
     in any case.
 
@@ -119,6 +121,7 @@ def validate(spec: SpecLike) -> Any:
     from kdray.models import check_model_files, shared_vocab_size
     from kdray.pipeline.budget import check_memory_budget
     from kdray.train.memory import job_estimate
+    from kdray.train.setup import check_lora_targets
 
     job, source = load(spec)
     local = local_models(job)
@@ -137,6 +140,11 @@ def validate(spec: SpecLike) -> Any:
     if not existing.is_dir():
         errors.append(("output_dir", f"{existing} is a file, so {out} cannot be the job's directory: choose "
                                      "another output_dir"))
+    if "student" in local and not errors:
+        try:  # on a weightless skeleton of the student
+            check_lora_targets(job)
+        except KdrayError as exc:
+            errors.append(("training.lora.target_modules", str(exc).removeprefix("training.lora.target_modules: ")))
     engine = engine_errors(job, local) if not errors else []  # reported beside the tokenizers' problems
     if len(local) == 2 and not errors:
         try:

@@ -49,6 +49,19 @@ def test_validate_checks_the_training_workers_memory_budget_as_the_command_line_
     assert f"in {tmp_path / 'gpu.yaml'}" in str(err.value)
 
 
+def test_validate_names_a_lora_layer_a_local_student_lacks(toy_world):
+    """A typo in training.lora.target_modules, found by validate on the student's skeleton (the
+    job found it only once it started)."""
+    spec = _demo()
+    spec["training"]["lora"] = {"r": 4, "target_modules": ["qproj"]}
+    with pytest.raises(SpecError) as err:
+        kdray.validate(spec)
+    [(field, message)] = err.value.errors
+    assert field == "training.lora.target_modules" and message.startswith("['qproj'] match no linear layer")
+    spec["training"]["lora"]["target_modules"] = ["q_proj"]
+    assert kdray.validate(spec).training.lora.target_modules == ["q_proj"]
+
+
 def test_validate_names_every_bad_field_and_the_source():
     bad = _demo()
     bad["training"]["lr"] = -1

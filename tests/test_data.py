@@ -125,3 +125,17 @@ def test_parquet_and_save_to_disk_directories(tmp_path):
 def test_directory_that_is_not_a_saved_dataset(tmp_path):
     with pytest.raises(DataError, match="no state.json"):
         read_rows(str(tmp_path))
+
+
+def test_a_suffix_in_capitals_reads_as_its_format(tmp_path):
+    """``TRAIN.JSONL`` and ``HELDOUT.PARQUET`` are taken by the spec and read as JSON lines and
+    parquet (a parquet file read as JSON lines would fail on its first byte)."""
+    from kdray.spec import parse_spec
+
+    from specs import minimal
+
+    lines = write_jsonl(tmp_path / "TRAIN.JSONL", [{"id": "a", "prompt": "p", "response": "r"}])
+    pq.write_table(pa.table({"id": ["b"], "prompt": ["q"], "response": ["s"]}), tmp_path / "HELDOUT.PARQUET")
+    spec = parse_spec(minimal(data={"train": str(lines), "heldout": str(tmp_path / "HELDOUT.PARQUET")}))
+    assert load_split(spec.data, "train", words, need_response=True)[0] == [{"id": "a", "prompt": "p", "response": "r"}]
+    assert load_split(spec.data, "heldout", words, need_response=True)[0] == [{"id": "b", "prompt": "q", "response": "s"}]

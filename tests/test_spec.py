@@ -188,3 +188,17 @@ def test_every_objective_kind_names_a_loss_library_divergence():
         fn = losses.DIVERGENCES[kind]
         accepted = set(inspect.signature(fn).parameters)
         assert set(obj.divergence_params()) <= accepted, kind
+
+
+def test_a_model_or_a_curriculum_may_be_given_by_its_name_alone():
+    """``teacher: toy:teacher`` as ``judge.model`` takes it; ``curriculum: pocl`` (or a list of
+    kinds) as ``{kind: pocl}`` with its defaults; other values are still errors at their field."""
+    spec = parse_spec(minimal(teacher="toy:teacher", student="toy:student", curriculum="pocl"))
+    assert (spec.teacher.model, spec.student.model) == ("toy:teacher", "toy:student")
+    assert spec.teacher == parse_spec(minimal()).teacher
+    assert [c.kind for c in spec.curriculum] == ["pocl"] and spec.curriculum == parse_spec(
+        minimal(curriculum={"kind": "pocl"})).curriculum
+    listed = parse_spec(minimal(curriculum=["pocl", {"kind": "replay"}], objective={"kind": "skew_forward_kl"}))
+    assert [c.kind for c in listed.curriculum] == ["pocl", "replay"]
+    assert "did you mean 'pocl'" in errors_of(minimal(curriculum="pocll"))["curriculum[0].kind"]
+    assert "valid dictionary" in errors_of(minimal(teacher=3))["teacher"]

@@ -75,7 +75,7 @@ def source_units(ref: str, jsonl_chunk_bytes: int | None = None) -> list[Unit]:
                         "save_to_disk directory")
     if path.is_dir():
         return [Unit("arrow", str(f), saved=str(path)) for f in _saved_files(path)]
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":  # .PARQUET too, as the spec takes it
         return [Unit("parquet", str(path))]
     size = path.stat().st_size if jsonl_chunk_bytes else 0
     step = jsonl_chunk_bytes or 1

@@ -24,6 +24,11 @@ def _restart_count(v: Any) -> Any:
     return v
 
 
+def model_shorthand(v: Any) -> Any:
+    """A model field given as its reference alone (``teacher: toy:teacher``) is ``{model: REF}``."""
+    return {"model": v} if isinstance(v, str) else v
+
+
 #: The type of a field counting restarts (``training.max_failures``,
 #: ``generation.max_replica_restarts``): 0 or more, or -1 for no limit. A value below -1 gets a
 #: message saying what to give, and YAML's true and false are refused (pydantic would take them

@@ -208,12 +208,12 @@ CurriculumSpec = Annotated[Union[POCLCurriculum, DistiLLM2Curriculum, ReplayCurr
 
 
 def as_curriculum_list(value: Any) -> Any:
-    """``curriculum: {kind: pocl}`` is shorthand for a one-item list; null for none."""
+    """``curriculum: {kind: pocl}`` is shorthand for a one-item list, and ``curriculum: pocl`` (or
+    a list item ``pocl``) for ``{kind: pocl}`` with its defaults; null for none."""
     if value is None:
         return []
-    if isinstance(value, dict):
-        return [value]
-    return value
+    items = value if isinstance(value, list) else [value]
+    return [{"kind": item} if isinstance(item, str) else item for item in items]
 
 
 def check_curriculum(spec: Any) -> None:

@@ -14,11 +14,11 @@ the objective and curriculum sections in :mod:`kdray.spec.objective` and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
-from kdray.spec.base import _Spec
+from kdray.spec.base import _Spec, model_shorthand
 from kdray.spec.curriculum import CurriculumSpec, as_curriculum_list, check_curriculum
 from kdray.spec.generation import GenerationSpec
 from kdray.spec.objective import ForwardKLObjective, ObjectiveSpec
@@ -160,7 +160,7 @@ class JudgeSpec(_Spec):
     """An LLM judge: pairwise comparison of the distilled student against an opponent on
     held-out prompts, asked in both answer orders."""
 
-    model: ModelSpec = Field(
+    model: Annotated[ModelSpec, BeforeValidator(model_shorthand)] = Field(
         description="The judge model (a model ref, or a mapping like teacher/student with dtype "
         "and max_model_len), served by the job's generation pool, greedy.",
     )
@@ -178,11 +178,6 @@ class JudgeSpec(_Spec):
         description="The judge's prompt, with the fields {prompt}, {a} and {b} (the two answers); "
         "literal braces are written {{ and }}.",
     )
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_shorthand(cls, v: Any) -> Any:
-        return {"model": v} if isinstance(v, str) else v
 
     @field_validator("template")
     @classmethod
@@ -250,8 +245,10 @@ class JobSpec(_Spec):
         "A URI (s3://, gs://, any scheme://) is refused: mount the bucket at one path on every node "
         "(mountpoint-s3, s3fs, gcsfuse; or EFS, NFS) and give that path; for file:///x write /x."
     )
-    teacher: ModelSpec = Field(description="The teacher model and its generation pool.")
-    student: ModelSpec = Field(description="The student model that is trained.")
+    teacher: Annotated[ModelSpec, BeforeValidator(model_shorthand)] = Field(
+        description="The teacher model and its generation pool (or its model reference alone: teacher: REF).")
+    student: Annotated[ModelSpec, BeforeValidator(model_shorthand)] = Field(
+        description="The student model that is trained (or its model reference alone).")
     data: DataSpec = Field(description="Training and held-out prompts.")
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec,
@@ -264,8 +261,8 @@ class JobSpec(_Spec):
     curriculum: list[CurriculumSpec] = Field(
         default_factory=list,
         description="Training-schedule plug-ins over the objective: POCL stages, DistiLLM-2 "
-        "rounds, DistiLLM's replay, on-policy distillation. One mapping or a list; empty for plain "
-        "training.",
+        "rounds, DistiLLM's replay, on-policy distillation. One mapping or a list (a kind alone, e.g. "
+        "curriculum: pocl, takes its defaults); empty for plain training.",
     )
     teacher_signal: TeacherSignalSpec = Field(
         default_factory=TeacherSignalSpec,

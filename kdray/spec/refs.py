@@ -195,6 +195,6 @@ def check_data_ref(ref: str, base: str | None = None) -> str:
             "written by datasets' save_to_disk, a hub dataset 'hub:ORG/NAME[:SPLIT]', or "
             "'toy:train' / 'toy:heldout'"
         )
-    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+    if path.is_file() and path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"dataset {ref!r} has suffix {path.suffix!r}; use .jsonl or .parquet")
     return str(path)
