@@ -269,7 +269,8 @@ def test_user_error_turns_a_full_disk_into_a_cluster_error_naming_the_file():
 # -- the CLI -------------------------------------------------------------------------------------
 
 def kdray(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdray.cli", *args], cwd=cwd, capture_output=True, text=True,
+    """``python -m kdray ARGS`` (kdray/__main__.py: the ``kdray`` command)."""
+    return subprocess.run([sys.executable, "-m", "kdray", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

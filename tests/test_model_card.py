@@ -25,7 +25,7 @@ def _report(tmp_path, **kw) -> dict:
 def test_the_final_students_card_parses_with_its_metadata_and_evaluation(tmp_path):
     report = _report(tmp_path)
     card = ModelCard(model_card(report, spec_path="/jobs/fkl/spec.yaml"))
-    assert card.data.base_model == "toy:student"
+    assert card.data.base_model is None  # a toy model: no Hub id to name (the text names it)
     assert card.data.datasets == ["org/chats"]  # the Hub dataset by its id, the split left out
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.tags == ["kdray", "knowledge-distillation", "forward_kl", "pocl"]
@@ -41,6 +41,19 @@ def test_the_final_students_card_parses_with_its_metadata_and_evaluation(tmp_pat
     assert "| student after | 0.484 | 0.318 | 2.73 | 400 |" in text
     assert "student round 1" not in text  # the final student's card shows the final student
     assert "kdray run /jobs/fkl/spec.yaml" in text
+
+
+def test_the_metadata_names_only_what_the_hub_knows(tmp_path):
+    """base_model and datasets are Hub ids, or left out: a local directory or file is no id."""
+    report = _report(tmp_path)
+    report["spec"]["student"]["model"] = "Qwen/Qwen2.5-1.5B-Instruct"
+    report["spec"]["data"]["train"] = "/data/train.jsonl"
+    report["spec"]["training"]["num_workers"] = 1
+    card = ModelCard(model_card(report))
+    assert card.data.base_model == "Qwen/Qwen2.5-1.5B-Instruct" and card.data.datasets is None
+    assert "| train | `/data/train.jsonl` |" in card.text and "1 worker, DeepSpeed ZeRO-2" in card.text
+    report["spec"]["student"]["model"] = "/models/student"
+    assert ModelCard(model_card(report)).data.base_model is None
 
 
 def test_a_rounds_card_shows_that_round_and_an_unevaluated_job_says_so(tmp_path):
@@ -59,6 +72,6 @@ def test_cards_are_written_into_each_student_directory_and_a_missing_one_is_skip
     written = write_model_cards(report, {"student_round_1": round1, "student_after": final,
                                          "student_round_2": tmp_path / "gone"})
     assert written == [round1 / "README.md", final / "README.md"]
-    assert ModelCard.load(final / "README.md").data.base_model == "toy:student"
+    assert ModelCard.load(final / "README.md").data.base_model is None
     assert "# fkl: student round 1" in (round1 / "README.md").read_text()
     assert not list(tmp_path.rglob("*.tmp"))

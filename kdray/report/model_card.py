@@ -11,6 +11,7 @@ report does not."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,17 @@ from kdray.report.markdown import STDERR_NOTE, fmt, has_stderr, score, table
 _HEADER = ["model", "ROUGE-L", "exact match", "mean length (words)", "prompts"]
 
 
-def _dataset_id(ref: str) -> str:
+def _dataset_id(ref: str) -> str | None:
     """A spec's data reference as the card's ``datasets`` entry: a Hub dataset by its id
-    (``hub:ORG/NAME[:SPLIT]`` → ``ORG/NAME``), anything else (a file, ``toy:…``) as written."""
-    if ref.startswith("hub:"):
-        return ref[len("hub:"):].split(":", 1)[0]
-    return ref
+    (``hub:ORG/NAME[:SPLIT]`` → ``ORG/NAME``); None for anything else (a file, ``toy:…``), which
+    the Hub's metadata cannot name (the card's data table gives it)."""
+    return ref[len("hub:"):].split(":", 1)[0] if ref.startswith("hub:") else None
+
+
+def _model_id(ref: Any) -> str | None:
+    """A spec's model reference as the card's ``base_model``: a Hub id ``ORG/NAME`` as it is
+    (a spec makes a local path absolute), None for a directory or a ``toy:`` model."""
+    return ref if isinstance(ref, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith(".") else None
 
 
 def model_card(report: dict[str, Any], *, label: str = "student_after", spec_path: str = "spec.yaml") -> str:
@@ -45,7 +51,8 @@ def model_card(report: dict[str, Any], *, label: str = "student_after", spec_pat
     curricula = curricula if isinstance(curricula, list) else [curricula]
     kinds = [c.get("kind") for c in curricula if isinstance(c, dict) and c.get("kind")]
     metadata = ModelCardData(
-        base_model=student.get("model"), datasets=[_dataset_id(data["train"])] if data.get("train") else None,
+        base_model=_model_id(student.get("model")),
+        datasets=[hub] if data.get("train") and (hub := _dataset_id(data["train"])) else None,
         library_name="transformers", pipeline_tag="text-generation",
         tags=["kdray", "knowledge-distillation", *filter(None, [objective.get("kind")]), *kinds])
     name = report.get("name", "kdray job")
@@ -68,7 +75,8 @@ def model_card(report: dict[str, Any], *, label: str = "student_after", spec_pat
     lines += ["", "## Training", "",
               f"- optimizer steps: {last['step'] if last else 0}, global batch "
               f"{training.get('global_batch_size')} sequences, learning rate {training.get('lr')}, "
-              f"{training.get('num_workers')} workers, DeepSpeed ZeRO-{training.get('zero_stage')}",
+              f"{training.get('num_workers')} worker{'' if training.get('num_workers') == 1 else 's'}, DeepSpeed "
+              f"ZeRO-{training.get('zero_stage')}",
               f"- student dtype: `{student.get('dtype')}`; max sequence length {training.get('max_seq_len')}"]
     if first and last:
         lines.append(f"- loss: {fmt(first.get('loss'), '.4f')} at step {first.get('step')}, "
