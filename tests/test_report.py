@@ -208,9 +208,22 @@ def test_compare_keeps_the_given_order_and_writes_png(tmp_path):
     assert "0.947 / 0.935" in lines[2] and "toy:teacher → toy:student" in lines[2]
     assert "| 6 |" in lines[2] and "2m 15s" in lines[2]
     assert "— → —" in lines[4]  # a job without evaluation still gets its row
+    assert "different held-out sets" not in table  # the same prompts
     assert paths == [tmp_path / "cmp" / "compare.png"]
     width, height = png_size(paths[0])
     assert width >= 500 and height >= 300
+
+
+def test_compare_says_when_the_jobs_were_scored_on_other_prompts(tmp_path):
+    jobs = [make_job(tmp_path, "a"), make_job(tmp_path, "b")]
+    report = json.loads((jobs[1] / "report.json").read_text())
+    report["spec"]["data"] = {"heldout": "/data/other.jsonl"}
+    report["evaluation"]["student_after"]["n"] = 23
+    (jobs[1] / "report.json").write_text(json.dumps(report))
+    table, _ = rep.compare_reports(jobs, tmp_path / "cmp")
+    assert table.rstrip().splitlines()[-1] == (
+        "The jobs were scored on different held-out sets, so their scores are not comparable: a: — (400 "
+        "prompts); b: /data/other.jsonl (23 prompts).")
 
 
 def test_cli_subcommands(tmp_path, monkeypatch, capsys):

@@ -357,6 +357,12 @@ def compare_reports(dirs: list[Path], out: Path | None = None) -> tuple[str, lis
     header = ["job", "objective", "teacher → student", "ROUGE-L before → after", "EM before → after",
               "teacher ROUGE-L / EM", "steps", "wall time"]
     table = "\n".join(_table(header, rows, right_from=3)) + "\n"
+    heldout = {label: (str(_dict(_dict(r.get("spec")).get("data")).get("heldout") or "—"),
+                       _fmt(dict(_evaluation(r)).get("student_after", {}).get("n"), ".0f"))
+               for label, r in zip(labels, reports) if _evaluation(r)}
+    if len(set(heldout.values())) > 1:  # scores over other prompts differ by more than the models
+        table += ("\nThe jobs were scored on different held-out sets, so their scores are not comparable: "
+                  + "; ".join(f"{label}: {source} ({n} prompts)" for label, (source, n) in heldout.items()) + ".\n")
     out_dir = Path(out) if out is not None else Path.cwd()
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_compare(labels, [dict(_evaluation(r)) for r in reports], out_dir / "compare.png")
