@@ -88,6 +88,8 @@ def test_batch_sizes_must_divide_and_the_message_suggests_a_value():
     errs = errors_of(minimal(training={"global_batch_size": 10, "micro_batch_size_per_worker": 4, "num_workers": 2}))
     assert "multiple of micro_batch_size_per_worker * num_workers (8)" in errs["training"]
     assert "set global_batch_size to 8" in errs["training"]
+    errs = errors_of(minimal(training={"global_batch_size": 7, "micro_batch_size_per_worker": 4, "num_workers": 1}))
+    assert "set global_batch_size to 8" in errs["training"]  # the nearest multiple, not the one below
 
 
 def test_gradient_accumulation_is_derived():

@@ -231,7 +231,7 @@ class TrainingSpec(_Spec):
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"micro_batch_size_per_worker * num_workers ({per_step}); e.g. set "
-                f"global_batch_size to {max(per_step, self.global_batch_size // per_step * per_step)}"
+                f"global_batch_size to {max(per_step, round(self.global_batch_size / per_step) * per_step)}"
             )
         return self
 
