@@ -1,4 +1,4 @@
-"""Driver pieces that need no cluster: POCL's ranks file as people read it."""
+"""Driver pieces that need no cluster: POCL's ranks file as people read it, the progress bars."""
 
 from __future__ import annotations
 
@@ -20,3 +20,23 @@ def test_the_ranks_file_lists_every_row_easiest_first_with_its_measurements(tmp_
     assert rows[0]["rouge_l"] == 0.9 and rows[0]["ce"] == 1.0 and rows[0]["student"] == "toy:student"
     assert rows[0]["rrf"] == 1 / 61 + 1 / 61
     assert not list(path.parent.glob(".*.tmp"))  # written under another name, then renamed
+
+
+def test_the_progress_bars_keep_their_counts_whole_on_an_80_column_log():
+    """Redirected to a file, rich draws 80 columns: a long phase description wraps instead of
+    cutting the counts and times to ``32…`` and ``0:0…``."""
+    import io
+
+    from rich.console import Console
+
+    from kdray.pipeline.progress import ConsoleReporter
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(None, console=Console(file=out, width=80))
+    reporter.phase_start("evaluate", 7200, "held-out answers, student after stage 1/2 of the curriculum")
+    reporter.advance("evaluate", 7200)
+    reporter.phase_end("evaluate", "held-out answers, student after stage 1/2 of the curriculum done in 85s")
+    reporter.close()
+    text = out.getvalue()
+    assert "7200/7200" in text and "0:00:" in text and "…" not in text
+    assert "curriculum done in 85s" in " ".join(text.split())

@@ -89,14 +89,16 @@ class ConsoleReporter(Reporter):
         super().__init__(events_path)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Column
 
         self.console = console or Console(stderr=True)
+        whole = Column(no_wrap=True)  # on a narrow console (80 columns: a log file) the description wraps
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[phase]:<9}"),
+            TextColumn("[bold]{task.fields[phase]:<9}", table_column=whole),
             BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
+            MofNCompleteColumn(table_column=whole),
+            TimeElapsedColumn(table_column=whole),
+            TextColumn("{task.description}", table_column=Column(ratio=1, overflow="fold")),
             console=self.console,
         )
         self.tasks: dict[str, Any] = {}
