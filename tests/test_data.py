@@ -71,21 +71,23 @@ def test_missing_response_is_bad_only_when_needed(tmp_path):
 
 
 def test_an_empty_needed_response_and_an_unusable_id_are_bad_rows(tmp_path):
-    """An empty gold response would score an empty answer as an exact match; a null id would be
-    the text "None" (two of them a "duplicate"), an empty or a mapping id no id at all."""
+    """An empty gold response would score an empty answer as an exact match; a null (or NaN) id
+    would be the text "None" (two of them a "duplicate"), an empty or a mapping id no id at all.
+    A number is an id (a float one: a pandas column of ids with a gap)."""
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"id": "a", "prompt": "p", "response": ""}, {"id": "b", "prompt": "p", "response": " \n"},
         {"id": None, "prompt": "p", "response": "r"}, {"id": None, "prompt": "p", "response": "r"},
         {"id": "", "prompt": "p", "response": "r"}, {"id": {"x": 1}, "prompt": "p", "response": "r"},
-        {"id": True, "prompt": "p", "response": "r"}, {"id": 17, "prompt": "p", "response": "r"}])
+        {"id": True, "prompt": "p", "response": "r"}, {"id": 17, "prompt": "p", "response": "r"},
+        {"id": 3.0, "prompt": "p", "response": "r"}, {"id": float("nan"), "prompt": "p", "response": "r"}])
     with pytest.raises(DataError) as info:
         load_split(spec_for(path), "heldout", words, need_response=True)
     msg = str(info.value)
-    assert "7 of 8 rows are bad" in msg and "rows with an empty response field 'response' (first ids: a, b)" in msg
-    assert "rows whose id field 'id' is null, empty or not a string or an integer (first ids: #2, #3, #4" in msg
+    assert "8 of 10 rows are bad" in msg and "rows with an empty response field 'response' (first ids: a, b)" in msg
+    assert "rows whose id field 'id' is null, empty or not a string or a number (first ids: #2, #3, #4" in msg
     assert "duplicate" not in msg
     kept, _ = load_split(spec_for(path, on_bad_rows="skip"), "train", words, need_response=False)
-    assert [r["id"] for r in kept] == ["a", "b", "17"]  # no response needed: an empty one is no matter
+    assert [r["id"] for r in kept] == ["a", "b", "17", "3.0"]  # no response needed: an empty one is no matter
 
 
 def test_custom_fields_and_row_numbers_as_ids(tmp_path):

@@ -279,6 +279,12 @@ def test_judge_section_in_report_md(tmp_path):
     md = (job / "report.md").read_text(encoding="utf-8")
     assert "## LLM judge" in md and "`toy:teacher`" in md and "**teacher** on 5 held-out prompts" in md
     assert "| win rate of the student | 0.400 ± 0.100 |" in md and "| wins / ties / losses | 3 / 2 / 5 |" in md
+    assert "Its ± is the standard error over the prompts" in md
+    del report["judge"]["win_rate_stderr"]  # a report from before kdray gave it: no ±, and nothing said of one
+    (job / "report.json").write_text(json.dumps(report))
+    rep.render_report(job)
+    md = (job / "report.md").read_text(encoding="utf-8")
+    assert "| win rate of the student | 0.400 |" in md and "±" not in md
     assert "| position consistency | 0.600 |" in md
     assert "| prompts skipped (judge prompt too long) | 1 |" in md
     # A job without a judge has no judge section.

@@ -16,6 +16,7 @@ for tools (``kdray bench train``'s bare loop).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -101,7 +102,7 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
     (duplicate ids) and the prompt's token count. An id, prompt or response holding a lone
     surrogate or a NUL (:func:`kdray.errors.bad_char`: a tokenizer cannot encode the former, the
     latter marks a binary or UTF-16 field) makes a bad row; such an id is reported as
-    ``#<row number>``, as is an id that is null, empty or not a string or an integer. A needed
+    ``#<row number>``, as is an id that is null (or NaN), empty, or not a string or a number. A needed
     response must be non-empty text: an empty gold response would score an empty answer as an
     exact match."""
 
@@ -115,9 +116,10 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
         return RowCheck(f"#{i}", False, f"rows without id field {spec.id_field!r}")
     if spec.id_field:
         value = row[spec.id_field]
-        if not (isinstance(value, str) and value.strip() or isinstance(value, int) and not isinstance(value, bool)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number or isinstance(value, str) and value.strip()):  # a float: a pandas column with a NaN in it
             return RowCheck(f"#{i}", False, f"rows whose id field {spec.id_field!r} is null, empty or not a string "
-                            "or an integer")
+                            "or a number")
         example = bad_text(f"#{i}", spec.id_field, value)
         if example:
             return RowCheck(f"#{i}", False, f"rows with invalid unicode in field {spec.id_field!r}", example)

@@ -298,7 +298,7 @@ class Job:
                 "timings_s": ctx.timings,
                 "rows": data.row_reports,
                 "evaluation": evaluation,
-                "paired_differences": paired,  # student after vs before and vs the teacher, prompt by prompt
+                "paired_differences": paired,  # prompt by prompt: student after vs before, vs the teacher, rounds
                 "judge": verdicts,
                 "teacher_signal": {"mode": spec.teacher_signal.mode, **(signal_stats or {})},
                 "student_dir": str(final),

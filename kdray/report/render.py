@@ -117,9 +117,10 @@ def _judge_lines(judge: dict[str, Any]) -> list[str]:
     reference = str(judge.get("reference", "?")).replace("_", " ")
     intro = (f"Judge `{judge.get('model', '?')}` compared the distilled student (student after) with "
              f"**{reference}** on {_fmt(judge.get('items'), '.0f')} held-out prompts, once in each answer "
-             "order. A verdict other than A or B counts as a tie; the win rate counts ties as half a win. Its ± "
-             "is the standard error over the prompts (a prompt's two verdicts as one unit): a win rate less than "
-             "about two of it from 0.500 does not tell the two models apart.")
+             "order. A verdict other than A or B counts as a tie; the win rate counts ties as half a win.")
+    if judge.get("win_rate_stderr") is not None:
+        intro += (" Its ± is the standard error over the prompts (a prompt's two verdicts as one unit): a win rate "
+                  "less than about two of it from 0.500 does not tell the two models apart.")
     out = ["", "## LLM judge", "", intro, ""]
     out += _table(["quantity", "value"], [
         ["win rate of the student", score(judge, "win_rate")],

@@ -270,7 +270,10 @@ def check_curriculum(spec: Any) -> None:
             raise ValueError("curriculum distillm2.rounds is required (e.g. 2): how many "
                              "generate-then-train rounds to run")
     replay = by_kind.get("replay")
-    pool_fields = sorted(_POOL_FIELDS & replay.model_fields_set) if replay is not None else []
+    # set away from its default (not merely written: a spec dumped whole, as spec.yaml and the service's
+    # saved copy are, writes every field)
+    pool_fields = sorted(name for name in _POOL_FIELDS if replay is not None
+                         and getattr(replay, name) != type(replay).model_fields[name].default)
     if pool_fields and replay.sampler == "worker":
         raise ValueError(
             f"curriculum replay.{pool_fields[0]} sizes the live student pool, which only sampler: pool "

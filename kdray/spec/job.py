@@ -84,8 +84,9 @@ class DataSpec(_Spec):
     prompt_field: str = Field("prompt", min_length=1, description="Row field holding the prompt.")
     response_field: str | None = Field(
         "response",
-        description="Row field holding the gold response (used by evaluation and by the "
-        "hard-label term). null when the dataset has prompts only.",
+        description="Row field holding the gold response (used by evaluation, by the hard-label term with "
+        "response_source: dataset, and by replay's validation). null when the dataset has prompts only, for a job "
+        "that reads none of them (evaluation.enabled: false).",
     )
     id_field: str | None = Field(
         "id", description="Row field holding a stable row id; null numbers rows from 0."

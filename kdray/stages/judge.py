@@ -91,7 +91,7 @@ def pair_summary(pairs: Counter) -> dict[str, Any]:
         "wins": wins,
         "losses": losses,
         "ties": ties,
-        "win_rate": (wins + ties / 2) / comparisons if comparisons else None,
+        "win_rate": total / n if n else None,  # = (wins + ties / 2) / comparisons
         "win_rate_stderr": stderr_of_mean(total, squares, n),
         "position_consistency": share(("A", "B"), ("B", "A"), (None, None)),
         "first_position_bias": share(("A", "A")),
