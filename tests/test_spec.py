@@ -220,4 +220,7 @@ def test_a_model_or_a_curriculum_may_be_given_by_its_name_alone():
     listed = parse_spec(minimal(curriculum=["pocl", {"kind": "replay"}], objective={"kind": "skew_forward_kl"}))
     assert [c.kind for c in listed.curriculum] == ["pocl", "replay"]
     assert "did you mean 'pocl'" in errors_of(minimal(curriculum="pocll"))["curriculum[0].kind"]
-    assert "valid dictionary" in errors_of(minimal(teacher=3))["teacher"]
+    assert errors_of(minimal(teacher=3))["teacher"] == (
+        "expected a mapping of this section's fields, or the model reference alone (docs/spec-reference.md lists "
+        "them) (got 3)")
+    assert errors_of(minimal(training="big"))["training"].startswith("expected a mapping of this section's fields (")

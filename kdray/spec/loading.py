@@ -115,6 +115,10 @@ def _friendly(err: dict[str, Any]) -> tuple[str, str]:
         tag, field = ctx.get("tag"), str(ctx.get("discriminator", "kind")).strip("'")
         return f"{path}.{field}", f"{tag!r} is not one of: {', '.join(tags)}{_did_you_mean(tag, tags)}"
     msg = err["msg"]
+    if kind in ("model_type", "model_attributes_type", "dict_type"):  # pydantic's words name its classes
+        msg = "expected a mapping of this section's fields"
+        msg += ", or the model reference alone" if path in ("teacher", "student") or path.endswith(".model") else ""
+        msg += " (docs/spec-reference.md lists them)"
     if kind == "string_pattern_mismatch":
         field = _field_at(loc)
         if field is not None and field.description:
