@@ -141,3 +141,15 @@ def test_a_suffix_in_capitals_reads_as_its_format(tmp_path):
     spec = parse_spec(minimal(data={"train": str(lines), "heldout": str(tmp_path / "HELDOUT.PARQUET")}))
     assert load_split(spec.data, "train", words, need_response=True)[0] == [{"id": "a", "prompt": "p", "response": "r"}]
     assert load_split(spec.data, "heldout", words, need_response=True)[0] == [{"id": "b", "prompt": "q", "response": "s"}]
+
+
+def test_a_job_evaluated_on_its_training_prompts_says_so(tmp_path):
+    from kdray.data.datasets import heldout_note
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "response": "r"}])
+    same = DataSpec(train=str(path), heldout=str(path))
+    assert heldout_note(same, True) == (f"data.heldout is data.train ({path}), so the held-out scores are of "
+                                        "prompts the student trained on, not of unseen ones")
+    assert heldout_note(same, False) is None  # not evaluated: nothing to say
+    assert heldout_note(DataSpec(train="toy:train", heldout="toy:heldout"), True) is None
+

@@ -255,3 +255,12 @@ def load_split(
     if not rows:
         raise DataError(f"data.{split}: {ref!r} has no rows")
     return check_rows(rows, spec, split, count_tokens, need_response=need_response)
+
+
+def heldout_note(spec: DataSpec, evaluated: bool) -> str | None:
+    """What a job evaluated on its own training prompts (``data.heldout`` the same dataset as
+    ``data.train``) says in its plan, or None: its held-out scores are of seen prompts."""
+    if not evaluated or spec.heldout != spec.train:
+        return None
+    return (f"data.heldout is data.train ({spec.train}), so the held-out scores are of prompts the student "
+            "trained on, not of unseen ones")

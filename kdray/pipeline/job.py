@@ -21,6 +21,7 @@ from typing import Any
 from kdray import toy
 from kdray.curriculum.plan import Segment, plan_segments, total_steps
 from kdray.data.artifacts import Artifact
+from kdray.data.datasets import heldout_note
 from kdray.errors import JobCancelled, KdrayError, first_line, interrupted, user_error
 from kdray.models import hidden_size, vocab_size
 from kdray.pools.faults import quiet_replica_deaths, replica_death_error
@@ -240,9 +241,8 @@ class Job:
         check_lora_targets(spec)  # training.lora names modules the student has
         train.check_ingest_cpus(spec.training.num_workers, live_pool_cpus(spec))  # room for the reads
         self.reporter.message(f"plan: {len(plan)} segment(s), {total_steps(plan)} optimizer steps")
-        if spec.data.heldout == spec.data.train and spec.evaluation.enabled:  # a mistake, or a smoke test
-            self.reporter.message(f"plan: note: data.heldout is data.train ({spec.data.train}), so the held-out "
-                                  "scores are of prompts the student trained on, not of unseen ones")
+        if note := heldout_note(spec.data, spec.evaluation.enabled):  # a mistake, or a smoke test
+            self.reporter.message(f"plan: note: {note}")
         vocab, hidden = vocab_size(spec.teacher.model), hidden_size(spec.teacher.model)
         sizes = budget.storage_plan(spec, data.train.rows, teacher_vocab=vocab, teacher_hidden=hidden,
                                     n_heldout=data.heldout.rows, segments=len(plan))
