@@ -345,6 +345,17 @@ def test_kd_objective_mixes_kd_and_ce(reduction):
     loss_pure, parts_pure = L.kd_objective(s, t, mask=mask, divergence=L.forward_kl, kd_ratio=1.0)
     assert "ce" not in parts_pure
     torch.testing.assert_close(loss_pure, L.masked_token_mean(ref("forward_kl", s, t), mask))
+    # kd_scale (T² under a KD temperature) weighs the KD term only, in the value and the gradient;
+    # parts["kd"] stays the divergence itself
+    scaled, parts_scaled = L.kd_objective(
+        s, t, mask=mask, labels=labels, divergence="skew_forward_kl", kd_ratio=0.7, kd_temperature=2.0,
+        divergence_kwargs={"alpha": 0.1}, reduction=reduction, kd_scale=4.0,
+    )
+    torch.testing.assert_close(scaled, 0.7 * 4.0 * kd + 0.3 * ce)
+    torch.testing.assert_close(parts_scaled["kd"], kd.detach())
+    (grad,) = torch.autograd.grad(scaled, s)
+    (expected,) = torch.autograd.grad(0.7 * 4.0 * kd + 0.3 * ce, s)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_kd_objective_validation():

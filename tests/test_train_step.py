@@ -63,6 +63,30 @@ def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models):
     assert step.metrics() == {"kd_temperature": 1.0, "kd_ratio": 0.7}
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_a_pocl_stage_above_temperature_one_weighs_its_kd_term_by_t_squared(models, scaled):
+    """Hinton et al. 2015, §2: the soft targets' gradients shrink as 1/T², so the KD term is
+    multiplied by T² (POCL's released losses do): POCL's last stage at T = 2 weighs it 4×;
+    ``objective.t_squared_scaling: false`` leaves it as it is. The logged ``kd`` is the
+    divergence itself."""
+    student, teacher = models
+    spec = make({"kind": "forward_kl", "t_squared_scaling": scaled}, {"kind": "pocl", "n_stages": 2, "stage_interval": 1})
+    seg = plan_segments(spec, 8)[-1]
+    assert seg.kd_temperature == 2.0
+    step = make_step_objective(spec, seg, total_steps=6, num_segments=2, state=None)
+    b = batch_of(False)
+    loss, parts, _ = step(student, teacher, b)
+    s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    target = b["labels"][:, 1:]
+    mask = target != -100
+    kd = losses.masked_token_mean(losses.forward_kl(s, t, temperature=2.0), mask)
+    ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
+    weight = 4.0 if scaled else 1.0
+    assert float(loss) == pytest.approx(float(seg.kd_ratio * weight * kd + (1 - seg.kd_ratio) * ce), rel=1e-5)
+    assert parts["kd"] == pytest.approx(float(kd), rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["paper", "released_code"])
 def test_distillm2_step_is_the_contrastive_loss_with_scheduled_alpha_and_beta(models, mode):
     student, teacher = models

@@ -87,8 +87,10 @@ def kd_objective(
     divergence_kwargs: dict | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     ce_num_items_in_batch: int | float | Tensor | None = None,
+    kd_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``loss = kd_ratio · KD + (1 - kd_ratio) · CE`` -> ``(loss, parts)``.
+    """``loss = kd_ratio · kd_scale · KD + (1 - kd_ratio) · CE`` -> ``(loss, parts)``
+    (:func:`mix_kd_and_ce`; ``kd_scale`` T² to keep the KD gradients' scale under a temperature).
 
     * ``KD`` = ``reduction`` of ``divergence(student, teacher, temperature=kd_temperature,
       **divergence_kwargs)`` over ``mask [B, T]``. ``kd_temperature`` divides the
@@ -135,16 +137,21 @@ def kd_objective(
         ce_tokens = token_cross_entropy(student_logits, labels, mask=keep)
         ce_keep = keep & (labels.to(keep.device) != IGNORE_INDEX)
         ce = reduce_per_token(ce_tokens, ce_keep, reduction, ce_num_items_in_batch)
-    return mix_kd_and_ce(kd, ce, kd_ratio)
+    return mix_kd_and_ce(kd, ce, kd_ratio, kd_scale)
 
 
-def mix_kd_and_ce(kd: Tensor, ce: Tensor | None, kd_ratio: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """``kd_ratio · kd + (1 - kd_ratio) · ce`` from reduced scalars -> ``(loss, parts)``, as
-    :func:`kd_objective` combines them; for callers that compute the KD term another way
-    (a sparse or fused teacher signal). ``ce`` may be None only when ``kd_ratio == 1``."""
+def mix_kd_and_ce(kd: Tensor, ce: Tensor | None, kd_ratio: float,
+                  kd_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """``kd_ratio · kd_scale · kd + (1 - kd_ratio) · ce`` from reduced scalars -> ``(loss,
+    parts)``, as :func:`kd_objective` combines them; for callers that compute the KD term another
+    way (a sparse or fused teacher signal). ``kd_scale``: T² under a KD temperature T (Hinton et
+    al. 2015, §2), else 1; ``parts["kd"]`` is the divergence itself, unscaled. ``ce`` may be None
+    only when ``kd_ratio == 1``."""
     if kd_ratio < 1.0 and ce is None:
         raise ValueError("the CE term is required when kd_ratio < 1 (it has weight 1 - kd_ratio)")
     parts = {"kd": kd.detach()}
+    if kd_scale != 1.0:
+        kd = kd_scale * kd
     loss = kd
     if ce is not None:
         parts["ce"] = ce.detach()

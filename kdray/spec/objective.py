@@ -27,10 +27,20 @@ class _Objective(_Spec):
         "cross-entropy on the training responses. With POCL leave it at 1: the curriculum "
         "schedules it.",
     )
+    t_squared_scaling: bool = Field(
+        True, description="Multiply the KD term by T², T the KD temperature (POCL's of the stage), so its gradients "
+        "keep their scale as T changes: they shrink as 1/T² (Hinton et al. 2015, arXiv:1503.02531, §2; POCL's "
+        "released losses do it). No effect at T = 1, where every method but POCL runs.",
+    )
+
+    def kd_scale(self, temperature: float) -> float:
+        """The KD term's weight beside ``kd_ratio`` at KD temperature T: T², or 1 without
+        :attr:`t_squared_scaling`."""
+        return temperature * temperature if self.t_squared_scaling else 1.0
 
     def divergence_params(self) -> dict[str, Any]:
         """Keyword arguments of the divergence in ``kdray.losses`` beyond the temperature."""
-        return self.model_dump(exclude={"kind", "kd_temperature", "kd_ratio"})
+        return self.model_dump(exclude={"kind", "kd_temperature", "kd_ratio", "t_squared_scaling"})
 
 
 class ForwardKLObjective(_Objective):

@@ -145,7 +145,7 @@ class KDStep:
                 ce = losses.masked_token_mean(losses.token_cross_entropy(s, target, mask=mask), mask,
                                               num_items_in_batch=n_ce)
             kd = losses.masked_token_mean(kd_tokens, mask, num_items_in_batch=n_kd)
-            loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
+            loss, parts = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio, obj.kd_scale(seg.kd_temperature))
         else:
             with torch.no_grad():
                 if self.mode == "hidden":
@@ -155,7 +155,7 @@ class KDStep:
             loss, parts = losses.kd_objective(
                 s, _upcast(t_logits[..., : self.vocab]), mask=mask, divergence=obj.kind, kd_ratio=seg.kd_ratio,
                 kd_temperature=seg.kd_temperature, labels=ce_labels, divergence_kwargs=obj.divergence_params(),
-                num_items_in_batch=n_kd, ce_num_items_in_batch=n_ce,
+                num_items_in_batch=n_kd, ce_num_items_in_batch=n_ce, kd_scale=obj.kd_scale(seg.kd_temperature),
             )
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}, int(mask.sum())
 
@@ -192,7 +192,7 @@ class KDStep:
             if seg.kd_ratio < 1.0:
                 ce = losses.fused_linear_cross_entropy(hidden, weight, target, mask=mask, bias=bias,
                                                        num_items_in_batch=n_ce)
-            loss, mixed = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio)
+            loss, mixed = losses.mix_kd_and_ce(kd, ce, seg.kd_ratio, obj.kd_scale(seg.kd_temperature))
             parts.update(mixed)
             return loss
 
@@ -316,7 +316,7 @@ class DistiLLM2Step(KDStep):
             num_items_in_batch=None if num_items_in_batch is None else (n_skl, n_srkl),
         )
         out = {"kd": float(parts["loss"]), "skl": float(parts["skl"]), "srkl": float(parts["srkl"])}
-        loss = cald
+        loss = cald = self.spec.objective.kd_scale(seg.kd_temperature) * cald  # T² under POCL's temperature
         if seg.kd_ratio < 1.0:
             ce = losses.masked_token_mean(losses.token_cross_entropy(s[:n], target[:n], mask=mask[:n]), mask[:n],
                                           num_items_in_batch=n_ce)
