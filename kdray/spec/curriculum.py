@@ -140,7 +140,8 @@ class ReplayCurriculum(_Spec):
         None, ge=1, description="Optimizer steps between validations (null: once per epoch)."
     )
     validation_samples: int = Field(
-        64, ge=1, description="Held-out rows (with responses) whose distillation loss is the validation loss."
+        64, ge=1, description="Held-out rows (with responses) on which the student's cross-entropy is the "
+        "validation loss (DistiLLM's)."
     )
     sampling_temperature: float = Field(
         1.0, gt=0.0, description="Sampling temperature of the student's fresh samples (DistiLLM: 1)."

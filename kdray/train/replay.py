@@ -17,8 +17,8 @@ this step's data comes from:
 
 Every rank holds the same decision RNG (same seed), so all ranks take the same branch; each
 keeps its own buffer of its own samples, saved per rank with the checkpoint. The validation
-loss (the objective on held-out prompts with their reference responses, averaged over all
-ranks) drives the threshold φ: measured once before training and every
+loss (the student's cross-entropy on held-out prompts' reference responses, over all ranks, as
+DistiLLM's) drives the threshold φ: measured once before training and every
 ``validate_every_steps`` optimizer steps.
 """
 
@@ -132,29 +132,33 @@ class ReplaySource:
         replica = self.replicas[self.rank % len(self.replicas)]
         return ray.get(replica.sample.remote(prompts, sampling))["responses"]
 
-    def validate(self, engine: Any, teacher: Any, objective: Any, rows: Any, device: Any) -> float:
-        """The objective over every rank's validation rows, as one step over them would weigh
-        them (each term normalised by all the rows' items, :func:`kdray.train.step.step_items`);
-        feeds φ. Two passes over the rows: the first counts labels only."""
+    def validate(self, engine: Any, rows: Any, device: Any) -> float:
+        """The student's cross-entropy on the validation rows' reference responses, per label
+        token over every rank's rows; feeds φ. This is what DistiLLM's ``evaluate`` feeds it
+        (``finetune.py``: the dev set's ``CrossEntropyLoss``), the scale its ``loss_eps`` of 0.1
+        was chosen on, and it does not move with the objective's schedules (POCL's temperature,
+        DistiLLM-2's α and β). DistiLLM averages its batches' means; this is the tokens' mean."""
         import torch
 
-        from kdray.train.step import step_items, sum_over_ranks
+        from kdray.losses import IGNORE_INDEX, token_cross_entropy
+        from kdray.train.step import sum_over_ranks
 
-        mb = self.spec.training.micro_batch_size_per_worker
-        collate = CollateExamples(self.pad_id)
-        items = step_items(objective, rows.iter_torch_batches(batch_size=mb, collate_fn=collate))
-        total = 0.0
+        total, tokens = 0.0, 0
         was_training = engine.module.training
         engine.module.eval()
         try:
             with torch.no_grad():
-                for batch in rows.iter_torch_batches(batch_size=mb, collate_fn=collate):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    loss, _, _ = objective(engine, teacher, batch, num_items_in_batch=items)
-                    total += float(loss)
+                for batch in rows.iter_torch_batches(batch_size=self.spec.training.micro_batch_size_per_worker,
+                                                     collate_fn=CollateExamples(self.pad_id)):
+                    ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                    logits = engine(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+                    target = labels[:, 1:]
+                    total += float(token_cross_entropy(logits, target).sum())  # 0 at -100 labels
+                    tokens += int((target != IGNORE_INDEX).sum())
         finally:
             engine.module.train(was_training)
-        (value,) = sum_over_ranks([total])
+        total, tokens = sum_over_ranks([total, float(tokens)])
+        value = total / tokens if tokens else 0.0
         self.scheduler.on_validation(value)
         return value
 

@@ -108,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation = ray.train.get_dataset_shard("validation") if replay is not None else None
     validate_every = (spec.curriculum_of("replay").validate_every_steps or seg.steps_per_epoch) if replay else 0
     if replay is not None and replay.needs_initial_validation:  # DistiLLM validates before training
-        replay.validate(engine, teacher, objective, validation, device)
+        replay.validate(engine, validation, device)
     shard = ray.train.get_dataset_shard("train")
     pad_id = load_tokenizer(spec.student.model).pad_token_id
     collate = CollateExamples(pad_id, wc.signal_meta)
@@ -186,7 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if replay is not None:
                 schedule.update(replay.metrics())
                 if step % validate_every == 0:
-                    schedule["val_loss"] = replay.validate(engine, teacher, objective, validation, device)
+                    schedule["val_loss"] = replay.validate(engine, validation, device)
             if on_policy is not None:
                 schedule.update(on_policy.metrics())
             report_due = record(*pending) if pending is not None else False  # the previous step's
