@@ -316,6 +316,23 @@ def test_distillm2_schedule_released_code_mode_is_fixed():
     assert a.tolist() == pytest.approx([0.1, 0.1, 0.1])
 
 
+def test_distillm2_alpha_statistics_cover_every_micro_batch_of_the_step():
+    """alpha_mean/min/max describe the optimizer step, all its micro-batches (and, recorded by
+    the trainer, all its ranks), not the last micro-batch; after the step they stay its."""
+    sched = DistiLLM2Schedule(num_rounds=1, total_steps=10)
+    sched.observe(torch.tensor([1.0, 3.0]), False)  # Δ̄ = 2
+    sched.alpha(torch.tensor([100.0]), False)  # its own α: α₀ = 0.1
+    sched.alpha(torch.tensor([1.0]), False)  # clipped to 0.01
+    sched.record_alpha(torch.tensor([0.05]))  # another rank's, as the trainer records it
+    sched.alpha(torch.tensor([1.0]), False, record=False)  # recorded by the caller: not twice
+    stats = {k: v for k, v in sched.metrics().items() if k.startswith("alpha_")}
+    assert stats == pytest.approx({"alpha_mean": (0.1 + 0.01 + 0.05) / 3, "alpha_min": 0.01, "alpha_max": 0.1})
+    sched.step()
+    assert {k: v for k, v in sched.metrics().items() if k.startswith("alpha_")} == pytest.approx(stats)
+    sched.alpha(torch.tensor([100.0]), False)  # the next step's first micro-batch
+    assert sched.metrics()["alpha_min"] == pytest.approx(0.1)
+
+
 def test_distillm2_schedule_running_means_and_alpha():
     sched = DistiLLM2Schedule(num_rounds=1, total_steps=10)
     first = sched.alpha(torch.tensor([0.05, 0.5]), False)

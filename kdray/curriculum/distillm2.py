@@ -7,7 +7,7 @@
   Δ_i = exp(mean token log p(y_i)) − exp(mean token log q(y_i)) for teacher responses and
   the sign flipped for student responses (p: teacher, q: student); Δ̄ is a running mean.
 * Batched on-policy rounds: the job runs R rounds; before each, responses are regenerated
-  with the current student, then one epoch is trained.
+  with the current student, then the round trains (``training.epochs`` epochs).
 
 Two modes, so they can be compared:
 
@@ -182,7 +182,8 @@ class DistiLLM2Schedule(Curriculum):
         self.beta_scope = check_choice("beta_scope", beta_scope, BETA_SCOPES)
         self._round = self._step_in_round = self._global_step = 0
         self._means: dict[str, dict[str, Any]] = {k: {"value": None, "count": 0} for k in _KINDS}
-        self._last_alpha: dict[str, float] | None = None
+        self._last_alpha: dict[str, float] | None = None  # the last finished step's α statistics
+        self._step_alpha: list[float] = []  # this step's: [sum, count, min, max] (empty: none yet)
 
     # -- rounds ------------------------------------------------------------------------
     @property
@@ -205,9 +206,12 @@ class DistiLLM2Schedule(Curriculum):
         self._step_in_round = 0
 
     def step(self) -> None:
-        """Record one optimizer step."""
+        """Record one optimizer step (its α statistics become the last step's)."""
         if self.finished:
             raise RuntimeError("step() after the last round ended")
+        if self._step_alpha:
+            self._last_alpha = self._alpha_stats()
+            self._step_alpha = []
         self._global_step += 1
         self._step_in_round += 1
 
@@ -223,12 +227,13 @@ class DistiLLM2Schedule(Curriculum):
         """Δ̄ for one response kind, or None before any sample of that kind was observed."""
         return self._means["student" if is_student_response else "teacher"]["value"]
 
-    def alpha(self, delta: torch.Tensor, is_student_response: BoolLike) -> torch.Tensor:
+    def alpha(self, delta: torch.Tensor, is_student_response: BoolLike, *, record: bool = True) -> torch.Tensor:
         """Per-sample α for a batch, shape (B,), detached; does not change the running means.
 
         ``delta`` is (B,) from :func:`distillm2_delta`; ``is_student_response`` a bool or
         (B,) bool tensor. A kind with no running mean yet gets α₀ (as the released code's
-        fallback). ``"released_code"`` mode: α₀ everywhere.
+        fallback). ``"released_code"`` mode: α₀ everywhere. ``record``: count them in this
+        step's α statistics (:meth:`record_alpha`; a data-parallel caller records every rank's).
         """
         d = torch.as_tensor(delta).detach()
         if d.dim() != 1:
@@ -243,10 +248,24 @@ class DistiLLM2Schedule(Curriculum):
                 if mean is not None:
                     a = distillm2_alpha(d, mean, self.alpha0, alpha_min=self.alpha_min, eps=self.eps)
                     out = torch.where(sel, a, out)
-        if out.numel():
-            self._last_alpha = {"mean": float(out.mean()), "min": float(out.min()),
-                                "max": float(out.max())}
+        if record:
+            self.record_alpha(out)
         return out
+
+    def record_alpha(self, alpha: torch.Tensor) -> None:
+        """Count per-sample α values in this optimizer step's statistics (``alpha_mean/min/max``
+        of :meth:`metrics`): every micro-batch's, so they describe the step however it is split."""
+        a = torch.as_tensor(alpha).detach().to(dtype=torch.float64)
+        if not a.numel():
+            return
+        batch = [float(a.sum()), float(a.numel()), float(a.min()), float(a.max())]
+        acc = self._step_alpha
+        self._step_alpha = batch if not acc else [acc[0] + batch[0], acc[1] + batch[1], min(acc[2], batch[2]),
+                                                  max(acc[3], batch[3])]
+
+    def _alpha_stats(self) -> dict[str, float]:
+        total, n, low, high = self._step_alpha
+        return {"mean": total / n, "min": low, "max": high}
 
     def observe(self, delta: torch.Tensor, is_student_response: BoolLike) -> None:
         """Fold a batch's Δ into the running mean of each response kind present.
@@ -281,8 +300,9 @@ class DistiLLM2Schedule(Curriculum):
 
     def metrics(self) -> dict[str, float]:
         out = {"round": float(self._round), "beta": self.beta}
-        if self._last_alpha is not None:
-            out.update({f"alpha_{k}": v for k, v in self._last_alpha.items()})
+        stats = self._alpha_stats() if self._step_alpha else self._last_alpha  # this step's, or the last one's
+        if stats is not None:
+            out.update({f"alpha_{k}": v for k, v in stats.items()})
         for kind in _KINDS:
             if self._means[kind]["value"] is not None:
                 out[f"delta_mean_{kind}"] = self._means[kind]["value"]

@@ -306,7 +306,7 @@ class DistiLLM2Step(KDStep):
         with torch.no_grad():
             delta = distillm2_delta(t.log_softmax(-1).gather(-1, safe).squeeze(-1),
                                     s.detach().log_softmax(-1).gather(-1, safe).squeeze(-1), mask, flags)
-        alpha = self.schedule.alpha(delta, flags)
+        alpha = self.schedule.alpha(delta, flags, record=False)
         seg = self.segment
         n_skl, n_srkl, n_ce = _term_items(num_items_in_batch, "skl", "srkl", "ce")
         cald, parts = losses.distillm2_loss(
@@ -322,13 +322,15 @@ class DistiLLM2Step(KDStep):
                                           num_items_in_batch=n_ce)
             out["ce"] = float(ce.detach())
             loss = seg.kd_ratio * cald + (1.0 - seg.kd_ratio) * ce
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [torch.empty_like(delta) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, delta.contiguous())
-            delta = torch.cat(gathered)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank's Δ and α, in one gather
+            both = torch.stack([delta, alpha.to(delta.dtype)])
+            gathered = [torch.empty_like(both) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, both.contiguous())
+            delta, alpha = torch.cat(gathered, dim=1)
             flags = flags.repeat(dist.get_world_size())
         if torch.is_grad_enabled():  # a training micro-batch (not validation): Δ counts at the step's end
             self._pending.append((delta, flags))
+            self.schedule.record_alpha(alpha)  # the step's α statistics, every rank's
         return loss, out, int(mask.sum())
 
     def end_micro_batches(self) -> None:
