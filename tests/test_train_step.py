@@ -42,11 +42,16 @@ def batch_of(student_responses: bool):
     return training_batch(tok, raw)
 
 
-def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models):
+@pytest.mark.parametrize("stage, scaled", [(0, True), (-1, True), (-1, False)])
+def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models, stage, scaled):
+    """The stage's temperature and kd_ratio; above T = 1 the KD term weighs T² (Hinton et al.
+    2015, §2: the soft targets' gradients shrink as 1/T²; POCL's released losses do it), so the
+    last stage, at T = 2, weighs it 4×; ``objective.t_squared_scaling: false`` leaves it as it
+    is. The logged ``kd`` is the divergence itself."""
     student, teacher = models
-    spec = make({"kind": "forward_kl"}, {"kind": "pocl", "n_stages": 2, "stage_interval": 1})
-    seg = plan_segments(spec, 8)[0]
-    assert (seg.kd_temperature, seg.kd_ratio) == (1.0, 0.7)
+    spec = make({"kind": "forward_kl", "t_squared_scaling": scaled}, {"kind": "pocl", "n_stages": 2, "stage_interval": 1})
+    seg = plan_segments(spec, 8)[stage]
+    assert seg.kd_temperature == (1.0 if stage == 0 else 2.0) and (stage != 0 or seg.kd_ratio == 0.7)
     step = make_step_objective(spec, seg, total_steps=6, num_segments=2, state=None)
     assert type(step) is KDStep
     b = batch_of(False)
@@ -55,36 +60,14 @@ def test_kd_step_uses_the_pocl_stage_temperature_and_kd_ratio(models):
     t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     target = b["labels"][:, 1:]
     mask = target != -100
-    kd = losses.masked_token_mean(losses.forward_kl(s, t, temperature=1.0), mask)
+    kd = losses.masked_token_mean(losses.forward_kl(s, t, temperature=seg.kd_temperature), mask)
     ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
-    assert float(loss) == pytest.approx(float(0.7 * kd + 0.3 * ce), rel=1e-5)
-    assert parts["kd"] == pytest.approx(float(kd), rel=1e-5) and parts["ce"] == pytest.approx(float(ce), rel=1e-5)
-    assert n_tokens == int(mask.sum())
-    assert step.metrics() == {"kd_temperature": 1.0, "kd_ratio": 0.7}
-
-
-@pytest.mark.parametrize("scaled", [True, False])
-def test_a_pocl_stage_above_temperature_one_weighs_its_kd_term_by_t_squared(models, scaled):
-    """Hinton et al. 2015, §2: the soft targets' gradients shrink as 1/T², so the KD term is
-    multiplied by T² (POCL's released losses do): POCL's last stage at T = 2 weighs it 4×;
-    ``objective.t_squared_scaling: false`` leaves it as it is. The logged ``kd`` is the
-    divergence itself."""
-    student, teacher = models
-    spec = make({"kind": "forward_kl", "t_squared_scaling": scaled}, {"kind": "pocl", "n_stages": 2, "stage_interval": 1})
-    seg = plan_segments(spec, 8)[-1]
-    assert seg.kd_temperature == 2.0
-    step = make_step_objective(spec, seg, total_steps=6, num_segments=2, state=None)
-    b = batch_of(False)
-    loss, parts, _ = step(student, teacher, b)
-    s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    target = b["labels"][:, 1:]
-    mask = target != -100
-    kd = losses.masked_token_mean(losses.forward_kl(s, t, temperature=2.0), mask)
-    ce = losses.masked_token_mean(losses.token_cross_entropy(s, target), mask)
-    weight = 4.0 if scaled else 1.0
+    weight = seg.kd_temperature ** 2 if scaled else 1.0
     assert float(loss) == pytest.approx(float(seg.kd_ratio * weight * kd + (1 - seg.kd_ratio) * ce), rel=1e-5)
     assert parts["kd"] == pytest.approx(float(kd), rel=1e-5)
+    assert "ce" not in parts if seg.kd_ratio == 1.0 else parts["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert n_tokens == int(mask.sum())
+    assert step.metrics() == {"kd_temperature": seg.kd_temperature, "kd_ratio": seg.kd_ratio}
 
 
 @pytest.mark.parametrize("mode", ["paper", "released_code"])
