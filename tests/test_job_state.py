@@ -90,6 +90,30 @@ def test_a_job_saved_before_a_field_was_added_resumes_when_it_keeps_the_default(
         JobState.open(tmp_path, spec_of(tmp_path), restart=False)
 
 
+def test_a_tempered_job_saved_before_t_squared_scaling_resumes_only_as_it_trained(tmp_path):
+    """objective.t_squared_scaling's default (true) changed the loss where a KD temperature is
+    not 1: a POCL job saved before it trained without T², so it resumes only with the flag off
+    (or is restarted); an untempered job resumes as before, the flag making no difference."""
+    import json
+
+    def pocl(out, **objective):
+        return parse_spec({"name": "t", "output_dir": str(out), "teacher": {"model": "toy:teacher"},
+                           "student": {"model": "toy:student"}, "data": {"train": "toy:train", "heldout": "toy:heldout"},
+                           "objective": {"kind": "forward_kl", **objective}, "curriculum": {"kind": "pocl"}})
+
+    for out, spec in ((tmp_path / "pocl", pocl), (tmp_path / "plain", lambda out, **o: spec_of(out))):
+        JobState.open(out, spec(out), restart=False).run_name(0, "x")
+        saved = json.loads((out / "state" / "job.json").read_text())
+        del saved["spec"]["objective"]["t_squared_scaling"]  # as a kdray from before it saved it
+        (out / "state" / "job.json").write_text(json.dumps(saved))
+    assert JobState.open(tmp_path / "plain", spec_of(tmp_path / "plain"), restart=False).run_name(0, "y") == "x"
+    with pytest.raises(KdrayError, match=r"differs in: objective\.t_squared_scaling\); it trained without the KD "
+                                         r"term's T², .* set objective\.t_squared_scaling: false to resume it"):
+        JobState.open(tmp_path / "pocl", pocl(tmp_path / "pocl"), restart=False)
+    resumed = JobState.open(tmp_path / "pocl", pocl(tmp_path / "pocl", t_squared_scaling=False), restart=False)
+    assert resumed.run_name(0, "y") == "x"
+
+
 def test_a_resumed_job_may_change_its_failure_policy_and_memory_savings_and_nothing_else(tmp_path):
     """A job that failed too often resumes with more retries or checkpoints; one saved under an
     older kdray's failure defaults (max_failures 0, no periodic checkpoints) resumes under today's."""

@@ -64,9 +64,19 @@ def spec_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
 def _with_defaults(saved: Any) -> Any:
     """A saved spec dump with the fields added since it was saved at their defaults (a new
     field's default keeps the old behaviour, so a job saved before the upgrade still resumes);
-    as saved when it no longer validates (a field renamed or removed is a difference)."""
+    as saved when it no longer validates (a field renamed or removed is a difference).
+
+    One default changed the behaviour: ``objective.t_squared_scaling`` (2026-12-06). A job
+    saved before it trained without T², which matters only where a KD temperature is not 1
+    (POCL's stages, a set ``kd_temperature``): there the saved spec counts as false, so resuming
+    it under the new default is a difference the user decides (the flag, or ``--restart``)."""
     try:
-        return JobSpec.model_validate(saved).model_dump(mode="json")
+        spec = JobSpec.model_validate(saved)
+        tempered = spec.objective.kd_temperature != 1.0 or any(
+            (c.t_start, c.t_end) != (1.0, 1.0) for c in spec.curriculum if c.kind == "pocl")
+        if tempered and "t_squared_scaling" not in (saved.get("objective") or {}):
+            spec = spec.model_copy(update={"objective": spec.objective.model_copy(update={"t_squared_scaling": False})})
+        return spec.model_dump(mode="json")
     except Exception:  # noqa: BLE001 - pydantic's ValidationError, or not a dict at all
         return saved
 
@@ -98,9 +108,12 @@ class JobState:
                          if not any(d == m or d.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)]
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+                t2 = ("; it trained without the KD term's T², which kdray adds since 2026-12-06: set "
+                      "objective.t_squared_scaling: false to resume it as it trained"
+                      if "objective.t_squared_scaling" in differing else "")
                 raise KdrayError(
                     f"output_dir {out} holds an earlier run of a job with a different spec "
-                    f"(differs in: {shown}); pass --restart to discard that run, or choose "
+                    f"(differs in: {shown}){t2}; pass --restart to discard that run, or choose "
                     "another output_dir"
                 )
             state.data = saved
