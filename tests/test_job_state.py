@@ -175,6 +175,35 @@ def test_a_resumed_job_recovers_unrecorded_steps_from_every_checkpoint_the_kille
     assert [e["step"] for e in recorded if e["kind"] == "train_step"] == [8, 9, 10, 11, 12]
 
 
+def test_steps_past_the_checkpoints_ray_train_kept_are_recovered_from_the_workers_journal(tmp_path):
+    """The driver was killed after step 6, and its workers trained on to step 16 before they
+    died: Ray Train kept checkpoints 12 and 16 only (steps 9-16), so steps 7 and 8 are in rank
+    0's journal alone (CI once lost them). A step trained twice takes its last metrics; a line
+    cut short by the kill is skipped."""
+    import json
+
+    from kdray.pipeline.job import Job
+    from kdray.pipeline.progress import Reporter
+    from kdray.train.checkpoints import STEPS_JOURNAL
+
+    run_dir = tmp_path / "ray_train" / "t-0-aaaa"
+    for name, steps in (("checkpoint_2026-12-06_03-37-37.000000", range(9, 13)),
+                        ("checkpoint_2026-12-06_03-37-38.000000", range(13, 17))):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "progress.json").write_text(json.dumps({"step": steps[-1], "metrics": [
+            {"step": s, "loss": float(s)} for s in steps]}))
+    lines = [{"step": s, "loss": float(s)} for s in range(1, 17)] + [{"step": 8, "loss": 80.0}]
+    (run_dir / STEPS_JOURNAL).write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 17, "lo')
+
+    job = Job(spec_of(tmp_path), reporter=Reporter(tmp_path / "events.jsonl"))
+    job.steps.start()
+    for s in range(1, 7):
+        job.steps.add({"step": s, "loss": 0.5})
+    job._recover_metrics(run_dir)
+    assert [m["step"] for m in job.steps] == list(range(1, 17))
+    assert [m["loss"] for m in list(job.steps)[6:9]] == [7.0, 80.0, 9.0]
+
+
 def test_a_worker_group_restarted_after_the_final_report_keeps_the_last_steps_metrics(tmp_path):
     """Ray Train may restart the worker group after the segment's final report (a worker lost
     while the run ends): the new group restores the final checkpoint and trains nothing. Its

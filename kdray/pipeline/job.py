@@ -37,6 +37,7 @@ from kdray.report.train_metrics import TRAIN_METRICS_FILE, StepLog
 from kdray.spec import JobSpec, dump_spec
 from kdray.stages import difficulty, evaluate, generate, judge, prepare, teacher_signal, train
 from kdray.stages.context import StageContext
+from kdray.train.checkpoints import read_steps_journal
 from kdray.train.memory import job_estimate
 from kdray.train.setup import check_lora_targets
 
@@ -102,12 +103,13 @@ class Job:
                         self.steps.add({k: v for k, v in event.items() if k not in ("time", "kind")})
 
     def _recover_metrics(self, run_dir: Path) -> None:
-        """Steps an earlier, killed run trained and checkpointed but never recorded (it died
-        before draining their metrics): take them from that run's checkpoints, every one of them.
-        The highest alone is not enough: a checkpoint that workers wrote while the driver was
-        being killed may be on disk without Ray Train having registered it, so the run restores
-        the one before it, whose steps the highest does not carry. Steps past the restored
-        checkpoint are trained again, and their new metrics replace these."""
+        """Steps an earlier, killed run trained but never recorded (it died before draining
+        their metrics): take them from rank 0's journal of the run's steps
+        (:data:`~kdray.train.checkpoints.STEPS_JOURNAL`) and from every checkpoint it left (a
+        run of a kdray from before the journal). Workers that outlive their driver by a moment
+        may train on past several checkpoints, of which Ray Train keeps the last two: the
+        journal holds every step. Steps past the checkpoint the run restores are trained again,
+        and their new metrics replace these."""
         kept: dict[int, dict[str, Any]] = {}
         for path in run_dir.glob("checkpoint_*/progress.json"):
             try:
@@ -115,6 +117,7 @@ class Job:
             except (OSError, ValueError):
                 continue  # a checkpoint being written when the run was killed
             kept.update({m["step"]: m for m in progress.get("metrics", []) if "step" in m})
+        kept.update({m["step"]: m for m in read_steps_journal(run_dir)})  # the last of a step trained twice
         for metrics in self.steps.add_missing(kept.values()):
             self.reporter.train_metrics(metrics)
 

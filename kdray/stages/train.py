@@ -25,6 +25,7 @@ from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.ray_setup import wait_for_free_gpus
 from kdray.stages.context import StageContext, progress_hub, run_draining
 from kdray.stages.teacher_signal import records_layout
+from kdray.train.checkpoints import STEPS_JOURNAL
 from kdray.train.worker import WorkerConfig, train_loop_per_worker
 
 #: Ray Train checkpoints kept per run: the latest (to resume from) and the one before it (in
@@ -209,7 +210,8 @@ def train_segment(ctx: StageContext, data: Artifact, segment: Segment, plan: lis
         return _fit(ctx, segment, plan, datasets, hub, run_name, on_metrics, WorkerConfig(
             spec=spec, segment=segment, total_steps=total_steps(plan), num_segments=len(plan),
             init_checkpoint=init_checkpoint, signal_meta=signal_meta, student_pool=tuple(pools.student),
-            teacher_pool=tuple(pools.teachers), teacher_pool_meta=teacher_meta))
+            teacher_pool=tuple(pools.teachers), teacher_pool_meta=teacher_meta,
+            steps_journal=str(ctx.out / "ray_train" / run_name / STEPS_JOURNAL)))
     finally:
         pools.stop()
 

@@ -24,6 +24,31 @@ from kdray.train.setup import save_student
 if TYPE_CHECKING:
     from kdray.train.worker import WorkerConfig
 
+#: Rank 0's journal of every step's metrics, one JSON line a step, in its Ray Train run's
+#: directory. A driver killed before it recorded some steps recovers them from here however far
+#: its workers got before they died: the checkpoints carry only the steps since the one before,
+#: and Ray Train keeps only the last few.
+STEPS_JOURNAL = "steps.jsonl"
+
+
+def read_steps_journal(run_dir: Path) -> list[dict[str, Any]]:
+    """The steps of ``run_dir``'s journal (:data:`STEPS_JOURNAL`), in the order written (a step
+    trained again after a restore comes again); none when there is no journal. A line cut short
+    by a kill is skipped."""
+    try:
+        text = (run_dir / STEPS_JOURNAL).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            step = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(step, dict) and "step" in step:
+            out.append(step)
+    return out
+
 
 def load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint directory written by this module: (progress, this rank's schedule state)."""

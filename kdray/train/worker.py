@@ -12,9 +12,11 @@ forwards them, one event per step, to the job's progress.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdray.curriculum.plan import Segment
@@ -79,6 +81,7 @@ class WorkerConfig:
     student_pool: tuple[Any, ...] = ()  # the on-policy curriculum's live pool (kdray.pools.live)
     teacher_pool: tuple[Any, ...] = ()  # its live teacher pool (teacher_signal topk), if any
     teacher_pool_meta: dict[str, Any] | None = None  # the records layout the teacher pool answers in
+    steps_journal: str | None = None  # rank 0's journal of the steps (kdray.train.checkpoints.STEPS_JOURNAL)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -129,13 +132,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # a step, :class:`RankSums`), and its rank-local metrics; None where the step summed its own.
     pending: tuple[RankSums, dict[str, Any]] | None = None
 
+    journal = None
+    if rank == 0 and wc.steps_journal:  # appended a line a step (tens of µs); shared storage, as the checkpoints
+        Path(wc.steps_journal).parent.mkdir(parents=True, exist_ok=True)
+        journal = open(wc.steps_journal, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole loop
+
     def record(sums: RankSums, local: dict[str, Any]) -> bool:
-        """A step's metrics, its sums now over every rank, to the reports to come; whether rank 0
-        found a report due (every rank gets the same answer)."""
+        """A step's metrics, its sums now over every rank, to the reports to come and rank 0's
+        journal; whether rank 0 found a report due (every rank gets the same answer)."""
         nonlocal metrics
         metrics, due = _step_metrics(sums, local)
         since_checkpoint.append(metrics)
         unreported.append(metrics)
+        if journal is not None:
+            journal.write(json.dumps(metrics, default=float) + "\n")
+            journal.flush()
         return due
 
     boundaries: list[bool] = []
@@ -219,6 +230,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     if pending is not None:  # fewer batches than planned: no step carried the last one's sums
         record(pending[0].sum_now(), pending[1])
+    if journal is not None:
+        journal.close()
     # The end of the segment (or fewer batches than planned): export what was trained.
     unreported = final_steps(unreported, metrics, restored,
                              {"step": step, "total_steps": wc.total_steps, "round": seg.round})
