@@ -117,7 +117,9 @@ class Job:
             except (OSError, ValueError):
                 continue  # a checkpoint being written when the run was killed
             kept.update({m["step"]: m for m in progress.get("metrics", []) if "step" in m})
-        kept.update({m["step"]: m for m in read_steps_journal(run_dir)})  # the last of a step trained twice
+        # the last of a step trained twice; only the steps the history lacks are kept (a journal
+        # holds every step of the run: a long one, hundreds of MB of dicts)
+        kept.update({m["step"]: m for m in read_steps_journal(run_dir) if m["step"] not in self.steps})
         for metrics in self.steps.add_missing(kept.values()):
             self.reporter.train_metrics(metrics)
 

@@ -209,14 +209,15 @@ def plot_evaluation_rounds(rounds: list[tuple[str, dict[str, Any]]], references:
     import matplotlib
 
     metrics = (*_SCORES, ("mean_length", "mean length (words)"))
+    errors = {key: _errors([s for _, s in rounds], key) for key, _ in _SCORES}  # none for the length
     x = list(range(1, len(rounds) + 1))
     with matplotlib.rc_context(_STYLE):
         fig = _figure(figsize=(11, 3.6))
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for ax, (key, name) in zip(axes, metrics):
             ys = [_num(s.get(key)) for _, s in rounds]
-            ax.errorbar(x, ys, yerr=_errors([s for _, s in rounds], key), marker="o", linewidth=1.8, capsize=3,
-                        color="tab:blue", label="student")
+            ax.errorbar(x, ys, yerr=errors.get(key), marker="o", linewidth=1.8, capsize=3, color="tab:blue",
+                        label="student")
             for i, y in zip(x, ys):
                 if not math.isnan(y):
                     ax.annotate(f"{y:.3f}" if key != "mean_length" else f"{y:.2f}", (i, y),
@@ -232,7 +233,7 @@ def plot_evaluation_rounds(rounds: list[tuple[str, dict[str, Any]]], references:
                 ax.set_ylim(0, 1.05)
             ax.legend(loc="best")
         axes[0].set_ylabel("score on held-out set")
-        note = _ERROR_NOTE if any(_errors([s for _, s in rounds], key) for key, _ in _SCORES) else ""
+        note = _ERROR_NOTE if any(errors.values()) else ""
         fig.suptitle(f"{title}: held-out evaluation of the student after each {unit}{note}")
         return _save(fig, path)
 

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from kdray.errors import KdrayError
 from kdray.models import load_tokenizer
@@ -31,23 +31,22 @@ if TYPE_CHECKING:
 STEPS_JOURNAL = "steps.jsonl"
 
 
-def read_steps_journal(run_dir: Path) -> list[dict[str, Any]]:
-    """The steps of ``run_dir``'s journal (:data:`STEPS_JOURNAL`), in the order written (a step
-    trained again after a restore comes again); none when there is no journal. A line cut short
-    by a kill is skipped."""
+def read_steps_journal(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The steps of ``run_dir``'s journal (:data:`STEPS_JOURNAL`), read a line at a time in the
+    order written (a step trained again after a restore comes again); none when there is no
+    journal. A line cut short by a kill is skipped."""
     try:
-        text = (run_dir / STEPS_JOURNAL).read_text(encoding="utf-8")
+        fh = open(run_dir / STEPS_JOURNAL, encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            step = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(step, dict) and "step" in step:
-            out.append(step)
-    return out
+        return
+    with fh:
+        for line in fh:
+            try:
+                step = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(step, dict) and "step" in step:
+                yield step
 
 
 def load_state(engine: Any, root: Path, rank: int, *, module_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
