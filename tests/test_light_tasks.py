@@ -35,7 +35,8 @@ def test_equal_arguments_share_one_instance_and_the_oldest_goes_past_the_limit(m
     assert cached_instance(Offset, {"by": 1}) is not first
 
 
-def test_tasks_build_the_callable_once_per_worker_process(ray_cpus, tmp_path):
+def test_tasks_build_the_callable_once_per_worker_process(ray_cpus, tmp_path, caplog):
+    import logging
     import sys
 
     import ray.data
@@ -44,8 +45,14 @@ def test_tasks_build_the_callable_once_per_worker_process(ray_cpus, tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     log = tmp_path / "built.txt"
     ds = ray.data.range(64, override_num_blocks=16).map_batches(lambda b: {"x": b["id"]}, batch_format="numpy")
-    rows = map_light(ds, Offset, {"by": 10, "log": str(log)}, num_cpus=0.25, concurrency=2, batch_size=4,
-                     batch_format="numpy").take_all()
+    util_log = logging.getLogger("ray.data._internal.util")  # where Ray Data warns of deprecated arguments
+    util_log.addHandler(caplog.handler)
+    try:
+        rows = map_light(ds, Offset, {"by": 10, "log": str(log)}, num_cpus=0.25, concurrency=2, batch_size=4,
+                         batch_format="numpy").take_all()
+    finally:
+        util_log.removeHandler(caplog.handler)
+    assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
     assert sorted(int(r["x"]) for r in rows) == list(range(10, 74))
     built = log.read_text().split()
     # 16 batches, one construction in each process that ran any

@@ -40,8 +40,10 @@ def map_light(ds: Any, cls: type, kwargs: dict[str, Any], *, num_cpus: float, co
               **map_kwargs: Any) -> Any:
     """``ds.map_batches`` running the callable class ``cls(**kwargs)`` in Ray tasks, each worker
     process building it once (:func:`cached_instance`); ``concurrency`` bounds the tasks at once
-    (None: as many as ``num_cpus`` each lets run). ``map_kwargs``: the other ``map_batches``
-    options (``batch_size``, ``batch_format``)."""
-    options: dict[str, Any] = {"concurrency": concurrency} if concurrency else {}
+    (None: as many as ``num_cpus`` each lets run), through Ray Data's ``TaskPoolStrategy`` (its
+    ``concurrency`` argument is deprecated since Ray 2.51). ``map_kwargs``: the other
+    ``map_batches`` options (``batch_size``, ``batch_format``)."""
+    from ray.data import TaskPoolStrategy
+
     return ds.map_batches(_call_cached, fn_kwargs=dict(cls=cls, kwargs=kwargs), num_cpus=num_cpus,
-                          **options, **map_kwargs)
+                          compute=TaskPoolStrategy(size=concurrency or None), **map_kwargs)
