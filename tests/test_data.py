@@ -70,6 +70,19 @@ def test_missing_response_is_bad_only_when_needed(tmp_path):
         load_split(spec_for(typed), "train", words, need_response=True)
 
 
+def test_a_null_cell_of_a_parquet_column_is_told_apart_from_a_missing_field(tmp_path):
+    """Every row of a parquet file has every column: an empty cell is a null, not a misnamed
+    field, so the fix named is the data's, and the rows' fields are not listed."""
+    table = pa.table({"id": ["1", "2", "3"], "prompt": ["p1", None, "p3"], "response": ["r1", "r2", None]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError) as info:
+        load_split(spec_for(tmp_path / "d.parquet"), "train", words, need_response=True)
+    msg = str(info.value)
+    assert "rows whose prompt field 'prompt' is null (first ids: 2)" in msg
+    assert "rows whose response field 'response' is null (first ids: 3)" in msg
+    assert "without" not in msg and "point data.prompt_field" not in msg and "the rows have the fields" not in msg
+
+
 def test_an_empty_needed_response_and_an_unusable_id_are_bad_rows(tmp_path):
     """An empty gold response would score an empty answer as an exact match; a null (or NaN) id
     would be the text "None" (two of them a "duplicate"), an empty or a mapping id no id at all.

@@ -104,7 +104,8 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
     latter marks a binary or UTF-16 field) makes a bad row; such an id is reported as
     ``#<row number>``, as is an id that is null (or NaN), empty, or not a string or a number. A needed
     response must be non-empty text: an empty gold response would score an empty answer as an
-    exact match."""
+    exact match. A prompt or response that is null is told apart from one that is missing (a
+    misnamed field, for which the fields the rows have are named)."""
 
     def bad_text(rid: str, name: str, value: Any) -> str:
         found = bad_char(value) if isinstance(value, str) else None
@@ -125,8 +126,9 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
             return RowCheck(f"#{i}", False, f"rows with invalid unicode in field {spec.id_field!r}", example)
     rid = str(row[spec.id_field]) if spec.id_field else str(i)
     prompt = row.get(spec.prompt_field)
-    if prompt is None:
-        return RowCheck(rid, True, f"rows without prompt field {spec.prompt_field!r}")
+    if prompt is None:  # a parquet column has every field: its empty cells are nulls
+        return RowCheck(rid, True, f"rows without prompt field {spec.prompt_field!r}" if spec.prompt_field not in row
+                        else f"rows whose prompt field {spec.prompt_field!r} is null")
     if not isinstance(prompt, str) or not prompt.strip():
         return RowCheck(rid, True, "rows with an empty or non-text prompt")
     example = bad_text(rid, spec.prompt_field, prompt)
@@ -134,7 +136,8 @@ def check_row(row: dict[str, Any], i: int, spec: DataSpec, *, need_response: boo
         return RowCheck(rid, True, f"rows with invalid unicode in field {spec.prompt_field!r}", example)
     response = row.get(spec.response_field) if spec.response_field else None
     if need_response and response is None:
-        return RowCheck(rid, True, f"rows without response field {spec.response_field!r}")
+        return RowCheck(rid, True, f"rows without response field {spec.response_field!r}" if spec.response_field not in row
+                        else f"rows whose response field {spec.response_field!r} is null")
     if need_response and not isinstance(response, str):
         return RowCheck(rid, True, f"rows whose response field {spec.response_field!r} is not text")
     if need_response and not response.strip():  # an empty gold: an empty answer would match it exactly
