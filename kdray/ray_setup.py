@@ -62,6 +62,43 @@ def extensions_dir(cache: str) -> str:
 INGEST_CPUS = 1
 
 
+#: The starts of Ray's log lines that a kdray driver drops: notices about how kdray drives Ray
+#: (its batch LLM processor re-joins Ray from each pool's thread), none of which asks anything
+#: of the user. They were 17 of the 21 lines Ray logged in a demo job (Ray 2.60).
+RAY_NOTICES = (
+    "Calling ray.init() again after it has already been called",  # each ray.data.llm processor
+    "SIGTERM handler is not set because current thread is not the main thread",  # the same, in a pool's thread
+    "The argument ``concurrency`` is deprecated",  # ray.data.llm's own engine stage; kdray's maps use compute=
+    "No cloud storage mirror configured",  # ray.data.llm, for a local model
+    "Progress bars disabled",  # kdray draws its own (init_ray turns Ray Data's off)
+)
+
+
+class _DropNotices(logging.Filter):
+    """Drops the records whose message starts with one of :data:`RAY_NOTICES`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RAY_NOTICES)
+
+
+def quiet_ray_notices() -> None:
+    """Put :class:`_DropNotices` on the handlers of Ray's loggers in this process (``ray`` and
+    those of its children that print for themselves); idempotent.
+
+    ``ray.llm``'s modules give each logger a handler of its own when they are imported, unless
+    the ``ray.llm`` logger has one (Ray 2.60, ``ray.llm._internal.common.observability.logging``):
+    it gets a ``NullHandler``, so those imported later log through ``ray``'s handler, filtered."""
+    import ray  # noqa: F401  (its import gives the ``ray`` logger its handler)
+
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.NullHandler())
+    names = ["ray", *(name for name in list(logging.root.manager.loggerDict) if name.startswith("ray."))]
+    for handler in {h for name in names for h in logging.getLogger(name).handlers}:
+        if not any(isinstance(f, _DropNotices) for f in handler.filters):
+            handler.addFilter(_DropNotices())
+
+
 #: Why joining a cluster by its address may fail though it is up: Ray 2.60 turns token
 #: authentication on for a `ray start` where a token exists, and a process joining by address
 #: uses it only when told (docs.ray.io, "Token authentication"); kdray does not switch it on
@@ -112,6 +149,7 @@ def init_ray(address: str | None, *, dashboard: bool = False, dashboard_port: in
             + (AUTH_HINT if target and "RAY_AUTH_MODE" not in os.environ else "")
         ) from None
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_notices()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -57,3 +57,26 @@ def test_each_python_environment_gets_its_own_extension_cache(tmp_path, monkeypa
     # A value the user set wins.
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/opt/ext")
     assert job_env()["TORCH_EXTENSIONS_DIR"] == "/opt/ext"
+
+
+def test_a_driver_prints_rays_warnings_but_not_its_notices_about_how_kdray_drives_it():
+    script = """
+import logging
+from kdray.ray_setup import RAY_NOTICES, quiet_ray_notices
+quiet_ray_notices()
+quiet_ray_notices()  # idempotent: one filter per handler
+# made after the call, as ray.data.llm makes its loggers when a processor first runs
+from ray.llm._internal.common.utils import download_utils
+for notice in RAY_NOTICES:
+    logging.getLogger("ray._private.worker").warning(notice + " (a notice)")
+    download_utils.logger.info(notice + " (a notice)")
+logging.getLogger("ray._private.worker").warning("kept: a worker's warning")
+download_utils.logger.info("kept: ray.llm's own line")
+print(sum(len(h.filters) for h in logging.getLogger("ray").handlers))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if " -- " in line]
+    assert "(a notice)" not in done.stderr
+    assert [line.split(" -- ", 1)[1] for line in lines] == ["kept: a worker's warning", "kept: ray.llm's own line"]
+    assert done.stdout.split()[-1] == "1"  # PlainRayHandler had none of its own
