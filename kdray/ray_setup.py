@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from kdray.caches import local_cache_dir
@@ -72,6 +73,9 @@ RAY_NOTICES = (
     "No cloud storage mirror configured",  # ray.data.llm, for a local model
     "Progress bars disabled",  # kdray draws its own (init_ray turns Ray Data's off)
 )
+#: The start of a Python warning of Ray Data's that a kdray driver drops: a light task's bound
+#: (kdray.data.light_tasks) is a most, which a small dataset's single block does not reach.
+RAY_DATA_WARNING = "The maximum number of concurrent tasks for "
 
 
 class _DropNotices(logging.Filter):
@@ -87,8 +91,13 @@ def quiet_ray_notices() -> None:
 
     ``ray.llm``'s modules give each logger a handler of its own when they are imported, unless
     the ``ray.llm`` logger has one (Ray 2.60, ``ray.llm._internal.common.observability.logging``):
-    it gets a ``NullHandler``, so those imported later log through ``ray``'s handler, filtered."""
+    it gets a ``NullHandler``, so those imported later log through ``ray``'s handler, filtered.
+    Also ignores the Python warning :data:`RAY_DATA_WARNING`."""
+    import warnings
+
     import ray  # noqa: F401  (its import gives the ``ray`` logger its handler)
+
+    warnings.filterwarnings("ignore", message=re.escape(RAY_DATA_WARNING), category=UserWarning)
 
     llm = logging.getLogger("ray.llm")
     if not llm.handlers:

@@ -72,6 +72,10 @@ for notice in RAY_NOTICES:
     download_utils.logger.info(notice + " (a notice)")
 logging.getLogger("ray._private.worker").warning("kept: a worker's warning")
 download_utils.logger.info("kept: ray.llm's own line")
+import warnings
+from kdray.ray_setup import RAY_DATA_WARNING
+warnings.warn(RAY_DATA_WARNING + "'MapBatches(_call_cached)' is set to 2 (a notice)", UserWarning)
+warnings.warn("kept: another warning", UserWarning)
 print(sum(len(h.filters) for h in logging.getLogger("ray").handlers))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -80,3 +84,4 @@ print(sum(len(h.filters) for h in logging.getLogger("ray").handlers))
     assert "(a notice)" not in done.stderr
     assert [line.split(" -- ", 1)[1] for line in lines] == ["kept: a worker's warning", "kept: ray.llm's own line"]
     assert done.stdout.split()[-1] == "1"  # PlainRayHandler had none of its own
+    assert "UserWarning: kept: another warning" in done.stderr
