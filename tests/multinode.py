@@ -235,11 +235,17 @@ class LocalCluster:
         session at once, with no drain and no notice to the GCS (which finds the node dead by
         its health checks). Returns the Ray node id it had."""
         node_id = self.node_id(name)
+        self.reclaim(name)
+        return node_id
+
+    def reclaim(self, name: str) -> None:
+        """End the worker node ``name`` as a cloud ends a preempted instance at its deadline:
+        every process of its session, whether or not Ray has already stopped its raylet (a node
+        drained for a preemption stops once its work is gone)."""
         (node,) = [n for n in self.nodes if n.name == name and not n.killed]
         node.killed = True
         _kill_sessions({node.proc.pid})
         node.proc.wait()
-        return node_id
 
     def add_node(self, name: str) -> None:
         """Start a worker node offering what the worker node ``name`` offers (its CPU, its

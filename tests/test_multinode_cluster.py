@@ -286,6 +286,84 @@ def _replaced(cluster, lost: str, name: str, proc: subprocess.Popen) -> tuple[fl
     return dead_at, joined_at
 
 
+#: Seconds between the preemption notice and the reclaim: past the job's end (what Ray Train
+#: does at the deadline is Ray's; the node loss it restarts from is the POCL job's below).
+RECLAIM_S = 600
+#: The preemption job's optimizer steps: 1,024 rows, 4 epochs, 32 rows a step (0.2-0.5 s each
+#: here): the notice comes mid-training.
+PREEMPT_STEPS = 128
+
+
+def _preemption_spec(work: Path) -> Path:
+    """Forward KL on the dataset's responses, PREEMPT_STEPS steps of one-row micro-batches (16
+    gloo collectives a step), and no periodic checkpoints: the only one before the segment's
+    end is the notice's."""
+    from tests.test_e2e_curriculum import small_job
+
+    spec = small_job(work, "preempt", dataset_responses=True)
+    config = yaml.safe_load(spec.read_text())
+    for role in ("teacher", "student"):
+        config[role]["backend"] = "hf"
+    config["data"]["max_train_samples"] = 1024
+    config["training"].update(epochs=4, micro_batch_size_per_worker=1, checkpoint_every_steps=None)
+    spec.write_text(yaml.safe_dump(config))
+    return spec
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_checkpoints_at_once_and_names_the_node(cluster, storage, toy_world):
+    """A spot instance's reclaim notice: once training runs, Ray drains one training worker's node
+    for a preemption with a deadline (what a cloud's notice becomes; ``ray drain-node``). The
+    workers checkpoint at their next check, off the schedule (this job has none), record the
+    notice with that step and train on. The drained node is then reclaimed and replaced."""
+    from multinode import ray_command
+
+    from tests.test_e2e import _train_steps
+
+    work = storage / "shared" / "preempt"
+    work.mkdir(parents=True)
+    spec, out = _preemption_spec(work), work / "out"
+    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=work, env=env,
+                                stdout=stdout, stderr=stderr, text=True)
+    try:
+        victim = _train_worker_nodes(cluster, proc)[0]
+        _wait_for("step 2", lambda: max(_train_steps(out / "events.jsonl"), default=0) >= 2, proc)
+        drained = cluster.node_id(victim)
+        noticed_at = time.time()
+        subprocess.run([ray_command(), "drain-node", f"--address={cluster.address}", f"--node-id={drained}",
+                        "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
+                        f"--deadline-remaining-seconds={RECLAIM_S}"], check=True, timeout=60, capture_output=True)
+        saved = _wait_for("the notice's checkpoint", lambda: [e for e in _logged(out) if "preemption" in e], proc)
+        saved_in = time.time() - noticed_at
+        rc = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.reclaim(victim)  # the cloud takes the drained node; an autoscaler replaces it
+        cluster.add_node(victim)
+    output = (work / "stdout.txt").read_text() + (work / "stderr.txt").read_text()
+    assert rc == 0, output
+
+    (notice,) = saved
+    assert notice["kind"] == "train_step" and notice["checkpoint"] is True  # checkpoint_every_steps: null
+    assert notice["preemption"]["nodes"] == [drained]
+    assert len(notice["preemption"]["ranks"]) == 1 and 0 < notice["preemption"]["deadline_s"] <= RECLAIM_S
+    # Ray Train's watcher polls every 5 s, the workers check every PREEMPTION_CHECK_S (5 s), one step more
+    assert saved_in < 30, saved_in
+    trained = _train_steps(out / "events.jsonl")
+    assert trained == list(range(1, PREEMPT_STEPS + 1))  # trained on, once each
+    assert 2 <= notice["step"] < PREEMPT_STEPS
+    # Ray Train keeps it: the notice's checkpoint and the segment's final one.
+    saved_steps = sorted(json.loads(p.read_text())["step"] for p in (out / "ray_train").glob("*/checkpoint_*/progress.json"))
+    assert saved_steps == [notice["step"], PREEMPT_STEPS], saved_steps
+    print(f"\npreemption notice for {victim} after step {notice['step']}: checkpointed {saved_in:.1f} s after the "
+          f"drain, {notice['preemption']['deadline_s']} s before the reclaim")
+
+
 @pytest.mark.slow
 def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losing_a_node(
         cluster, storage, toy_world):

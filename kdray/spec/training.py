@@ -141,9 +141,10 @@ class TrainingSpec(_Spec):
         description="Save a DeepSpeed checkpoint (model, optimizer, scheduler, step) every N "
         "optimizer steps; a restarted worker group (max_failures) or a re-run of the job resumes "
         "from the latest, so a lost node costs at most the steps since it. Each save writes every "
-        "rank's ZeRO state to output_dir: lower N where steps are slow or nodes unreliable (spot), "
+        "rank's ZeRO state to output_dir: lower N where steps are slow or nodes fail without notice, "
         "raise it where the state is large. null: only each segment's final state is saved (a "
-        "failure restarts the segment).",
+        "failure restarts the segment). A preemption notice (Ray draining a node, as for a spot "
+        "reclaim) also saves one at once, off this schedule.",
     )
     max_failures: RestartCount = Field(
         MAX_FAILURES,

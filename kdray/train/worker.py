@@ -37,6 +37,12 @@ from kdray.train.step import RankSums, StepClock, accumulate_step, step_metrics
 #: every rank reports at the same step.
 REPORT_INTERVAL_S = 1.0
 
+#: Seconds between two checks for a preemption notice at most: Ray Train's watcher polls Ray's
+#: node drains every 5 s (``RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S``), and each check
+#: (``ray.train.get_preemption_info``) is a collective of all ranks through Ray Train's actors.
+#: Rank 0's clock decides, carried with the step's metrics as a report is.
+PREEMPTION_CHECK_S = 5.0
+
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
 #: buffer as it streams the shard (a full shuffle would materialise the shard per epoch).
 SHUFFLE_BUFFER_MICRO_BATCHES = 4
@@ -127,7 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     group: list[dict[str, Any]] = []  # the micro-batches of the step being gathered
     since_checkpoint: list[dict[str, Any]] = []
     unreported: list[dict[str, Any]] = []  # the steps the next report carries
-    last_report = time.monotonic()
+    last_report = last_check = time.monotonic()
+    noticed = False  # a preemption notice came, and this run checkpointed at once
     # The last step's sums, summed over the ranks with the next step's item counts (one collective
     # a step, :class:`RankSums`), and its rank-local metrics; None where the step summed its own.
     pending: tuple[RankSums, dict[str, Any]] | None = None
@@ -137,17 +144,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(wc.steps_journal).parent.mkdir(parents=True, exist_ok=True)
         journal = open(wc.steps_journal, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole loop
 
-    def record(sums: RankSums, local: dict[str, Any]) -> bool:
+    def record(sums: RankSums, local: dict[str, Any]) -> tuple[bool, bool]:
         """A step's metrics, its sums now over every rank, to the reports to come and rank 0's
-        journal; whether rank 0 found a report due (every rank gets the same answer)."""
+        journal; whether rank 0 found a report due, and a preemption check (every rank gets the
+        same answers)."""
         nonlocal metrics
-        metrics, due = _step_metrics(sums, local)
+        metrics, due, check = _step_metrics(sums, local)
         since_checkpoint.append(metrics)
         unreported.append(metrics)
         if journal is not None:
             journal.write(json.dumps(metrics, default=float) + "\n")
             journal.flush()
-        return due
+        return due, check
 
     boundaries: list[bool] = []
     clock = StepClock()  # where each step's time goes: its metrics' *_s; a step runs from the previous one's end
@@ -200,13 +208,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     schedule["val_loss"] = replay.validate(engine, validation, device)
             if on_policy is not None:
                 schedule.update(on_policy.metrics())
-            report_due = record(*pending) if pending is not None else False  # the previous step's
+            report_due, check_due = record(*pending) if pending is not None else (False, False)  # the last step's
             local = {"step": step, "epoch": epoch, "lr": lr, **schedule, **_rank_metrics(engine, wc, clock.lap()),
                      **clock.take()}
             checkpoint = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
+            if check_due and step < seg.end_step:
+                with clock.timing("report"):
+                    notice = _preemption_notice()
+                last_check = time.monotonic()
+                if notice is not None:  # checkpoint at once: the steps since the last one are saved
+                    noticed = checkpoint = True
+                    local["preemption"] = notice
             pending = None
             if checkpoint or step >= seg.end_step:  # no step to carry this one's sums: their own collective
-                record(RankSums({**window, "report_due": 0.0}).sum_now(), local)
+                record(RankSums({**window, "report_due": 0.0, "check_due": 0.0}).sum_now(), local)
             if step >= seg.end_step:
                 break
             if checkpoint:
@@ -221,9 +236,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with clock.timing("report"):
                     ray.train.report({"steps": unreported})
                 unreported, last_report = [], time.monotonic()
-            if not checkpoint:  # with whether rank 0 finds a report due, decided after this step's
-                due = rank == 0 and time.monotonic() - last_report >= REPORT_INTERVAL_S
-                pending = (RankSums({**window, "report_due": float(due)}), local)
+            if not checkpoint:  # with whether rank 0 finds a report or a check due, decided after this step's
+                now = time.monotonic()
+                due = rank == 0 and now - last_report >= REPORT_INTERVAL_S
+                check = rank == 0 and not noticed and now - last_check >= PREEMPTION_CHECK_S
+                pending = (RankSums({**window, "report_due": float(due), "check_due": float(check)}), local)
             if on_policy is not None:
                 on_policy.after_step(engine, step, clock)
         if step >= seg.end_step:
@@ -280,21 +297,43 @@ def _rank_metrics(engine: Any, wc: WorkerConfig, lap: dict[str, float]) -> dict[
     }
 
 
-def _step_metrics(sums: RankSums, local: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def _step_metrics(sums: RankSums, local: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     """An optimizer step's metrics: ``local`` (:func:`_rank_metrics`) with the loss and its parts
     (each rank's share from :func:`kdray.train.step.accumulate_step`, summed over the ranks in
     ``sums``: the step's objective), label tokens per second of rank 0's step and the share of
-    padding; and whether rank 0 found a report due (``sums``' ``report_due``)."""
+    padding; and whether rank 0 found a report due and a preemption check due (``sums``'
+    ``report_due``, ``check_due``)."""
     if sums.summed is None:
         raise RuntimeError(f"step {local['step']}: its metrics were never summed over the ranks")
     summed = dict(sums.summed)
-    due = summed.pop("report_due") > 0
+    due, check = summed.pop("report_due") > 0, summed.pop("check_due") > 0
     totals = step_metrics(summed)
     return {
         **local,
         **{k: v for k, v in totals.items() if k != "tokens"},
         "tokens_per_s": totals["tokens"] / max(local["step_s"], 1e-9),
-    }, due
+    }, due, check
+
+
+def _preemption_notice() -> dict[str, Any] | None:
+    """Whether Ray drains a node of this worker group for a preemption (a spot instance's
+    reclaim notice; ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``), from Ray Train's
+    ``get_preemption_info``: the same answer on every rank, which must all call it at the same
+    step. None, or the notice as the step's metrics keep it: the drained ``nodes`` (ids), the
+    ``ranks`` on them and ``deadline_s``, the seconds left before the reclaim (None: unknown).
+
+    Ray Train counts the loss of such a node as a preemption, not against
+    ``training.max_failures`` (its ``max_preemption_failures``: unlimited), and restarts the
+    group from the latest checkpoint: the one the caller writes at once (docs.ray.io,
+    ``ray.train.get_preemption_info``, Ray 2.60)."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    deadline = info.deadline_ms / 1000 - time.time() if info.deadline_ms else None
+    return {"nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
+            "deadline_s": round(deadline, 1) if deadline is not None else None}
 
 
 def _make_replay(spec: JobSpec, rank: int, state: dict[str, Any] | None, pool: tuple[Any, ...]) -> Any:
