@@ -322,10 +322,11 @@ def _preemption_notice() -> dict[str, Any] | None:
     step. None, or the notice as the step's metrics keep it: the drained ``nodes`` (ids), the
     ``ranks`` on them and ``deadline_s``, the seconds left before the reclaim (None: unknown).
 
-    Ray Train counts the loss of such a node as a preemption, not against
-    ``training.max_failures`` (its ``max_preemption_failures``: unlimited), and restarts the
-    group from the latest checkpoint: the one the caller writes at once (docs.ray.io,
-    ``ray.train.get_preemption_info``, Ray 2.60)."""
+    Ray Train ends the group at the drain's deadline and restarts it from the latest
+    checkpoint, the one the caller writes at once, counted as a preemption
+    (``max_preemption_failures``: unlimited), not against ``training.max_failures``; a node lost
+    before its deadline counts as a failure (docs.ray.io, ``ray.train.get_preemption_info``; Ray
+    2.60's controller)."""
     import ray.train
 
     info = ray.train.get_preemption_info()
