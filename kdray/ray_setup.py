@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -95,7 +96,7 @@ def quiet_ray_notices() -> None:
     Also ignores the Python warning :data:`RAY_DATA_WARNING`."""
     import warnings
 
-    import ray  # noqa: F401  (its import gives the ``ray`` logger its handler)
+    importlib.import_module("ray")  # its import gives the ``ray`` logger its handler
 
     warnings.filterwarnings("ignore", message=re.escape(RAY_DATA_WARNING), category=UserWarning)
 

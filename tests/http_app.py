@@ -14,9 +14,9 @@ from kdray.bench.service import free_port
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """``app`` served on 127.0.0.1 until the block ends; yields its URL."""
-    port = free_port()
+def serving(app: Any, port: int | None = None) -> Iterator[str]:
+    """``app`` served on 127.0.0.1 (at ``port``, else a free one) until the block ends; yields its URL."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

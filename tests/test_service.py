@@ -58,16 +58,20 @@ class Service:
         raise AssertionError(f"kdray serve could not bind a port in {attempts} attempts")
 
     def _start(self) -> None:
-        # The token from a file, which the replica reads on the head (as a RayService's token_file).
+        # The token from a file, which the replica reads on the head (as a RayService's token_file),
+        # at the first start; from KDRAY_API_TOKEN at a restart, as the docs' example gives it.
         token_file = self.state_dir.parent / "token"
         token_file.write_text(TOKEN + "\n")
         env = {k: v for k, v in os.environ.items() if k != "KDRAY_API_TOKEN"}
         env.update(PYTHONUNBUFFERED="1", RAY_TMPDIR=str(self.ray_tmp))
+        token_args = ["--token-file", str(token_file)]
+        if self.proc is not None:
+            env["KDRAY_API_TOKEN"], token_args = TOKEN, []
         self.log = open(self.state_dir.parent / f"serve-{time.time():.0f}.log", "w")
         self.dashboard.target = free_port()  # the local Ray's dashboard, behind the proxy
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kdray.cli", "serve", "--port", str(self.port), "--state-dir", str(self.state_dir),
-             "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1", "--token-file", str(token_file),
+             "--dashboard-port", str(self.dashboard.target), "--max-running-jobs", "1", *token_args,
              "--dashboard-url", f"http://127.0.0.1:{self.dashboard.port}", "--ray-timeout", "5"],
             cwd=self.state_dir.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -306,6 +310,19 @@ def test_submit_and_watch_a_job_to_success_through_its_phases(service, tmp_path)
         listed = client.get("/v1/jobs", params={"state": "succeeded"}).json()
         assert job_id in [j["id"] for j in listed["jobs"]]
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    # The driver joins the service's own Ray by its GCS address: Ray's job supervisor would give
+    # it whichever Ray it finds on the host (any GCS process, with two Rays on one host).
+    import socket
+
+    with service.http() as client:  # the driver's log opens with the command Ray ran
+        entry = next(line for line in client.get(f"/v1/jobs/{job_id}/logs").text.splitlines()
+                     if line.startswith("Running entrypoint for job"))
+    host, _, port = entry.rpartition(" --address ")[2].rpartition(":")
+    assert " --address " in entry and port.isdigit(), entry
+    socket.create_connection((host, int(port)), timeout=5).close()  # the GCS listens there
+    # and it is the service's own Ray's: the GCS port its session (in ray_tmp) records
+    sessions = sorted(service.ray_tmp.glob("**/session_2*"), key=lambda p: p.stat().st_mtime)
+    assert [f.read_text().strip() for f in sessions[-1].glob("gcs_server_port_*")] == [port]
     assert (service.state_dir / "runs" / "watched" / "student" / "config.json").exists()
     saved = yaml.safe_load((service.state_dir / "runs" / "watched" / "spec.yaml").read_text())
     assert saved["student"]["model"] == str(service.state_dir.parent / "my-student")
@@ -492,3 +509,15 @@ def test_the_token_is_in_no_log_and_no_answer(service):
     logs += [p for p in service.ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
     assert len(logs) > 20 and any("job-driver" in p.name for p in logs), logs  # the jobs' logs are among them
     assert not [str(p) for p in logs if TOKEN in p.read_text(encoding="utf-8", errors="replace")]
+    # Nor the environment of its Ray's processes (the jobs' drivers and workers run the users'
+    # code), though this start of the service took it from KDRAY_API_TOKEN.
+    family = psutil.Process(service.proc.pid).children(recursive=True)
+    assert len(family) > 5
+    assert not [p.pid for p in family if _environ_holds(p, TOKEN)]
+
+
+def _environ_holds(proc: psutil.Process, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{proc.pid}/environ").read_text(errors="replace")
+    except (OSError, psutil.Error):  # gone meanwhile
+        return False

@@ -28,6 +28,60 @@ def test_watch_replays_every_event_of_a_long_history_before_it_exits(tmp_path):
     assert shown == [f"line {i}" for i in range(2500)], (len(shown), shown[-1:])
 
 
+def test_watch_waits_out_a_restart_of_the_service(tmp_path):
+    """The service goes away while a job runs (a restart) and comes back on its port, answering
+    404 a while (Ray Serve before the app is deployed: "Path '...' not found"): `kdray watch`
+    says it is trying again, picks up the events stored meanwhile, and ends with the job."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from kdray.bench.service import free_port
+    from tests.test_e2e import REPO
+
+    async def not_deployed(request):
+        return PlainTextResponse(f"Path '{request.url.path}' not found. Ping http://.../-/routes for available routes.",
+                                 status_code=404)
+
+    serve_starting = Starlette(routes=[Route("/{path:path}", not_deployed)])
+    config = ServiceConfig(state_dir=str(tmp_path), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    store = JobStore(config.db_path)
+    job, _ = store.create(name="restarted", spec={}, output_dir=str(tmp_path / "runs" / "restarted"))
+    store.update(job["id"], state="running", driver=True)
+    store.append_event(job["id"], {"kind": "message", "text": "before the restart"})
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with serving(build_app(config), port) as url:
+        watch = subprocess.Popen([sys.executable, "-m", "kdray.cli", "watch", job["id"], "--server", url, "--token", "t",
+                                  "--interval", "0.2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+    try:
+        time.sleep(3)  # the service is down: watch keeps trying
+        assert watch.poll() is None
+        with serving(serve_starting, port):
+            time.sleep(3)  # Serve is up, the app is not yet
+        assert watch.poll() is None
+        store.append_event(job["id"], {"kind": "message", "text": "while it was down"})
+        store.update(job["id"], state="succeeded")
+        with serving(build_app(config), port):
+            out, err = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0 and f"{job['id']}: succeeded" in out, err[-2000:]
+    assert "cannot reach the kdray service" in err and "trying again for up to 300 s" in err
+    assert "the service answers again" in err
+    assert [line for line in err.splitlines() if line.endswith(("the restart", "was down"))] == [
+        "before the restart", "while it was down"]
+
+
 def test_the_report_of_a_job_with_a_long_step_history_is_served(tmp_path):
     """report.json of a 15,000-step job (about 10 MB, most of it the per-step history): its
     evaluation table, timings and student path are served, written in either key order (the

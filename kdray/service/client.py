@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import shutil
 import signal
 import sys
 import time
@@ -26,11 +25,15 @@ from kdray.service.config import DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 #: Events ``kdray watch`` reads per request (the API's most is 10,000).
 WATCH_PAGE = 1000
+#: Seconds `kdray watch` keeps trying a service it cannot reach (a restarted `kdray serve` is
+#: back in 15-25 s here) or that answers 503 (Ray's job API down) before it gives up.
+WATCH_RECONNECT_S = 300.0
 
 
 # -- the service --------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kdray.service.ingress import check_agent_port, default_ingress, ingress_env, private_haproxy_dir
+    from kdray.service.ingress import (check_agent_port, default_ingress, ingress_env, private_haproxy_dir,
+                                       reap_orphaned_haproxy, release_haproxy_dir)
 
     local = args.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     if args.ingress is not None and not local:
@@ -38,6 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "joins has the one its `ray start` was given (RAY_SERVE_ENABLE_HA_PROXY=1 on every "
                           "node: cluster/README.md)")
     ingress = (args.ingress or default_ingress()) if local else None
+    if ingress == "haproxy":
+        for line in reap_orphaned_haproxy():  # before the port checks: it would hold them
+            print(line, file=sys.stderr, flush=True)
     if local:
         check_agent_port()
     if ingress:  # before Ray and Serve start: every Ray process reads it from its environment
@@ -54,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None:
         raise ConfigError("no API token: set KDRAY_API_TOKEN or pass --token-file FILE (submit, cancel and "
                           "delete require it)")
+    # The replica gets the token in its config: out of the environment that the local Ray, and
+    # with it every job's driver and worker (users' code), would inherit.
+    os.environ.pop("KDRAY_API_TOKEN", None)
     if args.dashboard_port is not None and not local:
         raise ConfigError("--dashboard-port sets the dashboard of the local Ray kdray serve starts; joining a "
                           "cluster (--address or RAY_ADDRESS), give the cluster's dashboard as --dashboard-url")
@@ -74,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         private, folder = private_haproxy_dir()
         os.environ.update(private)
         if folder is not None:
-            atexit.register(shutil.rmtree, folder, True)
+            atexit.register(release_haproxy_dir, folder)
     context = init_ray(None if args.address in (None, "local") else args.address, dashboard=True,
                        dashboard_port=args.dashboard_port)
     dashboard = args.dashboard_url or getattr(context, "dashboard_url", None)
@@ -132,6 +141,13 @@ class Client:
         except httpx.TransportError as exc:
             raise ClusterError(f"cannot reach the kdray service at {self.server} ({exc}); is `kdray serve` "
                                "running there? (--server URL or KDRAY_SERVER)") from None
+        plain = "json" not in res.headers.get("content-type", "")
+        if res.status_code in (502, 504) or (res.status_code == 404 and plain):
+            # Ray Serve's own answer (a route not deployed yet: "Path '...' not found"), or a
+            # proxy's: the service is starting, or not there
+            raise ClusterError(f"the kdray service does not answer at {self.server} (HTTP {res.status_code}: "
+                               f"{res.text.strip().splitlines()[0][:120] if res.text.strip() else 'no body'}); is "
+                               "`kdray serve` starting, or running there? (--server URL or KDRAY_SERVER)")
         if res.status_code == 401:
             said = "refused the token" if self.has_token else "needs a token for this and none was given"
             raise KdrayError(f"the service {said}: pass --token TOKEN or set KDRAY_API_TOKEN")
@@ -147,8 +163,8 @@ class Client:
                       for e in body.get("errors") or [] if isinstance(e, dict)]
             if body.get("error") == SpecError.HTTP_ERROR:
                 raise SpecError(errors or [("(request)", SpecError.HTTP_ERROR)])
-            raise KdrayError("\n".join([f"{body.get('error') or 'invalid request'} (HTTP 422 from {self.server}):",
-                                         *(f"  {field}: {message}" for field, message in errors)]))
+            head = f"{body.get('error') or 'invalid request'} (HTTP 422 from {self.server})" + (":" if errors else "")
+            raise KdrayError("\n".join([head, *(f"  {field}: {message}" for field, message in errors)]))
         message = f"{body.get('error', res.text)} (HTTP {res.status_code} from {self.server})"
         raise ClusterError(message) if res.status_code == 503 else KdrayError(message)
 
@@ -248,13 +264,32 @@ def cmd_watch(args: argparse.Namespace) -> int:
     client = Client(args.server, args.token)
     reporter = ConsoleReporter(None)
     seen = 0
+    unreachable_since: list[float] = []  # when the service stopped answering, while it does not
+
+    def call(path: str, **kw: Any) -> Any:
+        """``client.call``, waiting out an unreachable service (a restart) for WATCH_RECONNECT_S."""
+        while True:
+            try:
+                answer = client.call("GET", path, **kw)
+            except ClusterError as exc:
+                if not unreachable_since:
+                    unreachable_since.append(time.monotonic())
+                    print(f"{exc}; trying again for up to {WATCH_RECONNECT_S:.0f} s", file=sys.stderr, flush=True)
+                elif time.monotonic() - unreachable_since[0] > WATCH_RECONNECT_S:
+                    raise
+                time.sleep(max(args.interval, 1.0))
+                continue
+            if unreachable_since:
+                print(f"the service answers again (after {time.monotonic() - unreachable_since.pop():.0f} s)",
+                      file=sys.stderr, flush=True)
+            return answer
+
     try:
         while True:
             # The state first: a job that has ended stored its last event before it did.
-            job = client.call("GET", f"/v1/jobs/{args.id}")
+            job = call(f"/v1/jobs/{args.id}")
             while True:  # every event stored so far, a page at a time
-                page = client.call("GET", f"/v1/jobs/{args.id}/events",
-                                   params={"after": seen, "limit": WATCH_PAGE})["events"]
+                page = call(f"/v1/jobs/{args.id}/events", params={"after": seen, "limit": WATCH_PAGE})["events"]
                 for event in page:
                     seen = event["seq"]
                     _replay(reporter, event)

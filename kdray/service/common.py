@@ -46,8 +46,27 @@ def status(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- dependencies: the shared state ----------------------------------------------------------
+#: The config each replica settled as it started (:func:`kdray.service.app.start_replica`: the
+#: token read from its file on the head, its Ray's GCS address), by state_dir. Serve answers
+#: requests with a copy of the app taken when the deployment was defined (``serve.ingress``
+#: pickles it, Ray 2.60), not the app object the replica's ``__init__`` sees: what the replica
+#: sets on one never reaches the other, and this process-wide record reaches both.
+_SETTLED: dict[str, ServiceConfig] = {}
+
+
+def settle_config(config: ServiceConfig) -> None:
+    """Record ``config`` as what every copy of its app in this process answers with."""
+    _SETTLED[config.state_dir] = config
+
+
+def current_config(app: Any) -> ServiceConfig:
+    """``app``'s config as its replica settled it (:func:`settle_config`), else as it was built."""
+    config: ServiceConfig = app.state.config
+    return _SETTLED.get(config.state_dir, config)
+
+
 async def get_config(request: Request) -> ServiceConfig:
-    return request.app.state.config
+    return current_config(request.app)
 
 
 async def get_store(request: Request) -> JobStore:
@@ -67,7 +86,7 @@ def _authorized(request: Request, token: str | None) -> bool:
 
 
 def _need_token(request: Request, *, write: bool) -> None:
-    config: ServiceConfig = request.app.state.config
+    config = current_config(request.app)
     if (write or config.auth_reads) and not _authorized(request, config.token):
         raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer TOKEN' "
                                 "(the token kdray serve was started with)")

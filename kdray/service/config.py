@@ -35,6 +35,11 @@ class ServiceConfig:
     python: str = sys.executable   # the interpreter that runs `kdray run` on the head node
     workdir: str = field(default_factory=os.getcwd)  # where jobs run (relative paths in specs are relative to it)
     keep_ended_days: float | None = None  # jobs ended longer ago are deleted (kdray.service.retention); None: kept
+    # The GCS address (host:port) of the service's Ray, which every job's driver joins (set by
+    # the replica as it starts: kdray.service.app.start_replica). Ray's job supervisor gives a
+    # driver the address of whichever Ray it finds on the head (the last `ray start`'s, else any
+    # GCS process on the host), which on a host with two Rays may be the other one.
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_running_jobs is not None and self.max_running_jobs < 1:

@@ -19,10 +19,12 @@ through the Python proxy, which spends about a quarter of a core on 50 requests 
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib.util
 import os
 import socket
 import tempfile
+from typing import Any
 
 from kdray.errors import ConfigError
 
@@ -89,15 +91,119 @@ def private_haproxy_dir() -> tuple[dict[str, str], str | None]:
     of them already (the operator's choice). The folder is ``/tmp/kdray-hap-*``, mode 700, short
     since a socket's path must be (HAProxy binds ``PATH.PID.tmp`` first, in 107 bytes, and Ray
     adds a 56-character folder named after the node); the caller removes it once Ray has
-    stopped. A file the environment already places stays where it says."""
+    stopped. A file the environment already places stays where it says. This process holds a
+    lock on the folder's :data:`OWNER_FILE` for as long as it lives (:func:`reap_orphaned_haproxy`)."""
     unset = [var for var in HAPROXY_FILES if var not in os.environ]
     if not unset:
         return {}, None
-    base = tempfile.mkdtemp(prefix="kdray-hap-", dir="/tmp")
+    base = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir="/tmp")
+    owner = open(os.path.join(base, OWNER_FILE), "w", encoding="utf-8")  # noqa: SIM115 - open for life
+    fcntl.lockf(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    owner.write(f"{os.getpid()}\n")
+    owner.flush()
+    _OWNED.append(owner)
     env = {var: os.path.join(base, HAPROXY_FILES[var]) for var in unset}
     if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" not in os.environ:
         env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = base
     return env, base
+
+
+#: The private folders of HAProxy's files (:func:`private_haproxy_dir`), in /tmp.
+HAPROXY_DIR_PREFIX = "kdray-hap-"
+#: The file in such a folder naming the ``kdray serve`` that made it (its pid), which that
+#: process keeps locked (a POSIX record lock: the kernel drops it when the process dies).
+OWNER_FILE = "owner"
+#: The owner files this process holds open, and so locked.
+_OWNED: list[Any] = []
+
+
+def _owner_gone(folder: str) -> str | None:
+    """The pid in ``folder``'s :data:`OWNER_FILE` when no process holds its lock any more (its
+    ``kdray serve`` died), else None (alive, no owner file, or not this user's folder)."""
+    try:
+        if os.stat(folder).st_uid != os.getuid():
+            return None
+        with open(os.path.join(folder, OWNER_FILE), "r+", encoding="utf-8") as f:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its kdray serve lives
+                return None
+            return f.read().strip() or "?"
+    except OSError:
+        return None
+
+
+def _haproxies_in(folders: list[str]) -> dict[str, list[Any]]:
+    """This user's HAProxy processes whose command line names a path in one of ``folders``."""
+    import psutil
+
+    found: dict[str, list[Any]] = {folder: [] for folder in folders}
+    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
+        info = proc.info
+        if info["name"] != "haproxy" or not info["uids"] or info["uids"].real != os.getuid():
+            continue
+        for folder in folders:
+            if any(arg.startswith(folder + os.sep) for arg in info["cmdline"] or []):
+                found[folder].append(proc)
+    return found
+
+
+def _stop(procs: list[Any], wait_s: float) -> None:
+    """SIGTERM ``procs``, then SIGKILL those left after ``wait_s``."""
+    import psutil
+
+    for signal_them in ("terminate", "kill"):
+        for proc in procs:
+            try:
+                getattr(proc, signal_them)()
+            except psutil.Error:  # gone meanwhile
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=wait_s)
+        if not procs:
+            return
+
+
+def release_haproxy_dir(folder: str, wait_s: float = 10.0) -> None:
+    """At ``kdray serve``'s exit, once Ray has stopped: stop any HAProxy still reading its config
+    in ``folder`` (Ray 2.60 stops the one it started, but a reload, ``-sf``, replaces that
+    process with another that outlived a stopped service here), then remove the folder."""
+    import shutil
+
+    _stop(_haproxies_in([folder])[folder], wait_s)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def reap_orphaned_haproxy(root: str = "/tmp", wait_s: float = 10.0) -> list[str]:
+    """Stop what an ended ``kdray serve`` left behind: this user's HAProxy processes reading
+    their config in one of its private folders in ``root`` whose maker is gone (its
+    :data:`OWNER_FILE` no longer locked: a SIGKILL, the OOM killer) or that is gone itself,
+    which would keep the service's ports and answer 500 for a service that is no more; and
+    those folders. Folders of a live ``kdray serve``, or without an owner file, stay. Call it
+    before this process makes its own (its lock does not keep this process out). Returns a
+    line per folder, for the log."""
+    import glob
+    import shutil
+
+    folders = sorted(glob.glob(os.path.join(root, HAPROXY_DIR_PREFIX + "*")))
+    owners = {folder: _owner_gone(folder) for folder in folders}
+    dead = [folder for folder in folders if owners[folder] is not None]
+    # HAProxy processes of folders that are gone (a service that removed its folder and left one)
+    stray = set()
+    for proc in _haproxies_in([root])[root]:
+        for arg in proc.info["cmdline"] or []:
+            if arg.startswith(os.path.join(root, HAPROXY_DIR_PREFIX)):
+                folder = os.path.join(root, os.path.relpath(arg, root).split(os.sep)[0])
+                if not os.path.exists(folder):
+                    stray.add(folder)
+    done = []
+    found = _haproxies_in([*dead, *sorted(stray)])
+    for folder, procs in found.items():
+        _stop(procs, wait_s)
+        shutil.rmtree(folder, ignore_errors=True)
+        pids = ", ".join(str(p.pid) for p in procs) or "none running"
+        maker = f"a kdray serve (pid {owners[folder]}) that was killed" if folder in dead else "a kdray serve that ended"
+        done.append(f"stopped HAProxy ({pids}) left by {maker}; removed {folder}")
+    return done
 
 
 def ingress_env(ingress: str) -> dict[str, str]:

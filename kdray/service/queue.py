@@ -31,9 +31,12 @@ def spec_path(config: ServiceConfig, job_id: str) -> Path:
 def entrypoint(config: ServiceConfig, job_id: str) -> str:
     """The shell command Ray Jobs runs for job ``job_id``: ``kdray run`` of the spec the service
     saved, in the service's working directory (relative data paths mean what validation saw),
-    following the job's record in the store."""
+    following the job's record in the store, on the service's own Ray (``config.ray_address``,
+    when known)."""
+    address = f" --address {shlex.quote(config.ray_address)}" if config.ray_address else ""
     return (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
-            f"{shlex.quote(str(spec_path(config, job_id)))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}")
+            f"{shlex.quote(str(spec_path(config, job_id)))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}"
+            f"{address}")
 
 
 def admit_queued(config: ServiceConfig, store: JobStore, ray: RayJobs, *, only: str | None = None) -> None:

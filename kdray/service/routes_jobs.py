@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kdray.errors import ClusterError, OutputDirInUse, SpecError, utf8_fault
 from kdray.pipeline.progress import finite
-from kdray.pipeline.state import spec_differences
+from kdray.pipeline.state import earlier_run_differences, spec_differences
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
@@ -86,6 +86,14 @@ def _start(spec: Any, key: str | None, config: ServiceConfig, store: JobStore, r
     from kdray.spec import dump_spec
 
     def save_spec(job_id: str) -> None:  # before the record exists for admission: its entrypoint reads it
+        # After the store's checks (an idempotent retry, a job still writing there), before the
+        # record is committed: what the job's driver would refuse at its start is refused here.
+        earlier = earlier_run_differences(Path(spec.output_dir), spec.model_dump(mode="json"))
+        if earlier:
+            raise RequestError(409, f"output_dir {spec.output_dir} holds an earlier run of a job with a different "
+                                    f"spec (differs in: {', '.join(earlier[:8])}{', ...' if len(earlier) > 8 else ''}), "
+                                    "which the job would refuse to resume: give it another output_dir, or remove "
+                                    "that one to start over", output_dir=spec.output_dir)
         path = spec_path(config, job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dump_spec(spec), encoding="utf-8")
