@@ -221,6 +221,15 @@ def _pocl_spec(work: Path) -> Path:
     return spec
 
 
+def _start_run(cluster, spec: Path, work: Path) -> subprocess.Popen:
+    """``kdray run SPEC`` on the cluster, in ``work`` (its stdout.txt and stderr.txt there)."""
+    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=work, env=env,
+                                stdout=stdout, stderr=stderr, text=True)
+
+
 def _train_worker_nodes(cluster, proc: subprocess.Popen, timeout: float = 600) -> list[str]:
     """The nodes of the job's two Ray Train worker processes, once both run (a Ray worker
     process is in the session of the node whose raylet started it)."""
@@ -323,11 +332,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_names_the_node(cluster, sto
     work = storage / "shared" / "preempt"
     work.mkdir(parents=True)
     spec, out = _preemption_spec(work), work / "out"
-    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=work, env=env,
-                                stdout=stdout, stderr=stderr, text=True)
+    proc = _start_run(cluster, spec, work)
     try:
         victim = _train_worker_nodes(cluster, proc)[0]
         _wait_for("step 2", lambda: max(_train_steps(out / "events.jsonl"), default=0) >= 2, proc)
@@ -385,11 +390,7 @@ def test_pocl_job_trains_across_nodes_scores_each_round_and_finishes_after_losin
     work = storage / "shared" / "pocl"
     work.mkdir(parents=True)
     spec, out = _pocl_spec(work), work / "out"
-    env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "run", str(spec)], cwd=work, env=env,
-                                stdout=stdout, stderr=stderr, text=True)
+    proc = _start_run(cluster, spec, work)
     try:
         # Positive control: each stage's two workers run on two worker nodes.
         _wait_for("stage 1's training", lambda: _phase_started(out, "stage 1/2"), proc)
