@@ -794,10 +794,11 @@ def test_haproxy_left_by_a_killed_service_is_stopped_and_its_folder_removed(tmp_
             "backend replica\n  server one 127.0.0.1:1\n")
         return path
 
-    orphaned, live, unowned = folder("orphan", "12345"), folder("live", "?"), folder("old", None)
+    orphaned, live, unowned = folder("orphan", '{"pid": 12345}'), folder("live", "{}"), folder("old", None)
     # The live one's kdray serve: a process holding the lock on its owner file, as kdray serve does.
-    owner = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
-                              "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+    owner = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                              "from kdray.pipeline.lock import acquire; acquire(Path(sys.argv[1])); "
+                              "print('held', flush=True); time.sleep(600)",
                               str(live / OWNER_FILE)], stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == "held"
     procs = {path: subprocess.Popen([get_haproxy_binary(), "-f", str(path / "haproxy.cfg")])

@@ -19,14 +19,16 @@ through the Python proxy, which spends about a quarter of a core on 50 requests 
 from __future__ import annotations
 
 import errno
-import fcntl
 import importlib.util
+import json
 import os
 import socket
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from kdray.errors import ConfigError
+from kdray.pipeline.lock import LockHeld, acquire
 
 INGRESSES = ("haproxy", "proxy")
 HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -97,11 +99,7 @@ def private_haproxy_dir() -> tuple[dict[str, str], str | None]:
     if not unset:
         return {}, None
     base = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir="/tmp")
-    owner = open(os.path.join(base, OWNER_FILE), "w", encoding="utf-8")  # noqa: SIM115 - open for life
-    fcntl.lockf(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    owner.write(f"{os.getpid()}\n")
-    owner.flush()
-    _OWNED.append(owner)
+    _OWNED.append(acquire(Path(base) / OWNER_FILE, role="kdray serve"))
     env = {var: os.path.join(base, HAPROXY_FILES[var]) for var in unset}
     if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" not in os.environ:
         env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = base
@@ -110,41 +108,45 @@ def private_haproxy_dir() -> tuple[dict[str, str], str | None]:
 
 #: The private folders of HAProxy's files (:func:`private_haproxy_dir`), in /tmp.
 HAPROXY_DIR_PREFIX = "kdray-hap-"
-#: The file in such a folder naming the ``kdray serve`` that made it (its pid), which that
-#: process keeps locked (a POSIX record lock: the kernel drops it when the process dies).
+#: The file in such a folder that the ``kdray serve`` which made it keeps locked for its life
+#: (:func:`kdray.pipeline.lock.acquire`: the kernel drops the lock when the process dies).
 OWNER_FILE = "owner"
-#: The owner files this process holds open, and so locked.
-_OWNED: list[Any] = []
+#: The descriptors of the owner files this process holds, and so keeps locked.
+_OWNED: list[int] = []
 
 
 def _owner_gone(folder: str) -> str | None:
-    """The pid in ``folder``'s :data:`OWNER_FILE` when no process holds its lock any more (its
-    ``kdray serve`` died), else None (alive, no owner file, or not this user's folder)."""
+    """Who made ``folder`` (``pid N``, or ``pid ?``) when no process holds its :data:`OWNER_FILE`'s
+    lock any more (its ``kdray serve`` died); None when it is held, missing, or the folder is
+    not this user's."""
+    path = Path(folder) / OWNER_FILE
     try:
-        if os.stat(folder).st_uid != os.getuid():
+        if os.stat(folder).st_uid != os.getuid() or not path.exists():
             return None
-        with open(os.path.join(folder, OWNER_FILE), "r+", encoding="utf-8") as f:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # held: its kdray serve lives
-                return None
-            return f.read().strip() or "?"
-    except OSError:
+        maker = json.loads(path.read_text(encoding="utf-8") or "{}").get("pid", "?")
+    except (OSError, ValueError, AttributeError):
+        maker = "?"
+    try:
+        os.close(acquire(path))
+    except (LockHeld, OSError):  # held: its kdray serve lives
         return None
+    return f"pid {maker}"
 
 
-def _haproxies_in(folders: list[str]) -> dict[str, list[Any]]:
-    """This user's HAProxy processes whose command line names a path in one of ``folders``."""
+def _haproxies(root: str) -> dict[str, list[Any]]:
+    """This user's HAProxy processes reading a file of a private folder in ``root``, by folder."""
     import psutil
 
-    found: dict[str, list[Any]] = {folder: [] for folder in folders}
+    prefix = os.path.join(root, HAPROXY_DIR_PREFIX)
+    found: dict[str, list[Any]] = {}
     for proc in psutil.process_iter(["name", "cmdline", "uids"]):
         info = proc.info
         if info["name"] != "haproxy" or not info["uids"] or info["uids"].real != os.getuid():
             continue
+        folders = {os.path.join(root, os.path.relpath(arg, root).split(os.sep)[0])
+                   for arg in info["cmdline"] or [] if arg.startswith(prefix)}
         for folder in folders:
-            if any(arg.startswith(folder + os.sep) for arg in info["cmdline"] or []):
-                found[folder].append(proc)
+            found.setdefault(folder, []).append(proc)
     return found
 
 
@@ -169,7 +171,7 @@ def release_haproxy_dir(folder: str, wait_s: float = 10.0) -> None:
     process with another that outlived a stopped service here), then remove the folder."""
     import shutil
 
-    _stop(_haproxies_in([folder])[folder], wait_s)
+    _stop(_haproxies(os.path.dirname(folder)).get(folder, []), wait_s)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -184,25 +186,20 @@ def reap_orphaned_haproxy(root: str = "/tmp", wait_s: float = 10.0) -> list[str]
     import glob
     import shutil
 
-    folders = sorted(glob.glob(os.path.join(root, HAPROXY_DIR_PREFIX + "*")))
-    owners = {folder: _owner_gone(folder) for folder in folders}
-    dead = [folder for folder in folders if owners[folder] is not None]
-    # HAProxy processes of folders that are gone (a service that removed its folder and left one)
-    stray = set()
-    for proc in _haproxies_in([root])[root]:
-        for arg in proc.info["cmdline"] or []:
-            if arg.startswith(os.path.join(root, HAPROXY_DIR_PREFIX)):
-                folder = os.path.join(root, os.path.relpath(arg, root).split(os.sep)[0])
-                if not os.path.exists(folder):
-                    stray.add(folder)
+    running = _haproxies(root)
+    makers = {folder: _owner_gone(folder) for folder in glob.glob(os.path.join(root, HAPROXY_DIR_PREFIX + "*"))}
+    # a folder gone with a HAProxy of it still running: a service that ended and removed it
+    makers.update({folder: "" for folder in running if not os.path.exists(folder)})
     done = []
-    found = _haproxies_in([*dead, *sorted(stray)])
-    for folder, procs in found.items():
+    for folder, maker in sorted(makers.items()):
+        if maker is None:  # its kdray serve lives, or not a folder this can judge
+            continue
+        procs = running.get(folder, [])
         _stop(procs, wait_s)
         shutil.rmtree(folder, ignore_errors=True)
         pids = ", ".join(str(p.pid) for p in procs) or "none running"
-        maker = f"a kdray serve (pid {owners[folder]}) that was killed" if folder in dead else "a kdray serve that ended"
-        done.append(f"stopped HAProxy ({pids}) left by {maker}; removed {folder}")
+        who = f"a kdray serve ({maker}) that was killed" if maker else "a kdray serve that ended"
+        done.append(f"stopped HAProxy ({pids}) left by {who}; removed {folder}")
     return done
 
 
