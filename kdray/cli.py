@@ -78,6 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdray.api import run
     from kdray.service.tracking import Tracker
 
+    if args.log_file:  # a job the service submitted: it keeps a copy of the driver's log
+        from kdray.service.driver_log import copy_output_to
+
+        copy_output_to(Path(args.log_file))
     tracker = Tracker(args.store, args.job_id)  # a job the service submitted: its record follows the run
     with tracker.following():
         report = run(args.spec, address=args.address, restart=args.restart, job_id=args.job_id,
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: resume it)")
     p.add_argument("--store", default=None, help=argparse.SUPPRESS)  # set by kdray serve
     p.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("toy", help="build a toy world (dataset, tokenizer, teacher, student) and print its metadata")

@@ -452,7 +452,7 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
     with service.http() as client:
         before = {j["id"]: j for j in client.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         running = client.post("/v1/jobs", json=job_spec("orphaned", 500)).json()["id"]
-        wait_for(client, running, lambda j: j["state"] == "running")
+        wait_for(client, running, lambda j: j["phase"] not in (None, "prepare"))  # its plan is in its log
         # --max-running-jobs 1: the next job waits in the queue; one into the same output_dir is refused.
         waiting = client.post("/v1/jobs", json=job_spec("waiting", 500)).json()
         assert waiting["state"] == "queued" and waiting["queue_position"] == 1, waiting
@@ -467,7 +467,11 @@ def test_records_survive_a_service_restart_and_a_lost_job_shows_its_true_state(s
             assert after[job_id]["state"] == job["state"] and after[job_id]["created"] == job["created"]
         lost = wait_for(client, running, lambda j: j["state"] == "failed", timeout=60)
         assert "no longer knows this job" in lost["error"]
-        assert client.delete(f"/v1/jobs/{running}").json()["deleted"]  # Ray's new cluster never had it
+        # Ray's new cluster never had the job: its log is the copy the service kept
+        kept = client.get(f"/v1/jobs/{running}/logs")
+        assert kept.status_code == 200 and "optimizer steps" in kept.text, kept.text[-2000:]
+        assert client.delete(f"/v1/jobs/{running}").json()["deleted"]
+        assert not (service.state_dir / "jobs" / running).exists()  # the copy went with the job
         # The queue outlived the service: its job starts once the lost one's slot is free.
         wait_for(client, waiting["id"], lambda j: j["state"] == "running", timeout=180)
         assert client.post(f"/v1/jobs/{waiting['id']}/cancel").status_code == 202
@@ -506,6 +510,7 @@ def test_the_token_is_in_no_log_and_no_answer(service):
     assert [a.status_code for a in answers] == [401, 401, 401, 422, 404, 422, 200, 200, 200]
     assert not [a.request.url for a in answers if TOKEN in a.text]
     logs = [p for p in service.state_dir.parent.glob("serve-*.log")]
+    logs += list(service.state_dir.glob("jobs/*/driver.log"))  # the service's copies of its drivers' logs
     logs += [p for p in service.ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
     assert len(logs) > 20 and any("job-driver" in p.name for p in logs), logs  # the jobs' logs are among them
     assert not [str(p) for p in logs if TOKEN in p.read_text(encoding="utf-8", errors="replace")]

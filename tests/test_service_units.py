@@ -740,6 +740,53 @@ def test_a_jobs_driver_joins_the_services_own_ray_by_its_gcs_address(tmp_path):
     assert words[1] == str(tmp_path / "a dir")
 
 
+def test_a_drivers_log_is_copied_beside_its_spec_to_its_last_line_whatever_ends_it(tmp_path):
+    """The copy outlives the service's Ray (whose job table, and so its logs, goes at a restart):
+    everything the driver and its children write to either stream reaches both Ray's log and the
+    copy, in the order written, up to a kill of the driver's process group (Ray's stop)."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from kdray.service.driver_log import LOG_NAME, kept_log
+    from kdray.service.queue import entrypoint, spec_path
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path), token=None,
+                           dashboard_url="http://127.0.0.1:8265")
+    words = shlex.split(entrypoint(config, "abc123"))
+    assert words[words.index("--log-file") + 1] == str(spec_path(config, "abc123").parent / LOG_NAME)
+    assert kept_log(spec_path(config, "abc123").parent) is None
+
+    folder = tmp_path / "state" / "jobs" / "j"
+    script = ("import os, subprocess, sys, time\n"
+              "from pathlib import Path\n"
+              "from kdray.service.driver_log import copy_output_to\n"
+              f"copy_output_to(Path({str(folder / LOG_NAME)!r}))\n"
+              "print('to stdout', flush=True); print('to stderr', file=sys.stderr)\n"
+              "subprocess.run(['echo', 'from a child'])\n"
+              "def stop(*_): print('stopped', flush=True); sys.exit(1)\n"  # as kdray's driver
+              "import signal; signal.signal(signal.SIGTERM, stop)\n"
+              "os.write(1, b'ready\\n'); time.sleep(60)\n")
+    ray_log = tmp_path / "job-driver.log"
+    with open(ray_log, "wb") as fh:  # as Ray's job supervisor starts a driver: both streams to its log
+        driver = subprocess.Popen([sys.executable, "-c", script], stdout=fh, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    lines = ["to stdout", "to stderr", "from a child", "ready"]
+    deadline = time.monotonic() + 30
+    while ray_log.read_text().splitlines() != lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGTERM)  # Ray's stop: the driver's last words reach both
+    assert driver.wait(10) == 1
+    lines.append("stopped")
+    deadline = time.monotonic() + 10
+    while ray_log.read_text().splitlines() != lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_log.read_text().splitlines() == lines
+    assert kept_log(folder).splitlines() == lines
+
+
 def test_a_submission_into_an_earlier_runs_output_dir_with_another_spec_is_refused_at_once(tmp_path, toy_world):
     """Its driver would refuse to resume that run (and offer --restart, which a service's user
     cannot pass): the service says so at submit, a 409 naming the fields, and records nothing.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kdray.errors import ClusterError
 from kdray.service.config import ServiceConfig
+from kdray.service.driver_log import LOG_NAME
 from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.store import JobStore
 
@@ -32,11 +33,12 @@ def entrypoint(config: ServiceConfig, job_id: str) -> str:
     """The shell command Ray Jobs runs for job ``job_id``: ``kdray run`` of the spec the service
     saved, in the service's working directory (relative data paths mean what validation saw),
     following the job's record in the store, on the service's own Ray (``config.ray_address``,
-    when known)."""
+    when known), keeping a copy of its log beside the spec (:mod:`kdray.service.driver_log`)."""
     address = f" --address {shlex.quote(config.ray_address)}" if config.ray_address else ""
+    spec = spec_path(config, job_id)
     return (f"cd {shlex.quote(config.workdir)} && {shlex.quote(config.python)} -m kdray.cli run "
-            f"{shlex.quote(str(spec_path(config, job_id)))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}"
-            f"{address}")
+            f"{shlex.quote(str(spec))} --store {shlex.quote(str(config.db_path))} --job-id {job_id}"
+            f" --log-file {shlex.quote(str(spec.parent / LOG_NAME))}{address}")
 
 
 def admit_queued(config: ServiceConfig, store: JobStore, ray: RayJobs, *, only: str | None = None) -> None:

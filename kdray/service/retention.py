@@ -9,7 +9,8 @@ be done again:
 
 1. Ray's record of the job (its info in Ray's job table: Ray's ``delete_job``), unless Ray no
    longer has it; a job Ray still runs is refused (409), whatever its record says;
-2. the spec the service saved for its entrypoint (``STATE_DIR/jobs/ID``);
+2. the spec the service saved for its entrypoint and its copy of the driver's log
+   (``STATE_DIR/jobs/ID``);
 3. its record and all its events, in one transaction of the store (120,000 events took 0.36 s
    here; the jobs' drivers wait for it to append theirs, up to 30 s).
 

@@ -23,6 +23,7 @@ from kdray.pipeline.state import earlier_run_differences, spec_differences
 from kdray.service.common import (RequestError, find_job, get_config, get_ray, get_store, read_access,
                                   status, summary, write_access)
 from kdray.service.config import ServiceConfig, confine_output_dir
+from kdray.service.driver_log import kept_log
 from kdray.service.queue import admit_queued, spec_path
 from kdray.service.ray_jobs import RayJobs, submission_id
 from kdray.service.retention import delete_job
@@ -170,14 +171,22 @@ async def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
     return job_status_of(store, rec)
 
 
-@router.get("/{job_id}/logs", summary="The job's driver log (from Ray Jobs)", dependencies=[Depends(read_access)])
-def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depends(get_ray)) -> Any:
+@router.get("/{job_id}/logs", summary="The job's driver log (from Ray Jobs, or the service's copy)",
+            dependencies=[Depends(read_access)])
+def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depends(get_ray),
+         config: ServiceConfig = Depends(get_config)) -> Any:
+    """Ray's log of the job's driver while Ray has the job, else the copy the service kept
+    (:mod:`kdray.service.driver_log`): a 404 when neither is there, a 503 when Ray cannot be
+    asked."""
     rec = find_job(store, job_id)
     if not rec.get("ray_job_id"):
         return PlainTextResponse("")
     text = ray.logs(rec["ray_job_id"])  # a ClusterError (Ray unavailable) is a 503
     if text is None:
-        raise RequestError(404, f"Ray no longer has the log of job {job_id} (its cluster restarted since it ran)")
+        text = kept_log(spec_path(config, job_id).parent)
+    if text is None:
+        raise RequestError(404, f"Ray no longer has the log of job {job_id} (its cluster restarted since it ran), "
+                                "and the service kept no copy of it (an older kdray ran it)")
     return PlainTextResponse(text)
 
 
