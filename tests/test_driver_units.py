@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -40,3 +41,28 @@ def test_the_progress_bars_keep_their_counts_whole_on_an_80_column_log():
     text = out.getvalue()
     assert "7200/7200" in text and "0:00:" in text and "…" not in text
     assert "curriculum done in 85s" in " ".join(text.split())
+
+
+def test_kdray_watch_shows_a_phase_that_ended_before_it_began_with_the_time_it_took():
+    """``kdray watch`` replays a job's stored events: each at its own time, so a phase that
+    took 100 s before the watch began shows 0:01:40, not the instant its replay took."""
+    import io
+
+    from rich.console import Console
+
+    from kdray.pipeline.progress import ConsoleReporter, EventClock
+    from kdray.service.client import replay
+
+    out, clock = io.StringIO(), EventClock()
+    reporter = ConsoleReporter(None, console=Console(file=out, width=100), clock=clock)
+    t0 = time.time() - 1000
+    for event in [{"kind": "phase_start", "phase": "generate", "total": 4, "time": t0},
+                  {"kind": "advance", "phase": "generate", "n": 4, "time": t0 + 60},
+                  {"kind": "phase_end", "phase": "generate", "detail": "done", "time": t0 + 100},
+                  {"kind": "phase_start", "phase": "train", "total": 9, "time": t0 + 100}]:
+        replay(reporter, clock, event)
+    assert clock.at is None  # the live clock again, for the phase still running
+    reporter.close()
+    lines = out.getvalue().splitlines()
+    assert "0:01:40" in next(line for line in lines if "generate" in line), lines
+    assert "0:15:00" in next(line for line in lines if "train" in line), lines  # running for 900 s

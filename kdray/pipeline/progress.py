@@ -82,10 +82,23 @@ class Reporter:
         pass
 
 
-class ConsoleReporter(Reporter):
-    """A :class:`Reporter` that also shows one rich progress bar per phase."""
+class EventClock:
+    """Wall-clock seconds for the progress bars, or, while :attr:`at` is set, the time of the
+    event being replayed (``kdray watch``): a phase that ended before the watch began shows the
+    time it took, not the moments its replay took."""
 
-    def __init__(self, events_path: Path | None = None, console: Any = None):
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.at is None else self.at
+
+
+class ConsoleReporter(Reporter):
+    """A :class:`Reporter` that also shows one rich progress bar per phase; its times are read
+    from ``clock`` (seconds; default: the monotonic clock)."""
+
+    def __init__(self, events_path: Path | None = None, console: Any = None, clock: Any = None):
         super().__init__(events_path)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -100,6 +113,7 @@ class ConsoleReporter(Reporter):
             TimeElapsedColumn(table_column=whole),
             TextColumn("{task.description}", table_column=Column(ratio=1, overflow="fold")),
             console=self.console,
+            get_time=clock,
         )
         self.tasks: dict[str, Any] = {}
         self.progress.start()
@@ -120,6 +134,8 @@ class ConsoleReporter(Reporter):
             total = self.progress.tasks[task].total
             self.progress.update(task, completed=total if total is not None else 1,
                                  total=total if total is not None else 1, description=detail)
+            self.progress.stop_task(task)  # its time: from its start to its end, not to its last count
+            self.progress.tasks[task].finished_time = self.progress.tasks[task].elapsed
 
     def train_metrics(self, metrics: dict[str, Any]) -> None:
         super().train_metrics(metrics)

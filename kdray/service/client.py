@@ -259,10 +259,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Replay the job's events into the same progress bars ``kdray run`` draws, until it ends."""
-    from kdray.pipeline.progress import ConsoleReporter
+    from kdray.pipeline.progress import ConsoleReporter, EventClock
 
     client = Client(args.server, args.token)
-    reporter = ConsoleReporter(None)
+    clock = EventClock()
+    reporter = ConsoleReporter(None, clock=clock)
     seen = 0
     unreachable_since: list[float] = []  # when the service stopped answering, while it does not
 
@@ -292,7 +293,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 page = call(f"/v1/jobs/{args.id}/events", params={"after": seen, "limit": WATCH_PAGE})["events"]
                 for event in page:
                     seen = event["seq"]
-                    _replay(reporter, event)
+                    replay(reporter, clock, event)
                 if len(page) < WATCH_PAGE:
                     break
             if job["state"] in ("succeeded", "failed", "cancelled"):
@@ -305,6 +306,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print(f"report: {client.server}/v1/jobs/{job['id']}/report.md (the web page: {client.server}/); "
               f"the student and report files: {job['output_dir']}", file=sys.stderr)
     return 0 if job["state"] == "succeeded" else 1
+
+
+def replay(reporter: Any, clock: Any, event: dict[str, Any]) -> None:
+    """Show a stored progress event through ``reporter`` (a ``ConsoleReporter``) as of its
+    ``time`` on ``clock`` (an :class:`~kdray.pipeline.progress.EventClock`)."""
+    clock.at = event.get("time") if isinstance(event.get("time"), (int, float)) else None
+    try:
+        _replay(reporter, event)
+    finally:
+        clock.at = None
 
 
 def _replay(reporter: Any, event: dict[str, Any]) -> None:
