@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
+from kdray.service import series
 from kdray.service.app import ServiceConfig, build_app
 from kdray.service.store import JobStore
 
@@ -95,7 +96,8 @@ def test_the_curve_keeps_the_lowest_and_highest_step_of_each_span_after_restores
         checked += len(got["points"])
     assert checked > 1000
     assert store.curve(job["id"], "lr", 10)["points"] == _expected(events, "lr", 10)
-    assert store.curve(job["id"], "absent", 10)["points"] == []
+    with pytest.raises(series.UnknownField, match="^'absent' is not a number .* holds loss, lr$"):
+        store.curve(job["id"], "absent", 10)
     for field, points in (("loss.x", 10), ("$.loss", 10), ("", 10), ("loss", 0), ("loss", 10_001)):
         with pytest.raises(ValueError, match="^field: .* is not a train_step key|^points: .* is not in 1..10000"):
             store.curve(job["id"], field, points)
@@ -138,7 +140,16 @@ def test_the_curve_endpoint_and_the_events_after_it_make_the_whole_history(tmp_p
         assert client.get(url, params={"points": 10001}).status_code == 422
         missing = client.get("/v1/jobs/0123456789ab/curve")
         assert missing.status_code == 404 and "no job" in missing.json()["error"]
-        assert json.loads(client.get(url, params={"field": "lr"}).text)["points"] == []
+        # A key the job's steps do not hold (a typo): 422 naming those they do; a job without
+        # steps yet has an empty curve of any key.
+        unknown = client.get(url, params={"field": "los"})
+        assert unknown.status_code == 422 and unknown.json()["errors"] == [
+            {"field": "field", "message": "'los' is not a number the job's training steps hold; its last step holds loss"}]
+        fresh, _ = store.create(name="fresh", spec={}, output_dir=str(tmp_path / "runs" / "fresh"))
+        assert client.get(f"/v1/jobs/{fresh['id']}/curve", params={"field": "los"}).json()["points"] == []
+        store.append_event(job["id"], {"kind": "train_step", "step": 4, "loss": None, "lr": 1e-4})
+        assert client.get(url, params={"field": "lr"}).json()["points"] == [[4, 1e-4]]
+        assert client.get(url, params={"field": "kl"}).json()["errors"][0]["message"].endswith("holds loss, lr")
 
 
 def test_bench_store_prints_the_curve_beside_the_events_and_the_reads_against_their_target():

@@ -218,13 +218,16 @@ async def curve(request: Request, job_id: str, field: str = "loss", points: int 
                 store: JobStore = Depends(get_store)) -> Any:
     """``{"seq", "field", "points": [[step, value], ...]}`` (:func:`kdray.service.series.curve`):
     what the page draws of a job's history, whatever its length, before it follows the
-    events after ``seq``. 404 for no such job; 422 naming ``field`` (not a plain key) or
-    ``points`` (outside 1..10000)."""
+    events after ``seq``. 404 for no such job; 422 naming ``field`` (not a plain key, or one
+    the job's steps do not hold) or ``points`` (outside 1..10000)."""
     hub = await _hub_of_known_job(request, store, job_id)
     wrong = series.problems(field, points)
     if wrong:
         raise RequestError(422, "invalid query", errors=[{"field": k, "message": v} for k, v in wrong.items()])
-    return await hub.read("curve", job_id, field, points)
+    try:
+        return await hub.read("curve", job_id, field, points)
+    except series.UnknownField as exc:
+        raise RequestError(422, "invalid query", errors=[{"field": "field", "message": str(exc)}]) from None
 
 
 class _Stream(StreamingResponse):

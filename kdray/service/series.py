@@ -14,6 +14,7 @@ later event, which one window over the job's events (newest first) computes.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from typing import Any
@@ -21,6 +22,10 @@ from typing import Any
 #: ``train_step`` fields a curve may be asked of: a plain key (``loss``, ``lr``, ``kl``, ...),
 #: so the JSON path built from it is that key and nothing else.
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: Numbers of a ``train_step`` event that are not per-step measurements (the page's
+#: ``NOT_METRICS``): left out of the keys a 422 for a key the steps lack lists. A number is
+#: listed with its null values too: a NaN is stored as null (:func:`kdray.pipeline.progress.finite`).
+NOT_CURVES = frozenset({"seq", "time", "step", "total_steps", "checkpoint", "final"})
 #: The most spans a curve may be cut to (a plot 10,000 pixels wide).
 MAX_POINTS = 10_000
 
@@ -64,6 +69,10 @@ def problems(field: str, points: int) -> dict[str, str]:
     return out
 
 
+class UnknownField(ValueError):
+    """A curve asked of a key the job's steps do not hold (a 422 naming the keys they do)."""
+
+
 def curve(db: sqlite3.Connection, job_id: str, field: str, points: int) -> dict[str, Any]:
     """The curve of ``field`` over the training steps of ``job_id``, as of its last event now.
 
@@ -81,6 +90,8 @@ def curve(db: sqlite3.Connection, job_id: str, field: str, points: int) -> dict[
     Raises:
         ValueError: ``field`` is not a plain key (:data:`FIELD`) or ``points`` is outside
             1..:data:`MAX_POINTS` (:func:`problems`).
+        UnknownField: no step gave a point and the job's last step lacks ``field`` (a
+            misspelt key; a job with no step yet has an empty curve of any key).
     """
     wrong = problems(field, points)
     if wrong:
@@ -89,4 +100,13 @@ def curve(db: sqlite3.Connection, job_id: str, field: str, points: int) -> dict[
     # Events are only ever appended (or all of a job's deleted), so the events up to ``head``
     # do not change between the two reads.
     rows = db.execute(_CURVE_SQL, {"path": "$." + field, "job": job_id, "head": head, "points": points}).fetchall()
+    if not rows:
+        last = db.execute("SELECT data FROM events WHERE job_id = ? AND seq <= ? AND kind = 'train_step' "
+                          "ORDER BY seq DESC LIMIT 1", (job_id, head)).fetchone()
+        keys = json.loads(last[0]) if last is not None else {}
+        if keys and field not in keys:
+            numbers = sorted(k for k, v in keys.items() if (v is None or type(v) in (int, float))
+                             and FIELD.fullmatch(k) and k not in NOT_CURVES)
+            raise UnknownField(f"{field!r} is not a number the job's training steps hold; its last step holds "
+                               f"{', '.join(numbers)}")
     return {"seq": int(head), "field": field, "points": [[row[0], row[1]] for row in rows]}
