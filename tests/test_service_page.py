@@ -307,3 +307,22 @@ def test_a_stream_cut_short_is_resumed_after_its_last_event(server, tmp_path):
         wait.until(lambda d: f"live ({job['id']})" in d.find_element(By.ID, "d-title").text)
     finally:
         driver.quit()
+
+
+def test_the_api_docs_render_from_the_service_alone(server, tmp_path):
+    """``/docs`` (Swagger UI) and ``/redoc`` load their scripts from the service, not a CDN: on a
+    machine without internet access (this one) FastAPI's own pages stayed blank."""
+    from selenium.webdriver.common.by import By
+
+    _, url = server
+    driver = chromium(tmp_path / "profile")
+    wait = waiting(driver, 30)
+    try:
+        driver.get(url + "/docs")
+        paths = lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]  # noqa: E731
+        wait.until(lambda d: "/v1/jobs/{job_id}/curve" in paths(d))
+        assert "cdn" not in driver.page_source.lower()
+        driver.get(url + "/redoc")
+        wait.until(lambda d: "/v1/jobs/{job_id}/curve" in d.find_element(By.TAG_NAME, "body").text)
+    finally:
+        driver.quit()

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
@@ -57,7 +58,8 @@ log = logging.getLogger("kdray.service")
 
 def build_app(config: ServiceConfig) -> Any:
     """The FastAPI app (also usable without Serve, e.g. under uvicorn or a test client)."""
-    app = FastAPI(title="kdray", version="1", description="Knowledge-distillation jobs on Ray.")
+    # /docs and /redoc from the files fastapi-offline ships (under /static-offline-docs), not a CDN
+    app = FastAPIOffline(title="kdray", version="1", description="Knowledge-distillation jobs on Ray.")
     app.state.config = config
     app.state.store = JobStore(config.db_path, lazy=True)  # opened where it is first used: the replica, on the head
     app.state.events = EventHub(app.state.store, config.max_streams)
