@@ -1,10 +1,11 @@
 """The service's web page (``GET /``) in Debian's chromium, headless, against the app on a real
 HTTP server (uvicorn, no Ray): the token entered once, the jobs table, and for a job its loss
-curve from the event stream, its evaluation table and its report.md. The page following a job
+curve from the event stream, its evaluation table and its report (with its plots). The page following a job
 that a real `kdray serve` runs to the end is in test_service.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -14,6 +15,10 @@ import pytest
 from kdray.service.app import ServiceConfig, build_app
 from tests.browser import ARTIFACTS, chromium, click, waiting
 from tests.http_app import serving
+
+
+#: A PNG of one pixel (a plot in a report).
+ONE_PIXEL_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 
 @pytest.fixture
@@ -48,7 +53,10 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
                                                            "exact_match": -0.633, "exact_match_stderr": None, "n": 400}},
         "judge": {"model": "toy:teacher", "reference": "teacher", "win_rate": 0.25, "win_rate_stderr": 0.0433,
                   "comparisons": 24}}))
-    (out / "report.md").write_text("# finished\n\nThe distilled student.\n")
+    # a plot, and markup in a value (a job's name is the user's) that must stay text
+    (out / "loss.png").write_bytes(base64.b64decode(ONE_PIXEL_PNG))
+    (out / "report.md").write_text("# finished\n\nThe distilled student <b>x</b>.\n\n![the loss](loss.png)\n\n"
+                                   "![gone](schedule.png)\n")
     store.update(done["id"], state="succeeded")
     queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
     live, _ = store.create(name="live", spec={}, output_dir=str(tmp_path / "runs" / "live"))
@@ -89,10 +97,20 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         assert lines == ["student after − teacher: ROUGE-L -0.487 ± 0.022, exact match -0.633 (400 prompts)",
                          "judge toy:teacher: student after vs teacher: win rate 0.250 ± 0.043 over 24 comparisons"]
         assert f"finished ({done['id']}): succeeded" in driver.find_element(By.ID, "d-title").text
-        click(driver, "#report-link")
-        wait.until(lambda d: "The distilled student." in d.find_element(By.ID, "viewer").text)
+        click(driver, "#report-link")  # report.md rendered, its plot in it, in a sandboxed frame
+        wait.until(lambda d: d.find_element(By.ID, "report-frame").is_displayed())
+        assert not driver.find_element(By.ID, "viewer").is_displayed()
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "service-page-units.png"))
+        driver.switch_to.frame(driver.find_element(By.ID, "report-frame"))
+        try:
+            wait.until(lambda d: "The distilled student <b>x</b>." in d.find_element(By.TAG_NAME, "body").text)
+            assert driver.find_element(By.TAG_NAME, "h1").text == "finished"
+            wait.until(lambda d: d.execute_script("return document.images.length && document.images[0].naturalWidth") == 1)
+            assert driver.find_element(By.TAG_NAME, "img").get_attribute("alt") == "the loss"
+            assert "[gone: schedule.png is not in the job's output directory]" in driver.find_element(By.TAG_NAME, "body").text
+        finally:
+            driver.switch_to.default_content()
         # The token stays for the tab: a reload shows the jobs without asking again.
         driver.refresh()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 3)

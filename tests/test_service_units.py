@@ -678,10 +678,23 @@ def test_a_requeued_job_is_cancelled_through_ray_and_reports_belong_to_their_job
         assert client.get(f"/v1/jobs/{b['id']}/report.md").text == "# old\n"
         secret = tmp_path / "token"
         secret.write_text("s3cret")
+        # The report as a page: its plots inlined, never one through a symlink, and served with
+        # a policy that lets it run no script and load nothing.
+        (out / "report.md").write_text("# old\n\n![plot](loss.png) ![link](schedule.png)\n")
+        (out / "loss.png").write_bytes(b"\x89PNG fake")
+        (out / "schedule.png").symlink_to(secret)
+        page = client.get(f"/v1/jobs/{b['id']}/report.html")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src" not in page.headers["content-security-policy"]
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        assert '<img src="data:image/png;base64,iVBORyBmYWtl" alt="plot" />' in page.text
+        assert "[link: schedule.png is not in the job's output directory]" in page.text
+        assert "czNjcmV0" not in page.text and "s3cret" not in page.text  # the secret, base64 or not
         (out / "report.md").unlink()
         (out / "report.md").symlink_to(secret)
-        res = client.get(f"/v1/jobs/{b['id']}/report.md")
-        assert res.status_code == 404 and "s3cret" not in res.text
+        for name in ("report.md", "report.html"):
+            res = client.get(f"/v1/jobs/{b['id']}/{name}")
+            assert res.status_code == 404 and "s3cret" not in res.text
 
 
 class _InterruptedHere:

@@ -13,8 +13,8 @@ API under ``/v1`` (OpenAPI at ``/docs``): ``POST /jobs`` (JSON or YAML JobSpec,
 ``POST /jobs/{id}/cancel``, ``DELETE /jobs/{id}``, and ``GET /healthz``. Submit, cancel and delete need the
 bearer token; reads too with ``auth_reads``.
 
-One router per resource (:mod:`.routes_jobs`, :mod:`.routes_events`, :mod:`.routes_health`);
-they share the config, the store and Ray's job API through ``app.state`` and FastAPI
+One router per resource (:mod:`.routes_jobs`, :mod:`.routes_report`, :mod:`.routes_events`,
+:mod:`.routes_health`); they share the config, the store and Ray's job API through ``app.state`` and FastAPI
 dependencies (:mod:`.common`). How a failure answers:
 
 * anything a client sends wrong is a :class:`~kdray.errors.KdrayError`: a 4xx with the reason
@@ -39,7 +39,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray.errors import ClusterError, ConfigError, KdrayError, SpecError
-from kdray.service import routes_events, routes_health, routes_jobs, routes_web
+from kdray.service import routes_events, routes_health, routes_jobs, routes_report, routes_web
 from kdray.service.common import RequestError, current_config, error_response, settle_config
 from kdray.service.config import (DEFAULT_MAX_RUNNING_JOBS, DEFAULT_MAX_STREAMS, DEFAULT_RAY_TIMEOUT_S, ServiceConfig,
                                   confine_output_dir, read_token)
@@ -68,7 +68,7 @@ def build_app(config: ServiceConfig) -> Any:
     app.state.admit = lambda: admit_queued(current_config(app), app.state.store, app.state.ray_jobs)
     app.state.expire = _every(EXPIRE_EVERY_S, lambda: expire_ended(config, app.state.store, app.state.ray_jobs))
     _install_error_handlers(app)
-    for module in (routes_health, routes_jobs, routes_events, routes_web):
+    for module in (routes_health, routes_jobs, routes_report, routes_events, routes_web):
         app.include_router(module.router)
     return app
 

@@ -285,13 +285,16 @@ function comparisons(report) {
   return out;
 }
 
-async function show(path, title, empty) {
+// A text (the driver log) in the viewer, or with asPage an HTML page (the report) in the sandboxed
+// frame, which runs none of its scripts and loads nothing.
+async function show(path, title, empty, asPage = false) {
   const jobId = selected, res = await api(path);
   const body = res.ok ? await res.text() : await res.json().then((b) => b.error, () => `HTTP ${res.status}`);
   if (selected !== jobId) return;
   $("viewer-title").textContent = res.ok ? title : `${title}: not available`;
-  $("viewer").textContent = body || empty;
-  $("viewer").hidden = $("viewer-title").hidden = false;
+  const framed = asPage && res.ok;
+  if (framed) $("report-frame").srcdoc = body; else $("viewer").textContent = body || empty;
+  $("viewer").hidden = framed; $("report-frame").hidden = !framed; $("viewer-title").hidden = false;
 }
 
 async function select(jobId) {
@@ -301,7 +304,7 @@ async function select(jobId) {
   ["d-title", "d-meta", "d-error", "d-follow"].forEach((id) => { $(id).textContent = ""; });
   $("d-error").hidden = $("d-follow").hidden = true;
   location.hash = "job=" + jobId;
-  $("detail").hidden = false; $("viewer").hidden = $("viewer-title").hidden = true;
+  $("detail").hidden = false; $("viewer").hidden = $("viewer-title").hidden = $("report-frame").hidden = true;
   $("evaluation").innerHTML = '<tbody><tr><td class="muted">written when the job ends</td></tr></tbody>';
   $("comparisons").replaceChildren();
   document.querySelectorAll("#jobs tbody tr").forEach((tr) => {
@@ -321,7 +324,7 @@ function startFollowing(jobId) {
   });
 }
 
-$("report-link").addEventListener("click", (e) => { e.preventDefault(); if (selected) show(`/v1/jobs/${selected}/report.md`, `report.md of job ${selected}`, "(empty)"); });
+$("report-link").addEventListener("click", (e) => { e.preventDefault(); if (selected) show(`/v1/jobs/${selected}/report.html`, `report of job ${selected}`, "", true); });
 $("logs-link").addEventListener("click", (e) => { e.preventDefault(); if (selected) show(`/v1/jobs/${selected}/logs`, `driver log of job ${selected}`,
                                                                                  "(empty: the job has not started on Ray yet, or printed nothing)"); });
 $("to-jobs").addEventListener("click", (e) => {
