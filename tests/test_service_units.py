@@ -528,7 +528,8 @@ def test_event_streams_hold_no_thread_and_beyond_the_cap_get_429(tmp_path, toy_w
         thread.join(timeout=10)
 
 
-def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_path):
+def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_path, capsys):
+    import logging
     import subprocess
     import sys
 
@@ -564,6 +565,10 @@ def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_pa
     served = cloudpickle.loads(pickle_dumps(app, error_msg="the app"))
     owner = start_replica(app, str(token), wait_s=1.0)  # the dead holder's lock is gone
     assert app.state.config.token == "from-the-head" and owner > 0
+    # The service's own log is shown from INFO on: what it does of its own accord (jobs it deletes).
+    capsys.readouterr()
+    logging.getLogger("kdray.service").info("deleted 2 job(s)")
+    assert capsys.readouterr().err.endswith(" INFO kdray service: deleted 2 job(s)\n")
     with TestClient(served) as client:  # the token read at start is the one requests need
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer from-the-head"}).status_code == 404
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer other"}).status_code == 401

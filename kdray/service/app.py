@@ -203,15 +203,42 @@ def own_store(config: ServiceConfig, wait_s: float = OWNER_WAIT_S) -> int:
             "give this one another state_dir") from None
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        import sys
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+def log_service_events() -> None:
+    """Show the service's own log (``kdray.service``) from INFO on, on the replica's standard
+    error: Ray keeps it in the replica's worker log and prints it on ``kdray serve``'s console.
+    Without a handler, Python showed only warnings (its last-resort handler), so what the
+    service did of its own accord (jobs deleted past ``keep_ended_days``) was said nowhere."""
+    service = logging.getLogger("kdray.service")
+    if not any(isinstance(h, _Stderr) for h in service.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s kdray service: %(message)s"))
+        service.addHandler(handler)
+    service.setLevel(logging.INFO)
+
+
 def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER_WAIT_S) -> int:
     """What the replica does as it starts, on the head: with ``token_file``, read the API token
     into the app's config; note its Ray's GCS address in the config, for the jobs' drivers
     (:attr:`ServiceConfig.ray_address`); open the store (create it, or add what an older kdray's
-    lacks); take it (:func:`own_store`).
+    lacks); take it (:func:`own_store`). Its log is shown from INFO on (:func:`log_service_events`).
 
     Raises:
         ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
     """
+    log_service_events()
     config: ServiceConfig = app.state.config
     if token_file:
         token = read_token(token_file)
