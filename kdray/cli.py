@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.log_file:  # a job the service submitted: it keeps a copy of the driver's log
         from kdray.service.driver_log import copy_output_to
 
-        copy_output_to(Path(args.log_file))
+        if why := copy_output_to(Path(args.log_file)):
+            print(f"warning: no copy of this log in {args.log_file}: {why}", file=sys.stderr, flush=True)
     tracker = Tracker(args.store, args.job_id)  # a job the service submitted: its record follows the run
     with tracker.following():
         report = run(args.spec, address=args.address, restart=args.restart, job_id=args.job_id,

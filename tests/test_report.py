@@ -356,3 +356,29 @@ def test_scores_show_their_standard_errors_and_what_they_mean(tmp_path):
     (job / "report.json").write_text(json.dumps(report))
     rep.render_report(job)
     assert (job / "evaluation.png").read_bytes() == (older / "evaluation.png").read_bytes()
+
+
+def test_the_report_page_inlines_each_plot_once_within_its_budget_and_keeps_markup_as_text(monkeypatch):
+    """kdray.report.html: a plot shown twice is read once; plots past the page's budget, names
+    that are not a plot's, and plots that cannot be read are shown as their description and
+    why; raw HTML and a javascript: link stay text; the page carries its own policy."""
+    from kdray.report import html
+
+    monkeypatch.setattr(html, "MAX_PAGE_PLOT_BYTES", 10)
+    reads: list[str] = []
+
+    def read_plot(name: str) -> bytes | str:
+        reads.append(name)
+        return {"a.png": b"12345678", "b.png": b"1234"}.get(name, "not a file of the job's output directory")
+
+    page = html.report_page("# t\n\n![A](a.png) ![A again](a.png) ![B](b.png) ![C](c.png) ![up](../x.png)\n\n"
+                            "<script>alert(1)</script> [x](javascript:alert(1)) [site](https://example.org)\n",
+                            "<job>", read_plot)
+    assert reads == ["a.png", "b.png", "c.png"]
+    assert page.count('src="data:image/png;base64,MTIzNDU2Nzg="') == 2
+    assert "[B: b.png is not shown: the page's plots are over 0 MiB]" in page
+    assert "[C: c.png is not shown: not a file of the job's output directory]" in page
+    assert "[up: ../x.png is not shown: not a plot of the job's output directory]" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and 'href="javascript' not in page
+    assert '<a href="https://example.org">site</a>' in page and '<base target="_blank">' in page
+    assert f'content="{html.CONTENT_SECURITY_POLICY}"' in page and "<title>&lt;job&gt;</title>" in page

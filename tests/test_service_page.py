@@ -106,9 +106,11 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
         try:
             wait.until(lambda d: "The distilled student <b>x</b>." in d.find_element(By.TAG_NAME, "body").text)
             assert driver.find_element(By.TAG_NAME, "h1").text == "finished"
-            wait.until(lambda d: d.execute_script("return document.images.length && document.images[0].naturalWidth") == 1)
+            shown = "return document.images.length && document.images[0].naturalWidth"
+            wait.until(lambda d: d.execute_script(shown) == 1)
             assert driver.find_element(By.TAG_NAME, "img").get_attribute("alt") == "the loss"
-            assert "[gone: schedule.png is not in the job's output directory]" in driver.find_element(By.TAG_NAME, "body").text
+            body = driver.find_element(By.TAG_NAME, "body").text
+            assert "[gone: schedule.png is not shown: not a file of the job's output directory]" in body
         finally:
             driver.switch_to.default_content()
         # The token stays for the tab: a reload shows the jobs without asking again.

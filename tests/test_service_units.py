@@ -88,6 +88,13 @@ class _FakeRay:
             raise ClusterError("Ray's job API is unavailable")
         return self.statuses.get(ray_id)
 
+    def logs(self, ray_id):
+        from kdray.errors import ClusterError
+
+        if self.down:
+            raise ClusterError("the job's driver log could not be read: Ray's job API is unavailable")
+        return f"Ray's log of {ray_id}\n" if ray_id in self.statuses else None
+
 
 def _running(store, name, ray_id="r"):
     job, _ = store.create(name=name, spec={}, output_dir=f"/o/{name}")
@@ -693,7 +700,7 @@ def test_a_requeued_job_is_cancelled_through_ray_and_reports_belong_to_their_job
         assert "script-src" not in page.headers["content-security-policy"]
         assert page.headers["content-security-policy"].startswith("default-src 'none'")
         assert '<img src="data:image/png;base64,iVBORyBmYWtl" alt="plot" />' in page.text
-        assert "[link: schedule.png is not in the job's output directory]" in page.text
+        assert "[link: schedule.png is not shown: not a file of the job's output directory]" in page.text
         assert "czNjcmV0" not in page.text and "s3cret" not in page.text  # the secret, base64 or not
         (out / "report.md").unlink()
         (out / "report.md").symlink_to(secret)
@@ -758,17 +765,19 @@ def test_a_jobs_driver_joins_the_services_own_ray_by_its_gcs_address(tmp_path):
     assert words[1] == str(tmp_path / "a dir")
 
 
-def test_a_drivers_log_is_copied_beside_its_spec_to_its_last_line_whatever_ends_it(tmp_path):
+def test_a_drivers_log_is_copied_beside_its_spec_to_its_last_line_whatever_ends_it(tmp_path, monkeypatch):
     """The copy outlives the service's Ray (whose job table, and so its logs, goes at a restart):
     everything the driver and its children write to either stream reaches both Ray's log and the
-    copy, in the order written, up to a kill of the driver's process group (Ray's stop)."""
-    import os
+    copy, in the order written, through a stop as Ray 2.60 makes it: SIGTERM to the job's process
+    and each of its descendants, SIGKILL to those left after 3 s (job_supervisor.py)."""
     import shlex
     import signal
     import subprocess
     import sys
 
-    from kdray.service.driver_log import LOG_NAME, kept_log
+    import psutil
+
+    from kdray.service.driver_log import LOG_NAME, copy_output_to, kept_log
     from kdray.service.queue import entrypoint, spec_path
 
     config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path), token=None,
@@ -776,33 +785,87 @@ def test_a_drivers_log_is_copied_beside_its_spec_to_its_last_line_whatever_ends_
     words = shlex.split(entrypoint(config, "abc123"))
     assert words[words.index("--log-file") + 1] == str(spec_path(config, "abc123").parent / LOG_NAME)
     assert kept_log(spec_path(config, "abc123").parent) is None
+    # No copy, and nothing made, for a job deleted before its driver started, or without tee.
+    assert "is gone" in copy_output_to(spec_path(config, "abc123").parent / LOG_NAME)
+    assert not (tmp_path / "state").exists()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(tmp_path))
+        assert "needs setsid (util-linux) and tee (coreutils)" in copy_output_to(tmp_path / LOG_NAME)
 
     folder = tmp_path / "state" / "jobs" / "j"
-    script = ("import os, subprocess, sys, time\n"
+    folder.mkdir(parents=True)
+    script = ("import os, signal, subprocess, sys, time\n"
               "from pathlib import Path\n"
               "from kdray.service.driver_log import copy_output_to\n"
-              f"copy_output_to(Path({str(folder / LOG_NAME)!r}))\n"
+              f"assert copy_output_to(Path({str(folder / LOG_NAME)!r})) is None\n"
               "print('to stdout', flush=True); print('to stderr', file=sys.stderr)\n"
               "subprocess.run(['echo', 'from a child'])\n"
-              "def stop(*_): print('stopped', flush=True); sys.exit(1)\n"  # as kdray's driver
-              "import signal; signal.signal(signal.SIGTERM, stop)\n"
+              "def stop(*_): time.sleep(0.5); print('stopped', flush=True); sys.exit(1)\n"  # as kdray's driver
+              "signal.signal(signal.SIGTERM, stop)\n"
               "os.write(1, b'ready\\n'); time.sleep(60)\n")
     ray_log = tmp_path / "job-driver.log"
-    with open(ray_log, "wb") as fh:  # as Ray's job supervisor starts a driver: both streams to its log
-        driver = subprocess.Popen([sys.executable, "-c", script], stdout=fh, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    with open(ray_log, "wb") as fh:  # as Ray's job supervisor starts an entrypoint
+        job = subprocess.Popen(f"cd {shlex.quote(str(tmp_path))} && {sys.executable} -c {shlex.quote(script)}",
+                               shell=True, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     lines = ["to stdout", "to stderr", "from a child", "ready"]
-    deadline = time.monotonic() + 30
-    while ray_log.read_text().splitlines() != lines and time.monotonic() < deadline:
+
+    def logged(want: list[str]) -> list[str]:
+        deadline = time.monotonic() + 30
+        while (got := ray_log.read_text().splitlines()) != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return got
+
+    assert logged(lines) == lines
+    family = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+    assert "tee" not in [p.name() for p in family]  # out of reach of Ray's stop
+    for proc in family:  # Ray's stop
+        proc.send_signal(signal.SIGTERM)
+    _, left = psutil.wait_procs(family, timeout=3)
+    for proc in left:
+        proc.kill()
+    assert not left  # the driver ended in time, its last words said
+    job.wait(10)
+    assert logged(lines + ["stopped"]) == lines + ["stopped"]
+    assert kept_log(folder).splitlines() == lines + ["stopped"]
+    deadline = time.monotonic() + 10  # and the copying process ended with the last writer
+    while [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or [])]:
+        assert time.monotonic() < deadline
         time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGTERM)  # Ray's stop: the driver's last words reach both
-    assert driver.wait(10) == 1
-    lines.append("stopped")
-    deadline = time.monotonic() + 10
-    while ray_log.read_text().splitlines() != lines and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray_log.read_text().splitlines() == lines
-    assert kept_log(folder).splitlines() == lines
+
+
+def test_a_drivers_log_comes_from_ray_else_from_the_services_copy(tmp_path, monkeypatch):
+    """Ray's log while Ray has the job; the service's copy once Ray lost it (a restart), while
+    Ray cannot be asked, or when the record never got Ray's id; its end only, for a long one."""
+    from kdray.service import driver_log
+    from kdray.service.queue import spec_path
+
+    config = ServiceConfig(state_dir=str(tmp_path / "state"), output_root=str(tmp_path / "runs"), token="t",
+                           dashboard_url="http://127.0.0.1:1")
+    app = build_app(config)
+    ray = app.state.ray_jobs = _FakeRay({"r-known": "RUNNING"})
+    store = app.state.store
+    with TestClient(app) as client:
+        known, lost, unsent = _running(store, "known", "r-known"), _running(store, "lost", "r-lost"), _running(store, "u")
+        store.update(unsent, ray_job_id=None)
+        logs = lambda job_id: client.get(f"/v1/jobs/{job_id}/logs")  # noqa: E731
+        assert logs(known).text == "Ray's log of r-known\n"
+        assert logs(lost).status_code == 404 and "kept no copy" in logs(lost).json()["error"]
+        assert logs(unsent).text == ""
+        for job_id in (known, lost, unsent):
+            spec_path(config, job_id).parent.mkdir(parents=True)
+            (spec_path(config, job_id).parent / driver_log.LOG_NAME).write_text(f"the copy of {job_id}\n")
+        assert logs(known).text == "Ray's log of r-known\n"  # Ray's own, with its supervisor's lines
+        assert logs(lost).text == f"the copy of {lost}\n"
+        assert logs(unsent).text == f"the copy of {unsent}\n"
+        ray.down = True
+        assert logs(known).text == f"the copy of {known}\n"
+        (spec_path(config, known).parent / driver_log.LOG_NAME).unlink()
+        assert logs(known).status_code == 503 and "unavailable" in logs(known).json()["error"]
+        monkeypatch.setattr(driver_log, "MAX_LOG_BYTES", 20)
+        (spec_path(config, lost).parent / driver_log.LOG_NAME).write_text("".join(f"line {i}\n" for i in range(10)))
+        assert logs(lost).text.splitlines() == [
+            f"[the first 50 bytes of this log are left out; the whole log: {spec_path(config, lost).parent}/driver.log "
+            "on the service's node]", "line 8", "line 9"]
 
 
 def test_a_submission_into_an_earlier_runs_output_dir_with_another_spec_is_refused_at_once(tmp_path, toy_world):

@@ -26,28 +26,43 @@ img { max-width: 100%; }
 code { background: #f3f3f3; padding: 0 0.2rem; }
 """
 #: The page's Content-Security-Policy: no script, no request; its own style and data: images.
+#: Sent as a header and put in the page (a page shown through ``srcdoc`` has no headers).
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+#: The most bytes of plots one page takes in (a report's four plots are well under 1 MiB).
+MAX_PAGE_PLOT_BYTES = 32 << 20
 
 
-def report_page(markdown: str, title: str, read_plot: Callable[[str], bytes | None]) -> str:
-    """``markdown`` (a report.md) as an HTML document titled ``title``, each plot it shows
-    (a name matching :data:`PLOT_NAME`) read by ``read_plot(name)`` and inlined; a plot that is
-    not there (``read_plot`` gives None), or another image, is shown as its description."""
+def report_page(markdown: str, title: str, read_plot: Callable[[str], bytes | str]) -> str:
+    """``markdown`` (a report.md) as an HTML document titled ``title``.
+
+    Each plot it shows (a name matching :data:`PLOT_NAME`) is read once by ``read_plot(name)``
+    and inlined, up to :data:`MAX_PAGE_PLOT_BYTES` in all; a plot that cannot be
+    (``read_plot`` gives why, a str), one beyond that, or another image, is shown as its
+    description and why. Links open in a new browsing context (``<base target="_blank">``).
+    """
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(markdown)
+    read: dict[str, bytes | str] = {}
     for token in tokens:
         for child in token.children or []:
             if child.type != "image":
                 continue
             src = str(child.attrGet("src") or "")
-            data = read_plot(src) if PLOT_NAME.fullmatch(src) else None
-            if data is None:
+            if src not in read:
+                read[src] = read_plot(src) if PLOT_NAME.fullmatch(src) else "not a plot of the job's output directory"
+                taken = sum(len(v) for v in read.values() if isinstance(v, bytes))
+                if isinstance(read[src], bytes) and taken > MAX_PAGE_PLOT_BYTES:
+                    read[src] = f"the page's plots are over {MAX_PAGE_PLOT_BYTES >> 20} MiB"
+            data = read[src]
+            if isinstance(data, str):
                 child.type, child.tag, child.children = "text", "", None
-                child.content = f"[{child.content or src}: {src} is not in the job's output directory]"
+                child.content = f"[{child.content or src}: {src} is not shown: {data}]"
             else:
                 child.attrSet("src", "data:image/png;base64," + base64.b64encode(data).decode("ascii"))
     body = md.renderer.render(tokens, md.options, {})
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">'
+            f'<base target="_blank"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head>\n<body>\n{body}</body></html>\n")

@@ -173,15 +173,18 @@ async def job_status(job_id: str, store: JobStore = Depends(get_store)) -> Any:
 def logs(job_id: str, store: JobStore = Depends(get_store), ray: RayJobs = Depends(get_ray),
          config: ServiceConfig = Depends(get_config)) -> Any:
     """Ray's log of the job's driver while Ray has the job, else the copy the service kept
-    (:mod:`kdray.service.driver_log`): a 404 when neither is there, a 503 when Ray cannot be
-    asked."""
+    (:mod:`kdray.service.driver_log`), also while Ray cannot be asked; a 404 when neither is
+    there, a 503 when Ray cannot be asked and there is no copy."""
     rec = find_job(store, job_id)
-    if not rec.get("ray_job_id"):
-        return PlainTextResponse("")
-    text = ray.logs(rec["ray_job_id"])  # a ClusterError (Ray unavailable) is a 503
-    if text is None:
-        text = kept_log(spec_path(config, job_id).parent)
-    if text is None:
+    kept = lambda: kept_log(spec_path(config, job_id).parent)  # noqa: E731
+    if not rec.get("ray_job_id"):  # not handed to Ray, or the service stopped before it noted Ray's id
+        return PlainTextResponse(kept() or "")
+    try:
+        text = ray.logs(rec["ray_job_id"])
+    except ClusterError:
+        if (text := kept()) is None:
+            raise  # a 503
+    if text is None and (text := kept()) is None:
         raise RequestError(404, f"Ray no longer has the log of job {job_id} (its cluster restarted since it ran), "
                                 "and the service kept no copy of it (an older kdray ran it)")
     return PlainTextResponse(text)

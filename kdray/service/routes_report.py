@@ -147,6 +147,13 @@ def report_html(job_id: str, store: JobStore = Depends(get_store)) -> Any:
     text = _read_own(out, "report.md", MAX_REPORT_BYTES)
     if text is None:
         raise RequestError(404, f"job {job_id} has no report.md", state=rec["state"])
-    page = report_page(text.decode("utf-8", errors="replace"), f"kdray job {rec['name']} ({job_id})",
-                       lambda name: _read_own(out, name, MAX_PLOT_BYTES))
+
+    def plot(name: str) -> bytes | str:
+        try:
+            data = _read_own(out, name, MAX_PLOT_BYTES)
+        except RequestError:  # over the limit
+            return f"over {MAX_PLOT_BYTES >> 20} MiB"
+        return "not a file of the job's output directory" if data is None else data
+
+    page = report_page(text.decode("utf-8", errors="replace"), f"kdray job {rec['name']} ({job_id})", plot)
     return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})

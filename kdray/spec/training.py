@@ -152,8 +152,9 @@ class TrainingSpec(_Spec):
         description="Worker-group failures (a lost node, a killed or crashed worker) Ray Train "
         "recovers from in each segment by restarting the workers from the latest checkpoint "
         "before the job fails; -1 retries forever, 0 fails at once. A KdrayError a worker raises "
-        "(bad data, a model that does not load) is never retried; a node drained for a preemption that "
-        "lasts until the drain's deadline is retried without counting here (one lost sooner counts).",
+        "(bad data, a model that does not load) is never retried; a node drained for a preemption is "
+        "retried without counting here only when Ray Train lets it go first (one taken at its deadline "
+        "or sooner counts).",
     )
     lora: LoraSpec | None = Field(
         None,
