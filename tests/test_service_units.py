@@ -572,10 +572,12 @@ def test_one_replica_owns_the_store_and_reads_its_token_file_as_it_starts(tmp_pa
     served = cloudpickle.loads(pickle_dumps(app, error_msg="the app"))
     owner = start_replica(app, str(token), wait_s=1.0)  # the dead holder's lock is gone
     assert app.state.config.token == "from-the-head" and owner > 0
-    # The service's own log is shown from INFO on: what it does of its own accord (jobs it deletes).
+    # The service's own log, from INFO on, in its state dir and on the replica's stderr: what it
+    # does of its own accord (jobs it deletes).
     capsys.readouterr()
     logging.getLogger("kdray.service").info("deleted 2 job(s)")
     assert capsys.readouterr().err.endswith(" INFO kdray service: deleted 2 job(s)\n")
+    assert (tmp_path / "state" / "service.log").read_text().endswith(" INFO kdray service: deleted 2 job(s)\n")
     with TestClient(served) as client:  # the token read at start is the one requests need
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer from-the-head"}).status_code == 404
         assert client.post("/v1/jobs/x/cancel", headers={"Authorization": "Bearer other"}).status_code == 401

@@ -216,15 +216,29 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def log_service_events() -> None:
-    """Show the service's own log (``kdray.service``) from INFO on, on the replica's standard
-    error: Ray keeps it in the replica's worker log and prints it on ``kdray serve``'s console.
-    Without a handler, Python showed only warnings (its last-resort handler), so what the
-    service did of its own accord (jobs deleted past ``keep_ended_days``) was said nowhere."""
+#: The service's own log in its state dir (:func:`log_service_events`), and how it is rotated.
+SERVICE_LOG, SERVICE_LOG_BYTES, SERVICE_LOG_BACKUPS = "service.log", 10 << 20, 3
+
+
+def log_service_events(state_dir: str | Path) -> None:
+    """Keep the service's own log (``kdray.service``: what it did of its own accord, such as
+    the jobs it deleted past ``keep_ended_days``, its warnings, and a kdray bug's traceback)
+    from INFO on in ``STATE_DIR/service.log`` (rotated at 10 MiB, 3 kept), which outlives
+    the service's Ray sessions, and on the replica's standard error (its Ray worker log).
+    Python showed only warnings without a handler, on that standard error alone, and nothing
+    of a replica reaches ``kdray serve``'s console (its Ray runs with ``log_to_driver=False``)."""
+    from logging.handlers import RotatingFileHandler
+
     service = logging.getLogger("kdray.service")
-    if not any(isinstance(h, _Stderr) for h in service.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s kdray service: %(message)s"))
+    for handler in [h for h in service.handlers if getattr(h, "kdray_service", False)]:
+        service.removeHandler(handler)
+        handler.close()
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s kdray service: %(message)s")
+    for handler in (_Stderr(), RotatingFileHandler(Path(state_dir) / SERVICE_LOG, maxBytes=SERVICE_LOG_BYTES,
+                                                   backupCount=SERVICE_LOG_BACKUPS, encoding="utf-8")):
+        handler.kdray_service = True  # type: ignore[attr-defined]
+        handler.setFormatter(fmt)
         service.addHandler(handler)
     service.setLevel(logging.INFO)
 
@@ -238,8 +252,8 @@ def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER
     Raises:
         ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
     """
-    log_service_events()
     config: ServiceConfig = app.state.config
+    log_service_events(config.state_dir)
     if token_file:
         token = read_token(token_file)
         if token is None:
