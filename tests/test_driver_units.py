@@ -66,3 +66,42 @@ def test_kdray_watch_shows_a_phase_that_ended_before_it_began_with_the_time_it_t
     lines = out.getvalue().splitlines()
     assert "0:01:40" in next(line for line in lines if "generate" in line), lines
     assert "0:15:00" in next(line for line in lines if "train" in line), lines  # running for 900 s
+
+
+def test_a_training_stall_is_said_once_per_stall_with_the_free_resources():
+    """A restarted worker group that cannot be placed, or whose reads have no CPU, waits with
+    no end: the driver says so once STALL_WARN_S passed without a step, and again only after
+    the next step starts another stall."""
+    from kdray.stages.train import STALL_WARN_S, StallWatch
+
+    now, said = [0.0], []
+    watch = StallWatch(said.append, lambda: now[0], lambda: "0 of 2 CPUs")
+    now[0] = STALL_WARN_S - 1
+    watch.check()
+    assert said == []
+    now[0] = STALL_WARN_S
+    watch.check()
+    watch.check()
+    assert said == ["train: no training step for 10 min since the workers started; Ray Train may be restarting the "
+                    "workers or waiting for resources (the cluster has 0 of 2 CPUs free; `ray status` shows what waits)"]
+    watch.seen({"step": 7, "loss": 1.0})
+    now[0] += 3 * STALL_WARN_S
+    watch.check()
+    assert len(said) == 2 and "30 min since step 7;" in said[1]
+
+
+def test_a_message_is_printed_as_written_brackets_and_all():
+    """A message holds paths and errors' text, as gloo's ``[/path/pair.cc:553]``: rich markup
+    would take it for a closing tag and end the driver (seen when a worker was killed)."""
+    import io
+
+    from rich.console import Console
+
+    from kdray.pipeline.progress import ConsoleReporter
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(None, console=Console(file=out, width=200))
+    text = "train: the worker group failed (rank 1: RuntimeError: [/gloo/pair.cc:553] Connection closed [bold]x)"
+    reporter.message(text)
+    reporter.close()
+    assert text in out.getvalue()

@@ -317,6 +317,11 @@ def run_killing_a_worker(spec: Path, tmp_path: Path, every: int) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stdout + stderr
+    # The driver said what Ray Train did: the group failed, and the restarted one trained on.
+    said = [e["text"] for e in map(json.loads, (tmp_path / "out" / "events.jsonl").read_text().splitlines())
+            if e["kind"] == "message"]
+    assert any(text.startswith("train: the worker group failed after step ") for text in said), said
+    assert any(text.startswith("train: the restarted workers trained from step ") for text in said), said
 
 
 def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:

@@ -77,21 +77,32 @@ def test_a_kdray_error_in_a_worker_fails_the_run_once_though_retries_are_allowed
                 raise DataError("data.train: 3 rows are bad; fix them")
             raise KeyError("a bug")
 
+    hubs = {}
+
     def run(kind: str) -> tuple[Exception, int]:
         attempts = tmp_path / f"{kind}.txt"
         attempts.write_text("")
+        hubs[kind] = progress_hub()
         trainer = TorchTrainer(
             train, train_loop_config={"attempts": str(attempts), "kind": kind},
             scaling_config=ScalingConfig(num_workers=2), torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name=kind, storage_path=str(tmp_path / "ray_train"),
-                                 callbacks=[train_metrics_callback(progress_hub())],
+                                 callbacks=[train_metrics_callback(hubs[kind])],
                                  failure_config=FailureConfig(max_failures=2)))
         with pytest.raises(Exception) as info:
             trainer.fit()
         return info.value, len(attempts.read_text()) // 2  # each attempt starts both workers
 
+    import ray
+
     error, attempts = run("user")
     assert attempts == 1
     assert isinstance(user_error(error), DataError) and "3 rows are bad" in str(user_error(error))
+    assert ray.get(hubs["user"].drain.remote()) == []  # not retried: nothing to say of a restart
     error, attempts = run("bug")
     assert attempts == 3 and user_error(error) is None
+    # The driver is told of each failure, its rank and its error's last line.
+    said = [e["message"] for e in ray.get(hubs["bug"].drain.remote())]
+    assert said == ["train: the worker group failed before its first step (rank 1: KeyError: 'a bug'); Ray Train "
+                    "restarts it from the latest checkpoint while training.max_failures allows (a preemption's "
+                    "restart apart)"] * 3, said

@@ -146,7 +146,7 @@ class ConsoleReporter(Reporter):
 
     def message(self, text: str) -> None:
         super().message(text)
-        self.progress.console.print(text)
+        self.progress.console.print(text, markup=False)  # a path or an error's text may hold [...]
 
     def close(self) -> None:
         self.progress.stop()

@@ -50,9 +50,11 @@ def progress_hub() -> Any:
     return ProgressHub.options(scheduling_strategy=here).remote()
 
 
-def run_draining(fn: Callable[[], Any], hub: Any, on_event: Callable[[dict[str, Any]], None]) -> Any:
+def run_draining(fn: Callable[[], Any], hub: Any, on_event: Callable[[dict[str, Any]], None],
+                 on_tick: Callable[[], None] | None = None) -> Any:
     """Run the blocking ``fn`` in a thread while passing ``hub``'s events to ``on_event`` in
-    this one; return its result or re-raise its error here."""
+    this one, calling ``on_tick`` after each drain (every :data:`DRAIN_INTERVAL_S`); return its
+    result or re-raise its error here."""
     import ray
 
     box: dict[str, Any] = {}
@@ -72,6 +74,8 @@ def run_draining(fn: Callable[[], Any], hub: Any, on_event: Callable[[dict[str, 
     while thread.is_alive():
         thread.join(timeout=DRAIN_INTERVAL_S)
         drain()
+        if on_tick is not None:
+            on_tick()
     drain()
     if "error" in box:
         raise box["error"]

@@ -11,6 +11,7 @@ to a :func:`~kdray.stages.context.progress_hub` actor that the driver drains whi
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,22 +38,92 @@ def train_metrics_callback(hub: Any) -> Any:
     """A ``ray.train.UserCallback`` forwarding rank 0's reported metrics to ``hub``, and ending
     the run at once on an error a worker raised that a retry would raise again
     (:func:`worker_user_error`) instead of retrying it ``training.max_failures`` times: Ray
-    Train takes an error in a callback for the controller's own, which it does not retry."""
+    Train takes an error in a callback for the controller's own, which it does not retry.
+
+    It also tells the driver, through ``hub`` (``{"message": text}`` events), when the worker
+    group failed (a lost node, a killed or crashed worker: the rank and the last line of its
+    error) and from which step the workers trained again: Ray Train restarts the group from
+    the latest checkpoint by itself, and logs it only in its controller's log."""
     from ray.train import UserCallback
 
     class TrainMetricsCallback(UserCallback):
+        def __init__(self) -> None:
+            self.last_step: Any = None
+            self.failed = False  # since the last report: the group failed, and is restarted
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics:  # rank 0's {"steps": [...]}: the steps since its last report (kdray.train.worker)
-                for step in metrics[0]["steps"]:
-                    hub.record.remote(dict(step))
+            steps = metrics[0]["steps"] if metrics else []  # rank 0's steps since its last report (kdray.train.worker)
+            if steps and self.failed:
+                hub.record.remote({"message": f"train: the restarted workers trained from step {steps[0].get('step')} on"})
+                self.failed = False
+            for step in steps:
+                hub.record.remote(dict(step))
+                self.last_step = step.get("step", self.last_step)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for error in worker_exceptions.values():
                 user = worker_user_error(error)
                 if user is not None:
                     raise user
+            if worker_exceptions:
+                self.failed = True
+                rank = min(worker_exceptions)
+                after = "before its first step" if self.last_step is None else f"after step {self.last_step}"
+                hub.record.remote({"message": (
+                    f"train: the worker group failed {after} (rank {rank}: {_last_line(worker_exceptions[rank])}); "
+                    "Ray Train restarts it from the latest checkpoint while training.max_failures allows "
+                    "(a preemption's restart apart)")})
 
     return TrainMetricsCallback()
+
+
+def _last_line(error: BaseException) -> str:
+    """``Type: message`` of a worker's error: the last line of its text where that is a
+    traceback (which ends with its exception's), else its type and message; a line over 200
+    characters cut after its first sentence, or at 200."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    line = f"{type(error).__name__}: {lines[0]}" if len(lines) == 1 else lines[-1] if lines else type(error).__name__
+    if len(line) > 200:
+        end = line.find(". ", 0, 200)
+        line = line[:end + 1] if end > 0 else line[:200]
+    return line
+
+
+#: Seconds without a training step before the driver says so, once per stall: the workers may
+#: be restarting after a failure, or waiting for resources (:class:`StallWatch`).
+STALL_WARN_S = 600.0
+
+
+class StallWatch:
+    """Says, once per stall, that no training step came for :data:`STALL_WARN_S` seconds,
+    with what the cluster has free: a restarted worker group that cannot be placed, or whose
+    reads have no CPU left (:func:`check_ingest_cpus`), waits without an end or a word."""
+
+    def __init__(self, message: Callable[[str], None], clock: Callable[[], float], free: Callable[[], str]):
+        self.message, self.clock, self.free = message, clock, free
+        self.since, self.step, self.said = clock(), None, False
+
+    def seen(self, event: dict[str, Any]) -> None:
+        """A step came (or another event of the workers)."""
+        self.since, self.said = self.clock(), False
+        self.step = event.get("step", self.step)
+
+    def check(self) -> None:
+        waited = self.clock() - self.since
+        if waited >= STALL_WARN_S and not self.said:
+            self.said = True
+            last = "since the workers started" if self.step is None else f"since step {self.step}"
+            self.message(f"train: no training step for {waited / 60:.0f} min {last}; Ray Train may be restarting "
+                         f"the workers or waiting for resources (the cluster has {self.free()} free; "
+                         "`ray status` shows what waits)")
+
+
+def free_resources() -> str:
+    """The cluster's free CPUs and GPUs, for a message: ``3 of 8 CPUs, 0 of 4 GPUs``."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{free.get(r, 0):g} of {total[r]:g} {r}s" for r in ("CPU", "GPU") if total.get(r))
 
 
 def worker_user_error(error: BaseException) -> KdrayError | None:
@@ -247,8 +318,17 @@ def _fit(ctx: StageContext, segment: Segment, plan: list[Segment], datasets: dic
     with ctx.phase("train", segment.end_step, detail):
         if segment.start_step:  # the bar counts the job's optimizer steps
             ctx.reporter.advance("train", segment.start_step)
+        watch = StallWatch(ctx.reporter.message, time.monotonic, free_resources)
+
+        def on_event(event: dict[str, Any]) -> None:
+            watch.seen(event)
+            if "message" in event:  # from the callback: the group failed, or trains again
+                ctx.reporter.message(event["message"])
+            else:
+                on_metrics(event)
+
         try:
-            result = run_draining(trainer.fit, hub, on_metrics)
+            result = run_draining(trainer.fit, hub, on_event, on_tick=watch.check)
         except Exception as error:
             user = user_error(error)
             if user is None:
