@@ -101,19 +101,19 @@ def _print_result(report: Any) -> None:
 
         stdout.print(_summary_table(report))
         for line in paired(report.data.get("paired_differences")):  # prompt by prompt
-            stdout.print(line, highlight=False)
+            stdout.print(line, highlight=False, markup=False)
         if note := empty_answers_note({k: s.mean_length for k, s in report.evaluation.items() if s.n}):
-            stdout.print(note)
+            stdout.print(note, markup=False)
     if judge := report.judge:
         from kdray.report.markdown import score
 
         stdout.print(f"judge {judge['model']}: student after vs {judge['reference']}: win rate "
                      f"{score(judge, 'win_rate')} over {judge['comparisons']} comparisons, position "
-                     f"consistency {score(judge, 'position_consistency')}")
+                     f"consistency {score(judge, 'position_consistency')}", markup=False)  # paths may hold [...]
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in report.timings_s.items())
     stdout.print(f"timings: {timings}")
-    stdout.print(f"student: {report.student_dir}")
-    stdout.print(f"report:  {report.output_dir / 'report.md'} (and report.json, *.png)")
+    stdout.print(f"student: {report.student_dir}", markup=False)
+    stdout.print(f"report:  {report.output_dir / 'report.md'} (and report.json, *.png)", markup=False)
 
 
 def cmd_toy(args: argparse.Namespace) -> int:

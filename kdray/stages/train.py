@@ -54,7 +54,8 @@ def train_metrics_callback(hub: Any) -> Any:
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             steps = metrics[0]["steps"] if metrics else []  # rank 0's steps since its last report (kdray.train.worker)
             if steps and self.failed:
-                hub.record.remote({"message": f"train: the restarted workers trained from step {steps[0].get('step')} on"})
+                first = steps[0].get("step")
+                hub.record.remote({"message": f"train: the restarted workers trained from step {first} on"})
                 self.failed = False
             for step in steps:
                 hub.record.remote(dict(step))
