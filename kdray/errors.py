@@ -115,6 +115,18 @@ def first_line(exc: BaseException, *, typed: bool = True) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if typed else lines[0]
 
 
+def last_error_line(exc: BaseException) -> str:
+    """``Type: message`` of an error whose text may be a traceback (a Ray worker's error, which
+    ends with its exception's line): that last line, else :func:`first_line`; a line over 200
+    characters cut after its first sentence, or at 200."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    line = lines[-1] if len(lines) > 1 else first_line(exc)
+    if len(line) > 200:
+        end = line.find(". ", 0, 200)
+        line = line[:end + 1] if end > 0 else line[:200]
+    return line
+
+
 # -- where a user's file holds bytes or characters that are not text ------------------------
 
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")

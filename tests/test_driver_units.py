@@ -70,24 +70,38 @@ def test_kdray_watch_shows_a_phase_that_ended_before_it_began_with_the_time_it_t
 
 def test_a_training_stall_is_said_once_per_stall_with_the_free_resources():
     """A restarted worker group that cannot be placed, or whose reads have no CPU, waits with
-    no end: the driver says so once STALL_WARN_S passed without a step, and again only after
-    the next step starts another stall."""
-    from kdray.stages.train import STALL_WARN_S, StallWatch
+    no end: the driver says so once STALL_WARN_S passed without a step (FIRST_STEP_WARN_S
+    before the first: loading big models takes long), and again only after the next step
+    starts another stall; the cluster's free resources when they can be read."""
+    from kdray.stages.train import FIRST_STEP_WARN_S, STALL_WARN_S, StallWatch
 
-    now, said = [0.0], []
-    watch = StallWatch(said.append, lambda: now[0], lambda: "0 of 2 CPUs")
-    now[0] = STALL_WARN_S - 1
+    now, said, free = [0.0], [], ["0 of 2 CPUs"]
+
+    def read_free() -> str:
+        if isinstance(free[0], Exception):
+            raise free[0]
+        return free[0]
+
+    watch = StallWatch(said.append, lambda: now[0], read_free)
+    now[0] = FIRST_STEP_WARN_S - 1
     watch.check()
     assert said == []
-    now[0] = STALL_WARN_S
+    now[0] = FIRST_STEP_WARN_S
     watch.check()
     watch.check()
-    assert said == ["train: no training step for 10 min since the workers started; Ray Train may be restarting the "
-                    "workers or waiting for resources (the cluster has 0 of 2 CPUs free; `ray status` shows what waits)"]
+    assert said == ["train: no training step yet after 30 min; the workers may still be loading the models or "
+                    "restoring a checkpoint, or wait for resources (the cluster has 0 of 2 CPUs free; `ray status` "
+                    "shows what waits)"]
     watch.seen({"step": 7, "loss": 1.0})
-    now[0] += 3 * STALL_WARN_S
+    now[0] += STALL_WARN_S - 1
     watch.check()
-    assert len(said) == 2 and "30 min since step 7;" in said[1]
+    assert len(said) == 1
+    free[0] = ConnectionError("GCS busy")
+    now[0] += 1
+    watch.check()
+    assert len(said) == 2 and said[1].startswith("train: no training step for 10 min since step 7; the workers may "
+                                                 "be saving a checkpoint")
+    assert "the cluster's free resources are unknown: ConnectionError: GCS busy" in said[1]
 
 
 def test_a_message_is_printed_as_written_brackets_and_all():

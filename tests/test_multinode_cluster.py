@@ -11,7 +11,8 @@ A job: two-stage POCL under ``STORAGE/shared``, its two Ray Train workers on two
 across nodes), with per-round evaluation, the judge and checkpoints; once stage 2 is past a
 checkpoint one of those nodes is lost (its whole session killed) and a replacement joins, and
 the job finishes from the latest checkpoint with the failure policy's defaults. It loses a
-node, so it comes last in this module.
+node, so it comes last in this module; before it, a preemption: a training node drained with a
+deadline, checkpointed at the notice and before the deadline, taken and replaced.
 """
 
 from __future__ import annotations
@@ -295,18 +296,17 @@ def _replaced(cluster, lost: str, name: str, proc: subprocess.Popen) -> tuple[fl
     return dead_at, joined_at
 
 
-#: Seconds between the preemption notice and the reclaim: past the job's end (what Ray Train
-#: does at the deadline is Ray's; the node loss it restarts from is the POCL job's below).
-RECLAIM_S = 600
-#: The preemption job's optimizer steps: 1,024 rows, 4 epochs, 32 rows a step (0.2-0.5 s each
-#: here): the notice comes mid-training.
-PREEMPT_STEPS = 128
+#: Seconds between the preemption notice and the reclaim (a short cloud's notice is 30 s).
+RECLAIM_S = 45
+#: The preemption job's optimizer steps: 1,024 rows, 12 epochs, 32 rows a step (0.2-0.5 s each
+#: here): the notice comes early, the reclaim mid-training.
+PREEMPT_STEPS = 384
 
 
 def _preemption_spec(work: Path) -> Path:
     """Forward KL on the dataset's responses, PREEMPT_STEPS steps of one-row micro-batches (16
-    gloo collectives a step), and no periodic checkpoints: the only one before the segment's
-    end is the notice's."""
+    gloo collectives a step), and no periodic checkpoints: the only ones before the segment's
+    end are the notice's."""
     from tests.test_e2e_curriculum import small_job
 
     spec = small_job(work, "preempt", dataset_responses=True)
@@ -314,20 +314,23 @@ def _preemption_spec(work: Path) -> Path:
     for role in ("teacher", "student"):
         config[role]["backend"] = "hf"
     config["data"]["max_train_samples"] = 1024
-    config["training"].update(epochs=4, micro_batch_size_per_worker=1, checkpoint_every_steps=None)
+    config["training"].update(epochs=12, micro_batch_size_per_worker=1, checkpoint_every_steps=None)
     spec.write_text(yaml.safe_dump(config))
     return spec
 
 
-@pytest.mark.slow
-def test_a_preemption_notice_checkpoints_at_once_and_names_the_node(cluster, storage, toy_world):
-    """A spot instance's reclaim notice: once training runs, Ray drains one training worker's node
-    for a preemption with a deadline (what a cloud's notice becomes; ``ray drain-node``). The
-    workers checkpoint at their next check, off the schedule (this job has none), record the
-    notice with that step and train on. The drained node is then reclaimed and replaced."""
+def test_a_preemption_notice_checkpoints_at_once_and_before_its_deadline_and_the_job_goes_on(
+        cluster, storage, toy_world):
+    """A spot instance's reclaim: once training runs, Ray drains one training worker's node for
+    a preemption with a deadline (what a cloud's notice becomes; ``ray drain-node``). The workers
+    checkpoint at their next check, off the schedule (this job has none), record the notice with
+    that step and train on; they checkpoint again shortly before the deadline. At the deadline
+    the node is taken and a replacement joins: Ray Train restarts the group from that last
+    checkpoint, and the driver says so."""
     from multinode import ray_command
 
     from tests.test_e2e import _train_steps
+    from kdray.train.worker import PREEMPTION_MARGIN_S
 
     work = storage / "shared" / "preempt"
     work.mkdir(parents=True)
@@ -343,30 +346,40 @@ def test_a_preemption_notice_checkpoints_at_once_and_names_the_node(cluster, sto
                         f"--deadline-remaining-seconds={RECLAIM_S}"], check=True, timeout=60, capture_output=True)
         saved = _wait_for("the notice's checkpoint", lambda: [e for e in _logged(out) if "preemption" in e], proc)
         saved_in = time.time() - noticed_at
+        time.sleep(max(0.0, noticed_at + RECLAIM_S - time.time()))
+        taken = max(_train_steps(out / "events.jsonl"))
+        cluster.reclaim(victim)  # the cloud takes the node at the deadline; an autoscaler replaces it
+        cluster.add_node(victim)
         rc = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        cluster.reclaim(victim)  # the cloud takes the drained node; an autoscaler replaces it
-        cluster.add_node(victim)
     output = (work / "stdout.txt").read_text() + (work / "stderr.txt").read_text()
     assert rc == 0, output
 
-    (notice,) = saved
+    notice = saved[0]
     assert notice["kind"] == "train_step" and notice["checkpoint"] is True  # checkpoint_every_steps: null
     assert notice["preemption"]["nodes"] == [drained]
     assert len(notice["preemption"]["ranks"]) == 1 and 0 < notice["preemption"]["deadline_s"] <= RECLAIM_S
     # Ray Train's watcher polls every 5 s, the workers check every PREEMPTION_CHECK_S (5 s), one step more
     assert saved_in < 30, saved_in
+    assert 2 <= notice["step"] < taken
+    # The last checkpoint before the deadline, at least the margin before it.
+    (last,) = [e for e in _logged(out) if "before_deadline_s" in e.get("preemption", {})]
+    assert last["checkpoint"] is True and notice["step"] < last["step"] <= taken
+    assert PREEMPTION_MARGIN_S - 5 <= last["preemption"]["before_deadline_s"] <= PREEMPTION_MARGIN_S + 1, last
+    # The restarted group trained from there: every step once in the report, nothing before it again.
     trained = _train_steps(out / "events.jsonl")
-    assert trained == list(range(1, PREEMPT_STEPS + 1))  # trained on, once each
-    assert 2 <= notice["step"] < PREEMPT_STEPS
-    # Ray Train keeps it: the notice's checkpoint and the segment's final one.
-    saved_steps = sorted(json.loads(p.read_text())["step"] for p in (out / "ray_train").glob("*/checkpoint_*/progress.json"))
-    assert saved_steps == [notice["step"], PREEMPT_STEPS], saved_steps
+    assert set(trained) == set(range(1, PREEMPT_STEPS + 1))
+    restart = next(i for i in range(1, len(trained)) if trained[i] <= trained[i - 1])
+    assert trained[restart] == last["step"] + 1, trained[restart - 3:restart + 3]
+    said = [e["text"] for e in _logged(out) if e["kind"] == "message"]
+    assert any(t.startswith("train: the worker group failed after step ") for t in said), said
+    assert f"train: the restarted workers trained from step {last['step'] + 1} on" in said, said
     print(f"\npreemption notice for {victim} after step {notice['step']}: checkpointed {saved_in:.1f} s after the "
-          f"drain, {notice['preemption']['deadline_s']} s before the reclaim")
+          f"drain; again at step {last['step']}, {last['preemption']['before_deadline_s']} s before the reclaim "
+          f"(at step {taken}); the restart trained from step {trained[restart]}")
 
 
 @pytest.mark.slow

@@ -223,3 +223,16 @@ def test_training_deepspeed_starts_the_backend_without_building_the_inference_ke
     assert "shm_comm_op: None" in res.stdout
     assert "built successfully" not in res.stdout + res.stderr
     assert not extensions.exists() or not any(extensions.rglob("*.so"))  # nothing compiled
+
+
+def test_the_last_checkpoint_before_a_preemption_deadline_leaves_its_margin():
+    """15 s before the deadline at least; three checkpoints and two steps before it where
+    those take longer; none where that moment has passed."""
+    import time
+
+    from kdray.train.worker import PREEMPTION_MARGIN_S, _last_checkpoint_at
+
+    now = time.time()
+    assert _last_checkpoint_at(now + 60, 1.0, 0.5) == pytest.approx(now + 60 - PREEMPTION_MARGIN_S)
+    assert _last_checkpoint_at(now + 120, 20.0, 5.0) == pytest.approx(now + 120 - 70)
+    assert _last_checkpoint_at(now + 10, 1.0, 0.5) is None

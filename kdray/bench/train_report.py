@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rich.markup import escape
+
 from kdray.bench.train_memory import render_memory
 
 #: The most bare-loop tokens/s per job tokens/s that ``kdray bench train`` accepts.
@@ -77,7 +79,7 @@ def render(results: dict[str, Any]) -> None:
         console.print("overhead: not measured (a run failed)")
     for failed in results.get("bare_failures", []):  # its rounds use the bare run on their other side
         console.print(f"[red]bare loop ({failed['threads']} thread(s)), run {failed['run'] + 1} failed[/]: "
-                      f"{failed['error']}")
+                      f"{escape(failed['error'])}")
 
     mem = Table(title="teacher-signal modes on the toy teacher (peak memory: VmHWM of rank 0)")
     for col in ("teacher_signal.mode", "status", "peak RSS MiB", "vs online", "tokens/s", "score phase s",

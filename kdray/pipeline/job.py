@@ -185,7 +185,7 @@ class Job:
         except Exception as exc:  # the directory keeps why (kdray report and compare say it)
             died = self._replica_death(exc)
             user = died or user_error(exc)
-            self.reporter.failed(str(user) if user is not None else f"{type(exc).__name__}: {first_line(exc)}")
+            self.reporter.failed(str(user) if user is not None else first_line(exc))
             if died is not None:
                 raise died from None
             raise

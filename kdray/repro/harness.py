@@ -341,8 +341,10 @@ def _run_grid(size: ReproSize, methods: list[str], shared: dict[str, Any], world
         except Exception as exc:  # one broken cell must not cost the grid; it is reported below
             run = {"method": method, "seed": seed, "error": str(exc).strip().splitlines()[-1][:500]}
         runs.append(run)
+        from rich.markup import escape
+
         if run.get("error"):
-            line = f"[red]failed[/]: {run['error']}"
+            line = f"[red]failed[/]: {escape(run['error'])}"  # an error's text may hold [...]
         else:
             fit = run.get("language")
             line = (f"ROUGE-L {run['rougeL']:.3f}  EM {run['exact_match']:.3f}  "

@@ -94,7 +94,8 @@ def write_outputs(result: dict[str, Any], out: Path, console: Any) -> dict[str, 
         console.print(language_rich_table(lstats, lrefs))
     for v in found:
         console.print(verdict_line(v, True), highlight=False, soft_wrap=True)
-    console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {result['timings_s']['total']:.0f}s)")
+    console.print(f"written: {out / 'repro.md'}, {out / 'repro.json'} (total {result['timings_s']['total']:.0f}s)",
+                  markup=False)
     if failed:
         raise KdrayError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see the errors in {out / 'repro.json'}")
     return result

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -208,7 +209,6 @@ class _Stderr(logging.StreamHandler):
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        import sys
         return sys.stderr
 
     @stream.setter
@@ -220,23 +220,31 @@ class _Stderr(logging.StreamHandler):
 SERVICE_LOG, SERVICE_LOG_BYTES, SERVICE_LOG_BACKUPS = "service.log", 10 << 20, 3
 
 
-def log_service_events(state_dir: str | Path) -> None:
+def log_service_events(state_dir: str | Path | None) -> None:
     """Keep the service's own log (``kdray.service``: what it did of its own accord, such as
     the jobs it deleted past ``keep_ended_days``, its warnings, and a kdray bug's traceback)
     from INFO on in ``STATE_DIR/service.log`` (rotated at 10 MiB, 3 kept), which outlives
     the service's Ray sessions, and on the replica's standard error (its Ray worker log).
     Python showed only warnings without a handler, on that standard error alone, and nothing
-    of a replica reaches ``kdray serve``'s console (its Ray runs with ``log_to_driver=False``)."""
+    of a replica reaches ``kdray serve``'s console (its Ray runs with ``log_to_driver=False``).
+
+    The file only with ``state_dir`` (the replica that owns the store: one writer; a file that
+    cannot be opened is said on standard error and left out)."""
     from logging.handlers import RotatingFileHandler
 
     service = logging.getLogger("kdray.service")
     for handler in [h for h in service.handlers if getattr(h, "kdray_service", False)]:
         service.removeHandler(handler)
         handler.close()
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s kdray service: %(message)s")
-    for handler in (_Stderr(), RotatingFileHandler(Path(state_dir) / SERVICE_LOG, maxBytes=SERVICE_LOG_BYTES,
-                                                   backupCount=SERVICE_LOG_BACKUPS, encoding="utf-8")):
+    handlers: list[logging.Handler] = [_Stderr()]
+    if state_dir is not None:
+        try:
+            handlers.append(RotatingFileHandler(Path(state_dir) / SERVICE_LOG, maxBytes=SERVICE_LOG_BYTES,
+                                                backupCount=SERVICE_LOG_BACKUPS, encoding="utf-8"))
+        except OSError as exc:
+            print(f"kdray service: no log file {Path(state_dir) / SERVICE_LOG}: {exc}", file=sys.stderr)
+    for handler in handlers:
         handler.kdray_service = True  # type: ignore[attr-defined]
         handler.setFormatter(fmt)
         service.addHandler(handler)
@@ -252,8 +260,8 @@ def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER
     Raises:
         ConfigError: the store has another replica, or ``token_file`` is unreadable or empty.
     """
+    log_service_events(None)  # stderr; the file once this replica owns the store
     config: ServiceConfig = app.state.config
-    log_service_events(config.state_dir)
     if token_file:
         token = read_token(token_file)
         if token is None:
@@ -265,7 +273,9 @@ def start_replica(app: Any, token_file: str | None = None, wait_s: float = OWNER
         config = app.state.config = replace(config, ray_address=ray.get_runtime_context().gcs_address)
     settle_config(config)  # for the copy of the app that Serve answers requests with, too
     app.state.store.open()  # created or brought up to date here, on the head
-    return own_store(config, wait_s)
+    owner = own_store(config, wait_s)
+    log_service_events(config.state_dir)
+    return owner
 
 
 def deployment(config: ServiceConfig, token_file: str | None = None) -> Any:

@@ -144,7 +144,7 @@ class TrainingSpec(_Spec):
         "rank's ZeRO state to output_dir: lower N where steps are slow or nodes fail without notice, "
         "raise it where the state is large. null: only each segment's final state is saved (a "
         "failure restarts the segment). A preemption notice (Ray draining a node, as for a spot "
-        "reclaim) also saves one at once, off this schedule.",
+        "reclaim) also saves one at once and one shortly before its deadline, off this schedule.",
     )
     max_failures: RestartCount = Field(
         MAX_FAILURES,

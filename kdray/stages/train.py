@@ -20,7 +20,7 @@ from kdray.data.artifacts import READ_NUM_CPUS, Artifact
 from kdray.data.examples import EXAMPLE_COLUMNS, TokenizeForTraining
 from kdray.data.light_tasks import map_light
 from kdray.data.records import SIGNAL_COLUMNS
-from kdray.errors import ClusterError, KdrayError, user_error
+from kdray.errors import ClusterError, KdrayError, first_line, last_error_line, user_error
 from kdray.pools import live as live_pools
 from kdray.pools.base import LIGHT_NUM_CPUS
 from kdray.ray_setup import wait_for_free_gpus
@@ -34,29 +34,39 @@ from kdray.train.worker import WorkerConfig, train_loop_per_worker
 CHECKPOINTS_TO_KEEP = 2
 
 
-def train_metrics_callback(hub: Any) -> Any:
+#: Seconds within which Ray Train's calls of a callback with the same errors are one failure:
+#: it polls a failed group every couple of seconds until it decides (up to the deadline of a
+#: preemption); a group it restarted takes longer than this to start and fail again.
+SAME_FAILURE_S = 3.0
+
+
+def train_metrics_callback(hub: Any, max_failures: int = -1) -> Any:
     """A ``ray.train.UserCallback`` forwarding rank 0's reported metrics to ``hub``, and ending
     the run at once on an error a worker raised that a retry would raise again
     (:func:`worker_user_error`) instead of retrying it ``training.max_failures`` times: Ray
     Train takes an error in a callback for the controller's own, which it does not retry.
 
     It also tells the driver, through ``hub`` (``{"message": text}`` events), when the worker
-    group failed (a lost node, a killed or crashed worker: the rank and the last line of its
-    error) and from which step the workers trained again: Ray Train restarts the group from
-    the latest checkpoint by itself, and logs it only in its controller's log."""
+    group failed (after which step; the rank whose worker died, else the lowest, and the line
+    that says why; what Ray Train does next, as far as ``max_failures``, the run's, tells) and,
+    when steps come again from before the last one (a restart from a checkpoint), from which
+    step the workers trained again: Ray Train restarts the group by itself and says so only in
+    its controller's log."""
     from ray.train import UserCallback
 
     class TrainMetricsCallback(UserCallback):
         def __init__(self) -> None:
             self.last_step: Any = None
-            self.failed = False  # since the last report: the group failed, and is restarted
+            self.failures = 0  # counted against max_failures (a preemption's are not)
+            self.failed: tuple[str, float] | None = None  # the last failure's errors, and when last polled
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             steps = metrics[0]["steps"] if metrics else []  # rank 0's steps since its last report (kdray.train.worker)
-            if steps and self.failed:
-                first = steps[0].get("step")
-                hub.record.remote({"message": f"train: the restarted workers trained from step {first} on"})
-                self.failed = False
+            trained = [step.get("step") for step in steps if "loss" in step and not step.get("resent")]
+            if trained and self.failed is not None:
+                if self.last_step is not None and trained[0] <= self.last_step:  # from a checkpoint
+                    hub.record.remote({"message": f"train: the restarted workers trained from step {trained[0]} on"})
+                self.failed = None
             for step in steps:
                 hub.record.remote(dict(step))
                 self.last_step = step.get("step", self.last_step)
@@ -66,39 +76,61 @@ def train_metrics_callback(hub: Any) -> Any:
                 user = worker_user_error(error)
                 if user is not None:
                     raise user
-            if worker_exceptions:
-                self.failed = True
-                rank = min(worker_exceptions)
-                after = "before its first step" if self.last_step is None else f"after step {self.last_step}"
-                hub.record.remote({"message": (
-                    f"train: the worker group failed {after} (rank {rank}: {_last_line(worker_exceptions[rank])}); "
-                    "Ray Train restarts it from the latest checkpoint while training.max_failures allows "
-                    "(a preemption's restart apart)")})
+            if not worker_exceptions:
+                return
+            import time
+
+            said = repr(sorted((rank, str(error)) for rank, error in worker_exceptions.items()))
+            now = time.monotonic()
+            if self.failed is not None and self.failed[0] == said and now - self.failed[1] < SAME_FAILURE_S:
+                self.failed = (said, now)  # the same failure, polled again
+                return
+            self.failed = (said, now)
+            hub.record.remote({"message": self.describe(worker_exceptions)})
+
+        def describe(self, errors: dict[int, Exception]) -> str:
+            preempted = any(_preempted(error) for error in errors.values())
+            self.failures += not preempted
+            rank = min(errors, key=lambda r: (not _died(errors[r]), r))
+            others = f" and {len(errors) - 1} other rank{'s' if len(errors) > 2 else ''}" if len(errors) > 1 else ""
+            after = "before its first step" if self.last_step is None else f"after step {self.last_step}"
+            if preempted:
+                then = "a preemption: Ray Train restarts it from the latest checkpoint without counting it"
+            elif 0 <= max_failures < self.failures:
+                then = f"training.max_failures ({max_failures}) is used up: the segment fails"
+            else:
+                limit = "unlimited" if max_failures < 0 else max_failures
+                then = (f"Ray Train restarts it from the latest checkpoint "
+                        f"(failure {self.failures} of training.max_failures {limit})")
+            return f"train: the worker group failed {after} (rank {rank}{others}: {last_error_line(errors[rank])}); {then}"
 
     return TrainMetricsCallback()
 
 
-def _last_line(error: BaseException) -> str:
-    """``Type: message`` of a worker's error: the last line of its text where that is a
-    traceback (which ends with its exception's), else its type and message; a line over 200
-    characters cut after its first sentence, or at 200."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    line = f"{type(error).__name__}: {lines[0]}" if len(lines) == 1 else lines[-1] if lines else type(error).__name__
-    if len(line) > 200:
-        end = line.find(". ", 0, 200)
-        line = line[:end + 1] if end > 0 else line[:200]
-    return line
+def _died(error: BaseException) -> bool:
+    """Whether a worker's error says its process or node died (rather than a collective broken
+    by another rank's death): Ray's actor death, or Ray Train's failed health check."""
+    return hasattr(error, "health_check_failure") or any(
+        c.__name__ in ("RayActorError", "ActorDiedError") for c in type(error).__mro__)
 
 
-#: Seconds without a training step before the driver says so, once per stall: the workers may
-#: be restarting after a failure, or waiting for resources (:class:`StallWatch`).
-STALL_WARN_S = 600.0
+def _preempted(error: BaseException) -> bool:
+    """Whether a worker died with a node Ray drained for a preemption (``RayActorError.preempted``,
+    also behind Ray Train's health check error)."""
+    return bool(getattr(getattr(error, "health_check_failure", error), "preempted", False))
+
+
+#: Seconds without a training step before the driver says so, once per stall (:class:`StallWatch`),
+#: and before the first step (loading the models, DeepSpeed's setup, a restore).
+STALL_WARN_S, FIRST_STEP_WARN_S = 600.0, 1800.0
 
 
 class StallWatch:
-    """Says, once per stall, that no training step came for :data:`STALL_WARN_S` seconds,
-    with what the cluster has free: a restarted worker group that cannot be placed, or whose
-    reads have no CPU left (:func:`check_ingest_cpus`), waits without an end or a word."""
+    """Says, once per stall, that no training step came for :data:`STALL_WARN_S` seconds
+    (:data:`FIRST_STEP_WARN_S` before the first), with what the cluster has free: a restarted
+    worker group that cannot be placed, or whose reads have no CPU left
+    (:func:`check_ingest_cpus`), waits without an end or a word. A long checkpoint (steps are
+    reported with it once it is saved) stalls as long."""
 
     def __init__(self, message: Callable[[str], None], clock: Callable[[], float], free: Callable[[], str]):
         self.message, self.clock, self.free = message, clock, free
@@ -111,12 +143,21 @@ class StallWatch:
 
     def check(self) -> None:
         waited = self.clock() - self.since
-        if waited >= STALL_WARN_S and not self.said:
-            self.said = True
-            last = "since the workers started" if self.step is None else f"since step {self.step}"
-            self.message(f"train: no training step for {waited / 60:.0f} min {last}; Ray Train may be restarting "
-                         f"the workers or waiting for resources (the cluster has {self.free()} free; "
+        if waited < (FIRST_STEP_WARN_S if self.step is None else STALL_WARN_S) or self.said:
+            return
+        self.said = True
+        try:
+            free = f"the cluster has {self.free()} free"
+        except Exception as exc:  # the GCS busy or restarting: the message without it
+            free = f"the cluster's free resources are unknown: {first_line(exc)}"
+        if self.step is None:
+            self.message(f"train: no training step yet after {waited / 60:.0f} min; the workers may still be "
+                         f"loading the models or restoring a checkpoint, or wait for resources ({free}; "
                          "`ray status` shows what waits)")
+        else:
+            self.message(f"train: no training step for {waited / 60:.0f} min since step {self.step}; the workers "
+                         "may be saving a checkpoint, or Ray Train restarting them or waiting for resources "
+                         f"({free}; `ray status` shows what waits)")
 
 
 def free_resources() -> str:
@@ -307,7 +348,7 @@ def _fit(ctx: StageContext, segment: Segment, plan: list[Segment], datasets: dic
         run_config=RunConfig(
             name=run_name,
             storage_path=str(ctx.out / "ray_train"),
-            callbacks=[train_metrics_callback(hub)],
+            callbacks=[train_metrics_callback(hub, t.max_failures)],
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),

@@ -42,6 +42,10 @@ REPORT_INTERVAL_S = 1.0
 #: (``ray.train.get_preemption_info``) is a collective of all ranks through Ray Train's actors.
 #: Rank 0's clock decides, carried with the step's metrics as a report is.
 PREEMPTION_CHECK_S = 5.0
+#: After a notice the workers checkpoint again this many seconds before its deadline at least
+#: (more where a step and a checkpoint take long: :func:`_last_checkpoint_at`), so that the
+#: steps trained since the notice are not lost with the node.
+PREEMPTION_MARGIN_S = 15.0
 
 #: Rows each worker's local shuffle buffer holds, in micro-batches: Ray Data shuffles within the
 #: buffer as it streams the shard (a full shuffle would materialise the shard per epoch).
@@ -135,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     unreported: list[dict[str, Any]] = []  # the steps the next report carries
     last_report = last_check = time.monotonic()
     noticed = False  # a preemption notice came, and this run checkpointed at once
+    deadline_at: float | None = None  # the notice's deadline (time.time())
+    last_at: float | None = None  # rank 0: when to checkpoint again before that deadline (None: not again)
     # The last step's sums, summed over the ranks with the next step's item counts (one collective
     # a step, :class:`RankSums`), and its rank-local metrics; None where the step summed its own.
     pending: tuple[RankSums, dict[str, Any]] | None = None
@@ -212,13 +218,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local = {"step": step, "epoch": epoch, "lr": lr, **schedule, **_rank_metrics(engine, wc, clock.lap()),
                      **clock.take()}
             checkpoint = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
-            if check_due and step < seg.end_step:
+            if check_due and step < seg.end_step and noticed:  # the deadline is near: save the steps since
+                checkpoint, last_at = True, None
+                local["preemption"] = {"before_deadline_s": round(deadline_at - time.time(), 1)} if deadline_at else {}
+            elif check_due and step < seg.end_step:
                 with clock.timing("report"):
                     notice = _preemption_notice()
                 last_check = time.monotonic()
                 if notice is not None:  # checkpoint at once: the steps since the last one are saved
                     noticed = checkpoint = True
                     local["preemption"] = notice
+                    if notice["deadline_s"] is not None:
+                        deadline_at = time.time() + notice["deadline_s"]
             pending = None
             if checkpoint or step >= seg.end_step:  # no step to carry this one's sums: their own collective
                 record(RankSums({**window, "report_due": 0.0, "check_due": 0.0}).sum_now(), local)
@@ -229,9 +240,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # drained their metrics recovers them from here when the job is run again.
                 progress = {"step": step, "epoch": epoch, "micro_in_epoch": micro + 1, "segment": seg.index,
                             "metrics": since_checkpoint}
+                saving = time.monotonic()
                 with clock.timing("report"):
                     report_checkpoint(engine, unreported, progress, _state(objective, replay), rank)
                 since_checkpoint, unreported, last_report = [], [], time.monotonic()
+                if "nodes" in local.get("preemption", {}) and deadline_at is not None and rank == 0:
+                    last_at = _last_checkpoint_at(deadline_at, last_report - saving, local["step_s"])
             elif report_due:
                 with clock.timing("report"):
                     ray.train.report({"steps": unreported})
@@ -239,7 +253,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not checkpoint:  # with whether rank 0 finds a report or a check due, decided after this step's
                 now = time.monotonic()
                 due = rank == 0 and now - last_report >= REPORT_INTERVAL_S
-                check = rank == 0 and not noticed and now - last_check >= PREEMPTION_CHECK_S
+                check = rank == 0 and (now - last_check >= PREEMPTION_CHECK_S if not noticed
+                                       else last_at is not None and time.time() >= last_at)
                 pending = (RankSums({**window, "report_due": float(due), "check_due": float(check)}), local)
             if on_policy is not None:
                 on_policy.after_step(engine, step, clock)
@@ -315,6 +330,15 @@ def _step_metrics(sums: RankSums, local: dict[str, Any]) -> tuple[dict[str, Any]
     }, due, check
 
 
+def _last_checkpoint_at(deadline_at: float, checkpoint_s: float, step_s: float) -> float | None:
+    """When (``time.time()``) to checkpoint again before a notice's deadline ``deadline_at``:
+    :data:`PREEMPTION_MARGIN_S` before it, or three checkpoints (``checkpoint_s``, the notice's
+    own) and two steps (``step_s``) before it where those take longer; None where that moment
+    has passed (the notice came late: its own checkpoint is the last)."""
+    at = deadline_at - max(PREEMPTION_MARGIN_S, 3 * checkpoint_s + 2 * step_s)
+    return at if at > time.time() else None
+
+
 def _preemption_notice() -> dict[str, Any] | None:
     """Whether Ray drains a node of this worker group for a preemption (a spot instance's
     reclaim notice; ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``), from Ray Train's
@@ -322,11 +346,11 @@ def _preemption_notice() -> dict[str, Any] | None:
     step. None, or the notice as the step's metrics keep it: the drained ``nodes`` (ids), the
     ``ranks`` on them and ``deadline_s``, the seconds left before the reclaim (None: unknown).
 
-    Ray Train ends the group at the drain's deadline and restarts it from the latest
-    checkpoint, the one the caller writes at once, counted as a preemption
-    (``max_preemption_failures``: unlimited), not against ``training.max_failures``; a node lost
-    before its deadline counts as a failure (docs.ray.io, ``ray.train.get_preemption_info``; Ray
-    2.60's controller)."""
+    The caller checkpoints at once, and again shortly before the deadline
+    (:func:`_last_checkpoint_at`). Ray Train restarts the group from the latest checkpoint once
+    the node goes; it counts that as a preemption (``max_preemption_failures``: unlimited) only
+    when it let the node go first, and a node taken at its deadline counted against
+    ``training.max_failures`` here (docs/guide.md, "Checkpoints and failures")."""
     import ray.train
 
     info = ray.train.get_preemption_info()
