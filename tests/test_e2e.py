@@ -317,11 +317,13 @@ def run_killing_a_worker(spec: Path, tmp_path: Path, every: int) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stdout + stderr
-    # The driver said what Ray Train did: the group failed, and the restarted one trained on.
+    # The driver said what Ray Train did: the group failed, and is restarted (a "trained from
+    # step" message follows only where steps after the checkpoint had come: not always here).
     said = [e["text"] for e in map(json.loads, (tmp_path / "out" / "events.jsonl").read_text().splitlines())
             if e["kind"] == "message"]
-    assert any(text.startswith("train: the worker group failed after step ") for text in said), said
-    assert any(text.startswith("train: the restarted workers trained from step ") for text in said), said
+    assert [t for t in said if t.startswith("train: the worker group failed after step ")
+            and t.endswith("Ray Train restarts it from the latest checkpoint (failure 1 of training.max_failures 1)")
+            ], said
 
 
 def _assert_resumed_once(out: Path, every: int, total: int = 16) -> None:
