@@ -138,6 +138,15 @@ def test_the_curve_endpoint_and_the_events_after_it_make_the_whole_history(tmp_p
         assert bad.status_code == 422
         assert {e["field"] for e in bad.json()["errors"]} == {"field", "points"}
         assert client.get(url, params={"points": 10001}).status_code == 422
+        # The driver's messages alone (the page's list), and a kind that is not one refused.
+        store.append_event(job["id"], {"kind": "message", "text": "plan: 1 segment(s)"})
+        events = f"/v1/jobs/{job['id']}/events"
+        only = client.get(events, params={"kind": "message"}).json()["events"]
+        assert [(e["kind"], e["text"]) for e in only] == [("message", "plan: 1 segment(s)")]
+        assert client.get(events, params={"kind": "message", "after": only[0]["seq"]}).json() == {"events": []}
+        for params in ({"kind": "x' OR 1=1"}, {"kind": "message", "stream": "true"}):
+            res = client.get(events, params=params)
+            assert res.status_code == 422 and res.json()["errors"][0]["field"] == "kind", res.text
         missing = client.get("/v1/jobs/0123456789ab/curve")
         assert missing.status_code == 404 and "no job" in missing.json()["error"]
         # A key the job's steps do not hold (a typo): 422 naming those they do; a job without

@@ -61,6 +61,7 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
     queued, _ = store.create(name="waiting", spec={}, output_dir=str(tmp_path / "runs" / "waiting"))
     live, _ = store.create(name="live", spec={}, output_dir=str(tmp_path / "runs" / "live"))
     store.update(live["id"], state="running", driver=True)
+    store.append_event(live["id"], {"kind": "message", "text": "plan: 1 segment(s), 9 optimizer steps"})
     for step in (1, 2, 3):
         store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 3.0 - step / 2,
                                         "lr": 1e-4 * step})
@@ -126,6 +127,16 @@ def test_the_page_shows_jobs_their_loss_curve_evaluation_and_report(server, tmp_
             store.append_event(live["id"], {"kind": "train_step", "step": step, "total_steps": 9, "loss": 1.0,
                                             "lr": 1e-4 * step, "kl": 0.5})
         wait.until(lambda d: loss(d) == ("5", "5"))
+        # The driver's messages: those before the curve, then those streamed; a failure opens them.
+        messages = lambda d: [li.get_attribute("textContent").split(" ", 1)[1]  # noqa: E731
+                              for li in d.find_elements(By.CSS_SELECTOR, "#d-messages li")]
+        assert messages(driver) == ["plan: 1 segment(s), 9 optimizer steps"]
+        assert not driver.find_element(By.ID, "d-messages-box").get_attribute("open")
+        failed = "train: the worker group failed after step 5 (rank 1: RuntimeError: [gloo] closed <b>x</b>)"
+        store.append_event(live["id"], {"kind": "message", "text": failed})
+        wait.until(lambda d: len(messages(d)) == 2)
+        assert messages(driver)[1] == failed and driver.find_element(By.ID, "d-messages-count").text == "2"
+        assert driver.find_element(By.ID, "d-messages-box").get_attribute("open") is not None
         store.append_event(live["id"], {"kind": "train_step", "step": 2, "total_steps": 9, "loss": 2.1, "lr": 2e-4})
         wait.until(lambda d: loss(d) == ("2", "2"))
         # Another number of the steps: the choices are the job's (kl came with the streamed steps).

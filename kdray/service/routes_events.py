@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -28,6 +29,8 @@ from kdray.service.store import TERMINAL, JobStore
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("kdray.service")
 
+#: An event kind a page may ask for alone (``GET /v1/jobs/{id}/events?kind=``).
+EVENT_KIND = re.compile(r"[a-z_]{1,32}")
 #: Seconds between the poller's reads of the store while streams are open.
 POLL_S = 0.5
 #: Events of a followed job the hub keeps for its streams (the newest ones).
@@ -196,13 +199,18 @@ async def _hub_of_known_job(request: Request, store: JobStore, job_id: str) -> E
 @router.get("/{job_id}/events", dependencies=[Depends(read_access)],
             summary="A job's progress history (JSON page, or a server-sent event stream with stream=true)")
 async def events(request: Request, job_id: str, after: int = 0, limit: int = 1000, stream: bool = False,
-                 store: JobStore = Depends(get_store)) -> Any:
+                 kind: str | None = None, store: JobStore = Depends(get_store)) -> Any:
+    """The JSON page: ``{"events": [...]}``, those after ``after`` (at most ``limit``), of one
+    ``kind`` only if given (``message``: the driver's messages, as the page shows them)."""
     hub = await _hub_of_known_job(request, store, job_id)
     if after < 0 or not 1 <= limit <= 10000:
         raise RequestError(422, "invalid query",
                            errors=[{"field": "after/limit", "message": "after >= 0, 1 <= limit <= 10000"}])
+    if kind is not None and (stream or not EVENT_KIND.fullmatch(kind)):
+        raise RequestError(422, "invalid query", errors=[{"field": "kind", "message": (
+            "not with stream=true" if stream else f"{kind[:40]!r} is not an event kind (message, train_step, ...)")}])
     if not stream:
-        return {"events": await run_in_threadpool(store.events, job_id, after=after, limit=limit)}
+        return {"events": await run_in_threadpool(store.events, job_id, after=after, limit=limit, kind=kind)}
     last = request.headers.get("last-event-id", "")  # EventSource clients resume with Last-Event-ID
     start = int(last) if last.isascii() and last.isdigit() and len(last) <= 18 else after
     give_back = hub.take()  # last: nothing below can fail before the response owns the slot

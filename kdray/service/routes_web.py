@@ -1,8 +1,9 @@
 """``GET /``: the service's web page (``web/index.html`` and its scripts, :data:`SCRIPTS`, no other
 resource) that reads the API from the browser: the jobs table (state, phase, progress, step,
 ETA; refreshed every 3 s; 100 a page, with a state filter) and, for the job picked, the curve of
-its loss or another per-step number (``GET /v1/jobs/{id}/curve``, then its event stream), its
-held-out evaluation table, its report (``GET /v1/jobs/{id}/report.html``, in a sandboxed frame)
+its loss or another per-step number (``GET /v1/jobs/{id}/curve``, then its event stream), the
+driver's messages (``GET /v1/jobs/{id}/events?kind=message``, then the stream), its held-out
+evaluation table, its report (``GET /v1/jobs/{id}/report.html``, in a sandboxed frame)
 and its driver log. The bearer token is entered once and kept in the tab's session storage; the
 page itself holds no data, so it needs none."""
 

@@ -368,10 +368,13 @@ class JobStore:
                               f"AS seq FROM jobs j WHERE j.id IN ({marks})", list(job_ids)).fetchall()
         return {r["id"]: (int(r["seq"]), r["state"]) for r in rows}
 
-    def events(self, job_id: str, *, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def events(self, job_id: str, *, after: int = 0, limit: int = 1000,
+               kind: str | None = None) -> list[dict[str, Any]]:
+        """The job's events after ``after``, at most ``limit``; of one ``kind`` only, if given."""
+        where = "" if kind is None else " AND kind = ?"
         with self._db() as db:
-            rows = db.execute("SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? "
-                              "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+            rows = db.execute(f"SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ?{where} "
+                              "ORDER BY seq LIMIT ?", (job_id, after, *([kind] if kind else []), limit)).fetchall()
         return [{"seq": r["seq"], "time": r["time"], "kind": r["kind"], **json.loads(r["data"])} for r in rows]
 
     def curve(self, job_id: str, field: str = "loss", points: int = 1000) -> dict[str, Any]:

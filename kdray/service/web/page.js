@@ -148,9 +148,30 @@ function onEvent(kind, data) {
     if (typeof data.total_steps === "number") totalSteps = data.total_steps;
     addMetrics(data);
     drawSoon();
+  } else if (kind === "message" && typeof data.text === "string") {
+    addMessage(data);
   } else if (kind === "end") {
     refreshJobs(); refreshSelected(); loadReport();
   }
+}
+
+// The driver's messages (the plan, a failed worker group, a restart, a stall): the newest
+// MAX_MESSAGES, oldest first; opened by itself when one says a group failed or training stalls.
+const MAX_MESSAGES = 200;
+let messagesSeen = 0;
+function addMessage(event) {
+  const list = $("d-messages"), when = new Date(1000 * event.time).toTimeString().slice(0, 8);
+  list.append(Object.assign(document.createElement("li"), { textContent: `${when} ${event.text}` }));
+  while (list.children.length > MAX_MESSAGES) list.firstElementChild.remove();
+  $("d-messages-count").textContent = String(++messagesSeen);
+  if (/^train: (the worker group failed|no training step)/.test(event.text)) $("d-messages-box").open = true;
+}
+
+// The messages stored before ``upTo`` (the curve's seq: the stream brings those after it).
+async function loadMessages(jobId, upTo) {
+  const res = await api(`/v1/jobs/${jobId}/events?kind=message&limit=10000`);
+  if (!res.ok || selected !== jobId) return;
+  for (const event of (await res.json()).events) if (event.seq <= upTo) addMessage(event);
 }
 
 // The numbers a job's steps hold, as choices of the curve (once each).
@@ -193,6 +214,7 @@ async function followEvents(jobId) {
         const curve = await res.json();
         if (signal.aborted || selected !== jobId) return;
         points = curve.points; drawSoon();
+        if (after === null && !messagesSeen) await loadMessages(jobId, curve.seq);
         after = curve.seq; wait = 1000;
         continue;
       } else {
@@ -307,6 +329,7 @@ async function select(jobId) {
   $("detail").hidden = false; $("viewer").hidden = $("viewer-title").hidden = $("report-frame").hidden = true;
   $("evaluation").innerHTML = '<tbody><tr><td class="muted">written when the job ends</td></tr></tbody>';
   $("comparisons").replaceChildren();
+  $("d-messages").replaceChildren(); $("d-messages-count").textContent = "0"; messagesSeen = 0; $("d-messages-box").open = false;
   document.querySelectorAll("#jobs tbody tr").forEach((tr) => {
     tr.classList.toggle("selected", tr.dataset.job === jobId); tr.setAttribute("aria-selected", String(tr.dataset.job === jobId));
   });
