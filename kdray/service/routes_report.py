@@ -64,8 +64,9 @@ def _report_fields(fh: Any, path: Path) -> dict[str, Any] | None:
     """The top-level :data:`REPORT_KEYS` of a report.json, parsed as it is read (ijson): the
     values of other keys (the per-step history, the spec) are never built, and the read stops
     once every key but :data:`NEWER_REPORT_KEYS` is in (those come before the last of the
-    others). None for a file that is not a JSON object. An older kdray wrote a NaN as ``NaN`` (a step's ``grad_norm`` may be one), which is not JSON and stops ijson: such a
-    file is parsed whole instead, its NaNs made None, up to :data:`MAX_REPORT_BYTES` (a 413
+    others). None for a file that is not a JSON object. An older kdray wrote a NaN as ``NaN``
+    (a step's ``grad_norm`` may be one), which is not JSON and stops ijson: such a file is
+    parsed whole instead, its NaNs made None, up to :data:`MAX_REPORT_BYTES` (a 413
     beyond)."""
     import ijson
 
