@@ -45,6 +45,7 @@ def report_page(markdown: str, title: str, read_plot: Callable[[str], bytes | st
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(markdown)
     read: dict[str, bytes | str] = {}
+    taken = 0  # the bytes inlined so far
     for token in tokens:
         for child in token.children or []:
             if child.type != "image":
@@ -52,9 +53,11 @@ def report_page(markdown: str, title: str, read_plot: Callable[[str], bytes | st
             src = str(child.attrGet("src") or "")
             if src not in read:
                 read[src] = read_plot(src) if PLOT_NAME.fullmatch(src) else "not a plot of the job's output directory"
-                taken = sum(len(v) for v in read.values() if isinstance(v, bytes))
-                if isinstance(read[src], bytes) and taken > MAX_PAGE_PLOT_BYTES:
-                    read[src] = f"the page's plots are over {MAX_PAGE_PLOT_BYTES >> 20} MiB"
+                if isinstance(read[src], bytes):
+                    taken += len(read[src])
+                    if taken > MAX_PAGE_PLOT_BYTES:
+                        taken -= len(read[src])
+                        read[src] = f"the page's plots are over {MAX_PAGE_PLOT_BYTES >> 20} MiB"
             data = read[src]
             if isinstance(data, str):
                 child.type, child.tag, child.children = "text", "", None

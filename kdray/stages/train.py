@@ -78,8 +78,6 @@ def train_metrics_callback(hub: Any, max_failures: int = -1) -> Any:
                     raise user
             if not worker_exceptions:
                 return
-            import time
-
             said = repr(sorted((rank, str(error)) for rank, error in worker_exceptions.items()))
             now = time.monotonic()
             if self.failed is not None and self.failed[0] == said and now - self.failed[1] < SAME_FAILURE_S:
