@@ -30,6 +30,18 @@ def test_compile_caches_are_node_local_whatever_kdray_cache_dir_is(tmp_path, mon
     assert pool_env(GenerationSpec())["VLLM_CACHE_ROOT"] == str(tmp_path / "local" / "vllm")
 
 
+def test_ray_train_polls_the_workers_at_least_twice_per_report_interval(monkeypatch):
+    """A worker's report waits in a one-slot queue until Ray Train's next poll: polled at half
+    the workers' report interval or faster, it never waits; the driver's own value wins."""
+    from kdray.ray_setup import TRAIN_POLL_INTERVAL_S
+    from kdray.train.worker import REPORT_INTERVAL_S
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert 0 < float(job_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) == TRAIN_POLL_INTERVAL_S <= REPORT_INTERVAL_S / 2
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    assert job_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+
+
 def test_the_drivers_toy_build_ids_travel_with_the_job_env(monkeypatch):
     from kdray.toy import BUILD_ID_ENVS
 
