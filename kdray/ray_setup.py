@@ -12,19 +12,20 @@ from kdray.caches import local_cache_dir
 from kdray.errors import ClusterError, first_line
 
 #: Seconds between Ray Train's polls of its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
-#: default 2). A worker's ``ray.train.report`` waits in a one-slot queue until the next poll takes
-#: the last one, and kdray's workers report about once every
-#: :data:`kdray.train.worker.REPORT_INTERVAL_S` (1 s): polled at half that, a report never waits.
-#: Each poll is an actor call on every worker, so polling faster costs the workers' time (0.1 s
-#: trained 4% fewer tokens/s than 0.5 in the bench's toy job, four interleaved pairs,
-#: docs/benchmarks.md) and the controller's (a call per worker per poll).
+#: default 2). A worker's ``ray.train.report`` waits in a one-slot queue until a poll takes the
+#: one before it. kdray's workers send their metrics about once every
+#: :data:`kdray.train.worker.REPORT_INTERVAL_S` (1 s), so polled at half that, a metrics report
+#: does not wait; a checkpoint or a segment's final report right after one may wait up to this
+#: long, and the end of a run is seen up to about twice this later. Each poll is an actor call on
+#: every worker, so polling faster costs the workers' time (0.1 s trained 4% fewer tokens/s than
+#: 0.5 in the bench's toy job, four interleaved pairs, docs/benchmarks.md) and the controller's.
 TRAIN_POLL_INTERVAL_S = 0.5
 
 
 def job_env() -> dict[str, str]:
     """Environment for every Ray process of a job; values already set in ours win.
 
-    Ray Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`: a report never waits for it), and a
+    Ray Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`: a metrics report does not wait for it), and a
     cache for compiled extensions (DeepSpeed's JIT-built ops; training builds none, see
     :func:`kdray.train.setup.training_deepspeed`), one per Python environment: a build embeds
     the environment's include paths, so two environments sharing one directory rebuild in turn

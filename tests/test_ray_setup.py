@@ -32,7 +32,8 @@ def test_compile_caches_are_node_local_whatever_kdray_cache_dir_is(tmp_path, mon
 
 def test_ray_train_polls_the_workers_at_least_twice_per_report_interval(monkeypatch):
     """A worker's report waits in a one-slot queue until Ray Train's next poll: polled at half
-    the workers' report interval or faster, it never waits; the driver's own value wins."""
+    the workers' metrics report interval or faster, a metrics report does not wait; the driver's
+    own value wins."""
     from kdray.ray_setup import TRAIN_POLL_INTERVAL_S
     from kdray.train.worker import REPORT_INTERVAL_S
 

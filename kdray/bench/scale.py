@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from kdray.bench.scale_targets import print_results
-from kdray.ray_setup import TRAIN_POLL_INTERVAL_S
 
 VOCAB, K, HIDDEN = 152_064, 20, 3584  # Qwen2.5's vocabulary (uint32 ids); Qwen2.5-7B's hidden size
 PROMPT_TOKENS = (16, 64)
@@ -329,6 +328,10 @@ def run_variant(mode: str, n: int, out: Path, response_tokens: int, store_mb: in
 # -- the parent: variants side by side ---------------------------------------------------------
 
 def _spawn(checkout: Path | None, mode: str, n: int, out: Path, response_tokens: int, store_mb: int) -> dict[str, Any]:
+    # Imported here, in the parent only: a copy of this file run against another checkout
+    # (--compare-with) imports that checkout's kdray, which may predate the name.
+    from kdray.ray_setup import TRAIN_POLL_INTERVAL_S
+
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(TRAIN_POLL_INTERVAL_S),
                TOKENIZERS_PARALLELISM="false")
