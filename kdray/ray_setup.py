@@ -25,8 +25,8 @@ TRAIN_POLL_INTERVAL_S = 0.5
 def job_env() -> dict[str, str]:
     """Environment for every Ray process of a job; values already set in ours win.
 
-    Ray Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`: a metrics report does not wait for it), and a
-    cache for compiled extensions (DeepSpeed's JIT-built ops; training builds none, see
+    Ray Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`: a metrics report does not wait
+    for it), and a cache for compiled extensions (DeepSpeed's JIT-built ops; training builds none, see
     :func:`kdray.train.setup.training_deepspeed`), one per Python environment: a build embeds
     the environment's include paths, so two environments sharing one directory rebuild in turn
     (:func:`extensions_dir`).
