@@ -19,7 +19,9 @@ from kdray.errors import ClusterError, first_line
 #: long, and the end of a run is seen up to about twice this later. Each poll is an actor call on
 #: every worker, so polling faster costs the workers' time (0.1 s trained 4% fewer tokens/s than
 #: 0.5 in the bench's toy job, four interleaved pairs, docs/benchmarks.md) and the controller's.
-TRAIN_POLL_INTERVAL_S = 0.5
+#: Kept at 0.1: at 0.5 a CI run of tests/test_e2e.py found the cluster without room for the
+#: held-out pools together right after training (not yet explained; docs/benchmarks.md).
+TRAIN_POLL_INTERVAL_S = 0.1
 
 
 def job_env() -> dict[str, str]:
